@@ -1,0 +1,90 @@
+"""pytest configuration for the benchmark suites (``pytest benchmarks``).
+
+* Puts ``benchmarks/`` and the repository root on ``sys.path`` so suites can write either
+  ``from common import ...`` or ``from benchmarks.common import ...``.
+* Records where a run happened: :func:`common.device_info` is merged into pytest-benchmark's
+  ``machine_info`` (key ``fastvae``, plus flat ``device``/``torch``/``triton``/``onnxruntime``
+  keys), the git commit into ``commit_info`` (``FASTVAE_GIT_COMMIT`` wins, for trees without
+  ``.git``), and a ``fastvae`` block (suite names, smoke flag, device slug) into the JSON.
+* Drops the raw per-round timings (``stats.data``) from the JSON unless
+  ``FASTVAE_BENCH_KEEP_DATA=1``, so stored results stay small.
+* Smoke mode (``FASTVAE_BENCH_SMOKE=1``) is reported in the header; on a CPU it also sets
+  ``TRITON_INTERPRET=1`` (unless set) so that the fused-kernel benchmarks run, interpreted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+_BENCH_DIR = Path(__file__).resolve().parent
+for _p in (str(_BENCH_DIR), str(_BENCH_DIR.parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import pytest  # noqa: E402
+
+import common  # noqa: E402
+
+if common.smoke_mode() and not common.on_gpu():
+    # Smoke runs exercise the fused Triton kernel through Triton's interpreter on a CPU. Set
+    # before any suite imports fastvae.kernels (triton reads it when a kernel is defined).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_FLAT_KEYS = ("device", "device_type", "torch", "triton", "onnxruntime", "driver", "cuda")
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The ``torch.device`` to benchmark on (``cuda`` where available, else ``cpu``)."""
+    return common.bench_device()
+
+
+@pytest.fixture(scope="session")
+def smoke() -> bool:
+    """True in smoke mode (``FASTVAE_BENCH_SMOKE=1``)."""
+    return common.smoke_mode()
+
+
+def pytest_report_header(config):
+    mode = "SMOKE (tiny sizes)" if common.smoke_mode() else "full"
+    where = "cuda" if common.on_gpu() else "cpu"
+    return f"fastvae benchmarks: mode={mode}, device={where}, results slug={common.device_slug()}"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    info = common.device_info()
+    machine_info["fastvae"] = info
+    for key in _FLAT_KEYS:
+        machine_info[key] = info.get(key)
+
+
+def pytest_benchmark_update_commit_info(config, commit_info):
+    commit = common.git_commit()
+    if commit["id"] != "unknown" and commit_info.get("id") in (None, "unknown", "unversioned", ""):
+        commit_info["id"] = commit["id"]
+    if commit["dirty"] is not None and commit_info.get("dirty") is None:
+        commit_info["dirty"] = commit["dirty"]
+    if os.environ.get(common.COMMIT_ENV):
+        commit_info["id"] = os.environ[common.COMMIT_ENV]
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    suites = sorted(
+        {
+            Path(b.get("fullname", "").split("::", 1)[0]).stem.removeprefix("test_bench_")
+            for b in output_json.get("benchmarks", [])
+        }
+    )
+    if not os.environ.get("FASTVAE_BENCH_KEEP_DATA"):
+        # Raw per-round timings can run to 100k numbers per GPU benchmark; the stored results
+        # keep the summary statistics only (set FASTVAE_BENCH_KEEP_DATA=1 to keep them).
+        for bench in output_json.get("benchmarks", []):
+            bench.get("stats", {}).pop("data", None)
+    output_json["fastvae"] = {
+        "suites": suites,
+        "smoke": common.smoke_mode(),
+        "slug": common.device_slug(),
+        "stat": "median",
+    }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Download the pure-Python wheels that the GPU image lacks into .whl/ (git-ignored).
+# The device machine has no network: carry the folder with the run (carry: [".whl"]) and
+# benchmarks/gpu/run.sh installs from it with `pip install --no-index --no-deps`, only what is
+# missing there (the image has `lightning` and lightning-utilities, not lightning-fabric).
+# Versions: those of this checkout's dev environment; pip --no-deps fetches no dependencies, so
+# every missing one must be named here (lightning-fabric needs fsspec, packaging, torch,
+# typing-extensions, lightning-utilities: all but lightning-fabric are in the image).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3; fi
+WHEELS=("lightning-fabric==${LIGHTNING_FABRIC_VERSION:-2.6.6}"
+        "lightning-utilities==${LIGHTNING_UTILITIES_VERSION:-0.15.3}")
+mkdir -p .whl
+"$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform any -d .whl "${WHEELS[@]}"
+ls -l .whl

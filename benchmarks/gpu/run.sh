@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# Every GPU check of fastvae in one idempotent script (see DESIGN.md, "GPU runs").
+#
+#   bash benchmarks/gpu/run.sh [OUT_DIR]
+#
+# 1. installs what the GPU image lacks from wheels in .whl/ (benchmarks/fetch_wheels.sh fetches
+#    them; pip --no-index --no-deps, never touching torch), then `pip install --no-deps -e .`;
+# 2. prints the device, driver, CUDA, torch and triton versions;
+# 3. runs the CUDA tests (`pytest -m gpu tests`), then each benchmark suite, each step guarded
+#    so that one failure does not lose the others' results;
+# 4. writes one pytest-benchmark JSON per suite (device, versions, date, git commit, figures)
+#    into OUT_DIR (default benchmarks/results/<gpu-slug>/), renders OUT_DIR/README.md and
+#    OUT_DIR/ratios.png, compares with the stored results, and keeps the whole log in
+#    OUT_DIR/run.log.
+# It keeps to a time budget (FASTVAE_GPU_BUDGET_S, default 480 s) so that it ends well inside a
+# 10-minute slot. On a machine without CUDA the GPU tests skip and the suites run in smoke mode
+# (tiny sizes, one round) to check the pipeline; the script still exits 0.
+#
+# On the device machine (the tree there has no .git, so pass the commit):
+#   FASTVAE_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu/run.sh "$OUT"   (carry .whl)
+#
+# Environment: PYTHON (default python3, or .venv/bin/python where present), FASTVAE_GIT_COMMIT,
+# FASTVAE_GPU_BUDGET_S, FASTVAE_GPU_TESTS_CAP_S (default 120 s), FASTVAE_GPU_SUITE_CAP_S
+# (default 150 s per suite), FASTVAE_GPU_SUITES (space-separated suite names; default all),
+# FASTVAE_GPU_MAX_TIME (pytest-benchmark --benchmark-max-time, default 0.25 s),
+# FASTVAE_GPU_STRICT=1 (exit 1 when a step failed; default: always exit 0),
+# FASTVAE_GPU_SKIP_INSTALL=1 (skip step 1, e.g. in a copy of the tree that must not be installed).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
+REPO=$(pwd)
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=$REPO/.venv/bin/python
+else PY=python3; fi
+export PYTHONUNBUFFERED=1
+
+BUDGET=${FASTVAE_GPU_BUDGET_S:-480}
+MAXT=${FASTVAE_GPU_MAX_TIME:-0.25}
+T0=$SECONDS
+FAILED=()
+
+# remaining CAP: seconds a step may take: min(CAP, what is left of the budget - 15 s reserve)
+remaining() {
+  local left=$((BUDGET - (SECONDS - T0) - 15))
+  [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
+}
+# step NAME CMD...: run a guarded step; never stops the script
+step() {
+  local name=$1; shift
+  local t=$SECONDS
+  echo
+  echo "##### step: $name  (t=$((SECONDS - T0)) s)"
+  if "$@"; then echo "##### ok: $name ($((SECONDS - t)) s)"
+  else local rc=$?; echo "##### FAILED step: $name (exit $rc, $((SECONDS - t)) s)"; FAILED+=("$name"); fi
+}
+
+has_cuda=0
+slug=unknown
+read -r has_cuda slug < <("$PY" benchmarks/common.py cuda-slug 2>/dev/null) || true
+[ "$has_cuda" = 1 ] || has_cuda=0
+[ -n "$slug" ] || slug=unknown
+if [ "$has_cuda" = 1 ]; then
+  DEST=${1:-benchmarks/results/$slug}
+else
+  DEST=${1:-${TMPDIR:-/tmp}/fastvae-gpu-run/$slug}
+fi
+mkdir -p "$DEST" || exit 2
+DEST=$(cd "$DEST" && pwd)
+LOG=$DEST/run.log
+
+# ---------------------------------------------------------------------------------------- 1
+SITE=${FASTVAE_SITE:-/tmp/fastvae-site}
+if [ -d "$SITE" ]; then export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"; fi
+
+install_missing() {
+  # module:distribution pairs the GPU image may lack (it has `lightning`, not lightning_fabric)
+  local pair mod dist whl
+  for pair in lightning_utilities:lightning_utilities lightning_fabric:lightning_fabric; do
+    mod=${pair%%:*}; dist=${pair#*:}
+    if "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$mod') is None)" 2>/dev/null; then
+      echo "have $mod"; continue
+    fi
+    whl=$(ls .whl/"$dist"-*.whl 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$whl" ]; then echo "no wheel for $mod in .whl/ (run benchmarks/fetch_wheels.sh and carry .whl)"; return 1; fi
+    echo "installing $whl into $SITE"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$whl" || return 1
+    case ":${PYTHONPATH:-}:" in *":$SITE:"*) ;; *) export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}";; esac
+  done
+}
+
+fastvae_installed_here() {
+  # fastvae, fastvae.kernels and fastvae.export import from this checkout, seen from another cwd
+  (cd / && "$PY" - "$REPO" <<'EOF'
+import sys
+from pathlib import Path
+repo = Path(sys.argv[1]).resolve()
+try:
+    import fastvae, fastvae.kernels, fastvae.export
+except Exception:
+    sys.exit(1)
+ok = (Path(fastvae.__file__).resolve().parent == repo / "fastvae"
+      and Path(fastvae.kernels.__file__).resolve().parent == repo / "kernels"
+      and Path(fastvae.export.__file__).resolve().parent == repo / "export")
+sys.exit(0 if ok else 1)
+EOF
+  )
+}
+
+install_fastvae() {
+  if fastvae_installed_here; then echo "fastvae already installed (editable) from $REPO"; return 0; fi
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
+  fastvae_installed_here
+}
+
+# ---------------------------------------------------------------------------------------- 2
+print_versions() {
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv || true
+  else
+    echo "nvidia-smi: not found"
+  fi
+  "$PY" benchmarks/common.py info
+}
+
+# ---------------------------------------------------------------------------------------- 3
+gpu_tests() {
+  local cap; cap=$(remaining "${FASTVAE_GPU_TESTS_CAP_S:-120}")
+  [ "$cap" -ge 20 ] || { echo "out of time budget"; return 1; }
+  timeout -s INT -k 20 "$cap" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rs --timeout=120
+  local rc=$?
+  [ "$rc" -eq 5 ] && { echo "no gpu tests collected"; return 0; }
+  return "$rc"
+}
+
+# Steps stop with SIGINT at their cap: pytest then still writes the JSON of what finished.
+bench_suite() {
+  local name=$1 file=benchmarks/test_bench_$1.py cap rc
+  cap=$(remaining "${FASTVAE_GPU_SUITE_CAP_S:-150}")
+  [ "$cap" -ge 20 ] || { echo "out of time budget"; return 1; }
+  local args=(--benchmark-json="$DEST/$name.json" --benchmark-sort=name --timeout=90)
+  if [ "$has_cuda" = 1 ]; then
+    args+=(--benchmark-max-time="$MAXT" --benchmark-min-rounds=5 --benchmark-warmup=on
+           --benchmark-warmup-iterations=3)
+    timeout -s INT -k 20 "$cap" "$PY" -m pytest "$file" -q -p no:cacheprovider -rs "${args[@]}"
+  else
+    echo "(no CUDA: smoke mode, tiny sizes, one round)"
+    args+=(--benchmark-max-time=0.000001 --benchmark-min-rounds=1)
+    FASTVAE_BENCH_SMOKE=1 timeout -s INT -k 20 "$cap" "$PY" -m pytest "$file" -q -p no:cacheprovider -rs "${args[@]}"
+  fi
+  rc=$?
+  [ -s "$DEST/$name.json" ] || echo "suite $name: no JSON written (all skipped?)"
+  [ "$rc" -eq 5 ] && return 0
+  return "$rc"
+}
+
+render_results() {
+  "$PY" benchmarks/report.py render "$DEST" || return 1
+  local stored=benchmarks/results/$slug
+  if [ "$has_cuda" = 1 ] && [ -d "$stored" ] && [ "$(cd "$stored" && pwd)" != "$DEST" ]; then
+    echo "--- compared with the stored results in $stored:"
+    "$PY" benchmarks/report.py compare "$stored" "$DEST" --threshold 0.10 || true
+  fi
+}
+
+main() {
+  echo "fastvae GPU run: repo $REPO, python $PY, cuda=$has_cuda, out $DEST, budget ${BUDGET}s, date $(date -u +%FT%TZ)"
+  if [ "${FASTVAE_GPU_SKIP_INSTALL:-0}" = 1 ]; then
+    echo "##### step 1: skipped (FASTVAE_GPU_SKIP_INSTALL=1)"
+  else
+    step "1a install missing wheels" install_missing
+    step "1b pip install --no-deps -e ." install_fastvae
+  fi
+  step "2 versions" print_versions
+  step "3a gpu tests (pytest -m gpu tests)" gpu_tests
+  local suites order s
+  if [ -n "${FASTVAE_GPU_SUITES:-}" ]; then suites=$FASTVAE_GPU_SUITES
+  else
+    # most valuable first, in case the budget runs out
+    suites=""
+    for s in reparam_kl train sampling; do [ -f "benchmarks/test_bench_$s.py" ] && suites="$suites $s"; done
+    for f in benchmarks/test_bench_*.py; do
+      [ -e "$f" ] || continue
+      s=$(basename "$f" .py); s=${s#test_bench_}
+      case " $suites " in *" $s "*) ;; *) suites="$suites $s";; esac
+    done
+  fi
+  [ -n "${suites// /}" ] || echo "no benchmark suites (benchmarks/test_bench_*.py) yet"
+  for s in $suites; do step "3b bench $s" bench_suite "$s"; done
+  step "4 render results" render_results
+  echo
+  echo "##### done in $((SECONDS - T0)) s; results in $DEST:"
+  ls -l "$DEST"
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "##### FAILED steps: ${FAILED[*]}"
+    [ "${FASTVAE_GPU_STRICT:-0}" = 1 ] && return 1
+  else
+    echo "##### all steps ok"
+  fi
+  return 0
+}
+
+main 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"

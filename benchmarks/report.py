@@ -1,0 +1,584 @@
+"""Turn pytest-benchmark JSON files into tables, a ratio chart and regression reports.
+
+Needs only the standard library and matplotlib (no torch), so it runs anywhere.
+
+    python benchmarks/report.py render  DIR [--md FILE] [--png FILE]
+        DIR/*.json (one pytest-benchmark JSON per suite) -> DIR/README.md (one markdown table per
+        suite, with a header naming the device, versions, date and commit) and DIR/ratios.png
+        (bar chart of each implementation's speedup over its baseline).
+    python benchmarks/report.py compare OLD NEW [--threshold 0.10] [--stat median] [--fail]
+        OLD/NEW: two JSON files, or two result folders (suites matched by file name). Prints
+        every benchmark whose time grew by more than the threshold ("SLOWER ..."), those that
+        got faster, and those that appear in only one run; --fail exits 1 on any regression.
+        --table also prints pytest-benchmark's own side-by-side table (`pytest-benchmark compare`).
+    python benchmarks/report.py store SRC [--results benchmarks/results] [--threshold 0.10]
+        Files a run made elsewhere (e.g. the GPU machine's $OUT): copies SRC/*.json into
+        benchmarks/results/<slug>/ (slug from the JSON's machine_info), printing the comparison
+        with what was stored there before, then renders that folder.
+    python benchmarks/report.py summary DIR [DIR ...] [--readme README.md]
+        One markdown table of the speedups across devices (one column per result folder), for
+        the project README; --readme replaces the text between the markers
+        <!-- bench:begin --> and <!-- bench:end --> in that file.
+
+Ratio convention (see benchmarks/README.md): within one JSON (one run) benchmarks are compared
+per key (group, extra_info["case"]); the one with extra_info["baseline"] true is the baseline,
+and every other benchmark of the key gets speedup = baseline median / its median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+STAT = "median"
+BEGIN_MARK = "<!-- bench:begin -->"
+END_MARK = "<!-- bench:end -->"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Row:
+    """One benchmark of one run, with the figures the tables show."""
+
+    suite: str
+    name: str
+    group: str
+    case: str
+    impl: str
+    baseline: bool
+    time_s: float | None  # the chosen statistic (median by default), seconds per call
+    stats: dict[str, Any]
+    extra: dict[str, Any]
+    speedup: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.suite}::{self.name}"
+
+    @property
+    def label(self) -> str:
+        parts = [self.group or self.suite, self.impl]
+        if self.case:
+            parts.append(f"[{self.case}]")
+        return " ".join(p for p in parts if p)
+
+
+@dataclass
+class Run:
+    """One pytest-benchmark JSON file (= one suite run on one machine)."""
+
+    path: Path
+    suite: str
+    data: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        mi = self.data.get("machine_info", {}) or {}
+        info = dict(mi.get("fastvae") or {})
+        info.setdefault("device", mi.get("device") or (mi.get("cpu") or {}).get("brand_raw"))
+        info.setdefault("python", mi.get("python_version"))
+        info.setdefault("date", self.data.get("datetime"))
+        commit = self.data.get("commit_info", {}) or {}
+        if info.get("git_commit") in (None, "unknown"):
+            info["git_commit"] = commit.get("id")
+        return info
+
+
+def suite_of(path: Path) -> str:
+    """``results/x/reparam_kl.json`` -> ``reparam_kl``; ``test_bench_train.json`` -> ``train``."""
+    stem = path.stem
+    return stem[len("test_bench_") :] if stem.startswith("test_bench_") else stem
+
+
+def _case_of(bench: dict[str, Any]) -> str:
+    extra = bench.get("extra_info") or {}
+    case = extra.get("case")
+    return "" if case is None else str(case)
+
+
+def load_run(path: Path | str, stat: str = STAT) -> Run:
+    """Read one pytest-benchmark JSON file; raises ValueError if it is not one."""
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf8"))
+    if not isinstance(data, dict) or "benchmarks" not in data:
+        raise ValueError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks')")
+    run = Run(path=path, suite=suite_of(path), data=data)
+    for bench in data["benchmarks"]:
+        stats = bench.get("stats") or {}
+        extra = bench.get("extra_info") or {}
+        value = stats.get(stat)
+        run.rows.append(
+            Row(
+                suite=run.suite,
+                name=bench.get("name") or bench.get("fullname", "?"),
+                group=bench.get("group") or "",
+                case=_case_of(bench),
+                impl=str(extra.get("impl") or bench.get("param") or bench.get("name", "")),
+                baseline=bool(extra.get("baseline")),
+                time_s=float(value) if isinstance(value, (int, float)) and value > 0 else None,
+                stats=stats,
+                extra=extra,
+            )
+        )
+    compute_speedups(run.rows)
+    return run
+
+
+def load_dir(folder: Path | str, stat: str = STAT) -> list[Run]:
+    """Every pytest-benchmark JSON in ``folder`` (not recursive), sorted by suite; others skipped."""
+    runs = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            runs.append(load_run(path, stat))
+        except (ValueError, json.JSONDecodeError) as exc:
+            print(f"report: skipping {path}: {exc}", file=sys.stderr)
+    return runs
+
+
+def compute_speedups(rows: list[Row]) -> None:
+    """Set ``row.speedup`` = baseline time / row time within each (group, case) key."""
+    keyed: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        keyed.setdefault((row.group, row.case), []).append(row)
+    for (group, case), members in keyed.items():
+        baselines = [r for r in members if r.baseline]
+        if not baselines:
+            continue
+        if len(baselines) > 1:
+            names = ", ".join(r.name for r in baselines)
+            print(f"report: group {group!r} case {case!r} has several baselines ({names}); "
+                  f"using the first", file=sys.stderr)
+        base = baselines[0]
+        for row in members:
+            if base.time_s and row.time_s:
+                row.speedup = base.time_s / row.time_s
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = float(f"{seconds:.3g}")  # round first: 0.9999 s -> 1 s, not "1e+03 ms"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+        if seconds >= scale or unit == "ns":
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds:.3g} s"  # pragma: no cover
+
+
+def fmt_si(value: Any, unit: str = "") -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "—"
+    value = float(f"{value:.3g}")
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}".rstrip()
+    return f"{value:.3g} {unit}".rstrip()
+
+
+def fmt_num(value: Any, digits: int = 3, suffix: str = "") -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "—"
+    if abs(value) >= 10 ** (digits - 1):  # no exponent for big numbers: 125, 1500, 3350
+        return f"{value:.0f}{suffix}"
+    return f"{value:.{digits}g}{suffix}"
+
+
+def fmt_speedup(row: Row) -> str:
+    if row.baseline:
+        return "1 (baseline)"
+    if row.speedup is None:
+        return "—"
+    return _x(row.speedup)
+
+
+def _x(ratio: float) -> str:
+    """2.00×, 0.53×, 0.0023× (two significant digits below 0.1)."""
+    return f"{ratio:.2f}×" if ratio >= 0.1 else f"{ratio:.2g}×"
+
+
+# Columns: (header, getter); a column whose cells are all "—" is left out of a table.
+COLUMNS: list[tuple[str, Any]] = [
+    ("group", lambda r: r.group or "—"),
+    ("case", lambda r: r.case or "—"),
+    ("benchmark", lambda r: f"`{r.name}`"),
+    ("impl", lambda r: r.impl or "—"),
+    ("time", lambda r: fmt_time(r.time_s)),
+    ("throughput (items/s)", lambda r: fmt_si(r.extra.get("throughput"))),
+    ("speedup vs baseline", fmt_speedup),
+    ("bandwidth (GB/s)", lambda r: fmt_num(r.extra.get("bandwidth_GBps"), 3)),
+    ("% of peak BW", lambda r: fmt_num(100 * r.extra["bandwidth_fraction"], 3, " %")
+     if isinstance(r.extra.get("bandwidth_fraction"), (int, float)) else "—"),
+    ("peak mem (MB)", lambda r: fmt_num(r.extra.get("peak_memory_MB"), 4)),
+    ("rounds", lambda r: str(r.stats.get("rounds", "—"))),
+]
+
+
+def markdown_table(rows: list[Row], stat: str = STAT) -> str:
+    """A GitHub markdown table of ``rows`` (times are ``stat``); empty columns are dropped."""
+    if not rows:
+        return "_no benchmarks recorded_\n"
+    cells = [[get(r) for _, get in COLUMNS] for r in rows]
+    keep = [i for i, (head, _) in enumerate(COLUMNS)
+            if head in ("benchmark", "time") or any(c[i] != "—" for c in cells)]
+    heads = [f"{stat} time" if COLUMNS[i][0] == "time" else COLUMNS[i][0] for i in keep]
+    lines = ["| " + " | ".join(heads) + " |",
+             "|" + "|".join(" --- " for _ in keep) + "|"]
+    for c in cells:
+        lines.append("| " + " | ".join(c[i] for i in keep) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(commit: Any) -> str:
+    commit = str(commit or "unknown")
+    return commit[:12] if re.fullmatch(r"[0-9a-f]{13,40}", commit) else commit
+
+
+def header_lines(runs: list[Run]) -> list[str]:
+    info = runs[0].info if runs else {}
+    keys = [
+        ("device", "device"), ("device_type", "type"), ("gpu_memory_GB", "GPU memory (GB)"),
+        ("peak_bandwidth_GBps", "peak bandwidth (GB/s)"), ("driver", "driver"), ("cuda", "CUDA"),
+        ("cpu", "CPU"), ("cpu_count", "CPU cores"), ("torch", "torch"), ("triton", "triton"),
+        ("onnxruntime", "onnxruntime"), ("python", "python"), ("date", "date"),
+    ]
+    lines = [f"- {label}: {info[k]}" for k, label in keys if info.get(k) not in (None, "")]
+    dates = sorted({str(r.info["date"]) for r in runs if r.info.get("date")})
+    if len(dates) > 1:  # one line for the whole run: first suite's start .. last suite's
+        lines = [f"- date: {dates[0]} .. {dates[-1]}" if line.startswith("- date:") else line
+                 for line in lines]
+    commit = _short(info.get("git_commit"))
+    if info.get("git_dirty"):
+        commit += " (uncommitted changes)"
+    lines.append(f"- git commit: {commit}")
+    if info.get("smoke"):
+        lines.append("- **smoke run (tiny sizes): the figures mean nothing**")
+    return lines
+
+
+# --------------------------------------------------------------------------- render
+
+
+def write_chart(runs: list[Run], png: Path, stat: str = STAT) -> Path:
+    """Bar chart of the speedups (one panel per suite with ratios); always writes ``png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(run.suite, [r for r in run.rows if r.speedup is not None and not r.baseline])
+              for run in runs]
+    panels = [(s, rows) for s, rows in panels if rows]
+    if not panels:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no speedup ratios recorded (no baselines)", ha="center", va="center")
+    else:
+        heights = [max(1.2, 0.45 * len(rows) + 0.8) for _, rows in panels]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights)),
+                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
+        for ax, (suite, rows) in zip(axes[:, 0], panels):
+            labels = [r.label for r in rows]
+            values = [r.speedup for r in rows]
+            colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+            y = list(range(len(rows)))
+            ax.barh(y, values, color=colors)
+            ax.set_yticks(y, labels, fontsize=8)
+            ax.invert_yaxis()
+            ax.axvline(1.0, color="black", linewidth=0.8)
+            for yi, v in zip(y, values):
+                ax.text(v, yi, f" {_x(v)}", va="center", fontsize=8)
+            lo, hi = min(values + [1.0]), max(values + [1.0])
+            if hi / lo > 20:  # ratios over orders of magnitude: log scale, bars start at lo/2
+                ax.set_xscale("log")
+                ax.set_xlim(lo / 2, hi * 3)
+            else:
+                ax.set_xlim(0, hi * 1.25)
+            ax.set_title(f"{suite}: speedup over baseline ({stat} time, higher is better)",
+                         fontsize=9)
+    info = runs[0].info if runs else {}
+    fig.suptitle(str(info.get("device") or ""), fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def render_markdown(runs: list[Run], png_name: str | None = "ratios.png", stat: str = STAT) -> str:
+    info = runs[0].info if runs else {}
+    title = info.get("device") or "unknown device"
+    out = [f"# Benchmark results: {title}", "",
+           "Made by `benchmarks/report.py render` from the JSON files in this folder "
+           f"({stat} time per call; speedup = baseline time / time, same run).", ""]
+    out += header_lines(runs) + [""]
+    if png_name:
+        out += [f"![speedups]({png_name})", ""]
+    if not runs:
+        out += ["_no results in this folder_", ""]
+    for run in runs:
+        out += [f"## {run.suite}", "", f"From `{run.path.name}`.", "", markdown_table(run.rows, stat)]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render(folder: Path | str, md: Path | None = None, png: Path | None = None,
+           stat: str = STAT) -> tuple[Path, Path]:
+    """Write the folder's README.md table and ratios.png; returns their paths."""
+    folder = Path(folder)
+    runs = load_dir(folder, stat)
+    md = md or folder / "README.md"
+    png = png or folder / "ratios.png"
+    write_chart(runs, png, stat)
+    png_rel = png.name if png.parent.resolve() == md.parent.resolve() else str(png)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(render_markdown(runs, png_rel, stat), encoding="utf8")
+    return md, png
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@dataclass
+class Change:
+    key: str
+    old: float
+    new: float
+
+    @property
+    def ratio(self) -> float:
+        return self.new / self.old
+
+
+def _pairs(old: Path, new: Path) -> list[tuple[Path, Path]]:
+    if old.is_dir() and new.is_dir():
+        names = sorted({p.name for p in old.glob("*.json")} & {p.name for p in new.glob("*.json")})
+        return [(old / n, new / n) for n in names]
+    if old.is_dir() or new.is_dir():
+        raise SystemExit("compare: give two files or two folders")
+    return [(old, new)]
+
+
+def compare(old: Path | str, new: Path | str, threshold: float = 0.10, stat: str = STAT,
+            out=None) -> list[Change]:
+    """Print what got slower (or faster) by more than ``threshold``; return the regressions."""
+    out = out or sys.stdout
+    old, new = Path(old), Path(new)
+    regressions: list[Change] = []
+    pairs = _pairs(old, new)
+    if not pairs:
+        print(f"compare: no suite in common between {old} and {new}", file=out)
+    for old_path, new_path in pairs:
+        a, b = load_run(old_path, stat), load_run(new_path, stat)
+        if a.suite != b.suite:  # two files of differently named suites: key by name only
+            for r in a.rows:
+                r.suite = b.suite
+        da, db = a.info.get("device"), b.info.get("device")
+        if da and db and da != db:
+            print(f"warning: {b.suite}: devices differ ({da} vs {db}); times do not compare",
+                  file=out)
+        old_rows = {r.key: r for r in a.rows}
+        new_rows = {r.key: r for r in b.rows}
+        faster = []
+        for key, nr in new_rows.items():
+            orow = old_rows.get(key)
+            if orow is None:
+                print(f"NEW     {key}: {fmt_time(nr.time_s)}", file=out)
+                continue
+            if not (orow.time_s and nr.time_s):
+                continue
+            change = Change(key, orow.time_s, nr.time_s)
+            if change.ratio > 1 + threshold:
+                regressions.append(change)
+            elif change.ratio < 1 / (1 + threshold):
+                faster.append(change)
+        for key in old_rows.keys() - new_rows.keys():
+            print(f"GONE    {key}", file=out)
+        for c in faster:
+            print(f"FASTER  {c.key}: {stat} {fmt_time(c.old)} -> {fmt_time(c.new)} "
+                  f"({(c.ratio - 1) * 100:+.1f}%)", file=out)
+    for c in regressions:
+        print(f"SLOWER  {c.key}: {stat} {fmt_time(c.old)} -> {fmt_time(c.new)} "
+              f"({(c.ratio - 1) * 100:+.1f}%)", file=out)
+    print(f"compare: {len(regressions)} benchmark(s) slower by more than "
+          f"{threshold:.0%} ({stat})", file=out)
+    return regressions
+
+
+def pytest_benchmark_table(old: Path, new: Path) -> int:
+    """pytest-benchmark's own side-by-side table of the two runs (informational)."""
+    rc = 0
+    for a, b in _pairs(Path(old), Path(new)):
+        if a.resolve() == b.resolve():  # pytest-benchmark cannot load one file twice
+            continue
+        cmd = [sys.executable, "-m", "pytest_benchmark", "compare", str(a), str(b),
+               "--group-by=name", "--columns=min,median,mean,rounds", "--sort=name"]
+        rc |= subprocess.run(cmd, check=False).returncode
+    return rc
+
+
+# --------------------------------------------------------------------------- store
+
+
+def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: str = STAT,
+          out=None, force: bool = False) -> Path | None:
+    """Copy the suite JSONs of ``src`` into ``results/<slug>/``, compare, render; returns the
+    folder (``None`` when ``src`` holds no benchmark JSON)."""
+    import shutil
+    import tempfile
+
+    out = out or sys.stdout
+    runs = load_dir(src, stat)
+    if not runs:
+        print(f"store: no pytest-benchmark JSON in {src}", file=out)
+        return None
+    smoke = [run.path.name for run in runs if run.info.get("smoke")]
+    if smoke and not force:
+        print(f"store: {', '.join(smoke)} come from a smoke run (tiny sizes); not stored "
+              f"(--force stores them anyway)", file=out)
+        return None
+    slugs = {run.info.get("slug") for run in runs} - {None, ""}
+    if len(slugs) != 1:
+        raise SystemExit(f"store: expected one device slug in {src}, found {sorted(slugs)}")
+    dest = Path(results) / slugs.pop()
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            target = dest / run.path.name
+            if target.exists():
+                prev = Path(tmp) / run.path.name
+                shutil.copyfile(target, prev)
+                shutil.copyfile(run.path, target)
+                compare(prev, target, threshold, stat, out=out)
+            else:
+                shutil.copyfile(run.path, target)
+            print(f"stored {target}", file=out)
+    render(dest, stat=stat)
+    print(f"rendered {dest / 'README.md'} and {dest / 'ratios.png'}", file=out)
+    return dest
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summary(folders: Iterable[Path | str], stat: str = STAT) -> str:
+    """Markdown: one row per non-baseline benchmark, one speedup column per result folder."""
+    cols: list[tuple[str, dict[tuple[str, str, str, str], str]]] = []
+    order: list[tuple[str, str, str, str]] = []
+    for folder in folders:
+        folder = Path(folder)
+        runs = load_dir(folder, stat)
+        device = (runs[0].info.get("device") if runs else None) or folder.name
+        cells: dict[tuple[str, str, str, str], str] = {}
+        for run in runs:
+            baselines = {(r.group, r.case): r.impl for r in run.rows if r.baseline}
+            for r in run.rows:
+                if r.baseline or r.speedup is None:
+                    continue
+                key = (run.suite, r.group, r.case, f"{r.impl} vs {baselines[(r.group, r.case)]}")
+                cells[key] = _x(r.speedup)
+                if key not in order:
+                    order.append(key)
+        cols.append((f"{device} ([table]({folder.as_posix()}/README.md))", cells))
+    if not order:
+        return "_no speedup ratios recorded yet_\n"
+    lines = ["| suite | group | case | comparison | " + " | ".join(h for h, _ in cols) + " |",
+             "|" + "|".join(" --- " for _ in range(4 + len(cols))) + "|"]
+    for key in order:
+        suite, group, case, comp = key
+        vals = [cells.get(key, "—") for _, cells in cols]
+        lines.append(f"| {suite} | {group or '—'} | {case or '—'} | {comp} | "
+                     + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_between_markers(path: Path, text: str) -> bool:
+    """Replace what lies between BEGIN_MARK and END_MARK in ``path``; False if no markers."""
+    content = path.read_text(encoding="utf8")
+    start, end = content.find(BEGIN_MARK), content.find(END_MARK)
+    if start < 0 or end < start:
+        return False
+    new = content[: start + len(BEGIN_MARK)] + "\n" + text.rstrip() + "\n" + content[end:]
+    path.write_text(new, encoding="utf8")
+    return True
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    stat_opt = argparse.ArgumentParser(add_help=False)
+    stat_opt.add_argument("--stat", default=STAT, choices=["min", "median", "mean", "max"],
+                          help="statistic of the round times to use (default: median)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("render", parents=[stat_opt],
+                       help="README.md table + ratios.png for one result folder")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--md", type=Path)
+    p.add_argument("--png", type=Path)
+    p = sub.add_parser("compare", parents=[stat_opt], help="regressions of NEW against OLD (files or folders)")
+    p.add_argument("old", type=Path)
+    p.add_argument("new", type=Path)
+    p.add_argument("--threshold", type=float, default=0.10,
+                   help="relative slow-down that counts as a regression (default 0.10 = 10%%)")
+    p.add_argument("--fail", action="store_true", help="exit 1 when something got slower")
+    p.add_argument("--table", action="store_true",
+                   help="also print pytest-benchmark's own comparison table")
+    p = sub.add_parser("store", parents=[stat_opt],
+                       help="file a run made elsewhere into benchmarks/results/<slug>/")
+    p.add_argument("src", type=Path)
+    p.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--threshold", type=float, default=0.10)
+    p.add_argument("--force", action="store_true", help="store smoke runs too")
+    p = sub.add_parser("summary", parents=[stat_opt], help="markdown speedup table across result folders")
+    p.add_argument("folders", type=Path, nargs="+")
+    p.add_argument("--readme", type=Path,
+                   help=f"replace the text between {BEGIN_MARK} and {END_MARK} in this file")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "render":
+        if not args.folder.is_dir():
+            print(f"render: {args.folder} is not a folder", file=sys.stderr)
+            return 2
+        md, png = render(args.folder, args.md, args.png, args.stat)
+        print(f"wrote {md} and {png}")
+        return 0
+    if args.cmd == "compare":
+        for p in (args.old, args.new):
+            if not p.exists():
+                print(f"compare: {p} does not exist; nothing to compare", file=sys.stderr)
+                return 0
+        if args.table:
+            pytest_benchmark_table(args.old, args.new)
+        regressions = compare(args.old, args.new, args.threshold, args.stat)
+        return 1 if (regressions and args.fail) else 0
+    if args.cmd == "store":
+        return 0 if store(args.src, args.results, args.threshold, args.stat,
+                         force=args.force) else 1
+    if args.cmd == "summary":
+        text = summary([f for f in args.folders if f.is_dir()], args.stat)
+        if args.readme:
+            if not replace_between_markers(args.readme, text):
+                print(f"summary: no {BEGIN_MARK} ... {END_MARK} markers in {args.readme}",
+                      file=sys.stderr)
+                return 1
+            print(f"updated {args.readme}")
+        else:
+            sys.stdout.write(text)
+        return 0
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Benchmark: fused Triton reparameterize + KL vs eager torch vs torch.compile of the same math.
+
+Modes: ``fwd`` (z, kl) and ``fwd_bwd`` (plus dmu, dlogvar via ``torch.autograd.grad``, so no
+``.grad`` accumulation traffic). Eager and compiled variants draw ``eps = randn_like(mu)`` and
+let autograd keep it, the usual way; the fused op regenerates it in its backward.
+
+GPU: B in {4096, 65536} x D in {64, 256, 1024} x {fp32, bf16} (marked ``gpu``). Each timed call
+runs the op ``repeat`` times and then synchronizes. ``extra_info`` holds ``bandwidth_GBps``
+(minimal DRAM bytes one call must move / median time, the same byte count for every
+implementation), ``copy_bandwidth_GBps`` (a torch copy of the same bytes timed with CUDA
+events in the same run), ``bandwidth_fraction_of_copy`` and ``peak_memory_MB``
+(``torch.cuda.max_memory_allocated`` of one call, inputs included).
+
+CPU: tiny sizes, eager vs compile only (the kernel under Triton's interpreter says nothing
+about speed). With ``--benchmark-disable`` or ``FASTVAE_BENCH_SMOKE=1`` on a CPU this is a smoke
+test: compile uses the ``aot_eager`` backend (Inductor's C++ build takes ~25 s on 2 cores) and
+the fused op runs once only if the interpreter is on (TRITON_INTERPRET=1 before import).
+Self-contained: nothing from benchmarks/common.py is required.
+"""
+
+import os
+
+import pytest
+import torch
+
+import fastvae.kernels as fk
+from fastvae.kernels import reparameterize_kl
+
+SMOKE = os.environ.get("FASTVAE_BENCH_SMOKE", "").strip().lower() not in ("", "0", "false", "no", "off")
+ON_GPU = torch.cuda.is_available() and os.environ.get("FASTVAE_BENCH_DEVICE", "").lower() != "cpu"
+DEVICE = torch.device("cuda", torch.cuda.current_device()) if ON_GPU else torch.device("cpu")
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+if ON_GPU:
+    _sizes = [(4096, 64)] if SMOKE else [(b, d) for b in (4096, 65536) for d in (64, 256, 1024)]
+    _dtypes = [torch.float32] if SMOKE else [torch.float32, torch.bfloat16]
+    CASES = [pytest.param(b, d, t, marks=pytest.mark.gpu, id=f"B{b}-D{d}-{DTYPE_NAMES[t]}")
+             for (b, d) in _sizes for t in _dtypes]
+else:
+    _sizes = [(64, 16)] if SMOKE else [(4096, 64)]
+    CASES = [pytest.param(b, d, torch.float32, id=f"B{b}-D{d}-fp32") for (b, d) in _sizes]
+
+# One compiled function serves every case; let Dynamo keep a graph per (D, dtype, mode).
+for _name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 64)
+
+
+def torch_math(mu, logvar):
+    """The eager reference: z = mu + exp(logvar/2) * eps, kl = 0.5 sum(mu^2 + e^lv - 1 - lv)."""
+    eps = torch.randn_like(mu)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    kl = 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar).float().sum(-1)
+    return z, kl
+
+
+def fused(mu, logvar):
+    return reparameterize_kl(mu, logvar, seed=0)
+
+
+_compiled = {}
+
+
+def compiled(backend):
+    if backend not in _compiled:
+        _compiled[backend] = torch.compile(torch_math, backend=backend)
+    return _compiled[backend]
+
+
+def bytes_moved(B, D, elem, mode):
+    """Minimal DRAM traffic: fwd reads mu, logvar, writes z (+ kl); bwd reads mu, logvar, gz
+    (+ gkl) and writes dmu, dlogvar."""
+    fwd = 3 * B * D * elem + 4 * B
+    return fwd if mode == "fwd" else fwd + 5 * B * D * elem + 4 * B
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth_gbps(nbytes, reps=20):
+    """Bandwidth of a plain device copy moving ``nbytes`` (read + write), median of CUDA events."""
+    src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:  # warm-up
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * src.numel() / times[len(times) // 2] / 1e9
+
+
+def peak_memory_mb(fn):
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    _sync()
+    peak = torch.cuda.max_memory_allocated()
+    return peak / 2**20, (peak - before) / 2**20
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile"])
+@pytest.mark.parametrize("B,D,dtype", CASES)
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_reparam_kl(benchmark, mode, B, D, dtype, impl):
+    smoke = SMOKE or benchmark.disabled
+    backend = "inductor"
+    if DEVICE.type == "cpu":
+        if impl == "fused" and not (smoke and fk.kernel_available(DEVICE, dtype)):
+            pytest.skip("fused kernel on CPU: interpreter timings mean nothing (smoke-run only)")
+        if impl == "compile" and smoke:
+            backend = "aot_eager"  # exercise Dynamo + AOTAutograd without a C++ build
+    op = {"fused": fused, "eager": torch_math, "compile": compiled(backend)}[impl]
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mu = torch.randn(B, D, generator=g).to(DEVICE, dtype).requires_grad_(mode == "fwd_bwd")
+    logvar = (0.5 * torch.randn(B, D, generator=g)).to(DEVICE, dtype).requires_grad_(mode == "fwd_bwd")
+    if impl == "compile" and DEVICE.type == "cuda":
+        torch._dynamo.mark_dynamic(mu, 0)  # one graph per (D, dtype, mode), any batch size
+        torch._dynamo.mark_dynamic(logvar, 0)
+    gz = torch.randn(B, D, generator=g).to(DEVICE, dtype)
+    gkl = torch.randn(B, generator=g).to(DEVICE)
+
+    def once():
+        z, kl = op(mu, logvar)
+        if mode == "fwd_bwd":
+            return torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
+        return z, kl
+
+    nbytes = bytes_moved(B, D, mu.element_size(), mode)
+    # Kernels shorter than ~50 us: time several calls per sync so launch/sync cost fades.
+    repeat = 1 if DEVICE.type == "cpu" or nbytes > 2**28 else 10
+
+    def run():
+        for _ in range(repeat):
+            out = once()
+        _sync()
+        return out
+
+    if not benchmark.disabled:
+        run()  # Triton JIT / torch.compile warm-up
+    benchmark.group = f"reparam_kl-{mode}"
+    benchmark(run)
+
+    info = benchmark.extra_info
+    info.update(impl=impl, baseline=impl == "eager", case=f"B={B},D={D},{DTYPE_NAMES[dtype]}",
+                device=DEVICE.type, B=B, D=D, dtype=DTYPE_NAMES[dtype], mode=mode, repeat=repeat,
+                items=B * repeat, bytes=nbytes * repeat)
+    if impl == "compile":
+        info["compile_backend"] = backend
+    if DEVICE.type == "cuda":
+        info["peak_memory_MB"], info["peak_extra_MB"] = (round(x, 3) for x in peak_memory_mb(once))
+    stats = getattr(benchmark, "stats", None)
+    median = getattr(getattr(stats, "stats", None), "median", None)
+    if median:
+        per_call = median / repeat
+        info["time_per_call_us"] = per_call * 1e6
+        info["throughput"] = B / per_call
+        info["bandwidth_GBps"] = nbytes / per_call / 1e9
+        if DEVICE.type == "cuda":
+            copy = copy_bandwidth_gbps(nbytes)
+            info["copy_bandwidth_GBps"] = copy
+            info["bandwidth_fraction_of_copy"] = info["bandwidth_GBps"] / copy
+            peak = _vendor_peak_gbps()
+            if peak:
+                info["bandwidth_fraction"] = info["bandwidth_GBps"] / peak
+
+
+def _vendor_peak_gbps():
+    """Peak DRAM bandwidth from benchmarks/common.py's table when it is importable (optional)."""
+    try:
+        from common import peak_bandwidth_gbps
+
+        return peak_bandwidth_gbps()
+    except Exception:  # the shared helpers are optional for this suite
+        return None
+

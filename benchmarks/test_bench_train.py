@@ -1,0 +1,105 @@
+"""One training epoch: the fastvae trainer (Fabric) vs a minimal hand-written PyTorch loop.
+
+Both train the same model (same encoder/decoder modules, Adam, batch, data on the device,
+shuffled by index slicing, one ``.item()`` per step). The trainer's timed part is
+``Trainer.train_pass``: exactly what ``epoch_time_s`` in metrics.csv measures (test metrics and
+the checkpoint are per-epoch I/O, outside it). Goal: trainer <= 1.10x the plain loop's time.
+
+CPU: the digits protocol (MLP 64-512-8, batch 64, fp32). GPU: MNIST-sized random data
+(60,000 x 1 x 28 x 28), MLP and conv VAEs, bf16; the trainer with the fused kernel and
+torch.compile vs a plain AMP loop (issue 6's throughput comparison).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import annotate, bench_device, on_gpu, pick, skip_in_cpu_smoke, synced
+
+from fastvae.config import TrainConfig
+from fastvae.data import Splits, load_dataset
+from fastvae.models import build_model
+from fastvae.train import Trainer, make_fabric
+
+CASES = pick(
+    smoke=[("mlp", 64, "32-true", False)],
+    cpu=[("mlp", 64, "32-true", False)],
+    gpu=[("mlp", 1024, "bf16-mixed", True), ("conv", 512, "bf16-mixed", True),
+         ("mlp", 1024, "32-true", False)],
+)
+
+
+def make_splits() -> Splits:
+    if not on_gpu():
+        splits = load_dataset("digits")
+        if pick(smoke=True, cpu=False, gpu=False):
+            return Splits("digits", splits.train[:256], splits.test[:64])
+        return splits
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(60_000, 1, 28, 28, generator=g)
+    return Splits("random-mnist", images, images[:1000])
+
+
+def case_id(case) -> str:
+    model, batch, precision, compiled = case
+    return f"{model}-b{batch}-{precision}" + ("-compile" if compiled else "")
+
+
+def plain_epoch(model, optimizer, data: torch.Tensor, batch: int, amp_dtype) -> float:
+    """The loop anyone would write: shuffle, slice, reparameterize, BCE + KL, Adam."""
+    perm = torch.randperm(len(data), device=data.device)
+    total = 0.0
+    for start in range(0, len(data), batch):
+        x = data[perm[start : start + batch]]
+        with torch.autocast(data.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            mu, logvar = model.encoder(x)
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            logits = model.decoder(z)
+        recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none").flatten(1).sum(1)
+        mu, logvar = mu.float(), logvar.float()
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+        loss = (recon + kl).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return total
+
+
+@pytest.mark.benchmark(group="train-epoch")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_plain_loop_epoch(benchmark, case):
+    model_name, batch, precision, _ = case
+    splits = make_splits()
+    device = bench_device()
+    torch.manual_seed(0)
+    model = build_model({"model": model_name, "data_shape": list(splits.data_shape)}).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = splits.train.to(device)
+    amp = torch.bfloat16 if precision.startswith("bf16") else None
+    run = synced(plain_epoch, model, optimizer, data, batch, amp)
+    run()  # warm-up: allocator, kernels
+    benchmark.pedantic(run, rounds=pick(smoke=1, cpu=10, gpu=5), iterations=1)
+    annotate(benchmark, impl="plain", baseline=True, items=len(data), case=case_id(case))
+
+
+@pytest.mark.benchmark(group="train-epoch")
+@pytest.mark.parametrize("case", [c if not c[3] else pytest.param(c, marks=skip_in_cpu_smoke) for c in CASES],
+                         ids=case_id)
+def test_fastvae_trainer_epoch(benchmark, case):
+    model_name, batch, precision, compiled = case
+    splits = make_splits()
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(model=model_name, batch_size=batch, precision=precision, compile=compiled,
+                             accelerator="cuda" if on_gpu() else "cpu", out=out, progress=False,
+                             pictures=False, epochs=10_000)
+        trainer = Trainer(make_fabric(config), config, splits)
+        run = synced(trainer.train_pass)
+        run()  # warm-up (and compilation)
+        benchmark.pedantic(run, rounds=pick(smoke=1, cpu=10, gpu=5), iterations=1)
+    annotate(benchmark, impl="fastvae", items=len(splits.train), case=case_id(case),
+             reparam="fused" if on_gpu() else "torch")

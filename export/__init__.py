@@ -1,0 +1,37 @@
+"""ONNX export of fastvae decoders, validation, fp16/int8 variants and a torch-free CPU sampler.
+
+Installed as ``fastvae.export``.
+
+* ``export_decoder(run_or_model, path, *, opset=None, fp16=False, int8=False) -> ExportReport``
+  writes one self-contained ONNX file (inputs ``z`` (batch, latent_dim); outputs ``mean`` and
+  ``params``), checks it with ``onnx.checker`` and compares onnxruntime with torch. Needs torch,
+  which it imports only when called.
+* ``OnnxSampler(path).sample(n, seed=0, batch_size=1000) -> numpy array`` needs only numpy and
+  onnxruntime: importing this package or the sampler never imports torch.
+
+The file format (metadata keys) is described in :mod:`fastvae.export.metadata`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "OnnxSampler": "fastvae.export.sampler",
+    "export_decoder": "fastvae.export.onnx_export",
+    "ExportReport": "fastvae.export.onnx_export",
+    "VariantReport": "fastvae.export.onnx_export",
+    "variant_path": "fastvae.export.onnx_export",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastvae.export' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

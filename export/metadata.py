@@ -1,0 +1,47 @@
+"""The metadata a fastvae decoder file carries (ONNX ``metadata_props``, all strings).
+
+Torch-free and onnx-free: the sampler reads these keys through onnxruntime only.
+
+Keys (values are strings; JSON where noted):
+
+``fastvae_format``          ``"fastvae-decoder"`` (marks a file as a fastvae decoder)
+``fastvae_format_version``  ``"1"``
+``fastvae_version``         the fastvae version that wrote the file
+``latent_dim``              size of the input ``z`` (batch, latent_dim), z ~ N(0, I)
+``output_shape``            JSON list, one example's shape, e.g. ``[1, 8, 8]``
+``input_name``              ``"z"``
+``mean_output``             ``"mean"``: E[x|z], ready to use (sigmoid already applied)
+``params_output``           ``"params"``: the raw decoder output (logits or means)
+``output_transform``        how params become means: ``"sigmoid"`` or ``"identity"``
+``likelihood``              ``"bernoulli"`` | ``"gaussian"`` | ``"none"`` (stacked autoencoder)
+``sample``                  how to draw x ~ p(x|z) from the mean: ``"bernoulli"`` (x = u < mean),
+                            ``"gaussian"`` (x = mean + sigma * eps) or ``"none"`` (deterministic)
+``sigma``                   the Gaussian likelihood's standard deviation (gaussian only)
+``precision``               ``"fp32"`` | ``"fp16"`` | ``"int8"``
+``max_abs_error_vs_torch``  fp32 file: max |onnxruntime - torch| over the validation batches
+``max_abs_error_vs_fp32``   fp16/int8 files: max |variant - fp32| of ``params`` on 1000 z ~ N(0, I)
+``max_abs_error_mean_vs_fp32``  the same for ``mean``
+``model_spec``              JSON: the model spec the decoder was built from
+``source``                  the run folder / checkpoint it came from, or ``"<in-memory module>"``
+``exporter``                which torch.onnx exporter and torch version wrote the graph
+"""
+
+from __future__ import annotations
+
+FORMAT = "fastvae-decoder"
+FORMAT_VERSION = 1
+INPUT_NAME = "z"
+MEAN_OUTPUT = "mean"
+PARAMS_OUTPUT = "params"
+
+OUTPUT_TRANSFORMS = ("sigmoid", "identity")
+SAMPLE_KINDS = ("bernoulli", "gaussian", "none")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# what each likelihood means for the decoder's raw output
+LIKELIHOOD_RULES = {
+    # likelihood: (output_transform, sample)
+    "bernoulli": ("sigmoid", "bernoulli"),
+    "gaussian": ("identity", "gaussian"),
+    "none": ("sigmoid", "none"),  # stacked autoencoder: decode() = sigmoid(decoder(z))
+}

@@ -1,0 +1,636 @@
+"""``export_decoder``: a trained fastvae decoder as one validated ONNX file (plus fp16/int8).
+
+The graph maps ``z`` (batch, latent_dim), float32, to two float32 outputs shaped
+(batch, *data_shape): ``mean`` = E[x|z] (sigmoid already applied for Bernoulli decoders and the
+stacked autoencoder) and ``params`` (the decoder's raw output: logits or means). The batch
+dimension is symbolic. Metadata (see :mod:`fastvae.export.metadata`) says how to use it.
+
+Every export is validated before it replaces anything: ``onnx.checker`` (full check), then
+onnxruntime against torch on batch sizes the exporter never saw (rtol 1e-4, atol 1e-5). All
+files are written into a temporary folder beside the target and moved into place only once
+everything passed, so a failed export never leaves a half-written file nor touches an existing
+good one.
+
+This module imports torch and onnx inside its functions only; ``import fastvae.export`` stays
+torch-free.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastvae.errors import FastVAEError
+from fastvae.export import metadata as md
+
+RTOL, ATOL = 1e-4, 1e-5
+CHECK_BATCHES = (1, 37, 256)  # validation batch sizes; export traces with EXPORT_BATCH
+EXPORT_BATCH = 2
+VARIANT_EVAL_N = 1000  # z ~ N(0, I) used to measure fp16/int8 errors against fp32
+_PROTOBUF_LIMIT = 2**31 - 1 - (64 << 20)  # beyond this, weights go to an external .data file
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+# known harmless noise from the exporters (torch 2.9-2.13); anything else lands in the report
+_NOISE = (
+    "isinstance(treespec, LeafSpec)",
+    "legacy TorchScript-based ONNX export",
+    "The feature will be removed",
+    "torchvision is not installed",
+)
+
+
+@dataclass
+class VariantReport:
+    """An fp16 or int8 file and its measured error against the fp32 torch decoder."""
+
+    precision: str
+    path: Path
+    size_bytes: int
+    max_abs_error: float  # on ``params`` (raw output), 1000 z ~ N(0, I)
+    max_abs_error_mean: float  # on ``mean``, what the sampler returns
+
+
+@dataclass
+class ExportReport:
+    """What ``export_decoder`` wrote and how validation went."""
+
+    path: Path
+    size_bytes: int
+    opset: int
+    exporter: str
+    source: str
+    latent_dim: int
+    output_shape: tuple[int, ...]
+    likelihood: str
+    output_transform: str
+    parity: dict[int, float]  # validation batch size -> max |onnxruntime - torch| (both outputs)
+    rtol: float = RTOL
+    atol: float = ATOL
+    checker: str = "onnx.checker.check_model(full_check=True): ok"
+    variants: list[VariantReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max(self.parity.values())
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.path, *(v.path for v in self.variants)]
+
+    def summary(self) -> str:
+        """The report as a few human-readable lines (printed by ``fastvae export``)."""
+        shape = "x".join(str(s) for s in self.output_shape)
+        lines = [
+            f"wrote {self.path} ({_size(self.size_bytes)}, ONNX opset {self.opset}, {self.exporter})",
+            f"  decoder: z ({self.latent_dim}) -> {shape}, likelihood {self.likelihood}, "
+            f"outputs 'mean' = {self.output_transform}('params') and 'params'; source {self.source}",
+            f"  checker: {self.checker}",
+            "  parity onnxruntime vs torch (rtol %.0e, atol %.0e): ok, max |err| %s"
+            % (self.rtol, self.atol, ", ".join(f"batch {b}: {e:.2e}" for b, e in self.parity.items())),
+        ]
+        for v in self.variants:
+            lines.append(
+                f"  {v.precision}: wrote {v.path} ({_size(v.size_bytes)}), max |err| vs fp32 "
+                f"{v.max_abs_error:.2e} (params), {v.max_abs_error_mean:.2e} (mean)"
+            )
+        lines += [f"  note: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def variant_path(path: str | os.PathLike, precision: str) -> Path:
+    """Where the fp16/int8 variant of ``path`` goes: ``decoder.onnx`` -> ``decoder.int8.onnx``."""
+    path = Path(path)
+    suffix = path.suffix or ".onnx"
+    return path.with_name(f"{path.stem if path.suffix else path.name}.{precision}{suffix}")
+
+
+def export_decoder(
+    run_or_model,
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    fp16: bool = False,
+    int8: bool = False,
+    exporter: str = "auto",
+    check_batches: tuple[int, ...] = CHECK_BATCHES,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> ExportReport:
+    """Export the decoder of a run folder, checkpoint file or model to ONNX, and validate it.
+
+    ``run_or_model``: a run folder or ``.ckpt`` path (loaded with ``fastvae.load``), or a
+    ``VAE`` / ``StackedAutoencoder`` (possibly wrapped by Lightning Fabric, DDP or
+    ``torch.compile``; any precision, any device: an fp32 CPU copy of its decoder is exported).
+    ``path``: the .onnx file to write; ``fp16``/``int8`` also write ``<stem>.fp16.onnx`` /
+    ``<stem>.int8.onnx`` beside it. ``exporter``: ``"auto"`` (torch.export-based "dynamo"
+    exporter, falling back to the TorchScript one), ``"dynamo"`` or ``"torchscript"``.
+    Raises ``FastVAEError`` (and writes nothing) when the export or its validation fails.
+    """
+    path = Path(path)
+    if exporter not in EXPORTERS:
+        raise FastVAEError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    opset = _check_opset(opset)
+    check_batches = tuple(int(b) for b in check_batches)
+    if not check_batches or min(check_batches) < 1 or EXPORT_BATCH in check_batches:
+        raise FastVAEError(
+            f"check_batches must be positive batch sizes other than {EXPORT_BATCH} (the export batch)"
+        )
+    targets = [path] + [variant_path(path, p) for p, on in (("fp16", fp16), ("int8", int8)) if on]
+    for target in targets:
+        if target.is_dir():
+            raise FastVAEError(f"{target} is a folder: give a file name such as {target / 'decoder.onnx'}")
+
+    model, source = _resolve(run_or_model)
+    info = _describe(model)
+    wrapper = _MeanAndParams(_fp32_decoder(model), info["output_transform"])
+
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        proto, exporter_name, notes = _to_onnx(wrapper, info["latent_dim"], opset, exporter)
+        meta = _metadata(info, source, exporter_name)
+        _set_metadata(proto, {**meta, "precision": "fp32"})
+        tmp_main = tmpdir / path.name
+        _save(proto, tmp_main)
+        del proto
+        _check(tmp_main)
+        parity = _parity(wrapper, tmp_main, info, check_batches, rtol, atol)
+        _update_metadata(tmp_main, {"max_abs_error_vs_torch": f"{max(parity.values()):.3e}"})
+        used_opset = _opset_of(tmp_main)
+
+        variants, staged = [], []
+        if fp16 or int8:
+            z_eval = np.random.default_rng(0).standard_normal(
+                (VARIANT_EVAL_N, info["latent_dim"]), dtype=np.float32
+            )
+            reference = _torch_outputs(wrapper, z_eval)
+            for precision in ("fp16", "int8"):
+                if not (fp16 if precision == "fp16" else int8):
+                    continue
+                final = variant_path(path, precision)
+                tmp = tmpdir / final.name
+                _make_variant(precision, tmp_main, tmp, {**meta, "precision": precision})
+                _check(tmp)
+                err, err_mean = _variant_errors(tmp, z_eval, reference)
+                _update_metadata(
+                    tmp, {"max_abs_error_vs_fp32": f"{err:.3e}", "max_abs_error_mean_vs_fp32": f"{err_mean:.3e}"}
+                )
+                if not (np.isfinite(err) and np.isfinite(err_mean)):
+                    notes.append(f"{precision} variant gives non-finite outputs: do not use {final.name}")
+                variants.append(VariantReport(precision, final, 0, err, err_mean))
+                staged.append((tmp, final))
+        staged.append((tmp_main, path))
+
+        for tmp, final in staged:  # variants first, the main file last
+            _move_into_place(tmp, final)
+        for v in variants:
+            v.size_bytes = _total_size(v.path)
+        return ExportReport(
+            path=path,
+            size_bytes=_total_size(path),
+            opset=used_opset,
+            exporter=exporter_name,
+            source=source,
+            latent_dim=info["latent_dim"],
+            output_shape=info["output_shape"],
+            likelihood=info["likelihood"],
+            output_transform=info["output_transform"],
+            parity=parity,
+            rtol=rtol,
+            atol=atol,
+            variants=variants,
+            warnings=notes,
+        )
+    except OSError as exc:  # disk full, permissions, ...: the user can fix these
+        raise FastVAEError(
+            f"could not write {path} ({exc.strerror or _one_line(exc)}); nothing was written"
+        ) from None
+    except onnx.checker.ValidationError as exc:
+        raise FastVAEError(
+            f"the exported ONNX graph failed onnx.checker ({_one_line(exc)}); nothing was written to "
+            f"{path}; try another --opset or --exporter"
+        ) from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# -- the model ---------------------------------------------------------------------------------
+def _resolve(run_or_model):
+    """(model, source description) from a module or a run folder / checkpoint path."""
+    import torch
+
+    if isinstance(run_or_model, torch.nn.Module):
+        return _unwrap(run_or_model), "<in-memory module>"
+    if isinstance(run_or_model, (str, os.PathLike)):
+        source = Path(run_or_model)
+        if not source.exists():
+            raise FastVAEError(f"{source} does not exist: give a run folder or a .ckpt file")
+        import fastvae
+
+        return _unwrap(fastvae.load(source)), str(source)
+    raise FastVAEError(
+        f"export_decoder needs a fastvae model, a run folder or a .ckpt file, got {type(run_or_model).__name__}"
+    )
+
+
+def _unwrap(module):
+    """The plain module inside Lightning Fabric, DDP/DataParallel and torch.compile wrappers."""
+    import torch
+
+    parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    for _ in range(8):
+        inner = None
+        for attr in ("_forward_module", "_orig_mod"):
+            candidate = getattr(module, attr, None)
+            if isinstance(candidate, torch.nn.Module):
+                inner = candidate
+                break
+        if inner is None and isinstance(module, parallel):
+            inner = module.module
+        if inner is None:
+            return module
+        module = inner
+    return module
+
+
+def _describe(model) -> dict:
+    """Latent size, output shape and likelihood of a fastvae VAE or stacked autoencoder."""
+    decoder = getattr(model, "decoder", None)
+    latent_dim = getattr(model, "latent_dim", None)
+    data_shape = getattr(model, "data_shape", None)
+    if decoder is None or latent_dim is None or data_shape is None:
+        raise FastVAEError(
+            f"{type(model).__name__} is not a fastvae model (needs .decoder, .latent_dim and "
+            ".data_shape): pass a VAE or StackedAutoencoder, a run folder or a .ckpt file"
+        )
+    spec = dict(getattr(model, "spec", {}) or {})
+    likelihood_module = getattr(model, "likelihood", None)
+    sigma = None
+    if likelihood_module is None or spec.get("kind") == "ae":
+        likelihood = "none"
+    else:
+        likelihood = likelihood_module.kind
+        if likelihood == "gaussian":
+            sigma = float(likelihood_module.log_scale.detach().float().exp().cpu())
+    transform, sample = md.LIKELIHOOD_RULES[likelihood]
+    return {
+        "latent_dim": int(latent_dim),
+        "output_shape": tuple(int(s) for s in data_shape),
+        "likelihood": likelihood,
+        "output_transform": transform,
+        "sample": sample,
+        "sigma": sigma,
+        "spec": spec,
+    }
+
+
+def _fp32_decoder(model):
+    """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched)."""
+    import torch
+
+    decoder = copy.deepcopy(_unwrap(model.decoder))
+    decoder = decoder.to(device="cpu", dtype=torch.float32).eval()
+    decoder.requires_grad_(False)
+    return decoder
+
+
+def _mean_and_params_class():
+    import torch
+
+    class MeanAndParams(torch.nn.Module):
+        """z -> (mean, params): the exported graph."""
+
+        def __init__(self, decoder, transform: str):
+            super().__init__()
+            self.decoder = decoder
+            self.transform = transform
+
+        def forward(self, z):
+            params = self.decoder(z)
+            mean = torch.sigmoid(params) if self.transform == "sigmoid" else params.clone()
+            return mean, params
+
+    return MeanAndParams
+
+
+def _MeanAndParams(decoder, transform):  # noqa: N802 - builds the nn.Module lazily (no torch at import)
+    return _mean_and_params_class()(decoder, transform).eval()
+
+
+# -- export ------------------------------------------------------------------------------------
+def _to_onnx(wrapper, latent_dim: int, opset: int | None, exporter: str):
+    """(onnx.ModelProto, exporter description, notes) for the wrapper, batch dim symbolic."""
+    import torch
+
+    z = torch.randn(EXPORT_BATCH, latent_dim)
+    notes: list[str] = []
+    use_dynamo = exporter in ("auto", "dynamo") and (opset is None or opset >= 18)
+    if exporter == "dynamo" and not use_dynamo:
+        raise FastVAEError(f"the dynamo exporter writes opset 18 or newer, not {opset}; use --exporter torchscript")
+    if use_dynamo:
+        try:
+            proto = _export_dynamo(wrapper, z, opset, notes)
+            return proto, f"torch.onnx dynamo exporter (torch {torch.__version__})", notes
+        except FastVAEError:
+            raise
+        except Exception as exc:
+            if exporter == "dynamo":
+                raise FastVAEError(f"torch.onnx (dynamo) could not export the decoder: {_one_line(exc)}") from None
+            notes.append(f"dynamo exporter failed ({_one_line(exc, 120)}); used the TorchScript exporter")
+    try:
+        proto = _export_torchscript(wrapper, z, opset, notes)
+    except Exception as exc:
+        raise FastVAEError(f"torch.onnx could not export the decoder: {_one_line(exc)}") from None
+    return proto, f"torch.onnx TorchScript exporter (torch {torch.__version__})", notes
+
+
+def _export_dynamo(wrapper, z, opset, notes):
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    with _capture(notes):
+        program = torch.onnx.export(
+            wrapper, (z,), None, dynamo=True, external_data=False, verbose=False, report=False,
+            input_names=[md.INPUT_NAME], output_names=[md.MEAN_OUTPUT, md.PARAMS_OUTPUT],
+            dynamic_shapes={"z": {0: batch}}, opset_version=opset, optimize=True,
+        )
+    return program.model_proto
+
+
+def _export_torchscript(wrapper, z, opset, notes):
+    import io
+
+    import onnx
+    import torch
+
+    buffer = io.BytesIO()
+    batch = {0: "batch"}
+    with _capture(notes):
+        torch.onnx.export(
+            wrapper, (z,), buffer, dynamo=False, verbose=False,
+            input_names=[md.INPUT_NAME], output_names=[md.MEAN_OUTPUT, md.PARAMS_OUTPUT],
+            dynamic_axes={md.INPUT_NAME: batch, md.MEAN_OUTPUT: batch, md.PARAMS_OUTPUT: batch},
+            opset_version=opset, do_constant_folding=True,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+class _capture:
+    """Collect warnings and torch.onnx log records raised during an export into ``notes``,
+    minus the known harmless ones."""
+
+    def __init__(self, notes: list[str]):
+        self.notes = notes
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self._warnings = warnings.catch_warnings(record=True)
+        self._records = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        self._loggers = []
+        for name in ("torch.onnx", "onnxscript", "torch.export", "torch._export"):
+            logger = logging.getLogger(name)
+            self._loggers.append((logger, logger.level, logger.propagate))
+            logger.setLevel(logging.ERROR)
+        self._stdout = contextlib.redirect_stdout(io.StringIO())  # exporter progress lines
+        self._stdout.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._stdout.__exit__(*exc)
+        for logger, level, propagate in self._loggers:
+            logger.setLevel(level)
+            logger.propagate = propagate
+        self._warnings.__exit__(*exc)
+        for record in self._records:
+            text = _one_line(record.message, 160)
+            if not any(n in text for n in _NOISE) and text not in self.notes:
+                self.notes.append(text)
+        return False
+
+
+def _metadata(info: dict, source: str, exporter_name: str) -> dict[str, str]:
+    from fastvae import __version__
+
+    meta = {
+        "fastvae_format": md.FORMAT,
+        "fastvae_format_version": str(md.FORMAT_VERSION),
+        "fastvae_version": __version__,
+        "latent_dim": str(info["latent_dim"]),
+        "output_shape": json.dumps(list(info["output_shape"])),
+        "input_name": md.INPUT_NAME,
+        "mean_output": md.MEAN_OUTPUT,
+        "params_output": md.PARAMS_OUTPUT,
+        "output_transform": info["output_transform"],
+        "likelihood": info["likelihood"],
+        "sample": info["sample"],
+        "model_spec": json.dumps(info["spec"], sort_keys=True, default=str),
+        "source": source,
+        "exporter": exporter_name,
+    }
+    if info["sigma"] is not None:
+        meta["sigma"] = repr(info["sigma"])
+    return meta
+
+
+def _set_metadata(proto, values: dict[str, str]) -> None:
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in values]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *values.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    proto.doc_string = "fastvae decoder: z ~ N(0, I) (batch, latent_dim) -> mean, params"
+
+
+def _update_metadata(path: Path, values: dict[str, str]) -> None:
+    """Add metadata to a saved model without touching its weights (external data or not)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    current = {p.key: p.value for p in proto.metadata_props}
+    _set_metadata(proto, {**current, **values})
+    path.write_bytes(proto.SerializeToString())
+
+
+def _save(proto, path: Path) -> None:
+    """One self-contained file; weights go to ``<name>.data`` only beyond protobuf's 2 GB."""
+    import onnx
+
+    try:
+        size = proto.ByteSize()
+    except Exception:  # noqa: BLE001 - some protobuf builds refuse > 2 GB messages
+        size = _PROTOBUF_LIMIT + 1
+    if size <= _PROTOBUF_LIMIT:
+        path.write_bytes(proto.SerializeToString())
+    else:
+        onnx.save_model(
+            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=f"{path.name}.data", size_threshold=1024,
+        )
+
+
+def _is_large(path: Path) -> bool:
+    return path.stat().st_size > _PROTOBUF_LIMIT or len(_files_of(path)) > 1
+
+
+def _files_of(path: Path) -> list[Path]:
+    """The model file and the external data files it refers to (data first)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    proto = onnx.load(str(path), load_external_data=False)
+    extra = []
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location" and (path.parent / entry.value) not in extra:
+                    extra.append(path.parent / entry.value)
+    return [*extra, path]
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _opset_of(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _check_opset(opset) -> int | None:
+    if opset is None:
+        return None
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 9 <= opset <= newest:
+        raise FastVAEError(f"opset must be an integer from 9 to {newest}, got {opset!r}")
+    return opset
+
+
+# -- validation --------------------------------------------------------------------------------
+def _torch_outputs(wrapper, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        mean, params = wrapper(torch.from_numpy(z))
+    return mean.numpy(), params.numpy()
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise FastVAEError(f"onnxruntime cannot load the exported graph ({_one_line(exc)}); try another --opset") from None
+
+
+def _run(session, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, params = session.run([md.MEAN_OUTPUT, md.PARAMS_OUTPUT], {md.INPUT_NAME: z})
+    return mean, params
+
+
+def _parity(wrapper, path: Path, info: dict, batches, rtol, atol) -> dict[int, float]:
+    """max |onnxruntime - torch| per batch size; FastVAEError when outside rtol/atol."""
+    session = _session(path)
+    rng = np.random.default_rng(12345)
+    errors = {}
+    for batch in batches:
+        z = rng.standard_normal((batch, info["latent_dim"]), dtype=np.float32)
+        expected = _torch_outputs(wrapper, z)
+        got = _run(session, z)
+        err = 0.0
+        for name, e, g in zip((md.MEAN_OUTPUT, md.PARAMS_OUTPUT), expected, got):
+            if g.shape != e.shape:
+                raise FastVAEError(
+                    f"onnxruntime output '{name}' has shape {g.shape} at batch {batch}, torch gives "
+                    f"{e.shape}; nothing was written; try another --opset or --exporter"
+                )
+            diff = float(np.max(np.abs(g.astype(np.float64) - e))) if e.size else 0.0
+            if not np.allclose(g, e, rtol=rtol, atol=atol):
+                raise FastVAEError(
+                    f"onnxruntime and torch disagree on '{name}' at batch {batch} (max |err| "
+                    f"{diff:.2e} > rtol {rtol:g}, atol {atol:g}); nothing was written; try another "
+                    "--opset or --exporter"
+                )
+            err = max(err, diff)
+        errors[batch] = err
+    return errors
+
+
+def _make_variant(precision: str, fp32_path: Path, out: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    from fastvae.export import quantize
+
+    if precision == "fp16":
+        half = quantize.to_fp16(onnx.load(str(fp32_path)))
+        _set_metadata(half, meta)
+        _save(half, out)
+    else:
+        quantize.to_int8(fp32_path, out, large=_is_large(fp32_path))
+        _update_metadata(out, meta)
+
+
+def _variant_errors(path: Path, z: np.ndarray, reference) -> tuple[float, float]:
+    mean, params = _run(_session(path), z)
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = float(np.max(np.abs(params.astype(np.float64) - reference[1])))
+        err_mean = float(np.max(np.abs(mean.astype(np.float64) - reference[0])))
+    return (err if np.isfinite(err) else float("inf")), (err_mean if np.isfinite(err_mean) else float("inf"))
+
+
+# -- files -------------------------------------------------------------------------------------
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """fsync and rename ``tmp`` (and its external data files) over ``final``."""
+    for src in _files_of(tmp):
+        dst = final.parent / (final.name if src == tmp else src.name)
+        with open(src, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(src, dst)
+    try:
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _total_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in _files_of(path))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _one_line(exc, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,130 @@
+"""Checkpoints: plain dicts of tensors and numbers, written atomically, loaded safely.
+
+A checkpoint holds ``format``, ``config`` (the run's TrainConfig dict), ``spec`` (the model spec),
+``model`` and ``optimizer`` state dicts, ``epoch`` (epochs completed), ``step`` and ``rng``
+(torch CPU/CUDA generator states), so that ``--resume`` continues exactly. Everything loads with
+``torch.load(weights_only=True)``: no pickled classes.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from fastvae.errors import FastVAEError
+
+FORMAT = "fastvae-checkpoint-v1"
+LAST = Path("checkpoints") / "last.ckpt"
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    A crash at any moment leaves the old file or the new one, never a half-written file; on an
+    exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Atomically ``torch.save`` a plain-dict checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_path(run_or_ckpt: str | Path) -> Path:
+    """The checkpoint file of a run folder (``checkpoints/last.ckpt``) or the file itself."""
+    path = Path(run_or_ckpt)
+    if path.is_dir():
+        path = path / LAST
+        if not path.is_file():
+            raise FastVAEError(
+                f"run folder {run_or_ckpt} has no {LAST}: train into it first with "
+                f"'fastvae train --out {run_or_ckpt}'"
+            )
+    elif not path.exists():
+        raise FastVAEError(f"{path} does not exist: give a run folder or a .ckpt file")
+    return path
+
+
+def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu") -> dict:
+    """Load and check a checkpoint dict; one clear error for truncated or foreign files."""
+    path = checkpoint_path(run_or_ckpt)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle errors, foreign formats: one message
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FastVAEError(
+            f"{path} is not a readable fastvae checkpoint (truncated or another format: {reason[:200]})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise FastVAEError(f"{path} is not a fastvae checkpoint (no '{FORMAT}' marker)")
+    return state
+
+
+def load(run_or_ckpt: str | Path, map_location="cpu"):
+    """Rebuild the trained model of a run folder or checkpoint file: fp32, eval mode.
+
+    >>> model = fastvae.load("runs/digits")      # doctest: +SKIP
+    >>> model.sample(16)                          # doctest: +SKIP
+    """
+    from fastvae.models import build_model
+
+    state = read_checkpoint(run_or_ckpt, map_location)
+    model = build_model(state["spec"])
+    load_model_state(model, state["model"], checkpoint_path(run_or_ckpt))
+    return model.float().eval()
+
+
+def load_model_state(model: torch.nn.Module, weights: dict, source) -> None:
+    """``load_state_dict`` with a clear error when the checkpoint is for another model shape."""
+    weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = [line.strip() for line in str(exc).splitlines() if line.strip()][1:3]
+        raise FastVAEError(
+            f"checkpoint {source} does not fit this model ({'; '.join(first)[:300]}): "
+            "use the same --model, --latent-dim, --hidden-dim and data as the run that wrote it"
+        ) from None

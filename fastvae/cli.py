@@ -1,0 +1,73 @@
+"""The ``fastvae`` command line: one sub-command per module in ``fastvae.commands``.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``; it imports torch and other heavy modules inside ``run`` only, so that
+``fastvae --help`` and ``fastvae sample`` start fast (the latter without torch).
+Every ``FastVAEError`` becomes one line on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fastvae import __version__
+from fastvae.errors import FastVAEError
+
+COMMANDS = {
+    "train": "fastvae.commands.train",
+    "evaluate": "fastvae.commands.evaluate",
+    "export": "fastvae.commands.export",
+    "sample": "fastvae.commands.sample",
+    "report": "fastvae.commands.report",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors name the command and say where to look for help."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fastvae",
+        description="Train variational autoencoders, evaluate them, export the decoder to ONNX "
+        "and sample from it on a CPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastvae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a command not built yet
+        command = sub.add_parser(
+            name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except FastVAEError as exc:
+        print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

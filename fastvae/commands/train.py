@@ -1,0 +1,106 @@
+"""``fastvae train``: train a VAE into a run folder."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train a VAE (or the MSE autoencoder baseline) into a run folder"
+DESCRIPTION = (
+    "Train a VAE on the bundled 8x8 digits or your own data, writing config.json, metrics.csv, "
+    "checkpoints/last.ckpt and pictures into --out. Settings come from the defaults, then "
+    "--config FILE, then the flags you give. With --resume, the run's own config.json is the base."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvae.config import ACCELERATORS, PRECISIONS, STRATEGIES, TrainConfig
+
+    d = TrainConfig()
+    a = parser.add_argument_group("data and model")
+    a.add_argument("--data", help=f"'digits' (bundled) or a path: MNIST IDX file or folder, .npy/.npz, "
+                   f"or a folder of images (default {d.data})")
+    a.add_argument("--model", choices=["mlp", "conv"], help=f"encoder/decoder family (default {d.model})")
+    a.add_argument("--kind", choices=["vae", "ae"], help="vae, or ae: the deterministic autoencoder "
+                   f"baseline trained with MSE (default {d.kind})")
+    a.add_argument("--latent-dim", type=int, help=f"size of z (default {d.latent_dim})")
+    a.add_argument("--hidden-dim", type=int, help=f"hidden layer width (default {d.hidden_dim})")
+    a.add_argument("--likelihood", choices=["bernoulli", "gaussian"],
+                   help=f"p(x|z): bernoulli (BCE on [0,1] pixels) or gaussian (default {d.likelihood})")
+    a.add_argument("--sigma", type=float, help=f"gaussian likelihood scale (default {d.sigma})")
+    a.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
+                   help="learn the gaussian scale (default off)")
+    o = parser.add_argument_group("optimization")
+    o.add_argument("--epochs", type=int, help=f"passes over the training split (default {d.epochs})")
+    o.add_argument("--batch-size", type=int, help=f"examples per step per device (default {d.batch_size})")
+    o.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    o.add_argument("--seed", type=int, help=f"random seed for weights, shuffling and noise (default {d.seed})")
+    o.add_argument("--beta", type=float, help=f"weight of the KL term, beta-VAE (default {d.beta})")
+    o.add_argument("--kl-warmup-steps", type=int,
+                   help=f"anneal the KL weight linearly from 0 to beta over N steps (default {d.kl_warmup_steps})")
+    o.add_argument("--free-bits", type=float, help=f"free bits in nats per latent dim, 0 = off (default {d.free_bits})")
+    o.add_argument("--on-nonfinite", choices=["stop", "skip"],
+                   help=f"on a NaN/Inf loss, stop (keeping the last checkpoint) or skip the step (default {d.on_nonfinite})")
+    h = parser.add_argument_group("hardware (passed to Lightning Fabric)")
+    h.add_argument("--accelerator", choices=ACCELERATORS, help=f"(default {d.accelerator})")
+    h.add_argument("--devices", type=int, help=f"devices (processes) per node (default {d.devices})")
+    h.add_argument("--num-nodes", type=int, help=f"number of machines (default {d.num_nodes})")
+    h.add_argument("--strategy", choices=STRATEGIES, help=f"(default {d.strategy})")
+    h.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
+    h.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default off)")
+    h.add_argument("--reparam", choices=["auto", "torch", "triton"],
+                   help="reparameterize+KL: fused Triton kernel on CUDA (auto), or force one (default auto)")
+    r = parser.add_argument_group("run folder")
+    r.add_argument("--out", help=f"run folder to write (default {d.out})")
+    r.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings (keys as in config.json)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    r.add_argument("--iwae-k", type=int, help="after training, evaluate the IWAE bound with K samples (0 = skip)")
+    r.add_argument("--no-pictures", dest="pictures", action="store_false", default=None,
+                   help="do not write PNG pictures")
+    r.add_argument("--quiet", dest="progress", action="store_false", default=None,
+                   help="no progress bar or per-epoch lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    from fastvae.config import TrainConfig, load_config_file
+    from fastvae.errors import FastVAEError
+
+    names = [f.name for f in fields(TrainConfig)]
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    values: dict = {}
+    if args.config:
+        values.update(load_config_file(args.config))
+    if args.resume:
+        out = Path(given.get("out") or values.get("out") or TrainConfig().out)
+        saved = out / "config.json"
+        if not saved.is_file():
+            raise FastVAEError(f"cannot resume: {saved} does not exist; train into {out} first")
+        values = {**load_config_file(saved), **values}
+    values.update(given)
+    config = TrainConfig.from_dict(values, source=args.config or "settings").validate()
+
+    from fastvae.train import train
+
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if result is None:  # not global rank 0
+        return 0
+    if result.interrupted:
+        return 130
+    last = result.metrics[-1] if result.metrics else {}
+    summary = {"run": str(result.run_dir), "epochs": result.epochs, "steps": result.steps,
+               **{k: v for k, v in last.items() if k.startswith(("train_", "test_"))}}
+    if config.iwae_k > 0:
+        from fastvae.checkpoint import load
+        from fastvae.data import load_dataset
+        from fastvae.evaluate import evaluate
+
+        summary.update({f"test_{k}": v for k, v in evaluate(
+            load(result.run_dir), load_dataset(config.data).test, iwae_k=config.iwae_k,
+            seed=config.seed, progress=config.progress).items()})
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,144 @@
+"""``TrainConfig``: every setting of a training run, validated, saved as ``config.json``.
+
+A run is repeatable from its ``config.json`` alone (``fastvae train --config RUN/config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from fastvae.errors import FastVAEError
+
+PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "dp", "single_device")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run. Defaults are the digits protocol of the README."""
+
+    data: str = "digits"
+    model: str = "mlp"  # mlp | conv
+    kind: str = "vae"  # vae | ae (the deterministic MSE baseline)
+    latent_dim: int = 8
+    hidden_dim: int = 512
+    likelihood: str = "bernoulli"  # bernoulli | gaussian
+    sigma: float = 0.1  # gaussian likelihood scale (initial value when learn_sigma)
+    learn_sigma: bool = False
+    epochs: int = 50
+    batch_size: int = 64  # per device; the global batch is batch_size * devices * num_nodes
+    lr: float = 1e-3
+    seed: int = 0
+    out: str = "runs/run"
+    beta: float = 1.0
+    kl_warmup_steps: int = 0  # linear KL annealing from 0 to beta over this many steps
+    free_bits: float = 0.0  # nats per latent dim; 0 disables
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    compile: bool = False
+    reparam: str = "auto"  # auto (fused kernel on CUDA) | torch | triton
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss does
+    iwae_k: int = 0  # >0: evaluate the IWAE bound with K samples after training
+    pictures: bool = True
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """Raise ``FastVAEError`` naming the first bad setting and what to use instead."""
+        positive = ("latent_dim", "hidden_dim", "epochs", "batch_size", "devices", "num_nodes")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise FastVAEError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        checks = {
+            "lr": self.lr > 0,
+            "sigma": self.sigma > 0,
+            "beta": self.beta >= 0,
+            "free_bits": self.free_bits >= 0,
+            "kl_warmup_steps": self.kl_warmup_steps >= 0,
+            "iwae_k": self.iwae_k >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                sign = "positive" if name in ("lr", "sigma") else "zero or positive"
+                raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
+        choices = {
+            "model": ("mlp", "conv"),
+            "kind": ("vae", "ae"),
+            "likelihood": ("bernoulli", "gaussian"),
+            "precision": PRECISIONS,
+            "strategy": STRATEGIES,
+            "accelerator": ACCELERATORS,
+            "reparam": ("auto", "torch", "triton"),
+            "on_nonfinite": ("stop", "skip"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise FastVAEError(
+                    f"--{_flag(name)} {getattr(self, name)!r} is not supported: use one of "
+                    + ", ".join(allowed)
+                )
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def model_spec(self, data_shape: tuple[int, ...]) -> dict:
+        """The plain dict ``fastvae.models.build_model`` takes."""
+        keys = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "sigma", "learn_sigma")
+        return {"data_shape": list(data_shape), **{k: getattr(self, k) for k in keys}}
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise FastVAEError(
+                f"{source}: unknown setting(s) {', '.join(unknown)}; known settings are "
+                + ", ".join(known)
+            )
+        typed = {}
+        for name, value in values.items():
+            typed[name] = _coerce(name, value, type(getattr(cls(), name)), source)
+        return cls(**typed)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a JSON or TOML config file into a dict, with one clear error for each problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastVAEError(f"config file {path} does not exist: give a .json or .toml file")
+    try:
+        text = path.read_text()
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise FastVAEError(f"config file {path} could not be read: {exc}") from None
+    if not isinstance(values, dict):
+        raise FastVAEError(f"config file {path} must hold one object of settings, not {type(values).__name__}")
+    return values
+
+
+def _coerce(name: str, value, kind: type, source: str):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise FastVAEError(f"{source}: setting {name!r} must be a {kind.__name__}, got {value!r}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

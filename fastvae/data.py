@@ -1,0 +1,302 @@
+"""Datasets as float32 tensors (N, C, H, W) in [0, 1], split into train and test.
+
+Sources (``load_dataset(source)``):
+- ``digits``: scikit-learn's bundled 8x8 digits / 16; train = rows 0-1499, test = 1500-1796.
+- an MNIST-format IDX file (raw or .gz), or a folder holding the usual
+  ``train-images-idx3-ubyte`` / ``t10k-images-idx3-ubyte`` (+ labels) names;
+- ``.npy`` (N, H, W), (N, C, H, W) or (N, D); ``.npz`` with ``train``/``test`` (or Keras-style
+  ``x_train``/``x_test``, labels ``y_*``/``*_labels``) or a single array;
+- a folder of images (PNG/JPEG/BMP/GIF, grayscale, one size; subfolders name the labels).
+Where a source has no split of its own, the last 10% of rows (at least one) are the test set,
+without shuffling, so results are repeatable. Every problem raises ``FastVAEError`` naming the
+file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastvae.errors import FastVAEError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    "train_labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+}
+
+
+@dataclass
+class Splits:
+    """Train and test images (float32, (N, C, H, W), in [0, 1]) and optional int64 labels."""
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.shape[1:])
+
+
+def load_dataset(source: str | Path = "digits") -> Splits:
+    """Load ``digits`` or a path (IDX file/folder, .npy, .npz, image folder), validated."""
+    if str(source) == "digits":
+        return _digits()
+    path = Path(source)
+    if not path.exists():
+        raise FastVAEError(
+            f"data {path} does not exist: give 'digits' or a path to an MNIST IDX file or folder, "
+            ".npy/.npz, or a folder of images"
+        )
+    if path.is_dir():
+        if _find_idx(path, "train") is not None:
+            return _idx_folder(path)
+        return _image_folder(path)
+    if path.stat().st_size == 0:
+        raise FastVAEError(f"data file {path} is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return _split(path.name, _load_array(path), None, path)
+    if suffix == ".npz":
+        return _npz(path)
+    if suffix in IMAGE_SUFFIXES:
+        raise FastVAEError(f"data {path} is a single image: give the folder that holds the images")
+    return _split(path.name, read_idx(path), None, path)
+
+
+def _digits() -> Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    return Splits("digits", images[:1500], images[1500:], labels[:1500], labels[1500:])
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (raw or gzip): magic 0x00 0x00 dtype ndim, big-endian sizes, data."""
+    try:
+        opener = gzip.open if _is_gzip(path) else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise FastVAEError(f"data file {path} could not be read: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise FastVAEError(
+            f"data file {path} is not an IDX file (bad magic number {raw[:4].hex() or 'none'}): "
+            "give MNIST-format IDX files, .npy/.npz, or a folder of images"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise FastVAEError(f"data file {path} has a truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise FastVAEError(
+            f"data file {path} is truncated or has the wrong sizes: header says {shape} "
+            f"({expected} bytes of data), file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _find_idx(folder: Path, key: str) -> Path | None:
+    for name in IDX_NAMES[key]:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _idx_folder(folder: Path) -> Splits:
+    parts = {key: _find_idx(folder, key) for key in IDX_NAMES}
+    if parts["test"] is None:
+        raise FastVAEError(
+            f"data folder {folder} has {parts['train'].name} but no t10k-images-idx3-ubyte[.gz]: "
+            "add the test file, or give the single train file as --data to split it"
+        )
+    train, test = (_as_images(read_idx(parts[k]), parts[k]) for k in ("train", "test"))
+    labels = {}
+    for key, images in (("train_labels", train), ("test_labels", test)):
+        labels[key] = _labels(read_idx(parts[key]), len(images), parts[key]) if parts[key] else None
+    _check_same_shape(train, test, folder)
+    return Splits(folder.name, train, test, labels["train_labels"], labels["test_labels"])
+
+
+def _npz(path: Path) -> Splits:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except Exception as exc:  # zipfile/pickle/format errors all mean the same thing to a user
+        raise FastVAEError(f"data file {path} is not a readable .npz archive: {exc}") from None
+    for train_key, test_key, ytr, yte in (
+        ("train", "test", "train_labels", "test_labels"),
+        ("x_train", "x_test", "y_train", "y_test"),
+    ):
+        if train_key in arrays and test_key in arrays:
+            train = _as_images(arrays[train_key], path, train_key)
+            test = _as_images(arrays[test_key], path, test_key)
+            _check_same_shape(train, test, path)
+            train_labels = _labels(arrays[ytr], len(train), path, ytr) if ytr in arrays else None
+            test_labels = _labels(arrays[yte], len(test), path, yte) if yte in arrays else None
+            return Splits(path.name, train, test, train_labels, test_labels)
+    if len(arrays) == 1:
+        (key, array), = arrays.items()
+        return _split(path.name, array, None, path, key)
+    raise FastVAEError(
+        f"data file {path} holds arrays {sorted(arrays)}: use keys 'train' and 'test' "
+        "(or 'x_train' and 'x_test'), or save a single array"
+    )
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise FastVAEError(f"data file {path} is not a readable .npy array: {exc}") from None
+
+
+def _image_folder(folder: Path) -> Splits:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FastVAEError(
+            f"data folder {folder} holds no images (.png, .jpg, .bmp, .gif) and no MNIST IDX files"
+        )
+    from PIL import Image, UnidentifiedImageError
+
+    arrays = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                arrays.append(np.asarray(img.convert("L"), dtype=np.uint8))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise FastVAEError(f"image {file} could not be read: {exc}") from None
+        if arrays[-1].shape != arrays[0].shape:
+            raise FastVAEError(
+                f"image {file} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {files[0]} is "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}: all images must have one size"
+            )
+    classes = sorted({f.parent for f in files})
+    labels = None
+    if len(classes) > 1:
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[f.parent] for f in files], dtype=np.int64)
+    return _split(folder.name, np.stack(arrays), labels, folder)
+
+
+def _split(name: str, array: np.ndarray, labels, path: Path, key: str | None = None) -> Splits:
+    """Hold out the last 10% of rows (at least one) as the test set, without shuffling."""
+    images = _as_images(array, path, key)
+    n = len(images)
+    if n < 2:
+        raise FastVAEError(f"data {path} has {n} example(s): need at least 2 (train and test)")
+    n_test = max(1, round(0.1 * n))
+    label_t = None if labels is None else torch.from_numpy(labels)
+    return Splits(
+        name, images[:-n_test], images[-n_test:],
+        None if label_t is None else label_t[:-n_test], None if label_t is None else label_t[-n_test:],
+    )
+
+
+def _as_images(array: np.ndarray, path: Path, key: str | None = None) -> torch.Tensor:
+    """Validate and convert to float32 (N, C, H, W) in [0, 1]."""
+    where = f"{path}" + (f" ['{key}']" if key else "")
+    array = np.asarray(array)
+    if array.dtype == np.bool_:
+        array = array.astype(np.float32)
+    elif array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise FastVAEError(f"data {where} contains NaN or Inf values: clean or drop those rows")
+        lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:
+            raise FastVAEError(
+                f"data {where} has values in [{lo:g}, {hi:g}]: float data must lie in [0, 1] "
+                "(divide 0-255 pixels by 255, or save them as uint8)"
+            )
+    else:
+        raise FastVAEError(
+            f"data {where} has dtype {array.dtype}: use uint8 pixels (0-255) or floats in [0, 1]"
+        )
+    if array.ndim == 2:
+        array = array[:, None, None, :]
+    elif array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim != 4 or array.shape[1] not in (1, 3):
+        raise FastVAEError(
+            f"data {where} has shape {array.shape}: use (N, H, W), (N, C, H, W) with C 1 or 3, "
+            "or (N, D)"
+        )
+    if array.shape[0] == 0 or math.prod(array.shape[1:]) == 0:
+        raise FastVAEError(f"data {where} is empty (shape {array.shape})")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _labels(array: np.ndarray, n: int, path: Path, key: str | None = None) -> torch.Tensor:
+    where = f"{path}" + (f" ['{key}']" if key else "")
+    array = np.asarray(array)
+    if array.ndim != 1 or len(array) != n or not np.issubdtype(array.dtype, np.integer):
+        raise FastVAEError(
+            f"labels {where} must be {n} integers (one per image), got shape {array.shape} "
+            f"and dtype {array.dtype}"
+        )
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _check_same_shape(train: torch.Tensor, test: torch.Tensor, path: Path) -> None:
+    if train.shape[1:] != test.shape[1:]:
+        raise FastVAEError(
+            f"data {path}: train images are {tuple(train.shape[1:])} but test images are "
+            f"{tuple(test.shape[1:])}: both splits need one shape"
+        )
+
+
+class EpochBatches:
+    """Shuffled mini-batches of a tensor for one epoch, sharded across ranks.
+
+    The permutation depends only on (seed, epoch), so every rank draws the same one; rank r takes
+    positions r, r + W, r + 2W, ... (padded by wrap-around to equal length, as
+    ``DistributedSampler`` does), so W ranks with batch B/W see exactly the rows of one process
+    with batch B. Slicing a tensor beats a DataLoader's per-item collate on small images.
+    """
+
+    def __init__(self, data: torch.Tensor, batch_size: int, *, seed: int, epoch: int,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        n = len(data)
+        if shuffle:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        per_rank = math.ceil(n / world_size)
+        if per_rank * world_size > n:
+            order = torch.cat([order, order[: per_rank * world_size - n]])
+        self.indices = order[rank::world_size]
+        self.data = data
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            yield self.data[self.indices[start : start + self.batch_size]]

@@ -1,0 +1,66 @@
+"""Closed-form KL divergences and Gaussian log-densities.
+
+All KLs are per batch element: summed over the latent (event) dimension, any leading batch
+shape kept. They match ``torch.distributions.kl_divergence`` for the same distributions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) = 0.5 * sum(mu^2 + s2 - 1 - log s2)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1)
+
+
+def kl_diag_normals(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mu_q, diag s2_q) || N(mu_p, diag s2_p)).
+
+    = 0.5 * sum(logvar_p - logvar_q + (s2_q + (mu_q - mu_p)^2) / s2_p - 1)
+    """
+    ratio = (logvar_q - logvar_p).exp()
+    mahalanobis = (mu_q - mu_p).pow(2) * (-logvar_p).exp()
+    return 0.5 * (ratio + mahalanobis - 1.0 - (logvar_q - logvar_p)).sum(dim=-1)
+
+
+def kl_mvn(
+    mu_q: torch.Tensor, cov_q: torch.Tensor, mu_p: torch.Tensor, cov_p: torch.Tensor
+) -> torch.Tensor:
+    """KL between full-covariance normals, batched, via Cholesky factors (no explicit inverse).
+
+    KL(N1||N2) = 0.5 [ log(|S2|/|S1|) - d + tr(S2^-1 S1) + (mu2-mu1)^T S2^-1 (mu2-mu1) ]
+
+    ``mu_*`` have shape (..., d) and ``cov_*`` (..., d, d); leading shapes broadcast.
+    """
+    d = mu_q.shape[-1]
+    l_q = torch.linalg.cholesky(cov_q)
+    l_p = torch.linalg.cholesky(cov_p)
+    batch = torch.broadcast_shapes(l_q.shape[:-2], l_p.shape[:-2], mu_q.shape[:-1], mu_p.shape[:-1])
+    l_q = l_q.expand(*batch, d, d)
+    l_p = l_p.expand(*batch, d, d)
+    diff = (mu_p - mu_q).expand(*batch, d).unsqueeze(-1)
+    # tr(S2^-1 S1) = ||L2^-1 L1||_F^2 ; Mahalanobis = ||L2^-1 (mu2 - mu1)||^2
+    m = torch.linalg.solve_triangular(l_p, l_q, upper=False)
+    y = torch.linalg.solve_triangular(l_p, diff, upper=False)
+    trace = m.pow(2).sum(dim=(-2, -1))
+    mahalanobis = y.pow(2).sum(dim=(-2, -1))
+    half_logdet_p = l_p.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    half_logdet_q = l_q.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (trace + mahalanobis - d) + half_logdet_p - half_logdet_q
+
+
+def diag_normal_log_prob(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(x; mu, diag exp(logvar)), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + logvar + (x - mu).pow(2) * (-logvar).exp()).sum(dim=-1)
+
+
+def standard_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
+    """log N(x; 0, I), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + x.pow(2)).sum(dim=-1)

@@ -1,0 +1,121 @@
+"""Likelihoods p(x|z), the ELBO and its training variants (beta, KL annealing, free bits), IWAE.
+
+Conventions: every log-likelihood is summed over pixels (nats per example); batch averaging is
+left to the caller. loss = -ELBO = recon + kl, with recon = -log p(x|z).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvae.distributions import LOG_2PI, diag_normal_log_prob, standard_normal_log_prob
+
+
+def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) = -BCE(sigmoid(logits), x) summed over pixels; x may be continuous in [0, 1]."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
+    return -bce.flatten(1).sum(-1)
+
+
+def gaussian_log_likelihood(mean: torch.Tensor, x: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, sigma^2) summed over pixels, sigma = exp(log_scale) (broadcast)."""
+    mean, x = mean.float(), x.float()
+    log_scale = log_scale.float()
+    ll = -0.5 * LOG_2PI - log_scale - 0.5 * ((x - mean) * torch.exp(-log_scale)).pow(2)
+    return ll.flatten(1).sum(-1)
+
+
+class Likelihood(nn.Module):
+    """p(x|z) given the decoder's output parameters.
+
+    ``bernoulli``: the decoder outputs logits; mean = sigmoid(logits).
+    ``gaussian``: the decoder outputs means; sigma is fixed (``sigma``) or, with
+    ``learn_sigma=True``, one learned log-scale shared by all pixels.
+    """
+
+    def __init__(self, kind: str = "bernoulli", sigma: float = 0.1, learn_sigma: bool = False):
+        super().__init__()
+        if kind not in ("bernoulli", "gaussian"):
+            raise ValueError(f"unknown likelihood {kind!r}: use 'bernoulli' or 'gaussian'")
+        self.kind = kind
+        log_scale = torch.tensor(math.log(sigma))
+        if kind == "gaussian" and learn_sigma:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "bernoulli":
+            return bernoulli_log_likelihood(params, x)
+        return gaussian_log_likelihood(params, x, self.log_scale)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(params) if self.kind == "bernoulli" else params
+
+
+@dataclass
+class ElboTerms:
+    """Batch-averaged terms in nats per example. ``loss`` is what the optimizer minimizes."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+
+    @property
+    def neg_elbo(self) -> torch.Tensor:
+        return self.recon + self.kl
+
+
+def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
+    """Linear KL annealing: beta * min(1, step / warmup_steps); plain beta without warm-up."""
+    if warmup_steps <= 0:
+        return beta
+    return beta * min(1.0, step / warmup_steps)
+
+
+def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Free bits (Kingma et al. 2016): sum_d max(lambda, E_batch[KL_d]), a scalar.
+
+    ``kl_per_dim`` has shape (batch, latent_dim); ``free_bits`` = lambda in nats per dim.
+    """
+    return torch.clamp(kl_per_dim.mean(0), min=free_bits).sum()
+
+
+def elbo_terms(
+    recon_ll: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    kl_per_dim: torch.Tensor | None = None,
+    free_bits: float = 0.0,
+) -> ElboTerms:
+    """Combine per-example log p(x|z) and KL into the training loss and the reported -ELBO terms.
+
+    loss = recon + beta * KL, where KL becomes the free-bits KL when ``free_bits > 0``.
+    """
+    recon = -recon_ll.mean()
+    kl_mean = kl.mean()
+    kl_term = kl_mean
+    if free_bits > 0:
+        if kl_per_dim is None:
+            raise ValueError("free bits need the per-dimension KL")
+        kl_term = free_bits_kl(kl_per_dim, free_bits)
+    return ElboTerms(loss=recon + beta * kl_term, recon=recon.detach(), kl=kl_mean.detach())
+
+
+def iwae_log_weights(
+    recon_ll: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+) -> torch.Tensor:
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), for samples z of shape (K, B, D)."""
+    return recon_ll + standard_normal_log_prob(z) - diag_normal_log_prob(z, mu, logvar)
+
+
+def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
+    """log p(x) >= logsumexp_k(log w_k) - log K over the first dimension (K samples)."""
+    k = log_weights.shape[0]
+    return torch.logsumexp(log_weights, dim=0) - math.log(k)

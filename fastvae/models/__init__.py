@@ -1,0 +1,48 @@
+"""Models: MLP and conv encoders/decoders, the ``VAE`` module, the stacked-autoencoder baseline.
+
+``build_model(spec)`` turns a plain dict (stored in every checkpoint) into a module:
+``{"model": "mlp"|"conv", "kind": "vae"|"ae", "data_shape": [C, H, W], "latent_dim": 8,
+"hidden_dim": 512, "likelihood": "bernoulli"|"gaussian", "sigma": 0.1, "learn_sigma": False}``.
+"""
+
+from __future__ import annotations
+
+from fastvae.models.conv import ConvDecoder, ConvEncoder
+from fastvae.models.mlp import MLPDecoder, MLPEncoder
+from fastvae.models.vae import VAE, StackedAutoencoder, VAEOutput
+
+ARCHITECTURES = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
+
+DEFAULT_SPEC = {
+    "model": "mlp",
+    "kind": "vae",
+    "latent_dim": 8,
+    "hidden_dim": 512,
+    "likelihood": "bernoulli",
+    "sigma": 0.1,
+    "learn_sigma": False,
+}
+
+
+def build_model(spec: dict) -> VAE | StackedAutoencoder:
+    """Build a fresh model from a spec dict (missing keys take ``DEFAULT_SPEC`` values)."""
+    from fastvae.losses import Likelihood
+
+    spec = {**DEFAULT_SPEC, **spec}
+    if spec["model"] not in ARCHITECTURES:
+        raise ValueError(f"unknown model {spec['model']!r}: use one of {sorted(ARCHITECTURES)}")
+    encoder_cls, decoder_cls = ARCHITECTURES[spec["model"]]
+    shape = tuple(int(s) for s in spec["data_shape"])
+    spec["data_shape"] = list(shape)
+    args = (shape, int(spec["hidden_dim"]), int(spec["latent_dim"]))
+    encoder, decoder = encoder_cls(*args), decoder_cls(*args)
+    if spec["kind"] == "ae":
+        return StackedAutoencoder(encoder, decoder, spec)
+    likelihood = Likelihood(spec["likelihood"], float(spec["sigma"]), bool(spec["learn_sigma"]))
+    return VAE(encoder, decoder, likelihood, spec)
+
+
+__all__ = [
+    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "VAE", "VAEOutput", "StackedAutoencoder",
+    "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder",
+]

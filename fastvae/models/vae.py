@@ -1,0 +1,115 @@
+"""The VAE module and the deterministic stacked autoencoder baseline (MSE cost)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastvae.losses import ElboTerms, Likelihood, elbo_terms
+from fastvae.reparam import Backend, reparameterize_kl
+
+
+@dataclass
+class VAEOutput:
+    params: torch.Tensor  # decoder output: logits (bernoulli) or means (gaussian), data-shaped
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor
+    kl: torch.Tensor  # KL(q(z|x) || N(0, I)) per example
+
+
+class VAE(nn.Module):
+    """Encoder q(z|x) = N(mu(x), diag exp(logvar(x))), prior N(0, I), decoder p(x|z).
+
+    ``spec`` is the plain dict the model was built from (see ``fastvae.models.build_model``),
+    stored in checkpoints so a run folder rebuilds its model without any other information.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, spec: dict):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.spec = dict(spec)
+        self.latent_dim = int(spec["latent_dim"])
+        self.data_shape = tuple(spec["data_shape"])
+        self.reparam_backend: Backend = "auto"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def posterior(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+        """Encode, draw z ~ q(z|x) with its KL, decode: everything the bounds need."""
+        mu, logvar = self.encode(x)
+        z, kl = reparameterize_kl(mu, logvar, generator, backend=self.reparam_backend)
+        return VAEOutput(self.decode(z), mu, logvar, z, kl)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        beta: float = 1.0,
+        free_bits: float = 0.0,
+    ) -> ElboTerms:
+        """The training objective and -ELBO terms for one batch (nats per example).
+
+        ``forward`` is the loss so that strategy wrappers (DDP, FSDP) and ``torch.compile``
+        see the whole step; use ``encode``/``decode``/``posterior`` for inference.
+        """
+        out = self.posterior(x, generator)
+        recon_ll = self.likelihood.log_prob(out.params, x)
+        kl_per_dim = None
+        if free_bits > 0:
+            mu, logvar = out.mu.float(), out.logvar.float()
+            kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+        return elbo_terms(recon_ll, out.kl, beta=beta, kl_per_dim=kl_per_dim, free_bits=free_bits)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Means of p(x|z) for n draws z ~ N(0, I), shaped (n, *data_shape)."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Means of p(x|z = mu(x)): the deterministic reconstruction."""
+        mu, _ = self.encode(x)
+        return self.likelihood.mean(self.decode(mu))
+
+
+class StackedAutoencoder(nn.Module):
+    """The notes' starting point: a deterministic encoder/decoder trained with MSE.
+
+    loss = mean over the batch of sum over pixels of (sigmoid(decoder(encoder(x))) - x)^2.
+    The encoder's mu head is the code; its logvar half is ignored.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, spec: dict):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.spec = dict(spec)
+        self.latent_dim = int(spec["latent_dim"])
+        self.data_shape = tuple(spec["data_shape"])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)[0]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(z))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def forward(self, x: torch.Tensor, generator=None, **_) -> ElboTerms:
+        """MSE objective: mean over the batch of the per-example sum of squared errors."""
+        mse = (self.reconstruct(x) - x).pow(2).flatten(1).sum(-1).mean()
+        zero = torch.zeros((), device=x.device)
+        return ElboTerms(loss=mse, recon=mse.detach(), kl=zero)

@@ -1,0 +1,500 @@
+"""One page about a run: its settings, test-set metrics, latent usage, pictures and timing.
+
+``write_report(run_dir)`` loads the run's model (``fastvae.load``) and data (the run's
+``config.json`` ``data`` setting), evaluates -ELBO, the IWAE bound, reconstruction and KL
+(``fastvae.evaluate.evaluate``), computes the KL of every latent dimension and the active units
+(``latent_stats``), draws the pictures that are missing (``fastvae.viz.write_run_pictures``) and
+writes ``RUN/report.md`` (or an HTML page) that links them.
+
+Active units (Burda et al. 2016, "Importance Weighted Autoencoders"): latent dimension u is active
+when A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01, i.e. when the posterior mean of z_u moves with x.
+KL per dimension: the test-set mean of 0.5 (mu_u^2 + exp(logvar_u) - 1 - logvar_u); the dims sum to
+the KL term of the -ELBO.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html as _html
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from fastvae.errors import FastVAEError
+
+ACTIVE_THRESHOLD = 0.01
+DEFAULT_IWAE_K = 1000
+
+# Metric keys of ``fastvae.evaluate.evaluate`` shown first, with their names and meanings.
+KNOWN_METRICS = {
+    "neg_elbo": ("-ELBO", "upper bound on -log p(x): reconstruction + KL"),
+    "iwae_nll": ("IWAE NLL", "tighter upper bound on -log p(x) (importance weighted, K samples)"),
+    "recon": ("reconstruction", "-E_q[log p(x|z)]"),
+    "kl": ("KL", "KL(q(z|x) || p(z))"),
+    "mse": ("MSE", "squared error summed over pixels"),
+}
+
+
+# --------------------------------------------------------------------------- latent statistics
+
+
+def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_size: int = 1024) -> dict:
+    """Per-dimension latent usage on the images ``x`` (N, C, H, W).
+
+    Returns ``activity`` (A_u = Cov_x(E_q[z_u]), the variance over x of the posterior mean, one
+    float per dim), ``active_units`` (how many A_u exceed ``threshold``), ``latent_dim``,
+    ``threshold`` and, for a VAE, ``kl_per_dim`` (test-set mean of
+    0.5 (mu^2 + exp(logvar) - 1 - logvar) per dim). For the deterministic autoencoder the code
+    plays the role of the mean and ``kl_per_dim`` is None.
+    """
+    import torch
+
+    x = torch.as_tensor(x)
+    if len(x) < 2:
+        raise FastVAEError(f"latent statistics need at least 2 test images, got {len(x)}")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    was_training = model.training
+    model.eval()
+    n = 0
+    mu_sum = mu_sq = kl_sum = None
+    try:
+        with torch.no_grad():
+            for chunk in x.split(batch_size):
+                out = model.encode(chunk.to(device=device, dtype=dtype))
+                mu, logvar = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+                mu = mu.double().cpu()
+                mu_sum = mu.sum(0) if mu_sum is None else mu_sum + mu.sum(0)
+                mu_sq = mu.pow(2).sum(0) if mu_sq is None else mu_sq + mu.pow(2).sum(0)
+                if logvar is not None:
+                    logvar = logvar.double().cpu()
+                    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+                    kl_sum = kl.sum(0) if kl_sum is None else kl_sum + kl.sum(0)
+                n += len(mu)
+    finally:
+        model.train(was_training)
+    mean = mu_sum / n
+    activity = (mu_sq / n - mean.pow(2)).clamp_min(0.0)  # population variance of E_q[z_u]
+    return {
+        "latent_dim": int(activity.numel()),
+        "threshold": float(threshold),
+        "activity": [float(a) for a in activity],
+        "active_units": int((activity > threshold).sum()),
+        "kl_per_dim": None if kl_sum is None else [float(k) for k in kl_sum / n],
+    }
+
+
+# --------------------------------------------------------------------------- run folder reading
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The run's ``config.json`` (falls back to the settings stored in the checkpoint)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if path.is_file():
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FastVAEError(f"{path} could not be read ({exc}): repair it or delete it to use the checkpoint's copy") from None
+        if not isinstance(values, dict):
+            raise FastVAEError(f"{path} must hold one object of settings")
+        return values
+    from fastvae.checkpoint import read_checkpoint
+
+    return dict(read_checkpoint(run_dir).get("config") or {})
+
+
+def timing_summary(columns: dict[str, list[float]]) -> dict:
+    """Epochs, steps and epoch times from ``metrics.csv`` columns (see ``fastvae.viz.read_metrics``)."""
+    out: dict[str, Any] = {}
+    epochs = [e for e in columns.get("epoch", []) if math.isfinite(e)]
+    if not epochs:
+        return out
+    out["epochs"] = int(max(epochs))
+    steps = [s for s in columns.get("step", []) if math.isfinite(s)]
+    if steps:
+        out["steps"] = int(max(steps))
+    times = [t for t in columns.get("epoch_time_s", []) if math.isfinite(t)]
+    if times:
+        out["total_time_s"] = sum(times)
+        out["mean_epoch_time_s"] = sum(times) / len(times)
+        out["first_epoch_time_s"] = times[0]
+        if len(times) > 1:
+            out["mean_epoch_time_after_first_s"] = sum(times[1:]) / (len(times) - 1)
+    last = {}
+    for name, values in columns.items():
+        finite = [v for v in values if math.isfinite(v)]
+        if name not in ("epoch", "step", "epoch_time_s") and finite:
+            last[name] = finite[-1]
+    out["last"] = last
+    return out
+
+
+# --------------------------------------------------------------------------- page blocks
+
+
+class Page:
+    """A tiny document model (headings, paragraphs, tables, images) rendered as Markdown or
+    HTML. Inline ``code`` spans in backticks are the only inline markup."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.blocks: list[tuple] = []
+
+    def h(self, text: str, level: int = 2):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str):
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list[Any]], align: str | None = None):
+        self.blocks.append(("table", header, [[_cell(c) for c in row] for row in rows], align))
+
+    def img(self, alt: str, src: str):
+        self.blocks.append(("img", alt, src))
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", ""]
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "h":
+                lines += ["#" * block[1] + " " + block[2], ""]
+            elif kind == "p":
+                lines += [block[1], ""]
+            elif kind == "table":
+                _, header, rows, align = block
+                align = align or "l" + "r" * (len(header) - 1)
+                lines.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
+                lines.append("|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|")
+                lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+                lines.append("")
+            elif kind == "img":
+                lines += [f"![{block[1]}]({_md_url(block[2])})", ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def html(self) -> str:
+        body = [f"<h1>{_inline_html(self.title)}</h1>"]
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "h":
+                body.append(f"<h{block[1]}>{_inline_html(block[2])}</h{block[1]}>")
+            elif kind == "p":
+                body.append(f"<p>{_inline_html(block[1])}</p>")
+            elif kind == "table":
+                _, header, rows, align = block
+                align = align or "l" + "r" * (len(header) - 1)
+                style = ['' if a == "l" else ' class="num"' for a in align]
+                body.append("<table>")
+                body.append("<tr>" + "".join(f"<th{s}>{_inline_html(h)}</th>" for h, s in zip(header, style)) + "</tr>")
+                for row in rows:
+                    body.append("<tr>" + "".join(f"<td{s}>{_inline_html(c)}</td>" for c, s in zip(row, style)) + "</tr>")
+                body.append("</table>")
+            elif kind == "img":
+                src = _html.escape(block[2], quote=True)
+                body.append(f'<p><img src="{src}" alt="{_html.escape(block[1], quote=True)}"></p>')
+        css = (
+            "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse;margin:0.5em 0 1em}"
+            "th,td{border:1px solid #ccc;padding:0.2em 0.6em;text-align:left}"
+            "td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}"
+            "code{background:#f4f4f4;padding:0 0.2em}img{max-width:100%;image-rendering:pixelated}"
+        )
+        return (
+            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_html.escape(self.title)}</title>\n<style>{css}</style>\n</head>\n<body>\n"
+            + "\n".join(body)
+            + "\n</body>\n</html>\n"
+        )
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, (dict, list, tuple)):
+        return "`" + json.dumps(value) + "`"
+    return str(value)
+
+
+def _num(value: float) -> str:
+    """Four decimals; scientific notation for very large or small magnitudes."""
+    if not math.isfinite(value):
+        return str(value)
+    if value != 0 and (abs(value) >= 1e7 or abs(value) < 1e-4):
+        return f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_url(src: str) -> str:
+    return src.replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+
+
+def _inline_html(text: str) -> str:
+    parts = re.split(r"`([^`]*)`", str(text))
+    return "".join(
+        f"<code>{_html.escape(p)}</code>" if i % 2 else _html.escape(p) for i, p in enumerate(parts)
+    )
+
+
+def _seconds(s: float) -> str:
+    if s >= 120:
+        return f"{s / 60:.1f} min ({s:.0f} s)"
+    return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
+
+
+# --------------------------------------------------------------------------- the report
+
+
+PICTURE_CAPTIONS = {
+    "samples.png": ("Samples", "Means of p(x|z) for 64 draws z ~ N(0, I)."),
+    "reconstructions.png": (
+        "Reconstructions",
+        "32 test images (top four rows) and the means of p(x|z = mu(x)) below them, in the same order.",
+    ),
+    "interpolation.png": (
+        "Latent interpolation",
+        "Each row: a test image, 10 decodings along the straight line between the two images' "
+        "latent means, the second test image.",
+    ),
+    "latent_scatter.png": ("Latent space", "Latent means of the test images, coloured by label."),
+    "loss_curves.png": ("Loss curves", "Per-epoch averages from `metrics.csv` (nats per example)."),
+}
+
+
+def build_page(
+    run_dir: Path,
+    out: Path,
+    config: dict,
+    metrics: dict,
+    stats: dict | None,
+    timing: dict,
+    pictures: list[Path],
+    *,
+    iwae_k: int,
+    n_test: int | None = None,
+    data_shape: tuple | None = None,
+    model_kind: str = "vae",
+) -> Page:
+    """Lay out the report (config, metrics, latent usage, pictures, timing)."""
+    from fastvae import __version__
+
+    page = Page(f"fastvae run report: {run_dir.resolve().name}")
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    summary = [f"Run folder `{run_dir}`"]
+    if config:
+        summary.append(
+            f"data `{config.get('data', '?')}`"
+            + (f" ({n_test} test images of shape {'x'.join(map(str, data_shape))})" if n_test and data_shape else "")
+        )
+        model = f"{config.get('model', '?')} {'VAE' if model_kind == 'vae' else 'autoencoder (MSE)'}"
+        summary.append(
+            f"model {model}, latent dim {config.get('latent_dim', '?')}, hidden dim {config.get('hidden_dim', '?')}"
+            + (f", {config.get('likelihood')} likelihood" if model_kind == "vae" and "likelihood" in config else "")
+        )
+    if timing.get("epochs") is not None:
+        summary.append(f"{timing['epochs']} epochs ({timing.get('steps', '?')} steps)")
+    page.p("; ".join(summary) + f". Written {when} by fastvae {__version__}.")
+
+    page.h("Configuration")
+    page.table(["setting", "value"], [[k, _setting(v)] for k, v in config.items()], align="ll")
+
+    page.h("Test-set metrics")
+    if metrics:
+        page.p(
+            "Nats per example on the test split"
+            + (f" ({n_test} images)" if n_test else "")
+            + (f"; the IWAE bound uses K = {iwae_k} importance samples." if "iwae_nll" in metrics else ".")
+        )
+        rows = []
+        for key, (name, meaning) in KNOWN_METRICS.items():
+            if key in metrics and metrics[key] is not None:
+                label = f"{name} (K = {iwae_k})" if key == "iwae_nll" else name
+                rows.append([label, _metric_value(metrics[key]), meaning])
+        if stats is not None:
+            rows.append([
+                "active units", f"{stats['active_units']} / {stats['latent_dim']}",
+                f"latent dims with Cov_x(E_q[z_u]) > {stats['threshold']:g}",
+            ])
+        for key, value in metrics.items():
+            if key not in KNOWN_METRICS and key not in ("n", "iwae_k") and _is_scalar(value):
+                rows.append([key, _metric_value(value), ""])
+        page.table(["metric", "value", "meaning"], rows, align="lrl")
+    else:
+        page.p("Not evaluated.")
+
+    if stats is not None:
+        page.h("Latent dimensions", 3)
+        kl = stats.get("kl_per_dim")
+        header = ["dim"] + (["KL (nats)"] if kl else []) + ["Cov_x(E_q[z_u])", "active"]
+        rows = []
+        for u, a in enumerate(stats["activity"]):
+            rows.append([u] + ([kl[u]] if kl else []) + [a, a > stats["threshold"]])
+        if kl:
+            rows.append(["sum", sum(kl), "", f"{stats['active_units']} of {stats['latent_dim']}"])
+        page.table(header, rows, align="l" + "r" * (len(header) - 2) + "l")
+        if kl:
+            page.p(
+                "KL per dimension: test-set mean of 0.5 (mu^2 + exp(logvar) - 1 - logvar); the dims add "
+                "up to the KL term. A dim is active when the variance over test images of its "
+                f"posterior mean exceeds {stats['threshold']:g} (Burda et al. 2016)."
+            )
+
+    page.h("Pictures")
+    for picture in pictures:
+        title, caption = PICTURE_CAPTIONS.get(picture.name, (picture.stem.replace("_", " "), ""))
+        page.h(title, 3)
+        page.img(title, Path(os.path.relpath(picture, out.parent)).as_posix())
+        if caption:
+            page.p(caption)
+    if not pictures:
+        page.p("No pictures.")
+
+    page.h("Timing")
+    if timing.get("epochs") is not None:
+        rows = [["epochs", timing["epochs"]]]
+        if "steps" in timing:
+            rows.append(["optimizer steps", timing["steps"]])
+        if "total_time_s" in timing:
+            rows += [
+                ["total training time", _seconds(timing["total_time_s"])],
+                ["mean epoch time", _seconds(timing["mean_epoch_time_s"])],
+                ["first epoch", _seconds(timing["first_epoch_time_s"])],
+            ]
+            if "mean_epoch_time_after_first_s" in timing:
+                rows.append(["mean epoch time after the first", _seconds(timing["mean_epoch_time_after_first_s"])])
+        for name, value in timing.get("last", {}).items():
+            rows.append([f"last {name}", value])
+        page.table(["", "value"], rows, align="lr")
+        page.p("From `metrics.csv`: `epoch_time_s` is the wall time of each epoch's training steps.")
+    else:
+        page.p("No `metrics.csv` rows: training times unknown.")
+    return page
+
+
+def _setting(value: Any) -> str:
+    """A config value as the user wrote it (``1e-3`` stays ``0.001``, booleans as true/false)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list, tuple)):
+        return "`" + json.dumps(value) + "`"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _metric_value(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    iwae_k: int = DEFAULT_IWAE_K,
+    html: bool | None = None,
+    data: str | None = None,
+    redraw: bool = False,
+    seed: int = 0,
+    model: Any = None,
+    splits: Any = None,
+    metrics: dict | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write the report of a run folder and return its path.
+
+    ``out``: default ``RUN/report.md`` (``RUN/report.html`` with ``html=True``); a ``.html`` path
+    means HTML. ``iwae_k``: importance samples of the IWAE bound (0 skips it). ``data``: the data
+    source, default the run's ``config.json`` setting. ``redraw``: redraw every picture, not
+    only the missing ones. ``model``, ``splits``, ``metrics``: use these instead of loading the
+    checkpoint, loading the data or evaluating (for callers that already have them).
+    ``progress``: show a progress bar while the IWAE bound runs.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FastVAEError(f"run folder {run_dir} does not exist: give the --out folder of a 'fastvae train' run")
+    if not run_dir.is_dir():
+        raise FastVAEError(f"{run_dir} is a file, not a run folder: give the --out folder of a 'fastvae train' run")
+    if iwae_k < 0:
+        raise FastVAEError(f"--iwae-k must be zero (skip the IWAE bound) or positive, got {iwae_k}")
+    if html is None:
+        html = out is not None and Path(out).suffix.lower() in (".html", ".htm")
+    out = Path(out) if out is not None else run_dir / ("report.html" if html else "report.md")
+
+    import torch
+
+    from fastvae.viz import PICTURES, read_metrics, write_run_pictures
+
+    if model is None:
+        from fastvae.checkpoint import load
+
+        model = load(run_dir)  # FastVAEError when the run has no (readable) checkpoint
+    config = read_run_config(run_dir)
+    if splits is None:
+        source = data or config.get("data")
+        if not source:
+            raise FastVAEError(f"{run_dir}/config.json names no data set: pass --data SOURCE")
+        from fastvae.data import load_dataset
+
+        try:
+            splits = load_dataset(source)
+        except FastVAEError as exc:
+            raise FastVAEError(f"{exc} (the run's data; pass --data to use another copy)") from None
+    test = torch.as_tensor(splits.test).float()
+    shape = tuple(model.data_shape) if hasattr(model, "data_shape") else tuple(test.shape[1:])
+    if tuple(test.shape[1:]) != shape:
+        raise FastVAEError(
+            f"the data's images are {tuple(test.shape[1:])} but the model was trained on {shape}: "
+            "pass --data with the run's data set"
+        )
+    is_vae = hasattr(model, "likelihood")
+    if metrics is None:
+        metrics = _evaluate(model, test, iwae_k, progress)
+    stats = latent_stats(model, test) if len(test) >= 2 else None
+
+    expected = ["samples.png", "reconstructions.png"]
+    expected += ["interpolation.png"] if len(test) >= 2 else []
+    expected += ["latent_scatter.png"] if model.latent_dim == 2 else []
+    expected += ["loss_curves.png"] if (run_dir / "metrics.csv").is_file() else []
+    if redraw or not all((run_dir / name).is_file() for name in expected):
+        write_run_pictures(run_dir, model, splits, seed=seed)  # deterministic: same model, same pictures
+    pictures = [run_dir / name for name in PICTURES if (run_dir / name).is_file()]
+    if model.latent_dim != 2:
+        pictures = [p for p in pictures if p.name != "latent_scatter.png"]  # left from another run
+
+    timing = timing_summary(read_metrics(run_dir / "metrics.csv"))
+    page = build_page(
+        run_dir, out, config, metrics, stats, timing, pictures, iwae_k=iwae_k,
+        n_test=len(test), data_shape=tuple(test.shape[1:]), model_kind="vae" if is_vae else "ae",
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page.html() if html else page.markdown())
+    return out
+
+
+def _evaluate(model, test, iwae_k: int, progress: bool = False) -> dict:
+    """``fastvae.evaluate.evaluate`` on the test images, as a dict of plain numbers; for the
+    deterministic autoencoder (no likelihood, no KL) its MSE cost."""
+    import torch
+
+    if not hasattr(model, "likelihood"):
+        with torch.no_grad():
+            model.eval()
+            mse = sum(float((model.decode(model.encode(x)) - x).pow(2).flatten(1).sum(-1).double().sum()) for x in test.split(1024))
+        return {"mse": mse / len(test)}
+    from fastvae.evaluate import evaluate
+
+    result = evaluate(model, test, iwae_k=iwae_k, progress=progress)
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(result).items()}

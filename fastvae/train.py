@@ -1,0 +1,350 @@
+"""The training loop on Lightning Fabric: Fabric owns devices, precision, strategy and launch.
+
+``train(config)`` checks everything a user can get wrong before launching, then builds a
+``Trainer`` in every process. Semantics across processes:
+- ``batch_size`` is per device; the global batch is batch_size x world size (logged);
+- every rank draws the same per-epoch permutation and takes every W-th row of it;
+- metrics are summed across ranks; the test set is evaluated once in total (sharded);
+- global rank 0 alone writes files: config.json, metrics.csv, checkpoints (atomically, after
+  every epoch and on Ctrl-C) and pictures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastvae.checkpoint import (FORMAT, LAST, atomic_path, load_model_state, read_checkpoint,
+                                rng_state, set_rng_state)
+from fastvae.config import TrainConfig
+from fastvae.data import EpochBatches, Splits, load_dataset
+from fastvae.errors import FastVAEError
+from fastvae.losses import kl_weight
+
+METRIC_FIELDS = ["epoch", "step", "train_loss", "train_recon", "train_kl", "epoch_time_s",
+                 "test_neg_elbo", "test_recon", "test_kl"]
+RUN_MARKERS = ("config.json", "metrics.csv", str(LAST))
+SPEC_KEYS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data")
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns on global rank 0 (other ranks get ``None``)."""
+
+    run_dir: Path
+    epochs: int
+    steps: int
+    metrics: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          splits: Splits | None = None) -> TrainResult | None:
+    """Train as ``config`` says, into ``config.out``; return the run's result (on rank 0).
+
+    ``resume`` continues from ``out/checkpoints/last.ckpt`` exactly (mid-epoch too);
+    ``overwrite`` replaces a run already in ``out``. Without either, an ``out`` that already
+    holds a run is refused, so no earlier work is lost by a typo.
+    """
+    config.validate()
+    prepare_run_dir(Path(config.out), config, resume, overwrite)
+    splits = splits if splits is not None else load_dataset(config.data)
+    return make_fabric(config).launch(_fit, config, splits, resume)
+
+
+def make_fabric(config: TrainConfig):
+    """A Fabric for the config's accelerator/devices/nodes/strategy/precision."""
+    from lightning_fabric import Fabric
+
+    strategy = config.strategy
+    if strategy == "fsdp":
+        from lightning_fabric.strategies import FSDPStrategy
+
+        strategy = FSDPStrategy(state_dict_type="full")  # one checkpoint file, plain tensors
+    try:
+        return Fabric(accelerator=config.accelerator, devices=config.devices,
+                      num_nodes=config.num_nodes, strategy=strategy, precision=config.precision)
+    except (ValueError, RuntimeError, TypeError, ImportError) as exc:
+        raise FastVAEError(f"cannot set up training hardware: {exc}") from None
+
+
+def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run by accident; check that a resumed run is the same model."""
+    if resume and overwrite:
+        raise FastVAEError("--resume and --overwrite contradict each other: choose one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FastVAEError(f"--out {run_dir} is a file: give a folder for the run")
+    holds_run = run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
+    if resume:
+        saved = read_checkpoint(run_dir)["config"]  # clear error when missing or corrupt
+        changed = [k for k in SPEC_KEYS if saved.get(k) != getattr(config, k)]
+        if changed:
+            raise FastVAEError(
+                f"cannot resume {run_dir}: setting(s) {', '.join(changed)} differ from the run "
+                "that wrote it; resume with the same model and data, or train into a new --out"
+            )
+    elif holds_run and not overwrite:
+        raise FastVAEError(
+            f"--out {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
+            "replace it, or choose another folder"
+        )
+    elif holds_run:
+        for name in ("config.json", "metrics.csv", "checkpoints"):
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+
+class StopRequest:
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One process's share of a run: model and optimizer set up by Fabric, epoch by epoch."""
+
+    def __init__(self, fabric, config: TrainConfig, splits: Splits, resume: bool = False):
+        from fastvae.models import build_model
+
+        self.fabric, self.config, self.splits = fabric, config, splits
+        self.run_dir = Path(config.out)
+        self.rank, self.world = fabric.global_rank, fabric.world_size
+        fabric.seed_everything(config.seed + self.rank, verbose=False)
+        model = build_model(config.model_spec(splits.data_shape))
+        if hasattr(model, "reparam_backend"):
+            model.reparam_backend = config.reparam
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.epoch = self.step = self.skip_batches = 0
+        self.partial: list[float] | None = None  # sums of an interrupted epoch
+        if resume:
+            self._restore(model, optimizer)
+        self.module = model  # the plain module: state dicts, evaluation, pictures
+        if config.compile:
+            model.compile()  # in place: state-dict keys stay plain, Fabric wraps the compiled call
+        self.model, self.optimizer = fabric.setup(model, optimizer)
+        self.train_data = fabric.to_device(splits.train)
+        self.test_data = fabric.to_device(splits.test)
+        self.rows = _read_metrics(self.run_dir / "metrics.csv", self.epoch) if resume else []
+
+    def _restore(self, model, optimizer) -> None:
+        state = read_checkpoint(self.run_dir)
+        load_model_state(model, state["model"], self.run_dir / LAST)
+        optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.skip_batches = int(state.get("batch_in_epoch", 0))
+        self.partial = state.get("partial")
+        if int(state.get("world_size", 1)) == self.world:  # other sizes: fresh per-rank streams
+            set_rng_state(state["rng"])
+
+    def fit(self) -> TrainResult | None:
+        config, fabric = self.config, self.fabric
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.run_dir / "config.json") as tmp:
+                tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            _write_metrics(self.run_dir / "metrics.csv", self.rows)
+        if self.world > 1:
+            fabric.print(f"global batch {config.batch_size * self.world} = per-device batch "
+                         f"{config.batch_size} x {self.world} processes")
+        interrupted = False
+        with StopRequest() as stop:
+            while self.epoch < config.epochs:
+                row = self.run_epoch(stop)
+                if row is None:
+                    interrupted = True
+                    fabric.print(f"interrupted: checkpoint written at epoch {self.epoch + 1}, "
+                                 f"step {self.step}; continue with --resume")
+                    break
+                self._log(row)
+                if stop.requested:
+                    interrupted = True
+                    break
+        if self.rank != 0:
+            return None
+        if config.pictures and not interrupted:
+            _write_pictures(self.run_dir, self.splits, config)
+        return TrainResult(self.run_dir, self.epoch, self.step, self.rows, interrupted)
+
+    def run_epoch(self, stop: StopRequest | None = None) -> dict | None:
+        """Train one epoch (or its rest, after a mid-epoch resume), evaluate, checkpoint.
+
+        Returns the metrics row, or ``None`` when a stop request ended the epoch early (a
+        mid-epoch checkpoint is written then).
+        """
+        totals, index = self.train_pass(stop)
+        if index is not None:
+            self.save(batch_in_epoch=index, partial=totals.tolist())
+            return None
+        self.skip_batches, self.partial = 0, None
+        sums = self.fabric.all_reduce(totals[:4].to(self.fabric.device), reduce_op="sum").cpu()
+        self.epoch += 1
+        count = max(float(sums[3]), 1.0)
+        row = {"epoch": self.epoch, "step": self.step, "train_loss": float(sums[0]) / count,
+               "train_recon": float(sums[1]) / count, "train_kl": float(sums[2]) / count,
+               "epoch_time_s": float(totals[4])}
+        row.update(self.test_metrics())
+        self.rows.append(row)
+        self.save()
+        return row
+
+    def train_pass(self, stop: StopRequest | None = None) -> tuple[torch.Tensor, int | None]:
+        """The optimization steps of one epoch: what ``epoch_time_s`` measures.
+
+        Returns this rank's sums over examples of (-ELBO, recon, KL), the count and the seconds
+        spent, plus the number of batches done when a stop request cut the epoch short (else
+        ``None``).
+        """
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self.model.train()
+        batches = EpochBatches(self.train_data, config.batch_size, seed=config.seed,
+                               epoch=self.epoch, rank=self.rank, world_size=self.world)
+        totals = torch.zeros(5, dtype=torch.float64)
+        if self.partial is not None:
+            totals += torch.as_tensor(self.partial, dtype=torch.float64)
+        started = time.perf_counter()
+        bar = tqdm(total=len(batches), initial=self.skip_batches, leave=False, mininterval=0.5,
+                   desc=f"epoch {self.epoch + 1}/{config.epochs}",
+                   disable=not (config.progress and self.rank == 0))
+        stopped_at = None
+        for index, x in enumerate(batches):
+            if index < self.skip_batches:
+                continue
+            self._train_step(x, totals)
+            bar.update(1)
+            if stop is not None and stop.requested and index + 1 < len(batches):
+                stopped_at = index + 1
+                break
+        bar.close()
+        totals[4] += time.perf_counter() - started
+        return totals, stopped_at
+
+    def _train_step(self, x: torch.Tensor, totals: torch.Tensor) -> None:
+        config = self.config
+        terms = self.model(x, beta=kl_weight(self.step, config.beta, config.kl_warmup_steps),
+                           free_bits=config.free_bits)
+        # one host sync per step, so a NaN is caught at the step where it appears
+        loss, neg_elbo, recon, kl = torch.stack(
+            [terms.loss.detach(), terms.neg_elbo, terms.recon, terms.kl]).tolist()
+        self.step += 1
+        if not math.isfinite(loss):
+            if config.on_nonfinite == "stop":
+                raise FastVAEError(
+                    f"loss became {loss} at epoch {self.epoch + 1}, step {self.step}; training "
+                    f"stopped and the last good checkpoint {self.run_dir / LAST} is intact. Try a "
+                    "lower --lr, --precision 32-true, or --on-nonfinite skip"
+                )
+            self.fabric.print(f"skipping step {self.step} (epoch {self.epoch + 1}): loss is {loss}")
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.fabric.backward(terms.loss)
+        self.optimizer.step()
+        n = len(x)
+        totals[:4] += torch.tensor([neg_elbo * n, recon * n, kl * n, n], dtype=torch.float64)
+
+    def test_metrics(self) -> dict:
+        """Single-sample -ELBO (MSE for the autoencoder) on the test split, each example once."""
+        from fastvae.evaluate import elbo_sums
+
+        sums = elbo_sums(self.module, self.test_data, batch_size=max(self.config.batch_size, 256),
+                         seed=self.config.seed, rank=self.rank, world_size=self.world)
+        sums = self.fabric.all_reduce(sums.to(self.fabric.device), reduce_op="sum").cpu()
+        n = float(sums[3])
+        if not hasattr(self.module, "likelihood"):  # the MSE autoencoder: no ELBO
+            return {"test_recon": float(sums[1]) / n}
+        return {"test_neg_elbo": float(sums[0]) / n, "test_recon": float(sums[1]) / n,
+                "test_kl": float(sums[2]) / n}
+
+    def save(self, batch_in_epoch: int = 0, partial: list[float] | None = None) -> None:
+        """Checkpoint through Fabric (rank 0 writes a temp file, then renames it over last.ckpt)."""
+        state = {
+            "format": FORMAT, "config": self.config.to_dict(), "spec": self.module.spec,
+            "model": self.model, "optimizer": self.optimizer, "epoch": self.epoch,
+            "step": self.step, "rng": rng_state(), "batch_in_epoch": batch_in_epoch,
+            "world_size": self.world,
+        }
+        if partial is not None:
+            state["partial"] = partial
+        final = self.run_dir / LAST
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.rank == 0:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        self.fabric.save(tmp, state)
+        if self.rank == 0:
+            with atomic_path(final) as target:
+                tmp.replace(target)  # fsync + rename over last.ckpt happen in atomic_path
+        self.fabric.barrier()
+
+    def _log(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        _write_metrics(self.run_dir / "metrics.csv", self.rows)
+        if self.config.progress:
+            test = f"  test -elbo {row['test_neg_elbo']:.3f}" if "test_neg_elbo" in row else ""
+            self.fabric.print(
+                f"epoch {row['epoch']}/{self.config.epochs}  loss {row['train_loss']:.3f}  "
+                f"recon {row['train_recon']:.3f}  kl {row['train_kl']:.3f}{test}  "
+                f"({row['epoch_time_s']:.2f}s)"
+            )
+
+
+def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResult | None:
+    return Trainer(fabric, config, splits, resume).fit()
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
+    for row in rows:
+        row["epoch"], row["step"] = int(row["epoch"]), int(row["step"])
+    return [row for row in rows if row["epoch"] <= upto_epoch]
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    fields = [f for f in METRIC_FIELDS if any(f in row for row in rows)] or METRIC_FIELDS[:6]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:
+    from fastvae import viz
+    from fastvae.checkpoint import load
+
+    if hasattr(viz, "write_run_pictures"):
+        viz.write_run_pictures(run_dir, load(run_dir), splits, seed=config.seed)

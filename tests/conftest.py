@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny training configs, the CLI in a subprocess, model comparisons.
+
+Everything here is sized for a 2-core CPU shared with other work: hidden layers of 16-32 units,
+one or two epochs on the bundled 8x8 digits, no pictures, no progress bars.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One thread per subprocess: the results do not depend on how busy the machine is, and runs that
+# are compared with each other (resume vs straight) use the same kernels.
+SUBPROCESS_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONWARNINGS": "ignore",
+}
+SUBPROCESS_ENV.pop("TRITON_INTERPRET", None)
+
+
+def pytest_configure(config):
+    # The models under test are tiny: a second intra-op thread only adds hand-off costs, and on
+    # a shared 2-core machine it makes every small matmul wait for a busy core.
+    torch.set_num_threads(1)
+
+
+def tiny_config(out, **overrides):
+    """A ``TrainConfig`` for a run that takes about a second: digits, small MLP, quiet."""
+    from fastvae.config import TrainConfig
+
+    values = dict(out=str(out), epochs=2, hidden_dim=32, latent_dim=4, batch_size=64,
+                  progress=False, pictures=False, reparam="torch")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """``make_config(**overrides)``: a tiny config writing into ``tmp_path / "run"`` by default."""
+
+    def make(**overrides):
+        overrides.setdefault("out", tmp_path / "run")
+        return tiny_config(**overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from fastvae.data import load_dataset
+
+    return load_dataset("digits")
+
+
+def run_cli(*args, timeout: float = 240, cwd=None, env=None) -> tuple[int, str, str]:
+    """Run ``python -m fastvae ARGS`` and return (exit status, stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastvae", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
+        env=env or SUBPROCESS_ENV,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def popen_cli(*args, cwd=None) -> subprocess.Popen:
+    """Start ``python -m fastvae ARGS`` in the background (stdout/stderr piped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastvae", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd or REPO,
+        env=SUBPROCESS_ENV,
+    )
+
+
+def assert_one_line_error(rc: int, stderr: str, *needles: str) -> None:
+    """exit status 2, exactly one non-empty line on stderr, no traceback, naming ``needles``."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc == 2, f"exit status {rc}, stderr:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
+
+
+def state_dict_of(run_or_ckpt) -> dict[str, torch.Tensor]:
+    """The model weights stored in a run's checkpoint, read without fastvae's loader."""
+    path = Path(run_or_ckpt)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def read_metrics(run) -> list[dict]:
+    import csv
+
+    with open(Path(run) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def metrics_without_time(run) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in read_metrics(run)]

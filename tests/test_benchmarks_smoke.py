@@ -1,0 +1,273 @@
+"""The benchmark suites cannot rot: run them once in smoke mode, and test the report tooling.
+
+``test_benchmark_suites_run_in_smoke_mode`` runs ``pytest benchmarks --benchmark-disable`` with
+``FASTVAE_BENCH_SMOKE=1`` (tiny sizes, each benchmark body called once). The other tests check
+``benchmarks/report.py`` (tables, chart, regression report) and ``benchmarks/common.py`` on
+synthetic pytest-benchmark JSON, so they pass before any suite exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load("fastvae_bench_report", BENCH / "report.py")
+
+
+# --------------------------------------------------------------------------- smoke run
+
+
+def test_benchmark_suites_run_in_smoke_mode():
+    suites = sorted(BENCH.glob("test_bench_*.py"))
+    if not suites:
+        pytest.skip("no benchmark suites yet")
+    env = dict(os.environ, FASTVAE_BENCH_SMOKE="1", PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # a 2-core machine shared with other work
+    cmd = [sys.executable, "-m", "pytest", str(BENCH), "--benchmark-disable", "-q",
+           "-p", "no:cacheprovider", "--timeout=90", "-rs"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"smoke run of {[s.name for s in suites]} failed:\n{out[-6000:]}"
+    assert "passed" in out
+
+
+# --------------------------------------------------------------------------- synthetic JSON
+
+
+def _bench(name, group, median, *, impl, baseline=False, case=None, **extra):
+    info = {"impl": impl, "baseline": baseline, **extra}
+    if case is not None:
+        info["case"] = case
+    return {
+        "group": group,
+        "name": name,
+        "fullname": f"benchmarks/test_bench_demo.py::{name}",
+        "params": None,
+        "param": None,
+        "extra_info": info,
+        "options": {},
+        "stats": {"min": median * 0.9, "max": median * 1.2, "mean": median * 1.02,
+                  "stddev": median * 0.05, "rounds": 10, "median": median, "iqr": 0.0,
+                  "q1": median, "q3": median, "iqr_outliers": 0, "stddev_outliers": 0,
+                  "outliers": "0;0", "ld15iqr": median, "hd15iqr": median, "ops": 1 / median,
+                  "total": median * 10, "iterations": 1},
+    }
+
+
+def _run_json(benchmarks, device="Test GPU 80GB", commit="0123456789abcdef0123456789abcdef01234567"):
+    return {
+        "machine_info": {
+            "node": "test", "python_version": "3.12.0", "device": device,
+            "fastvae": {"device": device, "device_type": "cuda", "torch": "2.11.0",
+                        "triton": "3.6.0", "onnxruntime": "1.30.0", "python": "3.12.0",
+                        "date": "2026-11-27T12:00:00+00:00", "git_commit": commit,
+                        "git_dirty": False, "smoke": False},
+        },
+        "commit_info": {"id": commit, "dirty": False},
+        "benchmarks": benchmarks,
+        "datetime": "2026-11-27T12:00:00+00:00",
+        "version": "5.3.1",
+    }
+
+
+def _write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+SYNTH = [
+    _bench("test_eager[B=64]", "reparam_kl", 4e-6, impl="eager", baseline=True, case="B=64",
+           throughput=1.6e7),
+    _bench("test_fused[B=64]", "reparam_kl", 2e-6, impl="fused", case="B=64", throughput=3.2e7,
+           bandwidth_GBps=1500.0, bandwidth_fraction=0.45, peak_memory_MB=12.5),
+    _bench("test_eager[B=4096]", "reparam_kl", 40e-6, impl="eager", baseline=True, case="B=4096"),
+    _bench("test_fused[B=4096]", "reparam_kl", 10e-6, impl="fused", case="B=4096"),
+    _bench("test_nobase", "lonely", 1e-3, impl="x"),
+]
+
+
+def test_rows_and_speedups(tmp_path):
+    run = report.load_run(_write(tmp_path / "reparam_kl.json", _run_json(SYNTH)))
+    assert run.suite == "reparam_kl"
+    by_name = {r.name: r for r in run.rows}
+    assert by_name["test_fused[B=64]"].speedup == pytest.approx(2.0)
+    assert by_name["test_fused[B=4096]"].speedup == pytest.approx(4.0)  # same case only
+    assert by_name["test_eager[B=64]"].speedup == pytest.approx(1.0)
+    assert by_name["test_nobase"].speedup is None
+
+
+def test_render_writes_table_and_chart(tmp_path):
+    folder = tmp_path / "results" / "test-gpu"
+    _write(folder / "reparam_kl.json", _run_json(SYNTH))
+    _write(folder / "sampling.json", _run_json([
+        _bench("test_torch", "sampling", 2e-3, impl="torch", baseline=True),
+        _bench("test_ort", "sampling", 1e-3, impl="onnxruntime"),
+    ]))
+    (folder / "notes.json").write_text("[1, 2]")  # not a benchmark file: skipped
+    # run as a script, the way run.sh calls it
+    proc = subprocess.run([sys.executable, str(BENCH / "report.py"), "render", str(folder)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    md = (folder / "README.md").read_text()
+    assert "# Benchmark results: Test GPU 80GB" in md
+    assert "- torch: 2.11.0" in md and "- triton: 3.6.0" in md and "0123456789ab" in md
+    assert "## reparam_kl" in md and "## sampling" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    fused64 = next(line for line in rows if "`test_fused[B=64]`" in line)
+    assert "2.00×" in fused64 and "B=64" in fused64 and "2 µs" in fused64
+    assert "| 1500 |" in fused64 and "| 45 % |" in fused64 and "| 12.5 |" in fused64
+    assert "| 32 M |" in fused64  # throughput
+    assert "4.00×" in next(line for line in rows if "`test_fused[B=4096]`" in line)
+    assert "1 (baseline)" in next(line for line in rows if "`test_eager[B=64]`" in line)
+    assert "2.00×" in next(line for line in rows if "`test_ort`" in line)
+    assert "![speedups](ratios.png)" in md
+    png = folder / "ratios.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_render_empty_folder(tmp_path):
+    md, png = report.render(tmp_path)
+    assert "no results" in md.read_text()
+    assert png.exists()
+
+
+def test_compare_reports_the_slower_benchmark(tmp_path, capsys):
+    old = _write(tmp_path / "old" / "reparam_kl.json", _run_json(SYNTH))
+    new_benches = json.loads(json.dumps(SYNTH))
+    new_benches[1]["stats"]["median"] *= 1.30  # fused B=64: 30 % slower -> regression
+    new_benches[3]["stats"]["median"] *= 1.05  # fused B=4096: 5 % slower -> within threshold
+    new_benches[0]["stats"]["median"] *= 0.5   # eager B=64: faster
+    del new_benches[4]                         # gone
+    new_benches.append(_bench("test_new", "lonely", 1e-3, impl="y"))
+    new = _write(tmp_path / "new" / "reparam_kl.json", _run_json(new_benches))
+
+    rc = report.main(["compare", str(old), str(new), "--threshold", "0.1", "--fail"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    slower = [line for line in out.splitlines() if line.startswith("SLOWER")]
+    assert len(slower) == 1 and "test_fused[B=64]" in slower[0] and "+30.0%" in slower[0]
+    assert any(line.startswith("FASTER") and "test_eager[B=64]" in line for line in out.splitlines())
+    assert "GONE    reparam_kl::test_nobase" in out and "NEW     reparam_kl::test_new" in out
+    assert "1 benchmark(s) slower" in out
+
+    # folders: suites are matched by file name; without --fail the exit status stays 0
+    assert report.main(["compare", str(old.parent), str(new.parent)]) == 0
+    assert "SLOWER  reparam_kl::test_fused[B=64]" in capsys.readouterr().out
+    # a looser threshold lets the 30 % through
+    assert report.main(["compare", str(old), str(new), "--threshold", "0.5", "--fail"]) == 0
+    # nothing stored yet: nothing to compare, not an error
+    assert report.main(["compare", str(tmp_path / "missing.json"), str(new), "--fail"]) == 0
+
+
+def test_summary_and_readme_markers(tmp_path):
+    a = tmp_path / "gpu-a"
+    _write(a / "reparam_kl.json", _run_json(SYNTH, device="GPU A"))
+    text = report.summary([a])
+    assert "| reparam_kl | reparam_kl | B=64 | fused vs eager | 2.00× |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{report.BEGIN_MARK}\nold\n{report.END_MARK}\ntail\n")
+    assert report.main(["summary", str(a), "--readme", str(readme)]) == 0
+    content = readme.read_text()
+    assert "old" not in content and "fused vs eager" in content and content.endswith("tail\n")
+
+
+def test_store_files_a_foreign_run(tmp_path, capsys):
+    src = tmp_path / "out"
+    data = _run_json(SYNTH)
+    data["machine_info"]["fastvae"]["slug"] = "test-gpu-80gb"
+    _write(src / "reparam_kl.json", data)
+    (src / "run.log").write_text("log")
+    results = tmp_path / "results"
+    assert report.main(["store", str(src), "--results", str(results)]) == 0
+    dest = results / "test-gpu-80gb"
+    assert (dest / "reparam_kl.json").exists() and (dest / "README.md").exists()
+    slower = json.loads(json.dumps(data))
+    slower["benchmarks"][1]["stats"]["median"] *= 2
+    _write(src / "reparam_kl.json", slower)
+    capsys.readouterr()
+    assert report.main(["store", str(src), "--results", str(results)]) == 0
+    assert "SLOWER  reparam_kl::test_fused[B=64]" in capsys.readouterr().out
+    assert report.main(["store", str(tmp_path / "empty"), "--results", str(results)]) == 1
+    smoke = json.loads(json.dumps(data))
+    smoke["machine_info"]["fastvae"]["smoke"] = True
+    _write(src / "reparam_kl.json", smoke)
+    assert report.main(["store", str(src), "--results", str(results)]) == 1  # refused
+
+
+# --------------------------------------------------------------------------- common.py
+
+
+def test_common_modes_sizes_and_annotate(monkeypatch):
+    common = _load("fastvae_bench_common", BENCH / "common.py")
+    monkeypatch.setenv("FASTVAE_BENCH_SMOKE", "1")
+    assert common.smoke_mode() and common.pick(smoke=1, cpu=2, gpu=3) == 1
+    monkeypatch.setenv("FASTVAE_BENCH_SMOKE", "0")
+    assert not common.smoke_mode()
+    monkeypatch.setenv("FASTVAE_BENCH_DEVICE", "cpu")
+    assert not common.on_gpu() and common.pick(smoke=1, cpu=2, gpu=3) == 2
+    assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.slugify("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-xeon-cpu"
+    assert common.peak_bandwidth_gbps("NVIDIA H200") == 4800.0
+    assert common.peak_bandwidth_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert common.peak_memory(lambda: None) is None  # CPU
+
+    calls = []
+    fn = common.synced(calls.append, 1, repeat=3)
+    fn()
+    assert calls == [1, 1, 1]
+
+    class Stats:
+        median = 0.5
+
+    class Meta:
+        stats = Stats()
+
+    class FakeBenchmark:
+        extra_info: dict = {}
+        stats = Meta()
+
+    bench = FakeBenchmark()
+    info = common.annotate(bench, impl="fused", baseline=True, items=1000, bytes_moved=2e9,
+                           case="B=8")
+    assert info["impl"] == "fused" and info["baseline"] is True and info["case"] == "B=8"
+    assert info["throughput"] == pytest.approx(2000.0)
+    assert info["bandwidth_GBps"] == pytest.approx(4.0)
+    assert "bandwidth_fraction" not in info  # CPU: no peak bandwidth
+    bench.stats = None  # --benchmark-disable
+    bench.extra_info = {}
+    assert "throughput" not in common.annotate(bench, impl="eager", items=10)
+
+
+def test_device_info_has_versions_and_commit(monkeypatch):
+    common = _load("fastvae_bench_common", BENCH / "common.py")
+    monkeypatch.setenv("FASTVAE_GIT_COMMIT", "abc123")
+    info = common.device_info()
+    for key in ("device", "torch", "triton", "onnxruntime", "python", "date", "git_commit"):
+        assert key in info
+    assert info["git_commit"] == "abc123"
+    json.dumps(info)  # serialisable
+
+
+def test_scripts_parse():
+    for script in ("run.sh", "gpu/run.sh", "fetch_wheels.sh"):
+        proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"

@@ -1,0 +1,398 @@
+"""Datasets: the digits split, every supported file format, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvae.data import EpochBatches, load_dataset
+from fastvae.errors import FastVAEError
+
+RNG = np.random.default_rng(0)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def idx_bytes(array: np.ndarray, dtype_code: int = 0x08) -> bytes:
+    """IDX encoding written from the format's description: 0 0 type ndim, big-endian sizes, data."""
+    header = bytes([0, 0, dtype_code, array.ndim]) + b"".join(struct.pack(">I", s) for s in array.shape)
+    big_endian = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    return header + array.astype(big_endian[dtype_code]).tobytes()
+
+
+def write_idx(path, array, gz=False, dtype_code=0x08):
+    data = idx_bytes(np.asarray(array), dtype_code)
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def images_u8(n, h=6, w=5):
+    return RNG.integers(0, 256, size=(n, h, w), dtype=np.uint8)
+
+
+def expect_error(source, *needles):
+    """``load_dataset(source)`` raises FastVAEError whose message contains every needle."""
+    with pytest.raises(FastVAEError) as info:
+        load_dataset(source)
+    message = str(info.value)
+    assert "\n" not in message.strip(), message
+    for needle in needles:
+        assert str(needle).lower() in message.lower(), f"{needle!r} not in {message!r}"
+    return message
+
+
+def save_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_split_matches_sklearn(digits):
+    from sklearn.datasets import load_digits
+
+    reference = load_digits().images.astype(np.float64) / 16.0
+    assert digits.train.shape == (1500, 1, 8, 8) and digits.test.shape == (297, 1, 8, 8)
+    assert digits.train.dtype == torch.float32
+    assert float(digits.train.min()) >= 0.0 and float(digits.train.max()) == 1.0
+    assert float(digits.test.min()) >= 0.0 and float(digits.test.max()) <= 1.0
+    # no shuffle before the split: rows line up with scikit-learn's order
+    np.testing.assert_allclose(digits.train[0, 0].numpy(), reference[0], atol=1e-7)
+    np.testing.assert_allclose(digits.train[1499, 0].numpy(), reference[1499], atol=1e-7)
+    np.testing.assert_allclose(digits.test[0, 0].numpy(), reference[1500], atol=1e-7)
+    np.testing.assert_allclose(digits.test[-1, 0].numpy(), reference[1796], atol=1e-7)
+    assert digits.data_shape == (1, 8, 8)
+    assert digits.train_labels is not None and len(digits.train_labels) == 1500
+    assert int(digits.test_labels[0]) == int(load_digits().target[1500])
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_single_idx_file_holds_out_last_tenth(tmp_path, gz):
+    images = images_u8(100)
+    path = write_idx(tmp_path / ("imgs.idx3-ubyte" + (".gz" if gz else "")), images, gz=gz)
+    splits = load_dataset(path)
+    assert splits.train.shape == (90, 1, 6, 5) and splits.test.shape == (10, 1, 6, 5)
+    np.testing.assert_allclose(splits.train[0, 0].numpy(), images[0] / 255.0, atol=1e-7)
+    np.testing.assert_allclose(splits.test[-1, 0].numpy(), images[-1] / 255.0, atol=1e-7)
+    np.testing.assert_allclose(splits.test[0, 0].numpy(), images[90] / 255.0, atol=1e-7)
+
+
+def test_idx_float_file(tmp_path):
+    images = RNG.random((20, 4, 4)).astype(np.float32)
+    splits = load_dataset(write_idx(tmp_path / "floats.idx", images, dtype_code=0x0D))
+    np.testing.assert_allclose(splits.train[3, 0].numpy(), images[3], atol=1e-7)
+
+
+@pytest.mark.parametrize("names", [
+    ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"),
+    ("train-images.idx3-ubyte", "t10k-images.idx3-ubyte", "train-labels.idx1-ubyte", "t10k-labels.idx1-ubyte"),
+])
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_folder_with_labels(tmp_path, names, gz):
+    train, test = images_u8(12), images_u8(7)
+    ytrain, ytest = RNG.integers(0, 10, 12, dtype=np.uint8), RNG.integers(0, 10, 7, dtype=np.uint8)
+    suffix = ".gz" if gz else ""
+    for name, array in zip(names, (train, test, ytrain, ytest)):
+        write_idx(tmp_path / (name + suffix), array, gz=gz)
+    splits = load_dataset(tmp_path)
+    assert splits.train.shape == (12, 1, 6, 5) and splits.test.shape == (7, 1, 6, 5)
+    np.testing.assert_allclose(splits.test[6, 0].numpy(), test[6] / 255.0, atol=1e-7)
+    assert splits.train_labels.tolist() == ytrain.tolist()
+    assert splits.test_labels.tolist() == ytest.tolist()
+    assert splits.train_labels.dtype == torch.int64
+
+
+def test_idx_folder_without_labels(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", images_u8(5))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images_u8(3))
+    splits = load_dataset(tmp_path)
+    assert len(splits.train) == 5 and len(splits.test) == 3 and splits.train_labels is None
+
+
+# ----------------------------------------------------------------------------- npy / npz
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((30, 6, 5), (1, 6, 5)),          # (N, H, W)
+    ((30, 1, 6, 5), (1, 6, 5)),       # (N, C, H, W), C = 1
+    ((30, 3, 4, 4), (3, 4, 4)),       # (N, C, H, W), C = 3
+    ((30, 17), (1, 1, 17)),           # (N, D)
+])
+@pytest.mark.parametrize("kind", ["uint8", "float32", "float64"])
+def test_npy_shapes_and_dtypes(tmp_path, shape, expected, kind):
+    if kind == "uint8":
+        array = RNG.integers(0, 256, size=shape, dtype=np.uint8)
+        scaled = array.astype(np.float64) / 255.0
+    else:
+        array = RNG.random(shape).astype(kind)
+        scaled = array.astype(np.float64)
+    path = tmp_path / "data.npy"
+    np.save(path, array)
+    splits = load_dataset(path)
+    assert splits.train.dtype == torch.float32
+    assert splits.train.shape == (27, *expected) and splits.test.shape == (3, *expected)
+    np.testing.assert_allclose(splits.train[0].numpy().ravel(), scaled[0].ravel(), atol=1e-6)
+    np.testing.assert_allclose(splits.test[-1].numpy().ravel(), scaled[-1].ravel(), atol=1e-6)
+
+
+def test_npz_train_test_keys(tmp_path):
+    train, test = images_u8(10), images_u8(4)
+    path = tmp_path / "d.npz"
+    np.savez(path, train=train, test=test)
+    splits = load_dataset(path)
+    assert len(splits.train) == 10 and len(splits.test) == 4
+    np.testing.assert_allclose(splits.test[2, 0].numpy(), test[2] / 255.0, atol=1e-7)
+
+
+def test_npz_keras_keys_with_labels(tmp_path):
+    path = tmp_path / "mnist.npz"
+    np.savez_compressed(path, x_train=images_u8(10), x_test=images_u8(4),
+                        y_train=np.arange(10), y_test=np.array([3, 1, 4, 1]))
+    splits = load_dataset(path)
+    assert splits.train_labels.tolist() == list(range(10))
+    assert splits.test_labels.tolist() == [3, 1, 4, 1]
+
+
+def test_npz_single_array_is_split(tmp_path):
+    images = images_u8(20)
+    path = tmp_path / "one.npz"
+    np.savez(path, images=images)
+    splits = load_dataset(path)
+    assert len(splits.train) == 18 and len(splits.test) == 2
+    np.testing.assert_allclose(splits.test[1, 0].numpy(), images[19] / 255.0, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def test_png_folder_with_class_subfolders(tmp_path):
+    root = tmp_path / "imgs"
+    arrays = {}
+    for label in ("cat", "dog"):
+        for i in range(10):
+            arrays[(label, i)] = images_u8(1, 7, 9)[0]
+            save_png(root / label / f"{i:02d}.png", arrays[(label, i)])
+    splits = load_dataset(root)
+    assert splits.train.shape == (18, 1, 7, 9) and splits.test.shape == (2, 1, 7, 9)
+    # sorted order: cat/00..09, dog/00..09; last 10% (dog/08, dog/09) is the test split
+    np.testing.assert_allclose(splits.train[0, 0].numpy(), arrays[("cat", 0)] / 255.0, atol=1e-7)
+    np.testing.assert_allclose(splits.test[1, 0].numpy(), arrays[("dog", 9)] / 255.0, atol=1e-7)
+    assert splits.train_labels.tolist() == [0] * 10 + [1] * 8
+    assert splits.test_labels.tolist() == [1, 1]
+
+
+def test_flat_png_folder_has_no_labels(tmp_path):
+    for i in range(5):
+        save_png(tmp_path / f"{i}.png", images_u8(1, 4, 4)[0])
+    splits = load_dataset(tmp_path)
+    assert len(splits.train) == 4 and len(splits.test) == 1 and splits.train_labels is None
+
+
+def test_rgb_png_is_read_as_grayscale(tmp_path):
+    for i in range(4):
+        rgb = RNG.integers(0, 256, size=(5, 5, 3), dtype=np.uint8)
+        save_png(tmp_path / f"{i}.png", rgb)
+    splits = load_dataset(tmp_path)
+    assert splits.data_shape == (1, 5, 5)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_path(tmp_path):
+    expect_error(tmp_path / "nope.npy", "nope.npy", "does not exist")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.idx").write_bytes(b"")
+    expect_error(tmp_path / "empty.idx", "empty.idx", "empty")
+
+
+def test_wrong_idx_magic(tmp_path):
+    path = tmp_path / "bad-images-idx3-ubyte"
+    path.write_bytes(b"\x12\x34\x08\x03" + bytes(100))
+    expect_error(path, path.name, "IDX", "magic")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_truncated_idx(tmp_path, gz):
+    raw = idx_bytes(images_u8(10))
+    path = tmp_path / ("t.idx" + (".gz" if gz else ""))
+    data = raw[:-7]
+    path.write_bytes(gzip.compress(data) if gz else data)
+    expect_error(path, path.name, "truncated")
+
+
+def test_truncated_gzip_stream(tmp_path):
+    path = tmp_path / "cut.idx.gz"
+    path.write_bytes(gzip.compress(idx_bytes(images_u8(50)))[:-30])
+    expect_error(path, path.name)
+
+
+def test_idx_sizes_longer_than_header(tmp_path):
+    path = tmp_path / "long.idx"
+    path.write_bytes(idx_bytes(images_u8(10)) + b"\x00" * 30)
+    expect_error(path, path.name, "sizes")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_values(tmp_path, bad):
+    array = RNG.random((10, 4, 4)).astype(np.float32)
+    array[7, 1, 2] = bad
+    np.save(tmp_path / "x.npy", array)
+    expect_error(tmp_path / "x.npy", "x.npy", "NaN or Inf")
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 255.0), (-0.5, 1.0), (0.0, 1.0001)])
+def test_out_of_range_floats(tmp_path, lo, hi):
+    array = np.linspace(lo, hi, 10 * 16, dtype=np.float32).reshape(10, 4, 4)
+    np.save(tmp_path / "x.npy", array)
+    expect_error(tmp_path / "x.npy", "x.npy", "[0, 1]")
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.complex64, np.uint16])
+def test_wrong_dtype(tmp_path, dtype):
+    np.save(tmp_path / "x.npy", np.ones((10, 4, 4), dtype=dtype))
+    expect_error(tmp_path / "x.npy", "x.npy", "dtype", np.dtype(dtype).name)
+
+
+@pytest.mark.parametrize("shape", [(10,), (10, 2, 4, 4), (10, 4, 4, 5), (2, 3, 1, 4, 4)])
+def test_wrong_shape(tmp_path, shape):
+    np.save(tmp_path / "x.npy", np.zeros(shape, dtype=np.uint8))
+    expect_error(tmp_path / "x.npy", "x.npy", "shape", str(shape))
+
+
+def test_too_few_examples(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((1, 4, 4), dtype=np.uint8))
+    expect_error(tmp_path / "x.npy", "x.npy", "at least 2")
+
+
+def test_object_npy_is_refused_without_unpickling(tmp_path):
+    np.save(tmp_path / "x.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    expect_error(tmp_path / "x.npy", "x.npy")
+
+
+def test_mismatched_train_test_shapes(tmp_path):
+    np.savez(tmp_path / "d.npz", train=images_u8(5, 6, 5), test=images_u8(3, 6, 6))
+    expect_error(tmp_path / "d.npz", "d.npz", "(1, 6, 5)", "(1, 6, 6)")
+
+
+def test_mismatched_idx_folder_shapes(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", images_u8(5, 6, 5))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images_u8(3, 5, 5))
+    expect_error(tmp_path, tmp_path.name, "one shape")
+
+
+def test_label_count_mismatch_npz(tmp_path):
+    np.savez(tmp_path / "d.npz", x_train=images_u8(5), x_test=images_u8(3),
+             y_train=np.arange(4), y_test=np.arange(3))
+    expect_error(tmp_path / "d.npz", "d.npz", "y_train", "5")
+
+
+def test_label_count_mismatch_idx(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", images_u8(5))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images_u8(3))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(6, dtype=np.uint8))
+    expect_error(tmp_path, "train-labels-idx1-ubyte", "5")
+
+
+def test_idx_folder_without_test_file(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", images_u8(5))
+    expect_error(tmp_path, "t10k")
+
+
+def test_npz_with_unknown_keys(tmp_path):
+    np.savez(tmp_path / "d.npz", a=images_u8(3), b=images_u8(3))
+    expect_error(tmp_path / "d.npz", "d.npz", "'a'", "train")
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    (tmp_path / "sub").mkdir()
+    expect_error(tmp_path, tmp_path.name, "no images")
+
+
+def test_images_of_different_sizes(tmp_path):
+    save_png(tmp_path / "a.png", images_u8(1, 4, 4)[0])
+    save_png(tmp_path / "b.png", images_u8(1, 4, 6)[0])
+    expect_error(tmp_path, "b.png", "a.png", "one size")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a png at all", "truncated"])
+def test_unreadable_image(tmp_path, content):
+    save_png(tmp_path / "good.png", images_u8(1, 8, 8)[0])
+    if content == "truncated":
+        save_png(tmp_path / "zbad.png", images_u8(1, 8, 8)[0])
+        raw = (tmp_path / "zbad.png").read_bytes()
+        (tmp_path / "zbad.png").write_bytes(raw[: len(raw) // 2])
+    else:
+        (tmp_path / "zbad.png").write_bytes(content)
+    expect_error(tmp_path, "zbad.png")
+
+
+def test_single_image_file(tmp_path):
+    save_png(tmp_path / "a.png", images_u8(1, 4, 4)[0])
+    expect_error(tmp_path / "a.png", "a.png", "folder")
+
+
+@pytest.mark.parametrize("corrupt", ["garbage", "truncated", "pickled"])
+def test_corrupt_npz(tmp_path, corrupt):
+    path = tmp_path / "d.npz"
+    if corrupt == "garbage":
+        path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    elif corrupt == "truncated":
+        np.savez(path, train=images_u8(50), test=images_u8(10))
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    else:  # an object array inside: loading it would need pickle
+        with zipfile.ZipFile(path, "w") as z:
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, np.array([object()], dtype=object), allow_pickle=True)
+            z.writestr("images.npy", buf.getvalue())
+    expect_error(path, "d.npz")
+
+
+def test_corrupt_npy(tmp_path):
+    (tmp_path / "x.npy").write_bytes(b"\x93NUMPY garbage")
+    expect_error(tmp_path / "x.npy", "x.npy")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_epoch_batches_cover_each_row_once_and_depend_only_on_seed_and_epoch():
+    data = torch.arange(103).float().unsqueeze(1)
+    rows = torch.cat(list(EpochBatches(data, 10, seed=3, epoch=1)))
+    assert sorted(rows.squeeze(1).tolist()) == list(range(103))
+    again = torch.cat(list(EpochBatches(data, 10, seed=3, epoch=1)))
+    other = torch.cat(list(EpochBatches(data, 10, seed=3, epoch=2)))
+    assert torch.equal(rows, again) and not torch.equal(rows, other)
+    assert len(EpochBatches(data, 10, seed=3, epoch=1)) == 11
+
+
+def test_epoch_batches_shard_across_ranks():
+    data = torch.arange(103).float().unsqueeze(1)
+    single = EpochBatches(data, 8, seed=0, epoch=0).indices
+    shards = [EpochBatches(data, 4, seed=0, epoch=0, rank=r, world_size=2).indices for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 52  # padded by wrap-around
+    covered = set(torch.cat(shards).tolist())
+    assert covered == set(range(103))
+    # the ranks' k-th rows interleave to the single process's order
+    assert torch.equal(torch.stack(shards, 1).flatten()[:103], single)

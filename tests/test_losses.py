@@ -1,0 +1,69 @@
+"""Likelihoods against torch.distributions; the reparameterization reference's statistics."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Normal
+
+from fastvae.losses import (Likelihood, bernoulli_log_likelihood, elbo_terms, free_bits_kl,
+                            gaussian_log_likelihood, iwae_bound, kl_weight)
+from fastvae.reparam import reparameterize_kl, reparameterize_kl_reference
+
+
+def test_bernoulli_log_likelihood_matches_torch_on_binary_and_continuous_targets():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    binary = (torch.rand(4, 1, 8, 8, generator=g) > 0.5).double()
+    ref = Independent(Bernoulli(logits=logits), 3).log_prob(binary)
+    torch.testing.assert_close(bernoulli_log_likelihood(logits, binary).double(), ref, rtol=1e-5, atol=1e-5)
+    # continuous targets: -BCE(p, x) = x log p + (1 - x) log(1 - p), not binarized
+    x = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    p = torch.sigmoid(logits)
+    expected = (x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(-1)
+    torch.testing.assert_close(bernoulli_log_likelihood(logits, x).double(), expected, rtol=1e-5, atol=1e-5)
+    # and it is not the continuous Bernoulli (which adds a normalizer)
+    cb = Independent(ContinuousBernoulli(logits=logits), 3).log_prob(x)
+    assert not torch.allclose(bernoulli_log_likelihood(logits, x).double(), cb)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_gaussian_likelihood_matches_torch(learn):
+    g = torch.Generator().manual_seed(1)
+    mean, x = torch.randn(3, 1, 4, 4, generator=g), torch.rand(3, 1, 4, 4, generator=g)
+    lik = Likelihood("gaussian", sigma=0.3, learn_sigma=learn)
+    ref = Independent(Normal(mean, 0.3), 3).log_prob(x)
+    torch.testing.assert_close(lik.log_prob(mean, x), ref, rtol=1e-5, atol=1e-4)
+    assert isinstance(lik.log_scale, torch.nn.Parameter) == learn
+    torch.testing.assert_close(lik.mean(mean), mean)
+    torch.testing.assert_close(gaussian_log_likelihood(mean, x, torch.tensor(math.log(0.3))), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_kl_weight_and_free_bits():
+    assert kl_weight(0, beta=2.0, warmup_steps=0) == 2.0
+    assert kl_weight(5, beta=2.0, warmup_steps=10) == pytest.approx(1.0)
+    assert kl_weight(50, beta=2.0, warmup_steps=10) == 2.0
+    kl_per_dim = torch.tensor([[0.1, 2.0], [0.3, 4.0]])  # batch means 0.2 and 3.0
+    assert free_bits_kl(kl_per_dim, 0.5).item() == pytest.approx(0.5 + 3.0)
+    terms = elbo_terms(torch.tensor([-10.0, -20.0]), torch.tensor([1.0, 3.0]), beta=0.5)
+    assert terms.recon.item() == 15.0 and terms.kl.item() == 2.0
+    assert terms.loss.item() == 16.0 and terms.neg_elbo.item() == 17.0
+
+
+def test_iwae_bound_is_logmeanexp():
+    w = torch.tensor([[0.0, 1.0], [2.0, -1.0], [1.0, 1.0]])
+    expected = torch.log(torch.exp(w).mean(0))
+    torch.testing.assert_close(iwae_bound(w), expected)
+
+
+def test_reference_reparameterization_given_eps_and_statistics():
+    g = torch.Generator().manual_seed(2)
+    mu, logvar, eps = (torch.randn(5, 3, generator=g) for _ in range(3))
+    z, kl = reparameterize_kl_reference(mu, logvar, eps=eps)
+    torch.testing.assert_close(z, mu + torch.exp(0.5 * logvar) * eps)
+    # z ~ N(mu, exp(logvar)): check the moments of many draws
+    mu = torch.tensor([[1.0, -2.0]]).expand(200_000, 2)
+    logvar = torch.tensor([[0.0, math.log(4.0)]]).expand(200_000, 2)
+    z, _ = reparameterize_kl(mu, logvar, torch.Generator().manual_seed(3), backend="torch")
+    torch.testing.assert_close(z.mean(0), torch.tensor([1.0, -2.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.tensor([1.0, 2.0]), atol=0.02, rtol=0)

@@ -1,0 +1,220 @@
+"""The torch-free ONNX sampler and ``fastvae sample``: determinism, file errors, no torch import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from fastvae.errors import FastVAEError
+from fastvae.export import OnnxSampler
+
+LATENT = 4
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """A Bernoulli MLP decoder (default exporter) and a Gaussian one (TorchScript exporter)."""
+    import torch
+
+    from fastvae.export import export_decoder
+    from fastvae.models import build_model
+
+    folder = tmp_path_factory.mktemp("decoders")
+    out = {}
+    for likelihood, exporter in (("bernoulli", "auto"), ("gaussian", "torchscript")):
+        torch.manual_seed(0)
+        model = build_model({"data_shape": list(SHAPE), "hidden_dim": 16, "latent_dim": LATENT,
+                             "likelihood": likelihood, "sigma": 0.2})
+        out[likelihood] = export_decoder(model, folder / f"{likelihood}.onnx", exporter=exporter).path
+    return out
+
+
+@pytest.fixture()
+def path(decoders):
+    return decoders["bernoulli"]
+
+
+def test_sample_shape_range_and_attributes(path):
+    sampler = OnnxSampler(path, threads=1)
+    assert sampler.latent_dim == LATENT and sampler.output_shape == SHAPE
+    assert sampler.metadata["likelihood"] == "bernoulli" and sampler.precision == "fp32"
+    x = sampler.sample(10, seed=0)
+    assert x.shape == (10, *SHAPE) and x.dtype == np.float32
+    assert np.all((x >= 0) & (x <= 1))
+    assert sampler.sample(0, seed=0).shape == (0, *SHAPE)
+    assert "latent_dim=4" in repr(sampler)
+
+
+def test_same_seed_same_samples_whatever_the_batch_size(path):
+    sampler = OnnxSampler(path)
+    a = sampler.sample(300, seed=7)
+    np.testing.assert_array_equal(a, OnnxSampler(path, threads=1).sample(300, seed=7))
+    for batch_size in (1, 37, 64, 1000):
+        np.testing.assert_allclose(sampler.sample(300, seed=7, batch_size=batch_size), a, rtol=0, atol=1e-6)
+    assert not np.allclose(sampler.sample(300, seed=8), a)
+    # the first samples do not depend on how many are drawn
+    np.testing.assert_allclose(sampler.sample(10, seed=7), a[:10], rtol=0, atol=1e-6)
+
+
+def test_sample_is_decode_of_seeded_normal_draws(path):
+    sampler = OnnxSampler(path)
+    z = np.random.default_rng(3).standard_normal((20, LATENT), dtype=np.float32)
+    np.testing.assert_allclose(sampler.sample(20, seed=3), sampler.decode(z), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sampler.decode(z.astype(np.float64)), sampler.decode(z), rtol=0, atol=1e-6)
+
+
+def test_mode_sample_draws_from_the_likelihood(decoders):
+    bern = OnnxSampler(decoders["bernoulli"])
+    x = bern.sample(200, seed=0, mode="sample")
+    assert set(np.unique(x)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(x, bern.sample(200, seed=0, batch_size=7, mode="sample"))
+    gauss = OnnxSampler(decoders["gaussian"])
+    assert gauss.sigma == pytest.approx(0.2)
+    noise = gauss.sample(500, seed=0, mode="sample") - gauss.sample(500, seed=0)
+    assert abs(noise.std() - 0.2) < 0.01
+    with pytest.raises(FastVAEError, match="mode"):
+        gauss.sample(2, mode="median")
+
+
+def test_bad_arguments(path):
+    sampler = OnnxSampler(path)
+    with pytest.raises(FastVAEError, match=r"z must have shape \(n, 4\)"):
+        sampler.decode(np.zeros((3, 5), dtype=np.float32))
+    with pytest.raises(FastVAEError, match="z must have shape"):
+        sampler.decode(np.zeros(LATENT, dtype=np.float32))
+    with pytest.raises(FastVAEError, match="n must be"):
+        sampler.sample(-1)
+    with pytest.raises(FastVAEError, match="batch_size"):
+        sampler.sample(3, batch_size=0)
+    with pytest.raises(FastVAEError, match="threads"):
+        OnnxSampler(path, threads=0)
+
+
+# -- broken files --------------------------------------------------------------------------------
+def _foreign_onnx(target):
+    """A valid ONNX model that is not a fastvae decoder."""
+    node = helper.make_node("Relu", ["z"], ["y"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", LATENT])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", LATENT])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), target)
+
+
+def _with_metadata(source, target, **changes):
+    model = onnx.load(str(source))
+    for prop in model.metadata_props:
+        if prop.key in changes:
+            prop.value = changes[prop.key]
+    onnx.save(model, target)
+
+
+BROKEN = {
+    "missing": (lambda good, p: None, "does not exist"),
+    "empty": (lambda good, p: p.write_bytes(b""), "is empty"),
+    "folder": (lambda good, p: p.mkdir(), "is a folder"),
+    "garbage": (lambda good, p: p.write_bytes(b"\x00not an onnx model\xff" * 50), "could not be loaded"),
+    "text": (lambda good, p: p.write_text("hello"), "could not be loaded"),
+    "truncated_half": (lambda good, p: p.write_bytes(good.read_bytes()[: good.stat().st_size // 2]), ""),
+    "truncated_tail": (lambda good, p: p.write_bytes(good.read_bytes()[:-5]), ""),
+    "foreign_onnx": (lambda good, p: _foreign_onnx(p), "not a fastvae decoder"),
+    "wrong_latent_dim": (lambda good, p: _with_metadata(good, p, latent_dim="5"), "disagree"),
+    "wrong_shape": (lambda good, p: _with_metadata(good, p, output_shape="[3, 8, 8]"), "disagree"),
+    "damaged_metadata": (lambda good, p: _with_metadata(good, p, output_shape="[3, 8"), "damaged"),
+    "newer_format": (lambda good, p: _with_metadata(good, p, fastvae_format_version="99"), "newer fastvae"),
+}
+
+
+@pytest.fixture(params=sorted(BROKEN))
+def broken(request, path, tmp_path):
+    make, message = BROKEN[request.param]
+    target = tmp_path / "bad.onnx"
+    make(path, target)
+    return target, message
+
+
+def test_broken_files_give_one_clear_error(broken):
+    target, message = broken
+    with pytest.raises(FastVAEError, match=message or None) as info:
+        OnnxSampler(target)
+    text = str(info.value)
+    assert str(target) in text and "\n" not in text
+
+
+def test_cli_broken_file_is_one_line_exit_2(broken, tmp_path, capsys):
+    from fastvae.cli import main
+
+    target, message = broken
+    assert main(["sample", str(target), "-n", "4", "--out", str(tmp_path / "s.png")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastvae sample: error:") and message in lines[0]
+    assert not (tmp_path / "s.png").exists()
+
+
+# -- the command line and the torch-free promise ---------------------------------------------
+def test_cli_sample_png_and_npy(path, tmp_path, capsys):
+    from PIL import Image
+
+    from fastvae.cli import main
+
+    png, npy = tmp_path / "s.png", tmp_path / "sub" / "s.npy"
+    assert main(["sample", str(path), "-n", "16", "--seed", "1", "--out", str(png)]) == 0
+    assert Image.open(png).size[0] > 8
+    assert main(["sample", str(path), "-n", "16", "--seed", "1", "--batch-size", "5", "--threads", "1",
+                 "--out", str(npy)]) == 0
+    np.testing.assert_allclose(np.load(npy), OnnxSampler(path).sample(16, seed=1), rtol=0, atol=1e-6)
+    assert "wrote" in capsys.readouterr().out
+    assert main(["sample", str(path), "--out", str(tmp_path / "s.jpg")]) == 2
+    assert ".png" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png", "sub"]  # no temporary files
+
+
+_NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # any 'import torch' now raises ImportError
+from fastvae.export import OnnxSampler
+x = OnnxSampler(sys.argv[1]).sample(50, seed=0, batch_size=16)
+assert x.shape[0] == 50
+from fastvae.cli import main
+rc = main(["sample", sys.argv[1], "-n", "9", "--out", sys.argv[2]])
+assert rc == 0, rc
+sys.modules.pop("torch")
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+print("ok")
+"""
+
+
+def test_sampler_and_sample_command_never_import_torch(path, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_NO_TORCH), str(path), str(tmp_path / "s.npy")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+    assert np.load(tmp_path / "s.npy").shape == (9, *SHAPE)
+
+
+def test_real_cli_process_prints_no_traceback(path, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(path.read_bytes()[:1000])
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvae", "sample", str(bad), "-n", "4", "--out", str(tmp_path / "s.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "bad.onnx" in result.stderr
+
+
+def test_metadata_is_json_friendly(path):
+    meta = OnnxSampler(path).metadata
+    assert json.loads(meta["output_shape"]) == list(SHAPE)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())

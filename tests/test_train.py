@@ -1,0 +1,244 @@
+"""Training: the objective (beta, KL warm-up, free bits, IWAE) and the loop (learning, resume, seeds)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from conftest import max_weight_diff, metrics_without_time, state_dict_of
+from fastvae.distributions import kl_standard_normal
+from fastvae.losses import (bernoulli_log_likelihood, elbo_terms, free_bits_kl, iwae_bound,
+                            iwae_log_weights, kl_weight)
+from fastvae.train import train
+
+# ----------------------------------------------------------------------------- objective, by hand
+
+
+@pytest.mark.parametrize("step, beta, warmup, expected", [
+    (0, 1.0, 100, 0.0),
+    (25, 1.0, 100, 0.25),
+    (50, 2.0, 100, 1.0),
+    (100, 2.0, 100, 2.0),
+    (10_000, 2.0, 100, 2.0),   # stays at beta after the warm-up
+    (0, 0.5, 0, 0.5),          # no warm-up: plain beta from the first step
+    (7, 3.0, 0, 3.0),
+])
+def test_kl_weight(step, beta, warmup, expected):
+    assert kl_weight(step, beta, warmup) == pytest.approx(expected, abs=1e-12)
+
+
+def test_free_bits_kl_by_hand():
+    kl_per_dim = torch.tensor([[0.1, 2.0, 0.0], [0.3, 1.0, 0.4]])
+    # batch means per dim: 0.2, 1.5, 0.2 -> clamped at 0.5: 0.5, 1.5, 0.5
+    assert float(free_bits_kl(kl_per_dim, 0.5)) == pytest.approx(2.5)
+    assert float(free_bits_kl(kl_per_dim, 0.0)) == pytest.approx(1.9)
+    assert float(free_bits_kl(kl_per_dim, 2.0)) == pytest.approx(6.0)
+
+
+def test_elbo_terms_beta_and_free_bits_by_hand():
+    recon_ll = torch.tensor([-10.0, -20.0])
+    kl_per_dim = torch.tensor([[0.2, 0.8], [0.6, 2.4]], requires_grad=True)
+    kl = kl_per_dim.sum(-1)  # 1.0, 3.0
+    plain = elbo_terms(recon_ll, kl)
+    assert float(plain.recon) == pytest.approx(15.0) and float(plain.kl) == pytest.approx(2.0)
+    assert float(plain.loss.detach()) == pytest.approx(17.0)
+    assert float(plain.neg_elbo.detach()) == pytest.approx(17.0)
+
+    beta = elbo_terms(recon_ll, kl, beta=0.5)
+    assert float(beta.loss.detach()) == pytest.approx(15.0 + 0.5 * 2.0)
+    assert float(beta.neg_elbo.detach()) == pytest.approx(17.0)  # the reported bound ignores beta
+
+    # free bits 1.5 nats/dim: per-dim means 0.4 -> 1.5, 1.6 stays: 3.1
+    fb = elbo_terms(recon_ll, kl, beta=0.5, kl_per_dim=kl_per_dim, free_bits=1.5)
+    assert float(fb.loss.detach()) == pytest.approx(15.0 + 0.5 * 3.1)
+    assert float(fb.kl) == pytest.approx(2.0)  # reported KL is the true KL
+    fb.loss.backward()
+    # dimension 0 sits under its free bits: no gradient pushes its KL down
+    assert torch.allclose(kl_per_dim.grad, torch.tensor([[0.0, 0.25], [0.0, 0.25]]))
+    with pytest.raises(ValueError):
+        elbo_terms(recon_ll, kl, free_bits=1.0)
+
+
+def test_kl_standard_normal_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    p = Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    torch.testing.assert_close(kl_standard_normal(mu, logvar), kl_divergence(q, p).sum(-1))
+
+
+def test_bernoulli_log_likelihood_continuous_targets():
+    logits = torch.tensor([[0.3, -1.2, 2.0]])
+    x = torch.tensor([[0.0, 0.25, 1.0]])
+    p = torch.sigmoid(logits)
+    expected = (x * torch.log(p) + (1 - x) * torch.log(1 - p)).sum(-1)
+    torch.testing.assert_close(bernoulli_log_likelihood(logits, x), expected)
+
+
+def test_vae_forward_beta_scales_only_the_kl(digits):
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": [1, 8, 8], "hidden_dim": 16, "latent_dim": 3})
+    x = digits.train[:32]
+    terms = {b: model(x, torch.Generator().manual_seed(1), beta=b) for b in (0.0, 1.0, 4.0)}
+    for b, t in terms.items():
+        torch.testing.assert_close(t.recon, terms[0.0].recon)  # same eps: same recon
+        torch.testing.assert_close(t.loss, t.recon + b * t.kl)
+    assert float(terms[0.0].loss) == pytest.approx(float(terms[0.0].recon))
+
+
+# ----------------------------------------------------------------------------- IWAE
+
+
+def _toy_posterior(digits, n=64):
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": [1, 8, 8], "hidden_dim": 16, "latent_dim": 3}).eval()
+    x = digits.test[:n]
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+    return model, x, mu, logvar
+
+
+def _log_weights(model, x, mu, logvar, eps):
+    """(K, B) log weights computed with torch.distributions, independently of fastvae.losses."""
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * eps
+    with torch.no_grad():
+        k, b = eps.shape[:2]
+        logits = model.decode(z.flatten(0, 1))
+        xk = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+        recon_ll = -torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, xk, reduction="none").flatten(1).sum(-1).view(k, b)
+    log_p = Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_q = Normal(mu, std).log_prob(z).sum(-1)
+    return recon_ll, z, recon_ll + log_p - log_q
+
+
+def test_iwae_k1_equals_single_sample_elbo(digits):
+    model, x, mu, logvar = _toy_posterior(digits)
+    eps = torch.randn((1, *mu.shape), generator=torch.Generator().manual_seed(0))
+    recon_ll, z, reference = _log_weights(model, x, mu, logvar, eps)
+    log_w = iwae_log_weights(recon_ll, z, mu, logvar)
+    torch.testing.assert_close(log_w, reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(iwae_bound(log_w), reference[0], rtol=1e-5, atol=1e-4)
+
+
+def test_iwae_k1_is_unbiased_for_the_closed_form_elbo(digits):
+    # with K = 1 the bound is the ELBO with a sampled KL; averaged over many eps it meets the
+    # closed-form ELBO (log p(x|z) averaged the same way, minus the analytic KL)
+    model, x, mu, logvar = _toy_posterior(digits, n=16)
+    eps = torch.randn((4000, *mu.shape), generator=torch.Generator().manual_seed(1))
+    recon_ll, z, _ = _log_weights(model, x, mu, logvar, eps)
+    per_sample = torch.stack([iwae_bound(iwae_log_weights(recon_ll[i:i + 1], z[i:i + 1], mu, logvar))
+                              for i in range(len(eps))])
+    closed = recon_ll - kl_standard_normal(mu, logvar)
+    diff = (per_sample - closed).mean(0)  # per example, over 4000 draws
+    stderr = (per_sample - closed).std(0) / math.sqrt(len(eps))
+    assert (diff.abs() < 5 * stderr + 1e-3).all(), (diff, stderr)
+
+
+def test_iwae_bound_tightens_with_k(digits):
+    model, x, mu, logvar = _toy_posterior(digits)
+    g = torch.Generator().manual_seed(2)
+    means = {}
+    for k in (1, 10, 100):
+        eps = torch.randn((k, *mu.shape), generator=g)
+        recon_ll, z, _ = _log_weights(model, x, mu, logvar, eps)
+        means[k] = float(iwae_bound(iwae_log_weights(recon_ll, z, mu, logvar)).mean())
+    eps = torch.randn((1, *mu.shape), generator=g)
+    recon_ll, _, _ = _log_weights(model, x, mu, logvar, eps)
+    elbo = float((recon_ll[0] - kl_standard_normal(mu, logvar)).mean())
+    assert means[10] >= elbo - 0.05 and means[100] >= means[10] - 0.05, (elbo, means)
+    assert means[100] > elbo, (elbo, means)
+    # log-mean-exp of the weights never exceeds their max
+    log_w = torch.randn(50, 7, generator=g) * 5
+    assert (iwae_bound(log_w) <= log_w.max(0).values + 1e-6).all()
+    assert (iwae_bound(log_w) >= log_w.mean(0) - 1e-6).all()  # Jensen, per example
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_loss_decreases_on_digits(make_config):
+    result = train(make_config(epochs=4))
+    losses = [row["train_loss"] for row in result.metrics]
+    tests = [row["test_neg_elbo"] for row in result.metrics]
+    assert all(math.isfinite(v) for v in losses + tests)
+    assert losses[-1] < losses[0] - 2.0, losses
+    assert tests[-1] < tests[0] - 2.0, tests
+    assert [row["epoch"] for row in result.metrics] == [1, 2, 3, 4]
+    assert [row["step"] for row in result.metrics] == [24, 48, 72, 96]  # ceil(1500 / 64) per epoch
+    assert result.epochs == 4 and result.steps == 96 and not result.interrupted
+
+
+def test_resume_equals_straight_run(tmp_path, make_config):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(make_config(out=straight, epochs=4))
+    train(make_config(out=split, epochs=2))
+    first_half = state_dict_of(split)
+    train(make_config(out=split, epochs=4), resume=True)
+    assert max_weight_diff(state_dict_of(straight), state_dict_of(split)) <= 1e-6
+    assert max_weight_diff(first_half, state_dict_of(split)) > 1e-4  # it did train on
+    assert metrics_without_time(straight) == metrics_without_time(split)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (4, 96)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-9)
+
+
+def test_resume_of_a_finished_run_changes_nothing(make_config):
+    config = make_config(epochs=1)
+    train(config)
+    before = state_dict_of(config.out)
+    result = train(config, resume=True)
+    assert result.epochs == 1 and max_weight_diff(before, state_dict_of(config.out)) == 0.0
+    assert len(metrics_without_time(config.out)) == 1
+
+
+def test_seed_decides_the_weights(tmp_path, make_config):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(make_config(out=tmp_path / name, epochs=1, seed=seed))
+    assert max_weight_diff(state_dict_of(tmp_path / "a"), state_dict_of(tmp_path / "b")) == 0.0
+    assert max_weight_diff(state_dict_of(tmp_path / "a"), state_dict_of(tmp_path / "c")) > 1e-3
+
+
+def test_autoencoder_baseline_trains(make_config, digits):
+    from fastvae import load
+    from fastvae.models import StackedAutoencoder
+
+    config = make_config(kind="ae", epochs=3, lr=1e-2)
+    result = train(config)
+    losses = [row["train_loss"] for row in result.metrics]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(row["train_kl"] == 0.0 for row in result.metrics)
+    model = load(config.out)
+    assert isinstance(model, StackedAutoencoder)
+    x = digits.test[:50]
+    with torch.no_grad():
+        mse = float((model.reconstruct(x) - x).pow(2).flatten(1).sum(-1).mean())
+        baseline = float((x - digits.train.mean(0)).pow(2).flatten(1).sum(-1).mean())
+    assert mse < baseline, (mse, baseline)  # better than predicting the mean image
+
+
+def test_beta_zero_lets_the_kl_grow(tmp_path, make_config):
+    # beta = 0 removes the KL from the objective, so the posterior drifts far from the prior;
+    # a long warm-up keeps the KL weight near 0 and behaves the same way early on
+    runs = {}
+    for name, extra in (("beta1", {}), ("beta0", {"beta": 0.0}),
+                        ("warm", {"kl_warmup_steps": 100_000})):
+        runs[name] = train(make_config(out=tmp_path / name, epochs=2, **extra)).metrics[-1]["train_kl"]
+    assert runs["beta0"] > 3 * runs["beta1"], runs
+    assert runs["warm"] > 3 * runs["beta1"], runs
+
+
+def test_free_bits_keep_kl_up(tmp_path, make_config):
+    plain = train(make_config(out=tmp_path / "plain", epochs=2)).metrics[-1]["train_kl"]
+    fb = train(make_config(out=tmp_path / "fb", epochs=2, free_bits=2.0)).metrics[-1]["train_kl"]
+    assert fb > plain + 1.0, (plain, fb)
