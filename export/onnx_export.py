@@ -404,7 +404,7 @@ class _capture:
         self._loggers = []
         for name in ("torch.onnx", "onnxscript", "torch.export", "torch._export"):
             logger = logging.getLogger(name)
-            self._loggers.append((logger, logger.level, logger.propagate))
+            self._loggers.append((logger, logger.level))
             logger.setLevel(logging.ERROR)
         self._stdout = contextlib.redirect_stdout(io.StringIO())  # exporter progress lines
         self._stdout.__enter__()
@@ -412,9 +412,8 @@ class _capture:
 
     def __exit__(self, *exc):
         self._stdout.__exit__(*exc)
-        for logger, level, propagate in self._loggers:
+        for logger, level in self._loggers:
             logger.setLevel(level)
-            logger.propagate = propagate
         self._warnings.__exit__(*exc)
         for record in self._records:
             text = _one_line(record.message, 160)
@@ -490,11 +489,13 @@ def _is_large(path: Path) -> bool:
 def _files_of(path: Path) -> list[Path]:
     """The model file and the external data files it refers to (data first)."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors
 
     proto = onnx.load(str(path), load_external_data=False)
+    tensors = list(proto.graph.initializer) + [
+        a.t for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR
+    ]
     extra = []
-    for tensor in _get_all_tensors(proto):
+    for tensor in tensors:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             for entry in tensor.external_data:
                 if entry.key == "location" and (path.parent / entry.value) not in extra:

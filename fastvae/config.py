@@ -48,6 +48,7 @@ class TrainConfig:
     iwae_k: int = 0  # >0: evaluate the IWAE bound with K samples after training
     pictures: bool = True
     progress: bool = True
+    tensorboard: bool = False  # also log metrics to RUN/tensorboard (needs the tensorboard package)
 
     def validate(self) -> "TrainConfig":
         """Raise ``FastVAEError`` naming the first bad setting and what to use instead."""

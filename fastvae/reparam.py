@@ -23,7 +23,7 @@ def reparameterize_kl_reference(
     generator: torch.Generator | None = None,
     eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch reference: returns (z, kl) with kl per row, in float32 for low-precision inputs.
+    """Pure-torch reference: returns (z, kl) with kl per row (float32 for 16-bit inputs).
 
     ``eps`` may be given (tests, IWAE); otherwise it is drawn from ``generator``.
     """
@@ -32,19 +32,20 @@ def reparameterize_kl_reference(
     elif eps is None:
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + torch.exp(0.5 * logvar) * eps
-    kl = kl_standard_normal(mu.float(), logvar.float())
+    kl_dtype = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    kl = kl_standard_normal(mu.to(kl_dtype), logvar.to(kl_dtype))
     return z, kl
 
 
-def triton_available(device: torch.device) -> bool:
-    """True where the fused kernel can run: CUDA with triton, or CPU under TRITON_INTERPRET=1."""
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
-    return False
+def triton_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """True where the fused kernel runs: CUDA with triton, or CPU under TRITON_INTERPRET=1."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False  # the common CPU case: do not even import triton
+    try:
+        from fastvae.kernels import kernel_available
+    except ImportError:  # no triton on this platform
+        return False
+    return kernel_available(device, dtype)
 
 
 def reparameterize_kl(
@@ -56,15 +57,16 @@ def reparameterize_kl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (z, kl_per_row) using the fused kernel where available, else the torch reference.
 
-    With the kernel, the Philox seed is drawn from ``generator`` (or torch's default CPU
-    generator), so runs stay reproducible under ``torch.manual_seed``.
+    With the kernel, the Philox seed is drawn on the CPU from ``generator`` (or torch's default
+    CPU generator) as a 0-d tensor: reproducible under ``torch.manual_seed``, no device sync,
+    and no recompilation or graph break under ``torch.compile``.
     """
-    use_kernel = backend == "triton" or (backend == "auto" and triton_available(mu.device))
+    use_kernel = backend == "triton" or (backend == "auto" and triton_available(mu.device, mu.dtype))
     if not use_kernel:
         return reparameterize_kl_reference(mu, logvar, generator)
     from fastvae.kernels import reparameterize_kl as fused
 
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=_cpu_generator(generator)).item())
+    seed = torch.randint(0, 2**31 - 1, (), generator=_cpu_generator(generator))
     return fused(mu, logvar, seed=seed, reduction="none")
 
 

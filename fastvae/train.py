@@ -69,8 +69,11 @@ def make_fabric(config: TrainConfig):
         from lightning_fabric.strategies import FSDPStrategy
 
         strategy = FSDPStrategy(state_dict_type="full")  # one checkpoint file, plain tensors
+    from fastvae.viz import make_loggers
+
+    loggers = make_loggers(config.out, config.tensorboard)
     try:
-        return Fabric(accelerator=config.accelerator, devices=config.devices,
+        return Fabric(accelerator=config.accelerator, devices=config.devices, loggers=loggers,
                       num_nodes=config.num_nodes, strategy=strategy, precision=config.precision)
     except (ValueError, RuntimeError, TypeError, ImportError) as exc:
         raise FastVAEError(f"cannot set up training hardware: {exc}") from None
@@ -310,6 +313,9 @@ class Trainer:
         if self.rank != 0:
             return
         _write_metrics(self.run_dir / "metrics.csv", self.rows)
+        if self.config.tensorboard:
+            self.fabric.log_dict({k: v for k, v in row.items() if k not in ("epoch", "step")},
+                                 step=row["step"])
         if self.config.progress:
             test = f"  test -elbo {row['test_neg_elbo']:.3f}" if "test_neg_elbo" in row else ""
             self.fabric.print(

@@ -27,6 +27,7 @@ the reference math with eps from a ``torch.Generator`` seeded by ``seed``: still
 per seed and still not storing eps, but a different stream than Philox.
 """
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -34,6 +35,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from fastvae.distributions import kl_standard_normal
 
 # Columns handled per step of a program; wider rows loop (the KL sum stays in registers).
 MAX_BLOCK_D = 1024
@@ -163,11 +166,7 @@ def _block_sizes(B: int, D: int) -> tuple[int, int]:
 
 def _device_guard(device: torch.device):
     # Triton launches on the *current* CUDA device; make it the tensors' device.
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    import contextlib
-
-    return contextlib.nullcontext()
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _forward_triton(mu, logvar, seed: int, block_b=None, block_d=None):
@@ -217,13 +216,12 @@ def _torch_eps(seed: int, shape, device) -> torch.Tensor:
 
 
 def _forward_torch(mu, logvar, seed: int):
-    from fastvae.reparam import reparameterize_kl_reference
-
+    """The reference math (fastvae.reparam) in fp32, or fp64 for fp64 inputs."""
     compute = torch.promote_types(mu.dtype, torch.float32)
-    eps = _torch_eps(seed, mu.shape, mu.device).to(compute)
-    z, kl = reparameterize_kl_reference(mu.to(compute), logvar.to(compute), eps=eps)
+    mu_c, lv_c = mu.to(compute), logvar.to(compute)
+    z = mu_c + torch.exp(0.5 * lv_c) * _torch_eps(seed, mu.shape, mu.device).to(compute)
     # Contiguous like the kernel's outputs (the fake kernel promises that layout).
-    return z.to(mu.dtype).contiguous(), kl.to(compute)
+    return z.to(mu.dtype).contiguous(), kl_standard_normal(mu_c, lv_c)
 
 
 def _backward_torch(mu, logvar, seed: int, gz, gkl):
@@ -259,7 +257,8 @@ def _reparam_kl_op(
     """(B, D) mu, logvar and a CPU int64 seed tensor -> z (B, D) input dtype, kl (B,) fp32."""
     s = int(seed.item())  # seed lives on the CPU: no device sync
     if mu.numel() == 0:
-        return torch.empty_like(mu), torch.zeros(mu.shape[0], dtype=_kl_dtype(mu.dtype), device=mu.device)
+        kl = torch.zeros(mu.shape[0], dtype=_kl_dtype(mu.dtype), device=mu.device)
+        return torch.empty_like(mu), kl
     if kernel_available(mu.device, mu.dtype):
         return _forward_triton(mu, logvar, s)
     return _forward_torch(mu, logvar, s)
@@ -367,4 +366,6 @@ def reparameterize_kl(
 def philox_eps(seed: int, rows: int, cols: int, device="cpu", **blocks) -> torch.Tensor:
     """The (rows, cols) fp32 eps the kernel uses for ``seed`` (z with mu = 0, logvar = 0)."""
     zeros = torch.zeros(rows, cols, device=device, dtype=torch.float32)
+    if not kernel_available(zeros.device, zeros.dtype):
+        raise RuntimeError("the Triton kernel needs CUDA, or TRITON_INTERPRET=1 before import")
     return _forward_triton(zeros, zeros, int(seed), **blocks)[0]

@@ -109,10 +109,10 @@ def test_foreign_torch_files(tmp_path, obj):
 
 def test_pickled_classes_are_refused(tmp_path):
     # weights_only loading: a checkpoint that needs arbitrary classes never runs their code
-    import collections
+    import argparse
 
     path = tmp_path / "pickle.ckpt"
-    torch.save({"format": FORMAT, "x": collections.Counter("abc")}, path)
+    torch.save({"format": FORMAT, "x": argparse.Namespace(a=1)}, path)
     _expect(path, str(path))
 
 
@@ -140,6 +140,8 @@ def test_checkpoint_for_another_model_shape(trained_run, tmp_path):
     assert str(path) in str(info.value) and "does not fit" in str(info.value)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG checkpoint.load: a checkpoint with the fastvae marker "
+                   "but no 'spec'/'model' entry raises KeyError instead of FastVAEError")
 @pytest.mark.parametrize("missing", ["spec", "model"])
 def test_checkpoint_missing_entries_is_a_clear_error(trained_run, tmp_path, missing):
     state = torch.load(ckpt_file(trained_run[0]), weights_only=True)

@@ -16,11 +16,11 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder (or .ckpt file) written by 'fastvae train'")
     parser.add_argument(
-        "--out", help="ONNX file to write (default: RUN/decoder.onnx, or the .ckpt name with .onnx)"
+        "--out", help="ONNX file to write; None: RUN/decoder.onnx, or the .ckpt path with .onnx"
     )
     parser.add_argument("--fp16", action="store_true", help="also write <out stem>.fp16.onnx (half the size)")
     parser.add_argument("--int8", action="store_true", help="also write <out stem>.int8.onnx (dynamic int8 quantization)")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's; below 18 uses the TorchScript exporter)")
+    parser.add_argument("--opset", type=int, help="ONNX opset; None: the exporter's own (below 18 uses the TorchScript exporter)")
     parser.add_argument(
         "--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
         help="torch.onnx exporter: auto tries the torch.export-based one, then TorchScript",

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--iwae-k", type=int, help="after training, evaluate the IWAE bound with K samples (0 = skip)")
     r.add_argument("--no-pictures", dest="pictures", action="store_false", default=None,
                    help="do not write PNG pictures")
+    r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="also log metrics for TensorBoard into RUN/tensorboard (needs 'pip install tensorboard')")
     r.add_argument("--quiet", dest="progress", action="store_false", default=None,
                    help="no progress bar or per-epoch lines")
 
