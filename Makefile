@@ -22,12 +22,16 @@ demo: $(STAMP)
 	$(VENV)/bin/fastvae train --data digits --model mlp --latent-dim 8 --hidden-dim 512 \
 	    --likelihood bernoulli --epochs 50 --batch-size 64 --lr 1e-3 --seed 0 --out $(RUN) --overwrite
 	$(VENV)/bin/fastvae evaluate $(RUN) --iwae-k 1000 --json
+	$(VENV)/bin/fastvae report $(RUN) --iwae-k 1000
+	$(VENV)/bin/fastvae export $(RUN) --out $(RUN)/decoder.onnx --fp16 --int8
+	$(VENV)/bin/fastvae sample $(RUN)/decoder.onnx -n 64 --seed 0 --out $(RUN)/onnx_samples.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	bash benchmarks/run.sh
+	$(PY) benchmarks/report.py summary benchmarks/results/*/ --readme README.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

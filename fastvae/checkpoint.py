@@ -18,6 +18,7 @@ from fastvae.errors import FastVAEError
 
 FORMAT = "fastvae-checkpoint-v1"
 LAST = Path("checkpoints") / "last.ckpt"
+REQUIRED_KEYS = ("config", "spec", "model")
 
 
 @contextmanager
@@ -100,6 +101,10 @@ def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu") -> dict:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise FastVAEError(f"{path} is not a fastvae checkpoint (no '{FORMAT}' marker)")
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state.get(k), dict)]
+    if missing:
+        raise FastVAEError(f"{path} is a damaged fastvae checkpoint: no {', '.join(missing)} entry; "
+                           "use an intact checkpoint or train again")
     return state
 
 

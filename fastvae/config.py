@@ -6,6 +6,7 @@ A run is repeatable from its ``config.json`` alone (``fastvae train --config RUN
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,6 +58,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FastVAEError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("lr", "sigma", "beta", "free_bits"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise FastVAEError(f"--{_flag(name)} must be a finite number, got {value!r}")
         checks = {
             "lr": self.lr > 0,
             "sigma": self.sigma > 0,

@@ -31,7 +31,6 @@ from fastvae.losses import kl_weight
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_recon", "train_kl", "epoch_time_s",
                  "test_neg_elbo", "test_recon", "test_kl"]
-RUN_MARKERS = ("config.json", "metrics.csv", str(LAST))
 SPEC_KEYS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data")
 
 
@@ -55,9 +54,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     holds a run is refused, so no earlier work is lost by a typo.
     """
     config.validate()
-    prepare_run_dir(Path(config.out), config, resume, overwrite)
+    run_dir = Path(config.out)
+    replace = check_run_dir(run_dir, config, resume, overwrite)
     splits = splits if splits is not None else load_dataset(config.data)
-    return make_fabric(config).launch(_fit, config, splits, resume)
+    fabric = make_fabric(config)
+    if replace:  # only now that data and hardware are known to be good
+        clear_run_dir(run_dir)
+    return fabric.launch(_fit, config, splits, resume)
 
 
 def make_fabric(config: TrainConfig):
@@ -79,33 +82,47 @@ def make_fabric(config: TrainConfig):
         raise FastVAEError(f"cannot set up training hardware: {exc}") from None
 
 
-def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run by accident; check that a resumed run is the same model."""
+def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> bool:
+    """Refuse to clobber a run by accident; check that a resumed run is the same model.
+
+    Returns True when ``run_dir`` holds a run that ``--overwrite`` is to replace. A folder
+    without a checkpoint holds nothing trained, so it is reused without asking.
+    """
     if resume and overwrite:
         raise FastVAEError("--resume and --overwrite contradict each other: choose one")
     if run_dir.exists() and not run_dir.is_dir():
         raise FastVAEError(f"--out {run_dir} is a file: give a folder for the run")
-    holds_run = run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
+    holds_run = (run_dir / LAST).exists()
     if resume:
-        saved = read_checkpoint(run_dir)["config"]  # clear error when missing or corrupt
+        state = read_checkpoint(run_dir)  # clear error when missing or corrupt
+        saved = state["config"]
         changed = [k for k in SPEC_KEYS if saved.get(k) != getattr(config, k)]
+        if state.get("batch_in_epoch"):  # mid-epoch: the rest of the epoch must be the same
+            changed += [k for k in ("batch_size", "seed") if saved.get(k) != getattr(config, k)]
+            if int(state.get("world_size", 1)) != config.devices * config.num_nodes:
+                changed.append("devices")
         if changed:
             raise FastVAEError(
                 f"cannot resume {run_dir}: setting(s) {', '.join(changed)} differ from the run "
-                "that wrote it; resume with the same model and data, or train into a new --out"
+                "that wrote it; resume with the same settings, or train into a new --out"
             )
-    elif holds_run and not overwrite:
+        return False
+    if holds_run and not overwrite:
         raise FastVAEError(
             f"--out {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
             "replace it, or choose another folder"
         )
-    elif holds_run:
-        for name in ("config.json", "metrics.csv", "checkpoints"):
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    return holds_run
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove a previous run's files (the ``--overwrite`` case)."""
+    for name in ("config.json", "metrics.csv", "checkpoints"):
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 class StopRequest:
@@ -181,17 +198,14 @@ class Trainer:
                          f"{config.batch_size} x {self.world} processes")
         interrupted = False
         with StopRequest() as stop:
-            while self.epoch < config.epochs:
+            while self.epoch < config.epochs and not interrupted:
                 row = self.run_epoch(stop)
-                if row is None:
-                    interrupted = True
-                    fabric.print(f"interrupted: checkpoint written at epoch {self.epoch + 1}, "
-                                 f"step {self.step}; continue with --resume")
-                    break
-                self._log(row)
-                if stop.requested:
-                    interrupted = True
-                    break
+                if row is not None:
+                    self._log(row)
+                interrupted = stop.requested and (row is None or self.epoch < config.epochs)
+            if interrupted:
+                fabric.print(f"interrupted: checkpoint written at step {self.step} (epoch "
+                             f"{self.epoch + (row is None)}); continue with --resume")
         if self.rank != 0:
             return None
         if config.pictures and not interrupted:
@@ -210,13 +224,20 @@ class Trainer:
             return None
         self.skip_batches, self.partial = 0, None
         sums = self.fabric.all_reduce(totals[:4].to(self.fabric.device), reduce_op="sum").cpu()
+        if float(sums[3]) == 0:
+            raise FastVAEError(
+                f"every step of epoch {self.epoch + 1} had a non-finite loss: the model has "
+                f"diverged. {self._checkpoint_note()}Train again with a lower --lr"
+            )
         self.epoch += 1
-        count = max(float(sums[3]), 1.0)
+        count = float(sums[3])
         row = {"epoch": self.epoch, "step": self.step, "train_loss": float(sums[0]) / count,
                "train_recon": float(sums[1]) / count, "train_kl": float(sums[2]) / count,
                "epoch_time_s": float(totals[4])}
         row.update(self.test_metrics())
         self.rows.append(row)
+        if self.rank == 0:  # before the checkpoint: a resume drops rows past its epoch
+            _write_metrics(self.run_dir / "metrics.csv", self.rows)
         self.save()
         return row
 
@@ -265,8 +286,8 @@ class Trainer:
             if config.on_nonfinite == "stop":
                 raise FastVAEError(
                     f"loss became {loss} at epoch {self.epoch + 1}, step {self.step}; training "
-                    f"stopped and the last good checkpoint {self.run_dir / LAST} is intact. Try a "
-                    "lower --lr, --precision 32-true, or --on-nonfinite skip"
+                    f"stopped. {self._checkpoint_note()}Try a lower --lr, --precision 32-true, "
+                    "or --on-nonfinite skip"
                 )
             self.fabric.print(f"skipping step {self.step} (epoch {self.epoch + 1}): loss is {loss}")
             return
@@ -275,6 +296,12 @@ class Trainer:
         self.optimizer.step()
         n = len(x)
         totals[:4] += torch.tensor([neg_elbo * n, recon * n, kl * n, n], dtype=torch.float64)
+
+    def _checkpoint_note(self) -> str:
+        last = self.run_dir / LAST
+        if last.exists():
+            return f"The last good checkpoint {last} is intact (--resume continues from it). "
+        return "No checkpoint was written yet. "
 
     def test_metrics(self) -> dict:
         """Single-sample -ELBO (MSE for the autoencoder) on the test split, each example once."""
@@ -312,7 +339,6 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if self.rank != 0:
             return
-        _write_metrics(self.run_dir / "metrics.csv", self.rows)
         if self.config.tensorboard:
             self.fabric.log_dict({k: v for k, v in row.items() if k not in ("epoch", "step")},
                                  step=row["step"])

@@ -223,6 +223,14 @@ def save_interpolation(
     return save_image_grid(grid.numpy(), path, nrow=steps + 2)
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
 def save_latent_scatter(model, x, path: str | Path, labels=None) -> Path:
     """Scatter of the 2-D latent means of ``x``, coloured by ``labels`` when given."""
     if model.latent_dim != 2:
@@ -248,13 +256,9 @@ def save_latent_scatter(model, x, path: str | Path, labels=None) -> Path:
         ax.set_ylabel("z[1]")
         ax.set_title("test-set latent means" if _is_vae(model) else "test-set codes")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=DPI)
+        return _save_figure(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- metrics.csv
@@ -311,13 +315,9 @@ def save_loss_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=DPI)
+        return _save_figure(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- the run's pictures

@@ -217,7 +217,7 @@ def run_dir(tmp_path):
 
     model = _model(seed=5)
     run = tmp_path / "run"
-    save_checkpoint(run / "checkpoints" / "last.ckpt", {"spec": model.spec, "model": model.state_dict()})
+    save_checkpoint(run / "checkpoints" / "last.ckpt", {"config": {}, "spec": model.spec, "model": model.state_dict()})
     return run, model
 
 

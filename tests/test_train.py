@@ -88,7 +88,7 @@ def test_vae_forward_beta_scales_only_the_kl(digits):
     for b, t in terms.items():
         torch.testing.assert_close(t.recon, terms[0.0].recon)  # same eps: same recon
         torch.testing.assert_close(t.loss, t.recon + b * t.kl)
-    assert float(terms[0.0].loss) == pytest.approx(float(terms[0.0].recon))
+    assert float(terms[0.0].loss.detach()) == pytest.approx(float(terms[0.0].recon))
 
 
 # ----------------------------------------------------------------------------- IWAE
@@ -145,6 +145,7 @@ def test_iwae_k1_is_unbiased_for_the_closed_form_elbo(digits):
 
 def test_iwae_bound_tightens_with_k(digits):
     model, x, mu, logvar = _toy_posterior(digits)
+    logvar = logvar + 2.0  # a poor, too-wide q: the ELBO is loose and importance weighting helps
     g = torch.Generator().manual_seed(2)
     means = {}
     for k in (1, 10, 100):
@@ -154,12 +155,14 @@ def test_iwae_bound_tightens_with_k(digits):
     eps = torch.randn((1, *mu.shape), generator=g)
     recon_ll, _, _ = _log_weights(model, x, mu, logvar, eps)
     elbo = float((recon_ll[0] - kl_standard_normal(mu, logvar)).mean())
-    assert means[10] >= elbo - 0.05 and means[100] >= means[10] - 0.05, (elbo, means)
-    assert means[100] > elbo, (elbo, means)
-    # log-mean-exp of the weights never exceeds their max
+    # measured: ELBO -53.6, K=1 -52.3, K=10 -45.9, K=100 -45.4 (64 test digits, fixed seeds)
+    assert abs(means[1] - elbo) < 3.0, (elbo, means)
+    assert means[10] > elbo + 4.0 and means[100] > means[10] + 0.2, (elbo, means)
+    # log-mean-exp of the weights lies between their mean (Jensen) and their max
     log_w = torch.randn(50, 7, generator=g) * 5
     assert (iwae_bound(log_w) <= log_w.max(0).values + 1e-6).all()
-    assert (iwae_bound(log_w) >= log_w.mean(0) - 1e-6).all()  # Jensen, per example
+    assert (iwae_bound(log_w) >= log_w.mean(0) - 1e-6).all()
+    torch.testing.assert_close(iwae_bound(torch.full((8, 3), -2.5)), torch.full((3,), -2.5))
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder (or .ckpt file) written by 'fastvae train'")
     parser.add_argument("--iwae-k", type=int, default=1000, help="importance samples for the IWAE bound (0 = skip)")
     parser.add_argument("--data", help="evaluate on this data's test split instead of the run's own")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
+    parser.add_argument("--seed", type=int, help="seed of the evaluation noise (default: the run's seed, "
+                        "so -ELBO matches the last test_neg_elbo in metrics.csv)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--pictures", action="store_true", help="also (re)write the run's PNG pictures")
 
@@ -32,16 +33,17 @@ def run(args: argparse.Namespace) -> int:
     if not hasattr(model, "likelihood"):
         raise FastVAEError(f"{args.run} holds a deterministic autoencoder (kind 'ae'): it has no ELBO to evaluate")
     data = args.data or state["config"]["data"]
+    seed = args.seed if args.seed is not None else int(state["config"].get("seed", 0))
     splits = load_dataset(data)
     if tuple(splits.data_shape) != tuple(model.data_shape):
         raise FastVAEError(f"data {data} has images of shape {splits.data_shape} but the model "
                            f"expects {tuple(model.data_shape)}: evaluate on data like the training data")
     result = {"run": str(args.run), "data": str(data),
-              **evaluate(model, splits.test, iwae_k=args.iwae_k, seed=args.seed, progress=not args.json)}
+              **evaluate(model, splits.test, iwae_k=args.iwae_k, seed=seed, progress=not args.json)}
     if args.pictures and Path(args.run).is_dir():
         from fastvae import viz
 
-        viz.write_run_pictures(Path(args.run), model, splits, seed=args.seed)
+        viz.write_run_pictures(Path(args.run), model, splits, seed=seed)
     if args.json:
         print(json.dumps(result))
     else:

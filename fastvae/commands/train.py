@@ -84,7 +84,15 @@ def run(args: argparse.Namespace) -> int:
             raise FastVAEError(f"cannot resume: {saved} does not exist; train into {out} first")
         values = {**load_config_file(saved), **values}
     values.update(given)
-    config = TrainConfig.from_dict(values, source=args.config or "settings").validate()
+    config = TrainConfig.from_dict(values, source=args.config or "settings")
+    try:
+        config.validate()
+    except FastVAEError as exc:
+        if args.config and any(k in load_config_file(args.config) for k in _named(str(exc))):
+            raise FastVAEError(f"{args.config}: {exc}") from None
+        raise
+    if config.data != "digits" and Path(config.data).exists():
+        config.data = str(Path(config.data).resolve())  # config.json works from any folder
 
     from fastvae.train import train
 
@@ -106,3 +114,8 @@ def run(args: argparse.Namespace) -> int:
             seed=config.seed, progress=config.progress).items()})
     print(json.dumps(summary))
     return 0
+
+
+def _named(message: str) -> list[str]:
+    """Settings named as --flags in an error message, as config keys."""
+    return [w[2:].replace("-", "_") for w in message.split() if w.startswith("--")]
