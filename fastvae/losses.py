@@ -7,7 +7,7 @@ left to the caller. loss = -ELBO = recon + kl, with recon = -log p(x|z).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +16,15 @@ from torch import nn
 from fastvae.distributions import LOG_2PI, diag_normal_log_prob, standard_normal_log_prob
 
 
-def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) = -BCE(sigmoid(logits), x) summed over pixels; x may be continuous in [0, 1]."""
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) = BCE(sigmoid(logits), x) summed over pixels; x may be continuous in [0, 1]."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
-    return -bce.flatten(1).sum(-1)
+    return bce.flatten(1).sum(-1)
+
+
+def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) = -BCE(sigmoid(logits), x) summed over pixels."""
+    return -bernoulli_nll(logits, x)
 
 
 def gaussian_log_likelihood(mean: torch.Tensor, x: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -50,17 +55,27 @@ class Likelihood(nn.Module):
             self.register_buffer("log_scale", log_scale)
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) per example."""
         if self.kind == "bernoulli":
             return bernoulli_log_likelihood(params, x)
         return gaussian_log_likelihood(params, x, self.log_scale)
+
+    def nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-log p(x|z) per example (the training loss's reconstruction term, one op shorter)."""
+        if self.kind == "bernoulli":
+            return bernoulli_nll(params, x)
+        return -gaussian_log_likelihood(params, x, self.log_scale)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params) if self.kind == "bernoulli" else params
 
 
-@dataclass
-class ElboTerms:
-    """Batch-averaged terms in nats per example. ``loss`` is what the optimizer minimizes."""
+class ElboTerms(NamedTuple):
+    """Batch-averaged terms in nats per example. ``loss`` is what the optimizer minimizes.
+
+    A named tuple, not a dataclass: strategy wrappers walk a model's outputs every step, and
+    tuples are their cheap case.
+    """
 
     loss: torch.Tensor
     recon: torch.Tensor
@@ -87,25 +102,27 @@ def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
 
 
 def elbo_terms(
-    recon_ll: torch.Tensor,
+    recon_nll: torch.Tensor,
     kl: torch.Tensor,
     *,
     beta: float = 1.0,
     kl_per_dim: torch.Tensor | None = None,
     free_bits: float = 0.0,
 ) -> ElboTerms:
-    """Combine per-example log p(x|z) and KL into the training loss and the reported -ELBO terms.
+    """Combine per-example -log p(x|z) and KL into the training loss and the -ELBO terms.
 
-    loss = recon + beta * KL, where KL becomes the free-bits KL when ``free_bits > 0``.
+    loss = mean(recon_nll) + beta * mean(KL), where KL becomes the free-bits KL when
+    ``free_bits > 0``. The reported recon and KL are batch means, detached.
     """
-    recon = -recon_ll.mean()
-    kl_mean = kl.mean()
-    kl_term = kl_mean
     if free_bits > 0:
         if kl_per_dim is None:
             raise ValueError("free bits need the per-dimension KL")
-        kl_term = free_bits_kl(kl_per_dim, free_bits)
-    return ElboTerms(loss=recon + beta * kl_term, recon=recon.detach(), kl=kl_mean.detach())
+        loss = recon_nll.mean() + beta * free_bits_kl(kl_per_dim, free_bits)
+    elif beta == 1.0:
+        loss = (recon_nll + kl).mean()  # the fewest autograd nodes for the common case
+    else:
+        loss = (recon_nll + beta * kl).mean()
+    return ElboTerms(loss=loss, recon=recon_nll.detach().mean(), kl=kl.detach().mean())
 
 
 def iwae_log_weights(

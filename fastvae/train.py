@@ -63,6 +63,16 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     return fabric.launch(_fit, config, splits, resume)
 
 
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam; the fused implementation (one kernel for all parameters, ~4x faster steps on a
+    CPU than the default per-tensor loop) wherever torch supports it, i.e. not under FSDP."""
+    fused = config.strategy != "fsdp" and config.accelerator in ("auto", "cpu", "cuda", "gpu")
+    try:
+        return torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused or None)
+    except (RuntimeError, TypeError, ValueError):  # an older torch or an unsupported device
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+
+
 def make_fabric(config: TrainConfig):
     """A Fabric for the config's accelerator/devices/nodes/strategy/precision."""
     from lightning_fabric import Fabric
@@ -163,7 +173,7 @@ class Trainer:
         model = build_model(config.model_spec(splits.data_shape))
         if hasattr(model, "reparam_backend"):
             model.reparam_backend = config.reparam
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        optimizer = make_optimizer(model, config)
         self.epoch = self.step = self.skip_batches = 0
         self.partial: list[float] | None = None  # sums of an interrupted epoch
         if resume:
@@ -220,10 +230,11 @@ class Trainer:
         """
         totals, index = self.train_pass(stop)
         if index is not None:
-            self.save(batch_in_epoch=index, partial=totals.tolist())
+            self.save(batch_in_epoch=index, partial=totals)
             return None
         self.skip_batches, self.partial = 0, None
-        sums = self.fabric.all_reduce(totals[:4].to(self.fabric.device), reduce_op="sum").cpu()
+        sums = torch.tensor(totals[:4], dtype=torch.float64, device=self.fabric.device)
+        sums = self.fabric.all_reduce(sums, reduce_op="sum").cpu()
         if float(sums[3]) == 0:
             raise FastVAEError(
                 f"every step of epoch {self.epoch + 1} had a non-finite loss: the model has "
@@ -241,7 +252,7 @@ class Trainer:
         self.save()
         return row
 
-    def train_pass(self, stop: StopRequest | None = None) -> tuple[torch.Tensor, int | None]:
+    def train_pass(self, stop: StopRequest | None = None) -> tuple[list[float], int | None]:
         """The optimization steps of one epoch: what ``epoch_time_s`` measures.
 
         Returns this rank's sums over examples of (-ELBO, recon, KL), the count and the seconds
@@ -254,9 +265,8 @@ class Trainer:
         self.model.train()
         batches = EpochBatches(self.train_data, config.batch_size, seed=config.seed,
                                epoch=self.epoch, rank=self.rank, world_size=self.world)
-        totals = torch.zeros(5, dtype=torch.float64)
-        if self.partial is not None:
-            totals += torch.as_tensor(self.partial, dtype=torch.float64)
+        # this rank's sums over examples of (-ELBO, recon, KL), the count, and seconds spent
+        totals = list(self.partial) if self.partial is not None else [0.0] * 5
         started = time.perf_counter()
         bar = tqdm(total=len(batches), initial=self.skip_batches, leave=False, mininterval=0.5,
                    desc=f"epoch {self.epoch + 1}/{config.epochs}",
@@ -274,13 +284,12 @@ class Trainer:
         totals[4] += time.perf_counter() - started
         return totals, stopped_at
 
-    def _train_step(self, x: torch.Tensor, totals: torch.Tensor) -> None:
+    def _train_step(self, x: torch.Tensor, totals: list[float]) -> None:
         config = self.config
         terms = self.model(x, beta=kl_weight(self.step, config.beta, config.kl_warmup_steps),
                            free_bits=config.free_bits)
         # one host sync per step, so a NaN is caught at the step where it appears
-        loss, neg_elbo, recon, kl = torch.stack(
-            [terms.loss.detach(), terms.neg_elbo, terms.recon, terms.kl]).tolist()
+        loss, recon, kl = torch.stack([terms.loss.detach(), terms.recon, terms.kl]).tolist()
         self.step += 1
         if not math.isfinite(loss):
             if config.on_nonfinite == "stop":
@@ -295,7 +304,10 @@ class Trainer:
         self.fabric.backward(terms.loss)
         self.optimizer.step()
         n = len(x)
-        totals[:4] += torch.tensor([neg_elbo * n, recon * n, kl * n, n], dtype=torch.float64)
+        totals[0] += (recon + kl) * n
+        totals[1] += recon * n
+        totals[2] += kl * n
+        totals[3] += n
 
     def _checkpoint_note(self) -> str:
         last = self.run_dir / LAST

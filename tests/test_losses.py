@@ -45,7 +45,7 @@ def test_kl_weight_and_free_bits():
     assert kl_weight(50, beta=2.0, warmup_steps=10) == 2.0
     kl_per_dim = torch.tensor([[0.1, 2.0], [0.3, 4.0]])  # batch means 0.2 and 3.0
     assert free_bits_kl(kl_per_dim, 0.5).item() == pytest.approx(0.5 + 3.0)
-    terms = elbo_terms(torch.tensor([-10.0, -20.0]), torch.tensor([1.0, 3.0]), beta=0.5)
+    terms = elbo_terms(torch.tensor([10.0, 20.0]), torch.tensor([1.0, 3.0]), beta=0.5)
     assert terms.recon.item() == 15.0 and terms.kl.item() == 2.0
     assert terms.loss.item() == 16.0 and terms.neg_elbo.item() == 17.0
 

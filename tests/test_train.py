@@ -39,27 +39,27 @@ def test_free_bits_kl_by_hand():
 
 
 def test_elbo_terms_beta_and_free_bits_by_hand():
-    recon_ll = torch.tensor([-10.0, -20.0])
+    recon_nll = torch.tensor([10.0, 20.0])  # -log p(x|z) per example
     kl_per_dim = torch.tensor([[0.2, 0.8], [0.6, 2.4]], requires_grad=True)
     kl = kl_per_dim.sum(-1)  # 1.0, 3.0
-    plain = elbo_terms(recon_ll, kl)
+    plain = elbo_terms(recon_nll, kl)
     assert float(plain.recon) == pytest.approx(15.0) and float(plain.kl) == pytest.approx(2.0)
     assert float(plain.loss.detach()) == pytest.approx(17.0)
     assert float(plain.neg_elbo.detach()) == pytest.approx(17.0)
 
-    beta = elbo_terms(recon_ll, kl, beta=0.5)
+    beta = elbo_terms(recon_nll, kl, beta=0.5)
     assert float(beta.loss.detach()) == pytest.approx(15.0 + 0.5 * 2.0)
     assert float(beta.neg_elbo.detach()) == pytest.approx(17.0)  # the reported bound ignores beta
 
     # free bits 1.5 nats/dim: per-dim means 0.4 -> 1.5, 1.6 stays: 3.1
-    fb = elbo_terms(recon_ll, kl, beta=0.5, kl_per_dim=kl_per_dim, free_bits=1.5)
+    fb = elbo_terms(recon_nll, kl, beta=0.5, kl_per_dim=kl_per_dim, free_bits=1.5)
     assert float(fb.loss.detach()) == pytest.approx(15.0 + 0.5 * 3.1)
     assert float(fb.kl) == pytest.approx(2.0)  # reported KL is the true KL
     fb.loss.backward()
     # dimension 0 sits under its free bits: no gradient pushes its KL down
     assert torch.allclose(kl_per_dim.grad, torch.tensor([[0.0, 0.25], [0.0, 0.25]]))
     with pytest.raises(ValueError):
-        elbo_terms(recon_ll, kl, free_bits=1.0)
+        elbo_terms(recon_nll, kl, free_bits=1.0)
 
 
 def test_kl_standard_normal_matches_torch_distributions():

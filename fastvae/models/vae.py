@@ -63,12 +63,12 @@ class VAE(nn.Module):
         see the whole step; use ``encode``/``decode``/``posterior`` for inference.
         """
         out = self.posterior(x, generator)
-        recon_ll = self.likelihood.log_prob(out.params, x)
+        recon_nll = self.likelihood.nll(out.params, x)
         kl_per_dim = None
         if free_bits > 0:
             mu, logvar = out.mu.float(), out.logvar.float()
             kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
-        return elbo_terms(recon_ll, out.kl, beta=beta, kl_per_dim=kl_per_dim, free_bits=free_bits)
+        return elbo_terms(recon_nll, out.kl, beta=beta, kl_per_dim=kl_per_dim, free_bits=free_bits)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
