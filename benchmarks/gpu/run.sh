@@ -153,6 +153,17 @@ bench_suite() {
   return "$rc"
 }
 
+precision_check() {
+  local cap; cap=$(remaining 120)
+  [ "$cap" -ge 30 ] || { echo "out of time budget"; return 1; }
+  if [ "$has_cuda" = 1 ]; then
+    timeout -s INT -k 20 "$cap" "$PY" benchmarks/precision_check.py "$DEST/precision.json"
+  else
+    echo "(no CUDA: 2 epochs only, to check the pipeline)"
+    timeout -s INT -k 20 "$cap" "$PY" benchmarks/precision_check.py "$DEST/precision.json" --epochs 2
+  fi
+}
+
 render_results() {
   "$PY" benchmarks/report.py render "$DEST" || return 1
   local stored=benchmarks/results/$slug
@@ -185,7 +196,10 @@ main() {
     done
   fi
   [ -n "${suites// /}" ] || echo "no benchmark suites (benchmarks/test_bench_*.py) yet"
-  for s in $suites; do step "3b bench $s" bench_suite "$s"; done
+  for s in $suites; do
+    step "3b bench $s" bench_suite "$s"
+    [ "$s" = train ] && step "3c bf16 vs fp32 -ELBO (digits)" precision_check
+  done
   step "4 render results" render_results
   echo
   echo "##### done in $((SECONDS - T0)) s; results in $DEST:"
