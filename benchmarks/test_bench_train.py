@@ -14,6 +14,7 @@ torch.compile vs a plain AMP loop (issue 6's throughput comparison).
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 
@@ -73,35 +74,43 @@ def plain_epoch(model, optimizer, data: torch.Tensor, batch: int, amp_dtype) -> 
     return total
 
 
-@pytest.mark.benchmark(group="train-epoch")
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_plain_loop_epoch(benchmark, case):
+def plain_runner(case, splits: Splits, *, fused_adam: bool = False):
+    """A no-argument callable running one plain-loop epoch on a fresh model (synced on GPU)."""
     model_name, batch, precision, _ = case
-    splits = make_splits()
     device = bench_device()
     torch.manual_seed(0)
     model = build_model({"model": model_name, "data_shape": list(splits.data_shape)}).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = splits.train.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
     amp = torch.bfloat16 if precision.startswith("bf16") else None
-    run = synced(plain_epoch, model, optimizer, data, batch, amp)
+    return synced(plain_epoch, model, optimizer, splits.train.to(device), batch, amp)
+
+
+def trainer_runner(case, splits: Splits, out: str):
+    """A no-argument callable running ``Trainer.train_pass`` (one epoch) of a fresh trainer."""
+    model_name, batch, precision, compiled = case
+    config = TrainConfig(model=model_name, batch_size=batch, precision=precision, compile=compiled,
+                         accelerator="cuda" if on_gpu() else "cpu", out=out, progress=False,
+                         pictures=False, epochs=10_000)
+    return synced(Trainer(make_fabric(config), config, splits).train_pass)
+
+
+@pytest.mark.benchmark(group="train-epoch")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_plain_loop_epoch(benchmark, case):
+    splits = make_splits()
+    run = plain_runner(case, splits)
     run()  # warm-up: allocator, kernels
     benchmark.pedantic(run, rounds=pick(smoke=1, cpu=40, gpu=5), iterations=1)
-    annotate(benchmark, impl="plain", baseline=True, items=len(data), case=case_id(case))
+    annotate(benchmark, impl="plain", baseline=True, items=len(splits.train), case=case_id(case))
 
 
 @pytest.mark.benchmark(group="train-epoch")
 @pytest.mark.parametrize("case", [c if not c[3] else pytest.param(c, marks=skip_in_cpu_smoke) for c in CASES],
                          ids=case_id)
 def test_fastvae_trainer_epoch(benchmark, case):
-    model_name, batch, precision, compiled = case
     splits = make_splits()
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(model=model_name, batch_size=batch, precision=precision, compile=compiled,
-                             accelerator="cuda" if on_gpu() else "cpu", out=out, progress=False,
-                             pictures=False, epochs=10_000)
-        trainer = Trainer(make_fabric(config), config, splits)
-        run = synced(trainer.train_pass)
+        run = trainer_runner(case, splits, out)
         run()  # warm-up (and compilation)
         benchmark.pedantic(run, rounds=pick(smoke=1, cpu=40, gpu=5), iterations=1)
     annotate(benchmark, impl="fastvae", items=len(splits.train), case=case_id(case),
@@ -115,39 +124,24 @@ def test_trainer_vs_plain_interleaved(benchmark, case):
     (trainer / plain loop with default Adam, median epochs) is the figure quoted in the README
     (goal <= 1.10); ``time_ratio_vs_fused_adam`` compares with the plain loop given the same
     fused Adam as the trainer, i.e. the trainer's own overhead."""
-    import statistics
-
-    model_name, batch, precision, _ = case
     splits = make_splits()
-    device = bench_device()
-    torch.manual_seed(0)
-    model = build_model({"model": model_name, "data_shape": list(splits.data_shape)}).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = splits.train.to(device)
-    amp = torch.bfloat16 if precision.startswith("bf16") else None
-    plain = synced(plain_epoch, model, optimizer, data, batch, amp)
-    # the same loop with fused Adam, as the trainer uses: isolates the trainer's own overhead
-    fused_model = build_model({"model": model_name, "data_shape": list(splits.data_shape)}).to(device)
-    fused_adam = torch.optim.Adam(fused_model.parameters(), lr=1e-3, fused=True)
-    plain_fused = synced(plain_epoch, fused_model, fused_adam, data, batch, amp)
     times = {"plain": [], "plain_fused_adam": [], "fastvae": []}
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(model=model_name, batch_size=batch, precision=precision,
-                             accelerator="cuda" if on_gpu() else "cpu", out=out, progress=False,
-                             pictures=False, epochs=10_000)
-        trainer = Trainer(make_fabric(config), config, splits)
-        ours = synced(trainer.train_pass)
-        plain(), plain_fused(), ours()  # warm-up
+        runners = {"plain": plain_runner(case, splits),
+                   "plain_fused_adam": plain_runner(case, splits, fused_adam=True),
+                   "fastvae": trainer_runner(case, splits, out)}
+        for run in runners.values():
+            run()  # warm-up
 
-        def both():
-            for name, fn in (("plain", plain), ("plain_fused_adam", plain_fused), ("fastvae", ours)):
+        def all_three():
+            for name, run in runners.items():
                 start = time.perf_counter()
-                fn()
+                run()
                 times[name].append(time.perf_counter() - start)
 
-        benchmark.pedantic(both, rounds=pick(smoke=1, cpu=40, gpu=10), iterations=1)
+        benchmark.pedantic(all_three, rounds=pick(smoke=1, cpu=40, gpu=10), iterations=1)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    annotate(benchmark, impl="fastvae+plain", items=3 * len(data), case=case_id(case),
+    annotate(benchmark, impl="fastvae+plain", items=3 * len(splits.train), case=case_id(case),
              plain_epoch_s=medians["plain"], plain_fused_adam_epoch_s=medians["plain_fused_adam"],
              fastvae_epoch_s=medians["fastvae"], time_ratio=medians["fastvae"] / medians["plain"],
              time_ratio_vs_fused_adam=medians["fastvae"] / medians["plain_fused_adam"])
