@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastvae.errors import FastVAEError
+from fastvae.errors import FastVAEError, one_line
 from fastvae.export import metadata as md
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -215,11 +215,11 @@ def export_decoder(
         )
     except OSError as exc:  # disk full, permissions, ...: the user can fix these
         raise FastVAEError(
-            f"could not write {path} ({exc.strerror or _one_line(exc)}); nothing was written"
+            f"could not write {path} ({exc.strerror or one_line(exc)}); nothing was written"
         ) from None
     except onnx.checker.ValidationError as exc:
         raise FastVAEError(
-            f"the exported ONNX graph failed onnx.checker ({_one_line(exc)}); nothing was written to "
+            f"the exported ONNX graph failed onnx.checker ({one_line(exc)}); nothing was written to "
             f"{path}; try another --opset or --exporter"
         ) from None
     finally:
@@ -231,38 +231,20 @@ def _resolve(run_or_model):
     """(model, source description) from a module or a run folder / checkpoint path."""
     import torch
 
+    from fastvae.models import unwrap
+
     if isinstance(run_or_model, torch.nn.Module):
-        return _unwrap(run_or_model), "<in-memory module>"
+        return unwrap(run_or_model), "<in-memory module>"
     if isinstance(run_or_model, (str, os.PathLike)):
         source = Path(run_or_model)
         if not source.exists():
             raise FastVAEError(f"{source} does not exist: give a run folder or a .ckpt file")
         import fastvae
 
-        return _unwrap(fastvae.load(source)), str(source)
+        return unwrap(fastvae.load(source)), str(source)
     raise FastVAEError(
         f"export_decoder needs a fastvae model, a run folder or a .ckpt file, got {type(run_or_model).__name__}"
     )
-
-
-def _unwrap(module):
-    """The plain module inside Lightning Fabric, DDP/DataParallel and torch.compile wrappers."""
-    import torch
-
-    parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    for _ in range(8):
-        inner = None
-        for attr in ("_forward_module", "_orig_mod"):
-            candidate = getattr(module, attr, None)
-            if isinstance(candidate, torch.nn.Module):
-                inner = candidate
-                break
-        if inner is None and isinstance(module, parallel):
-            inner = module.module
-        if inner is None:
-            return module
-        module = inner
-    return module
 
 
 def _describe(model) -> dict:
@@ -300,7 +282,9 @@ def _fp32_decoder(model):
     """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched)."""
     import torch
 
-    decoder = copy.deepcopy(_unwrap(model.decoder))
+    from fastvae.models import unwrap
+
+    decoder = copy.deepcopy(unwrap(model.decoder))
     decoder = decoder.to(device="cpu", dtype=torch.float32).eval()
     decoder.requires_grad_(False)
     return decoder
@@ -347,12 +331,12 @@ def _to_onnx(wrapper, latent_dim: int, opset: int | None, exporter: str):
             raise
         except Exception as exc:
             if exporter == "dynamo":
-                raise FastVAEError(f"torch.onnx (dynamo) could not export the decoder: {_one_line(exc)}") from None
-            notes.append(f"dynamo exporter failed ({_one_line(exc, 120)}); used the TorchScript exporter")
+                raise FastVAEError(f"torch.onnx (dynamo) could not export the decoder: {one_line(exc)}") from None
+            notes.append(f"dynamo exporter failed ({one_line(exc, 120)}); used the TorchScript exporter")
     try:
         proto = _export_torchscript(wrapper, z, opset, notes)
     except Exception as exc:
-        raise FastVAEError(f"torch.onnx could not export the decoder: {_one_line(exc)}") from None
+        raise FastVAEError(f"torch.onnx could not export the decoder: {one_line(exc)}") from None
     return proto, f"torch.onnx TorchScript exporter (torch {torch.__version__})", notes
 
 
@@ -416,7 +400,7 @@ class _capture:
             logger.setLevel(level)
         self._warnings.__exit__(*exc)
         for record in self._records:
-            text = _one_line(record.message, 160)
+            text = one_line(record.message, 160)
             if not any(n in text for n in _NOISE) and text not in self.notes:
                 self.notes.append(text)
         return False
@@ -544,7 +528,7 @@ def _session(path: Path):
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise FastVAEError(f"onnxruntime cannot load the exported graph ({_one_line(exc)}); try another --opset") from None
+        raise FastVAEError(f"onnxruntime cannot load the exported graph ({one_line(exc)}); try another --opset") from None
 
 
 def _run(session, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -631,7 +615,3 @@ def _size(n: int) -> str:
         n /= 1000
     return f"{n} B"
 
-
-def _one_line(exc, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

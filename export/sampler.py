@@ -20,16 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fastvae.errors import FastVAEError
+from fastvae.errors import FastVAEError, one_line
 from fastvae.export import metadata as md
 
 DEFAULT_BATCH_SIZE = 1000
 MODES = ("mean", "sample")
 
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _reexport_hint(path: Path) -> str:
@@ -84,7 +80,7 @@ class OnnxSampler:
         except Exception as exc:  # onnxruntime raises its own types: InvalidProtobuf, Fail, ...
             raise FastVAEError(
                 f"{self.path} could not be loaded by onnxruntime (truncated, corrupt or not an "
-                f"ONNX model: {_one_line(exc)}); {_reexport_hint(self.path)}"
+                f"ONNX model: {one_line(exc)}); {_reexport_hint(self.path)}"
             ) from None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self._read_metadata()
@@ -109,7 +105,7 @@ class OnnxSampler:
             self.precision = meta.get("precision", "fp32")
         except (KeyError, ValueError, TypeError) as exc:
             raise FastVAEError(
-                f"{path} has damaged fastvae metadata ({type(exc).__name__}: {_one_line(exc)}); "
+                f"{path} has damaged fastvae metadata ({type(exc).__name__}: {one_line(exc)}); "
                 f"{_reexport_hint(path)}"
             ) from None
         if version > md.FORMAT_VERSION:

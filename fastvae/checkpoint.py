@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastvae.errors import FastVAEError
+from fastvae.errors import FastVAEError, one_line
 
 FORMAT = "fastvae-checkpoint-v1"
 LAST = Path("checkpoints") / "last.ckpt"
@@ -95,9 +95,8 @@ def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, pickle errors, foreign formats: one message
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FastVAEError(
-            f"{path} is not a readable fastvae checkpoint (truncated or another format: {reason[:200]})"
+            f"{path} is not a readable fastvae checkpoint (truncated or another format: {one_line(exc)})"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise FastVAEError(f"{path} is not a fastvae checkpoint (no '{FORMAT}' marker)")

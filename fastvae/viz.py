@@ -336,7 +336,9 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = _unwrap(model)
+    from fastvae.models import unwrap
+
+    model = unwrap(model)
     x = getattr(splits, "test", None)
     labels = getattr(splits, "test_labels", None)
     if x is None or len(x) == 0:
@@ -361,14 +363,6 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
     if curves is not None:
         written.append(curves)
     return written
-
-
-def _unwrap(model):
-    """The plain module inside a Fabric/DDP/compile wrapper (they forward calls, not methods)."""
-    for attr in ("_forward_module", "module", "_orig_mod"):
-        while not hasattr(type(model), "encode") and hasattr(model, attr):
-            model = getattr(model, attr)
-    return model
 
 
 # --------------------------------------------------------------------------- loggers

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from fastvae.models.conv import ConvDecoder, ConvEncoder
 from fastvae.models.mlp import MLPDecoder, MLPEncoder
 from fastvae.models.vae import VAE, StackedAutoencoder, VAEOutput
@@ -22,6 +24,20 @@ DEFAULT_SPEC = {
     "sigma": 0.1,
     "learn_sigma": False,
 }
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside Lightning Fabric, DDP/DataParallel and torch.compile wrappers."""
+    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    for _ in range(8):  # wrappers nest a few levels at most
+        inner = next((getattr(module, a) for a in ("_forward_module", "_orig_mod")
+                      if isinstance(getattr(module, a, None), nn.Module)), None)
+        if inner is None and isinstance(module, parallel):
+            inner = module.module
+        if inner is None:
+            return module
+        module = inner
+    return module
 
 
 def build_model(spec: dict) -> VAE | StackedAutoencoder:
@@ -43,6 +59,6 @@ def build_model(spec: dict) -> VAE | StackedAutoencoder:
 
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "VAE", "VAEOutput", "StackedAutoencoder",
+    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
     "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder",
 ]
