@@ -108,8 +108,19 @@ EOF
 
 install_fastvae() {
   if fastvae_installed_here; then echo "fastvae already installed (editable) from $REPO"; return 0; fi
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
-  fastvae_installed_here
+  if "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . && fastvae_installed_here; then
+    return 0
+  fi
+  # Fallback (no setuptools or pip refuses): a package folder of symlinks that maps
+  # fastvae.kernels -> kernels/ and fastvae.export -> export/, as pyproject's package-dir does.
+  echo "pip install -e . failed: importing fastvae through symlinks in $SITE/fastvae instead"
+  mkdir -p "$SITE/fastvae" || return 1
+  local f
+  for f in "$REPO"/fastvae/*; do ln -sfn "$f" "$SITE/fastvae/$(basename "$f")"; done
+  ln -sfn "$REPO/kernels" "$SITE/fastvae/kernels"
+  ln -sfn "$REPO/export" "$SITE/fastvae/export"
+  case ":${PYTHONPATH:-}:" in *":$SITE:"*) ;; *) export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}";; esac
+  (cd / && "$PY" -c "import fastvae, fastvae.kernels, fastvae.export; print('fastvae from', fastvae.__file__)")
 }
 
 # ---------------------------------------------------------------------------------------- 2
