@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from fastvae.distributions import kl_standard_normal
+from fastvae.errors import FastVAEError
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -48,6 +49,24 @@ def triton_available(device: torch.device, dtype: torch.dtype = torch.float32) -
     return kernel_available(device, dtype)
 
 
+def resolve_backend(backend: Backend, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> Backend:
+    """``auto`` -> ``triton`` where the fused kernel runs on ``device``, else ``torch``.
+
+    Resolve once, outside ``torch.compile``d code (the trainer does so at set-up): the check reads
+    the environment and imports triton, which compiled code should not do every step.
+    """
+    if backend == "torch":
+        return backend
+    available = triton_available(device, dtype)
+    if backend == "triton" and not available:
+        raise FastVAEError(
+            f"--reparam triton needs the Triton kernel, which cannot run on {device.type} here "
+            "(it needs CUDA and triton, or TRITON_INTERPRET=1 on a CPU): use --reparam auto or torch"
+        )
+    return "triton" if available else "torch"
+
+
 def reparameterize_kl(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -61,10 +80,11 @@ def reparameterize_kl(
     CPU generator) as a 0-d tensor: reproducible under ``torch.manual_seed``, no device sync,
     and no recompilation or graph break under ``torch.compile``.
     """
-    use_kernel = backend == "triton" or (backend == "auto" and triton_available(mu.device, mu.dtype))
-    if not use_kernel:
+    if backend == "auto":
+        backend = resolve_backend(backend, mu.device, mu.dtype)
+    if backend == "torch":
         return reparameterize_kl_reference(mu, logvar, generator)
-    from fastvae.kernels import reparameterize_kl as fused
+    from fastvae.kernels import reparameterize_kl as fused  # imported by resolve_backend already
 
     seed = torch.randint(0, 2**31 - 1, (), generator=_cpu_generator(generator))
     return fused(mu, logvar, seed=seed, reduction="none")

@@ -28,6 +28,7 @@ from fastvae.config import TrainConfig
 from fastvae.data import EpochBatches, Splits, load_dataset
 from fastvae.errors import FastVAEError
 from fastvae.losses import kl_weight
+from fastvae.reparam import resolve_backend
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_recon", "train_kl", "epoch_time_s",
                  "test_neg_elbo", "test_recon", "test_kl"]
@@ -58,6 +59,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     replace = check_run_dir(run_dir, config, resume, overwrite)
     splits = splits if splits is not None else load_dataset(config.data)
     fabric = make_fabric(config)
+    resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
         clear_run_dir(run_dir)
     return fabric.launch(_fit, config, splits, resume)
@@ -171,8 +173,8 @@ class Trainer:
         self.rank, self.world = fabric.global_rank, fabric.world_size
         fabric.seed_everything(config.seed + self.rank, verbose=False)
         model = build_model(config.model_spec(splits.data_shape))
-        if hasattr(model, "reparam_backend"):
-            model.reparam_backend = config.reparam
+        if hasattr(model, "reparam_backend"):  # decided once here, not in every (compiled) step
+            model.reparam_backend = resolve_backend(config.reparam, fabric.device)
         optimizer = make_optimizer(model, config)
         self.epoch = self.step = self.skip_batches = 0
         self.partial: list[float] | None = None  # sums of an interrupted epoch

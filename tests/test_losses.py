@@ -67,3 +67,14 @@ def test_reference_reparameterization_given_eps_and_statistics():
     z, _ = reparameterize_kl(mu, logvar, torch.Generator().manual_seed(3), backend="torch")
     torch.testing.assert_close(z.mean(0), torch.tensor([1.0, -2.0]), atol=0.02, rtol=0)
     torch.testing.assert_close(z.std(0), torch.tensor([1.0, 2.0]), atol=0.02, rtol=0)
+
+
+def test_reparam_backend_resolves_to_torch_on_a_plain_cpu(monkeypatch):
+    from fastvae.errors import FastVAEError
+    from fastvae.reparam import resolve_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "torch" and resolve_backend("torch", cpu) == "torch"
+    with pytest.raises(FastVAEError, match="--reparam triton"):
+        resolve_backend("triton", cpu)
