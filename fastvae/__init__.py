@@ -2,6 +2,9 @@
 
 Heavy modules (torch, Fabric) load lazily on first attribute access, so
 ``from fastvae.export import OnnxSampler`` runs in an image without torch.
+Training and evaluation live in their modules: ``from fastvae.train import train``,
+``from fastvae.evaluate import evaluate`` (a package attribute of the same name as a submodule
+would be shadowed by the submodule).
 """
 
 from __future__ import annotations
@@ -12,12 +15,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load": ("fastvae.checkpoint", "load"),
-    "train": ("fastvae.train", "train"),
     "TrainConfig": ("fastvae.config", "TrainConfig"),
     "build_model": ("fastvae.models", "build_model"),
     "VAE": ("fastvae.models", "VAE"),
     "load_dataset": ("fastvae.data", "load_dataset"),
-    "evaluate": ("fastvae.evaluate", "evaluate"),
     "FastVAEError": ("fastvae.errors", "FastVAEError"),
 }
 
