@@ -152,7 +152,10 @@ def export_decoder(
 
     model, source = _resolve(run_or_model)
     info = _describe(model)
-    wrapper = _MeanAndParams(_fp32_decoder(model), info["output_transform"])
+    # the exported graph: transposed convolutions as Conv + DepthToSpace (faster in onnxruntime);
+    # parity is checked against the untouched decoder
+    reference_wrapper = _MeanAndParams(_fp32_decoder(model), info["output_transform"])
+    wrapper = _MeanAndParams(_fp32_decoder(model, subpixel=True), info["output_transform"])
 
     import onnx
 
@@ -166,7 +169,7 @@ def export_decoder(
         _save(proto, tmp_main)
         del proto
         _check(tmp_main)
-        parity = _parity(wrapper, tmp_main, info, check_batches, rtol, atol)
+        parity = _parity(reference_wrapper, tmp_main, info, check_batches, rtol, atol)
         _update_metadata(tmp_main, {"max_abs_error_vs_torch": f"{max(parity.values()):.3e}"})
         used_opset = _opset_of(tmp_main)
 
@@ -175,7 +178,7 @@ def export_decoder(
             z_eval = np.random.default_rng(0).standard_normal(
                 (VARIANT_EVAL_N, info["latent_dim"]), dtype=np.float32
             )
-            reference = _torch_outputs(wrapper, z_eval)
+            reference = _torch_outputs(reference_wrapper, z_eval)
             for precision in ("fp16", "int8"):
                 if not (fp16 if precision == "fp16" else int8):
                     continue
@@ -278,14 +281,18 @@ def _describe(model) -> dict:
     }
 
 
-def _fp32_decoder(model):
-    """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched)."""
+def _fp32_decoder(model, subpixel: bool = False):
+    """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched);
+    with ``subpixel``, its transposed convolutions rewritten as Conv + PixelShuffle."""
     import torch
 
+    from fastvae.export.subpixel import rewrite_transposed_convs
     from fastvae.models import unwrap
 
     decoder = copy.deepcopy(unwrap(model.decoder))
     decoder = decoder.to(device="cpu", dtype=torch.float32).eval()
+    if subpixel:
+        rewrite_transposed_convs(decoder)
     decoder.requires_grad_(False)
     return decoder
 
