@@ -13,9 +13,14 @@ import torch
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def kl_standard_normal_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Each latent dimension's term of KL(N(mu, diag s2) || N(0, I)): 0.5 (mu^2 + s2 - 1 - log s2)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag exp(logvar)) || N(0, I)) = 0.5 * sum(mu^2 + s2 - 1 - log s2)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1)
+    return kl_standard_normal_per_dim(mu, logvar).sum(dim=-1)
 
 
 def kl_diag_normals(

@@ -52,6 +52,8 @@ def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_
     """
     import torch
 
+    from fastvae.distributions import kl_standard_normal_per_dim
+
     x = torch.as_tensor(x)
     if len(x) < 2:
         raise FastVAEError(f"latent statistics need at least 2 test images, got {len(x)}")
@@ -72,7 +74,7 @@ def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_
                 mu_sq = mu.pow(2).sum(0) if mu_sq is None else mu_sq + mu.pow(2).sum(0)
                 if logvar is not None:
                     logvar = logvar.double().cpu()
-                    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+                    kl = kl_standard_normal_per_dim(mu, logvar)
                     kl_sum = kl.sum(0) if kl_sum is None else kl_sum + kl.sum(0)
                 n += len(mu)
     finally:

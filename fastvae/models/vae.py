@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastvae.distributions import kl_standard_normal_per_dim
 from fastvae.losses import ElboTerms, Likelihood, elbo_terms
 from fastvae.reparam import Backend, reparameterize_kl
 
@@ -66,8 +67,7 @@ class VAE(nn.Module):
         recon_nll = self.likelihood.nll(out.params, x)
         kl_per_dim = None
         if free_bits > 0:
-            mu, logvar = out.mu.float(), out.logvar.float()
-            kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+            kl_per_dim = kl_standard_normal_per_dim(out.mu.float(), out.logvar.float())
         return elbo_terms(recon_nll, out.kl, beta=beta, kl_per_dim=kl_per_dim, free_bits=free_bits)
 
     @torch.no_grad()
