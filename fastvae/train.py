@@ -235,18 +235,16 @@ class Trainer:
             self.save(batch_in_epoch=index, partial=totals)
             return None
         self.skip_batches, self.partial = 0, None
-        sums = torch.tensor(totals[:4], dtype=torch.float64, device=self.fabric.device)
-        sums = self.fabric.all_reduce(sums, reduce_op="sum").cpu()
-        if float(sums[3]) == 0:
+        sums = torch.tensor(totals[:3], dtype=torch.float64, device=self.fabric.device)
+        recon, kl, count = self.fabric.all_reduce(sums, reduce_op="sum").cpu().tolist()
+        if count == 0:
             raise FastVAEError(
                 f"every step of epoch {self.epoch + 1} had a non-finite loss: the model has "
                 f"diverged. {self._checkpoint_note()}Train again with a lower --lr"
             )
         self.epoch += 1
-        count = float(sums[3])
-        row = {"epoch": self.epoch, "step": self.step, "train_loss": float(sums[0]) / count,
-               "train_recon": float(sums[1]) / count, "train_kl": float(sums[2]) / count,
-               "epoch_time_s": float(totals[4])}
+        row = {"epoch": self.epoch, "step": self.step, "train_loss": (recon + kl) / count,
+               "train_recon": recon / count, "train_kl": kl / count, "epoch_time_s": totals[3]}
         row.update(self.test_metrics())
         self.rows.append(row)
         if self.rank == 0:  # before the checkpoint: a resume drops rows past its epoch
@@ -257,7 +255,7 @@ class Trainer:
     def train_pass(self, stop: StopRequest | None = None) -> tuple[list[float], int | None]:
         """The optimization steps of one epoch: what ``epoch_time_s`` measures.
 
-        Returns this rank's sums over examples of (-ELBO, recon, KL), the count and the seconds
+        Returns this rank's sums over examples of recon and KL, the count and the seconds
         spent, plus the number of batches done when a stop request cut the epoch short (else
         ``None``).
         """
@@ -267,8 +265,8 @@ class Trainer:
         self.model.train()
         batches = EpochBatches(self.train_data, config.batch_size, seed=config.seed,
                                epoch=self.epoch, rank=self.rank, world_size=self.world)
-        # this rank's sums over examples of (-ELBO, recon, KL), the count, and seconds spent
-        totals = list(self.partial) if self.partial is not None else [0.0] * 5
+        # this rank's sums over examples of recon and KL, the count, and seconds spent
+        totals = list(self.partial) if self.partial is not None else [0.0] * 4
         started = time.perf_counter()
         bar = tqdm(total=len(batches), initial=self.skip_batches, leave=False, mininterval=0.5,
                    desc=f"epoch {self.epoch + 1}/{config.epochs}",
@@ -283,7 +281,7 @@ class Trainer:
                 stopped_at = index + 1
                 break
         bar.close()
-        totals[4] += time.perf_counter() - started
+        totals[3] += time.perf_counter() - started
         return totals, stopped_at
 
     def _train_step(self, x: torch.Tensor, totals: list[float]) -> None:
@@ -306,10 +304,9 @@ class Trainer:
         self.fabric.backward(terms.loss)
         self.optimizer.step()
         n = len(x)
-        totals[0] += (recon + kl) * n
-        totals[1] += recon * n
-        totals[2] += kl * n
-        totals[3] += n
+        totals[0] += recon * n
+        totals[1] += kl * n
+        totals[2] += n
 
     def _checkpoint_note(self) -> str:
         last = self.run_dir / LAST
