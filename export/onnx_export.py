@@ -152,10 +152,10 @@ def export_decoder(
 
     model, source = _resolve(run_or_model)
     info = _describe(model)
-    # the exported graph: transposed convolutions as Conv + DepthToSpace (faster in onnxruntime);
-    # parity is checked against the untouched decoder
+    # the exported graph runs faster in onnxruntime: small convolutions as one Gemm, other
+    # transposed convolutions as Conv + DepthToSpace; parity is checked against the untouched decoder
     reference_wrapper = _MeanAndParams(_fp32_decoder(model), info["output_transform"])
-    wrapper = _MeanAndParams(_fp32_decoder(model, subpixel=True), info["output_transform"])
+    wrapper = _MeanAndParams(_fp32_decoder(model, rewrite=True), info["output_transform"])
 
     import onnx
 
@@ -281,19 +281,26 @@ def _describe(model) -> dict:
     }
 
 
-def _fp32_decoder(model, subpixel: bool = False):
-    """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched);
-    with ``subpixel``, its transposed convolutions rewritten as Conv + PixelShuffle."""
+def _fp32_decoder(model, rewrite: bool = False):
+    """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched).
+
+    With ``rewrite``, the same function in a form onnxruntime runs faster: convolutions on small
+    inputs as one dense matrix product (``dense.py``), the remaining transposed convolutions as
+    Conv + PixelShuffle (``subpixel.py``).
+    """
     import torch
 
+    from fastvae.export.dense import lower_small_convolutions
     from fastvae.export.subpixel import rewrite_transposed_convs
     from fastvae.models import unwrap
 
     decoder = copy.deepcopy(unwrap(model.decoder))
     decoder = decoder.to(device="cpu", dtype=torch.float32).eval()
-    if subpixel:
-        rewrite_transposed_convs(decoder)
     decoder.requires_grad_(False)
+    if rewrite:
+        lower_small_convolutions(decoder, torch.zeros(1, int(model.latent_dim)))
+        rewrite_transposed_convs(decoder)
+        decoder.requires_grad_(False)
     return decoder
 
 

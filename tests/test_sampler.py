@@ -218,3 +218,36 @@ def test_metadata_is_json_friendly(path):
     meta = OnnxSampler(path).metadata
     assert json.loads(meta["output_shape"]) == list(SHAPE)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+
+
+def test_sampler_threads_stop_spinning_when_a_run_returns(tmp_path):
+    """Workers spin only during a run: an idle sampler uses no CPU, unlike onnxruntime's default
+    (spinning on after each run), which slows whatever runs next on the same cores."""
+    import time
+
+    import onnxruntime as ort
+    import torch
+
+    from fastvae.export import export_decoder
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": [1, 8, 8], "hidden_dim": 512, "latent_dim": 8})
+    path = export_decoder(model, tmp_path / "d.onnx", check_batches=(3,)).path
+    z = np.random.default_rng(0).standard_normal((1000, 8), dtype=np.float32)
+
+    def idle_cpu_seconds(run):
+        for _ in range(5):
+            run()
+        start = time.process_time()  # all threads of this process
+        time.sleep(0.3)
+        return time.process_time() - start
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    default = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    baseline = idle_cpu_seconds(lambda: default.run(None, {"z": z}))
+    if baseline < 0.01:
+        pytest.skip(f"onnxruntime's default did not spin after a run here ({baseline:.3f} CPU s)")
+    sampler = OnnxSampler(path, threads=2)
+    assert idle_cpu_seconds(lambda: sampler.decode(z)) < 0.01 < baseline
