@@ -57,7 +57,7 @@ def iwae_nll_sum(model, data: torch.Tensor, k: int, *, batch_size: int = 64, see
     # k samples per example: keep k * batch rows per decoder call around 64k
     batch_size = max(1, min(batch_size, 65536 // max(k, 1)))
     starts = range(0, len(data), batch_size)
-    for start in tqdm(starts, desc=f"IWAE k={k}", disable=not progress, leave=False):
+    for start in tqdm(starts, desc=f"IWAE k={k}", disable=None if progress else True, leave=False):
         x = data[start : start + batch_size]
         mu, logvar = (t.float() for t in model.encode(x))
         eps = torch.randn((k, *mu.shape), generator=g, device=mu.device)

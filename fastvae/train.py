@@ -270,7 +270,7 @@ class Trainer:
         started = time.perf_counter()
         bar = tqdm(total=len(batches), initial=self.skip_batches, leave=False, mininterval=0.5,
                    desc=f"epoch {self.epoch + 1}/{config.epochs}",
-                   disable=not (config.progress and self.rank == 0))
+                   disable=None if config.progress and self.rank == 0 else True)  # None: only on a terminal
         stopped_at = None
         for index, x in enumerate(batches):
             if index < self.skip_batches:

@@ -319,3 +319,14 @@ def test_evaluate_on_data_of_another_shape(tmp_path, capsys):
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert "iwae_nll" not in result and math.isfinite(result["neg_elbo"])
+
+
+def test_piped_output_has_epoch_lines_but_no_progress_bar(tmp_path):
+    """Progress bars only on a terminal: a run piped into a log (CI, SLURM) gets the per-epoch
+    lines without carriage-return bar updates in between."""
+    rc, out, err = run_cli("train", "--epochs", "2", "--hidden-dim", "16", "--no-pictures",
+                           "--reparam", "torch", "--iwae-k", "2", "--out", tmp_path / "run")
+    assert rc == 0, err
+    log = out + err
+    assert "epoch 1/2  loss" in log and "epoch 2/2  loss" in log
+    assert "\r" not in log and "it/s" not in log and "IWAE k=" not in log
