@@ -12,7 +12,8 @@ M has n_in x n_out entries where the convolution does fewer multiply-adds, so a 
 only while the dense product costs at most ``MAX_COST_RATIO`` times the convolution's
 multiply-adds and M stays under ``MAX_ENTRIES``; larger layers (a 28x28 decoder's) keep their
 convolutions. The entries of M are the layer's weights (or zeros), so the map is exact; only the
-order of the float sums changes.
+order of the float sums changes. The file grows by the zeros of M (the digits conv decoder's
+0.13 MB of deconvolution weights become 0.66 MB of matrices).
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ class ExportReport:
     rtol: float = RTOL
     atol: float = ATOL
     checker: str = "onnx.checker.check_model(full_check=True): ok"
+    rewrites: str = ""  # e.g. "2 convolution(s) as one dense Gemm each": same function, faster graph
     variants: list[VariantReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -98,6 +99,8 @@ class ExportReport:
             "  parity onnxruntime vs torch (rtol %.0e, atol %.0e): ok, max |err| %s"
             % (self.rtol, self.atol, ", ".join(f"batch {b}: {e:.2e}" for b, e in self.parity.items())),
         ]
+        if self.rewrites:
+            lines.insert(2, f"  graph: {self.rewrites} (the same function; faster in onnxruntime)")
         for v in self.variants:
             lines.append(
                 f"  {v.precision}: wrote {v.path} ({_size(v.size_bytes)}), max |err| vs fp32 "
@@ -155,7 +158,9 @@ def export_decoder(
     # the exported graph runs faster in onnxruntime: small convolutions as one Gemm, other
     # transposed convolutions as Conv + DepthToSpace; parity is checked against the untouched decoder
     reference_wrapper = _MeanAndParams(_fp32_decoder(model), info["output_transform"])
-    wrapper = _MeanAndParams(_fp32_decoder(model, rewrite=True), info["output_transform"])
+    decoder = _fp32_decoder(model)
+    rewrites = _rewrite_for_onnxruntime(decoder, info["latent_dim"])
+    wrapper = _MeanAndParams(decoder, info["output_transform"])
 
     import onnx
 
@@ -213,6 +218,7 @@ def export_decoder(
             parity=parity,
             rtol=rtol,
             atol=atol,
+            rewrites=rewrites,
             variants=variants,
             warnings=notes,
         )
@@ -281,27 +287,34 @@ def _describe(model) -> dict:
     }
 
 
-def _fp32_decoder(model, rewrite: bool = False):
-    """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched).
-
-    With ``rewrite``, the same function in a form onnxruntime runs faster: convolutions on small
-    inputs as one dense matrix product (``dense.py``), the remaining transposed convolutions as
-    Conv + PixelShuffle (``subpixel.py``).
-    """
+def _fp32_decoder(model):
+    """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched)."""
     import torch
 
-    from fastvae.export.dense import lower_small_convolutions
-    from fastvae.export.subpixel import rewrite_transposed_convs
     from fastvae.models import unwrap
 
     decoder = copy.deepcopy(unwrap(model.decoder))
     decoder = decoder.to(device="cpu", dtype=torch.float32).eval()
     decoder.requires_grad_(False)
-    if rewrite:
-        lower_small_convolutions(decoder, torch.zeros(1, int(model.latent_dim)))
-        rewrite_transposed_convs(decoder)
-        decoder.requires_grad_(False)
     return decoder
+
+
+def _rewrite_for_onnxruntime(decoder, latent_dim: int) -> str:
+    """Rewrite ``decoder`` in place into the same function in a form onnxruntime runs faster:
+    convolutions on small inputs as one dense matrix product (``dense.py``), the remaining
+    transposed convolutions as Conv + PixelShuffle (``subpixel.py``). Returns what was done
+    ("" when nothing was)."""
+    import torch
+
+    from fastvae.export.dense import lower_small_convolutions
+    from fastvae.export.subpixel import rewrite_transposed_convs
+
+    dense = lower_small_convolutions(decoder, torch.zeros(1, latent_dim))
+    subpixel = rewrite_transposed_convs(decoder)
+    decoder.requires_grad_(False)
+    done = [f"{dense} convolution(s) as one dense Gemm each" if dense else "",
+            f"{subpixel} transposed convolution(s) as Conv + DepthToSpace" if subpixel else ""]
+    return ", ".join(d for d in done if d)
 
 
 def _mean_and_params_class():

@@ -90,3 +90,12 @@ def test_exported_digits_conv_decoder_is_all_gemm(tmp_path):
     ops = [node.op_type for node in onnx.load(report.path).graph.node]
     assert ops.count("Gemm") == 4 and not {"Conv", "ConvTranspose", "DepthToSpace"} & set(ops)
     assert max(report.parity.values()) < 1e-4  # against the untouched torch decoder
+    assert report.rewrites == "2 convolution(s) as one dense Gemm each"
+    assert f"graph: {report.rewrites}" in report.summary()
+
+
+def test_mlp_decoder_is_exported_as_it_is(tmp_path):
+    torch.manual_seed(0)
+    model = build_model({"model": "mlp", "data_shape": [1, 8, 8], "hidden_dim": 32})
+    report = export_decoder(model, tmp_path / "d.onnx")
+    assert report.rewrites == "" and "graph:" not in report.summary()

@@ -50,4 +50,5 @@ def test_exported_conv_decoder_has_no_conv_transpose(tmp_path):
     report = export_decoder(model, tmp_path / "d.onnx", exporter="torchscript")
     ops = {node.op_type for node in onnx.load(report.path).graph.node}
     assert "ConvTranspose" not in ops and "DepthToSpace" in ops
+    assert report.rewrites == "2 transposed convolution(s) as Conv + DepthToSpace"
     assert max(report.parity.values()) < 1e-4  # against the untouched torch decoder
