@@ -30,7 +30,7 @@ MAX_COST_RATIO = 4  # dense multiply-adds / convolution multiply-adds
 # the 8x8 decoder's layers (131 Ki entries at ratio 1, 32 Ki at ratio 4) ran 2.4x faster as
 # Gemms; the 16x16 decoder's first layer (2 Mi entries, ratio 4) ran 7% slower, so it stays.
 MAX_ENTRIES = 1 << 20
-_CHUNK = 1024  # unit vectors pushed through the layer at a time (bounds the memory used)
+_CHUNK_ELEMENTS = 1 << 22  # unit vectors pushed through the layer at a time: 32 MiB of fp64
 
 
 class DenseLinearMap(nn.Module):
@@ -59,10 +59,11 @@ def dense_matrix(conv: nn.Module, in_shape: tuple[int, ...]) -> tuple[torch.Tens
     """(M, out_shape): M[i] = conv without bias applied to unit vector i, in float64."""
     layer = _bias_free_fp64_copy(conv)
     n_in = math.prod(in_shape)
+    chunk = max(1, _CHUNK_ELEMENTS // n_in)
     rows = []
     with torch.no_grad():
-        for start in range(0, n_in, _CHUNK):
-            stop = min(start + _CHUNK, n_in)
+        for start in range(0, n_in, chunk):
+            stop = min(start + chunk, n_in)
             basis = torch.zeros(stop - start, n_in, dtype=torch.float64)
             basis[:, start:stop].fill_diagonal_(1.0)
             out = layer(basis.reshape(-1, *in_shape))

@@ -19,7 +19,7 @@ LAYERS = {
     "deconv-output-padding-groups": (lambda: nn.ConvTranspose2d(4, 2, 3, stride=2, output_padding=1, groups=2), (4, 3, 2)),
     "conv1d": (lambda: nn.Conv1d(2, 3, 5, padding=2), (2, 11)),
     "deconv3d": (lambda: nn.ConvTranspose3d(2, 1, 2, stride=2), (2, 2, 3, 2)),
-    "conv2d-more-than-one-chunk": (lambda: nn.Conv2d(4, 2, 3), (4, 20, 20)),  # 1,600 unit vectors
+    "conv2d-1600-inputs": (lambda: nn.Conv2d(4, 2, 3), (4, 20, 20)),
 }
 
 
@@ -31,6 +31,16 @@ def test_dense_map_equals_the_convolution(name):
     x = torch.randn(5, *in_shape, dtype=torch.float64)
     dense = DenseLinearMap(conv, in_shape).double()
     torch.testing.assert_close(dense(x), conv(x), rtol=1e-12, atol=1e-12)
+
+
+def test_matrix_built_in_chunks_equals_one_piece(monkeypatch):
+    import fastvae.export.dense as dense
+
+    conv = nn.ConvTranspose2d(4, 3, 3, stride=2).double()
+    whole, shape = dense_matrix(conv, (4, 5, 5))
+    monkeypatch.setattr(dense, "_CHUNK_ELEMENTS", 7 * 100)  # 7 unit vectors per chunk, 15 chunks
+    pieces, same_shape = dense_matrix(conv, (4, 5, 5))
+    assert same_shape == shape and torch.equal(pieces, whole)
 
 
 @pytest.mark.parametrize("name", LAYERS)
