@@ -8,7 +8,9 @@ batches of 1,000, three ways, side by side in one run (one pytest-benchmark grou
 * ``onnxruntime-int8``: the same sampler on the dynamically quantized file.
 
 Models (random weights: speed does not depend on their values): the digits MLP decoder
-8-512-64 and the digits conv decoder (8 -> 512 -> 64x2x2 -> deconvs -> 1x8x8).
+8-512-64, the digits conv decoder (8 -> 512 -> 64x2x2 -> deconvs -> 1x8x8; exported with its
+deconvolutions as dense Gemms) and the same conv decoder for 28x28 MNIST-sized images
+(``conv28``: 8 -> 512 -> 64x7x7 -> deconvs -> 1x28x28; exported as Conv + DepthToSpace).
 
 ``extra_info`` holds ``samples_per_s`` (from the mean time of a round) and, for the
 onnxruntime rows, ``speedup_vs_torch`` (torch mean time / this mean time, same run). Speed is
@@ -34,6 +36,7 @@ LATENT = 8
 MODELS = {
     "mlp": {"model": "mlp", "data_shape": [1, 8, 8], "latent_dim": LATENT, "hidden_dim": 512},
     "conv": {"model": "conv", "data_shape": [1, 8, 8], "latent_dim": LATENT, "hidden_dim": 512},
+    "conv28": {"model": "conv", "data_shape": [1, 28, 28], "latent_dim": LATENT, "hidden_dim": 512},
 }
 ENGINES = ("torch", "onnxruntime", "onnxruntime-int8")  # torch first: the others compare to it
 CASES = [(model, engine) for model in MODELS for engine in ENGINES]
