@@ -95,12 +95,11 @@ class ExportReport:
             f"wrote {self.path} ({_size(self.size_bytes)}, ONNX opset {self.opset}, {self.exporter})",
             f"  decoder: z ({self.latent_dim}) -> {shape}, likelihood {self.likelihood}, "
             f"outputs 'mean' = {self.output_transform}('params') and 'params'; source {self.source}",
+            *([f"  graph: {self.rewrites} (the same function; faster in onnxruntime)"] if self.rewrites else []),
             f"  checker: {self.checker}",
             "  parity onnxruntime vs torch (rtol %.0e, atol %.0e): ok, max |err| %s"
             % (self.rtol, self.atol, ", ".join(f"batch {b}: {e:.2e}" for b, e in self.parity.items())),
         ]
-        if self.rewrites:
-            lines.insert(2, f"  graph: {self.rewrites} (the same function; faster in onnxruntime)")
         for v in self.variants:
             lines.append(
                 f"  {v.precision}: wrote {v.path} ({_size(v.size_bytes)}), max |err| vs fp32 "
