@@ -7,6 +7,8 @@ Both use the torch reference for z (a fixed generator makes them repeatable).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -22,6 +24,8 @@ def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0
     The noise of every row is drawn for the whole of ``data`` from ``seed``, so the sums of all
     shards equal the single-process sums exactly: evaluation does not depend on the world size.
     A deterministic autoencoder (no likelihood) reports its MSE as recon and -ELBO, KL 0.
+    Every rank runs the same number of batches (the last may be empty): a sharded (FSDP)
+    model gathers its weights in each call, collectively.
     """
     was_training = model.training
     model.eval()
@@ -32,7 +36,7 @@ def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0
         g = torch.Generator(device=data.device).manual_seed(seed)
         eps = torch.randn(len(data), model.latent_dim, generator=g, device=data.device)[rows]
     shard = data[rows]
-    for start in range(0, len(shard), batch_size):
+    for start in range(0, math.ceil(len(data) / world_size), batch_size):
         x = shard[start : start + batch_size]
         if eps is None:
             recon = (model.reconstruct(x) - x).pow(2).flatten(1).sum(-1)

@@ -48,11 +48,18 @@ class Likelihood(nn.Module):
         if kind not in ("bernoulli", "gaussian"):
             raise ValueError(f"unknown likelihood {kind!r}: use 'bernoulli' or 'gaussian'")
         self.kind = kind
-        log_scale = torch.tensor(math.log(sigma))
+        # shape (1,), not a scalar: FSDP shards parameters along a first dimension
+        log_scale = torch.full((1,), math.log(sigma))
         if kind == "gaussian" and learn_sigma:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # checkpoints from before (1,)
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) per example."""

@@ -29,9 +29,10 @@ from fastvae.data import EpochBatches, Splits, load_dataset
 from fastvae.errors import FastVAEError
 from fastvae.losses import kl_weight
 from fastvae.reparam import resolve_backend
+from fastvae.sharding import load_sharded_optimizer_state, optimizer_state_by_index
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_recon", "train_kl", "epoch_time_s",
-                 "test_neg_elbo", "test_recon", "test_kl"]
+                 "test_neg_elbo", "test_recon", "test_kl", "loss_scale"]
 SPEC_KEYS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data")
 
 
@@ -81,9 +82,9 @@ def make_fabric(config: TrainConfig):
 
     strategy = config.strategy
     if strategy == "fsdp":
-        from lightning_fabric.strategies import FSDPStrategy
+        from fastvae.sharding import fsdp_strategy
 
-        strategy = FSDPStrategy(state_dict_type="full")  # one checkpoint file, plain tensors
+        strategy = fsdp_strategy(config.devices * config.num_nodes)
     from fastvae.viz import make_loggers
 
     loggers = make_loggers(config.out, config.tensorboard)
@@ -171,30 +172,45 @@ class Trainer:
         self.fabric, self.config, self.splits = fabric, config, splits
         self.run_dir = Path(config.out)
         self.rank, self.world = fabric.global_rank, fabric.world_size
-        fabric.seed_everything(config.seed + self.rank, verbose=False)
+        # the same initial weights on every rank (FSDP shards each rank's own copy; DDP would
+        # broadcast rank 0's), then a noise stream per rank; rank 0's is the single-process one
+        fabric.seed_everything(config.seed, verbose=False)
         model = build_model(config.model_spec(splits.data_shape))
+        if self.rank:
+            fabric.seed_everything(config.seed + self.rank, verbose=False)
         if hasattr(model, "reparam_backend"):  # decided once here, not in every (compiled) step
             model.reparam_backend = resolve_backend(config.reparam, fabric.device)
-        optimizer = make_optimizer(model, config)
         self.epoch = self.step = self.skip_batches = 0
         self.partial: list[float] | None = None  # sums of an interrupted epoch
-        if resume:
-            self._restore(model, optimizer)
+        saved = read_checkpoint(self.run_dir) if resume else None
+        if saved is not None:  # full weights go into the plain model, before any sharding
+            load_model_state(model, saved["model"], self.run_dir / LAST)
         self.module = model  # the plain module: state dicts, evaluation, pictures
         if config.compile:
             model.compile()  # in place: state-dict keys stay plain, Fabric wraps the compiled call
-        self.model, self.optimizer = fabric.setup(model, optimizer)
+        if config.strategy == "fsdp":  # FSDP2 swaps in sharded parameters: optimizer after that
+            self.model = fabric.setup_module(model)
+            self.optimizer = fabric.setup_optimizers(make_optimizer(model, config))
+            if saved is not None:
+                load_sharded_optimizer_state(model, self.optimizer.optimizer, saved["optimizer"])
+        else:
+            optimizer = make_optimizer(model, config)
+            if saved is not None:
+                optimizer.load_state_dict(optimizer_state_by_index(saved["optimizer"], model))
+            self.model, self.optimizer = fabric.setup(model, optimizer)
+        if saved is not None:
+            self._restore_progress(saved)
         self.train_data = fabric.to_device(splits.train)
         self.test_data = fabric.to_device(splits.test)
         self.rows = _read_metrics(self.run_dir / "metrics.csv", self.epoch) if resume else []
 
-    def _restore(self, model, optimizer) -> None:
-        state = read_checkpoint(self.run_dir)
-        load_model_state(model, state["model"], self.run_dir / LAST)
-        optimizer.load_state_dict(state["optimizer"])
+    def _restore_progress(self, state: dict) -> None:
+        """Counters, loss scale and (same world size only) random streams of a checkpoint."""
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.skip_batches = int(state.get("batch_in_epoch", 0))
         self.partial = state.get("partial")
+        if state.get("precision"):  # fp16's loss scale: resuming keeps it instead of relearning
+            self.fabric.strategy.precision.load_state_dict(state["precision"])
         if int(state.get("world_size", 1)) == self.world:  # other sizes: fresh per-rank streams
             set_rng_state(state["rng"])
 
@@ -246,6 +262,9 @@ class Trainer:
         row = {"epoch": self.epoch, "step": self.step, "train_loss": (recon + kl) / count,
                "train_recon": recon / count, "train_kl": kl / count, "epoch_time_s": totals[3]}
         row.update(self.test_metrics())
+        scaler = getattr(self.fabric.strategy.precision, "scaler", None)
+        if scaler is not None:  # fp16: a falling scale means steps skipped for inf/NaN gradients
+            row["loss_scale"] = float(scaler.get_scale())
         self.rows.append(row)
         if self.rank == 0:  # before the checkpoint: a resume drops rows past its epoch
             _write_metrics(self.run_dir / "metrics.csv", self.rows)
@@ -335,6 +354,9 @@ class Trainer:
             "step": self.step, "rng": rng_state(), "batch_in_epoch": batch_in_epoch,
             "world_size": self.world,
         }
+        precision_state = self.fabric.strategy.precision.state_dict()
+        if precision_state:  # fp16: GradScaler's scale and growth tracker
+            state["precision"] = precision_state
         if partial is not None:
             state["partial"] = partial
         final = self.run_dir / LAST

@@ -84,3 +84,29 @@ def test_mixed_precision_on_cpu_trains_with_finite_loss(tmp_path, small_digits, 
     fp32 = train(config(tmp_path / "fp32", kind="vae", epochs=2), splits=small_digits)
     # bf16 autocast changes the numbers a little, not the course of training
     assert losses[1] == pytest.approx(fp32.metrics[1]["train_loss"], rel=0.05)
+
+
+def fp16_fabric_on_cpu(config):
+    """Fabric turns 16-mixed into bf16 on a CPU; build the fp16 plugin with a CPU GradScaler
+    directly, with a scale so large that the first steps overflow and are skipped."""
+    from lightning_fabric import Fabric
+    from lightning_fabric.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
+    return Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+
+
+def test_fp16_loss_scale_is_logged_checkpointed_and_resumed(tmp_path, small_digits, monkeypatch):
+    monkeypatch.setattr("fastvae.train.make_fabric", fp16_fabric_on_cpu)
+    straight = train(config(tmp_path / "straight", kind="vae", epochs=2), splits=small_digits)
+    scales = [row["loss_scale"] for row in straight.metrics]
+    assert scales[0] < 2.0**30  # overflowing steps were skipped and the scale backed off
+    assert read_checkpoint(tmp_path / "straight")["precision"]["scale"] == scales[1]
+    assert all(math.isfinite(row["train_loss"]) for row in straight.metrics)
+
+    train(config(tmp_path / "resumed", kind="vae", epochs=1), splits=small_digits)
+    resumed = train(config(tmp_path / "resumed", kind="vae", epochs=2), resume=True, splits=small_digits)
+    # the resumed run continues with the saved scale: no second round of skipped steps
+    assert resumed.metrics[1]["loss_scale"] == scales[1]
+    assert max_diff(read_checkpoint(tmp_path / "resumed")["model"],
+                    read_checkpoint(tmp_path / "straight")["model"]) == 0

@@ -78,3 +78,12 @@ def test_reparam_backend_resolves_to_torch_on_a_plain_cpu(monkeypatch):
     assert resolve_backend("auto", cpu) == "torch" and resolve_backend("torch", cpu) == "torch"
     with pytest.raises(FastVAEError, match="--reparam triton"):
         resolve_backend("triton", cpu)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_likelihood_loads_state_saved_with_a_scalar_log_scale(learn):
+    """Checkpoints written before log_scale became shape (1,) (for FSDP) still load."""
+    lik = Likelihood("gaussian", sigma=0.3, learn_sigma=learn)
+    lik.load_state_dict({"log_scale": torch.tensor(math.log(0.7))})
+    assert lik.log_scale.shape == (1,)
+    torch.testing.assert_close(lik.log_scale.exp(), torch.tensor([0.7]))
