@@ -29,7 +29,10 @@ def shard_model(model: nn.Module, device_mesh) -> nn.Module:
 
     The signature is Fabric's ``parallelize_fn``: ``(module, device_mesh) -> module``.
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    try:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import fully_shard, register_fsdp_forward_method
 
     # FSDP2 warns about every module that returns a view (mu/logvar halves, reshaped images)
     # in case a caller modifies it in place; nothing here does.
@@ -56,13 +59,6 @@ def fsdp_strategy(world_size: int):
 
     return ModelParallelStrategy(shard_model, data_parallel_size=world_size, tensor_parallel_size=1,
                                  save_distributed_checkpoint=False)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True when ``model``'s parameters are DTensors (set up by FSDP2)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def optimizer_state_by_name(state: dict, model: nn.Module) -> dict:
