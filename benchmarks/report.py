@@ -208,6 +208,18 @@ def _x(ratio: float) -> str:
     return f"{ratio:.2f}×" if ratio >= 0.1 else f"{ratio:.2g}×"
 
 
+# Ratios a benchmark measured itself, side by side in one timed call (interleaved epochs):
+# extra_info key -> label in the table.
+MEASURED_RATIOS = {"speedup": "speedup", "per_step_read_cost": "per-step-read cost",
+                   "time_ratio": "time ratio", "time_ratio_vs_fused_adam": "vs fused Adam"}
+
+
+def fmt_measured_ratios(row: Row) -> str:
+    cells = [f"{label} {_x(row.extra[key])}" for key, label in MEASURED_RATIOS.items()
+             if isinstance(row.extra.get(key), (int, float)) and math.isfinite(row.extra[key])]
+    return ", ".join(cells) or "—"
+
+
 # Columns: (header, getter); a column whose cells are all "—" is left out of a table.
 COLUMNS: list[tuple[str, Any]] = [
     ("group", lambda r: r.group or "—"),
@@ -221,6 +233,7 @@ COLUMNS: list[tuple[str, Any]] = [
     ("% of peak BW", lambda r: fmt_num(100 * r.extra["bandwidth_fraction"], 3, " %")
      if isinstance(r.extra.get("bandwidth_fraction"), (int, float)) else "—"),
     ("peak mem (MB)", lambda r: fmt_num(r.extra.get("peak_memory_MB"), 4)),
+    ("interleaved ratios", fmt_measured_ratios),
     ("rounds", lambda r: str(r.stats.get("rounds", "—"))),
 ]
 

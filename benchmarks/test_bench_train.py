@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import annotate, bench_device, on_gpu, pick, skip_in_cpu_smoke, synced
+from common import annotate, bench_device, on_gpu, pick, requires_cuda, skip_in_cpu_smoke, synced
 
 from fastvae.config import TrainConfig
 from fastvae.data import Splits, load_dataset
@@ -85,13 +85,61 @@ def plain_runner(case, splits: Splits, *, fused_adam: bool = False):
     return synced(plain_epoch, model, optimizer, splits.train.to(device), batch, amp)
 
 
-def trainer_runner(case, splits: Splits, out: str):
-    """A no-argument callable running ``Trainer.train_pass`` (one epoch) of a fresh trainer."""
+def make_trainer(case, splits: Splits, out: str) -> Trainer:
     model_name, batch, precision, compiled = case
     config = TrainConfig(model=model_name, batch_size=batch, precision=precision, compile=compiled,
                          accelerator="cuda" if on_gpu() else "cpu", out=out, progress=False,
                          pictures=False, epochs=10_000)
-    return synced(Trainer(make_fabric(config), config, splits).train_pass)
+    return Trainer(make_fabric(config), config, splits)
+
+
+def trainer_runner(case, splits: Splits, out: str):
+    """A no-argument callable running ``Trainer.train_pass`` (one epoch) of a fresh trainer."""
+    return synced(make_trainer(case, splits, out).train_pass)
+
+
+@requires_cuda
+@pytest.mark.benchmark(group="train-epoch-interleaved-gpu")
+@pytest.mark.parametrize("case", [c for c in CASES if c[3]][:1], ids=case_id)
+def test_gpu_trainer_vs_plain_amp_interleaved(benchmark, case):
+    """Issue 6's figure, epochs alternating: the plain AMP loop vs the trainer (fused kernel,
+    compile, fused Adam, step records read every ``check_every`` steps) vs the same trainer
+    reading them after every step, as a loop calling ``loss.item()`` would. ``speedup`` is
+    plain / trainer (goal >= 1.5); ``per_step_read_cost`` is how much slower the per-step
+    read makes the trainer. First in the file, so a time cap cannot cut it."""
+    splits = make_splits()
+    times = {"plain": [], "fastvae": [], "fastvae_read_each_step": []}
+    with tempfile.TemporaryDirectory() as out:
+        trainer = make_trainer(case, splits, out)
+        deferred = trainer.check_every
+
+        def each_step():
+            trainer.check_every = 1
+            try:
+                trainer.train_pass()
+            finally:
+                trainer.check_every = deferred
+
+        runners = {"plain": plain_runner(case, splits), "fastvae": synced(trainer.train_pass),
+                   "fastvae_read_each_step": synced(each_step)}
+        for run in runners.values():
+            run()  # warm-up (and compilation)
+
+        def all_three():
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+
+        benchmark.pedantic(all_three, rounds=10, iterations=1)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    annotate(benchmark, impl="fastvae+plain", items=3 * len(splits.train), case=case_id(case),
+             plain_epoch_s=medians["plain"], fastvae_epoch_s=medians["fastvae"],
+             fastvae_read_each_step_epoch_s=medians["fastvae_read_each_step"],
+             check_every=deferred, speedup=medians["plain"] / medians["fastvae"],
+             per_step_read_cost=medians["fastvae_read_each_step"] / medians["fastvae"],
+             plain_examples_per_s=len(splits.train) / medians["plain"],
+             fastvae_examples_per_s=len(splits.train) / medians["fastvae"])
 
 
 @pytest.mark.benchmark(group="train-epoch")

@@ -88,11 +88,24 @@ def optimizer_state_by_index(state: dict, model: nn.Module) -> dict:
             "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in groups]}
 
 
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def keep_implementation(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """``state`` with its param groups' implementation flags (fused, foreach, ...) replaced by
+    ``optimizer``'s: a checkpoint from another layout (FSDP's plain Adam, DDP's fused one) must
+    not switch the implementation this process chose."""
+    ours = optimizer.param_groups[0]
+    groups = [{**g, **{k: ours[k] for k in IMPLEMENTATION_KEYS if k in ours}}
+              for g in state["param_groups"]]
+    return {**state, "param_groups": groups}
+
+
 def load_sharded_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                                  state: dict) -> None:
     """Load a full (unsharded) optimizer state into the optimizer of a sharded model: every
     rank holds the whole checkpoint and keeps its own shard of each moment."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(state, model),
-                             options=StateDictOptions(full_state_dict=True))
+    state = keep_implementation(optimizer_state_by_name(state, model), optimizer)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

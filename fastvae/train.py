@@ -27,9 +27,11 @@ from fastvae.checkpoint import (FORMAT, LAST, atomic_path, load_model_state, rea
 from fastvae.config import TrainConfig
 from fastvae.data import EpochBatches, Splits, load_dataset
 from fastvae.errors import FastVAEError
+from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
 from fastvae.losses import kl_weight
 from fastvae.reparam import resolve_backend
-from fastvae.sharding import load_sharded_optimizer_state, optimizer_state_by_index
+from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
+                              optimizer_state_by_index)
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_recon", "train_kl", "epoch_time_s",
                  "test_neg_elbo", "test_recon", "test_kl", "loss_scale"]
@@ -196,10 +198,14 @@ class Trainer:
         else:
             optimizer = make_optimizer(model, config)
             if saved is not None:
-                optimizer.load_state_dict(optimizer_state_by_index(saved["optimizer"], model))
+                state = optimizer_state_by_index(saved["optimizer"], model)
+                optimizer.load_state_dict(keep_implementation(state, optimizer))
             self.model, self.optimizer = fabric.setup(model, optimizer)
         if saved is not None:
             self._restore_progress(saved)
+        self.skip_mode = skip_mode(self.optimizer.optimizer, fabric.strategy.precision)
+        self.check_every = 1 if self.skip_mode == "host" else check_interval(fabric.device)
+        self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, rows, record) not yet read
         self.train_data = fabric.to_device(splits.train)
         self.test_data = fabric.to_device(splits.test)
         self.rows = _read_metrics(self.run_dir / "metrics.csv", self.epoch) if resume else []
@@ -299,33 +305,66 @@ class Trainer:
             if stop is not None and stop.requested and index + 1 < len(batches):
                 stopped_at = index + 1
                 break
+        self._read_records(totals)
         bar.close()
         totals[3] += time.perf_counter() - started
         return totals, stopped_at
 
     def _train_step(self, x: torch.Tensor, totals: list[float]) -> None:
+        """One step; its (loss, recon, KL, flag) record stays on the device until read."""
         config = self.config
         terms = self.model(x, beta=kl_weight(self.step, config.beta, config.kl_warmup_steps),
                            free_bits=config.free_bits)
-        # one host sync per step, so a NaN is caught at the step where it appears
-        loss, recon, kl = torch.stack([terms.loss.detach(), terms.recon, terms.kl]).tolist()
         self.step += 1
-        if not math.isfinite(loss):
-            if config.on_nonfinite == "stop":
-                raise FastVAEError(
-                    f"loss became {loss} at epoch {self.epoch + 1}, step {self.step}; training "
-                    f"stopped. {self._checkpoint_note()}Try a lower --lr, --precision 32-true, "
-                    "or --on-nonfinite skip"
-                )
-            self.fabric.print(f"skipping step {self.step} (epoch {self.epoch + 1}): loss is {loss}")
+        record = [terms.loss.detach(), terms.recon, terms.kl]
+        if self.skip_mode == "host":  # the optimizer cannot skip on the device: check now
+            bad = torch.isfinite(record[0]).logical_not().float()
+            if self.world > 1:  # all ranks skip together (backward has collectives)
+                bad = self.fabric.all_reduce(bad, reduce_op="sum")
+            self._pending.append((self.step, len(x), torch.stack([t.float() for t in record + [bad]])))
+            if self._read_records(totals):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.fabric.backward(terms.loss)
+                self.optimizer.step()
             return
         self.optimizer.zero_grad(set_to_none=True)
         self.fabric.backward(terms.loss)
+        if self.skip_mode == "device":
+            record.append(flag_nonfinite_grads(self.optimizer.optimizer))
         self.optimizer.step()
-        n = len(x)
-        totals[0] += recon * n
-        totals[1] += kl * n
-        totals[2] += n
+        self._pending.append((self.step, len(x), torch.stack([t.float() for t in record])))
+        if len(self._pending) >= self.check_every:
+            self._read_records(totals)
+
+    def _read_records(self, totals: list[float]) -> bool:
+        """Read the pending step records in one host sync; add the finite steps' sums to
+        ``totals``; stop or report each non-finite one. Returns whether the last was finite."""
+        if not self._pending:
+            return True
+        pending, self._pending = self._pending, []
+        values = torch.stack([record for _, _, record in pending]).tolist()
+        finite = True
+        for (step, n, _), (loss, recon, kl, *flag) in zip(pending, values):
+            finite = math.isfinite(loss) and not (flag and flag[0] > 0)
+            if finite:
+                totals[0] += recon * n
+                totals[1] += kl * n
+                totals[2] += n
+                continue
+            if not math.isfinite(loss):
+                became, now = f"loss became {loss}", f"loss is {loss}"
+            elif self.skip_mode == "host":  # the flag is the sum over ranks
+                became, now = "the loss of another rank became non-finite", "another rank's loss is not finite"
+            else:
+                became, now = "gradients became inf/NaN", "gradients are inf/NaN"
+            if self.config.on_nonfinite == "stop":
+                raise FastVAEError(
+                    f"{became} at epoch {self.epoch + 1}, step {step}; training stopped. "
+                    f"{self._checkpoint_note()}Try a lower --lr, --precision 32-true, or "
+                    "--on-nonfinite skip"
+                )
+            self.fabric.print(f"skipping step {step} (epoch {self.epoch + 1}): {now}")
+        return finite
 
     def _checkpoint_note(self) -> str:
         last = self.run_dir / LAST

@@ -122,6 +122,10 @@ def test_render_writes_table_and_chart(tmp_path):
         _bench("test_torch", "sampling", 2e-3, impl="torch", baseline=True),
         _bench("test_ort", "sampling", 1e-3, impl="onnxruntime"),
     ]))
+    _write(folder / "train.json", _run_json([
+        _bench("test_interleaved", "train-interleaved", 0.3, impl="fastvae+plain", speedup=1.625,
+               per_step_read_cost=1.2),
+    ]))
     (folder / "notes.json").write_text("[1, 2]")  # not a benchmark file: skipped
     # run as a script, the way run.sh calls it
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), "render", str(folder)],
@@ -139,6 +143,8 @@ def test_render_writes_table_and_chart(tmp_path):
     assert "4.00×" in next(line for line in rows if "`test_fused[B=4096]`" in line)
     assert "1 (baseline)" in next(line for line in rows if "`test_eager[B=64]`" in line)
     assert "2.00×" in next(line for line in rows if "`test_ort`" in line)
+    interleaved = next(line for line in rows if "`test_interleaved`" in line)
+    assert "| speedup 1.62×, per-step-read cost 1.20× |" in interleaved  # measured in the call
     assert "![speedups](ratios.png)" in md
     png = folder / "ratios.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000

@@ -70,6 +70,37 @@ def nan_at(steps):
     return action
 
 
+def nan_gradients_at(steps):
+    """An action that keeps the loss of the given steps but makes its gradients NaN
+    (d/dl sqrt(0 * l) = inf * 0)."""
+
+    def action(call, terms):
+        if call in steps:
+            return terms._replace(loss=terms.loss + torch.sqrt(terms.loss * 0))
+        return terms
+
+    return action
+
+
+@pytest.fixture(params=[1, 4], ids=["read-each-step", "read-every-4-steps"])
+def check_lag(request, monkeypatch):
+    """Step records read on the host after every step (a CPU's way) or every 4 steps (an
+    accelerator's): the outcome must not depend on it."""
+    monkeypatch.setattr("fastvae.train.check_interval", lambda device: request.param)
+    return request.param
+
+
+@pytest.fixture(params=["device-each-step", "device-every-4-steps", "host-before-backward"])
+def any_check(request, monkeypatch):
+    """``check_lag``'s two ways, plus the host check before backward that optimizers which
+    cannot skip an update on the device (FSDP's) get."""
+    if request.param.startswith("host"):
+        monkeypatch.setattr("fastvae.train.skip_mode", lambda optimizer, precision: "host")
+    lag = 4 if "every-4" in request.param else 1
+    monkeypatch.setattr("fastvae.train.check_interval", lambda device: lag)
+    return request.param
+
+
 def signal_at(step, signum=signal.SIGINT):
     def action(call, terms):
         if call == step:
@@ -86,7 +117,8 @@ def listing(run) -> list[str]:
 # ----------------------------------------------------------------------------- non-finite losses
 
 
-def test_nan_loss_stops_with_step_and_epoch_and_keeps_last_checkpoint(tmp_path, make_config, patch_forward):
+def test_nan_loss_stops_with_step_and_epoch_and_keeps_last_checkpoint(tmp_path, make_config, patch_forward,
+                                                                      any_check):
     reference = make_config(out=tmp_path / "two_epochs", epochs=2)
     train(reference)
     patch_forward(nan_at({2 * STEPS_PER_EPOCH + 2}))  # third step of epoch 3
@@ -111,7 +143,7 @@ def test_nan_loss_before_any_checkpoint_does_not_promise_one(make_config, patch_
     assert "intact" not in str(info.value), str(info.value)
 
 
-def test_nonfinite_skip_skips_and_continues(make_config, patch_forward, capsys):
+def test_nonfinite_skip_skips_and_continues(make_config, patch_forward, capsys, any_check):
     bad = {5, STEPS_PER_EPOCH + 10}
     patch_forward(nan_at(bad))
     result = train(make_config(epochs=2, on_nonfinite="skip"))
@@ -121,6 +153,30 @@ def test_nonfinite_skip_skips_and_continues(make_config, patch_forward, capsys):
     assert all(math.isfinite(row["train_loss"]) for row in result.metrics)
     state = read_checkpoint(result.run_dir)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_gradients_of_a_finite_loss_are_caught_at_their_step(make_config, patch_forward,
+                                                                        capsys, check_lag, mode):
+    patch_forward(nan_gradients_at({3}))
+    config = make_config(epochs=1, on_nonfinite=mode)
+    if mode == "stop":
+        with pytest.raises(FastVAEError) as info:
+            train(config)
+        assert "gradients became inf/NaN at epoch 1, step 4;" in str(info.value), str(info.value)
+        return
+    result = train(config)
+    assert "skipping step 4 (epoch 1): gradients are inf/NaN" in capsys.readouterr().out
+    assert all(torch.isfinite(t).all() for t in read_checkpoint(result.run_dir)["model"].values())
+
+
+def test_reading_step_records_later_changes_nothing(tmp_path, make_config, patch_forward, monkeypatch):
+    patch_forward(nan_at({5, STEPS_PER_EPOCH + 10}))
+    now = train(make_config(out=tmp_path / "now", epochs=2, on_nonfinite="skip"))
+    monkeypatch.setattr("fastvae.train.check_interval", lambda device: 7)
+    later = train(make_config(out=tmp_path / "later", epochs=2, on_nonfinite="skip"))
+    assert max_weight_diff(state_dict_of(now.run_dir), state_dict_of(later.run_dir)) == 0
+    assert metrics_without_time(now.run_dir) == metrics_without_time(later.run_dir)
 
 
 def test_skip_cannot_hide_a_diverged_model(make_config):
