@@ -290,7 +290,9 @@ class EpochBatches:
         per_rank = math.ceil(n / world_size)
         if per_rank * world_size > n:
             order = torch.cat([order, order[: per_rank * world_size - n]])
-        self.indices = order[rank::world_size]
+        # on the data's device: indexing a GPU tensor with CPU indices copies them over with a
+        # stream sync per batch; one copy per epoch keeps the steps free of host syncs
+        self.indices = order[rank::world_size].to(data.device)
         self.data = data
         self.batch_size = batch_size
 
