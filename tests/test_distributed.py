@@ -110,3 +110,47 @@ def test_fp16_loss_scale_is_logged_checkpointed_and_resumed(tmp_path, small_digi
     assert resumed.metrics[1]["loss_scale"] == scales[1]
     assert max_diff(read_checkpoint(tmp_path / "resumed")["model"],
                     read_checkpoint(tmp_path / "straight")["model"]) == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_nodes_under_torchrun_match_one_process(tmp_path):
+    """The README's multi-node recipe on one machine: ``torchrun --nnodes 2`` with one process
+    per "node". Node ranks become global ranks, only rank 0 writes, and the run equals one
+    process with the global batch."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, SUBPROCESS_ENV, run_cli, state_dict_of
+
+    common = ["train", "--kind", "ae", "--hidden-dim", "32", "--epochs", "1", "--accelerator",
+              "cpu", "--no-pictures", "--quiet"]
+    port = _free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "fastvae", *common, "--devices", "1", "--num-nodes", "2", "--strategy", "ddp",
+         "--batch-size", "32", "--out", str(tmp_path / "two_nodes")],
+        cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    rc, _, err = run_cli(*common, "--batch-size", "64", "--out", tmp_path / "one")
+    assert rc == 0, err
+    two = read_checkpoint(tmp_path / "two_nodes")
+    assert two["world_size"] == 2
+    assert max_diff(two["model"], state_dict_of(tmp_path / "one")) < 1e-6
+    assert sorted(p.name for p in (tmp_path / "two_nodes").iterdir()) == [
+        "checkpoints", "config.json", "metrics.csv"]
