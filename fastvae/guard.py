@@ -11,8 +11,9 @@ How an update is skipped on the device (``skip_mode``):
 - ``"scaler"``: fp16's GradScaler already skips steps whose gradients overflow;
 - ``"device"``: fused Adam takes a ``found_inf`` flag and leaves weights, moments and its step
   count untouched when it is 1; the flag is computed from the gradients, which DDP has already
-  averaged, so every rank skips together;
-- ``"host"``: any other optimizer (FSDP's): the loss is checked on the host before backward.
+  averaged (FSDP's DTensor reduces the flag over the shards), so every rank skips together;
+- ``"host"``: an optimizer without that flag (an older torch, another device): the loss is
+  checked on the host before backward, and the ranks agree through an all-reduce.
 """
 
 from __future__ import annotations

@@ -65,6 +65,20 @@ def test_fsdp_two_ranks_match_one_process_and_resume_across_layouts(tmp_path):
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-4, atol=1e-9)
 
 
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    """Rank 1's loss is NaN at step 4: the averaged gradients are NaN on both ranks, so both
+    skip the update on the device (no host sync), in DDP and in FSDP alike."""
+    runs = {strategy: run(tmp_path / strategy, batch_size=16, devices=2, strategy=strategy,
+                          on_nonfinite="skip", nan_loss_at=[1, 3])
+            for strategy in ("ddp", "fsdp")}
+    for ckpt, rows in runs.values():
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+        assert math.isfinite(rows[0]["train_loss"])
+    assert max_diff(runs["ddp"][0]["model"], runs["fsdp"][0]["model"]) < 1e-6
+    clean, _ = run(tmp_path / "clean", batch_size=16, devices=2, strategy="ddp")
+    assert max_diff(clean["model"], runs["ddp"][0]["model"]) > 1e-4  # the step really was dropped
+
+
 def test_fsdp_compiled_vae_with_learned_sigma_in_bf16(tmp_path):
     ckpt, rows = run(tmp_path / "vae", kind="vae", likelihood="gaussian", learn_sigma=True,
                      epochs=2, batch_size=16, devices=2, strategy="fsdp", precision="bf16-mixed",

@@ -2,22 +2,48 @@
 
 For multi-process tests whose strategy (FSDP) launches ranks by re-running the command line,
 which cannot be pytest itself. CONFIG_JSON holds TrainConfig fields plus ``train_rows`` and
-``test_rows``, the sizes of the slices of the bundled digits to use.
+``test_rows``, the sizes of the slices of the bundled digits to use, and optionally
+``nan_loss_at``: ``[rank, step]``, a (0-based) training step whose loss that rank turns to NaN.
 """
 
+import itertools
 import json
 import sys
 
 import torch
 
+import fastvae.models
 from fastvae.config import TrainConfig
 from fastvae.data import Splits, load_dataset
 from fastvae.train import train
+
+
+def nan_loss_at(rank: int, step: int) -> None:
+    """Make every model built from now on return a NaN loss at ``step`` on ``rank``."""
+    build = fastvae.models.build_model
+
+    def build_with_nan(spec):
+        model = build(spec)
+        forward, calls = model.forward, itertools.count()
+
+        def patched(*args, **kwargs):
+            terms = forward(*args, **kwargs)
+            if next(calls) == step and torch.distributed.get_rank() == rank:
+                return terms._replace(loss=terms.loss * float("nan"))
+            return terms
+
+        model.forward = patched
+        return model
+
+    fastvae.models.build_model = build_with_nan
+
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     values = json.loads(sys.argv[1])
     train_rows, test_rows = values.pop("train_rows"), values.pop("test_rows")
+    if "nan_loss_at" in values:
+        nan_loss_at(*values.pop("nan_loss_at"))
     digits = load_dataset("digits")
     splits = Splits("digits", digits.train[:train_rows], digits.test[:test_rows])
     train(TrainConfig(**values), resume="--resume" in sys.argv[2:], splits=splits)
