@@ -443,10 +443,14 @@ def pytest_benchmark_table(old: Path, new: Path) -> int:
 # --------------------------------------------------------------------------- store
 
 
+EXTRA_RESULTS = ("precision.json", "tile_sweep.json", "run.log")
+
+
 def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: str = STAT,
           out=None, force: bool = False) -> Path | None:
     """Copy the suite JSONs of ``src`` into ``results/<slug>/``, compare, render; returns the
-    folder (``None`` when ``src`` holds no benchmark JSON)."""
+    folder (``None`` when ``src`` holds no benchmark JSON). ``EXTRA_RESULTS`` files in ``src``
+    (bf16-vs-fp32 check, kernel tile sweep, the run's log) are copied too."""
     import shutil
     import tempfile
 
@@ -476,6 +480,10 @@ def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: s
             else:
                 shutil.copyfile(run.path, target)
             print(f"stored {target}", file=out)
+    for name in EXTRA_RESULTS:  # the GPU script's other outputs, kept beside the suites
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dest / name)
+            print(f"stored {dest / name}", file=out)
     render(dest, stat=stat)
     print(f"rendered {dest / 'README.md'} and {dest / 'ratios.png'}", file=out)
     return dest

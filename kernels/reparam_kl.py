@@ -169,7 +169,7 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _forward_triton(mu, logvar, seed: int, block_b=None, block_d=None):
+def _forward_triton(mu, logvar, seed: int, block_b=None, block_d=None, num_warps=4):
     """Launch the forward kernel on 2-D (B, D) inputs (any strides). Returns (z, kl)."""
     B, D = mu.shape
     z = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
@@ -181,12 +181,12 @@ def _forward_triton(mu, logvar, seed: int, block_b=None, block_d=None):
         _reparam_kl_fwd_kernel[(triton.cdiv(B, bb),)](
             mu, logvar, z, kl, B, D, triton.cdiv(D, 4),
             mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-            seed, BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
+            seed, BLOCK_B=bb, BLOCK_D=bd, num_warps=num_warps,
         )
     return z, kl
 
 
-def _backward_triton(mu, logvar, seed: int, gz, gkl, block_b=None, block_d=None):
+def _backward_triton(mu, logvar, seed: int, gz, gkl, block_b=None, block_d=None, num_warps=4):
     """Launch the backward kernel; gz (B, D) and gkl (B,) may be None or have any strides."""
     B, D = mu.shape
     dmu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
@@ -202,7 +202,7 @@ def _backward_triton(mu, logvar, seed: int, gz, gkl, block_b=None, block_d=None)
             mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
             gz_arg.stride(0), gz_arg.stride(-1), gkl_arg.stride(0),
             seed, HAS_GZ=gz is not None, HAS_GKL=gkl is not None,
-            BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
+            BLOCK_B=bb, BLOCK_D=bd, num_warps=num_warps,
         )
     return dmu, dlv
 

@@ -202,10 +202,14 @@ def test_store_files_a_foreign_run(tmp_path, capsys):
     data["machine_info"]["fastvae"]["slug"] = "test-gpu-80gb"
     _write(src / "reparam_kl.json", data)
     (src / "run.log").write_text("log")
+    (src / "precision.json").write_text('{"precisions": {}}')
+    (src / "unrelated.txt").write_text("x")
     results = tmp_path / "results"
     assert report.main(["store", str(src), "--results", str(results)]) == 0
     dest = results / "test-gpu-80gb"
     assert (dest / "reparam_kl.json").exists() and (dest / "README.md").exists()
+    assert (dest / "run.log").read_text() == "log" and (dest / "precision.json").exists()
+    assert not (dest / "unrelated.txt").exists()
     slower = json.loads(json.dumps(data))
     slower["benchmarks"][1]["stats"]["median"] *= 2
     _write(src / "reparam_kl.json", slower)
@@ -277,3 +281,17 @@ def test_scripts_parse():
     for script in ("run.sh", "gpu/run.sh", "fetch_wheels.sh"):
         proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
+
+
+def test_tile_sweep_runs_interpreted(tmp_path):
+    """The GPU run's kernel tile sweep, in its smoke form (Triton interpreter, tiny shape)."""
+    out = tmp_path / "tile_sweep.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu" / "tile_sweep.py"), str(out), "--smoke"],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report_ = json.loads(out.read_text())
+    assert report_["smoke"] and len(report_["results"]) == 4  # 2 kernels x 2 tiles
+    assert set(report_["best"]) == {"fwd B=64 D=8 fp32", "bwd B=64 D=8 fp32"}
+    assert all(row["ms"] > 0 and row["gain_over_default"] >= 1 for row in report_["best"].values())
+    assert "torch" in report_["info"]

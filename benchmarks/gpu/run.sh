@@ -7,7 +7,8 @@
 #    them; pip --no-index --no-deps, never touching torch), then `pip install --no-deps -e .`;
 # 2. prints the device, driver, CUDA, torch and triton versions;
 # 3. runs the CUDA tests (`pytest -m gpu tests`), then each benchmark suite, each step guarded
-#    so that one failure does not lose the others' results;
+#    so that one failure does not lose the others' results; last, with what is left of the
+#    budget, a sweep of the fused kernel's tile sizes and warps (tile_sweep.json: tuning data);
 # 4. writes one pytest-benchmark JSON per suite (device, versions, date, git commit, figures)
 #    into OUT_DIR (default benchmarks/results/<gpu-slug>/), renders OUT_DIR/README.md and
 #    OUT_DIR/ratios.png, compares with the stored results, and keeps the whole log in
@@ -175,6 +176,17 @@ precision_check() {
   fi
 }
 
+tile_sweep() {
+  local cap; cap=$(remaining 110)
+  [ "$cap" -ge 30 ] || { echo "skipped: out of time budget (optional step)"; return 0; }
+  if [ "$has_cuda" = 1 ]; then
+    timeout -s INT -k 20 "$cap" "$PY" benchmarks/gpu/tile_sweep.py "$DEST/tile_sweep.json" --budget-s $((cap - 25))
+  else
+    echo "(no CUDA: interpreted smoke sweep, to check the script)"
+    TRITON_INTERPRET=1 timeout -s INT -k 20 "$cap" "$PY" benchmarks/gpu/tile_sweep.py "$DEST/tile_sweep.json" --smoke
+  fi
+}
+
 render_results() {
   "$PY" benchmarks/report.py render "$DEST" || return 1
   local stored=benchmarks/results/$slug
@@ -211,7 +223,8 @@ main() {
     step "3b bench $s" bench_suite "$s"
     [ "$s" = train ] && step "3c bf16 vs fp32 -ELBO (digits)" precision_check
   done
-  step "4 render results" render_results
+  step "4 kernel tile sweep (tuning data)" tile_sweep
+  step "5 render results" render_results
   echo
   echo "##### done in $((SECONDS - T0)) s; results in $DEST:"
   ls -l "$DEST"

@@ -1,0 +1,131 @@
+"""Tile sizes and warps of the fused reparameterize+KL kernels, measured: data for tuning.
+
+    python benchmarks/gpu/tile_sweep.py OUT.json [--budget-s 90] [--smoke]
+
+For each shape (B, D, dtype) and kernel (forward, backward), times the launch at tiles of
+BLOCK_B x BLOCK_D = 1024 .. 16384 elements and 4 or 8 warps with ``triton.testing.do_bench``
+and converts to GB/s of the op's minimum traffic (fwd: read mu, logvar, write z, kl; bwd: read
+mu, logvar, grad_z, grad_kl, write grad_mu, grad_logvar). Writes every measurement, the best
+configuration per shape and kernel, and its gain over the shipped default (4096-element tiles,
+4 warps). Stops starting new shapes when the budget is spent and still writes the JSON.
+
+``--smoke`` (no GPU; run under TRITON_INTERPRET=1): one tiny shape and two configurations,
+timed with the wall clock, to check that the script works. Its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import device_info  # noqa: E402
+
+SHAPES = [(65536, 64), (65536, 256), (4096, 1024), (65536, 1024)]
+DTYPES = ["bf16", "fp32"]
+TILES = [1024, 2048, 4096, 8192, 16384]
+WARPS = [4, 8]
+DEFAULT = {"tile": 4096, "num_warps": 4}
+
+
+def traffic_bytes(kernel: str, B: int, D: int, itemsize: int) -> int:
+    if kernel == "fwd":
+        return 3 * B * D * itemsize + 4 * B
+    return 5 * B * D * itemsize + 4 * B
+
+
+def configs(D: int, smoke: bool):
+    import triton
+
+    from fastvae.kernels.reparam_kl import MAX_BLOCK_D
+
+    block_d = min(max(triton.next_power_of_2(D), 4), MAX_BLOCK_D)
+    tiles, warps = ([TILES[0], DEFAULT["tile"]], [4]) if smoke else (TILES, WARPS)
+    for tile in tiles:
+        if tile < block_d:
+            continue
+        for num_warps in warps:
+            yield {"tile": tile, "block_b": tile // block_d, "block_d": block_d, "num_warps": num_warps}
+
+
+def timer(smoke: bool):
+    if not smoke:
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=10, rep=40)
+
+    def wall_ms(fn):
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return wall_ms
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="JSON file to write")
+    parser.add_argument("--budget-s", type=float, default=90.0)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from fastvae.kernels import reparam_kl as K
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        print("tile_sweep: no CUDA device; use --smoke (with TRITON_INTERPRET=1) to test the script")
+        return 2
+    shapes = [(64, 8)] if args.smoke else SHAPES
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    measure = timer(args.smoke)
+    started, results, best = time.perf_counter(), [], {}
+    for B, D in shapes:
+        for name in (["fp32"] if args.smoke else DTYPES):
+            if time.perf_counter() - started > args.budget_s:
+                print(f"tile_sweep: budget of {args.budget_s:.0f} s spent; stopping before B={B} D={D} {name}")
+                break
+            dtype = dtypes[name]
+            g = torch.Generator(device=device).manual_seed(0)
+            mu = torch.randn(B, D, device=device, generator=g).to(dtype)
+            logvar = (0.1 * torch.randn(B, D, device=device, generator=g)).to(dtype)
+            gz = torch.randn(B, D, device=device, generator=g).to(dtype)
+            gkl = torch.randn(B, device=device, generator=g)
+            for kernel in ("fwd", "bwd"):
+                moved = traffic_bytes(kernel, B, D, mu.element_size())
+                for cfg in configs(D, args.smoke):
+                    blocks = {"block_b": cfg["block_b"], "block_d": cfg["block_d"],
+                              "num_warps": cfg["num_warps"]}
+                    if kernel == "fwd":
+                        fn = lambda: K._forward_triton(mu, logvar, 1234, **blocks)  # noqa: E731
+                    else:
+                        fn = lambda: K._backward_triton(mu, logvar, 1234, gz, gkl, **blocks)  # noqa: E731
+                    ms = float(measure(fn))
+                    row = {"B": B, "D": D, "dtype": name, "kernel": kernel, **cfg, "ms": ms,
+                           "GBps": moved / ms / 1e6}
+                    results.append(row)
+                    key = f"{kernel} B={B} D={D} {name}"
+                    if key not in best or ms < best[key]["ms"]:
+                        best[key] = row
+                    print(f"{key:28s} tile {cfg['tile']:>5} warps {cfg['num_warps']}: "
+                          f"{ms * 1e3:9.1f} us  {row['GBps']:8.1f} GB/s", flush=True)
+    for key, row in best.items():
+        default = next((r for r in results if f"{r['kernel']} B={r['B']} D={r['D']} {r['dtype']}" == key
+                        and r["tile"] == DEFAULT["tile"] and r["num_warps"] == DEFAULT["num_warps"]), None)
+        row["gain_over_default"] = default["ms"] / row["ms"] if default else None
+    report = {"info": device_info(), "smoke": args.smoke, "default": DEFAULT,
+              "results": results, "best": best}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"tile_sweep: {len(results)} measurements -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
