@@ -150,6 +150,14 @@ def test_command_help(command, flags):
         assert flag in out, flag
 
 
+def test_help_names_each_default_once(capsys):
+    rc, out, _ = cli(capsys, "train", "--help")
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert "(default 32-true)" in " ".join(out.split())
+    rc, out, _ = cli(capsys, "sample", "--help")
+    assert "(default: 0)" in out and "(default: 1000)" in out  # 0 is a default, not "none"
+
+
 def test_every_command_has_help(capsys):
     from fastvae.cli import build_parser
 

@@ -39,13 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"anneal the KL weight linearly from 0 to beta over N steps (default {d.kl_warmup_steps})")
     o.add_argument("--free-bits", type=float, help=f"free bits in nats per latent dim, 0 = off (default {d.free_bits})")
     o.add_argument("--on-nonfinite", choices=["stop", "skip"],
-                   help=f"on a NaN/Inf loss, stop (keeping the last checkpoint) or skip the step (default {d.on_nonfinite})")
+                   help="on a NaN/Inf loss or gradient, stop (keeping the last checkpoint) or skip the "
+                        f"step (default {d.on_nonfinite})")
     h = parser.add_argument_group("hardware (passed to Lightning Fabric)")
     h.add_argument("--accelerator", choices=ACCELERATORS, help=f"(default {d.accelerator})")
     h.add_argument("--devices", type=int, help=f"devices (processes) per node (default {d.devices})")
     h.add_argument("--num-nodes", type=int, help=f"number of machines (default {d.num_nodes})")
-    h.add_argument("--strategy", choices=STRATEGIES, help=f"(default {d.strategy})")
-    h.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
+    h.add_argument("--strategy", choices=STRATEGIES,
+                   help=f"ddp replicates the model, fsdp shards it (FSDP2) (default {d.strategy})")
+    h.add_argument("--precision", choices=PRECISIONS,
+                   help=f"bf16-mixed is the fast choice on GPUs; 16-mixed scales the loss (default {d.precision})")
     h.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default off)")
     h.add_argument("--reparam", choices=["auto", "torch", "triton"],
