@@ -138,6 +138,8 @@ def load_dir(folder: Path | str, stat: str = STAT) -> list[Run]:
     """Every pytest-benchmark JSON in ``folder`` (not recursive), sorted by suite; others skipped."""
     runs = []
     for path in sorted(Path(folder).glob("*.json")):
+        if path.name in EXTRA_RESULTS:  # known non-benchmark results: no need to say so
+            continue
         try:
             runs.append(load_run(path, stat))
         except (ValueError, json.JSONDecodeError) as exc:
