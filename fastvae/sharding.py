@@ -68,14 +68,11 @@ def optimizer_state_by_name(state: dict, model: nn.Module) -> dict:
     indices follow ``model.named_parameters()``, the order the optimizer was built in.
     """
     names = [name for name, _ in model.named_parameters()]
-    if not state.get("state") and not state["param_groups"][0]["params"]:
-        return state
-    first = state["param_groups"][0]["params"][0]
-    if isinstance(first, str):
+    groups = state["param_groups"]
+    if not groups or not groups[0]["params"] or isinstance(groups[0]["params"][0], str):
         return state
     return {"state": {names[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                             for g in state["param_groups"]]}
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
 
 
 def optimizer_state_by_index(state: dict, model: nn.Module) -> dict:
@@ -93,8 +90,8 @@ IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 def keep_implementation(state: dict, optimizer: torch.optim.Optimizer) -> dict:
     """``state`` with its param groups' implementation flags (fused, foreach, ...) replaced by
-    ``optimizer``'s: a checkpoint from another layout (FSDP's plain Adam, DDP's fused one) must
-    not switch the implementation this process chose."""
+    ``optimizer``'s: a checkpoint written elsewhere (another strategy, device or torch) must not
+    switch the implementation this process chose (a plain Adam cannot skip steps on the device)."""
     ours = optimizer.param_groups[0]
     groups = [{**g, **{k: ours[k] for k in IMPLEMENTATION_KEYS if k in ours}}
               for g in state["param_groups"]]

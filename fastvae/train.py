@@ -6,7 +6,10 @@
 - every rank draws the same per-epoch permutation and takes every W-th row of it;
 - metrics are summed across ranks; the test set is evaluated once in total (sharded);
 - global rank 0 alone writes files: config.json, metrics.csv, checkpoints (atomically, after
-  every epoch and on Ctrl-C) and pictures.
+  every epoch and on Ctrl-C) and pictures; checkpoints hold full state, whatever the strategy
+  (``fastvae.sharding`` for FSDP), so a run resumes on another device count or strategy;
+- a step with a non-finite loss or gradients is never applied, and is caught without a host
+  sync per step (``fastvae.guard``).
 """
 
 from __future__ import annotations

@@ -219,3 +219,30 @@ def test_trainer_checkpoint_failure_keeps_the_previous_checkpoint(make_config, m
     # and the run resumes from there as if nothing had happened
     result = train(make_config(epochs=2), resume=True)
     assert result.epochs == 2 and read_checkpoint(config.out)["epoch"] == 2
+
+
+def test_optimizer_state_converts_between_index_and_name_keys():
+    """Checkpoints move between layouts: plain optimizers key their state by index, FSDP2's full
+    state by parameter name; the implementation flags stay those of the loading optimizer."""
+    from fastvae.models import build_model
+    from fastvae.sharding import keep_implementation, optimizer_state_by_index, optimizer_state_by_name
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": [1, 8, 8], "hidden_dim": 16})
+    plain = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    model(torch.rand(4, 1, 8, 8)).loss.backward()
+    plain.step()
+    by_index = plain.state_dict()
+    by_name = optimizer_state_by_name(by_index, model)
+    names = [n for n, _ in model.named_parameters()]
+    assert list(by_name["state"]) == names and by_name["param_groups"][0]["params"] == names
+    assert optimizer_state_by_name(by_name, model) is by_name  # already by name
+    back = optimizer_state_by_index(by_name, model)
+    assert back["param_groups"] == by_index["param_groups"]
+    for i, moments in by_index["state"].items():
+        assert all(torch.equal(moments[k], back["state"][i][k]) for k in moments)
+
+    fused = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    fused.load_state_dict(keep_implementation(back, fused))
+    assert fused.param_groups[0]["fused"] and not fused.param_groups[0]["foreach"]
+    torch.testing.assert_close(fused.state_dict()["state"][0]["exp_avg"], by_index["state"][0]["exp_avg"])
