@@ -170,6 +170,22 @@ def test_nonfinite_gradients_of_a_finite_loss_are_caught_at_their_step(make_conf
     assert all(torch.isfinite(t).all() for t in read_checkpoint(result.run_dir)["model"].values())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_nonfinite_steps_on_cuda_without_per_step_syncs(make_config, patch_forward, capsys, precision):
+    """On CUDA the records are read every 32 steps and fused Adam skips bad steps itself: a NaN
+    loss and NaN gradients are still reported at their own steps, and the weights stay finite."""
+    bad_loss, bad_grads = nan_at({5}), nan_gradients_at({STEPS_PER_EPOCH + 2})
+    patch_forward(lambda call, terms: bad_grads(call, bad_loss(call, terms)))
+    result = train(make_config(epochs=2, on_nonfinite="skip", accelerator="cuda", precision=precision))
+    out = capsys.readouterr().out
+    assert "skipping step 6 (epoch 1): loss is nan" in out, out
+    assert f"skipping step {STEPS_PER_EPOCH + 3} (epoch 2): gradients are inf/NaN" in out, out
+    assert all(torch.isfinite(t).all() for t in read_checkpoint(result.run_dir)["model"].values())
+    assert all(math.isfinite(row["train_loss"]) for row in result.metrics)
+
+
 def test_reading_step_records_later_changes_nothing(tmp_path, make_config, patch_forward, monkeypatch):
     patch_forward(nan_at({5, STEPS_PER_EPOCH + 10}))
     now = train(make_config(out=tmp_path / "now", epochs=2, on_nonfinite="skip"))
