@@ -98,6 +98,23 @@ def trainer_runner(case, splits: Splits, out: str):
     return synced(make_trainer(case, splits, out).train_pass)
 
 
+def interleaved_medians(benchmark, runners: dict, rounds: int) -> dict[str, float]:
+    """Warm each runner up, then time them one after another, round after round (so machine
+    drift hits all alike), as one benchmark; the median seconds of each."""
+    times = {name: [] for name in runners}
+    for run in runners.values():
+        run()  # warm-up (and compilation)
+
+    def one_round():
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 @requires_cuda
 @pytest.mark.benchmark(group="train-epoch-interleaved-gpu")
 @pytest.mark.parametrize("case", [c for c in CASES if c[3]][:1], ids=case_id)
@@ -108,7 +125,6 @@ def test_gpu_trainer_vs_plain_amp_interleaved(benchmark, case):
     plain / trainer (goal >= 1.5); ``per_step_read_cost`` is how much slower the per-step
     read makes the trainer. First in the file, so a time cap cannot cut it."""
     splits = make_splits()
-    times = {"plain": [], "fastvae": [], "fastvae_read_each_step": []}
     with tempfile.TemporaryDirectory() as out:
         trainer = make_trainer(case, splits, out)
         deferred = trainer.check_every
@@ -120,19 +136,9 @@ def test_gpu_trainer_vs_plain_amp_interleaved(benchmark, case):
             finally:
                 trainer.check_every = deferred
 
-        runners = {"plain": plain_runner(case, splits), "fastvae": synced(trainer.train_pass),
-                   "fastvae_read_each_step": synced(each_step)}
-        for run in runners.values():
-            run()  # warm-up (and compilation)
-
-        def all_three():
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-
-        benchmark.pedantic(all_three, rounds=10, iterations=1)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+        medians = interleaved_medians(benchmark, {
+            "plain": plain_runner(case, splits), "fastvae": synced(trainer.train_pass),
+            "fastvae_read_each_step": synced(each_step)}, rounds=10)
     annotate(benchmark, impl="fastvae+plain", items=3 * len(splits.train), case=case_id(case),
              plain_epoch_s=medians["plain"], fastvae_epoch_s=medians["fastvae"],
              fastvae_read_each_step_epoch_s=medians["fastvae_read_each_step"],
@@ -173,22 +179,11 @@ def test_trainer_vs_plain_interleaved(benchmark, case):
     (goal <= 1.10); ``time_ratio_vs_fused_adam`` compares with the plain loop given the same
     fused Adam as the trainer, i.e. the trainer's own overhead."""
     splits = make_splits()
-    times = {"plain": [], "plain_fused_adam": [], "fastvae": []}
     with tempfile.TemporaryDirectory() as out:
-        runners = {"plain": plain_runner(case, splits),
-                   "plain_fused_adam": plain_runner(case, splits, fused_adam=True),
-                   "fastvae": trainer_runner(case, splits, out)}
-        for run in runners.values():
-            run()  # warm-up
-
-        def all_three():
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-
-        benchmark.pedantic(all_three, rounds=pick(smoke=1, cpu=40, gpu=10), iterations=1)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+        medians = interleaved_medians(benchmark, {
+            "plain": plain_runner(case, splits),
+            "plain_fused_adam": plain_runner(case, splits, fused_adam=True),
+            "fastvae": trainer_runner(case, splits, out)}, rounds=pick(smoke=1, cpu=40, gpu=10))
     annotate(benchmark, impl="fastvae+plain", items=3 * len(splits.train), case=case_id(case),
              plain_epoch_s=medians["plain"], plain_fused_adam_epoch_s=medians["plain_fused_adam"],
              fastvae_epoch_s=medians["fastvae"], time_ratio=medians["fastvae"] / medians["plain"],
