@@ -1,7 +1,9 @@
 """pytest configuration for the benchmark suites (``pytest benchmarks``).
 
-* Puts ``benchmarks/`` and the repository root on ``sys.path`` so suites can write either
-  ``from common import ...`` or ``from benchmarks.common import ...``.
+* Puts ``benchmarks/`` first on ``sys.path`` (``from common import ...``) and the repository
+  root last (``from benchmarks.common import ...``): last, so that the checkout's ``fastvae/``
+  folder, which lacks ``fastvae.kernels``/``fastvae.export`` (pyproject maps them from
+  ``kernels/`` and ``export/``), never shadows the installed package.
 * Records where a run happened: :func:`common.device_info` is merged into pytest-benchmark's
   ``machine_info`` (key ``fastvae``, plus flat ``device``/``torch``/``triton``/``onnxruntime``
   keys), the git commit into ``commit_info`` (``FASTVAE_GIT_COMMIT`` wins, for trees without
@@ -19,9 +21,10 @@ import sys
 from pathlib import Path
 
 _BENCH_DIR = Path(__file__).resolve().parent
-for _p in (str(_BENCH_DIR), str(_BENCH_DIR.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if str(_BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(_BENCH_DIR))
+if str(_BENCH_DIR.parent) not in sys.path:
+    sys.path.append(str(_BENCH_DIR.parent))
 
 import pytest  # noqa: E402
 

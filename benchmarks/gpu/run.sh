@@ -34,6 +34,11 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x .venv/bin/python ]; then PY=$REPO/.venv/bin/python
 else PY=python3; fi
 export PYTHONUNBUFFERED=1
+# pytest without the working directory on sys.path (-P, Python >= 3.11): the checkout's own
+# fastvae/ folder lacks fastvae.kernels and fastvae.export (pyproject maps them from kernels/
+# and export/), so it must not shadow the installed package or the symlinked fallback below.
+PYTEST=("$PY" -m pytest)
+if "$PY" -P -c "" 2>/dev/null; then PYTEST=("$PY" -P -m pytest); fi
 
 BUDGET=${FASTVAE_GPU_BUDGET_S:-480}
 MAXT=${FASTVAE_GPU_MAX_TIME:-0.25}
@@ -138,7 +143,7 @@ print_versions() {
 gpu_tests() {
   local cap; cap=$(remaining "${FASTVAE_GPU_TESTS_CAP_S:-120}")
   [ "$cap" -ge 20 ] || { echo "out of time budget"; return 1; }
-  timeout -s INT -k 20 "$cap" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rs --timeout=120
+  timeout -s INT -k 20 "$cap" "${PYTEST[@]}" -m gpu tests -q -p no:cacheprovider -rs --timeout=120
   local rc=$?
   [ "$rc" -eq 5 ] && { echo "no gpu tests collected"; return 0; }
   return "$rc"
@@ -154,11 +159,11 @@ bench_suite() {
   if [ "$has_cuda" = 1 ]; then
     args+=(--benchmark-max-time="$MAXT" --benchmark-min-rounds=5 --benchmark-warmup=on
            --benchmark-warmup-iterations=3)
-    timeout -s INT -k 20 "$cap" "$PY" -m pytest "$file" -q -p no:cacheprovider -rs "${args[@]}"
+    timeout -s INT -k 20 "$cap" "${PYTEST[@]}" "$file" -q -p no:cacheprovider -rs "${args[@]}"
   else
     echo "(no CUDA: smoke mode, tiny sizes, one round)"
     args+=(--benchmark-max-time=0.000001 --benchmark-min-rounds=1)
-    FASTVAE_BENCH_SMOKE=1 timeout -s INT -k 20 "$cap" "$PY" -m pytest "$file" -q -p no:cacheprovider -rs "${args[@]}"
+    FASTVAE_BENCH_SMOKE=1 timeout -s INT -k 20 "$cap" "${PYTEST[@]}" "$file" -q -p no:cacheprovider -rs "${args[@]}"
   fi
   rc=$?
   [ -s "$DEST/$name.json" ] || echo "suite $name: no JSON written (all skipped?)"
