@@ -61,28 +61,35 @@ def fsdp_strategy(world_size: int):
                                  save_distributed_checkpoint=False)
 
 
+def _first_key(state: dict):
+    """The first parameter key of an optimizer state: an index, a name, or None (no params)."""
+    groups = state["param_groups"]
+    return groups[0]["params"][0] if groups and groups[0]["params"] else None
+
+
+def _rekey(state: dict, key) -> dict:
+    """``state`` with every parameter key (moments and param-group lists) mapped by ``key``."""
+    return {"state": {key[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [key[k] for k in g["params"]]}
+                             for g in state["param_groups"]]}
+
+
 def optimizer_state_by_name(state: dict, model: nn.Module) -> dict:
     """An ``optimizer.state_dict()`` keyed by parameter index -> keyed by parameter name.
 
     Checkpoints hold the index form (plain optimizers) or the name form (FSDP2 full state);
     indices follow ``model.named_parameters()``, the order the optimizer was built in.
     """
-    names = [name for name, _ in model.named_parameters()]
-    groups = state["param_groups"]
-    if not groups or not groups[0]["params"] or isinstance(groups[0]["params"][0], str):
+    if not isinstance(_first_key(state), int):
         return state
-    return {"state": {names[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+    return _rekey(state, [name for name, _ in model.named_parameters()])
 
 
 def optimizer_state_by_index(state: dict, model: nn.Module) -> dict:
     """The inverse of ``optimizer_state_by_name``: the form ``optimizer.load_state_dict`` takes."""
-    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    groups = state["param_groups"]
-    if not groups or not groups[0]["params"] or not isinstance(groups[0]["params"][0], str):
+    if not isinstance(_first_key(state), str):
         return state
-    return {"state": {index[k]: v for k, v in state["state"].items()},
-            "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in groups]}
+    return _rekey(state, {name: i for i, (name, _) in enumerate(model.named_parameters())})
 
 
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")

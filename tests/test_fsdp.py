@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, SUBPROCESS_ENV, max_weight_diff as max_diff
 from fastvae.checkpoint import load, read_checkpoint
 from fastvae.train import _read_metrics
 
@@ -32,11 +32,6 @@ def run(out, *, resume=False, **overrides):
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return read_checkpoint(out), _read_metrics(out / "metrics.csv", 10**6)
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_across_layouts(tmp_path):
