@@ -96,9 +96,35 @@ def make_fabric(config: TrainConfig):
     loggers = make_loggers(config.out, config.tensorboard)
     try:
         return Fabric(accelerator=config.accelerator, devices=config.devices, loggers=loggers,
-                      num_nodes=config.num_nodes, strategy=strategy, precision=config.precision)
+                      num_nodes=config.num_nodes, strategy=strategy, **precision_kwargs(config))
     except (ValueError, RuntimeError, TypeError, ImportError) as exc:
         raise FastVAEError(f"cannot set up training hardware: {exc}") from None
+
+
+def precision_kwargs(config: TrainConfig) -> dict:
+    """Fabric's keyword for ``config.precision``: the name, except for FSDP in fp16.
+
+    Fabric's FSDP2 strategy refuses the name ``16-mixed``, yet fp16 autocast with a GradScaler
+    works on its sharded gradients (DTensor reduces GradScaler's found-inf flag over the
+    ranks, so all skip an overflowing step together): it gets the plugin itself. On a CPU,
+    where Fabric runs ``16-mixed`` as ``bf16-mixed``, so does FSDP.
+    """
+    if config.strategy != "fsdp" or config.precision != "16-mixed":
+        return {"precision": config.precision}
+    accelerator = config.accelerator
+    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
+        return {"plugins": [fp16_plugin("cuda")]}
+    from lightning_fabric.utilities import rank_zero_warn
+
+    rank_zero_warn("--precision 16-mixed on a CPU runs as bf16-mixed (fp16 autocast needs CUDA)")
+    return {"precision": "bf16-mixed"}
+
+
+def fp16_plugin(device: str):
+    """Fabric's fp16 mixed precision with a fresh GradScaler on ``device``."""
+    from lightning_fabric.plugins import MixedPrecision
+
+    return MixedPrecision("16-mixed", device, torch.amp.GradScaler(device))
 
 
 def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> bool:

@@ -87,6 +87,47 @@ def test_fsdp_compiled_vae_with_learned_sigma_in_bf16(tmp_path):
                                                                        math.log(0.1)))
 
 
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")
+def test_fsdp_gets_fp16_as_a_plugin_which_fabric_accepts():
+    """Fabric refuses ModelParallelStrategy with precision="16-mixed" by name (seen on an
+    H200): on CUDA the trainer hands it a GradScaler plugin; on a CPU it runs bf16 as Fabric
+    does for other strategies, and says so."""
+    from lightning_fabric import Fabric
+    from lightning_fabric.plugins import MixedPrecision
+
+    from fastvae.config import TrainConfig
+    from fastvae.sharding import fsdp_strategy
+    from fastvae.train import precision_kwargs
+
+    cuda = precision_kwargs(TrainConfig(strategy="fsdp", precision="16-mixed", accelerator="cuda"))
+    (plugin,) = cuda["plugins"]
+    assert isinstance(plugin, MixedPrecision) and plugin.precision == "16-mixed"
+    assert plugin.scaler is not None and plugin.device == "cuda"
+    with pytest.raises(ValueError, match="does not support"):  # why the plugin is needed
+        Fabric(accelerator="cpu", devices=1, strategy=fsdp_strategy(1), precision="16-mixed")
+    with pytest.warns(UserWarning, match="bf16-mixed"):
+        cpu = precision_kwargs(TrainConfig(strategy="fsdp", precision="16-mixed", accelerator="cpu"))
+    assert cpu == {"precision": "bf16-mixed"}
+    for strategy, precision in (("ddp", "16-mixed"), ("fsdp", "bf16-mixed")):
+        config = TrainConfig(strategy=strategy, precision=precision, accelerator="cuda")
+        assert precision_kwargs(config) == {"precision": precision}
+
+
+def test_fsdp_in_fp16_with_a_grad_scaler_matches_one_process(tmp_path):
+    """fp16 autocast and a GradScaler on sharded gradients (a CPU scaler here; the GPU test
+    runs CUDA's). The first scale overflows, so early steps are skipped: both ranks must skip
+    the same ones although each sees only its shards (DTensor reduces the found-inf flag)."""
+    one_ckpt, one_rows = run(tmp_path / "one", batch_size=32, epochs=2, fp16_on_cpu=True)
+    two_ckpt, two_rows = run(tmp_path / "two", batch_size=16, epochs=2, devices=2,
+                             strategy="fsdp", fp16_on_cpu=True)
+    scales = [row["loss_scale"] for row in one_rows]
+    assert scales[0] < 2.0**30  # steps were skipped and the scale backed off
+    assert [row["loss_scale"] for row in two_rows] == scales
+    assert two_ckpt["precision"]["scale"] == scales[1]
+    assert max_diff(one_ckpt["model"], two_ckpt["model"]) < 1e-4
+    assert two_rows[1]["train_loss"] == pytest.approx(one_rows[1]["train_loss"], rel=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fsdp_fp16_on_cuda_scales_the_loss_and_trains(tmp_path):

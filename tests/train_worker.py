@@ -3,7 +3,9 @@
 For multi-process tests whose strategy (FSDP) launches ranks by re-running the command line,
 which cannot be pytest itself. CONFIG_JSON holds TrainConfig fields plus ``train_rows`` and
 ``test_rows``, the sizes of the slices of the bundled digits to use, and optionally
-``nan_loss_at``: ``[rank, step]``, a (0-based) training step whose loss that rank turns to NaN.
+``nan_loss_at``: ``[rank, step]``, a (0-based) training step whose loss that rank turns to NaN,
+and ``fp16_on_cpu``: true for real fp16 autocast with a CPU GradScaler whose first scale
+(2**30) overflows (Fabric itself runs 16-mixed as bf16 on a CPU).
 """
 
 import itertools
@@ -13,6 +15,7 @@ import sys
 import torch
 
 import fastvae.models
+import fastvae.train
 from fastvae.config import TrainConfig
 from fastvae.data import Splits, load_dataset
 from fastvae.train import train
@@ -38,12 +41,25 @@ def nan_loss_at(rank: int, step: int) -> None:
     fastvae.models.build_model = build_with_nan
 
 
+def fp16_on_cpu() -> None:
+    """Every Fabric built from now on gets fp16 autocast and a CPU GradScaler, FSDP's too."""
+    from lightning_fabric.plugins import MixedPrecision
+
+    def kwargs(config):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]}
+
+    fastvae.train.precision_kwargs = kwargs
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     values = json.loads(sys.argv[1])
     train_rows, test_rows = values.pop("train_rows"), values.pop("test_rows")
     if "nan_loss_at" in values:
         nan_loss_at(*values.pop("nan_loss_at"))
+    if values.pop("fp16_on_cpu", False):
+        fp16_on_cpu()
     digits = load_dataset("digits")
     splits = Splits("digits", digits.train[:train_rows], digits.test[:test_rows])
     train(TrainConfig(**values), resume="--resume" in sys.argv[2:], splits=splits)
