@@ -167,6 +167,7 @@ def export_decoder(
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         proto, exporter_name, notes = _to_onnx(wrapper, info["latent_dim"], opset, exporter)
+        _drop_initializer_value_info(proto)
         meta = _metadata(info, source, exporter_name)
         _set_metadata(proto, {**meta, "precision": "fp32"})
         tmp_main = tmpdir / path.name
@@ -430,6 +431,23 @@ class _capture:
             if not any(n in text for n in _NOISE) and text not in self.notes:
                 self.notes.append(text)
         return False
+
+
+def _drop_initializer_value_info(proto) -> int:
+    """Remove the ``graph.value_info`` entries that describe initializers; return how many.
+
+    torch's dynamo exporter writes one per weight. They add nothing (an initializer carries its
+    own type and shape) and go stale when a tool rewrites a weight under the same name:
+    onnxruntime's dynamic quantizer (before 1.32) turns Gemm(transB=1) into MatMul by transposing
+    the weight in place, and its shape inference then fails on every decoder ("Inferred shape and
+    existing shape differ"). Our graphs have no subgraphs, so the top-level graph is enough.
+    """
+    graph = proto.graph
+    weights = {t.name for t in graph.initializer}
+    stale = [i for i, v in enumerate(graph.value_info) if v.name in weights]
+    for i in reversed(stale):  # from the end, so the remaining indices stay valid
+        del graph.value_info[i]
+    return len(stale)
 
 
 def _metadata(info: dict, source: str, exporter_name: str) -> dict[str, str]:

@@ -106,7 +106,10 @@ def _foreign_onnx(target):
         [node], "g", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", LATENT])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", LATENT])],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), target)
+    # IR 8 (opset 17's): make_model's default is onnx's newest IR, which an older onnxruntime
+    # refuses to load (onnx 1.23.1 writes IR 14, onnxruntime 1.30 reads up to 13)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, target)
 
 
 def _with_metadata(source, target, **changes):
