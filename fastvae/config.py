@@ -16,6 +16,8 @@ from fastvae.errors import FastVAEError
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "dp", "single_device")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+# torch.compile modes; "reduce-overhead" and "max-autotune" replay the step as CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"  # a mode other than default implies compile
     reparam: str = "auto"  # auto (fused kernel on CUDA) | torch | triton
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss does
     iwae_k: int = 0  # >0: evaluate the IWAE bound with K samples after training
@@ -83,6 +86,7 @@ class TrainConfig:
             "accelerator": ACCELERATORS,
             "reparam": ("auto", "torch", "triton"),
             "on_nonfinite": ("stop", "skip"),
+            "compile_mode": COMPILE_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -91,6 +95,11 @@ class TrainConfig:
                     + ", ".join(allowed)
                 )
         return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the training step is compiled (``--compile`` or a ``--compile-mode``)."""
+        return self.compile or self.compile_mode != "default"
 
     def to_dict(self) -> dict:
         return asdict(self)

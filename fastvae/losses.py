@@ -112,7 +112,7 @@ def elbo_terms(
     recon_nll: torch.Tensor,
     kl: torch.Tensor,
     *,
-    beta: float = 1.0,
+    beta: float | torch.Tensor = 1.0,
     kl_per_dim: torch.Tensor | None = None,
     free_bits: float = 0.0,
 ) -> ElboTerms:
@@ -125,7 +125,7 @@ def elbo_terms(
         if kl_per_dim is None:
             raise ValueError("free bits need the per-dimension KL")
         loss = recon_nll.mean() + beta * free_bits_kl(kl_per_dim, free_bits)
-    elif beta == 1.0:
+    elif isinstance(beta, (int, float)) and beta == 1.0:  # beta may be a tensor (CUDA graphs)
         loss = (recon_nll + kl).mean()  # the fewest autograd nodes for the common case
     else:
         loss = (recon_nll + beta * kl).mean()

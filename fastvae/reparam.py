@@ -76,9 +76,11 @@ def reparameterize_kl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (z, kl_per_row) using the fused kernel where available, else the torch reference.
 
-    With the kernel, the Philox seed is drawn on the CPU from ``generator`` (or torch's default
-    CPU generator) as a 0-d tensor: reproducible under ``torch.manual_seed``, no device sync,
-    and no recompilation or graph break under ``torch.compile``.
+    With the kernel, the Philox seed is a 0-d tensor drawn where no sync is needed: on a CUDA
+    device from its generator (or ``generator``, if it is a CUDA one), so the kernel reads it
+    and CUDA graphs (``--compile-mode reduce-overhead``) draw a fresh one at every replay;
+    elsewhere, or with a CPU ``generator``, on the CPU. Reproducible under ``torch.manual_seed``
+    either way, and no recompilation or graph break under ``torch.compile``.
     """
     if backend == "auto":
         backend = resolve_backend(backend, mu.device, mu.dtype)
@@ -86,8 +88,15 @@ def reparameterize_kl(
         return reparameterize_kl_reference(mu, logvar, generator)
     from fastvae.kernels import reparameterize_kl as fused  # imported by resolve_backend already
 
-    seed = torch.randint(0, 2**31 - 1, (), generator=_cpu_generator(generator))
-    return fused(mu, logvar, seed=seed, reduction="none")
+    return fused(mu, logvar, seed=draw_seed(mu.device, generator), reduction="none")
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A 0-d int64 Philox seed on ``device`` if it is a CUDA device (and ``generator`` is not a
+    CPU one), else on the CPU."""
+    if device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
+        return torch.randint(0, 2**31 - 1, (), device=device, generator=generator)
+    return torch.randint(0, 2**31 - 1, (), generator=_cpu_generator(generator))
 
 
 def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:

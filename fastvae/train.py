@@ -218,8 +218,13 @@ class Trainer:
         if saved is not None:  # full weights go into the plain model, before any sharding
             load_model_state(model, saved["model"], self.run_dir / LAST)
         self.module = model  # the plain module: state dicts, evaluation, pictures
-        if config.compile:
-            model.compile()  # in place: state-dict keys stay plain, Fabric wraps the compiled call
+        if config.compiled:  # in place: state-dict keys stay plain, Fabric wraps the compiled call
+            model.compile(mode=None if config.compile_mode == "default" else config.compile_mode)
+        # CUDA graphs: each step's records must be copied before the next replay overwrites them
+        # (torch.stack below does), and a varying KL weight must be a device tensor, not a
+        # Python float (which torch.compile would turn into a CPU input once it changes)
+        self.graphed = (config.compiled and fabric.device.type == "cuda"
+                        and config.compile_mode in ("reduce-overhead", "max-autotune"))
         if config.strategy == "fsdp":  # FSDP2 swaps in sharded parameters: optimizer after that
             self.model = fabric.setup_module(model)
             self.optimizer = fabric.setup_optimizers(make_optimizer(model, config))
@@ -343,8 +348,15 @@ class Trainer:
     def _train_step(self, x: torch.Tensor, totals: list[float]) -> None:
         """One step; its (loss, recon, KL, flag) record stays on the device until read."""
         config = self.config
-        terms = self.model(x, beta=kl_weight(self.step, config.beta, config.kl_warmup_steps),
-                           free_bits=config.free_bits)
+        beta = kl_weight(self.step, config.beta, config.kl_warmup_steps)
+        # before the forward: with CUDA graphs the last step's gradients live in the graphs'
+        # memory, which the next replay reuses
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.graphed:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs are done
+            if config.kl_warmup_steps > 0:
+                beta = torch.full((), beta, device=x.device)
+        terms = self.model(x, beta=beta, free_bits=config.free_bits)
         self.step += 1
         record = [terms.loss.detach(), terms.recon, terms.kl]
         if self.skip_mode == "host":  # the optimizer cannot skip on the device: check now
@@ -353,11 +365,9 @@ class Trainer:
                 bad = self.fabric.all_reduce(bad, reduce_op="sum")
             self._pending.append((self.step, len(x), torch.stack([t.float() for t in record + [bad]])))
             if self._read_records(totals):
-                self.optimizer.zero_grad(set_to_none=True)
                 self.fabric.backward(terms.loss)
                 self.optimizer.step()
             return
-        self.optimizer.zero_grad(set_to_none=True)
         self.fabric.backward(terms.loss)
         if self.skip_mode == "device":
             record.append(flag_nonfinite_grads(self.optimizer.optimizer))

@@ -72,10 +72,12 @@ def _reparam_kl_fwd_kernel(
     mu_ptr, lv_ptr, z_ptr, kl_ptr,
     B, D, D4,
     stride_mu_b, stride_mu_d, stride_lv_b, stride_lv_d,
-    seed,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    seed, seed_ptr,
+    SEED_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program = BLOCK_B rows; loops over D so the row's KL is reduced without atomics."""
+    if SEED_FROM_PTR:  # a device seed: read at run time, so a CUDA graph replay sees new ones
+        seed = tl.load(seed_ptr)
     pid = tl.program_id(0)
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_mask = rows < B
@@ -99,11 +101,13 @@ def _reparam_kl_bwd_kernel(
     mu_ptr, lv_ptr, gz_ptr, gkl_ptr, dmu_ptr, dlv_ptr,
     B, D, D4,
     stride_mu_b, stride_mu_d, stride_lv_b, stride_lv_d, stride_gz_b, stride_gz_d, stride_gkl,
-    seed,
-    HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr,
+    seed, seed_ptr,
+    HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Elementwise over a 2-D grid of (BLOCK_B, BLOCK_D) tiles; eps regenerated from seed."""
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     d0 = tl.program_id(1) * BLOCK_D
     cols = d0 + tl.arange(0, BLOCK_D)
@@ -169,8 +173,18 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _forward_triton(mu, logvar, seed: int, block_b=None, block_d=None, num_warps=4):
-    """Launch the forward kernel on 2-D (B, D) inputs (any strides). Returns (z, kl)."""
+def _seed_args(seed, dummy: torch.Tensor) -> dict:
+    """Kernel arguments seed, seed_ptr, SEED_FROM_PTR for an int seed or a one-element int64
+    tensor on the kernel's device (read by the kernel, never by the host: no sync, and CUDA
+    graphs replay with the tensor's current value instead of the one seen at capture)."""
+    if isinstance(seed, torch.Tensor):
+        return dict(seed=0, seed_ptr=seed, SEED_FROM_PTR=True)
+    return dict(seed=int(seed), seed_ptr=dummy, SEED_FROM_PTR=False)
+
+
+def _forward_triton(mu, logvar, seed, block_b=None, block_d=None, num_warps=4):
+    """Launch the forward kernel on 2-D (B, D) inputs (any strides); ``seed``: int or device
+    tensor (see ``_seed_args``). Returns (z, kl)."""
     B, D = mu.shape
     z = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
     kl = torch.empty(B, dtype=torch.float32, device=mu.device)
@@ -181,12 +195,12 @@ def _forward_triton(mu, logvar, seed: int, block_b=None, block_d=None, num_warps
         _reparam_kl_fwd_kernel[(triton.cdiv(B, bb),)](
             mu, logvar, z, kl, B, D, triton.cdiv(D, 4),
             mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-            seed, BLOCK_B=bb, BLOCK_D=bd, num_warps=num_warps,
+            **_seed_args(seed, mu), BLOCK_B=bb, BLOCK_D=bd, num_warps=num_warps,
         )
     return z, kl
 
 
-def _backward_triton(mu, logvar, seed: int, gz, gkl, block_b=None, block_d=None, num_warps=4):
+def _backward_triton(mu, logvar, seed, gz, gkl, block_b=None, block_d=None, num_warps=4):
     """Launch the backward kernel; gz (B, D) and gkl (B,) may be None or have any strides."""
     B, D = mu.shape
     dmu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
@@ -201,7 +215,7 @@ def _backward_triton(mu, logvar, seed: int, gz, gkl, block_b=None, block_d=None,
             mu, logvar, gz_arg, gkl_arg, dmu, dlv, B, D, triton.cdiv(D, 4),
             mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
             gz_arg.stride(0), gz_arg.stride(-1), gkl_arg.stride(0),
-            seed, HAS_GZ=gz is not None, HAS_GKL=gkl is not None,
+            **_seed_args(seed, mu), HAS_GZ=gz is not None, HAS_GKL=gkl is not None,
             BLOCK_B=bb, BLOCK_D=bd, num_warps=num_warps,
         )
     return dmu, dlv
@@ -254,14 +268,22 @@ def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
 def _reparam_kl_op(
     mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, D) mu, logvar and a CPU int64 seed tensor -> z (B, D) input dtype, kl (B,) fp32."""
-    s = int(seed.item())  # seed lives on the CPU: no device sync
+    """(B, D) mu, logvar and a 0-d int64 seed tensor (on the CPU or mu's device) -> z (B, D)
+    input dtype, kl (B,) fp32."""
     if mu.numel() == 0:
         kl = torch.zeros(mu.shape[0], dtype=_kl_dtype(mu.dtype), device=mu.device)
         return torch.empty_like(mu), kl
     if kernel_available(mu.device, mu.dtype):
-        return _forward_triton(mu, logvar, s)
-    return _forward_torch(mu, logvar, s)
+        return _forward_triton(mu, logvar, _kernel_seed(seed, mu))
+    return _forward_torch(mu, logvar, int(seed.item()))
+
+
+def _kernel_seed(seed: torch.Tensor, mu: torch.Tensor):
+    """A CPU seed becomes an int kernel argument (read now, no device sync); a seed on an
+    accelerator stays a tensor that the kernel reads (no sync either; CUDA-graph safe)."""
+    if seed.device.type == "cpu":
+        return int(seed.item())
+    return seed if seed.device == mu.device else seed.to(mu.device)
 
 
 @_reparam_kl_op.register_fake
@@ -280,12 +302,11 @@ def _reparam_kl_backward_op(
     grad_kl: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dmu, dlogvar) from mu, logvar, the seed and the upstream grads (either may be None)."""
-    s = int(seed.item())
     if mu.numel() == 0:
         return torch.zeros_like(mu), torch.zeros_like(logvar)
     if kernel_available(mu.device, mu.dtype):
-        return _backward_triton(mu, logvar, s, grad_z, grad_kl)
-    return _backward_torch(mu, logvar, s, grad_z, grad_kl)
+        return _backward_triton(mu, logvar, _kernel_seed(seed, mu), grad_z, grad_kl)
+    return _backward_torch(mu, logvar, int(seed.item()), grad_z, grad_kl)
 
 
 @_reparam_kl_backward_op.register_fake
@@ -322,7 +343,7 @@ def _seed_tensor(seed) -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
             raise ValueError("seed tensor must hold one integer")
-        return seed.reshape(()).to(device="cpu", dtype=torch.int64)
+        return seed.reshape(()).to(torch.int64)  # stays where it is: moving it would sync
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
@@ -339,8 +360,10 @@ def reparameterize_kl(
     """Fused z = mu + exp(0.5 logvar) * eps and KL(N(mu, exp(logvar)) || N(0, I)).
 
     ``mu``, ``logvar``: same shape (..., D), float32/bfloat16/float16 (float64 uses the torch
-    path). ``seed``: int, one-element integer tensor (best kept on the CPU), or None to draw one
-    from torch's CPU generator. Same seed, same shape -> same eps, on any block size.
+    path). ``seed``: int, one-element integer tensor, or None to draw one from torch's CPU
+    generator. A tensor seed on the CPU is read by the host (no device sync); one on mu's
+    device is read by the kernel, which CUDA graphs need (a host-read seed would be frozen into
+    the graph). Same seed value, same shape -> same eps, on any block size.
     Returns ``z`` (..., D) in the input dtype and ``kl`` in float32: shape (...) for
     ``reduction="none"``, a scalar sum or mean over rows for ``"sum"`` / ``"mean"``.
     """

@@ -112,3 +112,19 @@ def read_metrics(run) -> list[dict]:
 
 def metrics_without_time(run) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in read_metrics(run)]
+
+
+def cuda_graphs_recorded() -> int:
+    """How many CUDA graph trees torch.compile's cudagraph manager holds on this device."""
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    return 0 if manager is None else sum(len(nodes) for nodes in manager.roots.values())
+
+
+@pytest.fixture
+def perf_hints():
+    """torch.compile's performance hints (such as why CUDA graphs were skipped) in the output."""
+    torch._logging.set_logs(perf_hints=True)
+    yield
+    torch._logging.set_logs()

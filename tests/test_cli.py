@@ -139,7 +139,7 @@ def test_json_config_file_and_flag_precedence(tmp_path, capsys):
     ("train", ["--data", "--model", "--kind", "--latent-dim", "--hidden-dim", "--likelihood",
                "--epochs", "--batch-size", "--lr", "--seed", "--beta", "--kl-warmup-steps",
                "--free-bits", "--on-nonfinite", "--precision", "--devices", "--num-nodes",
-               "--strategy", "--accelerator", "--compile", "--out", "--config", "--resume",
+               "--strategy", "--accelerator", "--compile", "--compile-mode", "--out", "--config", "--resume",
                "--overwrite", "--quiet"]),
     ("evaluate", ["--iwae-k", "--json", "--seed", "--data"]),
 ])
@@ -209,6 +209,7 @@ def test_console_script_is_installed():
     (["--model", "transformer"], ["--model", "invalid choice"]),
     (["--likelihood", "poisson"], ["--likelihood"]),
     (["--precision", "8-bit"], ["--precision"]),
+    (["--compile-mode", "turbo"], ["--compile-mode"]),
     (["--epochs", "1.5"], ["--epochs", "int"]),
     (["--batch-size", "abc"], ["--batch-size"]),
     (["--lr", "fast"], ["--lr"]),
@@ -219,6 +220,15 @@ def test_bad_train_flags(tmp_path, args, needles):
     rc, _, err = run_cli("train", *args, "--out", tmp_path / "run")
     assert_one_line_error(rc, err, *needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_compile_mode_implies_compile_and_is_validated_in_config_files():
+    from fastvae.errors import FastVAEError
+
+    assert not TrainConfig().compiled and TrainConfig(compile=True).compiled
+    assert TrainConfig(compile_mode="reduce-overhead").validate().compiled
+    with pytest.raises(FastVAEError, match="--compile-mode 'fast' is not supported: use one of default"):
+        TrainConfig(compile_mode="fast").validate()
 
 
 @pytest.mark.parametrize("name", ["lr", "sigma", "beta", "free_bits"])

@@ -175,6 +175,28 @@ def test_noise_independent_of_block_size_and_grid(device):
     torch.testing.assert_close(dlv, 0.5 * ref * torch.exp(0.5 * logvar), rtol=1e-6, atol=1e-6)
 
 
+def test_a_seed_on_the_device_is_read_by_the_kernel_with_the_same_noise(device):
+    """A tensor seed on the kernel's device takes the pointer path (the kernel loads it, as
+    CUDA graphs need): the same eps, z, KL and gradients as the same value given as an int."""
+    mu, logvar = make_inputs((4, 24), device)
+    gz, gkl = torch.randn(4, 24).to(device), torch.randn(4).to(device)
+    on_device = torch.tensor(11, device=device)
+    for got, want in [(rk._forward_triton(mu, logvar, on_device), rk._forward_triton(mu, logvar, 11)),
+                      (rk._backward_triton(mu, logvar, on_device, gz, gkl),
+                       rk._backward_triton(mu, logvar, 11, gz, gkl))]:
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    z_other, _ = rk._forward_triton(mu, logvar, torch.tensor(12, device=device))
+    assert (z_other == rk._forward_triton(mu, logvar, 11)[0]).float().mean() < 0.05
+    # through the op and autograd, with the seed tensor on mu's device
+    mu, logvar = make_inputs((4, 24), device, requires_grad=True)
+    z1, kl1 = reparameterize_kl(mu, logvar, seed=on_device)
+    g1 = torch.autograd.grad((z1 * gz).sum() + (kl1 * gkl).sum(), (mu, logvar))
+    z2, kl2 = reparameterize_kl(mu, logvar, seed=11)
+    g2 = torch.autograd.grad((z2 * gz).sum() + (kl2 * gkl).sum(), (mu, logvar))
+    assert torch.equal(z1, z2) and torch.equal(kl1, kl2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
 def test_eps_statistics(device):
     """eps ~ N(0, I): moments, coverage, no correlation across rows, columns or seeds.
 
@@ -421,11 +443,51 @@ def test_compile_fullgraph_inductor(no_interpret, device):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_graph_replays_draw_fresh_noise(perf_hints):
+    """Under torch.compile(mode="reduce-overhead") the step runs as a CUDA graph: the seed is
+    drawn on the device inside the graph and read by the kernel, so each replay draws new
+    noise (a seed read by the host at capture would freeze eps), and no part is skipped."""
+    from torch._dynamo.utils import counters
+
+    from conftest import cuda_graphs_recorded
+    from fastvae.reparam import reparameterize_kl as dispatch
+
+    torch._dynamo.reset()
+    counters.clear()
+
+    def step(mu, logvar):
+        z, kl = dispatch(mu, logvar)
+        return z.float().square().mean(), z, kl
+
+    graphed = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    mu = torch.zeros(4096, 64, device="cuda", requires_grad=True)
+    logvar = torch.zeros(4096, 64, device="cuda", requires_grad=True)
+    draws = []
+    for _ in range(6):  # the first calls warm up and record; the rest replay
+        torch.compiler.cudagraph_mark_step_begin()
+        loss, z, kl = graphed(mu, logvar)
+        (dmu, dlogvar) = torch.autograd.grad(loss, (mu, logvar))
+        draws.append(z.detach().clone())
+        # d loss / d logvar = mean(z * eps) with std 1: z = eps here, so 2 eps^2 * 0.5 / n
+        torch.testing.assert_close(dlogvar, z.detach() ** 2 / z.numel(), rtol=1e-4, atol=1e-9)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert cuda_graphs_recorded() > 0
+    for i in range(len(draws)):
+        eps = draws[i]
+        assert abs(eps.mean().item()) < 0.01 and abs(eps.std().item() - 1) < 0.01
+        for j in range(i):
+            assert (draws[j] == eps).float().mean() < 1e-3, (i, j)
+    assert torch.equal(kl, torch.zeros_like(kl))
+
+
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces the compiler")
 @pytest.mark.parametrize("kernel,dtype,constexprs", [
-    ("fwd", "bf16", dict(BLOCK_B=4, BLOCK_D=1024)),
-    ("bwd", "fp32", dict(HAS_GZ=True, HAS_GKL=True, BLOCK_B=64, BLOCK_D=64)),
-], ids=["fwd-bf16", "bwd-fp32"])
+    ("fwd", "bf16", dict(BLOCK_B=4, BLOCK_D=1024, SEED_FROM_PTR=False)),
+    ("fwd", "fp32", dict(BLOCK_B=4, BLOCK_D=1024, SEED_FROM_PTR=True)),
+    ("bwd", "fp32", dict(HAS_GZ=True, HAS_GKL=True, BLOCK_B=64, BLOCK_D=64, SEED_FROM_PTR=True)),
+], ids=["fwd-bf16", "fwd-fp32-seed-ptr", "bwd-fp32-seed-ptr"])
 def test_kernels_compile_for_gpu_without_one(kernel, dtype, constexprs):
     """Lower the kernels to a Hopper cubin on this CPU (triton ships ptxas): catches what the
     interpreter lets through (layouts of tl.join/tl.reshape, dtypes, constexpr branches)."""
@@ -437,7 +499,7 @@ def test_kernels_compile_for_gpu_without_one(kernel, dtype, constexprs):
         fn = {"fwd": rk._reparam_kl_fwd_kernel, "bwd": rk._reparam_kl_bwd_kernel}[kernel]
         names = fn.arg_names
         types = {n: f"*{dtype}" for n in names if n.endswith("_ptr")}
-        types.update(kl_ptr="*fp32", gkl_ptr="*fp32", seed="i64")
+        types.update(kl_ptr="*fp32", gkl_ptr="*fp32", seed="i64", seed_ptr="*i64")
         constexprs = dict(constexprs, stride_mu_d=1, stride_lv_d=1)
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
         # Pointers 16-byte aligned, as on a real launch: lets the compiler vectorize.

@@ -48,6 +48,10 @@ def test_kl_weight_and_free_bits():
     terms = elbo_terms(torch.tensor([10.0, 20.0]), torch.tensor([1.0, 3.0]), beta=0.5)
     assert terms.recon.item() == 15.0 and terms.kl.item() == 2.0
     assert terms.loss.item() == 16.0 and terms.neg_elbo.item() == 17.0
+    # a tensor KL weight (what CUDA-graphed training passes during a warm-up) weighs the same
+    for beta in (0.5, 1.0):
+        as_tensor = elbo_terms(torch.tensor([10.0, 20.0]), torch.tensor([1.0, 3.0]), beta=torch.tensor(beta))
+        assert as_tensor.loss.item() == 15.0 + 2.0 * beta
 
 
 def test_iwae_bound_is_logmeanexp():

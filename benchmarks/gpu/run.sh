@@ -23,6 +23,8 @@
 # Environment: PYTHON (default python3, or .venv/bin/python where present), FASTVAE_GIT_COMMIT,
 # FASTVAE_GPU_BUDGET_S, FASTVAE_GPU_TESTS_CAP_S (default 120 s), FASTVAE_GPU_SUITE_CAP_S
 # (default 150 s per suite, 210 s for train), FASTVAE_GPU_SUITES (space-separated suite names; default all),
+# FASTVAE_GPU_TESTS_K (pytest -k expression for the GPU tests; default all of them),
+# FASTVAE_GPU_EXTRAS (the steps besides tests and suites: default "precision tile_sweep"; "" skips both),
 # FASTVAE_GPU_MAX_TIME (pytest-benchmark --benchmark-max-time, default 0.25 s),
 # FASTVAE_GPU_STRICT=1 (exit 1 when a step failed; default: always exit 0),
 # FASTVAE_GPU_SKIP_INSTALL=1 (skip step 1, e.g. in a copy of the tree that must not be installed).
@@ -143,7 +145,9 @@ print_versions() {
 gpu_tests() {
   local cap; cap=$(remaining "${FASTVAE_GPU_TESTS_CAP_S:-120}")
   [ "$cap" -ge 20 ] || { echo "out of time budget"; return 1; }
-  timeout -s INT -k 20 "$cap" "${PYTEST[@]}" -m gpu tests -q -p no:cacheprovider -rs --timeout=120
+  local select=()
+  [ -n "${FASTVAE_GPU_TESTS_K:-}" ] && select=(-k "$FASTVAE_GPU_TESTS_K")
+  timeout -s INT -k 20 "$cap" "${PYTEST[@]}" -m gpu tests "${select[@]}" -q -p no:cacheprovider -rs --timeout=120
   local rc=$?
   [ "$rc" -eq 5 ] && { echo "no gpu tests collected"; return 0; }
   return "$rc"
@@ -226,11 +230,14 @@ main() {
     done
   fi
   [ -n "${suites// /}" ] || echo "no benchmark suites (benchmarks/test_bench_*.py) yet"
+  local extras=" ${FASTVAE_GPU_EXTRAS-precision tile_sweep} "
   for s in $suites; do
     step "3b bench $s" bench_suite "$s"
-    [ "$s" = train ] && step "3c bf16 vs fp32 -ELBO (digits)" precision_check
+    if [ "$s" = train ] && [[ "$extras" == *" precision "* ]]; then
+      step "3c bf16 vs fp32 -ELBO (digits)" precision_check
+    fi
   done
-  step "4 kernel tile sweep (tuning data)" tile_sweep
+  [[ "$extras" == *" tile_sweep "* ]] && step "4 kernel tile sweep (tuning data)" tile_sweep
   step "5 render results" render_results
   echo
   echo "##### done in $((SECONDS - T0)) s; results in $DEST:"
