@@ -273,10 +273,15 @@ def header_lines(runs: list[Run]) -> list[str]:
     if len(dates) > 1:  # one line for the whole run: first suite's start .. last suite's
         lines = [f"- date: {dates[0]} .. {dates[-1]}" if line.startswith("- date:") else line
                  for line in lines]
-    commit = _short(info.get("git_commit"))
-    if info.get("git_dirty"):
-        commit += " (uncommitted changes)"
-    lines.append(f"- git commit: {commit}")
+    def commit_of(run_info: dict) -> str:
+        commit = _short(run_info.get("git_commit"))
+        return commit + (" (uncommitted changes)" if run_info.get("git_dirty") else "")
+
+    commits = {commit_of(r.info) for r in runs} or {commit_of(info)}
+    if len(commits) == 1:
+        lines.append(f"- git commit: {commits.pop()}")
+    else:  # suites stored from different runs: say which code made which file
+        lines.append("- git commits: " + ", ".join(f"{r.path.name} {commit_of(r.info)}" for r in runs))
     if info.get("smoke"):
         lines.append("- **smoke run (tiny sizes): the figures mean nothing**")
     return lines
