@@ -32,18 +32,19 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.timeout(600)
-def test_cuda_graph_training_trains_like_the_compiled_run(tmp_path, perf_hints):
+def test_cuda_graph_training_trains_like_the_eager_run(tmp_path, perf_hints):
     """--compile-mode reduce-overhead on a GPU: forward and backward replay as CUDA graphs
     (nothing skipped) around the fused kernel, with a KL warm-up whose weight changes every
-    step, and the run ends where the plain compiled run ends (its noise differs)."""
+    step, and the run ends where the eager run ends (its noise differs). The eager baseline
+    keeps the test short: each compilation costs tens of seconds on a GPU host."""
     from torch._dynamo.utils import counters
 
     from conftest import cuda_graphs_recorded
 
     splits = load_dataset("digits")
-    common = dict(epochs=6, accelerator="cuda", progress=False, pictures=False,
+    common = dict(epochs=5, accelerator="cuda", progress=False, pictures=False,
                   precision="bf16-mixed", kl_warmup_steps=100)
-    compiled = train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **common), splits=splits)
+    eager = train(TrainConfig(out=str(tmp_path / "eager"), **common), splits=splits)
     torch._dynamo.reset()
     counters.clear()
     graphed = train(TrainConfig(out=str(tmp_path / "graphed"), compile_mode="reduce-overhead", **common),
@@ -52,7 +53,7 @@ def test_cuda_graph_training_trains_like_the_compiled_run(tmp_path, perf_hints):
     assert cuda_graphs_recorded() > 0
     losses = [row["train_loss"] for row in graphed.metrics]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[1]
-    assert graphed.metrics[-1]["test_neg_elbo"] == pytest.approx(compiled.metrics[-1]["test_neg_elbo"],
+    assert graphed.metrics[-1]["test_neg_elbo"] == pytest.approx(eager.metrics[-1]["test_neg_elbo"],
                                                                rel=0.03)
     model = load(tmp_path / "graphed")
     assert torch.isfinite(model.sample(4)).all()

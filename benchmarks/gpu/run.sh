@@ -21,7 +21,7 @@
 #   FASTVAE_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu/run.sh "$OUT"   (carry .whl)
 #
 # Environment: PYTHON (default python3, or .venv/bin/python where present), FASTVAE_GIT_COMMIT,
-# FASTVAE_GPU_BUDGET_S, FASTVAE_GPU_TESTS_CAP_S (default 120 s), FASTVAE_GPU_SUITE_CAP_S
+# FASTVAE_GPU_BUDGET_S, FASTVAE_GPU_TESTS_CAP_S (default 180 s), FASTVAE_GPU_SUITE_CAP_S
 # (default 150 s per suite, 210 s for train), FASTVAE_GPU_SUITES (space-separated suite names; default all),
 # FASTVAE_GPU_TESTS_K (pytest -k expression for the GPU tests; default all of them),
 # FASTVAE_GPU_EXTRAS (the steps besides tests and suites: default "precision tile_sweep"; "" skips both),
@@ -143,7 +143,7 @@ print_versions() {
 
 # ---------------------------------------------------------------------------------------- 3
 gpu_tests() {
-  local cap; cap=$(remaining "${FASTVAE_GPU_TESTS_CAP_S:-120}")
+  local cap; cap=$(remaining "${FASTVAE_GPU_TESTS_CAP_S:-180}")
   [ "$cap" -ge 20 ] || { echo "out of time budget"; return 1; }
   local select=()
   [ -n "${FASTVAE_GPU_TESTS_K:-}" ] && select=(-k "$FASTVAE_GPU_TESTS_K")
