@@ -40,9 +40,12 @@ from fastvae.distributions import kl_standard_normal
 
 # Columns handled per step of a program; wider rows loop (the KL sum stays in registers).
 MAX_BLOCK_D = 1024
-# Elements per program step: 4096 keeps registers low on GPUs; the CPU interpreter pays
-# ~10-25 ms per program instance, so there it takes large tiles and few programs.
-TILE_GPU = 4096
+# Elements per program step on a GPU (4 warps). Measured on an H200 (kernel time, B = 65536,
+# benchmarks/results/nvidia-h200/tile_sweep.json): 1024-element tiles ran 1.15-1.7x faster than
+# 4096 for D = 64 and 256. Wider rows keep 4096 (4 rows of 1024) until measured. The CPU
+# interpreter pays ~10-25 ms per program instance, so there it takes large tiles, few programs.
+TILE_GPU = 1024
+TILE_GPU_WIDE = 4096  # BLOCK_D > 256
 TILE_INTERPRET = 1 << 16
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -160,10 +163,15 @@ def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" or (_interpret() and _kernels_interpreted())
 
 
+def gpu_tile(block_d: int) -> int:
+    """Elements per program on a GPU for rows handled ``block_d`` columns at a time."""
+    return TILE_GPU if block_d <= 256 else TILE_GPU_WIDE
+
+
 def _block_sizes(B: int, D: int) -> tuple[int, int]:
     """(BLOCK_B, BLOCK_D): BLOCK_D a power of two >= 4 (whole Philox groups), tile ~ TILE."""
     block_d = min(max(triton.next_power_of_2(D), 4), MAX_BLOCK_D)
-    tile = TILE_INTERPRET if _kernels_interpreted() else TILE_GPU
+    tile = TILE_INTERPRET if _kernels_interpreted() else gpu_tile(block_d)
     block_b = min(max(tile // block_d, 1), triton.next_power_of_2(B))
     return block_b, block_d
 
