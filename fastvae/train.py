@@ -120,11 +120,12 @@ def precision_kwargs(config: TrainConfig) -> dict:
     return {"precision": "bf16-mixed"}
 
 
-def fp16_plugin(device: str):
-    """Fabric's fp16 mixed precision with a fresh GradScaler on ``device``."""
+def fp16_plugin(device: str, init_scale: float = 2.0**16):
+    """Fabric's fp16 mixed precision with a fresh GradScaler on ``device`` (torch's default
+    first scale)."""
     from lightning_fabric.plugins import MixedPrecision
 
-    return MixedPrecision("16-mixed", device, torch.amp.GradScaler(device))
+    return MixedPrecision("16-mixed", device, torch.amp.GradScaler(device, init_scale=init_scale))
 
 
 def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> bool:

@@ -90,10 +90,10 @@ def fp16_fabric_on_cpu(config):
     """Fabric turns 16-mixed into bf16 on a CPU; build the fp16 plugin with a CPU GradScaler
     directly, with a scale so large that the first steps overflow and are skipped."""
     from lightning_fabric import Fabric
-    from lightning_fabric.plugins import MixedPrecision
 
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
-    return Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    from fastvae.train import fp16_plugin
+
+    return Fabric(accelerator="cpu", devices=1, plugins=[fp16_plugin("cpu", init_scale=2.0**30)])
 
 
 def test_fp16_loss_scale_is_logged_checkpointed_and_resumed(tmp_path, small_digits, monkeypatch):

@@ -43,13 +43,8 @@ def nan_loss_at(rank: int, step: int) -> None:
 
 def fp16_on_cpu() -> None:
     """Every Fabric built from now on gets fp16 autocast and a CPU GradScaler, FSDP's too."""
-    from lightning_fabric.plugins import MixedPrecision
-
-    def kwargs(config):
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
-        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]}
-
-    fastvae.train.precision_kwargs = kwargs
+    fastvae.train.precision_kwargs = lambda config: {
+        "plugins": [fastvae.train.fp16_plugin("cpu", init_scale=2.0**30)]}
 
 
 if __name__ == "__main__":
