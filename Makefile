@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	bash benchmarks/run.sh
+	bash benchmarks/run_suites.sh
 	$(PY) benchmarks/report.py summary benchmarks/results/*/ --readme README.md
 
 clean:

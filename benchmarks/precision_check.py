@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from fastvae.config import TrainConfig
-    from fastvae.train import train
+    from fastvae.trainer import train
 
     runs = {}
     for precision in args.precisions:

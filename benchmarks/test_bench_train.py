@@ -28,7 +28,7 @@ from common import annotate, bench_device, on_gpu, pick, requires_cuda, skip_in_
 from fastvae.config import TrainConfig
 from fastvae.data import Splits, load_dataset
 from fastvae.models import build_model
-from fastvae.train import Trainer, make_fabric
+from fastvae.trainer import Trainer, make_fabric
 
 # (model, batch, precision, compile mode or None); "reduce-overhead" replays CUDA graphs
 CASES = pick(

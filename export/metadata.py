@@ -34,7 +34,6 @@ INPUT_NAME = "z"
 MEAN_OUTPUT = "mean"
 PARAMS_OUTPUT = "params"
 
-OUTPUT_TRANSFORMS = ("sigmoid", "identity")
 SAMPLE_KINDS = ("bernoulli", "gaussian", "none")
 PRECISIONS = ("fp32", "fp16", "int8")
 

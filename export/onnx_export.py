@@ -21,14 +21,13 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fastvae import run_folder
 from fastvae.errors import FastVAEError, one_line
 from fastvae.export import metadata as md
 
@@ -138,7 +137,40 @@ def export_decoder(
     exporter, falling back to the TorchScript one), ``"dynamo"`` or ``"torchscript"``.
     Raises ``FastVAEError`` (and writes nothing) when the export or its validation fails.
     """
+    import onnx
+
     path = Path(path)
+    opset, check_batches = _check_arguments(path, opset, exporter, check_batches, fp16, int8)
+    model, source = _resolve(run_or_model)
+    try:
+        with run_folder.temporary_folder(path) as staging:
+            built = _build(model, source, staging / path.name, opset, exporter)
+            parity = _validate(built, check_batches, rtol, atol)
+            variants = _write_variants(built, path, staging, fp16=fp16, int8=int8)
+            for v in variants:  # variants first, the main file last
+                _move_into_place(staging / v.path.name, v.path)
+                v.size_bytes = _total_size(v.path)
+            _move_into_place(built.file, path)
+    except OSError as exc:  # disk full, permissions, ...: the user can fix these
+        raise FastVAEError(
+            f"could not write {path} ({exc.strerror or one_line(exc)}); nothing was written"
+        ) from None
+    except onnx.checker.ValidationError as exc:
+        raise FastVAEError(
+            f"the exported ONNX graph failed onnx.checker ({one_line(exc)}); nothing was written to "
+            f"{path}; try another --opset or --exporter"
+        ) from None
+    info = built.info
+    return ExportReport(
+        path=path, size_bytes=_total_size(path), opset=built.opset, exporter=built.exporter,
+        source=source, latent_dim=info["latent_dim"], output_shape=info["output_shape"],
+        likelihood=info["likelihood"], output_transform=info["output_transform"], parity=parity,
+        rtol=rtol, atol=atol, rewrites=built.rewrites, variants=variants, warnings=built.notes,
+    )
+
+
+def _check_arguments(path: Path, opset, exporter: str, check_batches, fp16: bool, int8: bool):
+    """The checked (opset, check_batches); FastVAEError for bad values or folder targets."""
     if exporter not in EXPORTERS:
         raise FastVAEError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     opset = _check_opset(opset)
@@ -151,88 +183,74 @@ def export_decoder(
     for target in targets:
         if target.is_dir():
             raise FastVAEError(f"{target} is a folder: give a file name such as {target / 'decoder.onnx'}")
+    return opset, check_batches
 
-    model, source = _resolve(run_or_model)
+
+@dataclass
+class _Built:
+    """An exported, checked fp32 graph in the staging folder, and what validating it needs."""
+
+    file: Path
+    info: dict  # _describe(model)
+    reference: object  # the untouched fp32 decoder as (mean, params): parity is checked against it
+    meta: dict[str, str]
+    exporter: str
+    opset: int
+    rewrites: str
+    notes: list[str]
+
+
+def _build(model, source: str, file: Path, opset, exporter: str) -> _Built:
+    """Export the decoder into ``file`` (metadata set, onnx.checker passed)."""
     info = _describe(model)
     # the exported graph runs faster in onnxruntime: small convolutions as one Gemm, other
     # transposed convolutions as Conv + DepthToSpace; parity is checked against the untouched decoder
-    reference_wrapper = _MeanAndParams(_fp32_decoder(model), info["output_transform"])
+    reference = _MeanAndParams(_fp32_decoder(model), info["output_transform"])
     decoder = _fp32_decoder(model)
     rewrites = _rewrite_for_onnxruntime(decoder, info["latent_dim"])
     wrapper = _MeanAndParams(decoder, info["output_transform"])
+    proto, exporter_name, notes = _to_onnx(wrapper, info["latent_dim"], opset, exporter)
+    _drop_initializer_value_info(proto)
+    meta = _metadata(info, source, exporter_name)
+    _set_metadata(proto, {**meta, "precision": "fp32"})
+    _save(proto, file)
+    del proto
+    _check(file)
+    return _Built(file, info, reference, meta, exporter_name, _opset_of(file), rewrites, notes)
 
-    import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        proto, exporter_name, notes = _to_onnx(wrapper, info["latent_dim"], opset, exporter)
-        _drop_initializer_value_info(proto)
-        meta = _metadata(info, source, exporter_name)
-        _set_metadata(proto, {**meta, "precision": "fp32"})
-        tmp_main = tmpdir / path.name
-        _save(proto, tmp_main)
-        del proto
-        _check(tmp_main)
-        parity = _parity(reference_wrapper, tmp_main, info, check_batches, rtol, atol)
-        _update_metadata(tmp_main, {"max_abs_error_vs_torch": f"{max(parity.values()):.3e}"})
-        used_opset = _opset_of(tmp_main)
+def _validate(built: _Built, check_batches, rtol: float, atol: float) -> dict[int, float]:
+    """onnxruntime vs torch at ``check_batches`` (FastVAEError outside rtol/atol); the largest
+    error goes into the file's metadata."""
+    parity = _parity(built.reference, built.file, built.info, check_batches, rtol, atol)
+    _update_metadata(built.file, {"max_abs_error_vs_torch": f"{max(parity.values()):.3e}"})
+    return parity
 
-        variants, staged = [], []
-        if fp16 or int8:
-            z_eval = np.random.default_rng(0).standard_normal(
-                (VARIANT_EVAL_N, info["latent_dim"]), dtype=np.float32
-            )
-            reference = _torch_outputs(reference_wrapper, z_eval)
-            for precision in ("fp16", "int8"):
-                if not (fp16 if precision == "fp16" else int8):
-                    continue
-                final = variant_path(path, precision)
-                tmp = tmpdir / final.name
-                _make_variant(precision, tmp_main, tmp, {**meta, "precision": precision})
-                _check(tmp)
-                err, err_mean = _variant_errors(tmp, z_eval, reference)
-                _update_metadata(
-                    tmp, {"max_abs_error_vs_fp32": f"{err:.3e}", "max_abs_error_mean_vs_fp32": f"{err_mean:.3e}"}
-                )
-                if not (np.isfinite(err) and np.isfinite(err_mean)):
-                    notes.append(f"{precision} variant gives non-finite outputs: do not use {final.name}")
-                variants.append(VariantReport(precision, final, 0, err, err_mean))
-                staged.append((tmp, final))
-        staged.append((tmp_main, path))
 
-        for tmp, final in staged:  # variants first, the main file last
-            _move_into_place(tmp, final)
-        for v in variants:
-            v.size_bytes = _total_size(v.path)
-        return ExportReport(
-            path=path,
-            size_bytes=_total_size(path),
-            opset=used_opset,
-            exporter=exporter_name,
-            source=source,
-            latent_dim=info["latent_dim"],
-            output_shape=info["output_shape"],
-            likelihood=info["likelihood"],
-            output_transform=info["output_transform"],
-            parity=parity,
-            rtol=rtol,
-            atol=atol,
-            rewrites=rewrites,
-            variants=variants,
-            warnings=notes,
+def _write_variants(built: _Built, path: Path, staging: Path, *, fp16: bool, int8: bool) -> list[VariantReport]:
+    """The fp16/int8 files in ``staging``, checked, with their error vs the fp32 torch decoder
+    on VARIANT_EVAL_N draws z ~ N(0, I) (in their metadata too)."""
+    wanted = [p for p, on in (("fp16", fp16), ("int8", int8)) if on]
+    if not wanted:
+        return []
+    z_eval = np.random.default_rng(0).standard_normal(
+        (VARIANT_EVAL_N, built.info["latent_dim"]), dtype=np.float32
+    )
+    reference = _torch_outputs(built.reference, z_eval)
+    variants = []
+    for precision in wanted:
+        final = variant_path(path, precision)
+        tmp = staging / final.name
+        _make_variant(precision, built.file, tmp, {**built.meta, "precision": precision})
+        _check(tmp)
+        err, err_mean = _variant_errors(tmp, z_eval, reference)
+        _update_metadata(
+            tmp, {"max_abs_error_vs_fp32": f"{err:.3e}", "max_abs_error_mean_vs_fp32": f"{err_mean:.3e}"}
         )
-    except OSError as exc:  # disk full, permissions, ...: the user can fix these
-        raise FastVAEError(
-            f"could not write {path} ({exc.strerror or one_line(exc)}); nothing was written"
-        ) from None
-    except onnx.checker.ValidationError as exc:
-        raise FastVAEError(
-            f"the exported ONNX graph failed onnx.checker ({one_line(exc)}); nothing was written to "
-            f"{path}; try another --opset or --exporter"
-        ) from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if not (np.isfinite(err) and np.isfinite(err_mean)):
+            built.notes.append(f"{precision} variant gives non-finite outputs: do not use {final.name}")
+        variants.append(VariantReport(precision, final, 0, err, err_mean))
+    return variants
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -261,20 +279,20 @@ def _describe(model) -> dict:
     decoder = getattr(model, "decoder", None)
     latent_dim = getattr(model, "latent_dim", None)
     data_shape = getattr(model, "data_shape", None)
-    if decoder is None or latent_dim is None or data_shape is None:
+    kind = getattr(model, "kind", None)
+    if decoder is None or latent_dim is None or data_shape is None or kind not in ("vae", "ae"):
         raise FastVAEError(
-            f"{type(model).__name__} is not a fastvae model (needs .decoder, .latent_dim and "
-            ".data_shape): pass a VAE or StackedAutoencoder, a run folder or a .ckpt file"
+            f"{type(model).__name__} is not a fastvae model (needs .decoder, .latent_dim, "
+            ".data_shape and .kind): pass a VAE or StackedAutoencoder, a run folder or a .ckpt file"
         )
     spec = dict(getattr(model, "spec", {}) or {})
-    likelihood_module = getattr(model, "likelihood", None)
     sigma = None
-    if likelihood_module is None or spec.get("kind") == "ae":
+    if kind == "ae":
         likelihood = "none"
     else:
-        likelihood = likelihood_module.kind
+        likelihood = model.likelihood.kind
         if likelihood == "gaussian":
-            sigma = float(likelihood_module.log_scale.detach().float().exp().cpu())
+            sigma = float(model.likelihood.log_scale.detach().float().exp().cpu())
     transform, sample = md.LIKELIHOOD_RULES[likelihood]
     return {
         "latent_dim": int(latent_dim),
@@ -632,20 +650,9 @@ def _variant_errors(path: Path, z: np.ndarray, reference) -> tuple[float, float]
 
 # -- files -------------------------------------------------------------------------------------
 def _move_into_place(tmp: Path, final: Path) -> None:
-    """fsync and rename ``tmp`` (and its external data files) over ``final``."""
+    """fsync and rename ``tmp`` (and its external data files, first) over ``final``."""
     for src in _files_of(tmp):
-        dst = final.parent / (final.name if src == tmp else src.name)
-        with open(src, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(src, dst)
-    try:
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+        run_folder.move_into_place(src, final.parent / (final.name if src == tmp else src.name))
 
 
 def _total_size(path: Path) -> int:

@@ -2,8 +2,8 @@
 
 Heavy modules (torch, Fabric) load lazily on first attribute access, so
 ``from fastvae.export import OnnxSampler`` runs in an image without torch.
-Training and evaluation live in their modules: ``from fastvae.train import train``,
-``from fastvae.evaluate import evaluate`` (a package attribute of the same name as a submodule
+Training and evaluation live in their modules: ``from fastvae.trainer import train``,
+``from fastvae.evaluation import evaluate`` (a package attribute of the same name as a submodule
 would be shadowed by the submodule).
 """
 

@@ -8,56 +8,20 @@ A checkpoint holds ``format``, ``config`` (the run's TrainConfig dict), ``spec``
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from fastvae.errors import FastVAEError, one_line
+from fastvae.run_folder import LAST, atomic_write
 
 FORMAT = "fastvae-checkpoint-v1"
-LAST = Path("checkpoints") / "last.ckpt"
 REQUIRED_KEYS = ("config", "spec", "model")
-
-
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
-
-    A crash at any moment leaves the old file or the new one, never a half-written file; on an
-    exception the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Atomically ``torch.save`` a plain-dict checkpoint."""
-    with atomic_path(path) as tmp:
+    with atomic_write(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
 
 

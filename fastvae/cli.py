@@ -3,7 +3,8 @@
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``; it imports torch and other heavy modules inside ``run`` only, so that
 ``fastvae --help`` and ``fastvae sample`` start fast (the latter without torch).
-Every ``FastVAEError`` becomes one line on stderr and exit status 2, without a traceback.
+Every ``FastVAEError`` becomes one line on stderr and exit status 2, without a traceback; Ctrl-C
+or SIGTERM, in any phase, one line and exit status 130 (``fastvae.interrupts``).
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ import argparse
 import importlib
 import sys
 
-from fastvae import __version__
+from fastvae import __version__, interrupts
 from fastvae.errors import FastVAEError
 
 COMMANDS = {
-    "train": "fastvae.commands.train",
-    "evaluate": "fastvae.commands.evaluate",
-    "export": "fastvae.commands.export",
-    "sample": "fastvae.commands.sample",
-    "report": "fastvae.commands.report",
+    "train": "fastvae.commands.train_command",
+    "evaluate": "fastvae.commands.evaluate_command",
+    "export": "fastvae.commands.export_command",
+    "sample": "fastvae.commands.sample_command",
+    "report": "fastvae.commands.report_command",
 }
 
 
@@ -41,12 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # a command not built yet
+        module = importlib.import_module(module_name)
         command = sub.add_parser(
             name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
             formatter_class=_HelpFormatter,
@@ -58,26 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" unless the help names its default already or there is none
-    (None: the setting comes from a config file or TrainConfig; False: a plain flag)."""
+    (None: the setting comes from a config file or TrainConfig; a flag without a value, whose
+    help says what giving it does)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+        flag = action.nargs == 0  # store_true/store_false/store_const/count/version
+        if flag or "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
+    with interrupts.handled("fastvae"):  # before anything heavy is imported
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    interrupts.name(f"fastvae {args.command}")
     try:
         return int(args._run(args) or 0)
     except FastVAEError as exc:
         print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a library caller's handler, or a second Ctrl-C in training
         print(f"fastvae {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return interrupts.EXIT_STATUS
 
 
 if __name__ == "__main__":

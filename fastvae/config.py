@@ -19,17 +19,35 @@ ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 # torch.compile modes; "reduce-overhead" and "max-autotune" replay the step as CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+# The allowed values of every setting that has a fixed set: the CLI's choices, validation and
+# fastvae.models (whose ARCHITECTURES are keyed by MODELS) all read them from here.
+MODELS = ("mlp", "conv")
+KINDS = ("vae", "ae")  # vae, or the deterministic MSE autoencoder baseline
+LIKELIHOODS = ("bernoulli", "gaussian")
+REPARAM_BACKENDS = ("auto", "torch", "triton")
+ON_NONFINITE = ("stop", "skip")
+CHOICES = {
+    "model": MODELS, "kind": KINDS, "likelihood": LIKELIHOODS, "precision": PRECISIONS,
+    "strategy": STRATEGIES, "accelerator": ACCELERATORS, "reparam": REPARAM_BACKENDS,
+    "on_nonfinite": ON_NONFINITE, "compile_mode": COMPILE_MODES,
+}
+# The settings that build the model: its spec (fastvae.models.build_model), stored in checkpoints.
+MODEL_SETTINGS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "sigma", "learn_sigma")
+# Settings a resumed run must share with the run that wrote the checkpoint (a learned or fixed
+# sigma's value may change: it is a starting value).
+RESUME_IDENTITY = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data")
+
 
 @dataclass
 class TrainConfig:
     """Settings of one run. Defaults are the digits protocol of the README."""
 
     data: str = "digits"
-    model: str = "mlp"  # mlp | conv
-    kind: str = "vae"  # vae | ae (the deterministic MSE baseline)
+    model: str = "mlp"  # one of MODELS
+    kind: str = "vae"  # one of KINDS
     latent_dim: int = 8
     hidden_dim: int = 512
-    likelihood: str = "bernoulli"  # bernoulli | gaussian
+    likelihood: str = "bernoulli"  # one of LIKELIHOODS
     sigma: float = 0.1  # gaussian likelihood scale (initial value when learn_sigma)
     learn_sigma: bool = False
     epochs: int = 50
@@ -77,18 +95,7 @@ class TrainConfig:
             if not ok:
                 sign = "positive" if name in ("lr", "sigma") else "zero or positive"
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
-        choices = {
-            "model": ("mlp", "conv"),
-            "kind": ("vae", "ae"),
-            "likelihood": ("bernoulli", "gaussian"),
-            "precision": PRECISIONS,
-            "strategy": STRATEGIES,
-            "accelerator": ACCELERATORS,
-            "reparam": ("auto", "torch", "triton"),
-            "on_nonfinite": ("stop", "skip"),
-            "compile_mode": COMPILE_MODES,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise FastVAEError(
                     f"--{_flag(name)} {getattr(self, name)!r} is not supported: use one of "
@@ -106,8 +113,7 @@ class TrainConfig:
 
     def model_spec(self, data_shape: tuple[int, ...]) -> dict:
         """The plain dict ``fastvae.models.build_model`` takes."""
-        keys = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "sigma", "learn_sigma")
-        return {"data_shape": list(data_shape), **{k: getattr(self, k) for k in keys}}
+        return {"data_shape": list(data_shape), **{k: getattr(self, k) for k in MODEL_SETTINGS}}
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":

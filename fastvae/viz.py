@@ -17,13 +17,13 @@ The functions that take a model import torch inside their bodies; the plots impo
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fastvae import run_folder
 from fastvae.errors import FastVAEError
 
 SAMPLES_PNG = "samples.png"
@@ -81,16 +81,17 @@ def grid_scale(images: np.ndarray) -> int:
 
 
 def save_image_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
-    """Write ``image_grid(images)`` as a PNG; small images (e.g. 8x8 digits) are enlarged."""
+    """Write ``image_grid(images)`` as a PNG (atomically); small images (e.g. 8x8 digits) are
+    enlarged."""
     from PIL import Image
 
     images = _as_nchw(images)
     if scale is None:
         scale = grid_scale(images)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(images, nrow=nrow, scale=scale)).save(path)
-    return path
+    picture = Image.fromarray(image_grid(images, nrow=nrow, scale=scale))
+    with run_folder.atomic_write(path) as tmp:
+        picture.save(tmp)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- model pictures
@@ -119,10 +120,6 @@ def _model_device_dtype(model):
     return torch.device("cpu"), torch.float32
 
 
-def _is_vae(model) -> bool:
-    return hasattr(model, "likelihood")
-
-
 def _encode_means(model, x):
     """Latent means (VAE: mu(x); autoencoder: the code) as a float32 CPU tensor, in batches."""
     import torch
@@ -145,7 +142,7 @@ def _decode_means(model, z):
     device, dtype = _model_device_dtype(model)
     with torch.no_grad():
         out = model.decode(torch.as_tensor(z).to(device=device, dtype=dtype))
-        if _is_vae(model):
+        if model.kind == "vae":
             out = model.likelihood.mean(out)
     return out.float().cpu()
 
@@ -225,10 +222,9 @@ def save_interpolation(
 
 def _save_figure(fig, path: str | Path) -> Path:
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    with run_folder.atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=DPI)
+    return Path(path)
 
 
 def save_latent_scatter(model, x, path: str | Path, labels=None) -> Path:
@@ -254,34 +250,14 @@ def save_latent_scatter(model, x, path: str | Path, labels=None) -> Path:
             ax.scatter(z[:, 0], z[:, 1], s=6, alpha=0.8)
         ax.set_xlabel("z[0]")
         ax.set_ylabel("z[1]")
-        ax.set_title("test-set latent means" if _is_vae(model) else "test-set codes")
+        ax.set_title("test-set latent means" if model.kind == "vae" else "test-set codes")
         ax.grid(alpha=0.3)
         return _save_figure(fig, path)
     finally:
         plt.close(fig)
 
 
-# --------------------------------------------------------------------------- metrics.csv
-
-
-def read_metrics(path: str | Path) -> dict[str, list[float]]:
-    """``metrics.csv`` as columns of floats (NaN where a row left a cell empty); {} if missing."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    columns: dict[str, list[float]] = {name: [] for name in rows[0] if name}
-    for row in rows:
-        for name in columns:
-            value = row.get(name)
-            try:
-                columns[name].append(float(value) if value not in (None, "") else math.nan)
-            except ValueError:
-                columns[name].append(math.nan)
-    return columns
+# --------------------------------------------------------------------------- loss curves
 
 
 _CURVES = (
@@ -294,7 +270,7 @@ _CURVES = (
 def save_loss_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
     """Loss, reconstruction and KL per epoch (train, and test when present); ``None`` when
     ``metrics.csv`` is missing or has no rows."""
-    columns = read_metrics(metrics_csv)
+    columns = run_folder.metric_columns(run_folder.read_metrics(metrics_csv))
     if not columns or "epoch" not in columns:
         return None
     plt = _pyplot()
@@ -349,7 +325,7 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
     written: list[Path] = []
     with _EvalMode(model):
         code_fit = None
-        if not _is_vae(model):  # no prior: sample codes like the test images'
+        if model.kind == "ae":  # no prior: sample codes like the test images'
             codes = _encode_means(model, x)
             code_fit = (codes.mean(0), codes.std(0, unbiased=False))
         written.append(save_samples(model, run_dir / SAMPLES_PNG, seed=seed, code_fit=code_fit))
@@ -359,7 +335,7 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
         if model.latent_dim == 2:
             labels_np = None if labels is None else torch.as_tensor(labels).cpu().numpy()
             written.append(save_latent_scatter(model, x, run_dir / LATENT_SCATTER_PNG, labels_np))
-    curves = save_loss_curves(run_dir / "metrics.csv", run_dir / LOSS_CURVES_PNG)
+    curves = save_loss_curves(run_dir / run_folder.METRICS_CSV, run_dir / LOSS_CURVES_PNG)
     if curves is not None:
         written.append(curves)
     return written

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.checkpoint import FORMAT, atomic_path, load_model_state, read_checkpoint, save_checkpoint
+from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, save_checkpoint
+from fastvae.run_folder import atomic_write
 from fastvae.errors import FastVAEError
-from fastvae.train import train
+from fastvae.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def trained_run(tmp_path_factory):
         captured.append(model)
         return model
 
-    import fastvae.train as train_module
+    import fastvae.trainer as train_module
 
     patched = [m for m in (models, train_module) if hasattr(m, "build_model")]
     for module in patched:
@@ -191,15 +192,15 @@ def test_save_checkpoint_failure_keeps_the_previous_file(tmp_path, monkeypatch):
     assert read_checkpoint(path)["epoch"] == 1
 
 
-def test_atomic_path_leaves_target_untouched_on_error(tmp_path):
+def test_atomic_write_leaves_target_untouched_on_error(tmp_path):
     target = tmp_path / "metrics.csv"
     target.write_text("old\n")
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
+        with atomic_write(target) as tmp:
             tmp.write_text("half of the new")
             raise RuntimeError("crash while writing")
     assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["metrics.csv"]
-    with atomic_path(target) as tmp:
+    with atomic_write(target) as tmp:
         tmp.write_text("new\n")
     assert target.read_text() == "new\n" and os.listdir(tmp_path) == ["metrics.csv"]
 

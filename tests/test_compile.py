@@ -8,7 +8,7 @@ import torch
 from fastvae.checkpoint import load, read_checkpoint
 from fastvae.config import TrainConfig
 from fastvae.data import Splits, load_dataset
-from fastvae.train import train
+from fastvae.trainer import train
 
 
 @pytest.mark.slow

@@ -12,9 +12,9 @@ import torch
 from fastvae.checkpoint import read_checkpoint
 from fastvae.config import TrainConfig
 from fastvae.data import EpochBatches, Splits, load_dataset
-from fastvae.evaluate import elbo_sums
+from fastvae.evaluation import elbo_sums
 from fastvae.models import build_model
-from fastvae.train import train
+from fastvae.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,13 @@ def fp16_fabric_on_cpu(config):
     directly, with a scale so large that the first steps overflow and are skipped."""
     from lightning_fabric import Fabric
 
-    from fastvae.train import fp16_plugin
+    from fastvae.trainer import fp16_plugin
 
     return Fabric(accelerator="cpu", devices=1, plugins=[fp16_plugin("cpu", init_scale=2.0**30)])
 
 
 def test_fp16_loss_scale_is_logged_checkpointed_and_resumed(tmp_path, small_digits, monkeypatch):
-    monkeypatch.setattr("fastvae.train.make_fabric", fp16_fabric_on_cpu)
+    monkeypatch.setattr("fastvae.trainer.make_fabric", fp16_fabric_on_cpu)
     straight = train(config(tmp_path / "straight", kind="vae", epochs=2), splits=small_digits)
     scales = [row["loss_scale"] for row in straight.metrics]
     assert scales[0] < 2.0**30  # overflowing steps were skipped and the scale backed off

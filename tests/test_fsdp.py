@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO, SUBPROCESS_ENV, max_weight_diff as max_diff
 from fastvae.checkpoint import load, read_checkpoint
-from fastvae.train import _read_metrics
+from fastvae.run_folder import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -31,7 +31,7 @@ def run(out, *, resume=False, **overrides):
     done = subprocess.run(cmd + (["--resume"] if resume else []), cwd=REPO, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    return read_checkpoint(out), _read_metrics(out / "metrics.csv", 10**6)
+    return read_checkpoint(out), read_metrics(out / "metrics.csv")
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_across_layouts(tmp_path):
@@ -97,7 +97,7 @@ def test_fsdp_gets_fp16_as_a_plugin_which_fabric_accepts():
 
     from fastvae.config import TrainConfig
     from fastvae.sharding import fsdp_strategy
-    from fastvae.train import precision_kwargs
+    from fastvae.trainer import precision_kwargs
 
     cuda = precision_kwargs(TrainConfig(strategy="fsdp", precision="16-mixed", accelerator="cuda"))
     (plugin,) = cuda["plugins"]

@@ -21,7 +21,7 @@ from conftest import (max_weight_diff, metrics_without_time, popen_cli, run_cli,
                       assert_one_line_error)
 from fastvae.checkpoint import read_checkpoint
 from fastvae.errors import FastVAEError
-from fastvae.train import train
+from fastvae.trainer import train
 
 STEPS_PER_EPOCH = 24  # ceil(1500 / 64), the tiny config's batch size
 
@@ -51,10 +51,10 @@ def patch_forward(monkeypatch):
             return model
 
         monkeypatch.setattr(models, "build_model", build)
-        import fastvae.train
+        import fastvae.trainer
 
-        if hasattr(fastvae.train, "build_model"):  # in case train.py imports it at module level
-            monkeypatch.setattr(fastvae.train, "build_model", build)
+        if hasattr(fastvae.trainer, "build_model"):  # in case train.py imports it at module level
+            monkeypatch.setattr(fastvae.trainer, "build_model", build)
 
     return install
 
@@ -86,7 +86,7 @@ def nan_gradients_at(steps):
 def check_lag(request, monkeypatch):
     """Step records read on the host after every step (a CPU's way) or every 4 steps (an
     accelerator's): the outcome must not depend on it."""
-    monkeypatch.setattr("fastvae.train.check_interval", lambda device: request.param)
+    monkeypatch.setattr("fastvae.trainer.check_interval", lambda device: request.param)
     return request.param
 
 
@@ -95,9 +95,9 @@ def any_check(request, monkeypatch):
     """``check_lag``'s two ways, plus the host check before backward that optimizers which
     cannot skip an update on the device (FSDP's) get."""
     if request.param.startswith("host"):
-        monkeypatch.setattr("fastvae.train.skip_mode", lambda optimizer, precision: "host")
+        monkeypatch.setattr("fastvae.trainer.skip_mode", lambda optimizer, precision: "host")
     lag = 4 if "every-4" in request.param else 1
-    monkeypatch.setattr("fastvae.train.check_interval", lambda device: lag)
+    monkeypatch.setattr("fastvae.trainer.check_interval", lambda device: lag)
     return request.param
 
 
@@ -189,7 +189,7 @@ def test_nonfinite_steps_on_cuda_without_per_step_syncs(make_config, patch_forwa
 def test_reading_step_records_later_changes_nothing(tmp_path, make_config, patch_forward, monkeypatch):
     patch_forward(nan_at({5, STEPS_PER_EPOCH + 10}))
     now = train(make_config(out=tmp_path / "now", epochs=2, on_nonfinite="skip"))
-    monkeypatch.setattr("fastvae.train.check_interval", lambda device: 7)
+    monkeypatch.setattr("fastvae.trainer.check_interval", lambda device: 7)
     later = train(make_config(out=tmp_path / "later", epochs=2, on_nonfinite="skip"))
     assert max_weight_diff(state_dict_of(now.run_dir), state_dict_of(later.run_dir)) == 0
     assert metrics_without_time(now.run_dir) == metrics_without_time(later.run_dir)

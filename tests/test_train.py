@@ -12,7 +12,7 @@ from conftest import max_weight_diff, metrics_without_time, state_dict_of
 from fastvae.distributions import kl_standard_normal
 from fastvae.losses import (bernoulli_log_likelihood, elbo_terms, free_bits_kl, iwae_bound,
                             iwae_log_weights, kl_weight)
-from fastvae.train import train
+from fastvae.trainer import train
 
 # ----------------------------------------------------------------------------- objective, by hand
 

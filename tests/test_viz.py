@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae import viz
+from fastvae import run_folder, viz
 from fastvae.errors import FastVAEError
 from fastvae.models import build_model
 
@@ -148,7 +148,7 @@ def test_loss_curves_without_metrics_or_test_columns(tmp_path):
     _metrics_csv(tmp_path / "metrics.csv", test_columns=False)
     path = viz.save_loss_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
     assert png_size(path) == (1200, 400)
-    columns = viz.read_metrics(tmp_path / "metrics.csv")
+    columns = run_folder.metric_columns(run_folder.read_metrics(tmp_path / "metrics.csv"))
     assert columns["train_loss"] == [50.0, 40.0, 35.0]
 
 

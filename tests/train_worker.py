@@ -15,10 +15,10 @@ import sys
 import torch
 
 import fastvae.models
-import fastvae.train
+import fastvae.trainer
 from fastvae.config import TrainConfig
 from fastvae.data import Splits, load_dataset
-from fastvae.train import train
+from fastvae.trainer import train
 
 
 def nan_loss_at(rank: int, step: int) -> None:
@@ -43,8 +43,8 @@ def nan_loss_at(rank: int, step: int) -> None:
 
 def fp16_on_cpu() -> None:
     """Every Fabric built from now on gets fp16 autocast and a CPU GradScaler, FSDP's too."""
-    fastvae.train.precision_kwargs = lambda config: {
-        "plugins": [fastvae.train.fp16_plugin("cpu", init_scale=2.0**30)]}
+    fastvae.trainer.precision_kwargs = lambda config: {
+        "plugins": [fastvae.trainer.fp16_plugin("cpu", init_scale=2.0**30)]}
 
 
 if __name__ == "__main__":

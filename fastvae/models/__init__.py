@@ -1,29 +1,25 @@
 """Models: MLP and conv encoders/decoders, the ``VAE`` module, the stacked-autoencoder baseline.
 
-``build_model(spec)`` turns a plain dict (stored in every checkpoint) into a module:
-``{"model": "mlp"|"conv", "kind": "vae"|"ae", "data_shape": [C, H, W], "latent_dim": 8,
-"hidden_dim": 512, "likelihood": "bernoulli"|"gaussian", "sigma": 0.1, "learn_sigma": False}``.
+``build_model(spec)`` turns a plain dict (stored in every checkpoint) into a module: the
+``data_shape`` [C, H, W] plus the settings ``fastvae.config.MODEL_SETTINGS`` names, e.g.
+``{"model": "mlp", "kind": "vae", "data_shape": [1, 8, 8], "latent_dim": 8, "hidden_dim": 512,
+"likelihood": "bernoulli", "sigma": 0.1, "learn_sigma": False}`` (missing settings take
+``TrainConfig``'s defaults). Every model says what it is in ``model.kind``: ``"vae"`` (a
+likelihood, an ELBO) or ``"ae"`` (the deterministic MSE autoencoder).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from fastvae.config import MODEL_SETTINGS, TrainConfig
 from fastvae.models.conv import ConvDecoder, ConvEncoder
 from fastvae.models.mlp import MLPDecoder, MLPEncoder
 from fastvae.models.vae import VAE, StackedAutoencoder, VAEOutput
 
+# keyed by fastvae.config.MODELS (a test checks that the two agree)
 ARCHITECTURES = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
-
-DEFAULT_SPEC = {
-    "model": "mlp",
-    "kind": "vae",
-    "latent_dim": 8,
-    "hidden_dim": 512,
-    "likelihood": "bernoulli",
-    "sigma": 0.1,
-    "learn_sigma": False,
-}
+DEFAULT_SPEC = {name: getattr(TrainConfig, name) for name in MODEL_SETTINGS}
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -28,6 +28,8 @@ class VAE(nn.Module):
     stored in checkpoints so a run folder rebuilds its model without any other information.
     """
 
+    kind = "vae"
+
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, spec: dict):
         super().__init__()
         self.encoder = encoder
@@ -85,11 +87,13 @@ class VAE(nn.Module):
 
 
 class StackedAutoencoder(nn.Module):
-    """The notes' starting point: a deterministic encoder/decoder trained with MSE.
+    """The baseline a VAE improves on: a deterministic encoder/decoder trained with MSE.
 
     loss = mean over the batch of sum over pixels of (sigmoid(decoder(encoder(x))) - x)^2.
     The encoder's mu head is the code; its logvar half is ignored.
     """
+
+    kind = "ae"
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, spec: dict):
         super().__init__()

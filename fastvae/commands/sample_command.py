@@ -27,8 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
     import time
     from pathlib import Path
 
@@ -36,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fastvae.errors import FastVAEError
     from fastvae.export import OnnxSampler
+    from fastvae.run_folder import atomic_write
 
     out = Path(args.out)
     suffix = out.suffix.lower()
@@ -58,20 +57,13 @@ def run(args: argparse.Namespace) -> int:
     samples = sampler.sample(args.num_samples, seed=args.seed, batch_size=args.batch_size, mode=args.mode)
     seconds = time.perf_counter() - start
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=suffix, dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        if suffix == ".npy":
+    if suffix == ".npy":
+        with atomic_write(out) as tmp:
             np.save(tmp, samples)
-        else:
-            from fastvae.viz import save_image_grid
+    else:
+        from fastvae.viz import save_image_grid  # atomic too
 
-            save_image_grid(np.clip(samples, 0.0, 1.0), tmp, nrow=args.nrow)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        save_image_grid(np.clip(samples, 0.0, 1.0), out, nrow=args.nrow)
     print(
         f"wrote {out}: {args.num_samples} samples of shape {list(shape)} ({args.mode}, seed {args.seed}) "
         f"from {args.model} in {seconds:.3f} s"

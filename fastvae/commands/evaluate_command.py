@@ -24,13 +24,13 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.checkpoint import load, read_checkpoint
     from fastvae.data import load_dataset
     from fastvae.errors import FastVAEError
-    from fastvae.evaluate import evaluate
+    from fastvae.evaluation import evaluate
 
     if args.iwae_k < 0:
         raise FastVAEError(f"--iwae-k must be zero or positive, got {args.iwae_k}")
     state = read_checkpoint(args.run)
     model = load(args.run)
-    if not hasattr(model, "likelihood"):
+    if model.kind == "ae":
         raise FastVAEError(f"{args.run} holds a deterministic autoencoder (kind 'ae'): it has no ELBO to evaluate")
     data = args.data or state["config"]["data"]
     seed = args.seed if args.seed is not None else int(state["config"].get("seed", 0))

@@ -32,7 +32,7 @@ def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0
     sums = torch.zeros(4, dtype=torch.float64)
     rows = torch.arange(rank, len(data), world_size, device=data.device)
     eps = None
-    if hasattr(model, "likelihood"):
+    if model.kind == "vae":
         g = torch.Generator(device=data.device).manual_seed(seed)
         eps = torch.randn(len(data), model.latent_dim, generator=g, device=data.device)[rows]
     shard = data[rows]

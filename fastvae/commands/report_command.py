@@ -18,12 +18,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iwae-k", type=int, default=1000, help="importance samples for the IWAE bound; 0 skips it")
     parser.add_argument("--data", default=None, help="data source to evaluate on (default: the run's config.json 'data')")
     parser.add_argument("--redraw", action="store_true", help="redraw all pictures, not only the missing ones")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled pictures")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--seed", type=int, help="seed of the evaluation noise and the sampled pictures "
+                        "(default: the run's seed, so -ELBO matches the last test_neg_elbo in metrics.csv)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide the IWAE progress bar (it shows only on a terminal anyway)")
 
 
 def run(args) -> int:
-    from fastvae.report import write_report
+    from fastvae.report_page import write_report
 
     path = write_report(
         args.run, args.out, iwae_k=args.iwae_k, html=True if args.html else None, data=args.data,

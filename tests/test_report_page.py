@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from fastvae import cli
-from fastvae.checkpoint import LAST, save_checkpoint
+from fastvae.checkpoint import save_checkpoint
+from fastvae.run_folder import LAST
 from fastvae.config import TrainConfig
 from fastvae.errors import FastVAEError
 from fastvae.models import build_model
-from fastvae.report import latent_stats, write_report
+from fastvae.report_page import latent_stats, write_report
 
 METRICS_CSV = (
     "epoch,step,train_loss,train_recon,train_kl,epoch_time_s,test_neg_elbo,test_recon,test_kl\n"

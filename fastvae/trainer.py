@@ -5,19 +5,24 @@
 - ``batch_size`` is per device; the global batch is batch_size x world size (logged);
 - every rank draws the same per-epoch permutation and takes every W-th row of it;
 - metrics are summed across ranks; the test set is evaluated once in total (sharded);
-- global rank 0 alone writes files: config.json, metrics.csv, checkpoints (atomically, after
-  every epoch and on Ctrl-C) and pictures; checkpoints hold full state, whatever the strategy
-  (``fastvae.sharding`` for FSDP), so a run resumes on another device count or strategy;
+- global rank 0 alone writes files (``fastvae.run_folder``): config.json, metrics.csv,
+  checkpoints (atomically, after every epoch and on Ctrl-C) and pictures; checkpoints hold full
+  state, whatever the strategy (``fastvae.sharding`` for FSDP), so a run resumes on another
+  device count or strategy;
 - a step with a non-finite loss or gradients is never applied, and is caught without a host
   sync per step (``fastvae.guard``).
+
+Callbacks (``train(config, callbacks=[...])``, ``fastvae train --callback MODULE:NAME``) are
+Fabric callbacks: any object with some of these methods, called on every rank:
+``on_train_start(trainer)``; ``on_train_batch_end(trainer, batch)`` after each optimizer step
+(``trainer.step`` counts steps, ``batch`` is the batch's index in its epoch);
+``on_train_epoch_end(trainer, metrics)`` once the epoch's metrics row and checkpoint are
+written; ``on_train_end(trainer, interrupted)``.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,20 +30,18 @@ from pathlib import Path
 
 import torch
 
-from fastvae.checkpoint import (FORMAT, LAST, atomic_path, load_model_state, read_checkpoint,
-                                rng_state, set_rng_state)
-from fastvae.config import TrainConfig
+from fastvae import run_folder
+from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
+from fastvae.config import RESUME_IDENTITY, TrainConfig
 from fastvae.data import EpochBatches, Splits, load_dataset
 from fastvae.errors import FastVAEError
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
+from fastvae.interrupts import removed_on_exit
 from fastvae.losses import kl_weight
 from fastvae.reparam import resolve_backend
+from fastvae.run_folder import LAST, METRICS_CSV
 from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
                               optimizer_state_by_index)
-
-METRIC_FIELDS = ["epoch", "step", "train_loss", "train_recon", "train_kl", "epoch_time_s",
-                 "test_neg_elbo", "test_recon", "test_kl", "loss_scale"]
-SPEC_KEYS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data")
 
 
 @dataclass
@@ -52,23 +55,50 @@ class TrainResult:
     interrupted: bool = False
 
 
+@dataclass
+class EpochSums:
+    """One rank's running sums over the examples of an epoch (kept across a mid-epoch resume)."""
+
+    recon: float = 0.0  # sum over examples of -log p(x|z)
+    kl: float = 0.0  # sum over examples of KL(q(z|x) || p(z))
+    count: float = 0.0  # examples of finite steps
+    seconds: float = 0.0  # wall time of the epoch's steps
+
+    def to_list(self) -> list[float]:  # checkpoints hold plain data
+        return [self.recon, self.kl, self.count, self.seconds]
+
+
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-          splits: Splits | None = None) -> TrainResult | None:
+          splits: Splits | None = None, callbacks: list | None = None) -> TrainResult | None:
     """Train as ``config`` says, into ``config.out``; return the run's result (on rank 0).
 
     ``resume`` continues from ``out/checkpoints/last.ckpt`` exactly (mid-epoch too);
     ``overwrite`` replaces a run already in ``out``. Without either, an ``out`` that already
-    holds a run is refused, so no earlier work is lost by a typo.
+    holds a run is refused, so no earlier work is lost by a typo. ``callbacks``: Fabric
+    callbacks (see the module docstring).
     """
     config.validate()
     run_dir = Path(config.out)
-    replace = check_run_dir(run_dir, config, resume, overwrite)
+    replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        check_resume(run_dir, config)
     splits = splits if splits is not None else load_dataset(config.data)
-    fabric = make_fabric(config)
+    fabric = make_fabric(config, callbacks)
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
-        clear_run_dir(run_dir)
+        run_folder.clear_run(run_dir)
     return fabric.launch(_fit, config, splits, resume)
+
+
+def check_resume(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to resume the run in ``run_dir`` as another model, data or (mid-epoch) batching."""
+    state = read_checkpoint(run_dir)  # clear error when missing or corrupt
+    run_folder.check_resume(
+        run_dir, state["config"], config.to_dict(), RESUME_IDENTITY,
+        mid_epoch=bool(state.get("batch_in_epoch")),
+        saved_world_size=int(state.get("world_size", 1)),
+        world_size=config.devices * config.num_nodes,
+    )
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -82,8 +112,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         return torch.optim.Adam(model.parameters(), lr=config.lr)
 
 
-def make_fabric(config: TrainConfig):
-    """A Fabric for the config's accelerator/devices/nodes/strategy/precision."""
+def make_fabric(config: TrainConfig, callbacks: list | None = None):
+    """A Fabric for the config's accelerator/devices/nodes/strategy/precision (and callbacks)."""
     from lightning_fabric import Fabric
 
     strategy = config.strategy
@@ -96,7 +126,8 @@ def make_fabric(config: TrainConfig):
     loggers = make_loggers(config.out, config.tensorboard)
     try:
         return Fabric(accelerator=config.accelerator, devices=config.devices, loggers=loggers,
-                      num_nodes=config.num_nodes, strategy=strategy, **precision_kwargs(config))
+                      num_nodes=config.num_nodes, strategy=strategy, callbacks=callbacks,
+                      **precision_kwargs(config))
     except (ValueError, RuntimeError, TypeError, ImportError) as exc:
         raise FastVAEError(f"cannot set up training hardware: {exc}") from None
 
@@ -128,51 +159,10 @@ def fp16_plugin(device: str, init_scale: float = 2.0**16):
     return MixedPrecision("16-mixed", device, torch.amp.GradScaler(device, init_scale=init_scale))
 
 
-def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> bool:
-    """Refuse to clobber a run by accident; check that a resumed run is the same model.
-
-    Returns True when ``run_dir`` holds a run that ``--overwrite`` is to replace. A folder
-    without a checkpoint holds nothing trained, so it is reused without asking.
-    """
-    if resume and overwrite:
-        raise FastVAEError("--resume and --overwrite contradict each other: choose one")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FastVAEError(f"--out {run_dir} is a file: give a folder for the run")
-    holds_run = (run_dir / LAST).exists()
-    if resume:
-        state = read_checkpoint(run_dir)  # clear error when missing or corrupt
-        saved = state["config"]
-        changed = [k for k in SPEC_KEYS if saved.get(k) != getattr(config, k)]
-        if state.get("batch_in_epoch"):  # mid-epoch: the rest of the epoch must be the same
-            changed += [k for k in ("batch_size", "seed") if saved.get(k) != getattr(config, k)]
-            if int(state.get("world_size", 1)) != config.devices * config.num_nodes:
-                changed.append("devices")
-        if changed:
-            raise FastVAEError(
-                f"cannot resume {run_dir}: setting(s) {', '.join(changed)} differ from the run "
-                "that wrote it; resume with the same settings, or train into a new --out"
-            )
-        return False
-    if holds_run and not overwrite:
-        raise FastVAEError(
-            f"--out {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
-            "replace it, or choose another folder"
-        )
-    return holds_run
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove a previous run's files (the ``--overwrite`` case)."""
-    for name in ("config.json", "metrics.csv", "checkpoints"):
-        target = run_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
 class StopRequest:
-    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks after each step."""
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks after each step; a second
+    signal goes to the handler this one replaced (on the command line: exit at once, see
+    ``fastvae.interrupts``; in a program: ``KeyboardInterrupt``)."""
 
     def __init__(self):
         self.requested = False
@@ -187,9 +177,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested = True
+            return
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -211,10 +205,10 @@ class Trainer:
         model = build_model(config.model_spec(splits.data_shape))
         if self.rank:
             fabric.seed_everything(config.seed + self.rank, verbose=False)
-        if hasattr(model, "reparam_backend"):  # decided once here, not in every (compiled) step
+        if model.kind == "vae":  # decided once here, not in every (compiled) step
             model.reparam_backend = resolve_backend(config.reparam, fabric.device)
         self.epoch = self.step = self.skip_batches = 0
-        self.partial: list[float] | None = None  # sums of an interrupted epoch
+        self.partial: EpochSums | None = None  # sums of an interrupted epoch
         saved = read_checkpoint(self.run_dir) if resume else None
         if saved is not None:  # full weights go into the plain model, before any sharding
             load_model_state(model, saved["model"], self.run_dir / LAST)
@@ -244,13 +238,14 @@ class Trainer:
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, rows, record) not yet read
         self.train_data = fabric.to_device(splits.train)
         self.test_data = fabric.to_device(splits.test)
-        self.rows = _read_metrics(self.run_dir / "metrics.csv", self.epoch) if resume else []
+        metrics_csv = self.run_dir / METRICS_CSV
+        self.rows = run_folder.read_metrics(metrics_csv, self.epoch) if resume else []
 
     def _restore_progress(self, state: dict) -> None:
         """Counters, loss scale and (same world size only) random streams of a checkpoint."""
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.skip_batches = int(state.get("batch_in_epoch", 0))
-        self.partial = state.get("partial")
+        self.partial = EpochSums(*state["partial"]) if state.get("partial") else None
         if state.get("precision"):  # fp16's loss scale: resuming keeps it instead of relearning
             self.fabric.strategy.precision.load_state_dict(state["precision"])
         if int(state.get("world_size", 1)) == self.world:  # other sizes: fresh per-rank streams
@@ -259,10 +254,9 @@ class Trainer:
     def fit(self) -> TrainResult | None:
         config, fabric = self.config, self.fabric
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.run_dir / "config.json") as tmp:
-                tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            _write_metrics(self.run_dir / "metrics.csv", self.rows)
+            run_folder.write_config(self.run_dir, config.to_dict())
+            run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
+        fabric.call("on_train_start", self)
         if self.world > 1:
             fabric.print(f"global batch {config.batch_size * self.world} = per-device batch "
                          f"{config.batch_size} x {self.world} processes")
@@ -276,6 +270,7 @@ class Trainer:
             if interrupted:
                 fabric.print(f"interrupted: checkpoint written at step {self.step} (epoch "
                              f"{self.epoch + (row is None)}); continue with --resume")
+        fabric.call("on_train_end", self, interrupted)
         if self.rank != 0:
             return None
         if config.pictures and not interrupted:
@@ -288,13 +283,13 @@ class Trainer:
         Returns the metrics row, or ``None`` when a stop request ended the epoch early (a
         mid-epoch checkpoint is written then).
         """
-        totals, index = self.train_pass(stop)
+        sums, index = self.train_pass(stop)
         if index is not None:
-            self.save(batch_in_epoch=index, partial=totals)
+            self.save(batch_in_epoch=index, partial=sums)
             return None
         self.skip_batches, self.partial = 0, None
-        sums = torch.tensor(totals[:3], dtype=torch.float64, device=self.fabric.device)
-        recon, kl, count = self.fabric.all_reduce(sums, reduce_op="sum").cpu().tolist()
+        reduced = torch.tensor(sums.to_list()[:3], dtype=torch.float64, device=self.fabric.device)
+        recon, kl, count = self.fabric.all_reduce(reduced, reduce_op="sum").cpu().tolist()
         if count == 0:
             raise FastVAEError(
                 f"every step of epoch {self.epoch + 1} had a non-finite loss: the model has "
@@ -302,23 +297,23 @@ class Trainer:
             )
         self.epoch += 1
         row = {"epoch": self.epoch, "step": self.step, "train_loss": (recon + kl) / count,
-               "train_recon": recon / count, "train_kl": kl / count, "epoch_time_s": totals[3]}
+               "train_recon": recon / count, "train_kl": kl / count, "epoch_time_s": sums.seconds}
         row.update(self.test_metrics())
         scaler = getattr(self.fabric.strategy.precision, "scaler", None)
         if scaler is not None:  # fp16: a falling scale means steps skipped for inf/NaN gradients
             row["loss_scale"] = float(scaler.get_scale())
         self.rows.append(row)
         if self.rank == 0:  # before the checkpoint: a resume drops rows past its epoch
-            _write_metrics(self.run_dir / "metrics.csv", self.rows)
+            run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
         self.save()
+        self.fabric.call("on_train_epoch_end", self, row)
         return row
 
-    def train_pass(self, stop: StopRequest | None = None) -> tuple[list[float], int | None]:
+    def train_pass(self, stop: StopRequest | None = None) -> tuple[EpochSums, int | None]:
         """The optimization steps of one epoch: what ``epoch_time_s`` measures.
 
-        Returns this rank's sums over examples of recon and KL, the count and the seconds
-        spent, plus the number of batches done when a stop request cut the epoch short (else
-        ``None``).
+        Returns this rank's sums, plus the number of batches done when a stop request cut the
+        epoch short (else ``None``).
         """
         from tqdm.auto import tqdm
 
@@ -326,8 +321,7 @@ class Trainer:
         self.model.train()
         batches = EpochBatches(self.train_data, config.batch_size, seed=config.seed,
                                epoch=self.epoch, rank=self.rank, world_size=self.world)
-        # this rank's sums over examples of recon and KL, the count, and seconds spent
-        totals = list(self.partial) if self.partial is not None else [0.0] * 4
+        sums = self.partial if self.partial is not None else EpochSums()
         started = time.perf_counter()
         bar = tqdm(total=len(batches), initial=self.skip_batches, leave=False, mininterval=0.5,
                    desc=f"epoch {self.epoch + 1}/{config.epochs}",
@@ -336,17 +330,18 @@ class Trainer:
         for index, x in enumerate(batches):
             if index < self.skip_batches:
                 continue
-            self._train_step(x, totals)
+            self._train_step(x, sums)
             bar.update(1)
+            self.fabric.call("on_train_batch_end", self, index)
             if stop is not None and stop.requested and index + 1 < len(batches):
                 stopped_at = index + 1
                 break
-        self._read_records(totals)
+        self._read_records(sums)
         bar.close()
-        totals[3] += time.perf_counter() - started
-        return totals, stopped_at
+        sums.seconds += time.perf_counter() - started
+        return sums, stopped_at
 
-    def _train_step(self, x: torch.Tensor, totals: list[float]) -> None:
+    def _train_step(self, x: torch.Tensor, sums: EpochSums) -> None:
         """One step; its (loss, recon, KL, flag) record stays on the device until read."""
         config = self.config
         beta = kl_weight(self.step, config.beta, config.kl_warmup_steps)
@@ -365,7 +360,7 @@ class Trainer:
             if self.world > 1:  # all ranks skip together (backward has collectives)
                 bad = self.fabric.all_reduce(bad, reduce_op="sum")
             self._pending.append((self.step, len(x), torch.stack([t.float() for t in record + [bad]])))
-            if self._read_records(totals):
+            if self._read_records(sums):
                 self.fabric.backward(terms.loss)
                 self.optimizer.step()
             return
@@ -375,11 +370,11 @@ class Trainer:
         self.optimizer.step()
         self._pending.append((self.step, len(x), torch.stack([t.float() for t in record])))
         if len(self._pending) >= self.check_every:
-            self._read_records(totals)
+            self._read_records(sums)
 
-    def _read_records(self, totals: list[float]) -> bool:
-        """Read the pending step records in one host sync; add the finite steps' sums to
-        ``totals``; stop or report each non-finite one. Returns whether the last was finite."""
+    def _read_records(self, sums: EpochSums) -> bool:
+        """Read the pending step records in one host sync; add the finite steps to ``sums``;
+        stop or report each non-finite one. Returns whether the last was finite."""
         if not self._pending:
             return True
         pending, self._pending = self._pending, []
@@ -388,9 +383,9 @@ class Trainer:
         for (step, n, _), (loss, recon, kl, *flag) in zip(pending, values):
             finite = math.isfinite(loss) and not (flag and flag[0] > 0)
             if finite:
-                totals[0] += recon * n
-                totals[1] += kl * n
-                totals[2] += n
+                sums.recon += recon * n
+                sums.kl += kl * n
+                sums.count += n
                 continue
             if not math.isfinite(loss):
                 became, now = f"loss became {loss}", f"loss is {loss}"
@@ -415,18 +410,18 @@ class Trainer:
 
     def test_metrics(self) -> dict:
         """Single-sample -ELBO (MSE for the autoencoder) on the test split, each example once."""
-        from fastvae.evaluate import elbo_sums
+        from fastvae.evaluation import elbo_sums
 
         sums = elbo_sums(self.module, self.test_data, batch_size=max(self.config.batch_size, 256),
                          seed=self.config.seed, rank=self.rank, world_size=self.world)
         sums = self.fabric.all_reduce(sums.to(self.fabric.device), reduce_op="sum").cpu()
         n = float(sums[3])
-        if not hasattr(self.module, "likelihood"):  # the MSE autoencoder: no ELBO
+        if self.module.kind == "ae":  # the MSE autoencoder: no ELBO
             return {"test_recon": float(sums[1]) / n}
         return {"test_neg_elbo": float(sums[0]) / n, "test_recon": float(sums[1]) / n,
                 "test_kl": float(sums[2]) / n}
 
-    def save(self, batch_in_epoch: int = 0, partial: list[float] | None = None) -> None:
+    def save(self, batch_in_epoch: int = 0, partial: EpochSums | None = None) -> None:
         """Checkpoint through Fabric (rank 0 writes a temp file, then renames it over last.ckpt)."""
         state = {
             "format": FORMAT, "config": self.config.to_dict(), "spec": self.module.spec,
@@ -438,15 +433,15 @@ class Trainer:
         if precision_state:  # fp16: GradScaler's scale and growth tracker
             state["precision"] = precision_state
         if partial is not None:
-            state["partial"] = partial
+            state["partial"] = partial.to_list()
         final = self.run_dir / LAST
         tmp = final.with_name(f".{final.name}.tmp")
         if self.rank == 0:
             final.parent.mkdir(parents=True, exist_ok=True)
-        self.fabric.save(tmp, state)
-        if self.rank == 0:
-            with atomic_path(final) as target:
-                tmp.replace(target)  # fsync + rename over last.ckpt happen in atomic_path
+        with removed_on_exit(tmp):  # Fabric writes tmp on rank 0 (every rank takes part)
+            self.fabric.save(tmp, state)
+            if self.rank == 0:
+                run_folder.move_into_place(tmp, final)
         self.fabric.barrier()
 
     def _log(self, row: dict) -> None:
@@ -468,28 +463,8 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResu
     return Trainer(fabric, config, splits, resume).fit()
 
 
-def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        rows = [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
-    for row in rows:
-        row["epoch"], row["step"] = int(row["epoch"]), int(row["step"])
-    return [row for row in rows if row["epoch"] <= upto_epoch]
-
-
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    fields = [f for f in METRIC_FIELDS if any(f in row for row in rows)] or METRIC_FIELDS[:6]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-
 def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:
     from fastvae import viz
     from fastvae.checkpoint import load
 
-    if hasattr(viz, "write_run_pictures"):
-        viz.write_run_pictures(run_dir, load(run_dir), splits, seed=config.seed)
+    viz.write_run_pictures(run_dir, load(run_dir), splits, seed=config.seed)

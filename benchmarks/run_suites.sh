@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run the benchmark suites and record them: what `make bench` calls.
 #
-#   benchmarks/run.sh                 # every benchmarks/test_bench_*.py
-#   benchmarks/run.sh reparam_kl      # some suites (name or path)
+#   benchmarks/run_suites.sh                 # every benchmarks/test_bench_*.py
+#   benchmarks/run_suites.sh reparam_kl      # some suites (name or path)
 #
 # For each suite SUITE (benchmarks/test_bench_SUITE.py) this writes the pytest-benchmark JSON to
 # benchmarks/results/<device-slug>/SUITE.json (device, versions, date and git commit inside),

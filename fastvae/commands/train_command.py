@@ -13,18 +13,18 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvae.config import ACCELERATORS, COMPILE_MODES, PRECISIONS, STRATEGIES, TrainConfig
+    from fastvae.config import CHOICES, TrainConfig
 
     d = TrainConfig()
     a = parser.add_argument_group("data and model")
     a.add_argument("--data", help=f"'digits' (bundled) or a path: MNIST IDX file or folder, .npy/.npz, "
                    f"or a folder of images (default {d.data})")
-    a.add_argument("--model", choices=["mlp", "conv"], help=f"encoder/decoder family (default {d.model})")
-    a.add_argument("--kind", choices=["vae", "ae"], help="vae, or ae: the deterministic autoencoder "
+    a.add_argument("--model", choices=CHOICES["model"], help=f"encoder/decoder family (default {d.model})")
+    a.add_argument("--kind", choices=CHOICES["kind"], help="vae, or ae: the deterministic autoencoder "
                    f"baseline trained with MSE (default {d.kind})")
     a.add_argument("--latent-dim", type=int, help=f"size of z (default {d.latent_dim})")
     a.add_argument("--hidden-dim", type=int, help=f"hidden layer width (default {d.hidden_dim})")
-    a.add_argument("--likelihood", choices=["bernoulli", "gaussian"],
+    a.add_argument("--likelihood", choices=CHOICES["likelihood"],
                    help=f"p(x|z): bernoulli (BCE on [0,1] pixels) or gaussian (default {d.likelihood})")
     a.add_argument("--sigma", type=float, help=f"gaussian likelihood scale (default {d.sigma})")
     a.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
@@ -38,24 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--kl-warmup-steps", type=int,
                    help=f"anneal the KL weight linearly from 0 to beta over N steps (default {d.kl_warmup_steps})")
     o.add_argument("--free-bits", type=float, help=f"free bits in nats per latent dim, 0 = off (default {d.free_bits})")
-    o.add_argument("--on-nonfinite", choices=["stop", "skip"],
+    o.add_argument("--on-nonfinite", choices=CHOICES["on_nonfinite"],
                    help="on a NaN/Inf loss or gradient, stop (keeping the last checkpoint) or skip the "
                         f"step (default {d.on_nonfinite})")
     h = parser.add_argument_group("hardware (passed to Lightning Fabric)")
-    h.add_argument("--accelerator", choices=ACCELERATORS, help=f"(default {d.accelerator})")
+    h.add_argument("--accelerator", choices=CHOICES["accelerator"], help=f"(default {d.accelerator})")
     h.add_argument("--devices", type=int, help=f"devices (processes) per node (default {d.devices})")
     h.add_argument("--num-nodes", type=int, help=f"number of machines (default {d.num_nodes})")
-    h.add_argument("--strategy", choices=STRATEGIES,
+    h.add_argument("--strategy", choices=CHOICES["strategy"],
                    help=f"ddp replicates the model, fsdp shards it (FSDP2) (default {d.strategy})")
-    h.add_argument("--precision", choices=PRECISIONS,
+    h.add_argument("--precision", choices=CHOICES["precision"],
                    help=f"bf16-mixed is the fast choice on GPUs; 16-mixed scales the loss (default {d.precision})")
     h.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default off)")
-    h.add_argument("--compile-mode", choices=list(COMPILE_MODES),
+    h.add_argument("--compile-mode", choices=CHOICES["compile_mode"],
                    help="torch.compile mode; reduce-overhead replays each step as a CUDA graph "
                    "(fewer kernel launches: the fastest on a GPU for small models); implies "
                    "--compile. Default: torch.compile's default mode")
-    h.add_argument("--reparam", choices=["auto", "torch", "triton"],
+    h.add_argument("--reparam", choices=CHOICES["reparam"],
                    help="reparameterize+KL: fused Triton kernel on CUDA (auto), or force one (default auto)")
     r = parser.add_argument_group("run folder")
     r.add_argument("--out", help=f"run folder to write (default {d.out})")
@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also log metrics for TensorBoard into RUN/tensorboard (needs 'pip install tensorboard')")
     r.add_argument("--quiet", dest="progress", action="store_false", default=None,
                    help="no progress bar or per-epoch lines")
+    r.add_argument("--callback", dest="callbacks", action="append", default=[], metavar="MODULE:NAME",
+                   help="a Fabric callback to call during training (repeatable): an object, or a "
+                   "class made with no arguments; see fastvae.trainer for its hooks")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import fields
     from pathlib import Path
 
+    from fastvae import run_folder
     from fastvae.config import TrainConfig, load_config_file
     from fastvae.errors import FastVAEError
 
@@ -86,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
         values.update(load_config_file(args.config))
     if args.resume:
         out = Path(given.get("out") or values.get("out") or TrainConfig().out)
-        saved = out / "config.json"
-        if not saved.is_file():
-            raise FastVAEError(f"cannot resume: {saved} does not exist; train into {out} first")
-        values = {**load_config_file(saved), **values}
+        saved = run_folder.read_config(out)
+        if saved is None:
+            raise FastVAEError(f"cannot resume: {out / run_folder.CONFIG_JSON} does not exist; "
+                               f"train into {out} first")
+        values = {**saved, **values}
     values.update(given)
     config = TrainConfig.from_dict(values, source=args.config or "settings")
     try:
@@ -101,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
     if config.data != "digits" and Path(config.data).exists():
         config.data = str(Path(config.data).resolve())  # config.json works from any folder
 
-    from fastvae.train import train
+    from fastvae.trainer import train
 
-    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    callbacks = [load_callback(name) for name in args.callbacks]
+    result = train(config, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks)
     if result is None:  # not global rank 0
         return 0
     if result.interrupted:
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if config.iwae_k > 0:
         from fastvae.checkpoint import load
         from fastvae.data import load_dataset
-        from fastvae.evaluate import evaluate
+        from fastvae.evaluation import evaluate
 
         summary.update({f"test_{k}": v for k, v in evaluate(
             load(result.run_dir), load_dataset(config.data).test, iwae_k=config.iwae_k,
@@ -126,3 +132,20 @@ def run(args: argparse.Namespace) -> int:
 def _named(message: str) -> list[str]:
     """Settings named as --flags in an error message, as config keys."""
     return [w[2:].replace("-", "_") for w in message.split() if w.startswith("--")]
+
+
+def load_callback(name: str):
+    """``MODULE:NAME`` -> the object it names (a class is made with no arguments)."""
+    import importlib
+
+    from fastvae.errors import FastVAEError, one_line
+
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise FastVAEError(f"--callback {name!r}: give MODULE:NAME, e.g. mypackage.callbacks:EarlyStop")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise FastVAEError(f"--callback {name!r} could not be loaded ({one_line(exc)}): check that "
+                           f"{module_name} is importable (PYTHONPATH) and defines {attr}") from None
+    return target() if isinstance(target, type) else target

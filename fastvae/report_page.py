@@ -2,7 +2,7 @@
 
 ``write_report(run_dir)`` loads the run's model (``fastvae.load``) and data (the run's
 ``config.json`` ``data`` setting), evaluates -ELBO, the IWAE bound, reconstruction and KL
-(``fastvae.evaluate.evaluate``), computes the KL of every latent dimension and the active units
+(``fastvae.evaluation.evaluate``), computes the KL of every latent dimension and the active units
 (``latent_stats``), draws the pictures that are missing (``fastvae.viz.write_run_pictures``) and
 writes ``RUN/report.md`` (or an HTML page) that links them.
 
@@ -20,15 +20,17 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastvae import run_folder
 from fastvae.errors import FastVAEError
 
 ACTIVE_THRESHOLD = 0.01
 DEFAULT_IWAE_K = 1000
 
-# Metric keys of ``fastvae.evaluate.evaluate`` shown first, with their names and meanings.
+# Metric keys of ``fastvae.evaluation.evaluate`` shown first, with their names and meanings.
 KNOWN_METRICS = {
     "neg_elbo": ("-ELBO", "upper bound on -log p(x): reconstruction + KL"),
     "iwae_nll": ("IWAE NLL", "tighter upper bound on -log p(x) (importance weighted, K samples)"),
@@ -95,15 +97,8 @@ def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_
 
 def read_run_config(run_dir: str | Path) -> dict:
     """The run's ``config.json`` (falls back to the settings stored in the checkpoint)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if path.is_file():
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FastVAEError(f"{path} could not be read ({exc}): repair it or delete it to use the checkpoint's copy") from None
-        if not isinstance(values, dict):
-            raise FastVAEError(f"{path} must hold one object of settings")
+    values = run_folder.read_config(run_dir)
+    if values is not None:
         return values
     from fastvae.checkpoint import read_checkpoint
 
@@ -111,7 +106,7 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 
 def timing_summary(columns: dict[str, list[float]]) -> dict:
-    """Epochs, steps and epoch times from ``metrics.csv`` columns (see ``fastvae.viz.read_metrics``)."""
+    """Epochs, steps and epoch times from ``metrics.csv`` columns (``run_folder.metric_columns``)."""
     out: dict[str, Any] = {}
     epochs = [e for e in columns.get("epoch", []) if math.isfinite(e)]
     if not epochs:
@@ -272,114 +267,137 @@ PICTURE_CAPTIONS = {
 }
 
 
-def build_page(
-    run_dir: Path,
-    out: Path,
-    config: dict,
-    metrics: dict,
-    stats: dict | None,
-    timing: dict,
-    pictures: list[Path],
-    *,
-    iwae_k: int,
-    n_test: int | None = None,
-    data_shape: tuple | None = None,
-    model_kind: str = "vae",
-) -> Page:
-    """Lay out the report (config, metrics, latent usage, pictures, timing)."""
+@dataclass
+class ReportData:
+    """Everything the report page shows, gathered by ``write_report``."""
+
+    run_dir: Path
+    out: Path  # the page's own path (pictures are linked relative to it)
+    config: dict
+    metrics: dict
+    stats: dict | None  # latent_stats of the test images
+    timing: dict  # timing_summary of metrics.csv
+    pictures: list[Path]
+    iwae_k: int
+    model_kind: str = "vae"
+    n_test: int | None = None
+    data_shape: tuple | None = None
+
+
+def build_page(data: ReportData) -> Page:
+    """Lay out the report: summary, configuration, metrics, latent usage, pictures, timing."""
+    page = Page(f"fastvae run report: {data.run_dir.resolve().name}")
+    for section in (_summary, _configuration, _test_metrics, _latent_dimensions, _pictures, _timing):
+        section(page, data)
+    return page
+
+
+def _summary(page: Page, d: ReportData) -> None:
     from fastvae import __version__
 
-    page = Page(f"fastvae run report: {run_dir.resolve().name}")
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    summary = [f"Run folder `{run_dir}`"]
+    config, vae = d.config, d.model_kind == "vae"
+    summary = [f"Run folder `{d.run_dir}`"]
     if config:
-        summary.append(
-            f"data `{config.get('data', '?')}`"
-            + (f" ({n_test} test images of shape {'x'.join(map(str, data_shape))})" if n_test and data_shape else "")
-        )
-        model = f"{config.get('model', '?')} {'VAE' if model_kind == 'vae' else 'autoencoder (MSE)'}"
+        shape = "x".join(map(str, d.data_shape or ()))
+        summary.append(f"data `{config.get('data', '?')}`"
+                       + (f" ({d.n_test} test images of shape {shape})" if d.n_test and shape else ""))
+        model = f"{config.get('model', '?')} {'VAE' if vae else 'autoencoder (MSE)'}"
         summary.append(
             f"model {model}, latent dim {config.get('latent_dim', '?')}, hidden dim {config.get('hidden_dim', '?')}"
-            + (f", {config.get('likelihood')} likelihood" if model_kind == "vae" and "likelihood" in config else "")
+            + (f", {config.get('likelihood')} likelihood" if vae and "likelihood" in config else "")
         )
-    if timing.get("epochs") is not None:
-        summary.append(f"{timing['epochs']} epochs ({timing.get('steps', '?')} steps)")
+    if d.timing.get("epochs") is not None:
+        summary.append(f"{d.timing['epochs']} epochs ({d.timing.get('steps', '?')} steps)")
     page.p("; ".join(summary) + f". Written {when} by fastvae {__version__}.")
 
+
+def _configuration(page: Page, d: ReportData) -> None:
     page.h("Configuration")
-    page.table(["setting", "value"], [[k, _setting(v)] for k, v in config.items()], align="ll")
+    page.table(["setting", "value"], [[k, _setting(v)] for k, v in d.config.items()], align="ll")
 
+
+def _test_metrics(page: Page, d: ReportData) -> None:
     page.h("Test-set metrics")
-    if metrics:
-        page.p(
-            "Nats per example on the test split"
-            + (f" ({n_test} images)" if n_test else "")
-            + (f"; the IWAE bound uses K = {iwae_k} importance samples." if "iwae_nll" in metrics else ".")
-        )
-        rows = []
-        for key, (name, meaning) in KNOWN_METRICS.items():
-            if key in metrics and metrics[key] is not None:
-                label = f"{name} (K = {iwae_k})" if key == "iwae_nll" else name
-                rows.append([label, _metric_value(metrics[key]), meaning])
-        if stats is not None:
-            rows.append([
-                "active units", f"{stats['active_units']} / {stats['latent_dim']}",
-                f"latent dims with Cov_x(E_q[z_u]) > {stats['threshold']:g}",
-            ])
-        for key, value in metrics.items():
-            if key not in KNOWN_METRICS and key not in ("n", "iwae_k") and _is_scalar(value):
-                rows.append([key, _metric_value(value), ""])
-        page.table(["metric", "value", "meaning"], rows, align="lrl")
-    else:
+    metrics, stats = d.metrics, d.stats
+    if not metrics:
         page.p("Not evaluated.")
-
+        return
+    page.p(
+        "Nats per example on the test split"
+        + (f" ({d.n_test} images)" if d.n_test else "")
+        + (f"; the IWAE bound uses K = {d.iwae_k} importance samples." if "iwae_nll" in metrics else ".")
+    )
+    rows = []
+    for key, (name, meaning) in KNOWN_METRICS.items():
+        if key in metrics and metrics[key] is not None:
+            label = f"{name} (K = {d.iwae_k})" if key == "iwae_nll" else name
+            rows.append([label, _metric_value(metrics[key]), meaning])
     if stats is not None:
-        page.h("Latent dimensions", 3)
-        kl = stats.get("kl_per_dim")
-        header = ["dim"] + (["KL (nats)"] if kl else []) + ["Cov_x(E_q[z_u])", "active"]
-        rows = []
-        for u, a in enumerate(stats["activity"]):
-            rows.append([u] + ([kl[u]] if kl else []) + [a, a > stats["threshold"]])
-        if kl:
-            rows.append(["sum", sum(kl), "", f"{stats['active_units']} of {stats['latent_dim']}"])
-        page.table(header, rows, align="l" + "r" * (len(header) - 2) + "l")
-        if kl:
-            page.p(
-                "KL per dimension: test-set mean of 0.5 (mu^2 + exp(logvar) - 1 - logvar); the dims add "
-                "up to the KL term. A dim is active when the variance over test images of its "
-                f"posterior mean exceeds {stats['threshold']:g} (Burda et al. 2016)."
-            )
+        rows.append([
+            "active units", f"{stats['active_units']} / {stats['latent_dim']}",
+            f"latent dims with Cov_x(E_q[z_u]) > {stats['threshold']:g}",
+        ])
+    for key, value in metrics.items():
+        if key not in KNOWN_METRICS and key not in ("n", "iwae_k") and _is_scalar(value):
+            rows.append([key, _metric_value(value), ""])
+    page.table(["metric", "value", "meaning"], rows, align="lrl")
 
+
+def _latent_dimensions(page: Page, d: ReportData) -> None:
+    stats = d.stats
+    if stats is None:
+        return
+    page.h("Latent dimensions", 3)
+    kl = stats.get("kl_per_dim")
+    header = ["dim"] + (["KL (nats)"] if kl else []) + ["Cov_x(E_q[z_u])", "active"]
+    rows = []
+    for u, a in enumerate(stats["activity"]):
+        rows.append([u] + ([kl[u]] if kl else []) + [a, a > stats["threshold"]])
+    if kl:
+        rows.append(["sum", sum(kl), "", f"{stats['active_units']} of {stats['latent_dim']}"])
+    page.table(header, rows, align="l" + "r" * (len(header) - 2) + "l")
+    if kl:
+        page.p(
+            "KL per dimension: test-set mean of 0.5 (mu^2 + exp(logvar) - 1 - logvar); the dims add "
+            "up to the KL term. A dim is active when the variance over test images of its "
+            f"posterior mean exceeds {stats['threshold']:g} (Burda et al. 2016)."
+        )
+
+
+def _pictures(page: Page, d: ReportData) -> None:
     page.h("Pictures")
-    for picture in pictures:
+    for picture in d.pictures:
         title, caption = PICTURE_CAPTIONS.get(picture.name, (picture.stem.replace("_", " "), ""))
         page.h(title, 3)
-        page.img(title, Path(os.path.relpath(picture, out.parent)).as_posix())
+        page.img(title, Path(os.path.relpath(picture, d.out.parent)).as_posix())
         if caption:
             page.p(caption)
-    if not pictures:
+    if not d.pictures:
         page.p("No pictures.")
 
+
+def _timing(page: Page, d: ReportData) -> None:
     page.h("Timing")
-    if timing.get("epochs") is not None:
-        rows = [["epochs", timing["epochs"]]]
-        if "steps" in timing:
-            rows.append(["optimizer steps", timing["steps"]])
-        if "total_time_s" in timing:
-            rows += [
-                ["total training time", _seconds(timing["total_time_s"])],
-                ["mean epoch time", _seconds(timing["mean_epoch_time_s"])],
-                ["first epoch", _seconds(timing["first_epoch_time_s"])],
-            ]
-            if "mean_epoch_time_after_first_s" in timing:
-                rows.append(["mean epoch time after the first", _seconds(timing["mean_epoch_time_after_first_s"])])
-        for name, value in timing.get("last", {}).items():
-            rows.append([f"last {name}", value])
-        page.table(["", "value"], rows, align="lr")
-        page.p("From `metrics.csv`: `epoch_time_s` is the wall time of each epoch's training steps.")
-    else:
+    timing = d.timing
+    if timing.get("epochs") is None:
         page.p("No `metrics.csv` rows: training times unknown.")
-    return page
+        return
+    rows = [["epochs", timing["epochs"]]]
+    if "steps" in timing:
+        rows.append(["optimizer steps", timing["steps"]])
+    if "total_time_s" in timing:
+        rows += [
+            ["total training time", _seconds(timing["total_time_s"])],
+            ["mean epoch time", _seconds(timing["mean_epoch_time_s"])],
+            ["first epoch", _seconds(timing["first_epoch_time_s"])],
+        ]
+        if "mean_epoch_time_after_first_s" in timing:
+            rows.append(["mean epoch time after the first", _seconds(timing["mean_epoch_time_after_first_s"])])
+    for name, value in timing.get("last", {}).items():
+        rows.append([f"last {name}", value])
+    page.table(["", "value"], rows, align="lr")
+    page.p("From `metrics.csv`: `epoch_time_s` is the wall time of each epoch's training steps.")
 
 
 def _setting(value: Any) -> str:
@@ -409,7 +427,7 @@ def write_report(
     html: bool | None = None,
     data: str | None = None,
     redraw: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     model: Any = None,
     splits: Any = None,
     metrics: dict | None = None,
@@ -420,9 +438,11 @@ def write_report(
     ``out``: default ``RUN/report.md`` (``RUN/report.html`` with ``html=True``); a ``.html`` path
     means HTML. ``iwae_k``: importance samples of the IWAE bound (0 skips it). ``data``: the data
     source, default the run's ``config.json`` setting. ``redraw``: redraw every picture, not
-    only the missing ones. ``model``, ``splits``, ``metrics``: use these instead of loading the
-    checkpoint, loading the data or evaluating (for callers that already have them).
-    ``progress``: show a progress bar while the IWAE bound runs.
+    only the missing ones. ``seed``: of the evaluation noise and the sampled pictures; default
+    the run's own seed, so the report's -ELBO is the last ``test_neg_elbo`` of ``metrics.csv``.
+    ``model``, ``splits``, ``metrics``: use these instead of loading the checkpoint, loading the
+    data or evaluating (for callers that already have them). ``progress``: show a progress bar
+    while the IWAE bound runs.
     """
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -437,61 +457,62 @@ def write_report(
 
     import torch
 
-    from fastvae.viz import PICTURES, read_metrics, write_run_pictures
+    from fastvae.viz import PICTURES, write_run_pictures
 
     if model is None:
         from fastvae.checkpoint import load
 
         model = load(run_dir)  # FastVAEError when the run has no (readable) checkpoint
     config = read_run_config(run_dir)
+    seed = int(config.get("seed", 0)) if seed is None else seed
     if splits is None:
-        source = data or config.get("data")
-        if not source:
-            raise FastVAEError(f"{run_dir}/config.json names no data set: pass --data SOURCE")
-        from fastvae.data import load_dataset
-
-        try:
-            splits = load_dataset(source)
-        except FastVAEError as exc:
-            raise FastVAEError(f"{exc} (the run's data; pass --data to use another copy)") from None
+        splits = _load_run_data(run_dir, data or config.get("data"))
     test = torch.as_tensor(splits.test).float()
-    shape = tuple(model.data_shape) if hasattr(model, "data_shape") else tuple(test.shape[1:])
-    if tuple(test.shape[1:]) != shape:
+    if tuple(test.shape[1:]) != tuple(model.data_shape):
         raise FastVAEError(
-            f"the data's images are {tuple(test.shape[1:])} but the model was trained on {shape}: "
-            "pass --data with the run's data set"
+            f"the data's images are {tuple(test.shape[1:])} but the model was trained on "
+            f"{tuple(model.data_shape)}: pass --data with the run's data set"
         )
-    is_vae = hasattr(model, "likelihood")
     if metrics is None:
-        metrics = _evaluate(model, test, iwae_k, progress)
+        metrics = _evaluate(model, test, iwae_k, seed, progress)
     stats = latent_stats(model, test) if len(test) >= 2 else None
 
+    metrics_csv = run_dir / run_folder.METRICS_CSV
     expected = ["samples.png", "reconstructions.png"]
     expected += ["interpolation.png"] if len(test) >= 2 else []
     expected += ["latent_scatter.png"] if model.latent_dim == 2 else []
-    expected += ["loss_curves.png"] if (run_dir / "metrics.csv").is_file() else []
+    expected += ["loss_curves.png"] if metrics_csv.is_file() else []
     if redraw or not all((run_dir / name).is_file() for name in expected):
         write_run_pictures(run_dir, model, splits, seed=seed)  # deterministic: same model, same pictures
     pictures = [run_dir / name for name in PICTURES if (run_dir / name).is_file()]
     if model.latent_dim != 2:
         pictures = [p for p in pictures if p.name != "latent_scatter.png"]  # left from another run
 
-    timing = timing_summary(read_metrics(run_dir / "metrics.csv"))
-    page = build_page(
+    timing = timing_summary(run_folder.metric_columns(run_folder.read_metrics(metrics_csv)))
+    page = build_page(ReportData(
         run_dir, out, config, metrics, stats, timing, pictures, iwae_k=iwae_k,
-        n_test=len(test), data_shape=tuple(test.shape[1:]), model_kind="vae" if is_vae else "ae",
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page.html() if html else page.markdown())
-    return out
+        model_kind=model.kind, n_test=len(test), data_shape=tuple(test.shape[1:]),
+    ))
+    return run_folder.write_text(out, page.html() if html else page.markdown())
 
 
-def _evaluate(model, test, iwae_k: int, progress: bool = False) -> dict:
-    """``fastvae.evaluate.evaluate`` on the test images; for the deterministic autoencoder (no
+def _load_run_data(run_dir: Path, source: str | None):
+    if not source:
+        raise FastVAEError(f"{run_dir}/config.json names no data set: pass --data SOURCE")
+    from fastvae.data import load_dataset
+
+    try:
+        return load_dataset(source)
+    except FastVAEError as exc:
+        raise FastVAEError(f"{exc} (the run's data; pass --data to use another copy)") from None
+
+
+def _evaluate(model, test, iwae_k: int, seed: int, progress: bool = False) -> dict:
+    """``fastvae.evaluation.evaluate`` on the test images; for the deterministic autoencoder (no
     likelihood, no KL) its MSE cost."""
-    from fastvae.evaluate import elbo_sums, evaluate
+    from fastvae.evaluation import elbo_sums, evaluate
 
-    if not hasattr(model, "likelihood"):
+    if model.kind == "ae":
         sums = elbo_sums(model, test)  # the autoencoder's recon is its per-example squared error
         return {"mse": float(sums[1]) / float(sums[3])}
-    return evaluate(model, test, iwae_k=iwae_k, progress=progress)
+    return evaluate(model, test, iwae_k=iwae_k, seed=seed, progress=progress)

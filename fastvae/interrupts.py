@@ -1,0 +1,92 @@
+"""Ctrl-C and SIGTERM on the command line: one line, exit status 130, no half-written file.
+
+``handled(prog)`` wraps everything ``fastvae`` does: inside it both signals call ``exit_now``, which removes the temporary files registered with ``removed_on_exit``, prints
+``PROG: interrupted`` and ends the process at once with status 130 (``os._exit``).
+
+Exiting at once is safe because every file fastvae writes goes through
+``fastvae.run_folder.atomic_write`` (a temporary file beside the target, renamed over it only
+when complete and registered here meanwhile): an interrupted write leaves the old file or none.
+It is also the only clean way out of an interrupted import: a ``KeyboardInterrupt`` raised while
+numpy or scikit-learn is half imported leaves broken modules behind, whose errors then replace
+the one-line message with a long traceback.
+
+Training wants more than that: its own handlers (``fastvae.trainer.StopRequest``) finish the
+current step and write a checkpoint, and a second signal goes to the handler they replaced
+(``exit_now`` on the command line). Library users who never call ``install`` keep Python's
+default (``KeyboardInterrupt``). Torch-free, like the rest of what the sampler CLI imports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+EXIT_STATUS = 130  # 128 + SIGINT, what shells report for a Ctrl-C
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_prog = "fastvae"
+_temporary: list[Path] = []  # files and folders to remove if the process is stopped now
+
+
+@contextmanager
+def handled(prog: str = "fastvae") -> Iterator[None]:
+    """Inside the block SIGINT and SIGTERM call ``exit_now``; the previous handlers come back
+    after it (so a program that calls ``fastvae.cli.main`` keeps its own). Main thread only;
+    elsewhere the block runs with the handlers it has."""
+    global _prog
+    _prog = prog
+    previous = {}
+    try:
+        for sig in SIGNALS:
+            previous[sig] = signal.signal(sig, exit_now)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def name(prog: str) -> None:
+    """The program name ``exit_now`` prints (e.g. ``fastvae train`` once the command is known)."""
+    global _prog
+    _prog = prog
+
+
+def exit_now(signum=None, frame=None) -> None:
+    """Remove the registered temporary files, print one line, exit with status 130."""
+    for path in list(_temporary):
+        _remove(path)
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - a signal inside a write: the line below still goes out
+        pass
+    os.write(2, f"{_prog}: interrupted\n".encode())
+    os._exit(EXIT_STATUS)
+
+
+@contextmanager
+def removed_on_exit(path: str | os.PathLike) -> Iterator[Path]:
+    """Register ``path`` (a file or folder) for removal by ``exit_now`` while the block runs."""
+    path = Path(path)
+    _temporary.append(path)
+    try:
+        yield path
+    finally:
+        _temporary.remove(path)
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass

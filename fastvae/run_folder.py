@@ -1,0 +1,231 @@
+"""The run folder (``fastvae train --out RUN``): file names, atomic writes, ``config.json``,
+``metrics.csv`` and the rules that keep a run from being clobbered by accident.
+
+    RUN/config.json             every setting of the run: it repeats from this file alone
+    RUN/metrics.csv             one row per epoch (METRIC_FIELDS; columns never filled are left out)
+    RUN/checkpoints/last.ckpt   model, optimizer, progress and RNG states (fastvae.checkpoint)
+    RUN/*.png, RUN/report.md    pictures (fastvae.viz) and the report page (fastvae.report_page)
+
+Every file fastvae writes - here, and ONNX exports and sampled images elsewhere - goes through
+``atomic_write`` (or ``temporary_folder`` + ``move_into_place`` for several files at once): the
+data goes to a temporary file beside the target, is fsynced and renamed over it, so a crash or a
+SIGKILL at any moment leaves the old file or the new one, never half of one; on Ctrl-C the
+temporary file is removed (``fastvae.interrupts``). Temporary files are created by the writer's
+own ``open()``, so the result has the permissions a plain ``open()`` gives under the umask.
+
+Torch-free and numpy-free: the torch-free sampler CLI writes through it too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from fastvae.errors import FastVAEError
+from fastvae.interrupts import removed_on_exit
+
+CONFIG_JSON = "config.json"
+METRICS_CSV = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+LAST = Path(CHECKPOINTS) / "last.ckpt"
+METRIC_FIELDS = ("epoch", "step", "train_loss", "train_recon", "train_kl", "epoch_time_s",
+                 "test_neg_elbo", "test_recon", "test_kl", "loss_scale")
+ALWAYS_WRITTEN = METRIC_FIELDS[:6]  # the header of a metrics.csv without rows yet
+
+
+# ------------------------------------------------------------------------------ atomic writes
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; when the block ends without an error,
+    fsync it and rename it over ``path``.
+
+    The temporary name keeps the suffix (``.samples.tmp-PID.png``), so writers that choose a
+    format by suffix (Pillow, ``numpy.save``) still do. On an error, or Ctrl-C on the command
+    line, it is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    with removed_on_exit(tmp):
+        try:
+            yield tmp
+            move_into_place(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically replace ``path`` with ``text``."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def move_into_place(tmp: Path, final: Path) -> None:
+    """fsync the complete file ``tmp``, rename it over ``final`` and fsync the folder."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_folder(final.parent)
+
+
+@contextmanager
+def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
+    """A new hidden folder beside the file ``beside``, removed when the block ends (or on
+    Ctrl-C): for writers that stage several files, then ``move_into_place`` each one."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    folder = beside.with_name(f".{beside.name}.tmp-{os.getpid()}")
+    shutil.rmtree(folder, ignore_errors=True)  # left by a killed process with the same pid
+    folder.mkdir()
+    with removed_on_exit(folder):
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ config.json
+
+
+def write_config(run_dir: str | os.PathLike, settings: dict) -> Path:
+    """``RUN/config.json``: the run's settings as indented JSON."""
+    return write_text(Path(run_dir) / CONFIG_JSON, json.dumps(settings, indent=2) + "\n")
+
+
+def read_config(run_dir: str | os.PathLike) -> dict | None:
+    """``RUN/config.json`` as a dict; ``None`` when the run has none; one clear error when it
+    cannot be read."""
+    path = Path(run_dir) / CONFIG_JSON
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FastVAEError(f"{path} could not be read ({exc}): repair it, or delete it to use "
+                           "the settings stored in the checkpoint") from None
+    if not isinstance(values, dict):
+        raise FastVAEError(f"{path} must hold one object of settings, not {type(values).__name__}")
+    return values
+
+
+# ------------------------------------------------------------------------------ metrics.csv
+
+
+def read_metrics(path: str | os.PathLike, upto_epoch: float = math.inf) -> list[dict]:
+    """The rows of a ``metrics.csv`` up to ``upto_epoch``: numbers by column name (``epoch``
+    and ``step`` as ints); empty or unreadable cells are left out. ``[]`` when the file is
+    missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = []
+        for raw in csv.DictReader(f):
+            row = {}
+            for name, value in raw.items():
+                try:
+                    row[name] = float(value)
+                except (TypeError, ValueError):
+                    continue
+            if not math.isfinite(row.get("epoch", math.nan)) or row["epoch"] > upto_epoch:
+                continue
+            row["epoch"] = int(row["epoch"])
+            if "step" in row and math.isfinite(row["step"]):
+                row["step"] = int(row["step"])
+            rows.append(row)
+    return rows
+
+
+def write_metrics(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Atomically write ``rows`` as a ``metrics.csv`` with the METRIC_FIELDS that any row has."""
+    fields = [f for f in METRIC_FIELDS if any(f in row for row in rows)] or list(ALWAYS_WRITTEN)
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    return Path(path)
+
+
+def metric_columns(rows: list[dict]) -> dict[str, list[float]]:
+    """Rows of ``read_metrics`` as columns, NaN where a row has no value."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    return {name: [float(row.get(name, math.nan)) for row in rows] for name in names}
+
+
+# ------------------------------------------------------------------------------ clobber rules
+
+
+def holds_run(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a trained run (a checkpoint)."""
+    return (Path(run_dir) / LAST).exists()
+
+
+def check_out_folder(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse ``--out`` folders that would lose work; return True when ``run_dir`` holds a run
+    that ``--overwrite`` is to replace (``clear_run``, once the new run is known to start).
+
+    A folder without a checkpoint holds nothing trained, so it is reused without asking.
+    """
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise FastVAEError("--resume and --overwrite contradict each other: choose one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FastVAEError(f"--out {run_dir} is a file: give a folder for the run")
+    if resume:
+        return False
+    if holds_run(run_dir) and not overwrite:
+        raise FastVAEError(
+            f"--out {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
+            "replace it, or choose another folder"
+        )
+    return holds_run(run_dir)
+
+
+def check_resume(run_dir, saved: dict, settings: dict, identity: tuple[str, ...], *,
+                 mid_epoch: bool, saved_world_size: int, world_size: int) -> None:
+    """Refuse to resume a run with settings that would make it another run: any of
+    ``identity`` (model and data), and mid-epoch also the batch size, seed and world size
+    (the rest of the epoch must be the same batches)."""
+    changed = [k for k in identity if saved.get(k) != settings.get(k)]
+    if mid_epoch:
+        changed += [k for k in ("batch_size", "seed") if saved.get(k) != settings.get(k)]
+        if saved_world_size != world_size:
+            changed.append("devices")
+    if changed:
+        raise FastVAEError(
+            f"cannot resume {run_dir}: setting(s) {', '.join(changed)} differ from the run "
+            "that wrote it; resume with the same settings, or train into a new --out"
+        )
+
+
+def clear_run(run_dir: str | os.PathLike) -> None:
+    """Remove a previous run's config, metrics and checkpoints (the ``--overwrite`` case)."""
+    for name in (CONFIG_JSON, METRICS_CSV, CHECKPOINTS):
+        target = Path(run_dir) / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
