@@ -71,13 +71,53 @@ def run_cli(*args, timeout: float = 240, cwd=None, env=None) -> tuple[int, str, 
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def popen_cli(*args, cwd=None) -> subprocess.Popen:
-    """Start ``python -m fastvae ARGS`` in the background (stdout/stderr piped)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "fastvae", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd or REPO,
-        env=SUBPROCESS_ENV,
-    )
+class PausedChild:
+    """``fastvae ARGS`` in a child process, returned once it has paused (``pause_points.py``):
+    at ``where`` (``import:...``, ``call:...``, ``rename:...``), or where its own
+    ``--callback pause_points:PauseAtStep`` stops it (``env`` sets ``PAUSE_AT_STEP``).
+
+    Use ``send_signal``/``kill``, then ``finish()`` (releases the pause if the child still runs)
+    -> (exit status, stdout after the PAUSED line, stderr). stderr goes to a file, so a chatty
+    child never blocks on a full pipe.
+    """
+
+    def __init__(self, *args, where: str | None = None, env: dict | None = None, cwd=None):
+        import tempfile
+
+        from pause_points import PAUSED
+
+        entry = [str(REPO / "tests" / "pause_points.py"), where, "--"] if where else ["-m", "fastvae"]
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        environment = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO / "tests"), **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, *entry, *map(str, args)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=cwd or REPO, env=environment,
+        )
+        for line in self.proc.stdout:  # blocks until the child pauses (or ends)
+            if line.startswith(PAUSED):
+                self.where = line.strip()
+                return
+        rc, out, err = self.finish()
+        raise AssertionError(f"the child ended (status {rc}) without pausing:\n{out}\n{err}")
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def finish(self, timeout: float = 240) -> tuple[int, str, str]:
+        try:
+            self.proc.stdin.write("go on\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):  # the child is gone already
+            pass
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
+        self._stderr.seek(0)
+        err = self._stderr.read()
+        self._stderr.close()
+        return self.proc.returncode, out, err
 
 
 def assert_one_line_error(rc: int, stderr: str, *needles: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -72,11 +73,11 @@ def test_evaluate_json_round_trip(round_trip):
     assert result["kl"] >= 0.0
     # IWAE with K = 20 is a tighter bound than the ELBO (up to Monte Carlo noise)
     assert result["iwae_nll"] <= result["neg_elbo"] + 0.05, result
-    # the trainer logged the same single-sample -ELBO for the last epoch with the run's seed (1);
-    # evaluate's default noise seed is 0: close, not equal
+    # the trainer logged the same single-sample -ELBO for the last epoch: evaluate draws its
+    # noise from the run's own seed (1) by default
     with open(run / "metrics.csv", newline="") as f:
         last = list(csv.DictReader(f))[-1]
-    assert result["neg_elbo"] == pytest.approx(float(last["test_neg_elbo"]), abs=1.5)
+    assert result["neg_elbo"] == pytest.approx(float(last["test_neg_elbo"]), rel=1e-6)
     assert result["kl"] == pytest.approx(float(last["test_kl"]), rel=1e-5)  # closed form: no noise
 
 
@@ -89,6 +90,21 @@ def test_evaluate_with_the_run_seed_reproduces_metrics_csv(round_trip, capsys):
         last = list(csv.DictReader(f))[-1]
     for key in ("neg_elbo", "recon", "kl"):
         assert result[key] == pytest.approx(float(last[f"test_{key}"]), rel=1e-6), key
+
+
+def test_report_evaluates_with_the_run_seed(round_trip, capsys):
+    """The run was trained with --seed 1: the report's -ELBO is the last test_neg_elbo."""
+    run = round_trip[0]
+    rc, out, err = cli(capsys, "report", run, "--iwae-k", "0", "--out", run / "page.md")
+    assert rc == 0, err
+    text = (run / "page.md").read_text()
+    reported = float(re.search(r"^\| -ELBO \| ([-\d.]+) \|", text, re.M).group(1))
+    with open(run / "metrics.csv", newline="") as f:
+        last = float(list(csv.DictReader(f))[-1]["test_neg_elbo"])
+    assert reported == pytest.approx(last, abs=5.1e-5)  # the page shows 4 decimals
+    rc, out, err = cli(capsys, "report", run, "--iwae-k", "0", "--seed", "0", "--out", run / "seed0.md")
+    seed0 = float(re.search(r"^\| -ELBO \| ([-\d.]+) \|", (run / "seed0.md").read_text(), re.M).group(1))
+    assert seed0 != pytest.approx(last, abs=1e-3)  # another seed, other noise: the default matters
 
 
 def test_run_folder_files(round_trip):
@@ -156,6 +172,20 @@ def test_help_names_each_default_once(capsys):
     assert "(default 32-true)" in " ".join(out.split())
     rc, out, _ = cli(capsys, "sample", "--help")
     assert "(default: 0)" in out and "(default: 1000)" in out  # 0 is a default, not "none"
+
+
+def test_flags_without_a_value_say_what_they_do(capsys):
+    """A flag's help says what giving it does, never "(default: True)" or "(default: False)"."""
+    from fastvae.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if action.nargs == 0 and action.option_strings and action.dest != "help":
+                text = parser.format_help()
+                assert action.help and "(default: True)" not in text and "(default: False)" not in text, name
+    rc, out, _ = cli(capsys, "report", "--help")
+    assert "--no-progress" in out and "hide the IWAE progress bar" in " ".join(out.split())
 
 
 def test_every_command_has_help(capsys):

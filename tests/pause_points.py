@@ -1,0 +1,89 @@
+"""Pause points for the signal tests: stop a fastvae process at a known point, say so on stdout
+(a line starting with ``PAUSED``) and wait for a line on stdin before going on.
+
+A test starts the child, reads its stdout up to the PAUSED line (an event, not a sleep), sends
+the signal it wants to test, then (for a child that survives the signal) writes a line to
+release it. Two ways in:
+
+* ``fastvae train --callback pause_points:PauseAtStep`` with ``PAUSE_AT_STEP=N`` in the
+  environment: a Fabric callback, the trainer's own documented hook (no patching), that pauses
+  rank 0 after optimizer step N.
+* ``python tests/pause_points.py WHERE -- ARGS...`` runs ``fastvae ARGS`` with a pause at WHERE:
+  ``import:MODULE`` while MODULE is first imported (its parent package half initialised),
+  ``call:MODULE:FUNCTION`` before FUNCTION runs, or ``rename:NAME`` when a complete temporary
+  file is about to be renamed over a file called NAME (``fastvae.run_folder.move_into_place``,
+  which every writer goes through).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.abc
+import os
+import sys
+
+PAUSED = "PAUSED"
+
+
+def pause(where: str) -> None:
+    """Say where this process stopped, then wait for a line on stdin."""
+    print(f"{PAUSED} {where}", flush=True)
+    sys.stdin.readline()
+
+
+class PauseAtStep:
+    """Fabric callback: pause rank 0 once step ``PAUSE_AT_STEP`` is done."""
+
+    def __init__(self, step: int | None = None):
+        self.step = int(os.environ["PAUSE_AT_STEP"]) if step is None else step
+
+    def on_train_batch_end(self, trainer, batch):
+        if trainer.rank == 0 and trainer.step == self.step:
+            pause(f"step {trainer.step} (epoch {trainer.epoch + 1}, batch {batch})")
+
+
+class _PauseOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname == self.name:
+            sys.meta_path.remove(self)
+            pause(f"import {fullname}")
+        return None  # the usual finders import it
+
+
+def _pause_before(module_name: str, attr: str, when=lambda *args, **kwargs: True) -> None:
+    module = importlib.import_module(module_name)
+    original = getattr(module, attr)
+
+    @functools.wraps(original)
+    def paused(*args, **kwargs):
+        if when(*args, **kwargs):
+            pause(f"{module_name}.{attr}")
+        return original(*args, **kwargs)
+
+    setattr(module, attr, paused)
+
+
+def install(where: str) -> None:
+    kind, _, target = where.partition(":")
+    if kind == "import":
+        sys.meta_path.insert(0, _PauseOnImport(target))
+    elif kind == "call":
+        _pause_before(*target.rsplit(":", 1))
+    elif kind == "rename":
+        _pause_before("fastvae.run_folder", "move_into_place",
+                      when=lambda tmp, final: os.path.basename(final) == target)
+    else:
+        raise SystemExit(f"unknown pause point {where!r}")
+
+
+if __name__ == "__main__":
+    where, separator, *args = sys.argv[1:]
+    assert separator == "--", "usage: pause_points.py WHERE -- ARGS..."
+    install(where)
+    from fastvae.cli import main
+
+    raise SystemExit(main(args))

@@ -1,0 +1,113 @@
+"""Ctrl-C and SIGTERM in every phase of the command line: exit status 130, one line, no
+traceback, and no half-written or temporary file left behind.
+
+Each test stops a real ``fastvae`` process at a known point (``pause_points.py``: the child says
+PAUSED and waits), signals it there, then checks what it printed and what it left on disk.
+Training itself (a checkpoint at the stopped step, exact resume) is tested in
+``test_reliability.py``.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import PausedChild, tiny_config
+from fastvae.trainer import train
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ("train", "--epochs", "1", "--hidden-dim", "16", "--latent-dim", "4", "--reparam", "torch",
+         "--quiet")
+
+
+def assert_interrupted(child: PausedChild, command: str, signum=signal.SIGINT) -> None:
+    """Signal the paused child: status 130 and the one line ``fastvae COMMAND: interrupted``."""
+    child.send_signal(signum)
+    rc, stdout, stderr = child.finish()
+    assert rc == 130, (rc, stdout, stderr)
+    lines = [line for line in (stdout + stderr).splitlines() if line.strip()]
+    assert lines == [f"fastvae {command}: interrupted"], stdout + stderr
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files and folders (hidden ``.NAME.tmp-*``) anywhere below ``folder``."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*tmp*"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A trained tiny run with its pictures, and its decoder exported."""
+    from fastvae.export import export_decoder
+
+    out = tmp_path_factory.mktemp("interrupts") / "run"
+    train(tiny_config(out, epochs=1, pictures=True))
+    export_decoder(out, out / "decoder.onnx", check_batches=(3,))
+    return out
+
+
+@pytest.mark.parametrize("where", ["import:numpy.linalg", "import:numpy._core.multiarray",
+                                   "import:sklearn.exceptions", "call:fastvae.data:load_dataset"],
+                         ids=["importing-numpy-linalg", "importing-numpy-core", "importing-scikit-learn",
+                              "loading-data"])
+def test_start_up(tmp_path, where):
+    """A KeyboardInterrupt inside numpy's import ended in a 58-line RecursionError traceback
+    (numpy.linalg), or was swallowed and the run trained on (numpy._core.multiarray)."""
+    out = tmp_path / "run"
+    assert_interrupted(PausedChild(*TRAIN, "--out", out, where=where), "train")
+    assert not out.exists() or not any(out.iterdir())  # nothing written yet
+
+
+def test_training_before_the_first_checkpoint(tmp_path):
+    """The first epoch is cut short: a mid-epoch checkpoint, status 130, one line."""
+    out = tmp_path / "run"
+    child = PausedChild(*TRAIN, "--out", out, "--callback", "pause_points:PauseAtStep",
+                        env={"PAUSE_AT_STEP": "5"})
+    child.send_signal(signal.SIGTERM)
+    rc, stdout, stderr = child.finish()
+    assert rc == 130 and "Traceback" not in stderr, stderr
+    assert [line for line in (stdout + stderr).splitlines() if line.strip()] == [
+        "interrupted: checkpoint written at step 5 (epoch 1); continue with --resume"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "metrics.csv"]
+    assert leftovers(out) == []
+
+
+def test_picture_writing(tmp_path):
+    out = tmp_path / "run"
+    child = PausedChild(*TRAIN, "--out", out, where="rename:reconstructions.png")
+    assert_interrupted(child, "train")
+    assert (out / "samples.png").is_file() and not (out / "reconstructions.png").exists()
+    assert leftovers(out) == []
+
+
+def test_evaluation(run):
+    before = sorted(p.name for p in run.iterdir())
+    child = PausedChild("evaluate", run, "--iwae-k", "10", where="call:fastvae.evaluation:iwae_nll_sum")
+    assert_interrupted(child, "evaluate", signal.SIGTERM)
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_report_keeps_the_previous_page(run):
+    (run / "report.md").write_text("the previous report\n")
+    child = PausedChild("report", run, "--iwae-k", "0", where="rename:report.md")
+    assert_interrupted(child, "report")
+    assert (run / "report.md").read_text() == "the previous report\n"
+    assert leftovers(run) == []
+
+
+def test_export_keeps_the_previous_file(run, tmp_path):
+    target = tmp_path / "decoder.onnx"
+    target.write_bytes(b"the previous export")
+    child = PausedChild("export", run, "--out", target, "--int8", where="rename:decoder.int8.onnx")
+    assert_interrupted(child, "export")
+    assert target.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx"]  # no staging folder
+
+
+def test_sample(run, tmp_path):
+    child = PausedChild("sample", run / "decoder.onnx", "-n", "16", "--out", tmp_path / "s.png",
+                        where="rename:s.png")
+    assert_interrupted(child, "sample")
+    assert list(tmp_path.iterdir()) == []
