@@ -1,9 +1,7 @@
 """pytest configuration for the benchmark suites (``pytest benchmarks``).
 
-* Puts ``benchmarks/`` first on ``sys.path`` (``from common import ...``) and the repository
-  root last (``from benchmarks.common import ...``): last, so that the checkout's ``fastvae/``
-  folder, which lacks ``fastvae.kernels``/``fastvae.export`` (pyproject maps them from
-  ``kernels/`` and ``export/``), never shadows the installed package.
+* Suites import their helpers with ``from common import ...`` (pytest puts this folder, which
+  has no ``__init__.py``, on ``sys.path``).
 * Records where a run happened: :func:`common.device_info` is merged into pytest-benchmark's
   ``machine_info`` (key ``fastvae``, plus flat ``device``/``torch``/``triton``/``onnxruntime``
   keys), the git commit into ``commit_info`` (``FASTVAE_GIT_COMMIT`` wins, for trees without
@@ -17,18 +15,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-_BENCH_DIR = Path(__file__).resolve().parent
-if str(_BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(_BENCH_DIR))
-if str(_BENCH_DIR.parent) not in sys.path:
-    sys.path.append(str(_BENCH_DIR.parent))
+import pytest
 
-import pytest  # noqa: E402
-
-import common  # noqa: E402
+import common
 
 if common.smoke_mode() and not common.on_gpu():
     # Smoke runs exercise the fused Triton kernel through Triton's interpreter on a CPU. Set

@@ -25,7 +25,7 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
 
-slug=$("$PY" benchmarks/common.py slug) || { echo "run.sh: cannot determine the device slug" >&2; exit 2; }
+slug=$("$PY" benchmarks/common.py slug) || { echo "run_suites.sh: cannot determine the device slug" >&2; exit 2; }
 if [ -n "${FASTVAE_BENCH_OUT:-}" ]; then out=$FASTVAE_BENCH_OUT
 elif [ -n "${FASTVAE_BENCH_SMOKE:-}" ] && [ "${FASTVAE_BENCH_SMOKE}" != 0 ]; then
   out=${TMPDIR:-/tmp}/fastvae-bench-smoke/$slug
@@ -40,16 +40,16 @@ else
   for s in "$@"; do
     if [ -f "$s" ]; then files+=("$s")
     elif [ -f "benchmarks/test_bench_$s.py" ]; then files+=("benchmarks/test_bench_$s.py")
-    else echo "run.sh: no suite '$s' (expected benchmarks/test_bench_$s.py)" >&2; exit 2; fi
+    else echo "run_suites.sh: no suite '$s' (expected benchmarks/test_bench_$s.py)" >&2; exit 2; fi
   done
 fi
-if [ ${#files[@]} -eq 0 ]; then echo "run.sh: no benchmark suites (benchmarks/test_bench_*.py) yet"; fi
+if [ ${#files[@]} -eq 0 ]; then echo "run_suites.sh: no benchmark suites (benchmarks/test_bench_*.py) yet"; fi
 
 tmp=$(mktemp -d) || exit 2
 trap 'rm -rf "$tmp"' EXIT
 status=0
 regressed=0
-echo "run.sh: results -> $out (device slug $slug)"
+echo "run_suites.sh: results -> $out (device slug $slug)"
 for f in "${files[@]}"; do
   name=$(basename "$f" .py); name=${name#test_bench_}
   echo "=== suite $name ($f)"
@@ -75,7 +75,7 @@ done
 
 "$PY" benchmarks/report.py render "$out" || status=1
 if [ "$regressed" -ne 0 ]; then
-  echo "run.sh: some benchmarks got slower than the stored run by more than $threshold (SLOWER lines above)"
+  echo "run_suites.sh: some benchmarks got slower than the stored run by more than $threshold (SLOWER lines above)"
   [ "${BENCH_FAIL_ON_REGRESSION:-0}" = 1 ] && status=1
 fi
 exit $status

@@ -15,7 +15,6 @@ CPU: tiny sizes, eager vs compile only (the kernel under Triton's interpreter sa
 about speed). With ``--benchmark-disable`` or ``FASTVAE_BENCH_SMOKE=1`` on a CPU this is a smoke
 test: compile uses the ``aot_eager`` backend (Inductor's C++ build takes ~25 s on 2 cores) and
 the fused op runs once only if the interpreter is on (TRITON_INTERPRET=1 before import).
-Self-contained: nothing from benchmarks/common.py is required.
 """
 
 import functools
@@ -23,11 +22,12 @@ import os
 
 import pytest
 import torch
+from common import smoke_mode
 
 import fastvae.kernels as fk
 from fastvae.kernels import reparameterize_kl
 
-SMOKE = os.environ.get("FASTVAE_BENCH_SMOKE", "").strip().lower() not in ("", "0", "false", "off")
+SMOKE = smoke_mode()
 ON_GPU = torch.cuda.is_available() and os.environ.get("FASTVAE_BENCH_DEVICE", "").lower() != "cpu"
 DEVICE = torch.device("cuda", torch.cuda.current_device()) if ON_GPU else torch.device("cpu")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}

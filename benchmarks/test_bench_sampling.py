@@ -27,8 +27,9 @@ import os
 
 import numpy as np
 import pytest
+from common import smoke_mode
 
-SMOKE = os.environ.get("FASTVAE_BENCH_SMOKE", "") not in ("", "0")
+SMOKE = smoke_mode()
 N_SAMPLES = 1_000 if SMOKE else 10_000
 BATCH = 250 if SMOKE else 1_000
 ROUNDS = 2 if SMOKE else 7

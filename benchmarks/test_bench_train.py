@@ -10,7 +10,7 @@ the checkpoint are per-epoch I/O, outside it). Goal: trainer <= 1.10x the plain 
 CPU: the digits protocol (MLP 64-512-8, batch 64, fp32). GPU: MNIST-sized random data
 (60,000 x 1 x 28 x 28), MLP and conv VAEs, bf16; the trainer with the fused kernel and
 torch.compile (CUDA graphs: ``--compile-mode reduce-overhead``; and the default mode) vs a
-plain AMP loop (issue 6's throughput comparison).
+plain AMP loop (the GPU throughput comparison).
 """
 
 from __future__ import annotations

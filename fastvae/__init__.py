@@ -2,18 +2,28 @@
 
 Heavy modules (torch, Fabric) load lazily on first attribute access, so
 ``from fastvae.export import OnnxSampler`` runs in an image without torch.
-Training and evaluation live in their modules: ``from fastvae.trainer import train``,
-``from fastvae.evaluation import evaluate`` (a package attribute of the same name as a submodule
-would be shadowed by the submodule).
+``fastvae.train(config)`` is ``fastvae.trainer.train``; ``fastvae.evaluate(model, data)`` is
+``fastvae.evaluation.evaluate``.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 __version__ = "0.1.0"
 
+# A source checkout keeps kernels/ and export/ beside fastvae/ (the repository's top-level
+# layout); an install maps them to fastvae.kernels and fastvae.export (pyproject's package-dir).
+# Searching the checkout's root for subpackages too makes them import the same way from a bare
+# checkout (PYTHONPATH=., or the repository root as the working directory), installed or not.
+_checkout = Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_checkout))
+
 _LAZY = {
+    "train": ("fastvae.trainer", "train"),
+    "evaluate": ("fastvae.evaluation", "evaluate"),
     "load": ("fastvae.checkpoint", "load"),
     "TrainConfig": ("fastvae.config", "TrainConfig"),
     "build_model": ("fastvae.models", "build_model"),

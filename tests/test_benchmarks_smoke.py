@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,15 +42,20 @@ def test_benchmark_suites_run_in_smoke_mode():
         pytest.skip("no benchmark suites yet")
     env = dict(os.environ, FASTVAE_BENCH_SMOKE="1", PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")  # a 2-core machine shared with other work
-    # -P: without the checkout on sys.path, as benchmarks/gpu/run.sh runs them (its fastvae/
-    # folder lacks the kernels/ and export/ subpackages an install maps in)
-    python = [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
-    cmd = [*python, "-m", "pytest", str(BENCH), "--benchmark-disable", "-q",
+    # from the repository root, whose fastvae/ comes first on sys.path: it must find
+    # fastvae.kernels and fastvae.export by itself, as in benchmarks/gpu/run.sh (no install)
+    cmd = [sys.executable, "-m", "pytest", str(BENCH), "--benchmark-disable", "-q",
            "-p", "no:cacheprovider", "--timeout=90", "-rs"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"smoke run of {[s.name for s in suites]} failed:\n{out[-6000:]}"
     assert "passed" in out
+
+
+def test_every_suite_reads_the_smoke_switch_through_common():
+    """One parser for FASTVAE_BENCH_SMOKE (common.smoke_mode), so "0" and "false" mean off."""
+    for path in [*BENCH.glob("test_bench_*.py"), *BENCH.glob("gpu/*.py")]:
+        assert not re.search(r"environ\S*\(?.FASTVAE_BENCH_SMOKE", path.read_text()), path.name
 
 
 # --------------------------------------------------------------------------- synthetic JSON
@@ -130,7 +136,7 @@ def test_render_writes_table_and_chart(tmp_path):
                per_step_read_cost=1.2),
     ]))
     (folder / "notes.json").write_text("[1, 2]")  # not a benchmark file: skipped
-    # run as a script, the way run.sh calls it
+    # run as a script, the way run_suites.sh calls it
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), "render", str(folder)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -233,8 +239,9 @@ def test_common_modes_sizes_and_annotate(monkeypatch):
     common = _load("fastvae_bench_common", BENCH / "common.py")
     monkeypatch.setenv("FASTVAE_BENCH_SMOKE", "1")
     assert common.smoke_mode() and common.pick(smoke=1, cpu=2, gpu=3) == 1
-    monkeypatch.setenv("FASTVAE_BENCH_SMOKE", "0")
-    assert not common.smoke_mode()
+    for off in ("0", "false", "False", "no", "off", ""):
+        monkeypatch.setenv("FASTVAE_BENCH_SMOKE", off)
+        assert not common.smoke_mode(), off
     monkeypatch.setenv("FASTVAE_BENCH_DEVICE", "cpu")
     assert not common.on_gpu() and common.pick(smoke=1, cpu=2, gpu=3) == 2
     assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
@@ -281,7 +288,7 @@ def test_device_info_has_versions_and_commit(monkeypatch):
 
 
 def test_scripts_parse():
-    for script in ("run.sh", "gpu/run.sh", "fetch_wheels.sh"):
+    for script in ("run_suites.sh", "gpu/run.sh", "fetch_wheels.sh"):
         proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
 

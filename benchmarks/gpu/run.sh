@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of fastvae in one idempotent script (see DESIGN.md, "GPU runs").
+# Every GPU check of fastvae in one idempotent script.
 #
 #   bash benchmarks/gpu/run.sh [OUT_DIR]
 #
 # 1. installs what the GPU image lacks from wheels in .whl/ (benchmarks/fetch_wheels.sh fetches
-#    them; pip --no-index --no-deps, never touching torch), then `pip install --no-deps -e .`;
+#    them; pip --no-index --no-deps, never touching torch) and puts this checkout on PYTHONPATH;
 # 2. prints the device, driver, CUDA, torch and triton versions;
 # 3. runs the CUDA tests (`pytest -m gpu tests`), then each benchmark suite, each step guarded
 #    so that one failure does not lose the others' results; last, with what is left of the
@@ -36,11 +36,7 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x .venv/bin/python ]; then PY=$REPO/.venv/bin/python
 else PY=python3; fi
 export PYTHONUNBUFFERED=1
-# pytest without the working directory on sys.path (-P, Python >= 3.11): the checkout's own
-# fastvae/ folder lacks fastvae.kernels and fastvae.export (pyproject maps them from kernels/
-# and export/), so it must not shadow the installed package or the symlinked fallback below.
 PYTEST=("$PY" -m pytest)
-if "$PY" -P -c "" 2>/dev/null; then PYTEST=("$PY" -P -m pytest); fi
 
 BUDGET=${FASTVAE_GPU_BUDGET_S:-480}
 MAXT=${FASTVAE_GPU_MAX_TIME:-0.25}
@@ -96,38 +92,10 @@ install_missing() {
   done
 }
 
-fastvae_installed_here() {
-  # fastvae, fastvae.kernels and fastvae.export import from this checkout, seen from another cwd
-  (cd / && "$PY" - "$REPO" <<'EOF'
-import sys
-from pathlib import Path
-repo = Path(sys.argv[1]).resolve()
-try:
-    import fastvae, fastvae.kernels, fastvae.export
-except Exception:
-    sys.exit(1)
-ok = (Path(fastvae.__file__).resolve().parent == repo / "fastvae"
-      and Path(fastvae.kernels.__file__).resolve().parent == repo / "kernels"
-      and Path(fastvae.export.__file__).resolve().parent == repo / "export")
-sys.exit(0 if ok else 1)
-EOF
-  )
-}
-
-install_fastvae() {
-  if fastvae_installed_here; then echo "fastvae already installed (editable) from $REPO"; return 0; fi
-  if "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . && fastvae_installed_here; then
-    return 0
-  fi
-  # Fallback (no setuptools or pip refuses): a package folder of symlinks that maps
-  # fastvae.kernels -> kernels/ and fastvae.export -> export/, as pyproject's package-dir does.
-  echo "pip install -e . failed: importing fastvae through symlinks in $SITE/fastvae instead"
-  mkdir -p "$SITE/fastvae" || return 1
-  local f
-  for f in "$REPO"/fastvae/*; do ln -sfn "$f" "$SITE/fastvae/$(basename "$f")"; done
-  ln -sfn "$REPO/kernels" "$SITE/fastvae/kernels"
-  ln -sfn "$REPO/export" "$SITE/fastvae/export"
-  case ":${PYTHONPATH:-}:" in *":$SITE:"*) ;; *) export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}";; esac
+use_checkout() {
+  # Nothing to install: with the checkout on PYTHONPATH, fastvae/__init__.py finds kernels/ and
+  # export/ as fastvae.kernels and fastvae.export, and the GPU image's torch stays untouched.
+  case ":${PYTHONPATH:-}:" in *":$REPO:"*) ;; *) export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}";; esac
   (cd / && "$PY" -c "import fastvae, fastvae.kernels, fastvae.export; print('fastvae from', fastvae.__file__)")
 }
 
@@ -212,14 +180,14 @@ main() {
     echo "##### step 1: skipped (FASTVAE_GPU_SKIP_INSTALL=1)"
   else
     step "1a install missing wheels" install_missing
-    step "1b pip install --no-deps -e ." install_fastvae
+    step "1b fastvae from this checkout" use_checkout
   fi
   step "2 versions" print_versions
   step "3a gpu tests (pytest -m gpu tests)" gpu_tests
   local suites order s
   if [ -n "${FASTVAE_GPU_SUITES:-}" ]; then suites=$FASTVAE_GPU_SUITES
   else
-    # most valuable first, in case the budget runs out: issue 6 needs the trainer figure and
+    # most valuable first, in case the budget runs out: the trainer figure and
     # the bf16 check (right after train); the kernel suite keeps what it finishes in its cap
     suites=""
     for s in train reparam_kl sampling; do [ -f "benchmarks/test_bench_$s.py" ] && suites="$suites $s"; done
