@@ -40,7 +40,7 @@ def shard_model(model: nn.Module, device_mesh) -> nn.Module:
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
     for part in (model.encoder, model.decoder):
         fully_shard(part, mesh=mesh)
-    likelihood = getattr(model, "likelihood", None)
+    likelihood = model.likelihood if model.kind == "vae" else None
     if likelihood is not None and any(True for _ in likelihood.parameters()):
         fully_shard(likelihood, mesh=mesh)
         for name in LIKELIHOOD_METHODS:

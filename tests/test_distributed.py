@@ -86,14 +86,15 @@ def test_mixed_precision_on_cpu_trains_with_finite_loss(tmp_path, small_digits, 
     assert losses[1] == pytest.approx(fp32.metrics[1]["train_loss"], rel=0.05)
 
 
-def fp16_fabric_on_cpu(config):
+def fp16_fabric_on_cpu(config, callbacks=None):
     """Fabric turns 16-mixed into bf16 on a CPU; build the fp16 plugin with a CPU GradScaler
     directly, with a scale so large that the first steps overflow and are skipped."""
     from lightning_fabric import Fabric
 
     from fastvae.trainer import fp16_plugin
 
-    return Fabric(accelerator="cpu", devices=1, plugins=[fp16_plugin("cpu", init_scale=2.0**30)])
+    return Fabric(accelerator="cpu", devices=1, callbacks=callbacks,
+                  plugins=[fp16_plugin("cpu", init_scale=2.0**30)])
 
 
 def test_fp16_loss_scale_is_logged_checkpointed_and_resumed(tmp_path, small_digits, monkeypatch):
