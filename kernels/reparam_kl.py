@@ -301,10 +301,9 @@ def _seed_args(seed, like: torch.Tensor):
     """(seed, seed_ptr, key part): an int seed is a kernel argument (32 or 64 bits by value, as
     Triton types it; ``like`` stands in as the unread pointer); a tensor seed is read by the
     kernel, from ``like``'s device."""
-    if seed.__class__ is int:
-        return seed, like, seed >= 2**31
     if not isinstance(seed, torch.Tensor):
-        return _seed_args(int(seed), like)
+        seed = int(seed)
+        return seed, like, seed >= 2**31
     if seed.device != like.device:
         seed = seed.to(like.device)
     return 0, seed, (True, seed.data_ptr() % 16 == 0)
@@ -333,12 +332,18 @@ def _forward_triton(mu, logvar, seed, block_b=None, block_d=None, num_warps=NUM_
     tensor that the kernel reads (no sync; CUDA graphs replay with its current value).
     Returns (z, kl). The key holds everything Triton specializes the launch on (values of the
     int arguments, dtypes and 16-byte alignment of the pointers) and the block overrides."""
-    mu, s_mu = _unit_column_stride(mu)
-    logvar, s_lv = _unit_column_stride(logvar)
+    s_mu, c_mu = mu.stride()
+    s_lv, c_lv = logvar.stride()
+    if c_mu != 1 or c_lv != 1:  # the kernels take a row stride only
+        mu, s_mu = _unit_column_stride(mu)
+        logvar, s_lv = _unit_column_stride(logvar)
     B, D = mu.shape
     z = torch.empty_like(mu, memory_format=_CONTIGUOUS)
     kl = mu.new_empty(B, dtype=torch.float32)
-    seed, seed_ptr, seed_key = _seed_args(seed, mu)
+    if seed.__class__ is int:
+        seed_ptr, seed_key = mu, seed >= 2**31
+    else:
+        seed, seed_ptr, seed_key = _seed_args(seed, mu)
     dev = mu.get_device()
     key = (_FWD, dev, mu.dtype, B, D, s_mu, s_lv, seed_key, mu.data_ptr() % 16,
            logvar.data_ptr() % 16, block_b, block_d, num_warps)
@@ -351,12 +356,18 @@ def _forward_triton(mu, logvar, seed, block_b=None, block_d=None, num_warps=NUM_
 
 def _backward_triton(mu, logvar, seed, gz, gkl, block_b=None, block_d=None, num_warps=NUM_WARPS):
     """Launch the backward kernel; gz (B, D) and gkl (B,) may be None or have any strides."""
-    mu, s_mu = _unit_column_stride(mu)
-    logvar, s_lv = _unit_column_stride(logvar)
+    s_mu, c_mu = mu.stride()
+    s_lv, c_lv = logvar.stride()
+    if c_mu != 1 or c_lv != 1:
+        mu, s_mu = _unit_column_stride(mu)
+        logvar, s_lv = _unit_column_stride(logvar)
     B, D = mu.shape
     dmu = torch.empty_like(mu, memory_format=_CONTIGUOUS)
     dlv = torch.empty_like(mu, memory_format=_CONTIGUOUS)
-    seed, seed_ptr, seed_key = _seed_args(seed, mu)
+    if seed.__class__ is int:
+        seed_ptr, seed_key = mu, seed >= 2**31
+    else:
+        seed, seed_ptr, seed_key = _seed_args(seed, mu)
     has_gz, has_gkl = gz is not None, gkl is not None
     # mu stands in for a missing grad: a pointer never read (HAS_GZ / HAS_GKL False)
     gz, s_gz = _unit_column_stride(gz) if has_gz else (mu, 0)
