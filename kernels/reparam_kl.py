@@ -461,19 +461,12 @@ class ReparamKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, seed):
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: less work
-        shape = mu.shape
-        if mu.dim() != 2:
-            mu2, lv2 = mu.reshape(-1, shape[-1]), logvar.reshape(-1, shape[-1])
-        else:
-            mu2, lv2 = mu, logvar
-        z, kl = _forward(mu2, lv2, seed)
+        z, kl = _forward_any_shape(mu, logvar, seed)
         if isinstance(seed, torch.Tensor):
             ctx.save_for_backward(mu, logvar, seed)
         else:
             ctx.save_for_backward(mu, logvar)
             ctx.seed = seed
-        if mu.dim() != 2:
-            return z.view(shape), kl.view(shape[:-1])
         return z, kl
 
     @staticmethod
@@ -503,6 +496,15 @@ def _function_backward(ctx, grad_z, grad_kl):
 
 # Under create_graph=True: the same gradients, and an error if anything differentiates them.
 _backward_once_differentiable = torch.autograd.function.once_differentiable(_function_backward)
+
+
+def _forward_any_shape(mu, logvar, seed):
+    """(z, kl) for (..., D) inputs: flattened to rows for the kernel (views where possible)."""
+    if mu.dim() == 2:
+        return _forward(mu, logvar, seed)
+    shape = mu.shape
+    z, kl = _forward(mu.reshape(-1, shape[-1]), logvar.reshape(-1, shape[-1]), seed)
+    return z.view(shape), kl.view(shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,8 +659,10 @@ def reparameterize_kl(
         z, kl = _reparam_kl_op(mu.reshape(rows, shape[-1]), logvar.reshape(rows, shape[-1]),
                                _seed_tensor(seed))
         z, kl = z.view(shape), kl.view(shape[:-1])
-    else:
+    elif torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
         z, kl = ReparamKLFunction.apply(mu, logvar, _eager_seed(seed, mu))
+    else:  # nothing to differentiate: no autograd node, just the kernel
+        z, kl = _forward_any_shape(mu, logvar, _eager_seed(seed, mu))
     # The row reduction is a tiny deterministic second stage (no atomics in the kernel).
     if reduction == "sum":
         kl = kl.sum()

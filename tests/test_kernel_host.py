@@ -64,6 +64,17 @@ def test_eager_call_allocates_only_its_outputs():
     assert type(z.grad_fn).__name__ == "ReparamKLFunctionBackward"
 
 
+def test_no_autograd_node_when_nothing_needs_grads():
+    """Inputs without grads, or under no_grad: the kernel alone, no autograd.Function."""
+    mu, logvar = (t.detach() for t in inputs((2, 3, 8)))
+    with rk.stubbed_launches():
+        z, kl = reparameterize_kl(mu, logvar, seed=1)
+        assert z.grad_fn is None and z.shape == (2, 3, 8) and kl.shape == (2, 3)
+        with torch.no_grad():
+            z, _ = reparameterize_kl(*inputs(), seed=1)
+        assert z.grad_fn is None and not z.requires_grad
+
+
 def test_leading_dims_are_flattened_inside_the_function():
     """(..., D) inputs: views in, views out, one autograd node, grads in the input shape."""
     mu, logvar = inputs((2, 3, 8))
