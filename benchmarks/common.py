@@ -323,6 +323,30 @@ def annotate(
     return info
 
 
+# --------------------------------------------------------------------------- reparam_kl
+
+
+def reparam_kl_eager(mu, logvar):
+    """The eager torch reference of the fused op: z = mu + exp(logvar/2) * eps with eps drawn by
+    ``randn_like`` (autograd keeps it), kl = 0.5 sum(mu^2 + e^lv - 1 - lv) per row in fp32."""
+    import torch
+
+    eps = torch.randn_like(mu)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    kl = 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar).float().sum(-1)
+    return z, kl
+
+
+def reparam_kl_bytes(B: int, D: int, itemsize: int, mode: str) -> int:
+    """DRAM bytes the op must move at least (issue 19's count, the same for every
+    implementation): ``fwd`` reads mu, logvar and writes z, kl (fp32); ``fwd_bwd`` also reads
+    grad_z, grad_kl and writes grad_mu, grad_logvar, each tensor counted once. Two separate
+    kernels move more: the backward reads mu and logvar again (8 B x D elements, not 6)."""
+    if mode == "fwd":
+        return 3 * B * D * itemsize + 4 * B
+    return 6 * B * D * itemsize + 8 * B
+
+
 # --------------------------------------------------------------------------- device info
 
 

@@ -5,7 +5,9 @@ Needs only the standard library and matplotlib (no torch), so it runs anywhere.
     python benchmarks/report.py render  DIR [--md FILE] [--png FILE]
         DIR/*.json (one pytest-benchmark JSON per suite) -> DIR/README.md (one markdown table per
         suite, with a header naming the device, versions, date and commit) and DIR/ratios.png
-        (bar chart of each implementation's speedup over its baseline).
+        (bar chart of each implementation's speedup over its baseline); a
+        reparam_kl_device.json there (benchmarks/reparam_kl_device.py) adds its own table and
+        DIR/reparam_kl_device.png.
     python benchmarks/report.py compare OLD NEW [--threshold 0.10] [--stat median] [--fail]
         OLD/NEW: two JSON files, or two result folders (suites matched by file name). Prints
         every benchmark whose time grew by more than the threshold ("SLOWER ..."), those that
@@ -362,8 +364,150 @@ def render(folder: Path | str, md: Path | None = None, png: Path | None = None,
     write_chart(runs, png, stat)
     png_rel = png.name if png.parent.resolve() == md.parent.resolve() else str(png)
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(render_markdown(runs, png_rel, stat), encoding="utf8")
+    device = load_device_result(folder)
+    text = render_markdown(runs, png_rel, stat) if runs or device is None else ""
+    if device is not None:  # its own table and chart, after the suites' (or alone)
+        chart = write_device_chart(device, md.parent / DEVICE_PNG)
+        section = device_markdown(device, chart.name, header=not runs)
+        text = (text.rstrip() + "\n\n" + section) if text else section
+    md.write_text(text, encoding="utf8")
     return md, png
+
+
+# --------------------------------------------------------------------------- device time
+
+DEVICE_RESULT = "reparam_kl_device.json"  # benchmarks/reparam_kl_device.py (issue 19's schema)
+DEVICE_PNG = "reparam_kl_device.png"
+
+
+def load_device_result(folder: Path | str) -> dict[str, Any] | None:
+    path = Path(folder) / DEVICE_RESULT
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf8"))
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        print(f"report: skipping {path}: no records", file=sys.stderr)
+        return None
+    return data
+
+
+def _case_records(data: dict[str, Any]) -> dict[tuple, dict[str, dict]]:
+    """{(B, D, dtype, pass): {impl: record}}, in the file's order."""
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in data["records"]:
+        cases.setdefault((r["B"], r["D"], r["dtype"], r["pass"]), {})[r["impl"]] = r
+    return cases
+
+
+def _fmt_us(value: Any) -> str:
+    return fmt_time(value * 1e-6) if isinstance(value, (int, float)) else "—"
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return _x(value) if value is not None else "—"
+
+
+def _ratio(num: Any, den: Any) -> float | None:
+    ok = all(isinstance(v, (int, float)) and v > 0 for v in (num, den))
+    return num / den if ok else None
+
+
+def device_markdown(data: dict[str, Any], png_name: str, header: bool = True) -> str:
+    """The device-time table: per case and implementation device time, % of a copy's
+    bandwidth, speedups over eager and torch.compile (device time), host and end-to-end time."""
+    gpu = "gpu" in data
+    out = []
+    if header:
+        name = data.get("gpu") or data.get("cpu") or "unknown device"
+        out += [f"# Benchmark results: {name}", ""]
+    out += ["## reparam_kl_device", "",
+            f"From `{DEVICE_RESULT}` ({'GPU' if gpu else 'CPU'}: {data.get('gpu') or data.get('cpu')}; "
+            f"torch {data.get('torch')}, triton {data.get('triton')}, {data.get('date')}, "
+            f"commit {_short(data.get('commit'))}); made by `benchmarks/reparam_kl_device.py`, "
+            "whose docstring says how each figure is measured.", ""]
+    if gpu:
+        out += ["Device time: median CUDA-graph replay, L2 flushed before each. % of copy: bytes "
+                "the op must move / device time, over a device-to-device copy of those bytes. "
+                "Host / e2e: per call of 20 back-to-back calls without graphs.", ""]
+        heads = ["B", "D", "dtype", "pass", "impl", "device time", "% of copy", "vs eager",
+                 "vs compile", "host", "e2e", "e2e vs eager"]
+    else:
+        out += ["Host time only (a CPU): thread CPU time per call; the fused op's launch itself "
+                "is stubbed out, eager is the torch math on the same tiny tensors.", ""]
+        heads = ["B", "D", "dtype", "pass", "impl", "host", "host / eager's"]
+    out += [f"![device time]({png_name})", "", "| " + " | ".join(heads) + " |",
+            "|" + "|".join(" --- " for _ in heads) + "|"]
+    for (B, D, dtype, mode), impls in _case_records(data).items():
+        eager, compiled = impls.get("eager", {}), impls.get("compile", {})
+        for impl, r in impls.items():
+            us, x = _fmt_us, _fmt_ratio
+            cells = [str(B), str(D), dtype, mode, impl]
+            if gpu:
+                frac = r.get("frac_of_copy")
+                cells += [us(r.get("device_us")),
+                          fmt_num(100 * frac, 3, " %") if isinstance(frac, (int, float)) else "—",
+                          x(_ratio(eager.get("device_us"), r.get("device_us"))),
+                          x(_ratio(compiled.get("device_us"), r.get("device_us"))),
+                          us(r.get("host_us")), us(r.get("e2e_us")),
+                          x(_ratio(eager.get("e2e_us"), r.get("e2e_us")))]
+            else:
+                cells += [us(r.get("host_us")), x(_ratio(r.get("host_us"), eager.get("host_us")))]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_device_chart(data: dict[str, Any], png: Path) -> Path:
+    """GPU: the fused op's fraction of copy bandwidth per case (goal line at 85 %) and its
+    device-time speedups over eager and torch.compile; CPU: host time over eager's (goal 0.5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = _case_records(data)
+    gpu = "gpu" in data
+    panels = []
+    if gpu:
+        frac = [(f"B={B} D={D} {dt} {m}", impls["fused"].get("frac_of_copy"))
+                for (B, D, dt, m), impls in cases.items() if "fused" in impls]
+        panels.append(("fused: bytes / device time, fraction of a copy's bandwidth", frac, 0.85))
+        for other in ("compile", "eager"):
+            speed = [(f"B={B} D={D} {dt} {m}",
+                      _ratio(impls.get(other, {}).get("device_us"), impls["fused"].get("device_us")))
+                     for (B, D, dt, m), impls in cases.items() if "fused" in impls]
+            panels.append((f"fused device-time speedup over {other}", speed, 1.0))
+    else:
+        host = [(f"B={B} D={D} {dt} {m}",
+                 _ratio(impls.get("fused", {}).get("host_us"), impls.get("eager", {}).get("host_us")))
+                for (B, D, dt, m), impls in cases.items()]
+        panels.append(("fused host time / eager's (goal <= 0.5)", host, 0.5))
+    panels = [(t, [(k, v) for k, v in rows if v is not None], line) for t, rows, line in panels]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no device-time records", ha="center", va="center")
+    else:
+        heights = [max(1.2, 0.3 * len(rows) + 0.8) for _, rows, _ in panels]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights)),
+                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
+        for ax, (title, rows, line) in zip(axes[:, 0], panels):
+            y = list(range(len(rows)))
+            values = [v for _, v in rows]
+            ax.barh(y, values, color="tab:blue")
+            ax.set_yticks(y, [k for k, _ in rows], fontsize=7)
+            ax.invert_yaxis()
+            ax.axvline(line, color="black", linewidth=0.8, linestyle="--")
+            for yi, v in zip(y, values):
+                ax.text(v, yi, f" {v:.2f}", va="center", fontsize=7)
+            ax.set_xlim(0, max(values + [line]) * 1.25)
+            ax.set_title(title, fontsize=9)
+    fig.suptitle(str(data.get("gpu") or data.get("cpu") or ""), fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 # --------------------------------------------------------------------------- compare
@@ -450,7 +594,7 @@ def pytest_benchmark_table(old: Path, new: Path) -> int:
 # --------------------------------------------------------------------------- store
 
 
-EXTRA_RESULTS = ("precision.json", "tile_sweep.json", "run.log")
+EXTRA_RESULTS = ("precision.json", "tile_sweep.json", "run.log", "reparam_kl_device.json")
 
 
 def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: str = STAT,
@@ -463,8 +607,9 @@ def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: s
 
     out = out or sys.stdout
     runs = load_dir(src, stat)
-    if not runs:
-        print(f"store: no pytest-benchmark JSON in {src}", file=out)
+    device = load_device_result(src)
+    if not runs and device is None:
+        print(f"store: no pytest-benchmark JSON nor {DEVICE_RESULT} in {src}", file=out)
         return None
     smoke = [run.path.name for run in runs if run.info.get("smoke")]
     if smoke and not force:
@@ -472,6 +617,11 @@ def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: s
               f"(--force stores them anyway)", file=out)
         return None
     slugs = {run.info.get("slug") for run in runs} - {None, ""}
+    if not runs and device.get("gpu"):  # a device-time run alone: its GPU's name
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import slugify
+
+        slugs = {slugify(device["gpu"])}
     if len(slugs) != 1:
         raise SystemExit(f"store: expected one device slug in {src}, found {sorted(slugs)}")
     dest = Path(results) / slugs.pop()

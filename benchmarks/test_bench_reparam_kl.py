@@ -5,11 +5,12 @@ Modes: ``fwd`` (z, kl) and ``fwd_bwd`` (plus dmu, dlogvar via ``torch.autograd.g
 let autograd keep it, the usual way; the fused op regenerates it in its backward.
 
 GPU: B in {4096, 65536} x D in {64, 256, 1024} x {fp32, bf16} (marked ``gpu``). Each timed call
-runs the op ``repeat`` times and then synchronizes. ``extra_info`` holds ``bandwidth_GBps``
-(minimal DRAM bytes one call must move / median time, the same byte count for every
-implementation), ``copy_bandwidth_GBps`` (a torch copy of the same bytes timed with CUDA
-events in the same run), ``bandwidth_fraction_of_copy`` and ``peak_memory_MB``
-(``torch.cuda.max_memory_allocated`` of one call, inputs included).
+runs the op ``repeat`` times and then synchronizes: wall-clock time, host and device together
+(``benchmarks/reparam_kl_device.py`` measures device time apart, from CUDA-graph replays with
+the L2 flushed, and host time apart). ``extra_info`` holds ``bandwidth_GBps`` (the bytes one call
+must move, ``common.reparam_kl_bytes``, over the median time), ``copy_bandwidth_GBps`` (a torch
+copy of the same bytes timed with CUDA events in the same run), ``bandwidth_fraction_of_copy``
+and ``peak_memory_MB`` (``torch.cuda.max_memory_allocated`` of one call, inputs included).
 
 CPU: tiny sizes, eager vs compile only (the kernel under Triton's interpreter says nothing
 about speed). With ``--benchmark-disable`` or ``FASTVAE_BENCH_SMOKE=1`` on a CPU this is a smoke
@@ -18,18 +19,17 @@ the fused op runs once only if the interpreter is on (TRITON_INTERPRET=1 before 
 """
 
 import functools
-import os
 
 import pytest
 import torch
-from common import smoke_mode
+from common import bench_device, on_gpu, peak_bandwidth_gbps, reparam_kl_bytes, reparam_kl_eager, smoke_mode
 
 import fastvae.kernels as fk
 from fastvae.kernels import reparameterize_kl
 
 SMOKE = smoke_mode()
-ON_GPU = torch.cuda.is_available() and os.environ.get("FASTVAE_BENCH_DEVICE", "").lower() != "cpu"
-DEVICE = torch.device("cuda", torch.cuda.current_device()) if ON_GPU else torch.device("cpu")
+ON_GPU = on_gpu()
+DEVICE = bench_device()
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 if ON_GPU:
@@ -50,12 +50,7 @@ def _many_graphs():
     return config.patch(**{name: 64})
 
 
-def torch_math(mu, logvar):
-    """The eager reference: z = mu + exp(logvar/2) * eps, kl = 0.5 sum(mu^2 + e^lv - 1 - lv)."""
-    eps = torch.randn_like(mu)
-    z = mu + torch.exp(0.5 * logvar) * eps
-    kl = 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar).float().sum(-1)
-    return z, kl
+torch_math = reparam_kl_eager  # eps = randn_like(mu), kept by autograd
 
 
 def fused(mu, logvar):
@@ -69,13 +64,6 @@ def compiled(backend):
     if backend not in _compiled:
         _compiled[backend] = torch.compile(torch_math, backend=backend)
     return _compiled[backend]
-
-
-def bytes_moved(B, D, elem, mode):
-    """Minimal DRAM traffic: fwd reads mu, logvar, writes z (+ kl); bwd reads mu, logvar, gz
-    (+ gkl) and writes dmu, dlogvar."""
-    fwd = 3 * B * D * elem + 4 * B
-    return fwd if mode == "fwd" else fwd + 5 * B * D * elem + 4 * B
 
 
 def _sync():
@@ -143,7 +131,7 @@ def test_reparam_kl(benchmark, mode, B, D, dtype, impl):
             return torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
         return z, kl
 
-    nbytes = bytes_moved(B, D, mu.element_size(), mode)
+    nbytes = reparam_kl_bytes(B, D, mu.element_size(), mode)
     # Kernels shorter than ~50 us: time several calls per sync so launch/sync cost fades.
     repeat = 1 if DEVICE.type == "cpu" or nbytes > 2**28 else 10
 
@@ -179,17 +167,6 @@ def test_reparam_kl(benchmark, mode, B, D, dtype, impl):
             copy = copy_bandwidth_gbps(nbytes, repeat)
             info["copy_bandwidth_GBps"] = copy
             info["bandwidth_fraction_of_copy"] = info["bandwidth_GBps"] / copy
-            vendor_peak = _vendor_peak_gbps()
+            vendor_peak = peak_bandwidth_gbps()
             if vendor_peak:
                 info["bandwidth_fraction"] = info["bandwidth_GBps"] / vendor_peak
-
-
-def _vendor_peak_gbps():
-    """Peak DRAM bandwidth from benchmarks/common.py's table when it is importable (optional)."""
-    try:
-        from common import peak_bandwidth_gbps
-
-        return peak_bandwidth_gbps()
-    except Exception:  # the shared helpers are optional for this suite
-        return None
-

@@ -76,24 +76,37 @@ def reparameterize_kl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (z, kl_per_row) using the fused kernel where available, else the torch reference.
 
-    With the kernel, the Philox seed is a 0-d tensor drawn where no sync is needed: on a CUDA
-    device from its generator (or ``generator``, if it is a CUDA one), so the kernel reads it
-    and CUDA graphs (``--compile-mode reduce-overhead``) draw a fresh one at every replay;
-    elsewhere, or with a CPU ``generator``, on the CPU. Reproducible under ``torch.manual_seed``
-    either way, and no recompilation or graph break under ``torch.compile``.
+    With the kernel, the Philox seed is drawn where no sync is needed. In eager code it is a
+    Python int from torch's CPU generator (or ``generator``, if it is a CPU one) that goes
+    straight to the kernel: no tensor, no device work. Under ``torch.compile`` (and with a CUDA
+    ``generator``) it is a 0-d tensor: on a CUDA device drawn there, so the kernel reads it and
+    CUDA graphs (``--compile-mode reduce-overhead``) draw a fresh one at every replay. Either way
+    reproducible under ``torch.manual_seed``, with no recompilation or graph break.
     """
     if backend == "auto":
         backend = resolve_backend(backend, mu.device, mu.dtype)
     if backend == "torch":
         return reparameterize_kl_reference(mu, logvar, generator)
-    from fastvae.kernels import reparameterize_kl as fused  # imported by resolve_backend already
+    global _fused
+    if _fused is None:  # imported by resolve_backend already; bound once, not per step
+        from fastvae.kernels import reparameterize_kl as _fused
+    if torch.compiler.is_compiling() or (generator is not None and generator.device.type != "cpu"):
+        seed = draw_seed(mu.device, generator)
+    elif generator is not None:
+        from fastvae.kernels.reparam_kl import draw_host_seed
 
-    return fused(mu, logvar, seed=draw_seed(mu.device, generator), reduction="none")
+        seed = draw_host_seed(generator)
+    else:
+        seed = None  # the kernel's entry draws an int from torch's CPU generator
+    return _fused(mu, logvar, seed=seed, reduction="none")
+
+
+_fused = None
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A 0-d int64 Philox seed on ``device`` if it is a CUDA device (and ``generator`` is not a
-    CPU one), else on the CPU."""
+    """A 0-d int64 Philox seed tensor on ``device`` if it is a CUDA device (and ``generator``
+    is not a CPU one), else on the CPU: what compiled code and CUDA graphs need."""
     if device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
         return torch.randint(0, 2**31 - 1, (), device=device, generator=generator)
     return torch.randint(0, 2**31 - 1, (), generator=_cpu_generator(generator))

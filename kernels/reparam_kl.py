@@ -1,35 +1,54 @@
 """Fused reparameterize + KL: one Triton kernel forward, one backward, eps never stored.
 
-Forward, per row b of mu, logvar in R^{B x D}:
+Forward, per row b of mu, logvar in R^{B x D}, with std = exp2(logvar * log2(e) / 2) (the one
+exponential per element) and var = std * std:
 
     eps[b, d] = Normal(Philox(seed, b, d))               (generated in registers, not stored)
-    z[b, d]   = mu[b, d] + exp(0.5 * logvar[b, d]) * eps[b, d]
-    kl[b]     = 0.5 * sum_d (mu^2 + exp(logvar) - 1 - logvar)      = KL(q(z|x) || N(0, I))
+    z[b, d]   = mu[b, d] + std[b, d] * eps[b, d]
+    kl[b]     = 0.5 * sum_d (mu^2 + var - 1 - logvar)       = KL(q(z|x) || N(0, I))
 
 Backward, with gz = dL/dz and gkl = dL/dkl (per row):
 
     dmu     = gz + gkl * mu
-    dlogvar = 0.5 * gz * eps * std + 0.5 * gkl * (exp(logvar) - 1),    std = exp(0.5 * logvar)
+    dlogvar = 0.5 * gz * eps * std + 0.5 * gkl * (var - 1)
 
-eps is regenerated in the backward from the saved seed, so autograd keeps only mu, logvar and a
-one-element seed tensor. Noise is keyed by (seed, row, column) only, never by block size or grid:
-eps[b, d] = randn4x(seed, b * ceil(D/4) + d // 4)[d % 4]; for D % 4 == 0 that is simply
-randn4x(seed, i // 4)[i % 4] of the flat index i = b * D + d. One Philox call feeds 4 elements.
+eps is regenerated in the backward from the seed, so autograd keeps only mu, logvar and the seed.
+Noise is keyed by (seed, row, column) only, never by block size or grid. For the Philox group
+g = row * ceil(D/4) + col // 4, ``tl.randint4x(seed, g)`` (Philox4x32-10, counter (g mod 2^32,
+g >> 32, 0, 0), key (seed mod 2^32, seed >> 32)) gives four uint32 words x0..x3, and Box-Muller
+turns each pair (a, b) = (x0, x1), (x2, x3) into two normals:
+
+    u = (a + 1/2) / 2^32                in (0, 1]
+    theta = (int32(b) >> 8) * pi / 2^23   in [-pi, pi)
+    r = sqrt(-2 ln u),   (n0, n1) = (r cos theta, r sin theta)
+
+and column 4 (g mod ceil(D/4)) + k takes n_k (n2, n3 from the second pair). On CUDA the log, sin
+and cos are the hardware approximations (``lg2.approx``, ``sin.approx``, ``cos.approx``: about
+2^-21 absolute error, which is why theta stays in [-pi, pi)); the interpreter and other backends
+compute the same formula with precise math (``FAST_MATH=False``). |eps| is at most
+sqrt(2 * 33 ln 2) = 6.77.
 
 Math runs in fp32 registers; z and the gradients come back in the input dtype, kl in fp32.
-The op is registered with ``torch.library.custom_op`` (forward and backward are both opaque
-ops with fake kernels), so ``torch.compile(fullgraph=True)`` traces through it.
+
+Host path (the Liger-Kernel pattern: kernels, launchers and autograd in this one file): in eager
+mode ``reparameterize_kl`` calls ``ReparamKLFunction`` (a ``torch.autograd.Function``: reshape
+inside, an int seed passed straight to the kernel, no tensors allocated but the outputs), and the
+launches after the first of each shape skip Triton's generic JIT path (``_launch.LaunchCache``).
+Under ``torch.compile`` it calls the ``torch.library`` custom ops instead (fake kernels and
+registered autograd, so ``fullgraph=True`` traces through them), with a tensor seed: on CUDA
+drawn on the device, so CUDA-graph replays read a fresh one.
 
 On CPU the kernel runs under Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the
 environment *before triton is imported* (``@triton.jit`` reads it at decoration time, also for
-triton's own ``tl.randn4x``). Where the kernel cannot run (other CPU cases, float64) the op computes
-the reference math with eps from a ``torch.Generator`` seeded by ``seed``: still deterministic
-per seed and still not storing eps, but a different stream than Philox.
+triton's own ``tl.randint4x``). Where the kernel cannot run (other CPU cases, float64) the op
+computes the reference math with eps from a ``torch.Generator`` seeded by ``seed``: still
+deterministic per seed and still not storing eps, but a different stream than Philox.
 """
 
 import contextlib
 import math
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -37,17 +56,23 @@ import triton
 import triton.language as tl
 
 from fastvae.distributions import kl_standard_normal
+from fastvae.kernels._launch import LaunchCache
 
 # Columns handled per step of a program; wider rows loop (the KL sum stays in registers).
 MAX_BLOCK_D = 1024
-# Elements per program step on a GPU (4 warps). Measured on an H200 (kernel time, B = 65536,
-# benchmarks/results/nvidia-h200/tile_sweep.json): 1024-element tiles ran 1.15-1.7x faster than
-# 4096 for D = 64 and 256. Wider rows keep 4096 (4 rows of 1024) until measured. The CPU
-# interpreter pays ~10-25 ms per program instance, so there it takes large tiles, few programs.
+# Elements per program on a GPU (4 warps: 8 per thread), forward and backward. Measured on an
+# H200 (benchmarks/results/nvidia-h200/tile_sweep.json, the kernels before issue 19): 1024-element
+# tiles ran 1.15-1.7x faster than 4096 at D = 64 and 256. Rows of >= 1024 columns take two rows
+# of 1024: compiled for sm_90 that tile needs <= 80 registers (the ceiling is 96,
+# tests/test_kernel_aot.py) and ~13% fewer instructions per element than one row, the per-program
+# set-up being shared; benchmarks/gpu/tile_sweep.py measures both. The CPU interpreter pays
+# ~10-25 ms per program instance, so there it takes large tiles, few programs.
 TILE_GPU = 1024
-TILE_GPU_WIDE = 4096  # BLOCK_D > 256
+TILE_GPU_WIDE = 2048  # BLOCK_D == MAX_BLOCK_D: two rows of 1024
 TILE_INTERPRET = 1 << 16
+NUM_WARPS = 4
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF_LOG2E = tl.constexpr(0.5 * math.log2(math.e))  # std = exp2(_HALF_LOG2E * logvar)
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,14 +81,92 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _normal_tile(seed, rows, d0, D4, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """eps[row, col] for col in d0 + [0, BLOCK_D): randn4x(seed, row * D4 + col // 4)[col % 4].
+def _lg2_approx(x):
+    return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
-    d0 and BLOCK_D are multiples of 4, so the tile holds whole groups of 4 columns.
-    """
+
+@triton.jit
+def _sin_approx(x):
+    return tl.inline_asm_elementwise("sin.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _cos_approx(x):
+    return tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+# Philox4x32-10 constants (Salmon et al. 2011; the same as triton.language.random).
+_PHILOX_A = tl.constexpr(0xD2511F53)
+_PHILOX_B = tl.constexpr(0xCD9E8D57)
+_PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+_PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def _mul_wide(x, M: tl.constexpr, FAST_MATH: tl.constexpr):
+    """(hi, lo) 32-bit halves of the 64-bit product x * M (x uint32): one IMAD.WIDE.U32 on
+    NVIDIA GPUs, where umulhi and mul compile to two instructions."""
+    if FAST_MATH:
+        wide = tl.inline_asm_elementwise(
+            "mul.wide.u32 $0, $1, $2;", "=l,r,r", [x, tl.full(x.shape, M, tl.uint32)],
+            dtype=tl.uint64, is_pure=True, pack=1)
+        hi = (wide >> 32).to(tl.uint32)
+        lo = wide.to(tl.uint32)
+    else:
+        hi = tl.umulhi(x, M)
+        lo = tl.mul(x, M, sanitize_overflow=False)
+    return hi, lo
+
+
+@triton.jit
+def _philox(seed, offsets, FAST_MATH: tl.constexpr):
+    """Philox4x32-10 of counter (offsets mod 2^32, offsets >> 32, 0, 0) and key (seed mod 2^32,
+    seed >> 32): the same four uint32 words as ``tl.randint4x(seed, offsets)``."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = offsets.to(tl.uint32)
+    c1 = (offsets >> 32).to(tl.uint32)
+    # Round 1 with c2 = c3 = 0 written out (inline asm does not constant-fold a product by 0).
+    hi_a, lo_a = _mul_wide(c0, _PHILOX_A, FAST_MATH)
+    c0, c1, c2, c3 = c1 ^ k0, c0 * 0, hi_a ^ k1, lo_a
+    for _ in tl.static_range(9):
+        k0 = tl.add(k0, _PHILOX_KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, _PHILOX_KEY_B, sanitize_overflow=False)
+        hi_b, lo_b = _mul_wide(c2, _PHILOX_B, FAST_MATH)
+        hi_a, lo_a = _mul_wide(c0, _PHILOX_A, FAST_MATH)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _box_muller(a, b, FAST_MATH: tl.constexpr):
+    """Two N(0, 1) from two uint32: u = (a + 1/2) 2^-32 in (0, 1], theta = (int32(b) >> 8)
+    pi 2^-23 in [-pi, pi) (exact in fp32), r = sqrt(-2 ln u); (r cos theta, r sin theta)."""
+    u = a.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+    theta = (b.to(tl.int32, bitcast=True) >> 8).to(tl.float32) * 3.7450702e-07
+    if FAST_MATH:  # -2 ln u = -2 ln(2) log2(u); MUFU.LG2/SIN/COS, no range reduction needed
+        r = tl.sqrt(_lg2_approx(u) * -1.3862943611198906)
+        cos, sin = _cos_approx(theta), _sin_approx(theta)
+    else:
+        r = tl.sqrt(-2.0 * tl.log(u))
+        cos, sin = tl.cos(theta), tl.sin(theta)
+    return r * cos, r * sin
+
+
+@triton.jit
+def _normal_tile(seed, rows, d0, D4, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                 FAST_MATH: tl.constexpr):
+    """eps[row, col] for col in d0 + [0, BLOCK_D): column 4g + k of a row takes output k of
+    Philox group row * D4 + g (d0 and BLOCK_D are multiples of 4: whole groups)."""
     groups = d0 // 4 + tl.arange(0, BLOCK_D // 4)
     offsets = rows[:, None] * D4 + groups[None, :]  # int64: B * D may pass 2**31
-    n0, n1, n2, n3 = tl.randn4x(seed, offsets)
+    x0, x1, x2, x3 = _philox(seed, offsets, FAST_MATH)
+    n0, n1 = _box_muller(x0, x1, FAST_MATH)
+    n2, n3 = _box_muller(x2, x3, FAST_MATH)
     # Interleave so that column 4g + k holds n_k[g]: join(join(n0,n2), join(n1,n3))[.., j, k]
     # is n_{2j+k}, and reshape (row-major) flattens (g, j, k) to column 4g + 2j + k.
     eps = tl.join(tl.join(n0, n2), tl.join(n1, n3))
@@ -73,64 +176,66 @@ def _normal_tile(seed, rows, d0, D4, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexp
 @triton.jit(do_not_specialize=["seed"])
 def _reparam_kl_fwd_kernel(
     mu_ptr, lv_ptr, z_ptr, kl_ptr,
-    B, D, D4,
-    stride_mu_b, stride_mu_d, stride_lv_b, stride_lv_d,
+    B, D, stride_mu, stride_lv,
     seed, seed_ptr,
-    SEED_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr, FAST_MATH: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program = BLOCK_B rows; loops over D so the row's KL is reduced without atomics."""
+    """One program = BLOCK_B rows (unit column stride); loops over D so the row's KL is
+    reduced in registers, without atomics."""
     if SEED_FROM_PTR:  # a device seed: read at run time, so a CUDA graph replay sees new ones
         seed = tl.load(seed_ptr)
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_mask = rows < B
+    D4 = (D + 3) // 4
+    mu_rows = mu_ptr + rows[:, None] * stride_mu
+    lv_rows = lv_ptr + rows[:, None] * stride_lv
+    z_rows = z_ptr + rows[:, None] * D
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        cols = tl.max_contiguous(d0 + tl.arange(0, BLOCK_D), 4)  # see _normal_tile
         mask = row_mask[:, None] & (cols < D)[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_d,
-                     mask=mask, other=0.0).to(tl.float32)
-        lv = tl.load(lv_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_d,
-                     mask=mask, other=0.0).to(tl.float32)
-        eps = _normal_tile(seed, rows, d0, D4, BLOCK_B, BLOCK_D)
-        z = mu + tl.exp(0.5 * lv) * eps
-        tl.store(z_ptr + rows[:, None] * D + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
-        acc += tl.where(mask, mu * mu + tl.exp(lv) - 1.0 - lv, 0.0)
+        mu = tl.load(mu_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        lv = tl.load(lv_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        eps = _normal_tile(seed, rows, d0, D4, BLOCK_B, BLOCK_D, FAST_MATH)
+        std = tl.exp2(lv * _HALF_LOG2E)  # the one exponential: exp(lv / 2)
+        tl.store(z_rows + cols[None, :], (mu + std * eps).to(z_ptr.dtype.element_ty), mask=mask)
+        # (var - 1) first: one FFMA, exact for var ~ 1; the term is 0 where masked (mu = lv = 0)
+        acc += mu * mu + ((std * std - 1.0) - lv)
     tl.store(kl_ptr + rows, 0.5 * tl.sum(acc, axis=1), mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _reparam_kl_bwd_kernel(
     mu_ptr, lv_ptr, gz_ptr, gkl_ptr, dmu_ptr, dlv_ptr,
-    B, D, D4,
-    stride_mu_b, stride_mu_d, stride_lv_b, stride_lv_d, stride_gz_b, stride_gz_d, stride_gkl,
+    B, D, stride_mu, stride_lv, stride_gz, stride_gkl,
     seed, seed_ptr,
     HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    FAST_MATH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Elementwise over a 2-D grid of (BLOCK_B, BLOCK_D) tiles; eps regenerated from seed."""
     if SEED_FROM_PTR:
         seed = tl.load(seed_ptr)
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     d0 = tl.program_id(1) * BLOCK_D
-    cols = d0 + tl.arange(0, BLOCK_D)
+    cols = tl.max_contiguous(d0 + tl.arange(0, BLOCK_D), 4)  # see _normal_tile
     mask = (rows < B)[:, None] & (cols < D)[None, :]
-    lv = tl.load(lv_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_d,
-                 mask=mask, other=0.0).to(tl.float32)
+    lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=mask, other=0.0)
+    std = tl.exp2(lv.to(tl.float32) * _HALF_LOG2E)
     dmu = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     dlv = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     if HAS_GZ:
-        gz = tl.load(gz_ptr + rows[:, None] * stride_gz_b + cols[None, :] * stride_gz_d,
-                     mask=mask, other=0.0).to(tl.float32)
-        eps = _normal_tile(seed, rows, d0, D4, BLOCK_B, BLOCK_D)
+        gz = tl.load(gz_ptr + rows[:, None] * stride_gz + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        eps = _normal_tile(seed, rows, d0, (D + 3) // 4, BLOCK_B, BLOCK_D, FAST_MATH)
         dmu += gz
-        dlv += 0.5 * gz * eps * tl.exp(0.5 * lv)
+        dlv += 0.5 * gz * eps * std
     if HAS_GKL:
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_d,
-                     mask=mask, other=0.0).to(tl.float32)
-        gkl = tl.load(gkl_ptr + rows * stride_gkl, mask=rows < B, other=0.0).to(tl.float32)
-        dmu += gkl[:, None] * mu
-        dlv += 0.5 * gkl[:, None] * (tl.exp(lv) - 1.0)
+        mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        half_gkl = 0.5 * tl.load(gkl_ptr + rows * stride_gkl, mask=rows < B, other=0.0).to(tl.float32)
+        dmu += (2.0 * half_gkl)[:, None] * mu
+        dlv += half_gkl[:, None] * (std * std - 1.0)
     out = rows[:, None] * D + cols[None, :]
     tl.store(dmu_ptr + out, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
     tl.store(dlv_ptr + out, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
@@ -150,9 +255,13 @@ def _interpret() -> bool:
 
 
 def _kernels_interpreted() -> bool:
-    # @triton.jit reads TRITON_INTERPRET when it runs, for triton's own helpers (tl.randn4x)
+    # @triton.jit reads TRITON_INTERPRET when it runs, for triton's own helpers (tl.randint4x)
     # too, so interpreted kernels exist only if it was set before triton was imported.
     return type(_reparam_kl_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# Inline PTX approximations on NVIDIA GPUs; precise math in the interpreter and on ROCm.
+FAST_MATH = not _kernels_interpreted() and torch.version.hip is None
 
 
 def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -163,9 +272,16 @@ def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" or (_interpret() and _kernels_interpreted())
 
 
+def _use_kernel(t: torch.Tensor) -> bool:
+    """kernel_available for a tensor, cheap on CUDA (checked on every call)."""
+    if t.is_cuda:
+        return t.dtype in KERNEL_DTYPES
+    return t.dtype in KERNEL_DTYPES and _interpret() and _kernels_interpreted()
+
+
 def gpu_tile(block_d: int) -> int:
     """Elements per program on a GPU for rows handled ``block_d`` columns at a time."""
-    return TILE_GPU if block_d <= 256 else TILE_GPU_WIDE
+    return TILE_GPU_WIDE if block_d >= MAX_BLOCK_D else TILE_GPU
 
 
 def _block_sizes(B: int, D: int) -> tuple[int, int]:
@@ -176,56 +292,96 @@ def _block_sizes(B: int, D: int) -> tuple[int, int]:
     return block_b, block_d
 
 
-def _device_guard(device: torch.device):
-    # Triton launches on the *current* CUDA device; make it the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+_LAUNCHES = LaunchCache()
+_FWD, _BWD = "fwd", "bwd"
+_CONTIGUOUS = torch.contiguous_format
 
 
-def _seed_args(seed, dummy: torch.Tensor) -> dict:
-    """Kernel arguments seed, seed_ptr, SEED_FROM_PTR for an int seed or a one-element int64
-    tensor on the kernel's device (read by the kernel, never by the host: no sync, and CUDA
-    graphs replay with the tensor's current value instead of the one seen at capture)."""
-    if isinstance(seed, torch.Tensor):
-        return dict(seed=0, seed_ptr=seed, SEED_FROM_PTR=True)
-    return dict(seed=int(seed), seed_ptr=dummy, SEED_FROM_PTR=False)
+def _seed_args(seed, like: torch.Tensor):
+    """(seed, seed_ptr, key part): an int seed is a kernel argument (32 or 64 bits by value, as
+    Triton types it; ``like`` stands in as the unread pointer); a tensor seed is read by the
+    kernel, from ``like``'s device."""
+    if not isinstance(seed, torch.Tensor):
+        seed = int(seed)
+        return seed, like, seed >= 2**31
+    if seed.device != like.device:
+        seed = seed.to(like.device)
+    return 0, seed, (True, seed.data_ptr() % 16 == 0)
 
 
-def _forward_triton(mu, logvar, seed, block_b=None, block_d=None, num_warps=4):
-    """Launch the forward kernel on 2-D (B, D) inputs (any strides); ``seed``: int or device
-    tensor (see ``_seed_args``). Returns (z, kl)."""
-    B, D = mu.shape
-    z = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
-    kl = torch.empty(B, dtype=torch.float32, device=mu.device)
+def _unit_column_stride(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(t, its row stride) with unit column stride (the kernels take a row stride only)."""
+    stride = t.stride()
+    if stride[-1] != 1:
+        t = t.contiguous()
+        stride = t.stride()
+    return t, stride[0]
+
+
+def _plan(B, D, block_b, block_d, num_warps, meta, two_d: bool):
+    """(grid, constexprs, num_warps) of a launch: block sizes by ``_block_sizes`` unless given."""
     bb, bd = _block_sizes(B, D)
     bb, bd = block_b or bb, block_d or bd
     assert bd % 4 == 0, "BLOCK_D must hold whole groups of 4 Philox outputs"
-    with _device_guard(mu.device):
-        _reparam_kl_fwd_kernel[(triton.cdiv(B, bb),)](
-            mu, logvar, z, kl, B, D, triton.cdiv(D, 4),
-            mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-            **_seed_args(seed, mu), BLOCK_B=bb, BLOCK_D=bd, num_warps=num_warps,
-        )
+    grid = (triton.cdiv(B, bb), triton.cdiv(D, bd)) if two_d else (triton.cdiv(B, bb),)
+    return grid, dict(meta, FAST_MATH=FAST_MATH, BLOCK_B=bb, BLOCK_D=bd), num_warps
+
+
+def _forward_triton(mu, logvar, seed, block_b=None, block_d=None, num_warps=NUM_WARPS):
+    """Launch the forward kernel on 2-D (B, D) inputs; ``seed``: an int, or a one-element int64
+    tensor that the kernel reads (no sync; CUDA graphs replay with its current value).
+    Returns (z, kl). The key holds everything Triton specializes the launch on (values of the
+    int arguments, dtypes and 16-byte alignment of the pointers) and the block overrides."""
+    s_mu, c_mu = mu.stride()
+    s_lv, c_lv = logvar.stride()
+    if c_mu != 1 or c_lv != 1:  # the kernels take a row stride only
+        mu, s_mu = _unit_column_stride(mu)
+        logvar, s_lv = _unit_column_stride(logvar)
+    B, D = mu.shape
+    z = torch.empty_like(mu, memory_format=_CONTIGUOUS)
+    kl = mu.new_empty(B, dtype=torch.float32)
+    if seed.__class__ is int:
+        seed_ptr, seed_key = mu, seed >= 2**31
+    else:
+        seed, seed_ptr, seed_key = _seed_args(seed, mu)
+    dev = mu.get_device()
+    key = (_FWD, dev, mu.dtype, B, D, s_mu, s_lv, seed_key, mu.data_ptr() % 16,
+           logvar.data_ptr() % 16, block_b, block_d, num_warps)
+    _LAUNCHES.launch(
+        _reparam_kl_fwd_kernel, key, (mu, logvar, z, kl, B, D, s_mu, s_lv, seed, seed_ptr),
+        lambda: _plan(B, D, block_b, block_d, num_warps,
+                      dict(SEED_FROM_PTR=seed_ptr is not mu), two_d=False), dev)
     return z, kl
 
 
-def _backward_triton(mu, logvar, seed, gz, gkl, block_b=None, block_d=None, num_warps=4):
+def _backward_triton(mu, logvar, seed, gz, gkl, block_b=None, block_d=None, num_warps=NUM_WARPS):
     """Launch the backward kernel; gz (B, D) and gkl (B,) may be None or have any strides."""
+    s_mu, c_mu = mu.stride()
+    s_lv, c_lv = logvar.stride()
+    if c_mu != 1 or c_lv != 1:
+        mu, s_mu = _unit_column_stride(mu)
+        logvar, s_lv = _unit_column_stride(logvar)
     B, D = mu.shape
-    dmu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
-    dlv = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
-    bb, bd = _block_sizes(B, D)
-    bb, bd = block_b or bb, block_d or bd
-    assert bd % 4 == 0, "BLOCK_D must hold whole groups of 4 Philox outputs"
-    gz_arg = gz if gz is not None else mu  # dummy pointer, never read (HAS_GZ=False)
-    gkl_arg = gkl if gkl is not None else mu
-    with _device_guard(mu.device):
-        _reparam_kl_bwd_kernel[(triton.cdiv(B, bb), triton.cdiv(D, bd))](
-            mu, logvar, gz_arg, gkl_arg, dmu, dlv, B, D, triton.cdiv(D, 4),
-            mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-            gz_arg.stride(0), gz_arg.stride(-1), gkl_arg.stride(0),
-            **_seed_args(seed, mu), HAS_GZ=gz is not None, HAS_GKL=gkl is not None,
-            BLOCK_B=bb, BLOCK_D=bd, num_warps=num_warps,
-        )
+    dmu = torch.empty_like(mu, memory_format=_CONTIGUOUS)
+    dlv = torch.empty_like(mu, memory_format=_CONTIGUOUS)
+    if seed.__class__ is int:
+        seed_ptr, seed_key = mu, seed >= 2**31
+    else:
+        seed, seed_ptr, seed_key = _seed_args(seed, mu)
+    has_gz, has_gkl = gz is not None, gkl is not None
+    # mu stands in for a missing grad: a pointer never read (HAS_GZ / HAS_GKL False)
+    gz, s_gz = _unit_column_stride(gz) if has_gz else (mu, 0)
+    gkl, s_gkl = (gkl, gkl.stride(0)) if has_gkl else (mu, 0)
+    dev = mu.get_device()
+    key = (_BWD, dev, mu.dtype, B, D, s_mu, s_lv, gz.dtype, s_gz, gkl.dtype, s_gkl, has_gz,
+           has_gkl, seed_key, mu.data_ptr() % 16, logvar.data_ptr() % 16, gz.data_ptr() % 16,
+           gkl.data_ptr() % 16, block_b, block_d, num_warps)
+    _LAUNCHES.launch(
+        _reparam_kl_bwd_kernel, key,
+        (mu, logvar, gz, gkl, dmu, dlv, B, D, s_mu, s_lv, s_gz, s_gkl, seed, seed_ptr),
+        lambda: _plan(B, D, block_b, block_d, num_warps,
+                      dict(HAS_GZ=has_gz, HAS_GKL=has_gkl, SEED_FROM_PTR=seed_ptr is not mu),
+                      two_d=True), dev)
     return dmu, dlv
 
 
@@ -237,23 +393,28 @@ def _torch_eps(seed: int, shape, device) -> torch.Tensor:
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
 
 
-def _forward_torch(mu, logvar, seed: int):
+def _int_seed(seed) -> int:
+    return int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+
+
+def _forward_torch(mu, logvar, seed):
     """The reference math (fastvae.reparam) in fp32, or fp64 for fp64 inputs."""
     compute = torch.promote_types(mu.dtype, torch.float32)
     mu_c, lv_c = mu.to(compute), logvar.to(compute)
-    z = mu_c + torch.exp(0.5 * lv_c) * _torch_eps(seed, mu.shape, mu.device).to(compute)
+    eps = _torch_eps(_int_seed(seed), mu.shape, mu.device).to(compute)
+    z = mu_c + torch.exp(0.5 * lv_c) * eps
     # Contiguous like the kernel's outputs (the fake kernel promises that layout).
     return z.to(mu.dtype).contiguous(), kl_standard_normal(mu_c, lv_c)
 
 
-def _backward_torch(mu, logvar, seed: int, gz, gkl):
+def _backward_torch(mu, logvar, seed, gz, gkl):
     compute = torch.promote_types(mu.dtype, torch.float32)
     mu_c, lv_c = mu.to(compute), logvar.to(compute)
     dmu = torch.zeros_like(mu_c)
     dlv = torch.zeros_like(lv_c)
     if gz is not None:
         gz_c = gz.to(compute)
-        eps = _torch_eps(seed, mu.shape, mu.device).to(compute)
+        eps = _torch_eps(_int_seed(seed), mu.shape, mu.device).to(compute)
         dmu = dmu + gz_c
         dlv = dlv + 0.5 * gz_c * eps * torch.exp(0.5 * lv_c)
     if gkl is not None:
@@ -263,13 +424,92 @@ def _backward_torch(mu, logvar, seed: int, gz, gkl):
     return dmu.to(mu.dtype).contiguous(), dlv.to(mu.dtype).contiguous()
 
 
-# --------------------------------------------------------------------------------------------
-# torch.library ops + autograd
-# --------------------------------------------------------------------------------------------
-
-
 def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward(mu, logvar, seed):
+    """(z, kl) for 2-D mu, logvar: the kernel where it runs, else the torch fallback."""
+    if mu.numel() == 0:
+        kl = torch.zeros(mu.shape[0], dtype=_kl_dtype(mu.dtype), device=mu.device)
+        return torch.empty_like(mu, memory_format=torch.contiguous_format), kl
+    if _use_kernel(mu):
+        return _forward_triton(mu, logvar, seed)
+    return _forward_torch(mu, logvar, seed)
+
+
+def _backward(mu, logvar, seed, gz, gkl):
+    """(dmu, dlogvar) for 2-D mu, logvar; gz (B, D) and gkl (B,) may be None."""
+    if mu.numel() == 0:
+        return torch.zeros_like(mu), torch.zeros_like(logvar)
+    if _use_kernel(mu):
+        return _backward_triton(mu, logvar, seed, gz, gkl)
+    return _backward_torch(mu, logvar, seed, gz, gkl)
+
+
+# --------------------------------------------------------------------------------------------
+# Eager autograd: torch.autograd.Function
+# --------------------------------------------------------------------------------------------
+
+
+class ReparamKLFunction(torch.autograd.Function):
+    """(mu, logvar, seed) -> (z, kl) for mu, logvar of shape (..., D): z (..., D) in the input
+    dtype, kl (...) in fp32 (fp64 for fp64). ``seed``: an int (a kernel argument) or a
+    one-element int64 tensor on mu's device (read by the kernel). Saves mu, logvar (and a seed
+    tensor): eps is regenerated in the backward."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, seed):
+        ctx.set_materialize_grads(False)  # an unused output's grad stays None: less work
+        z, kl = _forward_any_shape(mu, logvar, seed)
+        if isinstance(seed, torch.Tensor):
+            ctx.save_for_backward(mu, logvar, seed)
+        else:
+            ctx.save_for_backward(mu, logvar)
+            ctx.seed = seed
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        if torch.is_grad_enabled():  # create_graph=True: there is no second derivative
+            return _backward_once_differentiable(ctx, grad_z, grad_kl)
+        return _function_backward(ctx, grad_z, grad_kl)
+
+
+def _function_backward(ctx, grad_z, grad_kl):
+    """ReparamKLFunction's backward: (dmu, dlogvar, None) from the saved inputs and seed."""
+    if grad_z is None and grad_kl is None:
+        return None, None, None
+    saved = ctx.saved_tensors
+    mu, logvar = saved[0], saved[1]
+    seed = saved[2] if len(saved) == 3 else ctx.seed
+    if mu.dim() != 2:
+        shape, width = mu.shape, mu.shape[-1]
+        mu, logvar = mu.reshape(-1, width), logvar.reshape(-1, width)
+        grad_z = None if grad_z is None else grad_z.reshape(-1, width)
+        grad_kl = None if grad_kl is None else grad_kl.reshape(-1)
+        dmu, dlv = _backward(mu, logvar, seed, grad_z, grad_kl)
+        return dmu.view(shape), dlv.view(shape), None
+    dmu, dlv = _backward(mu, logvar, seed, grad_z, grad_kl)
+    return dmu, dlv, None
+
+
+# Under create_graph=True: the same gradients, and an error if anything differentiates them.
+_backward_once_differentiable = torch.autograd.function.once_differentiable(_function_backward)
+
+
+def _forward_any_shape(mu, logvar, seed):
+    """(z, kl) for (..., D) inputs: flattened to rows for the kernel (views where possible)."""
+    if mu.dim() == 2:
+        return _forward(mu, logvar, seed)
+    shape = mu.shape
+    z, kl = _forward(mu.reshape(-1, shape[-1]), logvar.reshape(-1, shape[-1]), seed)
+    return z.view(shape), kl.view(shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops + autograd: what torch.compile traces
+# --------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("fastvae::reparameterize_kl", mutates_args=())
@@ -278,12 +518,7 @@ def _reparam_kl_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, D) mu, logvar and a 0-d int64 seed tensor (on the CPU or mu's device) -> z (B, D)
     input dtype, kl (B,) fp32."""
-    if mu.numel() == 0:
-        kl = torch.zeros(mu.shape[0], dtype=_kl_dtype(mu.dtype), device=mu.device)
-        return torch.empty_like(mu), kl
-    if kernel_available(mu.device, mu.dtype):
-        return _forward_triton(mu, logvar, _kernel_seed(seed, mu))
-    return _forward_torch(mu, logvar, int(seed.item()))
+    return _forward(mu, logvar, _kernel_seed(seed, mu))
 
 
 def _kernel_seed(seed: torch.Tensor, mu: torch.Tensor):
@@ -310,11 +545,7 @@ def _reparam_kl_backward_op(
     grad_kl: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dmu, dlogvar) from mu, logvar, the seed and the upstream grads (either may be None)."""
-    if mu.numel() == 0:
-        return torch.zeros_like(mu), torch.zeros_like(logvar)
-    if kernel_available(mu.device, mu.dtype):
-        return _backward_triton(mu, logvar, _kernel_seed(seed, mu), grad_z, grad_kl)
-    return _backward_torch(mu, logvar, int(seed.item()), grad_z, grad_kl)
+    return _backward(mu, logvar, _kernel_seed(seed, mu), grad_z, grad_kl)
 
 
 @_reparam_kl_backward_op.register_fake
@@ -328,7 +559,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(mu, logvar, seed)  # nothing else of size B x D: eps is regenerated
 
 
-def _backward(ctx, grad_z, grad_kl):
+def _op_backward(ctx, grad_z, grad_kl):
     mu, logvar, seed = ctx.saved_tensors
     if grad_z is None and grad_kl is None:
         return None, None, None
@@ -336,26 +567,66 @@ def _backward(ctx, grad_z, grad_kl):
     return dmu, dlv, None
 
 
-_reparam_kl_op.register_autograd(_backward, setup_context=_setup_context)
+_reparam_kl_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry point
+# Seeds and the public entry point
 # --------------------------------------------------------------------------------------------
+
+_seed_buffers = threading.local()
+
+
+def draw_host_seed(generator: "torch.Generator | None" = None) -> int:
+    """A Philox seed in [0, 2**31 - 1) from torch's CPU generator (or a CPU ``generator``):
+    reproducible under ``torch.manual_seed``, no device sync, no tensor allocated per call."""
+    buf = getattr(_seed_buffers, "buf", None)
+    if buf is None:
+        buf = _seed_buffers.buf = torch.empty((), dtype=torch.int64)
+    return int(buf.random_(0, 2**31 - 1, generator=generator))
+
+
+def _check_seed_tensor(seed: torch.Tensor) -> torch.Tensor:
+    if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
+        raise ValueError("seed tensor must hold one integer")
+    return seed
+
+
+def _check_seed_int(seed) -> int:
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def _eager_seed(seed, mu: torch.Tensor):
+    """The seed as the Function takes it: an int (host values), or an int64 tensor on mu's
+    device (read by the kernel: device seeds, and fresh draws inside a CUDA-graph capture)."""
+    if seed is None:
+        if mu.is_cuda and torch.cuda.is_current_stream_capturing():
+            # a host int would be frozen into the graph: draw on the device at every replay
+            return torch.randint(0, 2**31 - 1, (), device=mu.device)
+        return draw_host_seed()
+    if not isinstance(seed, torch.Tensor):
+        return _check_seed_int(seed)
+    _check_seed_tensor(seed)
+    if seed.device.type == "cpu":
+        return _check_seed_int(seed.item())  # read by the host: no device sync
+    seed = seed.reshape(()).to(torch.int64)
+    return seed if seed.device == mu.device else seed.to(mu.device)
 
 
 def _seed_tensor(seed) -> torch.Tensor:
+    """The seed as the custom op takes it (under torch.compile): a 0-d int64 tensor."""
     if seed is None:
         # Drawn from torch's CPU generator: reproducible under torch.manual_seed, no device sync.
         return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
     if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
-            raise ValueError("seed tensor must hold one integer")
-        return seed.reshape(()).to(torch.int64)  # stays where it is: moving it would sync
-    seed = int(seed)
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return torch.tensor(seed, dtype=torch.int64)
+        return _check_seed_tensor(seed).reshape(()).to(torch.int64)  # stays where it is
+    return torch.tensor(_check_seed_int(seed), dtype=torch.int64)
+
+
+_REDUCTIONS = ("none", "sum", "mean")
 
 
 def reparameterize_kl(
@@ -369,29 +640,61 @@ def reparameterize_kl(
 
     ``mu``, ``logvar``: same shape (..., D), float32/bfloat16/float16 (float64 uses the torch
     path). ``seed``: int, one-element integer tensor, or None to draw one from torch's CPU
-    generator. A tensor seed on the CPU is read by the host (no device sync); one on mu's
-    device is read by the kernel, which CUDA graphs need (a host-read seed would be frozen into
-    the graph). Same seed value, same shape -> same eps, on any block size.
+    generator (on the device instead while a CUDA graph is being captured). A tensor seed on the
+    CPU is read by the host (no device sync); one on mu's device is read by the kernel, which
+    CUDA graphs need (a host-read seed would be frozen into the graph). Same seed value, same
+    shape -> same eps, on any block size.
     Returns ``z`` (..., D) in the input dtype and ``kl`` in float32: shape (...) for
     ``reduction="none"``, a scalar sum or mean over rows for ``"sum"`` / ``"mean"``.
     """
-    if reduction not in ("none", "sum", "mean"):
+    if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     if mu.shape != logvar.shape or mu.dtype != logvar.dtype or mu.device != logvar.device:
         raise ValueError("mu and logvar must have the same shape, dtype and device")
     if mu.dim() == 0:
         raise ValueError("mu must have at least one dimension (the latent dimension)")
-    shape = mu.shape
-    rows = math.prod(shape[:-1])
-    z, kl = _reparam_kl_op(mu.reshape(rows, shape[-1]), logvar.reshape(rows, shape[-1]),
-                           _seed_tensor(seed))
-    z, kl = z.view(shape), kl.view(shape[:-1])
+    if torch.compiler.is_compiling():  # the custom op: fake kernels for tracing
+        shape = mu.shape
+        rows = math.prod(shape[:-1])
+        z, kl = _reparam_kl_op(mu.reshape(rows, shape[-1]), logvar.reshape(rows, shape[-1]),
+                               _seed_tensor(seed))
+        z, kl = z.view(shape), kl.view(shape[:-1])
+    elif torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
+        z, kl = ReparamKLFunction.apply(mu, logvar, _eager_seed(seed, mu))
+    else:  # nothing to differentiate: no autograd node, just the kernel
+        z, kl = _forward_any_shape(mu, logvar, _eager_seed(seed, mu))
     # The row reduction is a tiny deterministic second stage (no atomics in the kernel).
     if reduction == "sum":
         kl = kl.sum()
     elif reduction == "mean":
         kl = kl.mean()
     return z, kl
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Within: the op takes its kernel path for CPU tensors too and does all of its host work
+    (seed, outputs, launch-plan lookup, argument tuple, stream query) except the launch itself,
+    which does nothing (outputs hold garbage). For measuring and checking the host path on a
+    machine without a GPU (benchmarks/reparam_kl_device.py, tests); not thread-safe."""
+    from fastvae.kernels import _launch
+
+    class _NoLaunch(LaunchCache):
+        def _generic(self, kernel, key, entry, args, plan):
+            if entry is None:
+                grid, constexprs, num_warps = plan()
+                noop = (lambda *launch_args: None, 1, 1, 1, 0, 0, tuple(constexprs.values()))
+                self.entries[key] = _launch._Entry(grid, constexprs, num_warps, noop)
+
+    global _LAUNCHES, _use_kernel
+    saved = _LAUNCHES, _use_kernel, _launch._current_device
+    _LAUNCHES, _use_kernel = _NoLaunch(), lambda t: t.dtype in KERNEL_DTYPES
+    _LAUNCHES.stream_of = lambda device_index: 0
+    _launch._current_device = lambda: -1  # the CPU tensors' "device"
+    try:
+        yield
+    finally:
+        _LAUNCHES, _use_kernel, _launch._current_device = saved
 
 
 def philox_eps(seed: int, rows: int, cols: int, device="cpu", **blocks) -> torch.Tensor:

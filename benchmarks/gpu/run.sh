@@ -6,9 +6,11 @@
 # 1. installs what the GPU image lacks from wheels in .whl/ (benchmarks/fetch_wheels.sh fetches
 #    them; pip --no-index --no-deps, never touching torch) and puts this checkout on PYTHONPATH;
 # 2. prints the device, driver, CUDA, torch and triton versions;
-# 3. runs the CUDA tests (`pytest -m gpu tests`), then each benchmark suite, each step guarded
-#    so that one failure does not lose the others' results; last, with what is left of the
-#    budget, a sweep of the fused kernel's tile sizes and warps (tile_sweep.json: tuning data);
+# 3. runs the CUDA tests (`pytest -m gpu tests`), the fused op's device-time benchmark
+#    (reparam_kl_device.json: CUDA-graph replays, L2 flushed, host time apart), then each
+#    benchmark suite, each step guarded so that one failure does not lose the others' results;
+#    last, with what is left of the budget, a sweep of the fused kernel's tile sizes and warps
+#    (tile_sweep.json: tuning data);
 # 4. writes one pytest-benchmark JSON per suite (device, versions, date, git commit, figures)
 #    into OUT_DIR (default benchmarks/results/<gpu-slug>/), renders OUT_DIR/README.md and
 #    OUT_DIR/ratios.png, compares with the stored results, and keeps the whole log in
@@ -24,7 +26,14 @@
 # FASTVAE_GPU_BUDGET_S, FASTVAE_GPU_TESTS_CAP_S (default 180 s), FASTVAE_GPU_SUITE_CAP_S
 # (default 150 s per suite, 210 s for train), FASTVAE_GPU_SUITES (space-separated suite names; default all),
 # FASTVAE_GPU_TESTS_K (pytest -k expression for the GPU tests; default all of them),
-# FASTVAE_GPU_EXTRAS (the steps besides tests and suites: default "precision tile_sweep"; "" skips both),
+# FASTVAE_GPU_TESTS_SET (a named subset of the GPU tests: "all" (default); "kernel": the fused
+#   reparameterize+KL op's files; "unreached": what the H200 runs of 2026-11-27 could not reach,
+#   FSDP + 16-mixed on CUDA, the device-seed kernel, CUDA-graph replays drawing fresh noise;
+#   "none": no tests),
+# FASTVAE_GPU_SUITES ("none": no pytest-benchmark suite),
+# FASTVAE_GPU_EXTRAS (the steps besides tests and suites: default "reparam_device precision
+#   tile_sweep"; "" skips all three; reparam_device runs right after the tests),
+# FASTVAE_GPU_DEVICE_CAP_S (reparam_device's cap, default 200 s),
 # FASTVAE_GPU_MAX_TIME (pytest-benchmark --benchmark-max-time, default 0.25 s),
 # FASTVAE_GPU_STRICT=1 (exit 1 when a step failed; default: always exit 0),
 # FASTVAE_GPU_SKIP_INSTALL=1 (skip step 1, e.g. in a copy of the tree that must not be installed).
@@ -113,12 +122,32 @@ print_versions() {
 gpu_tests() {
   local cap; cap=$(remaining "${FASTVAE_GPU_TESTS_CAP_S:-180}")
   [ "$cap" -ge 20 ] || { echo "out of time budget"; return 1; }
-  local select=()
+  local paths=(tests) select=()
+  case "${FASTVAE_GPU_TESTS_SET:-all}" in
+    all) ;;
+    kernel) paths=(tests/test_kernel_reparam_kl.py tests/test_kernel_gpu.py) ;;
+    unreached) select=(-k "fsdp_fp16_on_cuda or seed_on_the_device or cuda_graph_replays or captured_unseeded") ;;
+    none) echo "no GPU tests (FASTVAE_GPU_TESTS_SET=none)"; return 0 ;;
+    *) echo "unknown FASTVAE_GPU_TESTS_SET=${FASTVAE_GPU_TESTS_SET} (all, kernel, unreached, none)"; return 2 ;;
+  esac
   [ -n "${FASTVAE_GPU_TESTS_K:-}" ] && select=(-k "$FASTVAE_GPU_TESTS_K")
-  timeout -s INT -k 20 "$cap" "${PYTEST[@]}" -m gpu tests "${select[@]}" -q -p no:cacheprovider -rs --timeout=120
+  timeout -s INT -k 20 "$cap" "${PYTEST[@]}" -m gpu "${paths[@]}" "${select[@]}" -q -p no:cacheprovider -rs --timeout=120
   local rc=$?
   [ "$rc" -eq 5 ] && { echo "no gpu tests collected"; return 0; }
   return "$rc"
+}
+
+# The fused op's device time (CUDA-graph replays, L2 flushed), host time and copy fraction:
+# issue 19's acceptance figures. The script rewrites its JSON after every record.
+reparam_device() {
+  local cap; cap=$(remaining "${FASTVAE_GPU_DEVICE_CAP_S:-200}")
+  [ "$cap" -ge 40 ] || { echo "out of time budget"; return 1; }
+  if [ "$has_cuda" = 1 ]; then
+    timeout -s INT -k 20 "$cap" "$PY" benchmarks/reparam_kl_device.py "$DEST/reparam_kl_device.json" --budget-s $((cap - 30))
+  else
+    echo "(no CUDA: host-time smoke run on the CPU, to check the script)"
+    timeout -s INT -k 20 "$cap" "$PY" benchmarks/reparam_kl_device.py "$DEST/reparam_kl_device.json" --smoke
+  fi
 }
 
 # Steps stop with SIGINT at their cap: pytest then still writes the JSON of what finished.
@@ -184,8 +213,11 @@ main() {
   fi
   step "2 versions" print_versions
   step "3a gpu tests (pytest -m gpu tests)" gpu_tests
+  local extras=" ${FASTVAE_GPU_EXTRAS-reparam_device precision tile_sweep} "
+  [[ "$extras" == *" reparam_device "* ]] && step "3b fused reparam+KL device time" reparam_device
   local suites order s
-  if [ -n "${FASTVAE_GPU_SUITES:-}" ]; then suites=$FASTVAE_GPU_SUITES
+  if [ "${FASTVAE_GPU_SUITES:-}" = none ]; then suites=""
+  elif [ -n "${FASTVAE_GPU_SUITES:-}" ]; then suites=$FASTVAE_GPU_SUITES
   else
     # most valuable first, in case the budget runs out: the trainer figure and
     # the bf16 check (right after train); the kernel suite keeps what it finishes in its cap
@@ -197,12 +229,11 @@ main() {
       case " $suites " in *" $s "*) ;; *) suites="$suites $s";; esac
     done
   fi
-  [ -n "${suites// /}" ] || echo "no benchmark suites (benchmarks/test_bench_*.py) yet"
-  local extras=" ${FASTVAE_GPU_EXTRAS-precision tile_sweep} "
+  [ -n "${suites// /}" ] || echo "no benchmark suites selected"
   for s in $suites; do
-    step "3b bench $s" bench_suite "$s"
+    step "3c bench $s" bench_suite "$s"
     if [ "$s" = train ] && [[ "$extras" == *" precision "* ]]; then
-      step "3c bf16 vs fp32 -ELBO (digits)" precision_check
+      step "3d bf16 vs fp32 -ELBO (digits)" precision_check
     fi
   done
   [[ "$extras" == *" tile_sweep "* ]] && step "4 kernel tile sweep (tuning data)" tile_sweep

@@ -1,0 +1,316 @@
+"""Fused reparameterize+KL vs eager torch vs torch.compile: device time apart from host time.
+
+    python benchmarks/reparam_kl_device.py OUT.json [--budget-s 240] [--smoke] [--cpu]
+           [--sizes 65536x64,4096x1024] [--dtypes fp32,bf16] [--impls fused,eager,compile]
+
+Writes ``OUT.json`` (issue 19's schema, one object): ``gpu`` (or ``cpu``: the device's name),
+``torch``, ``triton``, ``date``, ``commit`` and ``records``, a list of
+``{B, D, dtype, impl, pass, device_us, host_us, e2e_us, bytes, copy_gbps, frac_of_copy}``, one
+per implementation (``fused`` | ``eager`` | ``compile``), pass (``fwd`` | ``fwd_bwd``: forward,
+then ``torch.autograd.grad`` of z and kl) and shape. It is rewritten after every record, so a run
+cut short keeps what it measured. ``benchmarks/report.py render`` turns it into a table and
+``reparam_kl_device.png``.
+
+On a GPU (B in {65536, 262144, 4096} x D in {64, 256, 1024, 4096} x {fp32, bf16}, the acceptance
+sizes first):
+
+* ``device_us``: median over replays of a CUDA graph holding one call, timed with CUDA events,
+  with the L2 cache flushed (256 MB written) before each replay. The fused op reads its seed
+  from a device tensor made before capture (the CUDA-graph kernel variant; the ~2 us seed draw
+  of a training step is not in it); eager and compile draw eps with ``randn_like``.
+* ``host_us``: host (wall-clock) time per call while issuing 20 calls back to back, no graphs:
+  what the Python, dispatch and launch path costs. ``e2e_us``: the same 20 calls up to the
+  end of their GPU work, per call (host and device overlapping, as in a training loop).
+* ``bytes``: what the op must move at least (``common.reparam_kl_bytes``: each of mu, logvar,
+  z, kl, grad_z, grad_kl, grad_mu, grad_logvar once); ``copy_gbps``: a device-to-device copy of
+  that many bytes (read + write) timed the same way; ``frac_of_copy`` = bytes / device time /
+  copy bandwidth.
+* ``compile``: ``torch.compile`` (Inductor, default mode) of the eager math with batch and
+  latent sizes dynamic: one compilation per dtype and pass (``--compile-static``: per shape).
+
+On a CPU (``--cpu``, or no CUDA) only host time means something: ``host_us`` is the thread CPU
+time per call of the fused op's whole host path with the Triton launch itself stubbed out
+(``reparam_kl.stubbed_launches``: seed draw, autograd.Function, output allocation, launch-plan
+lookup, argument tuple; the launcher call, ~2-3 us on a GPU host, is the part left out) against
+the eager torch math on the same tiny tensors (B = 8, where its CPU kernels cost little next to
+their dispatch), measured in alternating rounds; device, e2e and copy fields are null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import cpu_name, git_commit, reparam_kl_bytes, reparam_kl_eager, smoke_mode  # noqa: E402
+
+GPU_B = (65536, 262144, 4096)  # acceptance sizes first: a run cut short keeps them
+GPU_D = (64, 256, 1024, 4096)
+CPU_SIZES = ((8, 64), (8, 256))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("fused", "eager", "compile")
+PASSES = ("fwd_bwd", "fwd")
+FLUSH_BYTES = 256 << 20  # more than any L2 (H100/H200: 50-60 MB)
+
+
+def _versions() -> dict:
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__}
+
+
+def make_op(impl: str, dynamic: bool = True):
+    """(mu, logvar) -> (z, kl) for one implementation."""
+    if impl == "eager":
+        return reparam_kl_eager
+    if impl == "compile":
+        return torch.compile(reparam_kl_eager, dynamic=dynamic)
+    from fastvae.kernels import reparameterize_kl
+
+    return reparameterize_kl
+
+
+def make_inputs(B: int, D: int, dtype, device, grad: bool):
+    g = torch.Generator(device=device).manual_seed(0)
+    mu = torch.randn(B, D, device=device, generator=g).to(dtype).requires_grad_(grad)
+    logvar = (0.5 * torch.randn(B, D, device=device, generator=g)).to(dtype).requires_grad_(grad)
+    gz = torch.randn(B, D, device=device, generator=g).to(dtype)
+    gkl = torch.randn(B, device=device, generator=g)
+    return mu, logvar, gz, gkl
+
+
+def one_call(op, mode: str, mu, logvar, gz, gkl, **op_kwargs):
+    """A no-argument callable: the op, and for ``fwd_bwd`` the gradients of z and kl."""
+    if mode == "fwd":
+        return lambda: op(mu, logvar, **op_kwargs)
+
+    def fwd_bwd():
+        z, kl = op(mu, logvar, **op_kwargs)
+        return torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
+
+    return fwd_bwd
+
+
+# --------------------------------------------------------------------------- GPU timing
+
+
+def graph_device_us(fn, flush: torch.Tensor, replays: int) -> float:
+    """Median microseconds of one CUDA-graph replay of ``fn``, L2 flushed before each."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(replays)]
+    graph.replay()  # first replay uploads the graph
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    del graph
+    return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
+
+
+def host_e2e_us(fn, calls: int = 20, rounds: int = 5) -> tuple[float, float]:
+    """(host, end-to-end) microseconds per call of ``calls`` back-to-back calls: host = until
+    the last call returned, e2e = until their GPU work finished; medians over rounds."""
+    host, e2e = [], []
+    fn()
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) / calls * 1e6)
+        e2e.append((t2 - t0) / calls * 1e6)
+    return statistics.median(host), statistics.median(e2e)
+
+
+_copy_cache: dict[int, float] = {}
+
+
+def copy_gbps(nbytes: int, flush: torch.Tensor, replays: int) -> float:
+    """Bandwidth (GB/s, read + write) of a device-to-device copy moving ``nbytes``."""
+    if nbytes not in _copy_cache:
+        src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        us = graph_device_us(lambda: dst.copy_(src), flush, replays)
+        _copy_cache[nbytes] = 2 * src.numel() / (us * 1e-6) / 1e9
+        del src, dst
+    return _copy_cache[nbytes]
+
+
+def gpu_case(B, D, name, impl, mode, ops, flush, replays) -> dict | None:
+    """One record on the GPU, or None (skipped: not enough memory)."""
+    dtype = DTYPES[name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # eager fwd_bwd keeps ~16 tensors of B x D alive (inputs, eps, temporaries, grads)
+    need = 18 * B * D * max(itemsize, 4)
+    if need > 0.85 * torch.cuda.mem_get_info()[0]:
+        print(f"  skip B={B} D={D} {name} {impl} {mode}: needs ~{need / 2**30:.0f} GiB", flush=True)
+        return None
+    mu, logvar, gz, gkl = make_inputs(B, D, dtype, "cuda", mode == "fwd_bwd")
+    op = ops[impl]
+    graph_kwargs = {"seed": torch.tensor(12345, device="cuda")} if impl == "fused" else {}
+    device_us = graph_device_us(one_call(op, mode, mu, logvar, gz, gkl, **graph_kwargs), flush, replays)
+    host_us, e2e_us = host_e2e_us(one_call(op, mode, mu, logvar, gz, gkl))
+    nbytes = reparam_kl_bytes(B, D, itemsize, mode)
+    copy = copy_gbps(nbytes, flush, replays)
+    del mu, logvar, gz, gkl
+    torch.cuda.empty_cache()
+    return record(B, D, name, impl, mode, device_us=device_us, host_us=host_us, e2e_us=e2e_us,
+                  nbytes=nbytes, copy=copy)
+
+
+# --------------------------------------------------------------------------- CPU timing
+
+
+def cpu_host_us(fns: dict, calls: int, rounds: int) -> dict:
+    """Thread CPU microseconds per call of each callable, rounds alternating between them."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = time.thread_time()
+            for _ in range(calls):
+                fn()
+            times[key].append((time.thread_time() - t0) / calls * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cpu_cases(sizes, dtypes, impls, calls: int, rounds: int) -> list[dict]:
+    from fastvae.kernels import reparam_kl
+
+    out = []
+    with reparam_kl.stubbed_launches():
+        for B, D in sizes:
+            for name in dtypes:
+                for mode in PASSES:
+                    mu, logvar, gz, gkl = make_inputs(B, D, DTYPES[name], "cpu", mode == "fwd_bwd")
+                    fns = {impl: one_call(make_op(impl), mode, mu, logvar, gz, gkl) for impl in impls}
+                    host = cpu_host_us(fns, calls, rounds)
+                    itemsize = mu.element_size()
+                    for impl in impls:
+                        out.append(record(B, D, name, impl, mode, host_us=host[impl],
+                                          nbytes=reparam_kl_bytes(B, D, itemsize, mode)))
+                        print(_line(out[-1]), flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- records
+
+
+def record(B, D, dtype, impl, mode, *, host_us, nbytes, device_us=None, e2e_us=None, copy=None):
+    frac = None
+    if device_us is not None and copy is not None:
+        frac = nbytes / (device_us * 1e-6) / 1e9 / copy
+    return {"B": B, "D": D, "dtype": dtype, "impl": impl, "pass": mode,
+            "device_us": _round(device_us), "host_us": _round(host_us), "e2e_us": _round(e2e_us),
+            "bytes": nbytes, "copy_gbps": _round(copy), "frac_of_copy": _round(frac, 4)}
+
+
+def _round(x, digits=2):
+    return None if x is None else round(float(x), digits)
+
+
+def _line(r: dict) -> str:
+    dev = f"device {r['device_us']:9.1f} us  " if r["device_us"] is not None else ""
+    frac = f"  {100 * r['frac_of_copy']:5.1f}% of copy" if r["frac_of_copy"] is not None else ""
+    e2e = f"  e2e {r['e2e_us']:9.1f} us" if r["e2e_us"] is not None else ""
+    return (f"B={r['B']:>6} D={r['D']:>4} {r['dtype']} {r['pass']:7} {r['impl']:7} "
+            f"{dev}host {r['host_us']:7.1f} us{e2e}{frac}")
+
+
+def write(path: Path, device_key: str, device_name: str, records: list[dict]) -> None:
+    """The result object (issue 19's schema), written atomically."""
+    from datetime import datetime, timezone
+
+    data = {device_key: device_name, **_versions(),
+            "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            "commit": git_commit()["id"], "records": records}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--budget-s", type=float, default=240.0,
+                        help="start no new shape after this many seconds (GPU)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
+    parser.add_argument("--cpu", action="store_true", help="host time on the CPU even with CUDA")
+    parser.add_argument("--sizes", type=_parse_sizes, help="BxD,BxD,... (default: all)")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--compile-static", action="store_true",
+                        help="compile per shape instead of once per dtype and pass")
+    args = parser.parse_args(argv)
+    smoke = args.smoke or smoke_mode()
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    impls = [i for i in args.impls.split(",") if i]
+    started = time.perf_counter()
+
+    if args.cpu or not torch.cuda.is_available():
+        torch.set_num_threads(1)
+        impls = [i for i in impls if i != "compile"]  # Inductor's C++ path: not the GPU's
+        sizes = args.sizes or (CPU_SIZES[:1] if smoke else CPU_SIZES)
+        records = cpu_cases(sizes, dtypes[:1] if smoke else dtypes, impls,
+                            calls=20 if smoke else 2000, rounds=2 if smoke else 9)
+        write(args.out, "cpu", cpu_name(), records)
+        print(f"reparam_kl_device: {len(records)} CPU records -> {args.out}")
+        return 0
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, 256)
+    sizes = args.sizes or ([(4096, 64)] if smoke else [(B, D) for B in GPU_B for D in GPU_D])
+    ops = {impl: make_op(impl, dynamic=not args.compile_static) for impl in impls}
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    replays = 3 if smoke else args.replays
+    records: list[dict] = []
+    name = torch.cuda.get_device_name()
+    for B, D in sizes:
+        if time.perf_counter() - started > args.budget_s:
+            print(f"reparam_kl_device: budget of {args.budget_s:.0f} s spent; stopping before B={B} D={D}")
+            break
+        for dtype in dtypes:
+            for impl in impls:
+                for mode in PASSES:
+                    r = gpu_case(B, D, dtype, impl, mode, ops, flush, replays)
+                    if r is not None:
+                        records.append(r)
+                        print(_line(r), flush=True)
+                        write(args.out, "gpu", name, records)
+    write(args.out, "gpu", name, records)
+    print(f"reparam_kl_device: {len(records)} records in {time.perf_counter() - started:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
