@@ -338,7 +338,7 @@ def reparam_kl_eager(mu, logvar):
 
 
 def reparam_kl_bytes(B: int, D: int, itemsize: int, mode: str) -> int:
-    """DRAM bytes the op must move at least (issue 19's count, the same for every
+    """DRAM bytes the op must move at least (the count the device benchmark's schema uses, the same for every
     implementation): ``fwd`` reads mu, logvar and writes z, kl (fp32); ``fwd_bwd`` also reads
     grad_z, grad_kl and writes grad_mu, grad_logvar, each tensor counted once. Two separate
     kernels move more: the backward reads mu and logvar again (8 B x D elements, not 6)."""

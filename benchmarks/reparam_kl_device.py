@@ -3,7 +3,7 @@
     python benchmarks/reparam_kl_device.py OUT.json [--budget-s 240] [--smoke] [--cpu]
            [--sizes 65536x64,4096x1024] [--dtypes fp32,bf16] [--impls fused,eager,compile]
 
-Writes ``OUT.json`` (issue 19's schema, one object): ``gpu`` (or ``cpu``: the device's name),
+Writes ``OUT.json`` (one object): ``gpu`` (or ``cpu``: the device's name),
 ``torch``, ``triton``, ``date``, ``commit`` and ``records``, a list of
 ``{B, D, dtype, impl, pass, device_us, host_us, e2e_us, bytes, copy_gbps, frac_of_copy}``, one
 per implementation (``fused`` | ``eager`` | ``compile``), pass (``fwd`` | ``fwd_bwd``: forward,
@@ -241,7 +241,7 @@ def _line(r: dict) -> str:
 
 
 def write(path: Path, device_key: str, device_name: str, records: list[dict]) -> None:
-    """The result object (issue 19's schema), written atomically."""
+    """The result object , written atomically."""
     from datetime import datetime, timezone
 
     data = {device_key: device_name, **_versions(),

@@ -376,7 +376,7 @@ def render(folder: Path | str, md: Path | None = None, png: Path | None = None,
 
 # --------------------------------------------------------------------------- device time
 
-DEVICE_RESULT = "reparam_kl_device.json"  # benchmarks/reparam_kl_device.py (issue 19's schema)
+DEVICE_RESULT = "reparam_kl_device.json"  # benchmarks/reparam_kl_device.py (its documented schema)
 DEVICE_PNG = "reparam_kl_device.png"
 
 

@@ -61,7 +61,7 @@ from fastvae.kernels._launch import LaunchCache
 # Columns handled per step of a program; wider rows loop (the KL sum stays in registers).
 MAX_BLOCK_D = 1024
 # Elements per program on a GPU (4 warps: 8 per thread), forward and backward. Measured on an
-# H200 (benchmarks/results/nvidia-h200/tile_sweep.json, the kernels before issue 19): 1024-element
+# H200 (benchmarks/results/nvidia-h200/tile_sweep.json, the kernels before the 2026-11-30 rewrite): 1024-element
 # tiles ran 1.15-1.7x faster than 4096 at D = 64 and 256. Rows of >= 1024 columns take two rows
 # of 1024: compiled for sm_90 that tile needs <= 80 registers (the ceiling is 96,
 # tests/test_kernel_aot.py) and ~13% fewer instructions per element than one row, the per-program

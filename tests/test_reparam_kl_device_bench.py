@@ -1,4 +1,4 @@
-"""benchmarks/reparam_kl_device.py and its rendering: the JSON keeps issue 19's schema.
+"""benchmarks/reparam_kl_device.py and its rendering: the JSON keeps its documented schema.
 
 The CPU smoke run measures the host path for real (tiny, few calls); the GPU side of the
 rendering and of ``report.py store`` is checked on a synthetic record set.

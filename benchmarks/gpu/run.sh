@@ -138,7 +138,7 @@ gpu_tests() {
 }
 
 # The fused op's device time (CUDA-graph replays, L2 flushed), host time and copy fraction:
-# issue 19's acceptance figures. The script rewrites its JSON after every record.
+# the fused kernel's device-time figures. The script rewrites its JSON after every record.
 reparam_device() {
   local cap; cap=$(remaining "${FASTVAE_GPU_DEVICE_CAP_S:-200}")
   [ "$cap" -ge 40 ] || { echo "out of time budget"; return 1; }

@@ -9,7 +9,7 @@ mu, logvar, grad_z, grad_kl, write grad_mu, grad_logvar). Writes every measureme
 configuration per shape and kernel, and its gain over the shipped default (the launcher's
 tile for that row width, 4 warps). Stops starting new shapes when the budget is spent and still
 writes the JSON; the widest rows come first (the 2026-11-27 H200 run never reached them; since
-issue 19 they take two rows of 1024 per program, the sweep says whether that beats one).
+the 2026-11-30 rewrite they take two rows of 1024 per program, the sweep says whether that beats one).
 
 ``--smoke`` (no GPU; run under TRITON_INTERPRET=1): one tiny shape and two configurations,
 timed with the wall clock, to check that the script works. Its figures mean nothing.
