@@ -21,6 +21,8 @@ COMMANDS = {
     "export": "fastvae.commands.export",
     "sample": "fastvae.commands.sample",
     "report": "fastvae.commands.report",
+    "bench-sampler": "fastvae.commands.bench_sampler_command",
+    "serve": "fastvae.commands.serve_command",
 }
 
 
