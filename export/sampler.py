@@ -243,14 +243,21 @@ class OnnxSampler:
         if mode not in MODES:
             raise FastVAEError(f"mode must be one of {MODES}, got {mode!r}")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        z = rng.standard_normal((n, self.latent_dim), dtype=np.float32)
-        x = self.decode(z, batch_size)
-        if mode == "sample":
-            if self.sample_kind == "bernoulli":
-                x = (rng.random(x.shape, dtype=np.float32) < x).astype(np.float32)
-            elif self.sample_kind == "gaussian":
-                x += np.float32(self.sigma) * rng.standard_normal(x.shape, dtype=np.float32)
-        return x
+        x = self.decode(self.draw_latents(n, rng), batch_size)
+        return self.observe(x, rng) if mode == "sample" else x
+
+    def draw_latents(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """z ~ N(0, I), (n, latent_dim) float32: the first draws ``sample`` takes from ``rng``."""
+        return rng.standard_normal((n, self.latent_dim), dtype=np.float32)
+
+    def observe(self, means: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """x ~ p(x|z) given the means E[x|z] (``mode="sample"``): Bernoulli pixels, or
+        mean + sigma * noise (in place), drawn from ``rng`` after the latents."""
+        if self.sample_kind == "bernoulli":
+            return (rng.random(means.shape, dtype=np.float32) < means).astype(np.float32)
+        if self.sample_kind == "gaussian":
+            means += np.float32(self.sigma) * rng.standard_normal(means.shape, dtype=np.float32)
+        return means
 
     def __repr__(self) -> str:
         from fastvae.export.providers import short_name

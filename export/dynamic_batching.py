@@ -1,0 +1,138 @@
+"""Dynamic batching for an asyncio service: concurrent requests' latent rows decoded in one call.
+
+``await batcher.decode(z)`` queues ``z`` (rows, latent_dim); one background task takes the first
+queued request, then keeps collecting until ``max_batch`` rows are queued or ``max_wait`` seconds
+have passed since that first request, decodes all of them with one call of ``decode_fn`` on a
+worker thread (onnxruntime releases the GIL, so the event loop keeps reading requests while the
+decoder runs) and hands every request its own rows. Requests queued while a batch runs go into
+the next one without waiting. ``max_batch=1`` turns batching off: one decoder call per request.
+A request larger than ``max_batch`` rows is decoded alone.
+
+Each request's rows are the same whether it was batched or not (the decoder maps rows
+independently), so a seeded request gives the same samples under any load.
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+class DynamicBatcher:
+    """Combines concurrent ``decode`` calls; see the module docstring.
+
+    ``decode_fn(z) -> x``: the decoder (e.g. ``OnnxSampler.decode``). ``start()`` inside the
+    running loop, ``await close()`` at shutdown; ``drain()`` (thread-safe, e.g. from a signal
+    handler) stops waiting for more requests: queued ones are decoded at once.
+    """
+
+    def __init__(self, decode_fn, max_batch: int = 64, max_wait: float = 0.002):
+        if max_batch < 1 or max_wait < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait >= 0")
+        self._decode_fn = decode_fn
+        self.max_batch = int(max_batch)
+        self.max_wait = float(max_wait)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-decode")
+        self._items: deque = deque()  # (z, future) in arrival order
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None  # set when a request is queued (or on drain)
+        self._idle: asyncio.Event | None = None  # set while no request is pending
+        self.draining = False
+        self.pending = 0  # requests queued or being decoded
+        self.batches = 0  # decoder calls made
+        self.rows = 0  # rows decoded
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wakeup, self._idle = asyncio.Event(), asyncio.Event()
+        self._idle.set()
+        self._task = self._loop.create_task(self._run(), name="fastvae-batcher")
+
+    def drain(self) -> None:
+        """From now on decode queued requests without waiting for more (callable from any thread)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._start_draining)
+
+    def _start_draining(self) -> None:
+        self.draining = True
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        """Finish every pending request, then stop the task and the worker thread."""
+        if self._task is not None:
+            self._start_draining()
+            await self._idle.wait()
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    async def decode(self, z: np.ndarray) -> np.ndarray:
+        """The decoder's output for ``z`` (C-contiguous float32 rows), batched with others."""
+        future = self._loop.create_future()
+        self.pending += 1
+        self._idle.clear()
+        try:
+            self._items.append((z, future))
+            self._wakeup.set()
+            return await future
+        finally:
+            self.pending -= 1
+            if not self.pending:
+                self._idle.set()
+
+    # -- the batching task ------------------------------------------------------------------
+    async def _run(self) -> None:
+        items, loop = self._items, self._loop
+        while True:
+            if not items:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            first = items.popleft()
+            batch, rows = [first], len(first[0])
+            deadline = loop.time() + self.max_wait
+            while rows < self.max_batch:
+                if not items:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0 or self.draining:
+                        break
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), timeout)
+                    except asyncio.TimeoutError:
+                        break
+                    continue
+                if rows + len(items[0][0]) > self.max_batch:
+                    break  # it starts the next batch
+                item = items.popleft()
+                batch.append(item)
+                rows += len(item[0])
+            await self._decode_batch(batch, rows)
+
+    async def _decode_batch(self, batch, rows: int) -> None:
+        z = batch[0][0] if len(batch) == 1 else np.concatenate([item[0] for item in batch])
+        try:
+            x = await self._loop.run_in_executor(self._executor, self._decode_fn, z)
+        except Exception as exc:  # noqa: BLE001 - handed to the requests that asked
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.batches += 1
+        self.rows += rows
+        start = 0
+        for z_part, future in batch:
+            stop = start + len(z_part)
+            if not future.done():  # a client that went away cancelled its future
+                future.set_result(x[start:stop])
+            start = stop
