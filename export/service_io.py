@@ -14,6 +14,7 @@ into a 4xx response.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass
@@ -115,9 +116,7 @@ def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str]:
     an image grid of the samples (values clipped to [0, 1]; image outputs only).
     """
     if fmt == "npy":
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        return buffer.getvalue(), CONTENT_TYPES["npy"]
+        return _npy_header(array.dtype.str, array.shape) + np.ascontiguousarray(array).tobytes(), CONTENT_TYPES["npy"]
     if fmt == "json":
         text = json.dumps({"shape": list(array.shape), "data": array.tolist()}, separators=(",", ":"))
         return text.encode(), CONTENT_TYPES["json"]
@@ -129,6 +128,14 @@ def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str]:
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue(), CONTENT_TYPES["png"]
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The .npy header ``np.save`` writes for a C-ordered array (cached: a few per service)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
 
 
 def png_possible(output_shape: tuple[int, ...]) -> bool:
