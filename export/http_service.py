@@ -6,7 +6,8 @@ Endpoints (bodies and formats: :mod:`fastvae.export.service_io`):
   ``json``). With a ``seed`` the samples are those of ``OnnxSampler.sample(n, seed=seed)``;
   without one they come from the server's own generator (not reproducible, and ~30 us cheaper).
 * ``POST /decode`` latents (JSON or ``.npy``) -> the decoder's means.
-* ``GET /healthz`` -> ``{"status": "ok", "pending": requests in flight}``.
+* ``GET /healthz`` -> ``{"status": "ok", "pending": requests in flight, "batches": decoder calls
+  so far, "rows": latent rows decoded so far}``.
 * ``GET /metadata`` -> the decoder's metadata, provider, limits and batching settings.
 
 A bad request gets a 4xx status and ``{"error": "<one line>"}``. Concurrent requests' latents are
@@ -103,7 +104,8 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
         return b"".join(chunks)
 
     async def healthz(request: Request) -> Response:
-        return Response(b'{"status":"ok","pending":%d}' % batcher.pending, media_type="application/json")
+        return Response(b'{"status":"ok","pending":%d,"batches":%d,"rows":%d}'
+                        % (batcher.pending, batcher.batches, batcher.rows), media_type="application/json")
 
     async def get_metadata(request: Request) -> Response:
         return Response(metadata, media_type="application/json")
