@@ -59,6 +59,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 
+# benchmarks measured in child pytest processes, merged into this run's JSON by conftest.py
+MERGED_BENCHMARKS: list[dict] = []
+
 SMOKE_ENV = "FASTVAE_BENCH_SMOKE"
 DEVICE_ENV = "FASTVAE_BENCH_DEVICE"  # "cpu" forces CPU even where CUDA is available
 SLUG_ENV = "FASTVAE_BENCH_SLUG"  # overrides the results folder name

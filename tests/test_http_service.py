@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -58,29 +57,23 @@ def numpy_decoder(weights, z):
     return (1.0 / (1.0 + np.exp(-(h @ w2.T + b2)))).reshape(len(z), *SHAPE)
 
 
-class Server:
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"fastvae_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+service_process = _bench_module("service_process")
+
+
+class Server(service_process.ServiceProcess):
     """A ``fastvae serve`` subprocess on 127.0.0.1, port 0; ``port`` from its readiness line."""
 
-    def __init__(self, model, *flags, deadline: float = 120.0):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVE, "serve", str(model), "--port", "0", *map(str, flags)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.port = None
-        self.lines = []
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
-        end = time.monotonic() + deadline
-        while self.port is None:
-            left = end - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None or not selector.select(left):
-                self.stop()
-                raise AssertionError(f"server not ready: {self.lines} {self.proc.stderr.read()[-2000:]}")
-            line = self.proc.stdout.readline()
-            self.lines.append(line)
-            if line.startswith("fastvae serve: listening on http://127.0.0.1:"):
-                self.port = int(line.rsplit(":", 1)[1])
-        selector.close()
+    def __init__(self, model, *flags):
+        super().__init__([sys.executable, "-c", _SERVE, "serve", str(model), "--port", "0", *map(str, flags)],
+                         ready_prefix="fastvae serve: listening on http://127.0.0.1:",
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def request(self, method, path, body=b"", headers=None, timeout=60):
         """(status, headers, body bytes) of one request on a fresh connection."""
@@ -103,16 +96,6 @@ class Server:
         status, _, body = self.request("GET", "/healthz")
         assert status == 200
         return json.loads(body)
-
-    def stop(self, sig=signal.SIGTERM, timeout=60):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            out, err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-        return self.proc.returncode, out, err
 
 
 @pytest.fixture(scope="module")
@@ -250,9 +233,7 @@ def test_same_seed_same_samples_batched_or_not(server, decoder):
 
 
 def test_bounded_load_has_no_errors(server):
-    spec = importlib.util.spec_from_file_location("fastvae_http_load", BENCH / "http_load.py")
-    load = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load)
+    load = _bench_module("http_load")
     result = load.run_load(f"http://127.0.0.1:{server.port}/sample", concurrency=16, duration=2.0,
                            max_requests=400, body=b'{"n": 1, "seed": 1}')
     assert result["errors"] == 0 and 16 <= result["requests"] <= 400, result
