@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fastvae.commands.onnx_runtime_flags import add_decoder_arguments
+
 HELP = "measure an exported decoder's latency (p50/p99 per call) and samples/s on this machine"
 DESCRIPTION = (
     "Time OnnxSampler.decode on z ~ N(0, I) at each batch size for about --seconds each (after a "
@@ -13,11 +15,9 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="decoder .onnx file written by 'fastvae export'")
+    add_decoder_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8,64,1000", help="comma-separated batch sizes")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing budget per batch size")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
-    parser.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino or coreml")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object (last line)")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fastvae.commands.onnx_runtime_flags import PROVIDER_HELP
+
 HELP = "draw samples from an exported decoder.onnx on the CPU (numpy + onnxruntime, no torch)"
 DESCRIPTION = (
     "Draw n latent vectors z ~ N(0, I) with a seeded numpy generator, decode them with "
@@ -19,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="samples.png", help="output file: .png (image grid) or .npy (raw array)")
     parser.add_argument("--batch-size", type=int, default=1000, help="latent vectors per onnxruntime call")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: one per physical core")
-    parser.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu, cuda, tensorrt, openvino or coreml")
+    parser.add_argument("--provider", default="cpu", help=PROVIDER_HELP)
     parser.add_argument(
         "--mode", choices=("mean", "sample"), default="mean",
         help="mean: E[x|z]; sample: also draw x ~ p(x|z) (Bernoulli pixels or Gaussian noise)",

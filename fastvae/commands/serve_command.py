@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fastvae.commands.onnx_runtime_flags import add_decoder_arguments
+
 HELP = "serve an exported decoder over HTTP: /sample, /decode, /healthz, /metadata (dynamic batching)"
 DESCRIPTION = (
     "Serve decoder.onnx with FastAPI on uvicorn. POST /sample {\"n\": 16, \"seed\": 0, \"mode\": "
@@ -16,15 +18,13 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="decoder .onnx file written by 'fastvae export'")
+    add_decoder_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed when ready)")
     parser.add_argument("--max-batch", type=int, default=64, help="latent rows decoded together at most (1: no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a request waits for others to batch with")
     parser.add_argument("--max-n", type=int, default=4096, help="samples (or latent rows) per request at most")
     parser.add_argument("--max-body", type=int, default=1 << 20, help="request body size at most, in bytes")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
-    parser.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino or coreml")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (info: one line per request)")
 
