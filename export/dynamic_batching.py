@@ -1,13 +1,13 @@
 """Dynamic batching for an asyncio service: concurrent requests' latent rows decoded in one call.
 
-``await batcher.decode(z)`` queues ``z`` (rows, latent_dim); one background task takes the first
-queued request, then keeps collecting until ``max_batch`` rows are queued or ``max_wait`` seconds
-have passed since that first request, decodes all of them with one call of ``decode_fn`` on a
-worker thread (onnxruntime releases the GIL, so the event loop keeps reading requests while the
-decoder runs), or on the loop's thread when the batch is expected to take less than
-``inline_below`` seconds, and hands every request its own rows. Requests queued while a batch runs go into
-the next one without waiting. ``max_batch=1`` turns batching off: one decoder call per request.
-A request larger than ``max_batch`` rows is decoded alone.
+``await batcher.decode(z)`` queues ``z`` (rows, latent_dim). One background task, once requests
+are queued, waits up to ``max_wait`` seconds for more unless ``max_batch`` rows are queued
+already (a full batch ends the wait early), then decodes up to ``max_batch`` rows, in arrival
+order, with one call of ``decode_fn``: on a worker thread (onnxruntime releases the GIL, so the
+event loop keeps reading requests while the decoder runs), or on the loop's own thread when the
+call is expected to take less than ``inline_below`` seconds; and hands every request its own
+rows. ``max_batch=1`` turns batching off: one decoder call per request, no waiting. A request
+larger than ``max_batch`` rows is decoded alone.
 
 Each request's rows are the same whether it was batched or not (the decoder maps rows
 independently), so a seeded request gives the same samples under any load.
@@ -56,6 +56,8 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None  # set when a request is queued (or on drain)
         self._idle: asyncio.Event | None = None  # set while no request is pending
         self.draining = False
+        self._waiting_for_first = False
+        self._queued_rows = 0  # rows in self._items
         self.pending = 0  # requests queued or being decoded
         self.batches = 0  # decoder calls made
         self.rows = 0  # rows decoded
@@ -95,7 +97,11 @@ class DynamicBatcher:
         self._idle.clear()
         try:
             self._items.append((z, future))
-            self._wakeup.set()
+            self._queued_rows += len(z)
+            # wake the batching task only when it has something to do: a first request, or a
+            # full batch (a wake-up per request would cost a task switch each)
+            if self._waiting_for_first or self._queued_rows >= self.max_batch:
+                self._wakeup.set()
             return await future
         finally:
             self.pending -= 1
@@ -108,26 +114,21 @@ class DynamicBatcher:
         while True:
             if not items:
                 self._wakeup.clear()
+                self._waiting_for_first = True
                 await self._wakeup.wait()
+                self._waiting_for_first = False
                 continue
-            first = items.popleft()
-            batch, rows = [first], len(first[0])
-            deadline = loop.time() + self.max_wait
-            while rows < self.max_batch:
-                if not items:
-                    timeout = deadline - loop.time()
-                    if timeout <= 0 or self.draining:
-                        break
-                    self._wakeup.clear()
-                    timer = loop.call_later(timeout, self._wakeup.set)  # cheaper than wait_for's task
-                    await self._wakeup.wait()
-                    timer.cancel()
-                    continue
-                if rows + len(items[0][0]) > self.max_batch:
-                    break  # it starts the next batch
-                item = items.popleft()
+            if self._queued_rows < self.max_batch and self.max_wait > 0 and not self.draining:
+                self._wakeup.clear()  # set by a full batch, drain() or the timer
+                timer = loop.call_later(self.max_wait, self._wakeup.set)
+                await self._wakeup.wait()
+                timer.cancel()
+            batch, rows = [], 0
+            while items and (not batch or rows + len(items[0][0]) <= self.max_batch):
+                item = items.popleft()  # a request too large for the batch starts the next one
                 batch.append(item)
                 rows += len(item[0])
+            self._queued_rows -= rows
             await self._decode_batch(batch, rows)
 
     def _timed_decode(self, z: np.ndarray) -> np.ndarray:
