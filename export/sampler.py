@@ -169,9 +169,7 @@ class OnnxSampler:
         """
         z = np.asarray(z)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise FastVAEError(
-                f"z must have shape (n, {self.latent_dim}) for {self.path.name}, got {tuple(z.shape)}"
-            )
+            raise self._shape_error(z.shape)
         if z.dtype != np.float32 or not z.flags.c_contiguous:
             if not np.issubdtype(z.dtype, np.number):
                 raise FastVAEError(f"z must hold numbers, got dtype {z.dtype}")
@@ -207,18 +205,19 @@ class OnnxSampler:
         if not isinstance(z, ort.OrtValue):
             z = np.asarray(z)
             if z.ndim != 2 or z.shape[1] != self.latent_dim:
-                raise FastVAEError(
-                    f"z must have shape (n, {self.latent_dim}) for {self.path.name}, got {tuple(z.shape)}"
-                )
+                raise self._shape_error(z.shape)
             z = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z, dtype=np.float32), self._device, 0)
-        elif z.shape()[1:] != [self.latent_dim]:
-            raise FastVAEError(f"z must have shape (n, {self.latent_dim}) for {self.path.name}, got {z.shape()}")
+        elif len(z.shape()) != 2 or z.shape()[1] != self.latent_dim:
+            raise self._shape_error(z.shape())
         session = self._regimes.session_for(z.shape()[0])
         binding = session.io_binding()
         binding.bind_ortvalue_input(self.input_name, z)
         binding.bind_output(self.mean_output, self._device, 0)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
+
+    def _shape_error(self, shape) -> FastVAEError:
+        return FastVAEError(f"z must have shape (n, {self.latent_dim}) for {self.path.name}, got {tuple(shape)}")
 
     def threads_for(self, rows: int) -> int | None:
         """Intra-op threads a call of ``rows`` latent vectors runs with (None: all cores)."""

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
     parser.add_argument("--out", default="samples.png", help="output file: .png (image grid) or .npy (raw array)")
     parser.add_argument("--batch-size", type=int, default=1000, help="latent vectors per onnxruntime call")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: one per physical core")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
     parser.add_argument("--provider", default="cpu", help=PROVIDER_HELP)
     parser.add_argument(
         "--mode", choices=("mean", "sample"), default="mean",
