@@ -407,7 +407,7 @@ def device_info() -> dict[str, Any]:
     ``gpu_memory_GB``, ``peak_bandwidth_GBps``, ``cuda``, ``cudnn``, ``driver``, ``cpu``,
     ``cpu_count``, ``torch``, ``triton``, ``onnxruntime``, ``onnx``, ``numpy``,
     ``lightning_fabric``, ``pytest_benchmark``, ``fastvae``, ``python``, ``platform``,
-    ``date`` (UTC, ISO 8601), ``git_commit``, ``git_dirty``, ``smoke``.
+    ``date`` (UTC, ISO 8601), ``git_commit``, ``git_dirty``, ``smoke``, ``loadavg``.
     """
     import torch
 
@@ -455,6 +455,8 @@ def device_info() -> dict[str, Any]:
     info["git_commit"] = commit["id"]
     info["git_dirty"] = commit["dirty"]
     info["smoke"] = smoke_mode()
+    # other work on the machine when the run started (1, 5, 15 min): shared CPUs make noisy figures
+    info["loadavg"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return info
 
 

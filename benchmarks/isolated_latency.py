@@ -65,6 +65,7 @@ def _record(benchmark, impl: str, batch: int, baseline: bool, **extra):
         extra["p99_us"] = data[min(len(data) - 1, int(0.99 * len(data)))] * 1e6
         extra["p99_over_p50"] = extra["p99_us"] / extra["p50_us"]
     annotate(benchmark, impl=impl, baseline=baseline, items=batch, case=f"b{batch}", batch=batch,
+             loadavg_1m=os.getloadavg()[0],
              process="own", **extra)
 
 

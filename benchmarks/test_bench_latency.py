@@ -107,4 +107,5 @@ def test_alternating_in_one_process(benchmark, decoder_dir, batch):
         extra[f"{name}_p50_us"] = values[len(values) // 2] * 1e6
         extra[f"{name}_p99_us"] = values[min(len(values) - 1, int(0.99 * len(values)))] * 1e6
     extra["speedup_p50"] = extra["torch_p50_us"] / extra["onnxruntime_p50_us"]
-    annotate(benchmark, impl="torch+onnxruntime", items=2 * batch, case=f"b{batch}", **extra)
+    annotate(benchmark, impl="torch+onnxruntime", items=2 * batch, case=f"b{batch}",
+             loadavg_1m=os.getloadavg()[0], **extra)
