@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from common import annotate, smoke_mode
+from fastvae.export.latency import percentile
 
 # one runtime per process when timing; the smoke run (nothing timed) takes all three in one
 RUNTIMES = os.environ.get("FASTVAE_LATENCY_RUNTIME", "onnxruntime").split(",")
@@ -61,12 +62,10 @@ def _record(benchmark, impl: str, batch: int, baseline: bool, **extra):
     stats = getattr(benchmark, "stats", None)
     data = sorted(stats.stats.data) if stats is not None else []
     if data:
-        extra["p50_us"] = data[len(data) // 2] * 1e6
-        extra["p99_us"] = data[min(len(data) - 1, int(0.99 * len(data)))] * 1e6
+        extra["p50_us"], extra["p99_us"] = percentile(data, 0.50) * 1e6, percentile(data, 0.99) * 1e6
         extra["p99_over_p50"] = extra["p99_us"] / extra["p50_us"]
     annotate(benchmark, impl=impl, baseline=baseline, items=batch, case=f"b{batch}", batch=batch,
-             loadavg_1m=os.getloadavg()[0],
-             process="own", **extra)
+             loadavg_1m=os.getloadavg()[0], process="own", **extra)
 
 
 @pytest.mark.parametrize("runtime", [r for r in RUNTIMES if r != "gemm"])

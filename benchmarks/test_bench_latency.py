@@ -26,6 +26,7 @@ import pytest
 
 import common
 from common import annotate, smoke_mode
+from fastvae.export.latency import percentile
 
 BENCH = Path(__file__).resolve().parent
 SPEC = {"model": "mlp", "data_shape": [1, 8, 8], "latent_dim": 8, "hidden_dim": 512}
@@ -104,8 +105,7 @@ def test_alternating_in_one_process(benchmark, decoder_dir, batch):
     extra = {"batch": batch, "process": "shared"}
     for name, values in times.items():
         values = sorted(values[-rounds:])
-        extra[f"{name}_p50_us"] = values[len(values) // 2] * 1e6
-        extra[f"{name}_p99_us"] = values[min(len(values) - 1, int(0.99 * len(values)))] * 1e6
+        extra[f"{name}_p50_us"], extra[f"{name}_p99_us"] = percentile(values, 0.5) * 1e6, percentile(values, 0.99) * 1e6
     extra["speedup_p50"] = extra["torch_p50_us"] / extra["onnxruntime_p50_us"]
     annotate(benchmark, impl="torch+onnxruntime", items=2 * batch, case=f"b{batch}",
              loadavg_1m=os.getloadavg()[0], **extra)
