@@ -59,6 +59,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 
+# benchmarks measured in child pytest processes, merged into this run's JSON by conftest.py
+MERGED_BENCHMARKS: list[dict] = []
+
 SMOKE_ENV = "FASTVAE_BENCH_SMOKE"
 DEVICE_ENV = "FASTVAE_BENCH_DEVICE"  # "cpu" forces CPU even where CUDA is available
 SLUG_ENV = "FASTVAE_BENCH_SLUG"  # overrides the results folder name
@@ -428,7 +431,7 @@ def device_info() -> dict[str, Any]:
     ``gpu_memory_GB``, ``peak_bandwidth_GBps``, ``cuda``, ``cudnn``, ``driver``, ``cpu``,
     ``cpu_count``, ``torch``, ``triton``, ``onnxruntime``, ``onnx``, ``numpy``,
     ``lightning_fabric``, ``pytest_benchmark``, ``fastvae``, ``python``, ``platform``,
-    ``date`` (UTC, ISO 8601), ``git_commit``, ``git_dirty``, ``smoke``.
+    ``date`` (UTC, ISO 8601), ``git_commit``, ``git_dirty``, ``smoke``, ``loadavg``.
     """
     import torch
 
@@ -476,6 +479,8 @@ def device_info() -> dict[str, Any]:
     info["git_commit"] = commit["id"]
     info["git_dirty"] = commit["dirty"]
     info["smoke"] = smoke_mode()
+    # other work on the machine when the run started (1, 5, 15 min): shared CPUs make noisy figures
+    info["loadavg"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return info
 
 

@@ -65,6 +65,7 @@ def pytest_benchmark_update_commit_info(config, commit_info):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json.setdefault("benchmarks", []).extend(common.MERGED_BENCHMARKS)
     suites = sorted(
         {
             Path(b.get("fullname", "").split("::", 1)[0]).stem.removeprefix("test_bench_")

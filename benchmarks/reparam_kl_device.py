@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -49,6 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+
+from fastvae import run_folder  # noqa: E402
 
 from common import cpu_name, git_commit, reparam_kl_bytes, reparam_kl_eager, smoke_mode  # noqa: E402
 
@@ -241,16 +242,13 @@ def _line(r: dict) -> str:
 
 
 def write(path: Path, device_key: str, device_name: str, records: list[dict]) -> None:
-    """The result object , written atomically."""
+    """The result object, written atomically."""
     from datetime import datetime, timezone
 
     data = {device_key: device_name, **_versions(),
             "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             "commit": git_commit()["id"], "records": records}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    run_folder.write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:

@@ -215,7 +215,8 @@ def _x(ratio: float) -> str:
 # Ratios a benchmark measured itself, side by side in one timed call (interleaved epochs):
 # extra_info key -> label in the table.
 MEASURED_RATIOS = {"speedup": "speedup", "per_step_read_cost": "per-step-read cost",
-                   "time_ratio": "time ratio", "time_ratio_vs_fused_adam": "vs fused Adam"}
+                   "time_ratio": "time ratio", "time_ratio_vs_fused_adam": "vs fused Adam",
+                   "speedup_p50": "p50 speedup", "p99_over_p50": "p99/p50", "seeded_speedup": "seeded"}
 
 
 def fmt_measured_ratios(row: Row) -> str:

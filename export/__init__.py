@@ -6,8 +6,10 @@ Installed as ``fastvae.export``.
   writes one self-contained ONNX file (inputs ``z`` (batch, latent_dim); outputs ``mean`` and
   ``params``), checks it with ``onnx.checker`` and compares onnxruntime with torch. Needs torch,
   which it imports only when called.
-* ``OnnxSampler(path).sample(n, seed=0, batch_size=1000) -> numpy array`` needs only numpy and
-  onnxruntime: importing this package or the sampler never imports torch.
+* ``OnnxSampler(path, providers=["cpu"]).sample(n, seed=0, batch_size=1000) -> numpy array``
+  needs only numpy and onnxruntime: importing this package or the sampler never imports torch.
+* ``write_triton_repository(decoder.onnx, DIR)``: a Triton Inference Server model repository.
+* ``fastvae serve`` (``http_service``): the decoder over HTTP with dynamic batching, torch-free.
 
 The file format (metadata keys) is described in :mod:`fastvae.export.metadata`.
 """
@@ -22,6 +24,7 @@ _LAZY = {
     "ExportReport": "fastvae.export.onnx_export",
     "VariantReport": "fastvae.export.onnx_export",
     "variant_path": "fastvae.export.onnx_export",
+    "write_triton_repository": "fastvae.export.triton_repo",
 }
 
 __all__ = sorted(_LAZY)

@@ -62,29 +62,50 @@ def session_options(threads: int | None = None, spin: bool = True):
 class OnnxSampler:
     """Samples (means of p(x|z), z ~ N(0, I)) from a decoder written by ``export_decoder``.
 
-    ``path``: the .onnx file; ``threads``: onnxruntime intra-op threads (None: its default);
-    ``spin``: see :func:`session_options` (default: spin only while a run is in progress).
+    ``path``: the .onnx file; ``threads``: onnxruntime intra-op threads (None: 1 thread for
+    small calls, all cores for large ones, switching at a batch size measured on this decoder,
+    see :mod:`fastvae.export.thread_regimes`); ``spin``: see :func:`session_options` (default:
+    spin only while a run is in progress); ``providers``: execution providers by short name
+    (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``) or onnxruntime name, in order of
+    preference (default: cpu). ``provider`` is the one that actually runs the graph.
     Raises ``FastVAEError`` with one clear line for missing, empty, truncated, corrupt or
-    non-fastvae files.
+    non-fastvae files and for providers this onnxruntime lacks.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, *, spin: bool = True):
-        import onnxruntime as ort
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, *, spin: bool = True,
+                 providers=None):
+        from fastvae.export import providers as eps
+        from fastvae.export.thread_regimes import ThreadRegimes
 
         self.path = Path(path)
         _check_file(self.path)
-        options = session_options(threads, spin)
+        wanted = eps.resolve(providers)
+        session_options(threads, spin)  # validates ``threads`` before any file is read
+        session = self._load(self.path, wanted, threads, spin)
+        self.provider = session.get_providers()[0]
+        self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
+        self.session = session
+        self._read_metadata()
+        self._regimes = ThreadRegimes(
+            lambda t: session if t == threads else self._load(self.path, wanted, t, spin),
+            self.latent_dim, self.input_name, self.mean_output, threads,
+            tuned=self.provider == eps.CPU,
+        )
+        self._device = eps.device_type(self.provider)
+        self._outputs = [self.mean_output]
+
+    @staticmethod
+    def _load(path: Path, providers: list[str], threads: int | None, spin: bool):
+        import onnxruntime as ort
+
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            return ort.InferenceSession(str(path), sess_options=session_options(threads, spin),
+                                        providers=providers)
         except Exception as exc:  # onnxruntime raises its own types: InvalidProtobuf, Fail, ...
             raise FastVAEError(
-                f"{self.path} could not be loaded by onnxruntime (truncated, corrupt or not an "
-                f"ONNX model: {one_line(exc)}); {_reexport_hint(self.path)}"
+                f"{path} could not be loaded by onnxruntime (truncated, corrupt or not an "
+                f"ONNX model: {one_line(exc)}); {_reexport_hint(path)}"
             ) from None
-        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        self._read_metadata()
 
     # -- metadata ----------------------------------------------------------------------------
     def _read_metadata(self) -> None:
@@ -140,23 +161,67 @@ class OnnxSampler:
 
     # -- sampling ----------------------------------------------------------------------------
     def decode(self, z, batch_size: int | None = None) -> np.ndarray:
-        """Means E[x|z] for latent vectors ``z`` shaped (n, latent_dim) -> (n, *output_shape)."""
+        """Means E[x|z] for latent vectors ``z`` shaped (n, latent_dim) -> (n, *output_shape).
+
+        Per call: a shape check, one onnxruntime run per ``batch_size`` rows (default 1000) on
+        the session of its thread regime, and nothing else. One batch returns onnxruntime's own
+        output array; several write, through IO binding, straight into slices of one output.
+        """
         z = np.asarray(z)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise FastVAEError(
-                f"z must have shape (n, {self.latent_dim}) for {self.path.name}, got {tuple(z.shape)}"
-            )
-        if not np.issubdtype(z.dtype, np.number):
-            raise FastVAEError(f"z must hold numbers, got dtype {z.dtype}")
-        z = np.ascontiguousarray(z, dtype=np.float32)
-        batch_size = _positive_int(batch_size or DEFAULT_BATCH_SIZE, "batch_size")
-        out = np.empty((len(z), *self.output_shape), dtype=np.float32)
-        run = self.session.run
-        names, feed = [self.mean_output], self.input_name
-        for start in range(0, len(z), batch_size):
-            stop = min(start + batch_size, len(z))
-            out[start:stop] = run(names, {feed: z[start:stop]})[0]
+            raise self._shape_error(z.shape)
+        if z.dtype != np.float32 or not z.flags.c_contiguous:
+            if not np.issubdtype(z.dtype, np.number):
+                raise FastVAEError(f"z must hold numbers, got dtype {z.dtype}")
+            z = np.ascontiguousarray(z, dtype=np.float32)
+        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int(batch_size, "batch_size")
+        n = len(z)
+        if 0 < n <= batch_size:
+            return self._regimes.session_for(n).run(self._outputs, {self.input_name: z})[0]
+        out = np.empty((n, *self.output_shape), dtype=np.float32)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            self._run_into(z[start:stop], out[start:stop])
         return out
+
+    def _run_into(self, z: np.ndarray, out: np.ndarray) -> None:
+        """Decode ``z`` into the C-contiguous float32 array ``out`` (onnxruntime writes it)."""
+        session = self._regimes.session_for(len(z))
+        binding = session.io_binding()
+        binding.bind_cpu_input(self.input_name, z)
+        binding.bind_output(self.mean_output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        session.run_with_iobinding(binding)
+
+    def decode_on_device(self, z):
+        """``decode`` through IO binding, the result left where the provider keeps tensors.
+
+        ``z``: a numpy array or an ``onnxruntime.OrtValue`` (already on the device: not copied).
+        Returns an ``OrtValue`` on the provider's device (GPU memory with ``cuda``/``tensorrt``,
+        for a consumer on the GPU through DLPack; host memory with ``cpu``), so nothing goes
+        through the host per call.
+        """
+        import onnxruntime as ort
+
+        if not isinstance(z, ort.OrtValue):
+            z = np.asarray(z)
+            if z.ndim != 2 or z.shape[1] != self.latent_dim:
+                raise self._shape_error(z.shape)
+            z = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z, dtype=np.float32), self._device, 0)
+        elif len(z.shape()) != 2 or z.shape()[1] != self.latent_dim:
+            raise self._shape_error(z.shape())
+        session = self._regimes.session_for(z.shape()[0])
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, z)
+        binding.bind_output(self.mean_output, self._device, 0)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def _shape_error(self, shape) -> FastVAEError:
+        return FastVAEError(f"z must have shape (n, {self.latent_dim}) for {self.path.name}, got {tuple(shape)}")
+
+    def threads_for(self, rows: int) -> int | None:
+        """Intra-op threads a call of ``rows`` latent vectors runs with (None: all cores)."""
+        return self._regimes.threads_for(rows)
 
     def sample(
         self,
@@ -177,20 +242,29 @@ class OnnxSampler:
         if mode not in MODES:
             raise FastVAEError(f"mode must be one of {MODES}, got {mode!r}")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        z = rng.standard_normal((n, self.latent_dim), dtype=np.float32)
-        x = self.decode(z, batch_size)
-        if mode == "sample":
-            if self.sample_kind == "bernoulli":
-                x = (rng.random(x.shape, dtype=np.float32) < x).astype(np.float32)
-            elif self.sample_kind == "gaussian":
-                x += np.float32(self.sigma) * rng.standard_normal(x.shape, dtype=np.float32)
-        return x
+        x = self.decode(self.draw_latents(n, rng), batch_size)
+        return self.observe(x, rng) if mode == "sample" else x
+
+    def draw_latents(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """z ~ N(0, I), (n, latent_dim) float32: the first draws ``sample`` takes from ``rng``."""
+        return rng.standard_normal((n, self.latent_dim), dtype=np.float32)
+
+    def observe(self, means: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """x ~ p(x|z) given the means E[x|z] (``mode="sample"``): Bernoulli pixels, or
+        mean + sigma * noise (in place), drawn from ``rng`` after the latents."""
+        if self.sample_kind == "bernoulli":
+            return (rng.random(means.shape, dtype=np.float32) < means).astype(np.float32)
+        if self.sample_kind == "gaussian":
+            means += np.float32(self.sigma) * rng.standard_normal(means.shape, dtype=np.float32)
+        return means
 
     def __repr__(self) -> str:
+        from fastvae.export.providers import short_name
+
         return (
             f"OnnxSampler({str(self.path)!r}, latent_dim={self.latent_dim}, "
             f"output_shape={self.output_shape}, likelihood={self.likelihood!r}, "
-            f"precision={self.precision!r})"
+            f"precision={self.precision!r}, provider={short_name(self.provider)!r})"
         )
 
 

@@ -22,6 +22,8 @@ COMMANDS = {
     "export": "fastvae.commands.export_command",
     "sample": "fastvae.commands.sample_command",
     "report": "fastvae.commands.report_command",
+    "bench-sampler": "fastvae.commands.bench_sampler_command",
+    "serve": "fastvae.commands.serve_command",
 }
 
 

@@ -288,7 +288,7 @@ def test_device_info_has_versions_and_commit(monkeypatch):
 
 
 def test_scripts_parse():
-    for script in ("run_suites.sh", "gpu/run.sh", "fetch_wheels.sh"):
+    for script in ("run_suites.sh", "gpu/run.sh", "fetch_wheels.sh", "torch_free_install.sh"):
         proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
 

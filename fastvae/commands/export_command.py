@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16", action="store_true", help="also write <out stem>.fp16.onnx (half the size)")
     parser.add_argument("--int8", action="store_true", help="also write <out stem>.int8.onnx (dynamic int8 quantization)")
     parser.add_argument("--opset", type=int, help="ONNX opset; None: the exporter's own (below 18 uses the TorchScript exporter)")
+    parser.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx")
+    parser.add_argument("--name", default="fastvae_decoder", help="model name in the Triton repository")
+    parser.add_argument("--max-batch", type=int, default=64, help="the Triton model's max_batch_size (dynamic batching)")
     parser.add_argument(
         "--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
         help="torch.onnx exporter: auto tries the torch.export-based one, then TorchScript",
@@ -30,12 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fastvae.errors import FastVAEError
     from fastvae.export import export_decoder
 
     out = args.out
     if out is None:
         source = Path(args.run)
         out = source / "decoder.onnx" if source.is_dir() else source.with_suffix(".onnx")
+    if args.triton_repo is not None and args.max_batch < 1:  # checked before the export's work
+        raise FastVAEError(f"--max-batch must be a positive integer, got {args.max_batch}")
     report = export_decoder(args.run, out, opset=args.opset, fp16=args.fp16, int8=args.int8, exporter=args.exporter)
     print(report.summary())
+    if args.triton_repo is not None:
+        from fastvae.export.triton_repo import write_triton_repository
+
+        print(write_triton_repository(report.path, args.triton_repo, name=args.name, max_batch=args.max_batch).summary())
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fastvae.commands.onnx_runtime_flags import PROVIDER_HELP
+
 HELP = "draw samples from an exported decoder.onnx on the CPU (numpy + onnxruntime, no torch)"
 DESCRIPTION = (
     "Draw n latent vectors z ~ N(0, I) with a seeded numpy generator, decode them with "
@@ -18,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
     parser.add_argument("--out", default="samples.png", help="output file: .png (image grid) or .npy (raw array)")
     parser.add_argument("--batch-size", type=int, default=1000, help="latent vectors per onnxruntime call")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: one per physical core")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
+    parser.add_argument("--provider", default="cpu", help=PROVIDER_HELP)
     parser.add_argument(
         "--mode", choices=("mean", "sample"), default="mean",
         help="mean: E[x|z]; sample: also draw x ~ p(x|z) (Bernoulli pixels or Gaussian noise)",
@@ -34,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fastvae.errors import FastVAEError
     from fastvae.export import OnnxSampler
+    from fastvae.export.providers import short_name
     from fastvae.run_folder import atomic_write
 
     out = Path(args.out)
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"--out {out} is a folder: give a file name such as {out / 'samples.png'}")
     if args.nrow is not None and args.nrow < 1:
         raise FastVAEError(f"--nrow must be a positive integer, got {args.nrow}")
-    sampler = OnnxSampler(args.model, threads=args.threads)
+    sampler = OnnxSampler(args.model, threads=args.threads, providers=[args.provider])
     shape = sampler.output_shape
     if suffix == ".png" and not (len(shape) == 3 and shape[0] in (1, 3) or len(shape) == 2):
         raise FastVAEError(
@@ -66,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
         save_image_grid(np.clip(samples, 0.0, 1.0), out, nrow=args.nrow)
     print(
         f"wrote {out}: {args.num_samples} samples of shape {list(shape)} ({args.mode}, seed {args.seed}) "
-        f"from {args.model} in {seconds:.3f} s"
+        f"from {args.model} in {seconds:.3f} s ({short_name(sampler.provider)} provider)"
     )
     return 0

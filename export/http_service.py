@@ -1,0 +1,242 @@
+"""``fastvae serve``: an exported decoder behind HTTP (FastAPI on uvicorn), with dynamic batching.
+
+Endpoints (bodies and formats: :mod:`fastvae.export.service_io`):
+
+* ``POST /sample`` ``{"n", "seed", "mode", "format"}`` -> n samples (``npy``, ``png`` or
+  ``json``). With a ``seed`` the samples are those of ``OnnxSampler.sample(n, seed=seed)``;
+  without one they come from the server's own generator (not reproducible, and ~30 us cheaper).
+* ``POST /decode`` latents (JSON or ``.npy``) -> the decoder's means.
+* ``GET /healthz`` -> ``{"status": "ok", "pending": requests in flight, "batches": decoder calls
+  so far, "rows": latent rows decoded so far}``.
+* ``GET /metadata`` -> the decoder's metadata, provider, limits and batching settings.
+
+A bad request gets a 4xx status and ``{"error": "<one line>"}``. Concurrent requests' latents are
+decoded together (:class:`~fastvae.export.dynamic_batching.DynamicBatcher`); each request draws
+its latents (and observation noise) from its own seeded generator, as ``OnnxSampler.sample``
+does, so the same seed gives the same samples whether a request was batched or not.
+
+SIGTERM or Ctrl-C: the server stops accepting connections, the batcher decodes what is queued
+without waiting for more, requests in flight get their responses, and the process exits 0.
+Once listening it prints ``fastvae serve: listening on http://HOST:PORT`` on stdout (port 0
+picks a free port; the line names the real one).
+
+Torch-free: numpy, onnxruntime, fastapi, uvicorn (and pillow for PNG).
+"""
+
+# no "from __future__ import annotations": FastAPI reads the handlers' annotations at runtime
+import contextlib
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fastvae.errors import FastVAEError
+from fastvae.export.dynamic_batching import DynamicBatcher
+from fastvae.export.service_io import (
+    BadRequest,
+    Limits,
+    encode,
+    error_body,
+    parse_decode,
+    parse_sample,
+    png_possible,
+)
+
+READY_PREFIX = "fastvae serve: listening on "
+
+
+@dataclass(frozen=True)
+class Batching:
+    """``max_batch``: latent rows per decoder call (1: batching off); ``max_wait_ms``: how long
+    the first queued request waits for others."""
+
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+
+
+def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batching):
+    """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through ``batcher``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import Response
+    from starlette.exceptions import HTTPException
+
+    from fastvae.export.providers import short_name
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.close()
+
+    app = FastAPI(title="fastvae decoder", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    can_png = png_possible(sampler.output_shape)
+    unseeded = np.random.default_rng()
+    metadata = json.dumps({
+        "model": sampler.path.name,
+        "latent_dim": sampler.latent_dim,
+        "output_shape": list(sampler.output_shape),
+        "likelihood": sampler.likelihood,
+        "precision": sampler.precision,
+        "provider": short_name(sampler.provider),
+        "formats": ["npy", "json", *(["png"] if can_png else [])],
+        "limits": asdict(limits),
+        "batching": asdict(batching),
+        "decoder_metadata": sampler.metadata,
+    }).encode()
+
+    def error(status: int, reason: str) -> Response:
+        return Response(error_body(reason), status_code=status, media_type="application/json")
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit():
+            if int(length) > limits.max_body:
+                raise BadRequest(413, f"the body has {length} bytes, more than the server's --max-body {limits.max_body}")
+            return await request.body()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body:
+                raise BadRequest(413, f"the body is larger than the server's --max-body {limits.max_body} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok","pending":%d,"batches":%d,"rows":%d}'
+                        % (batcher.pending, batcher.batches, batcher.rows), media_type="application/json")
+
+    async def get_metadata(request: Request) -> Response:
+        return Response(metadata, media_type="application/json")
+
+    async def sample(request: Request) -> Response:
+        try:
+            req = parse_sample(await read_body(request), limits)
+            if req.format == "png" and not can_png:
+                raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
+        except BadRequest as exc:
+            return error(exc.status, exc.reason)
+        # a seeded generator costs ~30 us to set up (numpy's SeedSequence hashing), as much as the
+        # rest of the request's own work: unseeded requests draw from the server's generator
+        rng = unseeded if req.seed is None else np.random.default_rng(req.seed)
+        x = await batcher.decode(sampler.draw_latents(req.n, rng))
+        if req.mode == "sample":
+            x = sampler.observe(x, rng)
+        body, content_type = encode(x, req.format)
+        return Response(body, media_type=content_type)
+
+    async def decode(request: Request) -> Response:
+        try:
+            z, fmt = parse_decode(await read_body(request), request.headers.get("content-type"),
+                                  request.query_params.get("format"), sampler.latent_dim, limits)
+            if fmt == "png" and not can_png:
+                raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
+        except BadRequest as exc:
+            return error(exc.status, exc.reason)
+        body, content_type = encode(await batcher.decode(z), fmt)
+        return Response(body, media_type=content_type)
+
+    # Starlette routes: the handlers read the request themselves, so FastAPI's per-request
+    # dependency solving (~50-90 us on the dev CPU) would buy nothing
+    for path, endpoint, method in (("/healthz", healthz, "GET"), ("/metadata", get_metadata, "GET"),
+                                   ("/sample", sample, "POST"), ("/decode", decode, "POST")):
+        app.router.add_route(path, endpoint, methods=[method], include_in_schema=False)
+
+    # FastAPI's own errors (unknown path, wrong method, ...) as one line too
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path} (endpoints: "
+                                      "POST /sample, POST /decode, GET /healthz, GET /metadata)")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error(400, f"invalid request: {exc.errors()[:1]}")
+
+    return app
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, printing a readiness line, draining the batcher on SIGTERM/SIGINT,
+        and leaving with exit status 0 (uvicorn re-raises the signal after a graceful stop)."""
+
+        batcher: DynamicBatcher
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            import signal
+
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            self.batcher.drain()
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"{READY_PREFIX}http://{host}:{port}", flush=True)
+
+    return Server
+
+
+def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Batching = Batching(),
+          limits: Limits = Limits(), threads: int | None = None, provider: str = "cpu",
+          log_level: str = "warning") -> int:
+    """Load the decoder and serve it until SIGTERM/SIGINT; returns the exit status (0)."""
+    import uvicorn
+
+    from fastvae.export.sampler import OnnxSampler
+    from fastvae.export.providers import short_name
+
+    if batching.max_batch < 1 or not batching.max_wait_ms >= 0:
+        raise FastVAEError(f"--max-batch must be >= 1 and --max-wait-ms >= 0, got {batching.max_batch}, "
+                           f"{batching.max_wait_ms}")
+    if limits.max_n < 1 or limits.max_body < 64:
+        raise FastVAEError(f"--max-n must be >= 1 and --max-body >= 64 bytes, got {limits.max_n}, {limits.max_body}")
+    if not 0 <= port <= 65535:
+        raise FastVAEError(f"--port must be from 0 to 65535, got {port}")
+    sampler = OnnxSampler(model_path, threads=threads, providers=[provider])
+    batcher = DynamicBatcher(sampler.decode, batching.max_batch, batching.max_wait_ms / 1000)
+    app = build_app(sampler, batcher, limits, batching)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+        loop="auto", http="auto", timeout_graceful_shutdown=60,
+    )
+    server = _server_class()(config)
+    server.batcher = batcher
+    sock = _listen(host, port)
+    print(f"fastvae serve: {sampler!r}, {short_name(sampler.provider)} provider, max batch "
+          f"{batching.max_batch}, max wait {batching.max_wait_ms:g} ms", flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    print("fastvae serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _listen(host: str, port: int):
+    """A listening TCP socket on (host, port), or one FastVAEError line saying why not."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:  # taken port, unknown host, address not on this machine, ...
+        raise FastVAEError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another "
+                           "--port or --host") from None
+    return sock

@@ -1,0 +1,177 @@
+"""What the decoder service reads and writes: request bodies checked into typed requests, arrays
+encoded as ``npy``, ``png`` or ``json`` responses.
+
+Torch-free and free of any HTTP stack: every problem with a request raises :class:`BadRequest`
+(an HTTP status and one line saying what was wrong and what to do), which the service turns
+into a 4xx response.
+
+``POST /sample`` body (JSON): ``{"n": 16, "seed": 0, "mode": "mean", "format": "npy"}``; only
+``n`` is required (``seed`` null or absent: fresh entropy; ``mode`` ``mean`` | ``sample``;
+``format`` ``npy`` | ``png`` | ``json``).
+``POST /decode`` body: JSON ``{"z": [[...], ...], "format": "npy"}``, or the latents as a
+``.npy`` file with ``Content-Type: application/x-npy`` (format then from ``?format=``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMATS = ("npy", "png", "json")
+MODES = ("mean", "sample")
+CONTENT_TYPES = {"npy": "application/x-npy", "png": "image/png", "json": "application/json"}
+NPY_CONTENT_TYPE = CONTENT_TYPES["npy"]
+_SAMPLE_FIELDS = {"n", "seed", "mode", "format"}
+_DECODE_FIELDS = {"z", "format"}
+
+
+class BadRequest(Exception):
+    """A request the service refuses: ``status`` (4xx) and a one-line ``reason``."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``max_n``: samples (or latent rows) per request; ``max_body``: request body bytes."""
+
+    max_n: int = 4096
+    max_body: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    n: int
+    seed: int | None
+    mode: str
+    format: str
+
+
+def parse_sample(body: bytes, limits: Limits) -> SampleRequest:
+    """A ``/sample`` body -> :class:`SampleRequest`; ``BadRequest`` for anything else."""
+    fields = _json_object(body, _SAMPLE_FIELDS, "a JSON object such as {\"n\": 16, \"seed\": 0}")
+    if "n" not in fields:
+        raise BadRequest(400, "missing 'n': give the number of samples, e.g. {\"n\": 16}")
+    n = _integer(fields["n"], "n")
+    if not 1 <= n <= limits.max_n:
+        raise BadRequest(400 if n < 1 else 413, f"'n' must be from 1 to {limits.max_n} (the server's --max-n), got {n}")
+    seed = fields.get("seed")
+    if seed is not None:
+        seed = _integer(seed, "seed")
+        if seed < 0:
+            raise BadRequest(400, f"'seed' must be a non-negative integer or null, got {seed}")
+    mode = fields.get("mode", "mean")
+    if mode not in MODES:
+        raise BadRequest(400, f"'mode' must be one of {', '.join(MODES)}, got {_show(mode)}")
+    return SampleRequest(n, seed, mode, check_format(fields.get("format", "npy")))
+
+
+def parse_decode(body: bytes, content_type: str | None, query_format: str | None, latent_dim: int,
+                 limits: Limits) -> tuple[np.ndarray, str]:
+    """A ``/decode`` body -> (latents as C-contiguous float32 (n, latent_dim), format)."""
+    if (content_type or "").split(";")[0].strip().lower() == NPY_CONTENT_TYPE:
+        try:
+            z = np.load(io.BytesIO(body), allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, EOFError, ...
+            raise BadRequest(400, f"the body is not a readable .npy array ({type(exc).__name__}); "
+                                  "send np.save output or a JSON body") from None
+        fmt = check_format(query_format or "npy")
+    else:
+        fields = _json_object(body, _DECODE_FIELDS, "a JSON object such as {\"z\": [[0.1, ...]]}")
+        if "z" not in fields:
+            raise BadRequest(400, f"missing 'z': give the latents as a list of rows of {latent_dim} numbers")
+        try:
+            z = np.asarray(fields["z"], dtype=np.float64)
+        except (ValueError, TypeError):
+            raise BadRequest(400, f"'z' must be a list of rows of {latent_dim} numbers (ragged or not numbers)") from None
+        fmt = check_format(fields.get("format", query_format or "npy"))
+    if z.dtype.kind not in "fiu" or z.ndim != 2 or z.shape[1] != latent_dim or len(z) == 0:
+        raise BadRequest(400, f"'z' must have shape (n, {latent_dim}) with n >= 1, got {tuple(z.shape)} "
+                              f"of {z.dtype}")
+    if len(z) > limits.max_n:
+        raise BadRequest(413, f"'z' has {len(z)} rows, more than the server's --max-n {limits.max_n}")
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    if not np.isfinite(z).all():
+        raise BadRequest(400, "'z' holds NaN or infinite values (or values beyond float32): send finite numbers")
+    return z, fmt
+
+
+def check_format(fmt) -> str:
+    if fmt not in FORMATS:
+        raise BadRequest(400, f"'format' must be one of {', '.join(FORMATS)}, got {_show(fmt)}")
+    return fmt
+
+
+def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str]:
+    """(body, content type) of ``array`` (float32, (n, *shape)) in format ``fmt``.
+
+    ``npy``: ``np.save`` bytes; ``json``: ``{"shape": [...], "data": nested lists}``; ``png``:
+    an image grid of the samples (values clipped to [0, 1]; image outputs only).
+    """
+    if fmt == "npy":
+        return _npy_header(array.dtype.str, array.shape) + np.ascontiguousarray(array).tobytes(), CONTENT_TYPES["npy"]
+    if fmt == "json":
+        text = json.dumps({"shape": list(array.shape), "data": array.tolist()}, separators=(",", ":"))
+        return text.encode(), CONTENT_TYPES["json"]
+    from PIL import Image
+
+    from fastvae.viz import grid_scale, image_grid
+
+    grid = image_grid(array, scale=grid_scale(array))
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue(), CONTENT_TYPES["png"]
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The .npy header ``np.save`` writes for a C-ordered array (cached: a few per service)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def png_possible(output_shape: tuple[int, ...]) -> bool:
+    """Whether outputs of this shape are images a PNG grid can show (C = 1 or 3, H, W)."""
+    return len(output_shape) == 2 or (len(output_shape) == 3 and output_shape[0] in (1, 3))
+
+
+def error_body(reason: str) -> bytes:
+    return json.dumps({"error": reason}).encode()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _json_object(body: bytes, allowed: set[str], example: str) -> dict:
+    try:
+        fields = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"the body is not valid JSON ({one_line_json_error(exc)}); send {example}") from None
+    if not isinstance(fields, dict):
+        raise BadRequest(400, f"the body must be {example}, got a JSON {type(fields).__name__}")
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise BadRequest(400, f"unknown field(s) {', '.join(map(repr, unknown))}: allowed are {', '.join(sorted(allowed))}")
+    return fields
+
+
+def one_line_json_error(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:120]
+
+
+def _integer(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise BadRequest(400, f"'{name}' must be an integer, got {_show(value)}")
+    return value
+
+
+def _show(value) -> str:
+    return json.dumps(value)[:60] if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__

@@ -1,0 +1,138 @@
+"""A Triton Inference Server model repository for an exported fastvae decoder.
+
+``write_triton_repository(decoder.onnx, DIR, name="fastvae_decoder", max_batch=64)`` writes::
+
+    DIR/NAME/config.pbtxt      platform onnxruntime_onnx, max_batch_size, dynamic_batching,
+                               inputs/outputs with the graph's names, types and (per-example)
+                               dims, the decoder's metadata as string parameters
+    DIR/NAME/1/model.onnx      the decoder (and its external-data file, if it has one)
+
+Triton's ``max_batch_size`` > 0 means the batch dimension is implicit, so ``dims`` are the
+graph's dims without the first (symbolic) one. Each file is written under a temporary name
+beside its target (permissions from the umask) and renamed into place, so Triton polling the
+repository never reads half a file. Needs onnx (no torch, no tritonclient).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastvae import run_folder
+from fastvae.errors import FastVAEError, one_line
+from fastvae.export import metadata as md
+
+PLATFORM = "onnxruntime_onnx"
+DEFAULT_NAME = "fastvae_decoder"
+DEFAULT_MAX_BATCH = 64
+DEFAULT_QUEUE_DELAY_US = 2000
+VERSION = "1"
+MODEL_FILE = "model.onnx"
+# ONNX TensorProto element type -> Triton DataType
+_TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16", 2: "TYPE_UINT8",
+                 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL"}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class TritonRepository:
+    """What ``write_triton_repository`` wrote."""
+
+    config: Path
+    model: Path
+    name: str
+    max_batch: int
+
+    def summary(self) -> str:
+        return (f"wrote Triton model '{self.name}' (platform {PLATFORM}, max_batch_size {self.max_batch}, "
+                f"dynamic batching): {self.config} and {self.model}")
+
+
+def write_triton_repository(onnx_path, repo: str | os.PathLike, *, name: str = DEFAULT_NAME,
+                            max_batch: int = DEFAULT_MAX_BATCH,
+                            max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> TritonRepository:
+    """Write ``repo/name/config.pbtxt`` and ``repo/name/1/model.onnx`` for the fastvae decoder
+    ``onnx_path``; FastVAEError (one line) for a bad name, batch size or file."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        raise FastVAEError(f"--name must be letters, digits, '_', '-' or '.', got {name!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise FastVAEError(f"--max-batch must be a positive integer, got {max_batch!r}")
+    source = Path(onnx_path)
+    text = config_text(source, name, max_batch, max_queue_delay_us)
+    folder = Path(repo) / name
+    if Path(repo).exists() and not Path(repo).is_dir():
+        raise FastVAEError(f"--triton-repo {repo} is a file: give a folder (it is created if missing)")
+    from fastvae.export.onnx_export import _files_of
+
+    version_dir = folder / VERSION
+    try:
+        version_dir.mkdir(parents=True, exist_ok=True)
+        for src in _files_of(source):  # external data first, the graph last
+            target = version_dir / (MODEL_FILE if src == source else src.name)
+            with run_folder.atomic_write(target) as tmp:
+                shutil.copyfile(src, tmp)
+        run_folder.write_text(folder / "config.pbtxt", text)
+    except OSError as exc:
+        raise FastVAEError(f"could not write the Triton repository {folder} ({exc.strerror or one_line(exc)})") from None
+    return TritonRepository(folder / "config.pbtxt", version_dir / MODEL_FILE, name, max_batch)
+
+
+def config_text(onnx_path: Path, name: str, max_batch: int, max_queue_delay_us: int) -> str:
+    """The ``config.pbtxt`` (protobuf text format of Triton's ``ModelConfig``) for the decoder."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, not ONNX: one line
+        raise FastVAEError(f"{onnx_path} could not be read as ONNX ({one_line(exc)}); export it again") from None
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if metadata.get("fastvae_format") != md.FORMAT:
+        raise FastVAEError(f"{onnx_path} is not a fastvae decoder: write one with 'fastvae export RUN'")
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [v for v in proto.graph.input if v.name not in initializers]
+    lines = [f"name: {_quote(name)}", f"platform: {_quote(PLATFORM)}", f"max_batch_size: {max_batch}"]
+    for kind, values in (("input", inputs), ("output", proto.graph.output)):
+        entries = [_tensor_entry(v, onnx_path) for v in values]
+        lines.append(f"{kind} [\n" + ",\n".join(entries) + "\n]")
+    lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {int(max_queue_delay_us)}\n}}")
+    for key in sorted(metadata):
+        lines.append(f"parameters {{\n  key: {_quote(key)}\n  value {{ string_value: {_quote(metadata[key])} }}\n}}")
+    return "\n".join(lines) + "\n"
+
+
+def _tensor_entry(value_info, onnx_path: Path) -> str:
+    tensor = value_info.type.tensor_type
+    dims = list(tensor.shape.dim)
+    if not dims or dims[0].HasField("dim_value"):
+        raise FastVAEError(
+            f"{onnx_path}: '{value_info.name}' has no symbolic batch dimension, which Triton's dynamic "
+            "batching needs; export it again with 'fastvae export'"
+        )
+    rest = []
+    for dim in dims[1:]:
+        rest.append(str(dim.dim_value) if dim.HasField("dim_value") else "-1")
+    data_type = _TRITON_TYPES.get(tensor.elem_type)
+    if data_type is None:
+        raise FastVAEError(f"{onnx_path}: '{value_info.name}' has an element type Triton's ONNX backend lacks")
+    return (f"  {{\n    name: {_quote(value_info.name)}\n    data_type: {data_type}\n"
+            f"    dims: [ {', '.join(rest)} ]\n  }}")
+
+
+def _quote(text: str) -> str:
+    """A protobuf text-format string literal (UTF-8 kept, quotes, backslashes and controls escaped)."""
+    out = []
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\{ord(ch):03o}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+

@@ -1,0 +1,300 @@
+"""``fastvae serve``: every endpoint, every bad request, batching, SIGTERM drain, bounded load.
+
+Servers run in subprocesses on 127.0.0.1 with port 0, torch blocked in them; readiness is the
+line the server prints once listening, and "a request is in flight" is read from /healthz (a
+poll loop with a deadline): nothing waits on a timer.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastvae.export import OnnxSampler
+
+LATENT = 4
+SHAPE = (1, 8, 8)
+MAX_N, MAX_BODY = 500, 20_000
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# the CLI with torch blocked: the service must not need it
+_SERVE = "import sys; sys.modules['torch'] = None; from fastvae.cli import main; sys.exit(main())"
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """(decoder.onnx, numpy weights (W1, b1, W2, b2) of the same MLP decoder)."""
+    import torch
+
+    from fastvae.export import export_decoder
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": list(SHAPE), "hidden_dim": 32, "latent_dim": LATENT}).eval()
+    path = export_decoder(model, tmp_path_factory.mktemp("serve") / "d.onnx", check_batches=(3,),
+                          exporter="torchscript").path  # the fast exporter: the graph is not the subject
+    layers = [m for m in model.decoder.net if isinstance(m, torch.nn.Linear)]
+    weights = [t.detach().numpy().astype(np.float64) for layer in layers for t in (layer.weight, layer.bias)]
+    return path, weights
+
+
+def numpy_decoder(weights, z):
+    """The MLP decoder's means in float64 numpy: sigmoid(W2 relu(W1 z + b1) + b2)."""
+    w1, b1, w2, b2 = weights
+    h = np.maximum(z.astype(np.float64) @ w1.T + b1, 0.0)
+    return (1.0 / (1.0 + np.exp(-(h @ w2.T + b2)))).reshape(len(z), *SHAPE)
+
+
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"fastvae_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+service_process = _bench_module("service_process")
+
+
+class Server(service_process.ServiceProcess):
+    """A ``fastvae serve`` subprocess on 127.0.0.1, port 0; ``port`` from its readiness line."""
+
+    def __init__(self, model, *flags):
+        super().__init__([sys.executable, "-c", _SERVE, "serve", str(model), "--port", "0", *map(str, flags)],
+                         ready_prefix="fastvae serve: listening on http://127.0.0.1:",
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def request(self, method, path, body=b"", headers=None, timeout=60):
+        """(status, headers, body bytes) of one request on a fresh connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+            conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def sample(self, **fields):
+        status, headers, body = self.request("POST", "/sample", fields)
+        assert status == 200, body
+        return np.load(io.BytesIO(body)) if fields.get("format", "npy") == "npy" else body
+
+    def health(self):
+        status, _, body = self.request("GET", "/healthz")
+        assert status == 200
+        return json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def server(decoder):
+    """A batching server (16 rows at most, 50 ms wait) with small limits."""
+    srv = Server(decoder[0], "--max-batch", 16, "--max-wait-ms", 50, "--max-n", MAX_N, "--max-body", MAX_BODY)
+    yield srv
+    rc, _, err = srv.stop()
+    assert rc == 0 and "Traceback" not in err, err[-2000:]
+
+
+# -- endpoints -------------------------------------------------------------------------------------
+def test_healthz_and_metadata(server, decoder):
+    assert server.health()["status"] == "ok"
+    status, headers, body = server.request("GET", "/metadata")
+    meta = json.loads(body)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert meta["latent_dim"] == LATENT and meta["output_shape"] == list(SHAPE) and meta["provider"] == "cpu"
+    assert meta["limits"] == {"max_n": MAX_N, "max_body": MAX_BODY}
+    assert meta["batching"] == {"max_batch": 16, "max_wait_ms": 50.0}
+    assert meta["decoder_metadata"] == OnnxSampler(decoder[0]).metadata
+
+
+def test_sample_npy_is_the_seeded_decoder_output(server, decoder):
+    path, weights = decoder
+    x = server.sample(n=7, seed=11)
+    z = np.random.default_rng(11).standard_normal((7, LATENT), dtype=np.float32)
+    assert x.shape == (7, *SHAPE) and x.dtype == np.float32
+    np.testing.assert_allclose(x, numpy_decoder(weights, z), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(x, OnnxSampler(path, threads=1).sample(7, seed=11, batch_size=1))
+    assert not np.allclose(server.sample(n=7, seed=12), x)
+    assert server.sample(n=3).shape == (3, *SHAPE)  # unseeded
+
+
+def test_sample_json_png_and_mode(server, decoder):
+    path, _ = decoder
+    reference = OnnxSampler(path)
+    data = json.loads(server.sample(n=3, seed=2, format="json"))
+    assert data["shape"] == [3, *SHAPE]
+    np.testing.assert_allclose(np.asarray(data["data"], np.float32), reference.sample(3, seed=2), rtol=0, atol=1e-7)
+
+    from PIL import Image
+
+    png = Image.open(io.BytesIO(server.sample(n=16, seed=2, format="png")))
+    scale, nrow = 64 // 8, math.ceil(math.sqrt(16))
+    side = (nrow * (8 + 1) + 1) * scale  # viz.image_grid's layout
+    assert png.format == "PNG" and png.size == (side, side)
+
+    drawn = server.sample(n=50, seed=4, mode="sample")
+    assert set(np.unique(drawn)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(drawn, reference.sample(50, seed=4, mode="sample"))
+
+
+def test_decode_json_and_npy_bodies(server, decoder):
+    _, weights = decoder
+    z = np.random.default_rng(5).standard_normal((9, LATENT)).astype(np.float32)
+    status, headers, body = server.request("POST", "/decode", {"z": z.tolist()})
+    assert status == 200 and headers["content-type"] == "application/x-npy"
+    np.testing.assert_allclose(np.load(io.BytesIO(body)), numpy_decoder(weights, z), rtol=1e-5, atol=1e-6)
+    buffer = io.BytesIO()
+    np.save(buffer, z.astype(np.float64))
+    status, _, body = server.request("POST", "/decode?format=json", buffer.getvalue(),
+                                     headers={"Content-Type": "application/x-npy"})
+    assert status == 200
+    np.testing.assert_allclose(np.asarray(json.loads(body)["data"]), numpy_decoder(weights, z), rtol=1e-5, atol=1e-6)
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+NPY = {"Content-Type": "application/x-npy"}
+BAD = {
+    "malformed_json": ("/sample", b'{"n": 2', None, 400, "not valid JSON"),
+    "not_an_object": ("/sample", b"[1, 2]", None, 400, "JSON object"),
+    "empty_body": ("/sample", b"", None, 400, "not valid JSON"),
+    "missing_n": ("/sample", {"seed": 1}, None, 400, "missing 'n'"),
+    "n_not_integer": ("/sample", {"n": "ten"}, None, 400, "'n' must be an integer"),
+    "n_zero": ("/sample", {"n": 0}, None, 400, "'n' must be from 1"),
+    "n_too_large": ("/sample", {"n": MAX_N + 1}, None, 413, "--max-n"),
+    "negative_seed": ("/sample", {"n": 1, "seed": -3}, None, 400, "'seed'"),
+    "unknown_format": ("/sample", {"n": 1, "format": "jpeg"}, None, 400, "'format' must be one of npy, png, json"),
+    "unknown_mode": ("/sample", {"n": 1, "mode": "median"}, None, 400, "'mode'"),
+    "unknown_field": ("/sample", {"n": 1, "temperature": 2}, None, 400, "unknown field"),
+    "body_too_large": ("/sample", b'{"n": 1, "seed": 1}' + b" " * MAX_BODY, None, 413, "--max-body"),
+    "wrong_shape": ("/decode", {"z": [[0.0] * (LATENT + 1)]}, None, 400, f"shape (n, {LATENT})"),
+    "one_dim": ("/decode", {"z": [0.0] * LATENT}, None, 400, f"shape (n, {LATENT})"),
+    "ragged": ("/decode", {"z": [[0.0] * LATENT, [0.0]]}, None, 400, "ragged"),
+    "strings": ("/decode", {"z": [["a"] * LATENT]}, None, 400, "numbers"),
+    "nan": ("/decode", b'{"z": [[NaN, 0, 0, 0]]}', None, 400, "NaN or infinite"),
+    "inf": ("/decode", b'{"z": [[Infinity, 0, 0, 0]]}', None, 400, "NaN or infinite"),
+    "beyond_float32": ("/decode", {"z": [[1e39, 0, 0, 0]]}, None, 400, "NaN or infinite"),
+    "too_many_rows": ("/decode", _npy(np.zeros((MAX_N + 1, LATENT), np.float32)), NPY, 413, "--max-n"),
+    "npy_garbage": ("/decode", b"\x93NUMPY garbage", NPY, 400, "not a readable .npy"),
+    "npy_nan": ("/decode", _npy(np.full((2, LATENT), np.nan, np.float32)), NPY, 400, "NaN"),
+    "missing_z": ("/decode", {"latents": []}, None, 400, "unknown field"),
+    "decode_bad_format": ("/decode", {"z": [[0.0] * LATENT], "format": "bmp"}, None, 400, "'format'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_requests_get_a_4xx_with_one_line(server, case):
+    path, body, headers, status, message = BAD[case]
+    got, response_headers, text = server.request("POST", path, body, headers)
+    reason = json.loads(text)["error"]
+    assert got == status and message in reason and "\n" not in reason, (got, reason)
+    assert response_headers["content-type"] == "application/json"
+
+
+def test_wrong_method_and_path_are_4xx(server):
+    for method, path, status in (("GET", "/sample", 405), ("POST", "/healthz", 405), ("GET", "/nothing", 404)):
+        got, _, text = server.request(method, path)
+        reason = json.loads(text)["error"]
+        assert got == status and "POST /sample" in reason and "\n" not in reason
+    assert server.health()["status"] == "ok"  # still serving
+
+
+def test_same_seed_same_samples_batched_or_not(server, decoder):
+    """Concurrent requests are decoded together, and each still gets its own seeded samples."""
+    path, _ = decoder
+    reference = OnnxSampler(path, threads=1)
+    sizes = [1, 3, 5, 2, 7, 1, 4, 6] * 2
+    before = server.health()
+    with ThreadPoolExecutor(len(sizes)) as pool:
+        results = list(pool.map(lambda i: server.sample(n=sizes[i], seed=100 + i, mode="sample" if i % 2 else "mean"),
+                                range(len(sizes))))
+    after = server.health()
+    for i, x in enumerate(results):  # alone, one by one: the same numbers
+        expected = reference.sample(sizes[i], seed=100 + i, batch_size=1, mode="sample" if i % 2 else "mean")
+        np.testing.assert_array_equal(x, expected)
+    assert after["rows"] - before["rows"] == sum(sizes)
+    assert after["batches"] - before["batches"] < len(sizes), "no request was batched with another"
+
+
+def test_bounded_load_has_no_errors(server):
+    load = _bench_module("http_load")
+    result = load.run_load(f"http://127.0.0.1:{server.port}/sample", concurrency=16, duration=2.0,
+                           max_requests=400, body=b'{"n": 1, "seed": 1}')
+    assert result["errors"] == 0 and 16 <= result["requests"] <= 400, result
+    assert server.health()["pending"] == 0
+    with pytest.raises(ValueError, match="loopback"):
+        load.run_load("http://10.1.2.3:80/", duration=0.1)
+
+
+# -- shutdown --------------------------------------------------------------------------------------
+def test_sigterm_drains_a_request_in_flight_and_exits_0(decoder):
+    """A request waiting in the batcher (for others, up to 60 s) when SIGTERM arrives is decoded
+    at once and answered; then the process exits 0 and the port is closed."""
+    path, _ = decoder
+    srv = Server(path, "--max-batch", 64, "--max-wait-ms", 60_000)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(srv.request, "POST", "/sample", {"n": 2, "seed": 9})
+            deadline = time.monotonic() + 60
+            while srv.health()["pending"] != 1:  # the event: the request is queued in the server
+                assert time.monotonic() < deadline and not pending.done(), "the request never arrived"
+            started = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            status, _, body = pending.result(timeout=50)
+        assert time.monotonic() - started < 50  # drained, not left to its 60 s wait
+        assert status == 200
+        np.testing.assert_array_equal(np.load(io.BytesIO(body)), OnnxSampler(path).sample(2, seed=9))
+        rc, out, err = srv.stop()
+        assert rc == 0 and "Traceback" not in err, err[-2000:]
+        with pytest.raises(OSError):
+            srv.request("GET", "/healthz", timeout=5)
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_ctrl_c_exits_0(decoder):
+    srv = Server(decoder[0])
+    assert srv.health()["status"] == "ok"
+    rc, _, err = srv.stop(signal.SIGINT)
+    assert rc == 0 and "Traceback" not in err, err[-2000:]
+
+
+# -- the command line --------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,message", [
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-wait-ms", "-1"], "--max-wait-ms"),
+    (["--max-n", "0"], "--max-n"),
+    (["--port", "70000"], "--port"),
+    (["--provider", "tensorrt-x"], "unknown execution provider"),
+])
+def test_cli_bad_flags_are_one_line_exit_2(decoder, capsys, flags, message):
+    from fastvae.cli import main
+
+    assert main(["serve", str(decoder[0]), "--port", "0", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastvae serve: error:") and message in err[0], err
+
+
+def test_cli_missing_model_and_taken_port(decoder, tmp_path, server):
+    for argv, message in ((["serve", str(tmp_path / "none.onnx")], "does not exist"),
+                          (["serve", str(decoder[0]), "--port", str(server.port)], "cannot listen")):
+        proc = subprocess.run([sys.executable, "-m", "fastvae", *argv], capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]

@@ -1,0 +1,152 @@
+"""``fastvae export --triton-repo``: config.pbtxt parsed with Triton's own model-config schema
+(tritonclient) and checked against the ONNX graph; the model file; atomic writes; errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from fastvae.errors import FastVAEError
+from fastvae.export.triton_repo import write_triton_repository
+
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+from google.protobuf import text_format  # noqa: E402 - after the skip
+
+LATENT = 5
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    import torch
+
+    from fastvae.export import export_decoder
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": list(SHAPE), "hidden_dim": 16, "latent_dim": LATENT,
+                         "likelihood": "gaussian", "sigma": 0.3}).eval()
+    return export_decoder(model, tmp_path_factory.mktemp("triton") / "d.onnx", check_batches=(3,),
+                          exporter="torchscript").path  # the fast exporter: the graph is not the subject
+
+
+def parse(path) -> "model_config_pb2.ModelConfig":
+    return text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+
+
+def _graph_tensors(proto, values):
+    """{name: (Triton data type name, dims without the batch dim)} read from the ONNX graph."""
+    onnx_to_triton = {onnx.TensorProto.FLOAT: "TYPE_FP32"}
+    out = {}
+    for v in values:
+        t = v.type.tensor_type
+        out[v.name] = (onnx_to_triton[t.elem_type], [d.dim_value for d in t.shape.dim[1:]])
+    return out
+
+
+def test_config_matches_the_onnx_graph(decoder, tmp_path):
+    repo = write_triton_repository(decoder, tmp_path / "models", name="vae", max_batch=32)
+    config = parse(repo.config)
+    assert repo.config == tmp_path / "models" / "vae" / "config.pbtxt"
+    assert config.name == "vae" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+    assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 2000
+
+    proto = onnx.load(str(decoder))
+    dtype_name = model_config_pb2.DataType.Name
+    got_inputs = {t.name: (dtype_name(t.data_type), list(t.dims)) for t in config.input}
+    got_outputs = {t.name: (dtype_name(t.data_type), list(t.dims)) for t in config.output}
+    assert got_inputs == _graph_tensors(proto, proto.graph.input) == {"z": ("TYPE_FP32", [LATENT])}
+    assert got_outputs == _graph_tensors(proto, proto.graph.output)
+    assert got_outputs["mean"] == ("TYPE_FP32", list(SHAPE))
+    assert all(d.dim_param for v in [*proto.graph.input, *proto.graph.output] for d in v.type.tensor_type.shape.dim[:1])
+
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    assert parameters == metadata and parameters["latent_dim"] == str(LATENT)  # JSON values survive quoting
+
+
+def test_model_file_is_the_decoder_and_runs(decoder, tmp_path):
+    import onnxruntime as ort
+
+    from fastvae.export import OnnxSampler
+
+    repo = write_triton_repository(decoder, tmp_path / "models")
+    assert repo.model == tmp_path / "models" / "fastvae_decoder" / "1" / "model.onnx"
+    assert repo.model.read_bytes() == decoder.read_bytes()
+    z = np.random.default_rng(0).standard_normal((4, LATENT), dtype=np.float32)
+    session = ort.InferenceSession(str(repo.model), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(["mean"], {"z": z})[0], OnnxSampler(decoder).decode(z))
+
+
+def test_rewrites_atomically_with_umask_permissions(decoder, tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_triton_repository(decoder, tmp_path / "m", max_batch=8)
+        repo = write_triton_repository(decoder, tmp_path / "m", max_batch=16)  # over the first
+    finally:
+        os.umask(old)
+    assert parse(repo.config).max_batch_size == 16
+    folder = tmp_path / "m" / "fastvae_decoder"
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    assert names == ["1", "1/model.onnx", "config.pbtxt"]  # no temporary files left
+    assert (repo.config.stat().st_mode & 0o777) == 0o640 == (repo.model.stat().st_mode & 0o777)
+
+
+def test_quoting_survives_protobuf_parsing(decoder, tmp_path):
+    from fastvae.export.onnx_export import _update_metadata
+
+    tricky = tmp_path / "tricky.onnx"
+    tricky.write_bytes(decoder.read_bytes())
+    value = 'quote " back\\slash \n newline \t tab é ü 漢'
+    _update_metadata(tricky, {"source": value})
+    config = parse(write_triton_repository(tricky, tmp_path / "m").config)
+    assert config.parameters["source"].string_value == value
+
+
+@pytest.mark.parametrize("kwargs,message", [({"name": "a/b"}, "--name"), ({"name": ""}, "--name"),
+                                            ({"max_batch": 0}, "--max-batch"), ({"max_batch": 2.5}, "--max-batch")])
+def test_bad_arguments(decoder, tmp_path, kwargs, message):
+    with pytest.raises(FastVAEError, match=message):
+        write_triton_repository(decoder, tmp_path / "m", **kwargs)
+    assert not (tmp_path / "m").exists()
+
+
+def test_foreign_or_missing_files_are_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph), foreign)
+    with pytest.raises(FastVAEError, match="not a fastvae decoder"):
+        write_triton_repository(foreign, tmp_path / "m")
+    with pytest.raises(FastVAEError, match="could not be read"):
+        write_triton_repository(tmp_path / "none.onnx", tmp_path / "m")
+
+
+def test_cli_export_with_triton_repo(tmp_path, capsys):
+    import torch
+
+    from fastvae.checkpoint import save_checkpoint
+    from fastvae.cli import main
+    from fastvae.models import build_model
+
+    torch.manual_seed(1)
+    model = build_model({"data_shape": list(SHAPE), "hidden_dim": 16, "latent_dim": LATENT})
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "last.ckpt", {"config": {}, "spec": model.spec, "model": model.state_dict()})
+    repo = tmp_path / "triton"
+    assert main(["export", str(run), "--triton-repo", str(repo), "--name", "digits", "--max-batch", "128",
+                 "--exporter", "torchscript"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote Triton model 'digits'" in out
+    config = parse(repo / "digits" / "config.pbtxt")
+    assert config.max_batch_size == 128 and config.input[0].dims == [LATENT]
+    assert (repo / "digits" / "1" / "model.onnx").read_bytes() == (run / "decoder.onnx").read_bytes()
+    assert main(["export", str(run), "--triton-repo", str(repo), "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-batch" in err[0]
