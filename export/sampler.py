@@ -97,12 +97,14 @@ class OnnxSampler:
         try:
             version = int(meta.get("fastvae_format_version", "0"))
             self.latent_dim = int(meta["latent_dim"])
+            # spatial decoders: z is (n, c, h, w); sampled at the training latent size
+            self.latent_shape = tuple(json.loads(meta.get("latent_shape", f"[{self.latent_dim}]")))
             self.output_shape = tuple(int(s) for s in json.loads(meta["output_shape"]))
             self.input_name = meta.get("input_name", md.INPUT_NAME)
             self.mean_output = meta.get("mean_output", md.MEAN_OUTPUT)
             self.likelihood = meta.get("likelihood", "none")
             self.sample_kind = meta.get("sample", "none")
-            self.sigma = float(meta["sigma"]) if self.sample_kind == "gaussian" else None
+            self.sigma = float(meta["sigma"]) if self.sample_kind in ("gaussian", "laplace") else None
             self.precision = meta.get("precision", "fp32")
         except (KeyError, ValueError, TypeError) as exc:
             raise FastVAEError(
@@ -124,7 +126,7 @@ class OnnxSampler:
             problem = f"expected one input '{self.input_name}', found {[i.name for i in inputs]}"
         elif inputs[0].type != "tensor(float)":
             problem = f"input '{self.input_name}' is {inputs[0].type}, expected tensor(float)"
-        elif not _dims_match(inputs[0].shape, (None, self.latent_dim)):
+        elif not _dims_match(inputs[0].shape, (None, *self.latent_shape)):
             problem = f"input shape {inputs[0].shape} does not fit latent_dim {self.latent_dim}"
         elif self.mean_output not in outputs:
             problem = f"no output '{self.mean_output}' (outputs: {sorted(outputs)})"
@@ -142,9 +144,9 @@ class OnnxSampler:
     def decode(self, z, batch_size: int | None = None) -> np.ndarray:
         """Means E[x|z] for latent vectors ``z`` shaped (n, latent_dim) -> (n, *output_shape)."""
         z = np.asarray(z)
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+        if z.shape[1:] != self.latent_shape:
             raise FastVAEError(
-                f"z must have shape (n, {self.latent_dim}) for {self.path.name}, got {tuple(z.shape)}"
+                f"z must have shape (n, {', '.join(map(str, self.latent_shape))}) for {self.path.name}, got {tuple(z.shape)}"
             )
         if not np.issubdtype(z.dtype, np.number):
             raise FastVAEError(f"z must hold numbers, got dtype {z.dtype}")
@@ -177,13 +179,15 @@ class OnnxSampler:
         if mode not in MODES:
             raise FastVAEError(f"mode must be one of {MODES}, got {mode!r}")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        z = rng.standard_normal((n, self.latent_dim), dtype=np.float32)
+        z = rng.standard_normal((n, *self.latent_shape), dtype=np.float32)
         x = self.decode(z, batch_size)
         if mode == "sample":
             if self.sample_kind == "bernoulli":
                 x = (rng.random(x.shape, dtype=np.float32) < x).astype(np.float32)
             elif self.sample_kind == "gaussian":
                 x += np.float32(self.sigma) * rng.standard_normal(x.shape, dtype=np.float32)
+            elif self.sample_kind == "laplace":
+                x += rng.laplace(0.0, self.sigma, x.shape).astype(np.float32)
         return x
 
     def __repr__(self) -> str:
