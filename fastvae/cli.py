@@ -22,6 +22,7 @@ COMMANDS = {
     "export": "fastvae.commands.export_command",
     "sample": "fastvae.commands.sample_command",
     "report": "fastvae.commands.report_command",
+    "decode": "fastvae.commands.decode_command",
 }
 
 
