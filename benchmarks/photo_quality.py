@@ -78,7 +78,7 @@ class DiffusersKL(nn.Module):
             down_block_types=("DownEncoderBlock2D",) * len(widths),
             up_block_types=("UpDecoderBlock2D",) * len(widths),
             block_out_channels=tuple(widths), layers_per_block=blocks,
-            norm_num_groups=math.gcd(32, *widths), sample_size=32,
+            norm_num_groups=math.gcd(32, *[w // 2 for w in widths]), sample_size=32,  # as fastvae's GroupNorm
         )
 
     def encode(self, x):

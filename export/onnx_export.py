@@ -402,6 +402,10 @@ def _to_onnx(wrapper, z, opset: int | None, exporter: str, io: GraphIO = DECODER
 
     notes: list[str] = []
     use_dynamo = exporter in ("auto", "dynamo") and (opset is None or opset >= 18)
+    if exporter == "auto" and len(io.dynamic) > 1:
+        # symbolic height and width (spatial graphs): the dynamo exporter spent 60-75 s on a
+        # tiny convkl decoder or encoder on the 2-core dev CPU, TorchScript 2-3 s for the same graph
+        use_dynamo = False
     if exporter == "dynamo" and not use_dynamo:
         raise FastVAEError(f"the dynamo exporter writes opset 18 or newer, not {opset}; use --exporter torchscript")
     if use_dynamo:

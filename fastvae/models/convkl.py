@@ -40,8 +40,10 @@ SKIP_LOGVAR = -6.0  # image skip: posterior std starts at exp(-3), small beside 
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups (as the reference), fewer for narrow layers."""
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+    """GroupNorm with up to 32 groups (as the reference) of at least 2 channels: with one
+    channel per group it would be instance norm, which erases each channel's mean (and makes
+    the bias of the conv before it a parameter without gradient)."""
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 2)), channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
