@@ -98,7 +98,8 @@ class OnnxSampler:
             version = int(meta.get("fastvae_format_version", "0"))
             self.latent_dim = int(meta["latent_dim"])
             # spatial decoders: z is (n, c, h, w); sampled at the training latent size
-            self.latent_shape = tuple(json.loads(meta.get("latent_shape", f"[{self.latent_dim}]")))
+            shape = tuple(int(s) for s in json.loads(meta.get("latent_shape", "[]")))
+            self.latent_shape = shape if len(shape) > 1 else (self.latent_dim,)
             self.output_shape = tuple(int(s) for s in json.loads(meta["output_shape"]))
             self.input_name = meta.get("input_name", md.INPUT_NAME)
             self.mean_output = meta.get("mean_output", md.MEAN_OUTPUT)
@@ -116,7 +117,8 @@ class OnnxSampler:
                 f"{path} was written by a newer fastvae (decoder format {version}, this version "
                 f"reads {md.FORMAT_VERSION}); upgrade fastvae"
             )
-        if self.latent_dim < 1 or not self.output_shape or self.sample_kind not in md.SAMPLE_KINDS:
+        if (self.latent_dim < 1 or not self.output_shape or self.sample_kind not in md.SAMPLE_KINDS
+                or int(np.prod(self.latent_shape)) != self.latent_dim):
             raise FastVAEError(f"{path} has inconsistent fastvae metadata; {_reexport_hint(path)}")
 
         inputs = self.session.get_inputs()
