@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from common import annotate, bench_device, on_gpu, pick, requires_cuda, skip_in_cpu_smoke, synced, warmup
-from test_bench_train import interleaved_medians
+from test_bench_train import bce_nll, interleaved_medians, plain_epoch
 
 from fastvae.config import TrainConfig
 from fastvae.data import Splits
@@ -66,26 +66,14 @@ def photo_splits(size: int, n: int) -> Splits:
     return Splits("smooth", images, images[:16].clone())
 
 
+def gaussian_nll(mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log N(x; mean, SIGMA^2) summed over pixels, without its constant."""
+    return (0.5 * ((x - mean) / SIGMA) ** 2).flatten(1).sum(1)
+
+
 def plain_convkl_epoch(model, optimizer, data: torch.Tensor, batch: int, amp_dtype=None) -> float:
-    """The minimal hand-written loop: shuffle, slice, encode, z = mu + sigma eps, decode,
-    Gaussian NLL + KL over every latent dim, Adam."""
-    perm = torch.randperm(len(data), device=data.device)
-    total = 0.0
-    for start in range(0, len(data), batch):
-        x = data[perm[start : start + batch]]
-        with torch.autocast(data.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            mu, logvar = model.encoder(x)
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-            mean = model.decoder(z)
-        nll = (0.5 * ((x - mean.float()) / SIGMA) ** 2).flatten(1).sum(1)
-        mu, logvar = mu.float(), logvar.float()
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
-        loss = (nll + kl).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-    return total
+    """The minimal hand-written loop (``test_bench_train.plain_epoch``) with the Gaussian NLL."""
+    return plain_epoch(model, optimizer, data, batch, amp_dtype, nll=gaussian_nll)
 
 
 def fastvae_trainer(splits: Splits, out: str, batch: int, spec: dict, **settings) -> Trainer:
@@ -230,10 +218,7 @@ def _gpu_loss(model, x, spec):
     mu, logvar = model.encoder(x)
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     params = model.decoder(z).float()
-    if spec["model"] == "convkl":
-        nll = (0.5 * ((x - params) / SIGMA) ** 2).flatten(1).sum(1)
-    else:
-        nll = F.binary_cross_entropy_with_logits(params, x, reduction="none").flatten(1).sum(1)
+    nll = (gaussian_nll if spec["model"] == "convkl" else bce_nll)(params, x)
     mu, logvar = mu.float(), logvar.float()
     return (nll + 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)).mean()
 
@@ -329,8 +314,7 @@ def test_gpu_diffusers_autoencoderkl(benchmark, size, batch):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 dist = vae.encode(x).latent_dist
                 mean = vae.decode(dist.sample()).sample
-            nll = (0.5 * ((x - mean.float()) / SIGMA) ** 2).flatten(1).sum(1)
-            loss = (nll + dist.kl().float()).mean()
+            loss = (gaussian_nll(mean.float(), x) + dist.kl().float()).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

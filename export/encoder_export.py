@@ -87,7 +87,7 @@ def export_encoder(run_or_model, path: str | os.PathLike, *, opset: int | None =
         )
     input_shape = tuple(int(s) for s in model.data_shape)
     f = input_shape[-1] // latent_shape[-1]
-    encoder = ox._fp32_decoder(_EncoderOnly(model.encoder))  # fp32 CPU eval copy, grads off
+    encoder = ox.fp32_copy(model.encoder)
     example = torch.rand(ox.EXPORT_BATCH, *input_shape)
     try:
         with run_folder.temporary_folder(path) as staging:
@@ -109,15 +109,6 @@ def export_encoder(run_or_model, path: str | os.PathLike, *, opset: int | None =
                            f"written to {path}; try another --opset or --exporter") from None
     return EncoderExportReport(path, ox._total_size(path), ox._opset_of(path), exporter_name,
                                input_shape, latent_shape, parity, rtol, atol)
-
-
-def _EncoderOnly(encoder):  # noqa: N802 - builds the nn.Module lazily (no torch at import)
-    """The encoder as a module with a ``.decoder`` attribute, for ``onnx_export._fp32_decoder``."""
-    import torch
-
-    holder = torch.nn.Module()
-    holder.decoder = encoder
-    return holder
 
 
 def _metadata(source: str, exporter_name: str, input_shape, latent_shape, f: int) -> dict[str, str]:

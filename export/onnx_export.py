@@ -327,14 +327,19 @@ def _describe(model) -> dict:
 
 def _fp32_decoder(model):
     """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched)."""
+    return fp32_copy(model.decoder)
+
+
+def fp32_copy(module):
+    """An fp32, CPU, eval-mode, grad-free deep copy of ``module`` (unwrapped; untouched)."""
     import torch
 
     from fastvae.models import unwrap
 
-    decoder = copy.deepcopy(unwrap(model.decoder))
-    decoder = decoder.to(device="cpu", dtype=torch.float32).eval()
-    decoder.requires_grad_(False)
-    return decoder
+    module = copy.deepcopy(unwrap(module))
+    module = module.to(device="cpu", dtype=torch.float32).eval()
+    module.requires_grad_(False)
+    return module
 
 
 def _rewrite_for_onnxruntime(decoder, latent_dim: int) -> str:
