@@ -49,6 +49,9 @@ _NOISE = (
     "legacy TorchScript-based ONNX export",
     "The feature will be removed",
     "torchvision is not installed",
+    # TorchScript tracing of F.interpolate's size checks (spatial decoders); parity at two latent
+    # sizes shows the traced graph is right
+    "Converting a tensor to a Python boolean might cause the trace to be incorrect",
 )
 
 
