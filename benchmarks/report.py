@@ -450,7 +450,7 @@ def pytest_benchmark_table(old: Path, new: Path) -> int:
 # --------------------------------------------------------------------------- store
 
 
-EXTRA_RESULTS = ("precision.json", "tile_sweep.json", "run.log")
+EXTRA_RESULTS = ("precision.json", "tile_sweep.json", "photo_quality.json", "run.log")
 
 
 def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: str = STAT,
