@@ -595,7 +595,8 @@ def pytest_benchmark_table(old: Path, new: Path) -> int:
 # --------------------------------------------------------------------------- store
 
 
-EXTRA_RESULTS = ("precision.json", "tile_sweep.json", "run.log", "reparam_kl_device.json")
+EXTRA_RESULTS = ("precision.json", "tile_sweep.json", "photo_quality.json", "footprint.json", "run.log",
+                 "reparam_kl_device.json")
 
 
 def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: str = STAT,

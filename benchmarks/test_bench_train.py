@@ -56,8 +56,13 @@ def case_id(case) -> str:
     return f"{model}-b{batch}-{precision}" + (MODE_IDS.get(mode, f"-{mode}") if mode else "")
 
 
-def plain_epoch(model, optimizer, data: torch.Tensor, batch: int, amp_dtype) -> float:
-    """The loop anyone would write: shuffle, slice, reparameterize, BCE + KL, Adam."""
+def bce_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def plain_epoch(model, optimizer, data: torch.Tensor, batch: int, amp_dtype, nll=bce_nll) -> float:
+    """The loop anyone would write: shuffle, slice, reparameterize, -log p(x|z) (BCE) + KL
+    (over every latent dim, spatial ones too), Adam."""
     perm = torch.randperm(len(data), device=data.device)
     total = 0.0
     for start in range(0, len(data), batch):
@@ -65,10 +70,10 @@ def plain_epoch(model, optimizer, data: torch.Tensor, batch: int, amp_dtype) -> 
         with torch.autocast(data.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             mu, logvar = model.encoder(x)
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-            logits = model.decoder(z)
-        recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none").flatten(1).sum(1)
+            params = model.decoder(z)
+        recon = nll(params.float(), x)
         mu, logvar = mu.float(), logvar.float()
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
         loss = (recon + kl).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

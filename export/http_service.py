@@ -76,6 +76,7 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
     metadata = json.dumps({
         "model": sampler.path.name,
         "latent_dim": sampler.latent_dim,
+        "latent_shape": list(sampler.latent_shape),
         "output_shape": list(sampler.output_shape),
         "likelihood": sampler.likelihood,
         "precision": sampler.precision,
@@ -129,7 +130,7 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
     async def decode(request: Request) -> Response:
         try:
             z, fmt = parse_decode(await read_body(request), request.headers.get("content-type"),
-                                  request.query_params.get("format"), sampler.latent_dim, limits)
+                                  request.query_params.get("format"), sampler.latent_shape, limits)
             if fmt == "png" and not can_png:
                 raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
         except BadRequest as exc:

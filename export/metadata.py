@@ -8,15 +8,19 @@ Keys (values are strings; JSON where noted):
 ``fastvae_format_version``  ``"1"``
 ``fastvae_version``         the fastvae version that wrote the file
 ``latent_dim``              size of the input ``z`` (batch, latent_dim), z ~ N(0, I)
+``latent_shape``            JSON list, one example's z: ``[latent_dim]``, or ``[c, h, w]`` for a spatial
+                            decoder (z (batch, c, h, w), h and w symbolic; this is the training size)
+``downsample``              spatial decoders: f, output pixels per latent position (H = h * f)
 ``output_shape``            JSON list, one example's shape, e.g. ``[1, 8, 8]``
 ``input_name``              ``"z"``
 ``mean_output``             ``"mean"``: E[x|z], ready to use (sigmoid already applied)
 ``params_output``           ``"params"``: the raw decoder output (logits or means)
 ``output_transform``        how params become means: ``"sigmoid"`` or ``"identity"``
-``likelihood``              ``"bernoulli"`` | ``"gaussian"`` | ``"none"`` (stacked autoencoder)
+``likelihood``              ``"bernoulli"`` | ``"gaussian"`` | ``"laplace"`` | ``"none"`` (stacked autoencoder)
 ``sample``                  how to draw x ~ p(x|z) from the mean: ``"bernoulli"`` (x = u < mean),
-                            ``"gaussian"`` (x = mean + sigma * eps) or ``"none"`` (deterministic)
-``sigma``                   the Gaussian likelihood's standard deviation (gaussian only)
+                            ``"gaussian"`` (x = mean + sigma * eps), ``"laplace"`` (x = mean + Laplace(0,
+                            sigma) noise) or ``"none"`` (deterministic)
+``sigma``                   the Gaussian likelihood's standard deviation / the Laplace scale
 ``precision``               ``"fp32"`` | ``"fp16"`` | ``"int8"``
 ``max_abs_error_vs_torch``  fp32 file: max |onnxruntime - torch| over the validation batches
 ``max_abs_error_vs_fp32``   fp16/int8 files: max |variant - fp32| of ``params`` on 1000 z ~ N(0, I)
@@ -34,7 +38,7 @@ INPUT_NAME = "z"
 MEAN_OUTPUT = "mean"
 PARAMS_OUTPUT = "params"
 
-SAMPLE_KINDS = ("bernoulli", "gaussian", "none")
+SAMPLE_KINDS = ("bernoulli", "gaussian", "laplace", "none")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # what each likelihood means for the decoder's raw output
@@ -42,5 +46,6 @@ LIKELIHOOD_RULES = {
     # likelihood: (output_transform, sample)
     "bernoulli": ("sigmoid", "bernoulli"),
     "gaussian": ("identity", "gaussian"),
+    "laplace": ("identity", "laplace"),
     "none": ("sigmoid", "none"),  # stacked autoencoder: decode() = sigmoid(decoder(z))
 }

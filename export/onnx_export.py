@@ -3,7 +3,11 @@
 The graph maps ``z`` (batch, latent_dim), float32, to two float32 outputs shaped
 (batch, *data_shape): ``mean`` = E[x|z] (sigmoid already applied for Bernoulli decoders and the
 stacked autoencoder) and ``params`` (the decoder's raw output: logits or means). The batch
-dimension is symbolic. Metadata (see :mod:`fastvae.export.metadata`) says how to use it.
+dimension is symbolic. A spatial-latent decoder (``--model convkl``) takes ``z`` (batch, c, h, w)
+with batch, h and w all symbolic (outputs (batch, C, h*f, w*f)): one file decodes any latent
+size; it is validated at the training latent size and at another one, and its fp16 copy keeps
+GroupNorm and Softmax in fp32 (their sums overflow fp16). Metadata (see
+:mod:`fastvae.export.metadata`) says how to use it.
 
 Every export is validated before it replaces anything: ``onnx.checker`` (full check), then
 onnxruntime against torch on batch sizes the exporter never saw (rtol 1e-4, atol 1e-5). All
@@ -35,6 +39,7 @@ RTOL, ATOL = 1e-4, 1e-5
 CHECK_BATCHES = (1, 37, 256)  # validation batch sizes; export traces with EXPORT_BATCH
 EXPORT_BATCH = 2
 VARIANT_EVAL_N = 1000  # z ~ N(0, I) used to measure fp16/int8 errors against fp32
+VARIANT_EVAL_SPATIAL = 64  # the same for spatial latents (each decodes to a whole image)
 _PROTOBUF_LIMIT = 2**31 - 1 - (64 << 20)  # beyond this, weights go to an external .data file
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
@@ -44,6 +49,9 @@ _NOISE = (
     "legacy TorchScript-based ONNX export",
     "The feature will be removed",
     "torchvision is not installed",
+    # TorchScript tracing of F.interpolate's size checks (spatial decoders); parity at two latent
+    # sizes shows the traced graph is right
+    "Converting a tensor to a Python boolean might cause the trace to be incorrect",
 )
 
 
@@ -71,13 +79,14 @@ class ExportReport:
     output_shape: tuple[int, ...]
     likelihood: str
     output_transform: str
-    parity: dict[int, float]  # validation batch size -> max |onnxruntime - torch| (both outputs)
+    parity: dict  # validation batch size (spatial: z shape "BxCxHxW") -> max |onnxruntime - torch|
     rtol: float = RTOL
     atol: float = ATOL
     checker: str = "onnx.checker.check_model(full_check=True): ok"
     rewrites: str = ""  # e.g. "2 convolution(s) as one dense Gemm each": same function, faster graph
     variants: list[VariantReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    latent_shape: tuple[int, ...] = ()  # one example's z: (latent_dim,) or (c, h, w) at training size
 
     @property
     def max_abs_error(self) -> float:
@@ -90,14 +99,17 @@ class ExportReport:
     def summary(self) -> str:
         """The report as a few human-readable lines (printed by ``fastvae export``)."""
         shape = "x".join(str(s) for s in self.output_shape)
+        latent = "x".join(str(s) for s in self.latent_shape) if len(self.latent_shape) > 1 else self.latent_dim
+        spatial = " at training size (latent height and width symbolic)" if len(self.latent_shape) > 1 else ""
         lines = [
             f"wrote {self.path} ({_size(self.size_bytes)}, ONNX opset {self.opset}, {self.exporter})",
-            f"  decoder: z ({self.latent_dim}) -> {shape}, likelihood {self.likelihood}, "
+            f"  decoder: z ({latent}) -> {shape}{spatial}, likelihood {self.likelihood}, "
             f"outputs 'mean' = {self.output_transform}('params') and 'params'; source {self.source}",
             *([f"  graph: {self.rewrites} (the same function; faster in onnxruntime)"] if self.rewrites else []),
             f"  checker: {self.checker}",
             "  parity onnxruntime vs torch (rtol %.0e, atol %.0e): ok, max |err| %s"
-            % (self.rtol, self.atol, ", ".join(f"batch {b}: {e:.2e}" for b, e in self.parity.items())),
+            % (self.rtol, self.atol, ", ".join(f"{'batch ' if isinstance(b, int) else 'z '}{b}: {e:.2e}"
+                                               for b, e in self.parity.items())),
         ]
         for v in self.variants:
             lines.append(
@@ -166,6 +178,7 @@ def export_decoder(
         source=source, latent_dim=info["latent_dim"], output_shape=info["output_shape"],
         likelihood=info["likelihood"], output_transform=info["output_transform"], parity=parity,
         rtol=rtol, atol=atol, rewrites=built.rewrites, variants=variants, warnings=built.notes,
+        latent_shape=info["latent_shape"],
     )
 
 
@@ -202,14 +215,20 @@ class _Built:
 
 def _build(model, source: str, file: Path, opset, exporter: str) -> _Built:
     """Export the decoder into ``file`` (metadata set, onnx.checker passed)."""
+    import torch
+
     info = _describe(model)
     # the exported graph runs faster in onnxruntime: small convolutions as one Gemm, other
     # transposed convolutions as Conv + DepthToSpace; parity is checked against the untouched decoder
     reference = _MeanAndParams(_fp32_decoder(model), info["output_transform"])
     decoder = _fp32_decoder(model)
-    rewrites = _rewrite_for_onnxruntime(decoder, info["latent_dim"])
+    spatial = len(info["latent_shape"]) > 1
+    # the rewrites fix the input's shape: a spatial decoder keeps its symbolic height and width
+    rewrites = "" if spatial else _rewrite_for_onnxruntime(decoder, info["latent_dim"])
     wrapper = _MeanAndParams(decoder, info["output_transform"])
-    proto, exporter_name, notes = _to_onnx(wrapper, info["latent_dim"], opset, exporter)
+    example = torch.randn(EXPORT_BATCH, *info["latent_shape"])
+    proto, exporter_name, notes = _to_onnx(wrapper, example, opset, exporter,
+                                           io=SPATIAL_DECODER_IO if spatial else DECODER_IO)
     _drop_initializer_value_info(proto)
     meta = _metadata(info, source, exporter_name)
     _set_metadata(proto, {**meta, "precision": "fp32"})
@@ -233,15 +252,15 @@ def _write_variants(built: _Built, path: Path, staging: Path, *, fp16: bool, int
     wanted = [p for p, on in (("fp16", fp16), ("int8", int8)) if on]
     if not wanted:
         return []
-    z_eval = np.random.default_rng(0).standard_normal(
-        (VARIANT_EVAL_N, built.info["latent_dim"]), dtype=np.float32
-    )
+    n = VARIANT_EVAL_N if len(built.info["latent_shape"]) == 1 else VARIANT_EVAL_SPATIAL
+    z_eval = np.random.default_rng(0).standard_normal((n, *built.info["latent_shape"]), dtype=np.float32)
     reference = _torch_outputs(built.reference, z_eval)
     variants = []
     for precision in wanted:
         final = variant_path(path, precision)
         tmp = staging / final.name
-        _make_variant(precision, built.file, tmp, {**built.meta, "precision": precision})
+        _make_variant(precision, built.file, tmp, {**built.meta, "precision": precision},
+                      spatial=len(built.info["latent_shape"]) > 1)
         _check(tmp)
         err, err_mean = _variant_errors(tmp, z_eval, reference)
         _update_metadata(
@@ -291,11 +310,15 @@ def _describe(model) -> dict:
         likelihood = "none"
     else:
         likelihood = model.likelihood.kind
-        if likelihood == "gaussian":
+        if likelihood in ("gaussian", "laplace"):
             sigma = float(model.likelihood.log_scale.detach().float().exp().cpu())
     transform, sample = md.LIKELIHOOD_RULES[likelihood]
+    latent_shape = tuple(int(s) for s in getattr(model, "latent_shape", (latent_dim,)))
     return {
         "latent_dim": int(latent_dim),
+        "latent_shape": latent_shape,
+        # spatial latents: output pixels per latent position along each axis
+        "downsample": int(data_shape[-1]) // latent_shape[-1] if len(latent_shape) == 3 else None,
         "output_shape": tuple(int(s) for s in data_shape),
         "likelihood": likelihood,
         "output_transform": transform,
@@ -307,14 +330,19 @@ def _describe(model) -> dict:
 
 def _fp32_decoder(model):
     """An fp32, CPU, eval-mode, grad-free deep copy of the decoder (the model is untouched)."""
+    return fp32_copy(model.decoder)
+
+
+def fp32_copy(module):
+    """An fp32, CPU, eval-mode, grad-free deep copy of ``module`` (unwrapped; untouched)."""
     import torch
 
     from fastvae.models import unwrap
 
-    decoder = copy.deepcopy(unwrap(model.decoder))
-    decoder = decoder.to(device="cpu", dtype=torch.float32).eval()
-    decoder.requires_grad_(False)
-    return decoder
+    module = copy.deepcopy(unwrap(module))
+    module = module.to(device="cpu", dtype=torch.float32).eval()
+    module.requires_grad_(False)
+    return module
 
 
 def _rewrite_for_onnxruntime(decoder, latent_dim: int) -> str:
@@ -359,58 +387,80 @@ def _MeanAndParams(decoder, transform):  # noqa: N802 - builds the nn.Module laz
 
 
 # -- export ------------------------------------------------------------------------------------
-def _to_onnx(wrapper, latent_dim: int, opset: int | None, exporter: str):
-    """(onnx.ModelProto, exporter description, notes) for the wrapper, batch dim symbolic."""
+@dataclass(frozen=True)
+class GraphIO:
+    """A graph's input and output names, and which dims of the input (and, with the same
+    names, of every output) are symbolic."""
+
+    input_name: str
+    output_names: tuple[str, ...]
+    dynamic: dict  # input dim -> symbolic name
+    what: str = "decoder"
+
+
+DECODER_IO = GraphIO(md.INPUT_NAME, (md.MEAN_OUTPUT, md.PARAMS_OUTPUT), {0: "batch"})
+SPATIAL_DECODER_IO = GraphIO(md.INPUT_NAME, (md.MEAN_OUTPUT, md.PARAMS_OUTPUT),
+                             {0: "batch", 2: "height", 3: "width"})
+
+
+def _to_onnx(wrapper, z, opset: int | None, exporter: str, io: GraphIO = DECODER_IO):
+    """(onnx.ModelProto, exporter description, notes) for the wrapper on the example input
+    ``z``, the dims ``io.dynamic`` names symbolic."""
     import torch
 
-    z = torch.randn(EXPORT_BATCH, latent_dim)
     notes: list[str] = []
     use_dynamo = exporter in ("auto", "dynamo") and (opset is None or opset >= 18)
+    if exporter == "auto" and len(io.dynamic) > 1:
+        # symbolic height and width (spatial graphs): the dynamo exporter spent 60-75 s on a
+        # tiny convkl decoder or encoder on the 2-core dev CPU, TorchScript 2-3 s for the same graph
+        use_dynamo = False
     if exporter == "dynamo" and not use_dynamo:
         raise FastVAEError(f"the dynamo exporter writes opset 18 or newer, not {opset}; use --exporter torchscript")
     if use_dynamo:
         try:
-            proto = _export_dynamo(wrapper, z, opset, notes)
+            proto = _export_dynamo(wrapper, z, opset, notes, io)
             return proto, f"torch.onnx dynamo exporter (torch {torch.__version__})", notes
         except FastVAEError:
             raise
         except Exception as exc:
             if exporter == "dynamo":
-                raise FastVAEError(f"torch.onnx (dynamo) could not export the decoder: {one_line(exc)}") from None
+                raise FastVAEError(f"torch.onnx (dynamo) could not export the {io.what}: {one_line(exc)}") from None
             notes.append(f"dynamo exporter failed ({one_line(exc, 120)}); used the TorchScript exporter")
     try:
-        proto = _export_torchscript(wrapper, z, opset, notes)
+        proto = _export_torchscript(wrapper, z, opset, notes, io)
     except Exception as exc:
-        raise FastVAEError(f"torch.onnx could not export the decoder: {one_line(exc)}") from None
+        raise FastVAEError(f"torch.onnx could not export the {io.what}: {one_line(exc)}") from None
     return proto, f"torch.onnx TorchScript exporter (torch {torch.__version__})", notes
 
 
-def _export_dynamo(wrapper, z, opset, notes):
+def _export_dynamo(wrapper, z, opset, notes, io: GraphIO = DECODER_IO):
+    import inspect
+
     import torch
 
-    batch = torch.export.Dim("batch", min=1)
+    dims = {axis: torch.export.Dim(name, min=1) for axis, name in io.dynamic.items()}
+    argument = next(iter(inspect.signature(wrapper.forward).parameters))  # forward's input name
     with _capture(notes):
         program = torch.onnx.export(
             wrapper, (z,), None, dynamo=True, external_data=False, verbose=False, report=False,
-            input_names=[md.INPUT_NAME], output_names=[md.MEAN_OUTPUT, md.PARAMS_OUTPUT],
-            dynamic_shapes={"z": {0: batch}}, opset_version=opset, optimize=True,
+            input_names=[io.input_name], output_names=list(io.output_names),
+            dynamic_shapes={argument: dims}, opset_version=opset, optimize=True,
         )
     return program.model_proto
 
 
-def _export_torchscript(wrapper, z, opset, notes):
-    import io
+def _export_torchscript(wrapper, z, opset, notes, io: GraphIO = DECODER_IO):
+    import io as _io
 
     import onnx
     import torch
 
-    buffer = io.BytesIO()
-    batch = {0: "batch"}
+    buffer = _io.BytesIO()
     with _capture(notes):
         torch.onnx.export(
             wrapper, (z,), buffer, dynamo=False, verbose=False,
-            input_names=[md.INPUT_NAME], output_names=[md.MEAN_OUTPUT, md.PARAMS_OUTPUT],
-            dynamic_axes={md.INPUT_NAME: batch, md.MEAN_OUTPUT: batch, md.PARAMS_OUTPUT: batch},
+            input_names=[io.input_name], output_names=list(io.output_names),
+            dynamic_axes={name: dict(io.dynamic) for name in (io.input_name, *io.output_names)},
             opset_version=opset, do_constant_folding=True,
         )
     return onnx.load_from_string(buffer.getvalue())
@@ -476,6 +526,7 @@ def _metadata(info: dict, source: str, exporter_name: str) -> dict[str, str]:
         "fastvae_format_version": str(md.FORMAT_VERSION),
         "fastvae_version": __version__,
         "latent_dim": str(info["latent_dim"]),
+        "latent_shape": json.dumps(list(info["latent_shape"])),
         "output_shape": json.dumps(list(info["output_shape"])),
         "input_name": md.INPUT_NAME,
         "mean_output": md.MEAN_OUTPUT,
@@ -489,6 +540,8 @@ def _metadata(info: dict, source: str, exporter_name: str) -> dict[str, str]:
     }
     if info["sigma"] is not None:
         meta["sigma"] = repr(info["sigma"])
+    if info["downsample"]:
+        meta["downsample"] = str(info["downsample"])
     return meta
 
 
@@ -598,13 +651,26 @@ def _run(session, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, params
 
 
-def _parity(wrapper, path: Path, info: dict, batches, rtol, atol) -> dict[int, float]:
-    """max |onnxruntime - torch| per batch size; FastVAEError when outside rtol/atol."""
+def check_shapes(info: dict, batches) -> dict:
+    """The z shapes parity is checked at, keyed as the report shows them: one per batch size
+    for a flat latent; for a spatial one, batch 1 at the training latent size and batch 3 at
+    another height and width (the symbolic dims)."""
+    shape = info["latent_shape"]
+    if len(shape) == 1:
+        return {batch: (batch, *shape) for batch in batches}
+    c, h, w = shape
+    sizes = [(1, c, h, w), (3, c, h + h // 2 + 1, max(1, w // 2 + 3))]
+    return {"x".join(map(str, s)): s for s in sizes}
+
+
+def _parity(wrapper, path: Path, info: dict, batches, rtol, atol) -> dict:
+    """max |onnxruntime - torch| per checked z shape (``check_shapes``); FastVAEError when
+    outside rtol/atol."""
     session = _session(path)
     rng = np.random.default_rng(12345)
     errors = {}
-    for batch in batches:
-        z = rng.standard_normal((batch, info["latent_dim"]), dtype=np.float32)
+    for batch, shape in check_shapes(info, batches).items():
+        z = rng.standard_normal(shape, dtype=np.float32)
         expected = _torch_outputs(wrapper, z)
         got = _run(session, z)
         err = 0.0
@@ -626,13 +692,14 @@ def _parity(wrapper, path: Path, info: dict, batches, rtol, atol) -> dict[int, f
     return errors
 
 
-def _make_variant(precision: str, fp32_path: Path, out: Path, meta: dict[str, str]) -> None:
+def _make_variant(precision: str, fp32_path: Path, out: Path, meta: dict[str, str], *,
+                  spatial: bool = False) -> None:
     import onnx
 
     from fastvae.export import quantize
 
     if precision == "fp16":
-        half = quantize.to_fp16(onnx.load(str(fp32_path)))
+        half = quantize.to_fp16(onnx.load(str(fp32_path)), fp32_ops=quantize.FP32_OPS if spatial else ())
         _set_metadata(half, meta)
         _save(half, out)
     else:

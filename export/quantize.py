@@ -13,8 +13,15 @@ from pathlib import Path
 from fastvae.errors import FastVAEError
 
 
-def to_fp16(model):
-    """An fp16 copy of an fp32 ``onnx.ModelProto``, with float32 graph inputs and outputs.
+# Ops kept in fp32 in the fp16 copy of a spatial decoder: normalizations and softmax sum over a
+# whole feature map or row, and those sums (and squares) overflow fp16's 65504.
+FP32_OPS = ("GroupNormalization", "InstanceNormalization", "LayerNormalization", "Softmax",
+            "ReduceMean", "ReduceSum", "ReduceSumSquare", "Pow", "Sqrt", "Reciprocal")
+
+
+def to_fp16(model, fp32_ops=()):
+    """An fp16 copy of an fp32 ``onnx.ModelProto``, with float32 graph inputs and outputs;
+    nodes of the types ``fp32_ops`` (besides the converter's own list) stay fp32.
 
     Uses ``onnxconverter_common.float16`` when installed, otherwise the copy of the same
     converter that ships with onnxruntime (``onnxruntime.transformers.float16``).
@@ -35,7 +42,13 @@ def to_fp16(model):
     source.CopyFrom(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "values out of fp16 range were clipped": measured later
-        half = convert_float_to_float16(source, keep_io_types=True)
+        block = None
+        if fp32_ops:  # added to the converter's own list (ops it cannot run in fp16)
+            import importlib
+
+            own = getattr(importlib.import_module(convert_float_to_float16.__module__), "DEFAULT_OP_BLOCK_LIST", [])
+            block = sorted(set(own) | set(fp32_ops))
+        half = convert_float_to_float16(source, keep_io_types=True, op_block_list=block)
     topological_sort(half.graph)  # the converter appends its input Casts at the end
     return half
 

@@ -88,7 +88,7 @@ class OnnxSampler:
         self._read_metadata()
         self._regimes = ThreadRegimes(
             lambda t: session if t == threads else self._load(self.path, wanted, t, spin),
-            self.latent_dim, self.input_name, self.mean_output, threads,
+            self.latent_shape, self.input_name, self.mean_output, threads,
             tuned=self.provider == eps.CPU,
         )
         self._device = eps.device_type(self.provider)
@@ -118,12 +118,15 @@ class OnnxSampler:
         try:
             version = int(meta.get("fastvae_format_version", "0"))
             self.latent_dim = int(meta["latent_dim"])
+            # spatial decoders: z is (n, c, h, w); sampled at the training latent size
+            shape = tuple(int(s) for s in json.loads(meta.get("latent_shape", "[]")))
+            self.latent_shape = shape if len(shape) > 1 else (self.latent_dim,)
             self.output_shape = tuple(int(s) for s in json.loads(meta["output_shape"]))
             self.input_name = meta.get("input_name", md.INPUT_NAME)
             self.mean_output = meta.get("mean_output", md.MEAN_OUTPUT)
             self.likelihood = meta.get("likelihood", "none")
             self.sample_kind = meta.get("sample", "none")
-            self.sigma = float(meta["sigma"]) if self.sample_kind == "gaussian" else None
+            self.sigma = float(meta["sigma"]) if self.sample_kind in ("gaussian", "laplace") else None
             self.precision = meta.get("precision", "fp32")
         except (KeyError, ValueError, TypeError) as exc:
             raise FastVAEError(
@@ -135,7 +138,8 @@ class OnnxSampler:
                 f"{path} was written by a newer fastvae (decoder format {version}, this version "
                 f"reads {md.FORMAT_VERSION}); upgrade fastvae"
             )
-        if self.latent_dim < 1 or not self.output_shape or self.sample_kind not in md.SAMPLE_KINDS:
+        if (self.latent_dim < 1 or not self.output_shape or self.sample_kind not in md.SAMPLE_KINDS
+                or int(np.prod(self.latent_shape)) != self.latent_dim):
             raise FastVAEError(f"{path} has inconsistent fastvae metadata; {_reexport_hint(path)}")
 
         inputs = self.session.get_inputs()
@@ -145,7 +149,7 @@ class OnnxSampler:
             problem = f"expected one input '{self.input_name}', found {[i.name for i in inputs]}"
         elif inputs[0].type != "tensor(float)":
             problem = f"input '{self.input_name}' is {inputs[0].type}, expected tensor(float)"
-        elif not _dims_match(inputs[0].shape, (None, self.latent_dim)):
+        elif not _dims_match(inputs[0].shape, (None, *self.latent_shape)):
             problem = f"input shape {inputs[0].shape} does not fit latent_dim {self.latent_dim}"
         elif self.mean_output not in outputs:
             problem = f"no output '{self.mean_output}' (outputs: {sorted(outputs)})"
@@ -161,14 +165,14 @@ class OnnxSampler:
 
     # -- sampling ----------------------------------------------------------------------------
     def decode(self, z, batch_size: int | None = None) -> np.ndarray:
-        """Means E[x|z] for latent vectors ``z`` shaped (n, latent_dim) -> (n, *output_shape).
+        """Means E[x|z] for latents ``z`` shaped (n, *latent_shape) -> (n, *output_shape).
 
         Per call: a shape check, one onnxruntime run per ``batch_size`` rows (default 1000) on
         the session of its thread regime, and nothing else. One batch returns onnxruntime's own
         output array; several write, through IO binding, straight into slices of one output.
         """
         z = np.asarray(z)
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+        if z.shape[1:] != self.latent_shape:
             raise self._shape_error(z.shape)
         if z.dtype != np.float32 or not z.flags.c_contiguous:
             if not np.issubdtype(z.dtype, np.number):
@@ -204,10 +208,10 @@ class OnnxSampler:
 
         if not isinstance(z, ort.OrtValue):
             z = np.asarray(z)
-            if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            if z.shape[1:] != self.latent_shape:
                 raise self._shape_error(z.shape)
             z = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z, dtype=np.float32), self._device, 0)
-        elif len(z.shape()) != 2 or z.shape()[1] != self.latent_dim:
+        elif tuple(z.shape()[1:]) != self.latent_shape:
             raise self._shape_error(z.shape())
         session = self._regimes.session_for(z.shape()[0])
         binding = session.io_binding()
@@ -217,7 +221,8 @@ class OnnxSampler:
         return binding.get_outputs()[0]
 
     def _shape_error(self, shape) -> FastVAEError:
-        return FastVAEError(f"z must have shape (n, {self.latent_dim}) for {self.path.name}, got {tuple(shape)}")
+        dims = ", ".join(map(str, self.latent_shape))
+        return FastVAEError(f"z must have shape (n, {dims}) for {self.path.name}, got {tuple(shape)}")
 
     def threads_for(self, rows: int) -> int | None:
         """Intra-op threads a call of ``rows`` latent vectors runs with (None: all cores)."""
@@ -246,16 +251,18 @@ class OnnxSampler:
         return self.observe(x, rng) if mode == "sample" else x
 
     def draw_latents(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """z ~ N(0, I), (n, latent_dim) float32: the first draws ``sample`` takes from ``rng``."""
-        return rng.standard_normal((n, self.latent_dim), dtype=np.float32)
+        """z ~ N(0, I), (n, *latent_shape) float32: the first draws ``sample`` takes from ``rng``."""
+        return rng.standard_normal((n, *self.latent_shape), dtype=np.float32)
 
     def observe(self, means: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """x ~ p(x|z) given the means E[x|z] (``mode="sample"``): Bernoulli pixels, or
-        mean + sigma * noise (in place), drawn from ``rng`` after the latents."""
+        mean + sigma * Gaussian or Laplace noise (in place), drawn from ``rng`` after the latents."""
         if self.sample_kind == "bernoulli":
             return (rng.random(means.shape, dtype=np.float32) < means).astype(np.float32)
         if self.sample_kind == "gaussian":
             means += np.float32(self.sigma) * rng.standard_normal(means.shape, dtype=np.float32)
+        elif self.sample_kind == "laplace":
+            means += rng.laplace(0.0, self.sigma, means.shape).astype(np.float32)
         return means
 
     def __repr__(self) -> str:

@@ -73,9 +73,11 @@ def parse_sample(body: bytes, limits: Limits) -> SampleRequest:
     return SampleRequest(n, seed, mode, check_format(fields.get("format", "npy")))
 
 
-def parse_decode(body: bytes, content_type: str | None, query_format: str | None, latent_dim: int,
-                 limits: Limits) -> tuple[np.ndarray, str]:
-    """A ``/decode`` body -> (latents as C-contiguous float32 (n, latent_dim), format)."""
+def parse_decode(body: bytes, content_type: str | None, query_format: str | None,
+                 latent_shape: tuple[int, ...], limits: Limits) -> tuple[np.ndarray, str]:
+    """A ``/decode`` body -> (latents as C-contiguous float32 (n, *latent_shape), format)."""
+    row = (f"rows of {latent_shape[0]} numbers" if len(latent_shape) == 1  # one latent, for messages
+           else f"{'x'.join(map(str, latent_shape))} arrays of numbers")
     if (content_type or "").split(";")[0].strip().lower() == NPY_CONTENT_TYPE:
         try:
             z = np.load(io.BytesIO(body), allow_pickle=False)
@@ -86,14 +88,15 @@ def parse_decode(body: bytes, content_type: str | None, query_format: str | None
     else:
         fields = _json_object(body, _DECODE_FIELDS, "a JSON object such as {\"z\": [[0.1, ...]]}")
         if "z" not in fields:
-            raise BadRequest(400, f"missing 'z': give the latents as a list of rows of {latent_dim} numbers")
+            raise BadRequest(400, f"missing 'z': give the latents as a list of {row}")
         try:
             z = np.asarray(fields["z"], dtype=np.float64)
         except (ValueError, TypeError):
-            raise BadRequest(400, f"'z' must be a list of rows of {latent_dim} numbers (ragged or not numbers)") from None
+            raise BadRequest(400, f"'z' must be a list of {row} (ragged or not numbers)") from None
         fmt = check_format(fields.get("format", query_format or "npy"))
-    if z.dtype.kind not in "fiu" or z.ndim != 2 or z.shape[1] != latent_dim or len(z) == 0:
-        raise BadRequest(400, f"'z' must have shape (n, {latent_dim}) with n >= 1, got {tuple(z.shape)} "
+    if z.dtype.kind not in "fiu" or z.shape[1:] != tuple(latent_shape) or len(z) == 0:
+        dims = ", ".join(map(str, latent_shape))
+        raise BadRequest(400, f"'z' must have shape (n, {dims}) with n >= 1, got {tuple(z.shape)} "
                               f"of {z.dtype}")
     if len(z) > limits.max_n:
         raise BadRequest(413, f"'z' has {len(z)} rows, more than the server's --max-n {limits.max_n}")

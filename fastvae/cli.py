@@ -24,6 +24,7 @@ COMMANDS = {
     "report": "fastvae.commands.report_command",
     "bench-sampler": "fastvae.commands.bench_sampler_command",
     "serve": "fastvae.commands.serve_command",
+    "decode": "fastvae.commands.decode_command",
 }
 
 

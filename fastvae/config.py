@@ -21,21 +21,27 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 # The allowed values of every setting that has a fixed set: the CLI's choices, validation and
 # fastvae.models (whose ARCHITECTURES are keyed by MODELS) all read them from here.
-MODELS = ("mlp", "conv")
+MODELS = ("mlp", "conv", "convkl")  # convkl: spatial latent (fastvae.models.convkl)
 KINDS = ("vae", "ae")  # vae, or the deterministic MSE autoencoder baseline
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
+DOWNSAMPLES = (2, 4, 8)  # convkl: image H x W -> latent H/f x W/f
 REPARAM_BACKENDS = ("auto", "torch", "triton")
 ON_NONFINITE = ("stop", "skip")
 CHOICES = {
     "model": MODELS, "kind": KINDS, "likelihood": LIKELIHOODS, "precision": PRECISIONS,
     "strategy": STRATEGIES, "accelerator": ACCELERATORS, "reparam": REPARAM_BACKENDS,
-    "on_nonfinite": ON_NONFINITE, "compile_mode": COMPILE_MODES,
+    "on_nonfinite": ON_NONFINITE, "compile_mode": COMPILE_MODES, "downsample": DOWNSAMPLES,
 }
+# The settings of the spatial-latent model (--model convkl); the others ignore them.
+CONVKL_SETTINGS = ("downsample", "latent_channels", "width", "channel_mult", "blocks_per_level",
+                   "attention", "image_skip")
 # The settings that build the model: its spec (fastvae.models.build_model), stored in checkpoints.
-MODEL_SETTINGS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "sigma", "learn_sigma")
+MODEL_SETTINGS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "sigma", "learn_sigma",
+                  *CONVKL_SETTINGS)
 # Settings a resumed run must share with the run that wrote the checkpoint (a learned or fixed
 # sigma's value may change: it is a starting value).
-RESUME_IDENTITY = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data")
+RESUME_IDENTITY = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data",
+                   *CONVKL_SETTINGS)
 
 
 @dataclass
@@ -71,10 +77,19 @@ class TrainConfig:
     pictures: bool = True
     progress: bool = True
     tensorboard: bool = False  # also log metrics to RUN/tensorboard (needs the tensorboard package)
+    # --model convkl (spatial latent c x H/f x W/f; fastvae.models.convkl)
+    downsample: int = 4  # f, one of DOWNSAMPLES
+    latent_channels: int = 4  # c
+    width: int = 64  # channels of the first resolution level
+    channel_mult: str = ""  # width multipliers per level (log2(f) + 1 of them), e.g. "1,2,2"; "" = 1,2,2,4 cut to fit
+    blocks_per_level: int = 1  # ResNet blocks per resolution level (decoder: one more)
+    attention: bool = False  # self-attention in the mid block (lowest resolution)
+    image_skip: bool = True  # latent starts as the f-downsampled image, decoder output as its bicubic upsampling
 
     def validate(self) -> "TrainConfig":
         """Raise ``FastVAEError`` naming the first bad setting and what to use instead."""
-        positive = ("latent_dim", "hidden_dim", "epochs", "batch_size", "devices", "num_nodes")
+        positive = ("latent_dim", "hidden_dim", "epochs", "batch_size", "devices", "num_nodes",
+                    "latent_channels", "width", "blocks_per_level")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -99,8 +114,9 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise FastVAEError(
                     f"--{_flag(name)} {getattr(self, name)!r} is not supported: use one of "
-                    + ", ".join(allowed)
+                    + ", ".join(map(str, allowed))
                 )
+        parse_channel_mult(self.channel_mult, self.downsample)
         return self
 
     @property
@@ -128,6 +144,25 @@ class TrainConfig:
         for name, value in values.items():
             typed[name] = _coerce(name, value, type(getattr(cls(), name)), source)
         return cls(**typed)
+
+
+def parse_channel_mult(text: str, downsample: int) -> tuple[int, ...]:
+    """``--channel-mult`` "1,2,2" -> (1, 2, 2): one positive multiplier per resolution level of
+    the convkl model, log2(f) + 1 levels; "" takes (1, 2, 2, 4) cut to that length."""
+    levels = int(downsample).bit_length()  # f = 2, 4, 8 -> 2, 3, 4 levels
+    if not str(text).strip():
+        return (1, 2, 2, 4)[:levels]
+    try:
+        mult = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        mult = ()
+    if len(mult) != levels or min(mult) < 1:
+        raise FastVAEError(
+            f"--channel-mult {text!r} must be {levels} positive integers separated by commas "
+            f"(one per resolution level of --downsample {downsample}), e.g. "
+            + ",".join(map(str, (1, 2, 2, 4)[:levels]))
+        )
+    return mult
 
 
 def load_config_file(path: str | Path) -> dict:

@@ -2,6 +2,7 @@
 
 Sources (``load_dataset(source)``):
 - ``digits``: scikit-learn's bundled 8x8 digits / 16; train = rows 0-1499, test = 1500-1796.
+- ``photos`` / ``photos:64``: colour crops of bundled photos, test from other photos (fastvae.photos).
 - an MNIST-format IDX file (raw or .gz), or a folder holding the usual
   ``train-images-idx3-ubyte`` / ``t10k-images-idx3-ubyte`` (+ labels) names;
 - ``.npy`` (N, H, W), (N, C, H, W) or (N, D); ``.npz`` with ``train``/``test`` (or Keras-style
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from fastvae.errors import FastVAEError
+from fastvae.photos import is_photos, load_photos
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -53,6 +55,8 @@ def load_dataset(source: str | Path = "digits") -> Splits:
     """Load ``digits`` or a path (IDX file/folder, .npy, .npz, image folder), validated."""
     if str(source) == "digits":
         return _digits()
+    if is_photos(source):  # bundled colour photo crops (fastvae.photos)
+        return load_photos(str(source))
     path = Path(source)
     if not path.exists():
         raise FastVAEError(

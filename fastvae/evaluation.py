@@ -1,5 +1,10 @@
 """Test-set bounds in nats per example: single-sample -ELBO and the IWAE bound.
 
+Bits per dim (images): bound / (D ln 2), plus 8 for the continuous likelihoods (gaussian,
+laplace): a density on [0, 1] pixels gives the probability of an 8-bit value's bin of width
+1/256 as density / 256 per dim (the usual dequantization convention); the Bernoulli likelihood on
+[0, 1] intensities is reported as its bound per dim alone.
+
 -ELBO = E_x[ -log p(x|z) + KL(q(z|x) || p(z)) ], z ~ q(z|x) (one sample);
 IWAE NLL = -E_x[ logsumexp_k log w_k - log K ], log w_k = log p(x, z_k) - log q(z_k|x).
 Both use the torch reference for z (a fixed generator makes them repeatable).
@@ -34,7 +39,7 @@ def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0
     eps = None
     if model.kind == "vae":
         g = torch.Generator(device=data.device).manual_seed(seed)
-        eps = torch.randn(len(data), model.latent_dim, generator=g, device=data.device)[rows]
+        eps = torch.randn(len(data), *model.latent_shape, generator=g, device=data.device)[rows]
     shard = data[rows]
     for start in range(0, math.ceil(len(data) / world_size), batch_size):
         x = shard[start : start + batch_size]
@@ -42,9 +47,9 @@ def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0
             recon = (model.reconstruct(x) - x).pow(2).flatten(1).sum(-1)
             kl = torch.zeros_like(recon)
         else:
-            mu, logvar = model.encode(x)
-            z, kl = reparameterize_kl_reference(mu.float(), logvar.float(),
-                                                eps=eps[start : start + batch_size])
+            mu, logvar = (t.float().flatten(1) for t in model.encode(x))  # spatial: all c*h*w dims
+            z, kl = reparameterize_kl_reference(mu, logvar, eps=eps[start : start + batch_size].flatten(1))
+            z = z.view(len(x), *model.latent_shape)
             recon = -model.likelihood.log_prob(model.decode(z), x)
         sums += torch.stack([(recon + kl).sum(), recon.sum(), kl.sum(),
                              torch.tensor(float(len(x)), device=x.device)]).double().cpu()
@@ -55,31 +60,56 @@ def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0
 @torch.no_grad()
 def iwae_nll_sum(model, data: torch.Tensor, k: int, *, batch_size: int = 64, seed: int = 0,
                  progress: bool = False) -> float:
-    """Sum over ``data`` of the IWAE negative log-likelihood bound with ``k`` samples each."""
+    """Sum over ``data`` of the IWAE negative log-likelihood bound with ``k`` samples each.
+
+    The decoder sees at most ``decode_rows(model)`` latents per call (about 64k for the digits,
+    fewer for larger images), so k samples of a large image are decoded in chunks of k.
+    """
     g = torch.Generator(device=data.device).manual_seed(seed)
     total = 0.0
-    # k samples per example: keep k * batch rows per decoder call around 64k
-    batch_size = max(1, min(batch_size, 65536 // max(k, 1)))
+    rows = decode_rows(model)
+    # k samples per example: keep k * batch rows per decoder call within ``rows``
+    batch_size = max(1, min(batch_size, rows // max(k, 1)))
+    chunk = min(k, rows)
     starts = range(0, len(data), batch_size)
     for start in tqdm(starts, desc=f"IWAE k={k}", disable=None if progress else True, leave=False):
         x = data[start : start + batch_size]
-        mu, logvar = (t.float() for t in model.encode(x))
-        eps = torch.randn((k, *mu.shape), generator=g, device=mu.device)
-        z = mu + torch.exp(0.5 * logvar) * eps
-        params = model.decode(z.flatten(0, 1))
-        xk = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
-        recon_ll = model.likelihood.log_prob(params, xk).view(k, len(x))
-        total -= iwae_bound(iwae_log_weights(recon_ll, z, mu, logvar)).double().sum().item()
+        mu, logvar = (t.float().flatten(1) for t in model.encode(x))  # (B, D), D = c*h*w
+        log_w = []
+        for done in range(0, k, chunk):
+            kc = min(chunk, k - done)
+            eps = torch.randn((kc, *mu.shape), generator=g, device=mu.device)
+            z = mu + torch.exp(0.5 * logvar) * eps
+            params = model.decode(z.view(kc * len(x), *model.latent_shape))
+            xk = x.unsqueeze(0).expand(kc, *x.shape).flatten(0, 1)
+            recon_ll = model.likelihood.log_prob(params, xk).view(kc, len(x))
+            log_w.append(iwae_log_weights(recon_ll, z, mu, logvar))
+        total -= iwae_bound(torch.cat(log_w)).double().sum().item()
     return total
+
+
+def decode_rows(model) -> int:
+    """Latents per decoder call in the IWAE bound: 65536 for images of up to 64 values, then
+    fewer, so one call's output stays near 4M values (the activations scale with it)."""
+    return max(1, min(65536, (1 << 22) // max(1, math.prod(model.data_shape))))
 
 
 def evaluate(model, data: torch.Tensor, *, iwae_k: int = 1000, seed: int = 0,
              progress: bool = False) -> dict:
-    """``{"neg_elbo", "recon", "kl", "iwae_nll", "n", "iwae_k"}`` on ``data`` (nats per example)."""
+    """``{"neg_elbo", "recon", "kl", "iwae_nll", "bits_per_dim", "n", "iwae_k"}`` on ``data``
+    (nats per example; bits per dim of the tightest bound computed, see the module doc)."""
     sums = elbo_sums(model, data, seed=seed)
     n = float(sums[3])
     result = {"neg_elbo": float(sums[0]) / n, "recon": float(sums[1]) / n,
               "kl": float(sums[2]) / n, "n": int(n), "iwae_k": iwae_k}
     if iwae_k > 0:
         result["iwae_nll"] = iwae_nll_sum(model, data, iwae_k, seed=seed, progress=progress) / n
+    bound = result.get("iwae_nll", result["neg_elbo"])
+    result["bits_per_dim"] = bits_per_dim(bound, model.data_shape, model.likelihood.kind)
     return result
+
+
+def bits_per_dim(nats: float, data_shape, likelihood: str) -> float:
+    """A bound in nats per example as bits per data dim (8-bit bins for densities)."""
+    dims = math.prod(data_shape)
+    return nats / (dims * math.log(2.0)) + (8.0 if likelihood in ("gaussian", "laplace") else 0.0)

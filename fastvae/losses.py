@@ -35,22 +35,31 @@ def gaussian_log_likelihood(mean: torch.Tensor, x: torch.Tensor, log_scale: torc
     return ll.flatten(1).sum(-1)
 
 
+def laplace_log_likelihood(mean: torch.Tensor, x: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log Laplace(x; mean, b) = -log(2b) - |x - mean| / b summed over pixels, b = exp(log_scale):
+    the L1 reconstruction loss as a likelihood."""
+    mean, x, log_scale = mean.float(), x.float(), log_scale.float()
+    ll = -math.log(2.0) - log_scale - (x - mean).abs() * torch.exp(-log_scale)
+    return ll.flatten(1).sum(-1)
+
+
 class Likelihood(nn.Module):
     """p(x|z) given the decoder's output parameters.
 
     ``bernoulli``: the decoder outputs logits; mean = sigmoid(logits).
     ``gaussian``: the decoder outputs means; sigma is fixed (``sigma``) or, with
     ``learn_sigma=True``, one learned log-scale shared by all pixels.
+    ``laplace``: as gaussian, with ``sigma`` the Laplace scale b (the L1 loss; std = sqrt(2) b).
     """
 
     def __init__(self, kind: str = "bernoulli", sigma: float = 0.1, learn_sigma: bool = False):
         super().__init__()
-        if kind not in ("bernoulli", "gaussian"):
-            raise ValueError(f"unknown likelihood {kind!r}: use 'bernoulli' or 'gaussian'")
+        if kind not in ("bernoulli", "gaussian", "laplace"):
+            raise ValueError(f"unknown likelihood {kind!r}: use 'bernoulli', 'gaussian' or 'laplace'")
         self.kind = kind
         # shape (1,), not a scalar: FSDP shards parameters along a first dimension
         log_scale = torch.full((1,), math.log(sigma))
-        if kind == "gaussian" and learn_sigma:
+        if kind != "bernoulli" and learn_sigma:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
@@ -65,13 +74,15 @@ class Likelihood(nn.Module):
         """log p(x|z) per example."""
         if self.kind == "bernoulli":
             return bernoulli_log_likelihood(params, x)
+        if self.kind == "laplace":
+            return laplace_log_likelihood(params, x, self.log_scale)
         return gaussian_log_likelihood(params, x, self.log_scale)
 
     def nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """-log p(x|z) per example (the training loss's reconstruction term, one op shorter)."""
         if self.kind == "bernoulli":
             return bernoulli_nll(params, x)
-        return -gaussian_log_likelihood(params, x, self.log_scale)
+        return -self.log_prob(params, x)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params) if self.kind == "bernoulli" else params

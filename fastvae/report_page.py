@@ -37,6 +37,10 @@ KNOWN_METRICS = {
     "recon": ("reconstruction", "-E_q[log p(x|z)]"),
     "kl": ("KL", "KL(q(z|x) || p(z))"),
     "mse": ("MSE", "squared error summed over pixels"),
+    "bits_per_dim": ("bits per dim", "the tightest bound in bits per pixel value (+8 for densities: 8-bit bins)"),
+    "psnr": ("reconstruction PSNR (dB)", "10 log10(1/MSE) of E[x|z=mu(x)] over all test pixels"),
+    "bicubic_psnr": ("bicubic baseline PSNR (dB)", "the images bicubic-downsampled by f and upsampled back: "
+                     "the trivial codec with as many values per pixel as the latent's f"),
 }
 
 
@@ -48,6 +52,7 @@ def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_
 
     Returns ``activity`` (A_u = Cov_x(E_q[z_u]), the variance over x of the posterior mean, one
     float per dim), ``active_units`` (how many A_u exceed ``threshold``), ``latent_dim``,
+    ``latent_shape`` (one example's, e.g. [c, h, w]; the per-dim lists run over it flattened),
     ``threshold`` and, for a VAE, ``kl_per_dim`` (test-set mean of
     0.5 (mu^2 + exp(logvar) - 1 - logvar) per dim). For the deterministic autoencoder the code
     plays the role of the mean and ``kl_per_dim`` is None.
@@ -71,11 +76,12 @@ def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_
             for chunk in x.split(batch_size):
                 out = model.encode(chunk.to(device=device, dtype=dtype))
                 mu, logvar = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
-                mu = mu.double().cpu()
+                shape = tuple(mu.shape[1:])
+                mu = mu.double().cpu().flatten(1)  # spatial latents: every c*h*w dim
                 mu_sum = mu.sum(0) if mu_sum is None else mu_sum + mu.sum(0)
                 mu_sq = mu.pow(2).sum(0) if mu_sq is None else mu_sq + mu.pow(2).sum(0)
                 if logvar is not None:
-                    logvar = logvar.double().cpu()
+                    logvar = logvar.double().cpu().flatten(1)
                     kl = kl_standard_normal_per_dim(mu, logvar)
                     kl_sum = kl.sum(0) if kl_sum is None else kl_sum + kl.sum(0)
                 n += len(mu)
@@ -85,6 +91,7 @@ def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_
     activity = (mu_sq / n - mean.pow(2)).clamp_min(0.0)  # population variance of E_q[z_u]
     return {
         "latent_dim": int(activity.numel()),
+        "latent_shape": list(shape),
         "threshold": float(threshold),
         "activity": [float(a) for a in activity],
         "active_units": int((activity > threshold).sum()),
@@ -263,6 +270,15 @@ PICTURE_CAPTIONS = {
         "latent means, the second test image.",
     ),
     "latent_scatter.png": ("Latent space", "Latent means of the test images, coloured by label."),
+    "reconstructions_side_by_side.png": (
+        "Reconstructions at full size",
+        "Each row: a test image, its reconstruction, and the bicubic down-then-up codec by the same f.",
+    ),
+    "latent_channels.png": (
+        "Latent channels",
+        "Each row: a test image, then each channel of its latent mean as a grey image (-3 black, +3 white), "
+        "upsampled by f to line up with the pixels.",
+    ),
     "loss_curves.png": ("Loss curves", "Per-epoch averages from `metrics.csv` (nats per example)."),
 }
 
@@ -303,8 +319,10 @@ def _summary(page: Page, d: ReportData) -> None:
         summary.append(f"data `{config.get('data', '?')}`"
                        + (f" ({d.n_test} test images of shape {shape})" if d.n_test and shape else ""))
         model = f"{config.get('model', '?')} {'VAE' if vae else 'autoencoder (MSE)'}"
+        size = (f"latent {'x'.join(map(str, d.stats['latent_shape']))}" if d.stats and len(d.stats["latent_shape"]) > 1
+                else f"latent dim {config.get('latent_dim', '?')}, hidden dim {config.get('hidden_dim', '?')}")
         summary.append(
-            f"model {model}, latent dim {config.get('latent_dim', '?')}, hidden dim {config.get('hidden_dim', '?')}"
+            f"model {model}, {size}"
             + (f", {config.get('likelihood')} likelihood" if vae and "likelihood" in config else "")
         )
     if d.timing.get("epochs") is not None:
@@ -349,6 +367,9 @@ def _latent_dimensions(page: Page, d: ReportData) -> None:
     if stats is None:
         return
     page.h("Latent dimensions", 3)
+    if len(stats.get("latent_shape", ())) == 3:
+        _latent_channels_table(page, stats)
+        return
     kl = stats.get("kl_per_dim")
     header = ["dim"] + (["KL (nats)"] if kl else []) + ["Cov_x(E_q[z_u])", "active"]
     rows = []
@@ -363,6 +384,24 @@ def _latent_dimensions(page: Page, d: ReportData) -> None:
             "up to the KL term. A dim is active when the variance over test images of its "
             f"posterior mean exceeds {stats['threshold']:g} (Burda et al. 2016)."
         )
+
+
+def _latent_channels_table(page: Page, stats: dict) -> None:
+    """Spatial latents (c, h, w): one row per channel, its h*w dims summed or averaged."""
+    c, h, w = stats["latent_shape"]
+    activity, kl = stats["activity"], stats.get("kl_per_dim")
+    header = ["channel"] + (["KL (nats)"] if kl else []) + ["mean Cov_x(E_q[z_u])", "active dims"]
+    rows = []
+    for ch in range(c):
+        dims = slice(ch * h * w, (ch + 1) * h * w)
+        acts = activity[dims]
+        active = sum(a > stats["threshold"] for a in acts)
+        rows.append([ch] + ([sum(kl[dims])] if kl else []) + [sum(acts) / len(acts), f"{active} of {h * w}"])
+    if kl:
+        rows.append(["sum", sum(kl), "", f"{stats['active_units']} of {stats['latent_dim']}"])
+    page.table(header, rows, align="l" + "r" * (len(header) - 1))
+    page.p(f"The latent is {c} channels of {h}x{w} positions; each row sums the KL of a channel's "
+           "positions (test-set means) and averages their activity.")
 
 
 def _pictures(page: Page, d: ReportData) -> None:
@@ -481,12 +520,15 @@ def write_report(
     expected = ["samples.png", "reconstructions.png"]
     expected += ["interpolation.png"] if len(test) >= 2 else []
     expected += ["latent_scatter.png"] if model.latent_dim == 2 else []
+    expected += ["reconstructions_side_by_side.png", "latent_channels.png"] if len(model.latent_shape) == 3 else []
     expected += ["loss_curves.png"] if metrics_csv.is_file() else []
     if redraw or not all((run_dir / name).is_file() for name in expected):
         write_run_pictures(run_dir, model, splits, seed=seed)  # deterministic: same model, same pictures
     pictures = [run_dir / name for name in PICTURES if (run_dir / name).is_file()]
     if model.latent_dim != 2:
         pictures = [p for p in pictures if p.name != "latent_scatter.png"]  # left from another run
+    if len(model.latent_shape) != 3:
+        pictures = [p for p in pictures if p.name not in ("reconstructions_side_by_side.png", "latent_channels.png")]
 
     timing = timing_summary(run_folder.metric_columns(run_folder.read_metrics(metrics_csv)))
     page = build_page(ReportData(
@@ -511,8 +553,10 @@ def _evaluate(model, test, iwae_k: int, seed: int, progress: bool = False) -> di
     """``fastvae.evaluation.evaluate`` on the test images; for the deterministic autoencoder (no
     likelihood, no KL) its MSE cost."""
     from fastvae.evaluation import elbo_sums, evaluate
+    from fastvae.image_quality import reconstruction_psnr
 
     if model.kind == "ae":
         sums = elbo_sums(model, test)  # the autoencoder's recon is its per-example squared error
-        return {"mse": float(sums[1]) / float(sums[3])}
-    return evaluate(model, test, iwae_k=iwae_k, seed=seed, progress=progress)
+        return {"mse": float(sums[1]) / float(sums[3]), **reconstruction_psnr(model, test)}
+    return {**evaluate(model, test, iwae_k=iwae_k, seed=seed, progress=progress),
+            **reconstruction_psnr(model, test)}

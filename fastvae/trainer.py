@@ -38,6 +38,7 @@ from fastvae.errors import FastVAEError
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
 from fastvae.interrupts import removed_on_exit
 from fastvae.losses import kl_weight
+from fastvae.models import check_data_shape
 from fastvae.reparam import resolve_backend
 from fastvae.run_folder import LAST, METRICS_CSV
 from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
@@ -83,6 +84,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if resume:
         check_resume(run_dir, config)
     splits = splits if splits is not None else load_dataset(config.data)
+    check_data_shape(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
     fabric = make_fabric(config, callbacks)
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
@@ -93,8 +95,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 def check_resume(run_dir: Path, config: TrainConfig) -> None:
     """Refuse to resume the run in ``run_dir`` as another model, data or (mid-epoch) batching."""
     state = read_checkpoint(run_dir)  # clear error when missing or corrupt
+    saved = {**TrainConfig().to_dict(), **state["config"]}  # settings added since take defaults
     run_folder.check_resume(
-        run_dir, state["config"], config.to_dict(), RESUME_IDENTITY,
+        run_dir, saved, config.to_dict(), RESUME_IDENTITY,
         mid_epoch=bool(state.get("batch_in_epoch")),
         saved_world_size=int(state.get("world_size", 1)),
         world_size=config.devices * config.num_nodes,
@@ -207,6 +210,8 @@ class Trainer:
             fabric.seed_everything(config.seed + self.rank, verbose=False)
         if model.kind == "vae":  # decided once here, not in every (compiled) step
             model.reparam_backend = resolve_backend(config.reparam, fabric.device)
+        if fabric.device.type == "cuda" and len(model.latent_shape) == 3:
+            model.to(memory_format=torch.channels_last)  # spatial conv models: cuDNN's fast layout
         self.epoch = self.step = self.skip_batches = 0
         self.partial: EpochSums | None = None  # sums of an interrupted epoch
         saved = read_checkpoint(self.run_dir) if resume else None

@@ -12,7 +12,9 @@ The functions that take a model import torch inside their bodies; the plots impo
 - ``reconstructions.png``: 32 test images (top 4 rows) above their reconstructions (bottom 4 rows);
 - ``interpolation.png``: 8 rows of test image A, 10 decodings along mu(A) -> mu(B), test image B;
 - ``latent_scatter.png``: test-set latent means coloured by label (only when latent_dim == 2);
-- ``loss_curves.png``: loss / recon / KL per epoch from ``metrics.csv`` (train, and test if any).
+- ``loss_curves.png``: loss / recon / KL per epoch from ``metrics.csv`` (train, and test if any);
+- spatial latents (c, h, w) also get ``reconstructions_side_by_side.png`` and
+  ``latent_channels.png`` (``fastvae.spatial_pictures``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ RECONSTRUCTIONS_PNG = "reconstructions.png"
 INTERPOLATION_PNG = "interpolation.png"
 LATENT_SCATTER_PNG = "latent_scatter.png"
 LOSS_CURVES_PNG = "loss_curves.png"
-PICTURES = (SAMPLES_PNG, RECONSTRUCTIONS_PNG, INTERPOLATION_PNG, LATENT_SCATTER_PNG, LOSS_CURVES_PNG)
+SIDE_BY_SIDE_PNG = "reconstructions_side_by_side.png"  # spatial latents (fastvae.spatial_pictures)
+LATENT_CHANNELS_PNG = "latent_channels.png"  # spatial latents
+PICTURES = (SAMPLES_PNG, RECONSTRUCTIONS_PNG, SIDE_BY_SIDE_PNG, LATENT_CHANNELS_PNG, INTERPOLATION_PNG,
+            LATENT_SCATTER_PNG, LOSS_CURVES_PNG)
 
 # Layouts (tests compute the expected pixel sizes from these).
 N_SAMPLES, SAMPLES_NROW = 64, 8
@@ -132,7 +137,7 @@ def _encode_means(model, x):
             if isinstance(code, (tuple, list)):
                 code = code[0]
             out.append(code.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.latent_dim)
+    return torch.cat(out) if out else torch.zeros(0, *model.latent_shape)
 
 
 def _decode_means(model, z):
@@ -174,7 +179,7 @@ def sample_means(model, n: int = N_SAMPLES, seed: int = 0, code_fit=None):
     images) to draw z from that diagonal Gaussian instead."""
     import torch
 
-    z = torch.randn(n, model.latent_dim, generator=_generator(seed))
+    z = torch.randn(n, *model.latent_shape, generator=_generator(seed))
     if code_fit is not None:
         z = code_fit[0] + code_fit[1] * z
     return _decode_means(model, z)
@@ -211,11 +216,12 @@ def save_interpolation(
     rows = min(rows, len(x) // 2)
     idx = torch.randperm(len(x), generator=_generator(seed))[: 2 * rows]
     a, b = x[idx[:rows]], x[idx[rows:]]
-    t = torch.linspace(0.0, 1.0, steps).view(1, steps, 1)
+    t = torch.linspace(0.0, 1.0, steps).view(1, steps, *[1] * len(model.latent_shape))
     with _EvalMode(model):
         za, zb = _encode_means(model, a), _encode_means(model, b)
-        z = (1 - t) * za[:, None] + t * zb[:, None]  # (rows, steps, D)
-        decoded = _decode_means(model, z.reshape(rows * steps, -1)).reshape(rows, steps, *x.shape[1:])
+        z = (1 - t) * za[:, None] + t * zb[:, None]  # (rows, steps, *latent_shape)
+        z = z.reshape(rows * steps, *model.latent_shape)
+        decoded = _decode_means(model, z).reshape(rows, steps, *x.shape[1:])
     grid = torch.cat([a[:, None], decoded, b[:, None]], dim=1).reshape(rows * (steps + 2), *x.shape[1:])
     return save_image_grid(grid.numpy(), path, nrow=steps + 2)
 
@@ -332,6 +338,10 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
         written.append(save_reconstructions(model, x, run_dir / RECONSTRUCTIONS_PNG))
         if len(x) >= 2:
             written.append(save_interpolation(model, x, run_dir / INTERPOLATION_PNG, seed=seed))
+        if len(model.latent_shape) == 3:
+            from fastvae.spatial_pictures import write_spatial_pictures
+
+            written += write_spatial_pictures(run_dir, model, x)
         if model.latent_dim == 2:
             labels_np = None if labels is None else torch.as_tensor(labels).cpu().numpy()
             written.append(save_latent_scatter(model, x, run_dir / LATENT_SCATTER_PNG, labels_np))

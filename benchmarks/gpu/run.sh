@@ -34,6 +34,7 @@
 # FASTVAE_GPU_EXTRAS (the steps besides tests and suites: default "reparam_device precision
 #   tile_sweep"; "" skips all three; reparam_device runs right after the tests),
 # FASTVAE_GPU_DEVICE_CAP_S (reparam_device's cap, default 200 s),
+#   e.g. FASTVAE_GPU_SUITES=convkl FASTVAE_GPU_TESTS_K=convkl FASTVAE_GPU_EXTRAS="" for the spatial VAE alone,
 # FASTVAE_GPU_MAX_TIME (pytest-benchmark --benchmark-max-time, default 0.25 s),
 # FASTVAE_GPU_STRICT=1 (exit 1 when a step failed; default: always exit 0),
 # FASTVAE_GPU_SKIP_INSTALL=1 (skip step 1, e.g. in a copy of the tree that must not be installed).
@@ -101,6 +102,24 @@ install_missing() {
   done
 }
 
+install_optional() {
+  # diffusers for the convkl suite's AutoencoderKL comparison, from .whl/optional: only modules the
+  # image lacks, --no-deps (never torch, numpy or Pillow); failing here only skips that comparison
+  local pair mod dist whl
+  for pair in diffusers:diffusers huggingface_hub:huggingface_hub hf_xet:hf_xet httpx2:httpx2 \
+              httpcore2:httpcore2 safetensors:safetensors regex:regex importlib_metadata:importlib_metadata \
+              zipp:zipp anyio:anyio h11:h11 click:click; do
+    mod=${pair%%:*}; dist=${pair#*:}
+    "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$mod') is None)" 2>/dev/null && continue
+    whl=$(ls .whl/optional/"$dist"-*.whl 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$whl" ]; then echo "no wheel for $mod in .whl/optional: the diffusers comparison will skip"; return 0; fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$whl" \
+      || { echo "could not install $whl: the diffusers comparison will skip"; return 0; }
+    case ":${PYTHONPATH:-}:" in *":$SITE:"*) ;; *) export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}";; esac
+  done
+  "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "diffusers does not import: its comparison will skip"
+}
+
 use_checkout() {
   # Nothing to install: with the checkout on PYTHONPATH, fastvae/__init__.py finds kernels/ and
   # export/ as fastvae.kernels and fastvae.export, and the GPU image's torch stays untouched.
@@ -154,6 +173,7 @@ reparam_device() {
 bench_suite() {
   local name=$1 file=benchmarks/test_bench_$1.py cap rc default_cap=150
   [ "$name" = train ] && default_cap=210  # two torch.compile warm-ups (MLP, conv) come first
+  [ "$name" = convkl ] && default_cap=330  # four compiled cases (convkl 64/256, MLP, conv) + diffusers
   cap=$(remaining "${FASTVAE_GPU_SUITE_CAP_S:-$default_cap}")
   [ "$cap" -ge 20 ] || { echo "out of time budget"; return 1; }
   local args=(--benchmark-json="$DEST/$name.json" --benchmark-sort=name --timeout=90)
@@ -209,6 +229,7 @@ main() {
     echo "##### step 1: skipped (FASTVAE_GPU_SKIP_INSTALL=1)"
   else
     step "1a install missing wheels" install_missing
+    case " ${FASTVAE_GPU_SUITES:-convkl} " in *" convkl "*) step "1a' optional wheels (diffusers)" install_optional;; esac
     step "1b fastvae from this checkout" use_checkout
   fi
   step "2 versions" print_versions

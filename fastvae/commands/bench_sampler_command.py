@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'batch':>7} {'threads':>7} {'p50 us':>10} {'p99 us':>10} {'p99/p50':>7} {'samples/s':>12}")
     rows = []
     for batch in sizes:
-        z = np.random.default_rng(batch).standard_normal((batch, sampler.latent_dim), dtype=np.float32)
+        z = np.random.default_rng(batch).standard_normal((batch, *sampler.latent_shape), dtype=np.float32)
         stats = measure(lambda: sampler.decode(z, batch_size=batch), batch, seconds=args.seconds)
         threads = sampler.threads_for(batch)
         print(f"{batch:>7} {threads or 'all':>7} {stats.p50 * 1e6:>10.1f} {stats.p99 * 1e6:>10.1f} "

@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
         help="torch.onnx exporter: auto tries the torch.export-based one, then TorchScript",
     )
+    parser.add_argument("--encoder", action="store_true",
+                        help="also export the encoder of a spatial-latent run (--model convkl): images -> "
+                        "(mu, logvar), into --encoder-out, validated against torch at two image sizes")
+    parser.add_argument("--encoder-out", help="encoder file; None: encoder.onnx beside --out (or <stem>.encoder.onnx)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +46,15 @@ def run(args: argparse.Namespace) -> int:
         out = source / "decoder.onnx" if source.is_dir() else source.with_suffix(".onnx")
     if args.triton_repo is not None and args.max_batch < 1:  # checked before the export's work
         raise FastVAEError(f"--max-batch must be a positive integer, got {args.max_batch}")
+    if args.encoder:  # before the decoder: a run without a spatial encoder fails before writing anything
+        from fastvae.export.encoder_export import encoder_path, export_encoder
+
+        encoder_out = args.encoder_out or encoder_path(out)
+        encoder_report = export_encoder(args.run, encoder_out, opset=args.opset, exporter=args.exporter)
     report = export_decoder(args.run, out, opset=args.opset, fp16=args.fp16, int8=args.int8, exporter=args.exporter)
     print(report.summary())
+    if args.encoder:
+        print(encoder_report.summary())
     if args.triton_repo is not None:
         from fastvae.export.triton_repo import write_triton_repository
 

@@ -17,18 +17,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     a = parser.add_argument_group("data and model")
-    a.add_argument("--data", help=f"'digits' (bundled) or a path: MNIST IDX file or folder, .npy/.npz, "
-                   f"or a folder of images (default {d.data})")
+    a.add_argument("--data", help=f"'digits' (bundled), 'photos' / 'photos:64' (bundled colour photo crops, "
+                   f"32x32 / 64x64) or a path: MNIST IDX file or folder, .npy/.npz, or a folder of images "
+                   f"(default {d.data})")
     a.add_argument("--model", choices=CHOICES["model"], help=f"encoder/decoder family (default {d.model})")
     a.add_argument("--kind", choices=CHOICES["kind"], help="vae, or ae: the deterministic autoencoder "
                    f"baseline trained with MSE (default {d.kind})")
     a.add_argument("--latent-dim", type=int, help=f"size of z (default {d.latent_dim})")
     a.add_argument("--hidden-dim", type=int, help=f"hidden layer width (default {d.hidden_dim})")
     a.add_argument("--likelihood", choices=CHOICES["likelihood"],
-                   help=f"p(x|z): bernoulli (BCE on [0,1] pixels) or gaussian (default {d.likelihood})")
-    a.add_argument("--sigma", type=float, help=f"gaussian likelihood scale (default {d.sigma})")
+                   help=f"p(x|z): bernoulli (BCE on [0,1] pixels), gaussian or laplace (L1) (default {d.likelihood})")
+    a.add_argument("--sigma", type=float, help=f"gaussian / laplace likelihood scale (default {d.sigma})")
     a.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
-                   help="learn the gaussian scale (default off)")
+                   help="learn the gaussian / laplace scale (default off)")
+    k = parser.add_argument_group("spatial latent (--model convkl): image C x H x W -> latent c x H/f x W/f")
+    k.add_argument("--downsample", type=int, choices=CHOICES["downsample"], help=f"f (default {d.downsample})")
+    k.add_argument("--latent-channels", type=int, help=f"c (default {d.latent_channels})")
+    k.add_argument("--width", type=int, help=f"channels of the first resolution level (default {d.width})")
+    k.add_argument("--channel-mult", help="width multipliers per resolution level, log2(f) + 1 of them, "
+                   "e.g. 1,2,2 (default: 1,2,2,4 cut to fit)")
+    k.add_argument("--blocks-per-level", type=int, help=f"ResNet blocks per level (default {d.blocks_per_level})")
+    k.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="self-attention in the lowest-resolution mid block (default off)")
+    k.add_argument("--image-skip", action=argparse.BooleanOptionalAction, default=None,
+                   help="start from the bicubic codec: the latent begins as the downsampled image and "
+                   "the decoder as its bicubic upsampling, both refined by training (default on)")
     o = parser.add_argument_group("optimization")
     o.add_argument("--epochs", type=int, help=f"passes over the training split (default {d.epochs})")
     o.add_argument("--batch-size", type=int, help=f"examples per step per device (default {d.batch_size})")

@@ -14,11 +14,14 @@ from torch import nn
 
 from fastvae.config import MODEL_SETTINGS, TrainConfig
 from fastvae.models.conv import ConvDecoder, ConvEncoder
+from fastvae.models.convkl import ConvKLDecoder, ConvKLEncoder, check_image_size
 from fastvae.models.mlp import MLPDecoder, MLPEncoder
 from fastvae.models.vae import VAE, StackedAutoencoder, VAEOutput
 
 # keyed by fastvae.config.MODELS (a test checks that the two agree)
-ARCHITECTURES = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
+ARCHITECTURES = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder),
+                 "convkl": (ConvKLEncoder, ConvKLDecoder)}
+SPEC_ARCHITECTURES = ("convkl",)  # built from the whole spec, not (shape, hidden_dim, latent_dim)
 DEFAULT_SPEC = {name: getattr(TrainConfig, name) for name in MODEL_SETTINGS}
 
 
@@ -36,6 +39,14 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_data_shape(spec: dict) -> None:
+    """FastVAEError when the model of ``spec`` cannot take its ``data_shape`` (checked before
+    training starts, so a bad image size is one line, not a failure in every process)."""
+    spec = {**DEFAULT_SPEC, **spec}
+    if spec["model"] == "convkl":
+        check_image_size(spec)
+
+
 def build_model(spec: dict) -> VAE | StackedAutoencoder:
     """Build a fresh model from a spec dict (missing keys take ``DEFAULT_SPEC`` values)."""
     from fastvae.losses import Likelihood
@@ -46,8 +57,11 @@ def build_model(spec: dict) -> VAE | StackedAutoencoder:
     encoder_cls, decoder_cls = ARCHITECTURES[spec["model"]]
     shape = tuple(int(s) for s in spec["data_shape"])
     spec["data_shape"] = list(shape)
-    args = (shape, int(spec["hidden_dim"]), int(spec["latent_dim"]))
-    encoder, decoder = encoder_cls(*args), decoder_cls(*args)
+    if spec["model"] in SPEC_ARCHITECTURES:
+        encoder, decoder = encoder_cls(spec), decoder_cls(spec)
+    else:
+        args = (shape, int(spec["hidden_dim"]), int(spec["latent_dim"]))
+        encoder, decoder = encoder_cls(*args), decoder_cls(*args)
     if spec["kind"] == "ae":
         return StackedAutoencoder(encoder, decoder, spec)
     likelihood = Likelihood(spec["likelihood"], float(spec["sigma"]), bool(spec["learn_sigma"]))
@@ -55,6 +69,6 @@ def build_model(spec: dict) -> VAE | StackedAutoencoder:
 
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
-    "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder",
+    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "check_data_shape", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
+    "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "ConvKLEncoder", "ConvKLDecoder",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from fastvae.distributions import kl_standard_normal_per_dim
 from fastvae.losses import ElboTerms, Likelihood, elbo_terms
+from fastvae.models.convkl import flatten_latent, unflatten_latent
 from fastvae.reparam import Backend, reparameterize_kl
 
 
@@ -26,6 +28,9 @@ class VAE(nn.Module):
 
     ``spec`` is the plain dict the model was built from (see ``fastvae.models.build_model``),
     stored in checkpoints so a run folder rebuilds its model without any other information.
+    ``latent_shape`` is one example's latent: (latent_dim,), or (c, h, w) for a spatial
+    encoder (one with a ``latent_shape``); ``latent_dim`` is its size. The KL and the noise are
+    over the flattened latent.
     """
 
     kind = "vae"
@@ -36,7 +41,8 @@ class VAE(nn.Module):
         self.decoder = decoder
         self.likelihood = likelihood
         self.spec = dict(spec)
-        self.latent_dim = int(spec["latent_dim"])
+        self.latent_shape = latent_shape_of(encoder, spec)
+        self.latent_dim = math.prod(self.latent_shape)
         self.data_shape = tuple(spec["data_shape"])
         self.reparam_backend: Backend = "auto"
 
@@ -49,7 +55,9 @@ class VAE(nn.Module):
     def posterior(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
         """Encode, draw z ~ q(z|x) with its KL, decode: everything the bounds need."""
         mu, logvar = self.encode(x)
-        z, kl = reparameterize_kl(mu, logvar, generator, backend=self.reparam_backend)
+        z, kl = reparameterize_kl(flatten_latent(mu), flatten_latent(logvar), generator,
+                                  backend=self.reparam_backend)
+        z = unflatten_latent(z, mu)
         return VAEOutput(self.decode(z), mu, logvar, z, kl)
 
     def forward(
@@ -76,7 +84,7 @@ class VAE(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Means of p(x|z) for n draws z ~ N(0, I), shaped (n, *data_shape)."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        z = torch.randn(n, *self.latent_shape, generator=generator, device=device)
         return self.likelihood.mean(self.decode(z))
 
     @torch.no_grad()
@@ -84,6 +92,11 @@ class VAE(nn.Module):
         """Means of p(x|z = mu(x)): the deterministic reconstruction."""
         mu, _ = self.encode(x)
         return self.likelihood.mean(self.decode(mu))
+
+
+def latent_shape_of(encoder: nn.Module, spec: dict) -> tuple[int, ...]:
+    """One example's latent shape: the encoder's ``latent_shape``, else (spec latent_dim,)."""
+    return tuple(int(s) for s in getattr(encoder, "latent_shape", (spec["latent_dim"],)))
 
 
 class StackedAutoencoder(nn.Module):
@@ -100,7 +113,8 @@ class StackedAutoencoder(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.spec = dict(spec)
-        self.latent_dim = int(spec["latent_dim"])
+        self.latent_shape = latent_shape_of(encoder, spec)
+        self.latent_dim = math.prod(self.latent_shape)
         self.data_shape = tuple(spec["data_shape"])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""``fastvae decode``: spatial latents (.npy) -> images with an exported decoder (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "decode spatial latents (.npy) with an exported decoder.onnx, whole or in tiles (no torch)"
+DESCRIPTION = (
+    "Decode latents z (n, c, h, w) (any h, w) with the decoder of a spatial-latent run "
+    "('fastvae export' of a --model convkl run) into the means of p(x|z), written as a .npy "
+    "array (n, C, h*f, w*f) or a folder of PNG files. --tile N --overlap K decode large latents "
+    "in overlapping tiles of N x N output pixels (blended; memory bounded by the tile); "
+    "--check-untiled also decodes them whole and prints the largest difference."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="spatial decoder .onnx written by 'fastvae export'")
+    parser.add_argument("latents", help=".npy file of latents (n, c, h, w) or one (c, h, w)")
+    parser.add_argument("--out", required=True, help="a .npy file, or a folder for one PNG per image")
+    parser.add_argument("--tile", type=int, help="tile size in output pixels (a multiple of f); None: decode whole")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="overlap of neighbouring tiles in output pixels (a multiple of f; default tile/4 rounded to f)")
+    parser.add_argument("--batch-size", type=int, default=16, help="latents per onnxruntime call")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: one per physical core")
+    parser.add_argument("--check-untiled", action="store_true",
+                        help="with --tile: also decode whole and print max |tiled - untiled|")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from fastvae.errors import FastVAEError
+    from fastvae.export import OnnxSampler
+    from fastvae.export.tiled_decode import check_latents, check_tiling, decode_latents
+
+    out = Path(args.out)
+    if args.batch_size < 1:
+        raise FastVAEError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    decoder = OnnxSampler(args.model, threads=args.threads)
+    if len(decoder.latent_shape) != 3 or "downsample" not in decoder.metadata:
+        raise FastVAEError(f"{args.model} decodes flat latent vectors ({decoder.latent_dim}), not spatial "
+                           "latents: use 'fastvae sample', or export a --model convkl run")
+    f, c = int(decoder.metadata["downsample"]), decoder.latent_shape[0]
+    z = check_latents(_load(Path(args.latents)), c, args.latents)
+    tile = overlap = None
+    if args.tile is not None:
+        default = args.tile // 4 // f * f
+        tile, overlap = check_tiling(args.tile, default if args.overlap is None else args.overlap, f)
+    elif args.overlap is not None or args.check_untiled:
+        raise FastVAEError("--overlap and --check-untiled go with --tile N")
+    names, feed = [decoder.mean_output], decoder.input_name
+
+    def decode(chunk):
+        return decoder.session.run(names, {feed: chunk})[0]
+
+    start = time.perf_counter()
+    images = decode_latents(decode, z, f, decoder.output_shape[0], tile=tile, overlap=overlap or 0,
+                            batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    _write(images, out)
+    how = f"in tiles of {args.tile} px (overlap {overlap * f} px)" if tile else "whole"
+    print(f"wrote {out}: {len(images)} image(s) of {images.shape[1]}x{images.shape[2]}x{images.shape[3]} "
+          f"from latents {'x'.join(map(str, z.shape[1:]))}, decoded {how} in {seconds:.3f} s")
+    if args.check_untiled:
+        whole = decode_latents(decode, z, f, decoder.output_shape[0], batch_size=args.batch_size)
+        print(f"max |tiled - untiled| = {float(np.max(np.abs(images - whole))):.3e} "
+              f"(mean {float(np.mean(np.abs(images - whole))):.3e})")
+    return 0
+
+
+def _load(path):
+    import numpy as np
+
+    from fastvae.errors import FastVAEError
+
+    if not path.is_file():
+        raise FastVAEError(f"{path} does not exist: give a .npy file of latents (n, c, h, w)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy's format errors: one message
+        raise FastVAEError(f"{path} is not a readable .npy array ({type(exc).__name__}): save latents with numpy.save") from None
+
+
+def _write(images, out) -> None:
+    """A .npy file, or one PNG per image in the folder ``out`` (each written atomically)."""
+    import numpy as np
+
+    from fastvae.errors import FastVAEError
+    from fastvae.run_folder import atomic_write
+
+    if out.suffix.lower() == ".npy":
+        with atomic_write(out) as tmp:
+            np.save(tmp, images)
+        return
+    if out.suffix:
+        raise FastVAEError(f"--out {out}: give a .npy file or a folder (no suffix) for PNG images")
+    if images.shape[1] not in (1, 3):
+        raise FastVAEError(f"the decoder makes {images.shape[1]}-channel outputs, not images: use --out with .npy")
+    from PIL import Image
+
+    pixels = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
+    width = max(4, len(str(len(images) - 1)))
+    for i, image in enumerate(pixels):
+        with atomic_write(out / f"{i:0{width}d}.png") as tmp:
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)

@@ -1,0 +1,63 @@
+"""Reconstruction quality of image models: PSNR, and the bicubic codec it is compared with.
+
+PSNR = 10 log10(1 / MSE) in dB for pixels in [0, 1], the MSE over every pixel of every test
+image (one figure for the split, so flat crops cannot inflate it as a mean of per-image PSNRs
+would). A model's reconstruction is E[x | z = mu(x)] clipped to [0, 1].
+
+The bicubic baseline by a factor f is the trivial codec with a similar number of values as a
+spatial latent (C x H/f x W/f against c x H/f x W/f): the image bicubic-downsampled by f
+(antialiased) and bicubic-upsampled back, clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """10 log10(1 / MSE) over all pixels of ``x`` and ``y`` (values in [0, 1])."""
+    mse = (x.double() - y.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def bicubic_roundtrip(x: torch.Tensor, f: int) -> torch.Tensor:
+    """``x`` (N, C, H, W) bicubic-downsampled by ``f`` (antialiased) and upsampled back, clipped."""
+    h, w = x.shape[-2:]
+    small = F.interpolate(x.float(), size=(h // f, w // f), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def reconstructions(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """E[x | z = mu(x)] clipped to [0, 1] (the autoencoder: its output), float32 on the CPU."""
+    param = next(model.parameters())
+    out = []
+    for chunk in x.split(batch_size):
+        recon = model.reconstruct(chunk.to(param.device, param.dtype))
+        out.append(recon.float().clamp(0.0, 1.0).cpu())
+    return torch.cat(out)
+
+
+def reconstruction_psnr(model, x: torch.Tensor) -> dict:
+    """``{"psnr"}`` of the model's reconstructions of ``x``, plus ``{"bicubic_psnr"}`` for a
+    spatial model (a ``downsample`` factor f in its spec)."""
+    was_training = model.training
+    model.eval()
+    try:
+        result = {"psnr": psnr(reconstructions(model, x), x)}
+    finally:
+        model.train(was_training)
+    f = downsample_factor(model)
+    if f:
+        result["bicubic_psnr"] = psnr(bicubic_roundtrip(x, f), x)
+    return result
+
+
+def downsample_factor(model) -> int | None:
+    """f of a spatial-latent model (latent c x H/f x W/f), else None."""
+    if len(getattr(model, "latent_shape", ())) != 3:
+        return None
+    return int(model.data_shape[-1]) // int(model.latent_shape[-1])

@@ -1,0 +1,377 @@
+"""The spatial-latent conv VAE (``--model convkl``): shapes, refusals, gradients against
+finite differences, the fused kernel on the flattened latent, ONNX parity at two latent sizes,
+tiled decoding, DDP, resume, and the commands end to end. Models are tiny (width 4)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastvae.config import TrainConfig
+from fastvae.data import Splits
+from fastvae.errors import FastVAEError
+from fastvae.models import build_model
+from fastvae.models.convkl import LOGVAR_MAX, LOGVAR_MIN, flatten_latent, unflatten_latent
+
+from conftest import assert_one_line_error, max_weight_diff, run_cli, state_dict_of
+
+TINY = dict(model="convkl", width=4, channel_mult="", blocks_per_level=1, likelihood="gaussian", sigma=0.1)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tiny_model(shape=(3, 16, 16), seed=0, **overrides):
+    """A tiny convkl VAE whose zero-initialised output convolutions are randomised, so every
+    path (not only the image skip) shapes the outputs."""
+    torch.manual_seed(seed)
+    model = build_model({**TINY, "data_shape": list(shape), **overrides})
+    with torch.no_grad():
+        for conv in (model.encoder.conv_out, model.decoder.conv_out):
+            conv.weight.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def tiny_splits(n_train=64, n_test=16, size=16, seed=0) -> Splits:
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(torch.rand(n_train + n_test, 3, size // 4, size // 4, generator=g),
+                                             size=(size, size), mode="bilinear", align_corners=False)
+    return Splits("tiny-photos", smooth[:n_train].contiguous(), smooth[n_train:].contiguous())
+
+
+@pytest.mark.parametrize("f", [2, 4, 8])
+@pytest.mark.parametrize("c", [1, 4])
+def test_shapes_for_every_f_and_c(f, c):
+    model = tiny_model(downsample=f, latent_channels=c, attention=True)
+    x = torch.rand(2, 3, 16, 16)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (2, c, 16 // f, 16 // f)
+    assert model.latent_shape == (c, 16 // f, 16 // f) and model.latent_dim == c * (16 // f) ** 2
+    out = model.posterior(x)
+    assert out.z.shape == mu.shape and out.kl.shape == (2,) and out.params.shape == x.shape
+    # fully convolutional decoder: any latent height and width
+    assert model.decode(torch.randn(3, c, 5, 3)).shape == (3, 3, 5 * f, 3 * f)
+    assert model.sample(2).shape == (2, 3, 16, 16)
+    assert torch.isfinite(model(x).loss)
+
+
+def test_kl_is_over_every_latent_dim_and_logvar_is_clamped():
+    model = tiny_model()
+    x = torch.rand(3, 3, 16, 16)
+    mu, logvar = model.encode(x)
+    out = model.posterior(x)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0))
+    torch.testing.assert_close(out.kl, expected.flatten(1).sum(1), rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        model.encoder.conv_out.bias[4:] = 1e4  # a huge logvar: clamped before any exp
+    logvar = model.encode(x)[1]
+    assert logvar.max() == LOGVAR_MAX and torch.isfinite(model(x).loss)
+    with torch.no_grad():
+        model.encoder.conv_out.bias[4:] = -1e4
+    assert model.encode(x)[1].min() == LOGVAR_MIN
+
+
+def test_flatten_latent_is_a_view_in_memory_order():
+    t = torch.randn(2, 4, 3, 5)
+    for layout in (t, t.contiguous(memory_format=torch.channels_last)):
+        flat = flatten_latent(layout)
+        assert flat.shape == (2, 60) and flat.data_ptr() == layout.data_ptr()
+        back = unflatten_latent(flat, layout)
+        assert torch.equal(back, t) and back.stride() == layout.stride()
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "laplace", "bernoulli"])
+def test_likelihoods_match_torch_distributions(likelihood):
+    model = tiny_model(likelihood=likelihood, learn_sigma=likelihood != "bernoulli")
+    params, x = torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    scale = model.likelihood.log_scale.exp()
+    dist = {"gaussian": lambda: torch.distributions.Normal(params, scale),
+            "laplace": lambda: torch.distributions.Laplace(params, scale),
+            "bernoulli": lambda: torch.distributions.ContinuousBernoulli(logits=params)}[likelihood]()
+    if likelihood == "bernoulli":  # BCE on [0, 1] targets: the Bernoulli pmf formula, unnormalized
+        expected = (x * torch.nn.functional.logsigmoid(params) + (1 - x) * torch.nn.functional.logsigmoid(-params))
+    else:
+        expected = dist.log_prob(x)
+    torch.testing.assert_close(model.likelihood.log_prob(params, x), expected.flatten(1).sum(1), rtol=1e-5, atol=1e-3)
+
+
+def test_odd_image_sizes_are_refused():
+    with pytest.raises(FastVAEError, match="18x16 pixels do not divide by --downsample 4"):
+        build_model({**TINY, "data_shape": [3, 18, 16], "downsample": 4})
+    build_model({**TINY, "data_shape": [3, 18, 16], "downsample": 2})  # 18 and 16 divide by 2
+    with pytest.raises(FastVAEError, match="--channel-mult"):
+        TrainConfig(model="convkl", downsample=8, channel_mult="1,2").validate()
+
+
+def test_encoder_and_decoder_gradients_match_finite_differences_in_fp64():
+    """gradcheck of the whole -ELBO (fixed noise) w.r.t. the image and w.r.t. weights of the
+    first and last layers, in float64: autograd through GroupNorm, SiLU, attention, the
+    strided and upsampling convs, the bicubic skip and the KL."""
+    model = tiny_model(shape=(3, 8, 8), downsample=2, attention=True).double()
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    eps = torch.randn(1, *model.latent_shape, dtype=torch.float64)
+    params = dict(model.named_parameters())
+    names = ["encoder.conv_in.weight", "encoder.mid.1.qkv.bias", "decoder.up.0.conv1.weight", "decoder.skip.weight"]
+
+    def neg_elbo(image, *weights):
+        with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, weights))):
+            mu, logvar = model.encoder(image)
+            z = mu + (0.5 * logvar).exp() * eps
+            kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+            # the Gaussian NLL by hand: fastvae's likelihoods compute in fp32 (tested above)
+            nll = (0.5 * ((target - model.decoder(z)) / 0.1) ** 2).flatten(1).sum(1)
+            return nll + kl
+
+    weights = [params[n].detach().clone().requires_grad_(True) for n in names]
+    # fast mode: random directional derivatives (v^T J u) instead of every column of J
+    assert torch.autograd.gradcheck(neg_elbo, (x, *weights), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 before import: test_kernel_path_in_subprocess")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_kernel_path_equals_torch_path_on_the_flattened_latent(channels_last):
+    from fastvae.kernels import philox_eps
+    from fastvae.reparam import reparameterize_kl, reparameterize_kl_reference
+
+    model = tiny_model().train()
+    x = torch.rand(3, 3, 16, 16)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    results = {}
+    for backend in ("triton", "torch"):
+        model.zero_grad()
+        mu, logvar = model.encode(x)
+        flat_mu, flat_lv = flatten_latent(mu), flatten_latent(logvar)
+        torch.manual_seed(7)
+        if backend == "triton":
+            z, kl = reparameterize_kl(flat_mu, flat_lv, backend="triton")
+        else:  # the same Philox noise, through the torch reference
+            torch.manual_seed(7)
+            seed = int(torch.randint(0, 2**31 - 1, ()))
+            z, kl = reparameterize_kl_reference(flat_mu, flat_lv, eps=philox_eps(seed, *flat_mu.shape))
+        loss = (model.likelihood.nll(model.decode(unflatten_latent(z, mu)), x) + kl).mean()
+        loss.backward()
+        results[backend] = (z.detach(), kl.detach(), [p.grad.clone() for p in model.parameters()])
+    (zk, klk, gk), (zt, klt, gt) = results["triton"], results["torch"]
+    torch.testing.assert_close(zk, zt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(klk, klt, rtol=1e-5, atol=1e-4)
+    for a, b in zip(gk, gt):  # fp32 sums of 768 pixels' terms in another order: relative to the largest
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
+def test_kernel_path_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "kernel_path_equals"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "2 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from fastvae.export import export_decoder
+    from fastvae.export.encoder_export import export_encoder
+
+    model = tiny_model(attention=True)
+    folder = tmp_path_factory.mktemp("convkl_onnx")
+    report = export_decoder(model, folder / "decoder.onnx", fp16=True)
+    encoder_report = export_encoder(model, folder / "encoder.onnx")
+    return model, report, encoder_report
+
+
+def test_onnx_decoder_matches_torch_at_two_latent_sizes(exported):
+    import onnxruntime as ort
+
+    model, report, _ = exported
+    assert set(report.parity) == {"1x4x4x4", "3x4x7x5"} and report.max_abs_error < 1e-5
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    for shape in [(2, 4, 16, 16), (1, 4, 40, 24)]:  # one file, two latent sizes
+        z = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        with torch.inference_mode():
+            expected = model.decode(torch.from_numpy(z)).numpy()
+        got = session.run(["mean"], {"z": z})[0]
+        assert got.shape == (shape[0], 3, shape[2] * 4, shape[3] * 4)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # fp16: float32 in and out, GroupNorm's InstanceNormalization and Softmax kept in fp32
+    import onnx
+
+    half = onnx.load(str(report.variants[0].path))
+    assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    fp32_ops = {n.op_type for n in half.graph.node if n.op_type in ("InstanceNormalization", "Softmax")}
+    assert fp32_ops == {"InstanceNormalization", "Softmax"}
+    types = {t.name: t.data_type for t in half.graph.initializer}
+    norm_scales = [n.input[1] for n in half.graph.node if n.op_type == "InstanceNormalization"]
+    assert norm_scales and all(types.get(s, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for s in norm_scales)
+    assert 0 < report.variants[0].max_abs_error_mean < 1e-2
+
+
+def test_onnx_encoder_matches_torch(exported):
+    import onnxruntime as ort
+
+    model, _, encoder_report = exported
+    assert encoder_report.latent_shape == (4, 4, 4) and max(encoder_report.parity.values()) < 1e-5
+    session = ort.InferenceSession(str(encoder_report.path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).random((2, 3, 24, 40), dtype=np.float32)
+    mu, logvar = session.run(["mu", "logvar"], {"image": x})
+    with torch.inference_mode():
+        mu_t, logvar_t = model.encode(torch.from_numpy(x))
+    np.testing.assert_allclose(mu, mu_t.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logvar, logvar_t.numpy(), rtol=1e-4, atol=1e-5)
+
+
+TILED_TOLERANCE = 2e-3  # max |tiled - untiled| with the blending alone at work (see the test)
+
+
+def test_tiled_decoding_equals_untiled_within_tolerance(tmp_path):
+    """Tiles blend into the untiled image. The decoder here is the untrained model's bicubic
+    skip path (its GroupNorm paths output 0), so what differs is only what tiling itself
+    changes: context at tile edges. GroupNorm's per-tile statistics add more for a trained
+    decoder: benchmarks/test_bench_convkl.py measures that on a trained model."""
+    import onnxruntime as ort
+
+    from fastvae.export import export_decoder
+    from fastvae.export.tiled_decode import decode_latents, tile_starts
+
+    torch.manual_seed(0)
+    model = build_model({**TINY, "data_shape": [3, 16, 16]}).eval()
+    path = export_decoder(model, tmp_path / "decoder.onnx").path
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(z):
+        return session.run(["mean"], {"z": z})[0]
+
+    z = np.random.default_rng(2).standard_normal((2, 4, 40, 24), dtype=np.float32)
+    whole = decode_latents(run, z, 4, 3)
+    tiled = decode_latents(run, z, 4, 3, tile=16, overlap=8, batch_size=1)
+    assert tiled.shape == whole.shape == (2, 3, 160, 96)
+    err = float(np.abs(tiled - whole).max())
+    assert err < TILED_TOLERANCE, err
+    # without overlap the seams show: blending is what keeps the difference small
+    seams = float(np.abs(decode_latents(run, z, 4, 3, tile=16, overlap=0) - whole).max())
+    assert seams > 10 * err
+    assert tile_starts(40, 16, 8) == [0, 8, 16, 24] and tile_starts(10, 16, 8) == [0]
+
+
+def test_two_processes_equal_one_for_convkl(tmp_path):
+    """2 DDP ranks with batch B/2 end where 1 process with batch B ends (the deterministic
+    autoencoder of the same encoder/decoder: a VAE's per-rank noise differs by design)."""
+    from fastvae.trainer import train
+
+    splits = tiny_splits()
+    base = dict(model="convkl", kind="ae", width=4, epochs=1, accelerator="cpu", progress=False,
+                pictures=False, reparam="torch")
+    train(TrainConfig(**base, batch_size=32, out=str(tmp_path / "one")), splits=splits)
+    train(TrainConfig(**base, batch_size=16, devices=2, strategy="ddp_spawn", out=str(tmp_path / "two")),
+          splits=splits)
+    one, two = state_dict_of(tmp_path / "one"), state_dict_of(tmp_path / "two")
+    worst = max(one, key=lambda k: float((one[k] - two[k]).abs().max()))
+    assert max_weight_diff(one, two) < 1e-6, worst
+
+
+def test_resume_equals_a_straight_run(tmp_path):
+    from fastvae.trainer import train
+
+    splits = tiny_splits()
+    base = dict(model="convkl", width=4, batch_size=16, progress=False, pictures=False, reparam="torch")
+    train(TrainConfig(**base, epochs=2, out=str(tmp_path / "straight")), splits=splits)
+    train(TrainConfig(**base, epochs=1, out=str(tmp_path / "resumed")), splits=splits)
+    train(TrainConfig(**base, epochs=2, out=str(tmp_path / "resumed")), resume=True, splits=splits)
+    assert max_weight_diff(state_dict_of(tmp_path / "straight"), state_dict_of(tmp_path / "resumed")) == 0
+
+
+def test_commands_end_to_end(tmp_path, capsys):
+    """train (pictures), evaluate (bits per dim), report (PSNR beside bicubic), export with the
+    encoder, decode: in process, on a tiny .npz of smooth images."""
+    from fastvae.cli import main
+
+    splits = tiny_splits(n_train=48, n_test=8)
+    data = tmp_path / "images.npz"
+    np.savez(data, train=splits.train.numpy(), test=splits.test.numpy())
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model", "convkl", "--width", "4", "--downsample", "4",
+                 "--likelihood", "laplace", "--epochs", "1", "--batch-size", "16", "--quiet", "--out", str(run)]) == 0
+    for picture in ("reconstructions_side_by_side.png", "latent_channels.png", "samples.png", "interpolation.png"):
+        assert (run / picture).is_file(), picture
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--iwae-k", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bits_per_dim"] == pytest.approx(result["iwae_nll"] / (3 * 16 * 16 * math.log(2)) + 8)
+    assert main(["report", str(run), "--iwae-k", "3"]) == 0
+    page = (run / "report.md").read_text()
+    assert "reconstruction PSNR" in page and "bicubic baseline PSNR" in page and "latent 4x4x4" in page
+    assert main(["export", str(run), "--encoder"]) == 0
+    assert (run / "decoder.onnx").is_file() and (run / "encoder.onnx").is_file()
+    np.save(tmp_path / "z.npy", np.zeros((1, 4, 12, 8), dtype=np.float32))
+    assert main(["decode", str(run / "decoder.onnx"), str(tmp_path / "z.npy"), "--out", str(tmp_path / "png"),
+                 "--tile", "16", "--overlap", "4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["0000.png"]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    odd = tmp_path / "odd.npy"
+    np.save(odd, np.random.default_rng(0).random((20, 3, 18, 18), dtype=np.float32))
+    rc, _, err = run_cli("train", "--data", odd, "--model", "convkl", "--out", tmp_path / "run", "--quiet")
+    assert_one_line_error(rc, err, "18x18", "--downsample 4")
+    assert not (tmp_path / "run").exists()
+
+
+def test_decode_refuses_latents_and_tiles_that_do_not_fit(exported, tmp_path):
+    _, report, _ = exported
+    z = tmp_path / "z.npy"
+    for array, needle in ((np.zeros((1, 3, 8, 8), np.float32), "(n, 4, h, w)"),
+                          (np.zeros((1, 4, 8, 8), np.int32), "dtype int32")):
+        np.save(z, array)
+        rc, _, err = run_cli("decode", report.path, z, "--out", tmp_path / "o.npy")
+        assert_one_line_error(rc, err, needle)
+    np.save(z, np.zeros((1, 4, 8, 8), np.float32))
+    rc, _, err = run_cli("decode", report.path, z, "--out", tmp_path / "o.npy", "--tile", "30")
+    assert_one_line_error(rc, err, "--tile 30 is not a multiple of 4")
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_photos_split_cuts_test_crops_from_other_photos():
+    from fastvae.data import load_dataset
+    from fastvae.photos import TEST_PHOTOS, TRAIN_PHOTOS, crop_size
+
+    assert not set(TRAIN_PHOTOS) & set(TEST_PHOTOS)
+    splits = load_dataset("photos")
+    assert splits.train.shape[1:] == splits.test.shape[1:] == (3, 32, 32)
+    assert 0.0 <= float(splits.train.min()) and float(splits.train.max()) <= 1.0
+    assert torch.equal(load_dataset("photos").test, splits.test)  # reproducible
+    assert crop_size("photos:64") == 64
+    with pytest.raises(FastVAEError, match="photos:64"):
+        crop_size("photos:48")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_convkl_trains_on_cuda_in_bf16_with_cuda_graphs_and_the_fused_kernel(tmp_path):
+    """bf16, --compile-mode reduce-overhead, the fused kernel on the flattened latent,
+    channels_last weights: finite losses that fall, and the kernel equals torch on CUDA."""
+    from fastvae.kernels import philox_eps, reparameterize_kl
+    from fastvae.reparam import reparameterize_kl_reference
+    from fastvae.trainer import Trainer, make_fabric, train
+
+    splits = tiny_splits(n_train=256, n_test=32, size=32)
+    config = TrainConfig(model="convkl", width=16, batch_size=32, epochs=3, precision="bf16-mixed",
+                         compile_mode="reduce-overhead", progress=False, pictures=False, out=str(tmp_path / "run"))
+    result = train(config, splits=splits)
+    losses = [row["train_loss"] for row in result.metrics]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    trainer = Trainer(make_fabric(config), config, splits)
+    assert trainer.module.reparam_backend == "triton"
+    assert trainer.module.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    mu = torch.randn(8, 4, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    flat = flatten_latent(mu)
+    z, kl = reparameterize_kl(flat, flat * 0.1, seed=3)
+    z_ref, kl_ref = reparameterize_kl_reference(flat, flat * 0.1, eps=philox_eps(3, *flat.shape, device="cuda"))
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-4)
