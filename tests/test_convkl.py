@@ -213,6 +213,34 @@ def test_onnx_decoder_matches_torch_at_two_latent_sizes(exported):
     assert 0 < report.variants[0].max_abs_error_mean < 1e-2
 
 
+def test_sampler_and_service_take_spatial_latents(exported):
+    """OnnxSampler draws (n, c, h, w) latents and decodes them like torch; the HTTP service's
+    /decode parser takes latents of that shape and names it when refusing others."""
+    import json
+
+    from fastvae.errors import FastVAEError
+    from fastvae.export import OnnxSampler
+    from fastvae.export.service_io import BadRequest, Limits, parse_decode
+
+    model, report, _ = exported
+    sampler = OnnxSampler(report.path)
+    assert sampler.latent_shape == model.latent_shape == (4, 4, 4) and sampler.latent_dim == 64
+    z = np.random.default_rng(3).standard_normal((5, 4, 4, 4), dtype=np.float32)
+    with torch.inference_mode():
+        expected = model.likelihood.mean(model.decode(torch.from_numpy(z))).numpy()
+    np.testing.assert_allclose(sampler.decode(z, batch_size=2), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sampler.sample(5, seed=3), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FastVAEError, match=r"\(n, 4, 4, 4\)"):
+        sampler.decode(np.zeros((2, 64), dtype=np.float32))
+    body = json.dumps({"z": z[:2].tolist()}).encode()
+    parsed, fmt = parse_decode(body, "application/json", None, sampler.latent_shape, Limits())
+    np.testing.assert_array_equal(parsed, z[:2])
+    assert fmt == "npy"
+    with pytest.raises(BadRequest, match=r"\(n, 4, 4, 4\)"):
+        parse_decode(json.dumps({"z": [[0.0] * 64]}).encode(), "application/json", None,
+                     sampler.latent_shape, Limits())
+
+
 def test_onnx_encoder_matches_torch(exported):
     import onnxruntime as ort
 
