@@ -17,34 +17,36 @@ from fastvae.reparam import reparameterize_kl_reference
 
 
 @torch.no_grad()
-def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0,
-              rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """Sums of (-ELBO, recon, KL) and the count over rows rank, rank + W, ... of ``data``.
+def elbo_sums(model, data, *, batch_size: int = 256, seed: int = 0,
+              rank: int = 0, world_size: int = 1, device=None) -> torch.Tensor:
+    """Sums of (-ELBO, recon, KL) and the count over this rank's share of ``data`` (a tensor:
+    rows rank, rank + W, ...; a prepared split, streamed: its contiguous part; see
+    ``fastvae.loaders.eval_batches``).
 
-    The noise of every row is drawn for the whole of ``data`` from ``seed``, so the sums of all
-    shards equal the single-process sums exactly: evaluation does not depend on the world size.
+    The noise of every row is drawn for the whole of ``data`` from ``seed`` and picked by the
+    row's index, so the sums of all shards equal the single-process sums exactly: evaluation
+    does not depend on the world size, nor on whether the data is streamed.
     A deterministic autoencoder (no likelihood) reports its MSE as recon and -ELBO, KL 0.
     Every rank runs the same number of batches (the last may be empty): a sharded (FSDP)
     model gathers its weights in each call, collectively.
     """
+    from fastvae.loaders import eval_batches
+
     was_training = model.training
     model.eval()
+    device = data.device if isinstance(data, torch.Tensor) else torch.device(device or "cpu")
     sums = torch.zeros(4, dtype=torch.float64)
-    rows = torch.arange(rank, len(data), world_size, device=data.device)
     eps = None
     if model.kind == "vae":
-        g = torch.Generator(device=data.device).manual_seed(seed)
-        eps = torch.randn(len(data), model.latent_dim, generator=g, device=data.device)[rows]
-    shard = data[rows]
-    for start in range(0, math.ceil(len(data) / world_size), batch_size):
-        x = shard[start : start + batch_size]
+        g = torch.Generator(device=device).manual_seed(seed)
+        eps = torch.randn(len(data), model.latent_dim, generator=g, device=device)
+    for rows, x in eval_batches(data, batch_size, device, rank, world_size):
         if eps is None:
             recon = (model.reconstruct(x) - x).pow(2).flatten(1).sum(-1)
             kl = torch.zeros_like(recon)
         else:
             mu, logvar = model.encode(x)
-            z, kl = reparameterize_kl_reference(mu.float(), logvar.float(),
-                                                eps=eps[start : start + batch_size])
+            z, kl = reparameterize_kl_reference(mu.float(), logvar.float(), eps=eps[rows])
             recon = -model.likelihood.log_prob(model.decode(z), x)
         sums += torch.stack([(recon + kl).sum(), recon.sum(), kl.sum(),
                              torch.tensor(float(len(x)), device=x.device)]).double().cpu()
@@ -53,16 +55,20 @@ def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0
 
 
 @torch.no_grad()
-def iwae_nll_sum(model, data: torch.Tensor, k: int, *, batch_size: int = 64, seed: int = 0,
+def iwae_nll_sum(model, data, k: int, *, batch_size: int = 64, seed: int = 0,
                  progress: bool = False) -> float:
-    """Sum over ``data`` of the IWAE negative log-likelihood bound with ``k`` samples each."""
-    g = torch.Generator(device=data.device).manual_seed(seed)
+    """Sum over ``data`` (a tensor or a prepared split, read in order) of the IWAE negative
+    log-likelihood bound with ``k`` samples each."""
+    from fastvae.loaders import eval_batches
+
+    device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
+    g = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
     # k samples per example: keep k * batch rows per decoder call around 64k
     batch_size = max(1, min(batch_size, 65536 // max(k, 1)))
-    starts = range(0, len(data), batch_size)
-    for start in tqdm(starts, desc=f"IWAE k={k}", disable=None if progress else True, leave=False):
-        x = data[start : start + batch_size]
+    batches = tqdm(eval_batches(data, batch_size, device), total=math.ceil(len(data) / batch_size),
+                   desc=f"IWAE k={k}", disable=None if progress else True, leave=False)
+    for _, x in batches:
         mu, logvar = (t.float() for t in model.encode(x))
         eps = torch.randn((k, *mu.shape), generator=g, device=mu.device)
         z = mu + torch.exp(0.5 * logvar) * eps
@@ -73,7 +79,7 @@ def iwae_nll_sum(model, data: torch.Tensor, k: int, *, batch_size: int = 64, see
     return total
 
 
-def evaluate(model, data: torch.Tensor, *, iwae_k: int = 1000, seed: int = 0,
+def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
              progress: bool = False) -> dict:
     """``{"neg_elbo", "recon", "kl", "iwae_nll", "n", "iwae_k"}`` on ``data`` (nats per example)."""
     sums = elbo_sums(model, data, seed=seed)
