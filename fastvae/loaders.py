@@ -179,7 +179,10 @@ class StreamSource:
         return iter(torch.utils.data.DataLoader(
             reader, batch_size=None, num_workers=min(self.workers, len(segments)),
             pin_memory=self.device.type == "cuda", prefetch_factor=4,
-            multiprocessing_context=_worker_context(), worker_init_fn=_worker_init))
+            multiprocessing_context=_worker_context(), worker_init_fn=_worker_init,
+            # its own generator: a DataLoader draws its workers' base seed from the global RNG
+            # otherwise, which would shift the training noise by where an epoch (re)starts
+            generator=torch.Generator().manual_seed(0)))
 
 
 def _worker_init(worker_id: int) -> None:
