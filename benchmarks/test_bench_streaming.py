@@ -77,6 +77,7 @@ def trainer_for(splits, out: str) -> Trainer:
     return Trainer(make_fabric(config), config, splits)
 
 
+@pytest.mark.timeout(1800)  # 60,000 images x 12 epochs on a busy 2-core machine
 @pytest.mark.benchmark(group="streaming-epoch-interleaved")
 def test_streamed_vs_in_memory_epoch_interleaved(benchmark, mnist_sized):
     memory, streamed = mnist_sized
@@ -90,7 +91,7 @@ def test_streamed_vs_in_memory_epoch_interleaved(benchmark, mnist_sized):
             return synced(run)
 
         medians = interleaved_medians(benchmark, {"in_memory": epoch(in_memory), "streamed": epoch(shards)},
-                                      rounds=pick(smoke=1, cpu=7, gpu=5))
+                                      rounds=pick(smoke=1, cpu=5, gpu=5))
     annotate(benchmark, impl="streamed+in_memory", items=2 * N_TRAIN, case=f"N={N_TRAIN},B={BATCH}",
              in_memory_epoch_s=medians["in_memory"], streamed_epoch_s=medians["streamed"],
              time_ratio=medians["streamed"] / medians["in_memory"],
@@ -207,6 +208,7 @@ def peak_rss_of_training(shards: Path, out: Path) -> float:
     return int(line.split()[1]) / 1024  # KiB on Linux
 
 
+@pytest.mark.timeout(2400)  # writes and streams 5 GB
 @pytest.mark.skipif(on_gpu(), reason="a CPU memory check (minutes of data generation)")
 @pytest.mark.benchmark(group="streaming-memory")
 def test_peak_rss_streaming_1gb_vs_4gb(benchmark, tmp_path):

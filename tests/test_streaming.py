@@ -194,6 +194,20 @@ def test_two_gloo_ranks_see_disjoint_examples_whose_union_is_the_epoch(indexed, 
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(200))
 
 
+def test_array_sources_keep_their_split_rules(tmp_path, digits_shards):
+    from fastvae.loaders import head
+
+    digits = load_dataset("digits")  # the fixed published split, rows 1500-1796, kept
+    test, labels = head(open_dataset(str(digits_shards)).test, 10_000)
+    assert torch.equal(test, (digits.test * 255).round() / 255) and torch.equal(labels, digits.test_labels)
+    images = RNG.integers(0, 256, (50, 6, 6), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)  # no split of its own: the in-memory loader's seeded one
+    prepare(str(tmp_path / "a.npy"), tmp_path / "s", workers=0, progress=False, test_fraction=0.2, split_seed=3)
+    test, labels = head(open_dataset(str(tmp_path / "s")).test, 100)
+    assert torch.equal(test, load_dataset(tmp_path / "a.npy", test_fraction=0.2, split_seed=3).test)
+    assert labels is None
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--iwae-k", type=int, help="after training, evaluate the IWAE bound with K samples (0 = skip)")
     r.add_argument("--no-pictures", dest="pictures", action="store_false", default=None,
                    help="do not write PNG pictures")
-    r.add_argument("--logger", dest="logger_list", action="append", default=[], metavar="NAME",
+    r.add_argument("--logger", dest="logger_list", action="append", default=None, metavar="NAME",
                    help="also log metrics to an experiment tracker (repeatable): csv (RUN/csv), "
                    "tensorboard (RUN/tensorboard), wandb (offline: RUN/wandb), mlflow (RUN/mlruns)")
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
