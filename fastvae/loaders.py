@@ -9,8 +9,8 @@ loop serves both.
 ``StreamSource`` (``fastvae prepare`` datasets): the epoch is a plan that depends only on
 (seed, epoch, dataset size), never on the number of ranks' workers or on timing:
 1. the litdata chunks are put in a seeded random order, and the blocks inside each chunk too;
-2. consecutive blocks form *windows* of about ``WINDOW_ROWS`` examples, whose rows are
-   permuted (seeded by seed, epoch and window) - the stream S of all N examples;
+2. consecutive blocks form *windows* of up to ``WINDOW_ROWS`` examples (and ``WINDOW_BYTES``),
+   whose rows are permuted (seeded by seed, epoch and window) - the stream S of all N examples;
 3. rank r of W takes the contiguous part S[r*P : (r+1)*P], P = ceil(N / W), wrapping around
    to the start of S for the last ranks when W does not divide N (as ``DistributedSampler``
    pads): every rank runs the same number of steps and reads ~1/W of the data, and without
@@ -38,7 +38,8 @@ import torch
 from fastvae.data import EpochBatches
 from fastvae.shards import ShardSplit
 
-WINDOW_ROWS = 4096  # examples mixed together by the per-epoch shuffle of a stream
+WINDOW_ROWS = 4096  # examples mixed together by the per-epoch shuffle of a stream, at most
+WINDOW_BYTES = 8 * 2**20  # ... and at most this many bytes of images (a DataLoader item)
 
 
 def is_streamed(data) -> bool:
@@ -103,9 +104,13 @@ class EpochPlan:
         order = [starts[c] + (rng.permutation(chunk_blocks[c]) if shuffle else np.arange(chunk_blocks[c]))
                  for c in chunks]
         blocks = np.concatenate(order).astype(np.int64)
-        per_window = max(1, WINDOW_ROWS // split.block) if shuffle else 1
-        self.windows = [blocks[i:i + per_window] for i in range(0, len(blocks), per_window)]
-        sizes = [sum(split.block_rows(int(b)) for b in w) for w in self.windows]
+        rows = min(WINDOW_ROWS, WINDOW_BYTES // max(1, math.prod(split.shape)))
+        per_window = max(1, rows // split.block) if shuffle else 1
+        starts = np.arange(0, len(blocks), per_window)
+        self.windows = [blocks[i:i + per_window] for i in starts]
+        block_rows = np.full(split.blocks, split.block, dtype=np.int64)
+        block_rows[-1] = split.block_rows(split.blocks - 1)
+        sizes = np.add.reduceat(block_rows[blocks], starts) if len(blocks) else []
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     def segments(self, start: int, stop: int) -> list[Segment]:
@@ -178,7 +183,7 @@ class StreamSource:
             return iter(reader)
         return iter(torch.utils.data.DataLoader(
             reader, batch_size=None, num_workers=min(self.workers, len(segments)),
-            pin_memory=self.device.type == "cuda", prefetch_factor=4,
+            pin_memory=self.device.type == "cuda", prefetch_factor=2,
             multiprocessing_context=_worker_context(), worker_init_fn=_worker_init,
             # its own generator: a DataLoader draws its workers' base seed from the global RNG
             # otherwise, which would shift the training noise by where an epoch (re)starts
