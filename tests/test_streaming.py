@@ -16,7 +16,7 @@ from conftest import (PausedChild, max_weight_diff, metrics_without_time, run_cl
                       tiny_config)
 from fastvae.cli import main
 from fastvae.data import load_dataset
-from fastvae.loaders import StreamSource
+from fastvae.loaders import StreamSource, eval_batches
 from fastvae.shards import open_dataset, prepare
 
 RNG = np.random.default_rng(0)
@@ -79,7 +79,7 @@ def test_png_folder_round_trip_equals_the_in_memory_split(tmp_path, capsys):
     assert "24 images (22 train, 2 test) of 3x10x12 uint8" in out and "shards" in out
     prepared, memory = open_dataset(str(tmp_path / "shards")), load_dataset(src)
     # the same held-out examples, in colour, as the in-memory loader's seeded stratified split
-    test = torch.cat([x for _, x in __import__("fastvae.loaders").loaders.eval_batches(prepared.test, 5, "cpu")])
+    test = torch.cat([x for _, x in eval_batches(prepared.test, 5, "cpu")])
     assert torch.equal(test, memory.test)
     train = torch.cat(list(StreamSource(prepared.train, "cpu", 0).epoch_batches(
         epoch=0, seed=0, rank=0, world=1, batch_size=7)))
