@@ -158,6 +158,22 @@ def test_streamed_epoch_sees_each_example_once_and_depends_only_on_seed_and_epoc
     assert [len(t) for t in thirds] == [67, 67, 67] and set(sum(thirds, [])) == set(range(200))
 
 
+def test_streamed_evaluation_counts_each_test_example_once_whatever_the_ranks(indexed):
+    from fastvae.evaluation import elbo_sums
+    from fastvae.loaders import head
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": [1, 2, 2], "hidden_dim": 8, "latent_dim": 2})
+    split = open_dataset(str(indexed)).test
+    in_memory = elbo_sums(model, head(split, 100)[0], seed=3, batch_size=7)  # the reference
+    for world in (1, 3):
+        shards = sum(elbo_sums(model, split, seed=3, batch_size=5, rank=r, world_size=world)
+                     for r in range(world))
+        torch.testing.assert_close(shards, in_memory, rtol=1e-6, atol=0)
+    assert int(in_memory[3]) == 40
+
+
 class RecordRows:
     """Callback: each rank writes the row numbers of the batches it trained on to a file."""
 
