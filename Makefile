@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastvae-installed
 RUN    ?= runs/demo
+# the streaming library; --no-deps: its metadata asks for torchvision, which would replace the
+# CPU torch (pyproject's "stream" extra lists what it does import)
+LITDATA ?= 0.2.76
 
 .PHONY: demo test bench setup clean
 
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install --quiet torch==2.13.0; fi
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps 'litdata==$(LITDATA)'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,6 +17,7 @@ from fastvae import __version__, interrupts
 from fastvae.errors import FastVAEError
 
 COMMANDS = {
+    "prepare": "fastvae.commands.prepare_command",
     "train": "fastvae.commands.train_command",
     "evaluate": "fastvae.commands.evaluate_command",
     "export": "fastvae.commands.export_command",

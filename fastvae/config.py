@@ -27,6 +27,8 @@ LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
 DOWNSAMPLES = (2, 4, 8)  # convkl: image H x W -> latent H/f x W/f
 REPARAM_BACKENDS = ("auto", "torch", "triton")
 ON_NONFINITE = ("stop", "skip")
+TRACKERS = ("csv", "tensorboard", "wandb", "mlflow")  # --logger: experiment trackers (fastvae.trackers)
+MAX_WORKERS = 64  # --workers: DataLoader processes reading a streamed dataset
 CHOICES = {
     "model": MODELS, "kind": KINDS, "likelihood": LIKELIHOODS, "precision": PRECISIONS,
     "strategy": STRATEGIES, "accelerator": ACCELERATORS, "reparam": REPARAM_BACKENDS,
@@ -41,7 +43,7 @@ MODEL_SETTINGS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "si
 # Settings a resumed run must share with the run that wrote the checkpoint (a learned or fixed
 # sigma's value may change: it is a starting value).
 RESUME_IDENTITY = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data",
-                   *CONVKL_SETTINGS)
+                   "test_fraction", "split_seed", "grayscale", *CONVKL_SETTINGS)
 
 
 @dataclass
@@ -76,7 +78,14 @@ class TrainConfig:
     iwae_k: int = 0  # >0: evaluate the IWAE bound with K samples after training
     pictures: bool = True
     progress: bool = True
-    tensorboard: bool = False  # also log metrics to RUN/tensorboard (needs the tensorboard package)
+    tensorboard: bool = False  # also log metrics to RUN/tensorboard (= loggers "tensorboard")
+    # data: the held-out split of sources without their own (fastvae.data.split_indices) and
+    # colour of image folders; `fastvae prepare` stores its own in the prepared dataset
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    grayscale: bool = False
+    workers: int = 2  # DataLoader processes reading a prepared (streamed) dataset; 0: none
+    loggers: str = ""  # comma-separated TRACKERS that also receive the metrics
     # --model convkl (spatial latent c x H/f x W/f; fastvae.models.convkl)
     downsample: int = 4  # f, one of DOWNSAMPLES
     latent_channels: int = 4  # c
@@ -94,7 +103,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FastVAEError(f"--{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("lr", "sigma", "beta", "free_bits"):
+        for name in ("lr", "sigma", "beta", "free_bits", "test_fraction"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise FastVAEError(f"--{_flag(name)} must be a finite number, got {value!r}")
@@ -105,11 +114,20 @@ class TrainConfig:
             "free_bits": self.free_bits >= 0,
             "kl_warmup_steps": self.kl_warmup_steps >= 0,
             "iwae_k": self.iwae_k >= 0,
+            "test_fraction": 0 < self.test_fraction < 1,
         }
         for name, ok in checks.items():
             if not ok:
-                sign = "positive" if name in ("lr", "sigma") else "zero or positive"
+                sign = {"lr": "positive", "sigma": "positive",
+                        "test_fraction": "between 0 and 1"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
+        if isinstance(self.workers, bool) or not 0 <= self.workers <= MAX_WORKERS:
+            raise FastVAEError(f"--workers must be an integer from 0 (read in the training process) "
+                               f"to {MAX_WORKERS}, got {self.workers!r}")
+        for name in self.logger_names():
+            if name not in TRACKERS:
+                raise FastVAEError(f"--logger {name!r} is not supported: use one or more of "
+                                   + ", ".join(TRACKERS))
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise FastVAEError(
@@ -118,6 +136,13 @@ class TrainConfig:
                 )
         parse_channel_mult(self.channel_mult, self.downsample)
         return self
+
+    def logger_names(self) -> list[str]:
+        """The experiment trackers to log to (``loggers``, plus ``tensorboard`` for the flag)."""
+        names = [n.strip() for n in self.loggers.split(",") if n.strip()]
+        if self.tensorboard and "tensorboard" not in names:
+            names.append("tensorboard")
+        return list(dict.fromkeys(names))
 
     @property
     def compiled(self) -> bool:

@@ -7,10 +7,14 @@ Sources (``load_dataset(source)``):
   ``train-images-idx3-ubyte`` / ``t10k-images-idx3-ubyte`` (+ labels) names;
 - ``.npy`` (N, H, W), (N, C, H, W) or (N, D); ``.npz`` with ``train``/``test`` (or Keras-style
   ``x_train``/``x_test``, labels ``y_*``/``*_labels``) or a single array;
-- a folder of images (PNG/JPEG/BMP/GIF, grayscale, one size; subfolders name the labels).
-Where a source has no split of its own, the last 10% of rows (at least one) are the test set,
-without shuffling, so results are repeatable. Every problem raises ``FastVAEError`` naming the
-file and what is wrong.
+- a folder of images (PNG/JPEG/BMP/GIF, one size; subfolders name the labels), in colour
+  (3 channels) when any image has colour, unless ``grayscale``;
+- a dataset written by ``fastvae prepare`` (a folder or URL): returned as a
+  ``fastvae.shards.ShardDataset`` whose splits are streamed, never loaded whole.
+Where a source has no split of its own (all but digits, an IDX folder and a two-array .npz),
+``split_indices`` holds out a seeded random ``test_fraction`` of the rows, stratified by label
+where there are labels; ``fastvae prepare`` uses the same rule, so both paths hold out the same
+examples. Every problem raises ``FastVAEError`` naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastvae.errors import FastVAEError
+from fastvae.errors import FastVAEError, one_line
 from fastvae.photos import is_photos, load_photos
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
@@ -51,12 +55,21 @@ class Splits:
         return tuple(self.train.shape[1:])
 
 
-def load_dataset(source: str | Path = "digits") -> Splits:
-    """Load ``digits`` or a path (IDX file/folder, .npy, .npz, image folder), validated."""
+def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, split_seed: int = 0,
+                 grayscale: bool = False):
+    """Load ``digits`` or a path (IDX file/folder, .npy, .npz, image folder), validated; a
+    prepared dataset (``fastvae prepare``) is opened for streaming instead. ``test_fraction``
+    and ``split_seed`` make the held-out split of sources without one; ``grayscale`` converts
+    colour images."""
     if str(source) == "digits":
         return _digits()
     if is_photos(source):  # bundled colour photo crops (fastvae.photos)
         return load_photos(str(source))
+    from fastvae.shards import looks_prepared, open_dataset
+
+    if looks_prepared(str(source)):
+        return open_dataset(str(source))
+    split = (test_fraction, split_seed)
     path = Path(source)
     if not path.exists():
         raise FastVAEError(
@@ -66,17 +79,17 @@ def load_dataset(source: str | Path = "digits") -> Splits:
     if path.is_dir():
         if _find_idx(path, "train") is not None:
             return _idx_folder(path)
-        return _image_folder(path)
+        return _image_folder(path, split, grayscale)
     if path.stat().st_size == 0:
         raise FastVAEError(f"data file {path} is empty")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return _split(path.name, _load_array(path), None, path)
+        return _split(path.name, _load_array(path), None, path, split)
     if suffix == ".npz":
-        return _npz(path)
+        return _npz(path, split)
     if suffix in IMAGE_SUFFIXES:
         raise FastVAEError(f"data {path} is a single image: give the folder that holds the images")
-    return _split(path.name, read_idx(path), None, path)
+    return _split(path.name, read_idx(path), None, path, split)
 
 
 def _digits() -> Splits:
@@ -144,7 +157,7 @@ def _idx_folder(folder: Path) -> Splits:
     return Splits(folder.name, train, test, labels["train_labels"], labels["test_labels"])
 
 
-def _npz(path: Path) -> Splits:
+def _npz(path: Path, split: tuple[float, int]) -> Splits:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
@@ -163,7 +176,7 @@ def _npz(path: Path) -> Splits:
             return Splits(path.name, train, test, train_labels, test_labels)
     if len(arrays) == 1:
         (key, array), = arrays.items()
-        return _split(path.name, array, None, path, key)
+        return _split(path.name, array, None, path, split, key)
     raise FastVAEError(
         f"data file {path} holds arrays {sorted(arrays)}: use keys 'train' and 'test' "
         "(or 'x_train' and 'x_test'), or save a single array"
@@ -177,45 +190,128 @@ def _load_array(path: Path) -> np.ndarray:
         raise FastVAEError(f"data file {path} is not a readable .npy array: {exc}") from None
 
 
-def _image_folder(folder: Path) -> Splits:
+def image_files(folder: Path) -> tuple[list[Path], np.ndarray | None]:
+    """The image files below ``folder`` (sorted) and their labels: the index of each file's
+    subfolder among the sorted subfolders, or ``None`` when all sit in one folder."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise FastVAEError(
             f"data folder {folder} holds no images (.png, .jpg, .bmp, .gif) and no MNIST IDX files"
         )
+    classes = sorted({f.parent for f in files})
+    if len(classes) == 1:
+        return files, None
+    index = {c: i for i, c in enumerate(classes)}
+    return files, np.array([index[f.parent] for f in files], dtype=np.int64)
+
+
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;L"}
+
+
+def probe_image(file: Path) -> tuple[bool, tuple[int, int]] | str:
+    """(whether the image has colour, (width, height)) from its header, or the reason it
+    cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(file) as img:
+            colour = img.mode not in GRAY_MODES and not (img.mode == "P" and _gray_palette(img))
+            return colour, img.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return one_line(exc)
+
+
+def _gray_palette(img) -> bool:
+    palette = np.asarray(img.getpalette() or [], dtype=np.int64).reshape(-1, 3)
+    return bool(len(palette)) and bool((palette == palette[:, :1]).all())
+
+
+def decode_image(file: Path, channels: int, size: int | None = None) -> np.ndarray | str:
+    """The image as uint8 (channels, H, W) - resized so its shorter side is ``size`` and
+    centre-cropped to size x size when ``size`` is given - or the reason it cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None:
+                img = fit_image(img, size)
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return one_line(exc)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def fit_image(img, size: int):
+    """Resize a PIL image so its shorter side is ``size`` (bicubic, antialiased), then crop
+    the centre size x size."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def different_sizes_error(file: Path, size: tuple, first: Path, first_size: tuple) -> FastVAEError:
+    return FastVAEError(
+        f"image {file} is {size[0]}x{size[1]} but {first} is {first_size[0]}x{first_size[1]}: "
+        "all images must have one size (fastvae prepare --size N resizes and crops them)")
+
+
+def _image_folder(folder: Path, split: tuple[float, int], grayscale: bool) -> Splits:
+    files, labels = image_files(folder)
+    probes = [probe_image(f) for f in files]
+    for file, probe in zip(files, probes):
+        if isinstance(probe, str):
+            raise FastVAEError(f"image {file} could not be read: {probe}")
+        if probe[1] != probes[0][1]:
+            raise different_sizes_error(file, probe[1], files[0], probes[0][1])
+    channels = 1 if grayscale or not any(colour for colour, _ in probes) else 3
     arrays = []
     for file in files:
-        try:
-            with Image.open(file) as img:
-                arrays.append(np.asarray(img.convert("L"), dtype=np.uint8))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise FastVAEError(f"image {file} could not be read: {exc}") from None
-        if arrays[-1].shape != arrays[0].shape:
-            raise FastVAEError(
-                f"image {file} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {files[0]} is "
-                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}: all images must have one size"
-            )
-    classes = sorted({f.parent for f in files})
-    labels = None
-    if len(classes) > 1:
-        index = {c: i for i, c in enumerate(classes)}
-        labels = np.array([index[f.parent] for f in files], dtype=np.int64)
-    return _split(folder.name, np.stack(arrays), labels, folder)
+        arrays.append(decode_image(file, channels))
+        if isinstance(arrays[-1], str):
+            raise FastVAEError(f"image {file} could not be read: {arrays[-1]}")
+    return _split(folder.name, np.stack(arrays), labels, folder, split)
 
 
-def _split(name: str, array: np.ndarray, labels, path: Path, key: str | None = None) -> Splits:
-    """Hold out the last 10% of rows (at least one) as the test set, without shuffling."""
+def split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows), each sorted: a seeded random ``test_fraction`` of the rows (at
+    least one, at most n - 1) held out, stratified by label: each label gives
+    round(fraction x its count) rows, so the test set has the labels' proportions."""
+    if n < 2:
+        raise FastVAEError(f"need at least 2 examples (train and test), got {n}")
+    if not 0.0 < test_fraction < 1.0:
+        raise FastVAEError(f"--test-fraction must lie between 0 and 1, got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    test = [rng.permutation(g)[: round(test_fraction * len(g))] for g in groups]
+    test = np.sort(np.concatenate(test)).astype(np.int64)
+    if len(test) == 0:  # tiny data: one row anyway
+        test = np.array([rng.integers(n)], dtype=np.int64)
+    elif len(test) == n:
+        test = test[1:]
+    train = np.setdiff1d(np.arange(n), test)
+    return train, test
+
+
+def _split(name: str, array: np.ndarray, labels, path: Path, split: tuple[float, int],
+           key: str | None = None) -> Splits:
+    """Hold out a seeded, stratified random part of the rows (``split_indices``)."""
     images = _as_images(array, path, key)
     n = len(images)
     if n < 2:
         raise FastVAEError(f"data {path} has {n} example(s): need at least 2 (train and test)")
-    n_test = max(1, round(0.1 * n))
+    train, test = (torch.from_numpy(rows) for rows in split_indices(n, labels, *split))
     label_t = None if labels is None else torch.from_numpy(labels)
     return Splits(
-        name, images[:-n_test], images[-n_test:],
-        None if label_t is None else label_t[:-n_test], None if label_t is None else label_t[-n_test:],
+        name, images[train], images[test],
+        None if label_t is None else label_t[train], None if label_t is None else label_t[test],
     )
 
 

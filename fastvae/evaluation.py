@@ -22,33 +22,36 @@ from fastvae.reparam import reparameterize_kl_reference
 
 
 @torch.no_grad()
-def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0,
-              rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """Sums of (-ELBO, recon, KL) and the count over rows rank, rank + W, ... of ``data``.
+def elbo_sums(model, data, *, batch_size: int = 256, seed: int = 0,
+              rank: int = 0, world_size: int = 1, device=None) -> torch.Tensor:
+    """Sums of (-ELBO, recon, KL) and the count over this rank's share of ``data`` (a tensor:
+    rows rank, rank + W, ...; a prepared split, streamed: its contiguous part; see
+    ``fastvae.loaders.eval_batches``).
 
-    The noise of every row is drawn for the whole of ``data`` from ``seed``, so the sums of all
-    shards equal the single-process sums exactly: evaluation does not depend on the world size.
+    The noise of every row is drawn for the whole of ``data`` from ``seed`` and picked by the
+    row's index, so the sums of all shards equal the single-process sums exactly: evaluation
+    does not depend on the world size, nor on whether the data is streamed.
     A deterministic autoencoder (no likelihood) reports its MSE as recon and -ELBO, KL 0.
     Every rank runs the same number of batches (the last may be empty): a sharded (FSDP)
     model gathers its weights in each call, collectively.
     """
+    from fastvae.loaders import eval_batches
+
     was_training = model.training
     model.eval()
+    device = data.device if isinstance(data, torch.Tensor) else torch.device(device or "cpu")
     sums = torch.zeros(4, dtype=torch.float64)
-    rows = torch.arange(rank, len(data), world_size, device=data.device)
     eps = None
     if model.kind == "vae":
-        g = torch.Generator(device=data.device).manual_seed(seed)
-        eps = torch.randn(len(data), *model.latent_shape, generator=g, device=data.device)[rows]
-    shard = data[rows]
-    for start in range(0, math.ceil(len(data) / world_size), batch_size):
-        x = shard[start : start + batch_size]
+        g = torch.Generator(device=device).manual_seed(seed)
+        eps = torch.randn(len(data), *model.latent_shape, generator=g, device=device)
+    for rows, x in eval_batches(data, batch_size, device, rank, world_size):
         if eps is None:
             recon = (model.reconstruct(x) - x).pow(2).flatten(1).sum(-1)
             kl = torch.zeros_like(recon)
         else:
             mu, logvar = (t.float().flatten(1) for t in model.encode(x))  # spatial: all c*h*w dims
-            z, kl = reparameterize_kl_reference(mu, logvar, eps=eps[start : start + batch_size].flatten(1))
+            z, kl = reparameterize_kl_reference(mu, logvar, eps=eps[rows].flatten(1))
             z = z.view(len(x), *model.latent_shape)
             recon = -model.likelihood.log_prob(model.decode(z), x)
         sums += torch.stack([(recon + kl).sum(), recon.sum(), kl.sum(),
@@ -58,22 +61,26 @@ def elbo_sums(model, data: torch.Tensor, *, batch_size: int = 256, seed: int = 0
 
 
 @torch.no_grad()
-def iwae_nll_sum(model, data: torch.Tensor, k: int, *, batch_size: int = 64, seed: int = 0,
+def iwae_nll_sum(model, data, k: int, *, batch_size: int = 64, seed: int = 0,
                  progress: bool = False) -> float:
-    """Sum over ``data`` of the IWAE negative log-likelihood bound with ``k`` samples each.
+    """Sum over ``data`` (a tensor or a prepared split, read in order) of the IWAE negative
+    log-likelihood bound with ``k`` samples each.
 
     The decoder sees at most ``decode_rows(model)`` latents per call (about 64k for the digits,
     fewer for larger images), so k samples of a large image are decoded in chunks of k.
     """
-    g = torch.Generator(device=data.device).manual_seed(seed)
+    from fastvae.loaders import eval_batches
+
+    device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
+    g = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
     rows = decode_rows(model)
     # k samples per example: keep k * batch rows per decoder call within ``rows``
     batch_size = max(1, min(batch_size, rows // max(k, 1)))
     chunk = min(k, rows)
-    starts = range(0, len(data), batch_size)
-    for start in tqdm(starts, desc=f"IWAE k={k}", disable=None if progress else True, leave=False):
-        x = data[start : start + batch_size]
+    batches = tqdm(eval_batches(data, batch_size, device), total=math.ceil(len(data) / batch_size),
+                   desc=f"IWAE k={k}", disable=None if progress else True, leave=False)
+    for _, x in batches:
         mu, logvar = (t.float().flatten(1) for t in model.encode(x))  # (B, D), D = c*h*w
         log_w = []
         for done in range(0, k, chunk):
@@ -94,7 +101,7 @@ def decode_rows(model) -> int:
     return max(1, min(65536, (1 << 22) // max(1, math.prod(model.data_shape))))
 
 
-def evaluate(model, data: torch.Tensor, *, iwae_k: int = 1000, seed: int = 0,
+def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
              progress: bool = False) -> dict:
     """``{"neg_elbo", "recon", "kl", "iwae_nll", "bits_per_dim", "n", "iwae_k"}`` on ``data``
     (nats per example; bits per dim of the tightest bound computed, see the module doc)."""

@@ -71,6 +71,15 @@ def exit_now(signum=None, frame=None) -> None:
     os._exit(EXIT_STATUS)
 
 
+def in_worker_process() -> None:
+    """Call first in a forked worker process (prepare's decoders, DataLoader workers): Ctrl-C
+    is the parent's to handle (a terminal sends it to the whole group), SIGTERM ends the worker
+    quietly, and the parent's temporary files are not the worker's to remove."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _temporary.clear()
+
+
 @contextmanager
 def removed_on_exit(path: str | os.PathLike) -> Iterator[Path]:
     """Register ``path`` (a file or folder) for removal by ``exit_now`` while the block runs."""

@@ -505,7 +505,10 @@ def write_report(
     config = read_run_config(run_dir)
     seed = int(config.get("seed", 0)) if seed is None else seed
     if splits is None:
-        splits = _load_run_data(run_dir, data or config.get("data"))
+        splits = _load_run_data(run_dir, data or config.get("data"), config)
+    from fastvae.loaders import in_memory_sample
+
+    full, splits = splits.test, in_memory_sample(splits)  # streamed: evaluate all, draw the first
     test = torch.as_tensor(splits.test).float()
     if tuple(test.shape[1:]) != tuple(model.data_shape):
         raise FastVAEError(
@@ -513,7 +516,7 @@ def write_report(
             f"{tuple(model.data_shape)}: pass --data with the run's data set"
         )
     if metrics is None:
-        metrics = _evaluate(model, test, iwae_k, seed, progress)
+        metrics = _evaluate(model, full if len(full) != len(test) else test, iwae_k, seed, progress)
     stats = latent_stats(model, test) if len(test) >= 2 else None
 
     metrics_csv = run_dir / run_folder.METRICS_CSV
@@ -533,18 +536,19 @@ def write_report(
     timing = timing_summary(run_folder.metric_columns(run_folder.read_metrics(metrics_csv)))
     page = build_page(ReportData(
         run_dir, out, config, metrics, stats, timing, pictures, iwae_k=iwae_k,
-        model_kind=model.kind, n_test=len(test), data_shape=tuple(test.shape[1:]),
+        model_kind=model.kind, n_test=len(full), data_shape=tuple(test.shape[1:]),
     ))
     return run_folder.write_text(out, page.html() if html else page.markdown())
 
 
-def _load_run_data(run_dir: Path, source: str | None):
+def _load_run_data(run_dir: Path, source: str | None, config: dict):
     if not source:
         raise FastVAEError(f"{run_dir}/config.json names no data set: pass --data SOURCE")
     from fastvae.data import load_dataset
 
-    try:
-        return load_dataset(source)
+    try:  # split as the run was (config.json; older runs: the defaults)
+        return load_dataset(source, test_fraction=config.get("test_fraction", 0.1),
+                            split_seed=config.get("split_seed", 0), grayscale=config.get("grayscale", False))
     except FastVAEError as exc:
         raise FastVAEError(f"{exc} (the run's data; pass --data to use another copy)") from None
 

@@ -77,6 +77,23 @@ def move_into_place(tmp: Path, final: Path) -> None:
     _fsync_folder(final.parent)
 
 
+def move_folder_into_place(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` (files fsynced by their writers) to ``final``,
+    replacing a folder there: the old one is renamed aside first and removed after, so
+    ``final`` is at every moment the old folder, absent for an instant, or the new one."""
+    for path in tmp.rglob("*"):  # writers that do not go through atomic_write (litdata's)
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    with removed_on_exit(old):
+        os.replace(tmp, final)
+        _fsync_folder(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
     """A new hidden folder beside the file ``beside``, removed when the block ends (or on

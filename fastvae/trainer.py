@@ -3,7 +3,10 @@
 ``train(config)`` checks everything a user can get wrong before launching, then builds a
 ``Trainer`` in every process. Semantics across processes:
 - ``batch_size`` is per device; the global batch is batch_size x world size (logged);
-- every rank draws the same per-epoch permutation and takes every W-th row of it;
+- in-memory data: every rank draws the same per-epoch permutation and takes every W-th row
+  of it; a prepared (streamed) dataset: every rank computes the same per-epoch plan and
+  reads its own contiguous part of it, split over its DataLoader workers
+  (``fastvae.loaders``); either way one loop, ``train_pass``, runs the steps;
 - metrics are summed across ranks; the test set is evaluated once in total (sharded);
 - global rank 0 alone writes files (``fastvae.run_folder``): config.json, metrics.csv,
   checkpoints (atomically, after every epoch and on Ctrl-C) and pictures; checkpoints hold full
@@ -33,10 +36,11 @@ import torch
 from fastvae import run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
 from fastvae.config import RESUME_IDENTITY, TrainConfig
-from fastvae.data import EpochBatches, Splits, load_dataset
+from fastvae.data import Splits, load_dataset
 from fastvae.errors import FastVAEError
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
 from fastvae.interrupts import removed_on_exit
+from fastvae.loaders import in_memory_sample, is_streamed, make_source
 from fastvae.losses import kl_weight
 from fastvae.models import check_data_shape
 from fastvae.reparam import resolve_backend
@@ -83,13 +87,20 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         check_resume(run_dir, config)
-    splits = splits if splits is not None else load_dataset(config.data)
+    splits = splits if splits is not None else load_config_data(config)
     check_data_shape(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
     fabric = make_fabric(config, callbacks)
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
         run_folder.clear_run(run_dir)
     return fabric.launch(_fit, config, splits, resume)
+
+
+def load_config_data(config: TrainConfig, source: str | None = None):
+    """The data a run's settings name (or ``source`` split the same way): ``Splits`` in
+    memory, or a prepared dataset to stream."""
+    return load_dataset(source or config.data, test_fraction=config.test_fraction,
+                        split_seed=config.split_seed, grayscale=config.grayscale)
 
 
 def check_resume(run_dir: Path, config: TrainConfig) -> None:
@@ -124,9 +135,9 @@ def make_fabric(config: TrainConfig, callbacks: list | None = None):
         from fastvae.sharding import fsdp_strategy
 
         strategy = fsdp_strategy(config.devices * config.num_nodes)
-    from fastvae.viz import make_loggers
+    from fastvae.trackers import make_loggers
 
-    loggers = make_loggers(config.out, config.tensorboard)
+    loggers = make_loggers(config.out, config.logger_names(), config.to_dict())
     try:
         return Fabric(accelerator=config.accelerator, devices=config.devices, loggers=loggers,
                       num_nodes=config.num_nodes, strategy=strategy, callbacks=callbacks,
@@ -241,8 +252,8 @@ class Trainer:
         self.skip_mode = skip_mode(self.optimizer.optimizer, fabric.strategy.precision)
         self.check_every = check_interval(fabric.device)  # host mode reads every step anyway
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, rows, record) not yet read
-        self.train_data = fabric.to_device(splits.train)
-        self.test_data = fabric.to_device(splits.test)
+        self.source = make_source(splits.train, fabric, config.workers)
+        self.test_data = splits.test if is_streamed(splits.test) else fabric.to_device(splits.test)
         metrics_csv = self.run_dir / METRICS_CSV
         self.rows = run_folder.read_metrics(metrics_csv, self.epoch) if resume else []
 
@@ -276,6 +287,8 @@ class Trainer:
                 fabric.print(f"interrupted: checkpoint written at step {self.step} (epoch "
                              f"{self.epoch + (row is None)}); continue with --resume")
         fabric.call("on_train_end", self, interrupted)
+        for logger in fabric.loggers:  # flush files, close tracker runs
+            logger.finalize("interrupted" if interrupted else "success")
         if self.rank != 0:
             return None
         if config.pictures and not interrupted:
@@ -324,17 +337,16 @@ class Trainer:
 
         config = self.config
         self.model.train()
-        batches = EpochBatches(self.train_data, config.batch_size, seed=config.seed,
-                               epoch=self.epoch, rank=self.rank, world_size=self.world)
+        batches = self.source.epoch_batches(epoch=self.epoch, seed=config.seed, rank=self.rank,
+                                            world=self.world, batch_size=config.batch_size,
+                                            start=self.skip_batches)
         sums = self.partial if self.partial is not None else EpochSums()
         started = time.perf_counter()
         bar = tqdm(total=len(batches), initial=self.skip_batches, leave=False, mininterval=0.5,
                    desc=f"epoch {self.epoch + 1}/{config.epochs}",
                    disable=None if config.progress and self.rank == 0 else True)  # None: only on a terminal
         stopped_at = None
-        for index, x in enumerate(batches):
-            if index < self.skip_batches:
-                continue
+        for index, x in enumerate(batches, start=self.skip_batches):
             self._train_step(x, sums)
             bar.update(1)
             self.fabric.call("on_train_batch_end", self, index)
@@ -418,7 +430,8 @@ class Trainer:
         from fastvae.evaluation import elbo_sums
 
         sums = elbo_sums(self.module, self.test_data, batch_size=max(self.config.batch_size, 256),
-                         seed=self.config.seed, rank=self.rank, world_size=self.world)
+                         seed=self.config.seed, rank=self.rank, world_size=self.world,
+                         device=self.fabric.device)
         sums = self.fabric.all_reduce(sums.to(self.fabric.device), reduce_op="sum").cpu()
         n = float(sums[3])
         if self.module.kind == "ae":  # the MSE autoencoder: no ELBO
@@ -452,7 +465,7 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if self.rank != 0:
             return
-        if self.config.tensorboard:
+        if self.fabric.loggers:
             self.fabric.log_dict({k: v for k, v in row.items() if k not in ("epoch", "step")},
                                  step=row["step"])
         if self.config.progress:
@@ -472,4 +485,4 @@ def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:
     from fastvae import viz
     from fastvae.checkpoint import load
 
-    viz.write_run_pictures(run_dir, load(run_dir), splits, seed=config.seed)
+    viz.write_run_pictures(run_dir, load(run_dir), in_memory_sample(splits), seed=config.seed)

@@ -356,17 +356,8 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
 
 def make_loggers(run_dir: str | Path, tensorboard: bool = False) -> list:
     """Fabric loggers for a run: a ``TensorBoardLogger`` writing to ``run_dir/tensorboard`` when
-    ``tensorboard`` is true, else none (``metrics.csv`` is written by the trainer itself).
-    Use ``fabric = Fabric(..., loggers=make_loggers(run, True))`` and ``fabric.log_dict(...)``."""
-    if not tensorboard:
-        return []
-    try:
-        from lightning_fabric.loggers import tensorboard as tb
-    except ImportError:
-        raise FastVAEError("TensorBoard logging needs lightning-fabric: run 'pip install lightning-fabric'") from None
-    if not tb._TENSORBOARD_AVAILABLE and not tb._TENSORBOARDX_AVAILABLE:
-        raise FastVAEError(
-            "TensorBoard logging needs the tensorboard package, which is not installed: run "
-            "'pip install tensorboard' (or 'pip install tensorboardX'), or train without --tensorboard"
-        )
-    return [tb.TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="")]
+    ``tensorboard`` is true, else none (kept for callers of this name; see ``fastvae.trackers``
+    for every tracker)."""
+    from fastvae.trackers import make_loggers as trackers
+
+    return trackers(run_dir, ["tensorboard"] if tensorboard else [])

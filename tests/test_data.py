@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae.data import EpochBatches, load_dataset
+from fastvae.data import EpochBatches, load_dataset, split_indices
 from fastvae.errors import FastVAEError
 
 RNG = np.random.default_rng(0)
@@ -57,6 +57,23 @@ def save_png(path, array):
     Image.fromarray(array).save(path)
 
 
+def split_rows(splits, originals) -> tuple[list[int], list[int]]:
+    """The indices into ``originals`` (float rows as loaded) of the train and test rows, found
+    by content (the generated rows are distinct)."""
+    index = {np.asarray(row, dtype=np.float32).tobytes(): i for i, row in enumerate(originals)}
+    assert len(index) == len(originals), "test data must have distinct rows"
+    find = lambda part: [index[row.numpy().astype(np.float32).tobytes()] for row in part]  # noqa: E731
+    return find(splits.train), find(splits.test)
+
+
+def assert_held_out(splits, originals, n_test):
+    """train and test partition the rows, each in the source's order, with n_test test rows."""
+    train, test = split_rows(splits, originals)
+    assert len(test) == n_test and sorted(train + test) == list(range(len(originals)))
+    assert train == sorted(train) and test == sorted(test)
+    return train, test
+
+
 # ----------------------------------------------------------------------------- digits
 
 
@@ -82,14 +99,17 @@ def test_digits_split_matches_sklearn(digits):
 
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_single_idx_file_holds_out_last_tenth(tmp_path, gz):
+def test_single_idx_file_holds_out_a_seeded_tenth(tmp_path, gz):
     images = images_u8(100)
     path = write_idx(tmp_path / ("imgs.idx3-ubyte" + (".gz" if gz else "")), images, gz=gz)
     splits = load_dataset(path)
     assert splits.train.shape == (90, 1, 6, 5) and splits.test.shape == (10, 1, 6, 5)
-    np.testing.assert_allclose(splits.train[0, 0].numpy(), images[0] / 255.0, atol=1e-7)
-    np.testing.assert_allclose(splits.test[-1, 0].numpy(), images[-1] / 255.0, atol=1e-7)
-    np.testing.assert_allclose(splits.test[0, 0].numpy(), images[90] / 255.0, atol=1e-7)
+    originals = (images[:, None] / np.float32(255.0)).astype(np.float32)
+    _, test = assert_held_out(splits, originals, 10)
+    assert test != list(range(90, 100))  # random, not the last rows
+    assert split_rows(load_dataset(path), originals)[1] == test  # the same seed, the same split
+    assert split_rows(load_dataset(path, split_seed=1), originals)[1] != test
+    assert len(load_dataset(path, test_fraction=0.25).test) == 25
 
 
 def test_idx_float_file(tmp_path):
@@ -146,8 +166,8 @@ def test_npy_shapes_and_dtypes(tmp_path, shape, expected, kind):
     splits = load_dataset(path)
     assert splits.train.dtype == torch.float32
     assert splits.train.shape == (27, *expected) and splits.test.shape == (3, *expected)
-    np.testing.assert_allclose(splits.train[0].numpy().ravel(), scaled[0].ravel(), atol=1e-6)
-    np.testing.assert_allclose(splits.test[-1].numpy().ravel(), scaled[-1].ravel(), atol=1e-6)
+    train, test = split_rows(splits, scaled.reshape(30, *expected).astype(np.float32))
+    assert sorted(train + test) == list(range(30))
 
 
 def test_npz_train_test_keys(tmp_path):
@@ -173,8 +193,19 @@ def test_npz_single_array_is_split(tmp_path):
     path = tmp_path / "one.npz"
     np.savez(path, images=images)
     splits = load_dataset(path)
-    assert len(splits.train) == 18 and len(splits.test) == 2
-    np.testing.assert_allclose(splits.test[1, 0].numpy(), images[19] / 255.0, atol=1e-7)
+    assert_held_out(splits, (images[:, None] / np.float32(255.0)).astype(np.float32), 2)
+
+
+def test_split_indices_are_seeded_and_stratified():
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    train, test = split_indices(100, labels, 0.1, seed=7)
+    assert [int((labels[test] == c).sum()) for c in range(3)] == [5, 3, 2]  # round(0.1 x count)
+    assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(100))
+    assert np.array_equal(split_indices(100, labels, 0.1, seed=7)[1], test)
+    assert not np.array_equal(split_indices(100, labels, 0.1, seed=8)[1], test)
+    assert len(split_indices(3, None, 0.1, seed=0)[1]) == 1  # at least one test row
+    with pytest.raises(FastVAEError, match="test-fraction"):
+        split_indices(10, None, 1.0, seed=0)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -189,11 +220,11 @@ def test_png_folder_with_class_subfolders(tmp_path):
             save_png(root / label / f"{i:02d}.png", arrays[(label, i)])
     splits = load_dataset(root)
     assert splits.train.shape == (18, 1, 7, 9) and splits.test.shape == (2, 1, 7, 9)
-    # sorted order: cat/00..09, dog/00..09; last 10% (dog/08, dog/09) is the test split
-    np.testing.assert_allclose(splits.train[0, 0].numpy(), arrays[("cat", 0)] / 255.0, atol=1e-7)
-    np.testing.assert_allclose(splits.test[1, 0].numpy(), arrays[("dog", 9)] / 255.0, atol=1e-7)
-    assert splits.train_labels.tolist() == [0] * 10 + [1] * 8
-    assert splits.test_labels.tolist() == [1, 1]
+    # sorted order: cat/00..09, dog/00..09; stratified: one test image of each label
+    originals = np.stack([arrays[k][None] / np.float32(255.0) for k in sorted(arrays)]).astype(np.float32)
+    train, test = assert_held_out(splits, originals, 2)
+    assert splits.test_labels.tolist() == [0, 1] and [t // 10 for t in test] == [0, 1]
+    assert splits.train_labels.tolist() == [t // 10 for t in train]
 
 
 def test_flat_png_folder_has_no_labels(tmp_path):
@@ -203,12 +234,17 @@ def test_flat_png_folder_has_no_labels(tmp_path):
     assert len(splits.train) == 4 and len(splits.test) == 1 and splits.train_labels is None
 
 
-def test_rgb_png_is_read_as_grayscale(tmp_path):
-    for i in range(4):
-        rgb = RNG.integers(0, 256, size=(5, 5, 3), dtype=np.uint8)
+def test_rgb_png_keeps_its_colour_unless_grayscale(tmp_path):
+    rgbs = [RNG.integers(0, 256, size=(5, 5, 3), dtype=np.uint8) for _ in range(4)]
+    for i, rgb in enumerate(rgbs):
         save_png(tmp_path / f"{i}.png", rgb)
     splits = load_dataset(tmp_path)
-    assert splits.data_shape == (1, 5, 5)
+    assert splits.data_shape == (3, 5, 5)
+    assert_held_out(splits, [(r.transpose(2, 0, 1) / np.float32(255.0)).astype(np.float32) for r in rgbs], 1)
+    gray = load_dataset(tmp_path, grayscale=True)
+    assert gray.data_shape == (1, 5, 5)
+    luma = [np.asarray(Image.fromarray(r).convert("L"))[None] / np.float32(255.0) for r in rgbs]
+    assert_held_out(gray, [x.astype(np.float32) for x in luma], 1)
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -24,7 +24,8 @@
 #
 # Environment: PYTHON (default python3, or .venv/bin/python where present), FASTVAE_GIT_COMMIT,
 # FASTVAE_GPU_BUDGET_S, FASTVAE_GPU_TESTS_CAP_S (default 180 s), FASTVAE_GPU_SUITE_CAP_S
-# (default 150 s per suite, 210 s for train), FASTVAE_GPU_SUITES (space-separated suite names; default all),
+# (default 150 s per suite, 210 s for train), FASTVAE_GPU_SUITES (space-separated suite names; default all:
+# train reparam_kl sampling streaming; "streaming" alone measures shards vs in-memory training),
 # FASTVAE_GPU_TESTS_K (pytest -k expression for the GPU tests; default all of them),
 # FASTVAE_GPU_TESTS_SET (a named subset of the GPU tests: "all" (default); "kernel": the fused
 #   reparameterize+KL op's files; "unreached": what the H200 runs of 2026-11-27 could not reach,
@@ -89,7 +90,11 @@ if [ -d "$SITE" ]; then export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"; fi
 install_missing() {
   # module:distribution pairs the GPU image may lack (it has `lightning`, not lightning_fabric)
   local pair mod dist whl
-  for pair in lightning_utilities:lightning_utilities lightning_fabric:lightning_fabric; do
+  # litdata (prepared datasets, the streaming suite) and the modules it imports
+  for pair in lightning_utilities:lightning_utilities lightning_fabric:lightning_fabric \
+      litdata:litdata boto3:boto3 botocore:botocore s3transfer:s3transfer jmespath:jmespath \
+      dateutil:python_dateutil six:six requests:requests urllib3:urllib3 idna:idna \
+      certifi:certifi charset_normalizer:charset_normalizer; do
     mod=${pair%%:*}; dist=${pair#*:}
     if "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$mod') is None)" 2>/dev/null; then
       echo "have $mod"; continue

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.data import load_dataset
     from fastvae.errors import FastVAEError
     from fastvae.evaluation import evaluate
+    from fastvae.loaders import in_memory_sample
 
     if args.iwae_k < 0:
         raise FastVAEError(f"--iwae-k must be zero or positive, got {args.iwae_k}")
@@ -34,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"{args.run} holds a deterministic autoencoder (kind 'ae'): it has no ELBO to evaluate")
     data = args.data or state["config"]["data"]
     seed = args.seed if args.seed is not None else int(state["config"].get("seed", 0))
-    splits = load_dataset(data)
+    saved = state["config"]  # split as the run was (older runs: the defaults)
+    splits = load_dataset(data, test_fraction=saved.get("test_fraction", 0.1),
+                          split_seed=saved.get("split_seed", 0), grayscale=saved.get("grayscale", False))
     if tuple(splits.data_shape) != tuple(model.data_shape):
         raise FastVAEError(f"data {data} has images of shape {splits.data_shape} but the model "
                            f"expects {tuple(model.data_shape)}: evaluate on data like the training data")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pictures and Path(args.run).is_dir():
         from fastvae import viz
 
-        viz.write_run_pictures(Path(args.run), model, splits, seed=seed)
+        viz.write_run_pictures(Path(args.run), model, in_memory_sample(splits), seed=seed)
     if args.json:
         print(json.dumps(result))
     else:

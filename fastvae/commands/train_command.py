@@ -18,8 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     a = parser.add_argument_group("data and model")
     a.add_argument("--data", help=f"'digits' (bundled), 'photos' / 'photos:64' (bundled colour photo crops, "
-                   f"32x32 / 64x64) or a path: MNIST IDX file or folder, .npy/.npz, or a folder of images "
+                   f"32x32 / 64x64) or a path: MNIST IDX file or folder, .npy/.npz, a folder of images, or a "
+                   f"dataset written by 'fastvae prepare' (a folder or an s3:// / gs:// URL; streamed) "
                    f"(default {d.data})")
+    a.add_argument("--test-fraction", type=float, help="held-out share of data without a split of "
+                   f"its own: seeded, stratified by label (default {d.test_fraction})")
+    a.add_argument("--split-seed", type=int, help=f"seed of that held-out split (default {d.split_seed})")
+    a.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
+                   help="convert a folder of colour images to one channel (default off: colour is kept)")
+    a.add_argument("--workers", type=int, help="DataLoader processes reading a prepared dataset "
+                   f"(0: read in the training process) (default {d.workers})")
     a.add_argument("--model", choices=CHOICES["model"], help=f"encoder/decoder family (default {d.model})")
     a.add_argument("--kind", choices=CHOICES["kind"], help="vae, or ae: the deterministic autoencoder "
                    f"baseline trained with MSE (default {d.kind})")
@@ -78,8 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--iwae-k", type=int, help="after training, evaluate the IWAE bound with K samples (0 = skip)")
     r.add_argument("--no-pictures", dest="pictures", action="store_false", default=None,
                    help="do not write PNG pictures")
+    r.add_argument("--logger", dest="logger_list", action="append", default=None, metavar="NAME",
+                   help="also log metrics to an experiment tracker (repeatable): csv (RUN/csv), "
+                   "tensorboard (RUN/tensorboard), wandb (offline: RUN/wandb), mlflow (RUN/mlruns)")
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                   help="also log metrics for TensorBoard into RUN/tensorboard (needs 'pip install tensorboard')")
+                   help="same as --logger tensorboard (needs 'pip install tensorboard')")
     r.add_argument("--quiet", dest="progress", action="store_false", default=None,
                    help="no progress bar or per-epoch lines")
     r.add_argument("--callback", dest="callbacks", action="append", default=[], metavar="MODULE:NAME",
@@ -109,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
                                f"train into {out} first")
         values = {**saved, **values}
     values.update(given)
+    if args.logger_list:  # --logger csv --logger wandb (or --logger csv,wandb)
+        values["loggers"] = ",".join([*filter(None, values.get("loggers", "").split(",")), *args.logger_list])
     config = TrainConfig.from_dict(values, source=args.config or "settings")
     try:
         config.validate()
@@ -116,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         if args.config and any(k in load_config_file(args.config) for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
         raise
-    if config.data != "digits" and Path(config.data).exists():
+    if config.data != "digits" and "://" not in config.data and Path(config.data).exists():
         config.data = str(Path(config.data).resolve())  # config.json works from any folder
 
     from fastvae.trainer import train
@@ -132,11 +145,11 @@ def run(args: argparse.Namespace) -> int:
                **{k: v for k, v in last.items() if k.startswith(("train_", "test_"))}}
     if config.iwae_k > 0:
         from fastvae.checkpoint import load
-        from fastvae.data import load_dataset
         from fastvae.evaluation import evaluate
+        from fastvae.trainer import load_config_data
 
         summary.update({f"test_{k}": v for k, v in evaluate(
-            load(result.run_dir), load_dataset(config.data).test, iwae_k=config.iwae_k,
+            load(result.run_dir), load_config_data(config).test, iwae_k=config.iwae_k,
             seed=config.seed, progress=config.progress).items()})
     print(json.dumps(summary))
     return 0

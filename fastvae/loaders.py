@@ -1,0 +1,268 @@
+"""Batch sources of the training loop and evaluation: in-memory tensors or streamed shards.
+
+The trainer asks a source for one epoch's batches (``epoch_batches``) on its rank, from a
+given batch on (a mid-epoch resume); both sources give float images on the device, so one
+loop serves both.
+
+``TensorSource`` (small data): the whole split sits on the device; ``EpochBatches`` slices it.
+
+``StreamSource`` (``fastvae prepare`` datasets): the epoch is a plan that depends only on
+(seed, epoch, dataset size), never on the number of ranks' workers or on timing:
+1. the litdata chunks are put in a seeded random order, and the blocks inside each chunk too;
+2. consecutive blocks form *windows* of up to ``WINDOW_ROWS`` examples (and ``WINDOW_BYTES``),
+   whose rows are permuted (seeded by seed, epoch and window) - the stream S of all N examples;
+3. rank r of W takes the contiguous part S[r*P : (r+1)*P], P = ceil(N / W), wrapping around
+   to the start of S for the last ranks when W does not divide N (as ``DistributedSampler``
+   pads): every rank runs the same number of steps and reads ~1/W of the data, and without
+   padding the ranks' examples are disjoint and together are the epoch;
+4. a rank's part is a list of segments (window, first row, end row); DataLoader worker j
+   reads segments j, j + workers, ...: the DataLoader returns them in order, so the batches
+   (batch_size consecutive rows of the part) do not depend on ``--workers``.
+Resuming at batch k skips k x batch_size rows of the part without reading them: the
+checkpoint's ``batch_in_epoch`` is the loader's whole position. Images travel as uint8 (pinned
+on CUDA) and become float in [0, 1] on the device.
+
+Evaluation reads a split in its stored order: rank r takes the contiguous rows
+[r*Q, min((r+1)*Q, N)), Q = ceil(N / W), each test example once in total, in the same number
+of batches on every rank (the last may be empty, as FSDP's collective calls need).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastvae.data import EpochBatches
+from fastvae.shards import ShardSplit
+
+WINDOW_ROWS = 4096  # examples mixed together by the per-epoch shuffle of a stream, at most
+WINDOW_BYTES = 8 * 2**20  # ... and at most this many bytes of images (a DataLoader item)
+
+
+def is_streamed(data) -> bool:
+    return isinstance(data, ShardSplit)
+
+
+def to_float_images(x: torch.Tensor, device) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] on ``device`` (the copy moves 1 byte per pixel)."""
+    x = x.to(device, non_blocking=True)
+    return x.float().div_(255.0)
+
+
+# ------------------------------------------------------------------------------ in memory
+
+
+class _Batches:
+    """An epoch's batches from ``start`` on; ``len()`` counts the whole epoch (progress bar)."""
+
+    def __init__(self, total: int, iterator):
+        self.total, self.iterator = total, iterator
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self):
+        return iter(self.iterator)
+
+
+class TensorSource:
+    """The in-memory split on the device, batched by ``EpochBatches``."""
+
+    def __init__(self, data: torch.Tensor, fabric):
+        self.data = fabric.to_device(data)
+
+    def epoch_batches(self, *, epoch: int, seed: int, rank: int, world: int, batch_size: int,
+                      start: int = 0) -> _Batches:
+        batches = EpochBatches(self.data, batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world)
+        rows = batches.indices[start * batch_size:]
+        return _Batches(len(batches), (self.data[rows[i:i + batch_size]]
+                                       for i in range(0, len(rows), batch_size)))
+
+
+# ------------------------------------------------------------------------------ streamed
+
+
+@dataclass(frozen=True)
+class Segment:
+    window: int
+    lo: int  # first row inside the (permuted) window
+    hi: int
+
+
+class EpochPlan:
+    """The order of one epoch's examples in a split (see the module docstring)."""
+
+    def __init__(self, split: ShardSplit, *, seed: int, epoch: int, shuffle: bool = True):
+        self.split, self.seed, self.epoch, self.shuffle = split, seed, epoch, shuffle
+        rng = np.random.default_rng([seed, epoch, 0x5EED])
+        chunk_blocks = list(split.chunk_blocks) or [split.blocks]
+        starts = np.concatenate([[0], np.cumsum(chunk_blocks)])
+        chunks = rng.permutation(len(chunk_blocks)) if shuffle else range(len(chunk_blocks))
+        order = [starts[c] + (rng.permutation(chunk_blocks[c]) if shuffle else np.arange(chunk_blocks[c]))
+                 for c in chunks]
+        blocks = np.concatenate(order).astype(np.int64)
+        rows = min(WINDOW_ROWS, WINDOW_BYTES // max(1, math.prod(split.shape)))
+        per_window = max(1, rows // split.block) if shuffle else 1
+        starts = np.arange(0, len(blocks), per_window)
+        self.windows = [blocks[i:i + per_window] for i in starts]
+        block_rows = np.full(split.blocks, split.block, dtype=np.int64)
+        block_rows[-1] = split.block_rows(split.blocks - 1)
+        sizes = np.add.reduceat(block_rows[blocks], starts) if len(blocks) else []
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def segments(self, start: int, stop: int) -> list[Segment]:
+        """Rows [start, stop) of the stream as segments; beyond N it wraps to the start."""
+        n = int(self.offsets[-1])
+        out = []
+        while start < stop:
+            position = start % n
+            w = int(np.searchsorted(self.offsets, position, side="right") - 1)
+            lo = position - int(self.offsets[w])
+            take = min(stop - start, int(self.offsets[w + 1]) - position)
+            out.append(Segment(w, lo, lo + take))
+            start += take
+        return out
+
+    def read(self, segment: Segment) -> torch.Tensor:
+        """The segment's uint8 images (rows of its window in the epoch's permuted order)."""
+        blocks = [self.split.read_block(int(b))[0] for b in self.windows[segment.window]]
+        images = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, segment.window])
+            rows = rng.permutation(len(images))[segment.lo:segment.hi]
+            return torch.from_numpy(images[rows])
+        return torch.from_numpy(np.ascontiguousarray(images[segment.lo:segment.hi]))
+
+
+class _SegmentReader(torch.utils.data.IterableDataset):
+    """Worker j of ``workers`` reads segments j, j + workers, ... (DataLoader keeps order)."""
+
+    def __init__(self, plan: EpochPlan, segments: list[Segment]):
+        self.plan, self.segments = plan, segments
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        j, k = (0, 1) if info is None else (info.id, info.num_workers)
+        for segment in self.segments[j::k]:
+            yield self.plan.read(segment)
+
+
+class StreamSource:
+    """A prepared split streamed from its shards (see the module docstring)."""
+
+    def __init__(self, split: ShardSplit, device, workers: int = 2):
+        self.split, self.device, self.workers = split, torch.device(device), workers
+
+    def epoch_batches(self, *, epoch: int, seed: int, rank: int, world: int, batch_size: int,
+                      start: int = 0) -> _Batches:
+        plan = EpochPlan(self.split, seed=seed, epoch=epoch)
+        part = math.ceil(len(self.split) / world)
+        total = math.ceil(part / batch_size)
+        first = rank * part + min(start * batch_size, part)
+        segments = plan.segments(first, (rank + 1) * part)
+        return _Batches(total, self._batches(plan, segments, batch_size))
+
+    def _batches(self, plan: EpochPlan, segments: list[Segment], batch_size: int):
+        pending, rows = [], 0
+        for images in self._loader(plan, segments):
+            pending.append(images)
+            rows += len(images)
+            while rows >= batch_size:
+                merged = pending[0] if len(pending) == 1 else torch.cat(pending)
+                yield to_float_images(merged[:batch_size], self.device)
+                pending, rows = [merged[batch_size:]], rows - batch_size
+        if rows:
+            yield to_float_images(torch.cat(pending), self.device)
+
+    def _loader(self, plan: EpochPlan, segments: list[Segment]):
+        reader = _SegmentReader(plan, segments)
+        if self.workers == 0 or not segments:
+            return iter(reader)
+        return iter(torch.utils.data.DataLoader(
+            reader, batch_size=None, num_workers=min(self.workers, len(segments)),
+            pin_memory=self.device.type == "cuda", prefetch_factor=2,
+            multiprocessing_context=_worker_context(), worker_init_fn=_worker_init,
+            # its own generator: a DataLoader draws its workers' base seed from the global RNG
+            # otherwise, which would shift the training noise by where an epoch (re)starts
+            generator=torch.Generator().manual_seed(0)))
+
+
+def _worker_init(worker_id: int) -> None:
+    from fastvae.interrupts import in_worker_process
+
+    in_worker_process()
+
+
+def _worker_context():
+    """fork where it is safe (the default on Linux); Python 3.14 defaults to forkserver."""
+    import multiprocessing
+
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+def make_source(data, fabric, workers: int = 2):
+    """The training batch source for a split: streamed for a prepared split, else in memory."""
+    return StreamSource(data, fabric.device, workers) if is_streamed(data) else TensorSource(data, fabric)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def eval_batches(data, batch_size: int, device, rank: int = 0, world: int = 1):
+    """(global row indices, float images on ``device``) of this rank's share of ``data`` in
+    ``ceil(ceil(N / W) / batch_size)`` batches on every rank (the last may be empty).
+
+    A tensor: rows rank, rank + W, ... (already on its device); a prepared split: the
+    contiguous rows [r*Q, (r+1)*Q) in stored order."""
+    n = len(data)
+    count = math.ceil(math.ceil(n / world) / batch_size)
+    if not is_streamed(data):
+        rows = torch.arange(rank, n, world, device=data.device)
+        for i in range(count):
+            chunk = rows[i * batch_size:(i + 1) * batch_size]
+            yield chunk, data[chunk]
+        return
+    part = math.ceil(n / world)
+    lo, hi = min(rank * part, n), min((rank + 1) * part, n)
+    source = StreamSource(data, device, workers=0)
+    plan = EpochPlan(data, seed=0, epoch=0, shuffle=False)
+    batches = source._batches(plan, plan.segments(lo, hi), batch_size) if hi > lo else iter(())
+    for i in range(count):
+        start = lo + i * batch_size
+        x = next(batches, None)
+        if x is None:
+            x = torch.zeros((0, *data.shape), device=device)
+        yield torch.arange(start, start + len(x), device=device), x
+
+
+def head(data, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``n`` examples of a prepared split (float, CPU) and their labels (None if the
+    source had none): what pictures and latent statistics of a streamed run are drawn from."""
+    images, labels, rows = [], [], 0
+    for b in range(data.blocks):
+        x, y = data.read_block(b)
+        images.append(x)
+        labels.append(y)
+        rows += len(x)
+        if rows >= n:
+            break
+    x = torch.from_numpy(np.concatenate(images)[:n]).float().div_(255.0)
+    y = np.concatenate(labels)[:n]
+    return x, None if (y < 0).all() else torch.from_numpy(y)
+
+
+PICTURE_EXAMPLES = 1024
+
+
+def in_memory_sample(splits, n: int = PICTURE_EXAMPLES):
+    """``splits`` itself when in memory; for a prepared dataset, ``Splits`` holding the first
+    ``n`` test examples (and train examples if the test split is smaller) for pictures."""
+    if not is_streamed(splits.test):
+        return splits
+    from fastvae.data import Splits
+
+    test, labels = head(splits.test, n)
+    return Splits(splits.name, test[:0], test, None, labels)

@@ -1,0 +1,535 @@
+"""Prepared (sharded) datasets on litdata: writing them (``fastvae prepare``), opening and
+checking them, and reading their blocks.
+
+A prepared dataset is a folder (local, or a URL litdata reads: ``s3://``, ``gs://``, ...):
+
+    SHARDS/train/   litdata chunks (chunk-*.bin) + index.json: the training split
+    SHARDS/test/    the same for the held-out split
+    SHARDS/fastvae.json   shape, counts, bytes, chunk counts, how the split was made
+
+Each litdata item is a *block* of up to ``block`` consecutive examples: ``{"images": uint8
+(n, C, H, W), "labels": int64 (n,)}`` (labels -1 where the source has none). Reading a block
+costs one item's overhead for many images, which is what makes a streamed epoch as fast as
+an in-memory one on small images. Train examples are written in a seeded random order, so
+every block and chunk is a random sample of the data (the per-epoch shuffle in
+``fastvae.loaders`` only has to mix blocks).
+
+A prepared dataset is staged in a temporary folder beside SHARDS and renamed into place only
+when complete, ``fastvae.json`` last: a killed ``prepare`` leaves no SHARDS at all, and a
+folder without ``fastvae.json`` is refused by ``open_dataset``. Opening checks that every
+chunk listed in the index is there with its full size and that the counts agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastvae.errors import FastVAEError, one_line
+
+META = "fastvae.json"
+FORMAT = "fastvae-shards"
+SPLIT_NAMES = ("train", "test")
+INDEX = "index.json"  # litdata's index of a split's chunks
+CHUNK_BYTES = 64 * 2**20  # litdata chunk size: few files, yet small enough to stream
+BLOCK_BYTES = 256 * 2**10  # bytes of images per litdata item (a block)
+MAX_BLOCK = 1024
+
+os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # no PyPI request at run time
+
+
+def block_size(shape) -> int:
+    """Examples per block for images of ``shape``: a power of two near BLOCK_BYTES."""
+    per_image = max(1, math.prod(shape))
+    return max(1, min(MAX_BLOCK, 2 ** int(math.log2(max(1, BLOCK_BYTES // per_image)))))
+
+
+def is_remote(source: str) -> bool:
+    """Whether ``source`` is a URL (``s3://...``) rather than a local path."""
+    return "://" in str(source) and not str(source).startswith("file://")
+
+
+def looks_prepared(source: str) -> bool:
+    """Whether ``source`` names a prepared dataset (a URL, or a folder with fastvae.json or the
+    train/test split folders), as opposed to a source for the in-memory loader."""
+    if is_remote(source):
+        return True
+    path = Path(source)
+    return path.is_dir() and ((path / META).exists() or (path / "train" / INDEX).exists())
+
+
+def _litdata():
+    try:
+        import litdata  # noqa: F401
+    except ImportError:
+        raise FastVAEError("prepared datasets need litdata, which is not installed: run "
+                           "'pip install --no-deps litdata' (see the README's Development section)") from None
+    return litdata
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class ShardSplit:
+    """One split of a prepared dataset: ``len()`` examples of ``shape`` in ``blocks`` blocks
+    of ``block`` examples (the last may be shorter). Picklable (DataLoader workers, spawned
+    ranks): each process opens its own litdata reader on first use."""
+
+    url: str
+    name: str
+    examples: int
+    block: int
+    shape: tuple
+    chunk_blocks: tuple = ()  # blocks per litdata chunk, in order (for a chunk-aware shuffle)
+
+    def __post_init__(self):
+        self._reader = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_reader"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _reader=None)
+
+    def __len__(self) -> int:
+        return self.examples
+
+    @property
+    def blocks(self) -> int:
+        return math.ceil(self.examples / self.block)
+
+    def block_rows(self, index: int) -> int:
+        """Examples in block ``index``."""
+        return min(self.block, self.examples - index * self.block)
+
+    def read_block(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block ``index`` as (uint8 images (n, C, H, W), int64 labels (n,))."""
+        if self._reader is None:
+            from litdata import StreamingDataset
+
+            # batch_decode=0: decode the requested item only (blocks are read in random order)
+            self._reader = StreamingDataset(_join(self.url, self.name), batch_decode=0)
+        try:
+            item = self._reader[int(index)]
+        except Exception as exc:  # a chunk that vanished or cannot be downloaded
+            raise FastVAEError(f"cannot read block {index} of {_join(self.url, self.name)}: "
+                               f"{one_line(exc)}") from None
+        return item["images"], item["labels"]
+
+
+@dataclass
+class ShardDataset:
+    """A prepared dataset: its metadata (``fastvae.json``) and its two splits."""
+
+    url: str
+    meta: dict
+    train: ShardSplit
+    test: ShardSplit
+
+    @property
+    def data_shape(self) -> tuple:
+        return tuple(self.meta["shape"])
+
+    @property
+    def name(self) -> str:
+        return Path(self.url.rstrip("/")).name
+
+
+def _join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def open_dataset(source: str) -> ShardDataset:
+    """Open and check a prepared dataset; one clear ``FastVAEError`` for each problem: not a
+    prepared dataset, an unreadable or foreign ``fastvae.json``, a missing or truncated chunk,
+    an index that disagrees with ``fastvae.json``, an unreachable URL or missing credentials."""
+    source = str(source)
+    if is_remote(source):
+        _litdata()
+        with tempfile.TemporaryDirectory(prefix="fastvae-shards-") as tmp:
+            meta = _parse_meta(_download(source, META, Path(tmp)), source)
+            indexes = {s: _read_index(_download(_join(source, s), INDEX, Path(tmp) / s), source, s)
+                       for s in SPLIT_NAMES}
+    else:
+        root = Path(source)
+        if not root.exists():
+            raise FastVAEError(f"data {root} does not exist")
+        if not (root / META).is_file():
+            raise FastVAEError(
+                f"{root} is not a prepared dataset (no {META}; an interrupted 'fastvae prepare' "
+                f"leaves none): run 'fastvae prepare SRC --out {root}'")
+        meta = _parse_meta(root / META, source)
+        indexes = {}
+        for split in SPLIT_NAMES:
+            index_file = root / split / INDEX
+            if not index_file.is_file():
+                raise FastVAEError(f"prepared dataset {root} has no {split}/{INDEX}: prepare it again")
+            indexes[split] = _read_index(index_file, source, split)
+            for chunk in indexes[split]["chunks"]:
+                path = root / split / chunk["filename"]
+                size = path.stat().st_size if path.is_file() else None
+                if size != chunk["chunk_bytes"]:
+                    state = "is missing" if size is None else f"has {size} bytes, the index says {chunk['chunk_bytes']}"
+                    raise FastVAEError(f"prepared dataset {root} is damaged: {split}/{chunk['filename']} "
+                                       f"{state} (truncated copy?): copy or prepare it again")
+    splits = {}
+    for split in SPLIT_NAMES:
+        info = meta["splits"][split]
+        chunk_blocks = tuple(int(c["chunk_size"]) for c in indexes[split]["chunks"])
+        blocks = math.ceil(info["examples"] / meta["block"])
+        if sum(chunk_blocks) != blocks:
+            raise FastVAEError(
+                f"prepared dataset {source}: {split}/{INDEX} lists {sum(chunk_blocks)} blocks but "
+                f"{META} says {info['examples']} examples in {blocks} blocks: the files come from "
+                "different runs of 'fastvae prepare'; prepare it again")
+        splits[split] = ShardSplit(source, split, int(info["examples"]), int(meta["block"]),
+                                   tuple(meta["shape"]), chunk_blocks)
+    return ShardDataset(source, meta, splits["train"], splits["test"])
+
+
+def _parse_meta(path: Path, source: str) -> dict:
+    try:
+        meta = json.loads(Path(path).read_text())
+        ok = (isinstance(meta, dict) and meta.get("format") == FORMAT and len(meta["shape"]) == 3
+              and int(meta["block"]) >= 1
+              and all(int(meta["splits"][s]["examples"]) >= 0 for s in SPLIT_NAMES))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise FastVAEError(f"{source}/{META} is not the metadata of a dataset written by "
+                           "'fastvae prepare': prepare it again")
+    if meta["splits"]["train"]["examples"] < 1 or meta["splits"]["test"]["examples"] < 1:
+        raise FastVAEError(f"prepared dataset {source} has an empty split: prepare it again")
+    return meta
+
+
+def _read_index(path: Path, source: str, split: str) -> dict:
+    try:
+        index = json.loads(Path(path).read_text())
+        assert all("chunk_size" in c and "filename" in c for c in index["chunks"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError):
+        raise FastVAEError(f"{source}/{split}/{INDEX} is not a litdata index: prepare it again") from None
+    return index
+
+
+def _download(url: str, name: str, folder: Path) -> Path:
+    """Fetch ``url/name`` into ``folder`` through litdata's downloader (its credentials)."""
+    from litdata.streaming.downloader import get_downloader
+
+    folder.mkdir(parents=True, exist_ok=True)
+    local = folder / name
+    try:
+        if url.startswith("s3://"):
+            _s3_fetch(_join(url, name), local)
+        else:
+            get_downloader(url, str(folder), []).download_file(_join(url, name), str(local))
+    except Exception as exc:  # botocore/obstore/gcs errors: no credentials, unreachable, 404
+        raise FastVAEError(f"cannot read {_join(url, name)}: {one_line(exc)} (check the URL, your "
+                           "network and your credentials, e.g. AWS_* variables for s3://)") from None
+    if not local.is_file():
+        raise FastVAEError(f"cannot read {_join(url, name)}: not found")
+    return local
+
+
+def _s3_fetch(url: str, local: Path) -> None:
+    """One small object from S3, two attempts with short timeouts. litdata's own client retries
+    a thousand times (right for chunks mid-training), which would turn a wrong endpoint, a dead
+    network or missing credentials at start-up into a hang instead of an error."""
+    import boto3
+    from botocore.config import Config
+
+    bucket, _, key = url[len("s3://"):].partition("/")
+    config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=30)
+    boto3.client("s3", config=config).download_file(bucket, key, str(local))
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+class SplitWriter:
+    """Append examples to one split; cuts them into blocks and litdata chunks."""
+
+    def __init__(self, folder: Path, block: int):
+        from litdata.streaming.writer import BinaryWriter
+
+        folder.mkdir(parents=True)
+        self.folder, self.block = folder, block
+        self.writer = BinaryWriter(str(folder), chunk_bytes=CHUNK_BYTES)
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.buffered = self.blocks = self.examples = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if len(images):
+            self.pending.append((images, labels))
+            self.buffered += len(images)
+        while self.buffered >= self.block:
+            self._flush(self.block)
+
+    def _flush(self, n: int) -> None:
+        images = np.concatenate([p[0] for p in self.pending])
+        labels = np.concatenate([p[1] for p in self.pending])
+        self.writer[self.blocks] = {"images": np.ascontiguousarray(images[:n]),
+                                    "labels": labels[:n].astype(np.int64)}
+        self.blocks += 1
+        self.examples += n
+        self.pending = [(images[n:], labels[n:])] if n < len(images) else []
+        self.buffered -= n
+
+    def finish(self) -> dict:
+        """Write the last block and the index; the split's counts for fastvae.json."""
+        if self.buffered:
+            self._flush(self.buffered)
+        self.writer.done()
+        self.writer.merge(1)
+        chunks = json.loads((self.folder / INDEX).read_text())["chunks"] if self.blocks else []
+        return {"examples": self.examples, "blocks": self.blocks, "chunks": len(chunks),
+                "bytes": sum(int(c["chunk_bytes"]) for c in chunks)}
+
+
+def write_dataset(out: Path, sources: dict, meta: dict, *, overwrite: bool = False) -> dict:
+    """Write a prepared dataset into ``out`` and return its metadata.
+
+    ``sources`` maps each split name to an iterable of ``(uint8 images, int64 labels)`` pieces
+    in the order to write. Staged beside ``out`` (``fastvae.run_folder.temporary_folder``,
+    removed on an error or Ctrl-C) and renamed into place when complete, ``fastvae.json``
+    written last; ``overwrite`` replaces a prepared dataset already in ``out``.
+    """
+    from fastvae import run_folder
+
+    _litdata()
+    check_out(out, overwrite)
+    with run_folder.temporary_folder(out) as staging:
+        counts = {}
+        for split in SPLIT_NAMES:
+            writer = SplitWriter(staging / split, meta["block"])
+            for images, labels in sources[split]:
+                writer.add(images, labels)
+            counts[split] = writer.finish()
+            if counts[split]["examples"] == 0:
+                raise FastVAEError(f"the {split} split of {meta['source']} came out empty: "
+                                   "give more images or another --test-fraction")
+        meta = {**meta, **getattr(sources, "info", {}), "splits": counts}
+        run_folder.write_text(staging / META, json.dumps(meta, indent=2) + "\n")
+        run_folder.move_folder_into_place(staging, out)
+    return meta
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that would lose work: a file, a non-empty folder that is not a
+    prepared dataset, or a prepared dataset without ``overwrite``."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FastVAEError(f"--out {out} is a file: give a folder for the prepared dataset")
+    if (out / META).exists() and not overwrite:
+        raise FastVAEError(f"--out {out} already holds a prepared dataset: pass --overwrite to "
+                           "replace it, or choose another folder")
+    if not (out / META).exists() and any(out.iterdir()):
+        raise FastVAEError(f"--out {out} is a folder with other files in it: give a new or "
+                           "empty folder")
+
+
+def summary_line(source: str, out: Path, meta: dict, seconds: float) -> str:
+    s = meta["splits"]
+    images = s["train"]["examples"] + s["test"]["examples"]
+    skipped = f", skipped {meta['skipped']} unreadable image(s)" if meta.get("skipped") else ""
+    return (f"prepared {source} -> {out}: {images:,} images ({s['train']['examples']:,} train, "
+            f"{s['test']['examples']:,} test) of {'x'.join(map(str, meta['shape']))} uint8, "
+            f"{s['train']['bytes'] + s['test']['bytes']:,} bytes in "
+            f"{s['train']['chunks'] + s['test']['chunks']} shards, {seconds:.1f} s{skipped}")
+
+
+# ------------------------------------------------------------------------------ prepare
+
+
+def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale: bool = False,
+            test_fraction: float = 0.1, split_seed: int = 0, workers: int = 2,
+            skip_bad: bool = False, overwrite: bool = False, progress: bool = True) -> tuple[dict, float]:
+    """Convert ``source`` (an image folder, MNIST IDX, .npy/.npz or ``digits``) into a prepared
+    dataset in ``out``; return its metadata and the seconds it took.
+
+    Images become uint8 (C, H, W) - resized and centre-cropped to ``size`` x ``size`` when
+    given, converted to one channel with ``grayscale``, else in colour when any image has
+    colour. A source without a split of its own gets ``data.split_indices``'s seeded,
+    stratified one (the in-memory loader's rule). Train examples are written in a seeded random
+    order. Image folders are decoded by ``workers`` processes; an undecodable image stops it
+    (naming the file) unless ``skip_bad``, which skips and counts it.
+    """
+    from fastvae.data import image_files
+
+    started = time.perf_counter()
+    out = Path(out)
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise FastVAEError(f"--size must be a positive integer, got {size!r}")
+    from fastvae.config import MAX_WORKERS
+
+    if not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
+        raise FastVAEError(f"--workers must be an integer from 0 (decode in this process) to "
+                           f"{MAX_WORKERS}, got {workers!r}")
+    if str(source) != "digits" and looks_prepared(str(source)):
+        raise FastVAEError(f"{source} is already a prepared dataset: train on it with --data {source}")
+    check_out(out, overwrite)
+    path = Path(source)
+    meta = {"format": FORMAT, "version": 1, "source": str(source), "size": size,
+            "grayscale": grayscale, "test_fraction": test_fraction, "split_seed": split_seed}
+    if str(source) != "digits" and path.is_dir() and not _has_idx(path):
+        files, labels = image_files(path)
+        folder = _ImageFolder(files, labels, size, grayscale, workers, skip_bad, progress)
+        pieces, info = folder.pieces(test_fraction, split_seed)
+    else:
+        pieces, info = _array_pieces(str(source), size, grayscale, test_fraction, split_seed)
+    meta.update(info)
+    meta["block"] = block_size(meta["shape"])
+    meta = write_dataset(out, pieces, meta, overwrite=overwrite)
+    return meta, time.perf_counter() - started
+
+
+def _has_idx(folder: Path) -> bool:
+    from fastvae.data import _find_idx
+
+    return _find_idx(folder, "train") is not None
+
+
+def _array_pieces(source: str, size, grayscale, test_fraction, split_seed):
+    """An in-memory source (digits, IDX, .npy/.npz) as uint8 pieces per split."""
+    from fastvae.data import fit_image, load_dataset
+
+    splits = load_dataset(source, test_fraction=test_fraction, split_seed=split_seed)
+    own = source == "digits" or Path(source).is_dir() or Path(source).suffix == ".npz"
+
+    def to_u8(x, labels):
+        x = (x.numpy() * 255.0).round().astype(np.uint8)
+        if grayscale and x.shape[1] == 3:  # ITU-R 601 luma, as Pillow's convert("L")
+            x = ((x[:, 0] * 299 + x[:, 1] * 587 + x[:, 2] * 114 + 500) // 1000).astype(np.uint8)[:, None]
+        if size is not None:
+            from PIL import Image
+
+            mode = "L" if x.shape[1] == 1 else "RGB"
+            fitted = [np.asarray(fit_image(Image.fromarray(i[0] if mode == "L" else i.transpose(1, 2, 0), mode), size))
+                      for i in x]
+            x = np.stack([f[None] if f.ndim == 2 else f.transpose(2, 0, 1) for f in fitted])
+        y = np.full(len(x), -1, np.int64) if labels is None else labels.numpy().astype(np.int64)
+        return x, y
+
+    train, test = to_u8(splits.train, splits.train_labels), to_u8(splits.test, splits.test_labels)
+    order = np.random.default_rng(split_seed).permutation(len(train[0]))
+    info = {"shape": list(train[0].shape[1:]), "labels": splits.train_labels is not None,
+            "split": "own" if own else "seeded", "skipped": 0}
+    return {"train": [(train[0][order], train[1][order])], "test": [test]}, info
+
+
+class _ImageFolder:
+    """Decode an image folder in worker processes, one block of files per task."""
+
+    def __init__(self, files, labels, size, grayscale, workers, skip_bad, progress):
+        self.files, self.labels, self.size = files, labels, size
+        self.grayscale, self.workers, self.skip_bad, self.progress = grayscale, workers, skip_bad, progress
+        self.skipped = 0
+
+    def _map(self, fn, tasks, desc: str, total: int, weight=lambda result: 1):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=0.5,
+                   disable=None if self.progress else True)  # None: only on a terminal
+        if self.workers == 0:
+            results = map(fn, tasks)
+            pool = None
+        else:
+            import multiprocessing
+
+            from fastvae.interrupts import in_worker_process
+
+            pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=in_worker_process)
+            results = pool.imap(fn, tasks)
+        try:
+            for result in results:
+                bar.update(weight(result))
+                yield result
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+
+    def _bad(self, file, reason):
+        if not self.skip_bad:
+            raise FastVAEError(f"image {file} could not be read: {reason} (pass --skip-bad to skip "
+                               "unreadable images)")
+        self.skipped += 1
+
+    def pieces(self, test_fraction, split_seed):
+        from fastvae.data import different_sizes_error, probe_image, split_indices
+
+        kept, probes = [], []
+        for i, probe in enumerate(self._map(probe_image, self.files, "reading headers", len(self.files))):
+            if isinstance(probe, str):
+                self._bad(self.files[i], probe)
+                continue
+            if self.size is None and probes and probe[1] != probes[0][1]:
+                raise different_sizes_error(self.files[i], probe[1], self.files[kept[0]], probes[0][1])
+            kept.append(i)
+            probes.append(probe)
+        if not kept:
+            raise FastVAEError("no readable images: every image was skipped")
+        channels = 1 if self.grayscale or not any(c for c, _ in probes) else 3
+        side = (self.size, self.size) if self.size else probes[0][1][::-1]
+        kept = np.array(kept)
+        labels = None if self.labels is None else self.labels[kept]
+        train, test = split_indices(len(kept), labels, test_fraction, split_seed)
+        train = train[np.random.default_rng(split_seed).permutation(len(train))]
+        info = {"shape": [channels, *side], "labels": labels is not None, "split": "seeded"}
+        self.channels = channels
+        pieces = {"train": self._decode(kept[train]), "test": self._decode(kept[test])}
+        # the counts of skipped files are known once the pieces have been consumed
+        return _Pieces(pieces, info, self), info
+
+    def _decode(self, rows):
+        from functools import partial
+
+        tasks = [[(self.files[i], -1 if self.labels is None else int(self.labels[i])) for i in rows[j:j + 256]]
+                 for j in range(0, len(rows), 256)]
+        decode = partial(_decode_files, channels=self.channels, size=self.size)
+        for images, labels, bad in self._map(decode, tasks, "decoding", len(rows),
+                                             weight=lambda r: len(r[0]) + len(r[2])):
+            for file, reason in bad:
+                self._bad(file, reason)
+            yield images, labels
+
+
+class _Pieces(dict):
+    """The split pieces of an image folder; ``info["skipped"]`` is final once consumed."""
+
+    def __init__(self, pieces, info, folder):
+        super().__init__(pieces)
+        self.info, self.folder = info, folder
+
+    def __getitem__(self, split):
+        for piece in dict.__getitem__(self, split):
+            yield piece
+        self.info["skipped"] = self.folder.skipped
+
+
+def _decode_files(files, channels, size):
+    """Decode (file, label) pairs: (uint8 images, labels, [(file, reason) of failures])."""
+    from fastvae.data import decode_image, different_sizes_error
+
+    images, labels, bad = [], [], []
+    for file, label in files:
+        array = decode_image(file, channels, size)
+        if isinstance(array, str):
+            bad.append((file, array))
+            continue
+        if images and array.shape != images[0].shape:  # a header that lied about the size
+            raise different_sizes_error(file, array.shape[:0:-1], files[0][0], images[0].shape[:0:-1])
+        images.append(array)
+        labels.append(label)
+    if not images:
+        return np.zeros((0, channels, 1, 1), np.uint8), np.zeros(0, np.int64), bad
+    return np.stack(images), np.array(labels, np.int64), bad

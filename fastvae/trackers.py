@@ -1,0 +1,131 @@
+"""Experiment trackers (``fastvae train --logger NAME``, repeatable) as Lightning Fabric loggers.
+
+- ``csv``: Fabric's ``CSVLogger`` -> ``RUN/csv/metrics.csv`` (every logged metric, by step);
+- ``tensorboard``: Fabric's ``TensorBoardLogger`` -> ``RUN/tensorboard`` (needs tensorboard or
+  tensorboardX; ``--tensorboard`` is the same as ``--logger tensorboard``);
+- ``wandb``: Weights & Biases, offline by default (``RUN/wandb``; sync later with
+  ``wandb sync``); ``WANDB_MODE=online`` logs live;
+- ``mlflow``: MLflow, into the local store ``RUN/mlruns`` unless ``MLFLOW_TRACKING_URI`` says
+  otherwise.
+wandb and mlflow are optional: a missing package is one clear error before training starts.
+The trainer logs each epoch's metrics row on global rank 0 (``fabric.log_dict``) and finalizes
+the loggers at the end. ``metrics.csv`` in the run folder is written by the trainer itself,
+whatever the trackers; the trackers' files are their own (appended logs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from fastvae.config import TRACKERS
+from fastvae.errors import FastVAEError, one_line
+
+PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def make_loggers(run_dir: str | Path, names: list[str], hyperparams: dict | None = None) -> list:
+    """Fabric loggers for ``names`` (any of ``TRACKERS``), writing under ``run_dir``."""
+    loggers = []
+    for name in names:
+        if name not in TRACKERS:
+            raise FastVAEError(f"--logger {name!r} is not supported: use one or more of {', '.join(TRACKERS)}")
+        package = PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise FastVAEError(f"--logger {name} needs the {package} package, which is not installed: "
+                               f"run 'pip install {package}', or train without --logger {name}")
+        logger = globals()[f"_{name}"](Path(run_dir))
+        if hyperparams and name in ("wandb", "mlflow"):
+            logger.log_hyperparams(hyperparams)
+        loggers.append(logger)
+    return loggers
+
+
+def _csv(run_dir: Path):
+    from lightning_fabric.loggers import CSVLogger
+
+    return CSVLogger(root_dir=str(run_dir), name="csv", version="")
+
+
+def _tensorboard(run_dir: Path):
+    from lightning_fabric.loggers import tensorboard as tb
+
+    if not tb._TENSORBOARD_AVAILABLE and not tb._TENSORBOARDX_AVAILABLE:
+        raise FastVAEError(
+            "TensorBoard logging needs the tensorboard package, which is not installed: run "
+            "'pip install tensorboard' (or 'pip install tensorboardX'), or train without "
+            "--tensorboard / --logger tensorboard"
+        )
+    return tb.TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="")
+
+
+def _base():
+    from lightning_fabric.loggers.logger import Logger
+
+    return Logger
+
+
+def _wandb(run_dir: Path):
+    import wandb
+
+    class WandbTracker(_base()):
+        """A Weights & Biases run as a Fabric logger (offline unless WANDB_MODE says so)."""
+
+        def __init__(self):
+            super().__init__()
+            try:
+                self.run = wandb.init(dir=str(run_dir), project=os.environ.get("WANDB_PROJECT", "fastvae"),
+                                      name=run_dir.name, mode=os.environ.get("WANDB_MODE", "offline"),
+                                      reinit=True)
+            except Exception as exc:  # noqa: BLE001 - wandb raises many kinds
+                raise FastVAEError(f"--logger wandb could not start a run: {one_line(exc)}") from None
+
+        name = property(lambda self: "wandb")
+        version = property(lambda self: self.run.id)
+
+        def log_metrics(self, metrics, step=None):
+            self.run.log(dict(metrics), step=step)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            self.run.config.update(dict(params), allow_val_change=True)
+
+        def finalize(self, status):
+            self.run.finish(exit_code=0 if status == "success" else 1)
+
+    return WandbTracker()
+
+
+def _mlflow(run_dir: Path):
+    import mlflow
+
+    class MlflowTracker(_base()):
+        """An MLflow run as a Fabric logger (local store RUN/mlruns by default)."""
+
+        def __init__(self):
+            super().__init__()
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir.resolve() / "mlruns").as_uri()
+            try:
+                self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+                name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "fastvae")
+                found = self.client.get_experiment_by_name(name)
+                experiment = found.experiment_id if found else self.client.create_experiment(name)
+                self.run_id = self.client.create_run(experiment, run_name=run_dir.name).info.run_id
+            except Exception as exc:  # noqa: BLE001
+                raise FastVAEError(f"--logger mlflow could not start a run at {uri}: {one_line(exc)}") from None
+
+        name = property(lambda self: "mlflow")
+        version = property(lambda self: self.run_id)
+
+        def log_metrics(self, metrics, step=None):
+            for key, value in metrics.items():
+                self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            for key, value in params.items():
+                self.client.log_param(self.run_id, key, value)
+
+        def finalize(self, status):
+            self.client.set_terminated(self.run_id, "FINISHED" if status == "success" else "KILLED")
+
+    return MlflowTracker()

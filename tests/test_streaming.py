@@ -1,0 +1,389 @@
+"""Prepared (sharded) datasets: prepare -> train -> evaluate, the streamed epoch plan, ranks,
+mid-epoch resume, trackers, and one clear error for every bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import (PausedChild, max_weight_diff, metrics_without_time, run_cli, state_dict_of,
+                      tiny_config)
+from fastvae.cli import main
+from fastvae.data import load_dataset
+from fastvae.loaders import StreamSource, eval_batches
+from fastvae.shards import open_dataset, prepare
+
+RNG = np.random.default_rng(0)
+
+
+def cli(capsys, *args):
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(capsys, *args) -> str:
+    rc, _, err = cli(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err)
+    return lines[0]
+
+
+def image_folder(root: Path, n_per_label=12, size=(10, 12), suffix=".png", labels=("cat", "dog")):
+    """Colour images with distinct random pixels in label subfolders."""
+    for label in labels:
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_label):
+            Image.fromarray(RNG.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / label / f"{i:03d}{suffix}")
+    return root
+
+
+def indexed_npz(path: Path, n_train=200, n_test=40) -> Path:
+    """2x2 images whose first two pixels spell their row number (train, then test)."""
+    rows = np.arange(n_train + n_test)
+    images = np.zeros((len(rows), 1, 2, 2), np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = rows % 256, rows // 256
+    np.savez(path, train=images[:n_train], test=images[n_train:])
+    return path
+
+
+def row_numbers(x: torch.Tensor) -> list[int]:
+    u8 = (x * 255).round().long()
+    return (u8[:, 0, 0, 0] + 256 * u8[:, 0, 0, 1]).tolist()
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("indexed")
+    out = root / "shards"
+    prepare(str(indexed_npz(root / "rows.npz")), out, workers=0, progress=False)
+    return out
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_png_folder_round_trip_equals_the_in_memory_split(tmp_path, capsys):
+    src = image_folder(tmp_path / "photos")
+    rc, out, err = cli(capsys, "prepare", src, "--out", tmp_path / "shards", "--workers", "2", "--quiet")
+    assert rc == 0, err
+    assert "24 images (22 train, 2 test) of 3x10x12 uint8" in out and "shards" in out
+    prepared, memory = open_dataset(str(tmp_path / "shards")), load_dataset(src)
+    # the same held-out examples, in colour, as the in-memory loader's seeded stratified split
+    test = torch.cat([x for _, x in eval_batches(prepared.test, 5, "cpu")])
+    assert torch.equal(test, memory.test)
+    train = torch.cat(list(StreamSource(prepared.train, "cpu", 0).epoch_batches(
+        epoch=0, seed=0, rank=0, world=1, batch_size=7)))
+    assert sorted(map(bytes, (train * 255).round().byte().flatten(1).numpy())) == \
+        sorted(map(bytes, (memory.train * 255).round().byte().flatten(1).numpy()))
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--data", tmp_path / "shards", "--epochs", "2", "--hidden-dim", "16",
+                     "--latent-dim", "2", "--batch-size", "8", "--reparam", "torch", "--quiet", "--out", run)
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "evaluate", run, "--iwae-k", "4", "--json", "--pictures")
+    assert rc == 0, err
+    streamed = json.loads(out.splitlines()[-1])
+    from fastvae.checkpoint import load
+    from fastvae.evaluation import evaluate
+
+    in_memory = evaluate(load(run), memory.test, iwae_k=4, seed=0)  # the same rows, in memory
+    for key in ("neg_elbo", "iwae_nll", "recon", "kl"):
+        assert streamed[key] == pytest.approx(in_memory[key], rel=1e-5), key
+    assert streamed["n"] == 2
+    assert (run / "latent_scatter.png").is_file()  # labels come along for the pictures
+    rc, out, err = cli(capsys, "report", run, "--iwae-k", "0")
+    assert rc == 0 and (run / "report.md").is_file(), err
+
+
+def test_jpeg_folder_of_mixed_sizes_with_size_and_grayscale(tmp_path, capsys):
+    src = tmp_path / "jpegs"
+    image_folder(src, 6, (16, 16), ".jpg", labels=("a",))
+    image_folder(src, 6, (24, 24), ".jpeg", labels=("b",))
+    assert "one size" in one_line_error(capsys, "prepare", src, "--out", tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+    rc, out, err = cli(capsys, "prepare", src, "--out", tmp_path / "s", "--size", "8", "--grayscale",
+                       "--test-fraction", "0.5", "--workers", "0")
+    assert rc == 0, err
+    prepared = open_dataset(str(tmp_path / "s"))
+    assert prepared.data_shape == (1, 8, 8) and len(prepared.test) == 6 and len(prepared.train) == 6
+    # reference: Pillow's own decode, grayscale conversion and resize of every file
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    reference = {Image.open(f).convert("L").resize((8, 8), Image.Resampling.BICUBIC).tobytes() for f in files}
+    from fastvae.loaders import head
+
+    stored = {bytes(x) for split in (prepared.train, prepared.test)
+              for x in (head(split, 100)[0] * 255).round().byte().flatten(1).numpy()}
+    assert stored == reference
+    rc, _, err = cli(capsys, "train", "--data", tmp_path / "s", "--epochs", "1", "--hidden-dim", "8",
+                     "--latent-dim", "2", "--batch-size", "4", "--quiet", "--no-pictures", "--out", tmp_path / "r")
+    assert rc == 0, err
+
+
+# ----------------------------------------------------------------------------- the epoch plan
+
+
+def epoch_rows(shards, *, world=1, rank=0, epoch=0, seed=0, batch_size=16, start=0, workers=0):
+    split = open_dataset(str(shards)).train
+    batches = StreamSource(split, "cpu", workers).epoch_batches(
+        epoch=epoch, seed=seed, rank=rank, world=world, batch_size=batch_size, start=start)
+    return [row_numbers(x) for x in batches], len(batches)
+
+
+def test_streamed_epoch_sees_each_example_once_and_depends_only_on_seed_and_epoch(indexed):
+    batches, total = epoch_rows(indexed)
+    rows = sum(batches, [])
+    assert sorted(rows) == list(range(200)) and total == len(batches) == 13
+    assert rows != list(range(200))  # shuffled
+    assert epoch_rows(indexed, workers=2)[0] == batches  # whatever the worker count
+    assert epoch_rows(indexed)[0] == batches
+    assert sum(epoch_rows(indexed, epoch=1)[0], []) != rows
+    assert sum(epoch_rows(indexed, seed=1)[0], []) != rows
+    # resuming at batch 5 gives the rest of the same epoch without reading what came before
+    assert epoch_rows(indexed, start=5)[0] == batches[5:]
+    # ranks: equal step counts; disjoint parts whose union is the epoch
+    parts = [sum(epoch_rows(indexed, world=2, rank=r, workers=1)[0], []) for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == 100
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == list(range(200))
+    # 3 ranks: padded by wrap-around to 67 rows each, every example at least once
+    thirds = [sum(epoch_rows(indexed, world=3, rank=r)[0], []) for r in range(3)]
+    assert [len(t) for t in thirds] == [67, 67, 67] and set(sum(thirds, [])) == set(range(200))
+
+
+def test_streamed_evaluation_counts_each_test_example_once_whatever_the_ranks(indexed):
+    from fastvae.evaluation import elbo_sums
+    from fastvae.loaders import head
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": [1, 2, 2], "hidden_dim": 8, "latent_dim": 2})
+    split = open_dataset(str(indexed)).test
+    in_memory = elbo_sums(model, head(split, 100)[0], seed=3, batch_size=7)  # the reference
+    for world in (1, 3):
+        shards = sum(elbo_sums(model, split, seed=3, batch_size=5, rank=r, world_size=world)
+                     for r in range(world))
+        torch.testing.assert_close(shards, in_memory, rtol=1e-6, atol=0)
+    assert int(in_memory[3]) == 40
+
+
+class RecordRows:
+    """Callback: each rank writes the row numbers of the batches it trained on to a file."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def on_train_start(self, trainer):
+        source, seen = trainer.source, []
+        original = source.epoch_batches
+
+        def recording(**kwargs):
+            batches = original(**kwargs)
+            inner = batches.iterator
+            batches.iterator = (seen.extend(row_numbers(x.cpu())) or x for x in inner)
+            return batches
+
+        source.epoch_batches = recording
+        self.seen = seen
+
+    def on_train_end(self, trainer, interrupted):
+        Path(self.folder, f"rank{trainer.rank}.json").write_text(json.dumps(self.seen))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_gloo_ranks_see_disjoint_examples_whose_union_is_the_epoch(indexed, tmp_path):
+    from fastvae.trainer import train
+
+    config = tiny_config(tmp_path / "run", data=str(indexed), kind="ae", hidden_dim=8, epochs=1,
+                         batch_size=10, devices=2, strategy="ddp_spawn", accelerator="cpu", workers=1)
+    train(config, callbacks=[RecordRows(tmp_path)])
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 100
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(200))
+
+
+def test_array_sources_keep_their_split_rules(tmp_path, digits_shards):
+    from fastvae.loaders import head
+
+    digits = load_dataset("digits")  # the fixed published split, rows 1500-1796, kept
+    test, labels = head(open_dataset(str(digits_shards)).test, 10_000)
+    assert torch.equal(test, (digits.test * 255).round() / 255) and torch.equal(labels, digits.test_labels)
+    images = RNG.integers(0, 256, (50, 6, 6), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)  # no split of its own: the in-memory loader's seeded one
+    prepare(str(tmp_path / "a.npy"), tmp_path / "s", workers=0, progress=False, test_fraction=0.2, split_seed=3)
+    test, labels = head(open_dataset(str(tmp_path / "s")).test, 100)
+    assert torch.equal(test, load_dataset(tmp_path / "a.npy", test_fraction=0.2, split_seed=3).test)
+    assert labels is None
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    prepare("digits", out, workers=0, progress=False)
+    return out
+
+
+STREAM_RUN = ("train", "--epochs", "2", "--batch-size", "128", "--hidden-dim", "16", "--latent-dim", "4",
+              "--seed", "5", "--reparam", "torch", "--quiet", "--no-pictures", "--workers", "1")
+STOP = 12 + 5  # ceil(1500 / 128) = 12 steps per epoch: the fifth step of epoch 2
+
+
+@pytest.fixture(scope="module")
+def straight_stream(digits_shards):
+    out = digits_shards.parent / "straight"
+    rc, _, err = run_cli(*STREAM_RUN, "--data", digits_shards, "--out", out)
+    assert rc == 0, err
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_streamed_run_stopped_mid_epoch_resumes_exactly(tmp_path, digits_shards, straight_stream, signum):
+    out = tmp_path / "stopped"
+    child = PausedChild(*STREAM_RUN, "--data", digits_shards, "--out", out,
+                        "--callback", "pause_points:PauseAtStep", env={"PAUSE_AT_STEP": str(STOP)})
+    child.send_signal(signum)
+    rc, _, err = child.finish()
+    assert rc == (-signal.SIGKILL if signum == signal.SIGKILL else 130), err
+    from fastvae.checkpoint import read_checkpoint
+
+    state = read_checkpoint(out)
+    expected = (1, 0) if signum == signal.SIGKILL else (1, 5)  # SIGINT: a checkpoint at the step
+    assert (state["epoch"], state["batch_in_epoch"]) == expected
+    rc, _, err = run_cli("train", "--resume", "--out", out, "--quiet", "--workers", "2")
+    assert rc == 0, err
+    assert max_weight_diff(state_dict_of(straight_stream), state_dict_of(out)) <= 1e-6
+    assert metrics_without_time(straight_stream) == metrics_without_time(out)
+
+
+# ----------------------------------------------------------------------------- trackers
+
+
+def test_csv_and_tensorboard_trackers(tmp_path, capsys):
+    import importlib.util
+
+    run = tmp_path / "run"
+    args = ("train", "--epochs", "2", "--hidden-dim", "16", "--latent-dim", "2", "--quiet", "--no-pictures",
+            "--reparam", "torch", "--out", run, "--logger", "csv")
+    rc, _, err = cli(capsys, *args)
+    assert rc == 0, err
+    import csv
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("train_loss")]
+    ours = metrics_without_time(run)
+    assert [float(r["train_loss"]) for r in logged] == pytest.approx([float(r["train_loss"]) for r in ours])
+    tb = args[:-2] + ("--logger", "tensorboard", "--overwrite")
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        rc, _, err = cli(capsys, *tb)
+        assert rc == 0 and any((run / "tensorboard").glob("events.*")), err
+    else:
+        assert "pip install tensorboard" in one_line_error(capsys, *tb)
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_optional_trackers_missing_package_is_one_line(tmp_path, capsys, monkeypatch, name):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else real(n, *a))
+    line = one_line_error(capsys, "train", "--epochs", "1", "--out", tmp_path / "r", "--logger", name)
+    assert f"pip install {name}" in line and not (tmp_path / "r" / "checkpoints").exists()
+    assert "not supported" in one_line_error(capsys, "train", "--out", tmp_path / "r", "--logger", "nope")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_sources_and_flags_for_prepare(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "does not exist" in one_line_error(capsys, "prepare", tmp_path / "nope", "--out", out)
+    (tmp_path / "empty").mkdir()
+    assert "no images" in one_line_error(capsys, "prepare", tmp_path / "empty", "--out", out)
+    src = image_folder(tmp_path / "imgs", 5)
+    assert "--workers" in one_line_error(capsys, "prepare", src, "--out", out, "--workers", "-1")
+    assert "--workers" in one_line_error(capsys, "prepare", src, "--out", out, "--workers", "1000")
+    assert not out.exists()
+    (src / "dog" / "zz.png").write_bytes(b"not an image")
+    line = one_line_error(capsys, "prepare", src, "--out", out, "--workers", "2")
+    assert "zz.png" in line and "--skip-bad" in line and not out.exists()
+    assert list(tmp_path.glob(".out*")) == []  # no staging folder left behind
+    rc, text, err = cli(capsys, "prepare", src, "--out", out, "--skip-bad", "--workers", "2")
+    assert rc == 0 and "10 images" in text and "skipped 1 unreadable image" in text, err
+    # a truncated image whose header still reads: caught while decoding
+    (src / "dog" / "zz.png").unlink()
+    raw = (src / "cat" / "000.png").read_bytes()
+    (src / "cat" / "000.png").write_bytes(raw[: len(raw) // 2])
+    line = one_line_error(capsys, "prepare", src, "--out", tmp_path / "o2", "--workers", "0")
+    assert "000.png" in line
+    assert "already holds" in one_line_error(capsys, "prepare", "digits", "--out", out)
+    assert "--workers" in one_line_error(capsys, "train", "--data", out, "--workers", "65", "--out", tmp_path / "r")
+
+
+def test_damaged_prepared_datasets_are_refused(tmp_path, capsys, digits_shards):
+    import shutil
+
+    def train_on(data):
+        return one_line_error(capsys, "train", "--data", data, "--epochs", "1", "--out", tmp_path / "run")
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_shards, copy)
+    (copy / "fastvae.json").unlink()  # what an interrupted copy or prepare looks like
+    assert "not a prepared dataset" in train_on(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(digits_shards, copy)
+    chunk = next((copy / "train").glob("chunk-*.bin"))
+    chunk.write_bytes(chunk.read_bytes()[:1000])
+    assert "truncated" in train_on(copy) and chunk.name in train_on(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(digits_shards, copy)
+    meta = json.loads((copy / "fastvae.json").read_text())
+    meta["splits"]["train"]["examples"] = 5000
+    (copy / "fastvae.json").write_text(json.dumps(meta))
+    assert "different runs" in train_on(copy)
+    (copy / "fastvae.json").write_text("{not json")
+    assert "not the metadata" in train_on(copy)
+
+
+def test_unreachable_or_uncredentialed_urls_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    line = one_line_error(capsys, "train", "--data", "s3://fastvae-test/shards", "--out", tmp_path / "r")
+    assert "s3://fastvae-test/shards" in line and "credentials" in line
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    line = one_line_error(capsys, "train", "--data", "s3://fastvae-test/shards", "--out", tmp_path / "r")
+    assert "cannot read s3://fastvae-test/shards" in line
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["call:fastvae.data:probe_image", "rename:fastvae.json"],
+                         ids=["reading", "finishing"])
+def test_interrupted_prepare_leaves_nothing(tmp_path, where):
+    src = image_folder(tmp_path / "imgs", 3)
+    out = tmp_path / "shards"
+    child = PausedChild("prepare", src, "--out", out, "--workers", "0", where=where)
+    child.send_signal(signal.SIGINT)
+    rc, stdout, stderr = child.finish()
+    assert rc == 130, stderr
+    assert [line for line in (stdout + stderr).splitlines() if line.strip()] == ["fastvae prepare: interrupted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no dataset, no staging folder
