@@ -30,8 +30,13 @@ demo: $(STAMP)
 	$(VENV)/bin/fastvae export $(RUN) --out $(RUN)/decoder.onnx --fp16 --int8
 	$(VENV)/bin/fastvae sample $(RUN)/decoder.onnx -n 64 --seed 0 --out $(RUN)/onnx_samples.png
 
+# two pytest processes (pytest-xdist), tests handed out one at a time as workers free up: the
+# suite is mostly one-thread work and waiting on child processes, so two halve its wall time
+# on a 2-core machine; `make test TEST_WORKERS=0` runs it in one process
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(STAMP)
 	bash benchmarks/run_suites.sh

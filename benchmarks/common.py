@@ -36,7 +36,6 @@ Run ``python benchmarks/common.py`` to print :func:`device_info` as JSON and
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import functools
 import importlib.metadata as _md
@@ -47,7 +46,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -159,35 +157,6 @@ def warmup(fn: Callable[[], Any], n: int = 2) -> None:
     cuda_sync()
 
 
-def time_cuda_events(fn: Callable[[], Any], iters: int = 20, warmup_iters: int = 3) -> float:
-    """Median milliseconds per call of ``fn``: CUDA events on GPU, ``perf_counter`` on CPU.
-
-    For quick checks outside pytest-benchmark (the suites themselves use ``benchmark``).
-    """
-    for _ in range(warmup_iters):
-        fn()
-    cuda_sync()
-    times: list[float] = []
-    if _cuda_available():
-        import torch
-
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-@contextlib.contextmanager
 def track_peak_memory() -> Iterator[dict[str, float | None]]:
     """Context manager: ``with track_peak_memory() as mem: ...`` then ``mem["MB"]``.
 

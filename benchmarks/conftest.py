@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 import common
 
 if common.smoke_mode() and not common.on_gpu():
@@ -27,18 +25,6 @@ if common.smoke_mode() and not common.on_gpu():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _FLAT_KEYS = ("device", "device_type", "torch", "triton", "onnxruntime", "driver", "cuda")
-
-
-@pytest.fixture(scope="session")
-def device():
-    """The ``torch.device`` to benchmark on (``cuda`` where available, else ``cpu``)."""
-    return common.bench_device()
-
-
-@pytest.fixture(scope="session")
-def smoke() -> bool:
-    """True in smoke mode (``FASTVAE_BENCH_SMOKE=1``)."""
-    return common.smoke_mode()
 
 
 def pytest_report_header(config):

@@ -37,7 +37,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import annotate, bench_device, on_gpu, pick, requires_cuda, skip_in_cpu_smoke, synced, warmup
+from common import annotate, bench_device, on_gpu, pick, requires_cuda, synced
 from test_bench_train import bce_nll, interleaved_medians, plain_epoch
 
 from fastvae.config import TrainConfig

@@ -1,6 +1,6 @@
 """Per-call latency of the exported decoder (``OnnxSampler.decode``) vs the torch decoder.
 
-The ``make demo`` decoder (digits MLP 8 -> 512 -> 64). Goals (issue 20): p50 at least 2x faster
+The ``make demo`` decoder (digits MLP 8 -> 512 -> 64). Goals: p50 at least 2x faster
 than torch eager at batch 1 and 1.5x at batch 8 and 64; p99 <= 3x p50 at every batch size;
 at batch 1000, >= 90% of the best of (torch, onnxruntime) samples/s and >= 80% of the CPU's
 fp32 GEMM throughput for the decoder's two matrix products.

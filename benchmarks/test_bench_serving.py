@@ -1,6 +1,6 @@
 """``fastvae serve`` under load on loopback: 64 concurrent clients asking for 1 sample each.
 
-Goals (issue 20), each measured by one benchmark:
+Goals, each measured by one benchmark:
 
 * ``test_sustained_load``: 20 s of 64 clients on ``/sample`` (digits MLP decoder, batching on):
   zero errors; p50/p99 latency and requests/s recorded.

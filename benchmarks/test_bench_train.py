@@ -128,7 +128,7 @@ def interleaved_medians(benchmark, runners: dict, rounds: int) -> dict[str, floa
 @pytest.mark.benchmark(group="train-epoch-interleaved-gpu")
 @pytest.mark.parametrize("case", [c for c in CASES if c[3] == "reduce-overhead"], ids=case_id)
 def test_gpu_trainer_vs_plain_amp_interleaved(benchmark, case):
-    """Issue 6's figure, epochs alternating: the plain AMP loop vs the trainer (fused kernel,
+    """The headline figure, epochs alternating: the plain AMP loop vs the trainer (fused kernel,
     compiled step replayed as CUDA graphs, fused Adam, step records read every
     ``check_every`` steps) vs the same trainer reading them after every step, as a loop
     calling ``loss.item()`` would. ``speedup`` is plain / trainer (goal >= 1.5);

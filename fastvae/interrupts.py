@@ -31,6 +31,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _prog = "fastvae"
 _temporary: list[Path] = []  # files and folders to remove if the process is stopped now
+_owner: int | None = None  # the process whose handlers these are (forked children inherit them)
 
 
 @contextmanager
@@ -38,8 +39,8 @@ def handled(prog: str = "fastvae") -> Iterator[None]:
     """Inside the block SIGINT and SIGTERM call ``exit_now``; the previous handlers come back
     after it (so a program that calls ``fastvae.cli.main`` keeps its own). Main thread only;
     elsewhere the block runs with the handlers it has."""
-    global _prog
-    _prog = prog
+    global _prog, _owner
+    _prog, _owner = prog, os.getpid()
     previous = {}
     try:
         for sig in SIGNALS:
@@ -60,7 +61,13 @@ def name(prog: str) -> None:
 
 
 def exit_now(signum=None, frame=None) -> None:
-    """Remove the registered temporary files, print one line, exit with status 130."""
+    """Remove the registered temporary files, print one line, exit with status 130.
+
+    In a forked child signalled before it called ``in_worker_process`` (a pool's
+    ``terminate()`` can come that early), only end that child: the temporary files and the
+    message are the parent's."""
+    if _owner is not None and os.getpid() != _owner:
+        os._exit(EXIT_STATUS)
     for path in list(_temporary):
         _remove(path)
     try:

@@ -88,10 +88,11 @@ def move_folder_into_place(tmp: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
-    with removed_on_exit(old):
-        os.replace(tmp, final)
-        _fsync_folder(final.parent)
-        shutil.rmtree(old, ignore_errors=True)
+    # not registered for removal on Ctrl-C: stopped between the two renames, the old folder
+    # must survive (as .NAME.old-PID) rather than vanish with nothing new in its place
+    os.replace(tmp, final)
+    _fsync_folder(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

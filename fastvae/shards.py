@@ -449,13 +449,18 @@ class _ImageFolder:
 
             pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=in_worker_process)
             results = pool.imap(fn, tasks)
+        finished = False
         try:
             for result in results:
                 bar.update(weight(result))
                 yield result
+            finished = True
         finally:
             bar.close()
-            if pool is not None:
+            if pool is not None and finished:  # the workers exit by themselves, no signal
+                pool.close()
+                pool.join()
+            elif pool is not None:
                 pool.terminate()
 
     def _bad(self, file, reason):

@@ -18,7 +18,7 @@ from fastvae.trainer import train
 def trained_run(tmp_path_factory):
     """A finished 2-epoch run, and the very module object the trainer optimized."""
     import fastvae.models as models
-    from conftest import tiny_config
+    from testkit import tiny_config
 
     captured = []
     original = models.build_model

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, max_weight_diff, run_cli, state_dict_of
+from testkit import assert_one_line_error, max_weight_diff, run_cli, state_dict_of
 from fastvae.cli import main
 from fastvae.config import TrainConfig
 

@@ -39,7 +39,7 @@ def test_cuda_graph_training_trains_like_the_eager_run(tmp_path, perf_hints):
     keeps the test short: each compilation costs tens of seconds on a GPU host."""
     from torch._dynamo.utils import counters
 
-    from conftest import cuda_graphs_recorded
+    from testkit import cuda_graphs_recorded
 
     splits = load_dataset("digits")
     common = dict(epochs=5, accelerator="cuda", progress=False, pictures=False,

@@ -20,7 +20,7 @@ from fastvae.errors import FastVAEError
 from fastvae.models import build_model
 from fastvae.models.convkl import LOGVAR_MAX, LOGVAR_MIN, flatten_latent, unflatten_latent
 
-from conftest import assert_one_line_error, max_weight_diff, run_cli, state_dict_of
+from testkit import assert_one_line_error, max_weight_diff, run_cli, state_dict_of
 
 TINY = dict(model="convkl", width=4, channel_mult="", blocks_per_level=1, likelihood="gaussian", sigma=0.1)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -130,7 +130,7 @@ def test_two_nodes_under_torchrun_match_one_process(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO, SUBPROCESS_ENV, run_cli, state_dict_of
+    from testkit import REPO, SUBPROCESS_ENV, run_cli, state_dict_of
 
     common = ["train", "--kind", "ae", "--hidden-dim", "32", "--epochs", "1", "--accelerator",
               "cpu", "--no-pictures", "--quiet"]

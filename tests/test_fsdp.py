@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, max_weight_diff as max_diff
+from testkit import REPO, SUBPROCESS_ENV, max_weight_diff as max_diff
 from fastvae.checkpoint import load, read_checkpoint
 from fastvae.run_folder import read_metrics
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from fastvae.export import OnnxSampler
+from testkit import exported_mlp_decoder
 
 LATENT = 4
 SHAPE = (1, 8, 8)
@@ -39,13 +40,7 @@ def decoder(tmp_path_factory):
     """(decoder.onnx, numpy weights (W1, b1, W2, b2) of the same MLP decoder)."""
     import torch
 
-    from fastvae.export import export_decoder
-    from fastvae.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model({"data_shape": list(SHAPE), "hidden_dim": 32, "latent_dim": LATENT}).eval()
-    path = export_decoder(model, tmp_path_factory.mktemp("serve") / "d.onnx", check_batches=(3,),
-                          exporter="torchscript").path  # the fast exporter: the graph is not the subject
+    model, path = exported_mlp_decoder(tmp_path_factory.mktemp("serve"), hidden_dim=32, latent_dim=LATENT)
     layers = [m for m in model.decoder.net if isinstance(m, torch.nn.Linear)]
     weights = [t.detach().numpy().astype(np.float64) for layer in layers for t in (layer.weight, layer.bias)]
     return path, weights

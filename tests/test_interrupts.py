@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PausedChild, tiny_config
+from testkit import PausedChild, tiny_config
 from fastvae.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -111,3 +111,30 @@ def test_sample(run, tmp_path):
                         where="rename:s.png")
     assert_interrupted(child, "sample")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_forked_worker_signalled_before_its_set_up_leaves_the_parents_files(tmp_path):
+    """A pool's ``terminate()`` can reach a just-forked worker before ``in_worker_process``
+    runs: the worker still holds the parent's handler, which must end the worker alone, not
+    remove the parent's staging folder or print the parent's message."""
+    import os
+
+    from fastvae.interrupts import handled, removed_on_exit
+
+    staged = tmp_path / ".out.tmp-1"
+    staged.mkdir()
+    read_end, write_end = os.pipe()
+    with handled("fastvae prepare"), removed_on_exit(staged):
+        pid = os.fork()
+        if pid == 0:  # the worker, before any set-up of its own
+            os.dup2(write_end, 2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**7):  # the handler runs at the next bytecode boundary
+                pass
+            os._exit(99)
+        os.close(write_end)
+        _, status = os.waitpid(pid, 0)
+    message = os.read(read_end, 1000)
+    os.close(read_end)
+    assert os.waitstatus_to_exitcode(status) == 130
+    assert staged.is_dir() and message == b""

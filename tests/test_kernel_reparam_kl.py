@@ -521,7 +521,7 @@ def test_cuda_graph_replays_draw_fresh_noise(perf_hints):
     noise (a seed read by the host at capture would freeze eps), and no part is skipped."""
     from torch._dynamo.utils import counters
 
-    from conftest import cuda_graphs_recorded
+    from testkit import cuda_graphs_recorded
     from fastvae.reparam import reparameterize_kl as dispatch
 
     torch._dynamo.reset()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (PausedChild, assert_one_line_error, max_weight_diff, metrics_without_time,
+from testkit import (PausedChild, assert_one_line_error, max_weight_diff, metrics_without_time,
                       run_cli, state_dict_of)
 from fastvae.checkpoint import read_checkpoint
 from fastvae.errors import FastVAEError

@@ -49,7 +49,7 @@ import os, sys
 os.umask(int(sys.argv[2], 8))  # before anything is imported: libraries may cache the umask
 sys.path.insert(0, sys.argv[3])
 from pathlib import Path
-from conftest import tiny_config
+from testkit import tiny_config
 from fastvae.cli import main
 from fastvae.export import export_decoder
 from fastvae.report_page import write_report
@@ -70,7 +70,7 @@ def test_every_writer_keeps_the_permissions_of_a_plain_open(tmp_path, mask=0o022
     import subprocess
     import sys
 
-    from conftest import REPO, SUBPROCESS_ENV
+    from testkit import REPO, SUBPROCESS_ENV
 
     run = tmp_path / "run"
     subprocess.run([sys.executable, "-c", WRITE_EVERYTHING, str(run), oct(mask), str(REPO / "tests")],

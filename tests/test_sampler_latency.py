@@ -10,6 +10,7 @@ import pytest
 
 from fastvae.errors import FastVAEError
 from fastvae.export import OnnxSampler, providers
+from testkit import exported_mlp_decoder
 
 LATENT = 6
 SHAPE = (1, 8, 8)
@@ -18,16 +19,7 @@ SHAPE = (1, 8, 8)
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory):
     """(torch model, decoder.onnx) for a digits-sized MLP decoder."""
-    import torch
-
-    from fastvae.export import export_decoder
-    from fastvae.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model({"data_shape": list(SHAPE), "hidden_dim": 256, "latent_dim": LATENT}).eval()
-    path = export_decoder(model, tmp_path_factory.mktemp("latency") / "d.onnx", check_batches=(3,),
-                          exporter="torchscript").path  # the fast exporter: the graph is not the subject
-    return model, path
+    return exported_mlp_decoder(tmp_path_factory.mktemp("latency"), hidden_dim=256, latent_dim=LATENT)
 
 
 def _torch_means(model, z):

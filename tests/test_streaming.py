@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (PausedChild, max_weight_diff, metrics_without_time, run_cli, state_dict_of,
+from testkit import (PausedChild, max_weight_diff, metrics_without_time, run_cli, state_dict_of,
                       tiny_config)
 from fastvae.cli import main
 from fastvae.data import load_dataset

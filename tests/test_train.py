@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from conftest import max_weight_diff, metrics_without_time, state_dict_of
+from testkit import max_weight_diff, metrics_without_time, state_dict_of
 from fastvae.distributions import kl_standard_normal
 from fastvae.losses import (bernoulli_log_likelihood, elbo_terms, free_bits_kl, iwae_bound,
                             iwae_log_weights, kl_weight)

@@ -11,6 +11,7 @@ import pytest
 
 from fastvae.errors import FastVAEError
 from fastvae.export.triton_repo import write_triton_repository
+from testkit import exported_mlp_decoder
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from google.protobuf import text_format  # noqa: E402 - after the skip
@@ -21,16 +22,8 @@ SHAPE = (1, 8, 8)
 
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory):
-    import torch
-
-    from fastvae.export import export_decoder
-    from fastvae.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model({"data_shape": list(SHAPE), "hidden_dim": 16, "latent_dim": LATENT,
-                         "likelihood": "gaussian", "sigma": 0.3}).eval()
-    return export_decoder(model, tmp_path_factory.mktemp("triton") / "d.onnx", check_batches=(3,),
-                          exporter="torchscript").path  # the fast exporter: the graph is not the subject
+    return exported_mlp_decoder(tmp_path_factory.mktemp("triton"), hidden_dim=16, latent_dim=LATENT,
+                                likelihood="gaussian", sigma=0.3)[1]
 
 
 def parse(path) -> "model_config_pb2.ModelConfig":

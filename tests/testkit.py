@@ -1,0 +1,155 @@
+"""Helpers the tests import (``from testkit import ...``): tiny training configs, the CLI in a
+subprocess, a child paused at a known point, model comparisons.
+
+Not in ``conftest.py``: a module imported by the name ``conftest`` resolves to whichever
+``conftest.py`` comes first on ``sys.path`` (benchmarks/ has one too), for instance in a process
+that DDP spawns and that unpickles a callback defined in a test module.
+
+Everything here is sized for a 2-core CPU shared with other work: hidden layers of 16-32 units,
+one or two epochs on the bundled 8x8 digits, no pictures, no progress bars.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One thread per subprocess: the results do not depend on how busy the machine is, and runs that
+# are compared with each other (resume vs straight) use the same kernels.
+SUBPROCESS_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+SUBPROCESS_ENV.pop("TRITON_INTERPRET", None)
+
+
+def tiny_config(out, **overrides):
+    """A ``TrainConfig`` for a run that takes about a second: digits, small MLP, quiet."""
+    from fastvae.config import TrainConfig
+
+    values = dict(out=str(out), epochs=2, hidden_dim=32, latent_dim=4, batch_size=64,
+                  progress=False, pictures=False, reparam="torch")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run_cli(*args, timeout: float = 240, cwd=None, env=None) -> tuple[int, str, str]:
+    """Run ``python -m fastvae ARGS`` and return (exit status, stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastvae", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
+        env=env or SUBPROCESS_ENV,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+class PausedChild:
+    """``fastvae ARGS`` in a child process, returned once it has paused (``pause_points.py``):
+    at ``where`` (``import:...``, ``call:...``, ``rename:...``), or where its own
+    ``--callback pause_points:PauseAtStep`` stops it (``env`` sets ``PAUSE_AT_STEP``).
+
+    Use ``send_signal``/``kill``, then ``finish()`` (releases the pause if the child still runs)
+    -> (exit status, stdout after the PAUSED line, stderr). stderr goes to a file, so a chatty
+    child never blocks on a full pipe.
+    """
+
+    def __init__(self, *args, where: str | None = None, env: dict | None = None, cwd=None):
+        import tempfile
+
+        from pause_points import PAUSED
+
+        entry = [str(REPO / "tests" / "pause_points.py"), where, "--"] if where else ["-m", "fastvae"]
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        environment = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO / "tests"), **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, *entry, *map(str, args)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=cwd or REPO, env=environment,
+        )
+        for line in self.proc.stdout:  # blocks until the child pauses (or ends)
+            if line.startswith(PAUSED):
+                self.where = line.strip()
+                return
+        rc, out, err = self.finish()
+        raise AssertionError(f"the child ended (status {rc}) without pausing:\n{out}\n{err}")
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def finish(self, timeout: float = 240) -> tuple[int, str, str]:
+        try:
+            self.proc.stdin.write("go on\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):  # the child is gone already
+            pass
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
+        self._stderr.seek(0)
+        err = self._stderr.read()
+        self._stderr.close()
+        return self.proc.returncode, out, err
+
+
+def assert_one_line_error(rc: int, stderr: str, *needles: str) -> None:
+    """exit status 2, exactly one non-empty line on stderr, no traceback, naming ``needles``."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc == 2, f"exit status {rc}, stderr:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
+
+
+def state_dict_of(run_or_ckpt) -> dict[str, torch.Tensor]:
+    """The model weights stored in a run's checkpoint, read without fastvae's loader."""
+    path = Path(run_or_ckpt)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def read_metrics(run) -> list[dict]:
+    import csv
+
+    with open(Path(run) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def metrics_without_time(run) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in read_metrics(run)]
+
+
+def cuda_graphs_recorded() -> int:
+    """How many CUDA graph trees torch.compile's cudagraph manager holds on this device."""
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    return 0 if manager is None else sum(len(nodes) for nodes in manager.roots.values())
+
+
+def exported_mlp_decoder(folder, **settings):
+    """(model, decoder.onnx): a seeded MLP VAE for 1x8x8 images (``settings``: hidden_dim,
+    latent_dim, likelihood, ...) and its decoder, exported with the fast TorchScript exporter
+    (in the tests that use it the graph is not the subject) into ``folder/d.onnx``."""
+    from fastvae.export import export_decoder
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": [1, 8, 8], **settings}).eval()
+    path = export_decoder(model, Path(folder) / "d.onnx", check_batches=(3,), exporter="torchscript").path
+    return model, path
