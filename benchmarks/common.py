@@ -36,6 +36,7 @@ Run ``python benchmarks/common.py`` to print :func:`device_info` as JSON and
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import importlib.metadata as _md
@@ -157,6 +158,7 @@ def warmup(fn: Callable[[], Any], n: int = 2) -> None:
     cuda_sync()
 
 
+@contextlib.contextmanager
 def track_peak_memory() -> Iterator[dict[str, float | None]]:
     """Context manager: ``with track_peak_memory() as mem: ...`` then ``mem["MB"]``.
 
