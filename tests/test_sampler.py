@@ -243,7 +243,7 @@ def test_sampler_threads_stop_spinning_when_a_run_returns(tmp_path):
         for _ in range(5):
             run()
         start = time.process_time()  # all threads of this process
-        time.sleep(0.3)  # the window measured (not a synchronisation): CPU spent while idle
+        time.sleep(0.3)  # not synchronisation: the window measured, CPU spent while idle
         return time.process_time() - start
 
     options = ort.SessionOptions()
