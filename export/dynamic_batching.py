@@ -1,6 +1,8 @@
 """Dynamic batching for an asyncio service: concurrent requests' latent rows decoded in one call.
 
-``await batcher.decode(z)`` queues ``z`` (rows, latent_dim). One background task, once requests
+``await batcher.decode(z)`` queues ``z`` (rows, latent_dim); ``await batcher.sample(n)`` queues a
+request for ``n`` fresh latent rows, drawn for the whole batch at once by ``draw_fn(rows)`` when
+it is decoded (one generator call per batch, not one per request). One background task, once requests
 are queued, waits up to ``max_wait`` seconds for more unless ``max_batch`` rows are queued
 already (a full batch ends the wait early), then decodes up to ``max_batch`` rows, in arrival
 order, with one call of ``decode_fn``: on a worker thread (onnxruntime releases the GIL, so the
@@ -36,21 +38,24 @@ INLINE_BELOW = 250e-6
 class DynamicBatcher:
     """Combines concurrent ``decode`` calls; see the module docstring.
 
-    ``decode_fn(z) -> x``: the decoder (e.g. ``OnnxSampler.decode``). ``start()`` inside the
+    ``decode_fn(z) -> x``: the decoder (e.g. ``OnnxSampler.decode``); ``draw_fn(rows) -> z``: fresh
+    latents for ``sample`` (e.g. ``OnnxSampler.draw_latents`` on the server's generator). ``start()`` inside the
     running loop, ``await close()`` at shutdown; ``drain()`` (thread-safe, e.g. from a signal
     handler) stops waiting for more requests: queued ones are decoded at once.
     """
 
-    def __init__(self, decode_fn, max_batch: int = 64, max_wait: float = 0.002, inline_below: float = INLINE_BELOW):
+    def __init__(self, decode_fn, max_batch: int = 64, max_wait: float = 0.002, inline_below: float = INLINE_BELOW,
+                 draw_fn=None):
         if max_batch < 1 or max_wait < 0:
             raise ValueError("max_batch must be >= 1 and max_wait >= 0")
         self._decode_fn = decode_fn
+        self._draw_fn = draw_fn
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait)
         self.inline_below = float(inline_below)
         self._seconds_per_row: float | None = None  # running estimate, from the calls made
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-decode")
-        self._items: deque = deque()  # (z, future) in arrival order
+        self._items: deque = deque()  # (z or None: rows to draw, rows, future) in arrival order
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None  # set when a request is queued (or on drain)
@@ -90,14 +95,23 @@ class DynamicBatcher:
             self._task = None
         self._executor.shutdown(wait=True)
 
-    async def decode(self, z: np.ndarray) -> np.ndarray:
-        """The decoder's output for ``z`` (C-contiguous float32 rows), batched with others."""
+    def decode(self, z: np.ndarray):
+        """Awaitable: the decoder's output for ``z`` (C-contiguous float32 rows), batched with others."""
+        return self._queue(z, len(z))
+
+    def sample(self, n: int):
+        """Awaitable: the decoder's output for ``n`` latent rows drawn by ``draw_fn``, batched with others."""
+        if self._draw_fn is None:
+            raise RuntimeError("DynamicBatcher.sample needs a draw_fn")
+        return self._queue(None, n)
+
+    async def _queue(self, z, rows: int) -> np.ndarray:
         future = self._loop.create_future()
         self.pending += 1
         self._idle.clear()
         try:
-            self._items.append((z, future))
-            self._queued_rows += len(z)
+            self._items.append((z, rows, future))
+            self._queued_rows += rows
             # wake the batching task only when it has something to do: a first request, or a
             # full batch (a wake-up per request would cost a task switch each)
             if self._waiting_for_first or self._queued_rows >= self.max_batch:
@@ -124,10 +138,10 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 timer.cancel()
             batch, rows = [], 0
-            while items and (not batch or rows + len(items[0][0]) <= self.max_batch):
+            while items and (not batch or rows + items[0][1] <= self.max_batch):
                 item = items.popleft()  # a request too large for the batch starts the next one
                 batch.append(item)
-                rows += len(item[0])
+                rows += item[1]
             self._queued_rows -= rows
             await self._decode_batch(batch, rows)
 
@@ -138,24 +152,38 @@ class DynamicBatcher:
         self._seconds_per_row = per_row if self._seconds_per_row is None else 0.8 * self._seconds_per_row + 0.2 * per_row
         return x
 
+    def _latents(self, batch, rows: int) -> np.ndarray:
+        """The batch's latent rows in request order, fresh ones drawn in one call."""
+        fresh = sum(n for z, n, _ in batch if z is None)
+        if fresh == rows:
+            return self._draw_fn(rows)
+        if len(batch) == 1:
+            return batch[0][0]
+        drawn, used, parts = self._draw_fn(fresh) if fresh else None, 0, []
+        for z, n, _ in batch:
+            if z is None:
+                z, used = drawn[used:used + n], used + n
+            parts.append(z)
+        return np.concatenate(parts)
+
     async def _decode_batch(self, batch, rows: int) -> None:
-        z = batch[0][0] if len(batch) == 1 else np.concatenate([item[0] for item in batch])
         try:
+            z = self._latents(batch, rows)
             estimate = self._seconds_per_row
             if estimate is not None and estimate * rows < self.inline_below:
                 x = self._timed_decode(z)  # shorter than a hand-over to the worker thread and back
             else:
                 x = await self._loop.run_in_executor(self._executor, self._timed_decode, z)
         except Exception as exc:  # noqa: BLE001 - handed to the requests that asked
-            for _, future in batch:
+            for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         self.batches += 1
         self.rows += rows
         start = 0
-        for z_part, future in batch:
-            stop = start + len(z_part)
+        for _, n, future in batch:
+            stop = start + n
             if not future.done():  # a client that went away cancelled its future
                 future.set_result(x[start:stop])
             start = stop

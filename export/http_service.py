@@ -55,12 +55,14 @@ class Batching:
     max_wait_ms: float = 2.0
 
 
-def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batching):
-    """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through ``batcher``."""
+def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batching, unseeded: np.random.Generator):
+    """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through ``batcher``;
+    ``unseeded``: the generator of requests without a seed (the one ``batcher`` draws from)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     from fastvae.export.providers import short_name
 
@@ -70,9 +72,9 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
         yield
         await batcher.close()
 
-    app = FastAPI(title="fastvae decoder", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="fastvae decoder", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  **_no_telemetry(FastAPI))
     can_png = png_possible(sampler.output_shape)
-    unseeded = np.random.default_rng()
     metadata = json.dumps({
         "model": sampler.path.name,
         "latent_dim": sampler.latent_dim,
@@ -91,18 +93,25 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
         return Response(error_body(reason), status_code=status, media_type="application/json")
 
     async def read_body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit():
-            if int(length) > limits.max_body:
-                raise BadRequest(413, f"the body has {length} bytes, more than the server's --max-body {limits.max_body}")
-            return await request.body()
+        """The request body, refused (413) beyond ``limits.max_body``; read from the ASGI
+        messages directly (a small body is one message: no stream generator per request)."""
+        for name, value in request.scope["headers"]:  # lower-case names (ASGI); no Headers object
+            if name == b"content-length":
+                if value.isdigit() and int(value) > limits.max_body:
+                    raise BadRequest(413, f"the body has {int(value)} bytes, more than the server's --max-body {limits.max_body}")
+                break
         chunks, size = [], 0
-        async for chunk in request.stream():
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request":  # http.disconnect: the client went away
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limits.max_body:
                 raise BadRequest(413, f"the body is larger than the server's --max-body {limits.max_body} bytes")
+            if not message.get("more_body", False):
+                return b"".join((*chunks, chunk)) if chunks else chunk
             chunks.append(chunk)
-        return b"".join(chunks)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok","pending":%d,"batches":%d,"rows":%d}'
@@ -118,10 +127,14 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
                 raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
         except BadRequest as exc:
             return error(exc.status, exc.reason)
-        # a seeded generator costs ~30 us to set up (numpy's SeedSequence hashing), as much as the
-        # rest of the request's own work: unseeded requests draw from the server's generator
-        rng = unseeded if req.seed is None else np.random.default_rng(req.seed)
-        x = await batcher.decode(sampler.draw_latents(req.n, rng))
+        # an unseeded request's latents are drawn by the batcher, for the whole batch in one call,
+        # from the server's generator; a seeded one sets up its own (~30 us: numpy's SeedSequence)
+        if req.seed is None:
+            rng = unseeded
+            x = await batcher.sample(req.n)
+        else:
+            rng = np.random.default_rng(req.seed)
+            x = await batcher.decode(sampler.draw_latents(req.n, rng))
         if req.mode == "sample":
             x = sampler.observe(x, rng)
         body, content_type = encode(x, req.format)
@@ -139,9 +152,10 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
         return Response(body, media_type=content_type)
 
     # Starlette routes: the handlers read the request themselves, so FastAPI's per-request
-    # dependency solving (~50-90 us on the dev CPU) would buy nothing
-    for path, endpoint, method in (("/healthz", healthz, "GET"), ("/metadata", get_metadata, "GET"),
-                                   ("/sample", sample, "POST"), ("/decode", decode, "POST")):
+    # dependency solving (~50-90 us on the dev CPU) would buy nothing. The service's work first:
+    # the router tries routes in order (a regular expression each)
+    for path, endpoint, method in (("/sample", sample, "POST"), ("/decode", decode, "POST"),
+                                   ("/healthz", healthz, "GET"), ("/metadata", get_metadata, "GET")):
         app.router.add_route(path, endpoint, methods=[method], include_in_schema=False)
 
     # FastAPI's own errors (unknown path, wrong method, ...) as one line too
@@ -155,6 +169,17 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
         return error(400, f"invalid request: {exc.errors()[:1]}")
 
     return app
+
+
+def _no_telemetry(fastapi_class) -> dict:
+    """FastAPI >= 0.16x checks for OpenTelemetry providers on every request (environment reads,
+    ~10 us on the dev CPU) unless told there is nothing to report; the service reports nothing
+    through OpenTelemetry. Older FastAPI has no ``telemetry`` argument."""
+    import inspect
+
+    if "telemetry" not in inspect.signature(fastapi_class.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def _server_class():
@@ -207,8 +232,10 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
     if not 0 <= port <= 65535:
         raise FastVAEError(f"--port must be from 0 to 65535, got {port}")
     sampler = OnnxSampler(model_path, threads=threads, providers=[provider])
-    batcher = DynamicBatcher(sampler.decode, batching.max_batch, batching.max_wait_ms / 1000)
-    app = build_app(sampler, batcher, limits, batching)
+    unseeded = np.random.default_rng()  # the generator of requests without a seed
+    batcher = DynamicBatcher(sampler.decode, batching.max_batch, batching.max_wait_ms / 1000,
+                             draw_fn=lambda rows: sampler.draw_latents(rows, unseeded))
+    app = build_app(sampler, batcher, limits, batching, unseeded)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
         loop="auto", http="auto", timeout_graceful_shutdown=60,

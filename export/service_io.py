@@ -18,6 +18,7 @@ import functools
 import io
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,8 +26,8 @@ FORMATS = ("npy", "png", "json")
 MODES = ("mean", "sample")
 CONTENT_TYPES = {"npy": "application/x-npy", "png": "image/png", "json": "application/json"}
 NPY_CONTENT_TYPE = CONTENT_TYPES["npy"]
-_SAMPLE_FIELDS = {"n", "seed", "mode", "format"}
-_DECODE_FIELDS = {"z", "format"}
+_SAMPLE_FIELDS = frozenset(("n", "seed", "mode", "format"))
+_DECODE_FIELDS = frozenset(("z", "format"))
 
 
 class BadRequest(Exception):
@@ -46,8 +47,7 @@ class Limits:
     max_body: int = 1 << 20
 
 
-@dataclass(frozen=True)
-class SampleRequest:
+class SampleRequest(NamedTuple):  # a tuple: built on every request, ~5x cheaper than a frozen dataclass
     n: int
     seed: int | None
     mode: str
@@ -57,9 +57,11 @@ class SampleRequest:
 def parse_sample(body: bytes, limits: Limits) -> SampleRequest:
     """A ``/sample`` body -> :class:`SampleRequest`; ``BadRequest`` for anything else."""
     fields = _json_object(body, _SAMPLE_FIELDS, "a JSON object such as {\"n\": 16, \"seed\": 0}")
-    if "n" not in fields:
-        raise BadRequest(400, "missing 'n': give the number of samples, e.g. {\"n\": 16}")
-    n = _integer(fields["n"], "n")
+    n = fields.get("n")
+    if n.__class__ is not int:  # the common case skips the checks of bools, floats, missing n
+        if "n" not in fields:
+            raise BadRequest(400, "missing 'n': give the number of samples, e.g. {\"n\": 16}")
+        n = _integer(n, "n")
     if not 1 <= n <= limits.max_n:
         raise BadRequest(400 if n < 1 else 413, f"'n' must be from 1 to {limits.max_n} (the server's --max-n), got {n}")
     seed = fields.get("seed")
@@ -70,7 +72,8 @@ def parse_sample(body: bytes, limits: Limits) -> SampleRequest:
     mode = fields.get("mode", "mean")
     if mode not in MODES:
         raise BadRequest(400, f"'mode' must be one of {', '.join(MODES)}, got {_show(mode)}")
-    return SampleRequest(n, seed, mode, check_format(fields.get("format", "npy")))
+    fmt = fields.get("format", "npy")
+    return SampleRequest(n, seed, mode, fmt if fmt == "npy" else check_format(fmt))
 
 
 def parse_decode(body: bytes, content_type: str | None, query_format: str | None,
@@ -151,15 +154,32 @@ def error_body(reason: str) -> bytes:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _json_object(body: bytes, allowed: set[str], example: str) -> dict:
+_SCAN_JSON = json.JSONDecoder().scan_once  # json.loads' own C scanner
+
+
+def _loads(body: bytes):
+    """``json.loads(body)``, ~1 us instead of ~5 for a UTF-8 body with no whitespace around the
+    value (what clients send): the C scanner called directly. Anything else, including every
+    error, takes ``json.loads`` itself."""
     try:
-        fields = json.loads(body)
+        text = body.decode()
+        value, end = _SCAN_JSON(text, 0)
+        if end == len(text):
+            return value
+    except (UnicodeDecodeError, StopIteration, ValueError):
+        pass
+    return json.loads(body)
+
+
+def _json_object(body: bytes, allowed: frozenset, example: str) -> dict:
+    try:
+        fields = _loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(400, f"the body is not valid JSON ({one_line_json_error(exc)}); send {example}") from None
-    if not isinstance(fields, dict):
+    if fields.__class__ is not dict:
         raise BadRequest(400, f"the body must be {example}, got a JSON {type(fields).__name__}")
-    unknown = sorted(set(fields) - allowed)
-    if unknown:
+    if not fields.keys() <= allowed:
+        unknown = sorted(set(fields) - allowed)
         raise BadRequest(400, f"unknown field(s) {', '.join(map(repr, unknown))}: allowed are {', '.join(sorted(allowed))}")
     return fields
 
