@@ -33,7 +33,11 @@ time per call of the fused op's whole host path with the Triton launch itself st
 (``reparam_kl.stubbed_launches``: seed draw, autograd.Function, output allocation, launch-plan
 lookup, argument tuple; the launcher call, ~2-3 us on a GPU host, is the part left out) against
 the eager torch math on the same tiny tensors (B = 8, where its CPU kernels cost little next to
-their dispatch), measured in alternating rounds; device, e2e and copy fields are null.
+their dispatch), measured in alternating rounds; device, e2e and copy fields are null. A CPU run
+also writes ``host_floor``: in the same rounds, ``{B, D, dtype, pass, impl, host_us}`` of what the
+fused op cannot go below, ``function-outputs-only`` (a ``torch.autograd.Function`` that only
+allocates the op's outputs: autograd's own cost) and ``fused-int-seed`` (the fused op given an int
+seed: everything but the per-call seed draw).
 """
 
 from __future__ import annotations
@@ -198,23 +202,49 @@ def cpu_host_us(fns: dict, calls: int, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def cpu_cases(sizes, dtypes, impls, calls: int, rounds: int) -> list[dict]:
+class _OutputsOnly(torch.autograd.Function):
+    """The host-time floor: an autograd.Function that allocates the fused op's outputs (z, kl;
+    dmu, dlogvar) and does nothing else."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar):
+        ctx.save_for_backward(mu, logvar)
+        return torch.empty_like(mu), mu.new_empty(mu.shape[0], dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar = ctx.saved_tensors
+        return torch.empty_like(mu), torch.empty_like(logvar)
+
+
+FLOORS = {"function-outputs-only": lambda mu, logvar: _OutputsOnly.apply(mu, logvar),
+          "fused-int-seed": lambda mu, logvar: make_op("fused")(mu, logvar, seed=12345)}
+
+
+def cpu_cases(sizes, dtypes, impls, calls: int, rounds: int) -> tuple[list[dict], list[dict]]:
+    """(records, host_floor) on the CPU; see the module docstring."""
     from fastvae.kernels import reparam_kl
 
-    out = []
+    out, floor = [], []
     with reparam_kl.stubbed_launches():
         for B, D in sizes:
             for name in dtypes:
                 for mode in PASSES:
                     mu, logvar, gz, gkl = make_inputs(B, D, DTYPES[name], "cpu", mode == "fwd_bwd")
                     fns = {impl: one_call(make_op(impl), mode, mu, logvar, gz, gkl) for impl in impls}
+                    if "fused" in impls:
+                        fns.update({k: one_call(op, mode, mu, logvar, gz, gkl) for k, op in FLOORS.items()})
                     host = cpu_host_us(fns, calls, rounds)
                     itemsize = mu.element_size()
                     for impl in impls:
                         out.append(record(B, D, name, impl, mode, host_us=host[impl],
                                           nbytes=reparam_kl_bytes(B, D, itemsize, mode)))
                         print(_line(out[-1]), flush=True)
-    return out
+                    for impl in FLOORS if "fused" in impls else ():
+                        floor.append({"B": B, "D": D, "dtype": name, "pass": mode, "impl": impl,
+                                      "host_us": _round(host[impl])})
+                        print(f"B={B:>6} D={D:>4} {name} {mode:7} floor {impl}: host {host[impl]:7.1f} us", flush=True)
+    return out, floor
 
 
 # --------------------------------------------------------------------------- records
@@ -241,13 +271,13 @@ def _line(r: dict) -> str:
             f"{dev}host {r['host_us']:7.1f} us{e2e}{frac}")
 
 
-def write(path: Path, device_key: str, device_name: str, records: list[dict]) -> None:
-    """The result object, written atomically."""
+def write(path: Path, device_key: str, device_name: str, records: list[dict], **extra) -> None:
+    """The result object, written atomically; ``extra``: more top-level lists (``host_floor``)."""
     from datetime import datetime, timezone
 
     data = {device_key: device_name, **_versions(),
             "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-            "commit": git_commit()["id"], "records": records}
+            "commit": git_commit()["id"], "records": records, **extra}
     run_folder.write_text(path, json.dumps(data, indent=1) + "\n")
 
 
@@ -278,9 +308,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         impls = [i for i in impls if i != "compile"]  # Inductor's C++ path: not the GPU's
         sizes = args.sizes or (CPU_SIZES[:1] if smoke else CPU_SIZES)
-        records = cpu_cases(sizes, dtypes[:1] if smoke else dtypes, impls,
-                            calls=20 if smoke else 2000, rounds=2 if smoke else 9)
-        write(args.out, "cpu", cpu_name(), records)
+        records, floor = cpu_cases(sizes, dtypes[:1] if smoke else dtypes, impls,
+                                   calls=20 if smoke else 2000, rounds=2 if smoke else 9)
+        write(args.out, "cpu", cpu_name(), records, host_floor=floor)
         print(f"reparam_kl_device: {len(records)} CPU records -> {args.out}")
         return 0
 

@@ -454,6 +454,11 @@ def device_markdown(data: dict[str, Any], png_name: str, header: bool = True) ->
             else:
                 cells += [us(r.get("host_us")), x(_ratio(r.get("host_us"), eager.get("host_us")))]
             out.append("| " + " | ".join(cells) + " |")
+        if not gpu:  # the floors measured in the same rounds (a CPU run's host_floor)
+            for f in data.get("host_floor", []):
+                if (f["B"], f["D"], f["dtype"], f["pass"]) == (B, D, dtype, mode):
+                    out.append(f"| {B} | {D} | {dtype} | {mode} | floor: {f['impl']} | {_fmt_us(f['host_us'])} | "
+                               f"{_fmt_ratio(_ratio(f['host_us'], eager.get('host_us')))} |")
     return "\n".join(out) + "\n"
 
 

@@ -60,7 +60,7 @@ def test_eager_call_allocates_only_its_outputs():
             reparameterize_kl(mu, logvar)
     assert fwd.ops == ["aten.empty_like.default", "aten.new_empty.default"]
     assert bwd.ops == ["aten.empty_like.default"] * 2
-    assert unseeded.ops == ["aten.random_.from", "aten._local_scalar_dense.default"] + fwd.ops
+    assert unseeded.ops == ["aten.random_.to", "aten._local_scalar_dense.default"] + fwd.ops
     assert type(z.grad_fn).__name__ == "ReparamKLFunctionBackward"
 
 
@@ -243,3 +243,17 @@ def test_tail_probability_of_rounded_normal():
     # bf16 rounds (4, 4.015625) down to 4: fewer samples exceed it
     assert tail_probability(4.0, torch.bfloat16) == pytest.approx(
         math.erfc((4 + 2**-6) / math.sqrt(2)), rel=1e-9)
+
+
+def test_host_seeds_are_torch_generator_draws_reproducible_under_manual_seed():
+    """draw_host_seed: the values random_(0, 2**31 - 1) draws from the same generator."""
+    reference = torch.empty((), dtype=torch.int64)
+    torch.manual_seed(7)
+    drawn = [rk.draw_host_seed() for _ in range(50)]
+    torch.manual_seed(7)
+    assert drawn == [int(reference.random_(0, 2**31 - 1)) for _ in range(50)]
+    assert len(set(drawn)) == 50 and all(0 <= s < 2**31 - 1 for s in drawn)
+    gen = torch.Generator().manual_seed(3)
+    own = [rk.draw_host_seed(gen) for _ in range(5)]
+    gen.manual_seed(3)
+    assert own == [int(reference.random_(0, 2**31 - 1, generator=gen)) for _ in range(5)]

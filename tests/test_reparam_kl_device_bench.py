@@ -32,7 +32,10 @@ def test_cpu_smoke_run_writes_the_schema(tmp_path):
     out = tmp_path / "reparam_kl_device.json"
     assert bench.main([str(out), "--smoke", "--cpu"]) == 0
     data = json.loads(out.read_text())
-    assert set(data) == {"cpu", "torch", "triton", "date", "commit", "records"}
+    assert set(data) == {"cpu", "torch", "triton", "date", "commit", "records", "host_floor"}
+    assert {(f["impl"], f["pass"]) for f in data["host_floor"]} == {
+        (i, p) for i in ("function-outputs-only", "fused-int-seed") for p in ("fwd", "fwd_bwd")}
+    assert all(f["host_us"] > 0 for f in data["host_floor"])
     records = data["records"]
     assert {(r["impl"], r["pass"]) for r in records} == {
         (i, p) for i in ("fused", "eager") for p in ("fwd", "fwd_bwd")}
