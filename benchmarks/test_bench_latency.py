@@ -8,7 +8,9 @@ fp32 GEMM throughput for the decoder's two matrix products.
 Each runtime runs in a pytest process of its own (``isolated_latency.py``), so torch's and
 onnxruntime's thread pools never contend; their benchmarks are merged into this suite's JSON
 (``extra_info.process = "own"``; groups ``latency-b<batch>``, torch the baseline, the GEMM
-ceiling in ``latency-b1000``). ``test_alternating_in_one_process`` adds the figure a user gets
+ceiling in ``latency-b1000``). The processes run in three interleaved passes (torch,
+onnxruntime, gemm, torch, ...), so drift in the machine's speed hits every runtime alike; each
+benchmark recorded is the pass with its median p50 (``extra_info.p50_us_passes`` lists all). ``test_alternating_in_one_process`` adds the figure a user gets
 calling both in one process, alternately (``process = "shared"``), reported as such.
 """
 
@@ -30,8 +32,10 @@ from fastvae.export.latency import percentile
 
 BENCH = Path(__file__).resolve().parent
 SPEC = {"model": "mlp", "data_shape": [1, 8, 8], "latent_dim": 8, "hidden_dim": 512}
-# one process per runtime; the smoke run (nothing timed) runs the three in one process
+# one process per runtime and pass; the smoke run (nothing timed) runs the three in one process
 RUNTIMES = ("torch,onnxruntime,gemm",) if smoke_mode() else ("torch", "onnxruntime", "gemm")
+PASSES = 1 if smoke_mode() else 3
+_RUNS: dict[str, list[dict]] = {}  # benchmark name -> its benchmark from each pass so far
 
 # the smoke run takes the fast exporter (0.2 s against 3-10 s); measured runs what users ship
 EXPORTER = "torchscript" if smoke_mode() else "auto"
@@ -54,8 +58,20 @@ def decoder_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_runtime_in_its_own_process(request, decoder_dir, tmp_path, runtime):
+def _merge(bench: dict) -> None:
+    """Keep, per benchmark name, the pass with the median p50 in ``common.MERGED_BENCHMARKS``."""
+    runs = _RUNS.setdefault(bench["name"], [])
+    runs.append(bench)
+    p50s = sorted(b["extra_info"].get("p50_us", 0.0) for b in runs)
+    chosen = sorted(runs, key=lambda b: b["extra_info"].get("p50_us", 0.0))[(len(runs) - 1) // 2]
+    chosen["extra_info"].update(p50_us_passes=p50s, passes=len(runs))
+    common.MERGED_BENCHMARKS[:] = [b for b in common.MERGED_BENCHMARKS if b["name"] != bench["name"]]
+    common.MERGED_BENCHMARKS.append(chosen)
+
+
+@pytest.mark.parametrize("pass_index,runtime", [(p, r) for p in range(PASSES) for r in RUNTIMES],
+                         ids=[f"pass{p + 1}-{r}" for p in range(PASSES) for r in RUNTIMES])
+def test_runtime_in_its_own_process(request, decoder_dir, tmp_path, pass_index, runtime):
     out = tmp_path / f"{runtime}.json"
     python = [sys.executable, "-P"] if sys.flags.safe_path else [sys.executable]
     cmd = [*python, "-m", "pytest", str(BENCH / "isolated_latency.py"), "-q", "-p", "no:cacheprovider"]
@@ -71,7 +87,7 @@ def test_runtime_in_its_own_process(request, decoder_dir, tmp_path, runtime):
             name = bench["name"].replace("test_", "")
             bench["name"] = name
             bench["fullname"] = f"benchmarks/test_bench_latency.py::{name}"
-            common.MERGED_BENCHMARKS.append(bench)
+            _merge(bench)
 
 
 @pytest.mark.parametrize("batch", [1, 8, 64, 1000])

@@ -159,6 +159,30 @@ def test_decode_json_and_npy_bodies(server, decoder):
     np.testing.assert_allclose(np.asarray(json.loads(body)["data"]), numpy_decoder(weights, z), rtol=1e-5, atol=1e-6)
 
 
+def _chunked(server, path, chunks, headers):
+    """(status, body) of a request whose body is sent in chunks (Transfer-Encoding: chunked):
+    the server reads it as several messages."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.request("POST", path, body=iter(chunks), headers=headers, encode_chunked=True)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_chunked_bodies_are_assembled_and_bounded(server, decoder):
+    _, weights = decoder
+    z = np.random.default_rng(6).standard_normal((40, LATENT)).astype(np.float32)
+    body = _npy(z)
+    status, out = _chunked(server, "/decode", [body[i:i + 100] for i in range(0, len(body), 100)], NPY)
+    assert status == 200
+    np.testing.assert_allclose(np.load(io.BytesIO(out)), numpy_decoder(weights, z), rtol=1e-5, atol=1e-6)
+    status, out = _chunked(server, "/sample", [b'{"n": 1}'] + [b" " * 1000] * (MAX_BODY // 1000 + 1),
+                           {"Content-Type": "application/json"})
+    assert status == 413 and "--max-body" in json.loads(out)["error"]
+
+
 def _npy(array) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
