@@ -34,10 +34,11 @@ time per call of the fused op's whole host path with the Triton launch itself st
 lookup, argument tuple; the launcher call, ~2-3 us on a GPU host, is the part left out) against
 the eager torch math on the same tiny tensors (B = 8, where its CPU kernels cost little next to
 their dispatch), measured in alternating rounds; device, e2e and copy fields are null. A CPU run
-also writes ``host_floor``: in the same rounds, ``{B, D, dtype, pass, impl, host_us}`` of what the
-fused op cannot go below, ``function-outputs-only`` (a ``torch.autograd.Function`` that only
-allocates the op's outputs: autograd's own cost) and ``fused-int-seed`` (the fused op given an int
-seed: everything but the per-call seed draw).
+also writes ``host_floor``: in the same rounds, ``{B, D, dtype, pass, impl, host_us}`` for the
+forward+backward pass (the forward alone skips autograd: no floor of this kind) of
+``function-outputs-only`` (a ``torch.autograd.Function`` that only allocates the op's outputs:
+autograd's own cost, which the fused op cannot go below) and ``fused-int-seed`` (the fused op
+given an int seed: everything but the per-call seed draw).
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ def cpu_cases(sizes, dtypes, impls, calls: int, rounds: int) -> tuple[list[dict]
                 for mode in PASSES:
                     mu, logvar, gz, gkl = make_inputs(B, D, DTYPES[name], "cpu", mode == "fwd_bwd")
                     fns = {impl: one_call(make_op(impl), mode, mu, logvar, gz, gkl) for impl in impls}
-                    if "fused" in impls:
+                    floors = FLOORS if "fused" in impls and mode == "fwd_bwd" else {}
+                    if floors:
                         fns.update({k: one_call(op, mode, mu, logvar, gz, gkl) for k, op in FLOORS.items()})
                     host = cpu_host_us(fns, calls, rounds)
                     itemsize = mu.element_size()
@@ -240,7 +242,7 @@ def cpu_cases(sizes, dtypes, impls, calls: int, rounds: int) -> tuple[list[dict]
                         out.append(record(B, D, name, impl, mode, host_us=host[impl],
                                           nbytes=reparam_kl_bytes(B, D, itemsize, mode)))
                         print(_line(out[-1]), flush=True)
-                    for impl in FLOORS if "fused" in impls else ():
+                    for impl in floors:
                         floor.append({"B": B, "D": D, "dtype": name, "pass": mode, "impl": impl,
                                       "host_us": _round(host[impl])})
                         print(f"B={B:>6} D={D:>4} {name} {mode:7} floor {impl}: host {host[impl]:7.1f} us", flush=True)

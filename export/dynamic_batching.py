@@ -49,7 +49,7 @@ class DynamicBatcher:
         if max_batch < 1 or max_wait < 0:
             raise ValueError("max_batch must be >= 1 and max_wait >= 0")
         self._decode_fn = decode_fn
-        self._draw_fn = draw_fn
+        self.draw_fn = draw_fn
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait)
         self.inline_below = float(inline_below)
@@ -101,7 +101,7 @@ class DynamicBatcher:
 
     def sample(self, n: int):
         """Awaitable: the decoder's output for ``n`` latent rows drawn by ``draw_fn``, batched with others."""
-        if self._draw_fn is None:
+        if self.draw_fn is None:
             raise RuntimeError("DynamicBatcher.sample needs a draw_fn")
         return self._queue(None, n)
 
@@ -156,10 +156,10 @@ class DynamicBatcher:
         """The batch's latent rows in request order, fresh ones drawn in one call."""
         fresh = sum(n for z, n, _ in batch if z is None)
         if fresh == rows:
-            return self._draw_fn(rows)
+            return self.draw_fn(rows)
         if len(batch) == 1:
             return batch[0][0]
-        drawn, used, parts = self._draw_fn(fresh) if fresh else None, 0, []
+        drawn, used, parts = self.draw_fn(fresh) if fresh else None, 0, []
         for z, n, _ in batch:
             if z is None:
                 z, used = drawn[used:used + n], used + n
@@ -174,6 +174,8 @@ class DynamicBatcher:
                 x = self._timed_decode(z)  # shorter than a hand-over to the worker thread and back
             else:
                 x = await self._loop.run_in_executor(self._executor, self._timed_decode, z)
+            if len(x) != rows:
+                raise RuntimeError(f"the decoder returned {len(x)} rows for {rows} latent rows")
         except Exception as exc:  # noqa: BLE001 - handed to the requests that asked
             for _, _, future in batch:
                 if not future.done():

@@ -4,15 +4,16 @@ Endpoints (bodies and formats: :mod:`fastvae.export.service_io`):
 
 * ``POST /sample`` ``{"n", "seed", "mode", "format"}`` -> n samples (``npy``, ``png`` or
   ``json``). With a ``seed`` the samples are those of ``OnnxSampler.sample(n, seed=seed)``;
-  without one they come from the server's own generator (not reproducible, and ~30 us cheaper).
+  without one they come from the server's own generator (not reproducible, and cheaper: the
+  batcher draws the latents of a whole batch in one call, and no generator is set up).
 * ``POST /decode`` latents (JSON or ``.npy``) -> the decoder's means.
 * ``GET /healthz`` -> ``{"status": "ok", "pending": requests in flight, "batches": decoder calls
   so far, "rows": latent rows decoded so far}``.
 * ``GET /metadata`` -> the decoder's metadata, provider, limits and batching settings.
 
 A bad request gets a 4xx status and ``{"error": "<one line>"}``. Concurrent requests' latents are
-decoded together (:class:`~fastvae.export.dynamic_batching.DynamicBatcher`); each request draws
-its latents (and observation noise) from its own seeded generator, as ``OnnxSampler.sample``
+decoded together (:class:`~fastvae.export.dynamic_batching.DynamicBatcher`); a seeded request
+draws its latents (and observation noise) from its own generator, as ``OnnxSampler.sample``
 does, so the same seed gives the same samples whether a request was batched or not.
 
 SIGTERM or Ctrl-C: the server stops accepting connections, the batcher decodes what is queued
@@ -57,7 +58,10 @@ class Batching:
 
 def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batching, unseeded: np.random.Generator):
     """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through ``batcher``;
-    ``unseeded``: the generator of requests without a seed (the one ``batcher`` draws from)."""
+    ``unseeded``: the generator of requests without a seed (the one ``batcher.draw_fn`` draws
+    their latents from; their observation noise comes from it too)."""
+    if batcher.draw_fn is None:
+        raise ValueError("build_app needs a batcher with a draw_fn: the latents of unseeded requests")
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
@@ -91,6 +95,9 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
 
     def error(status: int, reason: str) -> Response:
         return Response(error_body(reason), status_code=status, media_type="application/json")
+
+    def gone() -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; uvicorn sends nothing
 
     async def read_body(request: Request) -> bytes:
         """The request body, refused (413) beyond ``limits.max_body``; read from the ASGI
@@ -127,6 +134,8 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
                 raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
         except BadRequest as exc:
             return error(exc.status, exc.reason)
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
+            return gone()
         # an unseeded request's latents are drawn by the batcher, for the whole batch in one call,
         # from the server's generator; a seeded one sets up its own (~30 us: numpy's SeedSequence)
         if req.seed is None:
@@ -148,6 +157,8 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
                 raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
         except BadRequest as exc:
             return error(exc.status, exc.reason)
+        except ClientDisconnect:
+            return gone()
         body, content_type = encode(await batcher.decode(z), fmt)
         return Response(body, media_type=content_type)
 

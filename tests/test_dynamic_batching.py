@@ -18,10 +18,10 @@ from fastvae.export.dynamic_batching import DynamicBatcher
 class Recorder:
     """decode_fn / draw_fn that log their calls."""
 
-    def __init__(self, seed=0, fail_when=None):
+    def __init__(self, seed=0, fail_when=None, draw_fails_when=None):
         self.rng = np.random.default_rng(seed)
         self.decoded, self.drawn = [], []
-        self.fail_when = fail_when
+        self.fail_when, self.draw_fails_when = fail_when, draw_fails_when
 
     def decode(self, z):
         self.decoded.append(len(z))
@@ -31,19 +31,22 @@ class Recorder:
 
     def draw(self, rows):
         self.drawn.append(rows)
+        if self.draw_fails_when is not None and self.draw_fails_when(rows):
+            raise OSError("no entropy")
         return self.rng.standard_normal((rows, 3)).astype(np.float32)
 
 
 def run(recorder, requests, max_batch, max_wait=60.0):
     """Queue every request in one loop turn, then await them all: [(kind, arg)] -> results
-    (arrays or exceptions). ``("z", array)``: decode; ``("n", rows)``: fresh rows."""
+    (arrays or exceptions). ``("z", array)``: decode; ``("n", rows)``: fresh rows. A full batch
+    must not wait: a batcher that waits out ``max_wait`` fails the 20 s deadline."""
 
     async def main():
         batcher = DynamicBatcher(recorder.decode, max_batch, max_wait, draw_fn=recorder.draw)
         batcher.start()
         calls = [batcher.decode(arg) if kind == "z" else batcher.sample(arg) for kind, arg in requests]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        await batcher.close()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 20)
+        await asyncio.wait_for(batcher.close(), 20)
         return results, batcher
 
     return asyncio.run(main())
@@ -99,3 +102,47 @@ def test_sample_needs_a_draw_fn():
     batcher = DynamicBatcher(lambda z: z, 4, 0.0)
     with pytest.raises(RuntimeError, match="draw_fn"):
         batcher.sample(1)
+
+
+def test_a_failing_draw_reaches_the_requests_of_its_batch_only():
+    recorder = Recorder(draw_fails_when=lambda rows: rows == 3)
+    results, batcher = run(recorder, [("n", 1), ("n", 2), ("n", 2)], max_batch=3, max_wait=0.0)
+    assert recorder.drawn == [3, 2] and recorder.decoded == [2]  # the failed batch never decoded
+    assert all(isinstance(r, OSError) for r in results[:2]) and results[2].shape == (2, 3)
+    assert (batcher.batches, batcher.pending) == (1, 0)
+
+
+def test_a_decoder_returning_the_wrong_number_of_rows_is_an_error_not_short_answers():
+    async def main():
+        batcher = DynamicBatcher(lambda z: z[:-1], 4, 0.0)
+        batcher.start()
+        out = await asyncio.wait_for(asyncio.gather(batcher.decode(z_rows(2, 0)), batcher.decode(z_rows(2, 9)),
+                                                    return_exceptions=True), 20)
+        await batcher.close()
+        return out
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and "3 rows for 4" in str(r) for r in results)
+
+
+def test_a_cancelled_request_does_not_disturb_the_others_or_the_count():
+    """A client that goes away: its task is cancelled while queued; the batch still decodes the
+    others, pending returns to 0 and close() finishes."""
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher(recorder.decode, 8, 60.0, draw_fn=recorder.draw)
+        batcher.start()
+        tasks = [asyncio.ensure_future(batcher.sample(2)) for _ in range(3)]
+        await asyncio.sleep(0)  # not synchronisation by time: one loop turn, in which all three queue
+        assert batcher.pending == 3
+        tasks[1].cancel()
+        batcher.drain()  # decode what is queued now instead of waiting 60 s for a full batch
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        await asyncio.wait_for(batcher.close(), 20)
+        return results, batcher
+
+    results, batcher = asyncio.run(main())
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert results[0].shape == results[2].shape == (2, 3) and batcher.pending == 0
+    assert recorder.decoded == [6]  # the cancelled request's rows were decoded but handed to nobody

@@ -159,28 +159,68 @@ def test_decode_json_and_npy_bodies(server, decoder):
     np.testing.assert_allclose(np.asarray(json.loads(body)["data"]), numpy_decoder(weights, z), rtol=1e-5, atol=1e-6)
 
 
-def _chunked(server, path, chunks, headers):
-    """(status, body) of a request whose body is sent in chunks (Transfer-Encoding: chunked):
-    the server reads it as several messages."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    try:
-        conn.request("POST", path, body=iter(chunks), headers=headers, encode_chunked=True)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+def _asgi_post(decoder_path, path, messages, max_body=MAX_BODY):
+    """Run the service's ASGI app in this process on one POST whose body arrives as the given
+    ASGI messages (dicts, in order): (status, body bytes) of what the app sent."""
+    import asyncio
+
+    from fastvae.export.dynamic_batching import DynamicBatcher
+    from fastvae.export.http_service import Batching, build_app
+    from fastvae.export.service_io import Limits
+
+    sampler = OnnxSampler(decoder_path, threads=1)
+    unseeded = np.random.default_rng()
+
+    async def main():
+        batcher = DynamicBatcher(sampler.decode, 16, 0.0, draw_fn=lambda rows: sampler.draw_latents(rows, unseeded))
+        app = build_app(sampler, batcher, Limits(max_n=MAX_N, max_body=max_body), Batching(16, 0.0), unseeded)
+        batcher.start()
+        script, sent = iter(messages), []
+
+        async def receive():
+            return next(script)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000), "state": {}}
+        await asyncio.wait_for(app(scope, receive, send), 60)
+        await batcher.close()
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    return asyncio.run(main())
 
 
-def test_chunked_bodies_are_assembled_and_bounded(server, decoder):
-    _, weights = decoder
-    z = np.random.default_rng(6).standard_normal((40, LATENT)).astype(np.float32)
-    body = _npy(z)
-    status, out = _chunked(server, "/decode", [body[i:i + 100] for i in range(0, len(body), 100)], NPY)
+def _part(body, more=True):
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+def test_a_body_in_several_messages_is_assembled(decoder):
+    path, _ = decoder
+    status, body = _asgi_post(path, "/sample", [_part(b'{"n'), _part(b'": 2, "se'), _part(b'ed": 5}', more=False)])
     assert status == 200
-    np.testing.assert_allclose(np.load(io.BytesIO(out)), numpy_decoder(weights, z), rtol=1e-5, atol=1e-6)
-    status, out = _chunked(server, "/sample", [b'{"n": 1}'] + [b" " * 1000] * (MAX_BODY // 1000 + 1),
-                           {"Content-Type": "application/json"})
-    assert status == 413 and "--max-body" in json.loads(out)["error"]
+    np.testing.assert_array_equal(np.load(io.BytesIO(body)), OnnxSampler(path, threads=1).sample(2, seed=5))
+
+
+def test_a_body_over_the_limit_in_small_messages_is_refused(decoder):
+    """No single message is over --max-body, their sum is: 413 before the rest is read."""
+    path, _ = decoder
+    chunk = b" " * 300
+    status, body = _asgi_post(path, "/sample", [_part(b'{"n": 1}')] + [_part(chunk)] * 4 + [_part(b"", more=False)],
+                              max_body=1000)
+    assert status == 413 and "--max-body 1000" in json.loads(body)["error"]
+    status, _ = _asgi_post(path, "/sample", [_part(b'{"n": 1}' + chunk * 3, more=False)], max_body=1000)
+    assert status == 200  # 908 bytes: under the limit
+
+
+def test_a_client_gone_mid_body_gets_no_error_response(decoder):
+    path, _ = decoder
+    for endpoint in ("/sample", "/decode"):
+        status, body = _asgi_post(path, endpoint, [_part(b'{"n'), {"type": "http.disconnect"}])
+        assert status == 499 and body == b""  # nothing to answer: no 500, no traceback
 
 
 def _npy(array) -> bytes:
