@@ -64,6 +64,39 @@ def test_eager_call_allocates_only_its_outputs():
     assert type(z.grad_fn).__name__ == "ReparamKLFunctionBackward"
 
 
+def test_eager_calls_skip_function_apply_s_python_wrapper_with_the_same_result():
+    """This torch has the internals ``_plain_apply`` needs (so a torch that drops them shows
+    here); the plain apply gives what ``ReparamKLFunction.apply`` gives, node type included."""
+    assert rk._apply is not rk.ReparamKLFunction.apply
+    mu, logvar = inputs()
+    gz, gkl = torch.randn(4, 8), torch.randn(4)
+    got = rk._apply(mu, logvar, 11)
+    want = rk.ReparamKLFunction.apply(mu, logvar, 11)
+    assert type(got[0].grad_fn) is type(want[0].grad_fn)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    grads = [torch.autograd.grad(out, (mu, logvar), (gz, gkl)) for out in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_under_a_functorch_transform_the_op_behaves_as_function_apply_does():
+    """torch.func transforms take Function.apply's own path (this Function defines no
+    setup_context, so torch refuses it with its own message) for both entry points."""
+    mu, logvar = (t.detach() for t in inputs())
+
+    def loss(apply, m):
+        z, kl = apply(m, logvar, 3)
+        return z.sum() + kl.sum()
+
+    errors = []
+    for apply in (rk._apply, rk.ReparamKLFunction.apply):
+        with pytest.raises(RuntimeError, match="setup_context") as info:
+            torch.func.grad(lambda m: loss(apply, m))(mu)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
 def test_no_autograd_node_when_nothing_needs_grads():
     """Inputs without grads, or under no_grad: the kernel alone, no autograd.Function."""
     mu, logvar = (t.detach() for t in inputs((2, 3, 8)))
