@@ -56,12 +56,11 @@ class Batching:
     max_wait_ms: float = 2.0
 
 
-def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batching, unseeded: np.random.Generator):
-    """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through ``batcher``;
-    ``unseeded``: the generator of requests without a seed (the one ``batcher.draw_fn`` draws
-    their latents from; their observation noise comes from it too)."""
-    if batcher.draw_fn is None:
-        raise ValueError("build_app needs a batcher with a draw_fn: the latents of unseeded requests")
+def build_app(sampler, limits: Limits, batching: Batching):
+    """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through a
+    ``DynamicBatcher`` it makes with ``batching``, kept as ``app.state.batcher`` (started and
+    closed by the app's lifespan). Requests without a seed share one generator: the batcher
+    draws their latents from it, a batch at a time, and their observation noise comes from it."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
@@ -76,8 +75,12 @@ def build_app(sampler, batcher: DynamicBatcher, limits: Limits, batching: Batchi
         yield
         await batcher.close()
 
+    unseeded = np.random.default_rng()
+    batcher = DynamicBatcher(sampler.decode, batching.max_batch, batching.max_wait_ms / 1000,
+                             draw_fn=lambda rows: sampler.draw_latents(rows, unseeded))
     app = FastAPI(title="fastvae decoder", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   **_no_telemetry(FastAPI))
+    app.state.batcher = batcher
     can_png = png_possible(sampler.output_shape)
     metadata = json.dumps({
         "model": sampler.path.name,
@@ -243,16 +246,13 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
     if not 0 <= port <= 65535:
         raise FastVAEError(f"--port must be from 0 to 65535, got {port}")
     sampler = OnnxSampler(model_path, threads=threads, providers=[provider])
-    unseeded = np.random.default_rng()  # the generator of requests without a seed
-    batcher = DynamicBatcher(sampler.decode, batching.max_batch, batching.max_wait_ms / 1000,
-                             draw_fn=lambda rows: sampler.draw_latents(rows, unseeded))
-    app = build_app(sampler, batcher, limits, batching, unseeded)
+    app = build_app(sampler, limits, batching)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
         loop="auto", http="auto", timeout_graceful_shutdown=60,
     )
     server = _server_class()(config)
-    server.batcher = batcher
+    server.batcher = app.state.batcher
     sock = _listen(host, port)
     print(f"fastvae serve: {sampler!r}, {short_name(sampler.provider)} provider, max batch "
           f"{batching.max_batch}, max wait {batching.max_wait_ms:g} ms", flush=True)

@@ -164,16 +164,14 @@ def _asgi_post(decoder_path, path, messages, max_body=MAX_BODY):
     ASGI messages (dicts, in order): (status, body bytes) of what the app sent."""
     import asyncio
 
-    from fastvae.export.dynamic_batching import DynamicBatcher
     from fastvae.export.http_service import Batching, build_app
     from fastvae.export.service_io import Limits
 
     sampler = OnnxSampler(decoder_path, threads=1)
-    unseeded = np.random.default_rng()
 
     async def main():
-        batcher = DynamicBatcher(sampler.decode, 16, 0.0, draw_fn=lambda rows: sampler.draw_latents(rows, unseeded))
-        app = build_app(sampler, batcher, Limits(max_n=MAX_N, max_body=max_body), Batching(16, 0.0), unseeded)
+        app = build_app(sampler, Limits(max_n=MAX_N, max_body=max_body), Batching(16, 0.0))
+        batcher = app.state.batcher
         batcher.start()
         script, sent = iter(messages), []
 
