@@ -461,10 +461,7 @@ class ReparamKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, seed):
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: less work
-        if mu.dim() == 2 and mu.numel() and _use_kernel(mu):  # the common case, straight to the kernel
-            z, kl = _forward_triton(mu, logvar, seed)
-        else:
-            z, kl = _forward_any_shape(mu, logvar, seed)
+        z, kl = _forward_any_shape(mu, logvar, seed)
         if isinstance(seed, torch.Tensor):
             ctx.save_for_backward(mu, logvar, seed)
         else:
@@ -486,9 +483,6 @@ def _function_backward(ctx, grad_z, grad_kl):
     saved = ctx.saved_tensors
     mu, logvar = saved[0], saved[1]
     seed = saved[2] if len(saved) == 3 else ctx.seed
-    if mu.dim() == 2 and mu.numel() and _use_kernel(mu):  # the common case, straight to the kernel
-        dmu, dlv = _backward_triton(mu, logvar, seed, grad_z, grad_kl)
-        return dmu, dlv, None
     if mu.dim() != 2:
         shape, width = mu.shape, mu.shape[-1]
         mu, logvar = mu.reshape(-1, width), logvar.reshape(-1, width)
@@ -691,7 +685,7 @@ def reparameterize_kl(
                                _seed_tensor(seed))
         z, kl = z.view(shape), kl.view(shape[:-1])
     elif torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
-        z, kl = _apply(mu, logvar, draw_host_seed() if seed is None and not mu.is_cuda else _eager_seed(seed, mu))
+        z, kl = _apply(mu, logvar, _eager_seed(seed, mu))
     else:  # nothing to differentiate: no autograd node, just the kernel
         z, kl = _forward_any_shape(mu, logvar, _eager_seed(seed, mu))
     # The row reduction is a tiny deterministic second stage (no atomics in the kernel).
