@@ -235,7 +235,7 @@ def cpu_cases(sizes, dtypes, impls, calls: int, rounds: int) -> tuple[list[dict]
                     fns = {impl: one_call(make_op(impl), mode, mu, logvar, gz, gkl) for impl in impls}
                     floors = FLOORS if "fused" in impls and mode == "fwd_bwd" else {}
                     if floors:
-                        fns.update({k: one_call(op, mode, mu, logvar, gz, gkl) for k, op in FLOORS.items()})
+                        fns.update({k: one_call(op, mode, mu, logvar, gz, gkl) for k, op in floors.items()})
                     host = cpu_host_us(fns, calls, rounds)
                     itemsize = mu.element_size()
                     for impl in impls:

@@ -62,9 +62,9 @@ def _merge(bench: dict) -> None:
     """Keep, per benchmark name, the pass with the median p50 in ``common.MERGED_BENCHMARKS``."""
     runs = _RUNS.setdefault(bench["name"], [])
     runs.append(bench)
-    p50s = sorted(b["extra_info"].get("p50_us", 0.0) for b in runs)
-    chosen = sorted(runs, key=lambda b: b["extra_info"].get("p50_us", 0.0))[(len(runs) - 1) // 2]
-    chosen["extra_info"].update(p50_us_passes=p50s, passes=len(runs))
+    runs.sort(key=lambda b: b["extra_info"].get("p50_us", 0.0))
+    chosen = runs[(len(runs) - 1) // 2]
+    chosen["extra_info"].update(p50_us_passes=[b["extra_info"].get("p50_us", 0.0) for b in runs], passes=len(runs))
     common.MERGED_BENCHMARKS[:] = [b for b in common.MERGED_BENCHMARKS if b["name"] != bench["name"]]
     common.MERGED_BENCHMARKS.append(chosen)
 
