@@ -395,12 +395,21 @@ def nvidia_driver_version() -> str | None:
     return out.splitlines()[0].strip() if out else None
 
 
+def _onnxruntime_providers() -> list[str] | None:
+    """The execution providers the installed onnxruntime offers (None: it does not import)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return list(onnxruntime.get_available_providers())
+
+
 def device_info() -> dict[str, Any]:
     """Where and with what a benchmark ran: device, versions, date, git commit.
 
     Keys: ``device`` (GPU or CPU name), ``device_type``, ``slug``, ``gpu_count``,
     ``gpu_memory_GB``, ``peak_bandwidth_GBps``, ``cuda``, ``cudnn``, ``driver``, ``cpu``,
-    ``cpu_count``, ``torch``, ``triton``, ``onnxruntime``, ``onnx``, ``numpy``,
+    ``cpu_count``, ``torch``, ``triton``, ``onnxruntime``, ``onnxruntime_providers``, ``onnx``, ``numpy``,
     ``lightning_fabric``, ``pytest_benchmark``, ``fastvae``, ``python``, ``platform``,
     ``date`` (UTC, ISO 8601), ``git_commit``, ``git_dirty``, ``smoke``, ``loadavg``.
     """
@@ -441,6 +450,7 @@ def device_info() -> dict[str, Any]:
         ("fastvae", "fastvae"),
     ]:
         info[key] = _version(dist)
+    info["onnxruntime_providers"] = _onnxruntime_providers()
     if info["lightning_fabric"] is None and _version("lightning"):
         info["lightning_fabric"] = "lightning " + str(_version("lightning"))
     info["python"] = platform.python_version()

@@ -30,12 +30,14 @@
 # FASTVAE_GPU_TESTS_SET (a named subset of the GPU tests: "all" (default); "kernel": the fused
 #   reparameterize+KL op's files; "unreached": what the H200 runs of 2026-11-27 could not reach,
 #   FSDP + 16-mixed on CUDA, the device-seed kernel, CUDA-graph replays drawing fresh noise;
-#   "none": no tests),
+#   "onnx": the exported decoder on onnxruntime's CUDA provider and IO binding; "none": no tests),
 # FASTVAE_GPU_SUITES ("none": no pytest-benchmark suite),
 # FASTVAE_GPU_EXTRAS (the steps besides tests and suites: default "reparam_device precision
 #   tile_sweep"; "" skips all three; reparam_device runs right after the tests),
 # FASTVAE_GPU_DEVICE_CAP_S (reparam_device's cap, default 200 s),
 #   e.g. FASTVAE_GPU_SUITES=convkl FASTVAE_GPU_TESTS_K=convkl FASTVAE_GPU_EXTRAS="" for the spatial VAE alone,
+#   FASTVAE_GPU_SUITES=onnx_cuda FASTVAE_GPU_TESTS_SET=onnx FASTVAE_GPU_EXTRAS="" for ONNX decoders on the
+#   CUDA provider (both skip, saying why, where the image's onnxruntime lacks it: onnxruntime-gpu),
 # FASTVAE_GPU_MAX_TIME (pytest-benchmark --benchmark-max-time, default 0.25 s),
 # FASTVAE_GPU_STRICT=1 (exit 1 when a step failed; default: always exit 0),
 # FASTVAE_GPU_SKIP_INSTALL=1 (skip step 1, e.g. in a copy of the tree that must not be installed).
@@ -151,8 +153,9 @@ gpu_tests() {
     all) ;;
     kernel) paths=(tests/test_kernel_reparam_kl.py tests/test_kernel_gpu.py) ;;
     unreached) select=(-k "fsdp_fp16_on_cuda or seed_on_the_device or cuda_graph_replays or captured_unseeded") ;;
+    onnx) paths=(tests/test_onnx_cuda.py) ;;
     none) echo "no GPU tests (FASTVAE_GPU_TESTS_SET=none)"; return 0 ;;
-    *) echo "unknown FASTVAE_GPU_TESTS_SET=${FASTVAE_GPU_TESTS_SET} (all, kernel, unreached, none)"; return 2 ;;
+    *) echo "unknown FASTVAE_GPU_TESTS_SET=${FASTVAE_GPU_TESTS_SET} (all, kernel, unreached, onnx, none)"; return 2 ;;
   esac
   [ -n "${FASTVAE_GPU_TESTS_K:-}" ] && select=(-k "$FASTVAE_GPU_TESTS_K")
   timeout -s INT -k 20 "$cap" "${PYTEST[@]}" -m gpu "${paths[@]}" "${select[@]}" -q -p no:cacheprovider -rs --timeout=120
