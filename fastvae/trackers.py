@@ -5,8 +5,11 @@
   tensorboardX; ``--tensorboard`` is the same as ``--logger tensorboard``);
 - ``wandb``: Weights & Biases, offline by default (``RUN/wandb``; sync later with
   ``wandb sync``); ``WANDB_MODE=online`` logs live;
-- ``mlflow``: MLflow, into the local store ``RUN/mlruns`` unless ``MLFLOW_TRACKING_URI`` says
-  otherwise.
+- ``mlflow``: MLflow, into a store inside the run folder unless ``MLFLOW_TRACKING_URI`` says
+  otherwise: ``sqlite:///RUN/mlflow.db`` where SQLAlchemy is installed (full ``mlflow``; the
+  kind of store MLflow 3 defaults to), else the file store ``RUN/mlruns`` (``mlflow-skinny``;
+  MLflow 3 refuses that store unless ``MLFLOW_ALLOW_FILE_STORE=true``, which is then set for the
+  training process).
 wandb and mlflow are optional: a missing package is one clear error before training starts.
 The trainer logs each epoch's metrics row on global rank 0 (``fabric.log_dict``) and finalizes
 the loggers at the end. ``metrics.csv`` in the run folder is written by the trainer itself,
@@ -77,7 +80,7 @@ def _wandb(run_dir: Path):
             try:
                 self.run = wandb.init(dir=str(run_dir), project=os.environ.get("WANDB_PROJECT", "fastvae"),
                                       name=run_dir.name, mode=os.environ.get("WANDB_MODE", "offline"),
-                                      reinit=True)
+                                      reinit=_wandb_reinit(wandb.__version__))
             except Exception as exc:  # noqa: BLE001 - wandb raises many kinds
                 raise FastVAEError(f"--logger wandb could not start a run: {one_line(exc)}") from None
 
@@ -96,15 +99,25 @@ def _wandb(run_dir: Path):
     return WandbTracker()
 
 
+def _wandb_reinit(version: str):
+    """Finish a run still open in this process before starting the next: ``"finish_previous"``
+    from wandb 0.19.10 (which warns that ``True``, the older spelling, is deprecated)."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    return "finish_previous" if tuple(parts) >= (0, 19, 10) else True
+
+
 def _mlflow(run_dir: Path):
     import mlflow
 
     class MlflowTracker(_base()):
-        """An MLflow run as a Fabric logger (local store RUN/mlruns by default)."""
+        """An MLflow run as a Fabric logger (a store in the run folder by default)."""
 
         def __init__(self):
             super().__init__()
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir.resolve() / "mlruns").as_uri()
+            uri = mlflow_tracking_uri(run_dir)
             try:
                 self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
                 name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "fastvae")
@@ -129,3 +142,14 @@ def _mlflow(run_dir: Path):
             self.client.set_terminated(self.run_id, "FINISHED" if status == "success" else "KILLED")
 
     return MlflowTracker()
+
+
+def mlflow_tracking_uri(run_dir: Path) -> str:
+    """``MLFLOW_TRACKING_URI``, or a store inside ``run_dir`` (see the module docstring)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if importlib.util.find_spec("sqlalchemy") is not None:
+        return f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # read when the file store opens
+    return (run_dir.resolve() / "mlruns").as_uri()

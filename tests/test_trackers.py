@@ -1,0 +1,102 @@
+"""``--logger wandb`` and ``--logger mlflow`` with the real packages, offline.
+
+Every test trains 2 epochs with the network closed (HTTP(S) proxies pointed at a port nothing
+listens on, so any request fails) and reads what the tracker stored back with an independent
+reader: the values of the run's metrics.csv in wandb's offline run file, and MLflow's own
+client on the store inside the run folder (SQLite where SQLAlchemy is installed, the file store
+where it is not, as with mlflow-skinny alone). Skipped where the package is not installed
+(``pip install 'fastvae[trackers]'``; ``make test`` installs it with the dev extra).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from fastvae.cli import main
+from testkit import read_metrics
+
+HAVE_WANDB = importlib.util.find_spec("wandb") is not None
+HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None
+HAVE_SQLALCHEMY = importlib.util.find_spec("sqlalchemy") is not None and importlib.util.find_spec("alembic") is not None
+METRICS = ("train_loss", "test_neg_elbo")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # discard port: nothing listens there
+    for var in ("WANDB_MODE", "MLFLOW_TRACKING_URI", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    # whatever the run sets for itself is undone after the test
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "unset")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+
+
+def _train(capsys, run, *loggers) -> list[dict]:
+    args = ["train", "--epochs", "2", "--hidden-dim", "16", "--latent-dim", "2", "--quiet", "--no-pictures",
+            "--reparam", "torch", "--out", str(run)]
+    for name in loggers:
+        args += ["--logger", name]
+    try:
+        rc = main(args)
+    except SystemExit as exc:
+        rc = exc.code
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    return read_metrics(run)
+
+
+@pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
+def test_wandb_offline_run_holds_the_metrics(tmp_path, capsys, offline):
+    run = tmp_path / "run"
+    rows = _train(capsys, run, "wandb")
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, list((run / "wandb").rglob("*"))
+    stored = files[0].read_bytes()
+    # wandb stores each logged value as its JSON text: every epoch's figures are in the file
+    for row in rows:
+        for key in METRICS:
+            assert json.dumps(float(row[key])) == row[key]
+            assert row[key].encode() in stored, (key, row[key])
+    assert b"latent_dim" in stored  # the run's settings, as wandb's config
+
+
+def _mlflow_history(uri: str, run_name: str) -> dict[str, list[tuple[int, float]]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("fastvae")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_name for r in runs] == [run_name] and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert client.get_run(run_id).data.params["latent_dim"] == "2"
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in METRICS}
+
+
+def _assert_same_metrics(history, rows) -> None:
+    for key in METRICS:
+        assert history[key] == [(int(row["step"]), pytest.approx(float(row[key]))) for row in rows], key
+
+
+@pytest.mark.skipif(not (HAVE_MLFLOW and HAVE_SQLALCHEMY), reason="mlflow with SQLAlchemy is not installed")
+def test_mlflow_sqlite_store_in_the_run_folder(tmp_path, capsys, offline):
+    run = tmp_path / "run"
+    rows = _train(capsys, run, "mlflow", "csv")
+    assert (run / "mlflow.db").is_file() and not (run / "mlruns").exists()
+    _assert_same_metrics(_mlflow_history(f"sqlite:///{run.resolve() / 'mlflow.db'}", "run"), rows)
+
+
+@pytest.mark.skipif(not HAVE_MLFLOW, reason="mlflow is not installed")
+def test_mlflow_file_store_without_sqlalchemy(tmp_path, capsys, offline, monkeypatch):
+    """mlflow-skinny alone (no SQLAlchemy): the file store, which MLflow 3 opens only when
+    allowed; the run allows it for itself."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "sqlalchemy" else real(n, *a))
+    run = tmp_path / "run"
+    rows = _train(capsys, run, "mlflow")
+    assert (run / "mlruns").is_dir() and not (run / "mlflow.db").exists()
+    _assert_same_metrics(_mlflow_history((run.resolve() / "mlruns").as_uri(), "run"), rows)
