@@ -324,6 +324,23 @@ def reparam_kl_bytes(B: int, D: int, itemsize: int, mode: str) -> int:
 # --------------------------------------------------------------------------- device info
 
 
+def exported_decoders(folder: Path, specs: dict[str, dict], **export_kwargs: Any) -> dict[str, tuple]:
+    """{name: (model, ExportReport)}: for each spec a model built with ``torch.manual_seed(0)``
+    (eval mode) and its decoder exported to ``folder/NAME.onnx`` (``export_kwargs``: those of
+    ``fastvae.export.export_decoder``). Random weights: speed does not depend on their values."""
+    import torch
+
+    from fastvae.export import export_decoder
+    from fastvae.models import build_model
+
+    out = {}
+    for name, spec in specs.items():
+        torch.manual_seed(0)
+        model = build_model(spec).eval()
+        out[name] = (model, export_decoder(model, Path(folder) / f"{name}.onnx", **export_kwargs))
+    return out
+
+
 def _version(dist: str) -> str | None:
     try:
         return _md.version(dist)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import annotate, on_gpu, smoke_mode
+from common import annotate, exported_decoders, on_gpu, smoke_mode
 from fastvae.export.latency import percentile
 
 SMOKE = smoke_mode()
@@ -55,19 +55,8 @@ DEVICE = "cuda" if USE_CUDA else "cpu"  # smoke runs put the "cuda" paths on the
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
     """{name: (torch model on DEVICE, decoder.onnx)}."""
-    import torch
-
-    from fastvae.export import export_decoder
-    from fastvae.models import build_model
-
-    folder = tmp_path_factory.mktemp("bench_onnx_cuda")
-    out = {}
-    for name, spec in MODELS.items():
-        torch.manual_seed(0)
-        model = build_model(spec).eval()
-        path = export_decoder(model, folder / f"{name}.onnx", exporter="torchscript").path
-        out[name] = (model.to(DEVICE), path)
-    return out
+    exported = exported_decoders(tmp_path_factory.mktemp("bench_onnx_cuda"), MODELS, exporter="torchscript")
+    return {name: (model.to(DEVICE), report.path) for name, (model, report) in exported.items()}
 
 
 def _call(impl: str, model, path, z: np.ndarray):

@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 import pytest
-from common import smoke_mode
+from common import exported_decoders, smoke_mode
 
 SMOKE = smoke_mode()
 N_SAMPLES = 1_000 if SMOKE else 10_000
@@ -48,19 +48,8 @@ _mean_seconds: dict[tuple[str, str], float] = {}
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
     """{name: (torch model, fp32 .onnx path, int8 .onnx path)}, exported once per run."""
-    import torch
-
-    from fastvae.export import export_decoder
-    from fastvae.models import build_model
-
-    folder = tmp_path_factory.mktemp("bench_sampling")
-    out = {}
-    for name, spec in MODELS.items():
-        torch.manual_seed(0)
-        model = build_model(spec).eval()
-        report = export_decoder(model, folder / f"{name}.onnx", int8=True)
-        out[name] = (model, report.path, report.variants[0].path)
-    return out
+    exported = exported_decoders(tmp_path_factory.mktemp("bench_sampling"), MODELS, int8=True)
+    return {name: (model, report.path, report.variants[0].path) for name, (model, report) in exported.items()}
 
 
 def _torch_sampler(model):
