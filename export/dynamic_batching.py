@@ -8,8 +8,10 @@ already (a full batch ends the wait early), then decodes up to ``max_batch`` row
 order, with one call of ``decode_fn``: on a worker thread (onnxruntime releases the GIL, so the
 event loop keeps reading requests while the decoder runs), or on the loop's own thread when the
 call is expected to take less than ``inline_below`` seconds; and hands every request its own
-rows. ``max_batch=1`` turns batching off: one decoder call per request, no waiting. A request
-larger than ``max_batch`` rows is decoded alone.
+rows. ``max_wait`` counts from the arrival of the oldest queued request, so it bounds what
+batching adds to a request's latency beyond decoding. ``max_batch=1`` turns batching off: one
+decoder call per request, no waiting. A request larger than ``max_batch`` rows is decoded
+alone. Requests made after ``close()`` began raise ``ShuttingDown``.
 
 Each request's rows are the same whether it was batched or not (the decoder maps rows
 independently), so a seeded request gives the same samples under any load.
@@ -35,6 +37,10 @@ import numpy as np
 INLINE_BELOW = 250e-6
 
 
+class ShuttingDown(RuntimeError):
+    """A request made after ``close()`` began."""
+
+
 class DynamicBatcher:
     """Combines concurrent ``decode`` calls; see the module docstring.
 
@@ -55,12 +61,13 @@ class DynamicBatcher:
         self.inline_below = float(inline_below)
         self._seconds_per_row: float | None = None  # running estimate, from the calls made
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-decode")
-        self._items: deque = deque()  # (z or None: rows to draw, rows, future) in arrival order
+        self._items: deque = deque()  # (z or None: rows to draw, rows, future, arrival time) in order
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None  # set when a request is queued (or on drain)
         self._idle: asyncio.Event | None = None  # set while no request is pending
         self.draining = False
+        self._closing = False
         self._waiting_for_first = False
         self._queued_rows = 0  # rows in self._items
         self.pending = 0  # requests queued or being decoded
@@ -84,6 +91,7 @@ class DynamicBatcher:
 
     async def close(self) -> None:
         """Finish every pending request, then stop the task and the worker thread."""
+        self._closing = True  # no request from now on: idle below means nothing is left
         if self._task is not None:
             self._start_draining()
             await self._idle.wait()
@@ -106,11 +114,13 @@ class DynamicBatcher:
         return self._queue(None, n)
 
     async def _queue(self, z, rows: int) -> np.ndarray:
+        if self._closing:
+            raise ShuttingDown("the batcher is closing: no new requests")
         future = self._loop.create_future()
         self.pending += 1
         self._idle.clear()
         try:
-            self._items.append((z, rows, future))
+            self._items.append((z, rows, future, self._loop.time()))
             self._queued_rows += rows
             # wake the batching task only when it has something to do: a first request, or a
             # full batch (a wake-up per request would cost a task switch each)
@@ -132,9 +142,12 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 self._waiting_for_first = False
                 continue
-            if self._queued_rows < self.max_batch and self.max_wait > 0 and not self.draining:
+            # max_wait counts from the oldest request's arrival: time it spent queued behind
+            # the previous batch's decode is not waited again
+            left = items[0][3] + self.max_wait - loop.time()
+            if self._queued_rows < self.max_batch and left > 0 and not self.draining:
                 self._wakeup.clear()  # set by a full batch, drain() or the timer
-                timer = loop.call_later(self.max_wait, self._wakeup.set)
+                timer = loop.call_later(left, self._wakeup.set)
                 await self._wakeup.wait()
                 timer.cancel()
             batch, rows = [], 0
@@ -154,13 +167,13 @@ class DynamicBatcher:
 
     def _latents(self, batch, rows: int) -> np.ndarray:
         """The batch's latent rows in request order, fresh ones drawn in one call."""
-        fresh = sum(n for z, n, _ in batch if z is None)
-        if fresh == rows:
+        fresh = sum(n for z, n, _, _ in batch if z is None)
+        if fresh and fresh == rows:
             return self.draw_fn(rows)
         if len(batch) == 1:
             return batch[0][0]
         drawn, used, parts = self.draw_fn(fresh) if fresh else None, 0, []
-        for z, n, _ in batch:
+        for z, n, _, _ in batch:
             if z is None:
                 z, used = drawn[used:used + n], used + n
             parts.append(z)
@@ -177,14 +190,14 @@ class DynamicBatcher:
             if len(x) != rows:
                 raise RuntimeError(f"the decoder returned {len(x)} rows for {rows} latent rows")
         except Exception as exc:  # noqa: BLE001 - handed to the requests that asked
-            for _, _, future in batch:
+            for _, _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         self.batches += 1
         self.rows += rows
         start = 0
-        for _, n, future in batch:
+        for _, n, future, _ in batch:
             stop = start + n
             if not future.done():  # a client that went away cancelled its future
                 future.set_result(x[start:stop])

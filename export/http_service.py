@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fastvae.errors import FastVAEError
-from fastvae.export.dynamic_batching import DynamicBatcher
+from fastvae.export.dynamic_batching import DynamicBatcher, ShuttingDown
 from fastvae.export.service_io import (
     BadRequest,
     Limits,
@@ -177,6 +177,10 @@ def build_app(sampler, limits: Limits, batching: Batching):
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path} (endpoints: "
                                       "POST /sample, POST /decode, GET /healthz, GET /metadata)")
+
+    @app.exception_handler(ShuttingDown)
+    async def shutting_down(request: Request, exc: ShuttingDown) -> Response:
+        return error(503, "the server is shutting down: retry on another replica or after its restart")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

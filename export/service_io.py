@@ -87,20 +87,24 @@ def parse_decode(body: bytes, content_type: str | None, query_format: str | None
         except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, EOFError, ...
             raise BadRequest(400, f"the body is not a readable .npy array ({type(exc).__name__}); "
                                   "send np.save output or a JSON body") from None
+        if not isinstance(z, np.ndarray):  # an .npz archive: several arrays
+            raise BadRequest(400, "the body is an .npz archive, not one .npy array; send np.save output "
+                                  "or a JSON body")
         fmt = check_format(query_format or "npy")
     else:
         fields = _json_object(body, _DECODE_FIELDS, "a JSON object such as {\"z\": [[0.1, ...]]}")
         if "z" not in fields:
             raise BadRequest(400, f"missing 'z': give the latents as a list of {row}")
-        try:
-            z = np.asarray(fields["z"], dtype=np.float64)
-        except (ValueError, TypeError):
+        try:  # no dtype: strings and booleans stay what they are and are refused below
+            z = np.asarray(fields["z"])
+        except (ValueError, TypeError, OverflowError):
             raise BadRequest(400, f"'z' must be a list of {row} (ragged or not numbers)") from None
         fmt = check_format(fields.get("format", query_format or "npy"))
-    if z.dtype.kind not in "fiu" or z.shape[1:] != tuple(latent_shape) or len(z) == 0:
+    if z.dtype.kind not in "fiu":  # strings, booleans, integers beyond 64 bits (object), ...
+        raise BadRequest(400, f"'z' must hold numbers (float or int), got {_dtype_name(z)}")
+    if z.shape[1:] != tuple(latent_shape) or len(z) == 0:
         dims = ", ".join(map(str, latent_shape))
-        raise BadRequest(400, f"'z' must have shape (n, {dims}) with n >= 1, got {tuple(z.shape)} "
-                              f"of {z.dtype}")
+        raise BadRequest(400, f"'z' must have shape (n, {dims}) with n >= 1, got {tuple(z.shape)}")
     if len(z) > limits.max_n:
         raise BadRequest(413, f"'z' has {len(z)} rows, more than the server's --max-n {limits.max_n}")
     z = np.ascontiguousarray(z, dtype=np.float32)
@@ -201,3 +205,8 @@ def _integer(value, name: str) -> int:
 
 def _show(value) -> str:
     return json.dumps(value)[:60] if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+
+
+def _dtype_name(z: np.ndarray) -> str:
+    return {"b": "booleans", "U": "strings", "S": "bytes", "O": "mixed values or integers beyond 64 bits"
+            }.get(z.dtype.kind, f"dtype {z.dtype}")

@@ -6,7 +6,7 @@
 - ``wandb``: Weights & Biases, offline by default (``RUN/wandb``; sync later with
   ``wandb sync``); ``WANDB_MODE=online`` logs live;
 - ``mlflow``: MLflow, into a store inside the run folder unless ``MLFLOW_TRACKING_URI`` says
-  otherwise: ``sqlite:///RUN/mlflow.db`` where SQLAlchemy is installed (full ``mlflow``; the
+  otherwise: ``sqlite:///RUN/mlflow.db`` where SQLAlchemy and Alembic are installed (full ``mlflow``; the
   kind of store MLflow 3 defaults to), else the file store ``RUN/mlruns`` (``mlflow-skinny``;
   MLflow 3 refuses that store unless ``MLFLOW_ALLOW_FILE_STORE=true``, which is then set for the
   training process).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from fastvae.config import TRACKERS
@@ -102,11 +103,8 @@ def _wandb(run_dir: Path):
 def _wandb_reinit(version: str):
     """Finish a run still open in this process before starting the next: ``"finish_previous"``
     from wandb 0.19.10 (which warns that ``True``, the older spelling, is deprecated)."""
-    parts = []
-    for piece in version.split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-        parts.append(int(digits) if digits else 0)
-    return "finish_previous" if tuple(parts) >= (0, 19, 10) else True
+    parts = [re.match(r"\d*", piece).group() for piece in version.split(".")[:3]]  # "10rc1" -> 10
+    return "finish_previous" if tuple(int(p or 0) for p in parts) >= (0, 19, 10) else True
 
 
 def _mlflow(run_dir: Path):
@@ -149,7 +147,12 @@ def mlflow_tracking_uri(run_dir: Path) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    if importlib.util.find_spec("sqlalchemy") is not None:
-        return f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    folder = run_dir.resolve()
+    # MLflow's SQL store needs SQLAlchemy and Alembic; SQLAlchemy reads "?", "#" and "%" in a
+    # sqlite:/// path as URL syntax (a database outside the run folder), so those take the file
+    # store, whose file:// URI quotes them
+    sql = all(importlib.util.find_spec(m) is not None for m in ("sqlalchemy", "alembic"))
+    if sql and not any(c in str(folder) for c in "?#%"):
+        return f"sqlite:///{folder / 'mlflow.db'}"
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # read when the file store opens
-    return (run_dir.resolve() / "mlruns").as_uri()
+    return (folder / "mlruns").as_uri()

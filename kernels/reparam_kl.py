@@ -605,7 +605,10 @@ def draw_host_seed(generator: "torch.Generator | None" = None) -> int:
     reproducible under ``torch.manual_seed``, no device sync, no tensor allocated per call."""
     buf = getattr(_seed_buffers, "buf", None)
     if buf is None:
-        buf = _seed_buffers.buf = torch.empty((), dtype=torch.int64)
+        # a normal CPU tensor whatever mode the first call runs in (made under inference_mode it
+        # would refuse the in-place draws of every later call outside it)
+        with torch.inference_mode(False):
+            buf = _seed_buffers.buf = torch.empty((), dtype=torch.int64, device="cpu")
     if generator is None:  # random_(to) draws what random_(0, to) does, ~1 us cheaper
         return buf.random_(2**31 - 1).item()
     return buf.random_(2**31 - 1, generator=generator).item()

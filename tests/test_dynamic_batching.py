@@ -8,11 +8,13 @@ whose draws the test repeats.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from fastvae.export.dynamic_batching import DynamicBatcher
+from fastvae.export.dynamic_batching import DynamicBatcher, ShuttingDown
 
 
 class Recorder:
@@ -146,3 +148,69 @@ def test_a_cancelled_request_does_not_disturb_the_others_or_the_count():
     assert isinstance(results[1], asyncio.CancelledError)
     assert results[0].shape == results[2].shape == (2, 3) and batcher.pending == 0
     assert recorder.decoded == [6]  # the cancelled request's rows were decoded but handed to nobody
+
+
+def test_an_empty_request_is_decoded_as_given_with_or_without_a_draw_fn():
+    recorder = Recorder()
+    results, _ = run(recorder, [("z", np.zeros((0, 3), np.float32))], max_batch=4, max_wait=0.0)
+    assert results[0].shape == (0, 3) and recorder.drawn == []
+
+    async def main():  # no draw_fn at all
+        batcher = DynamicBatcher(lambda z: z * 2.0, 4, 0.0)
+        batcher.start()
+        out = await asyncio.wait_for(batcher.decode(np.zeros((0, 3), np.float32)), 20)
+        await batcher.close()
+        return out
+
+    assert asyncio.run(main()).shape == (0, 3)
+
+
+def test_max_wait_counts_from_arrival_so_a_request_queued_behind_a_decode_is_not_held_again():
+    """A partial batch waits max_wait from its arrival (the timer fires); a request that arrives
+    while that batch decodes, and has been queued for max_wait when the decode ends, is decoded
+    straight after it instead of waiting max_wait more."""
+    max_wait = 1.0
+    started, log = threading.Event(), []  # log: (rows, monotonic time the decoder got them)
+
+    def decode(z):
+        log.append((len(z), time.monotonic()))
+        if len(log) == 1:  # the first batch: hold it until the second request is overdue
+            started.set()
+            while time.monotonic() < second_arrival[0] + max_wait + 0.2:
+                time.sleep(0.01)  # not synchronisation: the time that must pass is the subject
+        return z * 2.0
+
+    second_arrival = [float("inf")]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher = DynamicBatcher(decode, 8, max_wait)
+        batcher.start()
+        first_arrival = time.monotonic()
+        first = asyncio.ensure_future(batcher.decode(z_rows(1, 0)))
+        await loop.run_in_executor(None, started.wait)  # the first batch is being decoded
+        second_arrival[0] = time.monotonic()
+        second = await asyncio.wait_for(batcher.decode(z_rows(1, 10)), 20)
+        await asyncio.wait_for(first, 20)
+        await batcher.close()
+        return first_arrival, second
+
+    first_arrival, second = asyncio.run(main())
+    np.testing.assert_array_equal(second, 2 * z_rows(1, 10))
+    (rows_a, t_a), (rows_b, t_b) = log
+    assert rows_a == rows_b == 1
+    assert t_a - first_arrival >= max_wait - 0.05  # the partial batch waited for company
+    # the second batch: decoded right after the first one ended, not max_wait later
+    first_end = second_arrival[0] + max_wait + 0.2
+    assert t_b - first_end < max_wait / 2, (t_b - first_end)
+
+
+def test_requests_after_close_are_refused():
+    async def main():
+        batcher = DynamicBatcher(lambda z: z, 4, 0.0)
+        batcher.start()
+        await batcher.close()
+        with pytest.raises(ShuttingDown):
+            await batcher.decode(z_rows(1, 0))
+
+    asyncio.run(main())

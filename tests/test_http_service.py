@@ -227,6 +227,12 @@ def _npy(array) -> bytes:
     return buffer.getvalue()
 
 
+def _npz(array) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, z=array)
+    return buffer.getvalue()
+
+
 NPY = {"Content-Type": "application/x-npy"}
 BAD = {
     "malformed_json": ("/sample", b'{"n": 2', None, 400, "not valid JSON"),
@@ -245,6 +251,10 @@ BAD = {
     "one_dim": ("/decode", {"z": [0.0] * LATENT}, None, 400, f"shape (n, {LATENT})"),
     "ragged": ("/decode", {"z": [[0.0] * LATENT, [0.0]]}, None, 400, "ragged"),
     "strings": ("/decode", {"z": [["a"] * LATENT]}, None, 400, "numbers"),
+    "numeric_strings": ("/decode", {"z": [["1"] * LATENT]}, None, 400, "must hold numbers"),
+    "booleans": ("/decode", {"z": [[True] * LATENT]}, None, 400, "must hold numbers"),
+    "integer_beyond_64_bits": ("/decode", b'{"z": [[' + b"9" * 400 + b', 0, 0, 0]]}', None, 400, "must hold numbers"),
+    "npz_archive": ("/decode", _npz(np.zeros((2, LATENT), np.float32)), NPY, 400, ".npz archive"),
     "nan": ("/decode", b'{"z": [[NaN, 0, 0, 0]]}', None, 400, "NaN or infinite"),
     "inf": ("/decode", b'{"z": [[Infinity, 0, 0, 0]]}', None, 400, "NaN or infinite"),
     "beyond_float32": ("/decode", {"z": [[1e39, 0, 0, 0]]}, None, 400, "NaN or infinite"),

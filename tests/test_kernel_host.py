@@ -290,3 +290,30 @@ def test_host_seeds_are_torch_generator_draws_reproducible_under_manual_seed():
     own = [rk.draw_host_seed(gen) for _ in range(5)]
     gen.manual_seed(3)
     assert own == [int(reference.random_(0, 2**31 - 1, generator=gen)) for _ in range(5)]
+
+
+def test_a_first_unseeded_call_under_inference_mode_leaves_later_training_calls_working():
+    """The per-thread seed buffer is made outside inference mode whatever mode the first draw
+    runs in (an inference tensor would refuse the in-place draws of every later call)."""
+    import threading
+
+    errors, results = [], []
+
+    def fresh_thread():  # a new thread: its seed buffer does not exist yet
+        try:
+            mu = torch.zeros(4, 8)
+            with torch.inference_mode():
+                rk.draw_host_seed()
+                reparameterize_kl(mu, mu)
+            leaf = mu.clone().requires_grad_(True)
+            z, kl = reparameterize_kl(leaf, leaf)
+            (z.sum() + kl.sum()).backward()
+            results.append((rk.draw_host_seed(), leaf.grad.shape))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert results and results[0][1] == (4, 8)

@@ -100,3 +100,36 @@ def test_mlflow_file_store_without_sqlalchemy(tmp_path, capsys, offline, monkeyp
     rows = _train(capsys, run, "mlflow")
     assert (run / "mlruns").is_dir() and not (run / "mlflow.db").exists()
     _assert_same_metrics(_mlflow_history((run.resolve() / "mlruns").as_uri(), "run"), rows)
+
+
+def test_mlflow_store_choice(tmp_path, monkeypatch, offline):
+    """SQLite needs SQLAlchemy and Alembic and a path SQLAlchemy reads as a path; else the file
+    store (file:// URIs quote '?', '#', '%'); MLFLOW_TRACKING_URI wins."""
+    from fastvae.trackers import mlflow_tracking_uri
+
+    real = importlib.util.find_spec
+    have = {"sqlalchemy": True, "alembic": True}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: (object() if have[n] else None) if n in have else real(n, *a))
+    plain = tmp_path / "run"
+    assert mlflow_tracking_uri(plain) == f"sqlite:///{plain.resolve() / 'mlflow.db'}"
+    for name in ("run?x=1", "run#2", "run%20y"):
+        uri = mlflow_tracking_uri(tmp_path / name)
+        assert uri == (tmp_path / name / "mlruns").resolve().as_uri() and "?" not in uri and "#" not in uri
+    have["alembic"] = False
+    assert mlflow_tracking_uri(plain) == (plain / "mlruns").resolve().as_uri()
+    import os
+
+    assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert mlflow_tracking_uri(plain) == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize("version,expected", [("0.19.10", "finish_previous"), ("0.31.0", "finish_previous"),
+                                              ("1.0.0rc1", "finish_previous"), ("0.19.10rc1", "finish_previous"),
+                                              ("0.19.9", True), ("0.19.1rc2", True), ("0.19.9rc10", True),
+                                              ("0.17.0", True), ("0.19", True)])
+def test_wandb_reinit_spelling_by_version(version, expected):
+    from fastvae.trackers import _wandb_reinit
+
+    assert _wandb_reinit(version) == expected
