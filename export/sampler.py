@@ -51,8 +51,11 @@ def session_options(threads: int | None = None, spin: bool = True):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only; problems become FastVAEError messages
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise FastVAEError(f"threads must be a positive integer, got {threads!r}")
+        cpus = os.cpu_count() or 1
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+            # more threads than CPUs only slows a call down (and 10^5 of them stall the machine)
+            raise FastVAEError(f"threads must be an integer from 1 to {cpus} (the CPUs of this machine), "
+                               f"got {threads!r}")
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.force_spinning_stop", "1")

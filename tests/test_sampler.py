@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -96,6 +97,9 @@ def test_bad_arguments(path):
         sampler.sample(3, batch_size=0)
     with pytest.raises(FastVAEError, match="threads"):
         OnnxSampler(path, threads=0)
+    cpus = os.cpu_count() or 1
+    with pytest.raises(FastVAEError, match=f"from 1 to {cpus}"):  # no session of 10^5 threads
+        OnnxSampler(path, threads=100_000)
 
 
 # -- broken files --------------------------------------------------------------------------------
