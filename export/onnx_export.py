@@ -196,6 +196,9 @@ def _check_arguments(path: Path, opset, exporter: str, check_batches, fp16: bool
     for target in targets:
         if target.is_dir():
             raise FastVAEError(f"{target} is a folder: give a file name such as {target / 'decoder.onnx'}")
+    if path.suffix.lower() != ".onnx":  # never over a checkpoint, an image or another run file
+        raise FastVAEError(f"{path} is not an .onnx file name: give one such as "
+                           f"{path.with_suffix('.onnx') if path.name else 'decoder.onnx'}")
     return opset, check_batches
 
 

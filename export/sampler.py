@@ -29,7 +29,8 @@ MODES = ("mean", "sample")
 
 
 def _reexport_hint(path: Path) -> str:
-    return f"export it again with 'fastvae export RUN --out {path}'"
+    target = path if path.suffix.lower() == ".onnx" else "decoder.onnx"  # never a checkpoint's path
+    return f"export the decoder again with 'fastvae export RUN --out {target}'"
 
 
 def session_options(threads: int | None = None, spin: bool = True):

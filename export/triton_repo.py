@@ -51,20 +51,26 @@ class TritonRepository:
                 f"dynamic batching): {self.config} and {self.model}")
 
 
+def check_repository_target(repo: str | os.PathLike, name: str, max_batch: int) -> None:
+    """FastVAEError (one line) for a model name, batch size or repository path that cannot
+    work: checked before anything is written (``fastvae export`` calls it before exporting)."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        raise FastVAEError(f"--name must be letters, digits, '_', '-' or '.' (not '.' or '..'), got {name!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise FastVAEError(f"--max-batch must be a positive integer, got {max_batch!r}")
+    if Path(repo).exists() and not Path(repo).is_dir():
+        raise FastVAEError(f"--triton-repo {repo} is a file: give a folder (it is created if missing)")
+
+
 def write_triton_repository(onnx_path, repo: str | os.PathLike, *, name: str = DEFAULT_NAME,
                             max_batch: int = DEFAULT_MAX_BATCH,
                             max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> TritonRepository:
     """Write ``repo/name/config.pbtxt`` and ``repo/name/1/model.onnx`` for the fastvae decoder
     ``onnx_path``; FastVAEError (one line) for a bad name, batch size or file."""
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
-        raise FastVAEError(f"--name must be letters, digits, '_', '-' or '.', got {name!r}")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise FastVAEError(f"--max-batch must be a positive integer, got {max_batch!r}")
+    check_repository_target(repo, name, max_batch)
     source = Path(onnx_path)
     text = config_text(source, name, max_batch, max_queue_delay_us)
     folder = Path(repo) / name
-    if Path(repo).exists() and not Path(repo).is_dir():
-        raise FastVAEError(f"--triton-repo {repo} is a file: give a folder (it is created if missing)")
     from fastvae.export.onnx_export import _files_of
 
     version_dir = folder / VERSION

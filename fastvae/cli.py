@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from fastvae import __version__, interrupts
 from fastvae.errors import FastVAEError
@@ -86,6 +87,44 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:  # a library caller's handler, or a second Ctrl-C in training
         print(f"fastvae {args.command}: interrupted", file=sys.stderr)
         return interrupts.EXIT_STATUS
+    except OSError as exc:  # an unwritable --out, a full disk, a folder where a file goes, ...
+        print(f"fastvae {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:
+        print(f"fastvae {args.command}: error: {_memory_error(exc)}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not _is_allocation_failure(exc):
+            raise
+        print(f"fastvae {args.command}: error: {_memory_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(exc: OSError) -> str:
+    """What could not be read or written, and why, in one line. A temporary file (written
+    beside its destination, then moved into place) is named by its folder."""
+    name = exc.filename
+    if name is None:
+        return f"{exc.strerror or exc}"
+    path = Path(str(name))
+    if path.name.startswith(".") and ".tmp-" in path.name:
+        where = f"write into {path.parent}"
+    else:
+        where = f"use {path}"
+    if exc.filename2 is not None:
+        where += f" (moving it to {exc.filename2})"
+    return f"cannot {where}: {exc.strerror or type(exc).__name__}; check the path and its permissions"
+
+
+def _is_allocation_failure(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _memory_error(exc: BaseException) -> str:
+    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return (f"not enough memory ({detail}): use smaller sizes (-n, --batch-size, --latent-dim, "
+            "--hidden-dim, ...)")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,12 @@ class TrainConfig:
                 sign = {"lr": "positive", "sigma": "positive",
                         "test_fraction": "between 0 and 1"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
+        for name in ("seed", "split_seed"):  # numpy's and Lightning's seeds are 32-bit unsigned
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+                raise FastVAEError(f"--{_flag(name)} must be an integer from 0 to {2**32 - 1}, got {value!r}")
+        if self.compile_mode != "default":  # a mode compiles: config.json says so
+            self.compile = True
         if isinstance(self.workers, bool) or not 0 <= self.workers <= MAX_WORKERS:
             raise FastVAEError(f"--workers must be an integer from 0 (read in the training process) "
                                f"to {MAX_WORKERS}, got {self.workers!r}")

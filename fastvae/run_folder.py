@@ -141,8 +141,9 @@ def read_config(run_dir: str | os.PathLike) -> dict | None:
     try:
         values = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FastVAEError(f"{path} could not be read ({exc}): repair it, or delete it to use "
-                           "the settings stored in the checkpoint") from None
+        raise FastVAEError(f"{path} could not be read ({exc}): repair it, or delete it (--resume, "
+                           "evaluate, export and report then take the settings stored in the "
+                           "checkpoint)") from None
     if not isinstance(values, dict):
         raise FastVAEError(f"{path} must hold one object of settings, not {type(values).__name__}")
     return values
@@ -239,11 +240,23 @@ def check_resume(run_dir, saved: dict, settings: dict, identity: tuple[str, ...]
         )
 
 
+# What fastvae writes into a run folder besides config, metrics and checkpoints: the report,
+# exported models (default names, their fp16/int8 variants and external data) and trackers' logs
+RUN_OUTPUTS = ("report.md", "report.html", "csv", "tensorboard", "wandb", "mlflow.db", "mlruns")
+RUN_OUTPUT_PATTERNS = ("decoder*.onnx*", "encoder*.onnx*")
+
+
 def clear_run(run_dir: str | os.PathLike) -> None:
-    """Remove a previous run's config, metrics and checkpoints (the ``--overwrite`` case)."""
-    for name in (CONFIG_JSON, METRICS_CSV, CHECKPOINTS):
-        target = Path(run_dir) / name
-        if target.is_dir():
+    """Remove everything a previous run wrote into ``run_dir`` (the ``--overwrite`` case): its
+    config, metrics, checkpoints, pictures, report, exported decoder/encoder and tracker logs, so
+    nothing of the old model outlives it (a report would show its pictures). Other files stay."""
+    from fastvae.viz import PICTURES
+
+    run_dir = Path(run_dir)
+    targets = [run_dir / name for name in (CONFIG_JSON, METRICS_CSV, CHECKPOINTS, *PICTURES, *RUN_OUTPUTS)]
+    targets += [path for pattern in RUN_OUTPUT_PATTERNS for path in sorted(run_dir.glob(pattern))]
+    for target in targets:
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-        elif target.exists():
+        elif target.exists() or target.is_symlink():
             target.unlink()

@@ -244,6 +244,10 @@ def test_console_script_is_installed():
     (["--batch-size", "abc"], ["--batch-size"]),
     (["--lr", "fast"], ["--lr"]),
     (["--no-such-flag"], ["--no-such-flag"]),
+    (["--seed", "-1"], ["--seed", "from 0 to 4294967295"]),
+    (["--seed", "4294967296"], ["--seed", "from 0 to 4294967295"]),
+    (["--split-seed", "-2"], ["--split-seed"]),
+    (["--no-compile", "--compile-mode", "reduce-overhead"], ["--no-compile", "--compile-mode"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
 def test_bad_train_flags(tmp_path, args, needles):
     # validated before torch is imported: each case takes a fraction of a second
@@ -256,7 +260,10 @@ def test_a_compile_mode_implies_compile_and_is_validated_in_config_files():
     from fastvae.errors import FastVAEError
 
     assert not TrainConfig().compiled and TrainConfig(compile=True).compiled
-    assert TrainConfig(compile_mode="reduce-overhead").validate().compiled
+    implied = TrainConfig(compile_mode="reduce-overhead").validate()
+    assert implied.compiled and implied.to_dict()["compile"] is True  # config.json says it compiles
+    with pytest.raises(FastVAEError, match="--seed must be an integer from 0"):
+        TrainConfig(seed=-1).validate()  # from a config file
     with pytest.raises(FastVAEError, match="--compile-mode 'fast' is not supported: use one of default"):
         TrainConfig(compile_mode="fast").validate()
 
@@ -378,3 +385,51 @@ def test_piped_output_has_epoch_lines_but_no_progress_bar(tmp_path):
     log = out + err
     assert "epoch 1/2  loss" in log and "epoch 2/2  loss" in log
     assert "\r" not in log and "it/s" not in log and "IWAE k=" not in log
+
+
+# ----------------------------------------------------------------------------- files, memory, overwrite
+
+
+def test_unwritable_out_and_too_much_memory_are_one_line(tmp_path, capsys):
+    rc, _, err = cli(capsys, "train", *TINY, "--reparam", "torch", "--out", "/proc/fastvae-run")
+    assert_one_line_error(rc, err, "/proc/fastvae-run")
+    rc, _, err = cli(capsys, "train", "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "100000000000", "--quiet",
+                     "--no-pictures", "--reparam", "torch", "--out", tmp_path / "huge")
+    assert_one_line_error(rc, err, "not enough memory", "--latent-dim")
+
+
+def test_export_never_writes_over_the_checkpoint_and_checks_triton_flags_first(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(capsys, "train", *TINY, "--reparam", "torch", "--out", run)[0] == 0
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    before = checkpoint.read_bytes()
+    rc, _, err = cli(capsys, "export", run, "--out", checkpoint)
+    assert_one_line_error(rc, err, "not an .onnx file")
+    assert checkpoint.read_bytes() == before
+    # the sampler's hint for a file that is no decoder names a decoder file, never the checkpoint
+    rc, _, err = cli(capsys, "sample", checkpoint, "-n", "2", "--out", tmp_path / "s.npy")
+    assert_one_line_error(rc, err, "--out decoder.onnx")
+    for flags, needle in ((["--name", ".."], "--name"), (["--triton-repo", checkpoint], "is a file"),
+                          (["--max-batch", "0"], "--max-batch")):
+        extra = flags if flags[0] == "--triton-repo" else ["--triton-repo", tmp_path / "repo", *flags]
+        rc, _, err = cli(capsys, "export", run, *extra)
+        assert_one_line_error(rc, err, needle)
+        assert not (run / "decoder.onnx").exists()  # refused before the export's work
+
+
+def test_overwrite_removes_the_old_runs_outputs_and_resume_survives_a_deleted_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(capsys, "train", *TINY, "--reparam", "torch", "--out", run)[0] == 0
+    assert cli(capsys, "export", run, "--exporter", "torchscript")[0] == 0
+    (run / "samples.png").write_bytes(b"the old model's samples")
+    (run / "notes.txt").write_text("mine")
+    rc, _, err = cli(capsys, "train", *TINY, "--reparam", "torch", "--latent-dim", "3", "--overwrite", "--out", run)
+    assert rc == 0, err
+    assert not (run / "decoder.onnx").exists() and not (run / "samples.png").exists()
+    assert (run / "notes.txt").read_text() == "mine"
+    # a deleted config.json: --resume takes the settings stored in the checkpoint
+    (run / "config.json").unlink()
+    rc, out, err = cli(capsys, "train", "--resume", "--epochs", "2", "--quiet", "--out", run)
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["epochs"] == 2
+    assert json.loads((run / "config.json").read_text())["latent_dim"] == 3

@@ -154,9 +154,16 @@ def test_clobber_rules(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FastVAEError, match="is a file"):
         run_folder.check_out_folder(tmp_path / "file", resume=False, overwrite=False)
-    (run / "samples.png").write_bytes(b"png")
+    # what the old run wrote goes (a report of the new run would show its pictures and decoder);
+    # the user's own files stay
+    old_outputs = ["samples.png", "loss_curves.png", "report.md", "decoder.onnx", "decoder.int8.onnx",
+                   "encoder.onnx", "mlflow.db"]
+    for name in old_outputs + ["notes.txt", "my_decoder.onnx"]:
+        (run / name).write_bytes(b"old")
+    for folder in ("wandb", "csv", "mlruns"):
+        (run / folder / "inner").mkdir(parents=True)
     run_folder.clear_run(run)
-    assert sorted(p.name for p in run.iterdir()) == ["samples.png"]
+    assert sorted(p.name for p in run.iterdir()) == ["my_decoder.onnx", "notes.txt"]
 
 
 def test_resume_rules():

@@ -37,15 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fastvae.errors import FastVAEError
     from fastvae.export import export_decoder
 
     out = args.out
     if out is None:
         source = Path(args.run)
         out = source / "decoder.onnx" if source.is_dir() else source.with_suffix(".onnx")
-    if args.triton_repo is not None and args.max_batch < 1:  # checked before the export's work
-        raise FastVAEError(f"--max-batch must be a positive integer, got {args.max_batch}")
+    if args.triton_repo is not None:  # checked before the export's work
+        from fastvae.export.triton_repo import check_repository_target
+
+        check_repository_target(args.triton_repo, args.name, args.max_batch)
     if args.encoder:  # before the decoder: a run without a spatial encoder fails before writing anything
         from fastvae.export.encoder_export import encoder_path, export_encoder
 

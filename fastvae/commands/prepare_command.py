@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fastvae.commands import arg_types
+
 HELP = "convert images or arrays into a sharded uint8 dataset that 'fastvae train --data' streams"
 DESCRIPTION = (
     "Convert SRC - a folder of PNG/JPEG images (subfolders name the labels), an MNIST IDX file or "
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.1,
                         help="held-out share for sources without a split of their own (seeded, "
                         "stratified by label)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split and "
+    parser.add_argument("--split-seed", type=arg_types.seed, default=0, help="seed of the held-out split and "
                         "of the order the train examples are written in")
     parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: none)")
     parser.add_argument("--skip-bad", action="store_true", help="skip images that cannot be decoded "

@@ -3,6 +3,8 @@ and timing."""
 
 from __future__ import annotations
 
+from fastvae.commands import arg_types
+
 HELP = "write a report page (Markdown or HTML) of a run: settings, metrics, pictures, timing"
 DESCRIPTION = (
     "Evaluate a trained run on its test split (-ELBO, IWAE NLL, reconstruction, KL, KL per latent "
@@ -18,7 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iwae-k", type=int, default=1000, help="importance samples for the IWAE bound; 0 skips it")
     parser.add_argument("--data", default=None, help="data source to evaluate on (default: the run's config.json 'data')")
     parser.add_argument("--redraw", action="store_true", help="redraw all pictures, not only the missing ones")
-    parser.add_argument("--seed", type=int, help="seed of the evaluation noise and the sampled pictures "
+    parser.add_argument("--seed", type=arg_types.seed, help="seed of the evaluation noise and the sampled pictures "
                         "(default: the run's seed, so -ELBO matches the last test_neg_elbo in metrics.csv)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the IWAE progress bar (it shows only on a terminal anyway)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fastvae.commands import arg_types
+
 HELP = "train a VAE (or the MSE autoencoder baseline) into a run folder"
 DESCRIPTION = (
     "Train a VAE on the bundled 8x8 digits or your own data, writing config.json, metrics.csv, "
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    f"(default {d.data})")
     a.add_argument("--test-fraction", type=float, help="held-out share of data without a split of "
                    f"its own: seeded, stratified by label (default {d.test_fraction})")
-    a.add_argument("--split-seed", type=int, help=f"seed of that held-out split (default {d.split_seed})")
+    a.add_argument("--split-seed", type=arg_types.seed, help=f"seed of that held-out split (default {d.split_seed})")
     a.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
                    help="convert a folder of colour images to one channel (default off: colour is kept)")
     a.add_argument("--workers", type=int, help="DataLoader processes reading a prepared dataset "
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--epochs", type=int, help=f"passes over the training split (default {d.epochs})")
     o.add_argument("--batch-size", type=int, help=f"examples per step per device (default {d.batch_size})")
     o.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    o.add_argument("--seed", type=int, help=f"random seed for weights, shuffling and noise (default {d.seed})")
+    o.add_argument("--seed", type=arg_types.seed, help=f"random seed for weights, shuffling and noise (default {d.seed})")
     o.add_argument("--beta", type=float, help=f"weight of the KL term, beta-VAE (default {d.beta})")
     o.add_argument("--kl-warmup-steps", type=int,
                    help=f"anneal the KL weight linearly from 0 to beta over N steps (default {d.kl_warmup_steps})")
@@ -82,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--out", help=f"run folder to write (default {d.out})")
     r.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings (keys as in config.json)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    r.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out: what it wrote there (checkpoints, metrics, "
+                   "pictures, report, exported decoder/encoder, tracker logs) is removed; other files stay")
     r.add_argument("--iwae-k", type=int, help="after training, evaluate the IWAE bound with K samples (0 = skip)")
     r.add_argument("--no-pictures", dest="pictures", action="store_false", default=None,
                    help="do not write PNG pictures")
@@ -115,10 +119,17 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         out = Path(given.get("out") or values.get("out") or TrainConfig().out)
         saved = run_folder.read_config(out)
+        if saved is None and (out / run_folder.LAST).is_file():  # config.json deleted: the checkpoint's
+            from fastvae.checkpoint import read_checkpoint
+
+            saved = read_checkpoint(out)["config"]
         if saved is None:
-            raise FastVAEError(f"cannot resume: {out / run_folder.CONFIG_JSON} does not exist; "
-                               f"train into {out} first")
+            raise FastVAEError(f"cannot resume: {out} holds neither {run_folder.CONFIG_JSON} nor "
+                               f"{run_folder.LAST}; train into {out} first")
         values = {**saved, **values}
+    if args.compile is False and args.compile_mode not in (None, "default"):
+        raise FastVAEError(f"--no-compile contradicts --compile-mode {args.compile_mode} (which compiles): "
+                           "give one of them")
     values.update(given)
     if args.logger_list:  # --logger csv --logger wandb (or --logger csv,wandb)
         values["loggers"] = ",".join([*filter(None, values.get("loggers", "").split(",")), *args.logger_list])

@@ -1,0 +1,18 @@
+"""argparse value types shared by the commands (a bad value is argparse's one-line error, exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
+
+
+def seed(text: str) -> int:
+    """A seed: an integer from 0 to 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, got {text!r}")
+    return value
