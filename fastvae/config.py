@@ -200,7 +200,8 @@ def load_config_file(path: str | Path) -> dict:
     """Read a JSON or TOML config file into a dict, with one clear error for each problem."""
     path = Path(path)
     if not path.is_file():
-        raise FastVAEError(f"config file {path} does not exist: give a .json or .toml file")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FastVAEError(f"config file {path} {what}: give a .json or .toml file")
     try:
         text = path.read_text()
         values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)

@@ -490,6 +490,8 @@ def write_report(
         raise FastVAEError(f"{run_dir} is a file, not a run folder: give the --out folder of a 'fastvae train' run")
     if iwae_k < 0:
         raise FastVAEError(f"--iwae-k must be zero (skip the IWAE bound) or positive, got {iwae_k}")
+    if out is not None and (str(out).endswith(("/", os.sep)) or Path(out).is_dir()):
+        raise FastVAEError(f"--out {out} is a folder: give a file name such as {Path(out) / 'report.md'}")
     if html is None:
         html = out is not None and Path(out).suffix.lower() in (".html", ".htm")
     out = Path(out) if out is not None else run_dir / ("report.html" if html else "report.md")

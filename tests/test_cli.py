@@ -300,6 +300,14 @@ def test_missing_config_file(tmp_path):
     assert_one_line_error(rc, err, "nope.toml", "does not exist")
 
 
+def test_a_folder_as_config_file_and_an_empty_out_are_named(tmp_path, capsys):
+    rc, _, err = cli(capsys, "train", "--config", tmp_path)
+    assert_one_line_error(rc, err, "is a folder")
+    for command in (["train"], ["sample", tmp_path / "d.onnx"], ["report", tmp_path]):
+        rc, _, err = cli(capsys, *command, "--out", "")
+        assert_one_line_error(rc, err, "--out", "must not be empty")
+
+
 def test_bad_data_path(tmp_path):
     rc, _, err = run_cli("train", "--data", tmp_path / "mnist.npz", *TINY, "--out", tmp_path / "run")
     assert_one_line_error(rc, err, "mnist.npz", "does not exist")

@@ -362,6 +362,10 @@ def test_decode_refuses_latents_and_tiles_that_do_not_fit(exported, tmp_path):
     np.save(z, np.zeros((1, 4, 8, 8), np.float32))
     rc, _, err = run_cli("decode", report.path, z, "--out", tmp_path / "o.npy", "--tile", "30")
     assert_one_line_error(rc, err, "--tile 30 is not a multiple of 4")
+    np.savez(tmp_path / "z.npz", z=np.zeros((1, 4, 8, 8), np.float32))
+    for given, needle in ((tmp_path / "z.npz", ".npz archive"), (tmp_path, "is a folder")):
+        rc, _, err = run_cli("decode", report.path, given, "--out", tmp_path / "o.npy")
+        assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "o.npy").exists()
 
 

@@ -16,3 +16,10 @@ def seed(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, got {text!r}")
     return value
+
+
+def path(text: str) -> str:
+    """A file or folder name that is not empty (an empty --out would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty: give a file or folder name")
+    return text

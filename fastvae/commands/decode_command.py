@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fastvae.commands import arg_types
+
 HELP = "decode spatial latents (.npy) with an exported decoder.onnx, whole or in tiles (no torch)"
 DESCRIPTION = (
     "Decode latents z (n, c, h, w) (any h, w) with the decoder of a spatial-latent run "
@@ -17,7 +19,7 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="spatial decoder .onnx written by 'fastvae export'")
     parser.add_argument("latents", help=".npy file of latents (n, c, h, w) or one (c, h, w)")
-    parser.add_argument("--out", required=True, help="a .npy file, or a folder for one PNG per image")
+    parser.add_argument("--out", type=arg_types.path, required=True, help="a .npy file, or a folder for one PNG per image")
     parser.add_argument("--tile", type=int, help="tile size in output pixels (a multiple of f); None: decode whole")
     parser.add_argument("--overlap", type=int, default=None,
                         help="overlap of neighbouring tiles in output pixels (a multiple of f; default tile/4 rounded to f)")
@@ -78,11 +80,15 @@ def _load(path):
     from fastvae.errors import FastVAEError
 
     if not path.is_file():
-        raise FastVAEError(f"{path} does not exist: give a .npy file of latents (n, c, h, w)")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FastVAEError(f"{path} {what}: give a .npy file of latents (n, c, h, w)")
     try:
-        return np.load(path, allow_pickle=False)
+        z = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy's format errors: one message
         raise FastVAEError(f"{path} is not a readable .npy array ({type(exc).__name__}): save latents with numpy.save") from None
+    if not isinstance(z, np.ndarray):  # an .npz archive
+        raise FastVAEError(f"{path} is an .npz archive of several arrays: save the latents alone with numpy.save")
+    return z
 
 
 def _write(images, out) -> None:

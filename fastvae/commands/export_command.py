@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fastvae.commands import arg_types
+
 HELP = "export a run's decoder to ONNX, validate it (onnx.checker + onnxruntime vs torch)"
 DESCRIPTION = (
     "Write the decoder of a trained run as one self-contained ONNX file (input z: (batch, "
@@ -16,7 +18,7 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder (or .ckpt file) written by 'fastvae train'")
     parser.add_argument(
-        "--out", help="ONNX file to write; None: RUN/decoder.onnx, or the .ckpt path with .onnx"
+        "--out", type=arg_types.path, help="ONNX file to write; None: RUN/decoder.onnx, or the .ckpt path with .onnx"
     )
     parser.add_argument("--fp16", action="store_true", help="also write <out stem>.fp16.onnx (half the size)")
     parser.add_argument("--int8", action="store_true", help="also write <out stem>.int8.onnx (dynamic int8 quantization)")

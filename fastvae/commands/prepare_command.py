@@ -18,7 +18,7 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SRC", help="image folder, IDX file/folder, .npy/.npz, or 'digits'")
-    parser.add_argument("--out", required=True, metavar="SHARDS", help="folder to write the prepared dataset to")
+    parser.add_argument("--out", type=arg_types.path, required=True, metavar="SHARDS", help="folder to write the prepared dataset to")
     parser.add_argument("--size", type=int, help="resize (shorter side) and centre-crop every image to "
                         "N x N; without it all images must have one size")
     parser.add_argument("--grayscale", action="store_true", help="convert images to one channel "

@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--reparam", choices=CHOICES["reparam"],
                    help="reparameterize+KL: fused Triton kernel on CUDA (auto), or force one (default auto)")
     r = parser.add_argument_group("run folder")
-    r.add_argument("--out", help=f"run folder to write (default {d.out})")
+    r.add_argument("--out", type=arg_types.path, help=f"run folder to write (default {d.out})")
     r.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings (keys as in config.json)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--overwrite", action="store_true",
@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="do not write PNG pictures")
     r.add_argument("--logger", dest="logger_list", action="append", default=None, metavar="NAME",
                    help="also log metrics to an experiment tracker (repeatable): csv (RUN/csv), "
-                   "tensorboard (RUN/tensorboard), wandb (offline: RUN/wandb), mlflow (RUN/mlruns)")
+                   "tensorboard (RUN/tensorboard), wandb (offline: RUN/wandb), mlflow (RUN/mlflow.db, or RUN/mlruns without SQLAlchemy)")
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="same as --logger tensorboard (needs 'pip install tensorboard')")
     r.add_argument("--quiet", dest="progress", action="store_false", default=None,
