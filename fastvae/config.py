@@ -125,6 +125,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
                 raise FastVAEError(f"--{_flag(name)} must be an integer from 0 to {2**32 - 1}, got {value!r}")
+        if self.learn_sigma and self.likelihood == "bernoulli":
+            raise FastVAEError("--learn-sigma needs a gaussian or laplace --likelihood (bernoulli has no sigma)")
+        if self.kind == "ae" and self.beta != 1.0:
+            raise FastVAEError(f"--beta {self.beta} weights the KL term, which --kind ae does not have: "
+                               "drop --beta or train --kind vae")
         if self.compile_mode != "default":  # a mode compiles: config.json says so
             self.compile = True
         if isinstance(self.workers, bool) or not 0 <= self.workers <= MAX_WORKERS:

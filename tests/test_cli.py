@@ -248,6 +248,8 @@ def test_console_script_is_installed():
     (["--seed", "4294967296"], ["--seed", "from 0 to 4294967295"]),
     (["--split-seed", "-2"], ["--split-seed"]),
     (["--no-compile", "--compile-mode", "reduce-overhead"], ["--no-compile", "--compile-mode"]),
+    (["--learn-sigma", "--likelihood", "bernoulli"], ["--learn-sigma", "bernoulli"]),
+    (["--kind", "ae", "--beta", "2"], ["--beta", "--kind ae"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
 def test_bad_train_flags(tmp_path, args, needles):
     # validated before torch is imported: each case takes a fraction of a second
