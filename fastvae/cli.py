@@ -106,8 +106,10 @@ def _os_error(exc: OSError) -> str:
     name = exc.filename
     if name is None:
         return f"{exc.strerror or exc}"
+    from fastvae.run_folder import is_temporary
+
     path = Path(str(name))
-    if path.name.startswith(".") and ".tmp-" in path.name:
+    if is_temporary(path):
         where = f"write into {path.parent}"
     else:
         where = f"use {path}"

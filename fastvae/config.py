@@ -46,6 +46,8 @@ RESUME_IDENTITY = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "l
                    "test_fraction", "split_seed", "grayscale", *CONVKL_SETTINGS)
 
 
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
+
 @dataclass
 class TrainConfig:
     """Settings of one run. Defaults are the digits protocol of the README."""
@@ -121,10 +123,10 @@ class TrainConfig:
                 sign = {"lr": "positive", "sigma": "positive",
                         "test_fraction": "between 0 and 1"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
-        for name in ("seed", "split_seed"):  # numpy's and Lightning's seeds are 32-bit unsigned
+        for name in ("seed", "split_seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
-                raise FastVAEError(f"--{_flag(name)} must be an integer from 0 to {2**32 - 1}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+                raise FastVAEError(f"--{_flag(name)} must be an integer from 0 to {MAX_SEED}, got {value!r}")
         if self.learn_sigma and self.likelihood == "bernoulli":
             raise FastVAEError("--learn-sigma needs a gaussian or laplace --likelihood (bernoulli has no sigma)")
         if self.kind == "ae" and self.beta != 1.0:

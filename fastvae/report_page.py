@@ -102,16 +102,6 @@ def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_
 # --------------------------------------------------------------------------- run folder reading
 
 
-def read_run_config(run_dir: str | Path) -> dict:
-    """The run's ``config.json`` (falls back to the settings stored in the checkpoint)."""
-    values = run_folder.read_config(run_dir)
-    if values is not None:
-        return values
-    from fastvae.checkpoint import read_checkpoint
-
-    return dict(read_checkpoint(run_dir).get("config") or {})
-
-
 def timing_summary(columns: dict[str, list[float]]) -> dict:
     """Epochs, steps and epoch times from ``metrics.csv`` columns (``run_folder.metric_columns``)."""
     out: dict[str, Any] = {}
@@ -504,7 +494,7 @@ def write_report(
         from fastvae.checkpoint import load
 
         model = load(run_dir)  # FastVAEError when the run has no (readable) checkpoint
-    config = read_run_config(run_dir)
+    config = run_folder.read_run_config(run_dir)
     seed = int(config.get("seed", 0)) if seed is None else seed
     if splits is None:
         splits = _load_run_data(run_dir, data or config.get("data"), config)

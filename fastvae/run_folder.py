@@ -42,6 +42,15 @@ ALWAYS_WRITTEN = METRIC_FIELDS[:6]  # the header of a metrics.csv without rows y
 # ------------------------------------------------------------------------------ atomic writes
 
 
+_TMP_MARK = ".tmp-"  # hidden ".NAME.tmp-PID" files and folders, moved into place when complete
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is one of the temporary files or folders written here before moving."""
+    name = Path(path).name
+    return name.startswith(".") and _TMP_MARK in name
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; when the block ends without an error,
@@ -53,7 +62,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}{_TMP_MARK}{os.getpid()}{path.suffix}")
     with removed_on_exit(tmp):
         try:
             yield tmp
@@ -101,7 +110,7 @@ def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
     Ctrl-C): for writers that stage several files, then ``move_into_place`` each one."""
     beside = Path(beside)
     beside.parent.mkdir(parents=True, exist_ok=True)
-    folder = beside.with_name(f".{beside.name}.tmp-{os.getpid()}")
+    folder = beside.with_name(f".{beside.name}{_TMP_MARK}{os.getpid()}")
     shutil.rmtree(folder, ignore_errors=True)  # left by a killed process with the same pid
     folder.mkdir()
     with removed_on_exit(folder):
@@ -147,6 +156,17 @@ def read_config(run_dir: str | os.PathLike) -> dict | None:
     if not isinstance(values, dict):
         raise FastVAEError(f"{path} must hold one object of settings, not {type(values).__name__}")
     return values
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """The run's ``config.json``, or where there is none the settings stored in its checkpoint
+    (``fastvae.checkpoint.read_checkpoint``'s clear error when that is missing too)."""
+    values = read_config(run_dir)
+    if values is not None:
+        return values
+    from fastvae.checkpoint import read_checkpoint  # it imports this module
+
+    return dict(read_checkpoint(run_dir).get("config") or {})
 
 
 # ------------------------------------------------------------------------------ metrics.csv

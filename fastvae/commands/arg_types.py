@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
+from fastvae.config import MAX_SEED
 
 
 def seed(text: str) -> int:

@@ -118,15 +118,10 @@ def run(args: argparse.Namespace) -> int:
         values.update(load_config_file(args.config))
     if args.resume:
         out = Path(given.get("out") or values.get("out") or TrainConfig().out)
-        saved = run_folder.read_config(out)
-        if saved is None and (out / run_folder.LAST).is_file():  # config.json deleted: the checkpoint's
-            from fastvae.checkpoint import read_checkpoint
-
-            saved = read_checkpoint(out)["config"]
-        if saved is None:
+        if not (out / run_folder.CONFIG_JSON).is_file() and not (out / run_folder.LAST).is_file():
             raise FastVAEError(f"cannot resume: {out} holds neither {run_folder.CONFIG_JSON} nor "
                                f"{run_folder.LAST}; train into {out} first")
-        values = {**saved, **values}
+        values = {**run_folder.read_run_config(out), **values}  # a deleted config.json: the checkpoint's
     if args.compile is False and args.compile_mode not in (None, "default"):
         raise FastVAEError(f"--no-compile contradicts --compile-mode {args.compile_mode} (which compiles): "
                            "give one of them")
