@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastvae.bundled import bundled_file
 from fastvae.errors import FastVAEError
 
 PHOTO_SIZES = (32, 64)
@@ -58,14 +59,14 @@ def load_photos(source: str = "photos"):
 def photo_path(package: str, name: str) -> Path:
     """Where ``package`` (sklearn or skimage) keeps the photo ``name``; FastVAEError if absent."""
     top, *sub = _FOLDERS[package]
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
+    path = bundled_file(top, *sub, name)
+    if path is not None:
+        return path
+    if importlib.util.find_spec(top) is None:
         raise FastVAEError(f"--data photos needs the {top} package for {name}: pip install "
                            f"{'scikit-image' if top == 'skimage' else 'scikit-learn'}")
-    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*sub, name)
-    if not path.is_file():
-        raise FastVAEError(f"--data photos: {path} is missing from the installed {top}; reinstall it")
-    return path
+    raise FastVAEError(f"--data photos: {'/'.join(sub + [name])} is missing from the installed {top}; "
+                       "reinstall it")
 
 
 def _read(package: str, name: str) -> list[np.ndarray]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -93,6 +95,27 @@ def test_digits_split_matches_sklearn(digits):
     assert digits.data_shape == (1, 8, 8)
     assert digits.train_labels is not None and len(digits.train_labels) == 1500
     assert int(digits.test_labels[0]) == int(load_digits().target[1500])
+
+
+def test_digits_read_as_a_file_equal_load_digits_without_importing_sklearn(monkeypatch):
+    """Read from scikit-learn's wheel as a file: every pixel and label equals ``load_digits``,
+    the fallback through ``load_digits`` too, and a fresh process never imports sklearn."""
+    import fastvae.data
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    pixels = torch.from_numpy(reference.images.astype(np.float32) / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(reference.target.astype(np.int64))
+    read = load_dataset("digits")
+    monkeypatch.setattr(fastvae.data, "bundled_file", lambda *parts: None)
+    fallback = load_dataset("digits")
+    for splits in (read, fallback):
+        assert torch.equal(torch.cat([splits.train, splits.test]), pixels)
+        assert torch.equal(torch.cat([splits.train_labels, splits.test_labels]), labels)
+    code = ("import sys; from fastvae.data import load_dataset; load_dataset('digits'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 # ----------------------------------------------------------------------------- IDX

@@ -49,8 +49,8 @@ def run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["import:numpy.linalg", "import:numpy._core.multiarray",
-                                   "import:sklearn.exceptions", "call:fastvae.data:load_dataset"],
-                         ids=["importing-numpy-linalg", "importing-numpy-core", "importing-scikit-learn",
+                                   "import:lightning_fabric.fabric", "call:fastvae.data:load_dataset"],
+                         ids=["importing-numpy-linalg", "importing-numpy-core", "importing-lightning-fabric",
                               "loading-data"])
 def test_start_up(tmp_path, where):
     """A KeyboardInterrupt inside numpy's import ended in a 58-line RecursionError traceback
