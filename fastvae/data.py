@@ -62,7 +62,18 @@ def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, s
     """Load ``digits`` or a path (IDX file/folder, .npy, .npz, image folder), validated; a
     prepared dataset (``fastvae prepare``) is opened for streaming instead. ``test_fraction``
     and ``split_seed`` make the held-out split of sources without one; ``grayscale`` converts
-    colour images."""
+    colour images to one channel (a prepared dataset is read as it was written: refused)."""
+    data = _load(source, test_fraction, split_seed, grayscale)
+    if grayscale and data.data_shape[0] == 3:
+        if not isinstance(data, Splits):
+            raise FastVAEError(f"--grayscale: {source} was prepared in colour, and a prepared dataset "
+                               "is read as it was written: prepare it again with 'fastvae prepare SRC "
+                               "--out SHARDS --grayscale', or train without --grayscale")
+        return _luma(data)
+    return data
+
+
+def _load(source, test_fraction: float, split_seed: int, grayscale: bool):
     if str(source) == "digits":
         return _digits()
     if is_photos(source):  # bundled colour photo crops (fastvae.photos)
@@ -92,6 +103,18 @@ def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, s
     if suffix in IMAGE_SUFFIXES:
         raise FastVAEError(f"data {path} is a single image: give the folder that holds the images")
     return _split(path.name, read_idx(path), None, path, split)
+
+
+def _luma(splits: Splits) -> Splits:
+    """Colour splits as one channel, L = 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2, what
+    Pillow's ``convert("L")`` computes for image folders)."""
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+    def gray(images):
+        return (images * weights).sum(1, keepdim=True)
+
+    return Splits(splits.name, gray(splits.train), gray(splits.test), splits.train_labels,
+                  splits.test_labels)
 
 
 def _digits() -> Splits:
@@ -202,32 +225,47 @@ def _load_array(path: Path) -> np.ndarray:
 
 def image_files(folder: Path) -> tuple[list[Path], np.ndarray | None]:
     """The image files below ``folder`` (sorted) and their labels: the index of each file's
-    subfolder among the sorted subfolders, or ``None`` when all sit in one folder."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    top-level subfolder among the sorted subfolders (as torchvision's ImageFolder: deeper
+    folders belong to their top-level one), or ``None`` when there is one. Hidden files and
+    folders (``.thumbs``, macOS ``._*`` files) are not data."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise FastVAEError(
             f"data folder {folder} holds no images (.png, .jpg, .bmp, .gif) and no MNIST IDX files"
         )
-    classes = sorted({f.parent for f in files})
+    tops = [f.relative_to(folder).parts[0] if f.parent != folder else "" for f in files]
+    classes = sorted(set(tops))
     if len(classes) == 1:
         return files, None
     index = {c: i for i, c in enumerate(classes)}
-    return files, np.array([index[f.parent] for f in files], dtype=np.int64)
+    return files, np.array([index[top] for top in tops], dtype=np.int64)
 
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;L"}
+# 16-bit grayscale PNGs (Pillow's convert("L") would clip them to 255, not scale them)
+WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L"}
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations shown rotated by 90 degrees
+
+
+def _image_errors():
+    """What Pillow raises for a file it cannot read, a decompression bomb included."""
+    from PIL import Image, UnidentifiedImageError
+
+    return UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError
 
 
 def probe_image(file: Path) -> tuple[bool, tuple[int, int]] | str:
-    """(whether the image has colour, (width, height)) from its header, or the reason it
-    cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """(whether the image has colour, (width, height) as shown, EXIF orientation applied) from
+    its header, or the reason it cannot be read."""
+    from PIL import Image
 
     try:
         with Image.open(file) as img:
             colour = img.mode not in GRAY_MODES and not (img.mode == "P" and _gray_palette(img))
-            return colour, img.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+            w, h = img.size
+            return colour, ((h, w) if img.getexif().get(0x0112) in _TRANSPOSED else (w, h))
+    except _image_errors() as exc:
         return one_line(exc)
 
 
@@ -237,17 +275,22 @@ def _gray_palette(img) -> bool:
 
 
 def decode_image(file: Path, channels: int, size: int | None = None) -> np.ndarray | str:
-    """The image as uint8 (channels, H, W) - resized so its shorter side is ``size`` and
-    centre-cropped to size x size when ``size`` is given - or the reason it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
+    """The image as uint8 (channels, H, W), upright (EXIF orientation applied), 16-bit
+    grayscale scaled to 8 bits - resized so its shorter side is ``size`` and centre-cropped to
+    size x size when ``size`` is given - or the reason it cannot be decoded."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(file) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in WIDE_GRAY_MODES:
+                wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+                img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
             img = img.convert("L" if channels == 1 else "RGB")
             if size is not None:
                 img = fit_image(img, size)
             array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except _image_errors() as exc:
         return one_line(exc)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 

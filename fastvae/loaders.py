@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fastvae.data import EpochBatches
+from fastvae.errors import FastVAEError
 from fastvae.shards import ShardSplit
 
 WINDOW_ROWS = 4096  # examples mixed together by the per-epoch shuffle of a stream, at most
@@ -147,7 +148,13 @@ class _SegmentReader(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         j, k = (0, 1) if info is None else (info.id, info.num_workers)
         for segment in self.segments[j::k]:
-            yield self.plan.read(segment)
+            try:
+                yield self.plan.read(segment)
+            except FastVAEError as exc:
+                # handed over as an item: a DataLoader would re-raise it with the worker's
+                # traceback in its message, where the user should get one line
+                yield exc
+                return
 
 
 class StreamSource:
@@ -168,6 +175,8 @@ class StreamSource:
     def _batches(self, plan: EpochPlan, segments: list[Segment], batch_size: int):
         pending, rows = [], 0
         for images in self._loader(plan, segments):
+            if isinstance(images, FastVAEError):
+                raise images
             pending.append(images)
             rows += len(images)
             while rows >= batch_size:

@@ -27,6 +27,7 @@ import math
 import os
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,10 +186,13 @@ def open_dataset(source: str) -> ShardDataset:
         info = meta["splits"][split]
         chunk_blocks = tuple(int(c["chunk_size"]) for c in indexes[split]["chunks"])
         blocks = math.ceil(info["examples"] / meta["block"])
-        if sum(chunk_blocks) != blocks:
+        # the byte count tells apart indexes of equally many blocks of another image size
+        chunk_bytes = sum(int(c.get("chunk_bytes", -1)) for c in indexes[split]["chunks"])
+        if sum(chunk_blocks) != blocks or chunk_bytes != info.get("bytes", chunk_bytes):
             raise FastVAEError(
-                f"prepared dataset {source}: {split}/{INDEX} lists {sum(chunk_blocks)} blocks but "
-                f"{META} says {info['examples']} examples in {blocks} blocks: the files come from "
+                f"prepared dataset {source}: {split}/{INDEX} lists {sum(chunk_blocks)} blocks of "
+                f"{chunk_bytes:,} bytes but {META} says {info['examples']} examples in {blocks} "
+                f"blocks of {info.get('bytes', chunk_bytes):,} bytes: the files come from "
                 "different runs of 'fastvae prepare'; prepare it again")
         splits[split] = ShardSplit(source, split, int(info["examples"]), int(meta["block"]),
                                    tuple(meta["shape"]), chunk_blocks)
@@ -263,7 +267,7 @@ class SplitWriter:
         folder.mkdir(parents=True)
         self.folder, self.block = folder, block
         self.writer = BinaryWriter(str(folder), chunk_bytes=CHUNK_BYTES)
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending: deque[tuple[np.ndarray, np.ndarray]] = deque()
         self.buffered = self.blocks = self.examples = 0
 
     def add(self, images: np.ndarray, labels: np.ndarray) -> None:
@@ -274,13 +278,23 @@ class SplitWriter:
             self._flush(self.block)
 
     def _flush(self, n: int) -> None:
-        images = np.concatenate([p[0] for p in self.pending])
-        labels = np.concatenate([p[1] for p in self.pending])
-        self.writer[self.blocks] = {"images": np.ascontiguousarray(images[:n]),
-                                    "labels": labels[:n].astype(np.int64)}
+        """Write the next ``n`` pending rows as one block. Only those rows are copied: a piece
+        of k blocks costs O(k) (concatenating all that is pending for each block was O(k^2))."""
+        images, labels, need = [], [], n
+        while need:
+            piece_images, piece_labels = self.pending[0]
+            if len(piece_images) <= need:
+                self.pending.popleft()
+            else:  # the rest of the piece stays pending (a view, not a copy)
+                self.pending[0] = (piece_images[need:], piece_labels[need:])
+                piece_images, piece_labels = piece_images[:need], piece_labels[:need]
+            images.append(piece_images)
+            labels.append(piece_labels)
+            need -= len(piece_images)
+        self.writer[self.blocks] = {"images": np.ascontiguousarray(np.concatenate(images)),
+                                    "labels": np.concatenate(labels).astype(np.int64)}
         self.blocks += 1
         self.examples += n
-        self.pending = [(images[n:], labels[n:])] if n < len(images) else []
         self.buffered -= n
 
     def finish(self) -> dict:
@@ -366,7 +380,11 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     from fastvae.data import image_files
 
     started = time.perf_counter()
-    out = Path(out)
+    if is_remote(str(out)):
+        raise FastVAEError(f"--out {out}: prepare writes a local folder; prepare into one, copy it "
+                           f"there (e.g. 'aws s3 sync SHARDS {out}') and train with --data {out}")
+    # a link to a folder (on a larger disk, say): write into its target, not over the link
+    out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
     if size is not None and (not isinstance(size, int) or size < 1):
         raise FastVAEError(f"--size must be a positive integer, got {size!r}")
     from fastvae.config import MAX_WORKERS

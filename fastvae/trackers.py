@@ -39,7 +39,12 @@ def make_loggers(run_dir: str | Path, names: list[str], hyperparams: dict | None
         if package and importlib.util.find_spec(package) is None:
             raise FastVAEError(f"--logger {name} needs the {package} package, which is not installed: "
                                f"run 'pip install {package}', or train without --logger {name}")
-        logger = globals()[f"_{name}"](Path(run_dir))
+        try:
+            logger = globals()[f"_{name}"](Path(run_dir))
+        except ImportError as exc:  # installed but broken (a missing or mismatched dependency)
+            raise FastVAEError(f"--logger {name}: the installed {package or name} package cannot be "
+                               f"imported: {one_line(exc)}; reinstall it, or train without "
+                               f"--logger {name}") from None
         if hyperparams and name in ("wandb", "mlflow"):
             logger.log_hyperparams(hyperparams)
         loggers.append(logger)
@@ -47,9 +52,31 @@ def make_loggers(run_dir: str | Path, names: list[str], hyperparams: dict | None
 
 
 def _csv(run_dir: Path):
-    from lightning_fabric.loggers import CSVLogger
+    import csv
 
-    return CSVLogger(root_dir=str(run_dir), name="csv", version="")
+    from lightning_fabric.loggers import CSVLogger
+    from lightning_fabric.loggers.csv_logs import _ExperimentWriter
+    from lightning_fabric.loggers.logger import rank_zero_experiment
+
+    class AppendingWriter(_ExperimentWriter):
+        """Fabric's writer, except that an earlier ``metrics.csv`` (a resumed run's) is kept
+        and appended to; Fabric's deletes it."""
+
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                    self.metrics_keys = list(csv.DictReader(file).fieldnames or ())
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                os.makedirs(self._root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(root_dir=str(run_dir), name="csv", version="")
 
 
 def _tensorboard(run_dir: Path):

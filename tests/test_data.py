@@ -11,9 +11,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from fastvae.data import EpochBatches, load_dataset, split_indices
+from fastvae.data import EpochBatches, decode_image, image_files, load_dataset, probe_image, split_indices
 from fastvae.errors import FastVAEError
 
 RNG = np.random.default_rng(0)
@@ -378,6 +378,63 @@ def test_idx_folder_without_test_file(tmp_path):
 def test_npz_with_unknown_keys(tmp_path):
     np.savez(tmp_path / "d.npz", a=images_u8(3), b=images_u8(3))
     expect_error(tmp_path / "d.npz", "d.npz", "'a'", "train")
+
+
+def test_labels_are_top_level_folders_and_hidden_files_are_not_data(tmp_path):
+    """As torchvision's ImageFolder: cat/2019/x.png and cat/2020/y.png are both "cat"; a
+    .thumbs folder or a macOS ._x.png file (not an image at all) is skipped, not a label."""
+    for path in ("cat/2019/a.png", "cat/2020/b.png", "cat/c.png", "dog/a.png", "dog/b.png", "dog/c.png"):
+        save_png(tmp_path / path, images_u8(1, 4, 4)[0])
+    save_png(tmp_path / ".thumbs" / "t.png", images_u8(1, 4, 4)[0])
+    (tmp_path / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    files, labels = image_files(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == [
+        "cat/2019/a.png", "cat/2020/b.png", "cat/c.png", "dog/a.png", "dog/b.png", "dog/c.png"]
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    splits = load_dataset(tmp_path, test_fraction=0.34)
+    assert sorted(splits.test_labels.tolist()) == [0, 1] and len(splits.train) == 4
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    wide = RNG.integers(0, 65536, size=(6, 7), dtype=np.uint16)
+    for i in range(2):
+        Image.fromarray(wide).save(tmp_path / f"{i}.png")
+    assert Image.open(tmp_path / "0.png").mode.startswith("I")  # Pillow reads it as 16-bit
+    decoded = decode_image(tmp_path / "0.png", 1)
+    np.testing.assert_array_equal(decoded[0], (wide >> 8).astype(np.uint8))
+    assert load_dataset(tmp_path).data_shape == (1, 6, 7)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored 6x4 with "rotate 90" in its EXIF is a 4x6 image, as viewers show it."""
+    stored = RNG.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)  # (H, W, C)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to display
+    Image.fromarray(stored).save(tmp_path / "p.png", exif=exif)
+    assert probe_image(tmp_path / "p.png") == (True, (4, 6))  # (width, height) as shown
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "p.png")))
+    assert upright.shape == (6, 4, 3)
+    np.testing.assert_array_equal(decode_image(tmp_path / "p.png", 3), upright.transpose(2, 0, 1))
+
+
+def test_a_decompression_bomb_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    save_png(tmp_path / "a.png", images_u8(1, 4, 4)[0])
+    save_png(tmp_path / "huge.png", images_u8(1, 40, 40)[0])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 1,600 pixels > 2 x the limit: an error
+    assert "decompression bomb" in probe_image(tmp_path / "huge.png")
+    assert "decompression bomb" in decode_image(tmp_path / "huge.png", 1)
+    expect_error(tmp_path, "huge.png", "decompression bomb")
+
+
+@pytest.mark.parametrize("source", ["npy", "photos"])
+def test_grayscale_converts_every_in_memory_colour_source(tmp_path, source):
+    if source == "npy":
+        np.save(tmp_path / "rgb.npy", RNG.random((10, 3, 4, 4), dtype=np.float32))
+        source = tmp_path / "rgb.npy"
+    colour, gray = load_dataset(source), load_dataset(source, grayscale=True)
+    assert colour.data_shape[0] == 3 and gray.data_shape == (1, *colour.data_shape[1:])
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    torch.testing.assert_close(gray.test, (colour.test * weights).sum(1, keepdim=True))
 
 
 def test_folder_without_images(tmp_path):

@@ -284,12 +284,31 @@ def test_csv_and_tensorboard_trackers(tmp_path, capsys):
         logged = [row for row in csv.DictReader(f) if row.get("train_loss")]
     ours = metrics_without_time(run)
     assert [float(r["train_loss"]) for r in logged] == pytest.approx([float(r["train_loss"]) for r in ours])
+    # a resumed run appends to the tracker's file (Fabric's own writer would delete it)
+    rc, _, err = cli(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--quiet", "--no-pictures")
+    assert rc == 0 and "deleted" not in err, err
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("train_loss")]
+    ours = metrics_without_time(run)
+    assert len(ours) == 3 and [int(r["step"]) for r in logged] == [int(r["step"]) for r in ours]
+    assert [float(r["train_loss"]) for r in logged] == pytest.approx([float(r["train_loss"]) for r in ours])
     tb = args[:-2] + ("--logger", "tensorboard", "--overwrite")
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         rc, _, err = cli(capsys, *tb)
         assert rc == 0 and any((run / "tensorboard").glob("events.*")), err
     else:
         assert "pip install tensorboard" in one_line_error(capsys, *tb)
+
+
+def test_a_tracker_package_that_fails_to_import_is_one_line(tmp_path, capsys, monkeypatch):
+    """Installed but broken (a dependency missing or of the wrong version): one line."""
+    broken = tmp_path / "site" / "mlflow"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("import a_dependency_that_is_not_installed_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(__import__("sys").modules, "mlflow", raising=False)
+    line = one_line_error(capsys, "train", "--epochs", "1", "--out", tmp_path / "r", "--logger", "mlflow")
+    assert "cannot be imported" in line and "a_dependency_that_is_not_installed_xyz" in line
 
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])
@@ -331,6 +350,47 @@ def test_bad_sources_and_flags_for_prepare(tmp_path, capsys):
     assert "--workers" in one_line_error(capsys, "train", "--data", out, "--workers", "65", "--out", tmp_path / "r")
 
 
+def test_out_url_link_and_grayscale_of_a_colour_dataset(tmp_path, capsys):
+    src = image_folder(tmp_path / "imgs", 3)
+    line = one_line_error(capsys, "prepare", src, "--out", "s3://bucket/shards")
+    assert "local folder" in line and "s3://bucket/shards" in line
+    assert not (Path.cwd() / "s3:").exists()
+    # --out a link to a folder elsewhere (a larger disk): the dataset goes into its target
+    target = tmp_path / "disk" / "target"
+    target.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(target)
+    rc, _, err = cli(capsys, "prepare", src, "--out", tmp_path / "link", "--workers", "0", "--quiet")
+    assert rc == 0, err
+    assert (tmp_path / "link").is_symlink() and (target / "fastvae.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "imgs", "link"]  # nothing left over
+    assert open_dataset(str(tmp_path / "link")).data_shape == (3, 10, 12)
+    line = one_line_error(capsys, "train", "--data", tmp_path / "link", "--grayscale", "--epochs", "1",
+                          "--out", tmp_path / "run")
+    assert "--grayscale" in line and "prepared in colour" in line and not (tmp_path / "run").exists()
+
+
+def test_split_writer_cuts_pieces_of_any_size_into_whole_blocks(tmp_path):
+    """Pieces smaller and larger than a block, and one of many blocks: blocks hold the rows in
+    order, every block but the last full."""
+    from fastvae.shards import ShardSplit, SplitWriter
+
+    rows = np.arange(1000)
+    images = np.stack([rows % 256, rows // 256], axis=1).astype(np.uint8).reshape(-1, 1, 1, 2)
+    writer = SplitWriter(tmp_path / "train", block=64)
+    cuts = [0, 3, 4, 70, 71, 600, 601, 1000]
+    for lo, hi in zip(cuts, cuts[1:]):
+        writer.add(images[lo:hi], rows[lo:hi])
+    info = writer.finish()
+    assert info["examples"] == 1000 and info["blocks"] == 16
+    index = json.loads((tmp_path / "train" / "index.json").read_text())
+    split = ShardSplit(str(tmp_path), "train", 1000, 64, (1, 1, 2),
+                       tuple(int(c["chunk_size"]) for c in index["chunks"]))
+    blocks = [split.read_block(b) for b in range(16)]
+    assert [len(x) for x, _ in blocks] == [64] * 15 + [40]
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in blocks]), images)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in blocks]), rows)
+
+
 def test_damaged_prepared_datasets_are_refused(tmp_path, capsys, digits_shards):
     import shutil
 
@@ -354,6 +414,29 @@ def test_damaged_prepared_datasets_are_refused(tmp_path, capsys, digits_shards):
     assert "different runs" in train_on(copy)
     (copy / "fastvae.json").write_text("{not json")
     assert "not the metadata" in train_on(copy)
+    # fastvae.json of another dataset with as many blocks per split but another image size (a
+    # half-finished sync of a dataset prepared again with another --size)
+    other = tmp_path / "other"
+    prepare(str(indexed_npz(tmp_path / "rows.npz", n_train=1500, n_test=297)), other, workers=0,
+            progress=False)
+    (copy / "fastvae.json").write_bytes((other / "fastvae.json").read_bytes())
+    assert "different runs" in train_on(copy)
+
+
+def test_a_block_that_cannot_be_read_in_a_loader_worker_is_one_line(tmp_path, capsys, digits_shards):
+    """A chunk of the right size whose contents are damaged fails in a DataLoader worker: the
+    error reaches the user as one line (torch would add the worker's traceback)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_shards, copy)
+    chunk = next((copy / "train").glob("chunk-*.bin"))
+    raw = bytearray(chunk.read_bytes())
+    raw[:64] = b"\xff" * 64  # the chunk's header: item count and offsets
+    chunk.write_bytes(bytes(raw))
+    line = one_line_error(capsys, "train", "--data", copy, "--epochs", "1", "--workers", "2",
+                          "--no-pictures", "--quiet", "--out", tmp_path / "run")
+    assert "cannot read block" in line and "train" in line
 
 
 def test_unreachable_or_uncredentialed_urls_are_one_line(tmp_path, capsys, monkeypatch):

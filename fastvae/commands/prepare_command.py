@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.shards import prepare, summary_line
 
     meta, seconds = prepare(
-        args.source, Path(args.out), size=args.size, grayscale=args.grayscale,
+        args.source, args.out, size=args.size, grayscale=args.grayscale,
         test_fraction=args.test_fraction, split_seed=args.split_seed, workers=args.workers,
         skip_bad=args.skip_bad, overwrite=args.overwrite, progress=args.progress)
     print(summary_line(args.source, Path(args.out), meta, seconds))
