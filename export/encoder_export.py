@@ -27,7 +27,8 @@ from fastvae.export import onnx_export as ox
 
 FORMAT = "fastvae-encoder"
 INPUT_NAME, MU_OUTPUT, LOGVAR_OUTPUT = "image", "mu", "logvar"
-ENCODER_IO = ox.GraphIO(INPUT_NAME, (MU_OUTPUT, LOGVAR_OUTPUT), {0: "batch", 2: "height", 3: "width"}, "encoder")
+ENCODER_IO = ox.GraphIO(INPUT_NAME, (MU_OUTPUT, LOGVAR_OUTPUT), {0: "batch", 2: "height", 3: "width"}, "encoder",
+                        output_dynamic={0: "batch", 2: "latent_height", 3: "latent_width"})
 
 
 @dataclass
@@ -80,11 +81,14 @@ def export_encoder(run_or_model, path: str | os.PathLike, *, opset: int | None =
         raise FastVAEError(f"{path} is a folder: give a file name such as {path / 'encoder.onnx'}")
     model, source = ox._resolve(run_or_model)
     latent_shape = tuple(getattr(model, "latent_shape", ()))
-    if len(latent_shape) != 3 or getattr(model, "kind", None) != "vae":
-        raise FastVAEError(
-            f"--encoder exports the encoder of a spatial-latent VAE (--model convkl); {source} is "
-            f"a {getattr(model, 'spec', {}).get('model', type(model).__name__)} model"
-        )
+    name = getattr(model, "spec", {}).get("model", type(model).__name__)
+    if len(latent_shape) != 3:
+        raise FastVAEError(f"--encoder exports the encoder of a spatial-latent VAE (--model convkl); "
+                           f"{source} is a {name} model")
+    if getattr(model, "kind", None) != "vae":
+        raise FastVAEError(f"--encoder exports a VAE's encoder (images -> mu, logvar); {source} is a "
+                           f"deterministic {name} autoencoder (--kind ae): train with --kind vae")
+    ox.check_spatial_opset(opset, "encoder")
     input_shape = tuple(int(s) for s in model.data_shape)
     f = input_shape[-1] // latent_shape[-1]
     encoder = ox.fp32_copy(model.encoder)

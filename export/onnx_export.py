@@ -226,6 +226,8 @@ def _build(model, source: str, file: Path, opset, exporter: str) -> _Built:
     reference = _MeanAndParams(_fp32_decoder(model), info["output_transform"])
     decoder = _fp32_decoder(model)
     spatial = len(info["latent_shape"]) > 1
+    if spatial:
+        check_spatial_opset(opset, "decoder")
     # the rewrites fix the input's shape: a spatial decoder keeps its symbolic height and width
     rewrites = "" if spatial else _rewrite_for_onnxruntime(decoder, info["latent_dim"])
     wrapper = _MeanAndParams(decoder, info["output_transform"])
@@ -255,6 +257,17 @@ def _write_variants(built: _Built, path: Path, staging: Path, *, fp16: bool, int
     wanted = [p for p, on in (("fp16", fp16), ("int8", int8)) if on]
     if not wanted:
         return []
+    if int8:
+        import onnx
+
+        from fastvae.export import quantize
+
+        products = {n.op_type for n in onnx.load(str(built.file), load_external_data=False).graph.node}
+        if not products & set(quantize.INT8_OPS):
+            raise FastVAEError(
+                f"--int8 quantizes matrix products ({'/'.join(quantize.INT8_OPS)}) and this decoder "
+                "has none (its convolutions stay fp32: quantized, they ran slower): the "
+                "file would be the fp32 decoder again; export without --int8 (--fp16 halves its size)")
     n = VARIANT_EVAL_N if len(built.info["latent_shape"]) == 1 else VARIANT_EVAL_SPATIAL
     z_eval = np.random.default_rng(0).standard_normal((n, *built.info["latent_shape"]), dtype=np.float32)
     reference = _torch_outputs(built.reference, z_eval)
@@ -392,18 +405,22 @@ def _MeanAndParams(decoder, transform):  # noqa: N802 - builds the nn.Module laz
 # -- export ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GraphIO:
-    """A graph's input and output names, and which dims of the input (and, with the same
-    names, of every output) are symbolic."""
+    """A graph's input and output names, which dims of the input are symbolic, and which of
+    every output (by default the input's names: the batch); the outputs' other dims are
+    declared with their sizes."""
 
     input_name: str
     output_names: tuple[str, ...]
     dynamic: dict  # input dim -> symbolic name
     what: str = "decoder"
+    output_dynamic: dict | None = None  # output dim -> symbolic name (None: as ``dynamic``)
 
 
 DECODER_IO = GraphIO(md.INPUT_NAME, (md.MEAN_OUTPUT, md.PARAMS_OUTPUT), {0: "batch"})
+# a spatial decoder makes f times larger images: its outputs' height and width are other names
 SPATIAL_DECODER_IO = GraphIO(md.INPUT_NAME, (md.MEAN_OUTPUT, md.PARAMS_OUTPUT),
-                             {0: "batch", 2: "height", 3: "width"})
+                             {0: "batch", 2: "height", 3: "width"},
+                             output_dynamic={0: "batch", 2: "image_height", 3: "image_width"})
 
 
 def _to_onnx(wrapper, z, opset: int | None, exporter: str, io: GraphIO = DECODER_IO):
@@ -459,14 +476,30 @@ def _export_torchscript(wrapper, z, opset, notes, io: GraphIO = DECODER_IO):
     import torch
 
     buffer = _io.BytesIO()
+    outputs = io.output_dynamic or io.dynamic
     with _capture(notes):
         torch.onnx.export(
             wrapper, (z,), buffer, dynamo=False, verbose=False,
             input_names=[io.input_name], output_names=list(io.output_names),
-            dynamic_axes={name: dict(io.dynamic) for name in (io.input_name, *io.output_names)},
+            dynamic_axes={io.input_name: dict(io.dynamic), **{name: dict(outputs) for name in io.output_names}},
             opset_version=opset, do_constant_folding=True,
         )
-    return onnx.load_from_string(buffer.getvalue())
+    proto = onnx.load_from_string(buffer.getvalue())
+    # TorchScript's shape inference may leave a fixed dim symbolic (an encoder's c latent
+    # channels came out as "Addmu_dim_1"): declare every output dim, sized from a run on z
+    with torch.inference_mode():
+        examples = wrapper(z)
+    for value, example in zip(proto.graph.output, examples):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != example.dim():
+            del dims[:]
+            dims.extend(onnx.TensorShapeProto.Dimension() for _ in range(example.dim()))
+        for axis, size in enumerate(example.shape):
+            if axis in outputs:
+                dims[axis].dim_param = outputs[axis]
+            else:
+                dims[axis].dim_value = int(size)
+    return proto
 
 
 class _capture:
@@ -627,6 +660,16 @@ def _check_opset(opset) -> int | None:
     if isinstance(opset, bool) or not isinstance(opset, int) or not 9 <= opset <= newest:
         raise FastVAEError(f"opset must be an integer from 9 to {newest}, got {opset!r}")
     return opset
+
+
+SPATIAL_MIN_OPSET = 11  # bicubic Resize with scales and symbolic sizes, Split of channels
+
+
+def check_spatial_opset(opset, what: str) -> None:
+    """A spatial-latent graph's operators need opset 11 (9 and 10 failed inside torch.onnx)."""
+    if opset is not None and opset < SPATIAL_MIN_OPSET:
+        raise FastVAEError(f"opset {opset} is too old for a spatial-latent {what} (--model convkl): "
+                           f"give --opset {SPATIAL_MIN_OPSET} or newer, or leave it out")
 
 
 # -- validation --------------------------------------------------------------------------------

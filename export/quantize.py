@@ -53,6 +53,9 @@ def to_fp16(model, fp32_ops=()):
     return half
 
 
+INT8_OPS = ("MatMul", "Gemm")  # what to_int8 quantizes
+
+
 def to_int8(src: Path, dst: Path, *, large: bool = False) -> None:
     """Dynamic int8 quantization of ``src``: int8 weights per output channel, uint8 activations
     quantized per batch.
@@ -71,7 +74,7 @@ def to_int8(src: Path, dst: Path, *, large: bool = False) -> None:
     with _quiet():
         quantize_dynamic(
             str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-            use_external_data_format=large, op_types_to_quantize=["MatMul", "Gemm"],
+            use_external_data_format=large, op_types_to_quantize=list(INT8_OPS),
         )
 
 

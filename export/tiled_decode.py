@@ -39,14 +39,21 @@ def check_latents(z, latent_channels: int, source: str = "latents") -> np.ndarra
         raise FastVAEError(f"{source} is empty (shape {tuple(z.shape)})")
     if not np.isfinite(z).all():
         raise FastVAEError(f"{source} contains NaN or Inf values")
-    return np.ascontiguousarray(z, dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: checked just below
+        z32 = np.ascontiguousarray(z, dtype=np.float32)
+    if not np.isfinite(z32).all():
+        raise FastVAEError(f"{source} holds values beyond float32's range (|z| > 3.4e38), which the "
+                           "decoder cannot take")
+    return z32
 
 
 def check_tiling(tile: int, overlap: int, f: int) -> tuple[int, int]:
     """(tile, overlap) in latent positions; FastVAEError unless both are multiples of f (the
     decoder makes f x f pixels of each latent position) and 0 <= overlap < tile."""
     for name, value in (("--tile", tile), ("--overlap", overlap)):
-        if value < 0 or value % f:
+        if value < 0:
+            raise FastVAEError(f"{name} {value} is negative: give a size in pixels, a multiple of {f}")
+        if value % f:
             raise FastVAEError(f"{name} {value} is not a multiple of {f}: this decoder makes {f}x{f} "
                                f"pixels per latent position, so give {name} in multiples of {f} pixels")
     if tile == 0 or overlap >= tile:

@@ -45,14 +45,16 @@ def elbo_sums(model, data, *, batch_size: int = 256, seed: int = 0,
     if model.kind == "vae":
         g = torch.Generator(device=device).manual_seed(seed)
         eps = torch.randn(len(data), *model.latent_shape, generator=g, device=device)
+    dtype = param_dtype(model)
     for rows, x in eval_batches(data, batch_size, device, rank, world_size):
+        x = x.to(dtype)
         if eps is None:
             recon = (model.reconstruct(x) - x).pow(2).flatten(1).sum(-1)
             kl = torch.zeros_like(recon)
         else:
             mu, logvar = (t.float().flatten(1) for t in model.encode(x))  # spatial: all c*h*w dims
             z, kl = reparameterize_kl_reference(mu, logvar, eps=eps[rows].flatten(1))
-            z = z.view(len(x), *model.latent_shape)
+            z = z.view(len(x), *model.latent_shape).to(dtype)
             recon = -model.likelihood.log_prob(model.decode(z), x)
         sums += torch.stack([(recon + kl).sum(), recon.sum(), kl.sum(),
                              torch.tensor(float(len(x)), device=x.device)]).double().cpu()
@@ -80,19 +82,28 @@ def iwae_nll_sum(model, data, k: int, *, batch_size: int = 64, seed: int = 0,
     chunk = min(k, rows)
     batches = tqdm(eval_batches(data, batch_size, device), total=math.ceil(len(data) / batch_size),
                    desc=f"IWAE k={k}", disable=None if progress else True, leave=False)
+    dtype = param_dtype(model)
     for _, x in batches:
+        x = x.to(dtype)
         mu, logvar = (t.float().flatten(1) for t in model.encode(x))  # (B, D), D = c*h*w
         log_w = []
         for done in range(0, k, chunk):
             kc = min(chunk, k - done)
             eps = torch.randn((kc, *mu.shape), generator=g, device=mu.device)
             z = mu + torch.exp(0.5 * logvar) * eps
-            params = model.decode(z.view(kc * len(x), *model.latent_shape))
+            params = model.decode(z.view(kc * len(x), *model.latent_shape).to(dtype))
             xk = x.unsqueeze(0).expand(kc, *x.shape).flatten(0, 1)
             recon_ll = model.likelihood.log_prob(params, xk).view(kc, len(x))
             log_w.append(iwae_log_weights(recon_ll, z, mu, logvar))
         total -= iwae_bound(torch.cat(log_w)).double().sum().item()
     return total
+
+
+def param_dtype(model) -> torch.dtype:
+    """The dtype of the model's weights (float64 under ``--precision 64-true``, bf16 under
+    ``bf16-true``): what its inputs must have outside the Fabric-wrapped forward, which would
+    convert them."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def decode_rows(model) -> int:

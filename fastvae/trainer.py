@@ -226,7 +226,9 @@ class Trainer:
         self.epoch = self.step = self.skip_batches = 0
         self.partial: EpochSums | None = None  # sums of an interrupted epoch
         saved = read_checkpoint(self.run_dir) if resume else None
-        if saved is not None:  # full weights go into the plain model, before any sharding
+        if saved is not None:  # full weights go into the plain model, before any sharding,
+            # in the precision's dtype (float64 weights loaded into a float32 model lose bits)
+            model = fabric.strategy.precision.convert_module(model)
             load_model_state(model, saved["model"], self.run_dir / LAST)
         self.module = model  # the plain module: state dicts, evaluation, pictures
         if config.compiled:  # in place: state-dict keys stay plain, Fabric wraps the compiled call
@@ -243,10 +245,11 @@ class Trainer:
                 load_sharded_optimizer_state(model, self.optimizer.optimizer, saved["optimizer"])
         else:
             optimizer = make_optimizer(model, config)
-            if saved is not None:
+            self.model, self.optimizer = fabric.setup(model, optimizer)
+            if saved is not None:  # after set-up: the moments take the parameters' device and
+                # dtype (float64 under 64-true: loaded before, they stayed float32)
                 state = optimizer_state_by_index(saved["optimizer"], model)
                 optimizer.load_state_dict(keep_implementation(state, optimizer))
-            self.model, self.optimizer = fabric.setup(model, optimizer)
         if saved is not None:
             self._restore_progress(saved)
         self.skip_mode = skip_mode(self.optimizer.optimizer, fabric.strategy.precision)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -213,6 +214,49 @@ def test_onnx_decoder_matches_torch_at_two_latent_sizes(exported):
     assert 0 < report.variants[0].max_abs_error_mean < 1e-2
 
 
+def test_exported_graphs_declare_the_shapes_they_make(exported):
+    """Tools that trust declared shapes (TensorRT, generated clients) read them: a decoder's
+    images are image_height x image_width (f times the latent's), an encoder's latents have c
+    fixed channels and their own latent_height x latent_width."""
+    import onnx
+
+    model, report, encoder_report = exported
+
+    def declared(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+    c = model.latent_shape[0]
+    for path in (report.path, report.variants[0].path):
+        graph = onnx.load(str(path)).graph
+        assert declared(graph.input) == {"z": ["batch", c, "height", "width"]}
+        assert declared(graph.output) == {name: ["batch", 3, "image_height", "image_width"]
+                                          for name in ("mean", "params")}
+    encoder = onnx.load(str(encoder_report.path))
+    assert declared(encoder.graph.input) == {"image": ["batch", 3, "height", "width"]}
+    assert declared(encoder.graph.output) == {name: ["batch", c, "latent_height", "latent_width"]
+                                              for name in ("mu", "logvar")}
+    onnx.checker.check_model(encoder, full_check=True)  # the declared shapes agree with inference
+
+
+def test_exports_that_cannot_work_are_refused_before_writing(tmp_path):
+    """An opset too old for the spatial graphs (torch.onnx failed with a page of IR), --int8 of
+    a decoder without matrix products (the "int8" file was the fp32 one), and the encoder of a
+    deterministic autoencoder: one FastVAEError each, nothing written."""
+    from fastvae.export import export_decoder
+    from fastvae.export.encoder_export import export_encoder
+
+    model = tiny_model()  # no attention: convolutions only
+    for call, needle in ((lambda: export_decoder(model, tmp_path / "d.onnx", opset=10), "--opset 11"),
+                         (lambda: export_encoder(model, tmp_path / "e.onnx", opset=9), "--opset 11"),
+                         (lambda: export_decoder(model, tmp_path / "d.onnx", int8=True), "without --int8"),
+                         (lambda: export_encoder(tiny_model(kind="ae"), tmp_path / "e.onnx"), "--kind ae")):
+        with pytest.raises(FastVAEError, match=re.escape(needle)) as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    assert export_decoder(tiny_model(attention=True), tmp_path / "a.onnx", int8=True).variants[0].precision == "int8"
+
+
 def test_sampler_and_service_take_spatial_latents(exported):
     """OnnxSampler draws (n, c, h, w) latents and decodes them like torch; the HTTP service's
     /decode parser takes latents of that shape and names it when refusing others."""
@@ -325,7 +369,12 @@ def test_commands_end_to_end(tmp_path, capsys):
     np.savez(data, train=splits.train.numpy(), test=splits.test.numpy())
     run = tmp_path / "run"
     assert main(["train", "--data", str(data), "--model", "convkl", "--width", "4", "--downsample", "4",
-                 "--likelihood", "laplace", "--epochs", "1", "--batch-size", "16", "--quiet", "--out", str(run)]) == 0
+                 "--channel-mult", "1,2,2", "--likelihood", "laplace", "--epochs", "1", "--batch-size", "16",
+                 "--quiet", "--out", str(run)]) == 0
+    # another --downsample no longer fits the run's --channel-mult: the error says what changed
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--downsample", "8", "--epochs", "2"]) == 2
+    assert "setting(s) downsample differ from the run" in capsys.readouterr().err
     for picture in ("reconstructions_side_by_side.png", "latent_channels.png", "samples.png", "interpolation.png"):
         assert (run / picture).is_file(), picture
     capsys.readouterr()
@@ -362,11 +411,29 @@ def test_decode_refuses_latents_and_tiles_that_do_not_fit(exported, tmp_path):
     np.save(z, np.zeros((1, 4, 8, 8), np.float32))
     rc, _, err = run_cli("decode", report.path, z, "--out", tmp_path / "o.npy", "--tile", "30")
     assert_one_line_error(rc, err, "--tile 30 is not a multiple of 4")
-    np.savez(tmp_path / "z.npz", z=np.zeros((1, 4, 8, 8), np.float32))
-    for given, needle in ((tmp_path / "z.npz", ".npz archive"), (tmp_path, "is a folder")):
+    rc, _, err = run_cli("decode", report.path, z, "--out", tmp_path / "o.npy", "--tile", "16", "--overlap", "-4")
+    assert_one_line_error(rc, err, "--overlap -4 is negative")
+    big = np.zeros((1, 4, 8, 8))
+    big[0, 0, 0, 0] = 1e39  # finite in float64, inf in float32
+    np.save(z, big)
+    rc, _, err = run_cli("decode", report.path, z, "--out", tmp_path / "o.npy")
+    assert_one_line_error(rc, err, "beyond float32's range")
+    np.savez(tmp_path / "two.npz", z=np.zeros((1, 4, 8, 8), np.float32), w=np.zeros(3))
+    for given, needle in ((tmp_path / "two.npz", ".npz archive of 2 arrays"), (tmp_path, "is a folder")):
         rc, _, err = run_cli("decode", report.path, given, "--out", tmp_path / "o.npy")
         assert_one_line_error(rc, err, needle)
+    # a wrong --out is refused before anything is read or decoded (the latents do not even exist)
+    rc, _, err = run_cli("decode", report.path, tmp_path / "none.npy", "--out", tmp_path / "o.png")
+    assert_one_line_error(rc, err, "--out", "o.png", ".npy file or a folder")
     assert not (tmp_path / "o.npy").exists()
+    # an .npz of one array holds the latents
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    np.save(z, latents)
+    np.savez(tmp_path / "one.npz", latents=latents)
+    for given, out in ((z, "a.npy"), (tmp_path / "one.npz", "b.npy")):
+        rc, _, err = run_cli("decode", report.path, given, "--out", tmp_path / out)
+        assert rc == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
 def test_photos_split_cuts_test_crops_from_other_photos():

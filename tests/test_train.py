@@ -12,6 +12,8 @@ from testkit import max_weight_diff, metrics_without_time, state_dict_of
 from fastvae.distributions import kl_standard_normal
 from fastvae.losses import (bernoulli_log_likelihood, elbo_terms, free_bits_kl, iwae_bound,
                             iwae_log_weights, kl_weight)
+from fastvae.checkpoint import load
+from fastvae.data import load_dataset
 from fastvae.trainer import train
 
 # ----------------------------------------------------------------------------- objective, by hand
@@ -194,6 +196,27 @@ def test_resume_equals_straight_run(tmp_path, make_config):
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (4, 96)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-9)
+
+
+@pytest.mark.parametrize("model", ["mlp", "convkl"])
+def test_float64_runs_evaluate_and_resume_in_float64(tmp_path, make_config, model):
+    """--precision 64-true: the test set is evaluated in the weights' dtype (float32 batches
+    met float64 weights and crashed), and Adam's moments come back as float64 on --resume
+    (loaded before Fabric's set-up converted the model, they stayed float32 and crashed)."""
+    from fastvae.evaluation import evaluate
+
+    extra = dict(model=model, downsample=2, width=4) if model == "convkl" else {}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(make_config(out=straight, epochs=2, precision="64-true", **extra))
+    train(make_config(out=split, epochs=1, precision="64-true", **extra))
+    train(make_config(out=split, epochs=2, precision="64-true", **extra), resume=True)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(t.dtype == torch.float64 for t in a["model"].values() if t.is_floating_point())
+    assert max_weight_diff(state_dict_of(straight), state_dict_of(split)) <= 1e-9
+    assert metrics_without_time(straight) == metrics_without_time(split)
+    model64 = load(straight)
+    result = evaluate(model64, load_dataset("digits").test[:40], iwae_k=4)
+    assert math.isfinite(result["neg_elbo"]) and math.isfinite(result["iwae_nll"])
 
 
 def test_resume_of_a_finished_run_changes_nothing(make_config):

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.export.tiled_decode import check_latents, check_tiling, decode_latents
 
     out = Path(args.out)
+    if out.suffix and out.suffix.lower() != ".npy":  # before decoding, which may take long
+        raise FastVAEError(f"--out {out}: give a .npy file or a folder (no suffix) for PNG images")
     if args.batch_size < 1:
         raise FastVAEError(f"--batch-size must be a positive integer, got {args.batch_size}")
     decoder = OnnxSampler(args.model, threads=args.threads)
@@ -86,8 +88,13 @@ def _load(path):
         z = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy's format errors: one message
         raise FastVAEError(f"{path} is not a readable .npy array ({type(exc).__name__}): save latents with numpy.save") from None
-    if not isinstance(z, np.ndarray):  # an .npz archive
-        raise FastVAEError(f"{path} is an .npz archive of several arrays: save the latents alone with numpy.save")
+    if not isinstance(z, np.ndarray):  # an .npz archive: its one array, if it has one
+        with z:
+            if len(z.files) != 1:
+                raise FastVAEError(f"{path} is an .npz archive of {len(z.files)} arrays "
+                                   f"({', '.join(z.files[:5]) or 'none'}): save the latents alone "
+                                   "with numpy.save")
+            return z[z.files[0]]
     return z
 
 

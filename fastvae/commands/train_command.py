@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fastvae import run_folder
-    from fastvae.config import TrainConfig, load_config_file
+    from fastvae.config import RESUME_IDENTITY, TrainConfig, load_config_file
     from fastvae.errors import FastVAEError
 
     names = [f.name for f in fields(TrainConfig)]
@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         if not (out / run_folder.CONFIG_JSON).is_file() and not (out / run_folder.LAST).is_file():
             raise FastVAEError(f"cannot resume: {out} holds neither {run_folder.CONFIG_JSON} nor "
                                f"{run_folder.LAST}; train into {out} first")
-        values = {**run_folder.read_run_config(out), **values}  # a deleted config.json: the checkpoint's
+        saved = run_folder.read_run_config(out)
+        values = {**saved, **values}  # a deleted config.json: the checkpoint's
     if args.compile is False and args.compile_mode not in (None, "default"):
         raise FastVAEError(f"--no-compile contradicts --compile-mode {args.compile_mode} (which compiles): "
                            "give one of them")
@@ -132,6 +133,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         config.validate()
     except FastVAEError as exc:
+        if args.resume:  # a changed model setting that no longer fits the run's others
+            before = TrainConfig.from_dict(saved, source=str(out))
+            changed = [k for k in RESUME_IDENTITY if k in given and getattr(config, k) != getattr(before, k)]
+            if changed:
+                raise FastVAEError(f"cannot resume {out}: setting(s) {', '.join(changed)} differ from "
+                                   "the run that wrote it; resume with the same settings, or train "
+                                   "into a new --out") from None
         if args.config and any(k in load_config_file(args.config) for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
         raise
