@@ -434,6 +434,16 @@ def test_decode_refuses_latents_and_tiles_that_do_not_fit(exported, tmp_path):
         rc, _, err = run_cli("decode", report.path, given, "--out", tmp_path / out)
         assert rc == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    # PNGs of an earlier decode are never mixed with new ones: refused, or all replaced
+    pngs = tmp_path / "pngs"
+    assert run_cli("decode", report.path, z, "--out", pngs)[0] == 0
+    first = (pngs / "0000.png").read_bytes()
+    np.save(z, latents[1:])
+    rc, _, err = run_cli("decode", report.path, z, "--out", pngs)
+    assert_one_line_error(rc, err, "already holds 2 decoded image(s)", "--overwrite")
+    rc, _, err = run_cli("decode", report.path, z, "--out", pngs, "--overwrite")
+    assert rc == 0, err
+    assert sorted(p.name for p in pngs.iterdir()) == ["0000.png"] and (pngs / "0000.png").read_bytes() != first
 
 
 def test_photos_split_cuts_test_crops_from_other_photos():

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: one per physical core")
     parser.add_argument("--check-untiled", action="store_true",
                         help="with --tile: also decode whole and print max |tiled - untiled|")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the numbered PNGs an earlier decode left in the --out folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix and out.suffix.lower() != ".npy":  # before decoding, which may take long
         raise FastVAEError(f"--out {out}: give a .npy file or a folder (no suffix) for PNG images")
+    earlier = _numbered_pngs(out) if not out.suffix and out.is_dir() else []
+    if earlier and not args.overwrite:  # fewer new images would leave old ones among them
+        raise FastVAEError(f"--out {out} already holds {len(earlier)} decoded image(s) ({earlier[0].name}, ...): "
+                           "pass --overwrite to replace them, or choose another folder")
     if args.batch_size < 1:
         raise FastVAEError(f"--batch-size must be a positive integer, got {args.batch_size}")
     decoder = OnnxSampler(args.model, threads=args.threads)
@@ -65,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     images = decode_latents(decode, z, f, decoder.output_shape[0], tile=tile, overlap=overlap or 0,
                             batch_size=args.batch_size)
     seconds = time.perf_counter() - start
-    _write(images, out)
+    written = _write(images, out)
+    for png in set(earlier) - set(written):  # --overwrite: none of the earlier images stays
+        png.unlink(missing_ok=True)
     how = f"in tiles of {args.tile} px (overlap {overlap * f} px)" if tile else "whole"
     print(f"wrote {out}: {len(images)} image(s) of {images.shape[1]}x{images.shape[2]}x{images.shape[3]} "
           f"from latents {'x'.join(map(str, z.shape[1:]))}, decoded {how} in {seconds:.3f} s")
@@ -74,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"max |tiled - untiled| = {float(np.max(np.abs(images - whole))):.3e} "
               f"(mean {float(np.mean(np.abs(images - whole))):.3e})")
     return 0
+
+
+def _numbered_pngs(folder) -> list:
+    """The PNGs named like decode's outputs (0000.png, 0001.png, ...) in ``folder``."""
+    return sorted(p for p in folder.iterdir() if p.suffix == ".png" and p.stem.isdigit())
 
 
 def _load(path):
@@ -98,8 +111,9 @@ def _load(path):
     return z
 
 
-def _write(images, out) -> None:
-    """A .npy file, or one PNG per image in the folder ``out`` (each written atomically)."""
+def _write(images, out) -> list:
+    """A .npy file, or one PNG per image in the folder ``out`` (each written atomically);
+    returns the paths written."""
     import numpy as np
 
     from fastvae.errors import FastVAEError
@@ -108,7 +122,7 @@ def _write(images, out) -> None:
     if out.suffix.lower() == ".npy":
         with atomic_write(out) as tmp:
             np.save(tmp, images)
-        return
+        return [out]
     if out.suffix:
         raise FastVAEError(f"--out {out}: give a .npy file or a folder (no suffix) for PNG images")
     if images.shape[1] not in (1, 3):
@@ -117,6 +131,8 @@ def _write(images, out) -> None:
 
     pixels = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
     width = max(4, len(str(len(images) - 1)))
-    for i, image in enumerate(pixels):
-        with atomic_write(out / f"{i:0{width}d}.png") as tmp:
+    written = [out / f"{i:0{width}d}.png" for i in range(len(pixels))]
+    for path, image in zip(written, pixels):
+        with atomic_write(path) as tmp:
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
+    return written
