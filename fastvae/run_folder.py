@@ -51,6 +51,15 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return name.startswith(".") and _TMP_MARK in name
 
 
+def staged_leftovers(beside: str | os.PathLike) -> list[Path]:
+    """Staging files and folders ``.NAME.tmp-PID`` beside ``beside`` from other processes:
+    left by one that was killed (or still running: the PID may live on another machine, so
+    they are reported, never removed)."""
+    beside = Path(beside)
+    mine = f".{beside.name}{_TMP_MARK}{os.getpid()}"
+    return sorted(p for p in beside.parent.glob(f".{beside.name}{_TMP_MARK}*") if p.name != mine)
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; when the block ends without an error,

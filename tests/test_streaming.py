@@ -369,6 +369,16 @@ def test_out_url_link_and_grayscale_of_a_colour_dataset(tmp_path, capsys):
     assert "--grayscale" in line and "prepared in colour" in line and not (tmp_path / "run").exists()
 
 
+def test_a_staging_folder_left_by_a_killed_prepare_is_reported_not_removed(tmp_path, capsys):
+    left = tmp_path / ".shards.tmp-4194301"  # another process's (it may run on another machine)
+    (left / "train").mkdir(parents=True)
+    rc, _, err = cli(capsys, "prepare", "digits", "--out", tmp_path / "shards", "--quiet")
+    assert rc == 0 and left.is_dir()
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"note: {left} was left by a 'fastvae prepare' that did not finish (killed?): remove it to "
+        "free its space if none is running"]
+
+
 def test_split_writer_cuts_pieces_of_any_size_into_whole_blocks(tmp_path):
     """Pieces smaller and larger than a block, and one of many blocks: blocks hold the rows in
     order, every block but the last full."""

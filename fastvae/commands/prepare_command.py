@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from fastvae.commands import arg_types
 
@@ -30,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "of the order the train examples are written in")
     parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: none)")
     parser.add_argument("--skip-bad", action="store_true", help="skip images that cannot be decoded "
-                        "(and report how many) instead of stopping at the first")
+                        "(and report how many) instead of stopping at the first; one whose header "
+                        "reads but whose pixels do not is found after the split is drawn, so it "
+                        "is missing from its split")
     parser.add_argument("--overwrite", action="store_true", help="replace a prepared dataset already in --out")
     parser.add_argument("--quiet", dest="progress", action="store_false",
                         help="no progress bar (it shows only on a terminal anyway)")
@@ -46,4 +49,9 @@ def run(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction, split_seed=args.split_seed, workers=args.workers,
         skip_bad=args.skip_bad, overwrite=args.overwrite, progress=args.progress)
     print(summary_line(args.source, Path(args.out), meta, seconds))
+    from fastvae.run_folder import staged_leftovers
+
+    for left in staged_leftovers(Path(args.out)):
+        print(f"note: {left} was left by a 'fastvae prepare' that did not finish (killed?): remove "
+              "it to free its space if none is running", file=sys.stderr)
     return 0
