@@ -41,17 +41,19 @@ drawn on the device, so CUDA-graph replays read a fresh one.
 On CPU the kernel runs under Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the
 environment *before triton is imported* (``@triton.jit`` reads it at decoration time, also for
 triton's own ``tl.randint4x``). Where the kernel cannot run (other CPU cases, float64) the op
-computes the reference math with eps from a ``torch.Generator`` seeded by ``seed``: still
-deterministic per seed and still not storing eps, but a different stream than Philox.
+computes the reference math with eps from numpy's Philox keyed by all 64 bits of ``seed``:
+still deterministic per seed and still not storing eps, but another stream than the kernel's.
 """
 
 import contextlib
 import math
+import numbers
 import os
 import threading
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import triton
 import triton.language as tl
 
@@ -327,19 +329,25 @@ def _plan(B, D, block_b, block_d, num_warps, meta, two_d: bool):
     return grid, dict(meta, FAST_MATH=FAST_MATH, BLOCK_B=bb, BLOCK_D=bd), num_warps
 
 
-def _forward_triton(mu, logvar, seed, block_b=None, block_d=None, num_warps=NUM_WARPS):
+def _forward_triton(mu, logvar, seed, block_b=None, block_d=None, num_warps=NUM_WARPS, shape=None):
     """Launch the forward kernel on 2-D (B, D) inputs; ``seed``: an int, or a one-element int64
     tensor that the kernel reads (no sync; CUDA graphs replay with its current value).
-    Returns (z, kl). The key holds everything Triton specializes the launch on (values of the
-    int arguments, dtypes and 16-byte alignment of the pointers) and the block overrides."""
+    Returns (z, kl), allocated contiguous in ``shape`` (..., D) when given (the caller's
+    shape: outputs that are not views, which in-place ops on them need). The key holds
+    everything Triton specializes the launch on (values of the int arguments, dtypes and
+    16-byte alignment of the pointers) and the block overrides."""
     s_mu, c_mu = mu.stride()
     s_lv, c_lv = logvar.stride()
     if c_mu != 1 or c_lv != 1:  # the kernels take a row stride only
         mu, s_mu = _unit_column_stride(mu)
         logvar, s_lv = _unit_column_stride(logvar)
     B, D = mu.shape
-    z = torch.empty_like(mu, memory_format=_CONTIGUOUS)
-    kl = mu.new_empty(B, dtype=torch.float32)
+    if shape is None:
+        z = torch.empty_like(mu, memory_format=_CONTIGUOUS)
+        kl = mu.new_empty(B, dtype=torch.float32)
+    else:
+        z = mu.new_empty(shape)
+        kl = mu.new_empty(shape[:-1], dtype=torch.float32)
     if seed.__class__ is int:
         seed_ptr, seed_key = mu, seed >= 2**31
     else:
@@ -389,8 +397,12 @@ def _backward_triton(mu, logvar, seed, gz, gkl, block_b=None, block_d=None, num_
 
 
 def _torch_eps(seed: int, shape, device) -> torch.Tensor:
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    """The fallback's eps: numpy's Philox keyed by all 64 bits of ``seed`` (torch's CPU
+    generator keeps 32: seeds 2**32 apart gave the same noise)."""
+    import numpy as np
+
+    rng = np.random.Generator(np.random.Philox(key=int(seed)))
+    return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(device)
 
 
 def _int_seed(seed) -> int:
@@ -398,10 +410,12 @@ def _int_seed(seed) -> int:
 
 
 def _forward_torch(mu, logvar, seed):
-    """The reference math (fastvae.reparam) in fp32, or fp64 for fp64 inputs."""
+    """The reference math (fastvae.reparam) in fp32, or fp64 for fp64 inputs; (..., D) inputs
+    draw the eps of their (rows, D) view."""
     compute = torch.promote_types(mu.dtype, torch.float32)
     mu_c, lv_c = mu.to(compute), logvar.to(compute)
-    eps = _torch_eps(_int_seed(seed), mu.shape, mu.device).to(compute)
+    rows = math.prod(mu.shape[:-1])
+    eps = _torch_eps(_int_seed(seed), (rows, mu.shape[-1]), mu.device).view(mu.shape).to(compute)
     z = mu_c + torch.exp(0.5 * lv_c) * eps
     # Contiguous like the kernel's outputs (the fake kernel promises that layout).
     return z.to(mu.dtype).contiguous(), kl_standard_normal(mu_c, lv_c)
@@ -438,6 +452,15 @@ def _forward(mu, logvar, seed):
     return _forward_torch(mu, logvar, seed)
 
 
+def _eps(mu, seed) -> torch.Tensor:
+    """The fp32 eps the forward drew for 2-D ``mu`` and ``seed`` (the kernel's z for mu = 0,
+    logvar = 0; the fallback's stream where the kernel does not run)."""
+    if mu.numel() and _use_kernel(mu):
+        zeros = torch.zeros(mu.shape, dtype=torch.float32, device=mu.device)
+        return _forward_triton(zeros, zeros, seed)[0]
+    return _torch_eps(_int_seed(seed), mu.shape, mu.device)
+
+
 def _backward(mu, logvar, seed, gz, gkl):
     """(dmu, dlogvar) for 2-D mu, logvar; gz (B, D) and gkl (B,) may be None."""
     if mu.numel() == 0:
@@ -471,8 +494,8 @@ class ReparamKLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        if torch.is_grad_enabled():  # create_graph=True: there is no second derivative
-            return _backward_once_differentiable(ctx, grad_z, grad_kl)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
+            return _backward_differentiable(ctx, grad_z, grad_kl)
         return _function_backward(ctx, grad_z, grad_kl)
 
 
@@ -485,17 +508,44 @@ def _function_backward(ctx, grad_z, grad_kl):
     seed = saved[2] if len(saved) == 3 else ctx.seed
     if mu.dim() != 2:
         shape, width = mu.shape, mu.shape[-1]
-        mu, logvar = mu.reshape(-1, width), logvar.reshape(-1, width)
-        grad_z = None if grad_z is None else grad_z.reshape(-1, width)
-        grad_kl = None if grad_kl is None else grad_kl.reshape(-1)
+        rows = math.prod(shape[:-1])
+        mu, logvar = mu.reshape(rows, width), logvar.reshape(rows, width)
+        grad_z = None if grad_z is None else grad_z.reshape(rows, width)
+        grad_kl = None if grad_kl is None else grad_kl.reshape(rows)
         dmu, dlv = _backward(mu, logvar, seed, grad_z, grad_kl)
         return dmu.view(shape), dlv.view(shape), None
     dmu, dlv = _backward(mu, logvar, seed, grad_z, grad_kl)
     return dmu, dlv, None
 
 
-# Under create_graph=True: the same gradients, and an error if anything differentiates them.
-_backward_once_differentiable = torch.autograd.function.once_differentiable(_function_backward)
+def _backward_differentiable(ctx, grad_z, grad_kl):
+    """The backward under ``create_graph=True``: the same gradients in torch ops with eps
+    regenerated (one B x D tensor, this case only), so that second derivatives through mu,
+    logvar and the upstream grads are right (gradient penalties, meta-learning):
+
+        dmu = gz + gkl mu,    dlogvar = 0.5 gz eps exp(logvar / 2) + 0.5 gkl expm1(logvar)
+    """
+    if grad_z is None and grad_kl is None:
+        return None, None, None
+    saved = ctx.saved_tensors
+    mu, logvar = saved[0], saved[1]
+    seed = saved[2] if len(saved) == 3 else ctx.seed
+    shape = mu.shape
+    rows = math.prod(shape[:-1])
+    compute = torch.promote_types(mu.dtype, torch.float32)
+    mu_c, lv_c = mu.to(compute), logvar.to(compute)
+    dmu = torch.zeros_like(mu_c)
+    dlv = torch.zeros_like(lv_c)
+    if grad_z is not None:
+        eps = _eps(mu.detach().reshape(rows, shape[-1]), seed).view(shape).to(compute)
+        gz = grad_z.to(compute)
+        dmu = dmu + gz
+        dlv = dlv + 0.5 * gz * eps * torch.exp(0.5 * lv_c)
+    if grad_kl is not None:
+        gkl = grad_kl.to(compute).unsqueeze(-1)
+        dmu = dmu + gkl * mu_c
+        dlv = dlv + 0.5 * gkl * torch.expm1(lv_c)
+    return dmu.to(mu.dtype), dlv.to(logvar.dtype), None
 
 
 def _plain_apply():
@@ -522,12 +572,19 @@ _apply = _plain_apply() or ReparamKLFunction.apply
 
 
 def _forward_any_shape(mu, logvar, seed):
-    """(z, kl) for (..., D) inputs: flattened to rows for the kernel (views where possible)."""
+    """(z, kl) for (..., D) inputs, flattened to rows for the kernel (views where possible);
+    the outputs are allocated in the inputs' shape, never views of a 2-D result (autograd
+    refuses in-place ops on a Function's outputs that are views)."""
     if mu.dim() == 2:
         return _forward(mu, logvar, seed)
     shape = mu.shape
-    z, kl = _forward(mu.reshape(-1, shape[-1]), logvar.reshape(-1, shape[-1]), seed)
-    return z.view(shape), kl.view(shape[:-1])
+    if mu.numel() == 0 or not _use_kernel(mu):
+        if mu.numel() == 0:
+            kl = torch.zeros(shape[:-1], dtype=_kl_dtype(mu.dtype), device=mu.device)
+            return torch.empty_like(mu, memory_format=torch.contiguous_format), kl
+        return _forward_torch(mu, logvar, seed)
+    rows = math.prod(shape[:-1])
+    return _forward_triton(mu.reshape(rows, shape[-1]), logvar.reshape(rows, shape[-1]), seed, shape=shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,12 +672,17 @@ def draw_host_seed(generator: "torch.Generator | None" = None) -> int:
 
 
 def _check_seed_tensor(seed: torch.Tensor) -> torch.Tensor:
-    if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
-        raise ValueError("seed tensor must hold one integer")
+    if (seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex
+            or seed.dtype == torch.bool):
+        raise ValueError(f"seed tensor must hold one integer, got {seed.numel()} of {seed.dtype}")
     return seed
 
 
 def _check_seed_int(seed) -> int:
+    """An int (Python or numpy) in [0, 2**63); floats, strings and bools are refused, not
+    truncated (3.9 was taken as 3)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
@@ -657,6 +719,13 @@ def _seed_tensor(seed) -> torch.Tensor:
 _REDUCTIONS = ("none", "sum", "mean")
 
 
+def _transformed() -> bool:
+    """Forward-mode AD (dual tensors carry no requires_grad) or a torch.func transform is
+    active: the call goes through the autograd.Function, whose error says what is missing
+    (the raw kernel would drop the tangents, or fail on a wrapper tensor's data pointer)."""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
 def reparameterize_kl(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -667,13 +736,15 @@ def reparameterize_kl(
     """Fused z = mu + exp(0.5 logvar) * eps and KL(N(mu, exp(logvar)) || N(0, I)).
 
     ``mu``, ``logvar``: same shape (..., D), float32/bfloat16/float16 (float64 uses the torch
-    path). ``seed``: int, one-element integer tensor, or None to draw one from torch's CPU
+    path; other dtypes are refused). ``seed``: int, one-element integer tensor, or None to draw one from torch's CPU
     generator (on the device instead while a CUDA graph is being captured). A tensor seed on the
     CPU is read by the host (no device sync); one on mu's device is read by the kernel, which
     CUDA graphs need (a host-read seed would be frozen into the graph). Same seed value, same
     shape -> same eps, on any block size.
-    Returns ``z`` (..., D) in the input dtype and ``kl`` in float32: shape (...) for
-    ``reduction="none"``, a scalar sum or mean over rows for ``"sum"`` / ``"mean"``.
+    Returns ``z`` (..., D) in the input dtype and ``kl`` in float32 (float64 for float64
+    inputs): shape (...) for ``reduction="none"``, a scalar sum or mean over rows for
+    ``"sum"`` / ``"mean"``. Differentiable once with the fused kernels, twice under
+    ``create_graph=True`` (torch ops there); forward-mode AD and torch.func transforms raise.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
@@ -681,13 +752,15 @@ def reparameterize_kl(
         raise ValueError("mu and logvar must have the same shape, dtype and device")
     if mu.dim() == 0:
         raise ValueError("mu must have at least one dimension (the latent dimension)")
+    if not mu.is_floating_point():
+        raise ValueError(f"mu and logvar must be floating point, got {mu.dtype}")
     if torch.compiler.is_compiling():  # the custom op: fake kernels for tracing
         shape = mu.shape
         rows = math.prod(shape[:-1])
         z, kl = _reparam_kl_op(mu.reshape(rows, shape[-1]), logvar.reshape(rows, shape[-1]),
                                _seed_tensor(seed))
         z, kl = z.view(shape), kl.view(shape[:-1])
-    elif torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
+    elif (torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)) or _transformed():
         z, kl = _apply(mu, logvar, _eager_seed(seed, mu))
     else:  # nothing to differentiate: no autograd node, just the kernel
         z, kl = _forward_any_shape(mu, logvar, _eager_seed(seed, mu))
@@ -727,7 +800,10 @@ def stubbed_launches():
 
 def philox_eps(seed: int, rows: int, cols: int, device="cpu", **blocks) -> torch.Tensor:
     """The (rows, cols) fp32 eps the kernel uses for ``seed`` (z with mu = 0, logvar = 0)."""
+    seed = _check_seed_int(seed)
     zeros = torch.zeros(rows, cols, device=device, dtype=torch.float32)
     if not kernel_available(zeros.device, zeros.dtype):
         raise RuntimeError("the Triton kernel needs CUDA, or TRITON_INTERPRET=1 before import")
-    return _forward_triton(zeros, zeros, int(seed), **blocks)[0]
+    if zeros.numel() == 0:
+        return zeros
+    return _forward_triton(zeros, zeros, seed, **blocks)[0]

@@ -395,6 +395,68 @@ def test_eps_not_saved_for_backward(device):
 # ------------------------------------------------------------------------------------------
 
 
+def _penalised_grads(op, mu, logvar):
+    """d/d(mu, logvar) of kl.sum() + z.sum() + |d kl.sum() / d logvar|^2 + |d (z w).sum() / d mu|^2
+    (a gradient penalty: needs the op's second derivatives)."""
+    w = torch.linspace(-1.0, 1.0, mu.shape[-1], device=mu.device)
+    z, kl = op(mu, logvar)
+    (g_lv,) = torch.autograd.grad(kl.sum(), logvar, create_graph=True)
+    (g_mu,) = torch.autograd.grad((z * w).sum(), mu, create_graph=True)
+    loss = kl.sum() + z.sum() + (g_lv**2).sum() + (g_mu * mu).sum()
+    return torch.autograd.grad(loss, (mu, logvar))
+
+
+def _second_derivatives_match(mu, logvar, eps, seed):
+    fused = _penalised_grads(lambda m, l: reparameterize_kl(m, l, seed=seed), mu, logvar)
+    ref = _penalised_grads(lambda m, l: reference(m, l, eps), mu, logvar)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_second_derivatives_under_create_graph(device):
+    """create_graph=True: the gradients are differentiable again (they dropped the
+    second-order terms silently before)."""
+    mu, logvar = make_inputs((3, 2, 8), device, requires_grad=True)
+    _second_derivatives_match(mu, logvar, kernel_eps(5, (3, 2, 8), device), 5)
+
+
+def test_second_derivatives_under_create_graph_fallback(no_interpret):
+    mu, logvar = make_inputs((3, 2, 8), "cpu", requires_grad=True)
+    _second_derivatives_match(mu, logvar, rk._torch_eps(5, (6, 8), "cpu").view(3, 2, 8), 5)
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 3, 6), (4, 6)])
+def test_outputs_take_in_place_ops_in_any_shape(shape, no_interpret):
+    """z and kl are not views of a flattened result: in-place ops on them work under
+    autograd (they raised for 1-D and N-D inputs)."""
+    mu, logvar = make_inputs(shape, "cpu", requires_grad=True)
+    z, kl = reparameterize_kl(mu, logvar, seed=1)
+    assert z._base is None and kl._base is None
+    z.clamp_(-3, 3)
+    kl.mul_(0.5)
+    (z.sum() + kl.sum()).backward()
+    assert mu.grad.shape == shape
+
+
+def test_transforms_without_a_derivative_rule_raise_instead_of_dropping_tangents(no_interpret):
+    import torch.autograd.forward_ad as fwAD
+
+    mu, logvar, tangent = (torch.randn(3, 8) for _ in range(3))
+    with fwAD.dual_level():  # dual tensors do not require grad: the raw kernel dropped tangents
+        with pytest.raises(RuntimeError, match="jvp"):
+            reparameterize_kl(fwAD.make_dual(mu, tangent), logvar, seed=1)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.vmap(lambda m: reparameterize_kl(m, m, seed=1)[1], randomness="different")(mu)
+
+
+def test_fallback_noise_uses_all_64_bits_of_the_seed(no_interpret):
+    mu = torch.zeros(2, 8)
+    first = reparameterize_kl(mu, mu, seed=3)[0]
+    for seed in (3 + 2**32, 3 + 5 * 2**40):
+        assert not torch.equal(first, reparameterize_kl(mu, mu, seed=seed)[0])
+    assert torch.equal(first, reparameterize_kl(mu, mu, seed=np.int64(3))[0])
+
+
 def test_torch_fallback_without_interpreter(no_interpret):
     assert not fk.kernel_available(torch.device("cpu"), torch.float32)
     mu, logvar = make_inputs((5, 9), "cpu", requires_grad=True)
@@ -434,6 +496,14 @@ def test_input_validation():
         reparameterize_kl(mu, mu, seed=-1)
     with pytest.raises(ValueError):
         reparameterize_kl(torch.zeros(()), torch.zeros(()))
+    for seed in (3.9, "3", True, torch.tensor(True), torch.tensor([1, 2])):  # not truncated to 3 / 1
+        with pytest.raises(ValueError, match="seed"):
+            reparameterize_kl(mu, mu, seed=seed)
+    for dtype in (torch.int64, torch.complex64):  # int z had its noise truncated away
+        with pytest.raises(ValueError, match="floating point"):
+            reparameterize_kl(mu.to(dtype), mu.to(dtype), seed=0)
+    z, kl = reparameterize_kl(torch.zeros(2, 3, 0), torch.zeros(2, 3, 0), seed=0)  # D = 0
+    assert z.shape == (2, 3, 0) and kl.shape == (2, 3) and not kl.any()
 
 
 def test_dispatch_from_fastvae_reparam(device):
