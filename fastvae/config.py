@@ -129,9 +129,14 @@ class TrainConfig:
                 raise FastVAEError(f"--{_flag(name)} must be an integer from 0 to {MAX_SEED}, got {value!r}")
         if self.learn_sigma and self.likelihood == "bernoulli":
             raise FastVAEError("--learn-sigma needs a gaussian or laplace --likelihood (bernoulli has no sigma)")
-        if self.kind == "ae" and self.beta != 1.0:
-            raise FastVAEError(f"--beta {self.beta} weights the KL term, which --kind ae does not have: "
-                               "drop --beta or train --kind vae")
+        if self.kind == "ae":  # settings of the ELBO, which a deterministic autoencoder has not
+            vae_only = {"beta": self.beta != 1.0, "free_bits": self.free_bits != 0.0,
+                        "kl_warmup_steps": self.kl_warmup_steps != 0, "learn_sigma": self.learn_sigma,
+                        "iwae_k": self.iwae_k != 0}
+            for name, given in vae_only.items():
+                if given:
+                    raise FastVAEError(f"--{_flag(name)} {getattr(self, name)} belongs to a VAE's ELBO, which "
+                                       f"--kind ae (an MSE autoencoder) does not have: drop it or train --kind vae")
         if self.compile_mode != "default":  # a mode compiles: config.json says so
             self.compile = True
         if isinstance(self.workers, bool) or not 0 <= self.workers <= MAX_WORKERS:
@@ -211,7 +216,10 @@ def load_config_file(path: str | Path) -> dict:
         raise FastVAEError(f"config file {path} {what}: give a .json or .toml file")
     try:
         text = path.read_text()
-        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            raise FastVAEError(f"config file {path}: YAML is not read; give the settings as .json or .toml")
+        values = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise FastVAEError(f"config file {path} could not be read: {exc}") from None
     if not isinstance(values, dict):

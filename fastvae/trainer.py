@@ -103,6 +103,16 @@ def load_config_data(config: TrainConfig, source: str | None = None):
                         split_seed=config.split_seed, grayscale=config.grayscale)
 
 
+def _set_fixed_sigma(model, sigma: float) -> None:
+    """A fixed (not learned) Gaussian/Laplace sigma is the setting's value, also on --resume
+    (a learned one continues from where it is: its setting was a starting value)."""
+    likelihood = getattr(model, "likelihood", None)
+    scale = getattr(likelihood, "log_scale", None)
+    if scale is not None and likelihood.kind != "bernoulli" and not isinstance(scale, torch.nn.Parameter):
+        with torch.no_grad():
+            scale.fill_(math.log(sigma))
+
+
 def check_resume(run_dir: Path, config: TrainConfig) -> None:
     """Refuse to resume the run in ``run_dir`` as another model, data or (mid-epoch) batching."""
     state = read_checkpoint(run_dir)  # clear error when missing or corrupt
@@ -230,6 +240,7 @@ class Trainer:
             # in the precision's dtype (float64 weights loaded into a float32 model lose bits)
             model = fabric.strategy.precision.convert_module(model)
             load_model_state(model, saved["model"], self.run_dir / LAST)
+            _set_fixed_sigma(model, config.sigma)  # a resume may change it: the buffer held the old
         self.module = model  # the plain module: state dicts, evaluation, pictures
         if config.compiled:  # in place: state-dict keys stay plain, Fabric wraps the compiled call
             model.compile(mode=None if config.compile_mode == "default" else config.compile_mode)
@@ -252,6 +263,11 @@ class Trainer:
                 optimizer.load_state_dict(keep_implementation(state, optimizer))
         if saved is not None:
             self._restore_progress(saved)
+            if config.epochs < self.epoch:  # config.json would say fewer epochs than the run holds
+                raise FastVAEError(f"--epochs {config.epochs}: {self.run_dir} has trained {self.epoch} "
+                                   f"epoch(s) already; give --epochs {self.epoch} or more to continue it")
+            for group in self.optimizer.optimizer.param_groups:  # the checkpoint held the old lr
+                group["lr"] = config.lr
         self.skip_mode = skip_mode(self.optimizer.optimizer, fabric.strategy.precision)
         self.check_every = check_interval(fabric.device)  # host mode reads every step anyway
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, rows, record) not yet read

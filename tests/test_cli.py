@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from testkit import assert_one_line_error, max_weight_diff, run_cli, state_dict_of
+from testkit import SUBPROCESS_ENV, assert_one_line_error, max_weight_diff, run_cli, state_dict_of
 from fastvae.cli import main
 from fastvae.config import TrainConfig
 
@@ -90,6 +91,19 @@ def test_evaluate_with_the_run_seed_reproduces_metrics_csv(round_trip, capsys):
         last = list(csv.DictReader(f))[-1]
     for key in ("neg_elbo", "recon", "kl"):
         assert result[key] == pytest.approx(float(last[f"test_{key}"]), rel=1e-6), key
+
+
+def test_evaluate_pictures_of_a_checkpoint_go_into_its_run_folder(round_trip, capsys, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(round_trip[0], run)
+    assert not (run / "samples.png").exists()  # trained with pictures = false
+    rc, _, err = cli(capsys, "evaluate", run / "checkpoints" / "last.ckpt", "--iwae-k", "0", "--pictures")
+    assert rc == 0 and (run / "samples.png").is_file(), err
+    shutil.copy(run / "checkpoints" / "last.ckpt", tmp_path / "loose.ckpt")
+    rc, _, err = cli(capsys, "evaluate", tmp_path / "loose.ckpt", "--iwae-k", "0", "--pictures")
+    assert_one_line_error(rc, err, "--pictures", "run folder")
 
 
 def test_report_evaluates_with_the_run_seed(round_trip, capsys):
@@ -250,12 +264,40 @@ def test_console_script_is_installed():
     (["--no-compile", "--compile-mode", "reduce-overhead"], ["--no-compile", "--compile-mode"]),
     (["--learn-sigma", "--likelihood", "bernoulli"], ["--learn-sigma", "bernoulli"]),
     (["--kind", "ae", "--beta", "2"], ["--beta", "--kind ae"]),
+    (["--kind", "ae", "--iwae-k", "5"], ["--iwae-k 5", "--kind ae"]),  # trained, then crashed
+    (["--kind", "ae", "--free-bits", "2"], ["--free-bits", "--kind ae"]),
+    (["--kind", "ae", "--kl-warmup-steps", "100"], ["--kl-warmup-steps", "--kind ae"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
 def test_bad_train_flags(tmp_path, args, needles):
     # validated before torch is imported: each case takes a fraction of a second
     rc, _, err = run_cli("train", *args, "--out", tmp_path / "run")
     assert_one_line_error(rc, err, *needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_callbacks_and_config_files_that_fail_are_one_line(tmp_path, capsys):
+    """A callback module that raises or does not parse, a class that needs arguments; a YAML
+    or upper-case .TOML config; a bad flag value is not blamed on the config file."""
+    modules = tmp_path / "mods"
+    modules.mkdir()
+    (modules / "needs_arg.py").write_text("class NeedsArg:\n    def __init__(self, x): pass\n")
+    (modules / "raises.py").write_text("raise RuntimeError('broken module')\n")
+    (modules / "bad_syntax.py").write_text("def (:\n")
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": f"{modules}{os.pathsep}{SUBPROCESS_ENV.get('PYTHONPATH', '')}"}
+    for spec, needles in (("needs_arg:NeedsArg", ["NeedsArg()", "no arguments"]),
+                          ("raises:X", ["broken module"]), ("bad_syntax:X", ["SyntaxError"])):
+        rc, _, err = run_cli("train", "--callback", spec, "--epochs", "1", "--out", tmp_path / "r", env=env)
+        assert_one_line_error(rc, err, f"--callback '{spec}'", *needles)
+    (tmp_path / "c.yaml").write_text("epochs: 1\n")
+    (tmp_path / "C.TOML").write_text("epochs = 1\nhidden_dim = 0\n")
+    (tmp_path / "c.toml").write_text("epochs = 1\n")
+    for args, needles in ((["--config", tmp_path / "c.yaml"], ["YAML", ".json or .toml"]),
+                          (["--config", tmp_path / "C.TOML"], ["C.TOML", "--hidden-dim"])):
+        rc, _, err = run_cli("train", *args, "--out", tmp_path / "r")
+        assert_one_line_error(rc, err, *needles)
+    rc, _, err = run_cli("train", "--config", tmp_path / "c.toml", "--epochs", "0", "--out", tmp_path / "r")
+    assert_one_line_error(rc, err, "--epochs must be a positive integer")
+    assert "c.toml" not in err  # the 0 came from the command line, not the file
 
 
 def test_a_compile_mode_implies_compile_and_is_validated_in_config_files():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -217,6 +218,24 @@ def test_float64_runs_evaluate_and_resume_in_float64(tmp_path, make_config, mode
     model64 = load(straight)
     result = evaluate(model64, load_dataset("digits").test[:40], iwae_k=4)
     assert math.isfinite(result["neg_elbo"]) and math.isfinite(result["iwae_nll"])
+
+
+def test_resume_takes_a_new_lr_and_fixed_sigma_and_refuses_fewer_epochs(tmp_path, make_config):
+    """Settings a resume may change take effect (the checkpoint's optimizer state and buffers
+    held the old lr and sigma while config.json recorded the new ones); fewer epochs than the
+    run has trained is refused (config.json would have contradicted the run)."""
+    from fastvae.errors import FastVAEError
+
+    run = tmp_path / "run"
+    train(make_config(out=run, epochs=1, likelihood="gaussian", sigma=0.1))
+    train(make_config(out=run, epochs=2, likelihood="gaussian", sigma=0.5, lr=0.05), resume=True)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.05]
+    assert float(ckpt["model"]["likelihood.log_scale"].exp()) == pytest.approx(0.5)
+    assert load(run).likelihood.log_scale.exp().item() == pytest.approx(0.5)
+    with pytest.raises(FastVAEError, match="has trained 2 epoch"):
+        train(make_config(out=run, epochs=1, likelihood="gaussian", sigma=0.5, lr=0.05), resume=True)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
 
 
 def test_resume_of_a_finished_run_changes_nothing(make_config):

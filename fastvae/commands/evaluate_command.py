@@ -31,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.iwae_k < 0:
         raise FastVAEError(f"--iwae-k must be zero or positive, got {args.iwae_k}")
+    pictures_folder = Path(args.run)
+    if args.pictures and not pictures_folder.is_dir():  # a checkpoint: its run folder, if any
+        pictures_folder = pictures_folder.resolve().parent.parent
+        if Path(args.run).resolve().parent.name != "checkpoints":
+            raise FastVAEError(f"--pictures writes into a run folder; {args.run} is not inside one "
+                               "(RUN/checkpoints/): give the run folder")
     state = read_checkpoint(args.run)
     model = load(args.run)
     if model.kind == "ae":
@@ -45,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
                            f"expects {tuple(model.data_shape)}: evaluate on data like the training data")
     result = {"run": str(args.run), "data": str(data),
               **evaluate(model, splits.test, iwae_k=args.iwae_k, seed=seed, progress=not args.json)}
-    if args.pictures and Path(args.run).is_dir():
+    if args.pictures:  # into the run folder (a checkpoint's: RUN/checkpoints/X.ckpt)
         from fastvae import viz
 
-        viz.write_run_pictures(Path(args.run), model, in_memory_sample(splits), seed=seed)
+        viz.write_run_pictures(pictures_folder, model, in_memory_sample(splits), seed=seed)
     if args.json:
         print(json.dumps(result))
     else:

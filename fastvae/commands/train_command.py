@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                 raise FastVAEError(f"cannot resume {out}: setting(s) {', '.join(changed)} differ from "
                                    "the run that wrote it; resume with the same settings, or train "
                                    "into a new --out") from None
-        if args.config and any(k in load_config_file(args.config) for k in _named(str(exc))):
+        if args.config and any(k in load_config_file(args.config) and k not in given for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
         raise
     if config.data != "digits" and "://" not in config.data and Path(config.data).exists():
@@ -185,7 +185,13 @@ def load_callback(name: str):
         raise FastVAEError(f"--callback {name!r}: give MODULE:NAME, e.g. mypackage.callbacks:EarlyStop")
     try:
         target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise FastVAEError(f"--callback {name!r} could not be loaded ({one_line(exc)}): check that "
-                           f"{module_name} is importable (PYTHONPATH) and defines {attr}") from None
-    return target() if isinstance(target, type) else target
+    except Exception as exc:  # noqa: BLE001 - any error of the user's module (syntax, its own raise)
+        raise FastVAEError(f"--callback {name!r} could not be loaded ({type(exc).__name__}: {one_line(exc)}): "
+                           f"check that {module_name} is importable (PYTHONPATH) and defines {attr}") from None
+    if not isinstance(target, type):
+        return target
+    try:
+        return target()
+    except Exception as exc:  # noqa: BLE001
+        raise FastVAEError(f"--callback {name!r}: {attr}() failed ({type(exc).__name__}: {one_line(exc)}): "
+                           "a callback class must be made with no arguments") from None
