@@ -27,6 +27,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,13 @@ class ShardDataset:
     @property
     def name(self) -> str:
         return Path(self.url.rstrip("/")).name
+
+
+def dataset_id(data) -> "str | None":
+    """The ``dataset_id`` of a prepared dataset (``ShardDataset``), None for other data and
+    for datasets prepared before it was written."""
+    meta = getattr(data, "meta", None)
+    return meta.get("dataset_id") if isinstance(meta, dict) else None
 
 
 def _join(url: str, name: str) -> str:
@@ -396,7 +404,9 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
         raise FastVAEError(f"{source} is already a prepared dataset: train on it with --data {source}")
     check_out(out, overwrite)
     path = Path(source)
-    meta = {"format": FORMAT, "version": 1, "source": str(source), "size": size,
+    # dataset_id: a run's checkpoint records it, so a resume on a dataset prepared again under
+    # the same path (other images, same shape and counts) is refused, not silently mixed
+    meta = {"format": FORMAT, "version": 1, "dataset_id": uuid.uuid4().hex, "source": str(source), "size": size,
             "grayscale": grayscale, "test_fraction": test_fraction, "split_seed": split_seed}
     if str(source) != "digits" and path.is_dir() and not _has_idx(path):
         files, labels = image_files(path)

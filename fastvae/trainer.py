@@ -45,6 +45,7 @@ from fastvae.losses import kl_weight
 from fastvae.models import check_data_shape
 from fastvae.reparam import resolve_backend
 from fastvae.run_folder import LAST, METRICS_CSV
+from fastvae.shards import dataset_id
 from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
                               optimizer_state_by_index)
 
@@ -236,6 +237,11 @@ class Trainer:
         self.epoch = self.step = self.skip_batches = 0
         self.partial: EpochSums | None = None  # sums of an interrupted epoch
         saved = read_checkpoint(self.run_dir) if resume else None
+        self.data_id = dataset_id(splits)
+        if saved is not None and saved.get("data_id") not in (None, self.data_id):
+            raise FastVAEError(f"cannot resume {self.run_dir}: {config.data} is another prepared dataset "
+                               "than the one the run trained on (prepared again under the same path?); "
+                               "resume on that one, or train into a new --out")
         if saved is not None:  # full weights go into the plain model, before any sharding,
             # in the precision's dtype (float64 weights loaded into a float32 model lose bits)
             model = fabric.strategy.precision.convert_module(model)
@@ -466,6 +472,8 @@ class Trainer:
             "step": self.step, "rng": rng_state(), "batch_in_epoch": batch_in_epoch,
             "world_size": self.world,
         }
+        if self.data_id is not None:
+            state["data_id"] = self.data_id
         precision_state = self.fabric.strategy.precision.state_dict()
         if precision_state:  # fp16: GradScaler's scale and growth tracker
             state["precision"] = precision_state

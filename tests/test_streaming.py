@@ -379,6 +379,20 @@ def test_a_staging_folder_left_by_a_killed_prepare_is_reported_not_removed(tmp_p
         "free its space if none is running"]
 
 
+def test_resume_on_a_dataset_prepared_again_under_the_same_path_is_refused(tmp_path, capsys):
+    """Same path, shape and counts, other contents: the checkpoint's dataset_id tells them apart
+    (the path alone did not, and a mid-epoch resume went on with other images)."""
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    prepare("digits", shards, workers=0, progress=False)
+    args = ("train", "--data", shards, "--epochs", "1", "--hidden-dim", "8", "--quiet", "--no-pictures",
+            "--workers", "0", "--out", run)
+    assert cli(capsys, *args)[0] == 0
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0  # same data
+    prepare("digits", shards, workers=0, progress=False, overwrite=True)
+    line = one_line_error(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--quiet")
+    assert "another prepared dataset" in line and str(run) in line
+
+
 def test_split_writer_cuts_pieces_of_any_size_into_whole_blocks(tmp_path):
     """Pieces smaller and larger than a block, and one of many blocks: blocks hold the rows in
     order, every block but the last full."""
