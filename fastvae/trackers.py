@@ -11,6 +11,8 @@
   MLflow 3 refuses that store unless ``MLFLOW_ALLOW_FILE_STORE=true``, which is then set for the
   training process).
 wandb and mlflow are optional: a missing package is one clear error before training starts.
+Their run ids are kept in ``RUN/trackers.json``: a ``--resume``d run logs on into the same
+wandb run (``resume="allow"``) and the same MLflow run, not a new one per restart.
 The trainer logs each epoch's metrics row on global rank 0 (``fabric.log_dict``) and finalizes
 the loggers at the end. ``metrics.csv`` in the run folder is written by the trainer itself,
 whatever the trackers; the trackers' files are their own (appended logs).
@@ -19,8 +21,10 @@ whatever the trackers; the trackers' files are their own (appended logs).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import uuid
 from pathlib import Path
 
 from fastvae.config import TRACKERS
@@ -97,6 +101,27 @@ def _base():
     return Logger
 
 
+TRACKERS_JSON = "trackers.json"
+
+
+def _tracker_ids(run_dir: Path) -> dict:
+    """The tracker run ids an earlier run in ``run_dir`` kept ({} for none or an unreadable file)."""
+    try:
+        ids = json.loads((run_dir / TRACKERS_JSON).read_text())
+    except (OSError, ValueError):
+        return {}
+    return ids if isinstance(ids, dict) else {}
+
+
+def _keep_tracker_id(run_dir: Path, name: str, run_id: str) -> None:
+    from fastvae.run_folder import write_text
+
+    ids = _tracker_ids(run_dir)
+    if ids.get(name) != run_id:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / TRACKERS_JSON, json.dumps({**ids, name: run_id}, indent=2) + "\n")
+
+
 def _wandb(run_dir: Path):
     import wandb
 
@@ -105,12 +130,14 @@ def _wandb(run_dir: Path):
 
         def __init__(self):
             super().__init__()
+            run_id = _tracker_ids(run_dir).get("wandb") or uuid.uuid4().hex[:16]
             try:
                 self.run = wandb.init(dir=str(run_dir), project=os.environ.get("WANDB_PROJECT", "fastvae"),
                                       name=run_dir.name, mode=os.environ.get("WANDB_MODE", "offline"),
-                                      reinit=_wandb_reinit(wandb.__version__))
+                                      id=run_id, resume="allow", reinit=_wandb_reinit(wandb.__version__))
             except Exception as exc:  # noqa: BLE001 - wandb raises many kinds
                 raise FastVAEError(f"--logger wandb could not start a run: {one_line(exc)}") from None
+            _keep_tracker_id(run_dir, "wandb", run_id)
 
         name = property(lambda self: "wandb")
         version = property(lambda self: self.run.id)
@@ -148,9 +175,24 @@ def _mlflow(run_dir: Path):
                 name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "fastvae")
                 found = self.client.get_experiment_by_name(name)
                 experiment = found.experiment_id if found else self.client.create_experiment(name)
-                self.run_id = self.client.create_run(experiment, run_name=run_dir.name).info.run_id
+                self.run_id = self._earlier_run() or self.client.create_run(
+                    experiment, run_name=run_dir.name).info.run_id
             except Exception as exc:  # noqa: BLE001
                 raise FastVAEError(f"--logger mlflow could not start a run at {uri}: {one_line(exc)}") from None
+            _keep_tracker_id(run_dir, "mlflow", self.run_id)
+
+        def _earlier_run(self):
+            """The run an earlier (interrupted) training of this run folder logged to, if this
+            store still holds it: reopened, so a --resume logs on into it."""
+            run_id = _tracker_ids(run_dir).get("mlflow")
+            if not run_id:
+                return None
+            try:
+                self.client.get_run(run_id)
+            except Exception:  # noqa: BLE001 - another store, or the run was deleted
+                return None
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
 
         name = property(lambda self: "mlflow")
         version = property(lambda self: self.run_id)
@@ -160,8 +202,14 @@ def _mlflow(run_dir: Path):
                 self.client.log_metric(self.run_id, key, float(value), step=step or 0)
 
         def log_hyperparams(self, params, *args, **kwargs):
+            # MLflow params cannot change: a resumed run's new values (more epochs, another lr)
+            # become tags "resumed.KEY"
+            logged = self.client.get_run(self.run_id).data.params
             for key, value in params.items():
-                self.client.log_param(self.run_id, key, value)
+                if key not in logged:
+                    self.client.log_param(self.run_id, key, value)
+                elif logged[key] != str(value):
+                    self.client.set_tag(self.run_id, f"resumed.{key}", str(value))
 
         def finalize(self, status):
             self.client.set_terminated(self.run_id, "FINISHED" if status == "success" else "KILLED")

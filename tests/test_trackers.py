@@ -90,6 +90,42 @@ def test_mlflow_sqlite_store_in_the_run_folder(tmp_path, capsys, offline):
     _assert_same_metrics(_mlflow_history(f"sqlite:///{run.resolve() / 'mlflow.db'}", "run"), rows)
 
 
+def _resume(capsys, run, epochs: int) -> list[dict]:
+    try:
+        rc = main(["train", "--resume", "--out", str(run), "--epochs", str(epochs), "--quiet"])
+    except SystemExit as exc:
+        rc = exc.code
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    return read_metrics(run)
+
+
+@pytest.mark.skipif(not (HAVE_MLFLOW and HAVE_SQLALCHEMY), reason="mlflow with SQLAlchemy is not installed")
+def test_a_resumed_run_logs_on_into_the_same_mlflow_run(tmp_path, capsys, offline):
+    run = tmp_path / "run"
+    _train(capsys, run, "mlflow")
+    rows = _resume(capsys, run, 3)  # one MLflow run with all three epochs, not one per restart
+    assert len(rows) == 3
+    uri = f"sqlite:///{run.resolve() / 'mlflow.db'}"
+    _assert_same_metrics(_mlflow_history(uri, "run"), rows)
+    from mlflow.tracking import MlflowClient
+
+    (logged,) = MlflowClient(tracking_uri=uri).search_runs(
+        [MlflowClient(tracking_uri=uri).get_experiment_by_name("fastvae").experiment_id])
+    assert logged.data.params["epochs"] == "2" and logged.data.tags["resumed.epochs"] == "3"
+
+
+@pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
+def test_a_resumed_run_logs_on_into_the_same_wandb_run(tmp_path, capsys, offline):
+    run = tmp_path / "run"
+    _train(capsys, run, "wandb")
+    run_id = json.loads((run / "trackers.json").read_text())["wandb"]
+    rows = _resume(capsys, run, 3)
+    files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2  # one wandb run, two sessions
+    assert rows[2]["train_loss"].encode() in files[1].read_bytes()
+
+
 @pytest.mark.skipif(not HAVE_MLFLOW, reason="mlflow is not installed")
 def test_mlflow_file_store_without_sqlalchemy(tmp_path, capsys, offline, monkeypatch):
     """mlflow-skinny alone (no SQLAlchemy): the file store, which MLflow 3 opens only when
