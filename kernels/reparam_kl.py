@@ -396,7 +396,7 @@ def _backward_triton(mu, logvar, seed, gz, gkl, block_b=None, block_d=None, num_
 # Torch fallback (CPU without the interpreter, float64): same contract, eps from torch.
 
 
-def _torch_eps(seed: int, shape, device) -> torch.Tensor:
+def _fallback_eps(seed: int, shape, device) -> torch.Tensor:
     """The fallback's eps: numpy's Philox keyed by all 64 bits of ``seed`` (torch's CPU
     generator keeps 32: seeds 2**32 apart gave the same noise)."""
     import numpy as np
@@ -415,27 +415,37 @@ def _forward_torch(mu, logvar, seed):
     compute = torch.promote_types(mu.dtype, torch.float32)
     mu_c, lv_c = mu.to(compute), logvar.to(compute)
     rows = math.prod(mu.shape[:-1])
-    eps = _torch_eps(_int_seed(seed), (rows, mu.shape[-1]), mu.device).view(mu.shape).to(compute)
+    eps = _fallback_eps(_int_seed(seed), (rows, mu.shape[-1]), mu.device).view(mu.shape).to(compute)
     z = mu_c + torch.exp(0.5 * lv_c) * eps
     # Contiguous like the kernel's outputs (the fake kernel promises that layout).
     return z.to(mu.dtype).contiguous(), kl_standard_normal(mu_c, lv_c)
 
 
-def _backward_torch(mu, logvar, seed, gz, gkl):
+def _reference_backward(mu, logvar, eps_fn, gz, gkl):
+    """(dmu, dlogvar) for (..., D) inputs in torch ops (differentiable), fp32 or fp64 for fp64:
+
+        dmu = gz + gkl mu,    dlogvar = 0.5 gz eps exp(logvar / 2) + 0.5 gkl expm1(logvar)
+
+    ``eps_fn()`` gives eps (called only when gz is given); gz or gkl may be None."""
     compute = torch.promote_types(mu.dtype, torch.float32)
     mu_c, lv_c = mu.to(compute), logvar.to(compute)
     dmu = torch.zeros_like(mu_c)
     dlv = torch.zeros_like(lv_c)
     if gz is not None:
         gz_c = gz.to(compute)
-        eps = _torch_eps(_int_seed(seed), mu.shape, mu.device).to(compute)
         dmu = dmu + gz_c
-        dlv = dlv + 0.5 * gz_c * eps * torch.exp(0.5 * lv_c)
+        dlv = dlv + 0.5 * gz_c * eps_fn().to(compute) * torch.exp(0.5 * lv_c)
     if gkl is not None:
-        gkl_c = gkl.to(compute)[:, None]
+        gkl_c = gkl.to(compute).unsqueeze(-1)
         dmu = dmu + gkl_c * mu_c
-        dlv = dlv + 0.5 * gkl_c * (torch.exp(lv_c) - 1.0)
-    return dmu.to(mu.dtype).contiguous(), dlv.to(mu.dtype).contiguous()
+        dlv = dlv + 0.5 * gkl_c * torch.expm1(lv_c)
+    return dmu.to(mu.dtype), dlv.to(logvar.dtype)
+
+
+def _backward_torch(mu, logvar, seed, gz, gkl):
+    dmu, dlv = _reference_backward(mu, logvar, lambda: _fallback_eps(_int_seed(seed), mu.shape, mu.device),
+                                   gz, gkl)
+    return dmu.contiguous(), dlv.contiguous()
 
 
 def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -443,13 +453,19 @@ def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _forward(mu, logvar, seed):
-    """(z, kl) for 2-D mu, logvar: the kernel where it runs, else the torch fallback."""
+    """(z, kl) for (..., D) mu, logvar: the kernel where it runs (on a 2-D view of the rows;
+    z and kl are allocated in the inputs' shape, never views of a 2-D result, as autograd
+    refuses in-place ops on a Function's outputs that are views), else the torch fallback."""
     if mu.numel() == 0:
-        kl = torch.zeros(mu.shape[0], dtype=_kl_dtype(mu.dtype), device=mu.device)
+        kl = torch.zeros(mu.shape[:-1], dtype=_kl_dtype(mu.dtype), device=mu.device)
         return torch.empty_like(mu, memory_format=torch.contiguous_format), kl
-    if _use_kernel(mu):
+    if not _use_kernel(mu):
+        return _forward_torch(mu, logvar, seed)
+    if mu.dim() == 2:
         return _forward_triton(mu, logvar, seed)
-    return _forward_torch(mu, logvar, seed)
+    shape = mu.shape
+    rows = math.prod(shape[:-1])
+    return _forward_triton(mu.reshape(rows, shape[-1]), logvar.reshape(rows, shape[-1]), seed, shape=shape)
 
 
 def _eps(mu, seed) -> torch.Tensor:
@@ -458,7 +474,7 @@ def _eps(mu, seed) -> torch.Tensor:
     if mu.numel() and _use_kernel(mu):
         zeros = torch.zeros(mu.shape, dtype=torch.float32, device=mu.device)
         return _forward_triton(zeros, zeros, seed)[0]
-    return _torch_eps(_int_seed(seed), mu.shape, mu.device)
+    return _fallback_eps(_int_seed(seed), mu.shape, mu.device)
 
 
 def _backward(mu, logvar, seed, gz, gkl):
@@ -484,7 +500,7 @@ class ReparamKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, seed):
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: less work
-        z, kl = _forward_any_shape(mu, logvar, seed)
+        z, kl = _forward(mu, logvar, seed)
         if isinstance(seed, torch.Tensor):
             ctx.save_for_backward(mu, logvar, seed)
         else:
@@ -499,13 +515,17 @@ class ReparamKLFunction(torch.autograd.Function):
         return _function_backward(ctx, grad_z, grad_kl)
 
 
+def _saved(ctx):
+    """(mu, logvar, seed) that ReparamKLFunction.forward kept."""
+    saved = ctx.saved_tensors
+    return saved[0], saved[1], saved[2] if len(saved) == 3 else ctx.seed
+
+
 def _function_backward(ctx, grad_z, grad_kl):
     """ReparamKLFunction's backward: (dmu, dlogvar, None) from the saved inputs and seed."""
     if grad_z is None and grad_kl is None:
         return None, None, None
-    saved = ctx.saved_tensors
-    mu, logvar = saved[0], saved[1]
-    seed = saved[2] if len(saved) == 3 else ctx.seed
+    mu, logvar, seed = _saved(ctx)
     if mu.dim() != 2:
         shape, width = mu.shape, mu.shape[-1]
         rows = math.prod(shape[:-1])
@@ -520,32 +540,19 @@ def _function_backward(ctx, grad_z, grad_kl):
 
 def _backward_differentiable(ctx, grad_z, grad_kl):
     """The backward under ``create_graph=True``: the same gradients in torch ops with eps
-    regenerated (one B x D tensor, this case only), so that second derivatives through mu,
-    logvar and the upstream grads are right (gradient penalties, meta-learning):
-
-        dmu = gz + gkl mu,    dlogvar = 0.5 gz eps exp(logvar / 2) + 0.5 gkl expm1(logvar)
-    """
+    regenerated (one B x D tensor, this case only; ``_reference_backward``), so that second
+    derivatives through mu, logvar and the upstream grads are right (gradient penalties,
+    meta-learning)."""
     if grad_z is None and grad_kl is None:
         return None, None, None
-    saved = ctx.saved_tensors
-    mu, logvar = saved[0], saved[1]
-    seed = saved[2] if len(saved) == 3 else ctx.seed
+    mu, logvar, seed = _saved(ctx)
     shape = mu.shape
     rows = math.prod(shape[:-1])
-    compute = torch.promote_types(mu.dtype, torch.float32)
-    mu_c, lv_c = mu.to(compute), logvar.to(compute)
-    dmu = torch.zeros_like(mu_c)
-    dlv = torch.zeros_like(lv_c)
-    if grad_z is not None:
-        eps = _eps(mu.detach().reshape(rows, shape[-1]), seed).view(shape).to(compute)
-        gz = grad_z.to(compute)
-        dmu = dmu + gz
-        dlv = dlv + 0.5 * gz * eps * torch.exp(0.5 * lv_c)
-    if grad_kl is not None:
-        gkl = grad_kl.to(compute).unsqueeze(-1)
-        dmu = dmu + gkl * mu_c
-        dlv = dlv + 0.5 * gkl * torch.expm1(lv_c)
-    return dmu.to(mu.dtype), dlv.to(logvar.dtype), None
+
+    def eps():
+        return _eps(mu.detach().reshape(rows, shape[-1]), seed).view(shape)
+
+    return (*_reference_backward(mu, logvar, eps, grad_z, grad_kl), None)
 
 
 def _plain_apply():
@@ -569,22 +576,6 @@ def _plain_apply():
 
 
 _apply = _plain_apply() or ReparamKLFunction.apply
-
-
-def _forward_any_shape(mu, logvar, seed):
-    """(z, kl) for (..., D) inputs, flattened to rows for the kernel (views where possible);
-    the outputs are allocated in the inputs' shape, never views of a 2-D result (autograd
-    refuses in-place ops on a Function's outputs that are views)."""
-    if mu.dim() == 2:
-        return _forward(mu, logvar, seed)
-    shape = mu.shape
-    if mu.numel() == 0 or not _use_kernel(mu):
-        if mu.numel() == 0:
-            kl = torch.zeros(shape[:-1], dtype=_kl_dtype(mu.dtype), device=mu.device)
-            return torch.empty_like(mu, memory_format=torch.contiguous_format), kl
-        return _forward_torch(mu, logvar, seed)
-    rows = math.prod(shape[:-1])
-    return _forward_triton(mu.reshape(rows, shape[-1]), logvar.reshape(rows, shape[-1]), seed, shape=shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,7 +754,7 @@ def reparameterize_kl(
     elif (torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)) or _transformed():
         z, kl = _apply(mu, logvar, _eager_seed(seed, mu))
     else:  # nothing to differentiate: no autograd node, just the kernel
-        z, kl = _forward_any_shape(mu, logvar, _eager_seed(seed, mu))
+        z, kl = _forward(mu, logvar, _eager_seed(seed, mu))
     # The row reduction is a tiny deterministic second stage (no atomics in the kernel).
     if reduction == "sum":
         kl = kl.sum()

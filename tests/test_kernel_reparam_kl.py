@@ -422,7 +422,7 @@ def test_second_derivatives_under_create_graph(device):
 
 def test_second_derivatives_under_create_graph_fallback(no_interpret):
     mu, logvar = make_inputs((3, 2, 8), "cpu", requires_grad=True)
-    _second_derivatives_match(mu, logvar, rk._torch_eps(5, (6, 8), "cpu").view(3, 2, 8), 5)
+    _second_derivatives_match(mu, logvar, rk._fallback_eps(5, (6, 8), "cpu").view(3, 2, 8), 5)
 
 
 @pytest.mark.parametrize("shape", [(6,), (2, 3, 6), (4, 6)])
@@ -461,7 +461,7 @@ def test_torch_fallback_without_interpreter(no_interpret):
     assert not fk.kernel_available(torch.device("cpu"), torch.float32)
     mu, logvar = make_inputs((5, 9), "cpu", requires_grad=True)
     z, kl = reparameterize_kl(mu, logvar, seed=17)
-    eps = rk._torch_eps(17, (5, 9), "cpu")
+    eps = rk._fallback_eps(17, (5, 9), "cpu")
     z_ref, kl_ref = reference(mu.detach(), logvar.detach(), eps)
     torch.testing.assert_close(z, z_ref)
     torch.testing.assert_close(kl, kl_ref)
