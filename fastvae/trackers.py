@@ -29,6 +29,7 @@ from pathlib import Path
 
 from fastvae.config import TRACKERS
 from fastvae.errors import FastVAEError, one_line
+from fastvae.run_folder import TRACKERS_JSON, write_text
 
 PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
@@ -101,9 +102,6 @@ def _base():
     return Logger
 
 
-TRACKERS_JSON = "trackers.json"
-
-
 def _tracker_ids(run_dir: Path) -> dict:
     """The tracker run ids an earlier run in ``run_dir`` kept ({} for none or an unreadable file)."""
     try:
@@ -114,11 +112,8 @@ def _tracker_ids(run_dir: Path) -> dict:
 
 
 def _keep_tracker_id(run_dir: Path, name: str, run_id: str) -> None:
-    from fastvae.run_folder import write_text
-
     ids = _tracker_ids(run_dir)
-    if ids.get(name) != run_id:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if ids.get(name) != run_id:  # write_text makes the folder
         write_text(run_dir / TRACKERS_JSON, json.dumps({**ids, name: run_id}, indent=2) + "\n")
 
 

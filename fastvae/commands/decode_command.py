@@ -123,8 +123,6 @@ def _write(images, out) -> list:
         with atomic_write(out) as tmp:
             np.save(tmp, images)
         return [out]
-    if out.suffix:
-        raise FastVAEError(f"--out {out}: give a .npy file or a folder (no suffix) for PNG images")
     if images.shape[1] not in (1, 3):
         raise FastVAEError(f"the decoder makes {images.shape[1]}-channel outputs, not images: use --out with .npy")
     from PIL import Image

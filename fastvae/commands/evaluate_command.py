@@ -33,10 +33,11 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"--iwae-k must be zero or positive, got {args.iwae_k}")
     pictures_folder = Path(args.run)
     if args.pictures and not pictures_folder.is_dir():  # a checkpoint: its run folder, if any
-        pictures_folder = pictures_folder.resolve().parent.parent
-        if Path(args.run).resolve().parent.name != "checkpoints":
+        checkpoints = pictures_folder.resolve().parent
+        if checkpoints.name != "checkpoints":
             raise FastVAEError(f"--pictures writes into a run folder; {args.run} is not inside one "
                                "(RUN/checkpoints/): give the run folder")
+        pictures_folder = checkpoints.parent
     state = read_checkpoint(args.run)
     model = load(args.run)
     if model.kind == "ae":

@@ -133,13 +133,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config.validate()
     except FastVAEError as exc:
-        if args.resume:  # a changed model setting that no longer fits the run's others
-            before = TrainConfig.from_dict(saved, source=str(out))
-            changed = [k for k in RESUME_IDENTITY if k in given and getattr(config, k) != getattr(before, k)]
-            if changed:
-                raise FastVAEError(f"cannot resume {out}: setting(s) {', '.join(changed)} differ from "
-                                   "the run that wrote it; resume with the same settings, or train "
-                                   "into a new --out") from None
+        if args.resume:  # a changed model setting that no longer fits the run's others: name it
+            run_folder.check_resume(out, TrainConfig.from_dict(saved, source=str(out)).to_dict(),
+                                    config.to_dict(), RESUME_IDENTITY, mid_epoch=False,
+                                    saved_world_size=1, world_size=1)
         if args.config and any(k in load_config_file(args.config) and k not in given for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
         raise
