@@ -139,6 +139,9 @@ def build_app(sampler, limits: Limits, batching: Batching):
             return error(exc.status, exc.reason)
         except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
             return gone()
+        if not sampler.has_prior:
+            return error(400, f"{sampler.path.name} is an autoencoder's decoder: it has no prior to sample "
+                              "from; POST your own codes to /decode")
         # an unseeded request's latents are drawn by the batcher, for the whole batch in one call,
         # from the server's generator; a seeded one sets up its own (~30 us: numpy's SeedSequence)
         if req.seed is None:

@@ -2,7 +2,7 @@
 
 PSNR = 10 log10(1 / MSE) in dB for pixels in [0, 1], the MSE over every pixel of every test
 image (one figure for the split, so flat crops cannot inflate it as a mean of per-image PSNRs
-would). A model's reconstruction is E[x | z = mu(x)] clipped to [0, 1].
+would). A prepared (streamed) split is read in batches, so its size is not bounded by memory. A model's reconstruction is E[x | z = mu(x)] clipped to [0, 1].
 
 The bicubic baseline by a factor f is the trivial codec with a similar number of values as a
 spatial latent (C x H/f x W/f against c x H/f x W/f): the image bicubic-downsampled by f
@@ -19,8 +19,15 @@ import torch.nn.functional as F
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """10 log10(1 / MSE) over all pixels of ``x`` and ``y`` (values in [0, 1])."""
-    mse = (x.double() - y.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    return _psnr(_squared_error(x, y), x.numel())
+
+
+def _squared_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    return (x.double() - y.double()).pow(2).sum().item()
+
+
+def _psnr(squared_error: float, count: int) -> float:
+    return math.inf if squared_error == 0 else 10.0 * math.log10(count / squared_error)
 
 
 def bicubic_roundtrip(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -41,18 +48,27 @@ def reconstructions(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tens
     return torch.cat(out)
 
 
-def reconstruction_psnr(model, x: torch.Tensor) -> dict:
-    """``{"psnr"}`` of the model's reconstructions of ``x``, plus ``{"bicubic_psnr"}`` for a
-    spatial model (a ``downsample`` factor f in its spec)."""
+def reconstruction_psnr(model, x, batch_size: int = 256) -> dict:
+    """``{"psnr"}`` of the model's reconstructions of the images ``x`` (a tensor or a prepared
+    split), plus ``{"bicubic_psnr"}`` for a spatial model (a ``downsample`` factor f)."""
+    from fastvae.loaders import image_batches
+
+    f = downsample_factor(model)
+    model_error = bicubic_error = 0.0
+    count = 0
     was_training = model.training
     model.eval()
     try:
-        result = {"psnr": psnr(reconstructions(model, x), x)}
+        for chunk in image_batches(x, batch_size):
+            model_error += _squared_error(reconstructions(model, chunk, batch_size), chunk.cpu())
+            if f:
+                bicubic_error += _squared_error(bicubic_roundtrip(chunk, f), chunk)
+            count += chunk.numel()
     finally:
         model.train(was_training)
-    f = downsample_factor(model)
+    result = {"psnr": _psnr(model_error, count)}
     if f:
-        result["bicubic_psnr"] = psnr(bicubic_roundtrip(x, f), x)
+        result["bicubic_psnr"] = _psnr(bicubic_error, count)
     return result
 
 

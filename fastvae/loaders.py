@@ -247,6 +247,17 @@ def eval_batches(data, batch_size: int, device, rank: int = 0, world: int = 1):
         yield torch.arange(start, start + len(x), device=device), x
 
 
+def image_batches(data, batch_size: int = 256):
+    """Every image of a split once, in stored order, as float batches: a tensor's rows (on its
+    device), or a prepared split's blocks read one at a time (CPU)."""
+    if not is_streamed(data):
+        yield from torch.as_tensor(data).float().split(batch_size)
+        return
+    for _, x in eval_batches(data, batch_size, torch.device("cpu")):
+        if len(x):
+            yield x
+
+
 def head(data, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first ``n`` examples of a prepared split (float, CPU) and their labels (None if the
     source had none): what pictures and latent statistics of a streamed run are drawn from."""

@@ -23,12 +23,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastvae import run_folder
 from fastvae.errors import FastVAEError
 
 ACTIVE_THRESHOLD = 0.01
 DEFAULT_IWAE_K = 1000
+PAGE_SUFFIXES = {".md": False, ".markdown": False, ".html": True, ".htm": True}  # suffix: HTML?
 
 # Metric keys of ``fastvae.evaluation.evaluate`` shown first, with their names and meanings.
 KNOWN_METRICS = {
@@ -36,9 +38,10 @@ KNOWN_METRICS = {
     "iwae_nll": ("IWAE NLL", "tighter upper bound on -log p(x) (importance weighted, K samples)"),
     "recon": ("reconstruction", "-E_q[log p(x|z)]"),
     "kl": ("KL", "KL(q(z|x) || p(z))"),
-    "mse": ("MSE", "squared error summed over pixels"),
+    "mse": ("MSE", "squared error per example, summed over its pixel values"),
     "bits_per_dim": ("bits per dim", "the tightest bound in bits per pixel value (+8 for densities: 8-bit bins)"),
-    "psnr": ("reconstruction PSNR (dB)", "10 log10(1/MSE) of E[x|z=mu(x)] over all test pixels"),
+    "psnr": ("reconstruction PSNR (dB)", "10 log10(1/m), m the mean squared error per pixel value of the "
+             "reconstructions over all test images"),
     "bicubic_psnr": ("bicubic baseline PSNR (dB)", "the images bicubic-downsampled by f and upsampled back: "
                      "the trivial codec with as many values per pixel as the latent's f"),
 }
@@ -48,7 +51,7 @@ KNOWN_METRICS = {
 
 
 def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_size: int = 1024) -> dict:
-    """Per-dimension latent usage on the images ``x`` (N, C, H, W).
+    """Per-dimension latent usage on the images ``x`` (N, C, H, W; a tensor or a prepared split).
 
     Returns ``activity`` (A_u = Cov_x(E_q[z_u]), the variance over x of the posterior mean, one
     float per dim), ``active_units`` (how many A_u exceed ``threshold``), ``latent_dim``,
@@ -60,8 +63,8 @@ def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_
     import torch
 
     from fastvae.distributions import kl_standard_normal_per_dim
+    from fastvae.loaders import image_batches
 
-    x = torch.as_tensor(x)
     if len(x) < 2:
         raise FastVAEError(f"latent statistics need at least 2 test images, got {len(x)}")
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -73,7 +76,7 @@ def latent_stats(model: Any, x: Any, threshold: float = ACTIVE_THRESHOLD, batch_
     mu_sum = mu_sq = kl_sum = None
     try:
         with torch.no_grad():
-            for chunk in x.split(batch_size):
+            for chunk in image_batches(x, batch_size):
                 out = model.encode(chunk.to(device=device, dtype=dtype))
                 mu, logvar = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
                 shape = tuple(mu.shape[1:])
@@ -152,13 +155,13 @@ class Page:
         self.blocks.append(("img", alt, src))
 
     def markdown(self) -> str:
-        lines = [f"# {self.title}", ""]
+        lines = [f"# {_md_inline(self.title)}", ""]
         for block in self.blocks:
             kind = block[0]
             if kind == "h":
-                lines += ["#" * block[1] + " " + block[2], ""]
+                lines += ["#" * block[1] + " " + _md_inline(block[2]), ""]
             elif kind == "p":
-                lines += [block[1], ""]
+                lines += [_md_inline(block[1]), ""]
             elif kind == "table":
                 _, header, rows, align = block
                 align = align or "l" + "r" * (len(header) - 1)
@@ -188,7 +191,7 @@ class Page:
                     body.append("<tr>" + "".join(f"<td{s}>{_inline_html(c)}</td>" for c, s in zip(row, style)) + "</tr>")
                 body.append("</table>")
             elif kind == "img":
-                src = _html.escape(block[2], quote=True)
+                src = _html.escape(_md_url(block[2]), quote=True)
                 body.append(f'<p><img src="{src}" alt="{_html.escape(block[1], quote=True)}"></p>')
         css = (
             "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#222}"
@@ -199,7 +202,7 @@ class Page:
         )
         return (
             "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_html.escape(self.title)}</title>\n<style>{css}</style>\n</head>\n<body>\n"
+            f"<title>{_html.escape(_unmarked(self.title))}</title>\n<style>{css}</style>\n</head>\n<body>\n"
             + "\n".join(body)
             + "\n</body>\n</html>\n"
         )
@@ -211,7 +214,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return _num(value)
     if isinstance(value, (dict, list, tuple)):
-        return "`" + json.dumps(value) + "`"
+        return _code(json.dumps(value))
     return str(value)
 
 
@@ -224,19 +227,66 @@ def _num(value: float) -> str:
     return f"{value:.4f}"
 
 
+# Text from the user (folder names, data sources, settings) is wrapped by ``_user`` (shown as
+# is) or ``_code`` (a code span) in marks no name contains, so each renderer escapes it for its
+# format: a backtick, `<` or `*` in a run folder's name must not become markup.
+_USER, _CODE, _END = "\x02", "\x03", "\x04"
+_MARKED = re.compile(f"([{_USER}{_CODE}])([^{_END}]*){_END}")
+
+
+def _user(text: Any) -> str:
+    return _USER + _unmarked(text) + _END
+
+
+def _code(text: Any) -> str:
+    return _CODE + _unmarked(text) + _END
+
+
+def _unmarked(text: Any) -> str:
+    return re.sub(f"[{_USER}{_CODE}{_END}]", "", str(text))
+
+
+def _render(text: str, static, user, code) -> str:
+    """``text`` with its static parts through ``static`` and the marked ones through ``user``
+    or ``code``."""
+    text, out, pos = str(text), [], 0
+    for m in _MARKED.finditer(text):
+        out += [static(text[pos:m.start()]), (user if m.group(1) == _USER else code)(m.group(2))]
+        pos = m.end()
+    return "".join(out + [static(text[pos:])])
+
+
+def _md_inline(text: str) -> str:
+    return _render(text, lambda s: s, _md_user, _md_code)
+
+
+def _md_user(text: str) -> str:
+    return re.sub(r"([\\`*_\[\]<>&!#])", r"\\\1", text)
+
+
+def _md_code(text: str) -> str:
+    """A Markdown code span: fenced by more backticks than any run inside it."""
+    fence = "`" * (max((len(r) for r in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell (a ``|`` ends a cell, also inside code spans)."""
+    return _md_inline(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _md_url(src: str) -> str:
-    return src.replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+    return quote(src, safe="/")
 
 
 def _inline_html(text: str) -> str:
-    parts = re.split(r"`([^`]*)`", str(text))
-    return "".join(
-        f"<code>{_html.escape(p)}</code>" if i % 2 else _html.escape(p) for i, p in enumerate(parts)
-    )
+    def static(part: str) -> str:  # our own text: backticks mark code spans
+        pieces = re.split(r"`([^`]*)`", part)
+        return "".join(f"<code>{_html.escape(p)}</code>" if i % 2 else _html.escape(p)
+                       for i, p in enumerate(pieces))
+
+    return _render(text, static, _html.escape, lambda t: f"<code>{_html.escape(t)}</code>")
 
 
 def _seconds(s: float) -> str:
@@ -271,6 +321,17 @@ PICTURE_CAPTIONS = {
     ),
     "loss_curves.png": ("Loss curves", "Per-epoch averages from `metrics.csv` (nats per example)."),
 }
+# The deterministic autoencoder (--kind ae): no prior, no p(x|z), squared-error loss.
+AE_CAPTIONS = {
+    "samples.png": ("Samples", "Decodings of 64 codes drawn from a Gaussian fitted to the test images' codes "
+                               "(an autoencoder has no prior to sample from)."),
+    "reconstructions.png": ("Reconstructions", "32 test images (top four rows) and their reconstructions "
+                                               "below them, in the same order."),
+    "interpolation.png": ("Latent interpolation", "Each row: a test image, 10 decodings along the straight "
+                                                  "line between the two images' codes, the second test image."),
+    "latent_scatter.png": ("Latent space", "Codes of the test images, coloured by label."),
+    "loss_curves.png": ("Loss curves", "Per-epoch averages from `metrics.csv` (squared error per example)."),
+}
 
 
 @dataclass
@@ -288,11 +349,12 @@ class ReportData:
     model_kind: str = "vae"
     n_test: int | None = None
     data_shape: tuple | None = None
+    data_source: str | None = None  # the data evaluated (default: the run's own)
 
 
 def build_page(data: ReportData) -> Page:
     """Lay out the report: summary, configuration, metrics, latent usage, pictures, timing."""
-    page = Page(f"fastvae run report: {data.run_dir.resolve().name}")
+    page = Page(f"fastvae run report: {_user(data.run_dir.resolve().name)}")
     for section in (_summary, _configuration, _test_metrics, _latent_dimensions, _pictures, _timing):
         section(page, data)
     return page
@@ -303,10 +365,13 @@ def _summary(page: Page, d: ReportData) -> None:
 
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     config, vae = d.config, d.model_kind == "vae"
-    summary = [f"Run folder `{d.run_dir}`"]
+    summary = [f"Run folder {_code(d.run_dir)}"]
     if config:
         shape = "x".join(map(str, d.data_shape or ()))
-        summary.append(f"data `{config.get('data', '?')}`"
+        trained_on = config.get("data", "?")
+        source = d.data_source or trained_on
+        summary.append(f"data {_code(source)}"
+                       + (f" (the run was trained on {_code(trained_on)})" if source != trained_on else "")
                        + (f" ({d.n_test} test images of shape {shape})" if d.n_test and shape else ""))
         model = f"{config.get('model', '?')} {'VAE' if vae else 'autoencoder (MSE)'}"
         size = (f"latent {'x'.join(map(str, d.stats['latent_shape']))}" if d.stats and len(d.stats["latent_shape"]) > 1
@@ -332,7 +397,8 @@ def _test_metrics(page: Page, d: ReportData) -> None:
         page.p("Not evaluated.")
         return
     page.p(
-        "Nats per example on the test split"
+        ("Nats per example" if d.model_kind == "vae" else "Squared error per example and PSNR")
+        + " on the test split"
         + (f" ({d.n_test} images)" if d.n_test else "")
         + (f"; the IWAE bound uses K = {d.iwae_k} importance samples." if "iwae_nll" in metrics else ".")
     )
@@ -397,7 +463,8 @@ def _latent_channels_table(page: Page, stats: dict) -> None:
 def _pictures(page: Page, d: ReportData) -> None:
     page.h("Pictures")
     for picture in d.pictures:
-        title, caption = PICTURE_CAPTIONS.get(picture.name, (picture.stem.replace("_", " "), ""))
+        captions = AE_CAPTIONS if d.model_kind == "ae" else {}
+        title, caption = captions.get(picture.name) or PICTURE_CAPTIONS.get(picture.name, (picture.stem.replace("_", " "), ""))
         page.h(title, 3)
         page.img(title, Path(os.path.relpath(picture, d.out.parent)).as_posix())
         if caption:
@@ -434,8 +501,8 @@ def _setting(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (dict, list, tuple)):
-        return "`" + json.dumps(value) + "`"
-    return repr(value) if isinstance(value, float) else str(value)
+        return _code(json.dumps(value))
+    return repr(value) if isinstance(value, float) else _user(str(value))
 
 
 def _is_scalar(value) -> bool:
@@ -482,13 +549,21 @@ def write_report(
         raise FastVAEError(f"--iwae-k must be zero (skip the IWAE bound) or positive, got {iwae_k}")
     if out is not None and (str(out).endswith(("/", os.sep)) or Path(out).is_dir()):
         raise FastVAEError(f"--out {out} is a folder: give a file name such as {Path(out) / 'report.md'}")
-    if html is None:
-        html = out is not None and Path(out).suffix.lower() in (".html", ".htm")
+    if out is not None:
+        suffix = Path(out).suffix.lower()
+        if suffix not in PAGE_SUFFIXES:  # never a checkpoint, config.json or picture of the run
+            raise FastVAEError(f"--out must end in .md (Markdown) or .html (HTML), got {Path(out).name!r}")
+        if html is not None and html != PAGE_SUFFIXES[suffix]:
+            raise FastVAEError(f"--out {Path(out).name} names a {'Markdown' if html is False else 'HTML'} file "
+                               f"but {'HTML' if html else 'Markdown'} was asked for: end it in "
+                               f"{'.html' if html else '.md'}")
+        html = PAGE_SUFFIXES[suffix]
     out = Path(out) if out is not None else run_dir / ("report.html" if html else "report.md")
+    _check_writable(out.parent)  # before minutes of evaluation
 
     import torch
 
-    from fastvae.viz import PICTURES, write_run_pictures
+    from fastvae.viz import PICTURES, pictures_stamp, read_pictures_stamp, write_run_pictures
 
     if model is None:
         from fastvae.checkpoint import load
@@ -496,8 +571,9 @@ def write_report(
         model = load(run_dir)  # FastVAEError when the run has no (readable) checkpoint
     config = run_folder.read_run_config(run_dir)
     seed = int(config.get("seed", 0)) if seed is None else seed
+    source = data or config.get("data")
     if splits is None:
-        splits = _load_run_data(run_dir, data or config.get("data"), config)
+        splits = _load_run_data(run_dir, source, config, given=data is not None)
     from fastvae.loaders import in_memory_sample
 
     full, splits = splits.test, in_memory_sample(splits)  # streamed: evaluate all, draw the first
@@ -509,7 +585,7 @@ def write_report(
         )
     if metrics is None:
         metrics = _evaluate(model, full if len(full) != len(test) else test, iwae_k, seed, progress)
-    stats = latent_stats(model, test) if len(test) >= 2 else None
+    stats = latent_stats(model, full if len(full) != len(test) else test) if len(full) >= 2 else None
 
     metrics_csv = run_dir / run_folder.METRICS_CSV
     expected = ["samples.png", "reconstructions.png"]
@@ -517,8 +593,10 @@ def write_report(
     expected += ["latent_scatter.png"] if model.latent_dim == 2 else []
     expected += ["reconstructions_side_by_side.png", "latent_channels.png"] if len(model.latent_shape) == 3 else []
     expected += ["loss_curves.png"] if metrics_csv.is_file() else []
-    if redraw or not all((run_dir / name).is_file() for name in expected):
-        write_run_pictures(run_dir, model, splits, seed=seed)  # deterministic: same model, same pictures
+    # redrawn when missing, or drawn from another checkpoint, metrics.csv, seed or data set
+    stamp = pictures_stamp(run_dir, run_dir / run_folder.LAST, seed, source)
+    if redraw or read_pictures_stamp(run_dir) != stamp or not all((run_dir / name).is_file() for name in expected):
+        write_run_pictures(run_dir, model, splits, seed=seed, stamp=stamp)
     pictures = [run_dir / name for name in PICTURES if (run_dir / name).is_file()]
     if model.latent_dim != 2:
         pictures = [p for p in pictures if p.name != "latent_scatter.png"]  # left from another run
@@ -528,12 +606,18 @@ def write_report(
     timing = timing_summary(run_folder.metric_columns(run_folder.read_metrics(metrics_csv)))
     page = build_page(ReportData(
         run_dir, out, config, metrics, stats, timing, pictures, iwae_k=iwae_k,
-        model_kind=model.kind, n_test=len(full), data_shape=tuple(test.shape[1:]),
+        model_kind=model.kind, n_test=len(full), data_shape=tuple(test.shape[1:]), data_source=source,
     ))
     return run_folder.write_text(out, page.html() if html else page.markdown())
 
 
-def _load_run_data(run_dir: Path, source: str | None, config: dict):
+def _check_writable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)  # OSError: one line from the command line
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FastVAEError(f"cannot write into {folder}: check the path and its permissions")
+
+
+def _load_run_data(run_dir: Path, source: str | None, config: dict, given: bool):
     if not source:
         raise FastVAEError(f"{run_dir}/config.json names no data set: pass --data SOURCE")
     from fastvae.data import load_dataset
@@ -542,6 +626,8 @@ def _load_run_data(run_dir: Path, source: str | None, config: dict):
         return load_dataset(source, test_fraction=config.get("test_fraction", 0.1),
                             split_seed=config.get("split_seed", 0), grayscale=config.get("grayscale", False))
     except FastVAEError as exc:
+        if given:
+            raise
         raise FastVAEError(f"{exc} (the run's data; pass --data to use another copy)") from None
 
 

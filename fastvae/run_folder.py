@@ -272,8 +272,8 @@ def check_resume(run_dir, saved: dict, settings: dict, identity: tuple[str, ...]
 # What fastvae writes into a run folder besides config, metrics and checkpoints: the report,
 # exported models (default names, their fp16/int8 variants and external data) and trackers' logs
 TRACKERS_JSON = "trackers.json"  # the tracker run ids a --resume logs on into (fastvae.trackers)
-RUN_OUTPUTS = ("report.md", "report.html", "csv", "tensorboard", "wandb", "mlflow.db", "mlruns",
-               TRACKERS_JSON)
+RUN_OUTPUTS = ("report.md", "report.html", "pictures.json", "csv", "tensorboard", "wandb", "mlflow.db",
+               "mlruns", TRACKERS_JSON)
 RUN_OUTPUT_PATTERNS = ("decoder*.onnx*", "encoder*.onnx*")
 
 

@@ -86,11 +86,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     config.validate()
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
-    if resume:
-        check_resume(run_dir, config)
+    saved = check_resume(run_dir, config) if resume else None
     splits = splits if splits is not None else load_config_data(config)
     check_data_shape(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
-    fabric = make_fabric(config, callbacks)
+    if saved is not None and saved.get("data_id") not in (None, dataset_id(splits)):
+        raise FastVAEError(f"cannot resume {run_dir}: {config.data} is another prepared dataset "
+                           "than the one the run trained on (prepared again under the same path?); "
+                           "resume on that one, or train into a new --out")
+    fabric = make_fabric(config, callbacks)  # after every refusal: it starts the trackers
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
         run_folder.clear_run(run_dir)
@@ -114,8 +117,9 @@ def _set_fixed_sigma(model, sigma: float) -> None:
             scale.fill_(math.log(sigma))
 
 
-def check_resume(run_dir: Path, config: TrainConfig) -> None:
-    """Refuse to resume the run in ``run_dir`` as another model, data or (mid-epoch) batching."""
+def check_resume(run_dir: Path, config: TrainConfig) -> dict:
+    """Refuse to resume the run in ``run_dir`` as another model, data or (mid-epoch) batching,
+    or with fewer epochs than it has trained; return its checkpoint."""
     state = read_checkpoint(run_dir)  # clear error when missing or corrupt
     saved = {**TrainConfig().to_dict(), **state["config"]}  # settings added since take defaults
     run_folder.check_resume(
@@ -124,6 +128,11 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
         saved_world_size=int(state.get("world_size", 1)),
         world_size=config.devices * config.num_nodes,
     )
+    trained = int(state.get("epoch", 0))
+    if config.epochs < trained:  # config.json would say fewer epochs than the run holds
+        raise FastVAEError(f"--epochs {config.epochs}: {run_dir} has trained {trained} "
+                           f"epoch(s) already; give --epochs {trained} or more to continue it")
+    return state
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -237,11 +246,7 @@ class Trainer:
         self.epoch = self.step = self.skip_batches = 0
         self.partial: EpochSums | None = None  # sums of an interrupted epoch
         saved = read_checkpoint(self.run_dir) if resume else None
-        self.data_id = dataset_id(splits)
-        if saved is not None and saved.get("data_id") not in (None, self.data_id):
-            raise FastVAEError(f"cannot resume {self.run_dir}: {config.data} is another prepared dataset "
-                               "than the one the run trained on (prepared again under the same path?); "
-                               "resume on that one, or train into a new --out")
+        self.data_id = dataset_id(splits)  # train() refused a resume on another dataset
         if saved is not None:  # full weights go into the plain model, before any sharding,
             # in the precision's dtype (float64 weights loaded into a float32 model lose bits)
             model = fabric.strategy.precision.convert_module(model)
@@ -268,10 +273,7 @@ class Trainer:
                 state = optimizer_state_by_index(saved["optimizer"], model)
                 optimizer.load_state_dict(keep_implementation(state, optimizer))
         if saved is not None:
-            self._restore_progress(saved)
-            if config.epochs < self.epoch:  # config.json would say fewer epochs than the run holds
-                raise FastVAEError(f"--epochs {config.epochs}: {self.run_dir} has trained {self.epoch} "
-                                   f"epoch(s) already; give --epochs {self.epoch} or more to continue it")
+            self._restore_progress(saved)  # train() refused fewer --epochs than trained
             for group in self.optimizer.optimizer.param_groups:  # the checkpoint held the old lr
                 group["lr"] = config.lr
         self.skip_mode = skip_mode(self.optimizer.optimizer, fabric.strategy.precision)
@@ -512,4 +514,5 @@ def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:
     from fastvae import viz
     from fastvae.checkpoint import load
 
-    viz.write_run_pictures(run_dir, load(run_dir), in_memory_sample(splits), seed=config.seed)
+    stamp = viz.pictures_stamp(run_dir, run_dir / LAST, config.seed, config.data)
+    viz.write_run_pictures(run_dir, load(run_dir), in_memory_sample(splits), seed=config.seed, stamp=stamp)

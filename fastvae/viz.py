@@ -14,12 +14,16 @@ The functions that take a model import torch inside their bodies; the plots impo
 - ``latent_scatter.png``: test-set latent means coloured by label (only when latent_dim == 2);
 - ``loss_curves.png``: loss / recon / KL per epoch from ``metrics.csv`` (train, and test if any);
 - spatial latents (c, h, w) also get ``reconstructions_side_by_side.png`` and
-  ``latent_channels.png`` (``fastvae.spatial_pictures``).
+  ``latent_channels.png`` (``fastvae.spatial_pictures``);
+- ``pictures.json``: what they were drawn from (``pictures_stamp``), so that ``fastvae report``
+  redraws pictures of an older checkpoint, seed or data set instead of showing them.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ LATENT_SCATTER_PNG = "latent_scatter.png"
 LOSS_CURVES_PNG = "loss_curves.png"
 SIDE_BY_SIDE_PNG = "reconstructions_side_by_side.png"  # spatial latents (fastvae.spatial_pictures)
 LATENT_CHANNELS_PNG = "latent_channels.png"  # spatial latents
+PICTURES_JSON = "pictures.json"
 PICTURES = (SAMPLES_PNG, RECONSTRUCTIONS_PNG, SIDE_BY_SIDE_PNG, LATENT_CHANNELS_PNG, INTERPOLATION_PNG,
             LATENT_SCATTER_PNG, LOSS_CURVES_PNG)
 
@@ -305,14 +310,41 @@ def save_loss_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
 # --------------------------------------------------------------------------- the run's pictures
 
 
-def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int = 0) -> list[Path]:
+def pictures_stamp(run_dir: str | Path, checkpoint: str | Path, seed: int, data: Any) -> dict:
+    """What a run folder's pictures show: the checkpoint file drawn from (path in the run folder,
+    size, modification time), the ``metrics.csv`` plotted (size, modification time), the seed
+    and the data source. A report redraws the pictures when this differs from their stamp."""
+    def file_stamp(path: Path) -> list | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns]
+
+    run_dir, checkpoint = Path(run_dir), Path(checkpoint)
+    return {"checkpoint": [Path(os.path.relpath(checkpoint.resolve(), run_dir.resolve())).as_posix(),
+                           file_stamp(checkpoint)],
+            "metrics": file_stamp(run_dir / run_folder.METRICS_CSV), "seed": int(seed), "data": str(data)}
+
+
+def read_pictures_stamp(run_dir: str | Path) -> dict | None:
+    """The ``pictures_stamp`` written with a run folder's pictures (None: none, or unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / PICTURES_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int = 0,
+                       stamp: dict | None = None) -> list[Path]:
     """Write the pictures of a run into ``run_dir`` and return their paths (see the module doc).
 
     ``model``: a ``VAE`` or ``StackedAutoencoder`` (any device or dtype; its train/eval mode is
     restored). ``splits``: an object with ``.test`` (float tensor (N, C, H, W) in [0, 1]) and
     ``.test_labels`` (or None); ``.train`` is used when the test split is empty. ``seed`` fixes the
     sampled z and the interpolated pairs. ``loss_curves.png`` is written when ``metrics.csv``
-    exists; ``latent_scatter.png`` only for 2-D latent spaces.
+    exists; ``latent_scatter.png`` only for 2-D latent spaces. ``stamp`` (``pictures_stamp``) is
+    written as ``pictures.json`` after the pictures; without one an older stamp is removed.
     """
     import torch
 
@@ -348,6 +380,10 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
     curves = save_loss_curves(run_dir / run_folder.METRICS_CSV, run_dir / LOSS_CURVES_PNG)
     if curves is not None:
         written.append(curves)
+    if stamp is None:
+        (run_dir / PICTURES_JSON).unlink(missing_ok=True)
+    else:
+        run_folder.write_text(run_dir / PICTURES_JSON, json.dumps(stamp))
     return written
 
 

@@ -434,6 +434,13 @@ def test_decode_refuses_latents_and_tiles_that_do_not_fit(exported, tmp_path):
         rc, _, err = run_cli("decode", report.path, given, "--out", tmp_path / out)
         assert rc == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    rc, _, err = run_cli("decode", report.path, z, "--out", z)  # would replace the latents
+    assert_one_line_error(rc, err, "is the latents file itself")
+    np.testing.assert_array_equal(np.load(z), latents)
+    rc, _, err = run_cli("decode", report.path, z, "--out", tmp_path / "C.NPY")  # numpy's own suffix rule
+    assert rc == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "C.NPY"), np.load(tmp_path / "a.npy"))
+    assert not list(tmp_path.glob(".*tmp*"))
     # PNGs of an earlier decode are never mixed with new ones: refused, or all replaced
     pngs = tmp_path / "pngs"
     assert run_cli("decode", report.path, z, "--out", pngs)[0] == 0

@@ -377,3 +377,18 @@ def test_cli_missing_model_and_taken_port(decoder, tmp_path, server):
         proc = subprocess.run([sys.executable, "-m", "fastvae", *argv], capture_output=True, text=True, timeout=120)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_an_autoencoder_decoder_refuses_sample_and_decodes(tmp_path):
+    """No prior to draw z from: /sample is a 400 naming /decode, which works."""
+    model, path = exported_mlp_decoder(tmp_path, hidden_dim=16, latent_dim=LATENT, kind="ae")
+    status, body = _asgi_post(path, "/sample", [_part(b'{"n": 2, "seed": 1}', more=False)])
+    assert status == 400 and "/decode" in json.loads(body)["error"]
+    z = np.random.default_rng(1).standard_normal((2, LATENT)).astype(np.float32)
+    status, body = _asgi_post(path, "/decode", [_part(json.dumps({"z": z.tolist()}).encode(), more=False)])
+    import torch
+
+    assert status == 200
+    with torch.no_grad():
+        expected = model.decode(torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, rtol=1e-5, atol=1e-6)

@@ -139,8 +139,122 @@ def test_report_errors(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     with pytest.raises(FastVAEError, match="iwae-k"):
         write_report(run, iwae_k=-1)
-    with pytest.raises(FastVAEError, match="--data"):
+    with pytest.raises(FastVAEError, match="does not exist") as given:  # the user's own --data
         write_report(run, data=str(tmp_path / "no-such-data.npy"))
+    assert "pass --data" not in str(given.value)
+    (tmp_path / "images.npy").unlink()  # the run's data gone: how to point at another copy
+    with pytest.raises(FastVAEError, match="pass --data"):
+        write_report(run)
     (run / "config.json").write_text("{broken")
     with pytest.raises(FastVAEError, match="config.json"):
         write_report(run)
+
+
+def test_report_out_must_be_a_page_and_writable_before_evaluating(tmp_path, capsys, monkeypatch):
+    run = make_run(tmp_path / "run")
+    checkpoint = (run / LAST).read_bytes()
+    for name in ("checkpoints/last.ckpt", "config.json", "samples.png", "report.txt"):
+        assert cli.main(["report", str(run), "--iwae-k", "0", "--out", str(run / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ".md" in err[0] and ".html" in err[0], err
+    assert (run / LAST).read_bytes() == checkpoint and json.loads((run / "config.json").read_text())
+    assert cli.main(["report", str(run), "--iwae-k", "0", "--html", "--out", str(tmp_path / "x.md")]) == 2
+    assert "HTML" in capsys.readouterr().err
+    import fastvae.report_page as report_page
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated before checking --out")
+
+    monkeypatch.setattr(report_page, "_evaluate", no_evaluation)
+    (tmp_path / "file").write_text("a file where a folder goes")
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "file" / "r.md")]) == 2
+    assert "file" in capsys.readouterr().err
+
+
+def test_report_redraws_pictures_of_another_checkpoint_seed_or_data(tmp_path):
+    """Pictures carry a stamp of what they show (pictures.json); a report redraws them when the
+    checkpoint, metrics.csv, seed or data changed instead of showing the old ones."""
+    run = make_run(tmp_path / "run")
+    write_report(run, iwae_k=0)
+    drawn = {p.name: p.read_bytes() for p in run.glob("*.png")}
+    stamp = json.loads((run / "pictures.json").read_text())
+    assert stamp["seed"] == 0 and stamp["checkpoint"][0] == "checkpoints/last.ckpt"
+    write_report(run, iwae_k=0)  # nothing changed: kept (same files, not rewritten)
+    assert json.loads((run / "pictures.json").read_text()) == stamp
+
+    # a resumed run trained on (--no-pictures): new weights and metrics.csv rows
+    state = torch.load(run / LAST, weights_only=True)
+    state["model"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["step"] = 72
+    save_checkpoint(run / LAST, {k: v for k, v in state.items() if k != "format"})
+    with open(run / "metrics.csv", "a") as f:
+        f.write("3,72,30.0,28.0,2.0,0.5,29.0,27.0,2.0\n")
+    write_report(run, iwae_k=0)
+    redrawn = {p.name: p.read_bytes() for p in run.glob("*.png")}
+    assert redrawn["samples.png"] != drawn["samples.png"]
+    assert redrawn["loss_curves.png"] != drawn["loss_curves.png"]
+
+    write_report(run, iwae_k=0, seed=5)  # another seed: other sampled pictures
+    assert (run / "samples.png").read_bytes() != redrawn["samples.png"]
+    assert json.loads((run / "pictures.json").read_text())["seed"] == 5
+    write_report(run, iwae_k=0)  # back to the run's seed: its pictures again
+    assert (run / "samples.png").read_bytes() == redrawn["samples.png"]
+
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(1).integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    text = write_report(run, iwae_k=0, data=str(other)).read_text()
+    assert f"data `{other}` (the run was trained on `{tmp_path / 'images.npy'}`)" in text
+    assert (run / "reconstructions.png").read_bytes() != redrawn["reconstructions.png"]
+
+
+def test_report_streams_a_prepared_test_split_beyond_the_picture_sample(tmp_path):
+    """A prepared test split larger than the pictures' in-memory sample: PSNR and latent
+    statistics cover every test image (the KL dims add up to the evaluated KL)."""
+    from fastvae.image_quality import psnr, reconstructions
+    from fastvae.loaders import PICTURE_EXAMPLES, head
+    from fastvae.shards import open_dataset, prepare
+
+    images = tmp_path / "many.npy"
+    np.save(images, np.random.default_rng(2).integers(0, 256, (2200, 8, 8), dtype=np.uint8))
+    prepare(str(images), tmp_path / "shards", workers=0, progress=False, test_fraction=0.6)
+    test = open_dataset(str(tmp_path / "shards")).test
+    assert len(test) > PICTURE_EXAMPLES
+    run = make_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["data"] = str(tmp_path / "shards")
+    (run / "config.json").write_text(json.dumps(config))
+
+    text = write_report(run, iwae_k=0).read_text()
+    value = {m.group(1): float(m.group(2)) for m in
+             re.finditer(r"^\| (KL|reconstruction PSNR \(dB\)) \| ([-\d.]+) \|", text, re.M)}
+    model = __import__("fastvae").load(run)
+    x, _ = head(test, len(test))
+    assert len(x) == len(test)
+    assert value["reconstruction PSNR (dB)"] == pytest.approx(psnr(reconstructions(model, x), x), abs=1e-4)
+    kl_sum = float(re.search(r"^\| sum \| ([-\d.]+) \|", text, re.M).group(1))
+    assert kl_sum == pytest.approx(value["KL"], abs=2e-4)
+    assert f"{len(test)} test images" in text
+
+
+def test_report_text_from_the_user_is_escaped_and_links_resolve(tmp_path):
+    from urllib.parse import unquote
+
+    run = make_run(tmp_path / "odd#1 50%`<b>*x*")
+    md = write_report(run, tmp_path / "pages" / "r.md", iwae_k=0).read_text()
+    assert md.splitlines()[0] == "# fastvae run report: odd\\#1 50%\\`\\<b\\>\\*x\\*"
+    assert f"Run folder ``{run}``" in md  # fenced by two backticks: the name holds one
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert "#" not in link and "`" not in link
+        assert (tmp_path / "pages" / unquote(link)).resolve().is_file(), link
+    html = write_report(run, tmp_path / "pages" / "r.html", iwae_k=0).read_text()
+    assert "<b>" not in html and f"<code>{run}</code>".replace("<b>", "&lt;b&gt;") in html
+    for link in re.findall(r'<img src="([^"]+)"', html):
+        assert (tmp_path / "pages" / unquote(link)).resolve().is_file(), link
+
+
+def test_autoencoder_report_speaks_of_codes_and_squared_error(tmp_path):
+    run = make_run(tmp_path / "run", kind="ae")
+    text = write_report(run, iwae_k=0).read_text()
+    assert "Nats per example" not in text and "Squared error per example" in text
+    assert "z ~ N(0, I)" not in text and "Gaussian fitted to the test images' codes" in text
+    assert "p(x|z" not in text.split("## Pictures")[1]

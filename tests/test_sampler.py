@@ -182,7 +182,42 @@ def test_cli_sample_png_and_npy(path, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["sample", str(path), "--out", str(tmp_path / "s.jpg")]) == 2
     assert ".png" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png", "sub"]  # no temporary files
+    assert main(["sample", str(path), "-n", "3", "--nrow", "2", "--out", str(tmp_path / "s.npy")]) == 2
+    assert "--nrow" in capsys.readouterr().err  # not silently ignored
+    upper = tmp_path / "S.NPY"  # numpy appends ".npy" to a file name not ending in it
+    assert main(["sample", str(path), "-n", "3", "--seed", "1", "--out", str(upper)]) == 0
+    np.testing.assert_array_equal(np.load(upper), OnnxSampler(path).sample(3, seed=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["S.NPY", "s.png", "sub"]  # no temporary files
+    capsys.readouterr()
+    for flags in (["sample", str(path), "-n", str(10**20), "--out", str(tmp_path / "h.npy")],
+                  ["bench-sampler", str(path), "--batch-sizes", str(10**20), "--seconds", "0.1"]):
+        assert main(flags) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "smaller" in err[0], err
+
+
+def test_an_autoencoder_decoder_is_not_sampled_from_a_prior(tmp_path, capsys):
+    """An autoencoder has no prior: z ~ N(0, I) would decode to noise far from its codes."""
+    import torch
+
+    from fastvae.cli import main
+    from fastvae.export import export_decoder
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"data_shape": list(SHAPE), "hidden_dim": 16, "latent_dim": LATENT, "kind": "ae"})
+    path = export_decoder(model, tmp_path / "ae.onnx").path
+    sampler = OnnxSampler(path)
+    assert not sampler.has_prior
+    with pytest.raises(FastVAEError, match="autoencoder"):
+        sampler.sample(4, seed=0)
+    z = np.random.default_rng(0).standard_normal((4, LATENT), dtype=np.float32)
+    with torch.no_grad():
+        expected = model.decode(torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(sampler.decode(z), expected.reshape(4, *SHAPE), rtol=1e-4, atol=1e-5)
+    assert main(["sample", str(path), "-n", "4", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fastvae decode" in err[0], err
 
 
 _NO_TORCH = """

@@ -119,6 +119,9 @@ def test_a_resumed_run_logs_on_into_the_same_wandb_run(tmp_path, capsys, offline
     run = tmp_path / "run"
     _train(capsys, run, "wandb")
     run_id = json.loads((run / "trackers.json").read_text())["wandb"]
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "1", "--quiet"]) == 2
+    assert "trained 2 epoch(s) already" in capsys.readouterr().err
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # refused before wandb started
     rows = _resume(capsys, run, 3)
     files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2  # one wandb run, two sessions

@@ -18,7 +18,7 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="spatial decoder .onnx written by 'fastvae export'")
-    parser.add_argument("latents", help=".npy file of latents (n, c, h, w) or one (c, h, w)")
+    parser.add_argument("latents", help=".npy file of latents (n, c, h, w) or one (c, h, w); or an .npz holding one such array")
     parser.add_argument("--out", type=arg_types.path, required=True, help="a .npy file, or a folder for one PNG per image")
     parser.add_argument("--tile", type=int, help="tile size in output pixels (a multiple of f); None: decode whole")
     parser.add_argument("--overlap", type=int, default=None,
@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
                            "pass --overwrite to replace them, or choose another folder")
     if args.batch_size < 1:
         raise FastVAEError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if out.suffix and out.exists() and Path(args.latents).exists() and out.samefile(args.latents):
+        raise FastVAEError(f"--out {out} is the latents file itself: writing the images would replace "
+                           "the latents; give another --out")
     decoder = OnnxSampler(args.model, threads=args.threads)
     if len(decoder.latent_shape) != 3 or "downsample" not in decoder.metadata:
         raise FastVAEError(f"{args.model} decodes flat latent vectors ({decoder.latent_dim}), not spatial "
@@ -120,8 +123,8 @@ def _write(images, out) -> list:
     from fastvae.run_folder import atomic_write
 
     if out.suffix.lower() == ".npy":
-        with atomic_write(out) as tmp:
-            np.save(tmp, images)
+        with atomic_write(out) as tmp, open(tmp, "wb") as f:  # a file: numpy appends .npy to a name
+            np.save(f, images)
         return [out]
     if images.shape[1] not in (1, 3):
         raise FastVAEError(f"the decoder makes {images.shape[1]}-channel outputs, not images: use --out with .npy")

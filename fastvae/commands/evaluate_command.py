@@ -55,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if args.pictures:  # into the run folder (a checkpoint's: RUN/checkpoints/X.ckpt)
         from fastvae import viz
 
-        viz.write_run_pictures(pictures_folder, model, in_memory_sample(splits), seed=seed)
+        from fastvae.checkpoint import checkpoint_path
+
+        stamp = viz.pictures_stamp(pictures_folder, checkpoint_path(args.run), seed, data)
+        viz.write_run_pictures(pictures_folder, model, in_memory_sample(splits), seed=seed, stamp=stamp)
     if args.json:
         print(json.dumps(result))
     else:

@@ -9,7 +9,7 @@ from fastvae.commands import arg_types
 HELP = "export a run's decoder to ONNX, validate it (onnx.checker + onnxruntime vs torch)"
 DESCRIPTION = (
     "Write the decoder of a trained run as one self-contained ONNX file (input z: (batch, "
-    "latent_dim); outputs 'mean' and 'params'), check it with onnx.checker and compare "
+    "latent_dim), or (batch, c, height, width) for spatial latents; outputs 'mean' and 'params'), check it with onnx.checker and compare "
     "onnxruntime with torch on fresh batch sizes; print the report. Nothing is written (and an "
     "existing file is kept) when validation fails. Sample from it with 'fastvae sample'."
 )
@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=64, help="the Triton model's max_batch_size (dynamic batching)")
     parser.add_argument(
         "--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
-        help="torch.onnx exporter: auto tries the torch.export-based one, then TorchScript",
+        help="torch.onnx exporter: auto tries the torch.export-based one, then TorchScript "
+             "(spatial-latent decoders: TorchScript directly)",
     )
     parser.add_argument("--encoder", action="store_true",
                         help="also export the encoder of a spatial-latent run (--model convkl): images -> "

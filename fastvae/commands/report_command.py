@@ -15,7 +15,7 @@ DESCRIPTION = (
 
 def add_arguments(parser) -> None:
     parser.add_argument("run", metavar="RUN", help="run folder written by 'fastvae train --out RUN'")
-    parser.add_argument("--out", type=arg_types.path, default=None, help="report file (default RUN/report.md, or RUN/report.html with --html)")
+    parser.add_argument("--out", type=arg_types.path, default=None, help="report file, .md (Markdown) or .html (default RUN/report.md, or RUN/report.html with --html)")
     parser.add_argument("--html", action="store_true", help="write HTML instead of Markdown (implied by --out *.html)")
     parser.add_argument("--iwae-k", type=int, default=1000, help="importance samples for the IWAE bound; 0 skips it")
     parser.add_argument("--data", default=None, help="data source to evaluate on (default: the run's config.json 'data')")

@@ -11,7 +11,8 @@ HELP = "draw samples from an exported decoder.onnx on the CPU (numpy + onnxrunti
 DESCRIPTION = (
     "Draw n latent vectors z ~ N(0, I) with a seeded numpy generator, decode them with "
     "onnxruntime and write the means of p(x|z) as a PNG grid (image data) or a .npy array "
-    "(n, C, H, W). The same seed gives the same samples whatever the batch size."
+    "(n, C, H, W). The same seed gives the same samples whatever the batch size (an int8 "
+    "decoder's move slightly with it: its activations are quantized per call)."
 )
 
 
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", default="cpu", help=PROVIDER_HELP)
     parser.add_argument(
         "--mode", choices=("mean", "sample"), default="mean",
-        help="mean: E[x|z]; sample: also draw x ~ p(x|z) (Bernoulli pixels or Gaussian noise)",
+        help="mean: E[x|z]; sample: also draw x ~ p(x|z) (Bernoulli pixels, Gaussian or Laplace noise)",
     )
     parser.add_argument("--nrow", type=int, help="images per row of the PNG grid; None: a square grid")
 
@@ -49,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"--out {out} is a folder: give a file name such as {out / 'samples.png'}")
     if args.nrow is not None and args.nrow < 1:
         raise FastVAEError(f"--nrow must be a positive integer, got {args.nrow}")
+    if args.nrow is not None and suffix != ".png":
+        raise FastVAEError("--nrow lays out a PNG grid; a .npy file holds the array (n, C, H, W): drop --nrow")
     sampler = OnnxSampler(args.model, threads=args.threads, providers=[args.provider])
+    sampler.check_can_sample()
     shape = sampler.output_shape
     if suffix == ".png" and not (len(shape) == 3 and shape[0] in (1, 3) or len(shape) == 2):
         raise FastVAEError(
@@ -63,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
 
     if suffix == ".npy":
-        with atomic_write(out) as tmp:
-            np.save(tmp, samples)
+        with atomic_write(out) as tmp, open(tmp, "wb") as f:  # a file: numpy appends .npy to a name
+            np.save(f, samples)
     else:
         from fastvae.viz import save_image_grid  # atomic too
 

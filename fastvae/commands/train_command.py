@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    f"its own: seeded, stratified by label (default {d.test_fraction})")
     a.add_argument("--split-seed", type=arg_types.seed, help=f"seed of that held-out split (default {d.split_seed})")
     a.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
-                   help="convert a folder of colour images to one channel (default off: colour is kept)")
+                   help="convert colour images (a folder, photos, .npy/.npz) to one channel (default off: colour "
+                   "is kept); a prepared colour dataset is refused: prepare it with --grayscale")
     a.add_argument("--workers", type=int, help="DataLoader processes reading a prepared dataset "
                    f"(0: read in the training process) (default {d.workers})")
     a.add_argument("--model", choices=CHOICES["model"], help=f"encoder/decoder family (default {d.model})")
