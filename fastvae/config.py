@@ -14,7 +14,7 @@ from pathlib import Path
 from fastvae.errors import FastVAEError
 
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "dp", "single_device")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "dp")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 # torch.compile modes; "reduce-overhead" and "max-autotune" replay the step as CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -35,7 +35,7 @@ import torch
 
 from fastvae import run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
-from fastvae.config import RESUME_IDENTITY, TrainConfig
+from fastvae.config import MAX_SEED, RESUME_IDENTITY, TrainConfig
 from fastvae.data import Splits, load_dataset
 from fastvae.errors import FastVAEError
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
@@ -84,6 +84,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     callbacks (see the module docstring).
     """
     config.validate()
+    check_processes(config)
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
     saved = check_resume(run_dir, config) if resume else None
@@ -115,6 +116,36 @@ def _set_fixed_sigma(model, sigma: float) -> None:
     if scale is not None and likelihood.kind != "bernoulli" and not isinstance(scale, torch.nn.Parameter):
         with torch.no_grad():
             scale.fill_(math.log(sigma))
+
+
+def check_processes(config: TrainConfig) -> None:
+    """Refuse process layouts that cannot start: several nodes without a launcher that tells
+    each its rank and the rendezvous address (Fabric would wait 30 minutes for nodes that never
+    come, deaf to Ctrl-C), and more CPU processes than cores."""
+    import os
+
+    if config.num_nodes > 1 and not _launched_on_nodes():
+        raise FastVAEError(
+            f"--num-nodes {config.num_nodes} needs a multi-node launcher that starts fastvae on every "
+            "node (torchrun, srun under SLURM, ...) or MASTER_ADDR, MASTER_PORT and NODE_RANK in the "
+            "environment: see the README's cluster recipe")
+    on_cpu = config.accelerator == "cpu" or (config.accelerator == "auto" and not torch.cuda.is_available())
+    cores = os.cpu_count() or 1
+    if on_cpu and config.devices > cores:
+        raise FastVAEError(f"--devices {config.devices} on a CPU starts {config.devices} training processes, "
+                           f"but this machine has {cores} cores: use --devices {cores} or fewer")
+
+
+def _launched_on_nodes() -> bool:
+    import os
+
+    from lightning_fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    env = os.environ
+    if env.get("MASTER_ADDR") and env.get("MASTER_PORT") and (env.get("NODE_RANK") or env.get("RANK")):
+        return True  # set by hand, or by Kubeflow's PyTorchJob
+    launchers = (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment)
+    return any(launcher.detect() for launcher in launchers) or "OMPI_COMM_WORLD_SIZE" in env
 
 
 def check_resume(run_dir: Path, config: TrainConfig) -> dict:
@@ -237,8 +268,8 @@ class Trainer:
         # broadcast rank 0's), then a noise stream per rank; rank 0's is the single-process one
         fabric.seed_everything(config.seed, verbose=False)
         model = build_model(config.model_spec(splits.data_shape))
-        if self.rank:
-            fabric.seed_everything(config.seed + self.rank, verbose=False)
+        if self.rank:  # wrapped into the 32-bit range seeds live in
+            fabric.seed_everything((config.seed + self.rank) % (MAX_SEED + 1), verbose=False)
         if model.kind == "vae":  # decided once here, not in every (compiled) step
             model.reparam_backend = resolve_backend(config.reparam, fabric.device)
         if fabric.device.type == "cuda" and len(model.latent_shape) == 3:
@@ -285,14 +316,20 @@ class Trainer:
         self.rows = run_folder.read_metrics(metrics_csv, self.epoch) if resume else []
 
     def _restore_progress(self, state: dict) -> None:
-        """Counters, loss scale and (same world size only) random streams of a checkpoint."""
+        """Counters, loss scale, an interrupted epoch's sums and (same world size only) every
+        rank's own random streams of a checkpoint."""
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.skip_batches = int(state.get("batch_in_epoch", 0))
-        self.partial = EpochSums(*state["partial"]) if state.get("partial") else None
+        partial = state.get("partial")
+        if partial and state.get("partial_of_all_ranks") and self.rank:  # rank 0 holds the totals
+            self.partial = EpochSums(seconds=partial[3])
+        else:
+            self.partial = EpochSums(*partial) if partial else None
         if state.get("precision"):  # fp16's loss scale: resuming keeps it instead of relearning
             self.fabric.strategy.precision.load_state_dict(state["precision"])
         if int(state.get("world_size", 1)) == self.world:  # other sizes: fresh per-rank streams
-            set_rng_state(state["rng"])
+            ranks = state.get("rank_rng")  # older checkpoints: rank 0's streams only
+            set_rng_state(ranks[self.rank] if ranks else state["rng"])
 
     def fit(self) -> TrainResult | None:
         config, fabric = self.config, self.fabric
@@ -309,7 +346,7 @@ class Trainer:
                 row = self.run_epoch(stop)
                 if row is not None:
                     self._log(row)
-                interrupted = stop.requested and (row is None or self.epoch < config.epochs)
+                interrupted = row is None or (self.epoch < config.epochs and self._agreed_stop(stop))
             if interrupted:
                 fabric.print(f"interrupted: checkpoint written at step {self.step} (epoch "
                              f"{self.epoch + (row is None)}); continue with --resume")
@@ -329,12 +366,12 @@ class Trainer:
         mid-epoch checkpoint is written then).
         """
         sums, index = self.train_pass(stop)
+        totals = self._all_ranks(sums)
         if index is not None:
-            self.save(batch_in_epoch=index, partial=sums)
+            self.save(batch_in_epoch=index, partial=totals)
             return None
         self.skip_batches, self.partial = 0, None
-        reduced = torch.tensor(sums.to_list()[:3], dtype=torch.float64, device=self.fabric.device)
-        recon, kl, count = self.fabric.all_reduce(reduced, reduce_op="sum").cpu().tolist()
+        recon, kl, count = totals.recon, totals.kl, totals.count
         if count == 0:
             raise FastVAEError(
                 f"every step of epoch {self.epoch + 1} had a non-finite loss: the model has "
@@ -353,6 +390,24 @@ class Trainer:
         self.save()
         self.fabric.call("on_train_epoch_end", self, row)
         return row
+
+    def _all_ranks(self, sums: EpochSums) -> EpochSums:
+        """The epoch's sums over every rank (this rank's seconds)."""
+        if self.world == 1:
+            return sums
+        reduced = torch.tensor(sums.to_list()[:3], dtype=torch.float64, device=self.fabric.device)
+        recon, kl, count = self.fabric.all_reduce(reduced, reduce_op="sum").cpu().tolist()
+        return EpochSums(recon, kl, count, sums.seconds)
+
+    def _agreed_stop(self, stop: StopRequest | None) -> bool:
+        """Whether a stop was requested on any rank: every rank gets the same answer. A signal
+        may reach one rank only (a launcher's SIGTERM) or the ranks at different steps, and a
+        rank stopping alone would wait in the checkpoint's collectives forever."""
+        requested = stop is not None and stop.requested
+        if self.world == 1:
+            return requested
+        flag = torch.tensor(float(requested), device=self.fabric.device)
+        return self.fabric.all_reduce(flag, reduce_op="sum").item() > 0
 
     def train_pass(self, stop: StopRequest | None = None) -> tuple[EpochSums, int | None]:
         """The optimization steps of one epoch: what ``epoch_time_s`` measures.
@@ -377,7 +432,9 @@ class Trainer:
             self._train_step(x, sums)
             bar.update(1)
             self.fabric.call("on_train_batch_end", self, index)
-            if stop is not None and stop.requested and index + 1 < len(batches):
+            # every rank asks at the same steps (on an accelerator with the records' host read)
+            if (index + 1 < len(batches) and (self.world == 1 or self.step % self.check_every == 0)
+                    and self._agreed_stop(stop)):
                 stopped_at = index + 1
                 break
         self._read_records(sums)
@@ -474,13 +531,15 @@ class Trainer:
             "step": self.step, "rng": rng_state(), "batch_in_epoch": batch_in_epoch,
             "world_size": self.world,
         }
+        if self.world > 1:  # each rank's own noise stream continues on resume
+            state["rank_rng"] = self._rank_rng_states()
         if self.data_id is not None:
             state["data_id"] = self.data_id
         precision_state = self.fabric.strategy.precision.state_dict()
         if precision_state:  # fp16: GradScaler's scale and growth tracker
             state["precision"] = precision_state
-        if partial is not None:
-            state["partial"] = partial.to_list()
+        if partial is not None:  # summed over the ranks: rank 0 resumes with them, the others from 0
+            state["partial"], state["partial_of_all_ranks"] = partial.to_list(), True
         final = self.run_dir / LAST
         tmp = final.with_name(f".{final.name}.tmp")
         if self.rank == 0:
@@ -490,6 +549,15 @@ class Trainer:
             if self.rank == 0:
                 run_folder.move_into_place(tmp, final)
         self.fabric.barrier()
+
+    def _rank_rng_states(self) -> list[dict]:
+        """``rng_state()`` of every rank, in rank order (a collective: every rank calls it)."""
+        states: list[dict] = [{} for _ in range(self.world)]
+        for key, tensor in rng_state().items():
+            gathered = self.fabric.all_gather(tensor.to(self.fabric.device)).cpu()
+            for rank in range(self.world):
+                states[rank][key] = gathered[rank].clone()
+        return states
 
     def _log(self, row: dict) -> None:
         if self.rank != 0:

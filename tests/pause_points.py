@@ -43,6 +43,18 @@ class PauseAtStep:
             pause(f"step {trainer.step} (epoch {trainer.epoch + 1}, batch {batch})")
 
 
+class SignalAtStep:
+    """Fabric callback: send ``signum`` to this process on rank ``rank`` once step ``step`` is
+    done (a launcher's SIGTERM that reaches one rank only)."""
+
+    def __init__(self, rank: int, step: int, signum: int = 15):
+        self.rank, self.step, self.signum = rank, step, signum
+
+    def on_train_batch_end(self, trainer, batch):
+        if trainer.rank == self.rank and trainer.step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
 class _PauseOnImport(importlib.abc.MetaPathFinder):
     def __init__(self, name: str):
         self.name = name

@@ -66,6 +66,53 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, small_digits):
     assert resumed.metrics[1]["train_loss"] == pytest.approx(one.metrics[1]["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # the old code hung here: one rank waited in the checkpoint's barrier
+def test_a_stop_seen_by_one_rank_stops_every_rank_and_resumes_exactly(tmp_path, small_digits):
+    """SIGTERM to rank 0 only, mid-epoch: both ranks stop after the same step, the checkpoint
+    holds each rank's own noise stream and the epoch's sums over both ranks, and the resumed
+    2-rank VAE run ends with the uninterrupted run's weights and metrics."""
+    from pause_points import SignalAtStep
+
+    # the largest seed: rank 1's own seed wraps around into the 32-bit range (was a traceback)
+    vae = dict(kind="vae", hidden_dim=32, latent_dim=4, batch_size=16, devices=2, strategy="ddp_spawn",
+               seed=2**32 - 1)
+    straight = train(config(tmp_path / "straight", **vae), splits=small_digits)
+    stopped = train(config(tmp_path / "stopped", **vae), splits=small_digits, callbacks=[SignalAtStep(0, 3)])
+    assert stopped.interrupted and stopped.steps == 3
+    state = read_checkpoint(tmp_path / "stopped")
+    assert state["batch_in_epoch"] == 3 and state["partial_of_all_ranks"]
+    assert state["partial"][2] == 3 * 16 * 2  # examples of both ranks' three steps
+    rank0, rank1 = state["rank_rng"]
+    assert torch.equal(rank0["torch"], state["rng"]["torch"]) and not torch.equal(rank0["torch"], rank1["torch"])
+    resumed = train(config(tmp_path / "stopped", **vae), resume=True, splits=small_digits)
+    assert max_diff(read_checkpoint(tmp_path / "stopped")["model"], read_checkpoint(tmp_path / "straight")["model"]) == 0
+    for key in ("train_loss", "train_recon", "train_kl", "test_neg_elbo"):
+        assert resumed.metrics[0][key] == pytest.approx(straight.metrics[0][key], rel=1e-12), key
+
+
+def test_process_layouts_that_cannot_start_are_refused(monkeypatch):
+    """Several nodes without a launcher would wait 30 minutes for nodes that never come; more
+    CPU processes than cores would crawl."""
+    import os
+
+    from fastvae.errors import FastVAEError
+    from fastvae.trainer import check_processes
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS",
+                 "LSB_JOBID", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(FastVAEError, match="multi-node launcher"):
+        check_processes(config("run", num_nodes=2))
+    for name, value in (("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500"), ("NODE_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    check_processes(config("run", num_nodes=2))
+    cores = os.cpu_count() or 1
+    check_processes(config("run", devices=cores))
+    with pytest.raises(FastVAEError, match=f"has {cores} cores"):
+        check_processes(config("run", devices=cores + 1))
+
+
 def test_sharded_evaluation_equals_single_process():
     torch.manual_seed(0)
     model = build_model({"data_shape": [1, 8, 8], "hidden_dim": 32})
