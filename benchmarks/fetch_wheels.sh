@@ -27,7 +27,7 @@ mkdir -p .whl
   --platform any -d .whl "${WHEELS[@]}"
 # optional, for the convkl suite's diffusers comparison: diffusers and the libraries it needs
 # besides torch, numpy and Pillow (the GPU image has those; run.sh installs only what is missing)
-OPTIONAL=("diffusers==${DIFFUSERS_VERSION:-0.42.1}" huggingface-hub hf-xet httpx2 httpcore2 safetensors regex
+OPTIONAL=("diffusers==${DIFFUSERS_VERSION:-0.42.1}" "huggingface-hub<2" hf-xet httpx httpcore safetensors regex
           importlib-metadata zipp anyio h11 click)
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

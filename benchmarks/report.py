@@ -35,6 +35,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -604,31 +605,49 @@ EXTRA_RESULTS = ("precision.json", "tile_sweep.json", "photo_quality.json", "foo
                  "reparam_kl_device.json")
 
 
+PACKED = "results.tgz"  # what benchmarks/gpu/run.sh packs its outputs into on a GPU machine
+
+
 def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: str = STAT,
           out=None, force: bool = False) -> Path | None:
     """Copy the suite JSONs of ``src`` into ``results/<slug>/``, compare, render; returns the
-    folder (``None`` when ``src`` holds no benchmark JSON). ``EXTRA_RESULTS`` files in ``src``
-    (bf16-vs-fp32 check, kernel tile sweep, the run's log) are copied too."""
+    folder (``None`` when ``src`` holds no result). ``EXTRA_RESULTS`` files in ``src``
+    (bf16-vs-fp32 check, kernel tile sweep, the run's log) are copied too, also from a run that
+    wrote no suite JSON (GPU tests only, extras only); the log is also kept as
+    ``run-<UTC time>.log``, so that a later run does not replace it. ``src`` may be a folder
+    holding ``results.tgz`` (run.sh's packed outputs) or that archive itself."""
+    import tarfile
+    import tempfile
+
+    src = Path(src)
+    packed = src if src.is_file() else src / PACKED
+    if packed.is_file():
+        with tempfile.TemporaryDirectory() as unpacked:
+            with tarfile.open(packed) as archive:
+                archive.extractall(unpacked, filter="data")
+            print(f"store: unpacked {packed}", file=out or sys.stdout)
+            return store(unpacked, results, threshold, stat, out, force)
+    return _store(src, results, threshold, stat, out or sys.stdout, force)
+
+
+def _store(src: Path, results: Path | str, threshold: float, stat: str, out, force: bool) -> Path | None:
     import shutil
     import tempfile
 
-    out = out or sys.stdout
     runs = load_dir(src, stat)
     device = load_device_result(src)
-    if not runs and device is None:
-        print(f"store: no pytest-benchmark JSON nor {DEVICE_RESULT} in {src}", file=out)
+    extras = [name for name in EXTRA_RESULTS if (src / name).is_file()]
+    if not runs and device is None and not extras:
+        print(f"store: no pytest-benchmark JSON, {DEVICE_RESULT} nor {', '.join(EXTRA_RESULTS)} in {src}", file=out)
         return None
-    smoke = [run.path.name for run in runs if run.info.get("smoke")]
+    smoke = [run.path.name for run in runs if run.info.get("smoke")] + _smoke_extras(src)
     if smoke and not force:
         print(f"store: {', '.join(smoke)} come from a smoke run (tiny sizes); not stored "
               f"(--force stores them anyway)", file=out)
         return None
     slugs = {run.info.get("slug") for run in runs} - {None, ""}
-    if not runs and device.get("gpu"):  # a device-time run alone: its GPU's name
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from common import slugify
-
-        slugs = {slugify(device["gpu"])}
+    if not runs:  # a device-time run or extras alone: the machine they name
+        slugs = _extra_slugs(src, device)
     if len(slugs) != 1:
         raise SystemExit(f"store: expected one device slug in {src}, found {sorted(slugs)}")
     dest = Path(results) / slugs.pop()
@@ -644,13 +663,45 @@ def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: s
             else:
                 shutil.copyfile(run.path, target)
             print(f"stored {target}", file=out)
-    for name in EXTRA_RESULTS:  # the GPU script's other outputs, kept beside the suites
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, dest / name)
-            print(f"stored {dest / name}", file=out)
+    for name in extras:  # the GPU script's other outputs, kept beside the suites
+        shutil.copyfile(src / name, dest / name)
+        print(f"stored {dest / name}", file=out)
+        if name == "run.log":
+            stamped = dest / f"run-{time.strftime('%Y-%m-%dT%H%MZ', time.gmtime())}.log"
+            shutil.copyfile(src / name, stamped)
+            print(f"stored {stamped}", file=out)
     render(dest, stat=stat)
     print(f"rendered {dest / 'README.md'} and {dest / 'ratios.png'}", file=out)
     return dest
+
+
+def _extra_slugs(src: Path, device: dict | None) -> set[str]:
+    """The device slug of a run without suite JSONs: from its device-time result's GPU, or the
+    machine its precision check or tile sweep recorded."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import slugify
+
+    slugs = {slugify(device["gpu"])} if device and device.get("gpu") else set()
+    for name, key in (("precision.json", "machine"), ("tile_sweep.json", "info")):
+        try:
+            slug = json.loads((src / name).read_text(encoding="utf8"))[key]["slug"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        slugs.add(slug)
+    return slugs - {None, ""}
+
+
+def _smoke_extras(src: Path) -> list[str]:
+    """The extras of ``src`` written by a smoke (CPU pipeline) run."""
+    found = []
+    for name, is_smoke in (("tile_sweep.json", lambda d: d.get("smoke")),
+                           ("precision.json", lambda d: d.get("machine", {}).get("smoke"))):
+        try:
+            if is_smoke(json.loads((src / name).read_text(encoding="utf8"))):
+                found.append(name)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return found
 
 
 # --------------------------------------------------------------------------- summary

@@ -28,9 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from common import annotate, smoke_mode
-from http_load import run_load
-from service_process import ServiceProcess, free_port
+pytest.importorskip("fastapi", reason="fastvae serve needs fastapi and uvicorn (the GPU image has neither)")
+pytest.importorskip("uvicorn", reason="fastvae serve needs fastapi and uvicorn (the GPU image has neither)")
+
+from common import annotate, smoke_mode  # noqa: E402
+from http_load import run_load  # noqa: E402
+from service_process import ServiceProcess, free_port  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 CLIENTS = 4 if smoke_mode() else 64

@@ -232,6 +232,28 @@ def test_store_files_a_foreign_run(tmp_path, capsys):
     assert report.main(["store", str(src), "--results", str(results)]) == 1  # refused
 
 
+def test_store_unpacks_run_sh_archive_and_keeps_runs_without_suites(tmp_path):
+    """On a GPU machine run.sh packs its outputs (the device tool returns 8 files at most); a
+    run of GPU tests or extras alone has no suite JSON but its log and extras are kept."""
+    import tarfile
+
+    run = tmp_path / "run"
+    _write(run / "tile_sweep.json", {"info": {"slug": "test-gpu"}, "smoke": False, "rows": []})
+    (run / "run.log").write_text("tests: 61 passed")
+    out = tmp_path / "out"
+    out.mkdir()
+    with tarfile.open(out / report.PACKED, "w:gz") as archive:
+        for path in run.iterdir():
+            archive.add(path, arcname=path.name)
+    results = tmp_path / "results"
+    assert report.main(["store", str(out), "--results", str(results)]) == 0
+    dest = results / "test-gpu"
+    assert (dest / "run.log").read_text() == "tests: 61 passed" and (dest / "tile_sweep.json").is_file()
+    assert [p.read_text() for p in dest.glob("run-*.log")] == ["tests: 61 passed"]
+    _write(run / "tile_sweep.json", {"info": {"slug": "test-gpu"}, "smoke": True, "rows": []})
+    assert report.main(["store", str(run), "--results", str(results)]) == 1  # a smoke sweep: refused
+
+
 # --------------------------------------------------------------------------- common.py
 
 

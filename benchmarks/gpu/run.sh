@@ -12,9 +12,14 @@
 #    last, with what is left of the budget, a sweep of the fused kernel's tile sizes and warps
 #    (tile_sweep.json: tuning data);
 # 4. writes one pytest-benchmark JSON per suite (device, versions, date, git commit, figures)
-#    into OUT_DIR (default benchmarks/results/<gpu-slug>/), renders OUT_DIR/README.md and
-#    OUT_DIR/ratios.png, compares with the stored results, and keeps the whole log in
-#    OUT_DIR/run.log.
+#    into OUT_DIR (default benchmarks/results/<gpu-slug>/) and keeps the whole log in
+#    OUT_DIR/run.log; on a CUDA machine it then packs everything into OUT_DIR/results.tgz (the
+#    device tool brings back 8 files at most; `python benchmarks/report.py store OUT` unpacks,
+#    files, compares and renders), elsewhere (or FASTVAE_GPU_PACK=0) it renders
+#    OUT_DIR/README.md and OUT_DIR/ratios.png and compares with the stored results.
+# A one-shot GPU call should name its subset: the default runs everything, in value order
+# (kernel tests first, train, the device-time benchmark, the GPU suites, the CPU-side suites
+# last), and what the budget does not reach is reported as SKIPPED.
 # It keeps to a time budget (FASTVAE_GPU_BUDGET_S, default 480 s) so that it ends well inside a
 # 10-minute slot. On a machine without CUDA the GPU tests skip and the suites run in smoke mode
 # (tiny sizes, one round) to check the pipeline; the script still exits 0.
@@ -25,8 +30,10 @@
 # Environment: PYTHON (default python3, or .venv/bin/python where present), FASTVAE_GIT_COMMIT,
 # FASTVAE_GPU_BUDGET_S, FASTVAE_GPU_TESTS_CAP_S (default 180 s), FASTVAE_GPU_SUITE_CAP_S
 # (default 150 s per suite, 210 s for train), FASTVAE_GPU_SUITES (space-separated suite names; default all:
-# train reparam_kl sampling streaming; "streaming" alone measures shards vs in-memory training),
-# FASTVAE_GPU_TESTS_K (pytest -k expression for the GPU tests; default all of them),
+# train convkl reparam_kl streaming onnx_cuda, then the CPU-side sampling latency serving;
+# FASTVAE_GPU_SUITES=streaming FASTVAE_GPU_TESTS_SET=none FASTVAE_GPU_EXTRAS="" measures shards vs
+# in-memory training alone),
+# FASTVAE_GPU_TESTS_K (pytest -k expression for the GPU tests, and-ed with the set's own),
 # FASTVAE_GPU_TESTS_SET (a named subset of the GPU tests: "all" (default); "kernel": the fused
 #   reparameterize+KL op's files; "unreached": what the H200 runs of 2026-11-27 could not reach,
 #   FSDP + 16-mixed on CUDA, the device-seed kernel, CUDA-graph replays drawing fresh noise;
@@ -37,7 +44,9 @@
 # FASTVAE_GPU_DEVICE_CAP_S (reparam_device's cap, default 200 s),
 #   e.g. FASTVAE_GPU_SUITES=convkl FASTVAE_GPU_TESTS_K=convkl FASTVAE_GPU_EXTRAS="" for the spatial VAE alone,
 #   FASTVAE_GPU_SUITES=onnx_cuda FASTVAE_GPU_TESTS_SET=onnx FASTVAE_GPU_EXTRAS="" for ONNX decoders on the
-#   CUDA provider (both skip, saying why, where the image's onnxruntime lacks it: onnxruntime-gpu),
+#   CUDA provider: it needs onnxruntime-gpu, which the H200 image lacks (its onnxruntime is the CPU
+#   build, and the GPU wheel is far over the 64 MiB that can be carried): there both are skipped
+#   at once, saying so,
 # FASTVAE_GPU_MAX_TIME (pytest-benchmark --benchmark-max-time, default 0.25 s),
 # FASTVAE_GPU_STRICT=1 (exit 1 when a step failed; default: always exit 0),
 # FASTVAE_GPU_SKIP_INSTALL=1 (skip step 1, e.g. in a copy of the tree that must not be installed).
@@ -55,20 +64,30 @@ BUDGET=${FASTVAE_GPU_BUDGET_S:-480}
 MAXT=${FASTVAE_GPU_MAX_TIME:-0.25}
 T0=$SECONDS
 FAILED=()
+SKIPPED=()
 
 # remaining CAP: seconds a step may take: min(CAP, what is left of the budget - 15 s reserve)
 remaining() {
   local left=$((BUDGET - (SECONDS - T0) - 15))
   [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
 }
-# step NAME CMD...: run a guarded step; never stops the script
+# step NAME CMD...: run a guarded step; never stops the script. A step whose command exits 3
+# was skipped (out of the time budget, or nothing it needs is here): not a failure.
 step() {
   local name=$1; shift
   local t=$SECONDS
   echo
   echo "##### step: $name  (t=$((SECONDS - T0)) s)"
-  if "$@"; then echo "##### ok: $name ($((SECONDS - t)) s)"
-  else local rc=$?; echo "##### FAILED step: $name (exit $rc, $((SECONDS - t)) s)"; FAILED+=("$name"); fi
+  "$@"
+  local rc=$?
+  if [ "$rc" -eq 0 ]; then echo "##### ok: $name ($((SECONDS - t)) s)"
+  elif [ "$rc" -eq 3 ]; then echo "##### SKIPPED step: $name"; SKIPPED+=("$name")
+  else echo "##### FAILED step: $name (exit $rc, $((SECONDS - t)) s)"; FAILED+=("$name"); fi
+}
+# out_of_budget: say so; the step counts as skipped
+out_of_budget() { echo "out of time budget"; return 3; }
+has_cuda_provider() {
+  "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null
 }
 
 has_cuda=0
@@ -113,8 +132,8 @@ install_optional() {
   # diffusers for the convkl suite's AutoencoderKL comparison, from .whl/optional: only modules the
   # image lacks, --no-deps (never torch, numpy or Pillow); failing here only skips that comparison
   local pair mod dist whl
-  for pair in diffusers:diffusers huggingface_hub:huggingface_hub hf_xet:hf_xet httpx2:httpx2 \
-              httpcore2:httpcore2 safetensors:safetensors regex:regex importlib_metadata:importlib_metadata \
+  for pair in diffusers:diffusers huggingface_hub:huggingface_hub hf_xet:hf_xet httpx:httpx \
+              httpcore:httpcore safetensors:safetensors regex:regex importlib_metadata:importlib_metadata \
               zipp:zipp anyio:anyio h11:h11 click:click; do
     mod=${pair%%:*}; dist=${pair#*:}
     "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$mod') is None)" 2>/dev/null && continue
@@ -147,17 +166,31 @@ print_versions() {
 # ---------------------------------------------------------------------------------------- 3
 gpu_tests() {
   local cap; cap=$(remaining "${FASTVAE_GPU_TESTS_CAP_S:-180}")
-  [ "$cap" -ge 20 ] || { echo "out of time budget"; return 1; }
-  local paths=(tests) select=()
+  [ "$cap" -ge 20 ] || out_of_budget || return
+  # files in value order (pytest keeps the command line's order of files, not of a folder's):
+  # the fused kernel's tests first, the slow compiled/FSDP trainings last, then any other file
+  # with GPU tests
+  local paths=(tests/test_kernel_gpu.py tests/test_kernel_reparam_kl.py tests/test_reliability.py
+               tests/test_onnx_cuda.py tests/test_convkl.py tests/test_fsdp.py tests/test_compile.py) f
+  for f in $(grep -l "mark.gpu" tests/test_*.py); do
+    [[ " ${paths[*]} " == *" $f "* ]] || paths+=("$f")
+  done
+  local expr=""
   case "${FASTVAE_GPU_TESTS_SET:-all}" in
     all) ;;
-    kernel) paths=(tests/test_kernel_reparam_kl.py tests/test_kernel_gpu.py) ;;
-    unreached) select=(-k "fsdp_fp16_on_cuda or seed_on_the_device or cuda_graph_replays or captured_unseeded") ;;
-    onnx) paths=(tests/test_onnx_cuda.py) ;;
+    kernel) paths=(tests/test_kernel_gpu.py tests/test_kernel_reparam_kl.py) ;;
+    unreached) expr="fsdp_fp16_on_cuda or seed_on_the_device or cuda_graph_replays or captured_unseeded" ;;
+    onnx) has_cuda_provider || [ "$has_cuda" = 0 ] \
+            || { echo "onnxruntime here has no CUDAExecutionProvider (onnxruntime-gpu): nothing to test"; return 3; }
+          paths=(tests/test_onnx_cuda.py) ;;
     none) echo "no GPU tests (FASTVAE_GPU_TESTS_SET=none)"; return 0 ;;
     *) echo "unknown FASTVAE_GPU_TESTS_SET=${FASTVAE_GPU_TESTS_SET} (all, kernel, unreached, onnx, none)"; return 2 ;;
   esac
-  [ -n "${FASTVAE_GPU_TESTS_K:-}" ] && select=(-k "$FASTVAE_GPU_TESTS_K")
+  if [ -n "${FASTVAE_GPU_TESTS_K:-}" ]; then
+    if [ -n "$expr" ]; then expr="($expr) and ($FASTVAE_GPU_TESTS_K)"; else expr=$FASTVAE_GPU_TESTS_K; fi
+  fi
+  local select=()
+  [ -n "$expr" ] && select=(-k "$expr")
   timeout -s INT -k 20 "$cap" "${PYTEST[@]}" -m gpu "${paths[@]}" "${select[@]}" -q -p no:cacheprovider -rs --timeout=120
   local rc=$?
   [ "$rc" -eq 5 ] && { echo "no gpu tests collected"; return 0; }
@@ -168,7 +201,7 @@ gpu_tests() {
 # the fused kernel's device-time figures. The script rewrites its JSON after every record.
 reparam_device() {
   local cap; cap=$(remaining "${FASTVAE_GPU_DEVICE_CAP_S:-200}")
-  [ "$cap" -ge 40 ] || { echo "out of time budget"; return 1; }
+  [ "$cap" -ge 40 ] || out_of_budget || return
   if [ "$has_cuda" = 1 ]; then
     timeout -s INT -k 20 "$cap" "$PY" benchmarks/reparam_kl_device.py "$DEST/reparam_kl_device.json" --budget-s $((cap - 30))
   else
@@ -183,7 +216,10 @@ bench_suite() {
   [ "$name" = train ] && default_cap=210  # two torch.compile warm-ups (MLP, conv) come first
   [ "$name" = convkl ] && default_cap=330  # four compiled cases (convkl 64/256, MLP, conv) + diffusers
   cap=$(remaining "${FASTVAE_GPU_SUITE_CAP_S:-$default_cap}")
-  [ "$cap" -ge 20 ] || { echo "out of time budget"; return 1; }
+  [ "$cap" -ge 20 ] || out_of_budget || return
+  if [ "$name" = onnx_cuda ] && [ "$has_cuda" = 1 ] && ! has_cuda_provider; then
+    echo "onnxruntime here has no CUDAExecutionProvider (onnxruntime-gpu): nothing to measure"; return 3
+  fi
   local args=(--benchmark-json="$DEST/$name.json" --benchmark-sort=name --timeout=90)
   if [ "$has_cuda" = 1 ]; then
     args+=(--benchmark-max-time="$MAXT" --benchmark-min-rounds=5 --benchmark-warmup=on
@@ -202,7 +238,7 @@ bench_suite() {
 
 precision_check() {
   local cap; cap=$(remaining 120)
-  [ "$cap" -ge 30 ] || { echo "out of time budget"; return 1; }
+  [ "$cap" -ge 30 ] || out_of_budget || return
   if [ "$has_cuda" = 1 ]; then
     timeout -s INT -k 20 "$cap" "$PY" benchmarks/precision_check.py "$DEST/precision.json"
   else
@@ -213,7 +249,7 @@ precision_check() {
 
 tile_sweep() {
   local cap; cap=$(remaining 110)
-  [ "$cap" -ge 30 ] || { echo "skipped: out of time budget (optional step)"; return 0; }
+  [ "$cap" -ge 30 ] || out_of_budget || return
   if [ "$has_cuda" = 1 ]; then
     timeout -s INT -k 20 "$cap" "$PY" benchmarks/gpu/tile_sweep.py "$DEST/tile_sweep.json" --budget-s $((cap - 25))
   else
@@ -243,15 +279,15 @@ main() {
   step "2 versions" print_versions
   step "3a gpu tests (pytest -m gpu tests)" gpu_tests
   local extras=" ${FASTVAE_GPU_EXTRAS-reparam_device precision tile_sweep} "
-  [[ "$extras" == *" reparam_device "* ]] && step "3b fused reparam+KL device time" reparam_device
-  local suites order s
+  local suites s
   if [ "${FASTVAE_GPU_SUITES:-}" = none ]; then suites=""
   elif [ -n "${FASTVAE_GPU_SUITES:-}" ]; then suites=$FASTVAE_GPU_SUITES
   else
-    # most valuable first, in case the budget runs out: the trainer figure and
-    # the bf16 check (right after train); the kernel suite keeps what it finishes in its cap
+    # most valuable first, in case the budget runs out: the trainer figure (then the bf16 check
+    # and the fused op's device time), the GPU suites, the CPU-side ones (decoder sampling,
+    # latency and serving measure the CPU) last; the kernel suite keeps what it finishes
     suites=""
-    for s in train reparam_kl sampling; do [ -f "benchmarks/test_bench_$s.py" ] && suites="$suites $s"; done
+    for s in train convkl reparam_kl streaming onnx_cuda; do [ -f "benchmarks/test_bench_$s.py" ] && suites="$suites $s"; done
     for f in benchmarks/test_bench_*.py; do
       [ -e "$f" ] || continue
       s=$(basename "$f" .py); s=${s#test_bench_}
@@ -259,25 +295,47 @@ main() {
     done
   fi
   [ -n "${suites// /}" ] || echo "no benchmark suites selected"
+  local device_done=0
+  if [[ "$extras" == *" reparam_device "* ]] && [[ " $suites " != *" train "* ]]; then
+    step "3b fused reparam+KL device time" reparam_device; device_done=1
+  fi
   for s in $suites; do
     step "3c bench $s" bench_suite "$s"
     if [ "$s" = train ] && [[ "$extras" == *" precision "* ]]; then
       step "3d bf16 vs fp32 -ELBO (digits)" precision_check
     fi
+    if [ "$s" = train ] && [[ "$extras" == *" reparam_device "* ]] && [ "$device_done" = 0 ]; then
+      step "3b fused reparam+KL device time" reparam_device; device_done=1
+    fi
   done
   [[ "$extras" == *" tile_sweep "* ]] && step "4 kernel tile sweep (tuning data)" tile_sweep
-  step "5 render results" render_results
+  if [ "$PACK" = 1 ]; then
+    echo; echo "##### step 5: render skipped: the outputs are packed for 'report.py store', which renders"
+  else
+    step "5 render results" render_results
+  fi
   echo
   echo "##### done in $((SECONDS - T0)) s; results in $DEST:"
   ls -l "$DEST"
+  [ ${#SKIPPED[@]} -gt 0 ] && echo "##### SKIPPED steps: ${SKIPPED[*]}"
   if [ ${#FAILED[@]} -gt 0 ]; then
     echo "##### FAILED steps: ${FAILED[*]}"
     [ "${FASTVAE_GPU_STRICT:-0}" = 1 ] && return 1
   else
-    echo "##### all steps ok"
+    echo "##### no step failed"
   fi
   return 0
 }
 
+PACK=${FASTVAE_GPU_PACK:-$has_cuda}
 main 2>&1 | tee "$LOG"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+if [ "$PACK" = 1 ]; then
+  # one archive (and the log beside it): the device tool returns 8 files from $OUT at most
+  (cd "$DEST" && tar czf .results.tgz --exclude results.tgz --exclude .results.tgz . \
+     && mv .results.tgz results.tgz \
+     && find . -maxdepth 1 -type f ! -name results.tgz ! -name run.log -delete \
+     && echo "packed $(tar tzf results.tgz | grep -c -v '/$') files into $DEST/results.tgz") \
+    || { echo "could not pack $DEST"; rc=1; }
+fi
+exit "$rc"

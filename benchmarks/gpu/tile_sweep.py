@@ -69,6 +69,40 @@ def timer(smoke: bool):
     return wall_ms
 
 
+def sweep_shape(K, measure, device, B, D, name, dtype, smoke, results, best) -> None:
+    """Time every configuration of both kernels at one (B, D, dtype) into ``results``/``best``;
+    a configuration that fails (e.g. out of resources) is recorded with its error."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    mu = torch.randn(B, D, device=device, generator=g).to(dtype)
+    logvar = (0.1 * torch.randn(B, D, device=device, generator=g)).to(dtype)
+    gz = torch.randn(B, D, device=device, generator=g).to(dtype)
+    gkl = torch.randn(B, device=device, generator=g)
+    for kernel in ("fwd", "bwd"):
+        moved = traffic_bytes(kernel, B, D, mu.element_size())
+        for cfg in configs(D, smoke):
+            blocks = {"block_b": cfg["block_b"], "block_d": cfg["block_d"], "num_warps": cfg["num_warps"]}
+            if kernel == "fwd":
+                fn = lambda: K._forward_triton(mu, logvar, 1234, **blocks)  # noqa: E731
+            else:
+                fn = lambda: K._backward_triton(mu, logvar, 1234, gz, gkl, **blocks)  # noqa: E731
+            key = f"{kernel} B={B} D={D} {name}"
+            try:
+                ms = float(measure(fn))
+            except Exception as exc:  # noqa: BLE001 - one configuration, not the sweep
+                results.append({"B": B, "D": D, "dtype": name, "kernel": kernel, **cfg,
+                                "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(f"{key:28s} tile {cfg['tile']:>5} warps {cfg['num_warps']}: failed ({type(exc).__name__})")
+                continue
+            row = {"B": B, "D": D, "dtype": name, "kernel": kernel, **cfg, "ms": ms, "GBps": moved / ms / 1e6}
+            results.append(row)
+            if key not in best or ms < best[key]["ms"]:
+                best[key] = row
+            print(f"{key:28s} tile {cfg['tile']:>5} warps {cfg['num_warps']}: "
+                  f"{ms * 1e3:9.1f} us  {row['GBps']:8.1f} GB/s", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="JSON file to write")
@@ -88,46 +122,34 @@ def main(argv=None) -> int:
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     measure = timer(args.smoke)
     started, results, best = time.perf_counter(), [], {}
-    for B, D in shapes:
-        for name in (["fp32"] if args.smoke else DTYPES):
-            if time.perf_counter() - started > args.budget_s:
-                print(f"tile_sweep: budget of {args.budget_s:.0f} s spent; stopping before B={B} D={D} {name}")
-                break
-            dtype = dtypes[name]
-            g = torch.Generator(device=device).manual_seed(0)
-            mu = torch.randn(B, D, device=device, generator=g).to(dtype)
-            logvar = (0.1 * torch.randn(B, D, device=device, generator=g)).to(dtype)
-            gz = torch.randn(B, D, device=device, generator=g).to(dtype)
-            gkl = torch.randn(B, device=device, generator=g)
-            for kernel in ("fwd", "bwd"):
-                moved = traffic_bytes(kernel, B, D, mu.element_size())
-                for cfg in configs(D, args.smoke):
-                    blocks = {"block_b": cfg["block_b"], "block_d": cfg["block_d"],
-                              "num_warps": cfg["num_warps"]}
-                    if kernel == "fwd":
-                        fn = lambda: K._forward_triton(mu, logvar, 1234, **blocks)  # noqa: E731
-                    else:
-                        fn = lambda: K._backward_triton(mu, logvar, 1234, gz, gkl, **blocks)  # noqa: E731
-                    ms = float(measure(fn))
-                    row = {"B": B, "D": D, "dtype": name, "kernel": kernel, **cfg, "ms": ms,
-                           "GBps": moved / ms / 1e6}
-                    results.append(row)
-                    key = f"{kernel} B={B} D={D} {name}"
-                    if key not in best or ms < best[key]["ms"]:
-                        best[key] = row
-                    print(f"{key:28s} tile {cfg['tile']:>5} warps {cfg['num_warps']}: "
-                          f"{ms * 1e3:9.1f} us  {row['GBps']:8.1f} GB/s", flush=True)
-    for key, row in best.items():
-        default = next((r for r in results if f"{r['kernel']} B={r['B']} D={r['D']} {r['dtype']}" == key
-                        and r["default"]), None)
-        row["gain_over_default"] = default["ms"] / row["ms"] if default else None
     from fastvae.kernels.reparam_kl import TILE_GPU, TILE_GPU_WIDE
 
     default = {"tile": TILE_GPU, "tile_rows_over_256": TILE_GPU_WIDE, "num_warps": DEFAULT_WARPS}
-    report = {"info": device_info(), "smoke": args.smoke, "default": default,
-              "results": results, "best": best}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    info = device_info()
+
+    def write() -> None:  # after every shape: a cut at the step's cap keeps what was measured
+        for key, row in best.items():
+            base = next((r for r in results if f"{r['kernel']} B={r['B']} D={r['D']} {r['dtype']}" == key
+                         and r["default"] and "ms" in r), None)
+            row["gain_over_default"] = base["ms"] / row["ms"] if base else None
+        report = {"info": info, "smoke": args.smoke, "default": default, "results": results, "best": best}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(out)
+
+    try:
+        for B, D in shapes:
+            for name in (["fp32"] if args.smoke else DTYPES):
+                if time.perf_counter() - started > args.budget_s:
+                    print(f"tile_sweep: budget of {args.budget_s:.0f} s spent; stopping before B={B} D={D} {name}")
+                    break
+                sweep_shape(K, measure, device, B, D, name, dtypes[name], args.smoke, results, best)
+                write()
+    except KeyboardInterrupt:  # the step's cap: what was measured is written
+        print("tile_sweep: interrupted; keeping the measurements so far")
+    write()
     print(f"tile_sweep: {len(results)} measurements -> {args.out}")
     return 0
 
