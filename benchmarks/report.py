@@ -141,7 +141,7 @@ def load_dir(folder: Path | str, stat: str = STAT) -> list[Run]:
     """Every pytest-benchmark JSON in ``folder`` (not recursive), sorted by suite; others skipped."""
     runs = []
     for path in sorted(Path(folder).glob("*.json")):
-        if path.name in EXTRA_RESULTS:  # known non-benchmark results: no need to say so
+        if path.name in EXTRA_RESULTS or path.name == MACHINE_JSON:  # known non-benchmark results
             continue
         try:
             runs.append(load_run(path, stat))
@@ -605,6 +605,7 @@ EXTRA_RESULTS = ("precision.json", "tile_sweep.json", "photo_quality.json", "foo
                  "reparam_kl_device.json")
 
 
+MACHINE_JSON = "machine.json"  # run.sh's record of the machine (the device of a run without suites)
 PACKED = "results.tgz"  # what benchmarks/gpu/run.sh packs its outputs into on a GPU machine
 
 
@@ -624,7 +625,10 @@ def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: s
     if packed.is_file():
         with tempfile.TemporaryDirectory() as unpacked:
             with tarfile.open(packed) as archive:
-                archive.extractall(unpacked, filter="data")
+                names = archive.getnames()
+                if any(name.startswith(("/", "..")) or "/../" in name for name in names):
+                    raise SystemExit(f"store: {packed} holds paths outside its folder")
+                archive.extractall(unpacked)
             print(f"store: unpacked {packed}", file=out or sys.stdout)
             return store(unpacked, results, threshold, stat, out, force)
     return _store(src, results, threshold, stat, out or sys.stdout, force)
@@ -682,9 +686,10 @@ def _extra_slugs(src: Path, device: dict | None) -> set[str]:
     from common import slugify
 
     slugs = {slugify(device["gpu"])} if device and device.get("gpu") else set()
-    for name, key in (("precision.json", "machine"), ("tile_sweep.json", "info")):
+    for name, key in (("precision.json", "machine"), ("tile_sweep.json", "info"), (MACHINE_JSON, None)):
         try:
-            slug = json.loads((src / name).read_text(encoding="utf8"))[key]["slug"]
+            data = json.loads((src / name).read_text(encoding="utf8"))
+            slug = (data[key] if key else data)["slug"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         slugs.add(slug)

@@ -87,10 +87,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     check_processes(config)
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
-    saved = check_resume(run_dir, config) if resume else None
+    saved_id = check_resume(run_dir, config).get("data_id") if resume else None
     splits = splits if splits is not None else load_config_data(config)
     check_data_shape(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
-    if saved is not None and saved.get("data_id") not in (None, dataset_id(splits)):
+    if saved_id is not None and saved_id != dataset_id(splits):
         raise FastVAEError(f"cannot resume {run_dir}: {config.data} is another prepared dataset "
                            "than the one the run trained on (prepared again under the same path?); "
                            "resume on that one, or train into a new --out")
@@ -98,6 +98,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
         run_folder.clear_run(run_dir)
+    if config.strategy == "ddp_spawn":  # this process only waits for the spawned ranks
+        with SignalsToRanks():
+            return fabric.launch(_fit, config, splits, resume)
     return fabric.launch(_fit, config, splits, resume)
 
 
@@ -224,17 +227,23 @@ def fp16_plugin(device: str, init_scale: float = 2.0**16):
     return MixedPrecision("16-mixed", device, torch.amp.GradScaler(device, init_scale=init_scale))
 
 
+# What a launcher waiting for spawned ranks passes a Ctrl-C or SIGTERM on as: a stop request
+# that never escalates, as a rank may get the user's signal too (Ctrl-C reaches the whole group)
+FORWARDED_STOP = signal.SIGUSR1
+
+
 class StopRequest:
     """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks after each step; a second
     signal goes to the handler this one replaced (on the command line: exit at once, see
-    ``fastvae.interrupts``; in a program: ``KeyboardInterrupt``)."""
+    ``fastvae.interrupts``; in a program: ``KeyboardInterrupt``). ``FORWARDED_STOP`` (from a
+    ``SignalsToRanks`` launcher) sets the flag only."""
 
     def __init__(self):
         self.requested = False
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, FORWARDED_STOP):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -242,13 +251,42 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if not self.requested:
+        if not self.requested or signum == FORWARDED_STOP:
             self.requested = True
             return
         previous = self._previous.get(signum)
         if callable(previous):
             previous(signum, frame)
         raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class SignalsToRanks:
+    """In a launcher that only waits for spawned ranks: Ctrl-C and SIGTERM are passed on to the
+    ranks as ``FORWARDED_STOP`` (they stop together and write the checkpoint, see
+    ``StopRequest``) and the launcher waits for them, instead of exiting while they write."""
+
+    def __enter__(self):
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._forward)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _forward(self, signum, frame):
+        import multiprocessing
+        import os
+
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, FORWARDED_STOP)
+            except ProcessLookupError:
+                pass
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -360,6 +360,7 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
     if x is None or len(x) == 0:
         raise FastVAEError("no images to draw: the dataset's test and train splits are both empty")
     x = torch.as_tensor(x).float().cpu()
+    (run_dir / PICTURES_JSON).unlink(missing_ok=True)  # until every picture is redrawn
     written: list[Path] = []
     with _EvalMode(model):
         code_fit = None
@@ -380,9 +381,7 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
     curves = save_loss_curves(run_dir / run_folder.METRICS_CSV, run_dir / LOSS_CURVES_PNG)
     if curves is not None:
         written.append(curves)
-    if stamp is None:
-        (run_dir / PICTURES_JSON).unlink(missing_ok=True)
-    else:
+    if stamp is not None:
         run_folder.write_text(run_dir / PICTURES_JSON, json.dumps(stamp))
     return written
 

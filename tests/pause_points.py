@@ -55,6 +55,18 @@ class SignalAtStep:
             os.kill(os.getpid(), self.signum)
 
 
+class SignalLauncherAtStep:
+    """Fabric callback: rank 0 sends SIGTERM to its parent, the launcher of spawned ranks
+    (``--strategy ddp_spawn``), once step ``SIGNAL_AT_STEP`` is done (``kill LAUNCHER_PID``)."""
+
+    def __init__(self):
+        self.step = int(os.environ["SIGNAL_AT_STEP"])
+
+    def on_train_batch_end(self, trainer, batch):
+        if trainer.rank == 0 and trainer.step == self.step:
+            os.kill(os.getppid(), 15)
+
+
 class _PauseOnImport(importlib.abc.MetaPathFinder):
     def __init__(self, name: str):
         self.name = name

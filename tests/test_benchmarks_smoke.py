@@ -252,6 +252,11 @@ def test_store_unpacks_run_sh_archive_and_keeps_runs_without_suites(tmp_path):
     assert [p.read_text() for p in dest.glob("run-*.log")] == ["tests: 61 passed"]
     _write(run / "tile_sweep.json", {"info": {"slug": "test-gpu"}, "smoke": True, "rows": []})
     assert report.main(["store", str(run), "--results", str(results)]) == 1  # a smoke sweep: refused
+    tests_only = tmp_path / "tests_only"  # GPU tests alone: the log, and the machine it ran on
+    _write(tests_only / "machine.json", {"slug": "other-gpu", "device": "Other GPU"})
+    (tests_only / "run.log").write_text("61 passed")
+    assert report.main(["store", str(tests_only), "--results", str(results)]) == 0
+    assert (results / "other-gpu" / "run.log").read_text() == "61 passed"
 
 
 # --------------------------------------------------------------------------- common.py

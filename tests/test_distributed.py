@@ -202,3 +202,21 @@ def test_two_nodes_under_torchrun_match_one_process(tmp_path):
     assert max_diff(two["model"], state_dict_of(tmp_path / "one")) < 1e-6
     assert sorted(p.name for p in (tmp_path / "two_nodes").iterdir()) == [
         "checkpoints", "config.json", "metrics.csv"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_a_ddp_spawn_launcher_stops_its_ranks_cleanly(tmp_path):
+    """The launcher of spawned ranks only waits for them: a SIGTERM to it alone (``kill PID``)
+    is passed on, the ranks stop together and write the checkpoint, one line, exit 130 (the
+    launcher used to exit at once, leaving its ranks training on)."""
+    from testkit import SUBPROCESS_ENV, REPO, run_cli
+
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO / "tests"), "SIGNAL_AT_STEP": "3"}
+    rc, out, err = run_cli("train", "--data", "digits", "--hidden-dim", "16", "--epochs", "2", "--devices", "2",
+                           "--strategy", "ddp_spawn", "--accelerator", "cpu", "--no-pictures", "--out", tmp_path / "run",
+                           "--callback", "pause_points:SignalLauncherAtStep", env=env)
+    assert rc == 130, err[-2000:]
+    assert "interrupted: checkpoint written at step 3" in out and "Traceback" not in err, (out, err[-2000:])
+    state = read_checkpoint(tmp_path / "run")
+    assert state["step"] == 3 and state["batch_in_epoch"] == 3

@@ -179,7 +179,9 @@ def test_report_redraws_pictures_of_another_checkpoint_seed_or_data(tmp_path):
     drawn = {p.name: p.read_bytes() for p in run.glob("*.png")}
     stamp = json.loads((run / "pictures.json").read_text())
     assert stamp["seed"] == 0 and stamp["checkpoint"][0] == "checkpoints/last.ckpt"
-    write_report(run, iwae_k=0)  # nothing changed: kept (same files, not rewritten)
+    written = {p.name: p.stat().st_mtime_ns for p in run.glob("*.png")}
+    write_report(run, iwae_k=0)  # nothing changed: kept (the same files, not rewritten)
+    assert {p.name: p.stat().st_mtime_ns for p in run.glob("*.png")} == written
     assert json.loads((run / "pictures.json").read_text()) == stamp
 
     # a resumed run trained on (--no-pictures): new weights and metrics.csv rows

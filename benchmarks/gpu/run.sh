@@ -13,10 +13,11 @@
 #    (tile_sweep.json: tuning data);
 # 4. writes one pytest-benchmark JSON per suite (device, versions, date, git commit, figures)
 #    into OUT_DIR (default benchmarks/results/<gpu-slug>/) and keeps the whole log in
-#    OUT_DIR/run.log; on a CUDA machine it then packs everything into OUT_DIR/results.tgz (the
-#    device tool brings back 8 files at most; `python benchmarks/report.py store OUT` unpacks,
-#    files, compares and renders), elsewhere (or FASTVAE_GPU_PACK=0) it renders
-#    OUT_DIR/README.md and OUT_DIR/ratios.png and compares with the stored results.
+#    OUT_DIR/run.log; on a CUDA machine, given an empty OUT_DIR, it then packs everything into
+#    OUT_DIR/results.tgz (the device tool brings back 8 files at most; `python
+#    benchmarks/report.py store OUT` unpacks, files, compares and renders), elsewhere (or
+#    FASTVAE_GPU_PACK=0) it renders OUT_DIR/README.md and OUT_DIR/ratios.png and compares with
+#    the stored results.
 # A one-shot GPU call should name its subset: the default runs everything, in value order
 # (kernel tests first, train, the device-time benchmark, the GPU suites, the CPU-side suites
 # last), and what the budget does not reach is reported as SKIPPED.
@@ -40,7 +41,8 @@
 #   "onnx": the exported decoder on onnxruntime's CUDA provider and IO binding; "none": no tests),
 # FASTVAE_GPU_SUITES ("none": no pytest-benchmark suite),
 # FASTVAE_GPU_EXTRAS (the steps besides tests and suites: default "reparam_device precision
-#   tile_sweep"; "" skips all three; reparam_device runs right after the tests),
+#   tile_sweep"; "" skips all three; reparam_device runs after train, or right after the tests
+#   when train is not among the suites),
 # FASTVAE_GPU_DEVICE_CAP_S (reparam_device's cap, default 200 s),
 #   e.g. FASTVAE_GPU_SUITES=convkl FASTVAE_GPU_TESTS_K=convkl FASTVAE_GPU_EXTRAS="" for the spatial VAE alone,
 #   FASTVAE_GPU_SUITES=onnx_cuda FASTVAE_GPU_TESTS_SET=onnx FASTVAE_GPU_EXTRAS="" for ONNX decoders on the
@@ -71,8 +73,9 @@ remaining() {
   local left=$((BUDGET - (SECONDS - T0) - 15))
   [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
 }
-# step NAME CMD...: run a guarded step; never stops the script. A step whose command exits 3
-# was skipped (out of the time budget, or nothing it needs is here): not a failure.
+# step NAME CMD...: run a guarded step; never stops the script. A step whose command exits 77
+# (automake's "skipped"; pytest uses 1-5) was skipped (out of the time budget, or nothing it
+# needs is here): not a failure.
 step() {
   local name=$1; shift
   local t=$SECONDS
@@ -81,11 +84,11 @@ step() {
   "$@"
   local rc=$?
   if [ "$rc" -eq 0 ]; then echo "##### ok: $name ($((SECONDS - t)) s)"
-  elif [ "$rc" -eq 3 ]; then echo "##### SKIPPED step: $name"; SKIPPED+=("$name")
+  elif [ "$rc" -eq 77 ]; then echo "##### SKIPPED step: $name"; SKIPPED+=("$name")
   else echo "##### FAILED step: $name (exit $rc, $((SECONDS - t)) s)"; FAILED+=("$name"); fi
 }
 # out_of_budget: say so; the step counts as skipped
-out_of_budget() { echo "out of time budget"; return 3; }
+out_of_budget() { echo "out of time budget"; return 77; }
 has_cuda_provider() {
   "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null
 }
@@ -102,6 +105,7 @@ else
 fi
 mkdir -p "$DEST" || exit 2
 DEST=$(cd "$DEST" && pwd)
+HELD_FILES=$(find "$DEST" -mindepth 1 -maxdepth 1 | head -n 1)  # packing sweeps only a folder of its own
 LOG=$DEST/run.log
 
 # ---------------------------------------------------------------------------------------- 1
@@ -160,7 +164,7 @@ print_versions() {
   else
     echo "nvidia-smi: not found"
   fi
-  "$PY" benchmarks/common.py info
+  "$PY" benchmarks/common.py info | tee "$DEST/machine.json"  # the device of a run without suites
 }
 
 # ---------------------------------------------------------------------------------------- 3
@@ -181,7 +185,7 @@ gpu_tests() {
     kernel) paths=(tests/test_kernel_gpu.py tests/test_kernel_reparam_kl.py) ;;
     unreached) expr="fsdp_fp16_on_cuda or seed_on_the_device or cuda_graph_replays or captured_unseeded" ;;
     onnx) has_cuda_provider || [ "$has_cuda" = 0 ] \
-            || { echo "onnxruntime here has no CUDAExecutionProvider (onnxruntime-gpu): nothing to test"; return 3; }
+            || { echo "onnxruntime here has no CUDAExecutionProvider (onnxruntime-gpu): nothing to test"; return 77; }
           paths=(tests/test_onnx_cuda.py) ;;
     none) echo "no GPU tests (FASTVAE_GPU_TESTS_SET=none)"; return 0 ;;
     *) echo "unknown FASTVAE_GPU_TESTS_SET=${FASTVAE_GPU_TESTS_SET} (all, kernel, unreached, onnx, none)"; return 2 ;;
@@ -218,7 +222,7 @@ bench_suite() {
   cap=$(remaining "${FASTVAE_GPU_SUITE_CAP_S:-$default_cap}")
   [ "$cap" -ge 20 ] || out_of_budget || return
   if [ "$name" = onnx_cuda ] && [ "$has_cuda" = 1 ] && ! has_cuda_provider; then
-    echo "onnxruntime here has no CUDAExecutionProvider (onnxruntime-gpu): nothing to measure"; return 3
+    echo "onnxruntime here has no CUDAExecutionProvider (onnxruntime-gpu): nothing to measure"; return 77
   fi
   local args=(--benchmark-json="$DEST/$name.json" --benchmark-sort=name --timeout=90)
   if [ "$has_cuda" = 1 ]; then
@@ -327,7 +331,13 @@ main() {
   return 0
 }
 
-PACK=${FASTVAE_GPU_PACK:-$has_cuda}
+# packed by default on a CUDA machine given an OUT folder; never the stored results folder (the
+# default OUT), whose older files the packing would sweep away
+if [ -z "${1:-}" ]; then PACK=0; else PACK=${FASTVAE_GPU_PACK:-$has_cuda}; fi
+case "$DEST/" in "$REPO"/benchmarks/results/*) PACK=0;; esac
+if [ "$PACK" = 1 ] && [ -n "$HELD_FILES" ]; then
+  echo "not packing: $DEST held files before this run (give an empty OUT folder to pack)"; PACK=0
+fi
 main 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 if [ "$PACK" = 1 ]; then
