@@ -232,23 +232,39 @@ def fp16_plugin(device: str, init_scale: float = 2.0**16):
 FORWARDED_STOP = signal.SIGUSR1
 
 
-class StopRequest:
+class _SignalHandlers:
+    """``self._handle`` for ``SIGNALS`` inside a with-block, the replaced handlers after it
+    (main thread only: elsewhere signals are left alone)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self._previous = {}
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        raise NotImplementedError
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class StopRequest(_SignalHandlers):
     """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks after each step; a second
     signal goes to the handler this one replaced (on the command line: exit at once, see
     ``fastvae.interrupts``; in a program: ``KeyboardInterrupt``). ``FORWARDED_STOP`` (from a
     ``SignalsToRanks`` launcher) sets the flag only."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, FORWARDED_STOP)
+
     def __init__(self):
         self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM, FORWARDED_STOP):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
 
     def _handle(self, signum, frame):
         if not self.requested or signum == FORWARDED_STOP:
@@ -259,26 +275,13 @@ class StopRequest:
             previous(signum, frame)
         raise KeyboardInterrupt
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
-
-class SignalsToRanks:
+class SignalsToRanks(_SignalHandlers):
     """In a launcher that only waits for spawned ranks: Ctrl-C and SIGTERM are passed on to the
     ranks as ``FORWARDED_STOP`` (they stop together and write the checkpoint, see
     ``StopRequest``) and the launcher waits for them, instead of exiting while they write."""
 
-    def __enter__(self):
-        self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._forward)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _forward(self, signum, frame):
+    def _handle(self, signum, frame):
         import multiprocessing
         import os
 
@@ -287,10 +290,6 @@ class SignalsToRanks:
                 os.kill(child.pid, FORWARDED_STOP)
             except ProcessLookupError:
                 pass
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
