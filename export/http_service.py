@@ -45,6 +45,7 @@ from fastvae.export.service_io import (
 )
 
 READY_PREFIX = "fastvae serve: listening on "
+MAX_WAIT_MS = 60_000.0  # a request waits at most this long for others to batch with
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,8 @@ def _server_class():
             await super().startup(sockets=sockets)
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
-                print(f"{READY_PREFIX}http://{host}:{port}", flush=True)
+                shown = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets in a URL
+                print(f"{READY_PREFIX}http://{shown}:{port}", flush=True)
 
     return Server
 
@@ -245,9 +247,9 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
     from fastvae.export.sampler import OnnxSampler
     from fastvae.export.providers import short_name
 
-    if batching.max_batch < 1 or not batching.max_wait_ms >= 0:
-        raise FastVAEError(f"--max-batch must be >= 1 and --max-wait-ms >= 0, got {batching.max_batch}, "
-                           f"{batching.max_wait_ms}")
+    if batching.max_batch < 1 or not 0 <= batching.max_wait_ms <= MAX_WAIT_MS:  # inf: never answered
+        raise FastVAEError(f"--max-batch must be >= 1 and --max-wait-ms from 0 to {MAX_WAIT_MS:g}, got "
+                           f"{batching.max_batch}, {batching.max_wait_ms}")
     if limits.max_n < 1 or limits.max_body < 64:
         raise FastVAEError(f"--max-n must be >= 1 and --max-body >= 64 bytes, got {limits.max_n}, {limits.max_body}")
     if not 0 <= port <= 65535:

@@ -228,6 +228,9 @@ def _build(model, source: str, file: Path, opset, exporter: str) -> _Built:
     spatial = len(info["latent_shape"]) > 1
     if spatial:
         check_spatial_opset(opset, "decoder")
+    elif opset is not None and opset < FLAT_MIN_OPSET:
+        raise FastVAEError(f"opset {opset} is too old for this decoder: give --opset {FLAT_MIN_OPSET} or "
+                           "newer, or leave it out")
     # the rewrites fix the input's shape: a spatial decoder keeps its symbolic height and width
     rewrites = "" if spatial else _rewrite_for_onnxruntime(decoder, info["latent_dim"])
     wrapper = _MeanAndParams(decoder, info["output_transform"])
@@ -663,6 +666,7 @@ def _check_opset(opset) -> int | None:
 
 
 SPATIAL_MIN_OPSET = 11  # bicubic Resize with scales and symbolic sizes, Split of channels
+FLAT_MIN_OPSET = 13  # the mlp/conv decoders' rewritten graphs (9-12 failed inside torch.onnx)
 
 
 def check_spatial_opset(opset, what: str) -> None:

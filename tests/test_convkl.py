@@ -386,6 +386,19 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert "reconstruction PSNR" in page and "bicubic baseline PSNR" in page and "latent 4x4x4" in page
     assert main(["export", str(run), "--encoder"]) == 0
     assert (run / "decoder.onnx").is_file() and (run / "encoder.onnx").is_file()
+    checkpoint = (run / "checkpoints" / "last.ckpt").read_bytes()
+    for flags, needle in ((["--encoder", "--encoder-out", str(run / "checkpoints" / "last.ckpt")], "must end in .onnx"),
+                          (["--encoder", "--encoder-out", str(run / "decoder.onnx")], "where the decoder goes"),
+                          (["--encoder-out", str(tmp_path / "e.onnx")], "goes with --encoder"),
+                          (["--name", "x"], "goes with --triton-repo")):
+        capsys.readouterr()
+        assert main(["export", str(run), *flags]) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == checkpoint
+    # a decoder that fails after the encoder is exported leaves no encoder of another pair behind
+    assert main(["export", str(run), "--encoder", "--int8", "--out", str(tmp_path / "pair" / "decoder.onnx")]) == 2
+    assert not (tmp_path / "pair" / "encoder.onnx").exists()
     np.save(tmp_path / "z.npy", np.zeros((1, 4, 12, 8), dtype=np.float32))
     assert main(["decode", str(run / "decoder.onnx"), str(tmp_path / "z.npy"), "--out", str(tmp_path / "png"),
                  "--tile", "16", "--overlap", "4"]) == 0

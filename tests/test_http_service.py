@@ -359,6 +359,7 @@ def test_ctrl_c_exits_0(decoder):
 @pytest.mark.parametrize("flags,message", [
     (["--max-batch", "0"], "--max-batch"),
     (["--max-wait-ms", "-1"], "--max-wait-ms"),
+    (["--max-wait-ms", "inf"], "--max-wait-ms"),  # a lone request would never be answered
     (["--max-n", "0"], "--max-n"),
     (["--port", "70000"], "--port"),
     (["--provider", "tensorrt-x"], "unknown execution provider"),

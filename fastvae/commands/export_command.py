@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true", help="also write <out stem>.int8.onnx (dynamic int8 quantization)")
     parser.add_argument("--opset", type=int, help="ONNX opset; None: the exporter's own (below 18 uses the TorchScript exporter)")
     parser.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx")
-    parser.add_argument("--name", default="fastvae_decoder", help="model name in the Triton repository")
-    parser.add_argument("--max-batch", type=int, default=64, help="the Triton model's max_batch_size (dynamic batching)")
+    parser.add_argument("--name", help="model name in the Triton repository (default fastvae_decoder)")
+    parser.add_argument("--max-batch", type=int, help="the Triton model's max_batch_size (dynamic batching; default 64)")
     parser.add_argument(
         "--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
         help="torch.onnx exporter: auto tries the torch.export-based one, then TorchScript "
@@ -38,29 +38,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+    import dataclasses
     from pathlib import Path
 
+    from fastvae.errors import FastVAEError
     from fastvae.export import export_decoder
+    from fastvae.run_folder import move_into_place, temporary_folder
 
     out = args.out
     if out is None:
         source = Path(args.run)
         out = source / "decoder.onnx" if source.is_dir() else source.with_suffix(".onnx")
+    for flag, value, needs in (("--name", args.name, "--triton-repo"), ("--max-batch", args.max_batch, "--triton-repo"),
+                               ("--encoder-out", args.encoder_out, "--encoder")):
+        if value is not None and not (args.encoder if needs == "--encoder" else args.triton_repo is not None):
+            raise FastVAEError(f"{flag} goes with {needs}: add {needs}, or drop {flag}")
+    name = "fastvae_decoder" if args.name is None else args.name
+    max_batch = 64 if args.max_batch is None else args.max_batch
     if args.triton_repo is not None:  # checked before the export's work
         from fastvae.export.triton_repo import check_repository_target
 
-        check_repository_target(args.triton_repo, args.name, args.max_batch)
-    if args.encoder:  # before the decoder: a run without a spatial encoder fails before writing anything
-        from fastvae.export.encoder_export import encoder_path, export_encoder
+        check_repository_target(args.triton_repo, name, max_batch)
+    with contextlib.ExitStack() as stack:
+        if args.encoder:  # before the decoder (a run without a spatial encoder fails before any
+            # work), staged: moved into place only once the decoder is written too
+            from fastvae.export.encoder_export import encoder_path, export_encoder
 
-        encoder_out = args.encoder_out or encoder_path(out)
-        encoder_report = export_encoder(args.run, encoder_out, opset=args.opset, exporter=args.exporter)
-    report = export_decoder(args.run, out, opset=args.opset, fp16=args.fp16, int8=args.int8, exporter=args.exporter)
+            encoder_out = Path(args.encoder_out or encoder_path(out))
+            _check_encoder_out(encoder_out, Path(out))
+            staged = stack.enter_context(temporary_folder(encoder_out)) / encoder_out.name
+            encoder_report = export_encoder(args.run, staged, opset=args.opset, exporter=args.exporter)
+        report = export_decoder(args.run, out, opset=args.opset, fp16=args.fp16, int8=args.int8,
+                                exporter=args.exporter)
+        if args.encoder:
+            move_into_place(staged, encoder_out)
+            encoder_report = dataclasses.replace(encoder_report, path=encoder_out)
     print(report.summary())
     if args.encoder:
         print(encoder_report.summary())
     if args.triton_repo is not None:
         from fastvae.export.triton_repo import write_triton_repository
 
-        print(write_triton_repository(report.path, args.triton_repo, name=args.name, max_batch=args.max_batch).summary())
+        print(write_triton_repository(report.path, args.triton_repo, name=name, max_batch=max_batch).summary())
     return 0
+
+
+def _check_encoder_out(path, decoder_out) -> None:
+    """An .onnx file of its own: never a checkpoint, a folder or one of the decoder's files."""
+    from pathlib import Path
+
+    from fastvae.errors import FastVAEError
+    from fastvae.export import variant_path
+
+    if path.suffix.lower() != ".onnx":
+        raise FastVAEError(f"--encoder-out must end in .onnx, got {path.name!r}")
+    if path.is_dir():
+        raise FastVAEError(f"--encoder-out {path} is a folder: give a file name such as {path / 'encoder.onnx'}")
+    decoder_files = {decoder_out, variant_path(decoder_out, "fp16"), variant_path(decoder_out, "int8")}
+    if path.resolve() in {Path(p).resolve() for p in decoder_files}:
+        raise FastVAEError(f"--encoder-out {path} is where the decoder goes: give the encoder another name")
