@@ -257,7 +257,7 @@ class OnnxSampler:
         if mode not in MODES:
             raise FastVAEError(f"mode must be one of {MODES}, got {mode!r}")
         self.check_can_sample()
-        check_size(n, max(int(np.prod(self.latent_shape)), int(np.prod(self.output_shape))), "n")
+        self.check_rows(n, "n")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         x = self.decode(self.draw_latents(n, rng), batch_size)
         return self.observe(x, rng) if mode == "sample" else x
@@ -266,6 +266,10 @@ class OnnxSampler:
     def has_prior(self) -> bool:
         """A VAE's decoder (z ~ N(0, I) makes samples); False for an autoencoder's."""
         return self.likelihood != "none"
+
+    def check_rows(self, rows: int, name: str) -> None:
+        """One clear error for ``rows`` latents and outputs that no machine can hold."""
+        check_size(rows, max(int(np.prod(self.latent_shape)), int(np.prod(self.output_shape))), name)
 
     def check_can_sample(self) -> None:
         if not self.has_prior:

@@ -2,7 +2,8 @@
 
 PSNR = 10 log10(1 / MSE) in dB for pixels in [0, 1], the MSE over every pixel of every test
 image (one figure for the split, so flat crops cannot inflate it as a mean of per-image PSNRs
-would). A prepared (streamed) split is read in batches, so its size is not bounded by memory. A model's reconstruction is E[x | z = mu(x)] clipped to [0, 1].
+would). A prepared (streamed) split is read in batches, so its size is not bounded by memory.
+A model's reconstruction is E[x | z = mu(x)] clipped to [0, 1].
 
 The bicubic baseline by a factor f is the trivial codec with a similar number of values as a
 spatial latent (C x H/f x W/f against c x H/f x W/f): the image bicubic-downsampled by f

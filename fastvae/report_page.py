@@ -583,9 +583,11 @@ def write_report(
             f"the data's images are {tuple(test.shape[1:])} but the model was trained on "
             f"{tuple(model.data_shape)}: pass --data with the run's data set"
         )
+    # every test image; read again in batches only when the pictures' sample holds fewer
+    evaluated = full if len(full) != len(test) else test
     if metrics is None:
-        metrics = _evaluate(model, full if len(full) != len(test) else test, iwae_k, seed, progress)
-    stats = latent_stats(model, full if len(full) != len(test) else test) if len(full) >= 2 else None
+        metrics = _evaluate(model, evaluated, iwae_k, seed, progress)
+    stats = latent_stats(model, evaluated) if len(full) >= 2 else None
 
     metrics_csv = run_dir / run_folder.METRICS_CSV
     expected = ["samples.png", "reconstructions.png"]

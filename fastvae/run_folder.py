@@ -87,6 +87,16 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def write_npy(path: str | os.PathLike, array) -> Path:
+    """Atomically replace ``path`` with ``numpy.save(array)``, whatever its suffix's case
+    (given a name, numpy appends ``.npy`` unless it ends in exactly that: given a file, never)."""
+    import numpy as np
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+    return Path(path)
+
+
 def move_into_place(tmp: Path, final: Path) -> None:
     """fsync the complete file ``tmp``, rename it over ``final`` and fsync the folder."""
     with open(tmp, "rb+") as f:

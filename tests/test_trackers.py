@@ -82,7 +82,7 @@ def _written(path, needles, deadline_s: float = 60.0) -> bytes:
         data = path.read_bytes()
         if all(needle in data for needle in needles) or time.monotonic() - start > deadline_s:
             return data
-        time.sleep(0.05)  # polling the file for its content: the event itself
+        time.sleep(0.05)  # not synchronisation: the poll interval while waiting for the file to hold them
 
 
 def _mlflow_history(uri: str, run_name: str) -> dict[str, list[tuple[int, float]]]:

@@ -45,14 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.export import OnnxSampler
     from fastvae.export.latency import measure
     from fastvae.export.providers import short_name
-    from fastvae.export.sampler import check_size
 
     sizes = parse_batch_sizes(args.batch_sizes)
     if not (math.isfinite(args.seconds) and 0 < args.seconds <= 600):
         raise FastVAEError(f"--seconds must be more than 0 and at most 600, got {args.seconds}")
     sampler = OnnxSampler(args.model, threads=args.threads, providers=[args.provider])
     for batch in sizes:
-        check_size(batch, max(int(np.prod(sampler.latent_shape)), int(np.prod(sampler.output_shape))), "batch size")
+        sampler.check_rows(batch, "batch size")
     print(f"{sampler!r}\nonnxruntime {ort.__version__}, provider {short_name(sampler.provider)}")
     print(f"{'batch':>7} {'threads':>7} {'p50 us':>10} {'p99 us':>10} {'p99/p50':>7} {'samples/s':>12}")
     rows = []

@@ -120,12 +120,10 @@ def _write(images, out) -> list:
     import numpy as np
 
     from fastvae.errors import FastVAEError
-    from fastvae.run_folder import atomic_write
+    from fastvae.run_folder import atomic_write, write_npy
 
     if out.suffix.lower() == ".npy":
-        with atomic_write(out) as tmp, open(tmp, "wb") as f:  # a file: numpy appends .npy to a name
-            np.save(f, images)
-        return [out]
+        return [write_npy(out, images)]
     if images.shape[1] not in (1, 3):
         raise FastVAEError(f"the decoder makes {images.shape[1]}-channel outputs, not images: use --out with .npy")
     from PIL import Image

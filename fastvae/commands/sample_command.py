@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.errors import FastVAEError
     from fastvae.export import OnnxSampler
     from fastvae.export.providers import short_name
-    from fastvae.run_folder import atomic_write
+    from fastvae.run_folder import write_npy
 
     out = Path(args.out)
     suffix = out.suffix.lower()
@@ -53,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     if args.nrow is not None and suffix != ".png":
         raise FastVAEError("--nrow lays out a PNG grid; a .npy file holds the array (n, C, H, W): drop --nrow")
     sampler = OnnxSampler(args.model, threads=args.threads, providers=[args.provider])
-    sampler.check_can_sample()
     shape = sampler.output_shape
     if suffix == ".png" and not (len(shape) == 3 and shape[0] in (1, 3) or len(shape) == 2):
         raise FastVAEError(
@@ -67,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
 
     if suffix == ".npy":
-        with atomic_write(out) as tmp, open(tmp, "wb") as f:  # a file: numpy appends .npy to a name
-            np.save(f, samples)
+        write_npy(out, samples)
     else:
         from fastvae.viz import save_image_grid  # atomic too
 
