@@ -53,11 +53,13 @@ def checkpoint_path(run_or_ckpt: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu") -> dict:
-    """Load and check a checkpoint dict; one clear error for truncated or foreign files."""
+def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu", *, mmap: bool = False) -> dict:
+    """Load and check a checkpoint dict; one clear error for truncated or foreign files.
+    ``mmap``: tensors mapped from the file, read only where touched (a check of the settings
+    alone costs no read of the weights)."""
     path = checkpoint_path(run_or_ckpt)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, pickle errors, foreign formats: one message
         raise FastVAEError(
             f"{path} is not a readable fastvae checkpoint (truncated or another format: {one_line(exc)})"

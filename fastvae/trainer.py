@@ -154,7 +154,8 @@ def _launched_on_nodes() -> bool:
 def check_resume(run_dir: Path, config: TrainConfig) -> dict:
     """Refuse to resume the run in ``run_dir`` as another model, data or (mid-epoch) batching,
     or with fewer epochs than it has trained; return its checkpoint."""
-    state = read_checkpoint(run_dir)  # clear error when missing or corrupt
+    # clear error when missing or corrupt; mapped: the ranks' Trainer reads the weights later
+    state = read_checkpoint(run_dir, mmap=True)
     saved = {**TrainConfig().to_dict(), **state["config"]}  # settings added since take defaults
     run_folder.check_resume(
         run_dir, saved, config.to_dict(), RESUME_IDENTITY,
