@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from fastvae.bundled import bundled_file
 from fastvae.errors import FastVAEError, one_line
 from fastvae.photos import is_photos, load_photos
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -71,6 +73,19 @@ def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, s
                                "--out SHARDS --grayscale', or train without --grayscale")
         return _luma(data)
     return data
+
+
+def is_bundled(source) -> bool:
+    """Whether ``source`` names bundled data (``digits``, ``photos``, ``photos:N``): those names
+    mean the bundled data everywhere, even where a folder of that name exists."""
+    return str(source) == "digits" or is_photos(source)
+
+
+def note_shadowed_folder(source) -> None:
+    """One note when a bundled name (``digits``, ``photos``) is also a path here."""
+    if is_bundled(source) and Path(str(source)).exists():
+        print(f"note: '{source}' means the bundled data; give ./{source} for the path of that name",
+              file=sys.stderr)
 
 
 def _load(source, test_fraction: float, split_seed: int, grayscale: bool):
@@ -224,22 +239,77 @@ def _load_array(path: Path) -> np.ndarray:
 
 
 def image_files(folder: Path) -> tuple[list[Path], np.ndarray | None]:
-    """The image files below ``folder`` (sorted) and their labels: the index of each file's
-    top-level subfolder among the sorted subfolders (as torchvision's ImageFolder: deeper
-    folders belong to their top-level one), or ``None`` when there is one. Hidden files and
-    folders (``.thumbs``, macOS ``._*`` files) are not data."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """The image files below ``folder`` (sorted) and their labels, as torchvision's ImageFolder
+    reads them: the index of each file's top-level subfolder among the sorted subfolders
+    (deeper folders belong to their top-level one; linked folders are followed), or ``None``
+    when there is one. Files directly in ``folder`` beside label subfolders are not used (a
+    note says so). Hidden files and folders (``.thumbs``, macOS ``._*`` files) are not data."""
+    files, tops = _files_and_tops(folder)
+    return files, _label_indices(tops)
+
+
+def image_folder_files(folder: Path) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
+    """(files, labels, test): ``image_files``, or for a folder whose subfolders are ``train`` and
+    ``test`` (the published split of many datasets) the files of both, labelled by the
+    subfolders inside them (one set of label names), and ``test`` marking the test files
+    (None for a folder without such a split)."""
+    parts = _own_split_parts(folder)
+    if parts is None:
+        return *image_files(folder), None
+    train, train_tops = _files_and_tops(parts["train"])
+    test, test_tops = _files_and_tops(parts["test"])
+    is_test = np.repeat([False, True], [len(train), len(test)])
+    return train + test, _label_indices(train_tops + test_tops), is_test
+
+
+def _own_split_parts(folder: Path) -> dict | None:
+    subfolders = {p.name.lower(): p for p in folder.iterdir()
+                  if not p.name.startswith(".") and p.is_dir()}
+    return subfolders if set(subfolders) == {"train", "test"} else None
+
+
+def _files_and_tops(folder: Path) -> tuple[list[Path], list[str]]:
+    """The image files below ``folder`` and each one's top-level subfolder ("" for none)."""
+    files = sorted(_walk_images(folder))
     if not files:
         raise FastVAEError(
-            f"data folder {folder} holds no images (.png, .jpg, .bmp, .gif) and no MNIST IDX files"
+            f"data folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no "
+            "MNIST IDX files"
         )
     tops = [f.relative_to(folder).parts[0] if f.parent != folder else "" for f in files]
+    if "" in tops and len(set(tops)) > 1:  # a stray preview.png would be label 0, shifting the rest
+        stray = [f for f, top in zip(files, tops) if top == ""]
+        print(f"note: {len(stray)} image(s) directly in {folder} (e.g. {stray[0].name}) are not used: "
+              "its subfolders name the labels", file=sys.stderr)
+        files = [f for f, top in zip(files, tops) if top != ""]
+        tops = [top for top in tops if top != ""]
+    return files, tops
+
+
+def _label_indices(tops: list[str]) -> np.ndarray | None:
     classes = sorted(set(tops))
     if len(classes) == 1:
-        return files, None
+        return None
     index = {c: i for i, c in enumerate(classes)}
-    return files, np.array([index[top] for top in tops], dtype=np.int64)
+    return np.array([index[top] for top in tops], dtype=np.int64)
+
+
+def _walk_images(folder: Path):
+    """Image files below ``folder``, linked folders followed (a link back to a folder on its own
+    path is not: no endless loop); hidden files and folders left out."""
+    chains = {str(folder): frozenset()}
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        chain = chains.pop(root, frozenset()) | {os.path.realpath(root)}
+        kept = []
+        for d in dirs:
+            if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in chain:
+                chains[os.path.join(root, d)] = chain
+                kept.append(d)
+        dirs[:] = kept
+        for name in names:
+            path = Path(root, name)
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                yield path
 
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;L"}
@@ -316,7 +386,7 @@ def different_sizes_error(file: Path, size: tuple, first: Path, first_size: tupl
 
 
 def _image_folder(folder: Path, split: tuple[float, int], grayscale: bool) -> Splits:
-    files, labels = image_files(folder)
+    files, labels, is_test = image_folder_files(folder)
     probes = [probe_image(f) for f in files]
     for file, probe in zip(files, probes):
         if isinstance(probe, str):
@@ -329,26 +399,42 @@ def _image_folder(folder: Path, split: tuple[float, int], grayscale: bool) -> Sp
         arrays.append(decode_image(file, channels))
         if isinstance(arrays[-1], str):
             raise FastVAEError(f"image {file} could not be read: {arrays[-1]}")
-    return _split(folder.name, np.stack(arrays), labels, folder, split)
+    if is_test is None:
+        return _split(folder.name, np.stack(arrays), labels, folder, split)
+    images = _as_images(np.stack(arrays), folder)
+    test = torch.from_numpy(is_test)
+    label_t = None if labels is None else torch.from_numpy(labels)
+    return Splits(folder.name, images[~test], images[test],
+                  None if label_t is None else label_t[~test], None if label_t is None else label_t[test])
 
 
 def split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed: int
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, test rows), each sorted: a seeded random ``test_fraction`` of the rows (at
-    least one, at most n - 1) held out, stratified by label: each label gives
-    round(fraction x its count) rows, so the test set has the labels' proportions."""
+    """(train rows, test rows), each sorted: a seeded random round(fraction x n) of the rows
+    (at least one, at most n - 1) held out, stratified by label: label c gives floor(fraction x
+    n_c) rows, or one more where its remainder is among the largest (ties broken by the seed),
+    so the test set has the labels' proportions whatever their sizes (rounding each label on
+    its own held out nothing when every label has under 1 / (2 fraction) rows)."""
     if n < 2:
         raise FastVAEError(f"need at least 2 examples (train and test), got {n}")
     if not 0.0 < test_fraction < 1.0:
         raise FastVAEError(f"--test-fraction must lie between 0 and 1, got {test_fraction}")
+    total = min(max(round(test_fraction * n), 1), n - 1)
     rng = np.random.default_rng(seed)
-    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    test = [rng.permutation(g)[: round(test_fraction * len(g))] for g in groups]
-    test = np.sort(np.concatenate(test)).astype(np.int64)
-    if len(test) == 0:  # tiny data: one row anyway
-        test = np.array([rng.integers(n)], dtype=np.int64)
-    elif len(test) == n:
-        test = test[1:]
+    if labels is None:
+        test = rng.permutation(n)[:total]
+    else:
+        groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        quota = test_fraction * np.array([len(g) for g in groups], dtype=np.float64)
+        take = np.floor(quota).astype(np.int64)
+        # largest remainders first; ties in a seeded order (a generator of its own: the rows
+        # each label holds out are the same draws as before this rule)
+        ties = np.random.default_rng([seed, 1]).permutation(len(groups))
+        order = ties[np.argsort(-(quota - take)[ties], kind="stable")]
+        order = order[take[order] < np.array([len(g) for g in groups])[order]]
+        take[order[: max(total - int(take.sum()), 0)]] += 1
+        test = np.concatenate([rng.permutation(g)[:k] for g, k in zip(groups, take)])
+    test = np.sort(test).astype(np.int64)
     train = np.setdiff1d(np.arange(n), test)
     return train, test
 

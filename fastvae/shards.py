@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from fastvae.errors import FastVAEError, one_line
+from fastvae.photos import is_photos
 
 META = "fastvae.json"
 FORMAT = "fastvae-shards"
@@ -43,6 +44,7 @@ INDEX = "index.json"  # litdata's index of a split's chunks
 CHUNK_BYTES = 64 * 2**20  # litdata chunk size: few files, yet small enough to stream
 BLOCK_BYTES = 256 * 2**10  # bytes of images per litdata item (a block)
 MAX_BLOCK = 1024
+MAX_NAMED_SKIPS = 20  # unreadable files fastvae.json names (the summary shows 3)
 
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # no PyPI request at run time
 
@@ -362,7 +364,11 @@ def check_out(out: Path, overwrite: bool) -> None:
 def summary_line(source: str, out: Path, meta: dict, seconds: float) -> str:
     s = meta["splits"]
     images = s["train"]["examples"] + s["test"]["examples"]
-    skipped = f", skipped {meta['skipped']} unreadable image(s)" if meta.get("skipped") else ""
+    skipped = ""
+    if meta.get("skipped"):
+        named = meta.get("skipped_files") or []
+        more = ", ..." if meta["skipped"] > 3 else ""
+        skipped = f", skipped {meta['skipped']} unreadable image(s): {', '.join(named[:3])}{more}"
     return (f"prepared {source} -> {out}: {images:,} images ({s['train']['examples']:,} train, "
             f"{s['test']['examples']:,} test) of {'x'.join(map(str, meta['shape']))} uint8, "
             f"{s['train']['bytes'] + s['test']['bytes']:,} bytes in "
@@ -385,7 +391,7 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     order. Image folders are decoded by ``workers`` processes; an undecodable image stops it
     (naming the file) unless ``skip_bad``, which skips and counts it.
     """
-    from fastvae.data import image_files
+    from fastvae.data import image_folder_files
 
     started = time.perf_counter()
     if is_remote(str(out)):
@@ -408,9 +414,9 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     # the same path (other images, same shape and counts) is refused, not silently mixed
     meta = {"format": FORMAT, "version": 1, "dataset_id": uuid.uuid4().hex, "source": str(source), "size": size,
             "grayscale": grayscale, "test_fraction": test_fraction, "split_seed": split_seed}
-    if str(source) != "digits" and path.is_dir() and not _has_idx(path):
-        files, labels = image_files(path)
-        folder = _ImageFolder(files, labels, size, grayscale, workers, skip_bad, progress)
+    if str(source) != "digits" and not is_photos(source) and path.is_dir() and not _has_idx(path):
+        files, labels, is_test = image_folder_files(path)
+        folder = _ImageFolder(files, labels, size, grayscale, workers, skip_bad, progress, is_test)
         pieces, info = folder.pieces(test_fraction, split_seed)
     else:
         pieces, info = _array_pieces(str(source), size, grayscale, test_fraction, split_seed)
@@ -426,12 +432,23 @@ def _has_idx(folder: Path) -> bool:
     return _find_idx(folder, "train") is not None
 
 
+def _split_npz(path: Path) -> bool:
+    """Whether ``path`` is an .npz with train and test arrays (one array gets the seeded split)."""
+    if path.suffix.lower() != ".npz":
+        return False
+    with np.load(path, allow_pickle=False) as npz:
+        return len(npz.files) > 1
+
+
 def _array_pieces(source: str, size, grayscale, test_fraction, split_seed):
     """An in-memory source (digits, IDX, .npy/.npz) as uint8 pieces per split."""
     from fastvae.data import fit_image, load_dataset
 
     splits = load_dataset(source, test_fraction=test_fraction, split_seed=split_seed)
-    own = source == "digits" or Path(source).is_dir() or Path(source).suffix == ".npz"
+    own = source == "digits" or is_photos(source) or Path(source).is_dir() or _split_npz(Path(source))
+    if size is not None and splits.data_shape[1] == 1:  # (N, D) rows are 1 x D "images"
+        raise FastVAEError(f"--size {size}: {source} holds rows of {splits.data_shape[2]} values, not "
+                           "images: prepare it without --size (or save it as (N, H, W) images)")
 
     def to_u8(x, labels):
         x = (x.numpy() * 255.0).round().astype(np.uint8)
@@ -457,10 +474,11 @@ def _array_pieces(source: str, size, grayscale, test_fraction, split_seed):
 class _ImageFolder:
     """Decode an image folder in worker processes, one block of files per task."""
 
-    def __init__(self, files, labels, size, grayscale, workers, skip_bad, progress):
-        self.files, self.labels, self.size = files, labels, size
+    def __init__(self, files, labels, size, grayscale, workers, skip_bad, progress, is_test=None):
+        self.files, self.labels, self.size, self.is_test = files, labels, size, is_test
         self.grayscale, self.workers, self.skip_bad, self.progress = grayscale, workers, skip_bad, progress
         self.skipped = 0
+        self.skipped_files: list[str] = []
 
     def _map(self, fn, tasks, desc: str, total: int, weight=lambda result: 1):
         from tqdm.auto import tqdm
@@ -496,6 +514,8 @@ class _ImageFolder:
             raise FastVAEError(f"image {file} could not be read: {reason} (pass --skip-bad to skip "
                                "unreadable images)")
         self.skipped += 1
+        if len(self.skipped_files) < MAX_NAMED_SKIPS:
+            self.skipped_files.append(str(file))
 
     def pieces(self, test_fraction, split_seed):
         from fastvae.data import different_sizes_error, probe_image, split_indices
@@ -515,9 +535,16 @@ class _ImageFolder:
         side = (self.size, self.size) if self.size else probes[0][1][::-1]
         kept = np.array(kept)
         labels = None if self.labels is None else self.labels[kept]
-        train, test = split_indices(len(kept), labels, test_fraction, split_seed)
+        if self.is_test is None:
+            train, test = split_indices(len(kept), labels, test_fraction, split_seed)
+        else:  # the folder's own train/ and test/
+            train, test = np.flatnonzero(~self.is_test[kept]), np.flatnonzero(self.is_test[kept])
+            if not len(train) or not len(test):
+                raise FastVAEError(f"no readable images in the {'train' if not len(train) else 'test'} "
+                                   "folder: every image there was skipped")
         train = train[np.random.default_rng(split_seed).permutation(len(train))]
-        info = {"shape": [channels, *side], "labels": labels is not None, "split": "seeded"}
+        info = {"shape": [channels, *side], "labels": labels is not None,
+                "split": "seeded" if self.is_test is None else "own"}
         self.channels = channels
         pieces = {"train": self._decode(kept[train]), "test": self._decode(kept[test])}
         # the counts of skipped files are known once the pieces have been consumed
@@ -547,6 +574,7 @@ class _Pieces(dict):
         for piece in dict.__getitem__(self, split):
             yield piece
         self.info["skipped"] = self.folder.skipped
+        self.info["skipped_files"] = self.folder.skipped_files
 
 
 def _decode_files(files, channels, size):

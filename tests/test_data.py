@@ -231,6 +231,23 @@ def test_split_indices_are_seeded_and_stratified():
         split_indices(10, None, 1.0, seed=0)
 
 
+@pytest.mark.parametrize("sizes, fraction", [([5] * 50, 0.1), ([3] * 100, 0.1), ([3] * 100, 0.5),
+                                             ([1, 2, 3, 4, 7, 40, 9], 0.15), ([2] * 7 + [30], 0.3)])
+def test_stratified_split_holds_out_the_fraction_of_many_small_labels(sizes, fraction):
+    """Many labels of a few rows each (identities, albums): the test set is round(fraction x n)
+    rows (rounding each label alone held out 1 row of 250, or 200 of 300 at 0.5), and each
+    label gives floor or ceil of its own share."""
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    n = len(labels)
+    for seed in range(3):
+        train, test = split_indices(n, labels, fraction, seed)
+        assert len(test) == min(max(round(fraction * n), 1), n - 1)
+        assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(n))
+        per_label = np.bincount(labels[test], minlength=len(sizes))
+        share = fraction * np.array(sizes)
+        assert (per_label >= np.floor(share)).all() and (per_label <= np.ceil(share)).all()
+
+
 # ----------------------------------------------------------------------------- image folders
 
 
@@ -393,6 +410,54 @@ def test_labels_are_top_level_folders_and_hidden_files_are_not_data(tmp_path):
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     splits = load_dataset(tmp_path, test_fraction=0.34)
     assert sorted(splits.test_labels.tolist()) == [0, 1] and len(splits.train) == 4
+
+
+def test_linked_label_folders_are_followed_and_a_link_loop_ends(tmp_path):
+    """As ImageFolder (os.walk followlinks): a label folder that is a link to another disk's
+    folder is read; a link back to an ancestor is not walked again (no endless loop)."""
+    elsewhere = tmp_path / "elsewhere" / "dog"
+    for path in ("data/cat/a.png", "data/cat/b.png"):
+        save_png(tmp_path / path, images_u8(1, 4, 4)[0])
+    for name in ("a.png", "b.png", "c.png"):
+        save_png(elsewhere / name, images_u8(1, 4, 4)[0])
+    (tmp_path / "data" / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    files, labels = image_files(tmp_path / "data")
+    assert [f.relative_to(tmp_path / "data").as_posix() for f in files] == [
+        "cat/a.png", "cat/b.png", "dog/a.png", "dog/b.png", "dog/c.png"]
+    assert labels.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_images_beside_label_folders_are_left_out_with_a_note(tmp_path, capsys):
+    """A stray preview.png in the top folder would be label 0 and shift every real label."""
+    for path in ("cat/a.png", "cat/b.png", "dog/a.png", "dog/b.png", "preview.webp"):
+        save_png(tmp_path / path, images_u8(1, 4, 4)[0])
+    files, labels = image_files(tmp_path)
+    assert [f.name for f in files] == ["a.png", "b.png", "a.png", "b.png"] and labels.tolist() == [0, 0, 1, 1]
+    err = capsys.readouterr().err
+    assert "1 image(s) directly in" in err and "preview.webp" in err
+    (tmp_path / "dog" / "a.png").unlink()
+    (tmp_path / "dog" / "b.png").unlink()
+    (tmp_path / "dog").rmdir()
+    files, labels = image_files(tmp_path)  # one label folder left: unlabelled, still no stray
+    assert [f.name for f in files] == ["a.png", "b.png"] and labels is None
+
+
+def test_a_train_and_test_folder_keeps_its_own_split(tmp_path):
+    """data/train/{cat,dog}, data/test/{cat,dog}: the published split, labels from the inner
+    folders (one set of names across both), not two labels 'train' and 'test'."""
+    images = {}
+    for split, label, n in (("train", "cat", 4), ("train", "dog", 3), ("test", "cat", 2), ("test", "dog", 1),
+                            ("train", "eel", 2)):
+        for i in range(n):
+            images[f"{split}/{label}/{i}.png"] = images_u8(1, 5, 5)[0]
+            save_png(tmp_path / "data" / split / label / f"{i}.png", images[f"{split}/{label}/{i}.png"])
+    splits = load_dataset(tmp_path / "data", test_fraction=0.5)
+    expect = {s: sorted(k for k in images if k.startswith(s)) for s in ("train", "test")}
+    for name, x, y in (("train", splits.train, splits.train_labels), ("test", splits.test, splits.test_labels)):
+        ref = torch.stack([torch.from_numpy(images[k]).float()[None] / 255 for k in expect[name]])
+        assert torch.equal(x, ref)
+        assert y.tolist() == [{"cat": 0, "dog": 1, "eel": 2}[k.split("/")[1]] for k in expect[name]]
 
 
 def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):

@@ -128,6 +128,41 @@ def test_jpeg_folder_of_mixed_sizes_with_size_and_grayscale(tmp_path, capsys):
     assert rc == 0, err
 
 
+def test_a_train_and_test_folder_is_prepared_with_its_own_split(tmp_path, capsys):
+    src = tmp_path / "published"
+    image_folder(src / "train", 5, (6, 6))
+    image_folder(src / "test", 2, (6, 6))
+    rc, out, err = cli(capsys, "prepare", src, "--out", tmp_path / "s", "--workers", "0", "--quiet")
+    assert rc == 0 and "14 images (10 train, 4 test)" in out, err
+    meta = json.loads((tmp_path / "s" / "fastvae.json").read_text())
+    assert meta["split"] == "own" and meta["labels"]
+    from fastvae.loaders import head
+
+    memory = load_dataset(src)
+    test, labels = head(open_dataset(str(tmp_path / "s")).test, 100)
+    assert torch.equal(test, memory.test) and torch.equal(labels, memory.test_labels)
+
+
+def test_bundled_names_mean_the_bundled_data_beside_a_folder_of_that_name(tmp_path, capsys, monkeypatch):
+    """A user's folder called photos/ (the README's own example name) did not change what
+    'photos' means for evaluate, but train and prepare read the folder: one rule, with a note."""
+    image_folder(tmp_path / "photos", 2, (6, 6))
+    monkeypatch.chdir(tmp_path)
+    import fastvae.trainer
+
+    seen = []
+    monkeypatch.setattr(fastvae.trainer, "train", lambda config, **kw: seen.append(config.data))
+    rc, _, err = cli(capsys, "train", "--data", "photos", "--model", "convkl", "--quiet", "--out", tmp_path / "r")
+    assert rc == 0 and seen == ["photos"] and "means the bundled data" in err, err
+    rc, _, err = cli(capsys, "train", "--data", "./photos", "--quiet", "--out", tmp_path / "r2")
+    assert rc == 0 and seen[1] == str(tmp_path / "photos"), err  # the folder, by its path
+    np.save(tmp_path / "rows.npy", RNG.integers(0, 256, (30, 12), dtype=np.uint8))
+    assert "not images" in one_line_error(capsys, "prepare", "rows.npy", "--out", "s", "--size", "4")
+    np.savez(tmp_path / "one.npz", x=RNG.integers(0, 256, (30, 4, 4), dtype=np.uint8))
+    rc, _, err = cli(capsys, "prepare", "one.npz", "--out", "s1", "--quiet")
+    assert rc == 0 and json.loads((tmp_path / "s1" / "fastvae.json").read_text())["split"] == "seeded", err
+
+
 # ----------------------------------------------------------------------------- the epoch plan
 
 
@@ -339,7 +374,8 @@ def test_bad_sources_and_flags_for_prepare(tmp_path, capsys):
     assert "zz.png" in line and "--skip-bad" in line and not out.exists()
     assert list(tmp_path.glob(".out*")) == []  # no staging folder left behind
     rc, text, err = cli(capsys, "prepare", src, "--out", out, "--skip-bad", "--workers", "2")
-    assert rc == 0 and "10 images" in text and "skipped 1 unreadable image" in text, err
+    assert rc == 0 and "10 images" in text and "skipped 1 unreadable image(s): " in text, err
+    assert str(src / "dog" / "zz.png") in text  # which file, so it can be fixed
     # a truncated image whose header still reads: caught while decoding
     (src / "dog" / "zz.png").unlink()
     raw = (src / "cat" / "000.png").read_bytes()

@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     if model.kind == "ae":
         raise FastVAEError(f"{args.run} holds a deterministic autoencoder (kind 'ae'): it has no ELBO to evaluate")
     data = args.data or state["config"]["data"]
+    if args.data:
+        from fastvae.data import note_shadowed_folder
+
+        note_shadowed_folder(args.data)
     seed = args.seed if args.seed is not None else int(state["config"].get("seed", 0))
     saved = state["config"]  # split as the run was (older runs: the defaults)
     splits = load_dataset(data, test_fraction=saved.get("test_fraction", 0.1),

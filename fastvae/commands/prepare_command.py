@@ -9,8 +9,8 @@ from fastvae.commands import arg_types
 
 HELP = "convert images or arrays into a sharded uint8 dataset that 'fastvae train --data' streams"
 DESCRIPTION = (
-    "Convert SRC - a folder of PNG/JPEG images (subfolders name the labels), an MNIST IDX file or "
-    "folder, a .npy/.npz file, or 'digits' - into litdata shards of uint8 images in --out: a "
+    "Convert SRC - a folder of PNG/JPEG/BMP/GIF/WebP images (subfolders name the labels), an MNIST "
+    "IDX file or folder, a .npy/.npz file, 'digits' or 'photos' / 'photos:64' - into litdata shards of uint8 images in --out: a "
     "train split and a held-out test split beside it. Train on it with 'fastvae train --data OUT' "
     "(a local folder, or a copy at an s3:// or gs:// URL): it is streamed, never loaded whole. "
     "Written to a temporary folder and renamed into place when complete."
@@ -18,7 +18,7 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="SRC", help="image folder, IDX file/folder, .npy/.npz, or 'digits'")
+    parser.add_argument("source", metavar="SRC", help="image folder, IDX file/folder, .npy/.npz, 'digits' or 'photos[:64]'")
     parser.add_argument("--out", type=arg_types.path, required=True, metavar="SHARDS", help="folder to write the prepared dataset to")
     parser.add_argument("--size", type=int, help="resize (shorter side) and centre-crop every image to "
                         "N x N; without it all images must have one size")
@@ -42,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fastvae.data import note_shadowed_folder
     from fastvae.shards import prepare, summary_line
 
+    note_shadowed_folder(args.source)
     meta, seconds = prepare(
         args.source, args.out, size=args.size, grayscale=args.grayscale,
         test_fraction=args.test_fraction, split_seed=args.split_seed, workers=args.workers,
