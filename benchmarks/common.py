@@ -16,9 +16,10 @@ Conventions every suite follows (also in ``benchmarks/README.md``):
   function is parametrized over sizes, put the size into ``case`` (``"B=4096,D=64"``) so that
   each size is compared with the baseline of the same size. ``annotate()`` below fills all of
   this; call it *after* the ``benchmark(...)`` call.
-* ``extra_info`` holds ``throughput`` (items/s: rows, samples or examples per second) and, on
-  GPU, ``bandwidth_GBps``, ``bandwidth_fraction`` (of the device's peak DRAM bandwidth) and
-  ``peak_memory_MB``. All figures use the **median** round time.
+* ``extra_info`` holds ``throughput`` (items/s: rows, samples or examples per second),
+  ``device`` (where the measured work ran: ``cuda`` or ``cpu``; CPU-side suites say ``cpu`` on
+  a GPU host too) and, on GPU, ``bandwidth_GBps``, ``bandwidth_fraction`` (of the device's
+  peak DRAM bandwidth) and ``peak_memory_MB``. All figures use the **median** round time.
 * Sizes adapt: ``pick(smoke=..., cpu=..., gpu=...)`` gives tiny sizes in smoke mode
   (``FASTVAE_BENCH_SMOKE=1``, used with ``--benchmark-disable`` by
   ``tests/test_benchmarks_smoke.py``), small ones on a CPU and realistic ones on a GPU.
@@ -66,6 +67,11 @@ DEVICE_ENV = "FASTVAE_BENCH_DEVICE"  # "cpu" forces CPU even where CUDA is avail
 SLUG_ENV = "FASTVAE_BENCH_SLUG"  # overrides the results folder name
 COMMIT_ENV = "FASTVAE_GIT_COMMIT"  # commit to record where the tree has no .git (GPU machine)
 PEAK_BW_ENV = "FASTVAE_PEAK_BW_GBPS"  # overrides the peak DRAM bandwidth table
+# environment variables that change GPU timing: an interpreted kernel, serialised launches,
+# compile debugging, no caching allocator. device_info() records them; gpu/run.sh unsets them
+# (saying so) before it measures on CUDA.
+TIMING_ENV = ("TRITON_INTERPRET", "CUDA_LAUNCH_BLOCKING", "TORCH_COMPILE_DEBUG",
+              "PYTORCH_NO_CUDA_MEMORY_CACHING")
 
 
 # --------------------------------------------------------------------------- modes and sizes
@@ -189,8 +195,8 @@ def peak_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float | No
 # --------------------------------------------------------------------------- extra_info
 
 
-# Peak DRAM bandwidth in GB/s (vendor figures), matched by substring of the device name, first
-# match wins, so more specific names come first.
+# Peak DRAM bandwidth in GB/s (vendor figures), matched as whole words of the device name ("L4"
+# is not "L40", "H200" is not "GH200"), first match wins, so more specific names come first.
 PEAK_BANDWIDTH_GBPS: list[tuple[str, float]] = [
     ("GH200", 4000.0),
     ("H200", 4800.0),
@@ -204,6 +210,7 @@ PEAK_BANDWIDTH_GBPS: list[tuple[str, float]] = [
     ("A100", 1555.0),
     ("A10G", 600.0),
     ("L40S", 864.0),
+    ("L40", 864.0),
     ("L4", 300.0),
     ("T4", 320.0),
     ("V100", 900.0),
@@ -229,7 +236,7 @@ def peak_bandwidth_gbps(device_name: str | None = None) -> float | None:
         device_name = torch.cuda.get_device_name()
     upper = device_name.upper()
     for key, gbps in PEAK_BANDWIDTH_GBPS:
-        if key in upper:
+        if re.search(rf"(?<![A-Z0-9]){re.escape(key.upper())}(?![A-Z0-9])", upper):
             return gbps
     if on_gpu():
         import torch
@@ -261,6 +268,7 @@ def annotate(
     bytes_moved: float | None = None,
     peak_memory_MB: float | None = None,
     case: str | None = None,
+    device: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Fill ``benchmark.extra_info`` by the suite conventions; call it after ``benchmark(...)``.
@@ -268,13 +276,16 @@ def annotate(
     ``items``: items processed by one benchmarked call (rows, samples, examples) ->
     ``throughput`` (items/s). ``bytes_moved``: DRAM bytes one call must read+write at least ->
     ``bandwidth_GBps`` and, where the peak is known, ``bandwidth_fraction``.
-    ``peak_memory_MB``: from :func:`peak_memory`. Other keywords are stored as they are (JSON
-    types only). Works with ``--benchmark-disable`` (then only the static fields are stored).
+    ``peak_memory_MB``: from :func:`peak_memory`. ``device``: the device the measured work ran
+    on (default: the benchmark device, ``cuda`` where on_gpu()); CPU-side suites (sampling,
+    latency, serving, the loaders) pass ``"cpu"``, also on a GPU host. Other keywords are stored
+    as they are (JSON types only). Works with ``--benchmark-disable`` (then only the static
+    fields are stored).
     """
     info = benchmark.extra_info
     info["impl"] = impl
     info["baseline"] = bool(baseline)
-    info["device"] = "cuda" if on_gpu() else "cpu"
+    info["device"] = device or ("cuda" if on_gpu() else "cpu")
     if case is not None:
         info["case"] = case
     if items is not None:
@@ -291,7 +302,7 @@ def annotate(
         if bytes_moved is not None:
             gbps = bytes_moved / seconds / 1e9
             info["bandwidth_GBps"] = gbps
-            peak = peak_bandwidth_gbps() if on_gpu() else None
+            peak = peak_bandwidth_gbps() if info["device"] == "cuda" and on_gpu() else None
             if peak:
                 info["bandwidth_fraction"] = gbps / peak
     return info
@@ -312,13 +323,50 @@ def reparam_kl_eager(mu, logvar):
 
 
 def reparam_kl_bytes(B: int, D: int, itemsize: int, mode: str) -> int:
-    """DRAM bytes the op must move at least (the count the device benchmark's schema uses, the same for every
-    implementation): ``fwd`` reads mu, logvar and writes z, kl (fp32); ``fwd_bwd`` also reads
-    grad_z, grad_kl and writes grad_mu, grad_logvar, each tensor counted once. Two separate
-    kernels move more: the backward reads mu and logvar again (8 B x D elements, not 6)."""
+    """The op's **required** DRAM bytes, each tensor counted once (the count the acceptance is
+    stated on, and the device benchmark's ``bytes`` / ``frac_of_copy``; the same for every
+    implementation): ``fwd`` reads mu, logvar and writes z, kl (fp32): 3 B x D elements + 4B;
+    ``fwd_bwd`` also reads grad_z, grad_kl and writes grad_mu, grad_logvar: 6 B x D + 8B.
+    What the fused kernels themselves move is :func:`reparam_kl_kernel_bytes`."""
     if mode == "fwd":
         return 3 * B * D * itemsize + 4 * B
     return 6 * B * D * itemsize + 8 * B
+
+
+def reparam_kl_kernel_bytes(B: int, D: int, itemsize: int, mode: str) -> int:
+    """The fused kernels' **own** DRAM traffic (``kernel_bytes`` / ``kernel_frac_of_copy`` of the
+    device benchmark; ``GBps`` of ``gpu/tile_sweep.py``, per kernel): the forward kernel moves
+    what :func:`reparam_kl_bytes` counts (3 B x D + 4B); its backward kernel reads mu, logvar,
+    grad_z, grad_kl again and writes grad_mu, grad_logvar (5 B x D + 4B), so ``fwd_bwd`` is
+    8 B x D + 8B, and ``bwd`` (the backward kernel alone) 5 B x D + 4B."""
+    if mode == "fwd":
+        return 3 * B * D * itemsize + 4 * B
+    if mode == "bwd":
+        return 5 * B * D * itemsize + 4 * B
+    if mode == "fwd_bwd":
+        return 8 * B * D * itemsize + 8 * B
+    raise ValueError(f"mode must be fwd, bwd or fwd_bwd, got {mode!r}")
+
+
+# --------------------------------------------------------------------------- L2 flush
+
+
+class L2Flush:
+    """Evicts the GPU's L2 cache between timed calls by **reading** a buffer larger than any L2
+    (a sum into a preallocated one-element output): L2 then holds clean lines only. A write
+    flush (``buf.zero_()``, triton's ``do_bench``) leaves up to an L2 of dirty lines that are
+    written back inside the next timed call. Call it outside the timed region."""
+
+    def __init__(self, nbytes: int = 256 << 20, device: Any = "cuda"):
+        import torch
+
+        self.buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.int32, device=device)
+        self.sink = torch.empty((), dtype=torch.int64, device=device)
+
+    def __call__(self) -> None:
+        import torch
+
+        torch.sum(self.buf, dim=0, out=self.sink)
 
 
 # --------------------------------------------------------------------------- device info
@@ -428,7 +476,8 @@ def device_info() -> dict[str, Any]:
     ``gpu_memory_GB``, ``peak_bandwidth_GBps``, ``cuda``, ``cudnn``, ``driver``, ``cpu``,
     ``cpu_count``, ``torch``, ``triton``, ``onnxruntime``, ``onnxruntime_providers``, ``onnx``, ``numpy``,
     ``lightning_fabric``, ``pytest_benchmark``, ``fastvae``, ``python``, ``platform``,
-    ``date`` (UTC, ISO 8601), ``git_commit``, ``git_dirty``, ``smoke``, ``loadavg``.
+    ``date`` (UTC, ISO 8601), ``git_commit``, ``git_dirty``, ``smoke``, ``env`` (the values of
+    the ``TIMING_ENV`` variables, None where unset), ``loadavg``.
     """
     import torch
 
@@ -477,6 +526,8 @@ def device_info() -> dict[str, Any]:
     info["git_commit"] = commit["id"]
     info["git_dirty"] = commit["dirty"]
     info["smoke"] = smoke_mode()
+    # settings that change GPU timing (gpu/run.sh unsets them on CUDA): None where unset
+    info["env"] = {k: os.environ.get(k) for k in TIMING_ENV}
     # other work on the machine when the run started (1, 5, 15 min): shared CPUs make noisy figures
     info["loadavg"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return info
@@ -486,13 +537,16 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["slug"]:
         print(device_slug())
         return 0
+    if argv[:1] == ["timing-env"]:  # the variables gpu/run.sh unsets on CUDA
+        print(" ".join(TIMING_ENV))
+        return 0
     if argv[:1] == ["cuda-slug"]:  # one torch import for benchmarks/gpu/run.sh
         print(int(on_gpu()), device_slug())
         return 0
     if argv[:1] in ([], ["info"]):
         print(json.dumps(device_info(), indent=2))
         return 0
-    print("usage: python benchmarks/common.py [info|slug|cuda-slug]", file=sys.stderr)
+    print("usage: python benchmarks/common.py [info|slug|cuda-slug|timing-env]", file=sys.stderr)
     return 2
 
 

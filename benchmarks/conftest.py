@@ -5,7 +5,9 @@
 * Records where a run happened: :func:`common.device_info` is merged into pytest-benchmark's
   ``machine_info`` (key ``fastvae``, plus flat ``device``/``torch``/``triton``/``onnxruntime``
   keys), the git commit into ``commit_info`` (``FASTVAE_GIT_COMMIT`` wins, for trees without
-  ``.git``), and a ``fastvae`` block (suite names, smoke flag, device slug) into the JSON.
+  ``.git``), and a ``fastvae`` block (suite names, smoke flag, device slug, ``partial``: the
+  run was interrupted, e.g. by gpu/run.sh's ``timeout -s INT``, stopped early, or had failed
+  tests, so benchmarks may be missing; ``partial_reason`` says which) into the JSON.
 * Drops the raw per-round timings (``stats.data``) from the JSON unless
   ``FASTVAE_BENCH_KEEP_DATA=1``, so stored results stay small.
 * Smoke mode (``FASTVAE_BENCH_SMOKE=1``) is reported in the header; on a CPU it also sets
@@ -25,6 +27,27 @@ if common.smoke_mode() and not common.on_gpu():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _FLAT_KEYS = ("device", "device_type", "torch", "triton", "onnxruntime", "driver", "cuda")
+_RUN = {"session": None, "interrupted": False}
+
+
+def pytest_sessionstart(session):
+    _RUN["session"] = session
+
+
+def pytest_keyboard_interrupt(excinfo):
+    # SIGINT (gpu/run.sh's cap): pytest-benchmark still writes what finished; it is marked partial
+    _RUN["interrupted"] = True
+
+
+def _partial_reason() -> str | None:
+    session = _RUN["session"]
+    if _RUN["interrupted"]:
+        return "interrupted"
+    if session is not None and session.shouldstop:
+        return f"stopped: {session.shouldstop}"
+    if session is not None and session.testsfailed:
+        return f"{session.testsfailed} test(s) failed"
+    return None
 
 
 def pytest_report_header(config):
@@ -63,9 +86,12 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         # keep the summary statistics only (set FASTVAE_BENCH_KEEP_DATA=1 to keep them).
         for bench in output_json.get("benchmarks", []):
             bench.get("stats", {}).pop("data", None)
+    reason = _partial_reason()
     output_json["fastvae"] = {
         "suites": suites,
         "smoke": common.smoke_mode(),
         "slug": common.device_slug(),
         "stat": "median",
+        "partial": reason is not None,
+        "partial_reason": reason,
     }

@@ -83,7 +83,7 @@ def _record(benchmark, impl: str, batch: int, setting: int | None, baseline: boo
         extra["p99_over_p50"] = extra["p99_us"] / extra["p50_us"]
     case = f"b{batch}" if setting is None else f"b{batch}-{setting}thread"
     annotate(benchmark, impl=impl, baseline=baseline, items=batch, case=case, batch=batch,
-             loadavg_1m=os.getloadavg()[0], process="own", **extra)
+             loadavg_1m=os.getloadavg()[0], process="own", device="cpu", **extra)
 
 
 @pytest.mark.parametrize("threads", THREADS, ids=["default-threads", "1thread"])

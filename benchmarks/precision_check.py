@@ -4,7 +4,9 @@
                [--precisions 32-true bf16-mixed]
 
 Writes one JSON object: device info, per precision the test -ELBO (nats), train time and epoch
-time, and each precision's relative -ELBO difference from 32-true (the goal: within 1%).
+time, and each precision's relative -ELBO difference from 32-true (the goal: within 1%), and
+``smoke``: true for fewer epochs than the protocol's 50 or with FASTVAE_BENCH_SMOKE set (a
+pipeline check, e.g. gpu/run.sh without CUDA: report.py store refuses it).
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import tempfile
 from pathlib import Path
 import time
 
-from common import device_info  # this folder is sys.path[0] when run as a script
+from common import device_info, smoke_mode  # this folder is sys.path[0] when run as a script
+
+PROTOCOL_EPOCHS = 50
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="JSON file to write")
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=PROTOCOL_EPOCHS)
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
     args = parser.parse_args(argv)
 
@@ -49,7 +53,8 @@ def main(argv=None) -> int:
         if base:
             run["rel_diff_vs_fp32"] = (run["test_neg_elbo"] - base) / base
     report = {"suite": "precision", "protocol": "digits, MLP 64-512-8, Bernoulli, batch 64, Adam 1e-3, seed 0",
-              "epochs": args.epochs, "accelerator": args.accelerator, "machine": device_info(), "runs": runs}
+              "epochs": args.epochs, "accelerator": args.accelerator,
+              "smoke": bool(smoke_mode() or args.epochs < PROTOCOL_EPOCHS), "machine": device_info(), "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({p: round(r.get("rel_diff_vs_fp32", 0.0), 5) for p, r in runs.items()}))

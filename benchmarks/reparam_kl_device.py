@@ -2,31 +2,43 @@
 
     python benchmarks/reparam_kl_device.py OUT.json [--budget-s 240] [--smoke] [--cpu]
            [--sizes 65536x64,4096x1024] [--dtypes fp32,bf16] [--impls fused,eager,compile]
+           [--compile-dynamic batch|all|none]
 
 Writes ``OUT.json`` (one object): ``gpu`` (or ``cpu``: the device's name),
-``torch``, ``triton``, ``date``, ``commit`` and ``records``, a list of
-``{B, D, dtype, impl, pass, device_us, host_us, e2e_us, bytes, copy_gbps, frac_of_copy}``, one
-per implementation (``fused`` | ``eager`` | ``compile``), pass (``fwd`` | ``fwd_bwd``: forward,
-then ``torch.autograd.grad`` of z and kl) and shape. It is rewritten after every record, so a run
-cut short keeps what it measured. ``benchmarks/report.py render`` turns it into a table and
-``reparam_kl_device.png``.
+``torch``, ``triton``, ``date``, ``commit``, ``smoke`` (tiny sizes / few calls: the figures
+mean nothing, and ``report.py store`` refuses the file), ``calls``, ``rounds``, ``replays`` (how
+much was timed), ``complete`` (false: the run stopped at ``--budget-s`` or was interrupted
+before its last size; ``stopped_before`` names the size), ``compile_dynamic`` and ``records``,
+a list of ``{B, D, dtype, impl, pass, device_us, host_us, e2e_us, bytes, kernel_bytes,
+copy_gbps, frac_of_copy, kernel_frac_of_copy}``, one per implementation (``fused`` | ``eager``
+| ``compile``), pass (``fwd`` | ``fwd_bwd``: forward, then ``torch.autograd.grad`` of z and kl)
+and shape. It is rewritten after every record, so a run cut short keeps what it measured.
+``benchmarks/report.py render`` turns it into a table and ``reparam_kl_device.png``.
 
 On a GPU (B in {65536, 262144, 4096} x D in {64, 256, 1024, 4096} x {fp32, bf16}, the acceptance
 sizes first):
 
 * ``device_us``: median over replays of a CUDA graph holding one call, timed with CUDA events,
-  with the L2 cache flushed (256 MB written) before each replay. The fused op reads its seed
+  with the L2 cache flushed before each replay by reading 256 MB (``common.L2Flush``: a write
+  flush would leave dirty lines to be written back inside the timed replay). The fused op reads its seed
   from a device tensor made before capture (the CUDA-graph kernel variant; the ~2 us seed draw
   of a training step is not in it); eager and compile draw eps with ``randn_like``.
 * ``host_us``: host (wall-clock) time per call while issuing 20 calls back to back, no graphs:
   what the Python, dispatch and launch path costs. ``e2e_us``: the same 20 calls up to the
   end of their GPU work, per call (host and device overlapping, as in a training loop).
-* ``bytes``: what the op must move at least (``common.reparam_kl_bytes``: each of mu, logvar,
-  z, kl, grad_z, grad_kl, grad_mu, grad_logvar once); ``copy_gbps``: a device-to-device copy of
-  that many bytes (read + write) timed the same way; ``frac_of_copy`` = bytes / device time /
-  copy bandwidth.
-* ``compile``: ``torch.compile`` (Inductor, default mode) of the eager math with batch and
-  latent sizes dynamic: one compilation per dtype and pass (``--compile-static``: per shape).
+* ``bytes``: what the op must move at least, the count the acceptance is stated on
+  (``common.reparam_kl_bytes``: each of mu, logvar, z, kl, grad_z, grad_kl, grad_mu,
+  grad_logvar once: 3 B x D passes + 4B for fwd, 6 + 8B for fwd_bwd); ``copy_gbps``: a
+  device-to-device copy of that many bytes (read + write) timed the same way; ``frac_of_copy`` =
+  bytes / device time / copy bandwidth.
+* ``kernel_bytes``: what the fused kernels themselves move (``common.reparam_kl_kernel_bytes``:
+  the backward kernel reads mu and logvar again, 8 passes + 8B for fwd_bwd; = ``bytes`` for
+  fwd); ``kernel_frac_of_copy`` = kernel_bytes / device time / copy bandwidth (the same copy).
+* ``compile``: ``torch.compile`` (Inductor, default mode) of the eager math with the batch
+  dimension dynamic (``mark_dynamic(mu, 0)``) and the latent size static, as the fused kernel is
+  specialised per D: one compilation per D, dtype and pass (``--compile-dynamic all``: B and D
+  symbolic, one per dtype and pass; ``none``: one per shape). Dynamo's recompile limit is
+  raised to 256 for this script (16 graphs at the default sizes).
 
 On a CPU (``--cpu``, or no CUDA) only host time means something: ``host_us`` is the thread CPU
 time per call of the fused op's whole host path with the Triton launch itself stubbed out
@@ -56,7 +68,8 @@ import torch  # noqa: E402
 
 from fastvae import run_folder  # noqa: E402
 
-from common import cpu_name, git_commit, reparam_kl_bytes, reparam_kl_eager, smoke_mode  # noqa: E402
+from common import (  # noqa: E402
+    L2Flush, cpu_name, git_commit, reparam_kl_bytes, reparam_kl_eager, reparam_kl_kernel_bytes, smoke_mode)
 
 GPU_B = (65536, 262144, 4096)  # acceptance sizes first: a run cut short keeps them
 GPU_D = (64, 256, 1024, 4096)
@@ -64,7 +77,8 @@ CPU_SIZES = ((8, 64), (8, 256))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("fused", "eager", "compile")
 PASSES = ("fwd_bwd", "fwd")
-FLUSH_BYTES = 256 << 20  # more than any L2 (H100/H200: 50-60 MB)
+FLUSH_BYTES = 256 << 20  # more than any L2 (H100/H200: 50-60 MB), read before each replay
+COMPILE_DYNAMIC = ("batch", "all", "none")  # --compile-dynamic: which sizes torch.compile keeps symbolic
 
 
 def _versions() -> dict:
@@ -73,12 +87,18 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "triton": triton.__version__}
 
 
-def make_op(impl: str, dynamic: bool = True):
-    """(mu, logvar) -> (z, kl) for one implementation."""
+def make_op(impl: str, dynamic: str = "batch"):
+    """(mu, logvar) -> (z, kl) for one implementation. ``dynamic`` (compile only): ``batch``
+    (static shapes but for the dimensions :func:`mark_batch_dynamic` marks: B symbolic, D
+    specialised), ``all`` (B and D symbolic) or ``none`` (one graph per shape)."""
     if impl == "eager":
         return reparam_kl_eager
     if impl == "compile":
-        return torch.compile(reparam_kl_eager, dynamic=dynamic)
+        if dynamic not in COMPILE_DYNAMIC:
+            raise ValueError(f"dynamic must be one of {COMPILE_DYNAMIC}, got {dynamic!r}")
+        # dynamic=False: no automatic dynamic shapes (a second D would turn D symbolic), while
+        # the mark_dynamic'd batch dimension stays symbolic
+        return torch.compile(reparam_kl_eager, dynamic=dynamic == "all")
     from fastvae.kernels import reparameterize_kl
 
     return reparameterize_kl
@@ -91,6 +111,12 @@ def make_inputs(B: int, D: int, dtype, device, grad: bool):
     gz = torch.randn(B, D, device=device, generator=g).to(dtype)
     gkl = torch.randn(B, device=device, generator=g)
     return mu, logvar, gz, gkl
+
+
+def mark_batch_dynamic(*tensors) -> None:
+    """The batch dimension of the compiled op's inputs symbolic (``--compile-dynamic batch``)."""
+    for t in tensors:
+        torch._dynamo.mark_dynamic(t, 0)
 
 
 def one_call(op, mode: str, mu, logvar, gz, gkl, **op_kwargs):
@@ -108,8 +134,9 @@ def one_call(op, mode: str, mu, logvar, gz, gkl, **op_kwargs):
 # --------------------------------------------------------------------------- GPU timing
 
 
-def graph_device_us(fn, flush: torch.Tensor, replays: int) -> float:
-    """Median microseconds of one CUDA-graph replay of ``fn``, L2 flushed before each."""
+def graph_device_us(fn, flush, replays: int) -> float:
+    """Median microseconds of one CUDA-graph replay of ``fn``; ``flush()`` (a
+    ``common.L2Flush``: it reads, so no dirty lines are left) runs before each, untimed."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
@@ -123,7 +150,7 @@ def graph_device_us(fn, flush: torch.Tensor, replays: int) -> float:
               for _ in range(replays)]
     graph.replay()  # first replay uploads the graph
     for start, end in events:
-        flush.zero_()
+        flush()
         start.record()
         graph.replay()
         end.record()
@@ -153,7 +180,7 @@ def host_e2e_us(fn, calls: int = 20, rounds: int = 5) -> tuple[float, float]:
 _copy_cache: dict[int, float] = {}
 
 
-def copy_gbps(nbytes: int, flush: torch.Tensor, replays: int) -> float:
+def copy_gbps(nbytes: int, flush, replays: int) -> float:
     """Bandwidth (GB/s, read + write) of a device-to-device copy moving ``nbytes``."""
     if nbytes not in _copy_cache:
         src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device="cuda")
@@ -164,7 +191,7 @@ def copy_gbps(nbytes: int, flush: torch.Tensor, replays: int) -> float:
     return _copy_cache[nbytes]
 
 
-def gpu_case(B, D, name, impl, mode, ops, flush, replays) -> dict | None:
+def gpu_case(B, D, name, impl, mode, ops, flush, replays, compile_dynamic="batch") -> dict | None:
     """One record on the GPU, or None (skipped: not enough memory)."""
     dtype = DTYPES[name]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -174,6 +201,8 @@ def gpu_case(B, D, name, impl, mode, ops, flush, replays) -> dict | None:
         print(f"  skip B={B} D={D} {name} {impl} {mode}: needs ~{need / 2**30:.0f} GiB", flush=True)
         return None
     mu, logvar, gz, gkl = make_inputs(B, D, dtype, "cuda", mode == "fwd_bwd")
+    if impl == "compile" and compile_dynamic == "batch":
+        mark_batch_dynamic(mu, logvar)
     op = ops[impl]
     graph_kwargs = {"seed": torch.tensor(12345, device="cuda")} if impl == "fused" else {}
     device_us = graph_device_us(one_call(op, mode, mu, logvar, gz, gkl, **graph_kwargs), flush, replays)
@@ -183,7 +212,7 @@ def gpu_case(B, D, name, impl, mode, ops, flush, replays) -> dict | None:
     del mu, logvar, gz, gkl
     torch.cuda.empty_cache()
     return record(B, D, name, impl, mode, device_us=device_us, host_us=host_us, e2e_us=e2e_us,
-                  nbytes=nbytes, copy=copy)
+                  nbytes=nbytes, kernel_nbytes=reparam_kl_kernel_bytes(B, D, itemsize, mode), copy=copy)
 
 
 # --------------------------------------------------------------------------- CPU timing
@@ -240,7 +269,8 @@ def cpu_cases(sizes, dtypes, impls, calls: int, rounds: int) -> tuple[list[dict]
                     itemsize = mu.element_size()
                     for impl in impls:
                         out.append(record(B, D, name, impl, mode, host_us=host[impl],
-                                          nbytes=reparam_kl_bytes(B, D, itemsize, mode)))
+                                          nbytes=reparam_kl_bytes(B, D, itemsize, mode),
+                                          kernel_nbytes=reparam_kl_kernel_bytes(B, D, itemsize, mode)))
                         print(_line(out[-1]), flush=True)
                     for impl in floors:
                         floor.append({"B": B, "D": D, "dtype": name, "pass": mode, "impl": impl,
@@ -252,13 +282,19 @@ def cpu_cases(sizes, dtypes, impls, calls: int, rounds: int) -> tuple[list[dict]
 # --------------------------------------------------------------------------- records
 
 
-def record(B, D, dtype, impl, mode, *, host_us, nbytes, device_us=None, e2e_us=None, copy=None):
-    frac = None
+def record(B, D, dtype, impl, mode, *, host_us, nbytes, kernel_nbytes=None, device_us=None, e2e_us=None,
+           copy=None):
+    """One record; ``nbytes``: the op's required bytes (the acceptance count), ``kernel_nbytes``:
+    the fused kernels' own traffic (default: ``nbytes``)."""
+    kernel_nbytes = nbytes if kernel_nbytes is None else kernel_nbytes
+    frac = kernel_frac = None
     if device_us is not None and copy is not None:
         frac = nbytes / (device_us * 1e-6) / 1e9 / copy
+        kernel_frac = kernel_nbytes / (device_us * 1e-6) / 1e9 / copy
     return {"B": B, "D": D, "dtype": dtype, "impl": impl, "pass": mode,
             "device_us": _round(device_us), "host_us": _round(host_us), "e2e_us": _round(e2e_us),
-            "bytes": nbytes, "copy_gbps": _round(copy), "frac_of_copy": _round(frac, 4)}
+            "bytes": nbytes, "kernel_bytes": kernel_nbytes, "copy_gbps": _round(copy),
+            "frac_of_copy": _round(frac, 4), "kernel_frac_of_copy": _round(kernel_frac, 4)}
 
 
 def _round(x, digits=2):
@@ -273,13 +309,18 @@ def _line(r: dict) -> str:
             f"{dev}host {r['host_us']:7.1f} us{e2e}{frac}")
 
 
-def write(path: Path, device_key: str, device_name: str, records: list[dict], **extra) -> None:
-    """The result object, written atomically; ``extra``: more top-level lists (``host_floor``)."""
+def write(path: Path, device_key: str, device_name: str, records: list[dict], *, smoke: bool,
+          complete: bool, **extra) -> None:
+    """The result object, written atomically; ``smoke``: a smoke run (report.py store refuses
+    it); ``complete``: every size was measured; ``extra``: more top-level fields (``calls``,
+    ``rounds``, ``replays``, ``stopped_before``, ``host_floor``)."""
     from datetime import datetime, timezone
 
     data = {device_key: device_name, **_versions(),
             "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-            "commit": git_commit()["id"], "records": records, **extra}
+            "commit": git_commit()["id"], "smoke": bool(smoke), "complete": bool(complete),
+            **{k: v for k, v in extra.items() if k != "host_floor"}, "records": records,
+            **({"host_floor": extra["host_floor"]} if "host_floor" in extra else {})}
     run_folder.write_text(path, json.dumps(data, indent=1) + "\n")
 
 
@@ -298,21 +339,25 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--replays", type=int, default=20)
-    parser.add_argument("--compile-static", action="store_true",
-                        help="compile per shape instead of once per dtype and pass")
+    parser.add_argument("--compile-dynamic", choices=COMPILE_DYNAMIC, default="batch",
+                        help="torch.compile's symbolic sizes: batch (default: B symbolic, D specialised, "
+                             "one graph per D, dtype and pass), all (B and D), none (one graph per shape)")
+    parser.add_argument("--compile-static", action="store_true", help="the same as --compile-dynamic none")
     args = parser.parse_args(argv)
     smoke = args.smoke or smoke_mode()
     dtypes = [d for d in args.dtypes.split(",") if d]
     impls = [i for i in args.impls.split(",") if i]
+    compile_dynamic = "none" if args.compile_static else args.compile_dynamic
     started = time.perf_counter()
 
     if args.cpu or not torch.cuda.is_available():
         torch.set_num_threads(1)
         impls = [i for i in impls if i != "compile"]  # Inductor's C++ path: not the GPU's
         sizes = args.sizes or (CPU_SIZES[:1] if smoke else CPU_SIZES)
-        records, floor = cpu_cases(sizes, dtypes[:1] if smoke else dtypes, impls,
-                                   calls=20 if smoke else 2000, rounds=2 if smoke else 9)
-        write(args.out, "cpu", cpu_name(), records, host_floor=floor)
+        calls, rounds = (20, 2) if smoke else (2000, 9)
+        records, floor = cpu_cases(sizes, dtypes[:1] if smoke else dtypes, impls, calls=calls, rounds=rounds)
+        write(args.out, "cpu", cpu_name(), records, smoke=smoke, complete=True, calls=calls, rounds=rounds,
+              replays=None, host_floor=floor)
         print(f"reparam_kl_device: {len(records)} CPU records -> {args.out}")
         return 0
 
@@ -320,25 +365,34 @@ def main(argv=None) -> int:
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, 256)
     sizes = args.sizes or ([(4096, 64)] if smoke else [(B, D) for B in GPU_B for D in GPU_D])
-    ops = {impl: make_op(impl, dynamic=not args.compile_static) for impl in impls}
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    ops = {impl: make_op(impl, dynamic=compile_dynamic) for impl in impls}
+    flush = L2Flush(FLUSH_BYTES, "cuda")
     replays = 3 if smoke else args.replays
     records: list[dict] = []
     name = torch.cuda.get_device_name()
-    for B, D in sizes:
-        if time.perf_counter() - started > args.budget_s:
-            print(f"reparam_kl_device: budget of {args.budget_s:.0f} s spent; stopping before B={B} D={D}")
-            break
-        for dtype in dtypes:
-            for impl in impls:
-                for mode in PASSES:
-                    r = gpu_case(B, D, dtype, impl, mode, ops, flush, replays)
-                    if r is not None:
-                        records.append(r)
-                        print(_line(r), flush=True)
-                        write(args.out, "gpu", name, records)
-    write(args.out, "gpu", name, records)
-    print(f"reparam_kl_device: {len(records)} records in {time.perf_counter() - started:.0f} s -> {args.out}")
+    state = {"smoke": smoke, "calls": 20, "rounds": 5, "replays": replays, "compile_dynamic": compile_dynamic}
+    stopped = None
+    try:
+        for B, D in sizes:
+            if time.perf_counter() - started > args.budget_s:
+                print(f"reparam_kl_device: budget of {args.budget_s:.0f} s spent; stopping before B={B} D={D}")
+                stopped = f"B={B} D={D}"
+                break
+            stopped = f"B={B} D={D}"  # until this size is done: what an interruption cuts
+            for dtype in dtypes:
+                for impl in impls:
+                    for mode in PASSES:
+                        r = gpu_case(B, D, dtype, impl, mode, ops, flush, replays, compile_dynamic)
+                        if r is not None:
+                            records.append(r)
+                            print(_line(r), flush=True)
+                            write(args.out, "gpu", name, records, complete=False, stopped_before=stopped, **state)
+            stopped = None
+    except KeyboardInterrupt:  # gpu/run.sh's cap (timeout -s INT): keep what was measured, marked partial
+        print(f"reparam_kl_device: interrupted at {stopped}; keeping the {len(records)} records so far")
+    write(args.out, "gpu", name, records, complete=stopped is None, stopped_before=stopped, **state)
+    print(f"reparam_kl_device: {len(records)} records in {time.perf_counter() - started:.0f} s -> {args.out}"
+          + ("" if stopped is None else f" (partial: stopped before {stopped})"))
     return 0
 
 

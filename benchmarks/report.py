@@ -96,6 +96,20 @@ class Run:
             info["git_commit"] = commit.get("id")
         return info
 
+    @property
+    def smoke(self) -> bool:
+        """A smoke run (tiny sizes): its figures mean nothing."""
+        block = self.data.get("fastvae") or {}
+        return bool(self.info.get("smoke") or block.get("smoke"))
+
+    @property
+    def partial(self) -> str | None:
+        """Why the run's data is incomplete (interrupted, e.g. by a time cap; failed tests), or None."""
+        block = self.data.get("fastvae") or {}
+        if not block.get("partial"):
+            return None
+        return str(block.get("partial_reason") or "cut short")
+
 
 def suite_of(path: Path) -> str:
     """``results/x/reparam_kl.json`` -> ``reparam_kl``; ``test_bench_train.json`` -> ``train``."""
@@ -215,7 +229,10 @@ def _x(ratio: float) -> str:
 
 # Ratios a benchmark measured itself, side by side in one timed call (interleaved epochs):
 # extra_info key -> label in the table.
-MEASURED_RATIOS = {"speedup": "speedup", "per_step_read_cost": "per-step-read cost",
+MEASURED_RATIOS = {"speedup": "speedup",
+                   "speedup_vs_plain_deferred_read": "vs plain reading every 32 steps",
+                   "speedup_vs_plain_compile_fused_adam": "vs plain compile + fused Adam",
+                   "per_step_read_cost": "per-step-read cost",
                    "time_ratio": "time ratio", "time_ratio_vs_fused_adam": "vs fused Adam",
                    "speedup_p50": "p50 speedup", "p99_over_p50": "p99/p50", "seeded_speedup": "seeded"}
 
@@ -286,9 +303,37 @@ def header_lines(runs: list[Run]) -> list[str]:
         lines.append(f"- git commit: {commits.pop()}")
     else:  # suites stored from different runs: say which code made which file
         lines.append("- git commits: " + ", ".join(f"{r.path.name} {commit_of(r.info)}" for r in runs))
-    if info.get("smoke"):
+    smoke = [r.path.name for r in runs if r.smoke]
+    if smoke and len(smoke) == len(runs):
         lines.append("- **smoke run (tiny sizes): the figures mean nothing**")
+    elif smoke:
+        lines.append(f"- **smoke run (tiny sizes): the figures of {', '.join(smoke)} mean nothing**")
+    elif not runs and info.get("smoke"):
+        lines.append("- **smoke run (tiny sizes): the figures mean nothing**")
+    for r in runs:
+        if r.partial:
+            lines.append(f"- **partial: {r.path.name} is incomplete ({r.partial}): benchmarks may be missing**")
     return lines
+
+
+def extra_flag_lines(folder: Path) -> list[str]:
+    """Warnings about the extras in ``folder`` (not tables): smoke files (the heuristics of
+    :func:`_smoke_extras`) and extras whose JSON says they stopped early (``complete``: false)."""
+    lines = [f"- **smoke run: {name} comes from a smoke run (tiny sizes); its figures mean nothing**"
+             for name in _smoke_extras(folder) if name != DEVICE_RESULT]
+    for name in EXTRA_RESULTS:
+        data = _read_json(folder / name)
+        if isinstance(data, dict) and data.get("complete") is False and name != DEVICE_RESULT:
+            where = f"; stopped before {data['stopped_before']}" if data.get("stopped_before") else ""
+            lines.append(f"- **partial: {name} stopped at its time budget or was interrupted{where}**")
+    return lines
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf8"))
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- render
@@ -340,13 +385,16 @@ def write_chart(runs: list[Run], png: Path, stat: str = STAT) -> Path:
     return png
 
 
-def render_markdown(runs: list[Run], png_name: str | None = "ratios.png", stat: str = STAT) -> str:
+def render_markdown(runs: list[Run], png_name: str | None = "ratios.png", stat: str = STAT,
+                    notes: Iterable[str] = ()) -> str:
+    """The folder's README: header (device, versions, commit; smoke and partial marks, and
+    ``notes``: lines about the extras), then one table per suite."""
     info = runs[0].info if runs else {}
     title = info.get("device") or "unknown device"
     out = [f"# Benchmark results: {title}", "",
            "Made by `benchmarks/report.py render` from the JSON files in this folder "
            f"({stat} time per call; speedup = baseline time / time, same run).", ""]
-    out += header_lines(runs) + [""]
+    out += header_lines(runs) + list(notes) + [""]
     if png_name:
         out += [f"![speedups]({png_name})", ""]
     if not runs:
@@ -367,10 +415,11 @@ def render(folder: Path | str, md: Path | None = None, png: Path | None = None,
     png_rel = png.name if png.parent.resolve() == md.parent.resolve() else str(png)
     md.parent.mkdir(parents=True, exist_ok=True)
     device = load_device_result(folder)
-    text = render_markdown(runs, png_rel, stat) if runs or device is None else ""
+    notes = extra_flag_lines(folder)
+    text = render_markdown(runs, png_rel, stat, notes) if runs or device is None else ""
     if device is not None:  # its own table and chart, after the suites' (or alone)
         chart = write_device_chart(device, md.parent / DEVICE_PNG)
-        section = device_markdown(device, chart.name, header=not runs)
+        section = device_markdown(device, chart.name, header=not runs, notes=notes if not runs else ())
         text = (text.rstrip() + "\n\n" + section) if text else section
     md.write_text(text, encoding="utf8")
     return md, png
@@ -414,25 +463,48 @@ def _ratio(num: Any, den: Any) -> float | None:
     return num / den if ok else None
 
 
-def device_markdown(data: dict[str, Any], png_name: str, header: bool = True) -> str:
+def device_is_smoke(data: dict[str, Any]) -> bool:
+    """A smoke device-time result: its ``smoke`` flag; older files carry none, and a CPU smoke
+    run there has one size and one dtype (at most 4 records)."""
+    if "smoke" in data:
+        return bool(data["smoke"])
+    return "cpu" in data and len(data.get("records", [])) <= 4
+
+
+def device_markdown(data: dict[str, Any], png_name: str, header: bool = True,
+                    notes: Iterable[str] = ()) -> str:
     """The device-time table: per case and implementation device time, % of a copy's
-    bandwidth, speedups over eager and torch.compile (device time), host and end-to-end time."""
+    bandwidth (on the op's required bytes, and on the kernels' own traffic where recorded),
+    speedups over eager and torch.compile (device time), host and end-to-end time."""
     gpu = "gpu" in data
     out = []
     if header:
         name = data.get("gpu") or data.get("cpu") or "unknown device"
         out += [f"# Benchmark results: {name}", ""]
+        if notes:
+            out += list(notes) + [""]
     out += ["## reparam_kl_device", "",
             f"From `{DEVICE_RESULT}` ({'GPU' if gpu else 'CPU'}: {data.get('gpu') or data.get('cpu')}; "
             f"torch {data.get('torch')}, triton {data.get('triton')}, {data.get('date')}, "
             f"commit {_short(data.get('commit'))}); made by `benchmarks/reparam_kl_device.py`, "
             "whose docstring says how each figure is measured.", ""]
+    if device_is_smoke(data):
+        out += ["**Smoke run (tiny sizes, few calls): the figures mean nothing.**", ""]
+    if data.get("complete") is False:
+        where = f" before {data['stopped_before']}" if data.get("stopped_before") else ""
+        out += [f"**Partial: the run stopped at its time budget or was interrupted{where}; "
+                "later sizes are missing.**", ""]
+    kernel = gpu and any(isinstance(r.get("kernel_frac_of_copy"), (int, float)) for r in data["records"])
     if gpu:
         out += ["Device time: median CUDA-graph replay, L2 flushed before each. % of copy: bytes "
                 "the op must move / device time, over a device-to-device copy of those bytes. "
-                "Host / e2e: per call of 20 back-to-back calls without graphs.", ""]
-        heads = ["B", "D", "dtype", "pass", "impl", "device time", "% of copy", "vs eager",
-                 "vs compile", "host", "e2e", "e2e vs eager"]
+                + ("% of copy (kernel traffic): the same with the fused kernels' own traffic "
+                   "(the backward re-reads mu and logvar: 8 B x D passes for fwd_bwd, not 6). "
+                   if kernel else "")
+                + "Host / e2e: per call of 20 back-to-back calls without graphs.", ""]
+        heads = ["B", "D", "dtype", "pass", "impl", "device time", "% of copy"]
+        heads += ["% of copy (kernel traffic)"] if kernel else []
+        heads += ["vs eager", "vs compile", "host", "e2e", "e2e vs eager"]
     else:
         out += ["Host time only (a CPU): thread CPU time per call; the fused op's launch itself "
                 "is stubbed out, eager is the torch math on the same tiny tensors.", ""]
@@ -445,10 +517,10 @@ def device_markdown(data: dict[str, Any], png_name: str, header: bool = True) ->
             us, x = _fmt_us, _fmt_ratio
             cells = [str(B), str(D), dtype, mode, impl]
             if gpu:
-                frac = r.get("frac_of_copy")
-                cells += [us(r.get("device_us")),
-                          fmt_num(100 * frac, 3, " %") if isinstance(frac, (int, float)) else "—",
-                          x(_ratio(eager.get("device_us"), r.get("device_us"))),
+                pct = [r.get("frac_of_copy")] + ([r.get("kernel_frac_of_copy")] if kernel else [])
+                cells += [us(r.get("device_us"))]
+                cells += [fmt_num(100 * f, 3, " %") if isinstance(f, (int, float)) else "—" for f in pct]
+                cells += [x(_ratio(eager.get("device_us"), r.get("device_us"))),
                           x(_ratio(compiled.get("device_us"), r.get("device_us"))),
                           us(r.get("host_us")), us(r.get("e2e_us")),
                           x(_ratio(eager.get("e2e_us"), r.get("e2e_us")))]
@@ -532,9 +604,12 @@ class Change:
 
 
 def _pairs(old: Path, new: Path) -> list[tuple[Path, Path]]:
+    """(old, new) suite JSONs: two files, or the suites two folders have in common (by file
+    name; the extras, machine.json and the device-time result are not suites: skipped)."""
     if old.is_dir() and new.is_dir():
         names = sorted({p.name for p in old.glob("*.json")} & {p.name for p in new.glob("*.json")})
-        return [(old / n, new / n) for n in names]
+        skip = set(EXTRA_RESULTS) | {MACHINE_JSON, DEVICE_RESULT}
+        return [(old / n, new / n) for n in names if n not in skip]
     if old.is_dir() or new.is_dir():
         raise SystemExit("compare: give two files or two folders")
     return [(old, new)]
@@ -550,7 +625,11 @@ def compare(old: Path | str, new: Path | str, threshold: float = 0.10, stat: str
     if not pairs:
         print(f"compare: no suite in common between {old} and {new}", file=out)
     for old_path, new_path in pairs:
-        a, b = load_run(old_path, stat), load_run(new_path, stat)
+        try:
+            a, b = load_run(old_path, stat), load_run(new_path, stat)
+        except (ValueError, json.JSONDecodeError) as exc:  # a folder's other JSON: not a suite
+            print(f"compare: skipping {old_path.name}: {exc}", file=out)
+            continue
         if a.suite != b.suite:  # two files of differently named suites: key by name only
             for r in a.rows:
                 r.suite = b.suite
@@ -558,6 +637,13 @@ def compare(old: Path | str, new: Path | str, threshold: float = 0.10, stat: str
         if da and db and da != db:
             print(f"warning: {b.suite}: devices differ ({da} vs {db}); times do not compare",
                   file=out)
+        for side, run in (("old", a), ("new", b)):
+            if run.smoke:
+                print(f"warning: {b.suite}: the {side} run ({run.path}) is a smoke run (tiny sizes); "
+                      "its times mean nothing", file=out)
+            if run.partial:
+                print(f"warning: {b.suite}: the {side} run ({run.path}) is partial ({run.partial}); "
+                      "missing benchmarks show as GONE/NEW", file=out)
         old_rows = {r.key: r for r in a.rows}
         new_rows = {r.key: r for r in b.rows}
         faster = []
@@ -655,6 +741,11 @@ def _store(src: Path, results: Path | str, threshold: float, stat: str, out, for
     if len(slugs) != 1:
         raise SystemExit(f"store: expected one device slug in {src}, found {sorted(slugs)}")
     dest = Path(results) / slugs.pop()
+    shrinking = _shrinking_extras(src, dest, extras)
+    if shrinking and not force:
+        print(f"store: {'; '.join(shrinking)} would replace a stored file that holds more; nothing "
+              f"stored (--force replaces it anyway)", file=out)
+        return None
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
@@ -696,17 +787,57 @@ def _extra_slugs(src: Path, device: dict | None) -> set[str]:
     return slugs - {None, ""}
 
 
+def _flag_or(d: dict, fallback: bool) -> bool:
+    """``d["smoke"]`` where the file has the flag, else ``fallback`` (older files)."""
+    return bool(d["smoke"]) if "smoke" in d else bool(fallback)
+
+
+# name -> is-smoke test of its JSON; older files without a ``smoke`` flag: heuristics
+SMOKE_CHECKS = {
+    "tile_sweep.json": lambda d: d.get("smoke"),
+    # the protocol is 50 epochs; run.sh's no-CUDA branch runs 2 (older files: the count says it)
+    "precision.json": lambda d: _flag_or(d, d.get("machine", {}).get("smoke") or d.get("epochs", 50) < 50),
+    # --smoke / a CPU fallback of the GPU step (older files: a CPU smoke run has one size, one
+    # dtype: at most 4 records)
+    DEVICE_RESULT: lambda d: device_is_smoke(d),
+    # --smoke: 2 steps per model (older files: a couple of steps each)
+    "photo_quality.json": lambda d: _flag_or(d, d.get("machine", {}).get("smoke") or any(
+        isinstance(m, dict) and m.get("steps", 3) <= 2 for m in (d.get("models") or {}).values())),
+}
+
+
 def _smoke_extras(src: Path) -> list[str]:
     """The extras of ``src`` written by a smoke (CPU pipeline) run."""
     found = []
-    for name, is_smoke in (("tile_sweep.json", lambda d: d.get("smoke")),
-                           ("precision.json", lambda d: d.get("machine", {}).get("smoke"))):
+    for name, is_smoke in SMOKE_CHECKS.items():
+        data = _read_json(src / name)
         try:
-            if is_smoke(json.loads((src / name).read_text(encoding="utf8"))):
+            if isinstance(data, dict) and is_smoke(data):
                 found.append(name)
-        except (OSError, ValueError, AttributeError):
+        except (AttributeError, TypeError):
             continue
     return found
+
+
+def _record_count(name: str, data: Any) -> int | None:
+    """How many measurements an extra holds (records, results, precisions), or None."""
+    if not isinstance(data, dict):
+        return None
+    for key in ("records", "results", "runs", "models"):
+        if isinstance(data.get(key), (list, dict)):
+            return len(data[key])
+    return None
+
+
+def _shrinking_extras(src: Path, dest: Path, names: Iterable[str]) -> list[str]:
+    """The extras of ``src`` that would replace a file in ``dest`` holding more records."""
+    out = []
+    for name in names:
+        new = _record_count(name, _read_json(src / name))
+        old = _record_count(name, _read_json(dest / name)) if (dest / name).is_file() else None
+        if new is not None and old is not None and new < old:
+            out.append(f"{name} ({new} records; the stored one has {old})")
+    return out
 
 
 # --------------------------------------------------------------------------- summary
@@ -721,16 +852,22 @@ def summary(folders: Iterable[Path | str], stat: str = STAT) -> str:
         runs = load_dir(folder, stat)
         device = (runs[0].info.get("device") if runs else None) or folder.name
         cells: dict[tuple[str, str, str, str], str] = {}
+        marks = []
         for run in runs:
             baselines = {(r.group, r.case): r.impl for r in run.rows if r.baseline}
+            # smoke (tiny sizes) and partial (cut short) data carry their mark in every cell
+            mark = " (smoke)" if run.smoke else " (partial)" if run.partial else ""
+            if mark:
+                marks.append(f"{mark.strip(' ()')}: {run.suite}")
             for r in run.rows:
                 if r.baseline or r.speedup is None:
                     continue
                 key = (run.suite, r.group, r.case, f"{r.impl} vs {baselines[(r.group, r.case)]}")
-                cells[key] = _x(r.speedup)
+                cells[key] = _x(r.speedup) + mark
                 if key not in order:
                     order.append(key)
-        cols.append((f"{device} ([table]({folder.as_posix()}/README.md))", cells))
+        note = f"; {', '.join(marks)}" if marks else ""
+        cols.append((f"{device} ([table]({folder.as_posix()}/README.md){note})", cells))
     if not order:
         return "_no speedup ratios recorded yet_\n"
     lines = ["| suite | group | case | comparison | " + " | ".join(h for h, _ in cols) + " |",
@@ -781,7 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", type=Path)
     p.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--threshold", type=float, default=0.10)
-    p.add_argument("--force", action="store_true", help="store smoke runs too")
+    p.add_argument("--force", action="store_true",
+                   help="store smoke runs too, and extras with fewer records than the stored ones")
     p = sub.add_parser("summary", parents=[stat_opt], help="markdown speedup table across result folders")
     p.add_argument("folders", type=Path, nargs="+")
     p.add_argument("--readme", type=Path,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -374,19 +375,22 @@ def test_gpu_reparam_kl_share(benchmark, size, batch):
 
 
 def _cuda_ms(fn, iters: int = pick(smoke=1, cpu=20, gpu=20)) -> float:
-    """Mean milliseconds per call: CUDA events on a GPU, perf_counter in CPU smoke mode."""
+    """Median milliseconds per call (the suites' convention): CUDA events around each call on
+    a GPU, perf_counter per call in CPU smoke mode."""
     if not on_gpu():
-        start = time.perf_counter()
+        times = []
         for _ in range(iters):
+            start = time.perf_counter()
             fn()
-        return (time.perf_counter() - start) * 1e3 / iters
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
         fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)

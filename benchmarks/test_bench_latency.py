@@ -124,4 +124,4 @@ def test_alternating_in_one_process(benchmark, decoder_dir, batch):
         extra[f"{name}_p50_us"], extra[f"{name}_p99_us"] = percentile(values, 0.5) * 1e6, percentile(values, 0.99) * 1e6
     extra["speedup_p50"] = extra["torch_p50_us"] / extra["onnxruntime_p50_us"]
     annotate(benchmark, impl="torch+onnxruntime", items=2 * batch, case=f"b{batch}",
-             loadavg_1m=os.getloadavg()[0], **extra)
+             loadavg_1m=os.getloadavg()[0], device="cpu", **extra)

@@ -2,15 +2,23 @@
 
 Modes: ``fwd`` (z, kl) and ``fwd_bwd`` (plus dmu, dlogvar via ``torch.autograd.grad``, so no
 ``.grad`` accumulation traffic). Eager and compiled variants draw ``eps = randn_like(mu)`` and
-let autograd keep it, the usual way; the fused op regenerates it in its backward.
+let autograd keep it, the usual way; the fused op is called with ``seed=None``, drawing its seed
+per call as a training step does, and regenerates eps in its backward.
 
 GPU: B in {4096, 65536} x D in {64, 256, 1024} x {fp32, bf16} (marked ``gpu``). Each timed call
 runs the op ``repeat`` times and then synchronizes: wall-clock time, host and device together
 (``benchmarks/reparam_kl_device.py`` measures device time apart, from CUDA-graph replays with
-the L2 flushed, and host time apart). ``extra_info`` holds ``bandwidth_GBps`` (the bytes one call
-must move, ``common.reparam_kl_bytes``, over the median time), ``copy_bandwidth_GBps`` (a torch
-copy of the same bytes timed with CUDA events in the same run), ``bandwidth_fraction_of_copy``
-and ``peak_memory_MB`` (``torch.cuda.max_memory_allocated`` of one call, inputs included).
+the L2 flushed, and host time apart: device-time bandwidth figures come from there).
+``extra_info`` holds ``bandwidth_GBps`` (the bytes one call must move, ``common.reparam_kl_bytes``,
+the acceptance count, over the median time), ``kernel_bytes`` and ``kernel_bandwidth_GBps`` (the
+fused kernels' own traffic, ``common.reparam_kl_kernel_bytes``: the backward re-reads mu and
+logvar), ``copy_bandwidth_GBps`` (a torch copy of the same bytes timed the same way: wall clock
+over ``repeat`` back-to-back copies and a sync, median of rounds; ``copy_clock``: ``"wall"``),
+``bandwidth_fraction_of_copy`` (both wall clock) and ``peak_memory_MB``
+(``torch.cuda.max_memory_allocated`` of one call, inputs included). ``host_bound``: true where
+the time per call does not grow with the bytes (under 1.5x the same implementation's, pass's,
+D's and dtype's time at the smallest B, for 16x the bytes): the wall clock measures the host
+path there, so such records carry no bandwidth fractions.
 
 CPU: tiny sizes, eager vs compile only (the kernel under Triton's interpreter says nothing
 about speed). With ``--benchmark-disable`` or ``FASTVAE_BENCH_SMOKE=1`` on a CPU this is a smoke
@@ -19,10 +27,13 @@ the fused op runs once only if the interpreter is on (TRITON_INTERPRET=1 before 
 """
 
 import functools
+import statistics
+import time
 
 import pytest
 import torch
-from common import bench_device, on_gpu, peak_bandwidth_gbps, reparam_kl_bytes, reparam_kl_eager, smoke_mode
+from common import (bench_device, on_gpu, peak_bandwidth_gbps, reparam_kl_bytes, reparam_kl_eager,
+                    reparam_kl_kernel_bytes, smoke_mode)
 
 import fastvae.kernels as fk
 from fastvae.kernels import reparameterize_kl
@@ -54,7 +65,7 @@ torch_math = reparam_kl_eager  # eps = randn_like(mu), kept by autograd
 
 
 def fused(mu, logvar):
-    return reparameterize_kl(mu, logvar, seed=0)
+    return reparameterize_kl(mu, logvar, seed=None)  # a seed drawn per call, as in training
 
 
 _compiled = {}
@@ -73,22 +84,49 @@ def _sync():
 
 @functools.lru_cache(maxsize=None)
 def copy_bandwidth_gbps(nbytes, repeat=1, rounds=20):
-    """Bandwidth of a plain device copy moving ``nbytes`` (read + write): median over CUDA-event
-    rounds of ``repeat`` back-to-back copies, the same batching the op is timed with."""
+    """Bandwidth of a plain device copy moving ``nbytes`` (read + write), timed as the op is:
+    wall clock over ``repeat`` back-to-back copies and a sync, median over rounds (after 3
+    warm-up rounds). The op's wall-clock time over this: one clock for both."""
     src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     times = []
     for i in range(rounds + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        _sync()
+        start = time.perf_counter()
         for _ in range(repeat):
             dst.copy_(src)
-        end.record()
-        end.synchronize()
+        _sync()
         if i >= 3:  # warm-up
-            times.append(start.elapsed_time(end) / 1e3 / repeat)
-    times.sort()
-    return 2 * src.numel() / times[len(times) // 2] / 1e9
+            times.append((time.perf_counter() - start) / repeat)
+    return 2 * src.numel() / statistics.median(times) / 1e9
+
+
+# per-call seconds of finished records, and their extra_info, by (impl, mode, D, dtype): B
+_per_call: dict = {}
+HOST_BOUND_GROWTH = 1.5  # 16x the bytes in under 1.5x the time: the host path, not the bytes
+
+
+def mark_host_bound(key, B, per_call, info) -> None:
+    """Compare with the records of the same key at other batch sizes: the larger of two whose
+    time per call grew less than HOST_BOUND_GROWTH is host-bound (and so is the smaller one
+    then); such records lose their bandwidth fractions (they would describe the host path)."""
+    seen = _per_call.setdefault(key, {})
+    seen[B] = (per_call, info)
+    smallest = min(seen)
+    if smallest == B:  # the reference came now: decide every larger one already measured
+        targets = [b for b in seen if b != B]
+    else:
+        targets = [B]
+    for b in targets:
+        large_time, large_info = seen[b]
+        small_time, small_info = seen[smallest]
+        bound = large_time < HOST_BOUND_GROWTH * small_time
+        large_info["host_bound"] = bound
+        if bound:
+            small_info["host_bound"] = True
+            for i in (large_info, small_info):
+                for field in ("bandwidth_fraction", "bandwidth_fraction_of_copy"):
+                    i.pop(field, None)
 
 
 def peak_memory_mb(fn):
@@ -132,6 +170,7 @@ def test_reparam_kl(benchmark, mode, B, D, dtype, impl):
         return z, kl
 
     nbytes = reparam_kl_bytes(B, D, mu.element_size(), mode)
+    kernel_nbytes = reparam_kl_kernel_bytes(B, D, mu.element_size(), mode)
     # Kernels shorter than ~50 us: time several calls per sync so launch/sync cost fades.
     repeat = 1 if DEVICE.type == "cpu" or nbytes > 2**28 else 10
 
@@ -151,7 +190,9 @@ def test_reparam_kl(benchmark, mode, B, D, dtype, impl):
     info = benchmark.extra_info
     info.update(impl=impl, baseline=impl == "eager", case=f"B={B},D={D},{DTYPE_NAMES[dtype]}",
                 device=DEVICE.type, B=B, D=D, dtype=DTYPE_NAMES[dtype], mode=mode, repeat=repeat,
-                items=B * repeat, bytes=nbytes * repeat)
+                items=B * repeat, bytes=nbytes * repeat, kernel_bytes=kernel_nbytes * repeat)
+    if impl == "fused":
+        info["seed"] = "per call"  # seed=None: drawn per call, as eager's randn_like draws eps
     if impl == "compile":
         info["compile_backend"] = backend
     if peak is not None:
@@ -163,10 +204,13 @@ def test_reparam_kl(benchmark, mode, B, D, dtype, impl):
         info["time_per_call_us"] = per_call * 1e6
         info["throughput"] = B / per_call
         info["bandwidth_GBps"] = nbytes / per_call / 1e9
+        info["kernel_bandwidth_GBps"] = kernel_nbytes / per_call / 1e9
         if DEVICE.type == "cuda":
             copy = copy_bandwidth_gbps(nbytes, repeat)
             info["copy_bandwidth_GBps"] = copy
+            info["copy_clock"] = "wall"
             info["bandwidth_fraction_of_copy"] = info["bandwidth_GBps"] / copy
             vendor_peak = peak_bandwidth_gbps()
             if vendor_peak:
                 info["bandwidth_fraction"] = info["bandwidth_GBps"] / vendor_peak
+        mark_host_bound((impl, mode, D, DTYPE_NAMES[dtype]), B, per_call, info)

@@ -106,7 +106,7 @@ def test_sustained_load(benchmark, decoders):
         _stopped_cleanly(server)
     assert result["errors"] == 0, result["first_errors"]
     annotate(benchmark, impl="fastvae-serve", items=result["requests"], case="mlp-64-clients",
-             loadavg_1m=os.getloadavg()[0],
+             loadavg_1m=os.getloadavg()[0], device="cpu",
              clients=CLIENTS, seconds=result["seconds"], requests=result["requests"], errors=result["errors"],
              requests_per_s=result["requests_per_s"], p50_ms=result["p50_ms"], p99_ms=result["p99_ms"])
 
@@ -193,4 +193,5 @@ def test_interleaved(benchmark, decoders, case):
     if case.startswith("stack"):
         extra["litserve_health_vs_fastapi_healthz"] = (extra["litserve-health"]["requests_per_s"]
                                                       / extra["fastapi-healthz"]["requests_per_s"])
-    annotate(benchmark, impl=f"{first} / {second}", items=requests, case=case, loadavg_1m=os.getloadavg()[0], **extra)
+    annotate(benchmark, impl=f"{first} / {second}", items=requests, case=case, loadavg_1m=os.getloadavg()[0],
+             device="cpu", **extra)

@@ -8,7 +8,10 @@
   loader must keep up).
 - ``test_loader_*``: the loaders alone, images/s decoded and batched: fastvae's shards vs an
   ImageFolder-style reader (PIL + ``DataLoader`` over the PNG files, as torchvision's
-  ImageFolder does it) with the same workers and batch size (goal >= 3x).
+  ImageFolder does it) with the same workers and batch size (goal >= 3x). Both read the same
+  ``N_PNG`` images: the PNG folder has a ``train``/``test`` split of its own, the shards'
+  train split is its ``train`` folder, and the ImageFolder reader reads that folder. Both run
+  on the CPU (``device: cpu``, also on a GPU host).
 - ``test_peak_rss_streaming_1gb_vs_4gb``: ``fastvae train`` streaming a generated 1 GB and a
   4 GB uint8 dataset (64x64 RGB) for one epoch with ``--workers 0``, so that one process holds
   everything; its peak RSS (``getrusage``) stays under 1.5 GB and does not grow with the size.
@@ -38,7 +41,8 @@ N_TRAIN = pick(smoke=512, cpu=60_000, gpu=60_000)
 N_TEST = pick(smoke=64, cpu=1_000, gpu=1_000)
 BATCH = pick(smoke=64, cpu=64, gpu=1024)
 WORKERS = pick(smoke=1, cpu=1, gpu=4)
-N_PNG = pick(smoke=256, cpu=20_000, gpu=20_000)
+N_PNG = pick(smoke=256, cpu=20_000, gpu=20_000)  # images both loaders read
+N_PNG_TEST = pick(smoke=32, cpu=256, gpu=256)  # the prepared dataset's test split (not read)
 LOADER_WORKERS = pick(smoke=1, cpu=2, gpu=4)
 HIDDEN = pick(smoke=32, cpu=512, gpu=512)  # the digits protocol's MLP width (tiny in smoke mode)
 
@@ -124,13 +128,15 @@ def png_folder(tmp_path_factory):
     from fastvae.shards import prepare
 
     root = tmp_path_factory.mktemp("png")
-    images = smooth_images(N_PNG, seed=2)
-    for i, image in enumerate(images):
-        folder = root / "images" / f"class{i % 10}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image[0]).save(folder / f"{i:06d}.png")
+    # a split of its own (images/train, images/test): the shards' train split holds exactly the
+    # N_PNG train images, which the ImageFolder reader reads too
+    for split, images in (("train", smooth_images(N_PNG, seed=2)), ("test", smooth_images(N_PNG_TEST, seed=3))):
+        for i, image in enumerate(images):
+            folder = root / "images" / split / f"class{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0]).save(folder / f"{i:06d}.png")
     prepare(str(root / "images"), root / "shards", workers=LOADER_WORKERS, progress=False)
-    return sorted((root / "images").rglob("*.png")), open_dataset(str(root / "shards"))
+    return sorted((root / "images" / "train").rglob("*.png")), open_dataset(str(root / "shards"))
 
 
 def count_images(batches) -> int:
@@ -144,9 +150,9 @@ def test_loader_imagefolder_pil(benchmark, png_folder):
                                          num_workers=LOADER_WORKERS, generator=torch.Generator().manual_seed(0))
     n = benchmark.pedantic(lambda: count_images(x for x, _ in loader), rounds=pick(smoke=1, cpu=3, gpu=3),
                            iterations=1)
-    assert n == len(files)
+    assert n == len(files) == N_PNG
     annotate(benchmark, impl="imagefolder", baseline=True, items=len(files), case=f"N={len(files)}",
-             workers=LOADER_WORKERS)
+             workers=LOADER_WORKERS, device="cpu")
 
 
 @pytest.mark.benchmark(group="streaming-loader")
@@ -159,10 +165,10 @@ def test_loader_shards(benchmark, png_folder):
         return count_images(source.epoch_batches(epoch=next(epochs), seed=0, rank=0, world=1, batch_size=64))
 
     n = benchmark.pedantic(one_epoch, rounds=pick(smoke=1, cpu=5, gpu=5), iterations=1)
-    assert n == len(shards.train)
-    # the same number of images per round as the baseline (the train split is 90% of them)
+    # the same images per round as the baseline: the train folder it reads, all of them
+    assert n == len(shards.train) == len(files)
     annotate(benchmark, impl="shards", items=len(shards.train), case=f"N={len(files)}",
-             workers=LOADER_WORKERS)
+             workers=LOADER_WORKERS, device="cpu")
 
 
 # ----------------------------------------------------------------------------- memory
@@ -231,4 +237,4 @@ def test_peak_rss_streaming_1gb_vs_4gb(benchmark, tmp_path):
              case=f"{small / 2**30:g}GB vs {large / 2**30:g}GB",
              peak_rss_small_MB=results["small"], peak_rss_large_MB=results["large"],
              rss_growth=results["large"] / results["small"], dataset_bytes=[small, large],
-             goal_MB=1536)
+             goal_MB=1536, device="cpu")

@@ -332,3 +332,256 @@ def test_tile_sweep_runs_interpreted(tmp_path):
     assert set(report_["best"]) == {"fwd B=64 D=8 fp32", "bwd B=64 D=8 fp32"}
     assert all(row["ms"] > 0 and row["gain_over_default"] >= 1 for row in report_["best"].values())
     assert "torch" in report_["info"]
+
+
+# --------------------------------------------------------------------------- review fixes (2026-11-30)
+
+
+def _common():
+    return _load("fastvae_bench_common", BENCH / "common.py")
+
+
+def _cpu_records(n):
+    return [{"B": 8, "D": 64 * (i + 1), "dtype": "fp32", "impl": "fused", "pass": "fwd", "host_us": 1.0}
+            for i in range(n)]
+
+
+def _smoke_copy(data):
+    smoke = json.loads(json.dumps(data))
+    smoke["machine_info"]["fastvae"]["smoke"] = True
+    smoke["fastvae"] = {"smoke": True}
+    return smoke
+
+
+@pytest.mark.parametrize("name,data", [
+    ("reparam_kl_device.json", {"cpu": "x", "smoke": True, "records": _cpu_records(16)}),
+    ("reparam_kl_device.json", {"cpu": "x", "records": _cpu_records(4)}),  # older file: no flag, <= 4 records
+    ("precision.json", {"epochs": 2, "machine": {"slug": "test-cpu", "smoke": False}, "runs": {}}),  # older file
+    ("precision.json", {"epochs": 50, "smoke": True, "machine": {"slug": "test-cpu"}, "runs": {}}),
+    ("photo_quality.json", {"smoke": True, "machine": {"slug": "s"}, "models": {}}),
+])
+def test_store_refuses_smoke_extras(tmp_path, name, data):
+    src = tmp_path / "out"
+    _write(src / name, data)
+    _write(src / "machine.json", {"slug": "test-cpu", "device": "Test CPU"})
+    results = tmp_path / "results"
+    assert report.main(["store", str(src), "--results", str(results)]) == 1
+    assert not (results / "test-cpu" / name).exists()
+    assert report.main(["store", str(src), "--results", str(results), "--force"]) == 0
+
+
+def test_store_accepts_real_extras_and_refuses_fewer_records(tmp_path, capsys):
+    src, results = tmp_path / "out", tmp_path / "results"
+    _write(src / "machine.json", {"slug": "test-cpu", "device": "Test CPU"})
+    _write(src / "reparam_kl_device.json", {"cpu": "x", "smoke": False, "records": _cpu_records(16)})
+    _write(src / "precision.json", {"epochs": 50, "machine": {"slug": "test-cpu"}, "runs": {"a": {}, "b": {}}})
+    assert report.main(["store", str(src), "--results", str(results)]) == 0
+    _write(src / "reparam_kl_device.json", {"cpu": "x", "smoke": False, "records": _cpu_records(8)})
+    capsys.readouterr()
+    assert report.main(["store", str(src), "--results", str(results)]) == 1  # 8 would replace 16
+    assert "16" in capsys.readouterr().out
+    assert len(json.loads((results / "test-cpu" / "reparam_kl_device.json").read_text())["records"]) == 16
+    assert report.main(["store", str(src), "--results", str(results), "--force"]) == 0
+    assert len(json.loads((results / "test-cpu" / "reparam_kl_device.json").read_text())["records"]) == 8
+
+
+def test_smoke_and_partial_marks_in_render_summary_compare(tmp_path, capsys):
+    folder = tmp_path / "gpu"
+    _write(folder / "a_suite.json", _run_json(SYNTH))
+    _write(folder / "reparam_kl.json", _smoke_copy(_run_json(SYNTH)))  # not the first run
+    partial = _run_json(SYNTH)
+    partial["fastvae"] = {"smoke": False, "partial": True, "partial_reason": "interrupted"}
+    _write(folder / "z_suite.json", partial)
+    _write(folder / "tile_sweep.json", {"info": {"slug": "g"}, "smoke": False, "complete": False,
+                                        "stopped_before": "B=65536 D=64 bf16", "results": []})
+    md = report.render(folder)[0].read_text()
+    assert "the figures of reparam_kl.json mean nothing" in md
+    assert "partial: z_suite.json is incomplete (interrupted)" in md
+    assert "partial: tile_sweep.json stopped" in md and "B=65536 D=64 bf16" in md
+    text = report.summary([folder])
+    assert "smoke: reparam_kl" in text and "partial: z_suite" in text
+    assert "| reparam_kl | reparam_kl | B=64 | fused vs eager | 2.00× (smoke) |" in text
+    assert "| a_suite | reparam_kl | B=64 | fused vs eager | 2.00× |" in text
+    other = tmp_path / "other"
+    _write(other / "reparam_kl.json", _run_json(SYNTH))
+    capsys.readouterr()
+    report.compare(other / "reparam_kl.json", folder / "reparam_kl.json")
+    assert "is a smoke run" in capsys.readouterr().out
+
+
+def test_compare_folders_skips_non_suite_files(tmp_path, capsys):
+    """A stored folder also holds precision.json, footprint.json, reparam_kl_device.json and
+    machine.json: compare pairs the suites only (it raised on them before)."""
+    for side in ("old", "new"):
+        folder = tmp_path / side
+        _write(folder / "reparam_kl.json", _run_json(SYNTH))
+        _write(folder / "precision.json", {"epochs": 50, "machine": {}, "runs": {}})
+        _write(folder / "footprint.json", {"date": "x"})
+        _write(folder / "reparam_kl_device.json", {"cpu": "x", "records": []})
+        _write(folder / "machine.json", {"slug": "x"})
+        _write(folder / "stray.json", [1, 2])
+    assert report.main(["compare", str(tmp_path / "old"), str(tmp_path / "new"), "--fail"]) == 0
+    assert "0 benchmark(s) slower" in capsys.readouterr().out
+
+
+def test_device_info_records_timing_env_and_run_sh_unsets_it(monkeypatch):
+    common = _common()
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    env = common.device_info()["env"]
+    assert set(env) == set(common.TIMING_ENV) >= {"TRITON_INTERPRET", "CUDA_LAUNCH_BLOCKING",
+                                                  "TORCH_COMPILE_DEBUG", "PYTORCH_NO_CUDA_MEMORY_CACHING"}
+    assert env["CUDA_LAUNCH_BLOCKING"] == "1" and env["TRITON_INTERPRET"] is None
+    script = (BENCH / "gpu" / "run.sh").read_text()
+    listed = re.search(r"^TIMING_ENV=\(([^)]*)\)", script, re.M).group(1).split()
+    assert listed == list(common.TIMING_ENV)
+    assert 'unset "$v"' in script and '[ "$has_cuda" = 1 ] && clear_timing_env' in script
+    # the no-CUDA branches record their smoke runs as smoke
+    assert 'FASTVAE_BENCH_SMOKE=1 timeout -s INT -k 20 "$cap" "$PY" benchmarks/reparam_kl_device.py' in script
+    assert 'FASTVAE_BENCH_SMOKE=1 timeout -s INT -k 20 "$cap" "$PY" benchmarks/precision_check.py' in script
+
+
+def test_clear_timing_env_in_bash(tmp_path):
+    """run.sh's clear_timing_env unsets the variables and says so (the function alone)."""
+    script = (BENCH / "gpu" / "run.sh").read_text()
+    block = script[script.index("TIMING_ENV=("):script.index("\nmain() {")]
+    prog = block + '\nexport CUDA_LAUNCH_BLOCKING=1 TRITON_INTERPRET=0\nclear_timing_env\n' \
+        'echo "left:${CUDA_LAUNCH_BLOCKING-none}:${TRITON_INTERPRET-none}"\n'
+    proc = subprocess.run(["bash", "-c", prog], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "unset CUDA_LAUNCH_BLOCKING (was '1')" in proc.stdout and "left:none:none" in proc.stdout
+
+
+def test_peak_bandwidth_matches_whole_model_names():
+    common = _common()
+    assert common.peak_bandwidth_gbps("NVIDIA L4") == 300.0
+    assert common.peak_bandwidth_gbps("NVIDIA L40") == 864.0
+    assert common.peak_bandwidth_gbps("NVIDIA L40S") == 864.0
+    assert common.peak_bandwidth_gbps("NVIDIA GH200 480GB") == 4000.0
+    assert common.peak_bandwidth_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+
+
+def test_annotate_labels_the_device_the_work_used():
+    common = _common()
+
+    class Bench:
+        extra_info: dict = {}
+        stats = None
+
+    bench = Bench()
+    assert common.annotate(bench, impl="onnxruntime", device="cpu")["device"] == "cpu"
+    for path in ("test_bench_sampling.py", "test_bench_serving.py", "isolated_latency.py", "test_bench_latency.py"):
+        assert 'device="cpu"' in (BENCH / path).read_text(), path
+
+
+def test_l2_flush_reads_and_never_writes():
+    common = _common()
+    flush = common.L2Flush(4096, "cpu")
+    version = flush.buf._version
+    flush()
+    assert flush.buf._version == version  # zero_() would bump it: dirty lines in L2
+    assert int(flush.sink) == 0
+
+
+def test_tile_sweep_median_and_reading_flush(monkeypatch):
+    import triton.testing
+
+    sweep = _load("fastvae_bench_tile_sweep", BENCH / "gpu" / "tile_sweep.py")
+    seen = {}
+
+    def fake_do_bench(fn, **kwargs):
+        seen.update(kwargs)
+        return 1.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    assert sweep.timer(False)(lambda: None) == 1.0 and seen["return_mode"] == "median"
+
+    import torch
+    from triton import runtime
+
+    class Driver:
+        def clear_cache(self, cache):
+            cache.zero_()
+
+    class Config:
+        active = Driver()
+
+    monkeypatch.setattr(runtime, "driver", Config())
+    cache = torch.ones(64, dtype=torch.int32)
+    with sweep.reading_l2_flush() as how:
+        version = cache._version
+        runtime.driver.active.clear_cache(cache)
+        assert how == "read" and cache._version == version and int(cache.sum()) == 64
+    runtime.driver.active.clear_cache(cache)  # restored: triton's own
+    assert int(cache.sum()) == 0
+    # the byte counts are common's: each kernel's own traffic
+    assert sweep.traffic_bytes("bwd", 10, 8, 2) == 5 * 10 * 8 * 2 + 4 * 10
+
+
+def test_tile_sweep_budget_stop_is_marked_partial(tmp_path):
+    out = tmp_path / "tile_sweep.json"
+    sweep = _load("fastvae_bench_tile_sweep", BENCH / "gpu" / "tile_sweep.py")
+    assert sweep.main([str(out), "--smoke", "--budget-s", "-1"]) == 0
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and data["stopped_before"] == "B=64 D=8 fp32" and data["results"] == []
+
+
+def test_kernel_bytes_count_the_backward_rereads():
+    common = _common()
+    B, D, s = 10, 8, 2
+    assert common.reparam_kl_bytes(B, D, s, "fwd_bwd") == 6 * B * D * s + 8 * B  # the acceptance count
+    assert common.reparam_kl_kernel_bytes(B, D, s, "fwd_bwd") == 8 * B * D * s + 8 * B
+    assert common.reparam_kl_kernel_bytes(B, D, s, "fwd") == common.reparam_kl_bytes(B, D, s, "fwd")
+    assert (common.reparam_kl_kernel_bytes(B, D, s, "fwd") + common.reparam_kl_kernel_bytes(B, D, s, "bwd")
+            == common.reparam_kl_kernel_bytes(B, D, s, "fwd_bwd"))
+
+
+def test_conftest_marks_interrupted_runs_partial():
+    sys.path.insert(0, str(BENCH))
+    conftest = _load("fastvae_bench_conftest", BENCH / "conftest.py")
+
+    class Session:
+        shouldstop = False
+        testsfailed = 0
+
+    conftest.pytest_sessionstart(Session())
+    out = {"benchmarks": []}
+    conftest.pytest_benchmark_update_json(None, [], out)
+    assert out["fastvae"]["partial"] is False
+    conftest.pytest_keyboard_interrupt(None)
+    conftest.pytest_benchmark_update_json(None, [], out)
+    assert out["fastvae"]["partial"] is True and out["fastvae"]["partial_reason"] == "interrupted"
+
+
+def _bench_env():
+    env = dict(os.environ, FASTVAE_BENCH_SMOKE="1", PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def test_gpu_train_headline_runs_its_fair_arms_in_cpu_smoke_mode(tmp_path):
+    """The GPU headline comparison (plain, plain reading every 32 steps, plain compile + fused
+    Adam, trainer, trainer reading each step) runs tiny on a CPU in smoke mode."""
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, "-m", "pytest", str(BENCH / "test_bench_train.py"), "-k", "gpu_trainer_vs_plain",
+           "-q", "-p", "no:cacheprovider", "--timeout=120", f"--benchmark-json={out}",
+           "--benchmark-max-time=0.000001", "--benchmark-min-rounds=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_bench_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    info = json.loads(out.read_text())["benchmarks"][0]["extra_info"]
+    for key in ("speedup", "speedup_vs_plain_deferred_read", "speedup_vs_plain_compile_fused_adam",
+                "per_step_read_cost"):
+        assert info[key] > 0, key
+    assert info["plain_read_every"] == 32
+
+
+def test_streaming_loaders_read_the_same_images(tmp_path):
+    out = tmp_path / "streaming.json"
+    cmd = [sys.executable, "-m", "pytest", str(BENCH / "test_bench_streaming.py"), "-k", "test_loader_",
+           "-q", "-p", "no:cacheprovider", "--timeout=120", f"--benchmark-json={out}",
+           "--benchmark-max-time=0.000001", "--benchmark-min-rounds=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_bench_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    rows = {b["extra_info"]["impl"]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
+    assert rows["imagefolder"]["items"] == rows["shards"]["items"]
+    assert rows["imagefolder"]["device"] == rows["shards"]["device"] == "cpu"

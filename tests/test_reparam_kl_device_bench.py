@@ -13,7 +13,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 RECORD_KEYS = {"B", "D", "dtype", "impl", "pass", "device_us", "host_us", "e2e_us", "bytes",
-               "copy_gbps", "frac_of_copy"}
+               "kernel_bytes", "copy_gbps", "frac_of_copy", "kernel_frac_of_copy"}
 
 
 def _load(name):
@@ -32,7 +32,9 @@ def test_cpu_smoke_run_writes_the_schema(tmp_path):
     out = tmp_path / "reparam_kl_device.json"
     assert bench.main([str(out), "--smoke", "--cpu"]) == 0
     data = json.loads(out.read_text())
-    assert set(data) == {"cpu", "torch", "triton", "date", "commit", "records", "host_floor"}
+    assert set(data) == {"cpu", "torch", "triton", "date", "commit", "smoke", "complete", "calls", "rounds",
+                         "replays", "records", "host_floor"}
+    assert data["smoke"] is True and data["complete"] is True and (data["calls"], data["rounds"]) == (20, 2)
     assert {(f["impl"], f["pass"]) for f in data["host_floor"]} == {
         (i, "fwd_bwd") for i in ("function-outputs-only", "fused-int-seed")}
     assert all(f["host_us"] > 0 for f in data["host_floor"])
@@ -44,6 +46,10 @@ def test_cpu_smoke_run_writes_the_schema(tmp_path):
         assert r["host_us"] > 0 and r["device_us"] is None and r["copy_gbps"] is None
         assert r["bytes"] == (3 if r["pass"] == "fwd" else 6) * r["B"] * r["D"] * 4 + (
             4 if r["pass"] == "fwd" else 8) * r["B"]
+        # the kernels' own traffic: the backward re-reads mu and logvar
+        assert r["kernel_bytes"] == (3 if r["pass"] == "fwd" else 8) * r["B"] * r["D"] * 4 + (
+            4 if r["pass"] == "fwd" else 8) * r["B"]
+        assert r["kernel_frac_of_copy"] is None
 
 
 def _gpu_result(tmp_path):
@@ -89,3 +95,66 @@ def test_bytes_count_each_tensor_once(mode, units):
     from common import reparam_kl_bytes
 
     assert reparam_kl_bytes(10, 8, 2, mode) == units * 10 * 8 * 2 + (4 if mode == "fwd" else 8) * 10
+
+
+def test_gpu_record_carries_both_byte_counts():
+    bench = _load("reparam_kl_device")
+    B, D = 65536, 256
+    r = bench.record(B, D, "bf16", "fused", "fwd_bwd", host_us=20.0, device_us=60.0, e2e_us=80.0,
+                     nbytes=6 * B * D * 2 + 8 * B, kernel_nbytes=8 * B * D * 2 + 8 * B, copy=4000.0)
+    assert set(r) == RECORD_KEYS
+    assert r["kernel_frac_of_copy"] / r["frac_of_copy"] == pytest.approx(r["kernel_bytes"] / r["bytes"], rel=1e-3)
+
+
+def test_render_shows_kernel_traffic_smoke_and_partial(tmp_path):
+    src = _gpu_result(tmp_path)
+    path = src / "reparam_kl_device.json"
+    data = json.loads(path.read_text())
+    for r in data["records"]:
+        r["kernel_bytes"] = 268959744
+        r["kernel_frac_of_copy"] = r["kernel_bytes"] / (r["device_us"] * 1e-6) / 1e9 / 4000.0
+    data.update(smoke=False, complete=False, stopped_before="B=262144 D=64")
+    path.write_text(json.dumps(data))
+    text = report.render(src)[0].read_text()
+    assert "% of copy (kernel traffic)" in text and "Partial" in text and "B=262144 D=64" in text
+    fused = next(line for line in text.splitlines() if "| fused |" in line)
+    assert "| 60 µs | 84.1 % | 112 % | 5.00× |" in fused
+    assert "Smoke run" not in text
+    data["smoke"] = True
+    path.write_text(json.dumps(data))
+    assert "Smoke run" in report.render(src)[0].read_text()
+
+
+def test_compile_keeps_only_the_batch_dynamic(monkeypatch):
+    import torch
+
+    bench = _load("reparam_kl_device")
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    bench.make_op("compile")
+    bench.make_op("compile", dynamic="all")
+    assert seen == [{"dynamic": False}, {"dynamic": True}]  # default: D specialised, B marked
+    marked = []
+    monkeypatch.setattr(torch._dynamo, "mark_dynamic", lambda t, dim: marked.append(dim))
+    bench.mark_batch_dynamic(torch.zeros(2, 3), torch.zeros(2, 3))
+    assert marked == [0, 0]
+
+
+def test_wall_clock_suite_draws_the_seed_per_call_and_marks_host_bound(monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    suite = _load("test_bench_reparam_kl")
+    seen = {}
+    monkeypatch.setattr(suite, "reparameterize_kl", lambda mu, logvar, **kw: seen.update(kw))
+    suite.fused(None, None)
+    assert seen == {"seed": None}
+    suite._per_call.clear()
+    small = {"bandwidth_fraction": 0.1, "bandwidth_fraction_of_copy": 0.1}
+    large = {"bandwidth_fraction": 0.4, "bandwidth_fraction_of_copy": 0.4}
+    suite.mark_host_bound(("fused", "fwd_bwd", 256, "bf16"), 65536, 900e-6, large)
+    suite.mark_host_bound(("fused", "fwd_bwd", 256, "bf16"), 4096, 800e-6, small)  # 16x bytes, 1.1x time
+    assert large["host_bound"] is True and small["host_bound"] is True
+    assert "bandwidth_fraction" not in large and "bandwidth_fraction_of_copy" not in small
+    grows = {"bandwidth_fraction": 0.5}
+    suite.mark_host_bound(("fused", "fwd", 256, "bf16"), 4096, 50e-6, {})
+    suite.mark_host_bound(("fused", "fwd", 256, "bf16"), 65536, 400e-6, grows)
+    assert grows == {"bandwidth_fraction": 0.5, "host_bound": False}

@@ -209,8 +209,8 @@ reparam_device() {
   if [ "$has_cuda" = 1 ]; then
     timeout -s INT -k 20 "$cap" "$PY" benchmarks/reparam_kl_device.py "$DEST/reparam_kl_device.json" --budget-s $((cap - 30))
   else
-    echo "(no CUDA: host-time smoke run on the CPU, to check the script)"
-    timeout -s INT -k 20 "$cap" "$PY" benchmarks/reparam_kl_device.py "$DEST/reparam_kl_device.json" --smoke
+    echo "(no CUDA: host-time smoke run on the CPU, to check the script; recorded as smoke)"
+    FASTVAE_BENCH_SMOKE=1 timeout -s INT -k 20 "$cap" "$PY" benchmarks/reparam_kl_device.py "$DEST/reparam_kl_device.json" --smoke
   fi
 }
 
@@ -246,8 +246,8 @@ precision_check() {
   if [ "$has_cuda" = 1 ]; then
     timeout -s INT -k 20 "$cap" "$PY" benchmarks/precision_check.py "$DEST/precision.json"
   else
-    echo "(no CUDA: 2 epochs only, to check the pipeline)"
-    timeout -s INT -k 20 "$cap" "$PY" benchmarks/precision_check.py "$DEST/precision.json" --epochs 2
+    echo "(no CUDA: 2 epochs only, to check the pipeline; recorded as smoke)"
+    FASTVAE_BENCH_SMOKE=1 timeout -s INT -k 20 "$cap" "$PY" benchmarks/precision_check.py "$DEST/precision.json" --epochs 2
   fi
 }
 
@@ -271,8 +271,20 @@ render_results() {
   fi
 }
 
+# Settings that change GPU timing (an interpreted kernel, serialised launches, compile debug
+# output, no caching allocator): unset on CUDA before anything is measured, saying so; every
+# JSON records their values (common.device_info()["env"], the same list: common.TIMING_ENV).
+TIMING_ENV=(TRITON_INTERPRET CUDA_LAUNCH_BLOCKING TORCH_COMPILE_DEBUG PYTORCH_NO_CUDA_MEMORY_CACHING)
+clear_timing_env() {
+  local v
+  for v in "${TIMING_ENV[@]}"; do
+    if [ -n "${!v+set}" ]; then echo "unset $v (was '${!v}'): it changes GPU timing"; unset "$v"; fi
+  done
+}
+
 main() {
   echo "fastvae GPU run: repo $REPO, python $PY, cuda=$has_cuda, out $DEST, budget ${BUDGET}s, date $(date -u +%FT%TZ)"
+  [ "$has_cuda" = 1 ] && clear_timing_env
   if [ "${FASTVAE_GPU_SKIP_INSTALL:-0}" = 1 ]; then
     echo "##### step 1: skipped (FASTVAE_GPU_SKIP_INSTALL=1)"
   else
