@@ -11,7 +11,14 @@ call is expected to take less than ``inline_below`` seconds; and hands every req
 rows. ``max_wait`` counts from the arrival of the oldest queued request, so it bounds what
 batching adds to a request's latency beyond decoding. ``max_batch=1`` turns batching off: one
 decoder call per request, no waiting. A request larger than ``max_batch`` rows is decoded
-alone. Requests made after ``close()`` began raise ``ShuttingDown``.
+alone, in decoder calls of ``max_batch`` rows at most (``decode_fn`` never gets more rows).
+Requests made after ``close()`` began raise ``ShuttingDown``.
+
+A failing decoder call fails only the requests that fail on their own: the batch's requests are
+then decoded one by one, so one bad request (or an out-of-memory error on a large combined
+batch) does not take the others with it. If the batching task itself dies (a ``BaseException``
+such as ``SystemExit`` out of ``decode_fn``), every pending and later request raises
+``BatcherFailed`` and ``failure`` says why (a service reports itself unhealthy).
 
 Each request's rows are the same whether it was batched or not (the decoder maps rows
 independently), so a seeded request gives the same samples under any load.
@@ -28,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from fastvae.errors import one_line
+
 # A batch expected to decode faster than this runs on the event loop's own thread: handing it to
 # the worker thread and back (a submit, two thread wake-ups, a callback) costs ~30-40 us of CPU
 # per batch. On the 2-core dev CPU, the digits MLP decoder behind 64 clients asking for one
@@ -39,6 +48,10 @@ INLINE_BELOW = 250e-6
 
 class ShuttingDown(RuntimeError):
     """A request made after ``close()`` began."""
+
+
+class BatcherFailed(RuntimeError):
+    """The batching task died: no request can be decoded any more."""
 
 
 class DynamicBatcher:
@@ -62,11 +75,13 @@ class DynamicBatcher:
         self._seconds_per_row: float | None = None  # running estimate, from the calls made
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-decode")
         self._items: deque = deque()  # (z or None: rows to draw, rows, future, arrival time) in order
+        self._current: list = []  # the batch being decoded (items taken from _items)
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None  # set when a request is queued (or on drain)
         self._idle: asyncio.Event | None = None  # set while no request is pending
         self.draining = False
+        self.failure: str | None = None  # why the batching task died (one line); None while alive
         self._closing = False
         self._waiting_for_first = False
         self._queued_rows = 0  # rows in self._items
@@ -116,6 +131,8 @@ class DynamicBatcher:
     async def _queue(self, z, rows: int) -> np.ndarray:
         if self._closing:
             raise ShuttingDown("the batcher is closing: no new requests")
+        if self.failure is not None:
+            raise BatcherFailed(self.failure)
         future = self._loop.create_future()
         self.pending += 1
         self._idle.clear()
@@ -134,6 +151,23 @@ class DynamicBatcher:
 
     # -- the batching task ------------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            await self._batches()
+        except asyncio.CancelledError:  # close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the task ends here; its requests must hear why
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """The task is dead: fail every queued request, and (``failure`` set) every later one,
+        instead of leaving them waiting for ever."""
+        what = type(exc).__name__ + (f": {one_line(exc, 160)}" if str(exc).strip() else "")
+        self.failure = f"the decoder's batching task died ({what}): restart the service"
+        _fail([*self._current, *self._items], BatcherFailed(self.failure))
+        self._items.clear()
+        self._current, self._queued_rows = [], 0
+
+    async def _batches(self) -> None:
         items, loop = self._items, self._loop
         while True:
             if not items:
@@ -156,13 +190,34 @@ class DynamicBatcher:
                 batch.append(item)
                 rows += item[1]
             self._queued_rows -= rows
+            self._current = batch  # for _fail_all, should the task die while decoding it
             await self._decode_batch(batch, rows)
+            self._current = []
 
-    def _timed_decode(self, z: np.ndarray) -> np.ndarray:
+    def _timed_decode(self, z: np.ndarray) -> tuple[np.ndarray, int]:
+        """(decoder output for ``z``, decoder calls made): ``max_batch`` rows per call at most,
+        so a request larger than a batch still respects the cap (e.g. device memory)."""
         start = time.perf_counter()
-        x = self._decode_fn(z)
+        if len(z) <= self.max_batch:
+            x, calls = self._decode_fn(z), 1
+        else:
+            parts = [self._decode_fn(z[i:i + self.max_batch]) for i in range(0, len(z), self.max_batch)]
+            x, calls = np.concatenate(parts), len(parts)
         per_row = (time.perf_counter() - start) / max(len(z), 1)
         self._seconds_per_row = per_row if self._seconds_per_row is None else 0.8 * self._seconds_per_row + 0.2 * per_row
+        return x, calls
+
+    async def _decoded(self, z: np.ndarray) -> np.ndarray:
+        """The decoder's output for ``z``: inline or on the worker thread; checked and counted."""
+        estimate = self._seconds_per_row
+        if estimate is not None and estimate * len(z) < self.inline_below:
+            x, calls = self._timed_decode(z)  # shorter than a hand-over to the worker thread and back
+        else:
+            x, calls = await self._loop.run_in_executor(self._executor, self._timed_decode, z)
+        if len(x) != len(z):
+            raise RuntimeError(f"the decoder returned {len(x)} rows for {len(z)} latent rows")
+        self.batches += calls
+        self.rows += len(z)
         return x
 
     def _latents(self, batch, rows: int) -> np.ndarray:
@@ -182,23 +237,44 @@ class DynamicBatcher:
     async def _decode_batch(self, batch, rows: int) -> None:
         try:
             z = self._latents(batch, rows)
-            estimate = self._seconds_per_row
-            if estimate is not None and estimate * rows < self.inline_below:
-                x = self._timed_decode(z)  # shorter than a hand-over to the worker thread and back
-            else:
-                x = await self._loop.run_in_executor(self._executor, self._timed_decode, z)
-            if len(x) != rows:
-                raise RuntimeError(f"the decoder returned {len(x)} rows for {rows} latent rows")
-        except Exception as exc:  # noqa: BLE001 - handed to the requests that asked
-            for _, _, future, _ in batch:
-                if not future.done():
-                    future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - no latents, nothing to retry: the batch's requests hear why
+            _fail(batch, exc)
             return
-        self.batches += 1
-        self.rows += rows
+        try:
+            x = await self._decoded(z)
+        except Exception as exc:  # noqa: BLE001 - retried below, or handed to the request that asked
+            if len(batch) == 1:
+                _fail(batch, exc)
+            else:
+                await self._decode_one_by_one(batch, z)
+            return
         start = 0
         for _, n, future, _ in batch:
             stop = start + n
             if not future.done():  # a client that went away cancelled its future
                 future.set_result(x[start:stop])
             start = stop
+
+    async def _decode_one_by_one(self, batch, z: np.ndarray) -> None:
+        """After a failed batch: each request's rows (the same latents) decoded alone, so only
+        the requests that fail on their own fail."""
+        start = 0
+        for item in batch:
+            stop = start + item[1]
+            future = item[2]
+            if not future.done():
+                try:
+                    x = await self._decoded(z[start:stop])
+                except Exception as exc:  # noqa: BLE001 - this request's own failure
+                    future.set_exception(exc)
+                else:
+                    if not future.done():
+                        future.set_result(x)
+            start = stop
+
+
+def _fail(batch, exc: BaseException) -> None:
+    for _, _, future, _ in batch:
+        if not future.done():
+            future.set_exception(exc)
+

@@ -7,17 +7,26 @@ Endpoints (bodies and formats: :mod:`fastvae.export.service_io`):
   without one they come from the server's own generator (not reproducible, and cheaper: the
   batcher draws the latents of a whole batch in one call, and no generator is set up).
 * ``POST /decode`` latents (JSON or ``.npy``) -> the decoder's means.
-* ``GET /healthz`` -> ``{"status": "ok", "pending": requests in flight, "batches": decoder calls
-  so far, "rows": latent rows decoded so far}``.
+* ``GET /healthz`` -> ``{"status": "ok", "pending": requests in the batcher, "reading": requests
+  waiting for the rest of their body, "batches": decoder calls so far, "rows": latent rows decoded
+  so far}``; 503 and ``{"status": "failed", "error": ...}`` once the batcher is dead.
 * ``GET /metadata`` -> the decoder's metadata, provider, limits and batching settings.
 
-A bad request gets a 4xx status and ``{"error": "<one line>"}``. Concurrent requests' latents are
-decoded together (:class:`~fastvae.export.dynamic_batching.DynamicBatcher`); a seeded request
-draws its latents (and observation noise) from its own generator, as ``OnnxSampler.sample``
-does, so the same seed gives the same samples whether a request was batched or not.
+A bad request gets a 4xx status and ``{"error": "<one line>"}``: 408 for a body that stops
+arriving for ``Limits.body_timeout`` seconds, 413 for one too large or for a ``json``/``png``
+response of more than ``Limits.max_values`` numbers, 422 for decoder outputs JSON cannot hold
+(NaN). A decoder call that fails answers 500 with the same one-line body (and one log line),
+only for the requests that fail when decoded alone. Concurrent requests' latents are decoded
+together (:class:`~fastvae.export.dynamic_batching.DynamicBatcher`); a seeded request draws its
+latents (and observation noise) from its own generator, as ``OnnxSampler.sample`` does, so the
+same seed gives the same samples whether a request was batched or not. Responses beyond a few
+hundred microseconds of encoding (large ``json``/``png``/``npy``) are encoded on a worker
+thread, so the event loop keeps answering other requests (``/healthz`` included).
 
 SIGTERM or Ctrl-C: the server stops accepting connections, the batcher decodes what is queued
-without waiting for more, requests in flight get their responses, and the process exits 0.
+without waiting for more, requests in flight get their responses, requests still waiting for
+their body get 503 at once, and the process exits 0; whatever still runs after
+``shutdown_timeout`` seconds (default 10, well under Kubernetes' 30 s grace period) is cancelled.
 Once listening it prints ``fastvae serve: listening on http://HOST:PORT`` on stdout (port 0
 picks a free port; the line names the real one).
 
@@ -25,18 +34,22 @@ Torch-free: numpy, onnxruntime, fastapi, uvicorn (and pillow for PNG).
 """
 
 # no "from __future__ import annotations": FastAPI reads the handlers' annotations at runtime
+import asyncio
 import contextlib
 import json
+import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fastvae.errors import FastVAEError
-from fastvae.export.dynamic_batching import DynamicBatcher, ShuttingDown
+from fastvae.errors import FastVAEError, one_line
+from fastvae.export.dynamic_batching import BatcherFailed, DynamicBatcher, ShuttingDown
 from fastvae.export.service_io import (
     BadRequest,
     Limits,
+    check_output_size,
     encode,
     error_body,
     parse_decode,
@@ -46,6 +59,17 @@ from fastvae.export.service_io import (
 
 READY_PREFIX = "fastvae serve: listening on "
 MAX_WAIT_MS = 60_000.0  # a request waits at most this long for others to batch with
+# seconds uvicorn waits, after SIGTERM/Ctrl-C, for responses in flight before cancelling them:
+# well under Kubernetes' default terminationGracePeriodSeconds (30 s), which ends in SIGKILL
+SHUTDOWN_TIMEOUT_S = 10.0
+# outputs up to this many values are encoded on the event loop's thread (under ~250 us on the
+# dev CPU, less than a hand-over to a worker thread and back); larger ones on the encoding
+# thread. Measured per value: npy ~1-10 ns (a copy; plus ~5-10 ns to draw mode "sample"
+# noise), json ~1.2-2 us (tolist + dumps), png ~0.1-1.6 us (a grid, scaled, then zlib)
+INLINE_ENCODE_VALUES = {"npy": 1 << 14, "json": 128, "png": 0}
+_STOP_TICK_S = 0.05  # once stopping, the body watch answers newly stalled readers this often
+_CLOSE = {"connection": "close"}  # the client may still be sending: end the connection
+_log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: its format and --log-level
 
 
 @dataclass(frozen=True)
@@ -57,11 +81,99 @@ class Batching:
     max_wait_ms: float = 2.0
 
 
+class Refused(Exception):
+    """A request the service cannot answer for its own reasons (5xx): ``status``, one-line ``reason``."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class BodyWatch:
+    """The requests waiting for body bytes, and since when. A watchdog task answers those that
+    waited more than ``timeout`` seconds for their next bytes (408) and, once ``stop()`` is
+    called (thread-safe: from the signal handler), every one at once (503): a stalled upload
+    would otherwise hold the graceful shutdown until its timeout. One task for all requests: a
+    timer per request (``asyncio.timeout``) costs ~5-10 us of CPU each on the dev CPU, and most
+    bodies have arrived whole before their handler reads them."""
+
+    def __init__(self, timeout: float):
+        self.timeout = float(timeout)
+        self.waiting: dict = {}  # task -> loop time it began waiting for its next body message
+        self._expired: dict = {}  # task -> the BadRequest that ends its wait
+        self.stopping = False
+        self._loop = None
+        self._task = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._watch(), name="fastvae-body-watch")
+
+    def stop(self) -> None:
+        """From now on, requests waiting for body bytes get 503 (callable from any thread)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop)
+
+    def _stop(self) -> None:
+        self.stopping = True
+        self._sweep()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def receive(self, receive):
+        """``await receive()``, raising BadRequest (408) or Refused (503) when the watch ends the wait."""
+        if self._loop is None:  # not started (an app run without its lifespan): no deadline
+            return await receive()
+        task = asyncio.current_task()
+        self.waiting[task] = self._loop.time()
+        try:
+            return await receive()
+        except asyncio.CancelledError:
+            answer = self._expired.pop(task, None)
+            if answer is None:  # cancelled by someone else (uvicorn): not ours to turn into a response
+                raise
+            task.uncancel()
+            raise answer from None
+        finally:
+            del self.waiting[task]
+
+    async def _watch(self) -> None:
+        tick = min(1.0, self.timeout / 8)  # a stalled request is answered within timeout + tick
+        while True:
+            await asyncio.sleep(_STOP_TICK_S if self.stopping else tick)
+            self._sweep()
+
+    def _sweep(self) -> None:
+        # runs on the loop: every task in `waiting` is suspended in receive() right now
+        now = self._loop.time()
+        for task, since in list(self.waiting.items()):
+            if task in self._expired:
+                continue
+            if self.stopping:
+                self._expired[task] = Refused(503, "the server is shutting down and the body had not arrived: "
+                                                   "retry on another replica or after its restart")
+            elif now - since >= self.timeout:
+                self._expired[task] = BadRequest(408, f"no body bytes for {self.timeout:g} s (the server's "
+                                                      "--body-timeout): send the whole body without pausing")
+            else:
+                continue
+            task.cancel()
+
+
 def build_app(sampler, limits: Limits, batching: Batching):
     """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through a
     ``DynamicBatcher`` it makes with ``batching``, kept as ``app.state.batcher`` (started and
-    closed by the app's lifespan). Requests without a seed share one generator: the batcher
-    draws their latents from it, a batch at a time, and their observation noise comes from it."""
+    closed by the app's lifespan, like the body watch and the encoding thread);
+    ``app.state.stop()`` (thread-safe) begins a shutdown: queued requests are decoded at once,
+    requests waiting for their body get 503. Requests without a seed share one generator: the
+    batcher draws their latents from it, a batch at a time, and their observation noise comes
+    from it."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
@@ -73,15 +185,28 @@ def build_app(sampler, limits: Limits, batching: Batching):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
+        bodies.start()
         yield
         await batcher.close()
+        await bodies.close()
+        encoder.shutdown(wait=True)
 
     unseeded = np.random.default_rng()
     batcher = DynamicBatcher(sampler.decode, batching.max_batch, batching.max_wait_ms / 1000,
                              draw_fn=lambda rows: sampler.draw_latents(rows, unseeded))
+    bodies = BodyWatch(limits.body_timeout)
+    # one thread: large responses are encoded one after the other, beside the decoder's thread
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-encode")
     app = FastAPI(title="fastvae decoder", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   **_no_telemetry(FastAPI))
     app.state.batcher = batcher
+    app.state.bodies = bodies
+
+    def stop() -> None:
+        batcher.drain()
+        bodies.stop()
+
+    app.state.stop = stop
     can_png = png_possible(sampler.output_shape)
     metadata = json.dumps({
         "model": sampler.path.name,
@@ -98,22 +223,24 @@ def build_app(sampler, limits: Limits, batching: Batching):
     }).encode()
 
     def error(status: int, reason: str) -> Response:
-        return Response(error_body(reason), status_code=status, media_type="application/json")
+        return Response(error_body(reason), status_code=status, media_type="application/json",
+                        headers=_CLOSE if status in (408, 503) else None)
 
     def gone() -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; uvicorn sends nothing
 
     async def read_body(request: Request) -> bytes:
-        """The request body, refused (413) beyond ``limits.max_body``; read from the ASGI
-        messages directly (a small body is one message: no stream generator per request)."""
+        """The request body, refused (413) beyond ``limits.max_body``, 408 when it stops
+        arriving (``bodies``); read from the ASGI messages directly (a small body is one message:
+        no stream generator per request)."""
         for name, value in request.scope["headers"]:  # lower-case names (ASGI); no Headers object
             if name == b"content-length":
                 if value.isdigit() and int(value) > limits.max_body:
                     raise BadRequest(413, f"the body has {int(value)} bytes, more than the server's --max-body {limits.max_body}")
                 break
-        chunks, size = [], 0
+        chunks, size, receive = [], 0, request.receive
         while True:
-            message = await request.receive()
+            message = await bodies.receive(receive)
             if message["type"] != "http.request":  # http.disconnect: the client went away
                 raise ClientDisconnect()
             chunk = message.get("body", b"")
@@ -124,9 +251,44 @@ def build_app(sampler, limits: Limits, batching: Batching):
                 return b"".join((*chunks, chunk)) if chunks else chunk
             chunks.append(chunk)
 
+    def check_output(n: int, fmt: str) -> None:
+        if fmt == "png" and not can_png:
+            raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
+        check_output_size(n, sampler.output_shape, fmt, limits)
+
+    async def decoded(awaitable) -> np.ndarray:
+        """The batcher's answer; Refused (one line) when the decoder or the batcher failed."""
+        try:
+            return await awaitable
+        except ShuttingDown:
+            raise Refused(503, "the server is shutting down: retry on another replica or after its restart") from None
+        except BatcherFailed as exc:
+            raise Refused(503, str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - onnxruntime errors (e.g. out of memory): one line, no traceback
+            reason = f"the decoder failed: {type(exc).__name__}: {one_line(exc)}"
+            _log.error("fastvae serve: %s", reason)
+            raise Refused(500, reason) from None
+
+    def finish(x: np.ndarray, fmt: str, rng) -> tuple:
+        """(body, content type) of the decoder's output ``x``, with observation noise from ``rng``
+        (mode "sample") or without it (``rng`` None)."""
+        return encode(x if rng is None else sampler.observe(x, rng), fmt)
+
+    async def respond(x: np.ndarray, fmt: str, rng=None) -> Response:
+        # a large response on the encoding thread: the event loop keeps answering other requests
+        if x.size <= INLINE_ENCODE_VALUES[fmt]:
+            body, content_type = finish(x, fmt, rng)
+        else:
+            body, content_type = await asyncio.get_running_loop().run_in_executor(encoder, finish, x, fmt, rng)
+        return Response(body, media_type=content_type)
+
     async def healthz(request: Request) -> Response:
-        return Response(b'{"status":"ok","pending":%d,"batches":%d,"rows":%d}'
-                        % (batcher.pending, batcher.batches, batcher.rows), media_type="application/json")
+        if batcher.failure is not None:  # nothing can be decoded any more: a probe should restart us
+            return Response(json.dumps({"status": "failed", "error": batcher.failure}).encode(), status_code=503,
+                            media_type="application/json")
+        return Response(b'{"status":"ok","pending":%d,"reading":%d,"batches":%d,"rows":%d}'
+                        % (batcher.pending, len(bodies.waiting), batcher.batches, batcher.rows),
+                        media_type="application/json")
 
     async def get_metadata(request: Request) -> Response:
         return Response(metadata, media_type="application/json")
@@ -134,40 +296,34 @@ def build_app(sampler, limits: Limits, batching: Batching):
     async def sample(request: Request) -> Response:
         try:
             req = parse_sample(await read_body(request), limits)
-            if req.format == "png" and not can_png:
-                raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
-        except BadRequest as exc:
+            check_output(req.n, req.format)
+            if not sampler.has_prior:
+                raise BadRequest(400, f"{sampler.path.name} is an autoencoder's decoder: it has no prior to sample "
+                                      "from; POST your own codes to /decode")
+            # an unseeded request's latents are drawn by the batcher, for the whole batch in one
+            # call, from the server's generator; a seeded one sets up its own (~30 us: numpy's SeedSequence)
+            if req.seed is None:
+                rng = unseeded
+                x = await decoded(batcher.sample(req.n))
+            else:
+                rng = np.random.default_rng(req.seed)
+                x = await decoded(batcher.decode(sampler.draw_latents(req.n, rng)))
+            return await respond(x, req.format, rng if req.mode == "sample" else None)
+        except (BadRequest, Refused) as exc:
             return error(exc.status, exc.reason)
         except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
             return gone()
-        if not sampler.has_prior:
-            return error(400, f"{sampler.path.name} is an autoencoder's decoder: it has no prior to sample "
-                              "from; POST your own codes to /decode")
-        # an unseeded request's latents are drawn by the batcher, for the whole batch in one call,
-        # from the server's generator; a seeded one sets up its own (~30 us: numpy's SeedSequence)
-        if req.seed is None:
-            rng = unseeded
-            x = await batcher.sample(req.n)
-        else:
-            rng = np.random.default_rng(req.seed)
-            x = await batcher.decode(sampler.draw_latents(req.n, rng))
-        if req.mode == "sample":
-            x = sampler.observe(x, rng)
-        body, content_type = encode(x, req.format)
-        return Response(body, media_type=content_type)
 
     async def decode(request: Request) -> Response:
         try:
             z, fmt = parse_decode(await read_body(request), request.headers.get("content-type"),
                                   request.query_params.get("format"), sampler.latent_shape, limits)
-            if fmt == "png" and not can_png:
-                raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
-        except BadRequest as exc:
+            check_output(len(z), fmt)
+            return await respond(await decoded(batcher.decode(z)), fmt)
+        except (BadRequest, Refused) as exc:
             return error(exc.status, exc.reason)
         except ClientDisconnect:
             return gone()
-        body, content_type = encode(await batcher.decode(z), fmt)
-        return Response(body, media_type=content_type)
 
     # Starlette routes: the handlers read the request themselves, so FastAPI's per-request
     # dependency solving (~50-90 us on the dev CPU) would buy nothing. The service's work first:
@@ -182,15 +338,25 @@ def build_app(sampler, limits: Limits, batching: Batching):
         return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path} (endpoints: "
                                       "POST /sample, POST /decode, GET /healthz, GET /metadata)")
 
-    @app.exception_handler(ShuttingDown)
-    async def shutting_down(request: Request, exc: ShuttingDown) -> Response:
-        return error(503, "the server is shutting down: retry on another replica or after its restart")
-
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return error(400, f"invalid request: {exc.errors()[:1]}")
 
     return app
+
+
+def _quiet_when_cancelled(app, bodies: BodyWatch):
+    """``app`` as uvicorn runs it, except that a request cancelled by uvicorn's graceful-shutdown
+    timeout ends without a traceback (uvicorn logs the cancellation in one line)."""
+
+    async def asgi(scope, receive, send):
+        try:
+            await app(scope, receive, send)
+        except asyncio.CancelledError:
+            if not bodies.stopping:
+                raise
+
+    return asgi
 
 
 def _no_telemetry(fastapi_class) -> dict:
@@ -208,10 +374,11 @@ def _server_class():
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, printing a readiness line, draining the batcher on SIGTERM/SIGINT,
-        and leaving with exit status 0 (uvicorn re-raises the signal after a graceful stop)."""
+        """uvicorn's server, printing a readiness line, calling ``on_exit`` (the app's
+        ``state.stop``: drain the batcher, answer stalled uploads) on SIGTERM/SIGINT, and leaving
+        with exit status 0 (uvicorn re-raises the signal after a graceful stop)."""
 
-        batcher: DynamicBatcher
+        on_exit = staticmethod(lambda: None)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -226,7 +393,7 @@ def _server_class():
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
-            self.batcher.drain()
+            self.on_exit()
 
         async def startup(self, sockets=None):
             await super().startup(sockets=sockets)
@@ -240,8 +407,9 @@ def _server_class():
 
 def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Batching = Batching(),
           limits: Limits = Limits(), threads: int | None = None, provider: str = "cpu",
-          log_level: str = "warning") -> int:
-    """Load the decoder and serve it until SIGTERM/SIGINT; returns the exit status (0)."""
+          log_level: str = "warning", shutdown_timeout: float = SHUTDOWN_TIMEOUT_S) -> int:
+    """Load the decoder and serve it until SIGTERM/SIGINT; returns the exit status (0).
+    ``shutdown_timeout``: seconds the responses in flight get after the signal."""
     import uvicorn
 
     from fastvae.export.sampler import OnnxSampler
@@ -252,16 +420,24 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
                            f"{batching.max_batch}, {batching.max_wait_ms}")
     if limits.max_n < 1 or limits.max_body < 64:
         raise FastVAEError(f"--max-n must be >= 1 and --max-body >= 64 bytes, got {limits.max_n}, {limits.max_body}")
+    if limits.max_values < 1 or not 0 < limits.body_timeout <= 3600:  # nan and inf fail too
+        raise FastVAEError(f"--max-values must be >= 1 and --body-timeout from 0 (excluded) to 3600 s, got "
+                           f"{limits.max_values}, {limits.body_timeout}")
+    if not 0 <= shutdown_timeout <= 3600:
+        raise FastVAEError(f"--shutdown-timeout must be from 0 to 3600 s, got {shutdown_timeout}")
     if not 0 <= port <= 65535:
         raise FastVAEError(f"--port must be from 0 to 65535, got {port}")
     sampler = OnnxSampler(model_path, threads=threads, providers=[provider])
     app = build_app(sampler, limits, batching)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-        loop="auto", http="auto", timeout_graceful_shutdown=60,
+        _quiet_when_cancelled(app, app.state.bodies), host=host, port=port, log_level=log_level,
+        # uvicorn's access log: one line per request at info (and debug); none below, where
+        # formatting its arguments would cost every request a few microseconds for nothing
+        access_log=log_level in ("info", "debug"), lifespan="on", loop="auto", http="auto",
+        timeout_graceful_shutdown=shutdown_timeout,
     )
     server = _server_class()(config)
-    server.batcher = app.state.batcher
+    server.on_exit = app.state.stop
     sock = _listen(host, port)
     print(f"fastvae serve: {sampler!r}, {short_name(sampler.provider)} provider, max batch "
           f"{batching.max_batch}, max wait {batching.max_wait_ms:g} ms", flush=True)

@@ -10,6 +10,10 @@ into a 4xx response.
 ``format`` ``npy`` | ``png`` | ``json``).
 ``POST /decode`` body: JSON ``{"z": [[...], ...], "format": "npy"}``, or the latents as a
 ``.npy`` file with ``Content-Type: application/x-npy`` (format then from ``?format=``).
+
+``json`` and ``png`` responses cost ~0.1-2 us of CPU per output value (``npy``: a copy), so their
+size is bounded separately (:func:`check_output_size`, ``Limits.max_values``); a JSON response
+never holds NaN or Infinity (not JSON: RFC 8259 parsers refuse them).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,10 +47,15 @@ class BadRequest(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """``max_n``: samples (or latent rows) per request; ``max_body``: request body bytes."""
+    """``max_n``: samples (or latent rows) per request; ``max_body``: request body bytes;
+    ``max_values``: output numbers per ``json`` or ``png`` response (n x values per sample);
+    ``body_timeout``: seconds a request may go without sending body bytes (then 408)."""
 
     max_n: int = 4096
     max_body: int = 1 << 20
+    # ~1-2 s of JSON encoding (~15 MB) on the dev CPU; every digits sample up to max_n fits
+    max_values: int = 1 << 20
+    body_timeout: float = 30.0
 
 
 class SampleRequest(NamedTuple):  # a tuple: built on every request, ~5x cheaper than a frozen dataclass
@@ -63,12 +74,12 @@ def parse_sample(body: bytes, limits: Limits) -> SampleRequest:
             raise BadRequest(400, "missing 'n': give the number of samples, e.g. {\"n\": 16}")
         n = _integer(n, "n")
     if not 1 <= n <= limits.max_n:
-        raise BadRequest(400 if n < 1 else 413, f"'n' must be from 1 to {limits.max_n} (the server's --max-n), got {n}")
+        raise BadRequest(400 if n < 1 else 413, f"'n' must be from 1 to {limits.max_n} (the server's --max-n), got {_short(n)}")
     seed = fields.get("seed")
     if seed is not None:
         seed = _integer(seed, "seed")
         if seed < 0:
-            raise BadRequest(400, f"'seed' must be a non-negative integer or null, got {seed}")
+            raise BadRequest(400, f"'seed' must be a non-negative integer or null, got {_short(seed)}")
     mode = fields.get("mode", "mean")
     if mode not in MODES:
         raise BadRequest(400, f"'mode' must be one of {', '.join(MODES)}, got {_show(mode)}")
@@ -95,8 +106,11 @@ def parse_decode(body: bytes, content_type: str | None, query_format: str | None
         fields = _json_object(body, _DECODE_FIELDS, "a JSON object such as {\"z\": [[0.1, ...]]}")
         if "z" not in fields:
             raise BadRequest(400, f"missing 'z': give the latents as a list of {row}")
+        z = fields["z"]
+        if z.__class__ is not list:  # an object, a string, a number: not latents
+            raise BadRequest(400, f"'z' must be a list of {row}, got a JSON {_json_type(z)}")
         try:  # no dtype: strings and booleans stay what they are and are refused below
-            z = np.asarray(fields["z"])
+            z = np.asarray(z)
         except (ValueError, TypeError, OverflowError):
             raise BadRequest(400, f"'z' must be a list of {row} (ragged or not numbers)") from None
         fmt = check_format(fields.get("format", query_format or "npy"))
@@ -107,10 +121,27 @@ def parse_decode(body: bytes, content_type: str | None, query_format: str | None
         raise BadRequest(400, f"'z' must have shape (n, {dims}) with n >= 1, got {tuple(z.shape)}")
     if len(z) > limits.max_n:
         raise BadRequest(413, f"'z' has {len(z)} rows, more than the server's --max-n {limits.max_n}")
-    z = np.ascontiguousarray(z, dtype=np.float32)
+    if z.dtype != np.float32:
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 -> inf, refused below (no warning)
+            z = np.ascontiguousarray(z, dtype=np.float32)
+    else:
+        z = np.ascontiguousarray(z)
     if not np.isfinite(z).all():
         raise BadRequest(400, "'z' holds NaN or infinite values (or values beyond float32): send finite numbers")
     return z, fmt
+
+
+def check_output_size(n: int, output_shape: tuple[int, ...], fmt: str, limits: Limits) -> None:
+    """BadRequest (413) for a ``json`` or ``png`` response of more than ``limits.max_values``
+    numbers: checked before decoding (``npy`` is bounded by ``max_n`` alone)."""
+    if fmt == "npy":
+        return
+    per_sample = math.prod(output_shape)
+    if n * per_sample > limits.max_values:
+        most = limits.max_values // per_sample
+        smaller = f"n <= {most}" if most else "format npy only (one sample is too large)"
+        raise BadRequest(413, f"format {fmt} of {n} outputs of shape {list(output_shape)} is {n * per_sample} numbers, "
+                              f"more than the server's --max-values {limits.max_values}: ask for format npy, or {smaller}")
 
 
 def check_format(fmt) -> str:
@@ -128,8 +159,7 @@ def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str]:
     if fmt == "npy":
         return _npy_header(array.dtype.str, array.shape) + np.ascontiguousarray(array).tobytes(), CONTENT_TYPES["npy"]
     if fmt == "json":
-        text = json.dumps({"shape": list(array.shape), "data": array.tolist()}, separators=(",", ":"))
-        return text.encode(), CONTENT_TYPES["json"]
+        return _json_bytes(array), CONTENT_TYPES["json"]
     from PIL import Image
 
     from fastvae.viz import grid_scale, image_grid
@@ -138,6 +168,27 @@ def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str]:
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue(), CONTENT_TYPES["png"]
+
+
+# rows are converted this many values at a time: each piece holds the GIL ~5 ms (tolist and
+# json.dumps are C calls that never release it), so the event loop, waiting for the GIL while a
+# worker thread encodes, gets it back between pieces instead of after the whole response
+_JSON_PIECE_VALUES = 4096
+
+
+def _json_bytes(array: np.ndarray) -> bytes:
+    """``{"shape": [...], "data": nested lists}`` as compact JSON, built a few rows at a time
+    (same bytes as one ``json.dumps``); BadRequest (422) for NaN or infinite values."""
+    if not np.isfinite(array).all():
+        raise BadRequest(422, "the decoder's output holds NaN or infinite values, which JSON cannot carry "
+                              "(latents too large for the model?): ask for format npy, or send smaller latents")
+    head = '{"shape":' + json.dumps(list(array.shape), separators=(",", ":")) + ',"data":'
+    if array.ndim == 0 or array.size <= _JSON_PIECE_VALUES:
+        return (head + json.dumps(array.tolist(), separators=(",", ":"), allow_nan=False) + "}").encode()
+    rows = max(1, _JSON_PIECE_VALUES // max(1, array[0].size))
+    pieces = (json.dumps(array[i:i + rows].tolist(), separators=(",", ":"), allow_nan=False)[1:-1]
+              for i in range(0, len(array), rows))
+    return (head + "[" + ",".join(pieces) + "]}").encode()
 
 
 @functools.lru_cache(maxsize=256)
@@ -179,8 +230,11 @@ def _loads(body: bytes):
 def _json_object(body: bytes, allowed: frozenset, example: str) -> dict:
     try:
         fields = _loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(400, f"the body is not valid JSON ({one_line_json_error(exc)}); send {example}") from None
+    except ValueError:  # valid JSON, but Python refuses to read an integer this long
+        raise BadRequest(400, f"the body holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+                              f"send {example}") from None
     except RecursionError:
         raise BadRequest(400, f"the body's JSON is nested too deeply; send {example}") from None
     if fields.__class__ is not dict:
@@ -203,10 +257,20 @@ def _integer(value, name: str) -> int:
     return value
 
 
+def _short(n: int) -> str:
+    """An integer for a message: a 400-digit one as its first digits and its length."""
+    text = str(n)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
+
+
+def _json_type(value) -> str:
+    return {dict: "object", str: "string", bool: "boolean", int: "number", float: "number"}.get(value.__class__, "null")
+
+
 def _show(value) -> str:
     return json.dumps(value)[:60] if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
 
 
 def _dtype_name(z: np.ndarray) -> str:
-    return {"b": "booleans", "U": "strings", "S": "bytes", "O": "mixed values or integers beyond 64 bits"
-            }.get(z.dtype.kind, f"dtype {z.dtype}")
+    return {"b": "booleans", "U": "strings", "S": "bytes",
+            "O": "objects, nulls, mixed values or integers beyond 64 bits"}.get(z.dtype.kind, f"dtype {z.dtype}")

@@ -8,7 +8,10 @@
     DIR/NAME/1/model.onnx      the decoder (and its external-data file, if it has one)
 
 Triton's ``max_batch_size`` > 0 means the batch dimension is implicit, so ``dims`` are the
-graph's dims without the first (symbolic) one. Each file is written under a temporary name
+graph's dims without the first (symbolic) one; it is an int32 in Triton's schema, so at most
+2**31 - 1. Other version folders already in ``DIR/NAME`` are left alone (they are the user's),
+but named in a note: Triton serves the highest version by default, so a ``DIR/NAME/2`` would
+shadow this export's ``1``. Each file is written under a temporary name
 beside its target (permissions from the umask) and renamed into place, so Triton polling the
 repository never reads half a file. Needs onnx (no torch, no tritonclient).
 """
@@ -31,6 +34,7 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_QUEUE_DELAY_US = 2000
 VERSION = "1"
 MODEL_FILE = "model.onnx"
+MAX_BATCH_LIMIT = 2**31 - 1  # ModelConfig.max_batch_size is an int32: Triton cannot parse more
 # ONNX TensorProto element type -> Triton DataType
 _TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16", 2: "TYPE_UINT8",
                  3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL"}
@@ -45,10 +49,18 @@ class TritonRepository:
     model: Path
     name: str
     max_batch: int
+    newer_versions: tuple[str, ...] = ()  # version folders above VERSION already in DIR/NAME
 
     def summary(self) -> str:
-        return (f"wrote Triton model '{self.name}' (platform {PLATFORM}, max_batch_size {self.max_batch}, "
+        """One line; a second (a note) when other version folders would be served instead."""
+        text = (f"wrote Triton model '{self.name}' (platform {PLATFORM}, max_batch_size {self.max_batch}, "
                 f"dynamic batching): {self.config} and {self.model}")
+        if self.newer_versions:
+            many = len(self.newer_versions) > 1
+            text += (f"\nnote: {self.config.parent} also holds version folder{'s' if many else ''} "
+                     f"{', '.join(self.newer_versions)}: Triton serves the highest version, not this export's "
+                     f"{VERSION}; move {'them' if many else 'it'} away to serve this one")
+        return text
 
 
 def check_repository_target(repo: str | os.PathLike, name: str, max_batch: int) -> None:
@@ -56,8 +68,9 @@ def check_repository_target(repo: str | os.PathLike, name: str, max_batch: int) 
     work: checked before anything is written (``fastvae export`` calls it before exporting)."""
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
         raise FastVAEError(f"--name must be letters, digits, '_', '-' or '.' (not '.' or '..'), got {name!r}")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise FastVAEError(f"--max-batch must be a positive integer, got {max_batch!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise FastVAEError(f"--max-batch must be an integer from 1 to {MAX_BATCH_LIMIT} (Triton's int32 "
+                           f"max_batch_size), got {max_batch!r}")
     if Path(repo).exists() and not Path(repo).is_dir():
         raise FastVAEError(f"--triton-repo {repo} is a file: give a folder (it is created if missing)")
 
@@ -83,7 +96,17 @@ def write_triton_repository(onnx_path, repo: str | os.PathLike, *, name: str = D
         run_folder.write_text(folder / "config.pbtxt", text)
     except OSError as exc:
         raise FastVAEError(f"could not write the Triton repository {folder} ({exc.strerror or one_line(exc)})") from None
-    return TritonRepository(folder / "config.pbtxt", version_dir / MODEL_FILE, name, max_batch)
+    return TritonRepository(folder / "config.pbtxt", version_dir / MODEL_FILE, name, max_batch, _newer_versions(folder))
+
+
+def _newer_versions(folder: Path) -> tuple[str, ...]:
+    """The version folders of ``folder`` numbered above VERSION, lowest first: Triton's default
+    version policy (latest 1) serves the highest one."""
+    try:
+        names = [p.name for p in folder.iterdir() if p.name.isdigit() and p.is_dir()]
+    except OSError:
+        return ()
+    return tuple(sorted((n for n in names if int(n) > int(VERSION)), key=int))
 
 
 def config_text(onnx_path: Path, name: str, max_batch: int, max_queue_delay_us: int) -> str:

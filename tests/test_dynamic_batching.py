@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from fastvae.export.dynamic_batching import DynamicBatcher, ShuttingDown
+from fastvae.export.dynamic_batching import BatcherFailed, DynamicBatcher, ShuttingDown
 
 
 class Recorder:
@@ -78,10 +78,22 @@ def test_batches_never_exceed_max_batch_and_a_larger_request_goes_alone():
     requests = [("n", 3), ("n", 3), ("z", z_rows(10, 0)), ("n", 2)]
     recorder = Recorder()
     results, batcher = run(recorder, requests, max_batch=4, max_wait=0.0)
-    assert recorder.decoded == [3, 3, 10, 2]  # 3 + 3 > 4; the 10-row request alone
+    assert recorder.decoded == [3, 3, 4, 4, 2, 2]  # 3 + 3 > 4; the 10-row request alone, in <= 4-row calls
     assert [len(r) for r in results] == [3, 3, 10, 2]
     np.testing.assert_array_equal(results[2], 2 * z_rows(10, 0))
-    assert batcher.rows == 18
+    assert (batcher.rows, batcher.batches) == (18, 6)  # batches: decoder calls
+
+
+def test_max_batch_caps_every_decoder_call_and_the_pieces_come_back_in_order():
+    """--max-batch is the most rows per decoder call, also for one request of many rows."""
+    recorder = Recorder(seed=3)
+    given = z_rows(11, 0)
+    results, batcher = run(recorder, [("z", given), ("n", 7)], max_batch=3, max_wait=0.0)
+    assert max(recorder.decoded) <= 3 and recorder.decoded == [3, 3, 3, 2, 3, 3, 1]
+    np.testing.assert_array_equal(results[0], 2 * given)
+    fresh = np.random.default_rng(3).standard_normal((7, 3)).astype(np.float32)
+    np.testing.assert_array_equal(results[1], 2 * fresh)  # drawn once, decoded in three calls
+    assert recorder.drawn == [7] and (batcher.batches, batcher.rows) == (7, 18)
 
 
 def test_only_given_rows_take_no_draw():
@@ -91,13 +103,56 @@ def test_only_given_rows_take_no_draw():
     np.testing.assert_array_equal(np.concatenate(results), 2 * np.concatenate([z_rows(2, 0), z_rows(2, 50)]))
 
 
-def test_a_decoder_error_reaches_every_request_of_its_batch_and_the_next_batch_still_runs():
-    recorder = Recorder(fail_when=lambda z: len(z) == 3)
-    results, batcher = run(recorder, [("n", 1), ("n", 2), ("z", z_rows(4, 0))], max_batch=3)
-    assert recorder.decoded == [3, 4]
-    assert all(isinstance(r, ValueError) for r in results[:2])
+def test_a_failed_batch_is_decoded_request_by_request_so_only_the_failing_request_fails():
+    """One bad request (or an error of the combined batch, e.g. out of memory) does not fail the
+    others: after the batch's call fails, each request's rows (the same latents, not drawn
+    again) are decoded alone."""
+    bad = np.full((2, 3), 7.0, np.float32)
+    recorder = Recorder(seed=5, fail_when=lambda z: (z == 7.0).any())
+    requests = [("n", 2), ("z", bad), ("z", z_rows(1, 0)), ("n", 3)]
+    results, batcher = run(recorder, requests, max_batch=8)  # 8 rows: one full batch
+    assert recorder.decoded == [8, 2, 2, 1, 3] and recorder.drawn == [5]
+    assert isinstance(results[1], ValueError)
+    fresh = np.random.default_rng(5).standard_normal((5, 3)).astype(np.float32)
+    np.testing.assert_array_equal(results[0], 2 * fresh[:2])
+    np.testing.assert_array_equal(results[2], 2 * z_rows(1, 0))
+    np.testing.assert_array_equal(results[3], 2 * fresh[2:])
+    assert (batcher.batches, batcher.rows, batcher.pending) == (3, 6, 0)  # the failed calls are not counted
+
+
+def test_a_failed_batch_whose_requests_pass_alone_fails_nobody_and_the_next_batch_still_runs():
+    recorder = Recorder(fail_when=lambda z: len(z) == 3)  # only the combined batch fails
+    results, batcher = run(recorder, [("n", 1), ("n", 2), ("z", z_rows(4, 0))], max_batch=4)
+    assert recorder.decoded == [3, 1, 2, 4]  # 1 + 2 rows together (failed), then alone; then 4 rows
+    assert [r.shape for r in results[:2]] == [(1, 3), (2, 3)]
     np.testing.assert_array_equal(results[2], 2 * z_rows(4, 0))
-    assert (batcher.batches, batcher.pending) == (1, 0)
+    assert (batcher.batches, batcher.pending) == (3, 0)
+
+
+def test_a_dead_batching_task_fails_pending_and_later_requests_instead_of_hanging():
+    """A BaseException out of decode_fn (not an Exception: SystemExit, a library's own) ends the
+    batching task; the request it was decoding, the queued ones and every later one raise
+    BatcherFailed at once, ``failure`` says why, and close() still finishes."""
+
+    class Fatal(BaseException):
+        pass
+
+    def decode(z):
+        raise Fatal("decoder state lost")
+
+    async def main():
+        batcher = DynamicBatcher(decode, 2, 0.0, inline_below=0.0)
+        batcher.start()
+        first = [batcher.decode(z_rows(2, 0)), batcher.decode(z_rows(2, 1)), batcher.decode(z_rows(1, 2))]
+        results = await asyncio.wait_for(asyncio.gather(*first, return_exceptions=True), 20)
+        later = await asyncio.wait_for(asyncio.gather(batcher.decode(z_rows(1, 0)), return_exceptions=True), 20)
+        await asyncio.wait_for(batcher.close(), 20)
+        return results + later, batcher
+
+    results, batcher = asyncio.run(main())
+    assert all(isinstance(r, BatcherFailed) for r in results), results
+    assert "Fatal: decoder state lost" in batcher.failure and "restart" in batcher.failure
+    assert batcher.pending == 0
 
 
 def test_sample_needs_a_draw_fn():
@@ -124,7 +179,8 @@ def test_a_decoder_returning_the_wrong_number_of_rows_is_an_error_not_short_answ
         return out
 
     results = asyncio.run(main())
-    assert all(isinstance(r, RuntimeError) and "3 rows for 4" in str(r) for r in results)
+    # the combined call (3 rows for 4) fails, and so does each request alone
+    assert all(isinstance(r, RuntimeError) and "1 rows for 2" in str(r) for r in results), results
 
 
 def test_a_cancelled_request_does_not_disturb_the_others_or_the_count():

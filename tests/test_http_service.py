@@ -1,22 +1,27 @@
 """``fastvae serve``: every endpoint, every bad request, batching, SIGTERM drain, bounded load.
 
 Servers run in subprocesses on 127.0.0.1 with port 0, torch blocked in them; readiness is the
-line the server prints once listening, and "a request is in flight" is read from /healthz (a
-poll loop with a deadline): nothing waits on a timer.
+line the server prints once listening, and "a request is in flight" (or "is waiting for its
+body") is read from /healthz (a poll loop with a deadline): nothing waits on a timer. Decoder
+failures, a dead batcher and slow encodings are staged in-process, on the ASGI app itself.
 """
 
 from __future__ import annotations
 
 import http.client
 import importlib.util
+import inspect
 import io
 import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from testkit import exported_mlp_decoder
 
 LATENT = 4
 SHAPE = (1, 8, 8)
-MAX_N, MAX_BODY = 500, 20_000
+MAX_N, MAX_BODY, MAX_VALUES = 500, 20_000, 5_000  # 5,000 values: 78 samples of 1x8x8
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 # the CLI with torch blocked: the service must not need it
@@ -97,7 +102,8 @@ class Server(service_process.ServiceProcess):
 @pytest.fixture(scope="module")
 def server(decoder):
     """A batching server (16 rows at most, 50 ms wait) with small limits."""
-    srv = Server(decoder[0], "--max-batch", 16, "--max-wait-ms", 50, "--max-n", MAX_N, "--max-body", MAX_BODY)
+    srv = Server(decoder[0], "--max-batch", 16, "--max-wait-ms", 50, "--max-n", MAX_N, "--max-body", MAX_BODY,
+                 "--max-values", MAX_VALUES)
     yield srv
     rc, _, err = srv.stop()
     assert rc == 0 and "Traceback" not in err, err[-2000:]
@@ -110,7 +116,7 @@ def test_healthz_and_metadata(server, decoder):
     meta = json.loads(body)
     assert status == 200 and headers["content-type"] == "application/json"
     assert meta["latent_dim"] == LATENT and meta["output_shape"] == list(SHAPE) and meta["provider"] == "cpu"
-    assert meta["limits"] == {"max_n": MAX_N, "max_body": MAX_BODY}
+    assert meta["limits"] == {"max_n": MAX_N, "max_body": MAX_BODY, "max_values": MAX_VALUES, "body_timeout": 30.0}
     assert meta["batching"] == {"max_batch": 16, "max_wait_ms": 50.0}
     assert meta["decoder_metadata"] == OnnxSampler(decoder[0]).metadata
 
@@ -159,37 +165,53 @@ def test_decode_json_and_npy_bodies(server, decoder):
     np.testing.assert_allclose(np.asarray(json.loads(body)["data"]), numpy_decoder(weights, z), rtol=1e-5, atol=1e-6)
 
 
-def _asgi_post(decoder_path, path, messages, max_body=MAX_BODY):
-    """Run the service's ASGI app in this process on one POST whose body arrives as the given
-    ASGI messages (dicts, in order): (status, body bytes) of what the app sent."""
+def _in_process(sampler, scenario, limits=None, batching=None):
+    """Run the service's ASGI app in this process, lifespan included (batcher, body watch,
+    encoding thread), and return ``await scenario(call, app)``: ``await call(method, path,
+    messages)`` -> (status, headers dict, body bytes). ``messages``: the request's ASGI receive
+    messages in order; an awaitable among them is awaited (one never done: a stalled client)."""
     import asyncio
 
     from fastvae.export.http_service import Batching, build_app
     from fastvae.export.service_io import Limits
 
-    sampler = OnnxSampler(decoder_path, threads=1)
-
     async def main():
-        app = build_app(sampler, Limits(max_n=MAX_N, max_body=max_body), Batching(16, 0.0))
-        batcher = app.state.batcher
-        batcher.start()
-        script, sent = iter(messages), []
+        app = build_app(sampler, limits or Limits(max_n=MAX_N, max_body=MAX_BODY), batching or Batching(16, 0.0))
 
-        async def receive():
-            return next(script)
+        async def call(method, path, messages=(_part(b"", more=False),)):
+            script, sent = iter(messages), []
 
-        async def send(message):
-            sent.append(message)
+            async def receive():
+                item = next(script)
+                return await item if inspect.isawaitable(item) else item
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"application/json")],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000), "state": {}}
-        await asyncio.wait_for(app(scope, receive, send), 60)
-        await batcher.close()
-        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                     "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                     "root_path": "", "headers": [(b"content-type", b"application/json")],
+                     "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000), "state": {}}
+            await app(scope, receive, send)
+            headers = {k.decode(): v.decode() for k, v in sent[0].get("headers", [])}
+            return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
+
+        async with app.router.lifespan_context(app):
+            return await asyncio.wait_for(scenario(call, app), 60)
 
     return asyncio.run(main())
+
+
+def _asgi_post(decoder_path, path, messages, max_body=MAX_BODY):
+    """(status, body bytes) of one POST to an in-process app whose body arrives as the given
+    ASGI messages (dicts, in order)."""
+    from fastvae.export.service_io import Limits
+
+    async def scenario(call, app):
+        status, _, body = await call("POST", path, messages)
+        return status, body
+
+    return _in_process(OnnxSampler(decoder_path, threads=1), scenario, Limits(max_n=MAX_N, max_body=max_body))
 
 
 def _part(body, more=True):
@@ -219,6 +241,146 @@ def test_a_client_gone_mid_body_gets_no_error_response(decoder):
     for endpoint in ("/sample", "/decode"):
         status, body = _asgi_post(path, endpoint, [_part(b'{"n'), {"type": "http.disconnect"}])
         assert status == 499 and body == b""  # nothing to answer: no 500, no traceback
+
+
+def test_a_body_that_stops_arriving_gets_408_after_body_timeout(decoder):
+    """A client that sends part of its body and then nothing: 408 with the JSON error body and
+    Connection: close once --body-timeout passes (not a handler held open for ever)."""
+    import asyncio
+
+    from fastvae.export.service_io import Limits
+
+    async def scenario(call, app):
+        never = asyncio.get_running_loop().create_future()  # the rest of the body never comes
+        status, headers, body = await call("POST", "/sample", [_part(b'{"n": '), never])
+        _, _, health = await call("GET", "/healthz")
+        return status, headers, body, json.loads(health)
+
+    status, headers, body, health = _in_process(OnnxSampler(decoder[0], threads=1), scenario,
+                                                Limits(max_n=MAX_N, max_body=MAX_BODY, body_timeout=0.2))
+    reason = json.loads(body)["error"]
+    assert status == 408 and "--body-timeout" in reason and "\n" not in reason
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert health["reading"] == 0 and health["pending"] == 0
+
+
+class Fatal(BaseException):
+    """Not an Exception: ends the batching task (as SystemExit or a library's own would)."""
+
+
+def _flaky(sampler, when):
+    """``sampler`` whose decode fails (RuntimeError, or ``Fatal`` when asked) on latents where
+    ``when(z)``; ``sampler.calls`` logs the rows of each call."""
+    real, sampler.calls = sampler.decode, []
+
+    def decode(z, batch_size=None):
+        sampler.calls.append(len(z))
+        failure = when(z)
+        if failure:
+            raise failure("onnxruntime: simulated failure (e.g. out of memory)\non two lines")
+        return real(z, batch_size)
+
+    sampler.decode = decode
+    return sampler
+
+
+def test_a_failing_decoder_call_fails_only_the_request_that_fails_alone_with_json_500(decoder, caplog):
+    """Six one-row requests make one full batch; the call fails because of request 3. Each
+    request is then decoded alone: request 3 gets a 500 with the JSON error body (one line, one
+    log line, no traceback), the other five their samples."""
+    import asyncio
+
+    from fastvae.export.http_service import Batching
+
+    sampler = _flaky(OnnxSampler(decoder[0], threads=1), lambda z: RuntimeError if (z == 7.0).any() else None)
+
+    async def scenario(call, app):
+        bodies = [json.dumps({"z": [[7.0 if i == 3 else float(i)] * LATENT]}).encode() for i in range(6)]
+        return await asyncio.gather(*(call("POST", "/decode", [_part(b, more=False)]) for b in bodies))
+
+    with caplog.at_level("ERROR"):
+        results = _in_process(sampler, scenario, batching=Batching(6, 60_000.0))  # 6 rows: no waiting
+    assert sampler.calls == [6, 1, 1, 1, 1, 1, 1]
+    for i, (status, headers, body) in enumerate(results):
+        if i == 3:
+            reason = json.loads(body)["error"]
+            assert status == 500 and headers["content-type"] == "application/json"
+            assert reason.startswith("the decoder failed: RuntimeError: onnxruntime: simulated") and "\n" not in reason
+        else:
+            z = np.full((1, LATENT), float(i), np.float32)
+            assert status == 200
+            np.testing.assert_array_equal(np.load(io.BytesIO(body)), OnnxSampler(decoder[0], threads=1).decode(z))
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None and "decoder failed" in errors[0].getMessage()
+
+
+def test_a_dead_batcher_answers_503_and_healthz_says_failed(decoder):
+    """A BaseException out of the decoder kills the batching task: the request gets 503 (not a
+    hang), later ones too, and /healthz answers 503 so a liveness probe restarts the service."""
+    sampler = _flaky(OnnxSampler(decoder[0], threads=1), lambda z: Fatal)
+
+    async def scenario(call, app):
+        first = await call("POST", "/sample", [_part(b'{"n": 2, "seed": 1}', more=False)])
+        health = await call("GET", "/healthz")
+        later = await call("POST", "/decode", [_part(json.dumps({"z": [[0.0] * LATENT]}).encode(), more=False)])
+        return first, health, later
+
+    first, health, later = _in_process(sampler, scenario)
+    for status, _, body in (first, later):
+        assert status == 503 and "batching task died (Fatal: onnxruntime: simulated" in json.loads(body)["error"]
+    assert health[0] == 503 and json.loads(health[2])["status"] == "failed"
+    assert sampler.calls == [2]  # the later request never reached the decoder
+
+
+def test_json_never_carries_nan_a_422_says_to_ask_for_npy(decoder):
+    """A decoder output with NaN (huge latents can overflow inside the network) is no JSON
+    (RFC 8259): format json gets a 422 naming npy, format npy still gets the values."""
+    sampler = OnnxSampler(decoder[0], threads=1)
+    real = sampler.decode
+    sampler.decode = lambda z, batch_size=None: np.where(z[:, :1, None, None] > 1e30, np.nan, real(z, batch_size))
+
+    async def scenario(call, app):
+        huge = {"z": [[3e38, 0.0, 0.0, 0.0]]}
+        as_json = await call("POST", "/decode", [_part(json.dumps({**huge, "format": "json"}).encode(), more=False)])
+        as_npy = await call("POST", "/decode", [_part(json.dumps(huge).encode(), more=False)])
+        return as_json, as_npy
+
+    (status, headers, body), (npy_status, _, npy_body) = _in_process(sampler, scenario)
+    reason = json.loads(body)["error"]  # the body itself is strict JSON
+    assert status == 422 and "NaN" in reason and "format npy" in reason
+    assert npy_status == 200 and np.isnan(np.load(io.BytesIO(npy_body))).all()
+
+
+def test_a_large_response_is_encoded_off_the_event_loop(decoder, monkeypatch):
+    """While a JSON response is being encoded, /healthz (any other request) is still answered:
+    the encoding here waits until /healthz has been answered, which cannot happen if it runs
+    on the event loop (then it gives up after 10 s and the test fails)."""
+    import asyncio
+
+    from fastvae.export import http_service
+
+    entered, release, released = threading.Event(), threading.Event(), []
+    real = http_service.encode
+
+    def encode(x, fmt):
+        entered.set()
+        released.append(release.wait(10))
+        return real(x, fmt)
+
+    monkeypatch.setattr(http_service, "encode", encode)
+
+    async def scenario(call, app):
+        loop = asyncio.get_running_loop()
+        post = asyncio.ensure_future(call("POST", "/sample", [_part(b'{"n": 16, "seed": 3, "format": "json"}', more=False)]))
+        assert await loop.run_in_executor(None, entered.wait, 20)  # the encoding has begun
+        health = await call("GET", "/healthz")
+        release.set()
+        return health, await post
+
+    (health_status, _, _), (status, _, body) = _in_process(OnnxSampler(decoder[0], threads=1), scenario)
+    assert released == [True] and health_status == 200 and status == 200
+    np.testing.assert_array_equal(np.asarray(json.loads(body)["data"], np.float32),
+                                  OnnxSampler(decoder[0]).sample(16, seed=3))
 
 
 def _npy(array) -> bytes:
@@ -263,6 +425,13 @@ BAD = {
     "npy_nan": ("/decode", _npy(np.full((2, LATENT), np.nan, np.float32)), NPY, 400, "NaN"),
     "missing_z": ("/decode", {"latents": []}, None, 400, "unknown field"),
     "decode_bad_format": ("/decode", {"z": [[0.0] * LATENT], "format": "bmp"}, None, 400, "'format'"),
+    "z_object": ("/decode", {"z": {"a": 1}}, None, 400, "'z' must be a list of rows of 4 numbers, got a JSON object"),
+    "z_in_objects": ("/decode", {"z": [{"a": 1}]}, None, 400, "objects"),
+    "n_5000_digits": ("/sample", b'{"n": ' + b"9" * 5000 + b"}", None, 400, "an integer of more than 4300 digits"),
+    "n_400_digits": ("/sample", b'{"n": ' + b"9" * 400 + b"}", None, 413, "got 999999999999... (400 digits)"),
+    "json_over_max_values": ("/sample", {"n": MAX_VALUES // 64 + 1, "format": "json"}, None, 413,
+                             f"more than the server's --max-values {MAX_VALUES}: ask for format npy, or n <= 78"),
+    "png_over_max_values": ("/decode", {"z": [[0.0] * LATENT] * 79, "format": "png"}, None, 413, "format npy"),
 }
 
 
@@ -271,8 +440,25 @@ def test_bad_requests_get_a_4xx_with_one_line(server, case):
     path, body, headers, status, message = BAD[case]
     got, response_headers, text = server.request("POST", path, body, headers)
     reason = json.loads(text)["error"]
-    assert got == status and message in reason and "\n" not in reason, (got, reason)
+    assert got == status and message in reason and "\n" not in reason and len(reason) < 300, (got, reason)
     assert response_headers["content-type"] == "application/json"
+
+
+def test_the_largest_json_and_png_responses_within_max_values_are_served(server):
+    data = json.loads(server.sample(n=78, seed=1, format="json"))  # 78 x 64 = 4,992 values
+    assert data["shape"] == [78, *SHAPE]
+    assert server.sample(n=78, seed=1, format="png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert server.sample(n=MAX_N, seed=1).shape == (MAX_N, *SHAPE)  # npy: --max-n only
+
+
+def test_latents_beyond_float32_are_refused_without_a_numpy_warning():
+    """1e39 overflows the float32 cast: a 400, and no RuntimeWarning on the server's stderr."""
+    from fastvae.export.service_io import BadRequest, Limits, parse_decode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning would raise here instead of BadRequest
+        with pytest.raises(BadRequest, match="NaN or infinite"):
+            parse_decode(b'{"z": [[1e39, 0, 0, 0]]}', "application/json", None, (LATENT,), Limits())
 
 
 def test_wrong_method_and_path_are_4xx(server):
@@ -312,6 +498,16 @@ def test_same_seed_same_samples_batched_or_not(server, decoder):
     assert after["batches"] - before["batches"] < len(sizes), "no request was batched with another"
 
 
+def test_max_batch_caps_the_rows_of_every_decoder_call(server, decoder):
+    """--max-batch 16: one request for 100 samples is decoded in 7 calls (16 rows at most each),
+    and its samples are those of one OnnxSampler.sample call."""
+    before = server.health()
+    x = server.sample(n=100, seed=21)
+    after = server.health()
+    assert (after["batches"] - before["batches"], after["rows"] - before["rows"]) == (7, 100)
+    np.testing.assert_array_equal(x, OnnxSampler(decoder[0]).sample(100, seed=21))
+
+
 def test_bounded_load_has_no_errors(server):
     load = _bench_module("http_load")
     result = load.run_load(f"http://127.0.0.1:{server.port}/sample", concurrency=16, duration=2.0,
@@ -348,11 +544,58 @@ def test_sigterm_drains_a_request_in_flight_and_exits_0(decoder):
         srv.stop(signal.SIGKILL)
 
 
-def test_ctrl_c_exits_0(decoder):
+def test_sigterm_answers_a_stalled_upload_503_at_once_and_exits_within_the_shutdown_timeout(decoder):
+    """A client sent its headers and part of its body, then stalled. SIGTERM: it gets 503 (JSON)
+    at once instead of holding the shutdown (it used to take uvicorn's 60 s graceful timeout,
+    then a traceback and a text/plain 500); the process exits 0 well within --shutdown-timeout."""
+    srv = Server(decoder[0], "--body-timeout", 600, "--shutdown-timeout", 25)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+            sock.sendall(b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 20\r\n\r\n{\"n\": ")
+            deadline = time.monotonic() + 60
+            while srv.health()["reading"] != 1:  # the event: the handler waits for the rest of the body
+                assert time.monotonic() < deadline, "the request never reached its handler"
+            started = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            response = b""
+            while chunk := sock.recv(65536):  # the server closes the connection after its answer
+                response += chunk
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"application/json" in head, response
+        assert "shutting down" in json.loads(body)["error"]
+        srv.proc.wait(timeout=60)
+        assert time.monotonic() - started < 20  # not the 25 s --shutdown-timeout, let alone 60 s
+        rc, _, err = srv.stop()
+        assert rc == 0 and "Traceback" not in err and "ERROR" not in err, err[-2000:]
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_ctrl_c_exits_0_and_warning_level_logs_no_request(decoder):
     srv = Server(decoder[0])
     assert srv.health()["status"] == "ok"
-    rc, _, err = srv.stop(signal.SIGINT)
+    srv.sample(n=1)
+    rc, out, err = srv.stop(signal.SIGINT)
     assert rc == 0 and "Traceback" not in err, err[-2000:]
+    assert "/sample" not in out + err and "/healthz" not in out + err, out + err
+
+
+def test_log_level_info_logs_one_line_per_request(decoder):
+    """uvicorn's access log (on stdout): one line per request, its status included."""
+    srv = Server(decoder[0], "--log-level", "info")
+    try:
+        srv.sample(n=1)
+        srv.sample(n=2, format="json")
+        srv.request("POST", "/sample", {"n": 0})
+        srv.health()
+    finally:
+        rc, out, err = srv.stop()
+    lines = out.splitlines()
+    assert rc == 0 and "Traceback" not in err, err[-2000:]
+    assert sum('"POST /sample HTTP/1.1" 200' in line for line in lines) == 2, out
+    assert sum('"POST /sample HTTP/1.1" 400' in line for line in lines) == 1, out
+    assert sum('"GET /healthz HTTP/1.1" 200' in line for line in lines) == 1, out
 
 
 # -- the command line --------------------------------------------------------------------------------
@@ -362,6 +605,10 @@ def test_ctrl_c_exits_0(decoder):
     (["--max-wait-ms", "inf"], "--max-wait-ms"),  # a lone request would never be answered
     (["--max-n", "0"], "--max-n"),
     (["--port", "70000"], "--port"),
+    (["--max-values", "0"], "--max-values"),
+    (["--body-timeout", "0"], "--body-timeout"),
+    (["--body-timeout", "nan"], "--body-timeout"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
     (["--provider", "tensorrt-x"], "unknown execution provider"),
 ])
 def test_cli_bad_flags_are_one_line_exit_2(decoder, capsys, flags, message):

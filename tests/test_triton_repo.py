@@ -88,6 +88,29 @@ def test_rewrites_atomically_with_umask_permissions(decoder, tmp_path):
     assert (repo.config.stat().st_mode & 0o777) == 0o640 == (repo.model.stat().st_mode & 0o777)
 
 
+def test_the_largest_int32_max_batch_parses(decoder, tmp_path):
+    """max_batch_size is an int32 in Triton's schema: 2**31 - 1 is written and parses."""
+    repo = write_triton_repository(decoder, tmp_path / "m", max_batch=2**31 - 1)
+    assert parse(repo.config).max_batch_size == 2**31 - 1
+
+
+def test_newer_version_folders_are_kept_and_named_in_a_note(decoder, tmp_path):
+    """A DIR/NAME/2 from elsewhere would be served instead of this export's 1 (Triton's default
+    version policy: the latest): left in place (the user's files) but named in the summary."""
+    folder = tmp_path / "m" / "fastvae_decoder"
+    for version in ("0", "2", "10"):
+        (folder / version).mkdir(parents=True)
+    (folder / "10" / "model.onnx").write_bytes(b"someone else's model")
+    repo = write_triton_repository(decoder, tmp_path / "m")
+    lines = repo.summary().splitlines()
+    assert repo.newer_versions == ("2", "10") and len(lines) == 2
+    assert lines[1] == (f"note: {folder} also holds version folders 2, 10: Triton serves the highest version, "
+                        "not this export's 1; move them away to serve this one")
+    assert (folder / "10" / "model.onnx").read_bytes() == b"someone else's model"
+    alone = write_triton_repository(decoder, tmp_path / "alone")
+    assert alone.newer_versions == () and len(alone.summary().splitlines()) == 1
+
+
 def test_quoting_survives_protobuf_parsing(decoder, tmp_path):
     from fastvae.export.onnx_export import _update_metadata
 
@@ -100,7 +123,8 @@ def test_quoting_survives_protobuf_parsing(decoder, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [({"name": "a/b"}, "--name"), ({"name": ""}, "--name"),
-                                            ({"max_batch": 0}, "--max-batch"), ({"max_batch": 2.5}, "--max-batch")])
+                                            ({"max_batch": 0}, "--max-batch"), ({"max_batch": 2.5}, "--max-batch"),
+                                            ({"max_batch": 2**31}, "from 1 to 2147483647")])
 def test_bad_arguments(decoder, tmp_path, kwargs, message):
     with pytest.raises(FastVAEError, match=message):
         write_triton_repository(decoder, tmp_path / "m", **kwargs)
@@ -133,13 +157,17 @@ def test_cli_export_with_triton_repo(tmp_path, capsys):
     run = tmp_path / "run"
     save_checkpoint(run / "checkpoints" / "last.ckpt", {"config": {}, "spec": model.spec, "model": model.state_dict()})
     repo = tmp_path / "triton"
+    (repo / "digits" / "2").mkdir(parents=True)  # an older export's newer version: named, kept
     assert main(["export", str(run), "--triton-repo", str(repo), "--name", "digits", "--max-batch", "128",
                  "--exporter", "torchscript"]) == 0
     out = capsys.readouterr().out
     assert "wrote Triton model 'digits'" in out
+    assert f"note: {repo / 'digits'} also holds version folder 2: Triton serves the highest version" in out
+    assert (repo / "digits" / "2").is_dir()
     config = parse(repo / "digits" / "config.pbtxt")
     assert config.max_batch_size == 128 and config.input[0].dims == [LATENT]
     assert (repo / "digits" / "1" / "model.onnx").read_bytes() == (run / "decoder.onnx").read_bytes()
-    assert main(["export", str(run), "--triton-repo", str(repo), "--max-batch", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--max-batch" in err[0]
+    for bad in ("0", "3000000000"):  # 3e9: beyond Triton's int32, refused before any work
+        assert main(["export", str(run), "--triton-repo", str(repo), "--max-batch", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--max-batch" in err[0], err

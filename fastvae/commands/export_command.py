@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, help="ONNX opset; None: the exporter's own (below 18 uses the TorchScript exporter)")
     parser.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx")
     parser.add_argument("--name", help="model name in the Triton repository (default fastvae_decoder)")
-    parser.add_argument("--max-batch", type=int, help="the Triton model's max_batch_size (dynamic batching; default 64)")
+    parser.add_argument("--max-batch", type=int, help="the Triton model's max_batch_size (dynamic batching; 1 to 2147483647, default 64)")
     parser.add_argument(
         "--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
         help="torch.onnx exporter: auto tries the torch.export-based one, then TorchScript "
