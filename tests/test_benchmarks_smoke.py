@@ -559,16 +559,21 @@ def _bench_env():
     return env
 
 
-def test_gpu_train_headline_runs_its_fair_arms_in_cpu_smoke_mode(tmp_path):
-    """The GPU headline comparison (plain, plain reading every 32 steps, plain compile + fused
-    Adam, trainer, trainer reading each step) runs tiny on a CPU in smoke mode."""
-    out = tmp_path / "train.json"
-    cmd = [sys.executable, "-m", "pytest", str(BENCH / "test_bench_train.py"), "-k", "gpu_trainer_vs_plain",
+def _smoke_suite(tmp_path, suite: str, select: str, passed: int) -> list[dict]:
+    """The benchmark records of ``suite``'s tests matching ``select``, run tiny in smoke mode."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pytest", str(BENCH / suite), "-k", select,
            "-q", "-p", "no:cacheprovider", "--timeout=120", f"--benchmark-json={out}",
            "--benchmark-max-time=0.000001", "--benchmark-min-rounds=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=_bench_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0 and "1 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
-    info = json.loads(out.read_text())["benchmarks"][0]["extra_info"]
+    assert proc.returncode == 0 and f"{passed} passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    return json.loads(out.read_text())["benchmarks"]
+
+
+def test_gpu_train_headline_runs_its_fair_arms_in_cpu_smoke_mode(tmp_path):
+    """The GPU headline comparison (plain, plain reading every 32 steps, plain compile + fused
+    Adam, trainer, trainer reading each step) runs tiny on a CPU in smoke mode."""
+    info = _smoke_suite(tmp_path, "test_bench_train.py", "gpu_trainer_vs_plain", passed=1)[0]["extra_info"]
     for key in ("speedup", "speedup_vs_plain_deferred_read", "speedup_vs_plain_compile_fused_adam",
                 "per_step_read_cost"):
         assert info[key] > 0, key
@@ -576,12 +581,7 @@ def test_gpu_train_headline_runs_its_fair_arms_in_cpu_smoke_mode(tmp_path):
 
 
 def test_streaming_loaders_read_the_same_images(tmp_path):
-    out = tmp_path / "streaming.json"
-    cmd = [sys.executable, "-m", "pytest", str(BENCH / "test_bench_streaming.py"), "-k", "test_loader_",
-           "-q", "-p", "no:cacheprovider", "--timeout=120", f"--benchmark-json={out}",
-           "--benchmark-max-time=0.000001", "--benchmark-min-rounds=1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_bench_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0 and "2 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
-    rows = {b["extra_info"]["impl"]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
+    rows = {b["extra_info"]["impl"]: b["extra_info"]
+            for b in _smoke_suite(tmp_path, "test_bench_streaming.py", "test_loader_", passed=2)}
     assert rows["imagefolder"]["items"] == rows["shards"]["items"]
     assert rows["imagefolder"]["device"] == rows["shards"]["device"] == "cpu"
