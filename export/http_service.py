@@ -345,16 +345,31 @@ def build_app(sampler, limits: Limits, batching: Batching):
     return app
 
 
-def _quiet_when_cancelled(app, bodies: BodyWatch):
+def _quiet_when_cancelled(app, bodies: BodyWatch, shutdown_timeout: float):
     """``app`` as uvicorn runs it, except that a request cancelled by uvicorn's graceful-shutdown
-    timeout ends without a traceback (uvicorn logs the cancellation in one line)."""
+    timeout ends without a traceback (uvicorn logs the cancellation in one line) and, when its
+    response had not started, with the service's JSON 503 (uvicorn would send a text/plain 500)."""
 
     async def asgi(scope, receive, send):
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message.get("type") == "http.response.start"
+            await send(message)
+
         try:
-            await app(scope, receive, send)
+            await app(scope, receive, tracked_send if scope.get("type") == "http" else send)
         except asyncio.CancelledError:
             if not bodies.stopping:
                 raise
+            if scope.get("type") == "http" and not started:
+                reason = (f"the server is shutting down and this response did not finish within its "
+                          f"--shutdown-timeout of {shutdown_timeout:g} s: retry on another replica or after its restart")
+                with contextlib.suppress(Exception):  # the client may be gone already
+                    await send({"type": "http.response.start", "status": 503,
+                                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                    await send({"type": "http.response.body", "body": error_body(reason)})
 
     return asgi
 
@@ -430,7 +445,7 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
     sampler = OnnxSampler(model_path, threads=threads, providers=[provider])
     app = build_app(sampler, limits, batching)
     config = uvicorn.Config(
-        _quiet_when_cancelled(app, app.state.bodies), host=host, port=port, log_level=log_level,
+        _quiet_when_cancelled(app, app.state.bodies, shutdown_timeout), host=host, port=port, log_level=log_level,
         # uvicorn's access log: one line per request at info (and debug); none below, where
         # formatting its arguments would cost every request a few microseconds for nothing
         access_log=log_level in ("info", "debug"), lifespan="on", loop="auto", http="auto",

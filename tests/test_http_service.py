@@ -572,6 +572,52 @@ def test_sigterm_answers_a_stalled_upload_503_at_once_and_exits_within_the_shutd
         srv.stop(signal.SIGKILL)
 
 
+def test_a_response_cut_by_the_shutdown_timeout_is_a_json_503(decoder):
+    """A decode still running when --shutdown-timeout passes: the client gets the service's
+    JSON 503 (uvicorn alone sent a text/plain 500 after logging a missing response)."""
+    import uvicorn
+
+    from fastvae.export.http_service import Batching, _listen, _quiet_when_cancelled, build_app
+    from fastvae.export.service_io import Limits
+
+    sampler = OnnxSampler(decoder[0], threads=1)
+    entered, release = threading.Event(), threading.Event()
+    real = sampler.decode
+
+    def blocked_decode(z, *args, **kwargs):
+        entered.set()
+        release.wait(120)
+        return real(z, *args, **kwargs)
+
+    sampler.decode = blocked_decode
+    app = build_app(sampler, Limits(), Batching(16, 2.0))
+    config = uvicorn.Config(_quiet_when_cancelled(app, app.state.bodies, 0.2), log_level="critical",
+                            lifespan="on", timeout_graceful_shutdown=0.2)
+    server = uvicorn.Server(config)
+    sock = _listen("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:  # not synchronisation: waits for the server's own started flag
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=60)
+        conn.request("POST", "/sample", body=b'{"n": 2, "seed": 1}', headers={"Content-Type": "application/json"})
+        assert entered.wait(60), "the request never reached the decoder"
+        server.should_exit = True  # what SIGTERM does, and the app's own stop
+        app.state.stop()
+        response = conn.getresponse()
+        assert response.status == 503 and response.getheader("content-type") == "application/json"
+        assert "--shutdown-timeout" in json.loads(response.read())["error"]
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+    assert not thread.is_alive()
+
+
 def test_ctrl_c_exits_0_and_warning_level_logs_no_request(decoder):
     srv = Server(decoder[0])
     assert srv.health()["status"] == "ok"
