@@ -43,7 +43,10 @@ MODEL_SETTINGS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "si
 # Settings a resumed run must share with the run that wrote the checkpoint (a learned or fixed
 # sigma's value may change: it is a starting value).
 RESUME_IDENTITY = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data",
-                   "test_fraction", "split_seed", "grayscale", *CONVKL_SETTINGS)
+                   "test_fraction", "split_seed", "split_rule", "grayscale", *CONVKL_SETTINGS)
+# What a saved config.json (or checkpoint) without a setting was made with, where that is not
+# today's default: split_rule 2 came on 2026-11-30.
+SAVED_BEFORE = {"split_rule": 1}
 
 
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
@@ -85,6 +88,7 @@ class TrainConfig:
     # colour of image folders; `fastvae prepare` stores its own in the prepared dataset
     test_fraction: float = 0.1
     split_seed: int = 0
+    split_rule: int = 2  # fastvae.data.split_indices' rule; a run keeps the one it was made with
     grayscale: bool = False
     workers: int = 2  # DataLoader processes reading a prepared (streamed) dataset; 0: none
     loggers: str = ""  # comma-separated TRACKERS that also receive the metrics
@@ -123,6 +127,8 @@ class TrainConfig:
                 sign = {"lr": "positive", "sigma": "positive",
                         "test_fraction": "between 0 and 1"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
+        if self.split_rule not in (1, 2):
+            raise FastVAEError(f"split_rule must be 1 or 2 (2: today's rule), got {self.split_rule!r}")
         for name in ("seed", "split_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
@@ -187,6 +193,12 @@ class TrainConfig:
         for name, value in values.items():
             typed[name] = _coerce(name, value, type(getattr(cls(), name)), source)
         return cls(**typed)
+
+
+def saved_settings(values: dict) -> dict:
+    """A run's saved settings (config.json or a checkpoint's), with what the settings it lacks
+    were when it was made (``SAVED_BEFORE``): an older run keeps its held-out split."""
+    return {**SAVED_BEFORE, **values}
 
 
 def parse_channel_mult(text: str, downsample: int) -> tuple[int, ...]:

@@ -34,6 +34,10 @@ from fastvae.bundled import bundled_file
 from fastvae.errors import FastVAEError, one_line
 from fastvae.photos import is_photos, load_photos
 
+# The held-out split's rule (split_indices): runs record the one they were made with
+# (TrainConfig.split_rule; config.json files without it were made with 1).
+SPLIT_RULES = (1, 2)
+SPLIT_RULE = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IDX_NAMES = {
@@ -60,12 +64,13 @@ class Splits:
 
 
 def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, split_seed: int = 0,
-                 grayscale: bool = False):
+                 grayscale: bool = False, split_rule: int = SPLIT_RULE):
     """Load ``digits`` or a path (IDX file/folder, .npy, .npz, image folder), validated; a
-    prepared dataset (``fastvae prepare``) is opened for streaming instead. ``test_fraction``
-    and ``split_seed`` make the held-out split of sources without one; ``grayscale`` converts
-    colour images to one channel (a prepared dataset is read as it was written: refused)."""
-    data = _load(source, test_fraction, split_seed, grayscale)
+    prepared dataset (``fastvae prepare``) is opened for streaming instead. ``test_fraction``,
+    ``split_seed`` and ``split_rule`` (``split_indices``) make the held-out split of sources
+    without one; ``grayscale`` converts colour images to one channel (a prepared dataset is
+    read as it was written: refused)."""
+    data = _load(source, (test_fraction, split_seed, split_rule), grayscale)
     if grayscale and data.data_shape[0] == 3:
         if not isinstance(data, Splits):
             raise FastVAEError(f"--grayscale: {source} was prepared in colour, and a prepared dataset "
@@ -88,7 +93,7 @@ def note_shadowed_folder(source) -> None:
               file=sys.stderr)
 
 
-def _load(source, test_fraction: float, split_seed: int, grayscale: bool):
+def _load(source, split: tuple[float, int, int], grayscale: bool):
     if str(source) == "digits":
         return _digits()
     if is_photos(source):  # bundled colour photo crops (fastvae.photos)
@@ -97,7 +102,6 @@ def _load(source, test_fraction: float, split_seed: int, grayscale: bool):
 
     if looks_prepared(str(source)):
         return open_dataset(str(source))
-    split = (test_fraction, split_seed)
     path = Path(source)
     if not path.exists():
         raise FastVAEError(
@@ -205,7 +209,7 @@ def _idx_folder(folder: Path) -> Splits:
     return Splits(folder.name, train, test, labels["train_labels"], labels["test_labels"])
 
 
-def _npz(path: Path, split: tuple[float, int]) -> Splits:
+def _npz(path: Path, split: tuple[float, int, int]) -> Splits:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
@@ -258,6 +262,16 @@ def image_folder_files(folder: Path) -> tuple[list[Path], np.ndarray | None, np.
         return *image_files(folder), None
     train, train_tops = _files_and_tops(parts["train"])
     test, test_tops = _files_and_tops(parts["test"])
+    flat = {name: set(tops) == {""} for name, tops in (("train", train_tops), ("test", test_tops))}
+    if flat["train"] != flat["test"]:  # "" would become label 0 beside the other part's labels
+        labelled = "train" if flat["test"] else "test"
+        raise FastVAEError(f"{parts[labelled]} has label subfolders but {parts['test' if labelled == 'train' else 'train']} "
+                           "has none: give both the same label subfolders, or neither")
+    loose = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()
+             and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        print(f"note: {len(loose)} image(s) directly in {folder} (e.g. {loose[0].name}) are not used: "
+              "its train/ and test/ folders hold the data", file=sys.stderr)
     is_test = np.repeat([False, True], [len(train), len(test)])
     return train + test, _label_indices(train_tops + test_tops), is_test
 
@@ -385,7 +399,7 @@ def different_sizes_error(file: Path, size: tuple, first: Path, first_size: tupl
         "all images must have one size (fastvae prepare --size N resizes and crops them)")
 
 
-def _image_folder(folder: Path, split: tuple[float, int], grayscale: bool) -> Splits:
+def _image_folder(folder: Path, split: tuple[float, int, int], grayscale: bool) -> Splits:
     files, labels, is_test = image_folder_files(folder)
     probes = [probe_image(f) for f in files]
     for file, probe in zip(files, probes):
@@ -408,38 +422,52 @@ def _image_folder(folder: Path, split: tuple[float, int], grayscale: bool) -> Sp
                   None if label_t is None else label_t[~test], None if label_t is None else label_t[test])
 
 
-def split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed: int,
+                  rule: int = SPLIT_RULE) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, test rows), each sorted: a seeded random round(fraction x n) of the rows
     (at least one, at most n - 1) held out, stratified by label: label c gives floor(fraction x
     n_c) rows, or one more where its remainder is among the largest (ties broken by the seed),
-    so the test set has the labels' proportions whatever their sizes (rounding each label on
-    its own held out nothing when every label has under 1 / (2 fraction) rows)."""
+    so the test set has the labels' proportions whatever their sizes. ``rule`` 1: the rule of
+    runs made before this one (each label's share rounded on its own, which held out nothing
+    when every label has under 1 / (2 fraction) rows); a run keeps the rule it was made with."""
     if n < 2:
         raise FastVAEError(f"need at least 2 examples (train and test), got {n}")
     if not 0.0 < test_fraction < 1.0:
         raise FastVAEError(f"--test-fraction must lie between 0 and 1, got {test_fraction}")
-    total = min(max(round(test_fraction * n), 1), n - 1)
+    if rule not in SPLIT_RULES:
+        raise FastVAEError(f"split_rule must be one of {', '.join(map(str, SPLIT_RULES))}, got {rule!r}")
     rng = np.random.default_rng(seed)
-    if labels is None:
-        test = rng.permutation(n)[:total]
+    groups = None if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    if rule == 1:
+        test = np.concatenate([rng.permutation(g)[: round(test_fraction * len(g))]
+                               for g in (groups or [np.arange(n)])])
+        if len(test) == 0:  # tiny data: one row anyway
+            test = np.array([rng.integers(n)])
+        elif len(test) == n:
+            test = np.sort(test)[1:]
     else:
-        groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-        quota = test_fraction * np.array([len(g) for g in groups], dtype=np.float64)
-        take = np.floor(quota).astype(np.int64)
-        # largest remainders first; ties in a seeded order (a generator of its own: the rows
-        # each label holds out are the same draws as before this rule)
-        ties = np.random.default_rng([seed, 1]).permutation(len(groups))
-        order = ties[np.argsort(-(quota - take)[ties], kind="stable")]
-        order = order[take[order] < np.array([len(g) for g in groups])[order]]
-        take[order[: max(total - int(take.sum()), 0)]] += 1
-        test = np.concatenate([rng.permutation(g)[:k] for g, k in zip(groups, take)])
+        test = _largest_remainder_test_rows(n, groups, test_fraction, seed, rng)
     test = np.sort(test).astype(np.int64)
-    train = np.setdiff1d(np.arange(n), test)
-    return train, test
+    return np.setdiff1d(np.arange(n), test), test
 
 
-def _split(name: str, array: np.ndarray, labels, path: Path, split: tuple[float, int],
+def _largest_remainder_test_rows(n: int, groups, test_fraction: float, seed: int, rng) -> np.ndarray:
+    total = min(max(round(test_fraction * n), 1), n - 1)
+    if groups is None:
+        return rng.permutation(n)[:total]
+    sizes = np.array([len(g) for g in groups])
+    quota = test_fraction * sizes.astype(np.float64)
+    take = np.floor(quota).astype(np.int64)
+    # largest remainders first; ties in a seeded order (a generator of its own: the rows each
+    # label holds out are the same draws as under rule 1)
+    ties = np.random.default_rng([seed, 1]).permutation(len(groups))
+    order = ties[np.argsort(-(quota - take)[ties], kind="stable")]
+    order = order[take[order] < sizes[order]]
+    take[order[: max(total - int(take.sum()), 0)]] += 1
+    return np.concatenate([rng.permutation(g)[:k] for g, k in zip(groups, take)])
+
+
+def _split(name: str, array: np.ndarray, labels, path: Path, split: tuple[float, int, int],
            key: str | None = None) -> Splits:
     """Hold out a seeded, stratified random part of the rows (``split_indices``)."""
     images = _as_images(array, path, key)

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastvae import run_folder
+from fastvae.config import saved_settings
 from fastvae.errors import FastVAEError
 
 ACTIVE_THRESHOLD = 0.01
@@ -569,7 +570,7 @@ def write_report(
         from fastvae.checkpoint import load
 
         model = load(run_dir)  # FastVAEError when the run has no (readable) checkpoint
-    config = run_folder.read_run_config(run_dir)
+    config = saved_settings(run_folder.read_run_config(run_dir))
     seed = int(config.get("seed", 0)) if seed is None else seed
     source = data or config.get("data")
     if splits is None:
@@ -626,7 +627,8 @@ def _load_run_data(run_dir: Path, source: str | None, config: dict, given: bool)
 
     try:  # split as the run was (config.json; older runs: the defaults)
         return load_dataset(source, test_fraction=config.get("test_fraction", 0.1),
-                            split_seed=config.get("split_seed", 0), grayscale=config.get("grayscale", False))
+                            split_seed=config.get("split_seed", 0), split_rule=config["split_rule"],
+                            grayscale=config.get("grayscale", False))
     except FastVAEError as exc:
         if given:
             raise

@@ -391,7 +391,7 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     order. Image folders are decoded by ``workers`` processes; an undecodable image stops it
     (naming the file) unless ``skip_bad``, which skips and counts it.
     """
-    from fastvae.data import image_folder_files
+    from fastvae.data import SPLIT_RULE, image_folder_files
 
     started = time.perf_counter()
     if is_remote(str(out)):
@@ -413,7 +413,8 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     # dataset_id: a run's checkpoint records it, so a resume on a dataset prepared again under
     # the same path (other images, same shape and counts) is refused, not silently mixed
     meta = {"format": FORMAT, "version": 1, "dataset_id": uuid.uuid4().hex, "source": str(source), "size": size,
-            "grayscale": grayscale, "test_fraction": test_fraction, "split_seed": split_seed}
+            "grayscale": grayscale, "test_fraction": test_fraction, "split_seed": split_seed,
+            "split_rule": SPLIT_RULE}
     if str(source) != "digits" and not is_photos(source) and path.is_dir() and not _has_idx(path):
         files, labels, is_test = image_folder_files(path)
         folder = _ImageFolder(files, labels, size, grayscale, workers, skip_bad, progress, is_test)
@@ -432,6 +433,18 @@ def _has_idx(folder: Path) -> bool:
     return _find_idx(folder, "train") is not None
 
 
+def _flat_rows(path: Path) -> bool:
+    """Whether ``path`` is an .npy/.npz of (N, D) rows (not images, whatever their shape says
+    once loaded: (N, D) and (N, 1, D) both load as 1 x D images)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 2
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            return any(npz[key].ndim == 2 for key in npz.files)
+    return False
+
+
 def _split_npz(path: Path) -> bool:
     """Whether ``path`` is an .npz with train and test arrays (one array gets the seeded split)."""
     if path.suffix.lower() != ".npz":
@@ -446,7 +459,7 @@ def _array_pieces(source: str, size, grayscale, test_fraction, split_seed):
 
     splits = load_dataset(source, test_fraction=test_fraction, split_seed=split_seed)
     own = source == "digits" or is_photos(source) or Path(source).is_dir() or _split_npz(Path(source))
-    if size is not None and splits.data_shape[1] == 1:  # (N, D) rows are 1 x D "images"
+    if size is not None and _flat_rows(Path(source)):  # (N, D) rows are 1 x D "images"
         raise FastVAEError(f"--size {size}: {source} holds rows of {splits.data_shape[2]} values, not "
                            "images: prepare it without --size (or save it as (N, H, W) images)")
 

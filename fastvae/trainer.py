@@ -35,7 +35,7 @@ import torch
 
 from fastvae import run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
-from fastvae.config import MAX_SEED, RESUME_IDENTITY, TrainConfig
+from fastvae.config import MAX_SEED, RESUME_IDENTITY, TrainConfig, saved_settings
 from fastvae.data import Splits, load_dataset
 from fastvae.errors import FastVAEError
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
@@ -108,7 +108,7 @@ def load_config_data(config: TrainConfig, source: str | None = None):
     """The data a run's settings name (or ``source`` split the same way): ``Splits`` in
     memory, or a prepared dataset to stream."""
     return load_dataset(source or config.data, test_fraction=config.test_fraction,
-                        split_seed=config.split_seed, grayscale=config.grayscale)
+                        split_seed=config.split_seed, split_rule=config.split_rule, grayscale=config.grayscale)
 
 
 def _set_fixed_sigma(model, sigma: float) -> None:
@@ -156,7 +156,8 @@ def check_resume(run_dir: Path, config: TrainConfig) -> dict:
     or with fewer epochs than it has trained; return its checkpoint."""
     # clear error when missing or corrupt; mapped: the ranks' Trainer reads the weights later
     state = read_checkpoint(run_dir, mmap=True)
-    saved = {**TrainConfig().to_dict(), **state["config"]}  # settings added since take defaults
+    # settings added since take what the run was made with, else today's defaults
+    saved = {**TrainConfig().to_dict(), **saved_settings(state["config"])}
     run_folder.check_resume(
         run_dir, saved, config.to_dict(), RESUME_IDENTITY,
         mid_epoch=bool(state.get("batch_in_epoch")),

@@ -554,7 +554,10 @@ def test_conftest_marks_interrupted_runs_partial():
 
 
 def _bench_env():
-    env = dict(os.environ, FASTVAE_BENCH_SMOKE="1", PYTHONUNBUFFERED="1")
+    # not this run's PYTEST_* variables: pytest-benchmark disables itself (and writes no JSON)
+    # where PYTEST_XDIST_WORKER says it runs in an xdist worker, as make test's tests do
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(FASTVAE_BENCH_SMOKE="1", PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

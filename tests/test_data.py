@@ -443,7 +443,7 @@ def test_images_beside_label_folders_are_left_out_with_a_note(tmp_path, capsys):
     assert [f.name for f in files] == ["a.png", "b.png"] and labels is None
 
 
-def test_a_train_and_test_folder_keeps_its_own_split(tmp_path):
+def test_a_train_and_test_folder_keeps_its_own_split(tmp_path, capsys):
     """data/train/{cat,dog}, data/test/{cat,dog}: the published split, labels from the inner
     folders (one set of names across both), not two labels 'train' and 'test'."""
     images = {}
@@ -452,12 +452,17 @@ def test_a_train_and_test_folder_keeps_its_own_split(tmp_path):
         for i in range(n):
             images[f"{split}/{label}/{i}.png"] = images_u8(1, 5, 5)[0]
             save_png(tmp_path / "data" / split / label / f"{i}.png", images[f"{split}/{label}/{i}.png"])
+    save_png(tmp_path / "data" / "preview.png", images_u8(1, 5, 5)[0])  # not data: a note says so
     splits = load_dataset(tmp_path / "data", test_fraction=0.5)
+    assert "preview.png" in capsys.readouterr().err
     expect = {s: sorted(k for k in images if k.startswith(s)) for s in ("train", "test")}
     for name, x, y in (("train", splits.train, splits.train_labels), ("test", splits.test, splits.test_labels)):
         ref = torch.stack([torch.from_numpy(images[k]).float()[None] / 255 for k in expect[name]])
         assert torch.equal(x, ref)
         assert y.tolist() == [{"cat": 0, "dog": 1, "eel": 2}[k.split("/")[1]] for k in expect[name]]
+    save_png(tmp_path / "half" / "train" / "cat" / "0.png", images_u8(1, 5, 5)[0])
+    save_png(tmp_path / "half" / "test" / "0.png", images_u8(1, 5, 5)[0])  # no label folders here
+    expect_error(tmp_path / "half", "has label subfolders but", "neither")
 
 
 def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):

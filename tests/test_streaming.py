@@ -158,9 +158,42 @@ def test_bundled_names_mean_the_bundled_data_beside_a_folder_of_that_name(tmp_pa
     assert rc == 0 and seen[1] == str(tmp_path / "photos"), err  # the folder, by its path
     np.save(tmp_path / "rows.npy", RNG.integers(0, 256, (30, 12), dtype=np.uint8))
     assert "not images" in one_line_error(capsys, "prepare", "rows.npy", "--out", "s", "--size", "4")
+    np.save(tmp_path / "strips.npy", RNG.integers(0, 256, (30, 1, 12), dtype=np.uint8))  # 1 x 12 images
+    rc, _, err = cli(capsys, "prepare", "strips.npy", "--out", "s2", "--size", "4", "--quiet")
+    assert rc == 0 and open_dataset(str(tmp_path / "s2")).data_shape == (1, 4, 4), err
     np.savez(tmp_path / "one.npz", x=RNG.integers(0, 256, (30, 4, 4), dtype=np.uint8))
     rc, _, err = cli(capsys, "prepare", "one.npz", "--out", "s1", "--quiet")
     assert rc == 0 and json.loads((tmp_path / "s1" / "fastvae.json").read_text())["split"] == "seeded", err
+
+
+def test_a_run_made_before_the_split_rule_changed_keeps_its_split(tmp_path, capsys):
+    """20 labels x 3 images at --test-fraction 0.1: today's rule holds out 6 rows, the rule
+    before it (each label rounded alone) 1. A run saved without split_rule (made before) is
+    evaluated and resumed on its own split, not on today's."""
+    src = image_folder(tmp_path / "many", 3, (4, 4), labels=[f"l{i:02d}" for i in range(20)])
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--data", src, "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2",
+                     "--batch-size", "16", "--reparam", "torch", "--quiet", "--no-pictures", "--out", run)
+    assert rc == 0, err
+
+    def evaluated_rows() -> int:
+        rc, out, err = cli(capsys, "evaluate", run, "--iwae-k", "0", "--json")
+        assert rc == 0, err
+        return json.loads(out.splitlines()[-1])["n"]
+
+    assert evaluated_rows() == 6
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["split_rule"]  # as a checkpoint written before the setting existed
+    torch.save(state, ckpt)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["split_rule"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert evaluated_rows() == 1
+    rc, out, err = cli(capsys, "train", "--resume", "--epochs", "2", "--out", run, "--quiet", "--no-pictures")
+    assert rc == 0, err
+    assert json.loads((run / "config.json").read_text())["split_rule"] == 1
+    assert evaluated_rows() == 1
 
 
 # ----------------------------------------------------------------------------- the epoch plan

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fastvae.checkpoint import load, read_checkpoint
+    from fastvae.config import saved_settings
     from fastvae.data import load_dataset
     from fastvae.errors import FastVAEError
     from fastvae.evaluation import evaluate
@@ -48,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
         note_shadowed_folder(args.data)
     seed = args.seed if args.seed is not None else int(state["config"].get("seed", 0))
-    saved = state["config"]  # split as the run was (older runs: the defaults)
+    saved = saved_settings(state["config"])  # split as the run was (older runs: what they were made with)
     splits = load_dataset(data, test_fraction=saved.get("test_fraction", 0.1),
-                          split_seed=saved.get("split_seed", 0), grayscale=saved.get("grayscale", False))
+                          split_seed=saved.get("split_seed", 0), split_rule=saved["split_rule"],
+                          grayscale=saved.get("grayscale", False))
     if tuple(splits.data_shape) != tuple(model.data_shape):
         raise FastVAEError(f"data {data} has images of shape {splits.data_shape} but the model "
                            f"expects {tuple(model.data_shape)}: evaluate on data like the training data")

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fastvae import run_folder
-    from fastvae.config import RESUME_IDENTITY, TrainConfig, load_config_file
+    from fastvae.config import RESUME_IDENTITY, TrainConfig, load_config_file, saved_settings
     from fastvae.errors import FastVAEError
 
     names = [f.name for f in fields(TrainConfig)]
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         if not (out / run_folder.CONFIG_JSON).is_file() and not (out / run_folder.LAST).is_file():
             raise FastVAEError(f"cannot resume: {out} holds neither {run_folder.CONFIG_JSON} nor "
                                f"{run_folder.LAST}; train into {out} first")
-        saved = run_folder.read_run_config(out)
+        saved = saved_settings(run_folder.read_run_config(out))
         values = {**saved, **values}  # a deleted config.json: the checkpoint's
     if args.compile is False and args.compile_mode not in (None, "default"):
         raise FastVAEError(f"--no-compile contradicts --compile-mode {args.compile_mode} (which compiles): "
