@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -292,6 +293,7 @@ def test_a_failing_decoder_call_fails_only_the_request_that_fails_alone_with_jso
 
     from fastvae.export.http_service import Batching
 
+    caplog.set_level(logging.ERROR, logger="uvicorn.error")  # whatever earlier tests left it at
     sampler = _flaky(OnnxSampler(decoder[0], threads=1), lambda z: RuntimeError if (z == 7.0).any() else None)
 
     async def scenario(call, app):
@@ -591,7 +593,9 @@ def test_a_response_cut_by_the_shutdown_timeout_is_a_json_503(decoder):
 
     sampler.decode = blocked_decode
     app = build_app(sampler, Limits(), Batching(16, 2.0))
-    config = uvicorn.Config(_quiet_when_cancelled(app, app.state.bodies, 0.2), log_level="critical",
+    # log_config and log_level None: uvicorn would configure logging for the whole test process
+    # (disabling or raising the level of loggers other tests read with caplog)
+    config = uvicorn.Config(_quiet_when_cancelled(app, app.state.bodies, 0.2), log_config=None, log_level=None,
                             lifespan="on", timeout_graceful_shutdown=0.2)
     server = uvicorn.Server(config)
     sock = _listen("127.0.0.1", 0)
