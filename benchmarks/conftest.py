@@ -10,6 +10,9 @@
   tests, so benchmarks may be missing; ``partial_reason`` says which) into the JSON.
 * Drops the raw per-round timings (``stats.data``) from the JSON unless
   ``FASTVAE_BENCH_KEEP_DATA=1``, so stored results stay small.
+* ``FASTVAE_BENCH_EXTRA_INFO=FILE``: each test's ``benchmark.extra_info`` is appended to FILE as
+  a JSON line ``{"test": nodeid, "extra_info": {...}}``, also under ``--benchmark-disable``
+  (which writes no JSON): the smoke test checks what suites record without timing them.
 * Smoke mode (``FASTVAE_BENCH_SMOKE=1``) is reported in the header; on a CPU it also sets
   ``TRITON_INTERPRET=1`` (unless set) so that the fused-kernel benchmarks run, interpreted.
 """
@@ -48,6 +51,16 @@ def _partial_reason() -> str | None:
     if session is not None and session.testsfailed:
         return f"{session.testsfailed} test(s) failed"
     return None
+
+
+def pytest_runtest_teardown(item):
+    out = os.environ.get("FASTVAE_BENCH_EXTRA_INFO")
+    fixture = getattr(item, "funcargs", {}).get("benchmark")
+    if out and fixture is not None and fixture.extra_info:
+        import json
+
+        with open(out, "a", encoding="utf8") as f:
+            f.write(json.dumps({"test": item.nodeid, "extra_info": fixture.extra_info}, default=str) + "\n")
 
 
 def pytest_report_header(config):
