@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from common import annotate, bench_device, on_gpu, pick, requires_cuda, synced
-from test_bench_train import bce_nll, interleaved_medians, plain_epoch
+from test_bench_train import bce_nll, compiled_plain_epoch, interleaved_medians, plain_epoch, plain_loss
 
 from fastvae.config import TrainConfig
 from fastvae.data import Splits
@@ -219,45 +219,26 @@ gpu_or_cpu_smoke = pytest.mark.skipif(not on_gpu() and not pick(smoke=True, cpu=
                                       reason="needs a CUDA device (runs tiny on a CPU in smoke mode)")
 
 
-def _gpu_loss(model, x, spec):
-    """The plain loop's -ELBO for any fastvae model (Bernoulli for mlp/conv, Gaussian for convkl)."""
-    mu, logvar = model.encoder(x)
-    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-    params = model.decoder(z).float()
-    nll = (gaussian_nll if spec["model"] == "convkl" else bce_nll)(params, x)
-    mu, logvar = mu.float(), logvar.float()
-    return (nll + 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)).mean()
-
-
 def _plain_gpu_runner(spec, data, batch, *, compiled: bool):
-    """An epoch of the plain AMP loop; ``compiled``: the step under torch.compile(mode=
-    "reduce-overhead") and fused Adam (a user's three lines)."""
+    """An epoch of the plain AMP loop (``test_bench_train.plain_loss``: Bernoulli for mlp/conv,
+    Gaussian for convkl); ``compiled``: the step under torch.compile(mode="reduce-overhead")
+    and fused Adam (a user's three lines; ``test_bench_train.compiled_plain_epoch``)."""
     device = data.device
     torch.manual_seed(0)
     model = build_model(spec).to(device)
     if spec["model"] == "convkl" and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=compiled or None)
+    nll = gaussian_nll if spec["model"] == "convkl" else bce_nll
+    amp = None if SMOKE_ON_CPU else torch.bfloat16
+    epoch = compiled_plain_epoch(lambda x: plain_loss(model, x, amp, nll), optimizer, data, batch,
+                                 compile_step=compiled and not SMOKE_ON_CPU, drop_last=True)
 
-    def step(x):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not SMOKE_ON_CPU):
-            loss = _gpu_loss(model, x, spec)
-        loss.backward()
-        return loss.detach()
-
-    step_fn = torch.compile(step, mode="reduce-overhead") if compiled and not SMOKE_ON_CPU else step
-
-    def epoch():
-        perm = torch.randperm(len(data), device=device)
-        for start in range(0, len(data) - batch + 1, batch):
-            optimizer.zero_grad(set_to_none=True)
-            if step_fn is not step:
-                torch.compiler.cudagraph_mark_step_begin()
-            step_fn(data[perm[start : start + batch]])
-            optimizer.step()
+    def run():
+        epoch()
         _sync()
 
-    return epoch
+    return run
 
 
 def _sync():

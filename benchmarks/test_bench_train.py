@@ -116,40 +116,51 @@ def plain_epoch(model, optimizer, data: torch.Tensor, batch: int, amp_dtype, nll
     return reader.flush()
 
 
-def plain_compiled_epoch_runner(case, splits: Splits, *, read_every: int):
-    """A no-argument callable: one epoch of the plain loop with its step (forward, loss,
-    backward) under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) and fused Adam,
-    the loss read every ``read_every`` steps: the fair compiled baseline (as
-    ``test_bench_convkl``'s ``plain_compile_fused_adam``). In CPU smoke mode nothing is
-    compiled (the code path is checked, not the speed)."""
-    model_name, batch, precision, _ = case
-    device = bench_device()
-    torch.manual_seed(0)
-    model = build_model({"model": model_name, "data_shape": list(splits.data_shape)}).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    amp = torch.bfloat16 if precision.startswith("bf16") else None
-    data = splits.train.to(device)
+def compiled_plain_epoch(step_loss, optimizer, data: torch.Tensor, batch: int, *, compile_step: bool,
+                         read_every: int | None = None, drop_last: bool = False):
+    """A no-argument callable (not synced): one epoch of a plain loop whose step -
+    ``step_loss(x)`` and its backward - runs under ``torch.compile(mode="reduce-overhead")``
+    (CUDA graphs) when ``compile_step``, then ``optimizer.step()``; the loss read every
+    ``read_every`` steps (None: never); ``drop_last``: no partial last batch."""
 
     def step(x):
-        loss = plain_loss(model, x, amp)
+        loss = step_loss(x)
         loss.backward()
         return loss.detach()
 
-    compiled = on_gpu()
-    step_fn = torch.compile(step, mode="reduce-overhead") if compiled else step
+    step_fn = torch.compile(step, mode="reduce-overhead") if compile_step else step
+    stop = len(data) - batch + 1 if drop_last else len(data)
 
     def epoch():
-        perm = torch.randperm(len(data), device=device)
-        reader = _LossReader(read_every)
-        for start in range(0, len(data), batch):
+        perm = torch.randperm(len(data), device=data.device)
+        reader = _LossReader(read_every) if read_every else None
+        for start in range(0, stop, batch):
             optimizer.zero_grad(set_to_none=True)
-            if compiled:
+            if compile_step:
                 torch.compiler.cudagraph_mark_step_begin()
-            reader.add(step_fn(data[perm[start : start + batch]]))
+            loss = step_fn(data[perm[start : start + batch]])
+            if reader is not None:
+                reader.add(loss)
             optimizer.step()
-        return reader.flush()
+        return reader.flush() if reader is not None else None
 
-    return synced(epoch)
+    return epoch
+
+
+def plain_compiled_epoch_runner(case, splits: Splits, *, read_every: int):
+    """A no-argument callable: one epoch of the plain loop with its step (forward, loss,
+    backward) under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) and fused Adam,
+    the loss read every ``read_every`` steps: the fair compiled baseline
+    (:func:`compiled_plain_epoch`, as ``test_bench_convkl``'s ``plain_compile_fused_adam``). In
+    CPU smoke mode nothing is compiled (the code path is checked, not the speed)."""
+    model_name, batch, precision, _ = case
+    torch.manual_seed(0)
+    model = build_model({"model": model_name, "data_shape": list(splits.data_shape)}).to(bench_device())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    amp = torch.bfloat16 if precision.startswith("bf16") else None
+    return synced(compiled_plain_epoch(lambda x: plain_loss(model, x, amp), optimizer,
+                                       splits.train.to(bench_device()), batch, compile_step=on_gpu(),
+                                       read_every=read_every))
 
 
 def plain_runner(case, splits: Splits, *, fused_adam: bool = False, read_every: int = 1):

@@ -348,25 +348,20 @@ def build_app(sampler, limits: Limits, batching: Batching):
 def _quiet_when_cancelled(app, bodies: BodyWatch, shutdown_timeout: float):
     """``app`` as uvicorn runs it, except that a request cancelled by uvicorn's graceful-shutdown
     timeout ends without a traceback (uvicorn logs the cancellation in one line) and, when its
-    response had not started, with the service's JSON 503 (uvicorn would send a text/plain 500)."""
+    response had not started, with the service's JSON 503 (uvicorn would send a text/plain 500).
+    No wrapper around ``send`` to learn whether it had: uvicorn refuses a second response start
+    (RuntimeError) before writing anything, which is what the suppress below swallows."""
 
     async def asgi(scope, receive, send):
-        started = False
-
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message.get("type") == "http.response.start"
-            await send(message)
-
         try:
-            await app(scope, receive, tracked_send if scope.get("type") == "http" else send)
+            await app(scope, receive, send)
         except asyncio.CancelledError:
             if not bodies.stopping:
                 raise
-            if scope.get("type") == "http" and not started:
+            if scope.get("type") == "http":
                 reason = (f"the server is shutting down and this response did not finish within its "
                           f"--shutdown-timeout of {shutdown_timeout:g} s: retry on another replica or after its restart")
-                with contextlib.suppress(Exception):  # the client may be gone already
+                with contextlib.suppress(Exception):  # a response already started, or the client gone
                     await send({"type": "http.response.start", "status": 503,
                                 "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
                     await send({"type": "http.response.body", "body": error_body(reason)})

@@ -47,6 +47,9 @@ RESUME_IDENTITY = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "l
 # What a saved config.json (or checkpoint) without a setting was made with, where that is not
 # today's default: split_rule 2 came on 2026-11-30.
 SAVED_BEFORE = {"split_rule": 1}
+# The held-out split's rules (fastvae.data.split_indices); runs record the one they were made with.
+SPLIT_RULES = (1, 2)
+SPLIT_RULE = 2
 
 
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
@@ -88,7 +91,7 @@ class TrainConfig:
     # colour of image folders; `fastvae prepare` stores its own in the prepared dataset
     test_fraction: float = 0.1
     split_seed: int = 0
-    split_rule: int = 2  # fastvae.data.split_indices' rule; a run keeps the one it was made with
+    split_rule: int = SPLIT_RULE  # fastvae.data.split_indices' rule; a run keeps the one it was made with
     grayscale: bool = False
     workers: int = 2  # DataLoader processes reading a prepared (streamed) dataset; 0: none
     loggers: str = ""  # comma-separated TRACKERS that also receive the metrics
@@ -127,8 +130,9 @@ class TrainConfig:
                 sign = {"lr": "positive", "sigma": "positive",
                         "test_fraction": "between 0 and 1"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
-        if self.split_rule not in (1, 2):
-            raise FastVAEError(f"split_rule must be 1 or 2 (2: today's rule), got {self.split_rule!r}")
+        if self.split_rule not in SPLIT_RULES:
+            raise FastVAEError(f"split_rule must be one of {SPLIT_RULES} ({SPLIT_RULE}: today's rule), "
+                               f"got {self.split_rule!r}")
         for name in ("seed", "split_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:

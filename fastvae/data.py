@@ -31,13 +31,10 @@ import numpy as np
 import torch
 
 from fastvae.bundled import bundled_file
+from fastvae.config import SPLIT_RULE, SPLIT_RULES
 from fastvae.errors import FastVAEError, one_line
 from fastvae.photos import is_photos, load_photos
 
-# The held-out split's rule (split_indices): runs record the one they were made with
-# (TrainConfig.split_rule; config.json files without it were made with 1).
-SPLIT_RULES = (1, 2)
-SPLIT_RULE = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IDX_NAMES = {
@@ -415,11 +412,8 @@ def _image_folder(folder: Path, split: tuple[float, int, int], grayscale: bool) 
             raise FastVAEError(f"image {file} could not be read: {arrays[-1]}")
     if is_test is None:
         return _split(folder.name, np.stack(arrays), labels, folder, split)
-    images = _as_images(np.stack(arrays), folder)
     test = torch.from_numpy(is_test)
-    label_t = None if labels is None else torch.from_numpy(labels)
-    return Splits(folder.name, images[~test], images[test],
-                  None if label_t is None else label_t[~test], None if label_t is None else label_t[test])
+    return _take_rows(folder.name, _as_images(np.stack(arrays), folder), labels, ~test, test)
 
 
 def split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed: int,
@@ -475,6 +469,11 @@ def _split(name: str, array: np.ndarray, labels, path: Path, split: tuple[float,
     if n < 2:
         raise FastVAEError(f"data {path} has {n} example(s): need at least 2 (train and test)")
     train, test = (torch.from_numpy(rows) for rows in split_indices(n, labels, *split))
+    return _take_rows(name, images, labels, train, test)
+
+
+def _take_rows(name: str, images: torch.Tensor, labels, train, test) -> Splits:
+    """Splits of ``images`` (and numpy ``labels``) by row indices or boolean masks."""
     label_t = None if labels is None else torch.from_numpy(labels)
     return Splits(
         name, images[train], images[test],

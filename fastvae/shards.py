@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from fastvae.errors import FastVAEError, one_line
-from fastvae.photos import is_photos
 
 META = "fastvae.json"
 FORMAT = "fastvae-shards"
@@ -391,7 +390,7 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     order. Image folders are decoded by ``workers`` processes; an undecodable image stops it
     (naming the file) unless ``skip_bad``, which skips and counts it.
     """
-    from fastvae.data import SPLIT_RULE, image_folder_files
+    from fastvae.data import SPLIT_RULE, image_folder_files, is_bundled
 
     started = time.perf_counter()
     if is_remote(str(out)):
@@ -415,7 +414,7 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     meta = {"format": FORMAT, "version": 1, "dataset_id": uuid.uuid4().hex, "source": str(source), "size": size,
             "grayscale": grayscale, "test_fraction": test_fraction, "split_seed": split_seed,
             "split_rule": SPLIT_RULE}
-    if str(source) != "digits" and not is_photos(source) and path.is_dir() and not _has_idx(path):
+    if not is_bundled(source) and path.is_dir() and not _has_idx(path):
         files, labels, is_test = image_folder_files(path)
         folder = _ImageFolder(files, labels, size, grayscale, workers, skip_bad, progress, is_test)
         pieces, info = folder.pieces(test_fraction, split_seed)
@@ -455,10 +454,10 @@ def _split_npz(path: Path) -> bool:
 
 def _array_pieces(source: str, size, grayscale, test_fraction, split_seed):
     """An in-memory source (digits, IDX, .npy/.npz) as uint8 pieces per split."""
-    from fastvae.data import fit_image, load_dataset
+    from fastvae.data import fit_image, is_bundled, load_dataset
 
     splits = load_dataset(source, test_fraction=test_fraction, split_seed=split_seed)
-    own = source == "digits" or is_photos(source) or Path(source).is_dir() or _split_npz(Path(source))
+    own = is_bundled(source) or Path(source).is_dir() or _split_npz(Path(source))
     if size is not None and _flat_rows(Path(source)):  # (N, D) rows are 1 x D "images"
         raise FastVAEError(f"--size {size}: {source} holds rows of {splits.data_shape[2]} values, not "
                            "images: prepare it without --size (or save it as (N, H, W) images)")

@@ -603,9 +603,9 @@ def test_a_response_cut_by_the_shutdown_timeout_is_a_json_503(decoder):
     thread.start()
     try:
         deadline = time.monotonic() + 60
-        while not server.started:  # not synchronisation: waits for the server's own started flag
+        while not server.started:  # waits for the server's own started flag
             assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
+            time.sleep(0.01)  # not synchronisation: the poll interval of that wait
         conn = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=60)
         conn.request("POST", "/sample", body=b'{"n": 2, "seed": 1}', headers={"Content-Type": "application/json"})
         assert entered.wait(60), "the request never reached the decoder"
