@@ -730,7 +730,7 @@ def _store(src: Path, results: Path | str, threshold: float, stat: str, out, for
     if not runs and device is None and not extras:
         print(f"store: no pytest-benchmark JSON, {DEVICE_RESULT} nor {', '.join(EXTRA_RESULTS)} in {src}", file=out)
         return None
-    smoke = [run.path.name for run in runs if run.info.get("smoke")] + _smoke_extras(src)
+    smoke = [run.path.name for run in runs if run.smoke] + _smoke_extras(src)
     if smoke and not force:
         print(f"store: {', '.join(smoke)} come from a smoke run (tiny sizes); not stored "
               f"(--force stores them anyway)", file=out)
