@@ -11,9 +11,10 @@ Triton's ``max_batch_size`` > 0 means the batch dimension is implicit, so ``dims
 graph's dims without the first (symbolic) one; it is an int32 in Triton's schema, so at most
 2**31 - 1. Other version folders already in ``DIR/NAME`` are left alone (they are the user's),
 but named in a note: Triton serves the highest version by default, so a ``DIR/NAME/2`` would
-shadow this export's ``1``. Each file is written under a temporary name
-beside its target (permissions from the umask) and renamed into place, so Triton polling the
-repository never reads half a file. Needs onnx (no torch, no tritonclient).
+shadow this export's ``1``. Every file is written and fsynced in a staging folder inside
+``DIR/NAME`` (permissions from the umask) before any is renamed into place, the config last: a
+failed write (full disk) replaces nothing, and Triton polling the repository never reads half a
+file. Needs onnx (no torch, no tritonclient).
 """
 
 from __future__ import annotations
@@ -87,16 +88,31 @@ def write_triton_repository(onnx_path, repo: str | os.PathLike, *, name: str = D
     from fastvae.export.onnx_export import _files_of
 
     version_dir = folder / VERSION
+    config = folder / "config.pbtxt"
+    created = not folder.exists()
     try:
-        version_dir.mkdir(parents=True, exist_ok=True)
-        for src in _files_of(source):  # external data first, the graph last
-            target = version_dir / (MODEL_FILE if src == source else src.name)
-            with run_folder.atomic_write(target) as tmp:
-                shutil.copyfile(src, tmp)
-        run_folder.write_text(folder / "config.pbtxt", text)
+        # every file is written and fsynced in a staging folder before the first rename, so a
+        # full disk or a failed copy replaces nothing (a new model beside the old config would
+        # not load, or load with the old tensor names); then the graph's external data, the
+        # graph, and the config last: renames, which need no space
+        with run_folder.temporary_folder(config) as staging:
+            (staging / VERSION).mkdir()
+            moves = []
+            for src in _files_of(source):  # external data first, the graph last
+                target = version_dir / (MODEL_FILE if src == source else src.name)
+                moves.append((Path(shutil.copyfile(src, staging / VERSION / src.name)), target))
+            (staging / config.name).write_text(text)
+            moves.append((staging / config.name, config))
+            for staged, _ in moves:
+                run_folder.fsync_file(staged)
+            version_dir.mkdir(exist_ok=True)
+            for staged, target in moves:
+                run_folder.move_into_place(staged, target)
     except OSError as exc:
+        if created:  # a model folder without its config would stop Triton loading the repository
+            shutil.rmtree(folder, ignore_errors=True)
         raise FastVAEError(f"could not write the Triton repository {folder} ({exc.strerror or one_line(exc)})") from None
-    return TritonRepository(folder / "config.pbtxt", version_dir / MODEL_FILE, name, max_batch, _newer_versions(folder))
+    return TritonRepository(config, version_dir / MODEL_FILE, name, max_batch, _newer_versions(folder))
 
 
 def _newer_versions(folder: Path) -> tuple[str, ...]:

@@ -97,10 +97,15 @@ def write_npy(path: str | os.PathLike, array) -> Path:
     return Path(path)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to the disk (where a full disk can still fail a write)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def move_into_place(tmp: Path, final: Path) -> None:
     """fsync the complete file ``tmp``, rename it over ``final`` and fsync the folder."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.replace(tmp, final)
     _fsync_folder(final.parent)
 
@@ -111,8 +116,7 @@ def move_folder_into_place(tmp: Path, final: Path) -> None:
     ``final`` is at every moment the old folder, absent for an instant, or the new one."""
     for path in tmp.rglob("*"):  # writers that do not go through atomic_write (litdata's)
         if path.is_file():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)

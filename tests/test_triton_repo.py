@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -171,3 +172,41 @@ def test_cli_export_with_triton_repo(tmp_path, capsys):
         assert main(["export", str(run), "--triton-repo", str(repo), "--max-batch", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--max-batch" in err[0], err
+
+
+@pytest.mark.parametrize("fails", ["copying the model", "writing the config", "flushing the config"])
+def test_a_failed_rewrite_replaces_nothing(decoder, tmp_path, monkeypatch, fails):
+    """A full disk while the new files are written leaves the old model and config together
+    (not a new model beside the old config), no staging files, and one line."""
+    import errno
+    import shutil
+
+    from fastvae import run_folder
+
+    first = write_triton_repository(decoder, tmp_path / "m", max_batch=8)
+    before = {p: p.read_bytes() for p in (first.config, first.model)}
+    # the new export: another decoder (wider latent), so a replaced model file would show
+    other = exported_mlp_decoder(tmp_path, hidden_dim=16, latent_dim=LATENT + 1, likelihood="gaussian", sigma=0.3)[1]
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if fails == "copying the model":
+        monkeypatch.setattr(shutil, "copyfile", no_space)
+    elif fails == "writing the config":
+        write_text = Path.write_text
+        monkeypatch.setattr(Path, "write_text", lambda path, *a, **k: no_space() if path.suffix == ".pbtxt"
+                            else write_text(path, *a, **k))
+    else:
+        fsync = run_folder.fsync_file
+        monkeypatch.setattr(run_folder, "fsync_file",
+                            lambda path: no_space() if path.name == "config.pbtxt" else fsync(path))
+    with pytest.raises(FastVAEError, match="could not write the Triton repository .*No space left"):
+        write_triton_repository(other, tmp_path / "m", max_batch=16)
+    assert {p: p.read_bytes() for p in before} == before
+    folder = tmp_path / "m" / "fastvae_decoder"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == ["1", "1/model.onnx", "config.pbtxt"]
+    # a first export that fails leaves no model folder Triton would refuse to load
+    with pytest.raises(FastVAEError):
+        write_triton_repository(other, tmp_path / "fresh", max_batch=16)
+    assert list((tmp_path / "fresh").iterdir()) == []
