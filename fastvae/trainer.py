@@ -132,6 +132,18 @@ def check_processes(config: TrainConfig) -> None:
             f"--num-nodes {config.num_nodes} needs a multi-node launcher that starts fastvae on every "
             "node (torchrun, srun under SLURM, ...) or MASTER_ADDR, MASTER_PORT and NODE_RANK in the "
             "environment: see the README's cluster recipe")
+    launched = _launcher_layout()
+    if launched is not None:
+        name, per_node, nodes = launched
+        if (per_node, nodes) != (config.devices, config.num_nodes):
+            # else Fabric runs every process alone (all writing one run folder) or waits for
+            # ranks that never start
+            raise FastVAEError(
+                f"{name} started {per_node} process(es) per node on {nodes} node(s), but --devices "
+                f"{config.devices} --num-nodes {config.num_nodes} says {config.devices} per node on "
+                f"{config.num_nodes}: under a launcher every process is one rank; give --devices {per_node} "
+                f"--num-nodes {nodes}" + (" (or name the job 'interactive' to let fastvae start the processes)"
+                                          if name.startswith("srun") else ""))
     on_cpu = config.accelerator == "cpu" or (config.accelerator == "auto" and not torch.cuda.is_available())
     cores = os.cpu_count() or 1
     if on_cpu and config.devices > cores:
@@ -149,6 +161,26 @@ def _launched_on_nodes() -> bool:
         return True  # set by hand, or by Kubeflow's PyTorchJob
     launchers = (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment)
     return any(launcher.detect() for launcher in launchers) or "OMPI_COMM_WORLD_SIZE" in env
+
+
+def _launcher_layout() -> tuple[str, int, int] | None:
+    """(launcher, processes per node, nodes) where torchrun or srun started this process (the
+    environments Fabric reads, in its order), else None (Fabric starts the processes itself)."""
+    import os
+
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    env = os.environ
+    try:
+        if TorchElasticEnvironment.detect():
+            world, per_node = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+            return "torchrun", per_node, max(1, world // max(1, per_node))
+        if SLURMEnvironment.detect():
+            world, nodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_NNODES", "1"))
+            return "srun (SLURM)", int(env.get("SLURM_NTASKS_PER_NODE", world // max(1, nodes))), nodes
+    except (KeyError, ValueError):  # e.g. SLURM_NTASKS_PER_NODE "8(x2)": left to Fabric's checks
+        return None
+    return None
 
 
 def check_resume(run_dir: Path, config: TrainConfig) -> dict:
