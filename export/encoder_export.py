@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fastvae import run_folder
-from fastvae.errors import FastVAEError, one_line
+from fastvae.errors import FastVAEError, one_line, write_failure
 from fastvae.export import onnx_export as ox
 
 FORMAT = "fastvae-encoder"
@@ -107,7 +107,7 @@ def export_encoder(run_or_model, path: str | os.PathLike, *, opset: int | None =
             ox._update_metadata(file, {"max_abs_error_vs_torch": f"{max(parity.values()):.3e}"})
             ox._move_into_place(file, path)
     except OSError as exc:
-        raise FastVAEError(f"could not write {path} ({exc.strerror or one_line(exc)}); nothing was written") from None
+        raise FastVAEError(f"could not write {path} ({write_failure(exc)}); nothing was written") from None
     except onnx.checker.ValidationError as exc:
         raise FastVAEError(f"the exported encoder failed onnx.checker ({one_line(exc)}); nothing was "
                            f"written to {path}; try another --opset or --exporter") from None

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fastvae import run_folder
-from fastvae.errors import FastVAEError, one_line
+from fastvae.errors import FastVAEError, one_line, write_failure
 from fastvae.export import metadata as md
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -165,7 +165,7 @@ def export_decoder(
             _move_into_place(built.file, path)
     except OSError as exc:  # disk full, permissions, ...: the user can fix these
         raise FastVAEError(
-            f"could not write {path} ({exc.strerror or one_line(exc)}); nothing was written"
+            f"could not write {path} ({write_failure(exc)}); nothing was written"
         ) from None
     except onnx.checker.ValidationError as exc:
         raise FastVAEError(

@@ -6,11 +6,14 @@ them exactly like the fp32 file. Their error against fp32 is measured by ``expor
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import shutil
 import warnings
 from pathlib import Path
 
-from fastvae.errors import FastVAEError
+from fastvae.errors import FastVAEError, one_line
 
 
 # Ops kept in fp32 in the fp16 copy of a spatial decoder: normalizations and softmax sum over a
@@ -71,11 +74,21 @@ def to_int8(src: Path, dst: Path, *, large: bool = False) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:  # pragma: no cover - ships with onnxruntime
         raise FastVAEError(f"int8 export needs onnxruntime.quantization ({exc}); export without --int8") from None
-    with _quiet():
-        quantize_dynamic(
-            str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-            use_external_data_format=large, op_types_to_quantize=list(INT8_OPS),
-        )
+    try:
+        with _quiet():
+            quantize_dynamic(
+                str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                use_external_data_format=large, op_types_to_quantize=list(INT8_OPS),
+            )
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have no common type
+        # onnx's shape inference writes a copy of the model beside dst and, on a full disk,
+        # truncates it silently: the quantizer then fails to parse it (DecodeError, ValueError)
+        if shutil.disk_usage(dst.parent).free < 2 * src.stat().st_size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst)) from None
+        raise FastVAEError(f"onnxruntime's int8 quantization failed ({one_line(exc)}); export without "
+                           "--int8") from None
 
 
 def topological_sort(graph) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastvae import run_folder
-from fastvae.errors import FastVAEError, one_line
+from fastvae.errors import FastVAEError, one_line, write_failure
 from fastvae.export import metadata as md
 
 PLATFORM = "onnxruntime_onnx"
@@ -111,7 +111,7 @@ def write_triton_repository(onnx_path, repo: str | os.PathLike, *, name: str = D
     except OSError as exc:
         if created:  # a model folder without its config would stop Triton loading the repository
             shutil.rmtree(folder, ignore_errors=True)
-        raise FastVAEError(f"could not write the Triton repository {folder} ({exc.strerror or one_line(exc)})") from None
+        raise FastVAEError(f"could not write the Triton repository {folder} ({write_failure(exc)})") from None
     return TritonRepository(config, version_dir / MODEL_FILE, name, max_batch, _newer_versions(folder))
 
 

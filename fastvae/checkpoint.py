@@ -8,6 +8,7 @@ A checkpoint holds ``format``, ``config`` (the run's TrainConfig dict), ``spec``
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -71,6 +72,16 @@ def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu", *, mmap: bool =
         raise FastVAEError(f"{path} is a damaged fastvae checkpoint: no {', '.join(missing)} entry; "
                            "use an intact checkpoint or train again")
     return state
+
+
+def trained_epochs(run_dir: str | Path) -> float:
+    """The epochs the run's checkpoint holds (``math.inf`` without a readable one): metrics.csv
+    rows past it describe no saved model (the row is written before the checkpoint, which a
+    full disk or a kill can stop)."""
+    try:
+        return float(read_checkpoint(run_dir, mmap=True).get("epoch", math.inf))
+    except FastVAEError:
+        return math.inf
 
 
 def load(run_or_ckpt: str | Path, map_location="cpu"):

@@ -101,21 +101,24 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _os_error(exc: OSError) -> str:
-    """What could not be read or written, and why, in one line. A temporary file (written
-    beside its destination, then moved into place) is named by its folder."""
+    """What could not be read or written, why, and what to do, in one line. A temporary file
+    (written beside its destination, then moved into place) is named by its folder."""
+    from fastvae.errors import write_failure, write_remedy
+
     name = exc.filename
     if name is None:
-        return f"{exc.strerror or exc}"
+        return write_failure(exc)
     from fastvae.run_folder import is_temporary
 
+    why = exc.strerror or str(exc) or type(exc).__name__
+    remedy = write_remedy(exc) or "check the path and its permissions"
     path = Path(str(name))
-    if is_temporary(path):
-        where = f"write into {path.parent}"
-    else:
-        where = f"use {path}"
+    staged = next((p for p in (path, *path.parents) if is_temporary(p)), None)
+    writing = write_remedy(exc) is not None or staged is not None
+    where = f"{'write' if writing else 'use'} {path}" if staged is None else f"write into {staged.parent}"
     if exc.filename2 is not None:
         where += f" (moving it to {exc.filename2})"
-    return f"cannot {where}: {exc.strerror or type(exc).__name__}; check the path and its permissions"
+    return f"cannot {where}: {why}; {remedy}"
 
 
 def _is_allocation_failure(exc: RuntimeError) -> bool:

@@ -382,7 +382,8 @@ def _summary(page: Page, d: ReportData) -> None:
             + (f", {config.get('likelihood')} likelihood" if vae and "likelihood" in config else "")
         )
     if d.timing.get("epochs") is not None:
-        summary.append(f"{d.timing['epochs']} epochs ({d.timing.get('steps', '?')} steps)")
+        epochs = d.timing["epochs"]
+        summary.append(f"{epochs} epoch{'' if epochs == 1 else 's'} ({d.timing.get('steps', '?')} steps)")
     page.p("; ".join(summary) + f". Written {when} by fastvae {__version__}.")
 
 
@@ -606,7 +607,9 @@ def write_report(
     if len(model.latent_shape) != 3:
         pictures = [p for p in pictures if p.name not in ("reconstructions_side_by_side.png", "latent_channels.png")]
 
-    timing = timing_summary(run_folder.metric_columns(run_folder.read_metrics(metrics_csv)))
+    from fastvae.checkpoint import trained_epochs
+
+    timing = timing_summary(run_folder.metric_columns(run_folder.read_metrics(metrics_csv, trained_epochs(run_dir))))
     page = build_page(ReportData(
         run_dir, out, config, metrics, stats, timing, pictures, iwae_k=iwae_k,
         model_kind=model.kind, n_test=len(full), data_shape=tuple(test.shape[1:]), data_source=source,

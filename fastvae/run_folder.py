@@ -19,6 +19,7 @@ Torch-free and numpy-free: the torch-free sampler CLI writes through it too.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
@@ -60,6 +61,12 @@ def staged_leftovers(beside: str | os.PathLike) -> list[Path]:
     return sorted(p for p in beside.parent.glob(f".{beside.name}{_TMP_MARK}*") if p.name != mine)
 
 
+def temporary_name(path: str | os.PathLike) -> Path:
+    """``.NAME.tmp-PID.SUFFIX`` beside ``path``: this process's temporary file for it."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}{_TMP_MARK}{os.getpid()}{path.suffix}")
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; when the block ends without an error,
@@ -71,11 +78,16 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}{_TMP_MARK}{os.getpid()}{path.suffix}")
+    tmp = temporary_name(path)
     with removed_on_exit(tmp):
         try:
             yield tmp
             move_into_place(tmp, path)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            # a failed write() or close() names no file (numpy's short write not even an errno)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -93,7 +105,16 @@ def write_npy(path: str | os.PathLike, array) -> Path:
     import numpy as np
 
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+        try:
+            np.save(f, array)
+        except OSError as exc:
+            if exc.errno is not None:
+                raise
+            # numpy's short write ("N requested and M written") carries no errno: a full disk
+            # when the array no longer fits, else the device's
+            full = shutil.disk_usage(tmp.parent).free < np.asarray(array).nbytes
+            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO)
+                          + f" ({exc})") from None
     return Path(path)
 
 

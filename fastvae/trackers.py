@@ -165,6 +165,8 @@ def _mlflow(run_dir: Path):
         def __init__(self):
             super().__init__()
             uri = mlflow_tracking_uri(run_dir)
+            store = run_dir / "mlflow.db"  # the default store, when this start creates it
+            created = uri == f"sqlite:///{store.resolve()}" and not store.exists()
             try:
                 self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
                 name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "fastvae")
@@ -173,6 +175,9 @@ def _mlflow(run_dir: Path):
                 self.run_id = self._earlier_run() or self.client.create_run(
                     experiment, run_name=run_dir.name).info.run_id
             except Exception as exc:  # noqa: BLE001
+                if created:  # half-migrated (a full disk): every later start would fail on it
+                    for leftover in (store, store.with_name(store.name + "-journal")):
+                        leftover.unlink(missing_ok=True)
                 raise FastVAEError(f"--logger mlflow could not start a run at {uri}: {one_line(exc)}") from None
             _keep_tracker_id(run_dir, "mlflow", self.run_id)
 

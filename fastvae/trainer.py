@@ -37,7 +37,7 @@ from fastvae import run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
 from fastvae.config import MAX_SEED, RESUME_IDENTITY, TrainConfig, saved_settings
 from fastvae.data import Splits, load_dataset
-from fastvae.errors import FastVAEError
+from fastvae.errors import FastVAEError, one_line
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
 from fastvae.interrupts import removed_on_exit
 from fastvae.loaders import in_memory_sample, is_streamed, make_source
@@ -226,12 +226,23 @@ def make_fabric(config: TrainConfig, callbacks: list | None = None):
     from fastvae.trackers import make_loggers
 
     loggers = make_loggers(config.out, config.logger_names(), config.to_dict())
+    kwargs = precision_kwargs(config)
+    if config.strategy != "fsdp":  # FSDP's rank 0 torch.saves the full state itself
+        from fastvae.fabric_checkpoint_io import DirectCheckpointIO
+
+        kwargs["plugins"] = [*kwargs.get("plugins", []), DirectCheckpointIO()]
     try:
         return Fabric(accelerator=config.accelerator, devices=config.devices, loggers=loggers,
-                      num_nodes=config.num_nodes, strategy=strategy, callbacks=callbacks,
-                      **precision_kwargs(config))
+                      num_nodes=config.num_nodes, strategy=strategy, callbacks=callbacks, **kwargs)
     except (ValueError, RuntimeError, TypeError, ImportError) as exc:
         raise FastVAEError(f"cannot set up training hardware: {exc}") from None
+
+
+def _is_write_failure(exc: RuntimeError) -> bool:
+    """Whether torch.save's file writer failed (FSDP's rank 0 writes with it: a full disk says
+    "unexpected pos N vs M", without an errno)."""
+    text = str(exc)
+    return "inline_container" in text or "PytorchStreamWriter" in text
 
 
 def precision_kwargs(config: TrainConfig) -> dict:
@@ -612,13 +623,25 @@ class Trainer:
         if partial is not None:  # summed over the ranks: rank 0 resumes with them, the others from 0
             state["partial"], state["partial_of_all_ranks"] = partial.to_list(), True
         final = self.run_dir / LAST
-        tmp = final.with_name(f".{final.name}.tmp")
+        tmp = run_folder.temporary_name(final)  # rank 0's name: the file only rank 0 writes
         if self.rank == 0:
             final.parent.mkdir(parents=True, exist_ok=True)
-        with removed_on_exit(tmp):  # Fabric writes tmp on rank 0 (every rank takes part)
-            self.fabric.save(tmp, state)
-            if self.rank == 0:
-                run_folder.move_into_place(tmp, final)
+        try:
+            with removed_on_exit(tmp):  # Fabric writes tmp on rank 0 (every rank takes part)
+                self.fabric.save(tmp, state)
+                if self.rank == 0:
+                    run_folder.move_into_place(tmp, final)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from None  # name the file
+        except RuntimeError as exc:
+            if not _is_write_failure(exc):
+                raise
+            raise OSError(None, f"torch.save could not write it ({one_line(exc)})", str(final)) from None
+        finally:
+            if self.rank == 0:  # a failed write (a full disk) leaves no half a checkpoint
+                tmp.unlink(missing_ok=True)
         self.fabric.barrier()
 
     def _rank_rng_states(self) -> list[dict]:

@@ -278,10 +278,10 @@ _CURVES = (
 )
 
 
-def save_loss_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
-    """Loss, reconstruction and KL per epoch (train, and test when present); ``None`` when
-    ``metrics.csv`` is missing or has no rows."""
-    columns = run_folder.metric_columns(run_folder.read_metrics(metrics_csv))
+def save_loss_curves(metrics_csv: str | Path, path: str | Path, upto_epoch: float = math.inf) -> Path | None:
+    """Loss, reconstruction and KL per epoch (train, and test when present) up to
+    ``upto_epoch``; ``None`` when ``metrics.csv`` is missing or has no rows."""
+    columns = run_folder.metric_columns(run_folder.read_metrics(metrics_csv, upto_epoch))
     if not columns or "epoch" not in columns:
         return None
     plt = _pyplot()
@@ -378,7 +378,9 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
         if model.latent_dim == 2:
             labels_np = None if labels is None else torch.as_tensor(labels).cpu().numpy()
             written.append(save_latent_scatter(model, x, run_dir / LATENT_SCATTER_PNG, labels_np))
-    curves = save_loss_curves(run_dir / run_folder.METRICS_CSV, run_dir / LOSS_CURVES_PNG)
+    from fastvae.checkpoint import trained_epochs
+
+    curves = save_loss_curves(run_dir / run_folder.METRICS_CSV, run_dir / LOSS_CURVES_PNG, trained_epochs(run_dir))
     if curves is not None:
         written.append(curves)
     if stamp is not None:

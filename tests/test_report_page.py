@@ -187,7 +187,7 @@ def test_report_redraws_pictures_of_another_checkpoint_seed_or_data(tmp_path):
     # a resumed run trained on (--no-pictures): new weights and metrics.csv rows
     state = torch.load(run / LAST, weights_only=True)
     state["model"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in state["model"].items()}
-    state["step"] = 72
+    state["epoch"], state["step"] = 3, 72
     save_checkpoint(run / LAST, {k: v for k, v in state.items() if k != "format"})
     with open(run / "metrics.csv", "a") as f:
         f.write("3,72,30.0,28.0,2.0,0.5,29.0,27.0,2.0\n")

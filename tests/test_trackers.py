@@ -111,6 +111,26 @@ def test_mlflow_sqlite_store_in_the_run_folder(tmp_path, capsys, offline):
 
 
 @pytest.mark.skipif(not (HAVE_MLFLOW and HAVE_SQLALCHEMY), reason="mlflow with SQLAlchemy is not installed")
+def test_a_failed_first_mlflow_start_leaves_no_store(tmp_path, capsys, offline, monkeypatch):
+    """A start that fails once it has created RUN/mlflow.db (a full disk during MLflow's
+    migrations) removes it: a half-migrated store made every later start fail."""
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+
+    def fails(self, *args, **kwargs):
+        assert (run / "mlflow.db").is_file()  # created by the store's first use
+        raise OSError(28, "database or disk is full")
+
+    monkeypatch.setattr(MlflowClient, "create_experiment", fails)
+    rc = main(["train", "--epochs", "1", "--hidden-dim", "16", "--quiet", "--no-pictures", "--logger", "mlflow",
+               "--out", str(run)])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "--logger mlflow could not start a run" in err and "disk is full" in err
+    assert not (run / "mlflow.db").exists()  # (a retry in this process would meet MLflow's cached engine)
+
+
+@pytest.mark.skipif(not (HAVE_MLFLOW and HAVE_SQLALCHEMY), reason="mlflow with SQLAlchemy is not installed")
 def test_a_resumed_run_logs_on_into_the_same_mlflow_run(tmp_path, capsys, offline):
     run = tmp_path / "run"
     _train(capsys, run, "mlflow")

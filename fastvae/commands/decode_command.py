@@ -115,12 +115,13 @@ def _load(path):
 
 
 def _write(images, out) -> list:
-    """A .npy file, or one PNG per image in the folder ``out`` (each written atomically);
-    returns the paths written."""
+    """A .npy file, or one PNG per image in the folder ``out``; returns the paths written.
+    The PNGs are all written (and fsynced) in a staging folder before the first is renamed
+    into place: a full disk leaves the earlier set whole, not half replaced."""
     import numpy as np
 
     from fastvae.errors import FastVAEError
-    from fastvae.run_folder import atomic_write, write_npy
+    from fastvae.run_folder import fsync_file, move_into_place, temporary_folder, write_npy
 
     if out.suffix.lower() == ".npy":
         return [write_npy(out, images)]
@@ -131,7 +132,12 @@ def _write(images, out) -> list:
     pixels = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
     width = max(4, len(str(len(images) - 1)))
     written = [out / f"{i:0{width}d}.png" for i in range(len(pixels))]
-    for path, image in zip(written, pixels):
-        with atomic_write(path) as tmp:
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
+    with temporary_folder(out) as staging:
+        for path, image in zip(written, pixels):
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(staging / path.name)
+        for path in written:
+            fsync_file(staging / path.name)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in written:
+            move_into_place(staging / path.name, path)
     return written

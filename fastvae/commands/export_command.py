@@ -68,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
             encoder_out = Path(args.encoder_out or encoder_path(out))
             _check_encoder_out(encoder_out, Path(out))
             staged = stack.enter_context(temporary_folder(encoder_out)) / encoder_out.name
-            encoder_report = export_encoder(args.run, staged, opset=args.opset, exporter=args.exporter)
+            try:
+                encoder_report = export_encoder(args.run, staged, opset=args.opset, exporter=args.exporter)
+            except FastVAEError as exc:  # named by where it goes, not by the staging folder
+                raise FastVAEError(str(exc).replace(str(staged), str(encoder_out))) from None
         report = export_decoder(args.run, out, opset=args.opset, fp16=args.fp16, int8=args.int8,
                                 exporter=args.exporter)
         if args.encoder:
