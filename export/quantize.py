@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -80,15 +81,32 @@ def to_int8(src: Path, dst: Path, *, large: bool = False) -> None:
                 str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                 use_external_data_format=large, op_types_to_quantize=list(INT8_OPS),
             )
-    except OSError:
-        raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have no common type
-        # onnx's shape inference writes a copy of the model beside dst and, on a full disk,
-        # truncates it silently: the quantizer then fails to parse it (DecodeError, ValueError)
-        if shutil.disk_usage(dst.parent).free < 2 * src.stat().st_size:
+        # the quantizer writes copies of the model beside src (onnx shape inference) and in
+        # $TMPDIR; on a full disk onnx truncates its copy silently and parsing it fails
+        # (DecodeError, ValueError): the folder short of room is named when one is
+        need, tmp = 2 * _size(src), Path(tempfile.gettempdir())
+        tmp_short = os.stat(tmp).st_dev != os.stat(src.parent).st_dev and shutil.disk_usage(tmp).free < need
+        if _under(exc, tmp) or (tmp_short and getattr(exc, "filename", None) is None):
+            raise FastVAEError(f"int8 export: onnxruntime's quantizer writes a copy of the model to {tmp} "
+                               "($TMPDIR), which has no room for it: free space there or set TMPDIR to a "
+                               "folder on another disk") from None
+        if isinstance(exc, OSError):
+            raise
+        if shutil.disk_usage(src.parent).free < need:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst)) from None
         raise FastVAEError(f"onnxruntime's int8 quantization failed ({one_line(exc)}); export without "
                            "--int8") from None
+
+
+def _size(path: Path) -> int:
+    """The model's bytes: the graph file and its external data (the files beside it)."""
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+
+
+def _under(exc: BaseException, folder: Path) -> bool:
+    name = getattr(exc, "filename", None)
+    return name is not None and Path(str(name)).resolve().is_relative_to(folder.resolve())
 
 
 def topological_sort(graph) -> None:

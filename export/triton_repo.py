@@ -103,11 +103,8 @@ def write_triton_repository(onnx_path, repo: str | os.PathLike, *, name: str = D
                 moves.append((Path(shutil.copyfile(src, staging / VERSION / src.name)), target))
             (staging / config.name).write_text(text)
             moves.append((staging / config.name, config))
-            for staged, _ in moves:
-                run_folder.fsync_file(staged)
             version_dir.mkdir(exist_ok=True)
-            for staged, target in moves:
-                run_folder.move_into_place(staged, target)
+            run_folder.move_all_into_place(moves)
     except OSError as exc:
         if created:  # a model folder without its config would stop Triton loading the repository
             shutil.rmtree(folder, ignore_errors=True)

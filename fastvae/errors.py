@@ -10,7 +10,8 @@ import errno
 _WRITE_REMEDIES = {
     errno.ENOSPC: "the disk is full: free space or choose a folder on another disk, then run again",
     errno.EDQUOT: "the disk quota is used up: free space or choose a folder on another disk, then run again",
-    errno.EFBIG: "the file outgrew what this file system or the shell's `ulimit -f` allows",
+    errno.EFBIG: ("the file outgrew what this file system or the shell's `ulimit -f` allows: raise the limit "
+                  "or choose a folder on another file system, then run again"),
     errno.EIO: "the disk reported an input/output error: check the device, then run again",
     errno.EROFS: "the file system is read-only: choose another folder",
 }

@@ -19,7 +19,6 @@ Torch-free and numpy-free: the torch-free sampler CLI writes through it too.
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import math
 import os
@@ -61,10 +60,19 @@ def staged_leftovers(beside: str | os.PathLike) -> list[Path]:
     return sorted(p for p in beside.parent.glob(f".{beside.name}{_TMP_MARK}*") if p.name != mine)
 
 
-def temporary_name(path: str | os.PathLike) -> Path:
-    """``.NAME.tmp-PID.SUFFIX`` beside ``path``: this process's temporary file for it."""
+def temporary_name(path: str | os.PathLike, tag: str | None = None) -> Path:
+    """``.STEM.tmp-TAG.SUFFIX`` beside ``path`` (TAG: this process's id unless given): the
+    temporary file written before it is renamed over ``path``."""
     path = Path(path)
-    return path.with_name(f".{path.stem}{_TMP_MARK}{os.getpid()}{path.suffix}")
+    return path.with_name(f".{path.stem}{_TMP_MARK}{os.getpid() if tag is None else tag}{path.suffix}")
+
+
+def named(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` naming ``path`` where it names no file: a plain OSError from a failed write() or
+    close() (a full disk) says only why, not where; any other is returned as it is."""
+    if exc.filename is not None or type(exc) is not OSError:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 @contextmanager
@@ -84,10 +92,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             yield tmp
             move_into_place(tmp, path)
         except OSError as exc:
-            if exc.filename is not None:
-                raise
-            # a failed write() or close() names no file (numpy's short write not even an errno)
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+            raise named(exc, path) from exc.__cause__
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -105,17 +110,16 @@ def write_npy(path: str | os.PathLike, array) -> Path:
     import numpy as np
 
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        try:
-            np.save(f, array)
-        except OSError as exc:
-            if exc.errno is not None:
-                raise
-            # numpy's short write ("N requested and M written") carries no errno: a full disk
-            # when the array no longer fits, else the device's
-            full = shutil.disk_usage(tmp.parent).free < np.asarray(array).nbytes
-            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO)
-                          + f" ({exc})") from None
+        np.save(_PythonWrites(f), array)
     return Path(path)
+
+
+class _PythonWrites:
+    """A file numpy writes through ``.write()``: given a real file it writes with C's fwrite,
+    whose short write on a full disk is "N requested and M written", without the errno."""
+
+    def __init__(self, f):
+        self.write = f.write
 
 
 def fsync_file(path: Path) -> None:
@@ -129,6 +133,18 @@ def move_into_place(tmp: Path, final: Path) -> None:
     fsync_file(tmp)
     os.replace(tmp, final)
     _fsync_folder(final.parent)
+
+
+def move_all_into_place(moves: list[tuple[Path, Path]]) -> None:
+    """Files that belong together, staged as (temporary, final) pairs: every one is fsynced
+    (where a full disk can still fail) before the first is renamed over its final name, in the
+    order given (renames need no space, so none fails half-way for lack of it)."""
+    for staged, _ in moves:
+        fsync_file(staged)
+    for staged, final in moves:
+        os.replace(staged, final)
+    for folder in dict.fromkeys(final.parent for _, final in moves):
+        _fsync_folder(folder)
 
 
 def move_folder_into_place(tmp: Path, final: Path) -> None:

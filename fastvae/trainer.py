@@ -124,7 +124,9 @@ def _set_fixed_sigma(model, sigma: float) -> None:
 def check_processes(config: TrainConfig) -> None:
     """Refuse process layouts that cannot start: several nodes without a launcher that tells
     each its rank and the rendezvous address (Fabric would wait 30 minutes for nodes that never
-    come, deaf to Ctrl-C), and more CPU processes than cores."""
+    come, deaf to Ctrl-C), --devices/--num-nodes other than the processes torchrun or srun
+    started (each process would train alone, or fewer devices than asked), and more CPU
+    processes than cores."""
     import os
 
     if config.num_nodes > 1 and not _launched_on_nodes():
@@ -139,11 +141,9 @@ def check_processes(config: TrainConfig) -> None:
             # else Fabric runs every process alone (all writing one run folder) or waits for
             # ranks that never start
             raise FastVAEError(
-                f"{name} started {per_node} process(es) per node on {nodes} node(s), but --devices "
-                f"{config.devices} --num-nodes {config.num_nodes} says {config.devices} per node on "
-                f"{config.num_nodes}: under a launcher every process is one rank; give --devices {per_node} "
-                f"--num-nodes {nodes}" + (" (or name the job 'interactive' to let fastvae start the processes)"
-                                          if name.startswith("srun") else ""))
+                f"{name} started {per_node} process{'es' if per_node > 1 else ''} per node on {nodes} "
+                f"node{'s' if nodes > 1 else ''}, and each is one rank: give --devices {per_node} --num-nodes "
+                f"{nodes} (not --devices {config.devices} --num-nodes {config.num_nodes})")
     on_cpu = config.accelerator == "cpu" or (config.accelerator == "auto" and not torch.cuda.is_available())
     cores = os.cpu_count() or 1
     if on_cpu and config.devices > cores:
@@ -165,7 +165,10 @@ def _launched_on_nodes() -> bool:
 
 def _launcher_layout() -> tuple[str, int, int] | None:
     """(launcher, processes per node, nodes) where torchrun or srun started this process (the
-    environments Fabric reads, in its order), else None (Fabric starts the processes itself)."""
+    environments Fabric reads, in its order), else None: Fabric starts the processes itself, or
+    the layout is left to Fabric's own checks (a SLURM allocation without a job step, as in an
+    sbatch script or an salloc shell that did not srun fastvae; srun without --ntasks-per-node,
+    which Fabric refuses itself)."""
     import os
 
     from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
@@ -175,10 +178,10 @@ def _launcher_layout() -> tuple[str, int, int] | None:
         if TorchElasticEnvironment.detect():
             world, per_node = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
             return "torchrun", per_node, max(1, world // max(1, per_node))
-        if SLURMEnvironment.detect():
-            world, nodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_NNODES", "1"))
-            return "srun (SLURM)", int(env.get("SLURM_NTASKS_PER_NODE", world // max(1, nodes))), nodes
-    except (KeyError, ValueError):  # e.g. SLURM_NTASKS_PER_NODE "8(x2)": left to Fabric's checks
+        srun = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env  # set for srun's tasks only
+        if srun and SLURMEnvironment.detect() and "SLURM_NTASKS_PER_NODE" in env:
+            return "srun", int(env["SLURM_NTASKS_PER_NODE"]), int(env.get("SLURM_NNODES", "1"))
+    except (KeyError, ValueError):  # a value that is not a number: left to Fabric
         return None
     return None
 
@@ -623,7 +626,8 @@ class Trainer:
         if partial is not None:  # summed over the ranks: rank 0 resumes with them, the others from 0
             state["partial"], state["partial_of_all_ranks"] = partial.to_list(), True
         final = self.run_dir / LAST
-        tmp = run_folder.temporary_name(final)  # rank 0's name: the file only rank 0 writes
+        # one name for every save, so the next one replaces a file a SIGKILL left mid-write
+        tmp = run_folder.temporary_name(final, tag="save")
         if self.rank == 0:
             final.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -632,13 +636,13 @@ class Trainer:
                 if self.rank == 0:
                     run_folder.move_into_place(tmp, final)
         except OSError as exc:
-            if exc.filename is not None:
-                raise
-            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from None  # name the file
+            raise run_folder.named(exc, final) from None
         except RuntimeError as exc:
             if not _is_write_failure(exc):
                 raise
-            raise OSError(None, f"torch.save could not write it ({one_line(exc)})", str(final)) from None
+            raise FastVAEError(f"cannot write {final}: torch.save's writer failed ({one_line(exc)}): a full "
+                               "disk or a file-size limit (ulimit -f); free space or raise the limit, then "
+                               "--resume") from None
         finally:
             if self.rank == 0:  # a failed write (a full disk) leaves no half a checkpoint
                 tmp.unlink(missing_ok=True)

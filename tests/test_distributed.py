@@ -115,14 +115,13 @@ def test_process_layouts_that_cannot_start_are_refused(monkeypatch):
 
 _TORCHRUN = {"TORCHELASTIC_RUN_ID": "none", "RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 _SRUN = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NAME": "train",
-         "SLURM_JOB_ID": "7", "SLURM_NODELIST": "node1"}
+         "SLURM_JOB_ID": "7", "SLURM_NODELIST": "node1", "SLURM_STEP_ID": "0"}
 
 
 @pytest.mark.parametrize("launcher, env, layout", [
     ("torchrun", {**_TORCHRUN, "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, (8, 2)),
     ("srun", {**_SRUN, "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_NNODES": "2"}, (8, 2)),
-    ("srun", {**_SRUN, "SLURM_NTASKS": "2", "SLURM_NNODES": "1"}, (2, 1)),  # no --ntasks-per-node
-    ("srun", {**_SRUN, "SLURM_NTASKS": "1"}, (1, 1)),  # sbatch without srun: one task
+    ("srun", {**_SRUN, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1"}, (1, 1)),
 ])
 def test_a_launchers_layout_must_be_the_runs(monkeypatch, launcher, env, layout):
     """Under torchrun or srun each process is one rank: --devices/--num-nodes that differ made
@@ -132,7 +131,7 @@ def test_a_launchers_layout_must_be_the_runs(monkeypatch, launcher, env, layout)
     from fastvae.trainer import check_processes
 
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_NNODES",
-                 "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NAME", *_TORCHRUN, *_SRUN):
+                 "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NAME", "SLURM_STEPID", *_TORCHRUN, *_SRUN):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -142,10 +141,17 @@ def test_a_launchers_layout_must_be_the_runs(monkeypatch, launcher, env, layout)
     for devices, num_nodes in ((per_node + 1, nodes), (1, nodes + 1), (max(1, per_node * nodes // 2), 1)):
         if (devices, num_nodes) == layout:
             continue
-        with pytest.raises(FastVAEError, match=rf"{launcher}.* started {per_node} process\(es\) per node on "
-                                               rf"{nodes} node.*give --devices {per_node} --num-nodes {nodes}"):
+        with pytest.raises(FastVAEError, match=rf"^{launcher} started {per_node} process(es)? per node on "
+                                               rf"{nodes} nodes?, and each is one rank: give --devices {per_node} "
+                                               rf"--num-nodes {nodes} \(not --devices {devices} --num-nodes {num_nodes}\)"):
             check_processes(config("run", devices=devices, num_nodes=num_nodes, accelerator="cpu"))
-    if launcher == "srun":  # a job named interactive: Fabric starts the processes, as without SLURM
+    if launcher == "srun":
+        # no job step (an sbatch script or salloc shell running fastvae without srun): one
+        # process, which may train alone as before
+        monkeypatch.delenv("SLURM_STEP_ID")
+        check_processes(config("run", devices=1, num_nodes=1, accelerator="cpu"))
+        # a job named interactive: Fabric starts the processes, as without SLURM
+        monkeypatch.setenv("SLURM_STEP_ID", "0")
         monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
         check_processes(config("run", devices=per_node + 1, num_nodes=1, accelerator="cpu"))
 

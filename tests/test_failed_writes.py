@@ -64,9 +64,12 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one(tmp_path, capsys
     page = write_report(run, iwae_k=0).read_text()
     assert "1 epoch (24 steps)" in page and "2 epochs" not in page
 
+    # a save cut by SIGKILL leaves its temporary file: the next save writes over it
+    stale = run_folder.temporary_name(run / run_folder.LAST, tag="save")
+    stale.write_bytes(b"half a checkpoint")
     rc, _, err = cli(capsys, "train", *TINY, "--epochs", "2", "--resume", "--out", run)
     assert rc == 0, err
-    assert read_checkpoint(run)["epoch"] == 2
+    assert read_checkpoint(run)["epoch"] == 2 and not stale.exists()
     assert [r["epoch"] for r in run_folder.read_metrics(run / run_folder.METRICS_CSV)] == [1, 2]
 
 
@@ -86,12 +89,12 @@ def test_checkpoints_need_no_room_outside_the_run_folder(tmp_path, capsys, monke
 
 
 def test_a_failed_array_write_names_the_file_and_keeps_the_old_one(tmp_path, capsys):
-    """numpy's short write ("N requested and M written") has no errno and no file name."""
+    """numpy's own short write ("N requested and M written") has no errno and no file name."""
     path = tmp_path / "old.npy"
     run_folder.write_npy(path, np.zeros(10))
     with file_size_limit(4096), pytest.raises(OSError) as caught:
         run_folder.write_npy(path, np.ones(100_000))
-    assert caught.value.filename == str(path) and caught.value.errno in (errno.ENOSPC, errno.EIO)
+    assert caught.value.filename == str(path) and caught.value.errno == errno.EFBIG
     np.testing.assert_array_equal(np.load(path), np.zeros(10))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.npy"]
 
@@ -164,4 +167,14 @@ def test_an_int8_quantization_that_fails_is_one_line(tmp_path, monkeypatch):
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "d.int8.onnx")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
     with pytest.raises(FastVAEError, match="int8 quantization failed .*ai.onnx domain.*export without --int8"):
+        quantize.to_int8(src, tmp_path / "d.int8.onnx")
+
+    def tmpdir_full(*args, **kwargs):  # onnxruntime's own copy of the model, in $TMPDIR
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmpdir / "ort.quant.x" / "model.onnx"))
+
+    tmpdir = tmp_path / "tmpdir"
+    monkeypatch.setattr("tempfile.tempdir", str(tmpdir))
+    tmpdir.mkdir()
+    monkeypatch.setattr(ortq, "quantize_dynamic", tmpdir_full)
+    with pytest.raises(FastVAEError, match=rf"copy of the model to {tmpdir} \(\$TMPDIR\), which has no room"):
         quantize.to_int8(src, tmp_path / "d.int8.onnx")

@@ -117,11 +117,12 @@ def _load(path):
 def _write(images, out) -> list:
     """A .npy file, or one PNG per image in the folder ``out``; returns the paths written.
     The PNGs are all written (and fsynced) in a staging folder before the first is renamed
-    into place: a full disk leaves the earlier set whole, not half replaced."""
+    into place: a full disk leaves the earlier set whole, not half replaced (the new set needs
+    room beside the old one)."""
     import numpy as np
 
     from fastvae.errors import FastVAEError
-    from fastvae.run_folder import fsync_file, move_into_place, temporary_folder, write_npy
+    from fastvae.run_folder import move_all_into_place, temporary_folder, write_npy
 
     if out.suffix.lower() == ".npy":
         return [write_npy(out, images)]
@@ -132,12 +133,10 @@ def _write(images, out) -> list:
     pixels = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
     width = max(4, len(str(len(images) - 1)))
     written = [out / f"{i:0{width}d}.png" for i in range(len(pixels))]
-    with temporary_folder(out) as staging:
+    # staged inside the folder (a hidden one), on its disk: --out may be a link to another
+    out.mkdir(parents=True, exist_ok=True)
+    with temporary_folder(out.resolve() / "decoded") as staging:
         for path, image in zip(written, pixels):
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(staging / path.name)
-        for path in written:
-            fsync_file(staging / path.name)
-        out.mkdir(parents=True, exist_ok=True)
-        for path in written:
-            move_into_place(staging / path.name, path)
+        move_all_into_place([(staging / path.name, path) for path in written])
     return written
