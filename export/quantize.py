@@ -85,7 +85,9 @@ def to_int8(src: Path, dst: Path, *, large: bool = False) -> None:
         # the quantizer writes copies of the model beside src (onnx shape inference) and in
         # $TMPDIR; on a full disk onnx truncates its copy silently and parsing it fails
         # (DecodeError, ValueError): the folder short of room is named when one is
-        need, tmp = 2 * _size(src), Path(tempfile.gettempdir())
+        from fastvae.export.onnx_export import _files_of  # the graph and its external data
+
+        need, tmp = 2 * sum(f.stat().st_size for f in _files_of(src)), Path(tempfile.gettempdir())
         tmp_short = os.stat(tmp).st_dev != os.stat(src.parent).st_dev and shutil.disk_usage(tmp).free < need
         if _under(exc, tmp) or (tmp_short and getattr(exc, "filename", None) is None):
             raise FastVAEError(f"int8 export: onnxruntime's quantizer writes a copy of the model to {tmp} "
@@ -97,11 +99,6 @@ def to_int8(src: Path, dst: Path, *, large: bool = False) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst)) from None
         raise FastVAEError(f"onnxruntime's int8 quantization failed ({one_line(exc)}); export without "
                            "--int8") from None
-
-
-def _size(path: Path) -> int:
-    """The model's bytes: the graph file and its external data (the files beside it)."""
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
 
 
 def _under(exc: BaseException, folder: Path) -> bool:

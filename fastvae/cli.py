@@ -111,10 +111,11 @@ def _os_error(exc: OSError) -> str:
     from fastvae.run_folder import is_temporary
 
     why = exc.strerror or str(exc) or type(exc).__name__
-    remedy = write_remedy(exc) or "check the path and its permissions"
+    remedy = write_remedy(exc)  # errnos of failed writes
     path = Path(str(name))
     staged = next((p for p in (path, *path.parents) if is_temporary(p)), None)
-    writing = write_remedy(exc) is not None or staged is not None
+    writing = remedy is not None or staged is not None
+    remedy = remedy or "check the path and its permissions"
     where = f"{'write' if writing else 'use'} {path}" if staged is None else f"write into {staged.parent}"
     if exc.filename2 is not None:
         where += f" (moving it to {exc.filename2})"

@@ -241,13 +241,6 @@ def make_fabric(config: TrainConfig, callbacks: list | None = None):
         raise FastVAEError(f"cannot set up training hardware: {exc}") from None
 
 
-def _is_write_failure(exc: RuntimeError) -> bool:
-    """Whether torch.save's file writer failed (FSDP's rank 0 writes with it: a full disk says
-    "unexpected pos N vs M", without an errno)."""
-    text = str(exc)
-    return "inline_container" in text or "PytorchStreamWriter" in text
-
-
 def precision_kwargs(config: TrainConfig) -> dict:
     """Fabric's keyword for ``config.precision``: the name, except for FSDP in fp16.
 
@@ -670,6 +663,13 @@ class Trainer:
                 f"recon {row['train_recon']:.3f}  kl {row['train_kl']:.3f}{test}  "
                 f"({row['epoch_time_s']:.2f}s)"
             )
+
+
+def _is_write_failure(exc: RuntimeError) -> bool:
+    """Whether torch.save's file writer failed (FSDP's rank 0 writes with it: a full disk says
+    "unexpected pos N vs M", without an errno)."""
+    text = str(exc)
+    return "inline_container" in text or "PytorchStreamWriter" in text
 
 
 def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResult | None:
