@@ -12,7 +12,9 @@
   ``FASTVAE_BENCH_KEEP_DATA=1``, so stored results stay small.
 * ``FASTVAE_BENCH_EXTRA_INFO=FILE``: each test's ``benchmark.extra_info`` is appended to FILE as
   a JSON line ``{"test": nodeid, "extra_info": {...}}``, also under ``--benchmark-disable``
-  (which writes no JSON): the smoke test checks what suites record without timing them.
+  (which writes no JSON): the smoke test checks what suites record without timing them, and
+  gpu/run.sh keeps a suite's figures (``<suite>.extra.jsonl``) even when its cap kills it.
+* ``FASTVAE_BENCH_EAGER_FAILURES=1``: a failed test's traceback is printed when it fails.
 * Smoke mode (``FASTVAE_BENCH_SMOKE=1``) is reported in the header; on a CPU it also sets
   ``TRITON_INTERPRET=1`` (unless set) so that the fused-kernel benchmarks run, interpreted.
 """
@@ -61,6 +63,16 @@ def pytest_runtest_teardown(item):
 
         with open(out, "a", encoding="utf8") as f:
             f.write(json.dumps({"test": item.nodeid, "extra_info": fixture.extra_info}, default=str) + "\n")
+
+
+def pytest_runtest_logreport(report):
+    # FASTVAE_BENCH_EAGER_FAILURES=1 (gpu/run.sh): a failure's traceback now, not in the summary
+    # at the end, which a suite killed at its time cap never prints
+    if report.failed and os.environ.get("FASTVAE_BENCH_EAGER_FAILURES") and _RUN["session"] is not None:
+        terminal = _RUN["session"].config.pluginmanager.get_plugin("terminalreporter")
+        if terminal is not None:
+            terminal.write_line(f"\n----- FAILED {report.nodeid} ({report.when}, {report.duration:.0f} s):")
+            terminal.write_line(report.longreprtext[-6000:])
 
 
 def pytest_report_header(config):

@@ -726,7 +726,10 @@ def _store(src: Path, results: Path | str, threshold: float, stat: str, out, for
 
     runs = load_dir(src, stat)
     device = load_device_result(src)
-    extras = [name for name in EXTRA_RESULTS if (src / name).is_file()]
+    # + each suite's figures as its tests ended (run.sh's <suite>.extra.jsonl): what a suite
+    # killed at its cap measured, where its pytest-benchmark JSON was never written
+    extras = [name for name in EXTRA_RESULTS if (src / name).is_file()] + sorted(
+        p.name for p in src.glob("*.extra.jsonl") if p.stat().st_size)
     if not runs and device is None and not extras:
         print(f"store: no pytest-benchmark JSON, {DEVICE_RESULT} nor {', '.join(EXTRA_RESULTS)} in {src}", file=out)
         return None
@@ -762,12 +765,24 @@ def _store(src: Path, results: Path | str, threshold: float, stat: str, out, for
         shutil.copyfile(src / name, dest / name)
         print(f"stored {dest / name}", file=out)
         if name == "run.log":
-            stamped = dest / f"run-{time.strftime('%Y-%m-%dT%H%MZ', time.gmtime())}.log"
+            stamped = _stamped_log(src / name, dest)
             shutil.copyfile(src / name, stamped)
             print(f"stored {stamped}", file=out)
     render(dest, stat=stat)
     print(f"rendered {dest / 'README.md'} and {dest / 'ratios.png'}", file=out)
     return dest
+
+
+def _stamped_log(log: Path, dest: Path) -> Path:
+    """``dest/run-<start>.log``: the UTC start the log's first line gives (``... date
+    2026-11-30T21:02:22Z``; else now), never another run's log of the same minute."""
+    match = re.search(r"date (\d{4}-\d\d-\d\dT\d\d):(\d\d):\d\dZ", log.read_text(encoding="utf8", errors="replace")[:2000])
+    stamp = f"{match[1]}{match[2]}Z" if match else time.strftime("%Y-%m-%dT%H%MZ", time.gmtime())
+    stamped, n = dest / f"run-{stamp}.log", 1
+    while stamped.exists() and stamped.read_bytes() != log.read_bytes():
+        n += 1
+        stamped = dest / f"run-{stamp}-{n}.log"
+    return stamped
 
 
 def _extra_slugs(src: Path, device: dict | None) -> set[str]:

@@ -253,6 +253,7 @@ def _trainer_settings() -> dict:
 
 
 @gpu_or_cpu_smoke
+@pytest.mark.timeout(420)  # three arms, two of them compiled (CUDA graphs), 5 interleaved rounds
 @pytest.mark.benchmark(group="convkl-train-gpu")
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
 def test_gpu_trainer_vs_plain_loops(benchmark, case):
@@ -277,6 +278,7 @@ def test_gpu_trainer_vs_plain_loops(benchmark, case):
 
 
 @requires_cuda
+@pytest.mark.timeout(300)  # the trainer's compilation comes first
 @pytest.mark.benchmark(group="convkl-diffusers-gpu")
 @pytest.mark.parametrize("size,batch", GPU_SIZES, ids=[str(s) for s, _ in GPU_SIZES])
 def test_gpu_diffusers_autoencoderkl(benchmark, size, batch):

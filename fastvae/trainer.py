@@ -420,11 +420,14 @@ class Trainer:
                          f"{config.batch_size} x {self.world} processes")
         interrupted = False
         with StopRequest() as stop:
-            while self.epoch < config.epochs and not interrupted:
-                row = self.run_epoch(stop)
-                if row is not None:
-                    self._log(row)
-                interrupted = row is None or (self.epoch < config.epochs and self._agreed_stop(stop))
+            try:
+                while self.epoch < config.epochs and not interrupted:
+                    row = self.run_epoch(stop)
+                    if row is not None:
+                        self._log(row)
+                    interrupted = row is None or (self.epoch < config.epochs and self._agreed_stop(stop))
+            finally:
+                self.source.close()  # a streamed split's loader workers
             if interrupted:
                 fabric.print(f"interrupted: checkpoint written at step {self.step} (epoch "
                              f"{self.epoch + (row is None)}); continue with --resume")

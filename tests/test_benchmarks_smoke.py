@@ -270,6 +270,26 @@ def test_store_unpacks_run_sh_archive_and_keeps_runs_without_suites(tmp_path):
     assert (results / "other-gpu" / "run.log").read_text() == "61 passed"
 
 
+def test_store_keeps_each_runs_log_stamped_by_its_own_start(tmp_path):
+    """Two runs stored one after the other (two device calls of one session) keep both logs,
+    each named by the start its first line gives, whenever they are stored."""
+    results = tmp_path / "results"
+    starts = ("2026-11-30T21:02:22Z", "2026-11-30T21:06:28Z")
+    for i, start in enumerate(starts):
+        run = tmp_path / f"run{i}"
+        _write(run / "machine.json", {"slug": "test-gpu", "device": "Test GPU"})
+        (run / "run.log").write_text(f"fastvae GPU run: repo /r, budget 540s, date {start}\nrun {i}\n")
+        assert report.main(["store", str(run), "--results", str(results)]) == 0
+    dest = results / "test-gpu"
+    assert sorted(p.name for p in dest.glob("run-*.log")) == ["run-2026-11-30T2102Z.log", "run-2026-11-30T2106Z.log"]
+    assert (dest / "run-2026-11-30T2102Z.log").read_text().endswith("run 0\n")
+    assert (dest / "run.log").read_text().endswith("run 1\n")
+    # a different log of the same start minute is kept beside it, not over it
+    (tmp_path / "run1" / "run.log").write_text(f"date {starts[1]}\nrun 1 again\n")
+    assert report.main(["store", str(tmp_path / "run1"), "--results", str(results)]) == 0
+    assert (dest / "run-2026-11-30T2106Z-2.log").read_text().endswith("again\n")
+
+
 # --------------------------------------------------------------------------- common.py
 
 

@@ -226,6 +226,72 @@ def test_streamed_epoch_sees_each_example_once_and_depends_only_on_seed_and_epoc
     assert [len(t) for t in thirds] == [67, 67, 67] and set(sum(thirds, [])) == set(range(200))
 
 
+def test_stream_workers_start_once_and_serve_every_epoch(indexed, tmp_path, monkeypatch):
+    """The DataLoader workers persist across epochs (a restart per epoch cost more than a small
+    dataset's epoch on a GPU): one start per worker for 3 epochs, one of them abandoned half-way
+    and one resumed at a batch; each epoch's batches equal those read in the process itself."""
+    import os
+
+    import fastvae.loaders as loaders
+
+    started = tmp_path / "worker-starts"
+    original = loaders._worker_init
+
+    def recording_init(worker_id):
+        with open(started, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        original(worker_id)
+
+    monkeypatch.setattr(loaders, "_worker_init", recording_init)
+    split = open_dataset(str(indexed)).train
+    source = StreamSource(split, "cpu", 2)
+
+    def rows(epoch, start=0, stop=None):
+        batches = source.epoch_batches(epoch=epoch, seed=0, rank=0, world=1, batch_size=16, start=start)
+        out = []
+        for x in batches:
+            out.append(row_numbers(x))
+            if stop is not None and len(out) == stop:
+                break
+        return out
+
+    assert rows(0, stop=4) == epoch_rows(indexed)[0][:4]  # abandoned after 4 batches
+    workers = started.read_text().split()  # one line per worker start
+    assert rows(1) == epoch_rows(indexed, epoch=1)[0]
+    assert rows(2, start=5) == epoch_rows(indexed, epoch=2)[0][5:]
+    assert 1 <= len(workers) <= 2 and started.read_text().split() == workers  # no restart
+
+
+def test_a_stream_kept_until_exit_stops_its_workers_quietly(tmp_path):
+    """A StreamSource still referenced at interpreter exit (a script holding its Trainer):
+    its persistent workers are stopped before multiprocessing's exit hook terminates them
+    (torch then printed "Exception ignored in atexit callback ... DataLoader worker (pid N) is
+    killed by signal: Terminated" for 4 workers); a closed source starts them again."""
+    import subprocess
+    import sys
+
+    from fastvae.shards import FORMAT, block_size, write_dataset
+
+    images = np.random.default_rng(0).integers(0, 256, (20_000, 1, 28, 28), dtype=np.uint8)
+    pieces = {name: [(a, np.full(len(a), -1, np.int64))] for name, a in (("train", images), ("test", images[:64]))}
+    write_dataset(tmp_path / "shards", pieces, {"format": FORMAT, "version": 1, "source": "test", "shape": [1, 28, 28],
+                                                "block": block_size((1, 28, 28)), "labels": False, "split": "own"})
+    script = f"""
+from fastvae.loaders import StreamSource
+from fastvae.shards import open_dataset
+source = StreamSource(open_dataset({str(tmp_path / "shards")!r}).train, "cpu", 4)
+def rows(epoch):
+    return sum(len(x) for x in source.epoch_batches(epoch=epoch, seed=0, rank=0, world=1, batch_size=512))
+assert rows(0) == rows(1) == 20_000
+source.close()
+assert rows(2) == 20_000
+print("read", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "read\n", proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
 def test_streamed_evaluation_counts_each_test_example_once_whatever_the_ranks(indexed):
     from fastvae.evaluation import elbo_sums
     from fastvae.loaders import head
