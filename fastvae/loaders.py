@@ -19,7 +19,7 @@ loop serves both.
    reads segments j, j + workers, ...: the DataLoader returns them in order, so the batches
    (batch_size consecutive rows of the part) do not depend on ``--workers``. The workers start
    once and serve every epoch (each is sent (seed, epoch, segment) and builds that epoch's
-   plan itself).
+   plan itself); they read on into the next epoch's part while an epoch ends.
 Resuming at batch k skips k x batch_size rows of the part without reading them: the
 checkpoint's ``batch_in_epoch`` is the loader's whole position. Images travel as uint8 (pinned
 on CUDA) and become float in [0, 1] on the device.
@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -173,29 +173,56 @@ class _SegmentReader(torch.utils.data.Dataset):
             return exc
 
 
-class _EpochReads(torch.utils.data.Sampler):
-    """The persistent DataLoader's sampler: the reads of the epoch being iterated, set before
-    each ``iter``. DataLoader hands them to its workers round-robin and returns the results in
-    this order, so the batches do not depend on ``--workers``."""
+@dataclass(frozen=True)
+class _Part:
+    """What a rank reads of an epoch: its part (rows [r*P, (r+1)*P) of the stream, P =
+    ceil(N / W)) from batch ``start`` on."""
+    seed: int
+    epoch: int
+    rank: int
+    world: int
+    batch_size: int
+    start: int = 0
 
-    def __init__(self):
-        self.reads: list[_Read] = []
+    def segments(self, plan: EpochPlan) -> list[Segment]:
+        part = math.ceil(len(plan.split) / self.world)
+        first = self.rank * part + min(self.start * self.batch_size, part)
+        return plan.segments(first, (self.rank + 1) * part)
+
+    def next_epoch(self) -> "_Part":
+        return replace(self, epoch=self.epoch + 1, start=0)
+
+
+class _StreamReads(torch.utils.data.Sampler):
+    """The persistent DataLoader's sampler: the reads of ``part``, then those of the same rank's
+    part of every later epoch, as one stream, so the workers read the next epoch's first items
+    while an epoch ends. DataLoader hands them to its workers round-robin and returns the
+    results in this order: the batches do not depend on ``--workers``."""
+
+    def __init__(self, split: ShardSplit):
+        self.split, self.part = split, None
 
     def __iter__(self):
-        return iter(self.reads)
-
-    def __len__(self) -> int:
-        return len(self.reads)
+        part = self.part
+        while True:
+            segments = part.segments(EpochPlan(self.split, seed=part.seed, epoch=part.epoch))
+            if not segments and part.start == 0:
+                return
+            for segment in segments:
+                yield _Read(part.seed, part.epoch, True, segment)
+            part = part.next_epoch()
 
 
 class StreamSource:
     """A prepared split streamed from its shards (see the module docstring). Its DataLoader
-    workers persist from epoch to epoch: starting ``--workers`` processes (fork, then the first
-    read) cost more than a small dataset's whole epoch on a GPU."""
+    workers persist from epoch to epoch and read on into the next one: starting ``--workers``
+    processes (fork, then the first read) and waiting for an epoch's first items cost more
+    than a small dataset's whole epoch on a GPU."""
 
     def __init__(self, split: ShardSplit, device, workers: int = 2):
         self.split, self.device, self.workers = split, torch.device(device), workers
-        self._reads, self._held = _EpochReads(), [None]  # [the persistent DataLoader]
+        self._reads, self._held = _StreamReads(split), [None]  # [the persistent DataLoader]
+        self._stream, self._next = None, None  # its iterator; the part it continues with
         # workers still running at interpreter exit: multiprocessing's exit hook terminates
         # them and torch's SIGCHLD handler prints a traceback; this hook runs before it
         weakref.finalize(self, _stop_workers, self._held)
@@ -203,19 +230,19 @@ class StreamSource:
     def close(self) -> None:
         """Stop the DataLoader workers (kept for the next epoch otherwise)."""
         _stop_workers(self._held)
+        self._stream = self._next = None
 
     def epoch_batches(self, *, epoch: int, seed: int, rank: int, world: int, batch_size: int,
                       start: int = 0) -> _Batches:
+        part = _Part(seed, epoch, rank, world, batch_size, start)
         plan = EpochPlan(self.split, seed=seed, epoch=epoch)
-        part = math.ceil(len(self.split) / world)
-        total = math.ceil(part / batch_size)
-        first = rank * part + min(start * batch_size, part)
-        segments = plan.segments(first, (rank + 1) * part)
-        return _Batches(total, self._batches(plan, segments, batch_size))
+        total = math.ceil(math.ceil(len(self.split) / world) / batch_size)
+        return _Batches(total, self._batches(self._items(part, plan, part.segments(plan)), batch_size))
 
-    def _batches(self, plan: EpochPlan, segments: list[Segment], batch_size: int):
+    def _batches(self, items, batch_size: int):
+        """Batches of ``batch_size`` rows (the last may be short) from uint8 image items."""
         pending, rows = deque(), 0
-        for images in self._loader(plan, segments):
+        for images in items:
             if isinstance(images, FastVAEError):
                 raise images
             if len(images):
@@ -226,6 +253,30 @@ class StreamSource:
                 rows -= batch_size
         if rows:
             yield self._take(pending, rows)
+
+    def _items(self, part: _Part, plan: EpochPlan, segments: list[Segment]):
+        """The items of ``segments``: read here (``--workers 0``), or taken from the workers'
+        stream where it stands at ``part`` (an epoch after one read to its end); anything else
+        (a first epoch, a resume, an epoch left half-way) restarts the stream at ``part``."""
+        if self.workers == 0 or not segments:
+            yield from read_in_process(self.split, plan, segments)
+            return
+        if self._held[0] is None:
+            self._held[0] = torch.utils.data.DataLoader(
+                _SegmentReader(self.split), sampler=self._reads, batch_size=None,
+                num_workers=min(self.workers, len(segments)), persistent_workers=True,
+                pin_memory=self.device.type == "cuda", prefetch_factor=2,
+                multiprocessing_context=_worker_context(), worker_init_fn=_worker_init,
+                # its own generator: a DataLoader draws its workers' base seed from the global
+                # RNG otherwise, which would shift the training noise by where an epoch (re)starts
+                generator=torch.Generator().manual_seed(0))
+        if self._next != part:
+            self._reads.part = part
+            self._stream = iter(self._held[0])  # a persistent loader's iterator, reset
+        self._next = None  # until this epoch is read to its end
+        for _ in segments:
+            yield next(self._stream)
+        self._next = part.next_epoch()
 
     def _take(self, pending: deque, n: int) -> torch.Tensor:
         """The first ``n`` pending rows as a float batch on the device. A batch inside one item
@@ -246,22 +297,11 @@ class StreamSource:
             return to_float_images(parts[0], self.device)
         return to_float_images(torch.cat([part.to(self.device, non_blocking=True) for part in parts]), self.device)
 
-    def _loader(self, plan: EpochPlan, segments: list[Segment]):
-        reads = [_Read(plan.seed, plan.epoch, plan.shuffle, segment) for segment in segments]
-        if self.workers == 0 or not segments:
-            reader = _SegmentReader(self.split, plan)
-            return (reader[read] for read in reads)
-        if self._held[0] is None:
-            self._held[0] = torch.utils.data.DataLoader(
-                _SegmentReader(self.split), sampler=self._reads, batch_size=None,
-                num_workers=min(self.workers, len(segments)), persistent_workers=True,
-                pin_memory=self.device.type == "cuda", prefetch_factor=2,
-                multiprocessing_context=_worker_context(), worker_init_fn=_worker_init,
-                # its own generator: a DataLoader draws its workers' base seed from the global
-                # RNG otherwise, which would shift the training noise by where an epoch (re)starts
-                generator=torch.Generator().manual_seed(0))
-        self._reads.reads = reads
-        return iter(self._held[0])
+def read_in_process(split: ShardSplit, plan: EpochPlan, segments: list[Segment]):
+    """The items of ``segments`` read in this process, in order."""
+    reader = _SegmentReader(split, plan)
+    for segment in segments:
+        yield reader[_Read(plan.seed, plan.epoch, plan.shuffle, segment)]
 
 
 def _stop_workers(held: list) -> None:
@@ -310,7 +350,8 @@ def eval_batches(data, batch_size: int, device, rank: int = 0, world: int = 1):
     lo, hi = min(rank * part, n), min((rank + 1) * part, n)
     source = StreamSource(data, device, workers=0)
     plan = EpochPlan(data, seed=0, epoch=0, shuffle=False)
-    batches = source._batches(plan, plan.segments(lo, hi), batch_size) if hi > lo else iter(())
+    segments = plan.segments(lo, hi)
+    batches = source._batches(read_in_process(data, plan, segments), batch_size) if hi > lo else iter(())
     for i in range(count):
         start = lo + i * batch_size
         x = next(batches, None)

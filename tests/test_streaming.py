@@ -228,8 +228,9 @@ def test_streamed_epoch_sees_each_example_once_and_depends_only_on_seed_and_epoc
 
 def test_stream_workers_start_once_and_serve_every_epoch(indexed, tmp_path, monkeypatch):
     """The DataLoader workers persist across epochs (a restart per epoch cost more than a small
-    dataset's epoch on a GPU): one start per worker for 3 epochs, one of them abandoned half-way
-    and one resumed at a batch; each epoch's batches equal those read in the process itself."""
+    dataset's epoch on a GPU), reading on into the next epoch: one start per worker for five
+    epochs, one abandoned half-way, one resumed at a batch, two continuing the stream; each
+    epoch's batches equal those read in the process itself."""
     import os
 
     import fastvae.loaders as loaders
@@ -258,7 +259,9 @@ def test_stream_workers_start_once_and_serve_every_epoch(indexed, tmp_path, monk
     assert rows(0, stop=4) == epoch_rows(indexed)[0][:4]  # abandoned after 4 batches
     workers = started.read_text().split()  # one line per worker start
     assert rows(1) == epoch_rows(indexed, epoch=1)[0]
-    assert rows(2, start=5) == epoch_rows(indexed, epoch=2)[0][5:]
+    assert rows(2) == epoch_rows(indexed, epoch=2)[0]  # read on from where epoch 1 ended
+    assert rows(4, start=5) == epoch_rows(indexed, epoch=4)[0][5:]  # not epoch 3: starts anew
+    assert rows(5) == epoch_rows(indexed, epoch=5)[0]
     assert 1 <= len(workers) <= 2 and started.read_text().split() == workers  # no restart
 
 
