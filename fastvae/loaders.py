@@ -31,6 +31,7 @@ of batches on every rank (the last may be empty, as FSDP's collective calls need
 
 from __future__ import annotations
 
+import atexit
 import math
 import weakref
 from collections import deque
@@ -223,14 +224,12 @@ class StreamSource:
         self.split, self.device, self.workers = split, torch.device(device), workers
         self._reads, self._held = _StreamReads(split), [None]  # [the persistent DataLoader]
         self._stream, self._next = None, None  # its iterator; the part it continues with
-        # workers still running at interpreter exit: multiprocessing's exit hook terminates
-        # them and torch's SIGCHLD handler prints a traceback; this hook runs before it
-        weakref.finalize(self, _stop_workers, self._held)
+        self._owner = None  # the _items generator reading the stream now
 
     def close(self) -> None:
         """Stop the DataLoader workers (kept for the next epoch otherwise)."""
         _stop_workers(self._held)
-        self._stream = self._next = None
+        self._stream = self._next = self._owner = None
 
     def epoch_batches(self, *, epoch: int, seed: int, rank: int, world: int, batch_size: int,
                       start: int = 0) -> _Batches:
@@ -262,9 +261,11 @@ class StreamSource:
             yield from read_in_process(self.split, plan, segments)
             return
         if self._held[0] is None:
+            whole = replace(part, start=0).segments(plan)  # not a resume's remainder: every epoch's
+            _stop_at_exit(self)
             self._held[0] = torch.utils.data.DataLoader(
                 _SegmentReader(self.split), sampler=self._reads, batch_size=None,
-                num_workers=min(self.workers, len(segments)), persistent_workers=True,
+                num_workers=min(self.workers, len(whole)), persistent_workers=True,
                 pin_memory=self.device.type == "cuda", prefetch_factor=2,
                 multiprocessing_context=_worker_context(), worker_init_fn=_worker_init,
                 # its own generator: a DataLoader draws its workers' base seed from the global
@@ -273,10 +274,14 @@ class StreamSource:
         if self._next != part:
             self._reads.part = part
             self._stream = iter(self._held[0])  # a persistent loader's iterator, reset
-        self._next = None  # until this epoch is read to its end
+        self._next, self._owner = None, (token := object())  # until this epoch is read to its end
         for _ in segments:
+            if self._owner is not token:
+                raise RuntimeError("another epoch_batches iteration (or close) took over this StreamSource's "
+                                   "workers: read one epoch at a time")
             yield next(self._stream)
-        self._next = part.next_epoch()
+        if self._owner is token:
+            self._next = part.next_epoch()
 
     def _take(self, pending: deque, n: int) -> torch.Tensor:
         """The first ``n`` pending rows as a float batch on the device. A batch inside one item
@@ -297,11 +302,26 @@ class StreamSource:
             return to_float_images(parts[0], self.device)
         return to_float_images(torch.cat([part.to(self.device, non_blocking=True) for part in parts]), self.device)
 
+
 def read_in_process(split: ShardSplit, plan: EpochPlan, segments: list[Segment]):
     """The items of ``segments`` read in this process, in order."""
     reader = _SegmentReader(split, plan)
     for segment in segments:
         yield reader[_Read(plan.seed, plan.epoch, plan.shuffle, segment)]
+
+
+_LIVE: "weakref.WeakSet[StreamSource]" = weakref.WeakSet()
+
+
+def _stop_at_exit(source: StreamSource) -> None:
+    """Stop ``source``'s workers at interpreter exit, before multiprocessing's exit hook would
+    terminate them (torch's SIGCHLD handler then prints a DataLoader traceback). Registered on
+    the first persistent loader, after torch imported multiprocessing: exit hooks run last
+    registered first."""
+    if not getattr(_stop_at_exit, "registered", False):
+        atexit.register(lambda: [s.close() for s in list(_LIVE)])
+        _stop_at_exit.registered = True
+    _LIVE.add(source)
 
 
 def _stop_workers(held: list) -> None:

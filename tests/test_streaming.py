@@ -226,43 +226,71 @@ def test_streamed_epoch_sees_each_example_once_and_depends_only_on_seed_and_epoc
     assert [len(t) for t in thirds] == [67, 67, 67] and set(sum(thirds, [])) == set(range(200))
 
 
-def test_stream_workers_start_once_and_serve_every_epoch(indexed, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def indexed_9k(tmp_path_factory):
+    """9,000 indexed rows: three windows, so several items and workers per epoch."""
+    root = tmp_path_factory.mktemp("indexed9k")
+    prepare(str(indexed_npz(root / "rows.npz", n_train=9000)), root / "shards", workers=0, progress=False)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("workers,world,rank,batch", [(2, 1, 0, 1000), (3, 3, 1, 999)])
+def test_stream_workers_start_once_and_read_on_into_the_next_epoch(indexed_9k, tmp_path, monkeypatch,
+                                                                     workers, world, rank, batch):
     """The DataLoader workers persist across epochs (a restart per epoch cost more than a small
-    dataset's epoch on a GPU), reading on into the next epoch: one start per worker for five
-    epochs, one abandoned half-way, one resumed at a batch, two continuing the stream; each
-    epoch's batches equal those read in the process itself."""
+    dataset's epoch on a GPU) and read on into the next epoch: over six epochs (one abandoned,
+    one resumed at a batch) the stream starts three times and the workers once; every epoch's
+    batches equal those read in the process itself."""
     import os
 
     import fastvae.loaders as loaders
 
-    started = tmp_path / "worker-starts"
-    original = loaders._worker_init
+    started, resets = tmp_path / "worker-starts", []
+    original_init, original_iter = loaders._worker_init, loaders._StreamReads.__iter__
 
     def recording_init(worker_id):
         with open(started, "a") as f:
             f.write(f"{os.getpid()}\n")
-        original(worker_id)
+        original_init(worker_id)
+
+    def counting_iter(self):
+        resets.append((self.part.epoch, self.part.start))
+        return original_iter(self)
 
     monkeypatch.setattr(loaders, "_worker_init", recording_init)
-    split = open_dataset(str(indexed)).train
-    source = StreamSource(split, "cpu", 2)
+    monkeypatch.setattr(loaders._StreamReads, "__iter__", counting_iter)
+    split = open_dataset(str(indexed_9k)).train
+    source = StreamSource(split, "cpu", workers)
+    part = dict(world=world, rank=rank, batch_size=batch)
 
     def rows(epoch, start=0, stop=None):
-        batches = source.epoch_batches(epoch=epoch, seed=0, rank=0, world=1, batch_size=16, start=start)
         out = []
-        for x in batches:
+        for x in source.epoch_batches(epoch=epoch, seed=0, start=start, **part):
             out.append(row_numbers(x))
-            if stop is not None and len(out) == stop:
+            if len(out) == stop:
                 break
         return out
 
-    assert rows(0, stop=4) == epoch_rows(indexed)[0][:4]  # abandoned after 4 batches
-    workers = started.read_text().split()  # one line per worker start
-    assert rows(1) == epoch_rows(indexed, epoch=1)[0]
-    assert rows(2) == epoch_rows(indexed, epoch=2)[0]  # read on from where epoch 1 ended
-    assert rows(4, start=5) == epoch_rows(indexed, epoch=4)[0][5:]  # not epoch 3: starts anew
-    assert rows(5) == epoch_rows(indexed, epoch=5)[0]
-    assert 1 <= len(workers) <= 2 and started.read_text().split() == workers  # no restart
+    def reference(epoch, start=0):
+        return epoch_rows(indexed_9k, epoch=epoch, start=start, **part)[0]
+
+    assert rows(0, stop=2) == reference(0)[:2]  # abandoned after 2 batches
+    assert rows(1) == reference(1)
+    assert rows(2) == reference(2)  # read on from where epoch 1 ended
+    assert rows(4, start=1) == reference(4, start=1)  # not epoch 3: starts anew
+    assert rows(5) == reference(5)
+    # (a DataLoader's first iterator asks its sampler twice: once on creation, once on reset)
+    assert [r for i, r in enumerate(resets) if i == 0 or r != resets[i - 1]] == [(0, 0), (1, 0), (4, 1)]
+    starts = started.read_text().split()  # one line per worker start
+    assert len(starts) == len(set(starts)) == source._held[0].num_workers >= 2
+    if world == 1:  # an epoch of several items: a second live iteration is refused, not mixed in
+        first = iter(source.epoch_batches(epoch=6, seed=0, **part))
+        next(first)
+        assert [row_numbers(x) for x in source.epoch_batches(epoch=6, seed=0, **part)] == reference(6)
+        with pytest.raises(RuntimeError, match="one epoch at a time"):
+            list(first)
+        assert rows(7) == reference(7)
+    source.close()
 
 
 def test_a_stream_kept_until_exit_stops_its_workers_quietly(tmp_path):

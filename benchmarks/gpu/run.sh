@@ -68,9 +68,10 @@ T0=$SECONDS
 FAILED=()
 SKIPPED=()
 
-# remaining CAP: seconds a step may take: min(CAP, what is left of the budget - 15 s reserve)
+# remaining CAP: seconds a step may take: min(CAP, what is left of the budget - 30 s reserve:
+# a suite stopped at its cap gets 30 s to write its JSON)
 remaining() {
-  local left=$((BUDGET - (SECONDS - T0) - 15))
+  local left=$((BUDGET - (SECONDS - T0) - 30))
   [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
 }
 # step NAME CMD...: run a guarded step; never stops the script. A step whose command exits 77
@@ -228,16 +229,17 @@ bench_suite() {
   fi
   local args=(--benchmark-json="$DEST/$name.json" --benchmark-sort=name --timeout=90)
   # each test's figures are appended to $name.extra.jsonl as it ends (kept by a SIGKILL too);
-  # a failure prints its traceback at once; after SIGINT pytest gets 45 s to write the JSON
+  # a failure prints its traceback at once; after SIGINT pytest gets 30 s to write the JSON
   local -x FASTVAE_BENCH_EXTRA_INFO="$DEST/$name.extra.jsonl" FASTVAE_BENCH_EAGER_FAILURES=1
+  rm -f "$DEST/$name.extra.jsonl"  # this run's figures only
   if [ "$has_cuda" = 1 ]; then
     args+=(--benchmark-max-time="$MAXT" --benchmark-min-rounds=5 --benchmark-warmup=on
            --benchmark-warmup-iterations=3)
-    timeout -s INT -k 45 "$cap" "${PYTEST[@]}" "$file" -q -p no:cacheprovider -rs "${args[@]}"
+    timeout -s INT -k 30 "$cap" "${PYTEST[@]}" "$file" -q -p no:cacheprovider -rs "${args[@]}"
   else
     echo "(no CUDA: smoke mode, tiny sizes, one round)"
     args+=(--benchmark-max-time=0.000001 --benchmark-min-rounds=1)
-    FASTVAE_BENCH_SMOKE=1 timeout -s INT -k 45 "$cap" "${PYTEST[@]}" "$file" -q -p no:cacheprovider -rs "${args[@]}"
+    FASTVAE_BENCH_SMOKE=1 timeout -s INT -k 30 "$cap" "${PYTEST[@]}" "$file" -q -p no:cacheprovider -rs "${args[@]}"
   fi
   rc=$?
   [ -s "$DEST/$name.json" ] || echo "suite $name: no JSON written (all skipped?)"
@@ -363,7 +365,7 @@ if [ "$PACK" = 1 ]; then
   # changes that folder ("tar: .: file changed as we read it", exit 1: nothing was packed)
   packed=$(mktemp "${TMPDIR:-/tmp}/fastvae-results.XXXXXX") \
     && tar czf "$packed" -C "$DEST" --exclude results.tgz . \
-    && mv "$packed" "$DEST/results.tgz" \
+    && chmod 644 "$packed" && mv "$packed" "$DEST/results.tgz" \
     && (cd "$DEST" && find . -maxdepth 1 -type f ! -name results.tgz ! -name run.log -delete) \
     && echo "packed $(tar tzf "$DEST/results.tgz" | grep -c -v '/$') files into $DEST/results.tgz" \
     || { echo "could not pack $DEST"; rm -f "${packed:-}"; rc=1; }
