@@ -200,18 +200,20 @@ class _StreamReads(torch.utils.data.Sampler):
     while an epoch ends. DataLoader hands them to its workers round-robin and returns the
     results in this order: the batches do not depend on ``--workers``."""
 
-    def __init__(self, split: ShardSplit):
-        self.split, self.part = split, None
+    def __init__(self, split: ShardSplit, epochs: int | None = None):
+        self.split, self.epochs, self.part = split, epochs, None  # epochs: the stream ends there
 
     def __iter__(self):
         part = self.part
-        while True:
+        while True:  # the requested part always; later epochs only up to ``epochs``
             segments = part.segments(EpochPlan(self.split, seed=part.seed, epoch=part.epoch))
             if not segments and part.start == 0:
                 return
             for segment in segments:
                 yield _Read(part.seed, part.epoch, True, segment)
             part = part.next_epoch()
+            if self.epochs is not None and part.epoch >= self.epochs:
+                return
 
 
 class StreamSource:
@@ -220,9 +222,10 @@ class StreamSource:
     processes (fork, then the first read) and waiting for an epoch's first items cost more
     than a small dataset's whole epoch on a GPU."""
 
-    def __init__(self, split: ShardSplit, device, workers: int = 2):
+    def __init__(self, split: ShardSplit, device, workers: int = 2, epochs: int | None = None):
+        """``epochs``: the training's epoch count, where the workers stop reading ahead."""
         self.split, self.device, self.workers = split, torch.device(device), workers
-        self._reads, self._held = _StreamReads(split), [None]  # [the persistent DataLoader]
+        self._reads, self._held = _StreamReads(split, epochs), [None]  # [the persistent DataLoader]
         self._stream, self._next = None, None  # its iterator; the part it continues with
         self._owner = None  # the _items generator reading the stream now
 
@@ -344,9 +347,9 @@ def _worker_context():
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
-def make_source(data, fabric, workers: int = 2):
+def make_source(data, fabric, workers: int = 2, epochs: int | None = None):
     """The training batch source for a split: streamed for a prepared split, else in memory."""
-    return StreamSource(data, fabric.device, workers) if is_streamed(data) else TensorSource(data, fabric)
+    return StreamSource(data, fabric.device, workers, epochs) if is_streamed(data) else TensorSource(data, fabric)
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -388,7 +388,7 @@ class Trainer:
         self.skip_mode = skip_mode(self.optimizer.optimizer, fabric.strategy.precision)
         self.check_every = check_interval(fabric.device)  # host mode reads every step anyway
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, rows, record) not yet read
-        self.source = make_source(splits.train, fabric, config.workers)
+        self.source = make_source(splits.train, fabric, config.workers, config.epochs)
         self.test_data = splits.test if is_streamed(splits.test) else fabric.to_device(splits.test)
         metrics_csv = self.run_dir / METRICS_CSV
         self.rows = run_folder.read_metrics(metrics_csv, self.epoch) if resume else []

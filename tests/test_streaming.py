@@ -293,6 +293,25 @@ def test_stream_workers_start_once_and_read_on_into_the_next_epoch(indexed_9k, t
     source.close()
 
 
+def test_the_stream_ends_with_the_last_epoch(indexed_9k):
+    """Given the training's epoch count the workers' stream ends after its last epoch (no reads
+    of an epoch that never comes); without one it goes on."""
+    import itertools
+
+    from fastvae.loaders import EpochPlan, _Part, _StreamReads
+
+    split = open_dataset(str(indexed_9k)).train
+    resumed = _Part(0, 1, 0, 1, 1000, start=2)
+    expected = [(1, s) for s in resumed.segments(EpochPlan(split, seed=0, epoch=1))] + [
+        (2, s) for s in resumed.next_epoch().segments(EpochPlan(split, seed=0, epoch=2))]
+    reads = _StreamReads(split, epochs=3)
+    reads.part = resumed
+    assert [(r.epoch, r.segment) for r in itertools.islice(reads, 100)] == expected
+    endless = _StreamReads(split)
+    endless.part = reads.part
+    assert len(list(itertools.islice(endless, 100))) == 100
+
+
 def test_a_stream_kept_until_exit_stops_its_workers_quietly(tmp_path):
     """A StreamSource still referenced at interpreter exit (a script holding its Trainer):
     its persistent workers are stopped before multiprocessing's exit hook terminates them
