@@ -225,14 +225,16 @@ class StreamSource:
     def __init__(self, split: ShardSplit, device, workers: int = 2, epochs: int | None = None):
         """``epochs``: the training's epoch count, where the workers stop reading ahead."""
         self.split, self.device, self.workers = split, torch.device(device), workers
-        self._reads, self._held = _StreamReads(split, epochs), [None]  # [the persistent DataLoader]
+        self._reads, self._loader = _StreamReads(split, epochs), None  # the persistent DataLoader
         self._stream, self._next = None, None  # its iterator; the part it continues with
         self._owner = None  # the _items generator reading the stream now
 
     def close(self) -> None:
         """Stop the DataLoader workers (kept for the next epoch otherwise)."""
-        _stop_workers(self._held)
-        self._stream = self._next = self._owner = None
+        iterator = getattr(self._loader, "_iterator", None)  # torch keeps a persistent loader's here
+        if iterator is not None:
+            iterator._shutdown_workers()
+        self._loader = self._stream = self._next = self._owner = None
 
     def epoch_batches(self, *, epoch: int, seed: int, rank: int, world: int, batch_size: int,
                       start: int = 0) -> _Batches:
@@ -263,10 +265,10 @@ class StreamSource:
         if self.workers == 0 or not segments:
             yield from read_in_process(self.split, plan, segments)
             return
-        if self._held[0] is None:
+        if self._loader is None:
             whole = replace(part, start=0).segments(plan)  # not a resume's remainder: every epoch's
             _stop_at_exit(self)
-            self._held[0] = torch.utils.data.DataLoader(
+            self._loader = torch.utils.data.DataLoader(
                 _SegmentReader(self.split), sampler=self._reads, batch_size=None,
                 num_workers=min(self.workers, len(whole)), persistent_workers=True,
                 pin_memory=self.device.type == "cuda", prefetch_factor=2,
@@ -276,7 +278,7 @@ class StreamSource:
                 generator=torch.Generator().manual_seed(0))
         if self._next != part:
             self._reads.part = part
-            self._stream = iter(self._held[0])  # a persistent loader's iterator, reset
+            self._stream = iter(self._loader)  # a persistent loader's iterator, reset
         self._next, self._owner = None, (token := object())  # until this epoch is read to its end
         for _ in segments:
             if self._owner is not token:
@@ -325,13 +327,6 @@ def _stop_at_exit(source: StreamSource) -> None:
         atexit.register(lambda: [s.close() for s in list(_LIVE)])
         _stop_at_exit.registered = True
     _LIVE.add(source)
-
-
-def _stop_workers(held: list) -> None:
-    loader, held[0] = held[0], None
-    iterator = getattr(loader, "_iterator", None)  # torch keeps a persistent loader's here
-    if iterator is not None:
-        iterator._shutdown_workers()
 
 
 def _worker_init(worker_id: int) -> None:

@@ -282,7 +282,7 @@ def test_stream_workers_start_once_and_read_on_into_the_next_epoch(indexed_9k, t
     # (a DataLoader's first iterator asks its sampler twice: once on creation, once on reset)
     assert [r for i, r in enumerate(resets) if i == 0 or r != resets[i - 1]] == [(0, 0), (1, 0), (4, 1)]
     starts = started.read_text().split()  # one line per worker start
-    assert len(starts) == len(set(starts)) == source._held[0].num_workers >= 2
+    assert len(starts) == len(set(starts)) == source._loader.num_workers >= 2
     if world == 1:  # an epoch of several items: a second live iteration is refused, not mixed in
         first = iter(source.epoch_batches(epoch=6, seed=0, **part))
         next(first)
