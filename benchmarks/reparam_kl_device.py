@@ -25,7 +25,9 @@ sizes first):
   of a training step is not in it); eager and compile draw eps with ``randn_like``.
 * ``host_us``: host (wall-clock) time per call while issuing 20 calls back to back, no graphs:
   what the Python, dispatch and launch path costs. ``e2e_us``: the same 20 calls up to the
-  end of their GPU work, per call (host and device overlapping, as in a training loop).
+  end of their GPU work, per call (host and device overlapping, as in a training loop). Both
+  are medians over 7 rounds that alternate between the implementations on the same inputs, so
+  the fused / eager ratios are measured side by side.
 * ``bytes``: what the op must move at least, the count the acceptance is stated on
   (``common.reparam_kl_bytes``: each of mu, logvar, z, kl, grad_z, grad_kl, grad_mu,
   grad_logvar once: 3 B x D passes + 4B for fwd, 6 + 8B for fwd_bwd); ``copy_gbps``: a
@@ -77,6 +79,7 @@ CPU_SIZES = ((8, 64), (8, 256))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("fused", "eager", "compile")
 PASSES = ("fwd_bwd", "fwd")
+HOST_ROUNDS = 7  # GPU host/e2e timing: rounds of 20 calls, alternating between the implementations
 FLUSH_BYTES = 256 << 20  # more than any L2 (H100/H200: 50-60 MB), read before each replay
 COMPILE_DYNAMIC = ("batch", "all", "none")  # --compile-dynamic: which sizes torch.compile keeps symbolic
 
@@ -159,22 +162,30 @@ def graph_device_us(fn, flush, replays: int) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
 
 
-def host_e2e_us(fn, calls: int = 20, rounds: int = 5) -> tuple[float, float]:
-    """(host, end-to-end) microseconds per call of ``calls`` back-to-back calls: host = until
-    the last call returned, e2e = until their GPU work finished; medians over rounds."""
-    host, e2e = [], []
-    fn()
+def host_e2e_us(fns: dict, calls: int = 20, rounds: int = 7, sync=None) -> dict:
+    """{name: (host, end-to-end)} microseconds per call of ``calls`` back-to-back calls of each
+    callable: host = until the last call returned, e2e = until their GPU work finished
+    (``sync``: ``torch.cuda.synchronize``); medians over ``rounds`` rounds that alternate
+    between the callables, so that each ratio is measured side by side (the 2026-11-30 H200 run
+    timed each implementation in rounds of its own: fused host time swung 170-460 us with no
+    relation to size)."""
+    sync = sync or torch.cuda.synchronize
+    host = {k: [] for k in fns}
+    e2e = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
     for _ in range(rounds):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        host.append((t1 - t0) / calls * 1e6)
-        e2e.append((t2 - t0) / calls * 1e6)
-    return statistics.median(host), statistics.median(e2e)
+        for key, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            t1 = time.perf_counter()
+            sync()
+            t2 = time.perf_counter()
+            host[key].append((t1 - t0) / calls * 1e6)
+            e2e[key].append((t2 - t0) / calls * 1e6)
+    return {k: (statistics.median(host[k]), statistics.median(e2e[k])) for k in fns}
 
 
 _copy_cache: dict[int, float] = {}
@@ -205,28 +216,35 @@ def copy_gbps(nbytes: int, flush, replays: int) -> float:
     return _copy_cache[nbytes]
 
 
-def gpu_case(B, D, name, impl, mode, ops, flush, replays, compile_dynamic="batch") -> dict | None:
-    """One record on the GPU, or None (skipped: not enough memory)."""
+def gpu_shape(B, D, name, mode, impls, ops, flush, replays, compile_dynamic="batch") -> list[dict]:
+    """The records of every implementation at one shape, dtype and pass, on the same inputs:
+    device time per implementation, then host and e2e time of all of them in alternating
+    rounds. Empty where the GPU lacks the memory."""
     dtype = DTYPES[name]
     itemsize = torch.empty((), dtype=dtype).element_size()
     # eager fwd_bwd keeps ~16 tensors of B x D alive (inputs, eps, temporaries, grads)
     need = 18 * B * D * max(itemsize, 4)
     if need > 0.85 * torch.cuda.mem_get_info()[0]:
-        print(f"  skip B={B} D={D} {name} {impl} {mode}: needs ~{need / 2**30:.0f} GiB", flush=True)
-        return None
+        print(f"  skip B={B} D={D} {name} {mode}: needs ~{need / 2**30:.0f} GiB", flush=True)
+        return []
     mu, logvar, gz, gkl = make_inputs(B, D, dtype, "cuda", mode == "fwd_bwd")
-    if impl == "compile" and compile_dynamic == "batch":
-        mark_batch_dynamic(mu, logvar)
-    op = ops[impl]
-    graph_kwargs = {"seed": torch.tensor(12345, device="cuda")} if impl == "fused" else {}
-    device_us = graph_device_us(one_call(op, mode, mu, logvar, gz, gkl, **graph_kwargs), flush, replays)
-    host_us, e2e_us = host_e2e_us(one_call(op, mode, mu, logvar, gz, gkl))
+    if "compile" in impls and compile_dynamic == "batch":
+        mark_batch_dynamic(mu, logvar)  # the eager and fused ops ignore the mark
+    device_us = {}
+    for impl in impls:
+        graph_kwargs = {"seed": torch.tensor(12345, device="cuda")} if impl == "fused" else {}
+        device_us[impl] = graph_device_us(one_call(ops[impl], mode, mu, logvar, gz, gkl, **graph_kwargs),
+                                          flush, replays)
+    host = host_e2e_us({impl: one_call(ops[impl], mode, mu, logvar, gz, gkl) for impl in impls},
+                       rounds=HOST_ROUNDS)
     nbytes = reparam_kl_bytes(B, D, itemsize, mode)
     copy = copy_gbps(nbytes, flush, replays)
     del mu, logvar, gz, gkl
     torch.cuda.empty_cache()
-    return record(B, D, name, impl, mode, device_us=device_us, host_us=host_us, e2e_us=e2e_us,
-                  nbytes=nbytes, kernel_nbytes=reparam_kl_kernel_bytes(B, D, itemsize, mode), copy=copy)
+    return [record(B, D, name, impl, mode, device_us=device_us[impl], host_us=host[impl][0],
+                   e2e_us=host[impl][1], nbytes=nbytes,
+                   kernel_nbytes=reparam_kl_kernel_bytes(B, D, itemsize, mode), copy=copy)
+            for impl in impls]
 
 
 # --------------------------------------------------------------------------- CPU timing
@@ -384,7 +402,7 @@ def main(argv=None) -> int:
     replays = 3 if smoke else args.replays
     records: list[dict] = []
     name = torch.cuda.get_device_name()
-    state = {"smoke": smoke, "calls": 20, "rounds": 5, "replays": replays, "compile_dynamic": compile_dynamic}
+    state = {"smoke": smoke, "calls": 20, "rounds": HOST_ROUNDS, "replays": replays, "compile_dynamic": compile_dynamic}
     stopped = None
     try:
         for B, D in sizes:
@@ -394,13 +412,11 @@ def main(argv=None) -> int:
                 break
             stopped = f"B={B} D={D}"  # until this size is done: what an interruption cuts
             for dtype in dtypes:
-                for impl in impls:
-                    for mode in PASSES:
-                        r = gpu_case(B, D, dtype, impl, mode, ops, flush, replays, compile_dynamic)
-                        if r is not None:
-                            records.append(r)
-                            print(_line(r), flush=True)
-                            write(args.out, "gpu", name, records, complete=False, stopped_before=stopped, **state)
+                for mode in PASSES:
+                    for r in gpu_shape(B, D, dtype, mode, impls, ops, flush, replays, compile_dynamic):
+                        records.append(r)
+                        print(_line(r), flush=True)
+                    write(args.out, "gpu", name, records, complete=False, stopped_before=stopped, **state)
             stopped = None
     except KeyboardInterrupt:  # gpu/run.sh's cap (timeout -s INT): keep what was measured, marked partial
         print(f"reparam_kl_device: interrupted at {stopped}; keeping the {len(records)} records so far")

@@ -651,15 +651,20 @@ _seed_buffers = threading.local()
 def draw_host_seed(generator: "torch.Generator | None" = None) -> int:
     """A Philox seed in [0, 2**31 - 1) from torch's CPU generator (or a CPU ``generator``):
     reproducible under ``torch.manual_seed``, no device sync, no tensor allocated per call."""
-    buf = getattr(_seed_buffers, "buf", None)
-    if buf is None:
+    bufs = getattr(_seed_buffers, "bufs", None)
+    if bufs is None:
         # a normal CPU tensor whatever mode the first call runs in (made under inference_mode it
-        # would refuse the in-place draws of every later call outside it)
+        # would refuse the in-place draws of every later call outside it); the value is read
+        # through a numpy view of it: no second torch op (``item``) per call
         with torch.inference_mode(False):
-            buf = _seed_buffers.buf = torch.empty((), dtype=torch.int64, device="cpu")
+            buf = torch.empty((), dtype=torch.int64, device="cpu")
+        bufs = _seed_buffers.bufs = (buf, buf.numpy())
+    buf, value = bufs
     if generator is None:  # random_(to) draws what random_(0, to) does, ~1 us cheaper
-        return buf.random_(2**31 - 1).item()
-    return buf.random_(2**31 - 1, generator=generator).item()
+        buf.random_(2**31 - 1)
+    else:
+        buf.random_(2**31 - 1, generator=generator)
+    return int(value)
 
 
 def _check_seed_tensor(seed: torch.Tensor) -> torch.Tensor:

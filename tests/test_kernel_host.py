@@ -47,7 +47,8 @@ def inputs(shape=(4, 8), dtype=torch.float32):
 
 def test_eager_call_allocates_only_its_outputs():
     """Forward: z and kl; backward: dmu and dlogvar. No seed tensor, no reshapes, no copies;
-    seed=None draws into a reused buffer (random_ + item: reproducible, no allocation)."""
+    seed=None draws into a reused buffer (random_, read through a numpy view: reproducible, no
+    allocation, one torch op)."""
     mu, logvar = inputs()
     gz, gkl = torch.randn(4, 8), torch.randn(4)
     with rk.stubbed_launches():
@@ -60,7 +61,7 @@ def test_eager_call_allocates_only_its_outputs():
             reparameterize_kl(mu, logvar)
     assert fwd.ops == ["aten.empty_like.default", "aten.new_empty.default"]
     assert bwd.ops == ["aten.empty_like.default"] * 2
-    assert unseeded.ops == ["aten.random_.to", "aten._local_scalar_dense.default"] + fwd.ops
+    assert unseeded.ops == ["aten.random_.to"] + fwd.ops
     assert type(z.grad_fn).__name__ == "ReparamKLFunctionBackward"
 
 

@@ -158,3 +158,48 @@ def test_wall_clock_suite_draws_the_seed_per_call_and_marks_host_bound(monkeypat
     suite.mark_host_bound(("fused", "fwd", 256, "bf16"), 4096, 50e-6, {})
     suite.mark_host_bound(("fused", "fwd", 256, "bf16"), 65536, 400e-6, grows)
     assert grows == {"bandwidth_fraction": 0.5, "host_bound": False}
+
+
+def test_gpu_host_time_alternates_between_implementations():
+    """Host and e2e times of fused, eager and compile come from rounds that alternate between
+    them (a ratio measured side by side), each round framed by a device sync."""
+    bench = _load("reparam_kl_device")
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("fused", "eager")}
+    syncs = []
+    times = bench.host_e2e_us(fns, calls=3, rounds=2, sync=lambda: syncs.append(len(order)))
+    assert set(times) == {"fused", "eager"}
+    assert all(host > 0 and e2e >= host for host, e2e in times.values())
+    warm = ["fused", "eager"]
+    assert order == warm + (["fused"] * 3 + ["eager"] * 3) * 2
+    # before and after each timed batch of calls
+    assert syncs == [2, 5, 5, 8, 8, 11, 11, 14]
+
+
+def test_gpu_shape_records_every_implementation_on_shared_inputs(monkeypatch):
+    """The GPU path's bookkeeping, run on the CPU with the CUDA timers replaced: one record per
+    implementation, device time from its own graph, host/e2e from the alternating rounds."""
+    import torch
+
+    bench = _load("reparam_kl_device")
+    made, make_inputs = [], bench.make_inputs
+
+    def inputs(B, D, dtype, device, grad):
+        made.append((B, D, dtype, grad))
+        return make_inputs(B, D, dtype, "cpu", grad)
+
+    monkeypatch.setattr(bench, "make_inputs", inputs)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (2**40, 2**40))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch, "tensor", lambda *a, device=None, **kw: torch.as_tensor(*a, **kw))
+    devices = iter([10.0, 70.0])
+    monkeypatch.setattr(bench, "graph_device_us", lambda fn, flush, replays: (fn(), next(devices))[1])
+    monkeypatch.setattr(bench, "host_e2e_us", lambda fns, rounds: {
+        k: (5.0 * (i + 1), 20.0 * (i + 1)) for i, k in enumerate(fns)})
+    monkeypatch.setattr(bench, "copy_gbps", lambda nbytes, flush, replays: 1000.0)
+    ops = {"fused": bench.make_op("fused"), "eager": bench.make_op("eager")}
+    records = bench.gpu_shape(8, 64, "fp32", "fwd_bwd", ["fused", "eager"], ops, None, 3)
+    assert made == [(8, 64, torch.float32, True)]  # one set of inputs for both
+    assert [(r["impl"], r["device_us"], r["host_us"], r["e2e_us"]) for r in records] == [
+        ("fused", 10.0, 5.0, 20.0), ("eager", 70.0, 10.0, 40.0)]
+    assert all(set(r) == RECORD_KEYS and r["pass"] == "fwd_bwd" for r in records)

@@ -539,7 +539,17 @@ def test_out_url_link_and_grayscale_of_a_colour_dataset(tmp_path, capsys):
     src = image_folder(tmp_path / "imgs", 3)
     line = one_line_error(capsys, "prepare", src, "--out", "s3://bucket/shards")
     assert "local folder" in line and "s3://bucket/shards" in line
-    assert not (Path.cwd() / "s3:").exists()
+    # every command that writes refuses a URL for --out (it wrote a local folder "s3:/..."),
+    # and so does a config file's out
+    for cmd in (["train", "--epochs", "1"], ["sample", str(tmp_path / "run")], ["export", str(tmp_path / "run")]):
+        line = one_line_error(capsys, *cmd, "--out", "gs://bucket/x")
+        assert "gs://bucket/x is a URL" in line and "local folder" in line, line
+    config = tmp_path / "imgs" / "c.toml"
+    config.write_text('epochs = 1\nout = "s3://bucket/run"\n')
+    line = one_line_error(capsys, "train", "--config", config)
+    config.unlink()
+    assert "--out: s3://bucket/run is a URL" in line
+    assert not (Path.cwd() / "s3:").exists() and not (Path.cwd() / "gs:").exists()
     # --out a link to a folder elsewhere (a larger disk): the dataset goes into its target
     target = tmp_path / "disk" / "target"
     target.mkdir(parents=True)

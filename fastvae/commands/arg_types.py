@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastvae.config import MAX_SEED
+from fastvae.config import MAX_SEED, url_problem
 
 
 def seed(text: str) -> int:
@@ -19,7 +19,12 @@ def seed(text: str) -> int:
 
 
 def path(text: str) -> str:
-    """A file or folder name that is not empty (an empty --out would mean the current folder)."""
+    """A local file or folder name, not empty (an empty --out would mean the current folder)
+    and not a URL (``s3://b/run`` would be written to a local folder ``s3:/b/run``)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty: give a file or folder name")
+    problem = url_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
+
