@@ -99,8 +99,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if replace:  # only now that data and hardware are known to be good
         run_folder.clear_run(run_dir)
     if config.strategy == "ddp_spawn":  # this process only waits for the spawned ranks
-        with SignalsToRanks():
-            return fabric.launch(_fit, config, splits, resume)
+        from fastvae import rank_errors
+
+        with SignalsToRanks(), rank_errors.collected() as errors:
+            return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume)
     return fabric.launch(_fit, config, splits, resume)
 
 
@@ -411,9 +413,17 @@ class Trainer:
 
     def fit(self) -> TrainResult | None:
         config, fabric = self.config, self.fabric
+        failure = None
         if self.rank == 0:
-            run_folder.write_config(self.run_dir, config.to_dict())
-            run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
+            try:
+                run_folder.write_config(self.run_dir, config.to_dict())
+                run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
+            except OSError as exc:
+                failure = exc
+        if self.world > 1:
+            failure = self._rank0_failure(failure)
+        if failure is not None:
+            raise failure
         fabric.call("on_train_start", self)
         if self.world > 1:
             fabric.print(f"global batch {config.batch_size * self.world} = per-device batch "
@@ -466,9 +476,7 @@ class Trainer:
         if scaler is not None:  # fp16: a falling scale means steps skipped for inf/NaN gradients
             row["loss_scale"] = float(scaler.get_scale())
         self.rows.append(row)
-        if self.rank == 0:  # before the checkpoint: a resume drops rows past its epoch
-            run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
-        self.save()
+        self.save(metrics=True)
         self.fabric.call("on_train_epoch_end", self, row)
         return row
 
@@ -604,8 +612,10 @@ class Trainer:
         return {"test_neg_elbo": float(sums[0]) / n, "test_recon": float(sums[1]) / n,
                 "test_kl": float(sums[2]) / n}
 
-    def save(self, batch_in_epoch: int = 0, partial: EpochSums | None = None) -> None:
-        """Checkpoint through Fabric (rank 0 writes a temp file, then renames it over last.ckpt)."""
+    def save(self, batch_in_epoch: int = 0, partial: EpochSums | None = None, metrics: bool = False) -> None:
+        """Checkpoint through Fabric (rank 0 writes a temp file, then renames it over last.ckpt);
+        ``metrics``: rank 0 writes metrics.csv first (a resume drops rows past its checkpoint's
+        epoch). A failed write stops every rank with its error (``_rank0_failure``)."""
         state = {
             "format": FORMAT, "config": self.config.to_dict(), "spec": self.module.spec,
             "model": self.model, "optimizer": self.optimizer, "epoch": self.epoch,
@@ -626,23 +636,43 @@ class Trainer:
         tmp = run_folder.temporary_name(final, tag="save")
         if self.rank == 0:
             final.parent.mkdir(parents=True, exist_ok=True)
+        failure, saved = None, False
+        if metrics and self.rank == 0:
+            try:
+                run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
+            except OSError as exc:  # no checkpoint without its row; the other ranks still save
+                failure = exc
         try:
             with removed_on_exit(tmp):  # Fabric writes tmp on rank 0 (every rank takes part)
                 self.fabric.save(tmp, state)
-                if self.rank == 0:
+                saved = True
+                if self.rank == 0 and failure is None:
                     run_folder.move_into_place(tmp, final)
         except OSError as exc:
-            raise run_folder.named(exc, final) from None
+            failure = failure or run_folder.named(exc, final)
         except RuntimeError as exc:
             if not _is_write_failure(exc):
                 raise
-            raise FastVAEError(f"cannot write {final}: torch.save's writer failed ({one_line(exc)}): a full "
-                               "disk or a file-size limit (ulimit -f); free space or raise the limit, then "
-                               "--resume") from None
+            failure = failure or FastVAEError(f"cannot write {final}: torch.save's writer failed ({one_line(exc)}): a full "
+                                   "disk or a file-size limit (ulimit -f); free space or raise the limit, then "
+                                   "--resume")
         finally:
             if self.rank == 0:  # a failed write (a full disk) leaves no half a checkpoint
                 tmp.unlink(missing_ok=True)
-        self.fabric.barrier()
+        if self.world > 1:
+            if failure is not None and not saved:
+                # rank 0's write failed inside fabric.save, before the barrier that ends it,
+                # where the other ranks wait: take it, then tell them
+                self.fabric.barrier()
+            failure = self._rank0_failure(failure)
+        if failure is not None:
+            raise failure
+
+    def _rank0_failure(self, failure: BaseException | None) -> BaseException | None:
+        """Rank 0's ``failure`` (a failed write, or None) on every rank: a collective, after
+        rank 0's own writes, so that a write failure stops all ranks with its error instead of
+        leaving the others at the next collective (under srun: until it times out)."""
+        return self.fabric.broadcast(failure if self.rank == 0 else None, src=0)
 
     def _rank_rng_states(self) -> list[dict]:
         """``rng_state()`` of every rank, in rank order (a collective: every rank calls it)."""

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from fastvae import run_folder
 from fastvae.checkpoint import read_checkpoint
 from fastvae.config import TrainConfig
 from fastvae.data import EpochBatches, Splits, load_dataset
@@ -264,3 +265,37 @@ def test_sigterm_to_a_ddp_spawn_launcher_stops_its_ranks_cleanly(tmp_path):
     assert 3 <= state["step"] < 2 * 12, state["step"]  # 12 steps an epoch
     assert f"interrupted: checkpoint written at step {state['step']} " in out, out
     assert "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # rank 1 used to wait at the next collective for a rank 0 that had left
+@pytest.mark.parametrize("strategy,limit,fails", [
+    ("ddp_spawn", 4096, "checkpoints/last.ckpt"), ("ddp", 4096, "checkpoints/last.ckpt"),
+    ("fsdp", 4096, "checkpoints/last.ckpt"), ("ddp", 64, "metrics.csv")])
+def test_a_file_rank_0_cannot_write_stops_every_rank_with_its_error(tmp_path, strategy, limit, fails):
+    """Rank 0's epoch-2 checkpoint (or, at a lower limit, the metrics.csv written before it)
+    outgrows the file-size limit, as on a full disk: every rank stops with that one error line
+    (spawned ranks: the launcher prints it, not torch's traceback of the rank; other launchers:
+    each rank prints it, none waits at a collective), exit 2, epoch 1's checkpoint intact and
+    no checkpoint without its metrics row."""
+    from testkit import REPO, SUBPROCESS_ENV, run_cli
+
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO / "tests"), "LIMIT_AT_STEP": "14",
+           "LIMIT_BYTES": str(limit)}  # 12 steps an epoch; metrics.csv ~230 bytes
+    run = tmp_path / "run"
+    rc, _, err = run_cli("train", "--data", "digits", "--hidden-dim", "16", "--epochs", "2", "--devices", "2",
+                         "--strategy", strategy, "--accelerator", "cpu", "--no-pictures", "--quiet", "--out", run,
+                         "--callback", "pause_points:LimitFileSizeAtStep", env=env, timeout=240)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    assert errors and len(set(errors)) == 1, err[-3000:]
+    assert errors[0].startswith(f"fastvae train: error: cannot write {run / fails}: ")
+    # spawned ranks: the launcher's line; else each rank's own (rank 1's may be cut short: Fabric's
+    # launcher ends it when rank 0, its parent, exits first)
+    assert len(errors) == 1 if strategy == "ddp_spawn" else len(errors) in (1, 2)
+    assert read_checkpoint(run)["epoch"] == 1
+    # a row is written before its checkpoint (a resume drops rows past the checkpoint's epoch)
+    rows = [1] if fails == "metrics.csv" else [1, 2]
+    assert [row["epoch"] for row in run_folder.read_metrics(run / run_folder.METRICS_CSV)] == rows
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "metrics.csv"]

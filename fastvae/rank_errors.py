@@ -1,0 +1,77 @@
+"""Errors of spawned ranks (``--strategy ddp_spawn``) reach the launcher as themselves.
+
+torch.multiprocessing re-raises a rank's exception in the launcher as ``ProcessRaisedException``,
+whose only content is the rank's traceback as text: a full disk or a bad dataset met by a rank
+printed that traceback where one process prints one line. So each rank pickles the errors that
+fastvae reports in one line (``FastVAEError``, ``OSError``) into a folder the launcher made, and
+the launcher raises the lowest rank's instead. Other exceptions (bugs) keep their traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from fastvae.errors import FastVAEError
+
+REPORTED = (FastVAEError, OSError)
+
+
+def record(folder: str, rank: int, exc: BaseException) -> None:
+    """Keep ``exc`` as rank ``rank``'s error (written whole, then renamed into place)."""
+    path = Path(folder) / f"rank{rank:05d}.pickle"
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_bytes(pickle.dumps(exc))
+        os.replace(tmp, path)
+    except (OSError, pickle.PicklingError):  # a full /tmp: the traceback is all that is left
+        tmp.unlink(missing_ok=True)
+
+
+def first(folder: str) -> BaseException | None:
+    """The error of the lowest rank that recorded one, or None."""
+    for path in sorted(Path(folder).glob("rank*.pickle")):
+        try:
+            return pickle.loads(path.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError):
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def collected() -> Iterator[str]:
+    """A folder for the ranks' errors; a ``ProcessRaisedException`` leaving the block becomes
+    the lowest rank's recorded error where one was recorded."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    # torch logs "Terminating process N via signal SIGTERM" for the other ranks when one fails:
+    # nothing for a user to act on, above the one line the error gets
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="fastvae-rank-errors-") as folder:
+        try:
+            yield folder
+        except ProcessRaisedException:
+            error = first(folder)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            spawn_log.setLevel(level)
+
+
+def reporting(fabric, function, folder: str, *args):
+    """``function(fabric, *args)`` in a spawned rank (``fabric.launch(reporting, function,
+    folder, *args)``), recording a reported error before it
+    propagates (module level: spawned processes unpickle it)."""
+    try:
+        return function(fabric, *args)
+    except REPORTED as exc:
+        record(folder, fabric.global_rank, exc)
+        raise
