@@ -56,10 +56,15 @@ MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
 
 def url_problem(text: str) -> "str | None":
     """Why ``text`` cannot be a place to write (it is a URL), or None."""
-    if "://" not in text:
+    scheme, sep, rest = text.partition("://")
+    if not sep:
         return None
+    if scheme.lower() == "file":
+        return f"{text} is a URL: give the local path itself ({rest or '/'})"
+    copy = {"s3": f"aws s3 sync FOLDER {text}", "gs": f"gsutil -m rsync -r FOLDER {text}"}.get(scheme.lower())
     return (f"{text} is a URL, and fastvae writes local files only: write into a local folder "
-            f"(or a shared file system), then copy it there (e.g. 'aws s3 sync FOLDER {text}')")
+            f"(or a shared file system), then copy it there" + (f" (e.g. '{copy}')" if copy else ""))
+
 
 @dataclass
 class TrainConfig:
@@ -137,10 +142,8 @@ class TrainConfig:
                 sign = {"lr": "positive", "sigma": "positive",
                         "test_fraction": "between 0 and 1"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
-        if not isinstance(self.out, str) or not self.out.strip():
-            raise FastVAEError(f"--out must be a folder name, got {self.out!r}")
-        if url_problem(self.out):  # a config file's out: what the --out flag's type refuses
-            raise FastVAEError(f"--out: {url_problem(self.out)}")
+        if url_problem(str(self.out)):  # a config file's out: what the --out flag's type refuses
+            raise FastVAEError(f"--out: {url_problem(str(self.out))}")
         if self.split_rule not in SPLIT_RULES:
             raise FastVAEError(f"split_rule must be one of {SPLIT_RULES} ({SPLIT_RULE}: today's rule), "
                                f"got {self.split_rule!r}")

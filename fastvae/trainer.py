@@ -413,17 +413,7 @@ class Trainer:
 
     def fit(self) -> TrainResult | None:
         config, fabric = self.config, self.fabric
-        failure = None
-        if self.rank == 0:
-            try:
-                run_folder.write_config(self.run_dir, config.to_dict())
-                run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
-            except OSError as exc:
-                failure = exc
-        if self.world > 1:
-            failure = self._rank0_failure(failure)
-        if failure is not None:
-            raise failure
+        self._on_rank0(self._write_start)
         fabric.call("on_train_start", self)
         if self.world > 1:
             fabric.print(f"global batch {config.batch_size * self.world} = per-device batch "
@@ -434,7 +424,7 @@ class Trainer:
                 while self.epoch < config.epochs and not interrupted:
                     row = self.run_epoch(stop)
                     if row is not None:
-                        self._log(row)
+                        self._on_rank0(lambda: self._log(row))  # trackers write files too
                     interrupted = row is None or (self.epoch < config.epochs and self._agreed_stop(stop))
             finally:
                 self.source.close()  # a streamed split's loader workers
@@ -615,7 +605,7 @@ class Trainer:
     def save(self, batch_in_epoch: int = 0, partial: EpochSums | None = None, metrics: bool = False) -> None:
         """Checkpoint through Fabric (rank 0 writes a temp file, then renames it over last.ckpt);
         ``metrics``: rank 0 writes metrics.csv first (a resume drops rows past its checkpoint's
-        epoch). A failed write stops every rank with its error (``_rank0_failure``)."""
+        epoch). A failed write stops every rank (``_share_rank0_failure``)."""
         state = {
             "format": FORMAT, "config": self.config.to_dict(), "spec": self.module.spec,
             "model": self.model, "optimizer": self.optimizer, "epoch": self.epoch,
@@ -634,13 +624,15 @@ class Trainer:
         final = self.run_dir / LAST
         # one name for every save, so the next one replaces a file a SIGKILL left mid-write
         tmp = run_folder.temporary_name(final, tag="save")
-        if self.rank == 0:
-            final.parent.mkdir(parents=True, exist_ok=True)
         failure, saved = None, False
-        if metrics and self.rank == 0:
+        if self.rank == 0:
             try:
-                run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
-            except OSError as exc:  # no checkpoint without its row; the other ranks still save
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if metrics:  # no checkpoint without its row; the other ranks still take part
+                    run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
+            except OSError as exc:
+                if self.world == 1:
+                    raise
                 failure = exc
         try:
             with removed_on_exit(tmp):  # Fabric writes tmp on rank 0 (every rank takes part)
@@ -651,28 +643,51 @@ class Trainer:
         except OSError as exc:
             failure = failure or run_folder.named(exc, final)
         except RuntimeError as exc:
-            if not _is_write_failure(exc):
-                raise
-            failure = failure or FastVAEError(f"cannot write {final}: torch.save's writer failed ({one_line(exc)}): a full "
-                                   "disk or a file-size limit (ulimit -f); free space or raise the limit, then "
-                                   "--resume")
+            failure = failure or (FastVAEError(
+                f"cannot write {final}: torch.save's writer failed ({one_line(exc)}): a full disk or a "
+                "file-size limit (ulimit -f); free space or raise the limit, then --resume")
+                if _is_write_failure(exc) else exc)
+        except Exception as exc:  # a MemoryError serializing, a bug: the other ranks must not wait
+            failure = failure or exc
         finally:
             if self.rank == 0:  # a failed write (a full disk) leaves no half a checkpoint
                 tmp.unlink(missing_ok=True)
+        if failure is not None and self.rank != 0:  # not rank 0's write: its own error
+            raise failure
+        if self.world > 1 and failure is not None and not saved:
+            # rank 0's write failed inside fabric.save, before the barrier that ends it, where
+            # the other ranks wait: take that barrier, then tell them
+            self.fabric.barrier()
+        self._share_rank0_failure(failure)
+
+    def _write_start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.write_config(self.run_dir, self.config.to_dict())
+        run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
+
+    def _on_rank0(self, work) -> None:
+        """``work()`` on rank 0 only (its writes), its error raised on every rank
+        (``_share_rank0_failure``: a collective where there are several)."""
+        failure = None
+        if self.rank == 0:
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - raised again below, on every rank
+                failure = exc
+        self._share_rank0_failure(failure)
+
+    def _share_rank0_failure(self, failure: BaseException | None) -> None:
+        """Raise rank 0's ``failure`` (None: go on) there, and ``_RankZeroFailed`` on the other
+        ranks (a collective, after rank 0's writes), so that a full disk stops every rank instead
+        of leaving the others at the next collective (under srun: until it times out). The
+        others stop quietly (exit 0, see ``_fit``); rank 0's error says what happened."""
         if self.world > 1:
-            if failure is not None and not saved:
-                # rank 0's write failed inside fabric.save, before the barrier that ends it,
-                # where the other ranks wait: take it, then tell them
-                self.fabric.barrier()
-            failure = self._rank0_failure(failure)
+            message = None if failure is None else f"{type(failure).__name__}: {one_line(failure)}"
+            message = self.fabric.broadcast(message if self.rank == 0 else None, src=0)
+            if message is not None and self.rank != 0:
+                raise _RankZeroFailed(message)
         if failure is not None:
             raise failure
-
-    def _rank0_failure(self, failure: BaseException | None) -> BaseException | None:
-        """Rank 0's ``failure`` (a failed write, or None) on every rank: a collective, after
-        rank 0's own writes, so that a write failure stops all ranks with its error instead of
-        leaving the others at the next collective (under srun: until it times out)."""
-        return self.fabric.broadcast(failure if self.rank == 0 else None, src=0)
 
     def _rank_rng_states(self) -> list[dict]:
         """``rng_state()`` of every rank, in rank order (a collective: every rank calls it)."""
@@ -705,8 +720,18 @@ def _is_write_failure(exc: RuntimeError) -> bool:
     return "inline_container" in text or "PytorchStreamWriter" in text
 
 
+class _RankZeroFailed(Exception):
+    """On ranks other than 0: rank 0 failed at its part of the run (a write); its error reports it."""
+
+
 def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResult | None:
-    return Trainer(fabric, config, splits, resume).fit()
+    try:
+        return Trainer(fabric, config, splits, resume).fit()
+    except _RankZeroFailed:
+        # end quietly, exit status 0: rank 0 prints the error and exits 2. A failing rank would
+        # also make Fabric's launcher SIGKILL rank 0 (its observer polls every 5 s), maybe
+        # before rank 0 has said why
+        return None
 
 
 def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:
