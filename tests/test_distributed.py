@@ -270,8 +270,8 @@ def test_sigterm_to_a_ddp_spawn_launcher_stops_its_ranks_cleanly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # rank 1 used to wait at the next collective for a rank 0 that had left
 @pytest.mark.parametrize("strategy,limit,fails", [
-    ("ddp_spawn", 4096, "checkpoints/last.ckpt"), ("ddp", 4096, "checkpoints/last.ckpt"),
-    ("fsdp", 4096, "checkpoints/last.ckpt"), ("ddp", 64, "metrics.csv")])
+    ("ddp_spawn", 4096, "checkpoints/last.ckpt"), ("fsdp", 4096, "checkpoints/last.ckpt"),
+    ("ddp", 64, "metrics.csv")])
 def test_a_file_rank_0_cannot_write_stops_every_rank_with_its_error(tmp_path, strategy, limit, fails):
     """Rank 0's epoch-2 checkpoint (or, at a lower limit, the metrics.csv written before it)
     outgrows the file-size limit, as on a full disk: every rank stops (none waits at a
