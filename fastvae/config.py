@@ -142,8 +142,9 @@ class TrainConfig:
                 sign = {"lr": "positive", "sigma": "positive",
                         "test_fraction": "between 0 and 1"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
-        if url_problem(str(self.out)):  # a config file's out: what the --out flag's type refuses
-            raise FastVAEError(f"--out: {url_problem(str(self.out))}")
+        problem = url_problem(str(self.out))  # a config file's out: what the --out flag's type refuses
+        if problem:
+            raise FastVAEError(f"--out: {problem}")
         if self.split_rule not in SPLIT_RULES:
             raise FastVAEError(f"split_rule must be one of {SPLIT_RULES} ({SPLIT_RULE}: today's rule), "
                                f"got {self.split_rule!r}")

@@ -631,7 +631,7 @@ class Trainer:
                 if metrics:  # no checkpoint without its row; the other ranks still take part
                     run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
             except OSError as exc:
-                if self.world == 1:
+                if self.world == 1:  # no other rank needs this save's collectives: stop now
                     raise
                 failure = exc
         try:
@@ -640,15 +640,8 @@ class Trainer:
                 saved = True
                 if self.rank == 0 and failure is None:
                     run_folder.move_into_place(tmp, final)
-        except OSError as exc:
-            failure = failure or run_folder.named(exc, final)
-        except RuntimeError as exc:
-            failure = failure or (FastVAEError(
-                f"cannot write {final}: torch.save's writer failed ({one_line(exc)}): a full disk or a "
-                "file-size limit (ulimit -f); free space or raise the limit, then --resume")
-                if _is_write_failure(exc) else exc)
-        except Exception as exc:  # a MemoryError serializing, a bug: the other ranks must not wait
-            failure = failure or exc
+        except Exception as exc:  # also a MemoryError serializing, a bug: the other ranks must not wait
+            failure = failure or _save_failure(exc, final)
         finally:
             if self.rank == 0:  # a failed write (a full disk) leaves no half a checkpoint
                 tmp.unlink(missing_ok=True)
@@ -661,7 +654,6 @@ class Trainer:
         self._share_rank0_failure(failure)
 
     def _write_start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         run_folder.write_config(self.run_dir, self.config.to_dict())
         run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
 
@@ -699,8 +691,7 @@ class Trainer:
         return states
 
     def _log(self, row: dict) -> None:
-        if self.rank != 0:
-            return
+        """The epoch's row to the trackers and the terminal (rank 0: see ``fit``)."""
         if self.fabric.loggers:
             self.fabric.log_dict({k: v for k, v in row.items() if k not in ("epoch", "step")},
                                  step=row["step"])
@@ -711,6 +702,17 @@ class Trainer:
                 f"recon {row['train_recon']:.3f}  kl {row['train_kl']:.3f}{test}  "
                 f"({row['epoch_time_s']:.2f}s)"
             )
+
+
+def _save_failure(exc: Exception, final: Path) -> Exception:
+    """What a failed checkpoint write reports: an OSError naming ``final``, torch.save's
+    writer failure said in one line, anything else as it is."""
+    if isinstance(exc, OSError):
+        return run_folder.named(exc, final)
+    if isinstance(exc, RuntimeError) and _is_write_failure(exc):
+        return FastVAEError(f"cannot write {final}: torch.save's writer failed ({one_line(exc)}): a full disk or "
+                            "a file-size limit (ulimit -f); free space or raise the limit, then --resume")
+    return exc
 
 
 def _is_write_failure(exc: RuntimeError) -> bool:

@@ -68,17 +68,16 @@ class SignalLauncherAtStep:
 
 
 class LimitFileSizeAtStep:
-    """Fabric callback: once step ``LIMIT_AT_STEP`` is done, files that rank ``LIMIT_RANK``
-    (default 0) writes cannot grow past ``LIMIT_BYTES`` (RLIMIT_FSIZE: a write past it fails
-    with EFBIG, as on a full disk), in that rank's process only."""
+    """Fabric callback: once step ``LIMIT_AT_STEP`` is done, files that rank 0 writes cannot
+    grow past ``LIMIT_BYTES`` (RLIMIT_FSIZE: a write past it fails with EFBIG, as on a full
+    disk), in that rank's process only."""
 
     def __init__(self):
         self.step = int(os.environ["LIMIT_AT_STEP"])
-        self.rank = int(os.environ.get("LIMIT_RANK", "0"))
         self.limit = int(os.environ["LIMIT_BYTES"])
 
     def on_train_batch_end(self, trainer, batch):
-        if trainer.rank == self.rank and trainer.step == self.step:
+        if trainer.rank == 0 and trainer.step == self.step:
             import resource
 
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

@@ -27,4 +27,3 @@ def path(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
-
