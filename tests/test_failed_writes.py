@@ -142,6 +142,46 @@ def test_a_decode_that_fails_part_way_leaves_the_earlier_images_whole(tmp_path, 
     assert all(np.asarray(Image.open(p)).min() == 255 for p in new)
 
 
+@pytest.mark.parametrize("kill_before_rename", [1, 2, 3])
+def test_a_decode_killed_among_its_renames_leaves_one_whole_set(tmp_path, kill_before_rename):
+    """decode --overwrite renamed the new PNGs in one by one: a SIGKILL between two renames
+    left new images among old ones. Killed before any rename of the swap, the folder (or, after
+    the first, the old set put aside) holds one whole set."""
+    import signal
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "images"
+    script = f"""
+import os, signal
+from pathlib import Path
+import numpy as np
+from fastvae.commands.decode_command import _write
+out = Path({str(out)!r})
+_write(np.zeros((5, 1, 4, 4), np.float32), out)
+real, calls = os.replace, []
+def replace(src, dst):
+    calls.append(src)
+    if len(calls) == {kill_before_rename}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+_write(np.ones((3, 1, 4, 4), np.float32), out)
+"""
+    rc = subprocess.run([sys.executable, "-c", script], timeout=120).returncode
+    sets = {}
+    for folder in [out, *tmp_path.glob(".images.old-*")]:
+        if folder.is_dir():
+            pixels = {p.name: int(np.asarray(Image.open(p)).max()) for p in folder.glob("*.png")}
+            sets[folder.name] = (len(pixels), tuple(sorted(set(pixels.values()))))
+    if rc == -signal.SIGKILL:  # killed: the old set whole, in place or put aside, and nothing mixed
+        assert (5, (0,)) in sets.values() and set(sets.values()) <= {(5, (0,)), (3, (255,))}
+    else:  # the swap needs two renames: the third was never reached
+        assert rc == 0 and sets == {"images": (3, (255,))}
+
+
 def test_an_int8_quantization_that_fails_is_one_line(tmp_path, monkeypatch):
     """onnx's shape inference truncates its copy of the model on a full disk, silently; the
     quantizer then failed to parse it with a traceback (DecodeError, ValueError)."""

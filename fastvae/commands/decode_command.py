@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix and out.suffix.lower() != ".npy":  # before decoding, which may take long
         raise FastVAEError(f"--out {out}: give a .npy file or a folder (no suffix) for PNG images")
+    if not out.suffix and out.exists() and not out.is_dir():
+        raise FastVAEError(f"--out {out} is a file: give a folder for the PNG images (or a .npy file)")
     earlier = _numbered_pngs(out) if not out.suffix and out.is_dir() else []
     if earlier and not args.overwrite:  # fewer new images would leave old ones among them
         raise FastVAEError(f"--out {out} already holds {len(earlier)} decoded image(s) ({earlier[0].name}, ...): "
@@ -116,13 +118,17 @@ def _load(path):
 
 def _write(images, out) -> list:
     """A .npy file, or one PNG per image in the folder ``out``; returns the paths written.
-    The PNGs are all written (and fsynced) in a staging folder before the first is renamed
-    into place: a full disk leaves the earlier set whole, not half replaced (the new set needs
-    room beside the old one)."""
+    The PNGs are all written (and fsynced) in a staging folder first: a full disk leaves the
+    earlier set whole (the new set needs room beside the old one). Where ``out`` is new or holds
+    nothing but decoded images, the staging folder then replaces it in one rename, so even a
+    SIGKILL leaves the old set or the new one (or the old one aside as ``.NAME.old-PID``);
+    in a folder with other files the PNGs are renamed in one by one."""
+    import os
+
     import numpy as np
 
     from fastvae.errors import FastVAEError
-    from fastvae.run_folder import move_all_into_place, temporary_folder, write_npy
+    from fastvae.run_folder import move_all_into_place, move_folder_into_place, temporary_folder, write_npy
 
     if out.suffix.lower() == ".npy":
         return [write_npy(out, images)]
@@ -132,11 +138,23 @@ def _write(images, out) -> list:
 
     pixels = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
     width = max(4, len(str(len(images) - 1)))
-    written = [out / f"{i:0{width}d}.png" for i in range(len(pixels))]
-    # staged inside the folder (a hidden one), on its disk: --out may be a link to another
-    out.mkdir(parents=True, exist_ok=True)
-    with temporary_folder(out.resolve() / "decoded") as staging:
-        for path, image in zip(written, pixels):
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(staging / path.name)
-        move_all_into_place([(staging / path.name, path) for path in written])
-    return written
+    names = [f"{i:0{width}d}.png" for i in range(len(pixels))]
+
+    def save_all(folder):
+        for name, image in zip(names, pixels):
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / name)
+
+    folder = out.resolve()  # --out may be a link to a folder elsewhere: that folder is replaced
+    whole = (not folder.exists() or set(folder.iterdir()) <= set(_numbered_pngs(folder))) \
+        and os.access(folder.parent, os.W_OK)
+    if whole:
+        with temporary_folder(folder) as staging:
+            if folder.exists():
+                os.chmod(staging, folder.stat().st_mode & 0o7777)
+            save_all(staging)
+            move_folder_into_place(staging, folder)
+    else:  # staged inside the folder (a hidden one), on its disk
+        with temporary_folder(folder / "decoded") as staging:
+            save_all(staging)
+            move_all_into_place([(staging / name, folder / name) for name in names])
+    return [out / name for name in names]
