@@ -23,18 +23,19 @@ from fastvae.errors import FastVAEError
 EDGE_WEIGHT = 1e-3  # weight of a tile's outermost pixels (not 0: see ramp)
 
 
-def check_latents(z, latent_channels: int, source: str = "latents") -> np.ndarray:
-    """``z`` as float32 (n, c, h, w); a single (c, h, w) latent becomes n = 1. FastVAEError
-    for a dtype or a channel count that does not fit the decoder, or non-finite values."""
+def check_latents(z, latent_shape: tuple, source: str = "latents") -> np.ndarray:
+    """``z`` as float32 (n, *latent_shape); a single latent (no n) becomes n = 1. None in
+    ``latent_shape`` is any size: (c, None, None) for spatial latents, (d,) for flat codes.
+    FastVAEError for a dtype or a shape that does not fit the decoder, or non-finite values."""
     z = np.asarray(z)
     if z.dtype.kind != "f":
         raise FastVAEError(f"{source} has dtype {z.dtype}: the decoder takes floating-point latents "
                            "(float32; float16 and float64 are converted)")
-    if z.ndim == 3:
+    if z.ndim == len(latent_shape):
         z = z[None]
-    if z.ndim != 4 or z.shape[1] != latent_channels:
-        raise FastVAEError(f"{source} has shape {tuple(z.shape)}: the decoder takes latents (n, "
-                           f"{latent_channels}, h, w) or one ({latent_channels}, h, w)")
+    if z.ndim != len(latent_shape) + 1 or any(s is not None and s != d for s, d in zip(latent_shape, z.shape[1:])):
+        one = ", ".join(str(s) if s is not None else "hw"[i - 1] for i, s in enumerate(latent_shape))
+        raise FastVAEError(f"{source} has shape {tuple(z.shape)}: the decoder takes latents (n, {one}) or one ({one})")
     if min(z.shape) == 0:
         raise FastVAEError(f"{source} is empty (shape {tuple(z.shape)})")
     if not np.isfinite(z).all():

@@ -218,6 +218,25 @@ def test_an_autoencoder_decoder_is_not_sampled_from_a_prior(tmp_path, capsys):
     assert main(["sample", str(path), "-n", "4", "--out", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fastvae decode" in err[0], err
+    # ... and 'fastvae decode' (which took spatial latents only) decodes the codes
+    np.save(tmp_path / "codes.npy", z.astype(np.float64))
+    assert main(["decode", str(path), str(tmp_path / "codes.npy"), "--out", str(tmp_path / "x.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "x.npy"), expected.reshape(4, *SHAPE), rtol=1e-4, atol=1e-5)
+    assert main(["decode", str(path), str(tmp_path / "codes.npy"), "--out", str(tmp_path / "pngs")]) == 0
+    from PIL import Image
+
+    pngs = sorted((tmp_path / "pngs").iterdir())
+    assert [p.name for p in pngs] == [f"000{i}.png" for i in range(4)]
+    pixels = np.stack([np.asarray(Image.open(p)) for p in pngs]).astype(np.float64)
+    np.testing.assert_allclose(pixels, np.clip(expected.reshape(4, 8, 8), 0, 1) * 255, atol=0.51)
+    capsys.readouterr()
+    np.save(tmp_path / "wide.npy", np.zeros((4, LATENT + 1), np.float32))
+    for args, words in (([str(tmp_path / "codes.npy"), "--tile", "8"], ("--tile", "flat codes")),
+                        ([str(tmp_path / "wide.npy")], ("shape (4, 5)", f"(n, {LATENT})"))):
+        assert main(["decode", str(path), *args, "--out", str(tmp_path / "y.npy")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), err
+    assert not (tmp_path / "y.npy").exists()
 
 
 _NO_TORCH = """

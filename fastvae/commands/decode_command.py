@@ -1,4 +1,5 @@
-"""``fastvae decode``: spatial latents (.npy) -> images with an exported decoder (no torch)."""
+"""``fastvae decode``: latents (.npy) -> images with an exported decoder (no torch): spatial
+latents, whole or in tiles, or the flat codes of an MLP/conv decoder (an autoencoder's too)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,22 @@ import argparse
 
 from fastvae.commands import arg_types
 
-HELP = "decode spatial latents (.npy) with an exported decoder.onnx, whole or in tiles (no torch)"
+HELP = "decode latents (.npy) with an exported decoder.onnx, spatial ones whole or in tiles (no torch)"
 DESCRIPTION = (
     "Decode latents z (n, c, h, w) (any h, w) with the decoder of a spatial-latent run "
     "('fastvae export' of a --model convkl run) into the means of p(x|z), written as a .npy "
     "array (n, C, h*f, w*f) or a folder of PNG files. --tile N --overlap K decode large latents "
     "in overlapping tiles of N x N output pixels (blended; memory bounded by the tile); "
-    "--check-untiled also decodes them whole and prints the largest difference."
+    "--check-untiled also decodes them whole and prints the largest difference. The decoder of "
+    "an MLP or conv run takes flat codes (n, latent_dim) instead (an autoencoder's, which "
+    "'fastvae sample' refuses: it has no prior), decoded whole."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="spatial decoder .onnx written by 'fastvae export'")
-    parser.add_argument("latents", help=".npy file of latents (n, c, h, w) or one (c, h, w); or an .npz holding one such array")
+    parser.add_argument("latents", help=".npy file of latents (n, c, h, w) or one (c, h, w) (flat decoders: "
+                        "(n, latent_dim) or one); or an .npz holding one such array")
     parser.add_argument("--out", type=arg_types.path, required=True, help="a .npy file, or a folder for one PNG per image")
     parser.add_argument("--tile", type=int, help="tile size in output pixels (a multiple of f); None: decode whole")
     parser.add_argument("--overlap", type=int, default=None,
@@ -56,12 +60,20 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"--out {out} is the latents file itself: writing the images would replace "
                            "the latents; give another --out")
     decoder = OnnxSampler(args.model, threads=args.threads)
-    if len(decoder.latent_shape) != 3 or "downsample" not in decoder.metadata:
-        raise FastVAEError(f"{args.model} decodes flat latent vectors ({decoder.latent_dim}), not spatial "
-                           "latents: use 'fastvae sample', or export a --model convkl run")
-    f, c = int(decoder.metadata["downsample"]), decoder.latent_shape[0]
-    z = check_latents(_load(Path(args.latents)), c, args.latents)
+    spatial = len(decoder.latent_shape) == 3 and "downsample" in decoder.metadata
+    if spatial:
+        f, c = int(decoder.metadata["downsample"]), decoder.latent_shape[0]
+        z = check_latents(_load(Path(args.latents)), (c, None, None), args.latents)
+    else:  # codes (n, latent_dim) of an MLP/conv decoder
+        z = check_latents(_load(Path(args.latents)), decoder.latent_shape, args.latents)
+    shape = decoder.output_shape
+    if not out.suffix and (len(shape) != 3 or shape[0] not in (1, 3)):  # before decoding
+        raise FastVAEError(f"--out {out}: {args.model} makes outputs of shape {tuple(shape)}, not images: "
+                           "give a .npy file")
     tile = overlap = None
+    if args.tile is not None and not spatial:
+        raise FastVAEError(f"--tile: {args.model} decodes flat codes ({decoder.latent_dim} values), which "
+                           "are not tiled; leave out --tile, --overlap and --check-untiled")
     if args.tile is not None:
         default = args.tile // 4 // f * f
         tile, overlap = check_tiling(args.tile, default if args.overlap is None else args.overlap, f)
@@ -73,15 +85,18 @@ def run(args: argparse.Namespace) -> int:
         return decoder.session.run(names, {feed: chunk})[0]
 
     start = time.perf_counter()
-    images = decode_latents(decode, z, f, decoder.output_shape[0], tile=tile, overlap=overlap or 0,
-                            batch_size=args.batch_size)
+    if spatial:
+        images = decode_latents(decode, z, f, decoder.output_shape[0], tile=tile, overlap=overlap or 0,
+                                batch_size=args.batch_size)
+    else:
+        images = decoder.decode(z, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     written = _write(images, out)
     for png in set(earlier) - set(written):  # --overwrite: none of the earlier images stays
         png.unlink(missing_ok=True)
     how = f"in tiles of {args.tile} px (overlap {overlap * f} px)" if tile else "whole"
-    print(f"wrote {out}: {len(images)} image(s) of {images.shape[1]}x{images.shape[2]}x{images.shape[3]} "
-          f"from latents {'x'.join(map(str, z.shape[1:]))}, decoded {how} in {seconds:.3f} s")
+    print(f"wrote {out}: {len(images)} {'image' if images.ndim == 4 else 'output'}(s) of "
+          f"{'x'.join(map(str, images.shape[1:]))} from latents {'x'.join(map(str, z.shape[1:]))}, decoded {how} in {seconds:.3f} s")
     if args.check_untiled:
         whole = decode_latents(decode, z, f, decoder.output_shape[0], batch_size=args.batch_size)
         print(f"max |tiled - untiled| = {float(np.max(np.abs(images - whole))):.3e} "
@@ -132,8 +147,9 @@ def _write(images, out) -> list:
 
     if out.suffix.lower() == ".npy":
         return [write_npy(out, images)]
-    if images.shape[1] not in (1, 3):
-        raise FastVAEError(f"the decoder makes {images.shape[1]}-channel outputs, not images: use --out with .npy")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        what = f"{images.shape[1]}-channel outputs" if images.ndim == 4 else f"vectors of {images.shape[1]} values"
+        raise FastVAEError(f"the decoder makes {what}, not images: use --out with .npy")
     from PIL import Image
 
     pixels = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
