@@ -53,6 +53,12 @@ SPLIT_RULE = 2
 
 
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
+# ceilings of the size settings: far beyond any model this package trains, low enough that an
+# extra digit is one line here, not an integer overflow inside torch or hours of building modules
+SIZE_LIMITS = {"latent_dim": 1 << 20, "hidden_dim": 1 << 20, "latent_channels": 1 << 16, "width": 1 << 16,
+               "blocks_per_level": 64, "batch_size": 1 << 24, "devices": 1 << 16, "num_nodes": 1 << 16}
+MAX_IWAE_K = 1 << 20  # importance samples per example of the IWAE bound
+MAX_CHANNEL_MULT = 64
 
 def url_problem(text: str) -> "str | None":
     """Why ``text`` cannot be a place to write (it is a URL), or None."""
@@ -124,6 +130,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FastVAEError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+            if value > SIZE_LIMITS.get(name, value):
+                raise FastVAEError(f"--{_flag(name)} {value} is beyond the largest this package takes "
+                                   f"({SIZE_LIMITS[name]:,}): give a smaller value")
+        if not str(self.data).strip():  # "" is the current folder to pathlib: not what was meant
+            raise FastVAEError("--data is empty: name a dataset (digits, photos, a file or folder, "
+                               "prepared shards)")
+        if not str(self.out).strip():
+            raise FastVAEError("--out is empty: name the run folder to write")
+        check_iwae_k(self.iwae_k)
         for name in ("lr", "sigma", "beta", "free_bits", "test_fraction"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -220,6 +235,13 @@ def saved_settings(values: dict) -> dict:
     return {**SAVED_BEFORE, **values}
 
 
+def check_iwae_k(k) -> int:
+    """``k`` if it is a valid number of importance samples (0: no IWAE bound), else FastVAEError."""
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_IWAE_K:
+        raise FastVAEError(f"--iwae-k must be an integer from 0 (no IWAE bound) to {MAX_IWAE_K:,}, got {k!r}")
+    return k
+
+
 def parse_channel_mult(text: str, downsample: int) -> tuple[int, ...]:
     """``--channel-mult`` "1,2,2" -> (1, 2, 2): one positive multiplier per resolution level of
     the convkl model, log2(f) + 1 levels; "" takes (1, 2, 2, 4) cut to that length."""
@@ -230,9 +252,9 @@ def parse_channel_mult(text: str, downsample: int) -> tuple[int, ...]:
         mult = tuple(int(part) for part in str(text).split(","))
     except ValueError:
         mult = ()
-    if len(mult) != levels or min(mult) < 1:
+    if len(mult) != levels or min(mult) < 1 or max(mult) > MAX_CHANNEL_MULT:
         raise FastVAEError(
-            f"--channel-mult {text!r} must be {levels} positive integers separated by commas "
+            f"--channel-mult {text!r} must be {levels} integers from 1 to {MAX_CHANNEL_MULT} separated by commas "
             f"(one per resolution level of --downsample {downsample}), e.g. "
             + ",".join(map(str, (1, 2, 2, 4)[:levels]))
         )

@@ -116,6 +116,9 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
              progress: bool = False) -> dict:
     """``{"neg_elbo", "recon", "kl", "iwae_nll", "bits_per_dim", "n", "iwae_k"}`` on ``data``
     (nats per example; bits per dim of the tightest bound computed, see the module doc)."""
+    from fastvae.config import check_iwae_k
+
+    check_iwae_k(iwae_k)
     sums = elbo_sums(model, data, seed=seed)
     n = float(sums[3])
     result = {"neg_elbo": float(sums[0]) / n, "recon": float(sums[1]) / n,

@@ -42,7 +42,7 @@ from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
 from fastvae.interrupts import removed_on_exit
 from fastvae.loaders import in_memory_sample, is_streamed, make_source
 from fastvae.losses import kl_weight
-from fastvae.models import check_data_shape
+from fastvae.models import check_model
 from fastvae.reparam import resolve_backend
 from fastvae.run_folder import LAST, METRICS_CSV
 from fastvae.shards import dataset_id
@@ -89,7 +89,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
     saved_id = check_resume(run_dir, config).get("data_id") if resume else None
     splits = splits if splits is not None else load_config_data(config)
-    check_data_shape(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
+    check_model(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
     if saved_id is not None and saved_id != dataset_id(splits):
         raise FastVAEError(f"cannot resume {run_dir}: {config.data} is another prepared dataset "
                            "than the one the run trained on (prepared again under the same path?); "

@@ -250,6 +250,12 @@ def test_console_script_is_installed():
     (["--free-bits", "-0.5"], ["--free-bits"]),
     (["--kl-warmup-steps", "-1"], ["--kl-warmup-steps"]),
     (["--sigma", "0"], ["--sigma"]),
+    # an extra digit: an integer overflow inside torch (a traceback), or hours building modules
+    (["--hidden-dim", "99999999999999999999"], ["--hidden-dim", "beyond", "1,048,576"]),
+    (["--model", "convkl", "--blocks-per-level", "99999999999999999999"], ["--blocks-per-level", "64"]),
+    (["--model", "convkl", "--channel-mult", "1,99999999999999999999,1"], ["--channel-mult", "from 1 to 64"]),
+    (["--iwae-k", "100000000000"], ["--iwae-k", "1,048,576"]),
+    (["--data", ""], ["--data is empty"]),  # pathlib's "" is the current folder: trained on its files
     (["--model", "transformer"], ["--model", "invalid choice"]),
     (["--likelihood", "poisson"], ["--likelihood"]),
     (["--precision", "8-bit"], ["--precision"]),

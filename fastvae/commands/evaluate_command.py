@@ -26,12 +26,12 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.checkpoint import load, read_checkpoint
     from fastvae.config import saved_settings
     from fastvae.data import load_dataset
+    from fastvae.config import check_iwae_k
     from fastvae.errors import FastVAEError
     from fastvae.evaluation import evaluate
     from fastvae.loaders import in_memory_sample
 
-    if args.iwae_k < 0:
-        raise FastVAEError(f"--iwae-k must be zero or positive, got {args.iwae_k}")
+    check_iwae_k(args.iwae_k)  # before loading anything
     pictures_folder = Path(args.run)
     if args.pictures and not pictures_folder.is_dir():  # a checkpoint: its run folder, if any
         checkpoints = pictures_folder.resolve().parent

@@ -47,6 +47,37 @@ def check_data_shape(spec: dict) -> None:
         check_image_size(spec)
 
 
+def check_model(spec: dict) -> None:
+    """FastVAEError when ``spec`` builds no model (sizes torch refuses) or one whose fp32
+    weights alone exceed this machine's memory; built on the meta device (no memory, a few ms),
+    so a train --overwrite fails here, before the old run is removed."""
+    import torch
+
+    from fastvae.errors import FastVAEError, one_line
+
+    check_data_shape(spec)
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+    except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+        raise FastVAEError(f"these settings build no model: {one_line(exc)}") from None
+    count = sum(p.numel() for p in model.parameters())
+    memory = _host_memory()
+    if memory and 4 * count > memory:
+        raise FastVAEError(f"the model would have {count:,} parameters ({4 * count / 2**30:.3g} GiB in fp32), "
+                           f"more than this machine's memory ({memory / 2**30:.3g} GiB): use a smaller "
+                           "--hidden-dim, --latent-dim or --width")
+
+
+def _host_memory() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 0
+
+
 def build_model(spec: dict) -> VAE | StackedAutoencoder:
     """Build a fresh model from a spec dict (missing keys take ``DEFAULT_SPEC`` values)."""
     from fastvae.losses import Likelihood
@@ -69,6 +100,6 @@ def build_model(spec: dict) -> VAE | StackedAutoencoder:
 
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "check_data_shape", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
+    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "check_data_shape", "check_model", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
     "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "ConvKLEncoder", "ConvKLDecoder",
 ]
