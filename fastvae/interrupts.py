@@ -81,10 +81,27 @@ def exit_now(signum=None, frame=None) -> None:
 def in_worker_process() -> None:
     """Call first in a forked worker process (prepare's decoders, DataLoader workers): Ctrl-C
     is the parent's to handle (a terminal sends it to the whole group), SIGTERM ends the worker
-    quietly, and the parent's temporary files are not the worker's to remove."""
+    quietly, and the parent's temporary files are not the worker's to remove. The worker ends
+    with its parent: ``exit_now`` leaves at once (``os._exit``, no pool shutdown) and a parent
+    may be SIGKILLed; a pool worker waiting for tasks would otherwise live on, orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _temporary.clear()
+    _end_with_parent()
+
+
+def _end_with_parent() -> None:
+    """SIGTERM to this process when its parent ends (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent ended before the call above: nothing will signal us
+        os._exit(0)
 
 
 @contextmanager

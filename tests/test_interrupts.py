@@ -138,3 +138,48 @@ def test_a_forked_worker_signalled_before_its_set_up_leaves_the_parents_files(tm
     os.close(read_end)
     assert os.waitstatus_to_exitcode(status) == 130
     assert staged.is_dir() and message == b""
+
+
+_PARENT_EXITS_AT_ONCE = """
+import multiprocessing, os, sys, time
+from pathlib import Path
+from fastvae.interrupts import in_worker_process
+context = multiprocessing.get_context("fork")
+started = context.Event()
+def long_task():  # a decode of a huge image, say
+    started.set()
+    time.sleep(3600)
+pool = context.Pool(1, initializer=in_worker_process)
+Path(sys.argv[1]).write_text(str(pool.apply(os.getpid)))
+pool.apply_async(long_task)
+assert started.wait(60)
+os._exit(130)  # what exit_now does on Ctrl-C/SIGTERM: no pool shutdown
+"""
+
+
+def test_a_pool_worker_ends_with_its_parent(tmp_path):
+    """prepare's decode workers outlived a prepare stopped by SIGTERM (exit_now leaves with
+    os._exit) in the middle of their tasks: orphans of 175 MB each, still there 16 min later."""
+    import os
+    import select
+    import subprocess
+    import sys
+
+    from testkit import SUBPROCESS_ENV
+
+    # no pipes: a worker that outlives the parent would hold them open
+    done = subprocess.run([sys.executable, "-c", _PARENT_EXITS_AT_ONCE, tmp_path / "pid"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV, timeout=120)
+    assert done.returncode == 130
+    worker = int((tmp_path / "pid").read_text())
+    try:
+        handle = os.pidfd_open(worker)
+    except ProcessLookupError:  # gone already
+        return
+    try:
+        ended = select.select([handle], [], [], 60)[0]  # readable once the process has ended
+        if not ended:
+            os.kill(worker, signal.SIGKILL)
+        assert ended, "the pool worker outlived its parent"
+    finally:
+        os.close(handle)
