@@ -38,6 +38,7 @@ from fastvae.errors import FastVAEError, one_line
 
 META = "fastvae.json"
 FORMAT = "fastvae-shards"
+VERSION = 1  # of the layout fastvae.json describes
 SPLIT_NAMES = ("train", "test")
 INDEX = "index.json"  # litdata's index of a split's chunks
 CHUNK_BYTES = 64 * 2**20  # litdata chunk size: few files, yet small enough to stream
@@ -125,7 +126,13 @@ class ShardSplit:
         except Exception as exc:  # a chunk that vanished or cannot be downloaded
             raise FastVAEError(f"cannot read block {index} of {_join(self.url, self.name)}: "
                                f"{one_line(exc)}") from None
-        return item["images"], item["labels"]
+        images, labels = item["images"], item["labels"]
+        expected = (self.block_rows(index), *self.shape)
+        if getattr(images, "shape", None) != expected or getattr(labels, "shape", None) != expected[:1]:
+            raise FastVAEError(f"prepared dataset {self.url} is damaged: block {index} of {self.name} holds "
+                               f"images {tuple(getattr(images, 'shape', ()))} where {META} says "
+                               f"{expected}: prepare it again")
+        return images, labels
 
 
 @dataclass
@@ -205,6 +212,8 @@ def open_dataset(source: str) -> ShardDataset:
                 "different runs of 'fastvae prepare'; prepare it again")
         splits[split] = ShardSplit(source, split, int(info["examples"]), int(meta["block"]),
                                    tuple(meta["shape"]), chunk_blocks)
+    if not is_remote(source):  # an edited shape: one line now, not a failure in the first step
+        splits["train"].read_block(0)
     return ShardDataset(source, meta, splits["train"], splits["test"])
 
 
@@ -212,13 +221,16 @@ def _parse_meta(path: Path, source: str) -> dict:
     try:
         meta = json.loads(Path(path).read_text())
         ok = (isinstance(meta, dict) and meta.get("format") == FORMAT and len(meta["shape"]) == 3
-              and int(meta["block"]) >= 1
+              and all(isinstance(d, int) and d >= 1 for d in meta["shape"]) and int(meta["block"]) >= 1
               and all(int(meta["splits"][s]["examples"]) >= 0 for s in SPLIT_NAMES))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         ok = False
     if not ok:
         raise FastVAEError(f"{source}/{META} is not the metadata of a dataset written by "
                            "'fastvae prepare': prepare it again")
+    if meta.get("version") != VERSION:
+        raise FastVAEError(f"{source}/{META} has format version {meta.get('version')!r}; this fastvae reads "
+                           f"version {VERSION}: prepare it again with this version (or upgrade fastvae)")
     if meta["splits"]["train"]["examples"] < 1 or meta["splits"]["test"]["examples"] < 1:
         raise FastVAEError(f"prepared dataset {source} has an empty split: prepare it again")
     return meta
@@ -411,7 +423,7 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     path = Path(source)
     # dataset_id: a run's checkpoint records it, so a resume on a dataset prepared again under
     # the same path (other images, same shape and counts) is refused, not silently mixed
-    meta = {"format": FORMAT, "version": 1, "dataset_id": uuid.uuid4().hex, "source": str(source), "size": size,
+    meta = {"format": FORMAT, "version": VERSION, "dataset_id": uuid.uuid4().hex, "source": str(source), "size": size,
             "grayscale": grayscale, "test_fraction": test_fraction, "split_seed": split_seed,
             "split_rule": SPLIT_RULE}
     if not is_bundled(source) and path.is_dir() and not _has_idx(path):

@@ -631,6 +631,13 @@ def test_damaged_prepared_datasets_are_refused(tmp_path, capsys, digits_shards):
     meta["splits"]["train"]["examples"] = 5000
     (copy / "fastvae.json").write_text(json.dumps(meta))
     assert "different runs" in train_on(copy)
+    meta["splits"]["train"]["examples"] = 1500
+    for key, value, words in (("shape", [1, 8, 9], ("damaged", "1, 8, 9)", "prepare it again")),  # a traceback in the first step
+                              ("shape", [1, -8, 8], ("not the metadata",)),
+                              ("version", 99, ("format version 99", "reads version 1"))):
+        (copy / "fastvae.json").write_text(json.dumps({**meta, key: value}))
+        line = train_on(copy)
+        assert all(w in line for w in words), line
     (copy / "fastvae.json").write_text("{not json")
     assert "not the metadata" in train_on(copy)
     # fastvae.json of another dataset with as many blocks per split but another image size (a
@@ -649,9 +656,13 @@ def test_a_block_that_cannot_be_read_in_a_loader_worker_is_one_line(tmp_path, ca
 
     copy = tmp_path / "copy"
     shutil.copytree(digits_shards, copy)
-    chunk = next((copy / "train").glob("chunk-*.bin"))
+    chunk = sorted((copy / "train").glob("chunk-*.bin"))[-1]
     raw = bytearray(chunk.read_bytes())
-    raw[:64] = b"\xff" * 64  # the chunk's header: item count and offsets
+    # litdata's chunk: item count, then item offsets (uint32); the last item's own header is
+    # damaged (block 0 is read when the dataset is opened, in this process)
+    count = int(np.frombuffer(raw, np.uint32, 1)[0])
+    last = int(np.frombuffer(raw, np.uint32, count + 1, offset=4)[count - 1])
+    raw[last:last + 64] = b"\xff" * 64
     chunk.write_bytes(bytes(raw))
     line = one_line_error(capsys, "train", "--data", copy, "--epochs", "1", "--workers", "2",
                           "--no-pictures", "--quiet", "--out", tmp_path / "run")
