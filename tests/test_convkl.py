@@ -426,6 +426,14 @@ def test_decode_refuses_latents_and_tiles_that_do_not_fit(exported, tmp_path):
     assert_one_line_error(rc, err, "--tile 30 is not a multiple of 4")
     rc, _, err = run_cli("decode", report.path, z, "--out", tmp_path / "o.npy", "--tile", "16", "--overlap", "-4")
     assert_one_line_error(rc, err, "--overlap -4 is negative")
+    import onnx
+
+    damaged = onnx.load(report.path)
+    for value in ("abc", "0", "3"):  # int('abc'), a division by zero, a broadcast error
+        next(p for p in damaged.metadata_props if p.key == "downsample").value = value
+        onnx.save(damaged, tmp_path / "d.onnx")
+        rc, _, err = run_cli("decode", tmp_path / "d.onnx", z, "--out", tmp_path / "o.npy", "--tile", "16")
+        assert_one_line_error(rc, err, f"downsample '{value}'", "export it again")
     big = np.zeros((1, 4, 8, 8))
     big[0, 0, 0, 0] = 1e39  # finite in float64, inf in float32
     np.save(z, big)

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     decoder = OnnxSampler(args.model, threads=args.threads)
     spatial = len(decoder.latent_shape) == 3 and "downsample" in decoder.metadata
     if spatial:
-        f, c = int(decoder.metadata["downsample"]), decoder.latent_shape[0]
+        f, c = _downsample(decoder.metadata["downsample"], args.model), decoder.latent_shape[0]
         z = check_latents(_load(Path(args.latents)), (c, None, None), args.latents)
     else:  # codes (n, latent_dim) of an MLP/conv decoder
         z = check_latents(_load(Path(args.latents)), decoder.latent_shape, args.latents)
@@ -102,6 +102,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"max |tiled - untiled| = {float(np.max(np.abs(images - whole))):.3e} "
               f"(mean {float(np.mean(np.abs(images - whole))):.3e})")
     return 0
+
+
+def _downsample(value, model) -> int:
+    """The decoder's f (pixels per latent position) from its metadata, or FastVAEError."""
+    from fastvae.config import DOWNSAMPLES
+    from fastvae.errors import FastVAEError
+
+    if str(value) not in map(str, DOWNSAMPLES):
+        raise FastVAEError(f"{model} is damaged or not from 'fastvae export': its metadata says downsample "
+                           f"{value!r}, not one of {', '.join(map(str, DOWNSAMPLES))}: export it again")
+    return int(value)
 
 
 def _numbered_pngs(folder) -> list:
