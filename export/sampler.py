@@ -149,7 +149,9 @@ class OnnxSampler:
                 f"reads {md.FORMAT_VERSION}); upgrade fastvae"
             )
         if (self.latent_dim < 1 or not self.output_shape or self.sample_kind not in md.SAMPLE_KINDS
-                or int(np.prod(self.latent_shape)) != self.latent_dim):
+                or int(np.prod(self.latent_shape)) != self.latent_dim
+                or min(self.output_shape) < 1 or min(self.latent_shape) < 1
+                or (self.sigma is not None and not 0 < self.sigma < float("inf"))):
             raise FastVAEError(f"{path} has inconsistent fastvae metadata; {_reexport_hint(path)}")
 
         inputs = self.session.get_inputs()

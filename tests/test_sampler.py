@@ -156,6 +156,14 @@ def test_broken_files_give_one_clear_error(broken):
     assert str(target) in text and "\n" not in text
 
 
+@pytest.mark.parametrize("changes", [{"sigma": "nan"}, {"sigma": "-1"}, {"sigma": "inf"}, {"output_shape": "[1, 0, 8]"}])
+def test_metadata_that_would_make_nan_or_empty_outputs_is_refused(decoders, tmp_path, changes):
+    """sigma=nan decoded every mode-"sample" value to NaN, without a word."""
+    _with_metadata(decoders["gaussian"], tmp_path / "bad.onnx", **changes)
+    with pytest.raises(FastVAEError, match="inconsistent fastvae metadata"):
+        OnnxSampler(tmp_path / "bad.onnx")
+
+
 def test_cli_broken_file_is_one_line_exit_2(broken, tmp_path, capsys):
     from fastvae.cli import main
 
