@@ -93,9 +93,37 @@ def load(run_or_ckpt: str | Path, map_location="cpu"):
     from fastvae.models import build_model
 
     state = read_checkpoint(run_or_ckpt, map_location)
-    model = build_model(state["spec"])
-    load_model_state(model, state["model"], checkpoint_path(run_or_ckpt))
+    path = checkpoint_path(run_or_ckpt)
+    try:
+        model = build_model(state["spec"])
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # an edited or foreign spec
+        raise FastVAEError(f"{path} is a damaged fastvae checkpoint: its model spec builds no model "
+                           f"({type(exc).__name__}: {one_line(exc)}); use an intact checkpoint or train again") from None
+    load_model_state(model, state["model"], path)
+    bad = [name for name, value in model.state_dict().items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise FastVAEError(f"{path} holds non-finite weights (NaN/Inf in {bad[0]}"
+                           f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the model diverged or "
+                           "the file was damaged; use an earlier checkpoint or train again (a lower --lr)")
     return model.float().eval()
+
+
+def check_resumable(state: dict, path) -> None:
+    """FastVAEError unless the entries ``--resume`` reads (optimizer, random state, counters)
+    are there, with their types: an edited checkpoint failed mid set-up with a KeyError."""
+    rng = state.get("rng")
+    problems = [] if isinstance(state.get("optimizer"), dict) else ["optimizer"]
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)):
+        problems.append("rng")
+    for key in ("epoch", "step", "batch_in_epoch"):
+        value = state.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problems.append(key)
+    if problems:
+        raise FastVAEError(f"{path} is a damaged fastvae checkpoint: its {', '.join(problems)} "
+                           f"entr{'y is' if len(problems) == 1 else 'ies are'} missing or invalid, so it "
+                           "cannot be resumed; resume from an intact checkpoint or train into a new --out")
 
 
 def load_model_state(model: torch.nn.Module, weights: dict, source) -> None:

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from fastvae import run_folder
-from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
+from fastvae.checkpoint import (FORMAT, check_resumable, checkpoint_path, load_model_state, read_checkpoint,
+                                rng_state, set_rng_state)
 from fastvae.config import MAX_SEED, RESUME_IDENTITY, TrainConfig, saved_settings
 from fastvae.data import Splits, load_dataset
 from fastvae.errors import FastVAEError, one_line
@@ -87,9 +88,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     check_processes(config)
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
-    saved_id = check_resume(run_dir, config).get("data_id") if resume else None
+    saved = check_resume(run_dir, config) if resume else {}
     splits = splits if splits is not None else load_config_data(config)
     check_model(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
+    steps = math.ceil(math.ceil(len(splits.train) / (config.devices * config.num_nodes)) / config.batch_size)
+    if saved.get("batch_in_epoch", 0) >= steps:  # the loop would run no step, then call it divergence
+        raise FastVAEError(f"cannot resume {run_dir}: its checkpoint stopped at batch {saved['batch_in_epoch']} "
+                           f"of an epoch of {steps} batches (an edited or foreign checkpoint); resume from an "
+                           "intact checkpoint or train into a new --out")
+    saved_id = saved.get("data_id")
     if saved_id is not None and saved_id != dataset_id(splits):
         raise FastVAEError(f"cannot resume {run_dir}: {config.data} is another prepared dataset "
                            "than the one the run trained on (prepared again under the same path?); "
@@ -193,6 +200,7 @@ def check_resume(run_dir: Path, config: TrainConfig) -> dict:
     or with fewer epochs than it has trained; return its checkpoint."""
     # clear error when missing or corrupt; mapped: the ranks' Trainer reads the weights later
     state = read_checkpoint(run_dir, mmap=True)
+    check_resumable(state, checkpoint_path(run_dir))
     # settings added since take what the run was made with, else today's defaults
     saved = {**TrainConfig().to_dict(), **saved_settings(state["config"])}
     run_folder.check_resume(

@@ -305,6 +305,40 @@ def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(make_config):
     assert str(ckpt) in str(info.value)
 
 
+def test_edited_checkpoints_are_one_line_not_a_traceback(make_config):
+    """Checkpoints with fastvae's marker but damaged entries failed with KeyError/ValueError
+    tracebacks (evaluate, export, --resume), a NaN model was evaluated to NaN without a word,
+    and a resume position past the epoch's end was reported as a diverged model."""
+    import fastvae
+
+    config = make_config(epochs=1)
+    train(config)
+    ckpt = Path(config.out) / "checkpoints" / "last.ckpt"
+    good = torch.load(ckpt, weights_only=True)
+
+    def edited(**changes):
+        state = {**good, **changes}
+        for key in [k for k, v in changes.items() if v is None]:
+            del state[key]
+        torch.save(state, ckpt)
+
+    nan_weights = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in good["model"].items()}
+    for changes, words in (({"spec": {**good["spec"], "model": "zzz"}}, ("damaged", "unknown model 'zzz'")),
+                           ({"spec": {**good["spec"], "data_shape": "abc"}}, ("damaged", "builds no model")),
+                           ({"model": nan_weights}, ("non-finite weights", "diverged"))):
+        edited(**changes)
+        with pytest.raises(FastVAEError) as info:
+            fastvae.load(config.out)
+        assert str(ckpt) in str(info.value) and all(w in str(info.value) for w in words), info.value
+    for changes, words in (({"optimizer": None}, ("damaged", "optimizer entry")),
+                           ({"rng": None, "epoch": "one"}, ("rng, epoch entries",)),
+                           ({"batch_in_epoch": 10**9}, ("batch 1000000000 of an epoch of",))):
+        edited(**changes)
+        with pytest.raises(FastVAEError) as info:
+            train(make_config(epochs=2), resume=True)
+        assert all(w in str(info.value) for w in words), info.value
+
+
 # ----------------------------------------------------------------------------- Ctrl-C in process
 
 
