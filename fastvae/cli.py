@@ -10,6 +10,7 @@ or SIGTERM, in any phase, one line and exit status 130 (``fastvae.interrupts``).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from pathlib import Path
@@ -113,6 +114,16 @@ def _os_error(exc: OSError) -> str:
     why = exc.strerror or str(exc) or type(exc).__name__
     remedy = write_remedy(exc)  # errnos of failed writes
     path = Path(str(name))
+    # a file where the path needs a folder ("File exists" from mkdir), or a folder where a file
+    # goes ("Is a directory" from a rename): name it, and what to give instead
+    blocker = next((p for p in path.parents if p.is_file()), None)
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (blocker or path.is_file()) and not path.is_dir():
+        if blocker is None:
+            return f"cannot use {path} as a folder: it is a file; give another path"
+        return f"cannot use {path}: {blocker} is a file, not a folder; give a path in a folder"
+    target = Path(str(exc.filename2)) if exc.filename2 is not None else path
+    if exc.errno == errno.EISDIR and target.is_dir():
+        return f"cannot write {target}: it is a folder; give a file name (or remove the folder)"
     staged = next((p for p in (path, *path.parents) if is_temporary(p)), None)
     writing = remedy is not None or staged is not None
     remedy = remedy or "check the path and its permissions"

@@ -236,7 +236,11 @@ def _load_array(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise FastVAEError(f"data file {path} is not a readable .npy array: {exc}") from None
+        # numpy says "pickled data ... allow_pickle" for any file without a .npy header too
+        reason = ("it holds Python objects or is no .npy file at all" if "pickle" in str(exc)
+                  else one_line(exc))
+        raise FastVAEError(f"data file {path} is not a readable .npy array ({reason}): save a numeric "
+                           "array with numpy.save") from None
 
 
 def image_files(folder: Path) -> tuple[list[Path], np.ndarray | None]:

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastvae import run_folder
-from fastvae.config import saved_settings
+from fastvae.config import check_iwae_k, saved_settings
 from fastvae.errors import FastVAEError
 
 ACTIVE_THRESHOLD = 0.01
@@ -547,8 +547,7 @@ def write_report(
         raise FastVAEError(f"run folder {run_dir} does not exist: give the --out folder of a 'fastvae train' run")
     if not run_dir.is_dir():
         raise FastVAEError(f"{run_dir} is a file, not a run folder: give the --out folder of a 'fastvae train' run")
-    if iwae_k < 0:
-        raise FastVAEError(f"--iwae-k must be zero (skip the IWAE bound) or positive, got {iwae_k}")
+    check_iwae_k(iwae_k)
     if out is not None and (str(out).endswith(("/", os.sep)) or Path(out).is_dir()):
         raise FastVAEError(f"--out {out} is a folder: give a file name such as {Path(out) / 'report.md'}")
     if out is not None:
@@ -556,7 +555,7 @@ def write_report(
         if suffix not in PAGE_SUFFIXES:  # never a checkpoint, config.json or picture of the run
             raise FastVAEError(f"--out must end in .md (Markdown) or .html (HTML), got {Path(out).name!r}")
         if html is not None and html != PAGE_SUFFIXES[suffix]:
-            raise FastVAEError(f"--out {Path(out).name} names a {'Markdown' if html is False else 'HTML'} file "
+            raise FastVAEError(f"--out {Path(out).name} names a {'HTML' if PAGE_SUFFIXES[suffix] else 'Markdown'} file "
                                f"but {'HTML' if html else 'Markdown'} was asked for: end it in "
                                f"{'.html' if html else '.md'}")
         html = PAGE_SUFFIXES[suffix]

@@ -114,6 +114,22 @@ def test_the_error_line_says_what_to_do(code, remedy, tmp_path):
     assert _os_error(OSError(code, os.strerror(code))).startswith(os.strerror(code))
 
 
+def test_a_file_where_a_folder_goes_and_back_is_named(tmp_path):
+    """mkdir under a file said "cannot use afile: File exists"; a rename onto a folder named
+    the staging folder's parent ("cannot write into .: Is a directory")."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "out.npy").mkdir()
+    for make, expected in (
+            (lambda: (tmp_path / "afile" / "sub").mkdir(parents=True),
+             f"cannot use {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a folder"),
+            (lambda: (tmp_path / "afile").mkdir(), f"cannot use {tmp_path / 'afile'} as a folder: it is a file"),
+            (lambda: run_folder.write_npy(tmp_path / "out.npy", np.zeros(3)),
+             f"cannot write {tmp_path / 'out.npy'}: it is a folder; give a file name")):
+        with pytest.raises(OSError) as caught:
+            make()
+        assert _os_error(caught.value).startswith(expected), _os_error(caught.value)
+
+
 def test_a_decode_that_fails_part_way_leaves_the_earlier_images_whole(tmp_path, monkeypatch):
     """decode --overwrite replaced the numbered PNGs one by one: a full disk after 11 of 20
     left 11 new images among 9 old ones, silently."""

@@ -159,7 +159,7 @@ def test_report_out_must_be_a_page_and_writable_before_evaluating(tmp_path, caps
         assert len(err) == 1 and ".md" in err[0] and ".html" in err[0], err
     assert (run / LAST).read_bytes() == checkpoint and json.loads((run / "config.json").read_text())
     assert cli.main(["report", str(run), "--iwae-k", "0", "--html", "--out", str(tmp_path / "x.md")]) == 2
-    assert "HTML" in capsys.readouterr().err
+    assert "x.md names a Markdown file but HTML was asked for: end it in .html" in capsys.readouterr().err
     import fastvae.report_page as report_page
 
     def no_evaluation(*args, **kwargs):
