@@ -106,6 +106,8 @@ def test_odd_image_sizes_are_refused():
     with pytest.raises(FastVAEError, match="18x16 pixels do not divide by --downsample 4"):
         build_model({**TINY, "data_shape": [3, 18, 16], "downsample": 4})
     build_model({**TINY, "data_shape": [3, 18, 16], "downsample": 2})  # 18 and 16 divide by 2
+    with pytest.raises(FastVAEError, match=r"at least 2x2 pixels .* shape \(1, 1, 16\): for rows of numbers use --model mlp"):
+        build_model({**TINY, "data_shape": [1, 1, 16], "downsample": 2})  # said "resize to 0x16"
     with pytest.raises(FastVAEError, match="--channel-mult"):
         TrainConfig(model="convkl", downsample=8, channel_mult="1,2").validate()
 

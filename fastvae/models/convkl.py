@@ -113,6 +113,10 @@ def check_image_size(spec: dict) -> None:
     """FastVAEError unless the images' H and W are multiples of the downsampling factor f."""
     _, h, w = Settings(spec).data_shape
     f = int(spec["downsample"])
+    if h < f or w < f:  # rows of numbers (1 x D), or images smaller than one latent position
+        raise FastVAEError(
+            f"--model convkl needs images of at least {f}x{f} pixels (--downsample {f}), got data of shape "
+            f"{tuple(Settings(spec).data_shape)}: for rows of numbers use --model mlp")
     if h % f or w % f:
         raise FastVAEError(
             f"images of {h}x{w} pixels do not divide by --downsample {f}: crop or resize them "
