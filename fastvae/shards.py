@@ -39,6 +39,7 @@ from fastvae.errors import FastVAEError, one_line
 META = "fastvae.json"
 FORMAT = "fastvae-shards"
 VERSION = 1  # of the layout fastvae.json describes
+MAX_SIZE = 8192  # --size: 200 MB per colour image in memory, beyond any VAE this package trains
 SPLIT_NAMES = ("train", "test")
 INDEX = "index.json"  # litdata's index of a split's chunks
 CHUNK_BYTES = 64 * 2**20  # litdata chunk size: few files, yet small enough to stream
@@ -410,8 +411,8 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
                            f"there (e.g. 'aws s3 sync SHARDS {out}') and train with --data {out}")
     # a link to a folder (on a larger disk, say): write into its target, not over the link
     out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
-    if size is not None and (not isinstance(size, int) or size < 1):
-        raise FastVAEError(f"--size must be a positive integer, got {size!r}")
+    if size is not None and (not isinstance(size, int) or not 1 <= size <= MAX_SIZE):
+        raise FastVAEError(f"--size must be an integer from 1 to {MAX_SIZE} (pixels per side), got {size!r}")
     from fastvae.config import MAX_WORKERS
 
     if not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:

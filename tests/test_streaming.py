@@ -517,6 +517,8 @@ def test_bad_sources_and_flags_for_prepare(tmp_path, capsys):
     src = image_folder(tmp_path / "imgs", 5)
     assert "--workers" in one_line_error(capsys, "prepare", src, "--out", out, "--workers", "-1")
     assert "--workers" in one_line_error(capsys, "prepare", src, "--out", out, "--workers", "1000")
+    # 8x8 images upscaled to 100000x100000: ran until killed (and left its workers behind)
+    assert "from 1 to 8192" in one_line_error(capsys, "prepare", src, "--out", out, "--size", "100000")
     assert not out.exists()
     (src / "dog" / "zz.png").write_bytes(b"not an image")
     line = one_line_error(capsys, "prepare", src, "--out", out, "--workers", "2")
