@@ -448,11 +448,22 @@ def test_piped_output_has_epoch_lines_but_no_progress_bar(tmp_path):
 # ----------------------------------------------------------------------------- files, memory, overwrite
 
 
-def test_unwritable_out_and_too_much_memory_are_one_line(tmp_path, capsys):
+def test_unwritable_out_and_too_much_memory_are_one_line(tmp_path, capsys, monkeypatch):
     rc, _, err = cli(capsys, "train", *TINY, "--reparam", "torch", "--out", "/proc/fastvae-run")
     assert_one_line_error(rc, err, "/proc/fastvae-run")
-    rc, _, err = cli(capsys, "train", "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "100000000000", "--quiet",
+    # a model whose weights alone exceed the machine's memory: refused before it is built
+    rc, _, err = cli(capsys, "train", "--epochs", "1", "--hidden-dim", "1048576", "--latent-dim", "1048576", "--quiet",
                      "--no-pictures", "--reparam", "torch", "--out", tmp_path / "huge")
+    assert_one_line_error(rc, err, "parameters", "more than this machine's memory", "--latent-dim")
+    assert not (tmp_path / "huge").exists()
+    import fastvae.trainer
+
+    def allocation_fails(*args, **kwargs):  # what torch raises where an allocation fails later
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 25600000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(fastvae.trainer, "train", allocation_fails)
+    rc, _, err = cli(capsys, "train", *TINY, "--out", tmp_path / "oom")
     assert_one_line_error(rc, err, "not enough memory", "--latent-dim")
 
 
