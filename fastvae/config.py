@@ -29,6 +29,7 @@ REPARAM_BACKENDS = ("auto", "torch", "triton")
 ON_NONFINITE = ("stop", "skip")
 TRACKERS = ("csv", "tensorboard", "wandb", "mlflow")  # --logger: experiment trackers (fastvae.trackers)
 MAX_WORKERS = 64  # --workers: DataLoader processes reading a streamed dataset
+MAX_THREADS = 1024  # --threads: torch CPU threads per process
 CHOICES = {
     "model": MODELS, "kind": KINDS, "likelihood": LIKELIHOODS, "precision": PRECISIONS,
     "strategy": STRATEGIES, "accelerator": ACCELERATORS, "reparam": REPARAM_BACKENDS,
@@ -112,6 +113,7 @@ class TrainConfig:
     split_rule: int = SPLIT_RULE  # fastvae.data.split_indices' rule; a run keeps the one it was made with
     grayscale: bool = False
     workers: int = 2  # DataLoader processes reading a prepared (streamed) dataset; 0: none
+    threads: int = 0  # torch CPU threads per process; 0: torch's (Fabric shares the cores among a node's processes)
     loggers: str = ""  # comma-separated TRACKERS that also receive the metrics
     # --model convkl (spatial latent c x H/f x W/f; fastvae.models.convkl)
     downsample: int = 4  # f, one of DOWNSAMPLES
@@ -179,6 +181,9 @@ class TrainConfig:
                                        f"--kind ae (an MSE autoencoder) does not have: drop it or train --kind vae")
         if self.compile_mode != "default":  # a mode compiles: config.json says so
             self.compile = True
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or not 0 <= self.threads <= MAX_THREADS:
+            raise FastVAEError(f"--threads must be an integer from 0 (torch's default) to {MAX_THREADS}, "
+                               f"got {self.threads!r}")
         if isinstance(self.workers, bool) or not 0 <= self.workers <= MAX_WORKERS:
             raise FastVAEError(f"--workers must be an integer from 0 (read in the training process) "
                                f"to {MAX_WORKERS}, got {self.workers!r}")

@@ -735,6 +735,9 @@ class _RankZeroFailed(Exception):
 
 
 def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResult | None:
+    threads = torch.get_num_threads()
+    if config.threads:  # in each rank's process; the caller's setting comes back after
+        torch.set_num_threads(config.threads)
     try:
         return Trainer(fabric, config, splits, resume).fit()
     except _RankZeroFailed:
@@ -742,6 +745,8 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResu
         # also make Fabric's launcher SIGKILL rank 0 (its observer polls every 5 s), maybe
         # before rank 0 has said why
         return None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from testkit import max_weight_diff, metrics_without_time, state_dict_of
+from fastvae.errors import FastVAEError
 from fastvae.distributions import kl_standard_normal
 from fastvae.losses import (bernoulli_log_likelihood, elbo_terms, free_bits_kl, iwae_bound,
                             iwae_log_weights, kl_weight)
@@ -181,6 +182,23 @@ def test_loss_decreases_on_digits(make_config):
     assert [row["epoch"] for row in result.metrics] == [1, 2, 3, 4]
     assert [row["step"] for row in result.metrics] == [24, 48, 72, 96]  # ceil(1500 / 64) per epoch
     assert result.epochs == 4 and result.steps == 96 and not result.interrupted
+
+
+def test_threads_hold_while_training_and_the_callers_come_back(make_config):
+    """--threads N: torch's CPU threads during the run (two threads on two cores made steps
+    2-8x slower when another process kept one core busy); the caller's setting after it."""
+    seen = []
+
+    class Threads:
+        def on_train_batch_end(self, trainer, index):
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    wanted = 3 if before != 3 else 2
+    train(make_config(epochs=1, threads=wanted), callbacks=[Threads()])
+    assert set(seen) == {wanted} and torch.get_num_threads() == before
+    with pytest.raises(FastVAEError, match="--threads"):
+        make_config(threads=-1).validate()
 
 
 def test_resume_equals_straight_run(tmp_path, make_config):

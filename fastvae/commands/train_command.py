@@ -79,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch.compile mode; reduce-overhead replays each step as a CUDA graph "
                    "(fewer kernel launches: the fastest on a GPU for small models); implies "
                    "--compile. Default: torch.compile's default mode")
+    h.add_argument("--threads", type=int,
+                   help="torch CPU threads per process (0: torch's default, the cores shared out among "
+                   "a node's processes). On a CPU shared with other work give the cores that are free: "
+                   "two threads on two cores with one of them busy made steps 2-8x slower (default 0)")
     h.add_argument("--reparam", choices=CHOICES["reparam"],
                    help="reparameterize+KL: fused Triton kernel on CUDA (auto), or force one (default auto)")
     r = parser.add_argument_group("run folder")
