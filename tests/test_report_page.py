@@ -102,6 +102,14 @@ def test_report_lists_metrics_and_links_pictures(tmp_path):
     assert kl_sum == pytest.approx(value["KL"], abs=2e-4)
 
 
+def test_report_describes_the_checkpoint_not_an_edited_config_json(tmp_path):
+    run = make_run(tmp_path / "run", latent_dim=2)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "hidden_dim": 64, "latent_dim": 9}))
+    text = write_report(run, iwae_k=0).read_text()
+    assert "| latent_dim | 2 |" in text and "| hidden_dim | 16 |" in text and "| latent_dim | 9 |" not in text
+
+
 def test_report_html_elsewhere_and_no_scatter_for_8d(tmp_path):
     run = make_run(tmp_path / "run", latent_dim=8, metrics=False)
     (run / "latent_scatter.png").write_bytes(b"left from another run")
