@@ -151,7 +151,7 @@ class OnnxSampler:
         if (self.latent_dim < 1 or not self.output_shape or self.sample_kind not in md.SAMPLE_KINDS
                 or int(np.prod(self.latent_shape)) != self.latent_dim
                 or min(self.output_shape) < 1 or min(self.latent_shape) < 1
-                or (self.sigma is not None and not 0 < self.sigma < float("inf"))):
+                or (self.sigma is not None and not 0 <= self.sigma < float("inf"))):  # 0: an underflowed learned sigma
             raise FastVAEError(f"{path} has inconsistent fastvae metadata; {_reexport_hint(path)}")
 
         inputs = self.session.get_inputs()

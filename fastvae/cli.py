@@ -116,13 +116,14 @@ def _os_error(exc: OSError) -> str:
     path = Path(str(name))
     # a file where the path needs a folder ("File exists" from mkdir), or a folder where a file
     # goes ("Is a directory" from a rename): name it, and what to give instead
-    blocker = next((p for p in path.parents if p.is_file()), None)
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (blocker or path.is_file()) and not path.is_dir():
-        if blocker is None:
-            return f"cannot use {path} as a folder: it is a file; give another path"
-        return f"cannot use {path}: {blocker} is a file, not a folder; give a path in a folder"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = next((p for p in path.parents if _probe(p.is_file)), None)
+        if blocker is not None or (_probe(path.is_file) and not _probe(path.is_dir)):
+            if blocker is None:
+                return f"cannot use {path} as a folder: it is a file; give another path"
+            return f"cannot use {path}: {blocker} is a file, not a folder; give a path in a folder"
     target = Path(str(exc.filename2)) if exc.filename2 is not None else path
-    if exc.errno == errno.EISDIR and target.is_dir():
+    if exc.errno == errno.EISDIR and _probe(target.is_dir):
         return f"cannot write {target}: it is a folder; give a file name (or remove the folder)"
     staged = next((p for p in (path, *path.parents) if is_temporary(p)), None)
     writing = remedy is not None or staged is not None
@@ -131,6 +132,14 @@ def _os_error(exc: OSError) -> str:
     if exc.filename2 is not None:
         where += f" (moving it to {exc.filename2})"
     return f"cannot {where}: {why}; {remedy}"
+
+
+def _probe(check) -> bool:
+    """``check()`` (a Path test), False where it cannot look (is_file re-raises EACCES)."""
+    try:
+        return check()
+    except OSError:
+        return False
 
 
 def _is_allocation_failure(exc: RuntimeError) -> bool:

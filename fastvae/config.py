@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -242,7 +243,7 @@ def saved_settings(values: dict) -> dict:
 
 def check_iwae_k(k) -> int:
     """``k`` if it is a valid number of importance samples (0: no IWAE bound), else FastVAEError."""
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_IWAE_K:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 0 <= k <= MAX_IWAE_K:
         raise FastVAEError(f"--iwae-k must be an integer from 0 (no IWAE bound) to {MAX_IWAE_K:,}, got {k!r}")
     return k
 

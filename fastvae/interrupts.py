@@ -92,7 +92,10 @@ def in_worker_process() -> None:
 
 def _end_with_parent() -> None:
     """SIGTERM to this process when its parent ends (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
-    if not sys.platform.startswith("linux"):
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()  # None outside multiprocessing's children
+    if not sys.platform.startswith("linux") or parent is None:
         return
     try:
         import ctypes
@@ -100,7 +103,10 @@ def _end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent ended before the call above: nothing will signal us
+    # the parent ended before the call above: nothing will signal us. Compared with the real
+    # parent's pid, not 1: fastvae may itself be pid 1 (a container), and a subreaper adopts
+    # orphans under its own pid
+    if os.getppid() != parent.pid:
         os._exit(0)
 
 

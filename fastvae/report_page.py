@@ -570,14 +570,14 @@ def write_report(
         from fastvae.checkpoint import load
 
         model = load(run_dir)  # FastVAEError when the run has no (readable) checkpoint
-    from fastvae.checkpoint import read_checkpoint
     from fastvae.config import MODEL_SETTINGS
+    from fastvae.models import unwrap
 
-    # the model's settings as the evaluated checkpoint holds them (a config.json edited or copied
-    # from another run would describe another model); the rest (where the data is) from config.json
-    trained = read_checkpoint(run_dir, mmap=True).get("config") or {}
+    # the model's settings are those of the model evaluated (a config.json edited or copied from
+    # another run would describe another model); the rest (where the data is) from config.json
+    spec = getattr(unwrap(model), "spec", None) or {}
     config = saved_settings({**run_folder.read_run_config(run_dir),
-                             **{k: v for k, v in trained.items() if k in MODEL_SETTINGS}})
+                             **{k: v for k, v in spec.items() if k in MODEL_SETTINGS}})
     seed = int(config.get("seed", 0)) if seed is None else seed
     source = data or config.get("data")
     if splits is None:

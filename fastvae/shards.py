@@ -215,6 +215,7 @@ def open_dataset(source: str) -> ShardDataset:
                                    tuple(meta["shape"]), chunk_blocks)
     if not is_remote(source):  # an edited shape: one line now, not a failure in the first step
         splits["train"].read_block(0)
+        splits["train"]._reader = None  # not inherited by forked workers (a shared file offset)
     return ShardDataset(source, meta, splits["train"], splits["test"])
 
 

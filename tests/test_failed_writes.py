@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import resource
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,6 +131,21 @@ def test_a_file_where_a_folder_goes_and_back_is_named(tmp_path):
         assert _os_error(caught.value).startswith(expected), _os_error(caught.value)
 
 
+def test_the_error_line_never_fails_itself_where_it_cannot_look(tmp_path, monkeypatch):
+    """Path.is_file re-raises EACCES (a folder this user may not search): the one-line error
+    for a failed mkdir became a PermissionError traceback."""
+    from pathlib import Path
+
+    def no_access(self):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", no_access)
+    monkeypatch.setattr(Path, "is_dir", no_access)
+    for code in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES):
+        line = _os_error(OSError(code, os.strerror(code), str(tmp_path / "locked" / "run")))
+        assert line.startswith(f"cannot use {tmp_path / 'locked' / 'run'}: {os.strerror(code)}"), line
+
+
 def test_a_decode_that_fails_part_way_leaves_the_earlier_images_whole(tmp_path, monkeypatch):
     """decode --overwrite replaced the numbered PNGs one by one: a full disk after 11 of 20
     left 11 new images among 9 old ones, silently."""
@@ -156,6 +172,26 @@ def test_a_decode_that_fails_part_way_leaves_the_earlier_images_whole(tmp_path, 
     monkeypatch.setattr(Image.Image, "save", save)
     new = _write(np.ones((5, 1, 4, 4), np.float32), out)
     assert all(np.asarray(Image.open(p)).min() == 255 for p in new)
+
+
+def test_decode_swaps_a_folder_of_images_but_not_the_current_folder(tmp_path, monkeypatch):
+    """The staged folder replaces --out by renames where that surprises no one; in the current
+    folder (a shell would be left in a deleted one) the images are renamed in one by one."""
+    from PIL import Image
+
+    from fastvae.commands.decode_command import _write
+
+    out = tmp_path / "images"
+    _write(np.zeros((3, 1, 4, 4), np.float32), out)
+    first = out.stat().st_ino
+    _write(np.ones((3, 1, 4, 4), np.float32), out)
+    assert out.stat().st_ino != first  # swapped
+    monkeypatch.chdir(out)
+    second = out.stat().st_ino
+    _write(np.zeros((3, 1, 4, 4), np.float32), out)
+    assert out.stat().st_ino == second and Path.cwd().exists()
+    assert [np.asarray(Image.open(p)).max() for p in sorted(out.glob("*.png"))] == [0, 0, 0]
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png"]  # no staging left
 
 
 @pytest.mark.parametrize("kill_before_rename", [1, 2, 3])

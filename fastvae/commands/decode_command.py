@@ -115,6 +115,27 @@ def _downsample(value, model) -> int:
     return int(value)
 
 
+def _swappable(folder) -> bool:
+    """Whether ``folder`` can be replaced by a staged one with renames: new, or holding nothing
+    but decoded images, on its parent's disk (not a mount point: a volume cannot be renamed),
+    owned by this user (a new folder would not keep another owner or group), not the current
+    folder (a shell would be left in a deleted one), in a parent this process can write."""
+    import os
+    from pathlib import Path
+
+    if not os.access(folder.parent, os.W_OK):
+        return False
+    if not folder.exists():
+        return True
+    try:
+        info, parent = folder.stat(), folder.parent.stat()
+        return (info.st_dev == parent.st_dev and not os.path.ismount(folder)
+                and info.st_uid == getattr(os, "getuid", lambda: info.st_uid)()
+                and folder != Path.cwd().resolve() and set(folder.iterdir()) <= set(_numbered_pngs(folder)))
+    except OSError:
+        return False
+
+
 def _numbered_pngs(folder) -> list:
     """The PNGs named like decode's outputs (0000.png, 0001.png, ...) in ``folder``."""
     return sorted(p for p in folder.iterdir() if p.suffix == ".png" and p.stem.isdigit())
@@ -146,7 +167,8 @@ def _write(images, out) -> list:
     """A .npy file, or one PNG per image in the folder ``out``; returns the paths written.
     The PNGs are all written (and fsynced) in a staging folder first: a full disk leaves the
     earlier set whole (the new set needs room beside the old one). Where ``out`` is new or holds
-    nothing but decoded images, the staging folder then replaces it in one rename, so even a
+    nothing but decoded images (and can be renamed: ``_swappable``), the staging folder then
+    replaces it in one rename, so even a
     SIGKILL leaves the old set or the new one (or the old one aside as ``.NAME.old-PID``);
     in a folder with other files the PNGs are renamed in one by one."""
     import os
@@ -172,9 +194,7 @@ def _write(images, out) -> list:
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / name)
 
     folder = out.resolve()  # --out may be a link to a folder elsewhere: that folder is replaced
-    whole = (not folder.exists() or set(folder.iterdir()) <= set(_numbered_pngs(folder))) \
-        and os.access(folder.parent, os.W_OK)
-    if whole:
+    if _swappable(folder):
         with temporary_folder(folder) as staging:
             if folder.exists():
                 os.chmod(staging, folder.stat().st_mode & 0o7777)

@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"--out must end in .png (image grid) or .npy (raw array), got {out.name!r}")
     if out.is_dir():
         raise FastVAEError(f"--out {out} is a folder: give a file name such as {out / 'samples.png'}")
-    if args.nrow is not None and not 1 <= args.nrow <= max(1, args.num_samples):
-        raise FastVAEError(f"--nrow must be from 1 to -n ({args.num_samples}) images per row, got {args.nrow}")
+    if args.nrow is not None and args.nrow < 1:
+        raise FastVAEError(f"--nrow must be a positive integer, got {args.nrow}")
+    if args.nrow is not None:  # more than -n: one row (a huge value overflowed numpy)
+        args.nrow = min(args.nrow, max(1, args.num_samples))
     if args.nrow is not None and suffix != ".png":
         raise FastVAEError("--nrow lays out a PNG grid; a .npy file holds the array (n, C, H, W): drop --nrow")
     sampler = OnnxSampler(args.model, threads=args.threads, providers=[args.provider])

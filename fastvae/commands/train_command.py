@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             raise FastVAEError(f"cannot resume: {out} holds neither {run_folder.CONFIG_JSON} nor "
                                f"{run_folder.LAST}; train into {out} first")
         saved = saved_settings(run_folder.read_run_config(out))
+        saved.pop("threads", None)  # the machine's, not the run's: a resume elsewhere chooses again
         values = {**saved, **values}  # a deleted config.json: the checkpoint's
     if args.compile is False and args.compile_mode not in (None, "default"):
         raise FastVAEError(f"--no-compile contradicts --compile-mode {args.compile_mode} (which compiles): "

@@ -66,7 +66,7 @@ def check_model(spec: dict) -> None:
     if memory and 4 * count > memory:
         raise FastVAEError(f"the model would have {count:,} parameters ({4 * count / 2**30:.3g} GiB in fp32), "
                            f"more than this machine's memory ({memory / 2**30:.3g} GiB): use a smaller "
-                           "--hidden-dim, --latent-dim or --width")
+                           "--hidden-dim or --latent-dim (convkl: --width, --channel-mult, --blocks-per-level)")
 
 
 def _host_memory() -> int:
