@@ -183,3 +183,33 @@ def test_a_pool_worker_ends_with_its_parent(tmp_path):
         assert ended, "the pool worker outlived its parent"
     finally:
         os.close(handle)
+
+
+_AS_PID_1 = """
+import multiprocessing, os
+from fastvae.interrupts import in_worker_process
+assert os.getpid() == 1, os.getpid()
+pool = multiprocessing.get_context("fork").Pool(1, initializer=in_worker_process)
+print(pool.apply_async(os.getppid).get(timeout=60))
+pool.close()
+pool.join()
+"""
+
+
+def test_workers_start_when_fastvae_is_pid_1():
+    """In a container fastvae is often pid 1, the real parent of its workers: a check that took
+    a parent pid of 1 for "orphaned" ended every worker at once (prepare hung, a streamed train
+    failed). Run as pid 1 of a new pid namespace, where the machine allows one."""
+    import shutil
+    import subprocess
+    import sys
+
+    from testkit import SUBPROCESS_ENV
+
+    unshare = shutil.which("unshare")
+    probe = unshare and subprocess.run([unshare, "-Urpf", "--mount-proc", "true"], capture_output=True, timeout=60)
+    if not probe or probe.returncode != 0:
+        pytest.skip("no user and pid namespaces here (unshare -Urpf)")
+    done = subprocess.run([unshare, "-Urpf", "--mount-proc", sys.executable, "-c", _AS_PID_1],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["1"], done.stderr[-2000:]
