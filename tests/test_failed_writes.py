@@ -192,6 +192,18 @@ def test_decode_swaps_a_folder_of_images_but_not_the_current_folder(tmp_path, mo
     assert out.stat().st_ino == second and Path.cwd().exists()
     assert [np.asarray(Image.open(p)).max() for p in sorted(out.glob("*.png"))] == [0, 0, 0]
     assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png"]  # no staging left
+    # a file arriving in the folder while the images are decoded stays
+    monkeypatch.chdir(tmp_path)
+    real_save = Image.Image.save
+
+    def save_and_add(image, fp, *args, **kwargs):
+        (out / "notes.txt").write_text("mine")
+        return real_save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_and_add)
+    _write(np.ones((3, 1, 4, 4), np.float32), out)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [np.asarray(Image.open(p)).max() for p in sorted(out.glob("*.png"))] == [255, 255, 255]
 
 
 @pytest.mark.parametrize("kill_before_rename", [1, 2, 3])

@@ -199,7 +199,11 @@ def _write(images, out) -> list:
             if folder.exists():
                 os.chmod(staging, folder.stat().st_mode & 0o7777)
             save_all(staging)
-            move_folder_into_place(staging, folder)
+            if _swappable(folder):  # again: a file may have arrived during a long decode
+                move_folder_into_place(staging, folder)
+            else:
+                folder.mkdir(exist_ok=True)
+                move_all_into_place([(staging / name, folder / name) for name in names])
     else:  # staged inside the folder (a hidden one), on its disk
         with temporary_folder(folder / "decoded") as staging:
             save_all(staging)
