@@ -42,6 +42,7 @@ ALWAYS_WRITTEN = METRIC_FIELDS[:6]  # the header of a metrics.csv without rows y
 # ------------------------------------------------------------------------------ atomic writes
 
 
+_OLD_MARK = ".old-"  # ".NAME.old-PID": a folder's previous version, renamed aside while the new one goes in
 _TMP_MARK = ".tmp-"  # hidden ".NAME.tmp-PID" files and folders, moved into place when complete
 
 
@@ -58,6 +59,14 @@ def staged_leftovers(beside: str | os.PathLike) -> list[Path]:
     beside = Path(beside)
     mine = f".{beside.name}{_TMP_MARK}{os.getpid()}"
     return sorted(p for p in beside.parent.glob(f".{beside.name}{_TMP_MARK}*") if p.name != mine)
+
+
+def replaced_leftovers(beside: str | os.PathLike) -> list[Path]:
+    """Folders ``.NAME.old-PID`` beside ``beside``: the previous version, renamed aside by a
+    ``move_folder_into_place`` that was killed before it removed it (or before the new one
+    went in). Reported, never removed: they may be all that is left of the old data."""
+    beside = Path(beside)
+    return sorted(beside.parent.glob(f".{beside.name}{_OLD_MARK}*"))
 
 
 def temporary_name(path: str | os.PathLike, tag: str | None = None) -> Path:
@@ -154,7 +163,7 @@ def move_folder_into_place(tmp: Path, final: Path) -> None:
     for path in tmp.rglob("*"):  # writers that do not go through atomic_write (litdata's)
         if path.is_file():
             fsync_file(path)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = final.with_name(f".{final.name}{_OLD_MARK}{os.getpid()}")
     if final.exists():
         os.replace(final, old)
     # not registered for removal on Ctrl-C: stopped between the two renames, the old folder

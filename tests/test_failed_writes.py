@@ -207,7 +207,7 @@ def test_decode_swaps_a_folder_of_images_but_not_the_current_folder(tmp_path, mo
 
 
 @pytest.mark.parametrize("kill_before_rename", [1, 2, 3])
-def test_a_decode_killed_among_its_renames_leaves_one_whole_set(tmp_path, kill_before_rename):
+def test_a_decode_killed_among_its_renames_leaves_one_whole_set(tmp_path, kill_before_rename, capsys):
     """decode --overwrite renamed the new PNGs in one by one: a SIGKILL between two renames
     left new images among old ones. Killed before any rename of the swap, the folder (or, after
     the first, the old set put aside) holds one whole set."""
@@ -242,6 +242,13 @@ _write(np.ones((3, 1, 4, 4), np.float32), out)
             sets[folder.name] = (len(pixels), tuple(sorted(set(pixels.values()))))
     if rc == -signal.SIGKILL:  # killed: the old set whole, in place or put aside, and nothing mixed
         assert (5, (0,)) in sets.values() and set(sets.values()) <= {(5, (0,)), (3, (255,))}
+        from fastvae.commands.decode_command import _report_leftovers
+
+        _report_leftovers(out)  # what the next decode into the folder says
+        notes = capsys.readouterr().err.splitlines()
+        aside = sorted(tmp_path.glob(".images.old-*"))
+        assert [n.split(" ")[1] for n in notes if "earlier images" in n] == [str(p) for p in aside]
+        assert len(notes) == len(aside) + len(list(tmp_path.glob(".images.tmp-*")))
     else:  # the swap needs two renames: the third was never reached
         assert rc == 0 and sets == {"images": (3, (255,))}
 

@@ -566,14 +566,18 @@ def test_out_url_link_and_grayscale_of_a_colour_dataset(tmp_path, capsys):
     assert "--grayscale" in line and "prepared in colour" in line and not (tmp_path / "run").exists()
 
 
-def test_a_staging_folder_left_by_a_killed_prepare_is_reported_not_removed(tmp_path, capsys):
+def test_folders_left_by_a_killed_prepare_are_reported_not_removed(tmp_path, capsys):
     left = tmp_path / ".shards.tmp-4194301"  # another process's (it may run on another machine)
     (left / "train").mkdir(parents=True)
-    rc, _, err = cli(capsys, "prepare", "digits", "--out", tmp_path / "shards", "--quiet")
-    assert rc == 0 and left.is_dir()
+    old = tmp_path / ".shards.old-4194301"  # the old dataset, put aside by a killed replace
+    old.mkdir()
+    rc, _, err = cli(capsys, "prepare", "digits", "--out", tmp_path / "shards", "--quiet", "--overwrite")
+    assert rc == 0 and left.is_dir() and old.is_dir()
     assert [line for line in err.splitlines() if line.strip()] == [
         f"note: {left} was left by a 'fastvae prepare' that did not finish (killed?): remove it to "
-        "free its space if none is running"]
+        "free its space if none is running",
+        f"note: {old} is an earlier version of {tmp_path / 'shards'}, put aside by a replace that was "
+        "killed: remove it to free its space (or move it back)"]
 
 
 def test_resume_on_a_dataset_prepared_again_under_the_same_path_is_refused(tmp_path, capsys):

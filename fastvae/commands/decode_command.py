@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     written = _write(images, out)
     for png in set(earlier) - set(written):  # --overwrite: none of the earlier images stays
         png.unlink(missing_ok=True)
+    if not out.suffix:
+        _report_leftovers(out.resolve())
     how = f"in tiles of {args.tile} px (overlap {overlap * f} px)" if tile else "whole"
     print(f"wrote {out}: {len(images)} {'image' if images.ndim == 4 else 'output'}(s) of "
           f"{'x'.join(map(str, images.shape[1:]))} from latents {'x'.join(map(str, z.shape[1:]))}, decoded {how} in {seconds:.3f} s")
@@ -113,6 +115,22 @@ def _downsample(value, model) -> int:
         raise FastVAEError(f"{model} is damaged or not from 'fastvae export': its metadata says downsample "
                            f"{value!r}, not one of {', '.join(map(str, DOWNSAMPLES))}: export it again")
     return int(value)
+
+
+def _report_leftovers(folder) -> None:
+    """Notes on stderr for what killed decodes left beside ``folder``: staging folders, and
+    earlier image folders put aside by a swap (reported, never removed: another decode may be
+    running, and an old set may be all there is)."""
+    import sys
+
+    from fastvae.run_folder import replaced_leftovers, staged_leftovers
+
+    for left in staged_leftovers(folder):
+        print(f"note: {left} was left by a 'fastvae decode' that did not finish (killed?): remove it "
+              "to free its space if none is running", file=sys.stderr)
+    for left in replaced_leftovers(folder):
+        print(f"note: {left} holds earlier images of {folder.name}, put aside by a decode that was "
+              "killed: remove it to free its space (or move it back)", file=sys.stderr)
 
 
 def _swappable(folder) -> bool:
