@@ -97,6 +97,11 @@ def _end_with_parent() -> None:
     parent = multiprocessing.parent_process()  # None outside multiprocessing's children
     if not sys.platform.startswith("linux") or parent is None:
         return
+    ppid = os.getppid()
+    if ppid != parent.pid:  # started by a fork server (its child, not the parent's), or orphaned already
+        if not _alive(parent.pid):
+            os._exit(0)
+        return
     try:
         import ctypes
 
@@ -106,8 +111,18 @@ def _end_with_parent() -> None:
     # the parent ended before the call above: nothing will signal us. Compared with the real
     # parent's pid, not 1: fastvae may itself be pid 1 (a container), and a subreaper adopts
     # orphans under its own pid
-    if os.getppid() != parent.pid:
+    if os.getppid() != ppid:
         os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
 
 
 @contextmanager

@@ -213,3 +213,30 @@ def test_workers_start_when_fastvae_is_pid_1():
     done = subprocess.run([unshare, "-Urpf", "--mount-proc", sys.executable, "-c", _AS_PID_1],
                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["1"], done.stderr[-2000:]
+
+
+_POOL_OF = """
+import multiprocessing, os, sys
+from fastvae.interrupts import in_worker_process
+if __name__ == "__main__":
+    pool = multiprocessing.get_context(sys.argv[1]).Pool(1, initializer=in_worker_process)
+    print(pool.apply_async(os.getppid).get(timeout=60) > 0)
+    pool.close()
+    pool.join()
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_workers_start_under_every_start_method(method, tmp_path):
+    """A fork server's children are not its clients' children (Python 3.14's default start
+    method): the parent check ended every such worker at once."""
+    import subprocess
+    import sys
+
+    from testkit import SUBPROCESS_ENV
+
+    script = tmp_path / "pool_of.py"  # a file: spawn and forkserver import the main module
+    script.write_text(_POOL_OF)
+    done = subprocess.run([sys.executable, script, method], capture_output=True, text=True,
+                          env=SUBPROCESS_ENV, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["True"], done.stderr[-2000:]
