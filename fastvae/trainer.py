@@ -582,10 +582,14 @@ class Trainer:
             else:
                 became, now = "gradients became inf/NaN", "gradients are inf/NaN"
             if self.config.on_nonfinite == "stop":
+                # the first step runs the initial weights: no learning rate has acted yet
+                remedy = ("at the first step no update has been made yet: check --beta, --sigma, "
+                          "--free-bits and the data for extreme or non-finite values"
+                          if step == 1 and not math.isfinite(loss) else
+                          "Try a lower --lr, --precision 32-true, or --on-nonfinite skip")
                 raise FastVAEError(
                     f"{became} at epoch {self.epoch + 1}, step {step}; training stopped. "
-                    f"{self._checkpoint_note()}Try a lower --lr, --precision 32-true, or "
-                    "--on-nonfinite skip"
+                    f"{self._checkpoint_note()}{remedy[0].upper()}{remedy[1:]}"
                 )
             self.fabric.print(f"skipping step {step} (epoch {self.epoch + 1}): {now}")
         return finite

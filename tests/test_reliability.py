@@ -140,6 +140,17 @@ def test_nan_loss_before_any_checkpoint_does_not_promise_one(make_config, patch_
         train(config)
     assert not (Path(config.out) / "checkpoints" / "last.ckpt").exists()
     assert "intact" not in str(info.value), str(info.value)
+    assert "lower --lr" in str(info.value)
+
+
+def test_a_nonfinite_first_step_blames_the_settings_not_the_learning_rate(make_config):
+    """--beta 1e308 or --sigma 1e-300 make the very first loss inf, before the learning rate
+    has done anything: "try a lower --lr" sent the user the wrong way."""
+    for settings in ({"beta": 1e308}, {"likelihood": "gaussian", "sigma": 1e-300}):
+        with pytest.raises(FastVAEError) as info:
+            train(make_config(epochs=1, **settings))
+        message = str(info.value)
+        assert "step 1;" in message and "check --beta, --sigma" in message and "--lr" not in message, message
 
 
 def test_nonfinite_skip_skips_and_continues(make_config, patch_forward, capsys, any_check):
