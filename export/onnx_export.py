@@ -24,8 +24,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import numbers
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +153,11 @@ def export_decoder(
     """
     import onnx
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise FastVAEError(f"path must be the .onnx file to write (a str or path), got {path!r}")
+    for name, value in (("rtol", rtol), ("atol", atol)):  # a negative tolerance blamed the export
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < float("inf"):
+            raise FastVAEError(f"{name} must be a finite number >= 0, got {value!r}")
     path = Path(path)
     opset, check_batches = _check_arguments(path, opset, exporter, check_batches, fp16, int8)
     model, source = _resolve(run_or_model)
@@ -186,7 +193,13 @@ def _check_arguments(path: Path, opset, exporter: str, check_batches, fp16: bool
     """The checked (opset, check_batches); FastVAEError for bad values or folder targets."""
     if exporter not in EXPORTERS:
         raise FastVAEError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    for name, value in (("fp16", fp16), ("int8", int8)):
+        if not isinstance(value, bool):  # fp16="no" would read as True
+            raise FastVAEError(f"{name} must be True or False, got {value!r}")
     opset = _check_opset(opset)
+    if isinstance(check_batches, (str, bytes)) or not isinstance(check_batches, Iterable) or not all(
+            isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in check_batches):
+        raise FastVAEError(f"check_batches must be a tuple of batch sizes (integers), got {check_batches!r}")
     check_batches = tuple(int(b) for b in check_batches)
     if not check_batches or min(check_batches) < 1 or EXPORT_BATCH in check_batches:
         raise FastVAEError(

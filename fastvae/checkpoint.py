@@ -62,6 +62,9 @@ def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu", *, mmap: bool =
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, pickle errors, foreign formats: one message
+        if "on a CUDA device but torch.cuda.is_available() is False" in str(exc):  # not the file's fault
+            raise FastVAEError(f"map_location {map_location!r}: this machine has no CUDA device; "
+                               "load with map_location='cpu'") from None
         raise FastVAEError(
             f"{path} is not a readable fastvae checkpoint (truncated or another format: {one_line(exc)})"
         ) from None
@@ -95,7 +98,8 @@ def load(run_or_ckpt: str | Path, map_location="cpu"):
     state = read_checkpoint(run_or_ckpt, map_location)
     path = checkpoint_path(run_or_ckpt)
     try:
-        model = build_model(state["spec"])
+        with torch.random.fork_rng(devices=[]):  # the initial weights, replaced below, draw from
+            model = build_model(state["spec"])  # torch's generator: the caller's stream stays
     except (ValueError, KeyError, TypeError, OverflowError) as exc:  # an edited or foreign spec
         raise FastVAEError(f"{path} is a damaged fastvae checkpoint: its model spec builds no model "
                            f"({type(exc).__name__}: {one_line(exc)}); use an intact checkpoint or train again") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -127,6 +128,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ``FastVAEError`` naming the first bad setting and what to use instead."""
+        for f in fields(self):  # each setting of its field's type (TrainConfig(...) checks none)
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), type(f.default), "TrainConfig"))
         positive = ("latent_dim", "hidden_dim", "epochs", "batch_size", "devices", "num_nodes",
                     "latent_channels", "width", "blocks_per_level")
         for name in positive:
@@ -287,18 +290,20 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def _coerce(name: str, value, kind: type, source: str):
+    """``value`` as the setting's type: numpy numbers become Python ones, paths strings; a
+    switch takes only True or False (a string "no" would read as True)."""
     if kind is bool:
         if isinstance(value, bool):
             return value
     elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
     elif kind is str:
-        if isinstance(value, str):
-            return value
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
     raise FastVAEError(f"{source}: setting {name!r} must be a {kind.__name__}, got {value!r}")
 
 

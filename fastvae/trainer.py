@@ -25,6 +25,7 @@ written; ``on_train_end(trainer, interrupted)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -82,8 +83,47 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     ``resume`` continues from ``out/checkpoints/last.ckpt`` exactly (mid-epoch too);
     ``overwrite`` replaces a run already in ``out``. Without either, an ``out`` that already
     holds a run is refused, so no earlier work is lost by a typo. ``callbacks``: Fabric
-    callbacks (see the module docstring).
+    callbacks (see the module docstring). The caller's random streams (torch, numpy, random)
+    are as they were afterwards: training seeds them all from ``config.seed``.
     """
+    with _callers_random_state():
+        return _train(config, resume=resume, overwrite=overwrite, splits=splits, callbacks=callbacks)
+
+
+@contextlib.contextmanager
+def _callers_random_state():
+    """torch's (CPU, and CUDA where the caller had started it), numpy's and Python's random
+    states and Lightning's seed variables, restored on the way out (Fabric's seed_everything
+    sets them all)."""
+    import os
+    import random
+
+    import numpy as np
+
+    python, numpy = random.getstate(), np.random.get_state()
+    env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits | None,
+           callbacks: list | None) -> TrainResult | None:
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train() takes a fastvae.config.TrainConfig (TrainConfig(**settings) or "
+                        f"TrainConfig.from_dict(settings)), got {type(config).__name__}")
+    for name, value in (("resume", resume), ("overwrite", overwrite)):
+        if not isinstance(value, bool):  # overwrite="no" would read as True and replace the run
+            raise FastVAEError(f"train(): {name} must be True or False, got {value!r}")
     config.validate()
     check_processes(config)
     run_dir = Path(config.out)

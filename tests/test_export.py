@@ -240,7 +240,15 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         export_decoder(_model(), tmp_path / "d.onnx", opset=12)
     with pytest.raises(FastVAEError, match="is a folder"):
         export_decoder(_model(), tmp_path)
-    assert not (tmp_path / "d.onnx").exists()
+    # wrong types read as something else: fp16="no" wrote an fp16 file, a negative tolerance
+    # blamed the export ("try another --opset"), check_batches=5 was a TypeError
+    for kwargs, words in (({"fp16": "no"}, "fp16 must be True or False"), ({"rtol": -1}, "rtol must be"),
+                          ({"check_batches": 5}, "check_batches must be"), ({"atol": "x"}, "atol must be")):
+        with pytest.raises(FastVAEError, match=words):
+            export_decoder(_model(), tmp_path / "d.onnx", **kwargs)
+    with pytest.raises(FastVAEError, match="path must be"):
+        export_decoder(_model(), None)
+    assert not (tmp_path / "d.onnx").exists() and not (tmp_path / "d.fp16.onnx").exists()
 
 
 @pytest.fixture()

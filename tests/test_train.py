@@ -201,6 +201,53 @@ def test_threads_hold_while_training_and_the_callers_come_back(make_config):
         make_config(threads=-1).validate()
 
 
+def test_settings_of_the_wrong_type_are_refused_not_read_by_truthiness(tmp_path, make_config):
+    """overwrite="no" replaced a run (a non-empty string is true), pictures="no" drew them,
+    kl_warmup_steps="5" was a TypeError in a comparison; numpy numbers and paths are fine."""
+    import numpy as np
+
+    train(make_config(epochs=1))
+    for call, words in ((lambda: train(make_config(epochs=1), overwrite="no"), "overwrite must be True or False"),
+                        (lambda: train(make_config(epochs=2), resume="no"), "resume must be True or False"),
+                        (lambda: train(make_config(epochs=1, pictures="no")), "'pictures' must be a bool"),
+                        (lambda: train(make_config(epochs=1, kl_warmup_steps="5")), "'kl_warmup_steps' must be a int"),
+                        (lambda: train(make_config(epochs=1, lr=True)), "'lr' must be a float"),
+                        (lambda: train(make_config(epochs=1, loggers=["csv"])), "'loggers' must be a str")):
+        with pytest.raises(FastVAEError, match=words):
+            call()
+    assert load(make_config().out) is not None  # the run is still there
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train({"epochs": 1})
+    config = make_config(out=tmp_path / "typed", epochs=np.int64(1), lr=np.float32(1e-3), iwae_k=np.int64(2)).validate()
+    assert type(config.epochs) is int and type(config.lr) is float and config.out == str(tmp_path / "typed")
+
+
+def test_train_and_load_leave_the_callers_random_streams_alone(make_config):
+    """train() seeded torch, numpy and random from its config (Fabric's seed_everything) and
+    left them so; load() drew the initial weights it then replaced from torch's generator."""
+    import os
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    train(make_config(epochs=1))
+    load(make_config().out)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+    assert {k: os.environ.get(k) for k in env} == env
+    if not torch.cuda.is_available():
+        with pytest.raises(FastVAEError, match="no CUDA device; load with map_location='cpu'"):
+            load(make_config().out, map_location="cuda")
+
+
 def test_resume_equals_straight_run(tmp_path, make_config):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(make_config(out=straight, epochs=4))
