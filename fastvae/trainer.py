@@ -150,7 +150,20 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
 
         with SignalsToRanks(), rank_errors.collected() as errors:
             return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume)
-    return fabric.launch(_fit, config, splits, resume)
+    try:
+        return fabric.launch(_fit, config, splits, resume)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Destroy the process group Fabric started in this process (torchrun, srun, ddp): left
+    to the interpreter's exit, gloo's threads can still run while it tears down, and the rank
+    aborts ("terminate called without an active exception", exit -6) after a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def load_config_data(config: TrainConfig, source: str | None = None):
