@@ -87,6 +87,8 @@ class OnnxSampler:
         from fastvae.export import providers as eps
         from fastvae.export.thread_regimes import ThreadRegimes
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise FastVAEError(f"OnnxSampler takes the path of a decoder .onnx file, got {path!r}")
         self.path = Path(path)
         _check_file(self.path)
         wanted = eps.resolve(providers)
@@ -189,6 +191,8 @@ class OnnxSampler:
         if z.dtype != np.float32 or not z.flags.c_contiguous:
             if not np.issubdtype(z.dtype, np.number):
                 raise FastVAEError(f"z must hold numbers, got dtype {z.dtype}")
+            if np.issubdtype(z.dtype, np.complexfloating):  # numpy would drop the imaginary parts
+                raise FastVAEError(f"z must hold real numbers, got dtype {z.dtype}")
             z = np.ascontiguousarray(z, dtype=np.float32)
         batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int(batch_size, "batch_size")
         n = len(z)
@@ -260,7 +264,7 @@ class OnnxSampler:
             raise FastVAEError(f"mode must be one of {MODES}, got {mode!r}")
         self.check_can_sample()
         self.check_rows(n, "n")
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(_seed(seed))
         x = self.decode(self.draw_latents(n, rng), batch_size)
         return self.observe(x, rng) if mode == "sample" else x
 
@@ -323,6 +327,16 @@ def _dims_match(actual, expected) -> bool:
     if actual is None or len(actual) != len(expected):
         return False
     return all(e is None or not isinstance(a, int) or a == e for a, e in zip(actual, expected))
+
+
+def _seed(seed):
+    """None or a seed in [0, 2**128) for numpy's generator, else FastVAEError (numpy's own
+    errors for "1", -1 or 1.5 said "not 1" or "expected non-negative integer")."""
+    if seed is None:
+        return None
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**128:
+        raise FastVAEError(f"seed must be None, a numpy Generator or an integer >= 0, got {seed!r}")
+    return int(seed)
 
 
 def _positive_int(value, name: str, allow_zero: bool = False) -> int:

@@ -33,6 +33,7 @@ PLATFORM = "onnxruntime_onnx"
 DEFAULT_NAME = "fastvae_decoder"
 DEFAULT_MAX_BATCH = 64
 DEFAULT_QUEUE_DELAY_US = 2000
+MAX_QUEUE_DELAY_US = 60_000_000  # a minute, like serve's --max-wait-ms ceiling
 VERSION = "1"
 MODEL_FILE = "model.onnx"
 MAX_BATCH_LIMIT = 2**31 - 1  # ModelConfig.max_batch_size is an int32: Triton cannot parse more
@@ -82,6 +83,10 @@ def write_triton_repository(onnx_path, repo: str | os.PathLike, *, name: str = D
     """Write ``repo/name/config.pbtxt`` and ``repo/name/1/model.onnx`` for the fastvae decoder
     ``onnx_path``; FastVAEError (one line) for a bad name, batch size or file."""
     check_repository_target(repo, name, max_batch)
+    if (not isinstance(max_queue_delay_us, int) or isinstance(max_queue_delay_us, bool)
+            or not 0 <= max_queue_delay_us <= MAX_QUEUE_DELAY_US):  # Triton refuses the model otherwise
+        raise FastVAEError(f"max_queue_delay_us must be an integer from 0 to {MAX_QUEUE_DELAY_US}, "
+                           f"got {max_queue_delay_us!r}")
     source = Path(onnx_path)
     text = config_text(source, name, max_batch, max_queue_delay_us)
     folder = Path(repo) / name

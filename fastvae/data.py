@@ -67,6 +67,12 @@ def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, s
     ``split_seed`` and ``split_rule`` (``split_indices``) make the held-out split of sources
     without one; ``grayscale`` converts colour images to one channel (a prepared dataset is
     read as it was written: refused)."""
+    from fastvae.config import TrainConfig
+
+    # the rules and messages of the same settings of a run ("0.1" failed inside a comparison)
+    TrainConfig(data=source, test_fraction=test_fraction, split_seed=split_seed, grayscale=grayscale,
+                split_rule=split_rule).validate()
+    source = os.fspath(source)
     data = _load(source, (test_fraction, split_seed, split_rule), grayscale)
     if grayscale and data.data_shape[0] == 3:
         if not isinstance(data, Splits):

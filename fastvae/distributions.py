@@ -46,9 +46,15 @@ def kl_mvn(
 
     ``mu_*`` have shape (..., d) and ``cov_*`` (..., d, d); leading shapes broadcast.
     """
+    for name, value in (("mu_q", mu_q), ("cov_q", cov_q), ("mu_p", mu_p), ("cov_p", cov_p)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"kl_mvn: {name} must be a torch.Tensor, got {type(value).__name__}")
     d = mu_q.shape[-1]
-    l_q = torch.linalg.cholesky(cov_q)
-    l_p = torch.linalg.cholesky(cov_p)
+    if mu_p.shape[-1] != d or cov_q.shape[-2:] != (d, d) or cov_p.shape[-2:] != (d, d):
+        raise ValueError(f"kl_mvn: means (..., d) and covariances (..., d, d) of one d, got mu_q "
+                         f"{tuple(mu_q.shape)}, cov_q {tuple(cov_q.shape)}, mu_p {tuple(mu_p.shape)}, "
+                         f"cov_p {tuple(cov_p.shape)}")
+    l_q, l_p = _cholesky(cov_q, "cov_q"), _cholesky(cov_p, "cov_p")
     batch = torch.broadcast_shapes(l_q.shape[:-2], l_p.shape[:-2], mu_q.shape[:-1], mu_p.shape[:-1])
     l_q = l_q.expand(*batch, d, d)
     l_p = l_p.expand(*batch, d, d)
@@ -61,6 +67,21 @@ def kl_mvn(
     half_logdet_p = l_p.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     half_logdet_q = l_q.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     return 0.5 * (trace + mahalanobis - d) + half_logdet_p - half_logdet_q
+
+
+def _cholesky(cov: torch.Tensor, name: str) -> torch.Tensor:
+    """The lower Cholesky factor of ``cov``; ValueError unless it is symmetric positive-definite
+    (cholesky reads the lower triangle only: an asymmetric matrix gave a KL of another one)."""
+    c = cov.detach()
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError(f"kl_mvn: {name} holds NaN or Inf values")
+    scale = float(c.abs().amax()) if c.numel() else 1.0
+    if not torch.allclose(c, c.mT, rtol=1e-5, atol=1e-6 * scale):
+        raise ValueError(f"kl_mvn: {name} is not symmetric: give a covariance matrix")
+    factor, info = torch.linalg.cholesky_ex(cov)
+    if bool((info != 0).any()):
+        raise ValueError(f"kl_mvn: {name} is not positive-definite: give a covariance matrix")
+    return factor
 
 
 def diag_normal_log_prob(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,8 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
     from fastvae.config import check_iwae_k
 
     check_iwae_k(iwae_k)
+    model, data = _checked(model, data, seed)
+    iwae_k = int(iwae_k)
     sums = elbo_sums(model, data, seed=seed)
     n = float(sums[3])
     result = {"neg_elbo": float(sums[0]) / n, "recon": float(sums[1]) / n,
@@ -128,6 +130,40 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
     bound = result.get("iwae_nll", result["neg_elbo"])
     result["bits_per_dim"] = bits_per_dim(bound, model.data_shape, model.likelihood.kind)
     return result
+
+
+def _checked(model, data, seed):
+    """(model, data) for ``evaluate``, or one clear error: a run folder or checkpoint is loaded,
+    ``Splits`` give their test split, numpy arrays become tensors."""
+    import os
+
+    import numpy as np
+
+    from fastvae.config import MAX_SEED
+    from fastvae.data import Splits
+    from fastvae.errors import FastVAEError
+
+    if isinstance(model, (str, os.PathLike)):
+        from fastvae.checkpoint import load
+
+        model = load(model)
+    if not hasattr(model, "data_shape") or not hasattr(model, "likelihood"):
+        raise FastVAEError(f"evaluate takes a fastvae VAE (fastvae.load(RUN)) or a run folder, got "
+                           f"{type(model).__name__}")
+    if isinstance(data, Splits):
+        data = data.test
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        if len(data) == 0 or tuple(data.shape[1:]) != tuple(model.data_shape):
+            raise FastVAEError(f"evaluate: data of shape {tuple(data.shape)}, the model takes rows "
+                               f"{tuple(model.data_shape)} (at least one)")
+    elif not hasattr(data, "read_block"):  # a prepared split, streamed
+        raise FastVAEError(f"evaluate: data must be a tensor (n, {', '.join(map(str, model.data_shape))}), "
+                           f"Splits or a prepared split, got {type(data).__name__}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise FastVAEError(f"evaluate: seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return model, data
 
 
 def bits_per_dim(nats: float, data_shape, likelihood: str) -> float:

@@ -582,3 +582,18 @@ def test_epoch_batches_shard_across_ranks():
     assert covered == set(range(103))
     # the ranks' k-th rows interleave to the single process's order
     assert torch.equal(torch.stack(shards, 1).flatten()[:103], single)
+
+
+def test_split_arguments_are_checked_like_a_runs_settings():
+    """load_dataset(..., test_fraction="0.1") failed inside a comparison (or was ignored for
+    digits); split_seed=-1 and 1.5 were numpy's errors."""
+    from fastvae.data import load_dataset
+    from fastvae.errors import FastVAEError
+
+    for kwargs, words in (({"test_fraction": "0.1"}, "'test_fraction' must be a float"),
+                          ({"split_seed": -1}, "--split-seed must be an integer from 0"),
+                          ({"split_seed": 1.5}, "'split_seed' must be a int")):
+        with pytest.raises(FastVAEError, match=words):
+            load_dataset("digits", **kwargs)
+    with pytest.raises(FastVAEError, match="must be a str"):
+        load_dataset(None)

@@ -122,3 +122,20 @@ def test_log_probs_match_torch():
     x, mu, logvar = (torch.randn(7, 3, dtype=torch.float64, generator=g) for _ in range(3))
     torch.testing.assert_close(diag_normal_log_prob(x, mu, logvar), diag(mu, logvar).log_prob(x))
     torch.testing.assert_close(standard_normal_log_prob(x), diag(torch.zeros_like(mu), torch.zeros_like(mu)).log_prob(x))
+
+
+def test_kl_mvn_refuses_what_is_no_covariance():
+    """cholesky reads only the lower triangle: an asymmetric "covariance" gave the KL of another
+    matrix, without a word; not positive-definite was torch's LinAlgError."""
+    d = 3
+    a = torch.randn(d, d, dtype=torch.float64)
+    cov = a @ a.T + torch.eye(d, dtype=torch.float64)
+    mu = torch.zeros(d, dtype=torch.float64)
+    for bad, words in ((torch.triu(cov), "not symmetric"), (-cov, "not positive-definite"),
+                       (cov.new_full((d, d), float("nan")), "NaN or Inf")):
+        with pytest.raises(ValueError, match=words):
+            kl_mvn(mu, bad, mu, cov)
+    with pytest.raises(ValueError, match="one d"):
+        kl_mvn(mu, cov, torch.zeros(d + 1, dtype=torch.float64), cov)
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        kl_mvn(mu.numpy(), cov, mu, cov)

@@ -253,6 +253,20 @@ def test_an_autoencoder_decoder_is_not_sampled_from_a_prior(tmp_path, capsys):
     assert not (tmp_path / "y.npy").exists()
 
 
+def test_seeds_paths_and_complex_latents_are_clear_errors(path):
+    """numpy's own errors named the wrong thing (seed "1": "not 1"), complex latents lost their
+    imaginary parts with a warning, OnnxSampler(None) was a pathlib TypeError."""
+    sampler = OnnxSampler(path)
+    for seed in ("1", -1, 1.5, True):
+        with pytest.raises(FastVAEError, match="seed must be None, a numpy Generator or an integer"):
+            sampler.sample(2, seed=seed)
+    np.testing.assert_array_equal(sampler.sample(2, seed=np.int64(3)), sampler.sample(2, seed=3))
+    with pytest.raises(FastVAEError, match="real numbers"):
+        sampler.decode(np.zeros((2, LATENT), np.complex64))
+    with pytest.raises(FastVAEError, match="path of a decoder"):
+        OnnxSampler(None)
+
+
 _NO_TORCH = """
 import sys
 sys.modules["torch"] = None  # any 'import torch' now raises ImportError

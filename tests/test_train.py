@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -248,6 +249,16 @@ def test_train_and_load_leave_the_callers_random_streams_alone(make_config):
             load(make_config().out, map_location="cuda")
 
 
+def test_model_sample_checks_n(digits):
+    from fastvae.models import build_model
+
+    model = build_model({"data_shape": [1, 8, 8], "hidden_dim": 16, "latent_dim": 4})
+    assert model.sample(0).shape == (0, 1, 8, 8) and model.sample(np.int64(2)).shape == (2, 1, 8, 8)
+    for n in (-1, 2.0, "2", True):
+        with pytest.raises(ValueError, match="n must be a non-negative integer"):
+            model.sample(n)
+
+
 def test_resume_equals_straight_run(tmp_path, make_config):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(make_config(out=straight, epochs=4))
@@ -352,3 +363,22 @@ def test_free_bits_keep_kl_up(tmp_path, make_config):
     plain = train(make_config(out=tmp_path / "plain", epochs=2)).metrics[-1]["train_kl"]
     fb = train(make_config(out=tmp_path / "fb", epochs=2, free_bits=2.0)).metrics[-1]["train_kl"]
     assert fb > plain + 1.0, (plain, fb)
+
+
+def test_evaluate_checks_its_arguments(make_config, digits):
+    """An empty test set was a ZeroDivisionError, numpy data an AttributeError, a run path
+    "'str' object has no attribute 'training'", seed "0" a torch RuntimeError."""
+    from fastvae.evaluation import evaluate
+
+    config = make_config(epochs=1)
+    train(config)
+    model = load(config.out)
+    expected = evaluate(model, digits.test[:40], iwae_k=0)
+    assert evaluate(config.out, digits.test[:40].numpy(), iwae_k=np.int64(0)) == expected  # a run path, numpy rows
+    assert evaluate(model, digits, iwae_k=0)["n"] == len(digits.test)  # Splits: the test split
+    for args, kwargs, words in (((model, digits.test[:0]), {}, "at least one"),
+                                ((model, digits.test[:4].flatten(1)), {}, "the model takes rows"),
+                                ((model, digits.test[:4]), {"seed": "0"}, "seed must be an integer"),
+                                ((torch.nn.Linear(2, 2), digits.test[:4]), {}, "takes a fastvae VAE")):
+        with pytest.raises(FastVAEError, match=words):
+            evaluate(*args, iwae_k=0, **kwargs)

@@ -95,6 +95,18 @@ def test_the_largest_int32_max_batch_parses(decoder, tmp_path):
     assert parse(repo.config).max_batch_size == 2**31 - 1
 
 
+def test_a_queue_delay_triton_would_refuse_is_refused_here(decoder, tmp_path):
+    """-5 was written into config.pbtxt (Triton refuses the model when it loads it), "5" too."""
+    from fastvae.errors import FastVAEError
+
+    for delay in (-5, "5", 10**12):
+        with pytest.raises(FastVAEError, match="max_queue_delay_us must be an integer from 0"):
+            write_triton_repository(decoder, tmp_path / "m", max_queue_delay_us=delay)
+    assert not (tmp_path / "m").exists()
+    repo = write_triton_repository(decoder, tmp_path / "m", max_queue_delay_us=0)
+    assert parse(repo.config).dynamic_batching.max_queue_delay_microseconds == 0
+
+
 def test_newer_version_folders_are_kept_and_named_in_a_note(decoder, tmp_path):
     """A DIR/NAME/2 from elsewhere would be served instead of this export's 1 (Triton's default
     version policy: the latest): left in place (the user's files) but named in the summary."""

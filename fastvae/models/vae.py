@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,9 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Means of p(x|z) for n draws z ~ N(0, I), shaped (n, *data_shape)."""
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"sample(n): n must be a non-negative integer, got {n!r}")
+        n = int(n)
         device = next(self.parameters()).device
         z = torch.randn(n, *self.latent_shape, generator=generator, device=device)
         return self.likelihood.mean(self.decode(z))
