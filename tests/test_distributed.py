@@ -231,7 +231,9 @@ def test_two_nodes_under_torchrun_match_one_process(tmp_path):
          "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
          "-m", "fastvae", *common, "--devices", "1", "--num-nodes", "2", "--strategy", "ddp",
          "--batch-size", "32", "--out", str(tmp_path / "two_nodes")],
-        cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # torchrun leaves its log folders (torchelastic_*) in the temporary folder: this test's
+        cwd=REPO, env={**SUBPROCESS_ENV, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
         for rank in (0, 1)]
     try:
         logs = [node.communicate(timeout=240)[0] for node in nodes]
