@@ -157,9 +157,10 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
 
 
 def _end_process_group() -> None:
-    """Destroy the process group Fabric started in this process (torchrun, srun, ddp): left
-    to the interpreter's exit, gloo's threads can still run while it tears down, and the rank
-    aborts ("terminate called without an active exception", exit -6) after a finished run."""
+    """Destroy the process group Fabric started in this process (torchrun, srun, ddp, spawned
+    ranks): left to the interpreter's exit, gloo's threads can still run while it tears down,
+    and the rank aborts ("terminate called without an active exception", SIGABRT) after a
+    finished or stopped run."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -804,6 +805,7 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResu
         return None
     finally:
         torch.set_num_threads(threads)
+        _end_process_group()  # in each rank's own process (spawned ranks end right after)
 
 
 def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:
