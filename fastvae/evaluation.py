@@ -118,9 +118,8 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
     (nats per example; bits per dim of the tightest bound computed, see the module doc)."""
     from fastvae.config import check_iwae_k
 
-    check_iwae_k(iwae_k)
+    iwae_k = check_iwae_k(iwae_k)
     model, data = _checked(model, data, seed)
-    iwae_k = int(iwae_k)
     sums = elbo_sums(model, data, seed=seed)
     n = float(sums[3])
     result = {"neg_elbo": float(sums[0]) / n, "recon": float(sums[1]) / n,

@@ -240,8 +240,7 @@ class StreamSource:
                       start: int = 0) -> _Batches:
         part = _Part(seed, epoch, rank, world, batch_size, start)
         plan = EpochPlan(self.split, seed=seed, epoch=epoch)
-        total = math.ceil(math.ceil(len(self.split) / world) / batch_size)
-        return _Batches(total, self._batches(self._items(part, plan, part.segments(plan)), batch_size))
+        return _Batches(batches_per_epoch(len(self.split), world, batch_size), self._batches(self._items(part, plan, part.segments(plan)), batch_size))
 
     def _batches(self, items, batch_size: int):
         """Batches of ``batch_size`` rows (the last may be short) from uint8 image items."""
@@ -347,6 +346,11 @@ def make_source(data, fabric, workers: int = 2, epochs: int | None = None):
     return StreamSource(data, fabric.device, workers, epochs) if is_streamed(data) else TensorSource(data, fabric)
 
 
+def batches_per_epoch(n: int, world: int, batch_size: int) -> int:
+    """Batches of each rank in an epoch of ``n`` examples: ceil(ceil(n / W) / batch_size)."""
+    return math.ceil(math.ceil(n / world) / batch_size)
+
+
 # ------------------------------------------------------------------------------ evaluation
 
 
@@ -357,7 +361,7 @@ def eval_batches(data, batch_size: int, device, rank: int = 0, world: int = 1):
     A tensor: rows rank, rank + W, ... (already on its device); a prepared split: the
     contiguous rows [r*Q, (r+1)*Q) in stored order."""
     n = len(data)
-    count = math.ceil(math.ceil(n / world) / batch_size)
+    count = batches_per_epoch(n, world, batch_size)
     if not is_streamed(data):
         rows = torch.arange(rank, n, world, device=data.device)
         for i in range(count):

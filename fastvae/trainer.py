@@ -42,7 +42,7 @@ from fastvae.data import Splits, load_dataset
 from fastvae.errors import FastVAEError, one_line
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
 from fastvae.interrupts import removed_on_exit
-from fastvae.loaders import in_memory_sample, is_streamed, make_source
+from fastvae.loaders import batches_per_epoch, in_memory_sample, is_streamed, make_source
 from fastvae.losses import kl_weight
 from fastvae.models import check_model
 from fastvae.reparam import resolve_backend
@@ -131,7 +131,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     saved = check_resume(run_dir, config) if resume else {}
     splits = splits if splits is not None else load_config_data(config)
     check_model(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
-    steps = math.ceil(math.ceil(len(splits.train) / (config.devices * config.num_nodes)) / config.batch_size)
+    steps = batches_per_epoch(len(splits.train), config.devices * config.num_nodes, config.batch_size)
     if saved.get("batch_in_epoch", 0) >= steps:  # the loop would run no step, then call it divergence
         raise FastVAEError(f"cannot resume {run_dir}: its checkpoint stopped at batch {saved['batch_in_epoch']} "
                            f"of an epoch of {steps} batches (an edited or foreign checkpoint); resume from an "
@@ -150,15 +150,12 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
 
         with SignalsToRanks(), rank_errors.collected() as errors:
             return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume)
-    try:
-        return fabric.launch(_fit, config, splits, resume)
-    finally:
-        _end_process_group()
+    return fabric.launch(_fit, config, splits, resume)
 
 
 def _end_process_group() -> None:
-    """Destroy the process group Fabric started in this process (torchrun, srun, ddp, spawned
-    ranks): left to the interpreter's exit, gloo's threads can still run while it tears down,
+    """Destroy the process group Fabric started in this process (called as each rank's part
+    ends: torchrun, srun, ddp, spawned ranks): left to the interpreter's exit, gloo's threads can still run while it tears down,
     and the rank aborts ("terminate called without an active exception", SIGABRT) after a
     finished or stopped run."""
     import torch.distributed as dist

@@ -148,7 +148,7 @@ context = multiprocessing.get_context("fork")
 started = context.Event()
 def long_task():  # a decode of a huge image, say
     started.set()
-    time.sleep(3600)
+    time.sleep(3600)  # not synchronisation: the long task the worker is busy in when its parent ends
 pool = context.Pool(1, initializer=in_worker_process)
 Path(sys.argv[1]).write_text(str(pool.apply(os.getpid)))
 pool.apply_async(long_task)

@@ -14,7 +14,7 @@ from torch import nn
 
 from fastvae.config import MODEL_SETTINGS, TrainConfig
 from fastvae.models.conv import ConvDecoder, ConvEncoder
-from fastvae.models.convkl import ConvKLDecoder, ConvKLEncoder, check_image_size
+from fastvae.models.convkl import ConvKLDecoder, ConvKLEncoder
 from fastvae.models.mlp import MLPDecoder, MLPEncoder
 from fastvae.models.vae import VAE, StackedAutoencoder, VAEOutput
 
@@ -39,23 +39,16 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def check_data_shape(spec: dict) -> None:
-    """FastVAEError when the model of ``spec`` cannot take its ``data_shape`` (checked before
-    training starts, so a bad image size is one line, not a failure in every process)."""
-    spec = {**DEFAULT_SPEC, **spec}
-    if spec["model"] == "convkl":
-        check_image_size(spec)
-
-
 def check_model(spec: dict) -> None:
-    """FastVAEError when ``spec`` builds no model (sizes torch refuses) or one whose fp32
-    weights alone exceed this machine's memory; built on the meta device (no memory, a few ms),
-    so a train --overwrite fails here, before the old run is removed."""
+    """FastVAEError when ``spec`` builds no model (data the model cannot take, e.g. a convkl
+    image size f does not divide; sizes torch refuses) or one whose fp32 weights alone exceed
+    this machine's memory; built on the meta device (no memory, a few ms), before training
+    starts (one line, not a failure in every process) and before a train --overwrite removes
+    the old run."""
     import torch
 
     from fastvae.errors import FastVAEError, one_line
 
-    check_data_shape(spec)
     try:
         with torch.device("meta"):
             model = build_model(spec)
@@ -100,6 +93,6 @@ def build_model(spec: dict) -> VAE | StackedAutoencoder:
 
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "check_data_shape", "check_model", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
+    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "check_model", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
     "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "ConvKLEncoder", "ConvKLDecoder",
 ]
