@@ -61,6 +61,23 @@ def fsdp_strategy(world_size: int):
                                  save_distributed_checkpoint=False)
 
 
+def release_process_groups(strategy) -> None:
+    """Drop the device mesh's own references to its process groups (after
+    ``destroy_process_group``), so that they end now, not at the interpreter's exit.
+
+    torch >= 2.13's DeviceMesh keeps the groups in ``_pg_registry``, and the mesh outlives the
+    run (Fabric's strategy, DTensor's caches): gloo's threads then ran into the interpreter's
+    teardown, and about one FSDP run in a hundred aborted at exit ("terminate called without an
+    active exception", SIGABRT) after finishing its work. No-op for other strategies and for
+    torch versions whose mesh holds no groups.
+    """
+    mesh = getattr(strategy, "_device_mesh", None)
+    for part in (mesh, getattr(mesh, "_root_mesh", None)):
+        registry = getattr(part, "_pg_registry", None)
+        if isinstance(registry, dict):
+            registry.clear()
+
+
 def _first_key(state: dict):
     """The first parameter key of an optimizer state: an index, a name, or None (no params)."""
     groups = state["param_groups"]

@@ -153,15 +153,22 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     return fabric.launch(_fit, config, splits, resume)
 
 
-def _end_process_group() -> None:
-    """Destroy the process group Fabric started in this process (called as each rank's part
-    ends: torchrun, srun, ddp, spawned ranks): left to the interpreter's exit, gloo's threads can still run while it tears down,
-    and the rank aborts ("terminate called without an active exception", SIGABRT) after a
-    finished or stopped run."""
+def _end_process_group(fabric) -> None:
+    """Destroy the process group Fabric started in this process and free its backends now
+    (called as each rank's part ends: torchrun, srun, ddp, fsdp, spawned ranks): left to the
+    interpreter's exit, gloo's threads can still run while it tears down, and the rank aborts
+    ("terminate called without an active exception", SIGABRT) after a finished or stopped run."""
+    import gc
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    from fastvae.sharding import release_process_groups
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    release_process_groups(fabric.strategy)
+    gc.collect()  # FSDP's hooks hold the groups in reference cycles: free them while Python runs
 
 
 def load_config_data(config: TrainConfig, source: str | None = None):
@@ -802,7 +809,7 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResu
         return None
     finally:
         torch.set_num_threads(threads)
-        _end_process_group()  # in each rank's own process (spawned ranks end right after)
+        _end_process_group(fabric)  # in each rank's own process (spawned ranks end right after)
 
 
 def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:
