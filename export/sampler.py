@@ -348,8 +348,13 @@ def _positive_int(value, name: str, allow_zero: bool = False) -> int:
 
 
 def check_size(rows: int, values_per_row: int, name: str) -> None:
-    """One clear error for ``rows`` arrays of ``values_per_row`` float32 values that no machine
-    can hold (numpy would raise 'Maximum allowed dimension exceeded' past 2^63 elements)."""
-    if rows * values_per_row >= 2**60:
-        raise FastVAEError(f"{name}={rows} rows of {values_per_row} values need {rows * values_per_row * 4:.3g} "
-                           f"bytes: use a smaller {name}")
+    """One clear error for ``rows`` arrays of ``values_per_row`` float32 values that this
+    machine cannot hold (numpy raised MemoryError naming an array shape, or 'Maximum allowed
+    dimension exceeded' past 2^63 elements)."""
+    from fastvae.config import host_memory
+
+    need = 4 * rows * values_per_row
+    memory = host_memory() or 2**62
+    if need > memory:
+        raise FastVAEError(f"{name}={rows} rows of {values_per_row} values need {need / 2**30:.3g} GiB, more than "
+                           f"this machine's memory ({memory / 2**30:.3g} GiB): use a smaller {name}, in several calls")

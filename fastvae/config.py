@@ -243,6 +243,14 @@ def saved_settings(values: dict) -> dict:
     return {**SAVED_BEFORE, **values}
 
 
+def host_memory() -> int:
+    """This machine's physical memory in bytes (0 where the system does not say: no check)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 0
+
+
 def check_iwae_k(k) -> int:
     """``k`` as an int if it is a valid number of importance samples (0: no IWAE bound), else
     FastVAEError."""

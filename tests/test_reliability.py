@@ -283,9 +283,9 @@ def test_overwrite_with_bad_data_or_model_keeps_the_old_run(tmp_path, make_confi
     assert read_checkpoint(config.out)["epoch"] == 1
     # a model too large for the machine (--hidden-dim 100000000000 emptied the folder, then
     # failed allocating): refused before the old run is touched; here "the machine" has 1 MB
-    import fastvae.models
+    import fastvae.config
 
-    monkeypatch.setattr(fastvae.models, "_host_memory", lambda: 1 << 20)
+    monkeypatch.setattr(fastvae.config, "host_memory", lambda: 1 << 20)
     with pytest.raises(FastVAEError, match=r"parameters \([0-9.e-]+ GiB in fp32\), more than this machine's memory \(0.000977 GiB\)"):
         train(make_config(epochs=1, hidden_dim=4096), overwrite=True)
     assert read_checkpoint(config.out)["epoch"] == 1

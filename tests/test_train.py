@@ -376,7 +376,14 @@ def test_evaluate_checks_its_arguments(make_config, digits):
     expected = evaluate(model, digits.test[:40], iwae_k=0)
     assert evaluate(config.out, digits.test[:40].numpy(), iwae_k=np.int64(0)) == expected  # a run path, numpy rows
     assert evaluate(model, digits, iwae_k=0)["n"] == len(digits.test)  # Splits: the test split
+    pixels = (digits.test[:40] * 255).round().to(torch.uint8)  # uint8 rows read as the loaders read them
+    assert evaluate(model, pixels, iwae_k=0)["neg_elbo"] == pytest.approx(
+        evaluate(model, pixels.float() / 255, iwae_k=0)["neg_elbo"], rel=1e-6)
     for args, kwargs, words in (((model, digits.test[:0]), {}, "at least one"),
+                                ((model, digits.test[:4] * 255), {}, r"values in \[0, 255\]"),  # was a number
+                                ((model, digits.test[:4] - 0.5), {}, r"in \[0, 1\]"),
+                                ((model, digits.test[:4] * float("nan")), {}, "NaN"),
+                                ((model, digits.test[:4].long()), {}, "dtype torch.int64"),
                                 ((model, digits.test[:4].flatten(1)), {}, "the model takes rows"),
                                 ((model, digits.test[:4]), {"seed": "0"}, "seed must be an integer"),
                                 ((torch.nn.Linear(2, 2), digits.test[:4]), {}, "takes a fastvae VAE")):

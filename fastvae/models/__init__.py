@@ -47,6 +47,7 @@ def check_model(spec: dict) -> None:
     the old run."""
     import torch
 
+    from fastvae.config import host_memory
     from fastvae.errors import FastVAEError, one_line
 
     try:
@@ -55,20 +56,11 @@ def check_model(spec: dict) -> None:
     except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
         raise FastVAEError(f"these settings build no model: {one_line(exc)}") from None
     count = sum(p.numel() for p in model.parameters())
-    memory = _host_memory()
+    memory = host_memory()
     if memory and 4 * count > memory:
         raise FastVAEError(f"the model would have {count:,} parameters ({4 * count / 2**30:.3g} GiB in fp32), "
                            f"more than this machine's memory ({memory / 2**30:.3g} GiB): use a smaller "
                            "--hidden-dim or --latent-dim (convkl: --width, --channel-mult, --blocks-per-level)")
-
-
-def _host_memory() -> int:
-    import os
-
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: no check
-        return 0
 
 
 def build_model(spec: dict) -> VAE | StackedAutoencoder:
