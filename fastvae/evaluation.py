@@ -115,7 +115,10 @@ def decode_rows(model) -> int:
 def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
              progress: bool = False) -> dict:
     """``{"neg_elbo", "recon", "kl", "iwae_nll", "bits_per_dim", "n", "iwae_k"}`` on ``data``
-    (nats per example; bits per dim of the tightest bound computed, see the module doc)."""
+    (nats per example; bits per dim of the tightest bound computed, see the module doc).
+
+    ``data``: rows (n, *model.data_shape) as a tensor or numpy array, floats in [0, 1] or uint8
+    pixels; ``Splits`` (their test split) or a prepared split. ``model``: a VAE or a run folder."""
     from fastvae.config import check_iwae_k
 
     iwae_k = check_iwae_k(iwae_k)
