@@ -240,7 +240,8 @@ class StreamSource:
                       start: int = 0) -> _Batches:
         part = _Part(seed, epoch, rank, world, batch_size, start)
         plan = EpochPlan(self.split, seed=seed, epoch=epoch)
-        return _Batches(batches_per_epoch(len(self.split), world, batch_size), self._batches(self._items(part, plan, part.segments(plan)), batch_size))
+        items = self._items(part, plan, part.segments(plan))
+        return _Batches(batches_per_epoch(len(self.split), world, batch_size), self._batches(items, batch_size))
 
     def _batches(self, items, batch_size: int):
         """Batches of ``batch_size`` rows (the last may be short) from uint8 image items."""
