@@ -153,11 +153,16 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     return fabric.launch(_fit, config, splits, resume)
 
 
-def _end_process_group(fabric) -> None:
+def _end_process_group(fabric, compiled: bool = False) -> None:
     """Destroy the process group Fabric started in this process and free its backends now
     (called as each rank's part ends: torchrun, srun, ddp, fsdp, spawned ranks): left to the
     interpreter's exit, gloo's threads can still run while it tears down, and the rank aborts
-    ("terminate called without an active exception", SIGABRT) after a finished or stopped run."""
+    ("terminate called without an active exception", SIGABRT) after a finished or stopped run.
+
+    ``compiled``: the run used torch.compile; its caches (guards, held outside Python's garbage
+    collector) are dropped too, with anything they still refer to. Once, in CI, both ranks of
+    a compiled FSDP run kept FSDP's group past this point (eager runs never did; not reproduced
+    here since). A later compile in this process starts afresh, from the disk cache."""
     import gc
 
     import torch.distributed as dist
@@ -168,6 +173,8 @@ def _end_process_group(fabric) -> None:
         return
     dist.destroy_process_group()
     release_process_groups(fabric.strategy)
+    if compiled:
+        torch._dynamo.reset()
     gc.collect()  # FSDP's hooks hold the groups in reference cycles: free them while Python runs
 
 
@@ -809,7 +816,8 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResu
         return None
     finally:
         torch.set_num_threads(threads)
-        _end_process_group(fabric)  # in each rank's own process (spawned ranks end right after)
+        # in each rank's own process (spawned ranks end right after)
+        _end_process_group(fabric, config.compiled)
 
 
 def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:

@@ -7,10 +7,12 @@ which cannot be pytest itself. CONFIG_JSON holds TrainConfig fields plus ``train
 and ``fp16_on_cpu``: true for real fp16 autocast with a CPU GradScaler whose first scale
 (2**30) overflows (Fabric itself runs 16-mixed as bf16 on a CPU).
 
-After training, the process group's threads must be gone (exit 1 naming them otherwise):
-left running into the interpreter's exit, they made about one FSDP run in a hundred abort.
+After training, the process group's threads must be gone (exit 1 naming them and what still
+holds the groups otherwise): left running into the interpreter's exit, they made about one
+FSDP run in a hundred abort.
 """
 
+import gc
 import itertools
 import json
 import os
@@ -57,6 +59,45 @@ def communication_threads() -> list[str]:
     return sorted(name for name in names if "gloo" in name or "tcpstore" in name)
 
 
+def remember_process_groups() -> set[int]:
+    """The ids of the process groups alive as the trainer ends them (ids, not the groups: a
+    reference here would keep them and their threads alive)."""
+    ids, end = set(), fastvae.trainer._end_process_group
+
+    def recording_end(fabric, *args):
+        from torch.distributed.distributed_c10d import _world
+
+        ids.update(id(group) for group in _world.pg_map)
+        end(fabric, *args)
+
+    fastvae.trainer._end_process_group = recording_end
+    return ids
+
+
+def holders(ids: set[int]) -> list[str]:
+    """What still refers to the objects with these ids, by type (a dict: its keys and owners).
+
+    Looks one step into untracked containers too: a dict of process groups (pybind objects,
+    not tracked by gc) is itself untracked, so only its owner is in ``gc.get_objects()``."""
+    found = []
+
+    def describe(container, path: str) -> None:
+        what = path + type(container).__qualname__
+        if isinstance(container, dict):
+            keys = [key for key, value in container.items() if id(value) in ids]
+            what += f" keys={keys}"
+        found.append(what)
+
+    for obj in gc.get_objects():
+        for ref in gc.get_referents(obj):
+            if id(ref) in ids:
+                describe(obj, "")
+            elif isinstance(ref, (dict, list, tuple, set)) and not gc.is_tracked(ref):
+                if any(id(inner) in ids for inner in gc.get_referents(ref)):
+                    describe(ref, f"{type(obj).__qualname__} -> ")
+    return found
+
+
 def fp16_on_cpu() -> None:
     """Every Fabric built from now on gets fp16 autocast and a CPU GradScaler, FSDP's too."""
     fastvae.trainer.precision_kwargs = lambda config: {
@@ -73,6 +114,8 @@ if __name__ == "__main__":
         fp16_on_cpu()
     digits = load_dataset("digits")
     splits = Splits("digits", digits.train[:train_rows], digits.test[:test_rows])
+    groups = remember_process_groups()
     train(TrainConfig(**values), resume="--resume" in sys.argv[2:], splits=splits)
     if left := communication_threads():
-        sys.exit(f"train() returned with the process group's threads still running: {left}")
+        sys.exit(f"train() returned with the process group's threads still running: {left};"
+                 f" the groups are held by {holders(groups)}")
