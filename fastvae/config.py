@@ -169,9 +169,7 @@ class TrainConfig:
             raise FastVAEError(f"split_rule must be one of {SPLIT_RULES} ({SPLIT_RULE}: today's rule), "
                                f"got {self.split_rule!r}")
         for name in ("seed", "split_seed"):
-            value = getattr(self, name)
-            if not 0 <= value <= MAX_SEED:
-                raise FastVAEError(f"--{_flag(name)} must be an integer from 0 to {MAX_SEED}, got {value!r}")
+            check_seed(getattr(self, name), f"--{_flag(name)}")
         if self.learn_sigma and self.likelihood == "bernoulli":
             raise FastVAEError("--learn-sigma needs a gaussian or laplace --likelihood (bernoulli has no sigma)")
         if self.kind == "ae":  # settings of the ELBO, which a deterministic autoencoder has not
@@ -249,6 +247,14 @@ def host_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX
         return 0
+
+
+def check_seed(seed, name: str = "--seed") -> int:
+    """``seed`` as an int if numpy, Lightning and torch all take it (0 to 2**32 - 1), else
+    FastVAEError naming ``name``."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise FastVAEError(f"{name} must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
 
 
 def check_iwae_k(k) -> int:

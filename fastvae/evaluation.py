@@ -122,7 +122,7 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
     from fastvae.config import check_iwae_k
 
     iwae_k = check_iwae_k(iwae_k)
-    model, data = _checked(model, data, seed)
+    model, data, seed = _checked(model, data, seed)
     sums = elbo_sums(model, data, seed=seed)
     n = float(sums[3])
     result = {"neg_elbo": float(sums[0]) / n, "recon": float(sums[1]) / n,
@@ -135,13 +135,13 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
 
 
 def _checked(model, data, seed):
-    """(model, data) for ``evaluate``, or one clear error: a run folder or checkpoint is loaded,
+    """(model, data, seed) for ``evaluate``, or one clear error: a run folder or checkpoint is loaded,
     ``Splits`` give their test split, numpy arrays become tensors."""
     import os
 
     import numpy as np
 
-    from fastvae.config import MAX_SEED
+    from fastvae.config import check_seed
     from fastvae.data import Splits
     from fastvae.errors import FastVAEError
 
@@ -164,9 +164,7 @@ def _checked(model, data, seed):
     elif not hasattr(data, "read_block"):  # a prepared split, streamed
         raise FastVAEError(f"evaluate: data must be a tensor (n, {', '.join(map(str, model.data_shape))}), "
                            f"Splits or a prepared split, got {type(data).__name__}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise FastVAEError(f"evaluate: seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
-    return model, data
+    return model, data, check_seed(seed, "evaluate: seed")
 
 
 def _pixels(data: torch.Tensor) -> torch.Tensor:

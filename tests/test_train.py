@@ -374,7 +374,8 @@ def test_evaluate_checks_its_arguments(make_config, digits):
     train(config)
     model = load(config.out)
     expected = evaluate(model, digits.test[:40], iwae_k=0)
-    assert evaluate(config.out, digits.test[:40].numpy(), iwae_k=np.int64(0)) == expected  # a run path, numpy rows
+    assert evaluate(config.out, digits.test[:40].numpy(), iwae_k=np.int64(0),
+                    seed=np.int64(0)) == expected  # a run path, numpy rows and numbers
     assert evaluate(model, digits, iwae_k=0)["n"] == len(digits.test)  # Splits: the test split
     pixels = (digits.test[:40] * 255).round().to(torch.uint8)  # uint8 rows read as the loaders read them
     assert evaluate(model, pixels, iwae_k=0)["neg_elbo"] == pytest.approx(
@@ -386,6 +387,8 @@ def test_evaluate_checks_its_arguments(make_config, digits):
                                 ((model, digits.test[:4].long()), {}, "dtype torch.int64"),
                                 ((model, digits.test[:4].flatten(1)), {}, "the model takes rows"),
                                 ((model, digits.test[:4]), {"seed": "0"}, "seed must be an integer"),
+                                ((model, digits.test[:4]), {"seed": True}, "seed must be an integer"),
+                                ((model, digits.test[:4]), {"seed": 2**32}, "from 0 to 4294967295, got 4294967296"),
                                 ((torch.nn.Linear(2, 2), digits.test[:4]), {}, "takes a fastvae VAE")):
         with pytest.raises(FastVAEError, match=words):
             evaluate(*args, iwae_k=0, **kwargs)
