@@ -324,9 +324,11 @@ class SplitWriter:
         """Write the last block and the index; the split's counts for fastvae.json."""
         if self.buffered:
             self._flush(self.buffered)
+        if not self.blocks:  # litdata writes no index for no chunks, and merge waits for one forever
+            return {"examples": 0, "blocks": 0, "chunks": 0, "bytes": 0}
         self.writer.done()
         self.writer.merge(1)
-        chunks = json.loads((self.folder / INDEX).read_text())["chunks"] if self.blocks else []
+        chunks = json.loads((self.folder / INDEX).read_text())["chunks"]
         return {"examples": self.examples, "blocks": self.blocks, "chunks": len(chunks),
                 "bytes": sum(int(c["chunk_bytes"]) for c in chunks)}
 
@@ -351,8 +353,10 @@ def write_dataset(out: Path, sources: dict, meta: dict, *, overwrite: bool = Fal
                 writer.add(images, labels)
             counts[split] = writer.finish()
             if counts[split]["examples"] == 0:
-                raise FastVAEError(f"the {split} split of {meta['source']} came out empty: "
-                                   "give more images or another --test-fraction")
+                skipped = getattr(sources, "info", {}).get("skipped", 0)
+                cause = (f"all of its images were unreadable and skipped (--skip-bad; {skipped} skipped "
+                         "so far)" if skipped else "give more images or another --test-fraction")
+                raise FastVAEError(f"the {split} split of {meta['source']} came out empty: {cause}")
         meta = {**meta, **getattr(sources, "info", {}), "splits": counts}
         run_folder.write_text(staging / META, json.dumps(meta, indent=2) + "\n")
         run_folder.move_folder_into_place(staging, out)

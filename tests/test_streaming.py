@@ -535,6 +535,15 @@ def test_bad_sources_and_flags_for_prepare(tmp_path, capsys):
     assert "000.png" in line
     assert "already holds" in one_line_error(capsys, "prepare", "digits", "--out", out)
     assert "--workers" in one_line_error(capsys, "train", "--data", out, "--workers", "65", "--out", tmp_path / "r")
+    # JPEGs cut short: their headers read, so the split is made, then every one of them fails
+    # to decode and --skip-bad leaves a split empty (litdata's merge then waited forever)
+    cut = image_folder(tmp_path / "cut", 3, size=(64, 64), suffix=".jpg")
+    for file in cut.rglob("*.jpg"):
+        raw = file.read_bytes()
+        file.write_bytes(raw[: len(raw) // 3])
+    line = one_line_error(capsys, "prepare", cut, "--out", tmp_path / "o3", "--skip-bad", "--workers", "0")
+    assert "split" in line and "came out empty" in line and "unreadable and skipped" in line
+    assert not (tmp_path / "o3").exists() and list(tmp_path.glob(".o3*")) == []
 
 
 def test_out_url_link_and_grayscale_of_a_colour_dataset(tmp_path, capsys):
