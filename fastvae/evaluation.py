@@ -135,8 +135,8 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
 
 
 def _checked(model, data, seed):
-    """(model, data, seed) for ``evaluate``, or one clear error: a run folder or checkpoint is loaded,
-    ``Splits`` give their test split, numpy arrays become tensors."""
+    """(model, data, seed) for ``evaluate``, or one clear error: a run folder or checkpoint is
+    loaded, ``Splits`` give their test split, numpy arrays become tensors."""
     import os
 
     import numpy as np

@@ -161,8 +161,8 @@ def _end_process_group(fabric, compiled: bool = False) -> None:
 
     ``compiled``: the run used torch.compile; its caches (guards, held outside Python's garbage
     collector) are dropped too, with anything they still refer to. Once, in CI, both ranks of
-    a compiled FSDP run kept FSDP's group past this point (eager runs never did; not reproduced
-    here since). A later compile in this process starts afresh, from the disk cache."""
+    a compiled FSDP run kept one process group past this point (eager runs never did; not
+    reproduced here since). A later compile in this process starts afresh, from the disk cache."""
     import gc
 
     import torch.distributed as dist
