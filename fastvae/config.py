@@ -318,7 +318,10 @@ def _coerce(name: str, value, kind: type, source: str):
     elif kind is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
-    raise FastVAEError(f"{source}: setting {name!r} must be a {kind.__name__}, got {value!r}")
+    raise FastVAEError(f"{source}: setting {name!r} must be {KIND_WORDS[kind]}, got {value!r}")
+
+
+KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _flag(name: str) -> str:

@@ -590,10 +590,10 @@ def test_split_arguments_are_checked_like_a_runs_settings():
     from fastvae.data import load_dataset
     from fastvae.errors import FastVAEError
 
-    for kwargs, words in (({"test_fraction": "0.1"}, "'test_fraction' must be a float"),
+    for kwargs, words in (({"test_fraction": "0.1"}, "'test_fraction' must be a number"),
                           ({"split_seed": -1}, "--split-seed must be an integer from 0"),
-                          ({"split_seed": 1.5}, "'split_seed' must be a int")):
+                          ({"split_seed": 1.5}, "'split_seed' must be an integer")):
         with pytest.raises(FastVAEError, match=words):
             load_dataset("digits", **kwargs)
-    with pytest.raises(FastVAEError, match="must be a str"):
+    with pytest.raises(FastVAEError, match="must be a string"):
         load_dataset(None)

@@ -210,10 +210,10 @@ def test_settings_of_the_wrong_type_are_refused_not_read_by_truthiness(tmp_path,
     train(make_config(epochs=1))
     for call, words in ((lambda: train(make_config(epochs=1), overwrite="no"), "overwrite must be True or False"),
                         (lambda: train(make_config(epochs=2), resume="no"), "resume must be True or False"),
-                        (lambda: train(make_config(epochs=1, pictures="no")), "'pictures' must be a bool"),
-                        (lambda: train(make_config(epochs=1, kl_warmup_steps="5")), "'kl_warmup_steps' must be a int"),
-                        (lambda: train(make_config(epochs=1, lr=True)), "'lr' must be a float"),
-                        (lambda: train(make_config(epochs=1, loggers=["csv"])), "'loggers' must be a str")):
+                        (lambda: train(make_config(epochs=1, pictures="no")), "'pictures' must be true or false"),
+                        (lambda: train(make_config(epochs=1, kl_warmup_steps="5")), "'kl_warmup_steps' must be an integer, got '5'"),
+                        (lambda: train(make_config(epochs=1, lr=True)), "'lr' must be a number, got True"),
+                        (lambda: train(make_config(epochs=1, loggers=["csv"])), "'loggers' must be a string")):
         with pytest.raises(FastVAEError, match=words):
             call()
     assert load(make_config().out) is not None  # the run is still there
