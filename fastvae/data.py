@@ -491,40 +491,55 @@ def _take_rows(name: str, images: torch.Tensor, labels, train, test) -> Splits:
     )
 
 
+def unit_pixels(data: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
+    """``data`` as float32 in [0, 1], the form every model trains on, or one FastVAEError
+    naming ``where``: bool as 0/1, uint8 pixels / 255, finite floats in [0, 1] as they are;
+    other dtypes, NaN, Inf and floats outside [0, 1] are refused (the Bernoulli likelihood and
+    the 8-bit bins of bits per dim are defined on [0, 1] only). A tensor keeps its device."""
+    if isinstance(data, np.ndarray):
+        if data.dtype not in (np.bool_, np.uint8) and not np.issubdtype(data.dtype, np.floating):
+            raise _dtype_error(where, data.dtype)
+        if np.issubdtype(data.dtype, np.floating):  # float16/64/128: torch has no float128
+            data = data.astype(np.float32)
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if data.dtype == torch.uint8:
+        return data.float() / 255.0
+    if data.dtype == torch.bool:
+        return data.float()
+    if not data.is_floating_point():
+        raise _dtype_error(where, str(data.dtype).removeprefix("torch."))
+    data = data.float()
+    if not data.numel():
+        return data
+    if not bool(torch.isfinite(data).all()):
+        raise FastVAEError(f"{where} contains NaN or Inf values: clean or drop those rows")
+    lo, hi = (float(v) for v in torch.aminmax(data))
+    if lo < 0.0 or hi > 1.0:
+        raise FastVAEError(f"{where} has values in [{lo:g}, {hi:g}]: float data must lie in [0, 1] "
+                           "(divide 0-255 pixels by 255, or give them as uint8)")
+    return data
+
+
+def _dtype_error(where: str, dtype) -> FastVAEError:
+    return FastVAEError(f"{where} has dtype {dtype}: use uint8 pixels (0-255) or floats in [0, 1]")
+
+
 def _as_images(array: np.ndarray, path: Path, key: str | None = None) -> torch.Tensor:
     """Validate and convert to float32 (N, C, H, W) in [0, 1]."""
-    where = f"{path}" + (f" ['{key}']" if key else "")
-    array = np.asarray(array)
-    if array.dtype == np.bool_:
-        array = array.astype(np.float32)
-    elif array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    elif np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-        if not np.isfinite(array).all():
-            raise FastVAEError(f"data {where} contains NaN or Inf values: clean or drop those rows")
-        lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
-        if lo < 0.0 or hi > 1.0:
-            raise FastVAEError(
-                f"data {where} has values in [{lo:g}, {hi:g}]: float data must lie in [0, 1] "
-                "(divide 0-255 pixels by 255, or save them as uint8)"
-            )
-    else:
+    where = f"data {path}" + (f" ['{key}']" if key else "")
+    images = unit_pixels(np.asarray(array), where)
+    if images.ndim == 2:
+        images = images[:, None, None, :]
+    elif images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim != 4 or images.shape[1] not in (1, 3):
         raise FastVAEError(
-            f"data {where} has dtype {array.dtype}: use uint8 pixels (0-255) or floats in [0, 1]"
-        )
-    if array.ndim == 2:
-        array = array[:, None, None, :]
-    elif array.ndim == 3:
-        array = array[:, None]
-    elif array.ndim != 4 or array.shape[1] not in (1, 3):
-        raise FastVAEError(
-            f"data {where} has shape {array.shape}: use (N, H, W), (N, C, H, W) with C 1 or 3, "
+            f"{where} has shape {tuple(images.shape)}: use (N, H, W), (N, C, H, W) with C 1 or 3, "
             "or (N, D)"
         )
-    if array.shape[0] == 0 or math.prod(array.shape[1:]) == 0:
-        raise FastVAEError(f"data {where} is empty (shape {array.shape})")
-    return torch.from_numpy(np.ascontiguousarray(array))
+    if images.shape[0] == 0 or math.prod(images.shape[1:]) == 0:
+        raise FastVAEError(f"{where} is empty (shape {tuple(images.shape)})")
+    return images.contiguous()
 
 
 def _labels(array: np.ndarray, n: int, path: Path, key: str | None = None) -> torch.Tensor:

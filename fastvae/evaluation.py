@@ -142,7 +142,7 @@ def _checked(model, data, seed):
     import numpy as np
 
     from fastvae.config import check_seed
-    from fastvae.data import Splits
+    from fastvae.data import Splits, unit_pixels
     from fastvae.errors import FastVAEError
 
     if isinstance(model, (str, os.PathLike)):
@@ -160,31 +160,11 @@ def _checked(model, data, seed):
         if len(data) == 0 or tuple(data.shape[1:]) != tuple(model.data_shape):
             raise FastVAEError(f"evaluate: data of shape {tuple(data.shape)}, the model takes rows "
                                f"{tuple(model.data_shape)} (at least one)")
-        data = _pixels(data)
+        data = unit_pixels(data, "evaluate: data")
     elif not hasattr(data, "read_block"):  # a prepared split, streamed
         raise FastVAEError(f"evaluate: data must be a tensor (n, {', '.join(map(str, model.data_shape))}), "
                            f"Splits or a prepared split, got {type(data).__name__}")
     return model, data, check_seed(seed, "evaluate: seed")
-
-
-def _pixels(data: torch.Tensor) -> torch.Tensor:
-    """``data`` as float32 in [0, 1], the training data's form: uint8 pixels are divided by
-    255; floats outside [0, 1] are refused (the Bernoulli likelihood and the 8-bit bins of
-    bits per dim are defined there only: such data evaluated to a number without meaning)."""
-    from fastvae.errors import FastVAEError
-
-    if data.dtype == torch.uint8:
-        return data.float() / 255.0
-    if data.dtype == torch.bool:
-        return data.float()
-    if not data.is_floating_point():
-        raise FastVAEError(f"evaluate: data of dtype {data.dtype}: use uint8 pixels (0-255) or floats in [0, 1]")
-    data = data.float()
-    lo, hi = torch.aminmax(data)
-    if not (0.0 <= float(lo) and float(hi) <= 1.0):  # NaN fails both comparisons
-        raise FastVAEError(f"evaluate: data has values in [{float(lo):g}, {float(hi):g}] (NaN or Inf "
-                           "included): floats must lie in [0, 1] (divide 0-255 pixels by 255, or pass uint8)")
-    return data
 
 
 def bits_per_dim(nats: float, data_shape, likelihood: str) -> float:

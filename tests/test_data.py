@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from fastvae.data import EpochBatches, decode_image, image_files, load_dataset, probe_image, split_indices
+from fastvae.data import (EpochBatches, decode_image, image_files, load_dataset, probe_image, split_indices,
+                          unit_pixels)
 from fastvae.errors import FastVAEError
 
 RNG = np.random.default_rng(0)
@@ -597,3 +598,25 @@ def test_split_arguments_are_checked_like_a_runs_settings():
             load_dataset("digits", **kwargs)
     with pytest.raises(FastVAEError, match="must be a string"):
         load_dataset(None)
+
+
+def test_one_pixel_rule_for_numpy_arrays_and_tensors():
+    """Files (numpy) and evaluate's tensors go through one rule: the same values, the same
+    refusals in the same words."""
+    pixels = np.array([[0, 128, 255]], np.uint8)
+    expected = torch.tensor([[0.0, 128 / 255, 1.0]])
+    for data in (pixels, torch.from_numpy(pixels)):
+        assert torch.equal(unit_pixels(data, "x"), expected)
+    for dtype in (np.float16, np.float64, np.longdouble):  # torch has no float128
+        out = unit_pixels(np.array([0.25, 1.0], dtype), "x")
+        assert out.dtype == torch.float32 and out.tolist() == [0.25, 1.0]
+    assert unit_pixels(np.array([True, False]), "x").tolist() == [1.0, 0.0]
+    for bad, words in ((np.array([1, 2], np.int64), "x has dtype int64: use uint8 pixels"),
+                       (np.array([0.5, np.nan], np.float32), "x contains NaN or Inf"),
+                       (np.array([0.5, np.inf]), "x contains NaN or Inf"),
+                       (np.array([-0.5, 2.0], np.float32), r"x has values in \[-0.5, 2\]: float data")):
+        for data in (bad, torch.from_numpy(bad)):
+            with pytest.raises(FastVAEError, match=words):
+                unit_pixels(data, "x")
+    with pytest.raises(FastVAEError, match="x has dtype <U1"):
+        unit_pixels(np.array(["a"]), "x")

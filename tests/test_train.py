@@ -384,7 +384,7 @@ def test_evaluate_checks_its_arguments(make_config, digits):
                                 ((model, digits.test[:4] * 255), {}, r"values in \[0, 255\]"),  # was a number
                                 ((model, digits.test[:4] - 0.5), {}, r"in \[0, 1\]"),
                                 ((model, digits.test[:4] * float("nan")), {}, "NaN"),
-                                ((model, digits.test[:4].long()), {}, "dtype torch.int64"),
+                                ((model, digits.test[:4].long()), {}, "evaluate: data has dtype int64: use uint8"),
                                 ((model, digits.test[:4].flatten(1)), {}, "the model takes rows"),
                                 ((model, digits.test[:4]), {"seed": "0"}, "seed must be an integer"),
                                 ((model, digits.test[:4]), {"seed": True}, "seed must be an integer"),
