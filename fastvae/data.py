@@ -501,7 +501,9 @@ def unit_pixels(data: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
             raise _dtype_error(where, data.dtype)
         if np.issubdtype(data.dtype, np.floating):  # float16/64/128: torch has no float128
             data = data.astype(np.float32)
-        data = torch.from_numpy(np.ascontiguousarray(data))
+        # writeable: from_numpy warns about read-only arrays (np.frombuffer's, IDX files), a
+        # second stderr line beside an error's one; only those are copied
+        data = torch.from_numpy(np.require(data, requirements=["C", "W"]))
     if data.dtype == torch.uint8:
         return data.float() / 255.0
     if data.dtype == torch.bool:

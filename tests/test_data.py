@@ -6,6 +6,7 @@ import gzip
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -611,6 +612,10 @@ def test_one_pixel_rule_for_numpy_arrays_and_tensors():
         out = unit_pixels(np.array([0.25, 1.0], dtype), "x")
         assert out.dtype == torch.float32 and out.tolist() == [0.25, 1.0]
     assert unit_pixels(np.array([True, False]), "x").tolist() == [1.0, 0.0]
+    read_only = np.frombuffer(pixels.tobytes(), np.uint8).reshape(1, 3)  # as IDX files are read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warned about non-writable arrays: a stray stderr line
+        assert torch.equal(unit_pixels(read_only, "x"), expected)
     for bad, words in ((np.array([1, 2], np.int64), "x has dtype int64: use uint8 pixels"),
                        (np.array([0.5, np.nan], np.float32), "x contains NaN or Inf"),
                        (np.array([0.5, np.inf]), "x contains NaN or Inf"),
