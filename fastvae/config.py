@@ -318,10 +318,13 @@ def _coerce(name: str, value, kind: type, source: str):
     elif kind is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
-    raise FastVAEError(f"{source}: setting {name!r} must be {KIND_WORDS[kind]}, got {value!r}")
+    words = KIND_WORDS[kind]
+    if kind is bool and source != "TrainConfig":  # a config file: JSON and TOML spell them so
+        words = "true or false"
+    raise FastVAEError(f"{source}: setting {name!r} must be {words}, got {value!r}")
 
 
-KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+KIND_WORDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
 
 
 def _flag(name: str) -> str:

@@ -497,12 +497,13 @@ def unit_pixels(data: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
     other dtypes, NaN, Inf and floats outside [0, 1] are refused (the Bernoulli likelihood and
     the 8-bit bins of bits per dim are defined on [0, 1] only). A tensor keeps its device."""
     if isinstance(data, np.ndarray):
-        if data.dtype not in (np.bool_, np.uint8) and not np.issubdtype(data.dtype, np.floating):
+        if np.issubdtype(data.dtype, np.floating):  # native order; float64 at most (torch has no float128)
+            with np.errstate(over="ignore"):  # a long double beyond float64 becomes inf: refused below
+                data = data.astype(np.float64 if data.dtype.itemsize > 4 else np.float32)
+        elif data.dtype not in (np.bool_, np.uint8):
             raise _dtype_error(where, data.dtype)
-        if np.issubdtype(data.dtype, np.floating):  # float16/64/128: torch has no float128
-            data = data.astype(np.float32)
-        # writeable: from_numpy warns about read-only arrays (np.frombuffer's, IDX files), a
-        # second stderr line beside an error's one; only those are copied
+        # contiguous and writeable: from_numpy refuses negative strides and warns about read-only
+        # arrays (np.frombuffer's, IDX files), a second stderr line beside an error's one
         data = torch.from_numpy(np.require(data, requirements=["C", "W"]))
     if data.dtype == torch.uint8:
         return data.float() / 255.0
@@ -510,16 +511,14 @@ def unit_pixels(data: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
         return data.float()
     if not data.is_floating_point():
         raise _dtype_error(where, str(data.dtype).removeprefix("torch."))
-    data = data.float()
-    if not data.numel():
-        return data
-    if not bool(torch.isfinite(data).all()):
-        raise FastVAEError(f"{where} contains NaN or Inf values: clean or drop those rows")
-    lo, hi = (float(v) for v in torch.aminmax(data))
-    if lo < 0.0 or hi > 1.0:
-        raise FastVAEError(f"{where} has values in [{lo:g}, {hi:g}]: float data must lie in [0, 1] "
-                           "(divide 0-255 pixels by 255, or give them as uint8)")
-    return data
+    if data.numel():  # checked in the data's own precision: 1e300 is out of range, not "Inf"
+        if not bool(torch.isfinite(data).all()):
+            raise FastVAEError(f"{where} contains NaN or Inf values: clean or drop those rows")
+        lo, hi = (float(v) for v in torch.aminmax(data.detach()))
+        if lo < 0.0 or hi > 1.0:
+            raise FastVAEError(f"{where} has values in [{lo:g}, {hi:g}]: float data must lie in [0, 1] "
+                               "(divide 0-255 pixels by 255, or give them as uint8)")
+    return data.float()
 
 
 def _dtype_error(where: str, dtype) -> FastVAEError:

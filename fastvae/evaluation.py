@@ -154,10 +154,8 @@ def _checked(model, data, seed):
                            f"{type(model).__name__}")
     if isinstance(data, Splits):
         data = data.test
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(data)
-    if isinstance(data, torch.Tensor):
-        if len(data) == 0 or tuple(data.shape[1:]) != tuple(model.data_shape):
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        if data.ndim < 1 or len(data) == 0 or tuple(data.shape[1:]) != tuple(model.data_shape):
             raise FastVAEError(f"evaluate: data of shape {tuple(data.shape)}, the model takes rows "
                                f"{tuple(model.data_shape)} (at least one)")
         data = unit_pixels(data, "evaluate: data")

@@ -301,6 +301,9 @@ def test_callbacks_and_config_files_that_fail_are_one_line(tmp_path, capsys):
                           (["--config", tmp_path / "C.TOML"], ["C.TOML", "--hidden-dim"])):
         rc, _, err = run_cli("train", *args, "--out", tmp_path / "r")
         assert_one_line_error(rc, err, *needles)
+    (tmp_path / "s.json").write_text('{"epochs": 1, "pictures": "no"}')  # a file spells them true/false
+    rc, _, err = run_cli("train", "--config", tmp_path / "s.json", "--out", tmp_path / "r")
+    assert_one_line_error(rc, err, "s.json", "setting 'pictures' must be true or false, got 'no'")
     rc, _, err = run_cli("train", "--config", tmp_path / "c.toml", "--epochs", "0", "--out", tmp_path / "r")
     assert_one_line_error(rc, err, "--epochs must be a positive integer")
     assert "c.toml" not in err  # the 0 came from the command line, not the file

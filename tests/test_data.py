@@ -619,7 +619,8 @@ def test_one_pixel_rule_for_numpy_arrays_and_tensors():
     for bad, words in ((np.array([1, 2], np.int64), "x has dtype int64: use uint8 pixels"),
                        (np.array([0.5, np.nan], np.float32), "x contains NaN or Inf"),
                        (np.array([0.5, np.inf]), "x contains NaN or Inf"),
-                       (np.array([-0.5, 2.0], np.float32), r"x has values in \[-0.5, 2\]: float data")):
+                       (np.array([-0.5, 2.0], np.float32), r"x has values in \[-0.5, 2\]: float data"),
+                       (np.array([0.5, 1e300]), r"x has values in \[0.5, 1e\+300\]")):  # not "Inf" (float32's)
         for data in (bad, torch.from_numpy(bad)):
             with pytest.raises(FastVAEError, match=words):
                 unit_pixels(data, "x")
