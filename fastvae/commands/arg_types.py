@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from fastvae.config import MAX_SEED, url_problem
+from fastvae.config import MAX_SEED, check_seed, url_problem
+from fastvae.errors import FastVAEError
 
 
 def seed(text: str) -> int:
-    """A seed: an integer from 0 to 2**32 - 1."""
+    """A seed: an integer from 0 to 2**32 - 1 (``fastvae.config.check_seed``'s rule)."""
     try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, got {text!r}")
-    return value
+        return check_seed(int(text))
+    except (ValueError, FastVAEError):  # argparse names the flag; the text as typed
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, got {text!r}") from None
 
 
 def path(text: str) -> str:
