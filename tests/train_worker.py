@@ -75,7 +75,7 @@ def remember_process_groups() -> set[int]:
 
 
 def holders(ids: set[int]) -> list[str]:
-    """What still refers to the objects with these ids, by type (a dict: its keys and owners).
+    """What still refers to the objects with these ids, by type (a dict: with its keys).
 
     Looks one step into untracked containers too: a dict of process groups (pybind objects,
     not tracked by gc) is itself untracked, so only its owner is in ``gc.get_objects()``."""
