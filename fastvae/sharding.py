@@ -61,21 +61,39 @@ def fsdp_strategy(world_size: int):
                                  save_distributed_checkpoint=False)
 
 
-def release_process_groups(strategy) -> None:
-    """Drop the device mesh's own references to its process groups (after
-    ``destroy_process_group``), so that they end now, not at the interpreter's exit.
+def release_process_groups() -> None:
+    """Make every device mesh and FSDP mesh info in this process drop its references to the
+    process groups (after ``destroy_process_group``), so that the groups end now, not at the
+    interpreter's exit.
 
-    torch >= 2.13's DeviceMesh keeps the groups in ``_pg_registry``, and the mesh outlives the
-    run (Fabric's strategy, DTensor's caches): gloo's threads then ran into the interpreter's
-    teardown, and about one FSDP run in a hundred aborted at exit ("terminate called without an
-    active exception", SIGABRT) after finishing its work. No-op for other strategies and for
-    torch versions whose mesh holds no groups.
+    gloo's threads end only when the group object is freed, and left running into the
+    interpreter's teardown about one FSDP run in a hundred aborted at exit ("terminate called
+    without an active exception", SIGABRT) after finishing its work. Two holders outlive the
+    run: torch >= 2.13's DeviceMesh (``_pg_registry``; Fabric's strategy and DTensor's caches
+    keep the mesh) and FSDP2's mesh infos (``shard_process_group``, ...), which live as long as
+    the sharded model: in CI something kept a compiled FSDP model past the run. They are found
+    among gc's objects, not through the model, so that every path is covered (a failed run's
+    traceback holds its model too). No-op where there are none.
     """
-    mesh = getattr(strategy, "_device_mesh", None)
-    for part in (mesh, getattr(mesh, "_root_mesh", None)):
-        registry = getattr(part, "_pg_registry", None)
-        if isinstance(registry, dict):
-            registry.clear()
+    import gc
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import DataParallelMeshInfo
+    except ImportError:  # a torch without FSDP2's mesh infos: nothing of theirs to cut
+        DataParallelMeshInfo = DeviceMesh
+    for obj in gc.get_objects():
+        kind = type(obj)  # not isinstance: it would read __class__, and some proxies warn there
+        if issubclass(kind, DeviceMesh):
+            registry = getattr(obj, "_pg_registry", None)
+            if isinstance(registry, dict):
+                registry.clear()
+        elif issubclass(kind, DataParallelMeshInfo):
+            for name, value in list(getattr(obj, "__dict__", {}).items()):
+                if isinstance(value, dist.ProcessGroup):
+                    setattr(obj, name, None)
 
 
 def _first_key(state: dict):

@@ -153,16 +153,11 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     return fabric.launch(_fit, config, splits, resume)
 
 
-def _end_process_group(fabric, compiled: bool = False) -> None:
+def _end_process_group() -> None:
     """Destroy the process group Fabric started in this process and free its backends now
     (called as each rank's part ends: torchrun, srun, ddp, fsdp, spawned ranks): left to the
     interpreter's exit, gloo's threads can still run while it tears down, and the rank aborts
-    ("terminate called without an active exception", SIGABRT) after a finished or stopped run.
-
-    ``compiled``: the run used torch.compile; its caches (guards, held outside Python's garbage
-    collector) are dropped too, with anything they still refer to. Once, in CI, both ranks of
-    a compiled FSDP run kept one process group past this point (eager runs never did; not
-    reproduced here since). A later compile in this process starts afresh, from the disk cache."""
+    ("terminate called without an active exception", SIGABRT) after a finished or stopped run."""
     import gc
 
     import torch.distributed as dist
@@ -172,9 +167,7 @@ def _end_process_group(fabric, compiled: bool = False) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     dist.destroy_process_group()
-    release_process_groups(fabric.strategy)
-    if compiled:
-        torch._dynamo.reset()
+    release_process_groups()
     gc.collect()  # FSDP's hooks hold the groups in reference cycles: free them while Python runs
 
 
@@ -817,7 +810,7 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResu
     finally:
         torch.set_num_threads(threads)
         # in each rank's own process (spawned ranks end right after)
-        _end_process_group(fabric, config.compiled)
+        _end_process_group()
 
 
 def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:

@@ -4,8 +4,9 @@ For multi-process tests whose strategy (FSDP) launches ranks by re-running the c
 which cannot be pytest itself. CONFIG_JSON holds TrainConfig fields plus ``train_rows`` and
 ``test_rows``, the sizes of the slices of the bundled digits to use, and optionally
 ``nan_loss_at``: ``[rank, step]``, a (0-based) training step whose loss that rank turns to NaN,
-and ``fp16_on_cpu``: true for real fp16 autocast with a CPU GradScaler whose first scale
-(2**30) overflows (Fabric itself runs 16-mixed as bf16 on a CPU).
+``fp16_on_cpu``: true for real fp16 autocast with a CPU GradScaler whose first scale
+(2**30) overflows (Fabric itself runs 16-mixed as bf16 on a CPU), and ``keep_models``: true
+to keep the models alive after train() returns.
 
 After training, the process group's threads must be gone (exit 1 naming them and what still
 holds the groups otherwise): left running into the interpreter's exit, they made about one
@@ -17,6 +18,7 @@ import itertools
 import json
 import os
 import sys
+import warnings
 
 import torch
 
@@ -47,6 +49,21 @@ def nan_loss_at(rank: int, step: int) -> None:
     fastvae.models.build_model = build_with_nan
 
 
+KEPT = []
+
+
+def keep_models() -> None:
+    """Keep every model built from now on alive past train(), as something outside fastvae
+    did in CI (the groups were then held by FSDP's mesh infos, reachable from the model)."""
+    build = fastvae.models.build_model
+
+    def build_and_keep(spec):
+        KEPT.append(build(spec))
+        return KEPT[-1]
+
+    fastvae.models.build_model = build_and_keep
+
+
 def communication_threads() -> list[str]:
     """This process's gloo and TCPStore threads, by name (Linux)."""
     names = []
@@ -64,11 +81,11 @@ def remember_process_groups() -> set[int]:
     reference here would keep them and their threads alive)."""
     ids, end = set(), fastvae.trainer._end_process_group
 
-    def recording_end(fabric, *args):
+    def recording_end():
         from torch.distributed.distributed_c10d import _world
 
         ids.update(id(group) for group in _world.pg_map)
-        end(fabric, *args)
+        end()
 
     fastvae.trainer._end_process_group = recording_end
     return ids
@@ -88,13 +105,15 @@ def holders(ids: set[int]) -> list[str]:
             what += f" keys={keys}"
         found.append(what)
 
-    for obj in gc.get_objects():
-        for ref in gc.get_referents(obj):
-            if id(ref) in ids:
-                describe(obj, "")
-            elif isinstance(ref, (dict, list, tuple, set)) and not gc.is_tracked(ref):
-                if any(id(inner) in ids for inner in gc.get_referents(ref)):
-                    describe(ref, f"{type(obj).__qualname__} -> ")
+    with warnings.catch_warnings():  # isinstance reads __class__: torch.distributed.reduce_op warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            for ref in gc.get_referents(obj):
+                if id(ref) in ids:
+                    describe(obj, "")
+                elif isinstance(ref, (dict, list, tuple, set)) and not gc.is_tracked(ref):
+                    if any(id(inner) in ids for inner in gc.get_referents(ref)):
+                        describe(ref, f"{type(obj).__qualname__} -> ")
     return found
 
 
@@ -112,6 +131,8 @@ if __name__ == "__main__":
         nan_loss_at(*values.pop("nan_loss_at"))
     if values.pop("fp16_on_cpu", False):
         fp16_on_cpu()
+    if values.pop("keep_models", False):
+        keep_models()
     digits = load_dataset("digits")
     splits = Splits("digits", digits.train[:train_rows], digits.test[:test_rows])
     groups = remember_process_groups()
