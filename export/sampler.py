@@ -185,15 +185,7 @@ class OnnxSampler:
         the session of its thread regime, and nothing else. One batch returns onnxruntime's own
         output array; several write, through IO binding, straight into slices of one output.
         """
-        z = np.asarray(z)
-        if z.shape[1:] != self.latent_shape:
-            raise self._shape_error(z.shape)
-        if z.dtype != np.float32 or not z.flags.c_contiguous:
-            if not np.issubdtype(z.dtype, np.number):
-                raise FastVAEError(f"z must hold numbers, got dtype {z.dtype}")
-            if np.issubdtype(z.dtype, np.complexfloating):  # numpy would drop the imaginary parts
-                raise FastVAEError(f"z must hold real numbers, got dtype {z.dtype}")
-            z = np.ascontiguousarray(z, dtype=np.float32)
+        z = self._latents(z)
         batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int(batch_size, "batch_size")
         n = len(z)
         if 0 < n <= batch_size:
@@ -223,18 +215,31 @@ class OnnxSampler:
         import onnxruntime as ort
 
         if not isinstance(z, ort.OrtValue):
-            z = np.asarray(z)
-            if z.shape[1:] != self.latent_shape:
-                raise self._shape_error(z.shape)
-            z = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z, dtype=np.float32), self._device, 0)
+            z = ort.OrtValue.ortvalue_from_numpy(self._latents(z), self._device, 0)
         elif tuple(z.shape()[1:]) != self.latent_shape:
             raise self._shape_error(z.shape())
+        elif z.data_type() != "tensor(float)":  # an OrtValue is not converted: its data stays put
+            raise FastVAEError(f"z must be a float32 OrtValue, got {z.data_type()}")
         session = self._regimes.session_for(z.shape()[0])
         binding = session.io_binding()
         binding.bind_ortvalue_input(self.input_name, z)
         binding.bind_output(self.mean_output, self._device, 0)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
+
+    def _latents(self, z) -> np.ndarray:
+        """``z`` as the C-contiguous float32 array (n, *latent_shape) the graph takes (real
+        numbers of any dtype are converted; other shapes and dtypes get one clear error)."""
+        z = np.asarray(z)
+        if z.shape[1:] != self.latent_shape:
+            raise self._shape_error(z.shape)
+        if z.dtype != np.float32 or not z.flags.c_contiguous:
+            if not np.issubdtype(z.dtype, np.number):
+                raise FastVAEError(f"z must hold numbers, got dtype {z.dtype}")
+            if np.issubdtype(z.dtype, np.complexfloating):  # numpy would drop the imaginary parts
+                raise FastVAEError(f"z must hold real numbers, got dtype {z.dtype}")
+            z = np.ascontiguousarray(z, dtype=np.float32)
+        return z
 
     def _shape_error(self, shape) -> FastVAEError:
         dims = ", ".join(map(str, self.latent_shape))

@@ -80,6 +80,16 @@ def test_decode_on_device_keeps_the_result_in_an_ortvalue(decoder):
     np.testing.assert_array_equal(again.numpy(), out.numpy())
     with pytest.raises(FastVAEError, match=r"shape \(n, 6\)"):
         sampler.decode_on_device(np.zeros((2, 5), np.float32))
+    # decode's dtype rules: real numbers are converted, anything else gets decode's error
+    np.testing.assert_array_equal(sampler.decode_on_device(z.astype(np.float64)[:, ::-1][:, ::-1]).numpy(),
+                                  out.numpy())
+    for bad, words in ((z.astype(str), "must hold numbers"), (z.astype(np.complex64), "real numbers")):
+        with pytest.raises(FastVAEError, match=words):
+            sampler.decode(bad)
+        with pytest.raises(FastVAEError, match=words):
+            sampler.decode_on_device(bad)
+    with pytest.raises(FastVAEError, match=r"float32 OrtValue, got tensor\(float16\)"):
+        sampler.decode_on_device(ort.OrtValue.ortvalue_from_numpy(z.astype(np.float16)))
 
 
 # -- execution providers ----------------------------------------------------------------------
