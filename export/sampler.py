@@ -207,7 +207,9 @@ class OnnxSampler:
     def decode_on_device(self, z):
         """``decode`` through IO binding, the result left where the provider keeps tensors.
 
-        ``z``: a numpy array or an ``onnxruntime.OrtValue`` (already on the device: not copied).
+        ``z``: an array, by ``decode``'s rules (real numbers, converted to float32), or a float32
+        ``onnxruntime.OrtValue`` (already on the device: not copied; another dtype is a
+        FastVAEError).
         Returns an ``OrtValue`` on the provider's device (GPU memory with ``cuda``/``tensorrt``,
         for a consumer on the GPU through DLPack; host memory with ``cpu``), so nothing goes
         through the host per call.

@@ -73,27 +73,39 @@ def release_process_groups() -> None:
     keep the mesh) and FSDP2's mesh infos (``shard_process_group``, ...), which live as long as
     the sharded model: in CI something kept a compiled FSDP model past the run. They are found
     among gc's objects, not through the model, so that every path is covered (a failed run's
-    traceback holds its model too). No-op where there are none.
+    traceback holds its model too). Holders of other kinds (FSDP's opt-in
+    ``ProcessGroupAlloc*`` objects, which fastvae does not turn on) are not cut: the 2-rank
+    tests' thread check would name them. No-op where there are none.
     """
     import gc
 
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-    try:
-        from torch.distributed.fsdp._fully_shard._fsdp_common import DataParallelMeshInfo
-    except ImportError:  # a torch without FSDP2's mesh infos: nothing of theirs to cut
-        DataParallelMeshInfo = DeviceMesh
+    mesh_infos = _mesh_info_type()
     for obj in gc.get_objects():
         kind = type(obj)  # not isinstance: it would read __class__, and some proxies warn there
         if issubclass(kind, DeviceMesh):
             registry = getattr(obj, "_pg_registry", None)
             if isinstance(registry, dict):
                 registry.clear()
-        elif issubclass(kind, DataParallelMeshInfo):
+        elif issubclass(kind, mesh_infos):
             for name, value in list(getattr(obj, "__dict__", {}).items()):
                 if isinstance(value, dist.ProcessGroup):
                     setattr(obj, name, None)
+
+
+def _mesh_info_type() -> "type | tuple":
+    """FSDP2's mesh-info base class (``()``, which no class is a subclass of, in a torch
+    without one)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import DataParallelMeshInfo
+    except ImportError:
+        try:  # torch < 2.6 keeps FSDP2 under _composable, as shard_model's import says
+            from torch.distributed._composable.fsdp._fsdp_common import DataParallelMeshInfo
+        except ImportError:
+            return ()
+    return DataParallelMeshInfo
 
 
 def _first_key(state: dict):

@@ -53,8 +53,9 @@ KEPT = []
 
 
 def keep_models() -> None:
-    """Keep every model built from now on alive past train(), as something outside fastvae
-    did in CI (the groups were then held by FSDP's mesh infos, reachable from the model)."""
+    """Keep every model built from now on alive past train(), as something kept CI's compiled
+    FSDP model (what is unknown; the groups were held by FSDP's mesh infos, which the model
+    keeps)."""
     build = fastvae.models.build_model
 
     def build_and_keep(spec):
