@@ -1,3 +1,3 @@
-from fastvae.cli import main
+from fastvae.cli import run
 
-raise SystemExit(main())
+run()

@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+def run() -> None:
+    """The ``fastvae`` command (console script, ``python -m fastvae``): ``main``, then exit with
+    its status. Its signal handlers stay through the interpreter's teardown, so a Ctrl-C while
+    exit hooks still run (loader workers, trackers) is one line and status 130 there too."""
+    interrupts.install()
+    sys.exit(main())
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

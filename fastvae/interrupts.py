@@ -1,7 +1,8 @@
 """Ctrl-C and SIGTERM on the command line: one line, exit status 130, no half-written file.
 
 ``handled(prog)`` wraps everything ``fastvae`` does: inside it both signals call ``exit_now``, which removes the temporary files registered with ``removed_on_exit``, prints
-``PROG: interrupted`` and ends the process at once with status 130 (``os._exit``).
+``PROG: interrupted`` and ends the process at once with status 130 (``os._exit``). The
+``fastvae`` command also ``install``s them for the rest of the process: its teardown too.
 
 Exiting at once is safe because every file fastvae writes goes through
 ``fastvae.run_folder.atomic_write`` (a temporary file beside the target, renamed over it only
@@ -52,6 +53,17 @@ def handled(prog: str = "fastvae") -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def install(prog: str = "fastvae") -> None:
+    """From now on, for the rest of the process, SIGINT and SIGTERM call ``exit_now``: the
+    ``fastvae`` command keeps them through the interpreter's teardown, where Python's own
+    handler printed a KeyboardInterrupt traceback from an exit hook (loader workers, trackers)
+    or ended the process by SIGINT itself. Main thread only."""
+    global _prog, _owner
+    _prog, _owner = prog, os.getpid()
+    for sig in SIGNALS:
+        signal.signal(sig, exit_now)
 
 
 def name(prog: str) -> None:

@@ -12,11 +12,14 @@ release it. Two ways in:
   ``import:MODULE`` while MODULE is first imported (its parent package half initialised),
   ``call:MODULE:FUNCTION`` before FUNCTION runs, or ``rename:NAME`` when a complete temporary
   file is about to be renamed over a file called NAME (``fastvae.run_folder.move_into_place``,
-  which every writer goes through).
+  which every writer goes through), or ``exit:`` in the interpreter's teardown, after the
+  command and every other exit hook (an ``atexit`` hook registered first runs last). It runs
+  the command as the ``fastvae`` console script does (``fastvae.cli.run``).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import importlib.abc
@@ -113,6 +116,8 @@ def install(where: str) -> None:
         sys.meta_path.insert(0, _PauseOnImport(target))
     elif kind == "call":
         _pause_before(*target.rsplit(":", 1))
+    elif kind == "exit":
+        atexit.register(pause, "exit")
     elif kind == "rename":
         _pause_before("fastvae.run_folder", "move_into_place",
                       when=lambda tmp, final: os.path.basename(final) == target)
@@ -124,6 +129,7 @@ if __name__ == "__main__":
     where, separator, *args = sys.argv[1:]
     assert separator == "--", "usage: pause_points.py WHERE -- ARGS..."
     install(where)
-    from fastvae.cli import main
+    from fastvae.cli import run
 
-    raise SystemExit(main(args))
+    sys.argv = ["fastvae", *args]
+    run()

@@ -113,6 +113,14 @@ def test_sample(run, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_interpreters_teardown(run, tmp_path):
+    """After the command's work, while exit hooks run: Python's own handler printed a
+    KeyboardInterrupt traceback there ("Exception ignored in atexit callback"), exit status 0."""
+    child = PausedChild("sample", run / "decoder.onnx", "-n", "4", "--out", tmp_path / "s.npy", where="exit:")
+    assert_interrupted(child, "sample")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]  # written before the signal
+
+
 def test_a_forked_worker_signalled_before_its_set_up_leaves_the_parents_files(tmp_path):
     """A pool's ``terminate()`` can reach a just-forked worker before ``in_worker_process``
     runs: the worker still holds the parent's handler, which must end the worker alone, not
