@@ -40,14 +40,11 @@ def handled(prog: str = "fastvae") -> Iterator[None]:
     """Inside the block SIGINT and SIGTERM call ``exit_now``; the previous handlers come back
     after it (so a program that calls ``fastvae.cli.main`` keeps its own). Main thread only;
     elsewhere the block runs with the handlers it has."""
-    global _prog, _owner
-    _prog, _owner = prog, os.getpid()
-    previous = {}
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     try:
-        for sig in SIGNALS:
-            previous[sig] = signal.signal(sig, exit_now)
+        install(prog)
     except ValueError:  # not the main thread: signals are not ours to handle
-        pass
+        previous = {}
     try:
         yield
     finally:

@@ -809,8 +809,7 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResu
         return None
     finally:
         torch.set_num_threads(threads)
-        # in each rank's own process (spawned ranks end right after)
-        _end_process_group()
+        _end_process_group()  # in each rank's own process (spawned ranks end right after)
 
 
 def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:
