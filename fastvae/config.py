@@ -105,6 +105,10 @@ class TrainConfig:
     reparam: str = "auto"  # auto (fused kernel on CUDA) | torch | triton
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss does
     iwae_k: int = 0  # >0: evaluate the IWAE bound with K samples after training
+    # mid-epoch checkpoints, besides the one at each epoch's end (and at a stop request): what a
+    # SIGKILL (a lost node, the OOM killer) costs at most. 0 turns either off
+    checkpoint_every: int = 0  # optimization steps
+    checkpoint_minutes: float = 30.0  # minutes since the last checkpoint (rank 0's clock)
     pictures: bool = True
     progress: bool = True
     tensorboard: bool = False  # also log metrics to RUN/tensorboard (= loggers "tensorboard")
@@ -145,7 +149,7 @@ class TrainConfig:
         if not self.out.strip():
             raise FastVAEError("--out is empty: name the run folder to write")
         check_iwae_k(self.iwae_k)
-        for name in ("lr", "sigma", "beta", "free_bits", "test_fraction"):
+        for name in ("lr", "sigma", "beta", "free_bits", "test_fraction", "checkpoint_minutes"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise FastVAEError(f"--{_flag(name)} must be a finite number, got {value!r}")
@@ -155,12 +159,15 @@ class TrainConfig:
             "beta": self.beta >= 0,
             "free_bits": self.free_bits >= 0,
             "kl_warmup_steps": self.kl_warmup_steps >= 0,
+            "checkpoint_every": self.checkpoint_every >= 0,
+            "checkpoint_minutes": self.checkpoint_minutes >= 0,
             "test_fraction": 0 < self.test_fraction < 1,
         }
         for name, ok in checks.items():
             if not ok:
-                sign = {"lr": "positive", "sigma": "positive",
-                        "test_fraction": "between 0 and 1"}.get(name, "zero or positive")
+                sign = {"lr": "positive", "sigma": "positive", "test_fraction": "between 0 and 1",
+                        "checkpoint_every": "zero (off) or positive",
+                        "checkpoint_minutes": "zero (off) or positive"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
         problem = url_problem(self.out)  # a config file's out: what the --out flag's type refuses
         if problem:

@@ -9,7 +9,8 @@
   (``fastvae.loaders``); either way one loop, ``train_pass``, runs the steps;
 - metrics are summed across ranks; the test set is evaluated once in total (sharded);
 - global rank 0 alone writes files (``fastvae.run_folder``): config.json, metrics.csv,
-  checkpoints (atomically, after every epoch and on Ctrl-C) and pictures; checkpoints hold full
+  checkpoints (atomically, after every epoch, on Ctrl-C, and mid-epoch every
+  ``checkpoint_minutes`` / ``checkpoint_every`` steps) and pictures; checkpoints hold full
   state, whatever the strategy (``fastvae.sharding`` for FSDP), so a run resumes on another
   device count or strategy;
 - a step with a non-finite loss or gradients is never applied, and is caught without a host
@@ -61,6 +62,9 @@ class TrainResult:
     steps: int
     metrics: list[dict] = field(default_factory=list)
     interrupted: bool = False
+
+
+_clock = time.monotonic  # --checkpoint-minutes' clock (a test sets its own)
 
 
 @dataclass
@@ -456,6 +460,7 @@ class Trainer:
         self.skip_mode = skip_mode(self.optimizer.optimizer, fabric.strategy.precision)
         self.check_every = check_interval(fabric.device)  # host mode reads every step anyway
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, rows, record) not yet read
+        self._last_save = _clock()  # --checkpoint-minutes counts from here (rank 0's clock)
         self.source = make_source(splits.train, fabric, config.workers, config.epochs)
         self.test_data = splits.test if is_streamed(splits.test) else fabric.to_device(splits.test)
         metrics_csv = self.run_dir / METRICS_CSV
@@ -548,11 +553,31 @@ class Trainer:
         """Whether a stop was requested on any rank: every rank gets the same answer. A signal
         may reach one rank only (a launcher's SIGTERM) or the ranks at different steps, and a
         rank stopping alone would wait in the checkpoint's collectives forever."""
+        return self._agreed(stop, save_due=False)[0]
+
+    def _agreed(self, stop: StopRequest | None, save_due: bool) -> tuple[bool, bool]:
+        """(stop requested on any rank, ``save_due`` on any rank): one all-reduce, the same
+        answers on every rank (a checkpoint's collectives need them all)."""
         requested = stop is not None and stop.requested
         if self.world == 1:
-            return requested
-        flag = torch.tensor(float(requested), device=self.fabric.device)
-        return self.fabric.all_reduce(flag, reduce_op="sum").item() > 0
+            return requested, save_due
+        flags = torch.tensor([float(requested), float(save_due)], device=self.fabric.device)
+        stop_sum, save_sum = self.fabric.all_reduce(flags, reduce_op="sum").tolist()
+        return stop_sum > 0, save_sum > 0
+
+    def _save_due(self) -> bool:
+        """Whether ``--checkpoint-minutes`` have passed since the last checkpoint (rank 0 decides)."""
+        minutes = self.config.checkpoint_minutes
+        return minutes > 0 and self.rank == 0 and _clock() - self._last_save >= 60 * minutes
+
+    def _save_mid_epoch(self, batch_in_epoch: int, sums: EpochSums, started: float) -> float:
+        """A checkpoint of the epoch so far, as a stop request writes it; training goes on from
+        this rank's own ``sums``. Returns the seconds it took (not the epoch's time)."""
+        self._read_records(sums)
+        begun = time.perf_counter()
+        so_far = EpochSums(sums.recon, sums.kl, sums.count, sums.seconds + begun - started)
+        self.save(batch_in_epoch=batch_in_epoch, partial=self._all_ranks(so_far))
+        return time.perf_counter() - begun
 
     def train_pass(self, stop: StopRequest | None = None) -> tuple[EpochSums, int | None]:
         """The optimization steps of one epoch: what ``epoch_time_s`` measures.
@@ -573,15 +598,22 @@ class Trainer:
                    desc=f"epoch {self.epoch + 1}/{config.epochs}",
                    disable=None if config.progress and self.rank == 0 else True)  # None: only on a terminal
         stopped_at = None
+        every = config.checkpoint_every
         for index, x in enumerate(batches, start=self.skip_batches):
             self._train_step(x, sums)
             bar.update(1)
             self.fabric.call("on_train_batch_end", self, index)
+            if index + 1 == len(batches):  # the epoch's end: checkpointed after evaluation
+                continue
             # every rank asks at the same steps (on an accelerator with the records' host read)
-            if (index + 1 < len(batches) and (self.world == 1 or self.step % self.check_every == 0)
-                    and self._agreed_stop(stop)):
+            stop_now, save_due = False, False
+            if self.world == 1 or self.step % self.check_every == 0:
+                stop_now, save_due = self._agreed(stop, self._save_due())
+            if stop_now:
                 stopped_at = index + 1
                 break
+            if save_due or (every and self.step % every == 0):
+                started += self._save_mid_epoch(index + 1, sums, started)
         self._read_records(sums)
         bar.close()
         sums.seconds += time.perf_counter() - started
@@ -691,6 +723,7 @@ class Trainer:
             state["precision"] = precision_state
         if partial is not None:  # summed over the ranks: rank 0 resumes with them, the others from 0
             state["partial"], state["partial_of_all_ranks"] = partial.to_list(), True
+        self._last_save = _clock()
         final = self.run_dir / LAST
         # one name for every save, so the next one replaces a file a SIGKILL left mid-write
         tmp = run_folder.temporary_name(final, tag="save")

@@ -170,7 +170,7 @@ def test_json_config_file_and_flag_precedence(tmp_path, capsys):
                "--epochs", "--batch-size", "--lr", "--seed", "--beta", "--kl-warmup-steps",
                "--free-bits", "--on-nonfinite", "--precision", "--devices", "--num-nodes",
                "--strategy", "--accelerator", "--compile", "--compile-mode", "--out", "--config", "--resume",
-               "--overwrite", "--quiet"]),
+               "--overwrite", "--quiet", "--checkpoint-every", "--checkpoint-minutes"]),
     ("evaluate", ["--iwae-k", "--json", "--seed", "--data"]),
 ])
 def test_command_help(command, flags):
@@ -249,6 +249,9 @@ def test_console_script_is_installed():
     (["--beta", "-1"], ["--beta"]),
     (["--free-bits", "-0.5"], ["--free-bits"]),
     (["--kl-warmup-steps", "-1"], ["--kl-warmup-steps"]),
+    (["--checkpoint-every", "-5"], ["--checkpoint-every", "zero (off) or positive"]),
+    (["--checkpoint-minutes", "-1"], ["--checkpoint-minutes", "zero (off) or positive"]),
+    (["--checkpoint-minutes", "inf"], ["--checkpoint-minutes", "finite"]),
     (["--sigma", "0"], ["--sigma"]),
     # an extra digit: an integer overflow inside torch (a traceback), or hours building modules
     (["--hidden-dim", "99999999999999999999"], ["--hidden-dim", "beyond", "1,048,576"]),

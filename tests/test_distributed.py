@@ -72,15 +72,21 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, small_digits):
 def test_a_stop_seen_by_one_rank_stops_every_rank_and_resumes_exactly(tmp_path, small_digits):
     """SIGTERM to rank 0 only, mid-epoch: both ranks stop after the same step, the checkpoint
     holds each rank's own noise stream and the epoch's sums over both ranks, and the resumed
-    2-rank VAE run ends with the uninterrupted run's weights and metrics."""
+    2-rank VAE run ends with the uninterrupted run's weights and metrics. On the way, rank 0's
+    --checkpoint-minutes clock (due at every step) makes both ranks write mid-epoch checkpoints
+    together (one rank alone would wait in the save's collectives), and they change nothing."""
     from pause_points import SignalAtStep
+    from testkit import CheckpointSteps
 
     # the largest seed: rank 1's own seed wraps around into the 32-bit range (was a traceback)
     vae = dict(kind="vae", hidden_dim=32, latent_dim=4, batch_size=16, devices=2, strategy="ddp_spawn",
                seed=2**32 - 1)
     straight = train(config(tmp_path / "straight", **vae), splits=small_digits)
-    stopped = train(config(tmp_path / "stopped", **vae), splits=small_digits, callbacks=[SignalAtStep(0, 3)])
+    seen = CheckpointSteps(log=tmp_path / "seen.txt")
+    stopped = train(config(tmp_path / "stopped", **vae, checkpoint_minutes=1e-9), splits=small_digits,
+                    callbacks=[seen, SignalAtStep(0, 3)])
     assert stopped.interrupted and stopped.steps == 3
+    assert seen.saves() == [1, 2]  # then step 3's stop checkpoint
     state = read_checkpoint(tmp_path / "stopped")
     assert state["batch_in_epoch"] == 3 and state["partial_of_all_ranks"]
     assert state["partial"][2] == 3 * 16 * 2  # examples of both ranks' three steps

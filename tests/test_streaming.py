@@ -432,10 +432,15 @@ def straight_stream(digits_shards):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_streamed_run_stopped_mid_epoch_resumes_exactly(tmp_path, digits_shards, straight_stream, signum):
+@pytest.mark.parametrize("signum, every, expected", [
+    (signal.SIGKILL, 0, (1, 0)),  # the checkpoint of epoch 1's end
+    (signal.SIGKILL, 3, (1, 3)),  # --checkpoint-every 3: step 15's
+    (signal.SIGINT, 0, (1, 5)),  # a stop request writes one at the step
+], ids=["SIGKILL", "SIGKILL-checkpoint-every", "SIGINT"])
+def test_streamed_run_stopped_mid_epoch_resumes_exactly(tmp_path, digits_shards, straight_stream, signum, every,
+                                                        expected):
     out = tmp_path / "stopped"
-    child = PausedChild(*STREAM_RUN, "--data", digits_shards, "--out", out,
+    child = PausedChild(*STREAM_RUN, "--data", digits_shards, "--out", out, "--checkpoint-every", every,
                         "--callback", "pause_points:PauseAtStep", env={"PAUSE_AT_STEP": str(STOP)})
     child.send_signal(signum)
     rc, _, err = child.finish()
@@ -443,7 +448,6 @@ def test_streamed_run_stopped_mid_epoch_resumes_exactly(tmp_path, digits_shards,
     from fastvae.checkpoint import read_checkpoint
 
     state = read_checkpoint(out)
-    expected = (1, 0) if signum == signal.SIGKILL else (1, 5)  # SIGINT: a checkpoint at the step
     assert (state["epoch"], state["batch_in_epoch"]) == expected
     rc, _, err = run_cli("train", "--resume", "--out", out, "--quiet", "--workers", "2")
     assert rc == 0, err

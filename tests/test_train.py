@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from testkit import max_weight_diff, metrics_without_time, state_dict_of
+from testkit import CheckpointSteps, Crash, max_weight_diff, metrics_without_time, state_dict_of
 from fastvae.errors import FastVAEError
 from fastvae.distributions import kl_standard_normal
 from fastvae.losses import (bernoulli_log_likelihood, elbo_terms, free_bits_kl, iwae_bound,
@@ -274,6 +274,43 @@ def test_resume_equals_straight_run(tmp_path, make_config):
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (4, 96)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-9)
+
+
+def test_mid_epoch_checkpoints_change_nothing_and_a_crash_resumes_from_the_last(tmp_path, make_config):
+    """--checkpoint-every: a checkpoint every N steps, mid-epoch, besides each epoch's end; a
+    run lost between two of them resumes from the last one and ends as the straight run."""
+    from fastvae.checkpoint import read_checkpoint
+
+    straight, periodic = tmp_path / "straight", tmp_path / "periodic"
+    train(make_config(out=straight))  # 2 epochs of 24 steps
+    seen = CheckpointSteps(crash_at=33)
+    with pytest.raises(Crash):
+        train(make_config(out=periodic, checkpoint_every=5), callbacks=[seen])
+    assert seen.saves() == [5, 10, 15, 20, 24, 25, 30]  # 24: epoch 1's end
+    state = read_checkpoint(periodic)
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 6, 30)
+    assert state["partial"][2] == 6 * 64  # the examples of epoch 2's six steps
+    train(make_config(out=periodic), resume=True)
+    assert max_weight_diff(state_dict_of(straight), state_dict_of(periodic)) == 0.0
+    assert metrics_without_time(straight) == metrics_without_time(periodic)
+
+
+def test_checkpoint_minutes_count_from_the_last_checkpoint(tmp_path, make_config, monkeypatch):
+    """--checkpoint-minutes 0.5 with 7 s steps: a checkpoint once 30 s have passed since the
+    last one, the epoch's end included (steps 5, 10, ..., 24, then 29, 34, ...); saving
+    changes nothing of the run; 0 turns it off."""
+    straight = tmp_path / "straight"
+    train(make_config(out=straight))
+    timed = CheckpointSteps(seconds_per_step=7.0)
+    monkeypatch.setattr("fastvae.trainer._clock", lambda: timed.now)
+    train(make_config(out=tmp_path / "timed", checkpoint_minutes=0.5), callbacks=[timed])
+    assert timed.saves() == [5, 10, 15, 20, 24, 29, 34, 39, 44]  # 48: the last step, after it
+    assert max_weight_diff(state_dict_of(straight), state_dict_of(tmp_path / "timed")) == 0.0
+    assert metrics_without_time(straight) == metrics_without_time(tmp_path / "timed")
+    off = CheckpointSteps(seconds_per_step=1e6)
+    monkeypatch.setattr("fastvae.trainer._clock", lambda: off.now)
+    train(make_config(out=tmp_path / "off", checkpoint_minutes=0.0), callbacks=[off])
+    assert off.saves() == [24]
 
 
 @pytest.mark.parametrize("model", ["mlp", "convkl"])

@@ -153,3 +153,41 @@ def exported_mlp_decoder(folder, **settings):
     model = build_model({"data_shape": [1, 8, 8], **settings}).eval()
     path = export_decoder(model, Path(folder) / "d.onnx", check_batches=(3,), exporter="torchscript").path
     return model, path
+
+
+class Crash(Exception):
+    """A process lost mid-epoch (as by SIGKILL): it writes no checkpoint of its own."""
+
+
+class CheckpointSteps:
+    """Fabric callback, rank 0: at each step, the step of the checkpoint on disk (the one
+    written before that step's) goes into ``seen`` and, where the callback runs in a spawned
+    rank, into the file ``log`` (lines "STEP SAVED_STEP"). ``now`` = ``seconds_per_step`` x
+    step, for a test that makes it ``fastvae.trainer._clock`` (--checkpoint-minutes' clock).
+    Raises ``Crash`` once step ``crash_at`` is done."""
+
+    def __init__(self, seconds_per_step: float = 0.0, crash_at: int | None = None, log: Path | None = None):
+        self.seconds_per_step, self.crash_at, self.log = seconds_per_step, crash_at, log
+        self.seen: dict[int, int | None] = {}
+        self.now = 0.0
+
+    def on_train_batch_end(self, trainer, batch):
+        from fastvae.checkpoint import read_checkpoint
+
+        if trainer.rank != 0:
+            return
+        self.now = trainer.step * self.seconds_per_step
+        on_disk = (trainer.run_dir / "checkpoints" / "last.ckpt").exists()
+        self.seen[trainer.step] = read_checkpoint(trainer.run_dir)["step"] if on_disk else None
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(f"{trainer.step} {self.seen[trainer.step]}\n")
+        if trainer.step == self.crash_at:
+            raise Crash
+
+    def saves(self) -> list[int]:
+        """The steps whose checkpoints later steps saw (from ``log`` where there is one)."""
+        seen = self.seen
+        if self.log is not None:
+            seen = dict(line.split() for line in self.log.read_text().splitlines())
+        return sorted({int(step) for step in seen.values() if step not in (None, "None")})

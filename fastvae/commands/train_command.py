@@ -92,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out: what it wrote there (checkpoints, metrics, "
                    "pictures, report, exported decoder/encoder, tracker logs) is removed; other files stay")
+    r.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="also write the checkpoint every STEPS optimization steps, mid-epoch "
+                   f"(0 = off) (default {d.checkpoint_every})")
+    r.add_argument("--checkpoint-minutes", type=float, metavar="MINUTES",
+                   help="also write it once MINUTES have passed since the last one, mid-epoch: "
+                   "the most work a SIGKILL (a lost node, the OOM killer) can cost (0 = off) "
+                   f"(default {d.checkpoint_minutes:g})")
     r.add_argument("--iwae-k", type=int, help="after training, evaluate the IWAE bound with K samples (0 = skip)")
     r.add_argument("--no-pictures", dest="pictures", action="store_false", default=None,
                    help="do not write PNG pictures")
