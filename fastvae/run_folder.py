@@ -318,14 +318,17 @@ def check_resume(run_dir, saved: dict, settings: dict, identity: tuple[str, ...]
     ``identity`` (model and data), and mid-epoch also the batch size, seed and world size
     (the rest of the epoch must be the same batches)."""
     changed = [k for k in identity if saved.get(k) != settings.get(k)]
+    batching = []
     if mid_epoch:
-        changed += [k for k in ("batch_size", "seed") if saved.get(k) != settings.get(k)]
+        batching = [k for k in ("batch_size", "seed") if saved.get(k) != settings.get(k)]
         if saved_world_size != world_size:
-            changed.append("devices")
-    if changed:
+            batching.append(f"devices ({saved_world_size} process(es), now {world_size})")
+    if changed or batching:
+        why = (" (its checkpoint is mid-epoch: the rest of that epoch needs the same batches)"
+               if batching else "")
         raise FastVAEError(
-            f"cannot resume {run_dir}: setting(s) {', '.join(changed)} differ from the run "
-            "that wrote it; resume with the same settings, or train into a new --out"
+            f"cannot resume {run_dir}: setting(s) {', '.join(changed + batching)} differ from the run "
+            f"that wrote it{why}; resume with the same settings, or train into a new --out"
         )
 
 
