@@ -47,7 +47,7 @@ def first(folder: str) -> BaseException | None:
 def collected() -> Iterator[str]:
     """A folder for the ranks' errors; a ``ProcessRaisedException`` leaving the block becomes
     the lowest rank's recorded error where one was recorded."""
-    from torch.multiprocessing import ProcessRaisedException
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     # torch logs "Terminating process N via signal SIGTERM" for the other ranks when one fails:
     # nothing for a user to act on, above the one line the error gets
@@ -62,8 +62,32 @@ def collected() -> Iterator[str]:
             if error is None:
                 raise
             raise error from None
+        except ProcessExitedException as exc:  # a rank killed (SIGKILL: the OOM killer?) or gone
+            raise FastVAEError(ended_rank(exc.error_index, exc.signal_name, exc.exit_code)) from None
         finally:
             spawn_log.setLevel(level)
+
+
+KILLERS = "the out-of-memory killer, a scheduler, kill -9, or a failed node"
+RESUME = "continue the run with --resume from its last checkpoint"
+
+
+def ended_rank(rank: int, signal_name: str | None, exit_code: int | None) -> str:
+    """A spawned rank that ended without raising (killed), as the launcher says it."""
+    how = f"was killed by {signal_name}" if signal_name else f"ended with exit status {exit_code}"
+    return f"rank {rank} {how} ({KILLERS}?) and the other ranks were stopped: {RESUME}"
+
+
+# what a collective says when another rank's process is gone (gloo; NCCL says DistNetworkError)
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another rank is gone."""
+    import torch.distributed as dist
+
+    network = getattr(dist, "DistNetworkError", ())
+    return isinstance(exc, network) or (isinstance(exc, RuntimeError) and any(p in str(exc) for p in LOST_PEER))
 
 
 def reporting(fabric, function, folder: str, *args):

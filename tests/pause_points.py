@@ -48,10 +48,13 @@ class PauseAtStep:
 
 class SignalAtStep:
     """Fabric callback: send ``signum`` to this process on rank ``rank`` once step ``step`` is
-    done (a launcher's SIGTERM that reaches one rank only)."""
+    done (a launcher's SIGTERM that reaches one rank only). Made with no arguments (``fastvae
+    train --callback``): ``SIGNAL_RANK``, ``SIGNAL_AT_STEP`` and ``SIGNAL_NUM`` from the environment."""
 
-    def __init__(self, rank: int, step: int, signum: int = 15):
-        self.rank, self.step, self.signum = rank, step, signum
+    def __init__(self, rank: int | None = None, step: int | None = None, signum: int | None = None):
+        self.rank = int(os.environ["SIGNAL_RANK"]) if rank is None else rank
+        self.step = int(os.environ["SIGNAL_AT_STEP"]) if step is None else step
+        self.signum = int(os.environ.get("SIGNAL_NUM", 15)) if signum is None else signum
 
     def on_train_batch_end(self, trainer, batch):
         if trainer.rank == self.rank and trainer.step == self.step:

@@ -6,6 +6,8 @@ streams differ by design. Evaluation sharding and precision are checked separate
 
 import math
 
+import signal
+
 import pytest
 import torch
 
@@ -273,6 +275,31 @@ def test_sigterm_to_a_ddp_spawn_launcher_stops_its_ranks_cleanly(tmp_path):
     assert 3 <= state["step"] < 2 * 12, state["step"]  # 12 steps an epoch
     assert f"interrupted: checkpoint written at step {state['step']} " in out, out
     assert "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy, line", [
+    # Fabric relaunches the command for rank 1: rank 0's death reaches it as a failed collective
+    ("ddp", "fastvae train: error: rank 1 lost contact with the other ranks (Connection "),
+    # torch.multiprocessing's launcher sees rank 0 end and stops rank 1
+    ("ddp_spawn", "fastvae train: error: rank 0 was killed by SIGKILL ("),
+])
+def test_a_rank_killed_mid_run_is_one_line_from_the_others(tmp_path, strategy, line):
+    """SIGKILL to rank 0 at step 3 (the OOM killer): what the run prints is one line saying
+    so and how to go on, not a rank's 75-line traceback or the launcher's."""
+    from testkit import SUBPROCESS_ENV, REPO, run_cli
+
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO / "tests"), "SIGNAL_RANK": "0", "SIGNAL_AT_STEP": "3",
+           "SIGNAL_NUM": str(int(signal.SIGKILL))}
+    rc, _, err = run_cli("train", "--data", "digits", "--hidden-dim", "16", "--epochs", "2", "--devices", "2",
+                         "--strategy", strategy, "--accelerator", "cpu", "--no-pictures", "--quiet",
+                         "--out", tmp_path / "run", "--callback", "pause_points:SignalAtStep", env=env)
+    assert rc == (-signal.SIGKILL if strategy == "ddp" else 2), err[-2000:]  # ddp: rank 0 is this process
+    assert "Traceback" not in err, err[-3000:]
+    errors = [e for e in err.splitlines() if e.startswith("fastvae train: error:")]
+    assert len(errors) == 1 and errors[0].startswith(line), err[-2000:]
+    assert errors[0].endswith("continue the run with --resume from its last checkpoint"), errors
 
 
 @pytest.mark.slow
