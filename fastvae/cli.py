@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The ``fastvae`` command (console script, ``python -m fastvae``): ``main``, then exit with
     its status. Its signal handlers stay through the interpreter's teardown, so a Ctrl-C while
-    exit hooks still run (loader workers, trackers) is one line and status 130 there too."""
+    exit hooks still run (loader workers, trackers) is one line and status 130 there too;
+    stdout is line-buffered."""
     interrupts.install()
+    # each line leaves at once, also into a pipe or a batch job's log file (Python buffers
+    # those in blocks): a run killed later keeps the lines it printed
+    sys.stdout.reconfigure(line_buffering=True)
     sys.exit(main())
 
 

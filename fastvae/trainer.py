@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -830,6 +832,8 @@ class _RankZeroFailed(Exception):
 
 
 def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResult | None:
+    if multiprocessing.parent_process() is not None and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a spawned rank's own, as fastvae.cli.run's
     threads = torch.get_num_threads()
     if config.threads:  # in each rank's process; the caller's setting comes back after
         torch.set_num_threads(config.threads)

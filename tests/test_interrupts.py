@@ -248,3 +248,21 @@ def test_workers_start_under_every_start_method(method, tmp_path):
     done = subprocess.run([sys.executable, script, method], capture_output=True, text=True,
                           env=SUBPROCESS_ENV, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["True"], done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp_spawn"])
+def test_a_killed_run_keeps_the_lines_it_printed_into_a_pipe(tmp_path, strategy):
+    """stdout into a pipe or a batch job's log is block-buffered by Python: a run SIGKILLed in
+    epoch 2 (preempted, the OOM killer) lost its epoch-1 line. The fastvae command and spawned
+    ranks write each line at once (no PYTHONUNBUFFERED here, as in a user's shell)."""
+    from testkit import REPO, SUBPROCESS_ENV, run_cli
+
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO / "tests"), "SIGNAL_RANK": "0", "SIGNAL_AT_STEP": "26",
+           "SIGNAL_NUM": str(int(signal.SIGKILL))}
+    del env["PYTHONUNBUFFERED"]
+    devices = ("--devices", "2", "--accelerator", "cpu", "--batch-size", "32") if strategy == "ddp_spawn" else ()
+    rc, out, err = run_cli("train", "--epochs", "2", "--hidden-dim", "16", "--latent-dim", "4", "--reparam", "torch",
+                           "--no-pictures", "--strategy", strategy, *devices, "--out", tmp_path / "run",
+                           "--callback", "pause_points:SignalAtStep", env=env)
+    assert rc == (-signal.SIGKILL if strategy == "auto" else 2), err[-2000:]  # 24 steps an epoch: killed in epoch 2
+    assert "epoch 1/2  loss " in out, (out, err[-2000:])
