@@ -400,6 +400,27 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
     assert_one_line_error(rc, err, "--resume", "--overwrite")
 
 
+def test_a_resume_keeps_the_runs_threads_lists_loggers_once_and_can_undo_display_flags(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """--threads stays (other kernels: not the uninterrupted run's numbers) unless this machine
+    has fewer cores; a repeated --logger is not added again (a requeued job's same command);
+    --no-quiet and --pictures undo a run's --quiet and --no-pictures."""
+    run = tmp_path / "run"
+    assert cli(capsys, "train", *TINY, "--threads", "1", "--logger", "csv", "--out", run)[0] == 0
+    rc, _, err = cli(capsys, "train", "--resume", "--epochs", "2", "--logger", "csv", "--no-quiet", "--pictures",
+                     "--out", run)
+    assert rc == 0, err
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["threads"], saved["loggers"], saved["progress"], saved["pictures"]) == (1, "csv", True, True)
+    assert (run / "samples.png").is_file()
+    monkeypatch.setattr("os.cpu_count", lambda: 1)  # a run made on a machine with more cores
+    (run / "config.json").write_text(json.dumps({**saved, "threads": 2}))
+    rc, _, err = cli(capsys, "train", "--resume", "--epochs", "3", "--quiet", "--out", run)
+    assert rc == 0, err
+    assert "note: the run used --threads 2; this machine has 1 core:" in err
+    assert json.loads((run / "config.json").read_text())["threads"] == 0
+
+
 def test_out_is_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     rc, _, err = cli(capsys, "train", *TINY, "--out", tmp_path / "file")

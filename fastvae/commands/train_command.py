@@ -102,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--iwae-k", type=int, help="after training, evaluate the IWAE bound with K samples (0 = skip)")
     r.add_argument("--no-pictures", dest="pictures", action="store_false", default=None,
                    help="do not write PNG pictures")
+    r.add_argument("--pictures", dest="pictures", action="store_true", default=None,
+                   help="write them (the default; undoes a run's --no-pictures on --resume)")
     r.add_argument("--logger", dest="logger_list", action="append", default=None, metavar="NAME",
                    help="also log metrics to an experiment tracker (repeatable): csv (RUN/csv), "
                    "tensorboard (RUN/tensorboard), wandb (offline: RUN/wandb), mlflow (RUN/mlflow.db, or RUN/mlruns without SQLAlchemy)")
@@ -109,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="same as --logger tensorboard (needs 'pip install tensorboard')")
     r.add_argument("--quiet", dest="progress", action="store_false", default=None,
                    help="no progress bar or per-epoch lines")
+    r.add_argument("--no-quiet", dest="progress", action="store_true", default=None,
+                   help="progress bar and per-epoch lines (the default; undoes a run's --quiet on --resume)")
     r.add_argument("--callback", dest="callbacks", action="append", default=[], metavar="MODULE:NAME",
                    help="a Fabric callback to call during training (repeatable): an object, or a "
                    "class made with no arguments; see fastvae.trainer for its hooks")
@@ -134,14 +138,15 @@ def run(args: argparse.Namespace) -> int:
             raise FastVAEError(f"cannot resume: {out} holds neither {run_folder.CONFIG_JSON} nor "
                                f"{run_folder.LAST}; train into {out} first")
         saved = saved_settings(run_folder.read_run_config(out))
-        saved.pop("threads", None)  # the machine's, not the run's: a resume elsewhere chooses again
+        _machine_threads(saved, given)
         values = {**saved, **values}  # a deleted config.json: the checkpoint's
     if args.compile is False and args.compile_mode not in (None, "default"):
         raise FastVAEError(f"--no-compile contradicts --compile-mode {args.compile_mode} (which compiles): "
                            "give one of them")
     values.update(given)
     if args.logger_list:  # --logger csv --logger wandb (or --logger csv,wandb)
-        values["loggers"] = ",".join([*filter(None, values.get("loggers", "").split(",")), *args.logger_list])
+        names = [*values.get("loggers", "").split(","), *args.logger_list]  # a resume's own first
+        values["loggers"] = ",".join(dict.fromkeys(n.strip() for n in names if n.strip()))
     config = TrainConfig.from_dict(values, source=args.config or "settings")
     try:
         config.validate()
@@ -208,3 +213,17 @@ def load_callback(name: str):
     except Exception as exc:  # noqa: BLE001
         raise FastVAEError(f"--callback {name!r}: {attr}() failed ({type(exc).__name__}: {one_line(exc)}): "
                            "a callback class must be made with no arguments") from None
+
+
+def _machine_threads(saved: dict, given: dict) -> None:
+    """A resume keeps the run's --threads (the same kernels: the uninterrupted run's exact
+    numbers) where this machine has that many cores; elsewhere torch chooses again."""
+    import os
+    import sys
+
+    threads = saved.get("threads", 0)
+    cores = os.cpu_count() or 1
+    if "threads" not in given and isinstance(threads, int) and threads > cores:
+        print(f"note: the run used --threads {threads}; this machine has {cores} core{'s' * (cores != 1)}: torch's default "
+              "is used (give --threads to choose)", file=sys.stderr)
+        saved.pop("threads")
