@@ -161,6 +161,16 @@ def dataset_id(data) -> "str | None":
     return meta.get("dataset_id") if isinstance(meta, dict) else None
 
 
+def check_run_dataset(run, saved_id: "str | None", data, source: str) -> None:
+    """Refuse ``data`` (loaded from the run's own ``source``) when the run's checkpoint names
+    another prepared dataset (``saved_id``): one prepared again under the same path has
+    another held-out split, which may hold the run's training images."""
+    if saved_id is not None and saved_id != dataset_id(data):
+        raise FastVAEError(f"{source} is not the prepared dataset {run} trained on (prepared again under the "
+                           "same path?): its test split may hold the run's training images; pass --data "
+                           f"{source} to evaluate on it all the same")
+
+
 def _join(url: str, name: str) -> str:
     return url.rstrip("/") + "/" + name
 

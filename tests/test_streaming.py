@@ -595,7 +595,9 @@ def test_folders_left_by_a_killed_prepare_are_reported_not_removed(tmp_path, cap
 
 def test_resume_on_a_dataset_prepared_again_under_the_same_path_is_refused(tmp_path, capsys):
     """Same path, shape and counts, other contents: the checkpoint's dataset_id tells them apart
-    (the path alone did not, and a mid-epoch resume went on with other images)."""
+    (the path alone did not, and a mid-epoch resume went on with other images); evaluate and
+    report of the run's own data refuse it too (they scored another held-out split, which may
+    hold training images), and take it when it is named with --data."""
     shards, run = tmp_path / "shards", tmp_path / "run"
     prepare("digits", shards, workers=0, progress=False)
     args = ("train", "--data", shards, "--epochs", "1", "--hidden-dim", "8", "--quiet", "--no-pictures",
@@ -605,6 +607,10 @@ def test_resume_on_a_dataset_prepared_again_under_the_same_path_is_refused(tmp_p
     prepare("digits", shards, workers=0, progress=False, overwrite=True)
     line = one_line_error(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--quiet")
     assert "another prepared dataset" in line and str(run) in line
+    for command in (("evaluate", run, "--json"), ("report", run)):
+        line = one_line_error(capsys, *command)
+        assert f"is not the prepared dataset {run} trained on" in line and f"pass --data {shards}" in line, line
+    assert cli(capsys, "evaluate", run, "--json", "--data", shards)[0] == 0
 
 
 def test_split_writer_cuts_pieces_of_any_size_into_whole_blocks(tmp_path):

@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     splits = load_dataset(data, test_fraction=saved.get("test_fraction", 0.1),
                           split_seed=saved.get("split_seed", 0), split_rule=saved["split_rule"],
                           grayscale=saved.get("grayscale", False))
+    if not args.data:
+        from fastvae.shards import check_run_dataset
+
+        check_run_dataset(args.run, state.get("data_id"), splits, data)
     if tuple(splits.data_shape) != tuple(model.data_shape):
         raise FastVAEError(f"data {data} has images of shape {splits.data_shape} but the model "
                            f"expects {tuple(model.data_shape)}: evaluate on data like the training data")
