@@ -678,7 +678,8 @@ def pytest_benchmark_table(old: Path, new: Path) -> int:
     for a, b in _pairs(Path(old), Path(new)):
         if a.resolve() == b.resolve():  # pytest-benchmark cannot load one file twice
             continue
-        cmd = [sys.executable, "-m", "pytest_benchmark", "compare", str(a), str(b),
+        # absolute both: pytest-benchmark refuses a relative path beside an absolute one
+        cmd = [sys.executable, "-m", "pytest_benchmark", "compare", str(a.resolve()), str(b.resolve()),
                "--group-by=name", "--columns=min,median,mean,rounds", "--sort=name"]
         rc |= subprocess.run(cmd, check=False).returncode
     return rc
@@ -953,8 +954,9 @@ def main(argv: list[str] | None = None) -> int:
             if not p.exists():
                 print(f"compare: {p} does not exist; nothing to compare", file=sys.stderr)
                 return 0
-        if args.table:
-            pytest_benchmark_table(args.old, args.new)
+        if args.table and pytest_benchmark_table(args.old, args.new):
+            print("compare: pytest-benchmark's table failed (its error above); the comparison follows",
+                  file=sys.stderr)
         regressions = compare(args.old, args.new, args.threshold, args.stat)
         return 1 if (regressions and args.fail) else 0
     if args.cmd == "store":

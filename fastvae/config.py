@@ -163,10 +163,14 @@ class TrainConfig:
             "checkpoint_minutes": self.checkpoint_minutes >= 0,
             "test_fraction": 0 < self.test_fraction < 1,
         }
+        if not checks["test_fraction"]:
+            from fastvae.data import TEST_SPLIT_NEEDED
+
+            raise FastVAEError(f"--test-fraction must be above 0 and below 1, got {self.test_fraction!r}: "
+                               f"{TEST_SPLIT_NEEDED}")
         for name, ok in checks.items():
             if not ok:
-                sign = {"lr": "positive", "sigma": "positive", "test_fraction": "between 0 and 1",
-                        "checkpoint_every": "zero (off) or positive",
+                sign = {"lr": "positive", "sigma": "positive", "checkpoint_every": "zero (off) or positive",
                         "checkpoint_minutes": "zero (off) or positive"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
         problem = url_problem(self.out)  # a config file's out: what the --out flag's type refuses

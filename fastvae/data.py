@@ -60,6 +60,11 @@ class Splits:
         return tuple(self.train.shape[1:])
 
 
+# why --test-fraction 0 (or 1) is refused, and what to do instead
+TEST_SPLIT_NEEDED = ("every run evaluates on held-out examples; to train on all of your data, give it "
+                     "its own test split (an .npz with train and test arrays, an images/train + images/test "
+                     "folder) or use a small fraction")
+
 def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, split_seed: int = 0,
                  grayscale: bool = False, split_rule: int = SPLIT_RULE):
     """Load ``digits`` or a path (IDX file/folder, .npy, .npz, image folder), validated; a
@@ -437,7 +442,7 @@ def split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed:
     if n < 2:
         raise FastVAEError(f"need at least 2 examples (train and test), got {n}")
     if not 0.0 < test_fraction < 1.0:
-        raise FastVAEError(f"--test-fraction must lie between 0 and 1, got {test_fraction}")
+        raise FastVAEError(f"--test-fraction must be above 0 and below 1, got {test_fraction}: {TEST_SPLIT_NEEDED}")
     if rule not in SPLIT_RULES:
         raise FastVAEError(f"split_rule must be one of {', '.join(map(str, SPLIT_RULES))}, got {rule!r}")
     rng = np.random.default_rng(seed)

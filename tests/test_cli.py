@@ -249,6 +249,7 @@ def test_console_script_is_installed():
     (["--beta", "-1"], ["--beta"]),
     (["--free-bits", "-0.5"], ["--free-bits"]),
     (["--kl-warmup-steps", "-1"], ["--kl-warmup-steps"]),
+    (["--test-fraction", "0"], ["--test-fraction", "above 0 and below 1", "give it its own test split"]),
     (["--checkpoint-every", "-5"], ["--checkpoint-every", "zero (off) or positive"]),
     (["--checkpoint-minutes", "-1"], ["--checkpoint-minutes", "zero (off) or positive"]),
     (["--checkpoint-minutes", "inf"], ["--checkpoint-minutes", "finite"]),
