@@ -60,19 +60,22 @@ class DynamicBatcher:
     ``decode_fn(z) -> x``: the decoder (e.g. ``OnnxSampler.decode``); ``draw_fn(rows) -> z``: fresh
     latents for ``sample`` (e.g. ``OnnxSampler.draw_latents`` on the server's generator). ``start()`` inside the
     running loop, ``await close()`` at shutdown; ``drain()`` (thread-safe, e.g. from a signal
-    handler) stops waiting for more requests: queued ones are decoded at once.
+    handler) stops waiting for more requests: queued ones are decoded at once. ``latent_shape``:
+    that of the rows ``draw_fn`` makes; latents of another shape per row (a spatial decoder
+    takes any height and width) are never combined with them or with each other.
     """
 
     def __init__(self, decode_fn, max_batch: int = 64, max_wait: float = 0.002, inline_below: float = INLINE_BELOW,
-                 draw_fn=None):
+                 draw_fn=None, latent_shape: tuple | None = None):
         if max_batch < 1 or max_wait < 0:
             raise ValueError("max_batch must be >= 1 and max_wait >= 0")
         self._decode_fn = decode_fn
         self.draw_fn = draw_fn
+        self.latent_shape = None if latent_shape is None else tuple(latent_shape)
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait)
         self.inline_below = float(inline_below)
-        self._seconds_per_row: float | None = None  # running estimate, from the calls made
+        self._seconds_per_value: float | None = None  # running estimate per latent value, from the calls made
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-decode")
         self._items: deque = deque()  # (z or None: rows to draw, rows, future, arrival time) in order
         self._current: list = []  # the batch being decoded (items taken from _items)
@@ -185,7 +188,9 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 timer.cancel()
             batch, rows = [], 0
-            while items and (not batch or rows + items[0][1] <= self.max_batch):
+            # latents of another shape (a spatial decoder's other h x w) start the next batch
+            while items and (not batch or (rows + items[0][1] <= self.max_batch
+                                           and self._combines(items[0], batch))):
                 item = items.popleft()  # a request too large for the batch starts the next one
                 batch.append(item)
                 rows += item[1]
@@ -193,6 +198,15 @@ class DynamicBatcher:
             self._current = batch  # for _fail_all, should the task die while decoding it
             await self._decode_batch(batch, rows)
             self._current = []
+
+    def _row_shape(self, item) -> tuple | None:
+        """A queued request's latent shape per row (rows to draw: ``latent_shape``, None if unknown)."""
+        return self.latent_shape if item[0] is None else tuple(item[0].shape[1:])
+
+    def _combines(self, item, batch) -> bool:
+        """Whether ``item``'s rows can be decoded in one array with ``batch``'s."""
+        shape = self._row_shape(item)
+        return shape is None or all(self._row_shape(other) in (None, shape) for other in batch)
 
     def _timed_decode(self, z: np.ndarray) -> tuple[np.ndarray, int]:
         """(decoder output for ``z``, decoder calls made): ``max_batch`` rows per call at most,
@@ -203,14 +217,15 @@ class DynamicBatcher:
         else:
             parts = [self._decode_fn(z[i:i + self.max_batch]) for i in range(0, len(z), self.max_batch)]
             x, calls = np.concatenate(parts), len(parts)
-        per_row = (time.perf_counter() - start) / max(len(z), 1)
-        self._seconds_per_row = per_row if self._seconds_per_row is None else 0.8 * self._seconds_per_row + 0.2 * per_row
+        per_value = (time.perf_counter() - start) / max(z.size, 1)
+        self._seconds_per_value = (per_value if self._seconds_per_value is None
+                                   else 0.8 * self._seconds_per_value + 0.2 * per_value)
         return x, calls
 
     async def _decoded(self, z: np.ndarray) -> np.ndarray:
         """The decoder's output for ``z``: inline or on the worker thread; checked and counted."""
-        estimate = self._seconds_per_row
-        if estimate is not None and estimate * len(z) < self.inline_below:
+        estimate = self._seconds_per_value
+        if estimate is not None and estimate * z.size < self.inline_below:
             x, calls = self._timed_decode(z)  # shorter than a hand-over to the worker thread and back
         else:
             x, calls = await self._loop.run_in_executor(self._executor, self._timed_decode, z)

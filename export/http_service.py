@@ -193,7 +193,8 @@ def build_app(sampler, limits: Limits, batching: Batching):
 
     unseeded = np.random.default_rng()
     batcher = DynamicBatcher(sampler.decode, batching.max_batch, batching.max_wait_ms / 1000,
-                             draw_fn=lambda rows: sampler.draw_latents(rows, unseeded))
+                             draw_fn=lambda rows: sampler.draw_latents(rows, unseeded),
+                             latent_shape=sampler.latent_shape)
     bodies = BodyWatch(limits.body_timeout)
     # one thread: large responses are encoded one after the other, beside the decoder's thread
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-encode")
@@ -208,10 +209,13 @@ def build_app(sampler, limits: Limits, batching: Batching):
 
     app.state.stop = stop
     can_png = png_possible(sampler.output_shape)
+    # what /decode takes per row: a spatial decoder any latent height and width (None)
+    accepted = (sampler.latent_shape[0], None, None) if sampler.any_latent_size else sampler.latent_shape
     metadata = json.dumps({
         "model": sampler.path.name,
         "latent_dim": sampler.latent_dim,
         "latent_shape": list(sampler.latent_shape),
+        "any_latent_size": sampler.any_latent_size,  # /decode takes any latent height and width
         "output_shape": list(sampler.output_shape),
         "likelihood": sampler.likelihood,
         "precision": sampler.precision,
@@ -251,10 +255,10 @@ def build_app(sampler, limits: Limits, batching: Batching):
                 return b"".join((*chunks, chunk)) if chunks else chunk
             chunks.append(chunk)
 
-    def check_output(n: int, fmt: str) -> None:
+    def check_output(n: int, fmt: str, latent_shape: tuple | None = None) -> None:
         if fmt == "png" and not can_png:
             raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
-        check_output_size(n, sampler.output_shape, fmt, limits)
+        check_output_size(n, sampler.output_shape_for(latent_shape or sampler.latent_shape), fmt, limits)
 
     async def decoded(awaitable) -> np.ndarray:
         """The batcher's answer; Refused (one line) when the decoder or the batcher failed."""
@@ -317,8 +321,8 @@ def build_app(sampler, limits: Limits, batching: Batching):
     async def decode(request: Request) -> Response:
         try:
             z, fmt = parse_decode(await read_body(request), request.headers.get("content-type"),
-                                  request.query_params.get("format"), sampler.latent_shape, limits)
-            check_output(len(z), fmt)
+                                  request.query_params.get("format"), accepted, limits)
+            check_output(len(z), fmt, z.shape[1:])
             return await respond(await decoded(batcher.decode(z)), fmt)
         except (BadRequest, Refused) as exc:
             return error(exc.status, exc.reason)

@@ -176,6 +176,10 @@ class OnnxSampler:
             raise FastVAEError(
                 f"{path}: graph and fastvae metadata disagree ({problem}); {_reexport_hint(path)}"
             )
+        # a spatial decoder whose graph leaves the latent's height and width open takes any
+        # (c, h, w) and makes (C, h * f, w * f); the metadata's are the training size
+        dims = inputs[0].shape
+        self.any_latent_size = len(self.latent_shape) == 3 and not any(isinstance(d, int) for d in dims[2:])
 
     # -- sampling ----------------------------------------------------------------------------
     def decode(self, z, batch_size: int | None = None) -> np.ndarray:
@@ -190,7 +194,7 @@ class OnnxSampler:
         n = len(z)
         if 0 < n <= batch_size:
             return self._regimes.session_for(n).run(self._outputs, {self.input_name: z})[0]
-        out = np.empty((n, *self.output_shape), dtype=np.float32)
+        out = np.empty((n, *self.output_shape_for(z.shape[1:])), dtype=np.float32)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             self._run_into(z[start:stop], out[start:stop])
@@ -218,7 +222,7 @@ class OnnxSampler:
 
         if not isinstance(z, ort.OrtValue):
             z = ort.OrtValue.ortvalue_from_numpy(self._latents(z), self._device, 0)
-        elif tuple(z.shape()[1:]) != self.latent_shape:
+        elif not self._fits(tuple(z.shape())):
             raise self._shape_error(z.shape())
         elif z.data_type() != "tensor(float)":  # an OrtValue is not converted: its data stays put
             raise FastVAEError(f"z must be a float32 OrtValue, got {z.data_type()}")
@@ -233,7 +237,7 @@ class OnnxSampler:
         """``z`` as the C-contiguous float32 array (n, *latent_shape) the graph takes (real
         numbers of any dtype are converted; other shapes and dtypes get one clear error)."""
         z = np.asarray(z)
-        if z.shape[1:] != self.latent_shape:
+        if not self._fits(z.shape):
             raise self._shape_error(z.shape)
         if z.dtype != np.float32 or not z.flags.c_contiguous:
             if not np.issubdtype(z.dtype, np.number):
@@ -243,8 +247,25 @@ class OnnxSampler:
             z = np.ascontiguousarray(z, dtype=np.float32)
         return z
 
+    def _fits(self, shape: tuple) -> bool:
+        """Whether latents of ``shape`` (n, ...) fit the graph (see ``any_latent_size``)."""
+        if self.any_latent_size:
+            return len(shape) == 4 and shape[1] == self.latent_shape[0] and min(shape[2:]) >= 1
+        return tuple(shape[1:]) == self.latent_shape
+
+    def output_shape_for(self, latent_shape: tuple) -> tuple[int, ...]:
+        """The decoder's output shape for one latent of ``latent_shape`` (``output_shape`` at
+        the training size; a spatial decoder scales height and width by its f)."""
+        if not self.any_latent_size or tuple(latent_shape) == self.latent_shape:
+            return self.output_shape
+        (_, h, w), (_, th, tw), (channels, oh, ow) = latent_shape, self.latent_shape, self.output_shape
+        return (channels, h * (oh // th), w * (ow // tw))
+
     def _shape_error(self, shape) -> FastVAEError:
         dims = ", ".join(map(str, self.latent_shape))
+        if self.any_latent_size:
+            return FastVAEError(f"z must have shape (n, {self.latent_shape[0]}, h, w) for {self.path.name} "
+                                f"(any h, w >= 1; trained at {self.latent_shape[1]}x{self.latent_shape[2]}), got {tuple(shape)}")
         return FastVAEError(f"z must have shape (n, {dims}) for {self.path.name}, got {tuple(shape)}")
 
     def threads_for(self, rows: int) -> int | None:

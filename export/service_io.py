@@ -89,9 +89,11 @@ def parse_sample(body: bytes, limits: Limits) -> SampleRequest:
 
 def parse_decode(body: bytes, content_type: str | None, query_format: str | None,
                  latent_shape: tuple[int, ...], limits: Limits) -> tuple[np.ndarray, str]:
-    """A ``/decode`` body -> (latents as C-contiguous float32 (n, *latent_shape), format)."""
+    """A ``/decode`` body -> (latents as C-contiguous float32 (n, *latent_shape), format); None
+    in ``latent_shape``: any size >= 1 there (a spatial decoder's height and width)."""
+    names = [str(s) if s is not None else "hw"[min(i, 2) - 1] for i, s in enumerate(latent_shape)]
     row = (f"rows of {latent_shape[0]} numbers" if len(latent_shape) == 1  # one latent, for messages
-           else f"{'x'.join(map(str, latent_shape))} arrays of numbers")
+           else f"{'x'.join(names)} arrays of numbers")
     if (content_type or "").split(";")[0].strip().lower() == NPY_CONTENT_TYPE:
         try:
             z = np.load(io.BytesIO(body), allow_pickle=False)
@@ -116,9 +118,11 @@ def parse_decode(body: bytes, content_type: str | None, query_format: str | None
         fmt = check_format(fields.get("format", query_format or "npy"))
     if z.dtype.kind not in "fiu":  # strings, booleans, integers beyond 64 bits (object), ...
         raise BadRequest(400, f"'z' must hold numbers (float or int), got {_dtype_name(z)}")
-    if z.shape[1:] != tuple(latent_shape) or len(z) == 0:
-        dims = ", ".join(map(str, latent_shape))
-        raise BadRequest(400, f"'z' must have shape (n, {dims}) with n >= 1, got {tuple(z.shape)}")
+    fits = z.ndim == len(latent_shape) + 1 and all(
+        d >= 1 if s is None else d == s for s, d in zip(latent_shape, z.shape[1:]))
+    if not fits or len(z) == 0:
+        free = "".join(f", {n}" for n, s in zip(names, latent_shape) if s is None)
+        raise BadRequest(400, f"'z' must have shape (n, {', '.join(names)}) with n{free} >= 1, got {tuple(z.shape)}")
     if len(z) > limits.max_n:
         raise BadRequest(413, f"'z' has {len(z)} rows, more than the server's --max-n {limits.max_n}")
     if z.dtype != np.float32:

@@ -276,7 +276,7 @@ def test_sampler_and_service_take_spatial_latents(exported):
         expected = model.likelihood.mean(model.decode(torch.from_numpy(z))).numpy()
     np.testing.assert_allclose(sampler.decode(z, batch_size=2), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sampler.sample(5, seed=3), expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(FastVAEError, match=r"\(n, 4, 4, 4\)"):
+    with pytest.raises(FastVAEError, match=r"\(n, 4, h, w\)"):
         sampler.decode(np.zeros((2, 64), dtype=np.float32))
     body = json.dumps({"z": z[:2].tolist()}).encode()
     parsed, fmt = parse_decode(body, "application/json", None, sampler.latent_shape, Limits())
@@ -285,6 +285,43 @@ def test_sampler_and_service_take_spatial_latents(exported):
     with pytest.raises(BadRequest, match=r"\(n, 4, 4, 4\)"):
         parse_decode(json.dumps({"z": [[0.0] * 64]}).encode(), "application/json", None,
                      sampler.latent_shape, Limits())
+
+
+def test_sampler_and_service_decode_latents_of_any_size(exported):
+    """The decoder file takes any latent height and width: so do OnnxSampler.decode (also in
+    several batches into one output) and the service's /decode, whose batcher keeps latents of
+    other sizes out of each other's batches; another channel count is refused in one line."""
+    import asyncio
+    import io
+
+    from fastvae.export import OnnxSampler
+    from fastvae.export.http_service import Batching
+    from testkit import asgi_part, in_process_service
+
+    model, report, _ = exported
+    sampler = OnnxSampler(report.path)
+    assert sampler.any_latent_size
+    rng = np.random.default_rng(4)
+    small, odd = (rng.standard_normal(s, dtype=np.float32) for s in ((2, 4, 4, 4), (3, 4, 6, 10)))
+    with torch.inference_mode():
+        expected = model.likelihood.mean(model.decode(torch.from_numpy(odd))).numpy()
+    got = sampler.decode(odd, batch_size=2)
+    assert got.shape == (3, 3, 24, 40) and sampler.output_shape_for((4, 6, 10)) == (3, 24, 40)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FastVAEError, match=r"\(n, 4, h, w\) .*any h, w >= 1; trained at 4x4"):
+        sampler.decode(np.zeros((1, 3, 6, 10), dtype=np.float32))
+
+    async def scenario(call, app):  # both in one batcher turn: two batches, one per size
+        bodies = [json.dumps({"z": z.tolist()}).encode() for z in (small, odd)]
+        answers = await asyncio.gather(*(call("POST", "/decode", [asgi_part(b, more=False)]) for b in bodies))
+        wrong = await call("POST", "/decode", [asgi_part(json.dumps({"z": odd[:, :3].tolist()}).encode(), more=False)])
+        return answers, wrong, app.state.batcher.batches
+
+    (a, b), wrong, batches = in_process_service(sampler, scenario, batching=Batching(16, 50.0))
+    assert a[0] == b[0] == 200 and batches == 2
+    np.testing.assert_allclose(np.load(io.BytesIO(a[2])), sampler.decode(small), rtol=1e-6)
+    np.testing.assert_allclose(np.load(io.BytesIO(b[2])), expected, rtol=1e-4, atol=1e-5)
+    assert wrong[0] == 400 and "(n, 4, h, w) with n, h, w >= 1" in json.loads(wrong[2])["error"]
 
 
 def test_onnx_encoder_matches_torch(exported):

@@ -38,13 +38,14 @@ class Recorder:
         return self.rng.standard_normal((rows, 3)).astype(np.float32)
 
 
-def run(recorder, requests, max_batch, max_wait=60.0):
+def run(recorder, requests, max_batch, max_wait=60.0, latent_shape=None):
     """Queue every request in one loop turn, then await them all: [(kind, arg)] -> results
     (arrays or exceptions). ``("z", array)``: decode; ``("n", rows)``: fresh rows. A full batch
     must not wait: a batcher that waits out ``max_wait`` fails the 20 s deadline."""
 
     async def main():
-        batcher = DynamicBatcher(recorder.decode, max_batch, max_wait, draw_fn=recorder.draw)
+        batcher = DynamicBatcher(recorder.decode, max_batch, max_wait, draw_fn=recorder.draw,
+                                 latent_shape=latent_shape)
         batcher.start()
         calls = [batcher.decode(arg) if kind == "z" else batcher.sample(arg) for kind, arg in requests]
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 20)
@@ -72,6 +73,21 @@ def test_a_mixed_batch_hands_each_request_its_rows_and_draws_fresh_rows_once():
     np.testing.assert_array_equal(results[3], 2 * given_b)
     np.testing.assert_array_equal(results[4], 2 * fresh[5:6])
     assert (batcher.batches, batcher.rows, batcher.pending) == (1, 9, 0)
+
+
+def test_latents_of_another_shape_per_row_are_never_combined():
+    """A spatial decoder takes any latent height and width: rows of another shape than the
+    drawn ones (or than the batch's) start a new batch, in arrival order, instead of failing
+    a whole batch in np.concatenate."""
+    wide = np.ones((1, 5), dtype=np.float32)
+    requests = [("z", z_rows(2, 0)), ("n", 2), ("z", wide), ("z", z_rows(2, 100)), ("n", 1)]
+    recorder = Recorder()
+    results, _ = run(recorder, requests, max_batch=16, max_wait=0.05, latent_shape=(3,))  # batches not full
+    assert recorder.decoded == [4, 1, 3]
+    np.testing.assert_array_equal(results[0], z_rows(2, 0) * 2.0)
+    np.testing.assert_array_equal(results[2], wide * 2.0)
+    np.testing.assert_array_equal(results[3], z_rows(2, 100) * 2.0)
+    assert [r.shape for r in results] == [(2, 3), (2, 3), (1, 5), (2, 3), (1, 3)]
 
 
 def test_batches_never_exceed_max_batch_and_a_larger_request_goes_alone():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import importlib.util
-import inspect
 import io
 import json
 import logging
@@ -30,7 +29,7 @@ import numpy as np
 import pytest
 
 from fastvae.export import OnnxSampler
-from testkit import exported_mlp_decoder
+from testkit import asgi_part as _part, exported_mlp_decoder, in_process_service
 
 LATENT = 4
 SHAPE = (1, 8, 8)
@@ -167,40 +166,10 @@ def test_decode_json_and_npy_bodies(server, decoder):
 
 
 def _in_process(sampler, scenario, limits=None, batching=None):
-    """Run the service's ASGI app in this process, lifespan included (batcher, body watch,
-    encoding thread), and return ``await scenario(call, app)``: ``await call(method, path,
-    messages)`` -> (status, headers dict, body bytes). ``messages``: the request's ASGI receive
-    messages in order; an awaitable among them is awaited (one never done: a stalled client)."""
-    import asyncio
-
-    from fastvae.export.http_service import Batching, build_app
+    """``testkit.in_process_service`` with this module's limits by default."""
     from fastvae.export.service_io import Limits
 
-    async def main():
-        app = build_app(sampler, limits or Limits(max_n=MAX_N, max_body=MAX_BODY), batching or Batching(16, 0.0))
-
-        async def call(method, path, messages=(_part(b"", more=False),)):
-            script, sent = iter(messages), []
-
-            async def receive():
-                item = next(script)
-                return await item if inspect.isawaitable(item) else item
-
-            async def send(message):
-                sent.append(message)
-
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-                     "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-                     "root_path": "", "headers": [(b"content-type", b"application/json")],
-                     "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000), "state": {}}
-            await app(scope, receive, send)
-            headers = {k.decode(): v.decode() for k, v in sent[0].get("headers", [])}
-            return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
-
-        async with app.router.lifespan_context(app):
-            return await asyncio.wait_for(scenario(call, app), 60)
-
-    return asyncio.run(main())
+    return in_process_service(sampler, scenario, limits or Limits(max_n=MAX_N, max_body=MAX_BODY), batching)
 
 
 def _asgi_post(decoder_path, path, messages, max_body=MAX_BODY):
@@ -213,10 +182,6 @@ def _asgi_post(decoder_path, path, messages, max_body=MAX_BODY):
         return status, body
 
     return _in_process(OnnxSampler(decoder_path, threads=1), scenario, Limits(max_n=MAX_N, max_body=max_body))
-
-
-def _part(body, more=True):
-    return {"type": "http.request", "body": body, "more_body": more}
 
 
 def test_a_body_in_several_messages_is_assembled(decoder):

@@ -191,3 +191,46 @@ class CheckpointSteps:
         if self.log is not None:
             seen = dict(line.split() for line in self.log.read_text().splitlines())
         return sorted({int(step) for step in seen.values() if step not in (None, "None")})
+
+
+def asgi_part(body: bytes, more: bool = True) -> dict:
+    """One ASGI ``http.request`` message of a request body."""
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+def in_process_service(sampler, scenario, limits=None, batching=None):
+    """Run the service's ASGI app in this process, lifespan included (batcher, body watch,
+    encoding thread), and return ``await scenario(call, app)``: ``await call(method, path,
+    messages)`` -> (status, headers dict, body bytes). ``messages``: the request's ASGI receive
+    messages in order; an awaitable among them is awaited (one never done: a stalled client)."""
+    import asyncio
+    import inspect
+
+    from fastvae.export.http_service import Batching, build_app
+    from fastvae.export.service_io import Limits
+
+    async def main():
+        app = build_app(sampler, limits or Limits(), batching or Batching(16, 0.0))
+
+        async def call(method, path, messages=(asgi_part(b"", more=False),)):
+            script, sent = iter(messages), []
+
+            async def receive():
+                item = next(script)
+                return await item if inspect.isawaitable(item) else item
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                     "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                     "root_path": "", "headers": [(b"content-type", b"application/json")],
+                     "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000), "state": {}}
+            await app(scope, receive, send)
+            headers = {k.decode(): v.decode() for k, v in sent[0].get("headers", [])}
+            return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
+
+        async with app.router.lifespan_context(app):
+            return await asyncio.wait_for(scenario(call, app), 60)
+
+    return asyncio.run(main())
