@@ -303,7 +303,8 @@ PICTURE_CAPTIONS = {
     "samples.png": ("Samples", "Means of p(x|z) for 64 draws z ~ N(0, I)."),
     "reconstructions.png": (
         "Reconstructions",
-        "32 test images (top four rows) and the means of p(x|z = mu(x)) below them, in the same order.",
+        "Test images in the top half (32, or whole rows of 8 from a smaller test split) and the means "
+        "of p(x|z = mu(x)) below them, in the same order.",
     ),
     "interpolation.png": (
         "Latent interpolation",
@@ -326,8 +327,9 @@ PICTURE_CAPTIONS = {
 AE_CAPTIONS = {
     "samples.png": ("Samples", "Decodings of 64 codes drawn from a Gaussian fitted to the test images' codes "
                                "(an autoencoder has no prior to sample from)."),
-    "reconstructions.png": ("Reconstructions", "32 test images (top four rows) and their reconstructions "
-                                               "below them, in the same order."),
+    "reconstructions.png": ("Reconstructions", "Test images in the top half (32, or whole rows of 8 from a "
+                                               "smaller test split) and their reconstructions below them, "
+                                               "in the same order."),
     "interpolation.png": ("Latent interpolation", "Each row: a test image, 10 decodings along the straight "
                                                   "line between the two images' codes, the second test image."),
     "latent_scatter.png": ("Latent space", "Codes of the test images, coloured by label."),

@@ -9,7 +9,8 @@ The functions that take a model import torch inside their bodies; the plots impo
 
 - ``samples.png``: 8 x 8 grid of sample means, z ~ N(0, I) (autoencoder: z from a Gaussian fitted
   to its test codes);
-- ``reconstructions.png``: 32 test images (top 4 rows) above their reconstructions (bottom 4 rows);
+- ``reconstructions.png``: 32 test images (top 4 rows; fewer in whole rows of 8 where the
+  test split is smaller) above their reconstructions (the rows below);
 - ``interpolation.png``: 8 rows of test image A, 10 decodings along mu(A) -> mu(B), test image B;
 - ``latent_scatter.png``: test-set latent means coloured by label (only when latent_dim == 2);
 - ``loss_curves.png``: loss / recon / KL per epoch from ``metrics.csv`` (train, and test if any);
@@ -199,10 +200,13 @@ def save_samples(
 
 
 def save_reconstructions(model, x, path: str | Path, n: int = N_RECONSTRUCTIONS, nrow: int = RECONSTRUCTIONS_NROW) -> Path:
-    """The first ``n`` images of ``x`` in the top rows, their reconstructions in the rows below."""
+    """The first ``n`` images of ``x`` in the top rows, their reconstructions in the rows below
+    (whole rows of ``nrow``: a test split of 28 shows 24, so no row mixes the two)."""
     import torch
 
-    x = torch.as_tensor(x)[:n].float().cpu()
+    x = torch.as_tensor(x)
+    n = min(n, len(x))
+    x = x[:n - n % nrow if n >= nrow else n].float().cpu()
     with _EvalMode(model):
         recon = _decode_means(model, _encode_means(model, x))
     return save_image_grid(torch.cat([x, recon.reshape(x.shape)]).numpy(), path, nrow=nrow)

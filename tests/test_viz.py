@@ -123,6 +123,21 @@ def test_reconstructions_show_originals_on_top(tmp_path):
     assert np.array_equal(grid[: top - 8], expected[: top - 8])
 
 
+def test_reconstructions_of_a_small_test_split_keep_whole_rows(tmp_path):
+    """28 test images and rows of 8: 24 originals in three whole rows, their reconstructions in
+    the next three (28 filled three and a half rows, the reconstructions starting mid-row)."""
+    model = build_model({"data_shape": [1, 8, 8], "hidden_dim": 8, "latent_dim": 2})
+    test = _splits(n=28).test
+    path = viz.save_reconstructions(model, test, tmp_path / "r.png")
+    grid = np.asarray(Image.open(path))
+    expected = viz.image_grid(test[:24].numpy(), nrow=8, scale=8)
+    assert grid.shape[1] == expected.shape[1] and grid.shape[0] == 2 * expected.shape[0] - 8  # one shared pad
+    assert np.array_equal(grid[: expected.shape[0] - 8], expected[: expected.shape[0] - 8])
+    few = viz.save_reconstructions(model, test[:5], tmp_path / "few.png")  # under a row: all of them
+    assert np.asarray(Image.open(few)).shape == viz.image_grid(np.zeros((10, 1, 8, 8), np.float32), nrow=8,
+                                                               scale=8).shape
+
+
 def test_pictures_are_repeatable_and_need_no_metrics_or_labels(tmp_path):
     model = build_model({"data_shape": [1, 8, 8], "hidden_dim": 8, "latent_dim": 2})
     first = viz.write_run_pictures(tmp_path / "a", model, _splits(labels=False), seed=3)
