@@ -329,6 +329,9 @@ def _coerce(name: str, value, kind: type, source: str):
     elif kind is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
+        if name == "channel_mult" and isinstance(value, (list, tuple)) and all(  # TOML/JSON [1, 2, 2]
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+            return ",".join(str(int(v)) for v in value)
     words = KIND_WORDS[kind]
     if kind is bool and source != "TrainConfig":  # a config file: JSON and TOML spell them so
         words = "true or false"

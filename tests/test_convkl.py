@@ -112,6 +112,18 @@ def test_odd_image_sizes_are_refused():
         TrainConfig(model="convkl", downsample=8, channel_mult="1,2").validate()
 
 
+def test_channel_mult_as_a_config_files_array(tmp_path):
+    """channel_mult = [1, 2, 2] in TOML (or JSON) is the string "1,2,2"; an array of
+    non-integers stays a one-line refusal."""
+    from fastvae.config import load_config_file
+
+    (tmp_path / "c.toml").write_text('model = "convkl"\ndownsample = 4\nchannel_mult = [1, 2, 2]\n')
+    config = TrainConfig.from_dict(load_config_file(tmp_path / "c.toml")).validate()
+    assert config.channel_mult == "1,2,2"
+    with pytest.raises(FastVAEError, match="setting 'channel_mult' must be a string"):
+        TrainConfig.from_dict({"channel_mult": [1.5, 2, 2]})
+
+
 def test_encoder_and_decoder_gradients_match_finite_differences_in_fp64():
     """gradcheck of the whole -ELBO (fixed noise) w.r.t. the image and w.r.t. weights of the
     first and last layers, in float64: autograd through GroupNorm, SiLU, attention, the
