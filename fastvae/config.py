@@ -40,6 +40,15 @@ CHOICES = {
 # The settings of the spatial-latent model (--model convkl); the others ignore them.
 CONVKL_SETTINGS = ("downsample", "latent_channels", "width", "channel_mult", "blocks_per_level",
                    "attention", "image_skip")
+# Settings a model family does not read (left out where a run's settings are shown)
+FLAT_ONLY_SETTINGS = ("latent_dim", "hidden_dim")  # the convkl model's latent is c x H/f x W/f
+
+
+def unused_settings(model: str) -> tuple[str, ...]:
+    """The settings that do not apply to ``--model model``."""
+    return FLAT_ONLY_SETTINGS if model == "convkl" else CONVKL_SETTINGS
+
+
 # The settings that build the model: its spec (fastvae.models.build_model), stored in checkpoints.
 MODEL_SETTINGS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "sigma", "learn_sigma",
                   *CONVKL_SETTINGS)

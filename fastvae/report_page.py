@@ -390,8 +390,15 @@ def _summary(page: Page, d: ReportData) -> None:
 
 
 def _configuration(page: Page, d: ReportData) -> None:
+    from fastvae.config import unused_settings
+
     page.h("Configuration")
-    page.table(["setting", "value"], [[k, _setting(v)] for k, v in d.config.items()], align="ll")
+    unused = unused_settings(d.config.get("model", ""))
+    page.table(["setting", "value"], [[k, _setting(v)] for k, v in d.config.items() if k not in unused],
+               align="ll")
+    left_out = [k for k in unused if k in d.config]
+    if left_out:
+        page.p(f"Left out: {', '.join(left_out)} (not read by a {d.config.get('model')} model).")
 
 
 def _test_metrics(page: Page, d: ReportData) -> None:

@@ -435,6 +435,7 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert main(["report", str(run), "--iwae-k", "3"]) == 0
     page = (run / "report.md").read_text()
     assert "reconstruction PSNR" in page and "bicubic baseline PSNR" in page and "latent 4x4x4" in page
+    assert "| downsample | 4 |" in page and "| hidden_dim |" not in page and "Left out: latent_dim, hidden_dim" in page
     assert main(["export", str(run), "--encoder"]) == 0
     assert (run / "decoder.onnx").is_file() and (run / "encoder.onnx").is_file()
     checkpoint = (run / "checkpoints" / "last.ckpt").read_bytes()
