@@ -24,7 +24,7 @@ import gzip
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ class Splits:
     test: torch.Tensor
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
+    held_out: bool = False  # the test split was cut by --test-fraction / --split-seed (not the source's own)
 
     @property
     def data_shape(self) -> tuple[int, int, int]:
@@ -62,8 +63,9 @@ class Splits:
 
 # why --test-fraction 0 (or 1) is refused, and what to do instead
 TEST_SPLIT_NEEDED = ("every run evaluates on held-out examples; to train on all of your data, give it "
-                     "its own test split (an .npz with train and test arrays, an images/train + images/test "
-                     "folder) or use a small fraction")
+                     "its own test split (a folder holding just train/ and test/, an .npz with train and "
+                     "test arrays) or use a small fraction")
+
 
 def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, split_seed: int = 0,
                  grayscale: bool = False, split_rule: int = SPLIT_RULE):
@@ -141,7 +143,7 @@ def _luma(splits: Splits) -> Splits:
         return (images * weights).sum(1, keepdim=True)
 
     return Splits(splits.name, gray(splits.train), gray(splits.test), splits.train_labels,
-                  splits.test_labels)
+                  splits.test_labels, splits.held_out)
 
 
 def _digits() -> Splits:
@@ -484,7 +486,7 @@ def _split(name: str, array: np.ndarray, labels, path: Path, split: tuple[float,
     if n < 2:
         raise FastVAEError(f"data {path} has {n} example(s): need at least 2 (train and test)")
     train, test = (torch.from_numpy(rows) for rows in split_indices(n, labels, *split))
-    return _take_rows(name, images, labels, train, test)
+    return replace(_take_rows(name, images, labels, train, test), held_out=True)
 
 
 def _take_rows(name: str, images: torch.Tensor, labels, train, test) -> Splits:

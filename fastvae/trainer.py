@@ -135,7 +135,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
     saved = check_resume(run_dir, config) if resume else {}
-    splits = splits if splits is not None else load_config_data(config)
+    if splits is None:
+        splits = load_config_data(config)
+        _note_unused_split_settings(config, splits)
     check_model(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
     steps = batches_per_epoch(len(splits.train), config.devices * config.num_nodes, config.batch_size)
     if saved.get("batch_in_epoch", 0) >= steps:  # the loop would run no step, then call it divergence
@@ -182,6 +184,17 @@ def load_config_data(config: TrainConfig, source: str | None = None):
     memory, or a prepared dataset to stream."""
     return load_dataset(source or config.data, test_fraction=config.test_fraction,
                         split_seed=config.split_seed, split_rule=config.split_rule, grayscale=config.grayscale)
+
+
+def _note_unused_split_settings(config: TrainConfig, splits) -> None:
+    """One note when --test-fraction / --split-seed are set but the data has a test split of
+    its own (digits, photos, a prepared dataset, train/ + test/, ...): they change nothing."""
+    default = TrainConfig()
+    given = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("test_fraction", "split_seed")
+             if getattr(config, name) != getattr(default, name)]
+    if given and not getattr(splits, "held_out", False):
+        print(f"note: {config.data} has a test split of its own: {' and '.join(given)} change nothing "
+              "(a prepared dataset's split is made by 'fastvae prepare --test-fraction')", file=sys.stderr)
 
 
 def _set_fixed_sigma(model, sigma: float) -> None:

@@ -422,6 +422,21 @@ def test_a_resume_keeps_the_runs_threads_lists_loggers_once_and_can_undo_display
     assert json.loads((run / "config.json").read_text())["threads"] == 0
 
 
+def test_split_settings_that_change_nothing_are_said(tmp_path, capsys):
+    """--test-fraction / --split-seed with data that has its own test split (digits) are a note
+    (they were taken silently, and config.json and the report showed them as if used); with
+    data they split (an .npy), no note."""
+    import numpy as np
+
+    rc, _, err = cli(capsys, "train", *TINY, "--test-fraction", "0.5", "--split-seed", "3", "--out", tmp_path / "a")
+    assert rc == 0, err
+    assert "note: digits has a test split of its own: --test-fraction 0.5 and --split-seed 3 change nothing" in err
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 4, 4), dtype=np.float32))
+    rc, _, err = cli(capsys, "train", *TINY, "--data", tmp_path / "x.npy", "--test-fraction", "0.5",
+                     "--out", tmp_path / "b")
+    assert rc == 0 and "note:" not in err, err
+
+
 def test_out_is_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     rc, _, err = cli(capsys, "train", *TINY, "--out", tmp_path / "file")
