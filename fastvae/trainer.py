@@ -146,9 +146,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
                            "intact checkpoint or train into a new --out")
     saved_id = saved.get("data_id")
     if saved_id is not None and saved_id != dataset_id(splits):
-        raise FastVAEError(f"cannot resume {run_dir}: {config.data} is another prepared dataset "
-                           "than the one the run trained on (prepared again under the same path?); "
-                           "resume on that one, or train into a new --out")
+        raise FastVAEError(f"cannot resume {run_dir}: {config.data} is not the prepared dataset "
+                           "the run trained on (prepared again under the same path?); resume on that "
+                           "one or a copy of it, or train into a new --out")
     fabric = make_fabric(config, callbacks)  # after every refusal: it starts the trackers
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
@@ -280,8 +280,11 @@ def check_resume(run_dir: Path, config: TrainConfig) -> dict:
     check_resumable(state, checkpoint_path(run_dir))
     # settings added since take what the run was made with, else today's defaults
     saved = {**TrainConfig().to_dict(), **saved_settings(state["config"])}
+    # a prepared dataset is known by its dataset_id (train() compares it), not by its path:
+    # a copy elsewhere (another disk, a bucket) resumes the run
+    identity = [k for k in RESUME_IDENTITY if not (k == "data" and state.get("data_id"))]
     run_folder.check_resume(
-        run_dir, saved, config.to_dict(), RESUME_IDENTITY,
+        run_dir, saved, config.to_dict(), identity,
         mid_epoch=bool(state.get("batch_in_epoch")),
         saved_world_size=int(state.get("world_size", 1)),
         world_size=config.devices * config.num_nodes,

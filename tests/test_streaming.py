@@ -4,6 +4,7 @@ mid-epoch resume, trackers, and one clear error for every bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -597,16 +598,27 @@ def test_resume_on_a_dataset_prepared_again_under_the_same_path_is_refused(tmp_p
     """Same path, shape and counts, other contents: the checkpoint's dataset_id tells them apart
     (the path alone did not, and a mid-epoch resume went on with other images); evaluate and
     report of the run's own data refuse it too (they scored another held-out split, which may
-    hold training images), and take it when it is named with --data."""
+    hold training images), and take it when it is named with --data. A copy of the same
+    dataset elsewhere resumes the run (--data COPY; it used to be refused as other data)."""
     shards, run = tmp_path / "shards", tmp_path / "run"
     prepare("digits", shards, workers=0, progress=False)
     args = ("train", "--data", shards, "--epochs", "1", "--hidden-dim", "8", "--quiet", "--no-pictures",
             "--workers", "0", "--out", run)
     assert cli(capsys, *args)[0] == 0
     assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0  # same data
+    copy = tmp_path / "elsewhere" / "shards"  # a copy on another disk: the same dataset_id
+    shutil.copytree(shards, copy)
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--quiet", "--data", copy)[0] == 0
+    assert json.loads((run / "config.json").read_text())["data"] == str(copy)
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "4", "--quiet", "--data", "digits")[0] == 2
+    capsys.readouterr()
+    shutil.rmtree(copy)
+    line = one_line_error(capsys, "evaluate", run, "--json")  # the run's data is gone: say what to do
+    assert str(copy) in line and line.endswith("(the run's data; pass --data to use another copy)"), line
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "4", "--quiet", "--data", shards)[0] == 0
     prepare("digits", shards, workers=0, progress=False, overwrite=True)
-    line = one_line_error(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--quiet")
-    assert "another prepared dataset" in line and str(run) in line
+    line = one_line_error(capsys, "train", "--resume", "--out", run, "--epochs", "5", "--quiet")
+    assert "is not the prepared dataset the run trained on" in line and str(run) in line
     for command in (("evaluate", run, "--json"), ("report", run)):
         line = one_line_error(capsys, *command)
         assert f"is not the prepared dataset {run} trained on" in line and f"pass --data {shards}" in line, line

@@ -50,9 +50,14 @@ def run(args: argparse.Namespace) -> int:
         note_shadowed_folder(args.data)
     seed = args.seed if args.seed is not None else int(state["config"].get("seed", 0))
     saved = saved_settings(state["config"])  # split as the run was (older runs: what they were made with)
-    splits = load_dataset(data, test_fraction=saved.get("test_fraction", 0.1),
-                          split_seed=saved.get("split_seed", 0), split_rule=saved["split_rule"],
-                          grayscale=saved.get("grayscale", False))
+    try:
+        splits = load_dataset(data, test_fraction=saved.get("test_fraction", 0.1),
+                              split_seed=saved.get("split_seed", 0), split_rule=saved["split_rule"],
+                              grayscale=saved.get("grayscale", False))
+    except FastVAEError as exc:
+        if args.data:
+            raise
+        raise FastVAEError(f"{exc} (the run's data; pass --data to use another copy)") from None
     if not args.data:
         from fastvae.shards import check_run_dataset
 
