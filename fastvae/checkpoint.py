@@ -77,6 +77,22 @@ def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu", *, mmap: bool =
     return state
 
 
+def unfinished(run_or_ckpt: str | Path) -> str | None:
+    """Where an unfinished run's checkpoint stands ("step 17, epoch 2 of 5, mid-epoch"), or
+    None for a finished run (or no readable checkpoint: its readers say so themselves)."""
+    try:
+        state = read_checkpoint(run_or_ckpt, mmap=True)
+        epoch, epochs = int(state.get("epoch", 0)), int(state["config"].get("epochs", 0))
+        step, batch = int(state.get("step", 0)), int(state.get("batch_in_epoch", 0))
+    except (FastVAEError, KeyError, TypeError, ValueError):
+        return None
+    if not batch and epoch >= epochs:
+        return None
+    if batch:
+        return f"step {step}, epoch {epoch + 1} of {epochs}, mid-epoch"
+    return f"step {step}, epoch {epoch} of {epochs}"
+
+
 def trained_epochs(run_dir: str | Path) -> float:
     """The epochs the run's checkpoint holds (``math.inf`` without a readable one): metrics.csv
     rows past it describe no saved model (the row is written before the checkpoint, which a

@@ -353,6 +353,7 @@ class ReportData:
     n_test: int | None = None
     data_shape: tuple | None = None
     data_source: str | None = None  # the data evaluated (default: the run's own)
+    unfinished: str | None = None  # an unfinished run's checkpoint (fastvae.checkpoint.unfinished)
 
 
 def build_page(data: ReportData) -> Page:
@@ -383,6 +384,9 @@ def _summary(page: Page, d: ReportData) -> None:
             f"model {model}, {size}"
             + (f", {config.get('likelihood')} likelihood" if vae and "likelihood" in config else "")
         )
+    if d.unfinished:
+        summary.append(f"an unfinished run: its checkpoint is at {d.unfinished} (`fastvae train --resume` "
+                       "continues it)")
     if d.timing.get("epochs") is not None:
         epochs = d.timing["epochs"]
         summary.append(f"{epochs} epoch{'' if epochs == 1 else 's'} ({d.timing.get('steps', '?')} steps)")
@@ -622,12 +626,13 @@ def write_report(
     if len(model.latent_shape) != 3:
         pictures = [p for p in pictures if p.name not in ("reconstructions_side_by_side.png", "latent_channels.png")]
 
-    from fastvae.checkpoint import trained_epochs
+    from fastvae.checkpoint import trained_epochs, unfinished
 
     timing = timing_summary(run_folder.metric_columns(run_folder.read_metrics(metrics_csv, trained_epochs(run_dir))))
     page = build_page(ReportData(
         run_dir, out, config, metrics, stats, timing, pictures, iwae_k=iwae_k,
         model_kind=model.kind, n_test=len(full), data_shape=tuple(test.shape[1:]), data_source=source,
+        unfinished=unfinished(run_dir) if (run_dir / run_folder.LAST).is_file() else None,
     ))
     return run_folder.write_text(out, page.html() if html else page.markdown())
 

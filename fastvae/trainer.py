@@ -527,6 +527,7 @@ class Trainer:
             return None
         if config.pictures and not interrupted:
             _write_pictures(self.run_dir, self.splits, config)
+        _note_stale_outputs(self.run_dir)
         return TrainResult(self.run_dir, self.epoch, self.step, self.rows, interrupted)
 
     def run_epoch(self, stop: StopRequest | None = None) -> dict | None:
@@ -872,6 +873,23 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResu
     finally:
         torch.set_num_threads(threads)
         _end_process_group()  # in each rank's own process (spawned ranks end right after)
+
+
+def _note_stale_outputs(run_dir: Path) -> None:
+    """One note naming the report and exported models in the run folder that are older than
+    its checkpoint (made before this training: they show the earlier model)."""
+    checkpoint = run_dir / LAST
+    if not checkpoint.is_file():
+        return
+    saved = checkpoint.stat().st_mtime
+    names = ["report.md", "report.html", *(p.name for pattern in ("decoder*.onnx", "encoder*.onnx")
+                                              for p in sorted(run_dir.glob(pattern)))]
+    stale = [name for name in names if (run_dir / name).is_file() and (run_dir / name).stat().st_mtime < saved]
+    commands = [f"'fastvae {command}'" for command, kind in (("export", ".onnx"), ("report", "report."))
+                if any(kind in name for name in stale)]
+    if stale:
+        print(f"note: {', '.join(stale)} in {run_dir} show the model before this training: run "
+              f"{' and '.join(commands)} again", file=sys.stderr)
 
 
 def _write_pictures(run_dir: Path, splits: Splits, config: TrainConfig) -> None:

@@ -437,6 +437,28 @@ def test_split_settings_that_change_nothing_are_said(tmp_path, capsys):
     assert rc == 0 and "note:" not in err, err
 
 
+def test_outputs_of_an_unfinished_run_say_so_and_training_names_the_stale_ones(tmp_path, capsys):
+    """Export and report of a run lost in epoch 2 of 2 say it is unfinished (they looked like
+    any other); resuming it names the exported decoder and report left showing the old model."""
+    from testkit import CheckpointSteps, Crash, tiny_config
+    from fastvae.trainer import train
+
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(tiny_config(run, epochs=2), callbacks=[CheckpointSteps(crash_at=30)])  # 24 steps an epoch
+    rc, _, err = cli(capsys, "export", run)
+    assert rc == 0, err
+    assert f"note: {run} is an unfinished run (its checkpoint: step 24, epoch 1 of 2)" in err
+    assert cli(capsys, "report", run)[0] == 0
+    assert "an unfinished run: its checkpoint is at step 24, epoch 1 of 2" in (run / "report.md").read_text()
+    rc, _, err = cli(capsys, "train", "--resume", "--out", run)
+    assert rc == 0, err
+    assert (f"note: report.md, decoder.onnx in {run} show the model before this training: run 'fastvae export' "
+            "and 'fastvae report' again") in err
+    rc, _, err = cli(capsys, "export", run)  # finished now: no note
+    assert rc == 0 and "unfinished" not in err, err
+
+
 def test_out_is_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     rc, _, err = cli(capsys, "train", *TINY, "--out", tmp_path / "file")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from fastvae.commands import arg_types
 
@@ -78,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
             move_into_place(staged, encoder_out)
             encoder_report = dataclasses.replace(encoder_report, path=encoder_out)
     print(report.summary())
+    from fastvae.checkpoint import unfinished
+
+    where = unfinished(args.run)
+    if where is not None:
+        print(f"note: {args.run} is an unfinished run (its checkpoint: {where}): the export is that state; "
+              "'fastvae train --resume' finishes it, then export again", file=sys.stderr)
     if args.encoder:
         print(encoder_report.summary())
     if args.triton_repo is not None:
