@@ -45,7 +45,9 @@ def make_loggers(run_dir: str | Path, names: list[str], hyperparams: dict | None
             raise FastVAEError(f"--logger {name} needs the {package} package, which is not installed: "
                                f"run 'pip install {package}', or train without --logger {name}")
         try:
-            logger = globals()[f"_{name}"](Path(run_dir))
+            # --quiet (settings with progress off): wandb's own ~25 lines of run summary too
+            quiet = {"quiet": not hyperparams.get("progress", True)} if name == "wandb" and hyperparams else {}
+            logger = globals()[f"_{name}"](Path(run_dir), **quiet)
         except ImportError as exc:  # installed but broken (a missing or mismatched dependency)
             raise FastVAEError(f"--logger {name}: the installed {package or name} package cannot be "
                                f"imported: {one_line(exc)}; reinstall it, or train without "
@@ -117,7 +119,7 @@ def _keep_tracker_id(run_dir: Path, name: str, run_id: str) -> None:
         write_text(run_dir / TRACKERS_JSON, json.dumps({**ids, name: run_id}, indent=2) + "\n")
 
 
-def _wandb(run_dir: Path):
+def _wandb(run_dir: Path, quiet: bool = False):
     import wandb
 
     class WandbTracker(_base()):
@@ -129,7 +131,8 @@ def _wandb(run_dir: Path):
             try:
                 self.run = wandb.init(dir=str(run_dir), project=os.environ.get("WANDB_PROJECT", "fastvae"),
                                       name=run_dir.name, mode=os.environ.get("WANDB_MODE", "offline"),
-                                      id=run_id, resume="allow", reinit=_wandb_reinit(wandb.__version__))
+                                      id=run_id, resume="allow", reinit=_wandb_reinit(wandb.__version__),
+                                      **({"settings": wandb.Settings(silent=True)} if quiet else {}))
             except Exception as exc:  # noqa: BLE001 - wandb raises many kinds
                 raise FastVAEError(f"--logger wandb could not start a run: {one_line(exc)}") from None
             _keep_tracker_id(run_dir, "wandb", run_id)

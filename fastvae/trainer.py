@@ -135,6 +135,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
     saved = check_resume(run_dir, config) if resume else {}
+    if saved and int(saved.get("epoch", 0)) >= config.epochs and not saved.get("batch_in_epoch"):
+        print(f"note: {run_dir} has trained its {config.epochs} epoch(s) already: nothing to train "
+              f"(give --epochs more than {config.epochs} to train on)", file=sys.stderr)
     if splits is None:
         splits = load_config_data(config)
         _note_unused_split_settings(config, splits)
@@ -815,7 +818,7 @@ class Trainer:
     def _log(self, row: dict) -> None:
         """The epoch's row to the trackers and the terminal (rank 0: see ``fit``)."""
         if self.fabric.loggers:
-            self.fabric.log_dict({k: v for k, v in row.items() if k not in ("epoch", "step")},
+            self.fabric.log_dict({k: v for k, v in row.items() if k != "step"},  # epoch: a column too
                                  step=row["step"])
         if self.config.progress:
             test = f"  test -elbo {row['test_neg_elbo']:.3f}" if "test_neg_elbo" in row else ""

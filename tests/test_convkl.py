@@ -455,6 +455,13 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert main(["decode", str(run / "decoder.onnx"), str(tmp_path / "z.npy"), "--out", str(tmp_path / "png"),
                  "--tile", "16", "--overlap", "4"]) == 0
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["0000.png"]
+    from fastvae.export.tiled_decode import tile_starts
+
+    tiles = len(tile_starts(12, 4, 1)) * len(tile_starts(8, 4, 1))  # 16 px = 4 positions, overlap 1
+    assert tiles > 1 and f"decoded in {tiles} tiles of 16 px (overlap 4 px)" in capsys.readouterr().out
+    assert main(["decode", str(run / "decoder.onnx"), str(tmp_path / "z.npy"), "--out", str(tmp_path / "one.npy"),
+                 "--tile", "64"]) == 0  # 48 x 32 px: one tile
+    assert "decoded whole (one --tile 64 covers it)" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -473,6 +473,7 @@ def test_csv_and_tensorboard_trackers(tmp_path, capsys):
         logged = [row for row in csv.DictReader(f) if row.get("train_loss")]
     ours = metrics_without_time(run)
     assert [float(r["train_loss"]) for r in logged] == pytest.approx([float(r["train_loss"]) for r in ours])
+    assert [float(r["epoch"]) for r in logged] == [1.0, 2.0]  # which epoch each row is, as in RUN/metrics.csv
     # a resumed run appends to the tracker's file (Fabric's own writer would delete it)
     rc, _, err = cli(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--quiet", "--no-pictures")
     assert rc == 0 and "deleted" not in err, err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -70,6 +71,22 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, capsys, offline):
     assert all(json.dumps(float(row[key])) == row[key] for row in rows for key in METRICS)
     stored = _written(files[0], needles)
     assert all(needle in stored for needle in needles), [n for n in needles if n not in stored]
+
+
+@pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_also_quiets_wandb(tmp_path, offline, quiet):
+    """--quiet: no wandb run summary either (it printed ~25 lines of it); without it, wandb's
+    lines stay."""
+    from testkit import run_cli
+
+    flags = ["--quiet"] if quiet else []
+    rc, out, err = run_cli("train", "--epochs", "1", "--hidden-dim", "16", "--latent-dim", "2", "--no-pictures",
+                           "--reparam", "torch", "--out", tmp_path / "run", "--logger", "wandb", *flags,
+                           env={**{k: v for k, v in os.environ.items() if k != "WANDB_SILENT"},  # wandb's default
+                                "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    assert rc == 0, err
+    assert ("Run summary" in out + err) is not quiet, out + err
 
 
 def _written(path, needles, deadline_s: float = 60.0) -> bytes:

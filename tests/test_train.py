@@ -352,13 +352,15 @@ def test_resume_takes_a_new_lr_and_fixed_sigma_and_refuses_fewer_epochs(tmp_path
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
 
 
-def test_resume_of_a_finished_run_changes_nothing(make_config):
+def test_resume_of_a_finished_run_changes_nothing_and_says_so(make_config, capsys):
     config = make_config(epochs=1)
     train(config)
     before = state_dict_of(config.out)
+    capsys.readouterr()
     result = train(config, resume=True)
     assert result.epochs == 1 and max_weight_diff(before, state_dict_of(config.out)) == 0.0
     assert len(metrics_without_time(config.out)) == 1
+    assert "has trained its 1 epoch(s) already: nothing to train (give --epochs more than 1" in capsys.readouterr().err
 
 
 def test_seed_decides_the_weights(tmp_path, make_config):

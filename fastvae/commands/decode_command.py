@@ -96,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
         png.unlink(missing_ok=True)
     if not out.suffix:
         _report_leftovers(out.resolve())
-    how = f"in tiles of {args.tile} px (overlap {overlap * f} px)" if tile else "whole"
+    how = "whole"
+    if tile:
+        from fastvae.export.tiled_decode import tile_starts
+
+        count = len(tile_starts(z.shape[2], tile, overlap)) * len(tile_starts(z.shape[3], tile, overlap))
+        how = (f"in {count} tiles of {args.tile} px (overlap {overlap * f} px)" if count > 1
+               else f"whole (one --tile {args.tile} covers it)")
     print(f"wrote {out}: {len(images)} {'image' if images.ndim == 4 else 'output'}(s) of "
           f"{'x'.join(map(str, images.shape[1:]))} from latents {'x'.join(map(str, z.shape[1:]))}, decoded {how} in {seconds:.3f} s")
     if args.check_untiled:

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=arg_types.path, help="ONNX file to write; None: RUN/decoder.onnx, or the .ckpt path with .onnx"
     )
-    parser.add_argument("--fp16", action="store_true", help="also write <out stem>.fp16.onnx (half the size)")
+    parser.add_argument("--fp16", action="store_true", help="also write <out stem>.fp16.onnx (weights in half the bytes: about half the file for "
+                        "large models, less saved for small ones whose graph weighs more)")
     parser.add_argument("--int8", action="store_true", help="also write <out stem>.int8.onnx (dynamic int8 quantization)")
     parser.add_argument("--opset", type=int, help="ONNX opset; None: the exporter's own (below 18 uses the TorchScript exporter)")
     parser.add_argument("--triton-repo", metavar="DIR", help="also write a Triton Inference Server model repository: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx")
