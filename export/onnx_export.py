@@ -586,7 +586,7 @@ def _metadata(info: dict, source: str, exporter_name: str) -> dict[str, str]:
         "output_transform": info["output_transform"],
         "likelihood": info["likelihood"],
         "sample": info["sample"],
-        "model_spec": json.dumps(info["spec"], sort_keys=True, default=str),
+        "model_spec": json.dumps(_read_settings(info["spec"]), sort_keys=True, default=str),
         "source": source,
         "exporter": exporter_name,
     }
@@ -796,3 +796,12 @@ def _size(n: int) -> str:
         n /= 1000
     return f"{n} B"
 
+
+
+def _read_settings(spec: dict) -> dict:
+    """The spec without the settings its model family does not read (a convkl spec's
+    latent_dim 8 beside the metadata's latent_dim, its c*h*w, read as a contradiction)."""
+    from fastvae.config import unused_settings
+
+    unused = unused_settings(spec.get("model", ""))
+    return {k: v for k, v in spec.items() if k not in unused}

@@ -313,6 +313,8 @@ def test_sampler_and_service_decode_latents_of_any_size(exported):
     model, report, _ = exported
     sampler = OnnxSampler(report.path)
     assert sampler.any_latent_size
+    spec = json.loads(sampler.metadata["model_spec"])  # only what a convkl model reads
+    assert spec["model"] == "convkl" and "latent_channels" in spec and "latent_dim" not in spec and "hidden_dim" not in spec
     rng = np.random.default_rng(4)
     small, odd = (rng.standard_normal(s, dtype=np.float32) for s in ((2, 4, 4, 4), (3, 4, 6, 10)))
     with torch.inference_mode():
