@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=_HelpFormatter,
         )
         module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+        command.set_defaults(_run=module.run, _parser=command)
     return parser
 
 
@@ -90,7 +90,9 @@ def run() -> None:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's parser: its help is the one that lists its flags
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     interrupts.name(f"fastvae {args.command}")
     try:
         return int(args._run(args) or 0)

@@ -267,7 +267,7 @@ def test_console_script_is_installed():
     (["--epochs", "1.5"], ["--epochs", "int"]),
     (["--batch-size", "abc"], ["--batch-size"]),
     (["--lr", "fast"], ["--lr"]),
-    (["--no-such-flag"], ["--no-such-flag"]),
+    (["--no-such-flag"], ["--no-such-flag", "see 'fastvae train --help'"]),  # the command's flags, not the list of commands
     (["--seed", "-1"], ["--seed", "from 0 to 4294967295"]),
     (["--seed", "4294967296"], ["--seed", "from 0 to 4294967295"]),
     (["--split-seed", "-2"], ["--split-seed"]),
