@@ -90,6 +90,14 @@ def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, s
     return data
 
 
+def absolute_source(source: str) -> str:
+    """A local path as an absolute one (config.json, --json output and picture stamps name the
+    same data the same way from any folder); bundled names and URLs as they are."""
+    if is_bundled(source) or "://" in str(source) or not Path(source).exists():
+        return str(source)
+    return str(Path(source).resolve())
+
+
 def is_bundled(source) -> bool:
     """Whether ``source`` names bundled data (``digits``, ``photos``, ``photos:N``): those names
     mean the bundled data everywhere, even where a folder of that name exists."""

@@ -422,7 +422,7 @@ def test_a_resume_keeps_the_runs_threads_lists_loggers_once_and_can_undo_display
     assert json.loads((run / "config.json").read_text())["threads"] == 0
 
 
-def test_split_settings_that_change_nothing_are_said(tmp_path, capsys):
+def test_split_settings_that_change_nothing_are_said(tmp_path, capsys, monkeypatch):
     """--test-fraction / --split-seed with data that has its own test split (digits) are a note
     (they were taken silently, and config.json and the report showed them as if used); with
     data they split (an .npy), no note."""
@@ -435,6 +435,10 @@ def test_split_settings_that_change_nothing_are_said(tmp_path, capsys):
     rc, _, err = cli(capsys, "train", *TINY, "--data", tmp_path / "x.npy", "--test-fraction", "0.5",
                      "--out", tmp_path / "b")
     assert rc == 0 and "note:" not in err, err
+    monkeypatch.chdir(tmp_path)  # a relative --data is named as the run's own data is: absolute
+    rc, out, err = cli(capsys, "evaluate", tmp_path / "b", "--json", "--data", "x.npy")
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["data"] == str(tmp_path / "x.npy")
 
 
 def test_outputs_of_an_unfinished_run_say_so_and_training_names_the_stale_ones(tmp_path, capsys):

@@ -45,9 +45,10 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"{args.run} holds a deterministic autoencoder (kind 'ae'): it has no ELBO to evaluate")
     data = args.data or state["config"]["data"]
     if args.data:
-        from fastvae.data import note_shadowed_folder
+        from fastvae.data import absolute_source, note_shadowed_folder
 
         note_shadowed_folder(args.data)
+        data = absolute_source(args.data)  # named as the run's own data is (--json, picture stamps)
     seed = args.seed if args.seed is not None else int(state["config"].get("seed", 0))
     saved = saved_settings(state["config"])  # split as the run was (older runs: what they were made with)
     try:

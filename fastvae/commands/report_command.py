@@ -27,13 +27,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from fastvae.data import note_shadowed_folder
+    from fastvae.data import absolute_source, note_shadowed_folder
     from fastvae.report_page import write_report
 
     if args.data:
         note_shadowed_folder(args.data)
     path = write_report(
-        args.run, args.out, iwae_k=args.iwae_k, html=True if args.html else None, data=args.data,
+        args.run, args.out, iwae_k=args.iwae_k, html=True if args.html else None,
+        data=args.data and absolute_source(args.data),
         redraw=args.redraw, seed=args.seed, progress=args.progress,
     )
     print(path)

@@ -158,11 +158,10 @@ def run(args: argparse.Namespace) -> int:
         if args.config and any(k in load_config_file(args.config) and k not in given for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
         raise
-    from fastvae.data import is_bundled, note_shadowed_folder
+    from fastvae.data import absolute_source, note_shadowed_folder
 
     note_shadowed_folder(config.data)
-    if not is_bundled(config.data) and "://" not in config.data and Path(config.data).exists():
-        config.data = str(Path(config.data).resolve())  # config.json works from any folder
+    config.data = absolute_source(config.data)  # config.json works from any folder
 
     from fastvae.trainer import train
 
