@@ -199,7 +199,7 @@ def test_flags_without_a_value_say_what_they_do(capsys):
                 text = parser.format_help()
                 assert action.help and "(default: True)" not in text and "(default: False)" not in text, name
     rc, out, _ = cli(capsys, "report", "--help")
-    assert "--no-progress" in out and "hide the IWAE progress bar" in " ".join(out.split())
+    assert "--quiet, --no-progress" in out and "hide the IWAE progress bar" in " ".join(out.split())
 
 
 def test_every_command_has_help(capsys):

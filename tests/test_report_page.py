@@ -132,7 +132,7 @@ def test_report_of_the_autoencoder_baseline(tmp_path):
 
 def test_report_command(tmp_path, capsys):
     run = make_run(tmp_path / "run", latent_dim=3)
-    assert cli.main(["report", str(run), "--iwae-k", "4", "--html", "--no-progress"]) == 0
+    assert cli.main(["report", str(run), "--iwae-k", "4", "--html", "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     assert (run / "samples.png").is_file() and not (run / "latent_scatter.png").exists()
 

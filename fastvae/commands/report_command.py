@@ -22,8 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--redraw", action="store_true", help="redraw all pictures, not only the missing ones")
     parser.add_argument("--seed", type=arg_types.seed, help="seed of the evaluation noise and the sampled pictures "
                         "(default: the run's seed, so -ELBO matches the last test_neg_elbo in metrics.csv)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="hide the IWAE progress bar (it shows only on a terminal anyway)")
+    parser.add_argument("--quiet", "--no-progress", dest="progress", action="store_false",
+                        help="hide the IWAE progress bar (it shows only on a terminal anyway); --quiet as "
+                        "for train and prepare")
 
 
 def run(args) -> int:
