@@ -22,6 +22,11 @@ from fastvae.errors import FastVAEError
 REPORTED = (FastVAEError, OSError)
 
 
+class LostPeer(FastVAEError):
+    """A rank's collective failed because another rank's process is gone: a consequence, so
+    the gone rank's own error (if it recorded one) is the one reported."""
+
+
 def record(folder: str, rank: int, exc: BaseException) -> None:
     """Keep ``exc`` as rank ``rank``'s error (written whole, then renamed into place)."""
     path = Path(folder) / f"rank{rank:05d}.pickle"
@@ -34,13 +39,18 @@ def record(folder: str, rank: int, exc: BaseException) -> None:
 
 
 def first(folder: str) -> BaseException | None:
-    """The error of the lowest rank that recorded one, or None."""
+    """The error of the lowest rank that recorded one, or None; a ``LostPeer`` only where no
+    rank recorded a cause (the rank that failed first made the others lose it)."""
+    lost = None
     for path in sorted(Path(folder).glob("rank*.pickle")):
         try:
-            return pickle.loads(path.read_bytes())
+            error = pickle.loads(path.read_bytes())
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError):
             continue
-    return None
+        if not isinstance(error, LostPeer):
+            return error
+        lost = lost or error
+    return lost
 
 
 @contextlib.contextmanager
@@ -73,12 +83,25 @@ RESUME = "continue the run with --resume from its last checkpoint"
 
 
 def ended_rank(rank: int, signal_name: str | None, exit_code: int | None) -> str:
-    """A spawned rank that ended without raising (killed), as the launcher says it."""
-    how = f"was killed by {signal_name}" if signal_name else f"ended with exit status {exit_code}"
-    return f"rank {rank} {how} ({KILLERS}?) and the other ranks were stopped: {RESUME}"
+    """A spawned rank that ended without raising, as the launcher says it."""
+    if signal_name == "SIGKILL":
+        how = f"was killed by SIGKILL ({KILLERS}?)"
+    elif signal_name:
+        how = f"was ended by {signal_name}"
+    else:
+        how = f"ended with exit status {exit_code} (its own output above may say why)"
+    return f"rank {rank} {how} and the other ranks were stopped: {RESUME}"
 
 
-# what a collective says when another rank's process is gone (gloo; NCCL says DistNetworkError)
+def lost_peer_error(rank: int, exc: BaseException) -> LostPeer:
+    """What a rank whose collective found another rank gone says."""
+    found = next((p for p in LOST_PEER if p in str(exc)), type(exc).__name__)
+    return LostPeer(f"rank {rank} lost contact with the other ranks ({found}): another rank ended; if it "
+                    f"printed no error of its own, it was killed ({KILLERS}?); {RESUME}")
+
+
+# what a gloo collective says when another rank's process is gone (NCCL's DistBackendError
+# texts are not matched: on a GPU a lost rank still shows NCCL's error or its timeout)
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 

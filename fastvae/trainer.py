@@ -869,10 +869,7 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResu
 
         if fabric.world_size == 1 or not rank_errors.lost_peer(exc):
             raise
-        found = next((p for p in rank_errors.LOST_PEER if p in str(exc)), type(exc).__name__)
-        raise FastVAEError(f"rank {fabric.global_rank} lost contact with the other ranks ({found}): "
-                           f"another rank ended without a word ({rank_errors.KILLERS}?); "
-                           f"{rank_errors.RESUME}") from None
+        raise rank_errors.lost_peer_error(fabric.global_rank, exc) from None
     finally:
         torch.set_num_threads(threads)
         _end_process_group()  # in each rank's own process (spawned ranks end right after)

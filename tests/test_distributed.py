@@ -14,6 +14,7 @@ import torch
 from fastvae import run_folder
 from fastvae.checkpoint import read_checkpoint
 from fastvae.config import TrainConfig
+from fastvae.errors import FastVAEError
 from fastvae.data import EpochBatches, Splits, load_dataset
 from fastvae.evaluation import elbo_sums
 from fastvae.models import build_model
@@ -281,7 +282,7 @@ def test_sigterm_to_a_ddp_spawn_launcher_stops_its_ranks_cleanly(tmp_path):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy, line", [
     # Fabric relaunches the command for rank 1: rank 0's death reaches it as a failed collective
-    ("ddp", "fastvae train: error: rank 1 lost contact with the other ranks (Connection "),
+    ("ddp", "fastvae train: error: rank 1 lost contact with the other ranks ("),
     # torch.multiprocessing's launcher sees rank 0 end and stops rank 1
     ("ddp_spawn", "fastvae train: error: rank 0 was killed by SIGKILL ("),
 ])
@@ -300,6 +301,18 @@ def test_a_rank_killed_mid_run_is_one_line_from_the_others(tmp_path, strategy, l
     errors = [e for e in err.splitlines() if e.startswith("fastvae train: error:")]
     assert len(errors) == 1 and errors[0].startswith(line), err[-2000:]
     assert errors[0].endswith("continue the run with --resume from its last checkpoint"), errors
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_ranks_own_error_is_reported_not_the_others_lost_contact(tmp_path, small_digits):
+    """Rank 1 fails with its own one-line error: that is what the run reports, not rank 0's
+    lost contact with it (the lowest rank's record won, and hid the cause)."""
+    from testkit import FailAtStep
+
+    with pytest.raises(FastVAEError, match="rank 1's own failure at step 3"):
+        train(config(tmp_path / "run", batch_size=16, devices=2, strategy="ddp_spawn"), splits=small_digits,
+              callbacks=[FailAtStep(1, 3)])
 
 
 @pytest.mark.slow

@@ -234,3 +234,16 @@ def in_process_service(sampler, scenario, limits=None, batching=None):
             return await asyncio.wait_for(scenario(call, app), 60)
 
     return asyncio.run(main())
+
+
+class FailAtStep:
+    """Fabric callback: rank ``rank`` fails with a one-line error once step ``step`` is done."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer, batch):
+        from fastvae.errors import FastVAEError
+
+        if trainer.rank == self.rank and trainer.step == self.step:
+            raise FastVAEError(f"rank {self.rank}'s own failure at step {self.step}")
