@@ -29,6 +29,7 @@ Torch-free.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -144,7 +145,9 @@ class DynamicBatcher:
             self._queued_rows += rows
             # wake the batching task only when it has something to do: a first request, or a
             # full batch (a wake-up per request would cost a task switch each)
-            if self._waiting_for_first or self._queued_rows >= self.max_batch:
+            head = self._row_shape(self._items[0])  # another shape closes the waiting batch
+            odd = z is not None and head is not None and tuple(z.shape[1:]) != head
+            if self._waiting_for_first or self._queued_rows >= self.max_batch or odd:
                 self._wakeup.set()
             return await future
         finally:
@@ -182,18 +185,21 @@ class DynamicBatcher:
             # max_wait counts from the oldest request's arrival: time it spent queued behind
             # the previous batch's decode is not waited again
             left = items[0][3] + self.max_wait - loop.time()
-            if self._queued_rows < self.max_batch and left > 0 and not self.draining:
+            if self._queued_rows < self.max_batch and left > 0 and not self.draining and not self._head_closed():
                 self._wakeup.clear()  # set by a full batch, drain() or the timer
                 timer = loop.call_later(left, self._wakeup.set)
                 await self._wakeup.wait()
                 timer.cancel()
-            batch, rows = [], 0
-            # latents of another shape (a spatial decoder's other h x w) start the next batch
-            while items and (not batch or (rows + items[0][1] <= self.max_batch
-                                           and self._combines(items[0], batch))):
-                item = items.popleft()  # a request too large for the batch starts the next one
+            batch, rows, shape = [], 0, None
+            while items:  # a request too large for the batch starts the next one
+                item_shape = self._row_shape(items[0])
+                if batch and ((item_shape is not None and shape is not None and item_shape != shape)
+                              or rows + items[0][1] > self._cap(shape or item_shape)):
+                    break  # latents of another shape (a spatial decoder's other h x w): next batch
+                item = items.popleft()
                 batch.append(item)
                 rows += item[1]
+                shape = shape or item_shape
             self._queued_rows -= rows
             self._current = batch  # for _fail_all, should the task die while decoding it
             await self._decode_batch(batch, rows)
@@ -203,19 +209,28 @@ class DynamicBatcher:
         """A queued request's latent shape per row (rows to draw: ``latent_shape``, None if unknown)."""
         return self.latent_shape if item[0] is None else tuple(item[0].shape[1:])
 
-    def _combines(self, item, batch) -> bool:
-        """Whether ``item``'s rows can be decoded in one array with ``batch``'s."""
-        shape = self._row_shape(item)
-        return shape is None or all(self._row_shape(other) in (None, shape) for other in batch)
+    def _cap(self, shape) -> int:
+        """Rows per decoder call: ``max_batch`` rows of ``latent_shape``'s size, proportionally
+        fewer of larger latents (the cap bounds a call's work and memory, not its rows)."""
+        if self.latent_shape is None or shape is None or tuple(shape) == self.latent_shape:
+            return self.max_batch
+        return max(1, self.max_batch * math.prod(self.latent_shape) // math.prod(shape))
+
+    def _head_closed(self) -> bool:
+        """Whether a queued request of another shape than the oldest closes the oldest's batch
+        (waiting longer would add nothing to it)."""
+        head = self._row_shape(self._items[0])
+        return head is not None and any(self._row_shape(item) not in (None, head) for item in self._items)
 
     def _timed_decode(self, z: np.ndarray) -> tuple[np.ndarray, int]:
         """(decoder output for ``z``, decoder calls made): ``max_batch`` rows per call at most,
         so a request larger than a batch still respects the cap (e.g. device memory)."""
         start = time.perf_counter()
-        if len(z) <= self.max_batch:
+        cap = self._cap(z.shape[1:])
+        if len(z) <= cap:
             x, calls = self._decode_fn(z), 1
         else:
-            parts = [self._decode_fn(z[i:i + self.max_batch]) for i in range(0, len(z), self.max_batch)]
+            parts = [self._decode_fn(z[i:i + cap]) for i in range(0, len(z), cap)]
             x, calls = np.concatenate(parts), len(parts)
         per_value = (time.perf_counter() - start) / max(z.size, 1)
         self._seconds_per_value = (per_value if self._seconds_per_value is None

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -260,6 +261,23 @@ def build_app(sampler, limits: Limits, batching: Batching):
             raise BadRequest(400, f"outputs of shape {list(sampler.output_shape)} are not images: use format npy or json")
         check_output_size(n, sampler.output_shape_for(latent_shape or sampler.latent_shape), fmt, limits)
 
+    base = math.prod(sampler.latent_shape)
+
+    def check_latent_size(z: np.ndarray) -> None:
+        """Latents of another size than the training one (a spatial decoder) keep the service's
+        bounds in values: one row at most one decoder call's worth (--max-batch latents of the
+        training size), a request at most --max-n of them."""
+        values = math.prod(z.shape[1:])
+        if values <= base:
+            return
+        if values > batching.max_batch * base:
+            raise BadRequest(413, f"a latent of shape {list(z.shape[1:])} is larger than one decoder call takes "
+                                  f"(--max-batch {batching.max_batch} latents of {list(sampler.latent_shape)}): "
+                                  "decode it in tiles with 'fastvae decode --tile'")
+        if len(z) * values > limits.max_n * base:
+            raise BadRequest(413, f"'z' holds {len(z) * values} latent values, more than the server's --max-n "
+                                  f"{limits.max_n} latents of {list(sampler.latent_shape)}")
+
     async def decoded(awaitable) -> np.ndarray:
         """The batcher's answer; Refused (one line) when the decoder or the batcher failed."""
         try:
@@ -322,6 +340,7 @@ def build_app(sampler, limits: Limits, batching: Batching):
         try:
             z, fmt = parse_decode(await read_body(request), request.headers.get("content-type"),
                                   request.query_params.get("format"), accepted, limits)
+            check_latent_size(z)
             check_output(len(z), fmt, z.shape[1:])
             return await respond(await decoded(batcher.decode(z)), fmt)
         except (BadRequest, Refused) as exc:

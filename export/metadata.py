@@ -25,7 +25,8 @@ Keys (values are strings; JSON where noted):
 ``max_abs_error_vs_torch``  fp32 file: max |onnxruntime - torch| over the validation batches
 ``max_abs_error_vs_fp32``   fp16/int8 files: max |variant - fp32| of ``params`` on 1000 z ~ N(0, I)
 ``max_abs_error_mean_vs_fp32``  the same for ``mean``
-``model_spec``              JSON: the model spec the decoder was built from
+``model_spec``              JSON: the model spec the decoder was built from (the settings its
+                            model family reads)
 ``source``                  the run folder / checkpoint it came from, or ``"<in-memory module>"``
 ``exporter``                which torch.onnx exporter and torch version wrote the graph
 """

@@ -183,7 +183,9 @@ class OnnxSampler:
 
     # -- sampling ----------------------------------------------------------------------------
     def decode(self, z, batch_size: int | None = None) -> np.ndarray:
-        """Means E[x|z] for latents ``z`` shaped (n, *latent_shape) -> (n, *output_shape).
+        """Means E[x|z] for latents ``z`` shaped (n, *latent_shape) -> (n, *output_shape); a
+        spatial decoder takes any latent height and width (``any_latent_size``,
+        ``output_shape_for``).
 
         Per call: a shape check, one onnxruntime run per ``batch_size`` rows (default 1000) on
         the session of its thread regime, and nothing else. One batch returns onnxruntime's own
@@ -193,7 +195,7 @@ class OnnxSampler:
         batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int(batch_size, "batch_size")
         n = len(z)
         if 0 < n <= batch_size:
-            return self._regimes.session_for(n).run(self._outputs, {self.input_name: z})[0]
+            return self._regimes.session_for(self._work_rows(z.shape)).run(self._outputs, {self.input_name: z})[0]
         out = np.empty((n, *self.output_shape_for(z.shape[1:])), dtype=np.float32)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
@@ -202,7 +204,7 @@ class OnnxSampler:
 
     def _run_into(self, z: np.ndarray, out: np.ndarray) -> None:
         """Decode ``z`` into the C-contiguous float32 array ``out`` (onnxruntime writes it)."""
-        session = self._regimes.session_for(len(z))
+        session = self._regimes.session_for(self._work_rows(z.shape))
         binding = session.io_binding()
         binding.bind_cpu_input(self.input_name, z)
         binding.bind_output(self.mean_output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
@@ -226,7 +228,7 @@ class OnnxSampler:
             raise self._shape_error(z.shape())
         elif z.data_type() != "tensor(float)":  # an OrtValue is not converted: its data stays put
             raise FastVAEError(f"z must be a float32 OrtValue, got {z.data_type()}")
-        session = self._regimes.session_for(z.shape()[0])
+        session = self._regimes.session_for(self._work_rows(tuple(z.shape())))
         binding = session.io_binding()
         binding.bind_ortvalue_input(self.input_name, z)
         binding.bind_output(self.mean_output, self._device, 0)
@@ -252,6 +254,14 @@ class OnnxSampler:
         if self.any_latent_size:
             return len(shape) == 4 and shape[1] == self.latent_shape[0] and min(shape[2:]) >= 1
         return tuple(shape[1:]) == self.latent_shape
+
+    def _work_rows(self, shape: tuple) -> int:
+        """A call's rows in training-size latents (what the thread regimes were tuned on): a
+        latent 4x the training size counts 4 rows."""
+        n = int(shape[0])
+        if not self.any_latent_size or tuple(shape[1:]) == self.latent_shape:
+            return n
+        return max(n, -(-n * int(np.prod(shape[1:])) // int(np.prod(self.latent_shape))))
 
     def output_shape_for(self, latent_shape: tuple) -> tuple[int, ...]:
         """The decoder's output shape for one latent of ``latent_shape`` (``output_shape`` at

@@ -328,14 +328,19 @@ def test_sampler_and_service_decode_latents_of_any_size(exported):
     async def scenario(call, app):  # both in one batcher turn: two batches, one per size
         bodies = [json.dumps({"z": z.tolist()}).encode() for z in (small, odd)]
         answers = await asyncio.gather(*(call("POST", "/decode", [asgi_part(b, more=False)]) for b in bodies))
+        batches = app.state.batcher.batches
         wrong = await call("POST", "/decode", [asgi_part(json.dumps({"z": odd[:, :3].tolist()}).encode(), more=False)])
-        return answers, wrong, app.state.batcher.batches
+        huge = np.zeros((1, 4, 12, 12), dtype=np.float32)  # 9x the training latent, --max-batch 4 below
+        too_large = await call("POST", "/decode", [asgi_part(json.dumps({"z": huge.tolist()}).encode(), more=False)])
+        return answers, wrong, too_large, batches
 
-    (a, b), wrong, batches = in_process_service(sampler, scenario, batching=Batching(16, 50.0))
-    assert a[0] == b[0] == 200 and batches == 2
+    # the 6x10 latents are 3.75x the training 4x4: one row per decoder call under --max-batch 4
+    (a, b), wrong, too_large, batches = in_process_service(sampler, scenario, batching=Batching(4, 50.0))
+    assert a[0] == b[0] == 200 and batches == 1 + 3
     np.testing.assert_allclose(np.load(io.BytesIO(a[2])), sampler.decode(small), rtol=1e-6)
     np.testing.assert_allclose(np.load(io.BytesIO(b[2])), expected, rtol=1e-4, atol=1e-5)
     assert wrong[0] == 400 and "(n, 4, h, w) with n, h, w >= 1" in json.loads(wrong[2])["error"]
+    assert too_large[0] == 413 and "fastvae decode --tile" in json.loads(too_large[2])["error"]
 
 
 def test_onnx_encoder_matches_torch(exported):

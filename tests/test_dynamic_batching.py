@@ -90,6 +90,28 @@ def test_latents_of_another_shape_per_row_are_never_combined():
     assert [r.shape for r in results] == [(2, 3), (2, 3), (1, 5), (2, 3), (1, 3)]
 
 
+def test_a_request_of_another_shape_closes_the_waiting_batch_and_large_latents_get_fewer_rows_per_call():
+    """The oldest request's batch stops waiting once a request of another shape is queued (it
+    could add nothing more: without this the first request waited out max_wait, 60 s here);
+    latents 4x the drawn size get a quarter of max_batch rows per decoder call."""
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher(recorder.decode, 8, 60.0, draw_fn=recorder.draw, latent_shape=(3,))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.decode(z_rows(2, 0)))
+        big = asyncio.ensure_future(batcher.decode(np.ones((5, 12), dtype=np.float32)))
+        got = await asyncio.wait_for(first, 20)
+        batcher.drain()  # the last batch would wait for company: go
+        large = await asyncio.wait_for(big, 20)
+        await asyncio.wait_for(batcher.close(), 20)
+        return got, large
+
+    got, large = asyncio.run(main())
+    np.testing.assert_array_equal(got, z_rows(2, 0) * 2.0)
+    assert large.shape == (5, 12) and recorder.decoded == [2, 2, 2, 1]  # 8 x 3 / 12 = 2 rows a call
+
+
 def test_batches_never_exceed_max_batch_and_a_larger_request_goes_alone():
     requests = [("n", 3), ("n", 3), ("z", z_rows(10, 0)), ("n", 2)]
     recorder = Recorder()
