@@ -797,7 +797,6 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-
 def _read_settings(spec: dict) -> dict:
     """The spec without the settings its model family does not read (a convkl spec's
     latent_dim 8 beside the metadata's latent_dim, its c*h*w, read as a contradiction)."""

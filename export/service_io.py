@@ -91,7 +91,8 @@ def parse_decode(body: bytes, content_type: str | None, query_format: str | None
                  latent_shape: tuple[int, ...], limits: Limits) -> tuple[np.ndarray, str]:
     """A ``/decode`` body -> (latents as C-contiguous float32 (n, *latent_shape), format); None
     in ``latent_shape``: any size >= 1 there (a spatial decoder's height and width)."""
-    names = [str(s) if s is not None else "hw"[min(i, 2) - 1] for i, s in enumerate(latent_shape)]
+    # a free size is named by its place: (c, h, w) latents are (4, h, w)
+    names = [str(s) if s is not None else ("c", "h", "w")[i] for i, s in enumerate(latent_shape)]
     row = (f"rows of {latent_shape[0]} numbers" if len(latent_shape) == 1  # one latent, for messages
            else f"{'x'.join(names)} arrays of numbers")
     if (content_type or "").split(";")[0].strip().lower() == NPY_CONTENT_TYPE:

@@ -84,7 +84,8 @@ def run() -> None:
     interrupts.install()
     # each line leaves at once, also into a pipe or a batch job's log file (Python buffers
     # those in blocks): a run killed later keeps the lines it printed
-    sys.stdout.reconfigure(line_buffering=True)
+    if hasattr(sys.stdout, "reconfigure"):  # None when the caller closed it (fastvae ... >&-)
+        sys.stdout.reconfigure(line_buffering=True)
     sys.exit(main())
 
 

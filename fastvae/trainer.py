@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -135,12 +136,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
     saved = check_resume(run_dir, config) if resume else {}
-    if saved and int(saved.get("epoch", 0)) >= config.epochs and not saved.get("batch_in_epoch"):
-        print(f"note: {run_dir} has trained its {config.epochs} epoch(s) already: nothing to train "
-              f"(give --epochs more than {config.epochs} to train on)", file=sys.stderr)
-    if splits is None:
+    loaded = splits is None
+    if loaded:
         splits = load_config_data(config)
-        _note_unused_split_settings(config, splits)
     check_model(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
     steps = batches_per_epoch(len(splits.train), config.devices * config.num_nodes, config.batch_size)
     if saved.get("batch_in_epoch", 0) >= steps:  # the loop would run no step, then call it divergence
@@ -149,9 +147,15 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
                            "intact checkpoint or train into a new --out")
     saved_id = saved.get("data_id")
     if saved_id is not None and saved_id != dataset_id(splits):
-        raise FastVAEError(f"cannot resume {run_dir}: {config.data} is not the prepared dataset "
-                           "the run trained on (prepared again under the same path?); resume on that "
-                           "one or a copy of it, or train into a new --out")
+        again = " (prepared again under the same path?)" if config.data == saved["config"].get("data") else ""
+        raise FastVAEError(f"cannot resume {run_dir}: {config.data} is not the prepared dataset the run "
+                           f"trained on{again}; resume on that one or a copy of it, or train into a new --out")
+    if _first_process():  # notes once, not from every rank's process
+        if loaded:
+            _note_unused_split_settings(config, splits)
+        if saved and int(saved.get("epoch", 0)) >= config.epochs and not saved.get("batch_in_epoch"):
+            print(f"note: {run_dir} has trained its {config.epochs} epoch(s) already: nothing to train "
+                  f"(give --epochs more than {config.epochs} to train on)", file=sys.stderr)
     fabric = make_fabric(config, callbacks)  # after every refusal: it starts the trackers
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
@@ -187,6 +191,12 @@ def load_config_data(config: TrainConfig, source: str | None = None):
     memory, or a prepared dataset to stream."""
     return load_dataset(source or config.data, test_fraction=config.test_fraction,
                         split_seed=config.split_seed, split_rule=config.split_rule, grayscale=config.grayscale)
+
+
+def _first_process() -> bool:
+    """Whether this is the launch's first process (a launcher's other ranks, or the processes
+    Fabric starts for them, have a rank in their environment)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _note_unused_split_settings(config: TrainConfig, splits) -> None:

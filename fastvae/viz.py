@@ -201,12 +201,15 @@ def save_samples(
 
 def save_reconstructions(model, x, path: str | Path, n: int = N_RECONSTRUCTIONS, nrow: int = RECONSTRUCTIONS_NROW) -> Path:
     """The first ``n`` images of ``x`` in the top rows, their reconstructions in the rows below
-    (whole rows of ``nrow``: a test split of 28 shows 24, so no row mixes the two)."""
+    (whole rows of ``nrow``: a test split of 28 shows 24, one of 5 a row of 5 above a row of 5,
+    so no row mixes the two)."""
     import torch
 
     x = torch.as_tensor(x)
     n = min(n, len(x))
-    x = x[:n - n % nrow if n >= nrow else n].float().cpu()
+    if n < nrow:  # one row of originals, one of reconstructions
+        nrow = max(n, 1)
+    x = x[:n - n % nrow].float().cpu()
     with _EvalMode(model):
         recon = _decode_means(model, _encode_means(model, x))
     return save_image_grid(torch.cat([x, recon.reshape(x.shape)]).numpy(), path, nrow=nrow)

@@ -133,8 +133,8 @@ def test_reconstructions_of_a_small_test_split_keep_whole_rows(tmp_path):
     expected = viz.image_grid(test[:24].numpy(), nrow=8, scale=8)
     assert grid.shape[1] == expected.shape[1] and grid.shape[0] == 2 * expected.shape[0] - 8  # one shared pad
     assert np.array_equal(grid[: expected.shape[0] - 8], expected[: expected.shape[0] - 8])
-    few = viz.save_reconstructions(model, test[:5], tmp_path / "few.png")  # under a row: all of them
-    assert np.asarray(Image.open(few)).shape == viz.image_grid(np.zeros((10, 1, 8, 8), np.float32), nrow=8,
+    few = viz.save_reconstructions(model, test[:5], tmp_path / "few.png")  # under a row: 5 above 5
+    assert np.asarray(Image.open(few)).shape == viz.image_grid(np.zeros((10, 1, 8, 8), np.float32), nrow=5,
                                                                scale=8).shape
 
 

@@ -31,7 +31,7 @@
 # Environment: PYTHON (default python3, or .venv/bin/python where present), FASTVAE_GIT_COMMIT,
 # FASTVAE_GPU_BUDGET_S, FASTVAE_GPU_TESTS_CAP_S (default 180 s), FASTVAE_GPU_SUITE_CAP_S
 # (default 150 s per suite, 210 s for train, 540 s for convkl), FASTVAE_GPU_SUITES (space-separated suite names; default all:
-# train convkl reparam_kl streaming onnx_cuda, then the CPU-side sampling latency serving;
+# train convkl reparam_kl streaming onnx_cuda, then the CPU-side latency sampling serving;
 # FASTVAE_GPU_SUITES=streaming FASTVAE_GPU_TESTS_SET=none FASTVAE_GPU_EXTRAS="" measures shards vs
 # in-memory training alone),
 # FASTVAE_GPU_TESTS_K (pytest -k expression for the GPU tests, and-ed with the set's own),
@@ -44,7 +44,8 @@
 #   tile_sweep"; "" skips all three; reparam_device runs after train, or right after the tests
 #   when train is not among the suites),
 # FASTVAE_GPU_DEVICE_CAP_S (reparam_device's cap, default 200 s),
-#   e.g. FASTVAE_GPU_SUITES=convkl FASTVAE_GPU_TESTS_K=convkl FASTVAE_GPU_EXTRAS="" for the spatial VAE alone,
+#   e.g. FASTVAE_GPU_SUITES=convkl FASTVAE_GPU_TESTS_SET=none FASTVAE_GPU_EXTRAS="" FASTVAE_GPU_BUDGET_S=560
+#   for the spatial VAE's suite alone (its GPU tests, FASTVAE_GPU_TESTS_K=convkl, in another call),
 #   FASTVAE_GPU_SUITES=onnx_cuda FASTVAE_GPU_TESTS_SET=onnx FASTVAE_GPU_EXTRAS="" for ONNX decoders on the
 #   CUDA provider: it needs onnxruntime-gpu, which the H200 image lacks (its onnxruntime is the CPU
 #   build, and the GPU wheel is far over the 64 MiB that can be carried): there both are skipped

@@ -145,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
                            "give one of them")
     values.update(given)
     if args.logger_list:  # --logger csv --logger wandb (or --logger csv,wandb)
-        names = [*values.get("loggers", "").split(","), *args.logger_list]  # a resume's own first
-        values["loggers"] = ",".join(dict.fromkeys(n.strip() for n in names if n.strip()))
+        trackers = ",".join([values.get("loggers", ""), *args.logger_list]).split(",")  # a resume's own first
+        values["loggers"] = ",".join(dict.fromkeys(t.strip() for t in trackers if t.strip()))
     config = TrainConfig.from_dict(values, source=args.config or "settings")
     try:
         config.validate()
@@ -221,7 +221,7 @@ def _machine_threads(saved: dict, given: dict) -> None:
     import sys
 
     threads = saved.get("threads", 0)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if "threads" not in given and isinstance(threads, int) and threads > cores:
         print(f"note: the run used --threads {threads}; this machine has {cores} core{'s' * (cores != 1)}: torch's default "
               "is used (give --threads to choose)", file=sys.stderr)
