@@ -34,6 +34,9 @@ CONFIG_JSON = "config.json"
 METRICS_CSV = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 LAST = Path(CHECKPOINTS) / "last.ckpt"
+# the last epoch's end, kept while last.ckpt is mid-epoch: a resume on another number of
+# processes, batch size or seed (which a mid-epoch checkpoint refuses) starts from it
+EPOCH_END = Path(CHECKPOINTS) / "epoch_end.ckpt"
 METRIC_FIELDS = ("epoch", "step", "train_loss", "train_recon", "train_kl", "epoch_time_s",
                  "test_neg_elbo", "test_recon", "test_kl", "loss_scale")
 ALWAYS_WRITTEN = METRIC_FIELDS[:6]  # the header of a metrics.csv without rows yet

@@ -30,6 +30,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -50,7 +51,7 @@ from fastvae.loaders import batches_per_epoch, in_memory_sample, is_streamed, ma
 from fastvae.losses import kl_weight
 from fastvae.models import check_model
 from fastvae.reparam import resolve_backend
-from fastvae.run_folder import LAST, METRICS_CSV
+from fastvae.run_folder import EPOCH_END, LAST, METRICS_CSV
 from fastvae.shards import dataset_id
 from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
                               optimizer_state_by_index)
@@ -135,7 +136,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     check_processes(config)
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
-    saved = check_resume(run_dir, config) if resume else {}
+    saved, resume_from = check_resume(run_dir, config) if resume else ({}, None)
     loaded = splits is None
     if loaded:
         splits = load_config_data(config)
@@ -164,8 +165,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
         from fastvae import rank_errors
 
         with SignalsToRanks(), rank_errors.collected() as errors:
-            return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume)
-    return fabric.launch(_fit, config, splits, resume)
+            return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume_from)
+    return fabric.launch(_fit, config, splits, resume_from)
 
 
 def _end_process_group() -> None:
@@ -285,12 +286,39 @@ def _launcher_layout() -> tuple[str, int, int] | None:
     return None
 
 
-def check_resume(run_dir: Path, config: TrainConfig) -> dict:
+def check_resume(run_dir: Path, config: TrainConfig) -> tuple[dict, Path]:
     """Refuse to resume the run in ``run_dir`` as another model, data or (mid-epoch) batching,
-    or with fewer epochs than it has trained; return its checkpoint."""
+    or with fewer epochs than it has trained; return the checkpoint to resume from and its
+    path: ``last.ckpt``, or the epoch's end kept beside a mid-epoch one (``EPOCH_END``) when
+    the batching changed (another number of processes, batch size or seed: a note says so)."""
     # clear error when missing or corrupt; mapped: the ranks' Trainer reads the weights later
-    state = read_checkpoint(run_dir, mmap=True)
-    check_resumable(state, checkpoint_path(run_dir))
+    path = checkpoint_path(run_dir)
+    state = read_checkpoint(path, mmap=True)
+    check_resumable(state, path)
+    try:
+        _check_settings(run_dir, state, config)
+    except FastVAEError:
+        fallback = run_dir / EPOCH_END
+        if not state.get("batch_in_epoch") or not fallback.is_file():
+            raise
+        earlier = read_checkpoint(fallback, mmap=True)
+        check_resumable(earlier, fallback)
+        _check_settings(run_dir, earlier, config)  # model and data still refuse
+        if _first_process():
+            print(f"note: {path} is mid-epoch (step {state['step']}) and resumes only with the batch size, seed "
+                  f"and {state.get('world_size', 1)} process(es) it was made with; resuming from the end of epoch "
+                  f"{earlier['epoch']} ({fallback}, step {earlier['step']}) instead: the steps since are trained "
+                  "again", file=sys.stderr)
+        state, path = earlier, fallback
+    trained = int(state.get("epoch", 0))
+    if config.epochs < trained:  # config.json would say fewer epochs than the run holds
+        raise FastVAEError(f"--epochs {config.epochs}: {run_dir} has trained {trained} "
+                           f"epoch(s) already; give --epochs {trained} or more to continue it")
+    return state, path
+
+
+def _check_settings(run_dir: Path, state: dict, config: TrainConfig) -> None:
+    """``run_folder.check_resume`` for checkpoint ``state``: what may not change."""
     # settings added since take what the run was made with, else today's defaults
     saved = {**TrainConfig().to_dict(), **saved_settings(state["config"])}
     # a prepared dataset is known by its dataset_id (train() compares it), not by its path:
@@ -302,11 +330,6 @@ def check_resume(run_dir: Path, config: TrainConfig) -> dict:
         saved_world_size=int(state.get("world_size", 1)),
         world_size=config.devices * config.num_nodes,
     )
-    trained = int(state.get("epoch", 0))
-    if config.epochs < trained:  # config.json would say fewer epochs than the run holds
-        raise FastVAEError(f"--epochs {config.epochs}: {run_dir} has trained {trained} "
-                           f"epoch(s) already; give --epochs {trained} or more to continue it")
-    return state
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -439,7 +462,7 @@ class SignalsToRanks(_SignalHandlers):
 class Trainer:
     """One process's share of a run: model and optimizer set up by Fabric, epoch by epoch."""
 
-    def __init__(self, fabric, config: TrainConfig, splits: Splits, resume: bool = False):
+    def __init__(self, fabric, config: TrainConfig, splits: Splits, resume: bool | Path = False):
         from fastvae.models import build_model
 
         self.fabric, self.config, self.splits = fabric, config, splits
@@ -457,7 +480,12 @@ class Trainer:
             model.to(memory_format=torch.channels_last)  # spatial conv models: cuDNN's fast layout
         self.epoch = self.step = self.skip_batches = 0
         self.partial: EpochSums | None = None  # sums of an interrupted epoch
-        saved = read_checkpoint(self.run_dir) if resume else None
+        # resume: True for last.ckpt, or the checkpoint file check_resume chose
+        source = resume if isinstance(resume, Path) else self.run_dir / LAST
+        saved = read_checkpoint(source) if resume else None
+        # whether last.ckpt holds an epoch's end, which a mid-epoch save keeps as EPOCH_END
+        self._last_is_epoch_end = (saved is not None and source.name == LAST.name
+                                   and not saved.get("batch_in_epoch"))
         self.data_id = dataset_id(splits)  # train() refused a resume on another dataset
         if saved is not None:  # full weights go into the plain model, before any sharding,
             # in the precision's dtype (float64 weights loaded into a float32 model lose bits)
@@ -774,7 +802,7 @@ class Trainer:
                 self.fabric.save(tmp, state)
                 saved = True
                 if self.rank == 0 and failure is None:
-                    run_folder.move_into_place(tmp, final)
+                    self._replace_checkpoint(tmp, final, mid_epoch=bool(batch_in_epoch))
         except Exception as exc:  # also a MemoryError serializing, a bug: the other ranks must not wait
             failure = failure or _save_failure(exc, final)
         finally:
@@ -787,6 +815,27 @@ class Trainer:
             # the other ranks wait: take that barrier, then tell them
             self.fabric.barrier()
         self._share_rank0_failure(failure)
+
+    def _replace_checkpoint(self, tmp: Path, final: Path, mid_epoch: bool) -> None:
+        """Move the new checkpoint into place (rank 0). A mid-epoch one first keeps the epoch's
+        end it replaces as EPOCH_END (a hard link: no copy; a copy where links are refused), so
+        a resume on another number of processes can start there; an epoch's end drops it."""
+        kept = self.run_dir / EPOCH_END
+        if mid_epoch and self._last_is_epoch_end and final.is_file():
+            link = run_folder.temporary_name(kept, tag="keep")
+            link.unlink(missing_ok=True)  # left by a killed save
+            try:
+                try:
+                    os.link(final, link)
+                except OSError:
+                    shutil.copyfile(final, link)
+                run_folder.move_into_place(link, kept)
+            finally:
+                link.unlink(missing_ok=True)
+        run_folder.move_into_place(tmp, final)
+        self._last_is_epoch_end = not mid_epoch
+        if not mid_epoch:
+            kept.unlink(missing_ok=True)
 
     def _write_start(self) -> None:
         run_folder.write_config(self.run_dir, self.config.to_dict())
@@ -861,7 +910,7 @@ class _RankZeroFailed(Exception):
     """On ranks other than 0: rank 0 failed at its part of the run (a write); its error reports it."""
 
 
-def _fit(fabric, config: TrainConfig, splits: Splits, resume: bool) -> TrainResult | None:
+def _fit(fabric, config: TrainConfig, splits: Splits, resume: Path | None) -> TrainResult | None:
     if multiprocessing.parent_process() is not None and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a spawned rank's own, as fastvae.cli.run's
     threads = torch.get_num_threads()
