@@ -38,7 +38,11 @@ def test_fsdp_two_ranks_match_one_process_and_resume_across_layouts(tmp_path):
     one_ckpt, one_rows = run(tmp_path / "one", batch_size=32)
     # with mid-epoch checkpoints (steps 3 and 6 of 8): full state gathered from the shards at
     # the same step on both ranks, and training goes on unchanged
-    two_ckpt, two_rows = run(tmp_path / "two", batch_size=16, devices=2, strategy="fsdp", checkpoint_every=3)
+    log = tmp_path / "saves.txt"
+    two_ckpt, two_rows = run(tmp_path / "two", batch_size=16, devices=2, strategy="fsdp", checkpoint_every=3,
+                             checkpoint_log=str(log))
+    saved = {int(step) for _, step in (line.split() for line in log.read_text().splitlines()) if step != "None"}
+    assert saved == {3, 6}, log.read_text()
     assert max_diff(one_ckpt["model"], two_ckpt["model"]) < 1e-6
     assert two_rows[0]["train_loss"] == pytest.approx(one_rows[0]["train_loss"], rel=1e-6)
     assert two_rows[0]["test_recon"] == pytest.approx(one_rows[0]["test_recon"], rel=1e-6)

@@ -6,7 +6,8 @@ which cannot be pytest itself. CONFIG_JSON holds TrainConfig fields plus ``train
 ``nan_loss_at``: ``[rank, step]``, a (0-based) training step whose loss that rank turns to NaN,
 ``fp16_on_cpu``: true for real fp16 autocast with a CPU GradScaler whose first scale
 (2**30) overflows (Fabric itself runs 16-mixed as bf16 on a CPU), and ``keep_models``: true
-to keep the models alive after train() returns.
+to keep the models alive after train() returns, ``checkpoint_log``: a file where rank 0 notes
+the checkpoint on disk at each step (``testkit.CheckpointSteps``).
 
 After training, the process group's threads must be gone (exit 1 naming them and what still
 holds the groups otherwise): left running into the interpreter's exit, they made about one
@@ -137,7 +138,15 @@ if __name__ == "__main__":
     digits = load_dataset("digits")
     splits = Splits("digits", digits.train[:train_rows], digits.test[:test_rows])
     groups = remember_process_groups()
-    train(TrainConfig(**values), resume="--resume" in sys.argv[2:], splits=splits)
+    callbacks = []
+    log = values.pop("checkpoint_log", None)
+    if log:  # the step of the checkpoint on disk at each step (testkit.CheckpointSteps)
+        from pathlib import Path
+
+        from testkit import CheckpointSteps
+
+        callbacks.append(CheckpointSteps(log=Path(log)))
+    train(TrainConfig(**values), resume="--resume" in sys.argv[2:], splits=splits, callbacks=callbacks)
     if left := communication_threads():
         sys.exit(f"train() returned with the process group's threads still running: {left};"
                  f" the groups are held by {holders(groups)}")
