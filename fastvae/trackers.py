@@ -128,6 +128,7 @@ def _wandb(run_dir: Path, quiet: bool = False):
         def __init__(self):
             super().__init__()
             run_id = _tracker_ids(run_dir).get("wandb") or uuid.uuid4().hex[:16]
+            run_dir.mkdir(parents=True, exist_ok=True)  # wandb warns "git root ... does not exist"
             try:
                 self.run = wandb.init(dir=str(run_dir), project=os.environ.get("WANDB_PROJECT", "fastvae"),
                                       name=run_dir.name, mode=os.environ.get("WANDB_MODE", "offline"),

@@ -157,10 +157,14 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
         if saved and int(saved.get("epoch", 0)) >= config.epochs and not saved.get("batch_in_epoch"):
             print(f"note: {run_dir} has trained its {config.epochs} epoch(s) already: nothing to train "
                   f"(give --epochs more than {config.epochs} to train on)", file=sys.stderr)
-    fabric = make_fabric(config, callbacks)  # after every refusal: it starts the trackers
+    # after every refusal: it starts the trackers, which write into the run folder at once
+    # (wandb, mlflow), so a run replacing another checks the hardware first, clears, then starts them
+    fabric = make_fabric(config, callbacks, trackers=not replace)
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
         run_folder.clear_run(run_dir)
+        if config.logger_names():
+            fabric = make_fabric(config, callbacks)
     if config.strategy == "ddp_spawn":  # this process only waits for the spawned ranks
         from fastvae import rank_errors
 
@@ -343,8 +347,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         return torch.optim.Adam(model.parameters(), lr=config.lr)
 
 
-def make_fabric(config: TrainConfig, callbacks: list | None = None):
-    """A Fabric for the config's accelerator/devices/nodes/strategy/precision (and callbacks)."""
+def make_fabric(config: TrainConfig, callbacks: list | None = None, trackers: bool = True):
+    """A Fabric for the config's accelerator/devices/nodes/strategy/precision (and callbacks);
+    ``trackers``: with the experiment trackers (``--logger``) started."""
     from lightning_fabric import Fabric
 
     strategy = config.strategy
@@ -354,7 +359,7 @@ def make_fabric(config: TrainConfig, callbacks: list | None = None):
         strategy = fsdp_strategy(config.devices * config.num_nodes)
     from fastvae.trackers import make_loggers
 
-    loggers = make_loggers(config.out, config.logger_names(), config.to_dict())
+    loggers = make_loggers(config.out, config.logger_names(), config.to_dict()) if trackers else []
     kwargs = precision_kwargs(config)
     if config.strategy != "fsdp":  # FSDP's rank 0 torch.saves the full state itself
         from fastvae.fabric_checkpoint_io import DirectCheckpointIO

@@ -74,6 +74,23 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, capsys, offline):
 
 
 @pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
+def test_overwrite_keeps_the_new_runs_tracker_logs(tmp_path, capsys, offline):
+    """--overwrite cleared the run folder after the trackers had started: the new run's wandb
+    folder and tracker ids were deleted under it (its logs lost). Now the old run's are gone
+    and the new run's are there."""
+    run = tmp_path / "run"
+    _train(capsys, run, "wandb")
+    old = json.loads((run / "trackers.json").read_text())["wandb"]
+    rows = _train_with(capsys, run, ["train", "--epochs", "1", "--hidden-dim", "16", "--latent-dim", "2", "--quiet",
+                                     "--no-pictures", "--reparam", "torch", "--out", str(run), "--logger", "wandb",
+                                     "--overwrite"])
+    new = json.loads((run / "trackers.json").read_text())["wandb"]
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert new != old and [f.name for f in files] == [f"run-{new}.wandb"], files
+    assert rows[-1]["train_loss"].encode() in _written(files[0], [rows[-1]["train_loss"].encode()])
+
+
+@pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
 @pytest.mark.parametrize("quiet", [True, False])
 def test_quiet_also_quiets_wandb(tmp_path, offline, quiet):
     """--quiet: no wandb run summary either (it printed ~25 lines of it); without it, wandb's
