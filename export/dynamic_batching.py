@@ -11,7 +11,8 @@ call is expected to take less than ``inline_below`` seconds; and hands every req
 rows. ``max_wait`` counts from the arrival of the oldest queued request, so it bounds what
 batching adds to a request's latency beyond decoding. ``max_batch=1`` turns batching off: one
 decoder call per request, no waiting. A request larger than ``max_batch`` rows is decoded
-alone, in decoder calls of ``max_batch`` rows at most (``decode_fn`` never gets more rows).
+alone, in decoder calls of ``max_batch`` rows at most (``decode_fn`` never gets more rows;
+latents larger than ``latent_shape`` get proportionally fewer, so a call's work stays bounded).
 Requests made after ``close()`` began raise ``ShuttingDown``.
 
 A failing decoder call fails only the requests that fail on their own: the batch's requests are
@@ -146,8 +147,8 @@ class DynamicBatcher:
             # wake the batching task only when it has something to do: a first request, or a
             # full batch (a wake-up per request would cost a task switch each)
             head = self._row_shape(self._items[0])  # another shape closes the waiting batch
-            odd = z is not None and head is not None and tuple(z.shape[1:]) != head
-            if self._waiting_for_first or self._queued_rows >= self.max_batch or odd:
+            odd = head is not None and self._row_shape(self._items[-1]) not in (None, head)
+            if self._waiting_for_first or self._queued_rows >= self._cap(head) or odd:
                 self._wakeup.set()
             return await future
         finally:
@@ -185,7 +186,8 @@ class DynamicBatcher:
             # max_wait counts from the oldest request's arrival: time it spent queued behind
             # the previous batch's decode is not waited again
             left = items[0][3] + self.max_wait - loop.time()
-            if self._queued_rows < self.max_batch and left > 0 and not self.draining and not self._head_closed():
+            full = self._queued_rows >= self._cap(self._row_shape(items[0]))
+            if not full and left > 0 and not self.draining and not self._head_closed():
                 self._wakeup.clear()  # set by a full batch, drain() or the timer
                 timer = loop.call_later(left, self._wakeup.set)
                 await self._wakeup.wait()
@@ -210,11 +212,11 @@ class DynamicBatcher:
         return self.latent_shape if item[0] is None else tuple(item[0].shape[1:])
 
     def _cap(self, shape) -> int:
-        """Rows per decoder call: ``max_batch`` rows of ``latent_shape``'s size, proportionally
-        fewer of larger latents (the cap bounds a call's work and memory, not its rows)."""
+        """Rows per decoder call: ``max_batch`` rows, proportionally fewer of latents larger
+        than ``latent_shape`` (a call's work and memory stay those of ``max_batch`` rows)."""
         if self.latent_shape is None or shape is None or tuple(shape) == self.latent_shape:
             return self.max_batch
-        return max(1, self.max_batch * math.prod(self.latent_shape) // math.prod(shape))
+        return max(1, min(self.max_batch, self.max_batch * math.prod(self.latent_shape) // math.prod(shape)))
 
     def _head_closed(self) -> bool:
         """Whether a queued request of another shape than the oldest closes the oldest's batch

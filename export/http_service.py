@@ -270,10 +270,11 @@ def build_app(sampler, limits: Limits, batching: Batching):
         values = math.prod(z.shape[1:])
         if values <= base:
             return
-        if values > batching.max_batch * base:
+        per_call = max(batching.max_batch, Batching().max_batch)  # --max-batch 1 (no batching) too
+        if values > per_call * base:
             raise BadRequest(413, f"a latent of shape {list(z.shape[1:])} is larger than one decoder call takes "
-                                  f"(--max-batch {batching.max_batch} latents of {list(sampler.latent_shape)}): "
-                                  "decode it in tiles with 'fastvae decode --tile'")
+                                  f"({per_call} latents of {list(sampler.latent_shape)}: --max-batch, at least "
+                                  f"{Batching().max_batch}): decode it in tiles with 'fastvae decode --tile'")
         if len(z) * values > limits.max_n * base:
             raise BadRequest(413, f"'z' holds {len(z) * values} latent values, more than the server's --max-n "
                                   f"{limits.max_n} latents of {list(sampler.latent_shape)}")

@@ -69,8 +69,8 @@ def collected() -> Iterator[str]:
             yield folder
         except ProcessRaisedException:
             error = first(folder)
-            if error is None:
-                raise
+            if error is None or isinstance(error, LostPeer):  # the failing rank's own cause was not
+                raise  # one fastvae reports in a line (a bug): its traceback, not another's lost contact
             raise error from None
         except ProcessExitedException as exc:  # a rank killed (SIGKILL: the OOM killer?) or gone
             raise FastVAEError(ended_rank(exc.error_index, exc.signal_name, exc.exit_code)) from None

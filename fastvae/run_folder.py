@@ -144,7 +144,7 @@ def move_into_place(tmp: Path, final: Path) -> None:
     """fsync the complete file ``tmp``, rename it over ``final`` and fsync the folder."""
     fsync_file(tmp)
     os.replace(tmp, final)
-    _fsync_folder(final.parent)
+    fsync_folder(final.parent)
 
 
 def move_all_into_place(moves: list[tuple[Path, Path]]) -> None:
@@ -156,7 +156,7 @@ def move_all_into_place(moves: list[tuple[Path, Path]]) -> None:
     for staged, final in moves:
         os.replace(staged, final)
     for folder in dict.fromkeys(final.parent for _, final in moves):
-        _fsync_folder(folder)
+        fsync_folder(folder)
 
 
 def move_folder_into_place(tmp: Path, final: Path) -> None:
@@ -172,7 +172,7 @@ def move_folder_into_place(tmp: Path, final: Path) -> None:
     # not registered for removal on Ctrl-C: stopped between the two renames, the old folder
     # must survive (as .NAME.old-PID) rather than vanish with nothing new in its place
     os.replace(tmp, final)
-    _fsync_folder(final.parent)
+    fsync_folder(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -192,7 +192,8 @@ def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the system allows it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -136,7 +136,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     check_processes(config)
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
-    saved, resume_from = check_resume(run_dir, config) if resume else ({}, None)
+    saved, resume_from, resume_note = check_resume(run_dir, config) if resume else ({}, None, None)
     loaded = splits is None
     if loaded:
         splits = load_config_data(config)
@@ -152,6 +152,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
         raise FastVAEError(f"cannot resume {run_dir}: {config.data} is not the prepared dataset the run "
                            f"trained on{again}; resume on that one or a copy of it, or train into a new --out")
     if _first_process():  # notes once, not from every rank's process
+        if resume_note:
+            print(resume_note, file=sys.stderr)
         if loaded:
             _note_unused_split_settings(config, splits)
         if saved and int(saved.get("epoch", 0)) >= config.epochs and not saved.get("batch_in_epoch"):
@@ -290,35 +292,53 @@ def _launcher_layout() -> tuple[str, int, int] | None:
     return None
 
 
-def check_resume(run_dir: Path, config: TrainConfig) -> tuple[dict, Path]:
+def check_resume(run_dir: Path, config: TrainConfig) -> tuple[dict, Path, str | None]:
     """Refuse to resume the run in ``run_dir`` as another model, data or (mid-epoch) batching,
-    or with fewer epochs than it has trained; return the checkpoint to resume from and its
-    path: ``last.ckpt``, or the epoch's end kept beside a mid-epoch one (``EPOCH_END``) when
-    the batching changed (another number of processes, batch size or seed: a note says so)."""
+    or with fewer epochs than it has trained; return the checkpoint to resume from, its path
+    and a note to print (or None): ``last.ckpt``, or, where only the number of processes
+    changed from a mid-epoch one's (a lost node), the epoch's end kept beside it (``EPOCH_END``)."""
     # clear error when missing or corrupt; mapped: the ranks' Trainer reads the weights later
     path = checkpoint_path(run_dir)
     state = read_checkpoint(path, mmap=True)
     check_resumable(state, path)
+    note = None
     try:
         _check_settings(run_dir, state, config)
     except FastVAEError:
-        fallback = run_dir / EPOCH_END
-        if not state.get("batch_in_epoch") or not fallback.is_file():
+        earlier = _epoch_end_for(run_dir, state, config)
+        if earlier is None:
             raise
-        earlier = read_checkpoint(fallback, mmap=True)
-        check_resumable(earlier, fallback)
-        _check_settings(run_dir, earlier, config)  # model and data still refuse
-        if _first_process():
-            print(f"note: {path} is mid-epoch (step {state['step']}) and resumes only with the batch size, seed "
-                  f"and {state.get('world_size', 1)} process(es) it was made with; resuming from the end of epoch "
-                  f"{earlier['epoch']} ({fallback}, step {earlier['step']}) instead: the steps since are trained "
-                  "again", file=sys.stderr)
-        state, path = earlier, fallback
+        note = (f"note: {path} is mid-epoch (step {state['step']}) and resumes only on the "
+                f"{state.get('world_size', 1)} process(es) it was made with; resuming from the end of epoch "
+                f"{earlier['epoch']} ({run_dir / EPOCH_END}, step {earlier['step']}) instead: the steps since are "
+                f"trained again, and the next checkpoint replaces the mid-epoch one (Ctrl-C now and resume on "
+                f"{state.get('world_size', 1)} process(es) to keep them)")
+        state, path = earlier, run_dir / EPOCH_END
     trained = int(state.get("epoch", 0))
     if config.epochs < trained:  # config.json would say fewer epochs than the run holds
         raise FastVAEError(f"--epochs {config.epochs}: {run_dir} has trained {trained} "
                            f"epoch(s) already; give --epochs {trained} or more to continue it")
-    return state, path
+    return state, path, note
+
+
+def _epoch_end_for(run_dir: Path, state: dict, config: TrainConfig) -> dict | None:
+    """The epoch's end kept beside the mid-epoch checkpoint ``state`` when it is that epoch's
+    (same epoch, not later), this resume changes only the number of processes (another batch
+    size or seed stays refused: a typo must not throw steps away) and leaves an epoch to train;
+    else None."""
+    kept = run_dir / EPOCH_END
+    if not state.get("batch_in_epoch") or not kept.is_file():
+        return None
+    same = {k: state["config"].get(k) == getattr(config, k) for k in ("batch_size", "seed")}
+    if not all(same.values()) or int(state.get("world_size", 1)) == config.devices * config.num_nodes:
+        return None
+    earlier = read_checkpoint(kept, mmap=True)
+    check_resumable(earlier, kept)
+    if (int(earlier.get("epoch", -1)) != int(state.get("epoch", 0)) or earlier.get("batch_in_epoch")
+            or int(earlier.get("step", 0)) > int(state.get("step", 0)) or config.epochs <= int(earlier["epoch"])):
+        return None  # another run's file, left behind (or nothing left to train from it)
+    _check_settings(run_dir, earlier, config)  # model and data still refuse
+    return earlier
 
 
 def _check_settings(run_dir: Path, state: dict, config: TrainConfig) -> None:
@@ -491,11 +511,12 @@ class Trainer:
         # whether last.ckpt holds an epoch's end, which a mid-epoch save keeps as EPOCH_END
         self._last_is_epoch_end = (saved is not None and source.name == LAST.name
                                    and not saved.get("batch_in_epoch"))
+        self._fresh = saved is None
         self.data_id = dataset_id(splits)  # train() refused a resume on another dataset
         if saved is not None:  # full weights go into the plain model, before any sharding,
             # in the precision's dtype (float64 weights loaded into a float32 model lose bits)
             model = fabric.strategy.precision.convert_module(model)
-            load_model_state(model, saved["model"], self.run_dir / LAST)
+            load_model_state(model, saved["model"], source)
             _set_fixed_sigma(model, config.sigma)  # a resume may change it: the buffer held the old
         self.module = model  # the plain module: state dicts, evaluation, pictures
         if config.compiled:  # in place: state-dict keys stay plain, Fabric wraps the compiled call
@@ -827,22 +848,37 @@ class Trainer:
         a resume on another number of processes can start there; an epoch's end drops it."""
         kept = self.run_dir / EPOCH_END
         if mid_epoch and self._last_is_epoch_end and final.is_file():
-            link = run_folder.temporary_name(kept, tag="keep")
-            link.unlink(missing_ok=True)  # left by a killed save
-            try:
-                try:
-                    os.link(final, link)
-                except OSError:
-                    shutil.copyfile(final, link)
-                run_folder.move_into_place(link, kept)
-            finally:
-                link.unlink(missing_ok=True)
+            self._keep_epoch_end(final, kept)
         run_folder.move_into_place(tmp, final)
         self._last_is_epoch_end = not mid_epoch
         if not mid_epoch:
             kept.unlink(missing_ok=True)
 
+    @staticmethod
+    def _keep_epoch_end(final: Path, kept: Path) -> None:
+        """``final`` (an epoch's end) also as ``kept``: a hard link (the bytes are written
+        already), a copy where links are refused (another user's file, some file systems).
+        Optional: a failure is a note, and no older kept file stays."""
+        link = run_folder.temporary_name(kept, tag="keep")
+        try:
+            link.unlink(missing_ok=True)  # left by a killed save
+            try:
+                os.link(final, link)
+            except OSError:
+                shutil.copyfile(final, link)
+                run_folder.fsync_file(link)
+            os.replace(link, kept)
+            run_folder.fsync_folder(kept.parent)
+        except OSError as exc:
+            kept.unlink(missing_ok=True)
+            print(f"note: could not keep the epoch's end as {kept} ({one_line(exc)}): this epoch's mid-epoch "
+                  "checkpoints resume only on the same number of processes", file=sys.stderr)
+        finally:
+            link.unlink(missing_ok=True)
+
     def _write_start(self) -> None:
+        if self._fresh:  # an epoch's end kept by a run this folder held before is not this run's
+            (self.run_dir / EPOCH_END).unlink(missing_ok=True)
         run_folder.write_config(self.run_dir, self.config.to_dict())
         run_folder.write_metrics(self.run_dir / METRICS_CSV, self.rows)
 

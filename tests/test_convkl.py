@@ -330,7 +330,7 @@ def test_sampler_and_service_decode_latents_of_any_size(exported):
         answers = await asyncio.gather(*(call("POST", "/decode", [asgi_part(b, more=False)]) for b in bodies))
         batches = app.state.batcher.batches
         wrong = await call("POST", "/decode", [asgi_part(json.dumps({"z": odd[:, :3].tolist()}).encode(), more=False)])
-        huge = np.zeros((1, 4, 12, 12), dtype=np.float32)  # 9x the training latent, --max-batch 4 below
+        huge = np.zeros((1, 4, 33, 33), dtype=np.float32)  # 68x the training latent: over 64 (--max-batch 4 < 64)
         too_large = await call("POST", "/decode", [asgi_part(json.dumps({"z": huge.tolist()}).encode(), more=False)])
         return answers, wrong, too_large, batches
 

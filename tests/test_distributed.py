@@ -304,6 +304,32 @@ def test_a_rank_killed_mid_run_is_one_line_from_the_others(tmp_path, strategy, l
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_lost_node_resumes_on_fewer_or_more_processes_from_the_kept_epoch_end(tmp_path, small_digits, capsys):
+    """A run lost mid-epoch 2 (its last checkpoint mid-epoch, step 20) resumed on another number
+    of processes (the nodes left, or new ones) starts from the epoch's end its mid-epoch
+    checkpoint kept (step 16), says so, and ends as a run resumed from that epoch's end."""
+    from testkit import CheckpointSteps, Crash, metrics_without_time
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    train(config(reference, batch_size=16), splits=small_digits)  # 16 steps an epoch
+    train(config(reference, batch_size=16, epochs=2, devices=2, strategy="ddp_spawn"), resume=True,
+          splits=small_digits)
+    with pytest.raises(Crash):
+        train(config(run, batch_size=16, epochs=2, checkpoint_every=2), splits=small_digits,
+              callbacks=[CheckpointSteps(crash_at=21)])
+    assert read_checkpoint(run)["step"] == 20
+    capsys.readouterr()
+    train(config(run, batch_size=16, epochs=2, checkpoint_every=2, devices=2, strategy="ddp_spawn"), resume=True,
+          splits=small_digits)
+    note = capsys.readouterr().err
+    assert "is mid-epoch (step 20) and resumes only on the 1 process(es) it was made with" in note, note
+    assert "resuming from the end of epoch 1" in note and "step 16" in note
+    assert max_diff(read_checkpoint(run)["model"], read_checkpoint(reference)["model"]) == 0
+    assert metrics_without_time(run) == metrics_without_time(reference)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_ranks_own_error_is_reported_not_the_others_lost_contact(tmp_path, small_digits):
     """Rank 1 fails with its own one-line error: that is what the run reports, not rank 0's
@@ -313,6 +339,12 @@ def test_a_ranks_own_error_is_reported_not_the_others_lost_contact(tmp_path, sma
     with pytest.raises(FastVAEError, match="rank 1's own failure at step 3"):
         train(config(tmp_path / "run", batch_size=16, devices=2, strategy="ddp_spawn"), splits=small_digits,
               callbacks=[FailAtStep(1, 3)])
+    # a bug's exception is not a one-line error: its traceback is what the run shows
+    from torch.multiprocessing import ProcessRaisedException
+
+    with pytest.raises(ProcessRaisedException, match="ValueError: rank 1's own failure at step 3"):
+        train(config(tmp_path / "bug", batch_size=16, devices=2, strategy="ddp_spawn"), splits=small_digits,
+              callbacks=[FailAtStep(1, 3, bug=True)])
 
 
 @pytest.mark.slow

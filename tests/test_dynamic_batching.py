@@ -112,6 +112,25 @@ def test_a_request_of_another_shape_closes_the_waiting_batch_and_large_latents_g
     assert large.shape == (5, 12) and recorder.decoded == [2, 2, 2, 1]  # 8 x 3 / 12 = 2 rows a call
 
 
+def test_a_sample_request_behind_latents_of_another_size_closes_their_batch_too():
+    """Rows to draw have the drawn shape: queued behind latents of another size, they close
+    that batch as a decode request would (it waited out max_wait, 60 s here)."""
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher(recorder.decode, 8, 60.0, draw_fn=recorder.draw, latent_shape=(3,))
+        batcher.start()
+        wide = asyncio.ensure_future(batcher.decode(np.ones((1, 5), dtype=np.float32)))
+        drawn = asyncio.ensure_future(batcher.sample(2))
+        got = await asyncio.wait_for(wide, 20)
+        batcher.drain()
+        await asyncio.wait_for(drawn, 20)
+        await asyncio.wait_for(batcher.close(), 20)
+        return got
+
+    assert asyncio.run(main()).shape == (1, 5) and recorder.decoded == [1, 2]
+
+
 def test_batches_never_exceed_max_batch_and_a_larger_request_goes_alone():
     requests = [("n", 3), ("n", 3), ("z", z_rows(10, 0)), ("n", 2)]
     recorder = Recorder()

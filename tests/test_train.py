@@ -295,29 +295,32 @@ def test_mid_epoch_checkpoints_change_nothing_and_a_crash_resumes_from_the_last(
     assert metrics_without_time(straight) == metrics_without_time(periodic)
 
 
-def test_a_mid_epoch_checkpoint_keeps_the_epochs_end_for_a_resume_with_other_batching(tmp_path, make_config,
-                                                                                         capsys):
-    """A mid-epoch checkpoint resumes only with its batch size, seed and process count; the
-    epoch's end it replaced is kept (checkpoints/epoch_end.ckpt), so a resume with another
-    batch size (or a lost node's fewer processes) starts there, with a note, and ends as a run
-    resumed from that epoch's end; the next epoch's end drops the kept file."""
+def test_a_mid_epoch_checkpoint_keeps_its_epochs_end_and_another_batch_size_stays_refused(tmp_path, make_config):
+    """A mid-epoch checkpoint keeps the epoch's end it replaced (checkpoints/epoch_end.ckpt,
+    for a resume on another number of processes: tests/test_distributed.py); another batch
+    size is still refused (a typo must not throw the steps since away); a resume with the same
+    settings goes on, and the next epoch's end drops the kept file; a fresh run in the folder
+    drops one left by an earlier run (it is not this run's epoch end)."""
     from fastvae.checkpoint import read_checkpoint
 
-    reference, run = tmp_path / "reference", tmp_path / "run"
-    train(make_config(out=reference, epochs=1))
-    train(make_config(out=reference, epochs=2, batch_size=32), resume=True)
+    run = tmp_path / "run"
     with pytest.raises(Crash):
         train(make_config(out=run, checkpoint_every=5), callbacks=[CheckpointSteps(crash_at=33)])
     kept = run / "checkpoints" / "epoch_end.ckpt"
     assert read_checkpoint(run)["step"] == 30 and read_checkpoint(kept)["step"] == 24
-    capsys.readouterr()
-    train(make_config(out=run, epochs=2, batch_size=32, checkpoint_every=5), resume=True)
-    note = capsys.readouterr().err
-    assert "is mid-epoch (step 30) and resumes only with the batch size, seed and 1 process(es)" in note
-    assert "resuming from the end of epoch 1" in note and "step 24" in note
-    assert max_weight_diff(state_dict_of(reference), state_dict_of(run)) == 0.0
-    assert metrics_without_time(reference) == metrics_without_time(run)
-    assert not kept.exists()  # the run's last checkpoint is an epoch's end again
+    with pytest.raises(FastVAEError, match=r"batch_size differ .* mid-epoch"):
+        train(make_config(out=run, batch_size=32, checkpoint_every=5), resume=True)
+    assert read_checkpoint(run)["step"] == 30 and read_checkpoint(kept)["step"] == 24
+    train(make_config(out=run, checkpoint_every=5), resume=True)
+    assert read_checkpoint(run)["step"] == 48 and not kept.exists()
+    # an earlier run's kept file in a folder trained into afresh
+    with pytest.raises(Crash):
+        train(make_config(out=run, epochs=3, checkpoint_every=5), resume=True, callbacks=[CheckpointSteps(crash_at=52)])
+    assert read_checkpoint(kept)["step"] == 48
+    (run / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(Crash):
+        train(make_config(out=run, checkpoint_every=2, seed=7), callbacks=[CheckpointSteps(crash_at=5)])
+    assert read_checkpoint(run)["step"] == 4 and not kept.exists()
 
 
 def test_checkpoint_minutes_count_from_the_last_checkpoint(tmp_path, make_config, monkeypatch):

@@ -237,13 +237,14 @@ def in_process_service(sampler, scenario, limits=None, batching=None):
 
 
 class FailAtStep:
-    """Fabric callback: rank ``rank`` fails with a one-line error once step ``step`` is done."""
+    """Fabric callback: rank ``rank`` fails once step ``step`` is done, with a one-line error
+    (a FastVAEError) or, ``bug=True``, a ValueError (what a bug raises)."""
 
-    def __init__(self, rank: int, step: int):
-        self.rank, self.step = rank, step
+    def __init__(self, rank: int, step: int, bug: bool = False):
+        self.rank, self.step, self.bug = rank, step, bug
 
     def on_train_batch_end(self, trainer, batch):
         from fastvae.errors import FastVAEError
 
         if trainer.rank == self.rank and trainer.step == self.step:
-            raise FastVAEError(f"rank {self.rank}'s own failure at step {self.step}")
+            raise (ValueError if self.bug else FastVAEError)(f"rank {self.rank}'s own failure at step {self.step}")
