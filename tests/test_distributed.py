@@ -186,7 +186,7 @@ def test_mixed_precision_on_cpu_trains_with_finite_loss(tmp_path, small_digits, 
     assert losses[1] == pytest.approx(fp32.metrics[1]["train_loss"], rel=0.05)
 
 
-def fp16_fabric_on_cpu(config, callbacks=None):
+def fp16_fabric_on_cpu(config, callbacks=None, trackers=True):
     """Fabric turns 16-mixed into bf16 on a CPU; build the fp16 plugin with a CPU GradScaler
     directly, with a scale so large that the first steps overflow and are skipped."""
     from lightning_fabric import Fabric
