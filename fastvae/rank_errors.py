@@ -4,7 +4,9 @@ torch.multiprocessing re-raises a rank's exception in the launcher as ``ProcessR
 whose only content is the rank's traceback as text: a full disk or a bad dataset met by a rank
 printed that traceback where one process prints one line. So each rank pickles the errors that
 fastvae reports in one line (``FastVAEError``, ``OSError``) into a folder the launcher made, and
-the launcher raises the lowest rank's instead. Other exceptions (bugs) keep their traceback.
+the launcher raises the lowest rank's instead. Other exceptions (bugs) are recorded as their
+traceback's text (``RankBug``). A rank whose collective lost another rank records ``LostPeer``,
+shown only where no rank recorded a cause (it is a consequence, and may reach the launcher first).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ REPORTED = (FastVAEError, OSError)
 class LostPeer(FastVAEError):
     """A rank's collective failed because another rank's process is gone: a consequence, so
     the gone rank's own error (if it recorded one) is the one reported."""
+
+
+class RankBug(RuntimeError):
+    """Another exception of a spawned rank (a bug), carried to the launcher with the rank's
+    traceback as text: what the run shows then, rather than another rank's lost contact."""
 
 
 def record(folder: str, rank: int, exc: BaseException) -> None:
@@ -68,9 +75,9 @@ def collected() -> Iterator[str]:
         try:
             yield folder
         except ProcessRaisedException:
-            error = first(folder)
-            if error is None or isinstance(error, LostPeer):  # the failing rank's own cause was not
-                raise  # one fastvae reports in a line (a bug): its traceback, not another's lost contact
+            error = first(folder)  # a rank's bug (RankBug: its traceback) wins over lost contact
+            if error is None:
+                raise
             raise error from None
         except ProcessExitedException as exc:  # a rank killed (SIGKILL: the OOM killer?) or gone
             raise FastVAEError(ended_rank(exc.error_index, exc.signal_name, exc.exit_code)) from None
@@ -121,4 +128,9 @@ def reporting(fabric, function, folder: str, *args):
         return function(fabric, *args)
     except REPORTED as exc:
         record(folder, fabric.global_rank, exc)
+        raise
+    except Exception:  # noqa: BLE001 - recorded as its traceback, then raised as it is
+        import traceback
+
+        record(folder, fabric.global_rank, RankBug(f"rank {fabric.global_rank} failed:\n{traceback.format_exc()}"))
         raise
