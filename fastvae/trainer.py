@@ -329,8 +329,8 @@ def _epoch_end_for(run_dir: Path, state: dict, config: TrainConfig) -> dict | No
     kept = run_dir / EPOCH_END
     if not state.get("batch_in_epoch") or not kept.is_file():
         return None
-    same = {k: state["config"].get(k) == getattr(config, k) for k in ("batch_size", "seed")}
-    if not all(same.values()) or int(state.get("world_size", 1)) == config.devices * config.num_nodes:
+    if (any(state["config"].get(k) != getattr(config, k) for k in ("batch_size", "seed"))
+            or int(state.get("world_size", 1)) == config.devices * config.num_nodes):
         return None
     earlier = read_checkpoint(kept, mmap=True)
     check_resumable(earlier, kept)
