@@ -173,10 +173,9 @@ class TrainConfig:
             "test_fraction": 0 < self.test_fraction < 1,
         }
         if not checks["test_fraction"]:
-            from fastvae.data import TEST_SPLIT_NEEDED
+            from fastvae.data import test_fraction_error
 
-            raise FastVAEError(f"--test-fraction must be above 0 and below 1, got {self.test_fraction!r}: "
-                               f"{TEST_SPLIT_NEEDED}")
+            raise test_fraction_error(self.test_fraction)
         for name, ok in checks.items():
             if not ok:
                 sign = {"lr": "positive", "sigma": "positive", "checkpoint_every": "zero (off) or positive",

@@ -90,6 +90,11 @@ def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, s
     return data
 
 
+def test_fraction_error(value) -> FastVAEError:
+    """The one refusal of a --test-fraction outside (0, 1), with what to do instead."""
+    return FastVAEError(f"--test-fraction must be above 0 and below 1, got {value!r}: {TEST_SPLIT_NEEDED}")
+
+
 def absolute_source(source: str) -> str:
     """A local path as an absolute one (config.json, --json output and picture stamps name the
     same data the same way from any folder); bundled names and URLs as they are."""
@@ -452,7 +457,7 @@ def split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed:
     if n < 2:
         raise FastVAEError(f"need at least 2 examples (train and test), got {n}")
     if not 0.0 < test_fraction < 1.0:
-        raise FastVAEError(f"--test-fraction must be above 0 and below 1, got {test_fraction}: {TEST_SPLIT_NEEDED}")
+        raise test_fraction_error(test_fraction)
     if rule not in SPLIT_RULES:
         raise FastVAEError(f"split_rule must be one of {', '.join(map(str, SPLIT_RULES))}, got {rule!r}")
     rng = np.random.default_rng(seed)

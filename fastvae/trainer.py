@@ -982,8 +982,10 @@ def _note_stale_outputs(run_dir: Path) -> None:
     if not checkpoint.is_file():
         return
     saved = checkpoint.stat().st_mtime
-    names = ["report.md", "report.html", *(p.name for pattern in ("decoder*.onnx", "encoder*.onnx")
-                                              for p in sorted(run_dir.glob(pattern)))]
+    # the report pages and exported models among what run_folder lists as a run's outputs
+    names = [name for name in run_folder.RUN_OUTPUTS if name.startswith("report.")]
+    names += [p.name for pattern in run_folder.RUN_OUTPUT_PATTERNS for p in sorted(run_dir.glob(pattern))
+              if p.suffix == ".onnx"]
     stale = [name for name in names if (run_dir / name).is_file() and (run_dir / name).stat().st_mtime < saved]
     commands = [f"'fastvae {command}'" for command, kind in (("export", ".onnx"), ("report", "report."))
                 if any(kind in name for name in stale)]
