@@ -44,7 +44,8 @@ from test_bench_train import bce_nll, compiled_plain_epoch, interleaved_medians,
 from fastvae.config import TrainConfig
 from fastvae.data import Splits
 from fastvae.models import build_model
-from fastvae.trainer import Trainer, make_fabric
+from fastvae.fabric_setup import make_fabric
+from fastvae.trainer import Trainer
 
 # the README recipe's architecture (benchmarks/photo_quality.py); tiny in smoke mode
 ARCH = pick(smoke=dict(width=4, channel_mult="1,1,2"), cpu=dict(width=16, channel_mult="1,1,2"),

@@ -35,7 +35,8 @@ from fastvae.config import TrainConfig
 from fastvae.data import Splits
 from fastvae.loaders import StreamSource
 from fastvae.shards import FORMAT, block_size, open_dataset, write_dataset
-from fastvae.trainer import Trainer, make_fabric
+from fastvae.fabric_setup import make_fabric
+from fastvae.trainer import Trainer
 
 N_TRAIN = pick(smoke=512, cpu=60_000, gpu=60_000)
 N_TEST = pick(smoke=64, cpu=1_000, gpu=1_000)

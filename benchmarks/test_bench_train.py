@@ -32,7 +32,8 @@ from fastvae.config import TrainConfig
 from fastvae.data import Splits, load_dataset
 from fastvae.guard import CUDA_CHECK_INTERVAL
 from fastvae.models import build_model
-from fastvae.trainer import Trainer, make_fabric
+from fastvae.fabric_setup import make_fabric
+from fastvae.trainer import Trainer
 
 # (model, batch, precision, compile mode or None); "reduce-overhead" replays CUDA graphs
 CASES = pick(

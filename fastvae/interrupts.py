@@ -11,7 +11,7 @@ It is also the only clean way out of an interrupted import: a ``KeyboardInterrup
 numpy or scikit-learn is half imported leaves broken modules behind, whose errors then replace
 the one-line message with a long traceback.
 
-Training wants more than that: its own handlers (``fastvae.trainer.StopRequest``) finish the
+Training wants more than that: its own handlers (``fastvae.stop_signals.StopRequest``) finish the
 current step and write a checkpoint, and a second signal goes to the handler they replaced
 (``exit_now`` on the command line). Library users who never call ``install`` keep Python's
 default (``KeyboardInterrupt``). Torch-free, like the rest of what the sampler CLI imports.

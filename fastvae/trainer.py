@@ -31,7 +31,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,21 +39,24 @@ from pathlib import Path
 import torch
 
 from fastvae import run_folder
-from fastvae.checkpoint import (FORMAT, check_resumable, checkpoint_path, load_model_state, read_checkpoint,
-                                rng_state, set_rng_state)
-from fastvae.config import MAX_SEED, RESUME_IDENTITY, TrainConfig, saved_settings
+from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
+from fastvae.config import MAX_SEED, TrainConfig
 from fastvae.data import Splits, load_dataset
 from fastvae.errors import FastVAEError, one_line
+from fastvae.fabric_setup import make_fabric, make_optimizer
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
 from fastvae.interrupts import removed_on_exit
 from fastvae.loaders import batches_per_epoch, in_memory_sample, is_streamed, make_source
 from fastvae.losses import kl_weight
 from fastvae.models import check_model
+from fastvae.process_layout import check_processes
 from fastvae.reparam import resolve_backend
+from fastvae.resume_checks import check_resume
 from fastvae.run_folder import EPOCH_END, LAST, METRICS_CSV
 from fastvae.shards import dataset_id
 from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
                               optimizer_state_by_index)
+from fastvae.stop_signals import SignalsToRanks, StopRequest
 
 
 @dataclass
@@ -225,263 +227,6 @@ def _set_fixed_sigma(model, sigma: float) -> None:
     if scale is not None and likelihood.kind != "bernoulli" and not isinstance(scale, torch.nn.Parameter):
         with torch.no_grad():
             scale.fill_(math.log(sigma))
-
-
-def check_processes(config: TrainConfig) -> None:
-    """Refuse process layouts that cannot start: several nodes without a launcher that tells
-    each its rank and the rendezvous address (Fabric would wait 30 minutes for nodes that never
-    come, deaf to Ctrl-C), --devices/--num-nodes other than the processes torchrun or srun
-    started (each process would train alone, or fewer devices than asked), and more CPU
-    processes than cores."""
-    import os
-
-    if config.num_nodes > 1 and not _launched_on_nodes():
-        raise FastVAEError(
-            f"--num-nodes {config.num_nodes} needs a multi-node launcher that starts fastvae on every "
-            "node (torchrun, srun under SLURM, ...) or MASTER_ADDR, MASTER_PORT and NODE_RANK in the "
-            "environment: see the README's cluster recipe")
-    launched = _launcher_layout()
-    if launched is not None:
-        name, per_node, nodes = launched
-        if (per_node, nodes) != (config.devices, config.num_nodes):
-            # else Fabric runs every process alone (all writing one run folder) or waits for
-            # ranks that never start
-            raise FastVAEError(
-                f"{name} started {per_node} process{'es' if per_node > 1 else ''} per node on {nodes} "
-                f"node{'s' if nodes > 1 else ''}, and each is one rank: give --devices {per_node} --num-nodes "
-                f"{nodes} (not --devices {config.devices} --num-nodes {config.num_nodes})")
-    on_cpu = config.accelerator == "cpu" or (config.accelerator == "auto" and not torch.cuda.is_available())
-    cores = os.cpu_count() or 1
-    if on_cpu and config.devices > cores:
-        raise FastVAEError(f"--devices {config.devices} on a CPU starts {config.devices} training processes, "
-                           f"but this machine has {cores} cores: use --devices {cores} or fewer")
-
-
-def _launched_on_nodes() -> bool:
-    import os
-
-    from lightning_fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
-
-    env = os.environ
-    if env.get("MASTER_ADDR") and env.get("MASTER_PORT") and (env.get("NODE_RANK") or env.get("RANK")):
-        return True  # set by hand, or by Kubeflow's PyTorchJob
-    launchers = (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment)
-    return any(launcher.detect() for launcher in launchers) or "OMPI_COMM_WORLD_SIZE" in env
-
-
-def _launcher_layout() -> tuple[str, int, int] | None:
-    """(launcher, processes per node, nodes) where torchrun or srun started this process (the
-    environments Fabric reads, in its order), else None: Fabric starts the processes itself, or
-    the layout is left to Fabric's own checks (a SLURM allocation without a job step, as in an
-    sbatch script or an salloc shell that did not srun fastvae; srun without --ntasks-per-node,
-    which Fabric refuses itself)."""
-    import os
-
-    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    env = os.environ
-    try:
-        if TorchElasticEnvironment.detect():
-            world, per_node = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
-            return "torchrun", per_node, max(1, world // max(1, per_node))
-        srun = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env  # set for srun's tasks only
-        if srun and SLURMEnvironment.detect() and "SLURM_NTASKS_PER_NODE" in env:
-            return "srun", int(env["SLURM_NTASKS_PER_NODE"]), int(env.get("SLURM_NNODES", "1"))
-    except (KeyError, ValueError):  # a value that is not a number: left to Fabric
-        return None
-    return None
-
-
-def check_resume(run_dir: Path, config: TrainConfig) -> tuple[dict, Path, str | None]:
-    """Refuse to resume the run in ``run_dir`` as another model, data or (mid-epoch) batching,
-    or with fewer epochs than it has trained; return the checkpoint to resume from, its path
-    and a note to print (or None): ``last.ckpt``, or, where only the number of processes
-    changed from a mid-epoch one's (a lost node), the epoch's end kept beside it (``EPOCH_END``)."""
-    # clear error when missing or corrupt; mapped: the ranks' Trainer reads the weights later
-    path = checkpoint_path(run_dir)
-    state = read_checkpoint(path, mmap=True)
-    check_resumable(state, path)
-    note = None
-    try:
-        _check_settings(run_dir, state, config)
-    except FastVAEError:
-        earlier = _epoch_end_for(run_dir, state, config)
-        if earlier is None:
-            raise
-        note = (f"note: {path} is mid-epoch (step {state['step']}) and resumes only on the "
-                f"{state.get('world_size', 1)} process(es) it was made with; resuming from the end of epoch "
-                f"{earlier['epoch']} ({run_dir / EPOCH_END}, step {earlier['step']}) instead: the steps since are "
-                f"trained again, and the next checkpoint replaces the mid-epoch one (Ctrl-C now and resume on "
-                f"{state.get('world_size', 1)} process(es) to keep them)")
-        state, path = earlier, run_dir / EPOCH_END
-    trained = int(state.get("epoch", 0))
-    if config.epochs < trained:  # config.json would say fewer epochs than the run holds
-        raise FastVAEError(f"--epochs {config.epochs}: {run_dir} has trained {trained} "
-                           f"epoch(s) already; give --epochs {trained} or more to continue it")
-    return state, path, note
-
-
-def _epoch_end_for(run_dir: Path, state: dict, config: TrainConfig) -> dict | None:
-    """The epoch's end kept beside the mid-epoch checkpoint ``state`` when it is that epoch's
-    (same epoch, not later), this resume changes only the number of processes (another batch
-    size or seed stays refused: a typo must not throw steps away) and leaves an epoch to train;
-    else None."""
-    kept = run_dir / EPOCH_END
-    if not state.get("batch_in_epoch") or not kept.is_file():
-        return None
-    if (any(state["config"].get(k) != getattr(config, k) for k in ("batch_size", "seed"))
-            or int(state.get("world_size", 1)) == config.devices * config.num_nodes):
-        return None
-    earlier = read_checkpoint(kept, mmap=True)
-    check_resumable(earlier, kept)
-    if (int(earlier.get("epoch", -1)) != int(state.get("epoch", 0)) or earlier.get("batch_in_epoch")
-            or int(earlier.get("step", 0)) > int(state.get("step", 0)) or config.epochs <= int(earlier["epoch"])):
-        return None  # another run's file, left behind (or nothing left to train from it)
-    _check_settings(run_dir, earlier, config)  # model and data still refuse
-    return earlier
-
-
-def _check_settings(run_dir: Path, state: dict, config: TrainConfig) -> None:
-    """``run_folder.check_resume`` for checkpoint ``state``: what may not change."""
-    # settings added since take what the run was made with, else today's defaults
-    saved = {**TrainConfig().to_dict(), **saved_settings(state["config"])}
-    # a prepared dataset is known by its dataset_id (train() compares it), not by its path:
-    # a copy elsewhere (another disk, a bucket) resumes the run
-    identity = [k for k in RESUME_IDENTITY if not (k == "data" and state.get("data_id"))]
-    run_folder.check_resume(
-        run_dir, saved, config.to_dict(), identity,
-        mid_epoch=bool(state.get("batch_in_epoch")),
-        saved_world_size=int(state.get("world_size", 1)),
-        world_size=config.devices * config.num_nodes,
-    )
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam; the fused implementation wherever torch has it (FSDP's sharded parameters too):
-    one kernel for all parameters (~4x faster steps on a CPU than the per-tensor loop), and it
-    can skip a step with inf/NaN gradients on the device (see ``fastvae.guard``)."""
-    fused = config.accelerator in ("auto", "cpu", "cuda", "gpu")
-    try:
-        return torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused or None)
-    except (RuntimeError, TypeError, ValueError):  # an older torch or an unsupported device
-        return torch.optim.Adam(model.parameters(), lr=config.lr)
-
-
-def make_fabric(config: TrainConfig, callbacks: list | None = None, trackers: bool = True):
-    """A Fabric for the config's accelerator/devices/nodes/strategy/precision (and callbacks);
-    ``trackers``: with the experiment trackers (``--logger``) started."""
-    from lightning_fabric import Fabric
-
-    strategy = config.strategy
-    if strategy == "fsdp":
-        from fastvae.sharding import fsdp_strategy
-
-        strategy = fsdp_strategy(config.devices * config.num_nodes)
-    from fastvae.trackers import make_loggers
-
-    loggers = make_loggers(config.out, config.logger_names(), config.to_dict()) if trackers else []
-    kwargs = precision_kwargs(config)
-    if config.strategy != "fsdp":  # FSDP's rank 0 torch.saves the full state itself
-        from fastvae.fabric_checkpoint_io import DirectCheckpointIO
-
-        kwargs["plugins"] = [*kwargs.get("plugins", []), DirectCheckpointIO()]
-    try:
-        return Fabric(accelerator=config.accelerator, devices=config.devices, loggers=loggers,
-                      num_nodes=config.num_nodes, strategy=strategy, callbacks=callbacks, **kwargs)
-    except (ValueError, RuntimeError, TypeError, ImportError) as exc:
-        raise FastVAEError(f"cannot set up training hardware: {exc}") from None
-
-
-def precision_kwargs(config: TrainConfig) -> dict:
-    """Fabric's keyword for ``config.precision``: the name, except for FSDP in fp16.
-
-    Fabric's FSDP2 strategy refuses the name ``16-mixed``, yet fp16 autocast with a GradScaler
-    works on its sharded gradients (DTensor reduces GradScaler's found-inf flag over the
-    ranks, so all skip an overflowing step together): it gets the plugin itself. On a CPU,
-    where Fabric runs ``16-mixed`` as ``bf16-mixed``, so does FSDP.
-    """
-    if config.strategy != "fsdp" or config.precision != "16-mixed":
-        return {"precision": config.precision}
-    accelerator = config.accelerator
-    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
-        return {"plugins": [fp16_plugin("cuda")]}
-    from lightning_fabric.utilities import rank_zero_warn
-
-    rank_zero_warn("--precision 16-mixed on a CPU runs as bf16-mixed (fp16 autocast needs CUDA)")
-    return {"precision": "bf16-mixed"}
-
-
-def fp16_plugin(device: str, init_scale: float = 2.0**16):
-    """Fabric's fp16 mixed precision with a fresh GradScaler on ``device`` (torch's default
-    first scale)."""
-    from lightning_fabric.plugins import MixedPrecision
-
-    return MixedPrecision("16-mixed", device, torch.amp.GradScaler(device, init_scale=init_scale))
-
-
-# What a launcher waiting for spawned ranks passes a Ctrl-C or SIGTERM on as: a stop request
-# that never escalates, as a rank may get the user's signal too (Ctrl-C reaches the whole group)
-FORWARDED_STOP = signal.SIGUSR1
-
-
-class _SignalHandlers:
-    """``self._handle`` for ``SIGNALS`` inside a with-block, the replaced handlers after it
-    (main thread only: elsewhere signals are left alone)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self._previous = {}
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        raise NotImplementedError
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class StopRequest(_SignalHandlers):
-    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks after each step; a second
-    signal goes to the handler this one replaced (on the command line: exit at once, see
-    ``fastvae.interrupts``; in a program: ``KeyboardInterrupt``). ``FORWARDED_STOP`` (from a
-    ``SignalsToRanks`` launcher) sets the flag only."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, FORWARDED_STOP)
-
-    def __init__(self):
-        self.requested = False
-
-    def _handle(self, signum, frame):
-        if not self.requested or signum == FORWARDED_STOP:
-            self.requested = True
-            return
-        previous = self._previous.get(signum)
-        if callable(previous):
-            previous(signum, frame)
-        raise KeyboardInterrupt
-
-
-class SignalsToRanks(_SignalHandlers):
-    """In a launcher that only waits for spawned ranks: Ctrl-C and SIGTERM are passed on to the
-    ranks as ``FORWARDED_STOP`` (they stop together and write the checkpoint, see
-    ``StopRequest``) and the launcher waits for them, instead of exiting while they write."""
-
-    def _handle(self, signum, frame):
-        import multiprocessing
-        import os
-
-        for child in multiprocessing.active_children():
-            try:
-                os.kill(child.pid, FORWARDED_STOP)
-            except ProcessLookupError:
-                pass
 
 
 class Trainer:

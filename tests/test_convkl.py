@@ -561,7 +561,8 @@ def test_convkl_trains_on_cuda_in_bf16_with_cuda_graphs_and_the_fused_kernel(tmp
     channels_last weights: finite losses that fall, and the kernel equals torch on CUDA."""
     from fastvae.kernels import philox_eps, reparameterize_kl
     from fastvae.reparam import reparameterize_kl_reference
-    from fastvae.trainer import Trainer, make_fabric, train
+    from fastvae.fabric_setup import make_fabric
+    from fastvae.trainer import Trainer, train
 
     splits = tiny_splits(n_train=256, n_test=32, size=32)
     config = TrainConfig(model="convkl", width=16, batch_size=32, epochs=3, precision="bf16-mixed",

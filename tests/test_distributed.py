@@ -107,7 +107,7 @@ def test_process_layouts_that_cannot_start_are_refused(monkeypatch):
     import os
 
     from fastvae.errors import FastVAEError
-    from fastvae.trainer import check_processes
+    from fastvae.process_layout import check_processes
 
     for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS",
                  "LSB_JOBID", "OMPI_COMM_WORLD_SIZE"):
@@ -138,7 +138,7 @@ def test_a_launchers_layout_must_be_the_runs(monkeypatch, launcher, env, layout)
     Fabric train every process alone into one run folder (--devices 1 under 2 processes), or
     silently train on fewer devices than asked (--devices 2 in a 1-task SLURM job)."""
     from fastvae.errors import FastVAEError
-    from fastvae.trainer import check_processes
+    from fastvae.process_layout import check_processes
 
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_NNODES",
                  "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NAME", "SLURM_STEPID", *_TORCHRUN, *_SRUN):
@@ -191,7 +191,7 @@ def fp16_fabric_on_cpu(config, callbacks=None, trackers=True):
     directly, with a scale so large that the first steps overflow and are skipped."""
     from lightning_fabric import Fabric
 
-    from fastvae.trainer import fp16_plugin
+    from fastvae.fabric_setup import fp16_plugin
 
     return Fabric(accelerator="cpu", devices=1, callbacks=callbacks,
                   plugins=[fp16_plugin("cpu", init_scale=2.0**30)])

@@ -108,7 +108,7 @@ def test_fsdp_gets_fp16_as_a_plugin_which_fabric_accepts():
 
     from fastvae.config import TrainConfig
     from fastvae.sharding import fsdp_strategy
-    from fastvae.trainer import precision_kwargs
+    from fastvae.fabric_setup import precision_kwargs
 
     cuda = precision_kwargs(TrainConfig(strategy="fsdp", precision="16-mixed", accelerator="cuda"))
     (plugin,) = cuda["plugins"]

@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+import fastvae.fabric_setup
 import fastvae.models
 import fastvae.trainer
 from fastvae.config import TrainConfig
@@ -121,8 +122,8 @@ def holders(ids: set[int]) -> list[str]:
 
 def fp16_on_cpu() -> None:
     """Every Fabric built from now on gets fp16 autocast and a CPU GradScaler, FSDP's too."""
-    fastvae.trainer.precision_kwargs = lambda config: {
-        "plugins": [fastvae.trainer.fp16_plugin("cpu", init_scale=2.0**30)]}
+    fastvae.fabric_setup.precision_kwargs = lambda config: {
+        "plugins": [fastvae.fabric_setup.fp16_plugin("cpu", init_scale=2.0**30)]}
 
 
 if __name__ == "__main__":
