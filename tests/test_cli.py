@@ -198,8 +198,10 @@ def test_flags_without_a_value_say_what_they_do(capsys):
             if action.nargs == 0 and action.option_strings and action.dest != "help":
                 text = parser.format_help()
                 assert action.help and "(default: True)" not in text and "(default: False)" not in text, name
-    rc, out, _ = cli(capsys, "report", "--help")
-    assert "--quiet, --no-progress" in out and "hide the IWAE progress bar" in " ".join(out.split())
+    for command in ("report", "evaluate"):  # the IWAE bar: hidden as train's and prepare's are
+        rc, out, _ = cli(capsys, command, "--help")
+        assert "--quiet, --no-progress" in out and "hide the IWAE progress bar" in " ".join(out.split())
+        assert build_parser().parse_args([command, "run", "--quiet"]).progress is False
 
 
 def test_every_command_has_help(capsys):

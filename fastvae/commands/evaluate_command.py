@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "so -ELBO matches the last test_neg_elbo in metrics.csv)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--pictures", action="store_true", help="also (re)write the run's PNG pictures")
+    parser.add_argument("--quiet", "--no-progress", dest="progress", action="store_false",
+                        help="hide the IWAE progress bar (it shows only on a terminal, and not with --json); "
+                        "--quiet as for train, prepare and report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"data {data} has images of shape {splits.data_shape} but the model "
                            f"expects {tuple(model.data_shape)}: evaluate on data like the training data")
     result = {"run": str(args.run), "data": str(data),
-              **evaluate(model, splits.test, iwae_k=args.iwae_k, seed=seed, progress=not args.json)}
+              **evaluate(model, splits.test, iwae_k=args.iwae_k, seed=seed, progress=args.progress and not args.json)}
     if args.pictures:  # into the run folder (a checkpoint's: RUN/checkpoints/X.ckpt)
         from fastvae import viz
 
