@@ -227,9 +227,10 @@ def build_app(sampler, limits: Limits, batching: Batching):
         "decoder_metadata": sampler.metadata,
     }).encode()
 
-    def error(status: int, reason: str) -> Response:
+    def error(status: int, reason: str, headers: dict | None = None) -> Response:
+        headers = {**(_CLOSE if status in (408, 503) else {}), **(headers or {})}
         return Response(error_body(reason), status_code=status, media_type="application/json",
-                        headers=_CLOSE if status in (408, 503) else None)
+                        headers=headers or None)
 
     def gone() -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; uvicorn sends nothing
@@ -360,7 +361,8 @@ def build_app(sampler, limits: Limits, batching: Batching):
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path} (endpoints: "
-                                      "POST /sample, POST /decode, GET /healthz, GET /metadata)")
+                                      "POST /sample, POST /decode, GET /healthz, GET /metadata)",
+                     headers=exc.headers)  # a 405's Allow: the method the path takes (RFC 9110)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -410,22 +412,33 @@ def _server_class():
     class Server(uvicorn.Server):
         """uvicorn's server, printing a readiness line, calling ``on_exit`` (the app's
         ``state.stop``: drain the batcher, answer stalled uploads) on SIGTERM/SIGINT, and leaving
-        with exit status 0 (uvicorn re-raises the signal after a graceful stop)."""
+        with exit status 0 (uvicorn re-raises the signal after a graceful stop). A second Ctrl-C
+        during the graceful stop goes to the handler it replaced (on the command line
+        ``fastvae.interrupts.exit_now``: one line, status 130), as in training: uvicorn's own
+        forced exit cancelled the app's lifespan and logged a CancelledError traceback."""
 
         on_exit = staticmethod(lambda: None)
+        _previous: dict = {}
 
         @contextlib.contextmanager
         def capture_signals(self):
             import signal
 
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            self._previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 yield
             finally:
-                for sig, handler in previous.items():
+                for sig, handler in self._previous.items():
                     signal.signal(sig, handler)
 
         def handle_exit(self, sig, frame):
+            import signal
+
+            previous = self._previous.get(sig)
+            # a second Ctrl-C: stop now (a repeated SIGTERM, as process managers send, is not
+            # an escalation: uvicorn's rule too)
+            if sig == signal.SIGINT and self.should_exit and callable(previous):
+                previous(sig, frame)
             super().handle_exit(sig, frame)
             self.on_exit()
 

@@ -29,6 +29,8 @@ import numpy as np
 from fastvae.errors import FastVAEError, one_line
 from fastvae.export import metadata as md
 
+SEED_BOUND = 2**128  # seeds are integers in [0, SEED_BOUND): the sampler's and the service's
+
 DEFAULT_BATCH_SIZE = 1000
 MODES = ("mean", "sample")
 
@@ -372,8 +374,8 @@ def _seed(seed):
     errors for "1", -1 or 1.5 said "not 1" or "expected non-negative integer")."""
     if seed is None:
         return None
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**128:
-        raise FastVAEError(f"seed must be None, a numpy Generator or an integer >= 0, got {seed!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < SEED_BOUND:
+        raise FastVAEError(f"seed must be None, a numpy Generator or an integer from 0 to 2**128 - 1, got {seed!r}")
     return int(seed)
 
 

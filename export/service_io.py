@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastvae.export.sampler import SEED_BOUND
+
 FORMATS = ("npy", "png", "json")
 MODES = ("mean", "sample")
 CONTENT_TYPES = {"npy": "application/x-npy", "png": "image/png", "json": "application/json"}
@@ -78,8 +80,8 @@ def parse_sample(body: bytes, limits: Limits) -> SampleRequest:
     seed = fields.get("seed")
     if seed is not None:
         seed = _integer(seed, "seed")
-        if seed < 0:
-            raise BadRequest(400, f"'seed' must be a non-negative integer or null, got {_short(seed)}")
+        if not 0 <= seed < SEED_BOUND:  # OnnxSampler.sample's range: the same samples as it gives
+            raise BadRequest(400, f"'seed' must be an integer from 0 to 2**128 - 1 or null, got {_short(seed)}")
     mode = fields.get("mode", "mean")
     if mode not in MODES:
         raise BadRequest(400, f"'mode' must be one of {', '.join(MODES)}, got {_show(mode)}")
@@ -106,6 +108,9 @@ def parse_decode(body: bytes, content_type: str | None, query_format: str | None
                                   "or a JSON body")
         fmt = check_format(query_format or "npy")
     else:
+        if body.startswith((b"\x93NUMPY", b"PK\x03\x04")):  # np.save / np.savez output, sent as JSON
+            raise BadRequest(400, f"the body is a numpy file but its Content-Type is {content_type or 'missing'}: "
+                                  f"send it with Content-Type: {NPY_CONTENT_TYPE}")
         fields = _json_object(body, _DECODE_FIELDS, "a JSON object such as {\"z\": [[0.1, ...]]}")
         if "z" not in fields:
             raise BadRequest(400, f"missing 'z': give the latents as a list of {row}")
@@ -243,7 +248,7 @@ def _json_object(body: bytes, allowed: frozenset, example: str) -> dict:
     except RecursionError:
         raise BadRequest(400, f"the body's JSON is nested too deeply; send {example}") from None
     if fields.__class__ is not dict:
-        raise BadRequest(400, f"the body must be {example}, got a JSON {type(fields).__name__}")
+        raise BadRequest(400, f"the body must be {example}, got a JSON {_json_type(fields)}")
     if not fields.keys() <= allowed:
         unknown = sorted(set(fields) - allowed)
         raise BadRequest(400, f"unknown field(s) {', '.join(map(repr, unknown))}: allowed are {', '.join(sorted(allowed))}")
@@ -269,7 +274,8 @@ def _short(n: int) -> str:
 
 
 def _json_type(value) -> str:
-    return {dict: "object", str: "string", bool: "boolean", int: "number", float: "number"}.get(value.__class__, "null")
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number"}.get(value.__class__, "null")
 
 
 def _show(value) -> str:

@@ -365,7 +365,11 @@ def _npz(array) -> bytes:
 NPY = {"Content-Type": "application/x-npy"}
 BAD = {
     "malformed_json": ("/sample", b'{"n": 2', None, 400, "not valid JSON"),
-    "not_an_object": ("/sample", b"[1, 2]", None, 400, "JSON object"),
+    "not_an_object": ("/sample", b"[1, 2]", None, 400, "got a JSON array"),
+    "null_body": ("/sample", b"null", None, 400, "got a JSON null"),
+    "seed_beyond_the_sampler": ("/sample", {"n": 1, "seed": 2**128}, None, 400, "from 0 to 2**128 - 1"),
+    "npy_sent_as_json": ("/decode", _npy(np.zeros((2, LATENT), np.float32)), None, 400,
+                         "send it with Content-Type: application/x-npy"),
     "empty_body": ("/sample", b"", None, 400, "not valid JSON"),
     "missing_n": ("/sample", {"seed": 1}, None, 400, "missing 'n'"),
     "n_not_integer": ("/sample", {"n": "ten"}, None, 400, "'n' must be an integer"),
@@ -430,9 +434,12 @@ def test_latents_beyond_float32_are_refused_without_a_numpy_warning():
 
 def test_wrong_method_and_path_are_4xx(server):
     for method, path, status in (("GET", "/sample", 405), ("POST", "/healthz", 405), ("GET", "/nothing", 404)):
-        got, _, text = server.request(method, path)
+        got, response_headers, text = server.request(method, path)
         reason = json.loads(text)["error"]
         assert got == status and "POST /sample" in reason and "\n" not in reason
+        if status == 405:  # RFC 9110: a 405 names the methods the path takes
+            allowed = {m.strip() for m in response_headers["allow"].split(",")}
+            assert allowed == ({"POST"} if path == "/sample" else {"GET", "HEAD"}), allowed
     assert server.health()["status"] == "ok"  # still serving
 
 
@@ -585,6 +592,29 @@ def test_a_response_cut_by_the_shutdown_timeout_is_a_json_503(decoder):
         thread.join(60)
         sock.close()
     assert not thread.is_alive()
+
+
+def test_a_second_signal_during_the_graceful_stop_goes_to_the_replaced_handler():
+    """A second Ctrl-C while responses drain: uvicorn's forced exit cancelled the app's lifespan
+    (a CancelledError traceback in the log); the signal now goes to the handler serve replaced
+    (``fastvae.interrupts.exit_now`` on the command line: one line, status 130)."""
+    import uvicorn
+
+    from fastvae.export.http_service import _server_class
+
+    calls, stops = [], []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: calls.append(sig))
+    try:
+        server = _server_class()(uvicorn.Config(app=None, log_config=None))
+        server.on_exit = lambda: stops.append(True)
+        with server.capture_signals():
+            server.handle_exit(signal.SIGINT, None)  # the first: a graceful stop
+            assert server.should_exit and not server.force_exit and not calls and stops == [True]
+            server.handle_exit(signal.SIGINT, None)
+            assert calls == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is not server.handle_exit  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_exits_0_and_warning_level_logs_no_request(decoder):

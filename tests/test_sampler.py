@@ -259,9 +259,10 @@ def test_seeds_paths_and_complex_latents_are_clear_errors(path):
     """numpy's own errors named the wrong thing (seed "1": "not 1"), complex latents lost their
     imaginary parts with a warning, OnnxSampler(None) was a pathlib TypeError."""
     sampler = OnnxSampler(path)
-    for seed in ("1", -1, 1.5, True):
-        with pytest.raises(FastVAEError, match="seed must be None, a numpy Generator or an integer"):
+    for seed in ("1", -1, 1.5, True, 2**128):
+        with pytest.raises(FastVAEError, match=r"seed must be None, a numpy Generator or an integer from 0 to 2\*\*128 - 1"):
             sampler.sample(2, seed=seed)
+    assert sampler.sample(1, seed=2**128 - 1).shape[0] == 1  # the largest the service takes too
     np.testing.assert_array_equal(sampler.sample(2, seed=np.int64(3)), sampler.sample(2, seed=3))
     with pytest.raises(FastVAEError, match="real numbers"):
         sampler.decode(np.zeros((2, LATENT), np.complex64))

@@ -14,7 +14,8 @@ DESCRIPTION = (
     "/metadata. Concurrent requests are decoded together (up to --max-batch rows, waiting at most "
     "--max-wait-ms for more); the same seed gives the same samples batched or not. Bad requests "
     "get a 4xx and a one-line reason. SIGTERM or Ctrl-C finishes the requests in flight (for at "
-    "most --shutdown-timeout seconds; uploads still arriving get 503 at once) and exits 0."
+    "most --shutdown-timeout seconds; uploads still arriving get 503 at once) and exits 0; a second Ctrl-C "
+    "exits at once (status 130)."
 )
 
 
