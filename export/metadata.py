@@ -22,12 +22,15 @@ Keys (values are strings; JSON where noted):
                             sigma) noise) or ``"none"`` (deterministic)
 ``sigma``                   the Gaussian likelihood's standard deviation / the Laplace scale
 ``precision``               ``"fp32"`` | ``"fp16"`` | ``"int8"``
-``max_abs_error_vs_torch``  fp32 file: max |onnxruntime - torch| over the validation batches
-``max_abs_error_vs_fp32``   fp16/int8 files: max |variant - fp32| of ``params`` on 1000 z ~ N(0, I)
+``max_abs_error_vs_torch``  max |onnxruntime - torch| of ``params``: the fp32 file's over the
+                            validation batches, an fp16/int8 file's as ``max_abs_error_vs_fp32``
+``max_abs_error_vs_fp32``   fp16/int8 files: max |variant - torch's fp32 decoder| of ``params`` on
+                            1000 z ~ N(0, I) (spatial decoders: fewer)
 ``max_abs_error_mean_vs_fp32``  the same for ``mean``
 ``model_spec``              JSON: the model spec the decoder was built from (the settings its
                             model family reads)
-``source``                  the run folder / checkpoint it came from, or ``"<in-memory module>"``
+``source``                  the run folder / checkpoint it came from (an absolute path), or
+                            ``"<in-memory module>"``
 ``exporter``                which torch.onnx exporter and torch version wrote the graph
 """
 

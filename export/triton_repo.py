@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,15 @@ def check_repository_target(repo: str | os.PathLike, name: str, max_batch: int) 
                            f"max_batch_size), got {max_batch!r}")
     if Path(repo).exists() and not Path(repo).is_dir():
         raise FastVAEError(f"--triton-repo {repo} is a file: give a folder (it is created if missing)")
+    # where the model folder would be created: tried now, so a repository that cannot be written
+    # fails before the export replaces the decoder file
+    target = (Path(repo) / name).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fastvae-probe-", dir=existing))
+    except OSError as exc:
+        raise FastVAEError(f"--triton-repo {repo} cannot be written ({write_failure(exc)}): "
+                           "give a folder you can write to") from None
 
 
 def write_triton_repository(onnx_path, repo: str | os.PathLike, *, name: str = DEFAULT_NAME,

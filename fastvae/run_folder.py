@@ -181,6 +181,7 @@ def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
     """A new hidden folder beside the file ``beside``, removed when the block ends (or on
     Ctrl-C): for writers that stage several files, then ``move_into_place`` each one."""
     beside = Path(beside)
+    created = [p for p in [beside.parent, *beside.parent.parents] if not p.exists()]  # deepest first
     beside.parent.mkdir(parents=True, exist_ok=True)
     folder = beside.with_name(f".{beside.name}{_TMP_MARK}{os.getpid()}")
     shutil.rmtree(folder, ignore_errors=True)  # left by a killed process with the same pid
@@ -190,6 +191,11 @@ def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            for parent in created:  # the folders made for it, where nothing was moved in (a failure)
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty: the block's files are there
+                    break
 
 
 def fsync_folder(folder: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -274,6 +275,32 @@ def test_cli_export_from_run_folder(run_dir, capsys):
     assert sampler.metadata["source"] == str(run)
     z = np.random.default_rng(0).standard_normal((37, LATENT), dtype=np.float32)
     np.testing.assert_allclose(sampler.decode(z), _torch_mean_params(model, z)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_reexport_names_older_variants_and_records_absolute_source(run_dir, capsys, monkeypatch):
+    """A variant left from an earlier model (train on, export without --int8) served that model
+    beside the new decoder.onnx, silently; a variant's metadata carried the fp32 file's error;
+    "source" was the path as typed ("run", or "." inside the run folder)."""
+    from fastvae.cli import main
+
+    run, _ = run_dir
+    monkeypatch.chdir(run.parent)
+    assert main(["export", "run", "--fp16", "--int8"]) == 0
+    for precision in ("fp16", "int8"):
+        meta = OnnxSampler(variant_path(run / "decoder.onnx", precision)).metadata
+        assert meta["source"] == str(run)
+        assert meta["max_abs_error_vs_torch"] == meta["max_abs_error_vs_fp32"]
+        assert float(meta["max_abs_error_vs_torch"]) > float(OnnxSampler(run / "decoder.onnx").metadata[
+            "max_abs_error_vs_torch"])
+    assert main(["export", "run"]) == 0  # the same checkpoint: the variants still belong to it
+    assert "note:" not in capsys.readouterr().err
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    later = (run / "decoder.int8.onnx").stat().st_mtime + 10  # trained on since
+    os.utime(checkpoint, (later, later))
+    assert main(["export", "run", "--fp16"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {Path('run') / 'decoder.int8.onnx'} beside {Path('run') / 'decoder.onnx'} is older than" in err
+    assert "export again with --int8" in err and "fp16" not in err
 
 
 def test_cli_export_errors_are_one_line(tmp_path, capsys):

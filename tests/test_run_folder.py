@@ -98,6 +98,20 @@ def test_temporary_folder_is_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx"]
 
 
+def test_temporary_folder_removes_the_folders_it_made_when_nothing_was_moved_in(tmp_path):
+    """A failed export into new folders left them behind, empty."""
+    (tmp_path / "old").mkdir()
+    with pytest.raises(RuntimeError):
+        with run_folder.temporary_folder(tmp_path / "old" / "new1" / "new2" / "d.onnx") as staging:
+            (staging / "d.onnx").write_bytes(b"half")
+            raise RuntimeError("validation failed")
+    assert list(tmp_path.iterdir()) == [tmp_path / "old"] and not any((tmp_path / "old").iterdir())
+    with run_folder.temporary_folder(tmp_path / "new" / "d.onnx") as staging:  # moved in: kept
+        (staging / "d.onnx").write_bytes(b"new")
+        run_folder.move_into_place(staging / "d.onnx", tmp_path / "new" / "d.onnx")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["d.onnx"]
+
+
 def test_metrics_round_trip_and_columns(tmp_path):
     path = tmp_path / run_folder.METRICS_CSV
     assert run_folder.read_metrics(path) == []

@@ -186,6 +186,23 @@ def test_cli_export_with_triton_repo(tmp_path, capsys):
         assert len(err) == 1 and "--max-batch" in err[0], err
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc (a folder no one can write in)")
+def test_a_repository_that_cannot_be_written_fails_before_the_export(tmp_path, capsys):
+    """It failed after the decoder file had been replaced (exit 2, the new decoder written)."""
+    from fastvae.checkpoint import save_checkpoint
+    from fastvae.cli import main
+    from fastvae.models import build_model
+
+    model = build_model({"data_shape": list(SHAPE), "hidden_dim": 16, "latent_dim": LATENT})
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "last.ckpt", {"config": {}, "spec": model.spec, "model": model.state_dict()})
+    out = tmp_path / "d.onnx"
+    assert main(["export", str(run), "--out", str(out), "--triton-repo", "/proc/fastvae-triton"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--triton-repo /proc/fastvae-triton cannot be written" in err[0], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("fails", ["copying the model", "writing the config", "flushing the config"])
 def test_a_failed_rewrite_replaces_nothing(decoder, tmp_path, monkeypatch, fails):
     """A full disk while the new files are written leaves the old model and config together
@@ -221,4 +238,4 @@ def test_a_failed_rewrite_replaces_nothing(decoder, tmp_path, monkeypatch, fails
     # a first export that fails leaves no model folder Triton would refuse to load
     with pytest.raises(FastVAEError):
         write_triton_repository(other, tmp_path / "fresh", max_batch=16)
-    assert list((tmp_path / "fresh").iterdir()) == []
+    assert not (tmp_path / "fresh").exists() or list((tmp_path / "fresh").iterdir()) == []

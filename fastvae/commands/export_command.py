@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if where is not None:
         print(f"note: {args.run} is an unfinished run (its checkpoint: {where}): the export is that state; "
               "'fastvae train --resume' finishes it, then export again", file=sys.stderr)
+    _note_older_siblings(args, Path(out))
     if args.encoder:
         print(encoder_report.summary())
     if args.triton_repo is not None:
@@ -109,3 +110,27 @@ def _check_encoder_out(path, decoder_out) -> None:
     decoder_files = {decoder_out, variant_path(decoder_out, "fp16"), variant_path(decoder_out, "int8")}
     if path.resolve() in {Path(p).resolve() for p in decoder_files}:
         raise FastVAEError(f"--encoder-out {path} is where the decoder goes: give the encoder another name")
+
+
+def _note_older_siblings(args, out) -> None:
+    """One note naming the fp16/int8 variants and the encoder beside ``out`` that this export did
+    not write and that are older than the run's checkpoint: they hold an earlier model (a
+    'fastvae sample' of decoder.int8.onnx would draw from it, beside a new decoder.onnx)."""
+    from pathlib import Path
+
+    from fastvae.checkpoint import checkpoint_path
+    from fastvae.export import variant_path
+    from fastvae.export.encoder_export import encoder_path
+
+    saved = checkpoint_path(args.run).stat().st_mtime
+    written = {Path(args.encoder_out or encoder_path(out)).resolve()} if args.encoder else set()
+    siblings = [(variant_path(out, "fp16"), "--fp16", args.fp16), (variant_path(out, "int8"), "--int8", args.int8),
+                (encoder_path(out), "--encoder", False)]
+    older = [(path, flag) for path, flag, on in siblings
+             if not on and path.resolve() not in written and path.is_file() and path.stat().st_mtime < saved]
+    if older:
+        print(f"note: {', '.join(str(path) for path, _ in older)} beside {out} "
+              f"{'is' if len(older) == 1 else 'are'} older than {checkpoint_path(args.run)} (an earlier model): "
+              f"export again with {' '.join(flag for _, flag in older)} to replace "
+              f"{'it' if len(older) == 1 else 'them'}, or delete {'it' if len(older) == 1 else 'them'}",
+              file=sys.stderr)
