@@ -1,9 +1,11 @@
 """Test-set bounds in nats per example: single-sample -ELBO and the IWAE bound.
 
-Bits per dim (images): bound / (D ln 2), plus 8 for the continuous likelihoods (gaussian,
-laplace): a density on [0, 1] pixels gives the probability of an 8-bit value's bin of width
-1/256 as density / 256 per dim (the usual dequantization convention); the Bernoulli likelihood on
-[0, 1] intensities is reported as its bound per dim alone.
+Bits per dim (images): bound / (D ln 2), plus log2(L) for the continuous likelihoods (gaussian,
+laplace) on data whose pixels lie on the grid k / L (``pixel_grid``: L = 255 for 8-bit images,
+16 for the digits' 17 grey levels): a density on [0, 1] gives a pixel's bin of width 1 / L the
+probability density / L (the usual dequantization convention, the density read at the bin's
+centre). Data on no such grid (continuous floats) has no bits per dim for a density (None). The
+Bernoulli likelihood on [0, 1] intensities is reported as its bound per dim alone.
 
 -ELBO = E_x[ -log p(x|z) + KL(q(z|x) || p(z)) ], z ~ q(z|x) (one sample);
 IWAE NLL = -E_x[ logsumexp_k log w_k - log K ], log w_k = log p(x, z_k) - log q(z_k|x).
@@ -17,6 +19,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from fastvae.distributions import at_least_fp32
 from fastvae.losses import iwae_bound, iwae_log_weights
 from fastvae.reparam import reparameterize_kl_reference
 
@@ -52,7 +55,7 @@ def elbo_sums(model, data, *, batch_size: int = 256, seed: int = 0,
             recon = (model.reconstruct(x) - x).pow(2).flatten(1).sum(-1)
             kl = torch.zeros_like(recon)
         else:
-            mu, logvar = (t.float().flatten(1) for t in model.encode(x))  # spatial: all c*h*w dims
+            mu, logvar = (at_least_fp32(t).flatten(1) for t in model.encode(x))  # spatial: all c*h*w dims
             z, kl = reparameterize_kl_reference(mu, logvar, eps=eps[rows].flatten(1))
             z = z.view(len(x), *model.latent_shape).to(dtype)
             recon = -model.likelihood.log_prob(model.decode(z), x)
@@ -85,7 +88,7 @@ def iwae_nll_sum(model, data, k: int, *, batch_size: int = 64, seed: int = 0,
     dtype = param_dtype(model)
     for _, x in batches:
         x = x.to(dtype)
-        mu, logvar = (t.float().flatten(1) for t in model.encode(x))  # (B, D), D = c*h*w
+        mu, logvar = (at_least_fp32(t).flatten(1) for t in model.encode(x))  # (B, D), D = c*h*w
         log_w = []
         for done in range(0, k, chunk):
             kc = min(chunk, k - done)
@@ -94,7 +97,7 @@ def iwae_nll_sum(model, data, k: int, *, batch_size: int = 64, seed: int = 0,
             params = model.decode(z.view(kc * len(x), *model.latent_shape).to(dtype))
             xk = x.unsqueeze(0).expand(kc, *x.shape).flatten(0, 1)
             recon_ll = model.likelihood.log_prob(params, xk).view(kc, len(x))
-            log_w.append(iwae_log_weights(recon_ll, z, mu, logvar))
+            log_w.append(iwae_log_weights(recon_ll, z, mu, logvar, eps=eps))
         total -= iwae_bound(torch.cat(log_w)).double().sum().item()
     return total
 
@@ -114,8 +117,10 @@ def decode_rows(model) -> int:
 
 def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
              progress: bool = False) -> dict:
-    """``{"neg_elbo", "recon", "kl", "iwae_nll", "bits_per_dim", "n", "iwae_k"}`` on ``data``
-    (nats per example; bits per dim of the tightest bound computed, see the module doc).
+    """``{"neg_elbo", "recon", "kl", "iwae_nll", "bits_per_dim", "pixel_levels", "n", "iwae_k"}``
+    on ``data`` (nats per example; bits per dim of the tightest bound computed, None for a density
+    on data without a pixel grid; ``pixel_levels``: L + 1 for the grid k / L, else None; see the
+    module doc).
 
     ``data``: rows (n, *model.data_shape) as a tensor or numpy array, floats in [0, 1] or uint8
     pixels; ``Splits`` (their test split) or a prepared split. ``model``: a VAE or a run folder."""
@@ -130,7 +135,9 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
     if iwae_k > 0:
         result["iwae_nll"] = iwae_nll_sum(model, data, iwae_k, seed=seed, progress=progress) / n
     bound = result.get("iwae_nll", result["neg_elbo"])
-    result["bits_per_dim"] = bits_per_dim(bound, model.data_shape, model.likelihood.kind)
+    grid = pixel_grid(data)
+    result["bits_per_dim"] = bits_per_dim(bound, model.data_shape, model.likelihood.kind, grid)
+    result["pixel_levels"] = None if grid is None else grid + 1
     return result
 
 
@@ -165,7 +172,37 @@ def _checked(model, data, seed):
     return model, data, check_seed(seed, "evaluate: seed")
 
 
-def bits_per_dim(nats: float, data_shape, likelihood: str) -> float:
-    """A bound in nats per example as bits per data dim (8-bit bins for densities)."""
+def bits_per_dim(nats: float, data_shape, likelihood: str, grid: int | None = 255) -> float | None:
+    """A bound in nats per example as bits per data dim; a density's pixels in bins of width
+    1 / ``grid`` (None: no grid, no bits per dim for a density)."""
     dims = math.prod(data_shape)
-    return nats / (dims * math.log(2.0)) + (8.0 if likelihood in ("gaussian", "laplace") else 0.0)
+    per_dim = nats / (dims * math.log(2.0))
+    if likelihood not in ("gaussian", "laplace"):
+        return per_dim
+    return None if grid is None else per_dim + math.log2(grid)
+
+
+# the grids k / L looked for: 8- and 16-bit pixels, the digits' 1/16 steps, binary images, and
+# the other powers of two (and those minus one) between them
+PIXEL_GRIDS = sorted({2**b for b in range(17)} | {2**b - 1 for b in range(2, 17)})
+
+
+def pixel_grid(data) -> int | None:
+    """The smallest L in ``PIXEL_GRIDS`` with every value of ``data`` (floats in [0, 1]) on the
+    grid k / L; 255 for a prepared split (uint8 on disk); None for data on none of them."""
+    if not isinstance(data, torch.Tensor):
+        return 255
+    values = data.detach().flatten()
+    head = values[:65536].double()  # a cheap first pass; the survivors are checked on everything
+    for grid in PIXEL_GRIDS:
+        if _on_grid(head, grid) and _on_grid(values, grid):
+            return grid
+    return None
+
+
+def _on_grid(values: torch.Tensor, grid: int, chunk: int = 1 << 20) -> bool:
+    for start in range(0, len(values), chunk):  # bounded memory for a large test split
+        scaled = values[start:start + chunk].double() * grid  # float32 k / 255 * 255 is within ~1e-5 of k
+        if not bool(((scaled - scaled.round()).abs() <= 1e-3).all()):
+            return False
+    return True

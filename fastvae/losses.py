@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvae.distributions import LOG_2PI, diag_normal_log_prob, standard_normal_log_prob
+from fastvae.distributions import (LOG_2PI, at_least_fp32, diag_normal_log_prob, diag_normal_log_prob_of_noise,
+                                   standard_normal_log_prob)
 
 
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x|z) = BCE(sigmoid(logits), x) summed over pixels; x may be continuous in [0, 1]."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
+    logits = at_least_fp32(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none")
     return bce.flatten(1).sum(-1)
 
 
@@ -29,8 +31,7 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 def gaussian_log_likelihood(mean: torch.Tensor, x: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, sigma^2) summed over pixels, sigma = exp(log_scale) (broadcast)."""
-    mean, x = mean.float(), x.float()
-    log_scale = log_scale.float()
+    mean, x, log_scale = at_least_fp32(mean), at_least_fp32(x), at_least_fp32(log_scale)
     ll = -0.5 * LOG_2PI - log_scale - 0.5 * ((x - mean) * torch.exp(-log_scale)).pow(2)
     return ll.flatten(1).sum(-1)
 
@@ -38,7 +39,7 @@ def gaussian_log_likelihood(mean: torch.Tensor, x: torch.Tensor, log_scale: torc
 def laplace_log_likelihood(mean: torch.Tensor, x: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """log Laplace(x; mean, b) = -log(2b) - |x - mean| / b summed over pixels, b = exp(log_scale):
     the L1 reconstruction loss as a likelihood."""
-    mean, x, log_scale = mean.float(), x.float(), log_scale.float()
+    mean, x, log_scale = at_least_fp32(mean), at_least_fp32(x), at_least_fp32(log_scale)
     ll = -math.log(2.0) - log_scale - (x - mean).abs() * torch.exp(-log_scale)
     return ll.flatten(1).sum(-1)
 
@@ -144,10 +145,14 @@ def elbo_terms(
 
 
 def iwae_log_weights(
-    recon_ll: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+    recon_ll: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), for samples z of shape (K, B, D)."""
-    return recon_ll + standard_normal_log_prob(z) - diag_normal_log_prob(z, mu, logvar)
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), for samples z of shape (K, B, D);
+    given the noise ``eps`` that made z (z = mu + exp(logvar / 2) * eps), log q is computed from
+    it (exact for any logvar, see ``diag_normal_log_prob_of_noise``)."""
+    log_q = diag_normal_log_prob(z, mu, logvar) if eps is None else diag_normal_log_prob_of_noise(eps, logvar)
+    return recon_ll + standard_normal_log_prob(z) - log_q
 
 
 def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:

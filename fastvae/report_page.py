@@ -40,7 +40,9 @@ KNOWN_METRICS = {
     "recon": ("reconstruction", "-E_q[log p(x|z)]"),
     "kl": ("KL", "KL(q(z|x) || p(z))"),
     "mse": ("MSE", "squared error per example, summed over its pixel values"),
-    "bits_per_dim": ("bits per dim", "the tightest bound in bits per pixel value (+8 for densities: 8-bit bins)"),
+    "bits_per_dim": ("bits per dim", "the tightest bound in bits per pixel value (densities: + log2(levels - 1), "
+                     "the bins of the pixels' grid)"),
+    "pixel_levels": ("pixel levels", "the values a pixel takes, k / (levels - 1): 256 for 8-bit images"),
     "psnr": ("reconstruction PSNR (dB)", "10 log10(1/m), m the mean squared error per pixel value of the "
              "reconstructions over all test images"),
     "bicubic_psnr": ("bicubic baseline PSNR (dB)", "the images bicubic-downsampled by f and upsampled back: "

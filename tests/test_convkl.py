@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -438,7 +439,8 @@ def test_commands_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(run), "--iwae-k", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["bits_per_dim"] == pytest.approx(result["iwae_nll"] / (3 * 16 * 16 * math.log(2)) + 8)
+    assert result["pixel_levels"] == 256  # 8-bit images: a density's bins are 1/255 wide
+    assert result["bits_per_dim"] == pytest.approx(result["iwae_nll"] / (3 * 16 * 16 * math.log(2)) + math.log2(255))
     assert main(["report", str(run), "--iwae-k", "3"]) == 0
     page = (run / "report.md").read_text()
     assert "reconstruction PSNR" in page and "bicubic baseline PSNR" in page and "latent 4x4x4" in page
@@ -528,6 +530,12 @@ def test_decode_refuses_latents_and_tiles_that_do_not_fit(exported, tmp_path):
     assert rc == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "C.NPY"), np.load(tmp_path / "a.npy"))
     assert not list(tmp_path.glob(".*tmp*"))
+    # a folder whose name has a dot: an existing one, or a new one named with a trailing slash
+    (tmp_path / "imgs.v2").mkdir()
+    for folder in (str(tmp_path / "imgs.v2"), str(tmp_path / "new.v3") + "/"):
+        rc, _, err = run_cli("decode", report.path, z, "--out", folder)
+        assert rc == 0, err
+        assert sorted(p.name for p in Path(folder).iterdir()) == ["0000.png", "0001.png"]
     # PNGs of an earlier decode are never mixed with new ones: refused, or all replaced
     pngs = tmp_path / "pngs"
     assert run_cli("decode", report.path, z, "--out", pngs)[0] == 0

@@ -97,7 +97,7 @@ def test_png_folder_round_trip_equals_the_in_memory_split(tmp_path, capsys):
     from fastvae.evaluation import evaluate
 
     in_memory = evaluate(load(run), memory.test, iwae_k=4, seed=0)  # the same rows, in memory
-    for key in ("neg_elbo", "iwae_nll", "recon", "kl"):
+    for key in ("neg_elbo", "iwae_nll", "recon", "kl", "bits_per_dim", "pixel_levels"):
         assert streamed[key] == pytest.approx(in_memory[key], rel=1e-5), key
     assert streamed["n"] == 2
     assert (run / "latent_scatter.png").is_file()  # labels come along for the pictures

@@ -82,5 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for key, value in result.items():
+            if value is None:  # bits_per_dim and pixel_levels of continuous data
+                value = "none (the data's values lie on no pixel grid: a density has no bins)"
             print(f"{key:>10}: {value:.4f}" if isinstance(value, float) else f"{key:>10}: {value}")
     return 0

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastvae.distributions import kl_standard_normal_per_dim
+from fastvae.distributions import at_least_fp32, kl_standard_normal_per_dim
 from fastvae.losses import ElboTerms, Likelihood, elbo_terms
 from fastvae.models.convkl import flatten_latent, unflatten_latent
 from fastvae.reparam import Backend, reparameterize_kl
@@ -78,7 +78,7 @@ class VAE(nn.Module):
         recon_nll = self.likelihood.nll(out.params, x)
         kl_per_dim = None
         if free_bits > 0:
-            kl_per_dim = kl_standard_normal_per_dim(out.mu.float(), out.logvar.float())
+            kl_per_dim = kl_standard_normal_per_dim(at_least_fp32(out.mu), at_least_fp32(out.logvar))
         return elbo_terms(recon_nll, out.kl, beta=beta, kl_per_dim=kl_per_dim, free_bits=free_bits)
 
     @torch.no_grad()
