@@ -65,6 +65,14 @@ def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu", *, mmap: bool =
         if "on a CUDA device but torch.cuda.is_available() is False" in str(exc):  # not the file's fault
             raise FastVAEError(f"map_location {map_location!r}: this machine has no CUDA device; "
                                "load with map_location='cpu'") from None
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's reason is noise here
+            raise FastVAEError(f"{path} is not a readable fastvae checkpoint (not a torch checkpoint file: "
+                               "truncated, or another kind of file); give a run folder or an intact .ckpt file") from None
+        if "Weights only load failed" in str(exc):  # torch's paragraph on weights_only: say what it means
+            raise FastVAEError(f"{path} is not a readable fastvae checkpoint (it holds Python objects beyond "
+                               "tensors and plain data, which fastvae checkpoints never do)") from None
         raise FastVAEError(
             f"{path} is not a readable fastvae checkpoint (truncated or another format: {one_line(exc)})"
         ) from None

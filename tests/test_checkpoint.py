@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import pathlib
 
 import pytest
 import torch
@@ -105,6 +107,17 @@ def test_random_bytes_and_empty_file(tmp_path):
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")
     _expect(empty, str(empty))
+    # a run's other files, or a pickle of objects: one short reason, not torch's weights_only paragraph
+    config = tmp_path / "config.json"
+    config.write_text('{"model": "mlp"}')
+    _expect(config, str(config), "not a torch checkpoint file")
+    pickled = tmp_path / "objects.ckpt"
+    torch.save({"format": "x", "obj": collections.OrderedDict(a=pathlib.PurePosixPath("p"))}, pickled)
+    _expect(pickled, str(pickled), "Python objects beyond tensors and plain data")
+    for reader in (read_checkpoint, fastvae.load):
+        with pytest.raises(FastVAEError) as info:
+            reader(pickled)
+        assert "weights_only" not in str(info.value) and len(str(info.value)) < 250
 
 
 @pytest.mark.parametrize("obj", [{"a": 1}, [1, 2, 3], torch.zeros(3), {"format": "other-v9"}])

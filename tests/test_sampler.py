@@ -178,6 +178,26 @@ def test_cli_broken_file_is_one_line_exit_2(broken, tmp_path, capsys):
 
 
 # -- the command line and the torch-free promise ---------------------------------------------
+@pytest.mark.parametrize("command", ["sample", "decode", "serve"])
+def test_cli_counts_and_threads_are_named_by_their_flags(path, tmp_path, capsys, command):
+    """The library's refusals named its parameters ("n must be ...", "batch_size ...")."""
+    from fastvae.cli import main
+
+    extra = {"sample": ["--out", str(tmp_path / "s.npy")], "decode": [str(tmp_path / "z.npy"), "--out",
+             str(tmp_path / "d.npy")], "serve": ["--port", "0"]}[command]
+    cases = [("--threads", "0", "argument --threads: must be an integer from 1 to"),
+             ("--threads", str((os.cpu_count() or 1) + 1), "argument --threads: must be an integer from 1 to")]
+    if command == "sample":
+        cases += [("-n", "-5", "argument -n/--num-samples: must be an integer >= 0"),
+                  ("--batch-size", "0", "argument --batch-size: must be an integer >= 1")]
+    for flag, value, message in cases:
+        with pytest.raises(SystemExit) as exited:  # argparse's own exit
+            main([command, str(path), *extra, flag, value])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_cli_sample_png_and_npy(path, tmp_path, capsys):
     from PIL import Image
 

@@ -16,6 +16,37 @@ def seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, got {text!r}") from None
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (the flag's name in the error, not the
+    library parameter's that would refuse it later)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def onnx_threads(text: str) -> int:
+    """onnxruntime intra-op threads: an integer from 1 to this machine's CPUs (the sampler's rule)."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= cpus:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {cpus} (the CPUs of this machine), "
+                                         f"got {text!r}")
+    return value
+
+
 def path(text: str) -> str:
     """A local file or folder name, not empty (an empty --out would mean the current folder)
     and not a URL (``s3://b/run`` would be written to a local folder ``s3:/b/run``)."""

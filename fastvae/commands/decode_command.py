@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=int, default=None,
                         help="overlap of neighbouring tiles in output pixels (a multiple of f; default tile/4 rounded to f)")
     parser.add_argument("--batch-size", type=int, default=16, help="latents per onnxruntime call")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: one per physical core")
+    parser.add_argument("--threads", type=arg_types.onnx_threads, help="onnxruntime intra-op threads; None: one per physical core")
     parser.add_argument("--check-untiled", action="store_true",
                         help="with --tile: also decode whole and print max |tiled - untiled|")
     parser.add_argument("--overwrite", action="store_true",
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     import time
     from pathlib import Path
 
@@ -46,17 +47,21 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.export.tiled_decode import check_latents, check_tiling, decode_latents
 
     out = Path(args.out)
-    if out.suffix and out.suffix.lower() != ".npy":  # before decoding, which may take long
-        raise FastVAEError(f"--out {out}: give a .npy file or a folder (no suffix) for PNG images")
-    if not out.suffix and out.exists() and not out.is_dir():
+    # PNGs into a folder: an existing one (its name may have a dot: imgs.v2), one named with a
+    # trailing slash, or a new name without a suffix; else a .npy file
+    to_folder = out.is_dir() or args.out.endswith(("/", os.sep)) or not out.suffix
+    if not to_folder and out.suffix.lower() != ".npy":  # before decoding, which may take long
+        raise FastVAEError(f"--out {out}: give a .npy file or a folder for PNG images (a new one without a "
+                           f"suffix, or end it with /: --out {out}/)")
+    if to_folder and out.exists() and not out.is_dir():
         raise FastVAEError(f"--out {out} is a file: give a folder for the PNG images (or a .npy file)")
-    earlier = _numbered_pngs(out) if not out.suffix and out.is_dir() else []
+    earlier = _numbered_pngs(out) if to_folder and out.is_dir() else []
     if earlier and not args.overwrite:  # fewer new images would leave old ones among them
         raise FastVAEError(f"--out {out} already holds {len(earlier)} decoded image(s) ({earlier[0].name}, ...): "
                            "pass --overwrite to replace them, or choose another folder")
     if args.batch_size < 1:
         raise FastVAEError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if out.suffix and out.exists() and Path(args.latents).exists() and out.samefile(args.latents):
+    if not to_folder and out.exists() and Path(args.latents).exists() and out.samefile(args.latents):
         raise FastVAEError(f"--out {out} is the latents file itself: writing the images would replace "
                            "the latents; give another --out")
     decoder = OnnxSampler(args.model, threads=args.threads)
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # codes (n, latent_dim) of an MLP/conv decoder
         z = check_latents(_load(Path(args.latents)), decoder.latent_shape, args.latents)
     shape = decoder.output_shape
-    if not out.suffix and (len(shape) != 3 or shape[0] not in (1, 3)):  # before decoding
+    if to_folder and (len(shape) != 3 or shape[0] not in (1, 3)):  # before decoding
         raise FastVAEError(f"--out {out}: {args.model} makes outputs of shape {tuple(shape)}, not images: "
                            "give a .npy file")
     tile = overlap = None
@@ -91,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         images = decoder.decode(z, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
-    written = _write(images, out)
+    written = _write(images, out, to_folder)
     for png in set(earlier) - set(written):  # --overwrite: none of the earlier images stays
         png.unlink(missing_ok=True)
-    if not out.suffix:
+    if to_folder:
         _report_leftovers(out.resolve())
     how = "whole"
     if tile:
@@ -187,7 +192,7 @@ def _load(path):
     return z
 
 
-def _write(images, out) -> list:
+def _write(images, out, to_folder: bool) -> list:
     """A .npy file, or one PNG per image in the folder ``out``; returns the paths written.
     The PNGs are all written (and fsynced) in a staging folder first: a full disk leaves the
     earlier set whole (the new set needs room beside the old one). Where ``out`` is new or holds
@@ -202,7 +207,7 @@ def _write(images, out) -> list:
     from fastvae.errors import FastVAEError
     from fastvae.run_folder import move_all_into_place, move_folder_into_place, temporary_folder, write_npy
 
-    if out.suffix.lower() == ".npy":
+    if not to_folder:
         return [write_npy(out, images)]
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         what = f"{images.shape[1]}-channel outputs" if images.ndim == 4 else f"vectors of {images.shape[1]} values"

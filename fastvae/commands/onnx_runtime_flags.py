@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+from fastvae.commands import arg_types
+
 PROVIDER_HELP = "onnxruntime execution provider: cpu, cuda, tensorrt, openvino or coreml"
 
 
 def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="decoder .onnx file written by 'fastvae export'")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
+    parser.add_argument("--threads", type=arg_types.onnx_threads, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
     parser.add_argument("--provider", default="cpu", help=PROVIDER_HELP)

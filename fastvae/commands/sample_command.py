@@ -18,11 +18,11 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="decoder .onnx file written by 'fastvae export'")
-    parser.add_argument("-n", "--num-samples", type=int, default=64, help="number of samples")
+    parser.add_argument("-n", "--num-samples", type=arg_types.at_least(0), default=64, help="number of samples")
     parser.add_argument("--seed", type=arg_types.seed, default=0, help="seed of the latent draws")
     parser.add_argument("--out", type=arg_types.path, default="samples.png", help="output file: .png (image grid) or .npy (raw array)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="latent vectors per onnxruntime call")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
+    parser.add_argument("--batch-size", type=arg_types.at_least(1), default=1000, help="latent vectors per onnxruntime call")
+    parser.add_argument("--threads", type=arg_types.onnx_threads, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
     parser.add_argument("--provider", default="cpu", help=PROVIDER_HELP)
     parser.add_argument(
         "--mode", choices=("mean", "sample"), default="mean",
