@@ -397,4 +397,5 @@ def check_size(rows: int, values_per_row: int, name: str) -> None:
     memory = host_memory() or 2**62
     if need > memory:
         raise FastVAEError(f"{name}={rows} rows of {values_per_row} values need {need / 2**30:.3g} GiB, more than "
-                           f"this machine's memory ({memory / 2**30:.3g} GiB): use a smaller {name}, in several calls")
+                           f"the memory here ({memory / 2**30:.3g} GiB: the machine's, or its container's limit): use a "
+                           f"smaller {name}, in several calls")

@@ -260,12 +260,30 @@ def saved_settings(values: dict) -> dict:
     return {**SAVED_BEFORE, **values}
 
 
-def host_memory() -> int:
-    """This machine's physical memory in bytes (0 where the system does not say: no check)."""
+def host_memory(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The memory this process may use in bytes: the machine's physical memory, or a container's
+    cgroup limit where it is lower (Kubernetes, Docker --memory, SLURM's cgroups: beyond it the
+    kernel's OOM killer ends the process with no message); 0 where the system does not say (no
+    check)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX
-        return 0
+        physical = 0
+    limit = _cgroup_memory_limit(cgroup_root)
+    return min(physical, limit) if physical and limit else physical or limit
+
+
+def _cgroup_memory_limit(root: str) -> int:
+    """cgroup v2's memory.max or v1's memory.limit_in_bytes (as the container sees them), else 0
+    ("max", or v1's "unlimited" of ~2**63)."""
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            text = open(os.path.join(root, name)).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < 2**60:
+            return int(text)
+    return 0
 
 
 def check_seed(seed, name: str = "--seed") -> int:

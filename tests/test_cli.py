@@ -526,7 +526,7 @@ def test_unwritable_out_and_too_much_memory_are_one_line(tmp_path, capsys, monke
     # a model whose weights alone exceed the machine's memory: refused before it is built
     rc, _, err = cli(capsys, "train", "--epochs", "1", "--hidden-dim", "1048576", "--latent-dim", "1048576", "--quiet",
                      "--no-pictures", "--reparam", "torch", "--out", tmp_path / "huge")
-    assert_one_line_error(rc, err, "parameters", "more than this machine's memory", "--latent-dim")
+    assert_one_line_error(rc, err, "parameters", "more than the memory here", "--latent-dim")
     assert not (tmp_path / "huge").exists()
     import fastvae.trainer
 

@@ -286,7 +286,7 @@ def test_overwrite_with_bad_data_or_model_keeps_the_old_run(tmp_path, make_confi
     import fastvae.config
 
     monkeypatch.setattr(fastvae.config, "host_memory", lambda: 1 << 20)
-    with pytest.raises(FastVAEError, match=r"parameters \([0-9.e-]+ GiB in fp32\), more than this machine's memory \(0.000977 GiB\)"):
+    with pytest.raises(FastVAEError, match=r"parameters \([0-9.e-]+ GiB in fp32\), more than the memory here \(0.000977 GiB: the machine's, or its container's limit\)"):
         train(make_config(epochs=1, hidden_dim=4096), overwrite=True)
     assert read_checkpoint(config.out)["epoch"] == 1
 
@@ -448,3 +448,22 @@ def test_resume_with_another_shape_on_the_command_line(tmp_path, make_config):
     train(config)
     rc, _, stderr = run_cli("train", "--resume", "--out", config.out, "--hidden-dim", "64", "--epochs", "2")
     assert_one_line_error(rc, stderr, "hidden_dim", "resume")
+
+
+def test_host_memory_is_a_containers_cgroup_limit_where_lower(tmp_path):
+    """In a container (Kubernetes, docker --memory, SLURM cgroups) the machine's memory is not
+    what the process may use: beyond the cgroup's limit the OOM killer ends it with no message."""
+    from fastvae.config import host_memory
+
+    physical = host_memory(cgroup_root=str(tmp_path / "none"))
+    assert physical > 0
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "memory.max").write_text("1073741824\n")
+    assert host_memory(cgroup_root=str(tmp_path / "v2")) == min(physical, 1 << 30)
+    (tmp_path / "v2" / "memory.max").write_text("max\n")  # no limit
+    assert host_memory(cgroup_root=str(tmp_path / "v2")) == physical
+    (tmp_path / "v1" / "memory").mkdir(parents=True)
+    (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text("536870912")
+    assert host_memory(cgroup_root=str(tmp_path / "v1")) == min(physical, 1 << 29)
+    (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "unlimited"
+    assert host_memory(cgroup_root=str(tmp_path / "v1")) == physical

@@ -59,7 +59,7 @@ def check_model(spec: dict) -> None:
     memory = host_memory()
     if memory and 4 * count > memory:
         raise FastVAEError(f"the model would have {count:,} parameters ({4 * count / 2**30:.3g} GiB in fp32), "
-                           f"more than this machine's memory ({memory / 2**30:.3g} GiB): use a smaller "
+                           f"more than the memory here ({memory / 2**30:.3g} GiB: the machine's, or its container's limit): use a smaller "
                            "--hidden-dim or --latent-dim (convkl: --width, --channel-mult, --blocks-per-level)")
 
 
