@@ -425,7 +425,9 @@ def test_commands_end_to_end(tmp_path, capsys):
 
     splits = tiny_splits(n_train=48, n_test=8)
     data = tmp_path / "images.npz"
-    np.savez(data, train=splits.train.numpy(), test=splits.test.numpy())
+    pixels = {name: (x.numpy() * 255).round().astype(np.uint8) for name, x in (("train", splits.train),
+                                                                              ("test", splits.test))}
+    np.savez(data, **pixels)  # 8-bit images, as photos are
     run = tmp_path / "run"
     assert main(["train", "--data", str(data), "--model", "convkl", "--width", "4", "--downsample", "4",
                  "--channel-mult", "1,2,2", "--likelihood", "laplace", "--epochs", "1", "--batch-size", "16",
