@@ -192,8 +192,9 @@ def _load(path):
     return z
 
 
-def _write(images, out, to_folder: bool) -> list:
-    """A .npy file, or one PNG per image in the folder ``out``; returns the paths written.
+def _write(images, out, to_folder: bool | None = None) -> list:
+    """A .npy file, or one PNG per image in the folder ``out`` (``to_folder``; None: unless ``out`` ends
+    in .npy); returns the paths written.
     The PNGs are all written (and fsynced) in a staging folder first: a full disk leaves the
     earlier set whole (the new set needs room beside the old one). Where ``out`` is new or holds
     nothing but decoded images (and can be renamed: ``_swappable``), the staging folder then
@@ -207,6 +208,8 @@ def _write(images, out, to_folder: bool) -> list:
     from fastvae.errors import FastVAEError
     from fastvae.run_folder import move_all_into_place, move_folder_into_place, temporary_folder, write_npy
 
+    if to_folder is None:  # by the name alone
+        to_folder = out.suffix.lower() != ".npy"
     if not to_folder:
         return [write_npy(out, images)]
     if images.ndim != 4 or images.shape[1] not in (1, 3):
