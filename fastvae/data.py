@@ -20,12 +20,15 @@ file and what is wrong.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import math
 import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +38,11 @@ from fastvae.config import SPLIT_RULE, SPLIT_RULES
 from fastvae.errors import FastVAEError, one_line
 from fastvae.photos import is_photos, load_photos
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+# the image files an image folder is read from (TIFF, JFIF: a browser's "Save image as"); other
+# formats Pillow opens (.ico, .psd, ...) are left out with a note. GIF/TIFF/APNG: the first frame
+IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# subfolder names that hold a dataset's own held-out split beside train/ (the first present is used)
+HELD_OUT_NAMES = ("test", "val", "valid", "validation")
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -55,6 +62,7 @@ class Splits:
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
     held_out: bool = False  # the test split was cut by --test-fraction / --split-seed (not the source's own)
+    content_id: str | None = None  # data read from a path: a digest of what was read (``content_id``)
 
     @property
     def data_shape(self) -> tuple[int, int, int]:
@@ -86,8 +94,25 @@ def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, s
             raise FastVAEError(f"--grayscale: {source} was prepared in colour, and a prepared dataset "
                                "is read as it was written: prepare it again with 'fastvae prepare SRC "
                                "--out SHARDS --grayscale', or train without --grayscale")
-        return _luma(data)
+        data = _luma(data)
+    if isinstance(data, Splits) and not is_bundled(source):  # bundled data is the package's own
+        data.content_id = content_id(data)
     return data
+
+
+def content_id(splits: Splits) -> str:
+    """A digest of the splits as read (images, labels, which rows are held out): a run records
+    it, so a resume (or evaluate) on a folder or file that changed since (images added, removed
+    or edited) is refused instead of silently mixing its new test split with trained images."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for t in (splits.train, splits.test, splits.train_labels, splits.test_labels):
+        array = None if t is None else np.ascontiguousarray(t.numpy())
+        digest.update(repr(None if array is None else (array.dtype.str, array.shape)).encode())
+        if array is not None:
+            digest.update(memoryview(array).cast("B"))
+    return "content:" + digest.hexdigest()
 
 
 def test_fraction_error(value) -> FastVAEError:
@@ -276,17 +301,29 @@ def image_files(folder: Path) -> tuple[list[Path], np.ndarray | None]:
     when there is one. Files directly in ``folder`` beside label subfolders are not used (a
     note says so). Hidden files and folders (``.thumbs``, macOS ``._*`` files) are not data."""
     files, tops = _files_and_tops(folder)
-    return files, _label_indices(tops)
+    return files, _label_indices(tops)[0]
 
 
-def image_folder_files(folder: Path) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
-    """(files, labels, test): ``image_files``, or for a folder whose subfolders are ``train`` and
-    ``test`` (the published split of many datasets) the files of both, labelled by the
-    subfolders inside them (one set of label names), and ``test`` marking the test files
-    (None for a folder without such a split)."""
+class FolderFiles(NamedTuple):
+    """What an image folder holds: its image files, their labels (None: unlabelled), which are
+    its own test split (None: the folder has none) and the label names (the sorted subfolders)."""
+
+    files: list[Path]
+    labels: np.ndarray | None
+    is_test: np.ndarray | None
+    label_names: list[str] | None
+
+
+def image_folder_files(folder: Path) -> FolderFiles:
+    """``image_files`` with the label names, or for a folder whose subfolders are ``train`` and
+    ``test`` (or ``val``/``valid``/``validation``: the published split of many datasets) the
+    files of both, labelled by the subfolders inside them (one set of label names), and
+    ``is_test`` marking the held-out files."""
     parts = _own_split_parts(folder)
     if parts is None:
-        return *image_files(folder), None
+        files, tops = _files_and_tops(folder)
+        labels, names = _label_indices(tops)
+        return FolderFiles(files, labels, None, names)
     train, train_tops = _files_and_tops(parts["train"])
     test, test_tops = _files_and_tops(parts["test"])
     flat = {name: set(tops) == {""} for name, tops in (("train", train_tops), ("test", test_tops))}
@@ -298,15 +335,25 @@ def image_folder_files(folder: Path) -> tuple[list[Path], np.ndarray | None, np.
              and p.suffix.lower() in IMAGE_SUFFIXES]
     if loose:
         print(f"note: {len(loose)} image(s) directly in {folder} (e.g. {loose[0].name}) are not used: "
-              "its train/ and test/ folders hold the data", file=sys.stderr)
+              f"its {parts['train'].name}/ and {parts['test'].name}/ folders hold the data", file=sys.stderr)
     is_test = np.repeat([False, True], [len(train), len(test)])
-    return train + test, _label_indices(train_tops + test_tops), is_test
+    labels, names = _label_indices(train_tops + test_tops)
+    return FolderFiles(train + test, labels, is_test, names)
 
 
 def _own_split_parts(folder: Path) -> dict | None:
+    """{"train": train/, "test": the held-out folder} where the subfolders are train/ and one or
+    more of HELD_OUT_NAMES (test/ first: a val/ beside it is left out, with a note), else None
+    (the subfolders are labels)."""
     subfolders = {p.name.lower(): p for p in folder.iterdir()
                   if not p.name.startswith(".") and p.is_dir()}
-    return subfolders if set(subfolders) == {"train", "test"} else None
+    held = [name for name in HELD_OUT_NAMES if name in subfolders]
+    if "train" not in subfolders or not held or set(subfolders) - {"train", *held}:
+        return None
+    for other in held[1:]:
+        print(f"note: {subfolders[other]} is not used: fastvae holds out one split, {subfolders[held[0]].name}/ "
+              f"(move its images into {subfolders['train'].name}/ to train on them)", file=sys.stderr)
+    return {"train": subfolders["train"], "test": subfolders[held[0]]}
 
 
 def _files_and_tops(folder: Path) -> tuple[list[Path], list[str]]:
@@ -327,18 +374,22 @@ def _files_and_tops(folder: Path) -> tuple[list[Path], list[str]]:
     return files, tops
 
 
-def _label_indices(tops: list[str]) -> np.ndarray | None:
+def _label_indices(tops: list[str]) -> tuple[np.ndarray | None, list[str] | None]:
+    """(each file's label: its top folder's index among the sorted names, the names); (None,
+    None) for a single top folder (unlabelled)."""
     classes = sorted(set(tops))
     if len(classes) == 1:
-        return None
+        return None, None
     index = {c: i for i, c in enumerate(classes)}
-    return np.array([index[top] for top in tops], dtype=np.int64)
+    return np.array([index[top] for top in tops], dtype=np.int64), classes
 
 
-def _walk_images(folder: Path):
+def _walk_images(folder: Path) -> list[Path]:
     """Image files below ``folder``, linked folders followed (a link back to a folder on its own
-    path is not: no endless loop); hidden files and folders left out."""
+    path is not: no endless loop); hidden files and folders left out. One note names what looks
+    like an image but is not read: files of other formats Pillow knows, broken links."""
     chains = {str(folder): frozenset()}
+    found, other_formats, broken = [], [], []
     for root, dirs, names in os.walk(folder, followlinks=True):
         chain = chains.pop(root, frozenset()) | {os.path.realpath(root)}
         kept = []
@@ -349,8 +400,32 @@ def _walk_images(folder: Path):
         dirs[:] = kept
         for name in names:
             path = Path(root, name)
-            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                yield path
+            suffix = path.suffix.lower()
+            if name.startswith("."):
+                continue
+            if suffix in IMAGE_SUFFIXES:
+                if path.is_file():
+                    found.append(path)
+                elif path.is_symlink():
+                    broken.append(path)
+            elif suffix in _other_image_suffixes():
+                other_formats.append(path)
+    if other_formats or broken:
+        parts = [f"{len(other_formats)} file(s) of image formats fastvae does not read (e.g. {other_formats[0].name}: "
+                 f"it reads {', '.join(sorted(IMAGE_SUFFIXES))}; convert them to PNG)"] if other_formats else []
+        parts += [f"{len(broken)} broken link(s) (e.g. {broken[0]})"] if broken else []
+        print(f"note: {folder}: left out {' and '.join(parts)}", file=sys.stderr)
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _other_image_suffixes() -> frozenset:
+    """The file suffixes of image formats Pillow opens that are not IMAGE_SUFFIXES."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN and ext not in IMAGE_SUFFIXES)
 
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;L"}
@@ -372,12 +447,55 @@ def probe_image(file: Path) -> tuple[bool, tuple[int, int]] | str:
     from PIL import Image
 
     try:
-        with Image.open(file) as img:
+        with _quiet_pillow(), Image.open(file) as img:
             colour = img.mode not in GRAY_MODES and not (img.mode == "P" and _gray_palette(img))
             w, h = img.size
-            return colour, ((h, w) if img.getexif().get(0x0112) in _TRANSPOSED else (w, h))
+            return colour, ((h, w) if orientation(img) in _TRANSPOSED else (w, h))
     except _image_errors() as exc:
         return one_line(exc)
+
+
+@contextlib.contextmanager
+def _quiet_pillow():
+    """Pillow's warnings for images fastvae reads as they are, unnamed and two lines each: a
+    large image (DecompressionBombWarning, up to Pillow's hard limit, which stays an error) and
+    a palette's transparency given in bytes (alpha is dropped either way)."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
+        yield
+
+
+def orientation(img) -> int | None:
+    """The EXIF (or XMP) orientation of an opened image, from its header alone (probe and
+    decode read the same one); None where there is none or it cannot be read (a damaged EXIF
+    block keeps the image as stored: Pillow's exif_transpose crashed on some, writing them back)."""
+    import re
+
+    try:
+        if img.format == "PNG" and "exif" not in img.info:  # getexif would decode the whole image
+            xmp = img.info.get("XML:com.adobe.xmp") or img.info.get("xmp") or ""
+            xmp = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
+            match = re.search(r'tiff:Orientation(="|>)([0-9])', xmp)
+            return int(match[2]) if match else None
+        value = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - any damage in the metadata: no orientation
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _upright(img, turn: int | None):
+    """``img`` as viewers show it for EXIF orientation ``turn`` (Pillow's exif_transpose table)."""
+    from PIL import Image
+
+    method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}.get(turn)
+    return img if method is None else img.transpose(method)
 
 
 def _gray_palette(img) -> bool:
@@ -389,11 +507,14 @@ def decode_image(file: Path, channels: int, size: int | None = None) -> np.ndarr
     """The image as uint8 (channels, H, W), upright (EXIF orientation applied), 16-bit
     grayscale scaled to 8 bits - resized so its shorter side is ``size`` and centre-cropped to
     size x size when ``size`` is given - or the reason it cannot be decoded."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
-        with Image.open(file) as img:
-            img = ImageOps.exif_transpose(img)
+        with _quiet_pillow(), Image.open(file) as img:
+            turn = orientation(img)
+            if size is not None and img.format == "JPEG":
+                _draft(img, size)
+            img = _upright(img, turn)
             if img.mode in WIDE_GRAY_MODES:
                 wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
                 img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
@@ -404,6 +525,20 @@ def decode_image(file: Path, channels: int, size: int | None = None) -> np.ndarr
     except _image_errors() as exc:
         return one_line(exc)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+JPEG_DRAFT_GAP = 3  # a JPEG is decoded at a DCT scale that keeps its shorter side >= 3 x --size
+
+
+def _draft(img, size: int) -> None:
+    """Let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale, keeping its shorter side at
+    least JPEG_DRAFT_GAP x ``size`` (Pillow's thumbnail does this with 2): the resize to ``size``
+    then differs from a full decode's by ~1 grey level (40-45 dB), and a 12 MP photo decodes in
+    ~9 ms instead of ~180 ms."""
+    w, h = img.size
+    shorter, want = min(w, h), JPEG_DRAFT_GAP * size
+    if shorter >= 2 * want:  # else no DCT scale fits
+        img.draft(None, (math.ceil(w * want / shorter), math.ceil(h * want / shorter)))
 
 
 def fit_image(img, size: int):
@@ -427,7 +562,7 @@ def different_sizes_error(file: Path, size: tuple, first: Path, first_size: tupl
 
 
 def _image_folder(folder: Path, split: tuple[float, int, int], grayscale: bool) -> Splits:
-    files, labels, is_test = image_folder_files(folder)
+    files, labels, is_test, _ = image_folder_files(folder)
     probes = [probe_image(f) for f in files]
     for file, probe in zip(files, probes):
         if isinstance(probe, str):

@@ -44,6 +44,7 @@ SPLIT_NAMES = ("train", "test")
 INDEX = "index.json"  # litdata's index of a split's chunks
 CHUNK_BYTES = 64 * 2**20  # litdata chunk size: few files, yet small enough to stream
 BLOCK_BYTES = 256 * 2**10  # bytes of images per litdata item (a block)
+DECODE_TASK_BYTES = 32 * 2**20  # decoded images per prepare worker task, at most (one image at least)
 MAX_BLOCK = 1024
 MAX_NAMED_SKIPS = 20  # unreadable files fastvae.json names (the summary shows 3)
 
@@ -155,20 +156,29 @@ class ShardDataset:
 
 
 def dataset_id(data) -> "str | None":
-    """The ``dataset_id`` of a prepared dataset (``ShardDataset``), None for other data and
-    for datasets prepared before it was written."""
+    """The ``dataset_id`` of a prepared dataset (``ShardDataset``), the ``content_id`` of data
+    read from a path into memory (``fastvae.data.content_id``); None for other data (bundled,
+    given by a program) and for datasets prepared before it was written."""
     meta = getattr(data, "meta", None)
-    return meta.get("dataset_id") if isinstance(meta, dict) else None
+    if isinstance(meta, dict):
+        return meta.get("dataset_id")
+    return getattr(data, "content_id", None)
+
+
+def changed_data(saved_id: str, source: str) -> str:
+    """What it means that ``source`` is not the data of a run's ``saved_id``."""
+    if saved_id.startswith("content:"):
+        return f"{source} is not the data the run trained on (images or rows added, removed or changed since?)"
+    return f"{source} is not the prepared dataset the run trained on (prepared again under the same path?)"
 
 
 def check_run_dataset(run, saved_id: "str | None", data, source: str) -> None:
     """Refuse ``data`` (loaded from the run's own ``source``) when the run's checkpoint names
-    another prepared dataset (``saved_id``): one prepared again under the same path has
-    another held-out split, which may hold the run's training images."""
+    other data (``saved_id``): a dataset prepared again under the same path, or a folder that
+    changed, has another held-out split, which may hold the run's training images."""
     if saved_id is not None and saved_id != dataset_id(data):
-        raise FastVAEError(f"{source} is not the prepared dataset {run} trained on (prepared again under the "
-                           "same path?): its test split may hold the run's training images; pass --data "
-                           f"{source} to evaluate on it all the same")
+        raise FastVAEError(f"{changed_data(saved_id, source).replace('the run', str(run))}: its test split may "
+                           f"hold the run's training images; pass --data {source} to evaluate on it all the same")
 
 
 def _join(url: str, name: str) -> str:
@@ -443,9 +453,11 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
             "grayscale": grayscale, "test_fraction": test_fraction, "split_seed": split_seed,
             "split_rule": SPLIT_RULE}
     if not is_bundled(source) and path.is_dir() and not _has_idx(path):
-        files, labels, is_test = image_folder_files(path)
+        files, labels, is_test, names = image_folder_files(path)
         folder = _ImageFolder(files, labels, size, grayscale, workers, skip_bad, progress, is_test)
         pieces, info = folder.pieces(test_fraction, split_seed)
+        if names is not None:  # label k is names[k]: the sorted label subfolders
+            info["label_names"] = names
     else:
         pieces, info = _array_pieces(str(source), size, grayscale, test_fraction, split_seed)
     meta.update(info)
@@ -585,7 +597,7 @@ class _ImageFolder:
         train = train[np.random.default_rng(split_seed).permutation(len(train))]
         info = {"shape": [channels, *side], "labels": labels is not None,
                 "split": "seeded" if self.is_test is None else "own"}
-        self.channels = channels
+        self.channels, self.side = channels, side
         pieces = {"train": self._decode(kept[train]), "test": self._decode(kept[test])}
         # the counts of skipped files are known once the pieces have been consumed
         return _Pieces(pieces, info, self), info
@@ -593,8 +605,11 @@ class _ImageFolder:
     def _decode(self, rows):
         from functools import partial
 
-        tasks = [[(self.files[i], -1 if self.labels is None else int(self.labels[i])) for i in rows[j:j + 256]]
-                 for j in range(0, len(rows), 256)]
+        # files per task: up to 256, fewer for large images (a task's images travel back in one
+        # array: 256 full-size 12 MP photos would be 9 GB)
+        per = max(1, min(256, DECODE_TASK_BYTES // (self.channels * self.side[0] * self.side[1])))
+        tasks = [[(self.files[i], -1 if self.labels is None else int(self.labels[i])) for i in rows[j:j + per]]
+                 for j in range(0, len(rows), per)]
         decode = partial(_decode_files, channels=self.channels, size=self.size)
         for images, labels, bad in self._map(decode, tasks, "decoding", len(rows),
                                              weight=lambda r: len(r[0]) + len(r[2])):

@@ -53,7 +53,7 @@ from fastvae.process_layout import check_processes
 from fastvae.reparam import resolve_backend
 from fastvae.resume_checks import check_resume
 from fastvae.run_folder import EPOCH_END, LAST, METRICS_CSV
-from fastvae.shards import dataset_id
+from fastvae.shards import changed_data, dataset_id
 from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
                               optimizer_state_by_index)
 from fastvae.stop_signals import SignalsToRanks, StopRequest
@@ -150,9 +150,11 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
                            "intact checkpoint or train into a new --out")
     saved_id = saved.get("data_id")
     if saved_id is not None and saved_id != dataset_id(splits):
-        again = " (prepared again under the same path?)" if config.data == saved["config"].get("data") else ""
-        raise FastVAEError(f"cannot resume {run_dir}: {config.data} is not the prepared dataset the run "
-                           f"trained on{again}; resume on that one or a copy of it, or train into a new --out")
+        reason = changed_data(saved_id, config.data)
+        if config.data != saved["config"].get("data"):  # another path: the question does not apply
+            reason = reason.split(" (")[0]
+        raise FastVAEError(f"cannot resume {run_dir}: {reason}; resume on that data or a copy of it, or train "
+                           "into a new --out")
     if _first_process():  # notes once, not from every rank's process
         if resume_note:
             print(resume_note, file=sys.stderr)

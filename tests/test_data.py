@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from fastvae.data import (EpochBatches, decode_image, image_files, load_dataset, probe_image, split_indices,
+from fastvae.data import (EpochBatches, decode_image, image_files, image_folder_files, load_dataset, probe_image, split_indices,
                           unit_pixels)
 from fastvae.errors import FastVAEError
 
@@ -626,3 +626,89 @@ def test_one_pixel_rule_for_numpy_arrays_and_tensors():
                 unit_pixels(data, "x")
     with pytest.raises(FastVAEError, match="x has dtype <U1"):
         unit_pixels(np.array(["a"]), "x")
+
+
+def test_every_exif_orientation_for_jpeg_png_and_webp_and_a_large_jpeg_drafted(tmp_path):
+    """All 8 orientations as Pillow's exif_transpose shows them (the independent reference), in
+    every format that carries EXIF; a JPEG large enough to be decoded at a reduced DCT scale
+    (with --size) is turned the same way and stays within ~1 grey level of a full decode."""
+    from fastvae.data import fit_image
+
+    stored = np.asarray(Image.fromarray(RNG.integers(0, 256, size=(6, 10, 3), dtype=np.uint8)).resize((60, 40)))
+    for suffix in (".jpg", ".png", ".webp"):
+        for turn in range(1, 9):
+            exif = Image.Exif()
+            exif[0x0112] = turn
+            path = tmp_path / f"o{turn}{suffix}"
+            Image.fromarray(stored).save(path, exif=exif, **({"quality": 95} if suffix != ".png" else {}))
+            with Image.open(path) as img:
+                upright = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+            h, w = upright.shape[:2]
+            assert probe_image(path) == (True, (w, h)), (suffix, turn)
+            np.testing.assert_array_equal(decode_image(path, 3), upright.transpose(2, 0, 1), err_msg=f"{suffix} {turn}")
+    smooth = np.asarray(Image.fromarray(RNG.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)).resize((1600, 1200),
+                                                                                                   Image.Resampling.BICUBIC))
+    for turn in (1, 6):
+        exif = Image.Exif()
+        exif[0x0112] = turn
+        Image.fromarray(smooth).save(tmp_path / f"big{turn}.jpg", exif=exif, quality=95)
+        with Image.open(tmp_path / f"big{turn}.jpg") as img:  # full decode, turned, fitted
+            full = np.asarray(fit_image(ImageOps.exif_transpose(img).convert("RGB"), 64)).transpose(2, 0, 1)
+        drafted = decode_image(tmp_path / f"big{turn}.jpg", 3, 64)
+        assert drafted.shape == full.shape == (3, 64, 64)
+        assert np.abs(drafted.astype(float) - full).mean() < 1.5, turn
+
+
+def test_a_damaged_exif_block_keeps_the_image_as_stored(tmp_path):
+    """Pillow's exif_transpose raised struct.error (a traceback through --skip-bad) on an EXIF
+    block with a mistyped tag; the image is read as stored, upright by what can be read."""
+    import io
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Canon"
+    buffer = io.BytesIO()
+    Image.fromarray(RNG.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)).save(buffer, format="JPEG", exif=exif)
+    # tag 0x0121 (FreeByteCounts, a LONG) stored as ASCII text
+    (tmp_path / "odd.jpg").write_bytes(buffer.getvalue().replace(b"\x01\x0f\x00\x02", b"\x01\x21\x00\x02", 1))
+    probe = probe_image(tmp_path / "odd.jpg")
+    decoded = decode_image(tmp_path / "odd.jpg", 3)
+    assert not isinstance(decoded, str) and decoded.shape[1:] == probe[1][::-1]
+
+
+def test_tiff_jfif_read_other_formats_and_broken_links_named(tmp_path, capsys):
+    """.tif/.tiff/.jfif/.jpe were dropped without a word (a label folder of TIFFs vanished,
+    shifting the labels after it); other formats Pillow knows and broken links get a note."""
+    formats = {"a/x.tif": "TIFF", "a/y.tiff": "TIFF", "b/x.jfif": "JPEG", "b/y.jpe": "JPEG", "c/x.png": "PNG"}
+    for i, (name, fmt) in enumerate(formats.items()):
+        (tmp_path / "d" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((6, 6), 40 * i, np.uint8)).save(tmp_path / "d" / name, format=fmt)
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "d" / "c" / "icon.ico")
+    (tmp_path / "d" / "c" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    files, labels = image_files(tmp_path / "d")
+    assert [f.relative_to(tmp_path / "d").as_posix() for f in files] == list(formats)
+    assert labels.tolist() == [0, 0, 1, 1, 2]
+    err = capsys.readouterr().err
+    assert "1 file(s) of image formats fastvae does not read (e.g. icon.ico" in err and "1 broken link(s)" in err
+    splits = load_dataset(tmp_path / "d", test_fraction=0.4)
+    assert splits.data_shape == (1, 6, 6)
+    assert sorted(round(float(x.mean()) * 255) for x in (*splits.train, *splits.test)) == [0, 40, 80, 120, 160]
+
+
+@pytest.mark.parametrize("held", [("val",), ("validation",), ("val", "test")])
+def test_a_train_and_val_folder_keeps_its_split_and_its_labels(tmp_path, capsys, held):
+    """data/train/{cat,dog} + data/val/{cat,dog} (the ImageNet layout) became two labels
+    'train' and 'val', the published validation images mixed into training."""
+    for split, n in (("train", 3), *((name, 1) for name in held)):
+        for label in ("cat", "dog"):
+            for i in range(n):
+                save_png(tmp_path / "data" / split / label / f"{i}.png", images_u8(1, 5, 5)[0])
+    folder = image_folder_files(tmp_path / "data")
+    assert folder.label_names == ["cat", "dog"] and folder.labels.tolist() == [0, 0, 0, 1, 1, 1, 0, 1]
+    assert folder.is_test.tolist() == [False] * 6 + [True] * 2
+    held_out = "test" if "test" in held else held[0]
+    assert all(f.relative_to(tmp_path / "data").parts[0] == held_out for f, t in zip(folder.files, folder.is_test) if t)
+    err = capsys.readouterr().err
+    assert ("val is not used: fastvae holds out one split, test/" in err) == (len(held) > 1), err
+    splits = load_dataset(tmp_path / "data")
+    assert len(splits.test) == 2 and sorted(splits.test_labels.tolist()) == [0, 1]

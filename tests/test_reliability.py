@@ -467,3 +467,39 @@ def test_host_memory_is_a_containers_cgroup_limit_where_lower(tmp_path):
     assert host_memory(cgroup_root=str(tmp_path / "v1")) == min(physical, 1 << 29)
     (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "unlimited"
     assert host_memory(cgroup_root=str(tmp_path / "v1")) == physical
+
+
+def test_a_data_folder_changed_since_the_run_is_refused_on_resume_and_evaluate(tmp_path, make_config, capsys):
+    """A run on an image folder resumed after images were added (a new seeded split: some of the
+    test images trained on) went on silently; prepared datasets had their dataset_id, data read
+    into memory now has a digest of what was read. A copy of the same folder elsewhere resumes."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from fastvae.cli import main
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(folder / label / f"{i}.png")
+    config = make_config(data=str(folder), epochs=1, test_fraction=0.2)
+    train(config)
+    assert read_checkpoint(config.out)["data_id"].startswith("content:")
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    train(make_config(data=str(copy), epochs=2, test_fraction=0.2), resume=True)  # the same images elsewhere
+    Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(copy / "a" / "new.png")
+    with pytest.raises(FastVAEError, match=r"is not the data the run trained on \(images or rows added, removed "
+                                           r"or changed since\?\); resume on that data or a copy of it"):
+        train(make_config(data=str(copy), epochs=3, test_fraction=0.2), resume=True)
+    capsys.readouterr()
+    assert main(["evaluate", str(config.out), "--iwae-k", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is not the data {config.out} trained on" in err[0] and "pass --data" in err[0], err
+    assert main(["evaluate", str(config.out), "--iwae-k", "0", "--data", str(copy)]) == 0  # named: taken
+    train(make_config(data="digits", epochs=1, out=tmp_path / "bundled"))  # bundled data: no digest
+    assert "data_id" not in read_checkpoint(tmp_path / "bundled")

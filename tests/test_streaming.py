@@ -79,6 +79,8 @@ def test_png_folder_round_trip_equals_the_in_memory_split(tmp_path, capsys):
     assert rc == 0, err
     assert "24 images (22 train, 2 test) of 3x10x12 uint8" in out and "shards" in out
     prepared, memory = open_dataset(str(tmp_path / "shards")), load_dataset(src)
+    meta = json.loads((tmp_path / "shards" / "fastvae.json").read_text())
+    assert meta["label_names"] == ["cat", "dog"]  # label k is the k-th sorted label folder
     # the same held-out examples, in colour, as the in-memory loader's seeded stratified split
     test = torch.cat([x for _, x in eval_batches(prepared.test, 5, "cpu")])
     assert torch.equal(test, memory.test)
@@ -103,6 +105,27 @@ def test_png_folder_round_trip_equals_the_in_memory_split(tmp_path, capsys):
     assert (run / "latent_scatter.png").is_file()  # labels come along for the pictures
     rc, out, err = cli(capsys, "report", run, "--iwae-k", "0")
     assert rc == 0 and (run / "report.md").is_file(), err
+
+
+def test_large_images_are_decoded_a_few_per_task_with_the_same_result(tmp_path, capsys, monkeypatch):
+    """A task held 256 decoded images: 9 GB for full-size 12 MP photos. Tasks are bounded in
+    bytes; the dataset is byte-identical whatever the task size."""
+    import fastvae.shards
+
+    src = image_folder(tmp_path / "photos", n_per_label=7)
+    rc, _, err = cli(capsys, "prepare", src, "--out", tmp_path / "whole", "--workers", "0", "--quiet")
+    assert rc == 0, err
+    monkeypatch.setattr(fastvae.shards, "DECODE_TASK_BYTES", 2 * 3 * 10 * 12)  # two images per task
+    tasks = []
+    real = fastvae.shards._decode_files
+    monkeypatch.setattr(fastvae.shards, "_decode_files", lambda files, **kw: tasks.append(len(files)) or real(files, **kw))
+    rc, _, err = cli(capsys, "prepare", src, "--out", tmp_path / "small", "--workers", "0", "--quiet")
+    assert rc == 0, err
+    assert max(tasks) == 2 and sum(tasks) == 14
+    for split in ("train", "test"):
+        a, b = (open_dataset(str(tmp_path / name)) for name in ("whole", "small"))
+        a, b = getattr(a, split), getattr(b, split)
+        assert [a.read_block(i)[0].tobytes() for i in range(a.blocks)] == [b.read_block(i)[0].tobytes() for i in range(b.blocks)]
 
 
 def test_jpeg_folder_of_mixed_sizes_with_size_and_grayscale(tmp_path, capsys):
