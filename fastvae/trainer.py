@@ -41,7 +41,7 @@ import torch
 from fastvae import run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
 from fastvae.config import MAX_SEED, TrainConfig
-from fastvae.data import Splits, load_dataset
+from fastvae.data import Splits, content_id, load_dataset
 from fastvae.errors import FastVAEError, one_line
 from fastvae.fabric_setup import make_fabric, make_optimizer
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
@@ -149,6 +149,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
                            f"of an epoch of {steps} batches (an edited or foreign checkpoint); resume from an "
                            "intact checkpoint or train into a new --out")
     saved_id = saved.get("data_id")
+    if str(saved_id).startswith("content:") and isinstance(splits, Splits) and splits.content_id is None:
+        splits.content_id = content_id(splits)  # a program's own splits, checked against the file the run read
     if saved_id is not None and saved_id != dataset_id(splits):
         reason = changed_data(saved_id, config.data)
         if config.data != saved["config"].get("data"):  # another path: the question does not apply
