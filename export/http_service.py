@@ -414,8 +414,9 @@ def _server_class():
         ``state.stop``: drain the batcher, answer stalled uploads) on SIGTERM/SIGINT, and leaving
         with exit status 0 (uvicorn re-raises the signal after a graceful stop). A second Ctrl-C
         during the graceful stop goes to the handler it replaced (on the command line
-        ``fastvae.interrupts.exit_now``: one line, status 130), as in training: uvicorn's own
-        forced exit cancelled the app's lifespan and logged a CancelledError traceback."""
+        ``fastvae.interrupts.exit_now``: one line, status 130; in a program Python's own, a
+        KeyboardInterrupt), as in training: uvicorn's own forced exit cancelled the app's
+        lifespan and logged a CancelledError traceback."""
 
         on_exit = staticmethod(lambda: None)
         _previous: dict = {}
@@ -424,7 +425,10 @@ def _server_class():
         def capture_signals(self):
             import signal
 
-            self._previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                self._previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            except ValueError:  # not the main thread (serve() from a program's thread): signals are not ours
+                self._previous = {}
             try:
                 yield
             finally:

@@ -61,6 +61,8 @@ def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu", *, mmap: bool =
     path = checkpoint_path(run_or_ckpt)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except OSError as exc:  # the file itself cannot be read: permissions, a failing disk
+        raise FastVAEError(f"could not read {path} ({exc.strerror or one_line(exc)})") from None
     except Exception as exc:  # truncated zip, pickle errors, foreign formats: one message
         if "on a CUDA device but torch.cuda.is_available() is False" in str(exc):  # not the file's fault
             raise FastVAEError(f"map_location {map_location!r}: this machine has no CUDA device; "

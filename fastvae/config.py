@@ -59,9 +59,12 @@ RESUME_IDENTITY = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "l
 # What a saved config.json (or checkpoint) without a setting was made with, where that is not
 # today's default: split_rule 2 came on 2026-11-30.
 SAVED_BEFORE = {"split_rule": 1}
-# The held-out split's rules (fastvae.data.split_indices); runs record the one they were made with.
-SPLIT_RULES = (1, 2)
-SPLIT_RULE = 2
+# The rules of what an in-memory source holds and which part is held out; runs record the one
+# they were made with: 1 each label's share rounded alone; 2 (2026-11-30) the shares rounded
+# together (fastvae.data.split_indices); 3 (2026-12-01) image folders also read .tif/.tiff/.jfif/
+# .jpe/.apng/.ppm/.pgm/.pbm/.pnm and keep a train/ + val/ split (fastvae.data.folder_rule).
+SPLIT_RULES = (1, 2, 3)
+SPLIT_RULE = 3
 
 
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
@@ -260,7 +263,7 @@ def saved_settings(values: dict) -> dict:
     return {**SAVED_BEFORE, **values}
 
 
-def host_memory(cgroup_root: str = "/sys/fs/cgroup") -> int:
+def host_memory(cgroup_root: str = "/sys/fs/cgroup", cgroup_file: str = "/proc/self/cgroup") -> int:
     """The memory this process may use in bytes: the machine's physical memory, or a container's
     cgroup limit where it is lower (Kubernetes, Docker --memory, SLURM's cgroups: beyond it the
     kernel's OOM killer ends the process with no message); 0 where the system does not say (no
@@ -269,21 +272,38 @@ def host_memory(cgroup_root: str = "/sys/fs/cgroup") -> int:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX
         physical = 0
-    limit = _cgroup_memory_limit(cgroup_root)
+    limit = _cgroup_memory_limit(cgroup_root, cgroup_file)
     return min(physical, limit) if physical and limit else physical or limit
 
 
-def _cgroup_memory_limit(root: str) -> int:
-    """cgroup v2's memory.max or v1's memory.limit_in_bytes (as the container sees them), else 0
-    ("max", or v1's "unlimited" of ~2**63)."""
-    for name in ("memory.max", "memory/memory.limit_in_bytes"):
-        try:
-            text = open(os.path.join(root, name)).read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < 2**60:
-            return int(text)
-    return 0
+def _cgroup_memory_limit(root: str, cgroup_file: str) -> int:
+    """The lowest memory limit of this process's cgroup and its ancestors (``cgroup_file`` names
+    them: cgroup v2's memory.max, v1's memory.limit_in_bytes; a container sees its own as the
+    root, a SLURM job or systemd scope a path below it), else 0 ("max", or v1's ~2**63)."""
+    try:
+        lines = open(cgroup_file).read().splitlines()
+    except OSError:
+        lines = []
+    places = []  # (folder of the hierarchy's root, the cgroup's path in it, the limit's file)
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            places.append((root, path, "memory.max"))
+        elif "memory" in controllers.split(","):
+            places.append((os.path.join(root, "memory"), path, "memory.limit_in_bytes"))
+    if not places:  # no /proc: the root's own files, as a container sees them
+        places = [(root, "/", "memory.max"), (os.path.join(root, "memory"), "/", "memory.limit_in_bytes")]
+    limits = []
+    for base, path, name in places:
+        parts = [part for part in path.split("/") if part and part != ".."]
+        for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor up to the root
+            try:
+                text = open(os.path.join(base, *parts[:depth], name)).read().strip()
+            except OSError:
+                continue
+            if text.isdigit() and 0 < int(text) < 2**60:
+                limits.append(int(text))
+    return min(limits, default=0)
 
 
 def check_seed(seed, name: str = "--seed") -> int:

@@ -21,7 +21,6 @@ file and what is wrong.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gzip
 import math
 import os
@@ -38,11 +37,32 @@ from fastvae.config import SPLIT_RULE, SPLIT_RULES
 from fastvae.errors import FastVAEError, one_line
 from fastvae.photos import is_photos, load_photos
 
-# the image files an image folder is read from (TIFF, JFIF: a browser's "Save image as"); other
-# formats Pillow opens (.ico, .psd, ...) are left out with a note. GIF/TIFF/APNG: the first frame
-IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# the image files an image folder is read from (TIFF, JFIF: a browser's "Save image as"; the
+# Netpbm formats of classic face datasets); other raster formats Pillow opens (.ico, .psd, ...)
+# are left out with a note. GIF/TIFF/APNG: the first frame
+IMAGE_SUFFIXES = frozenset({".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif",
+                            ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
 # subfolder names that hold a dataset's own held-out split beside train/ (the first present is used)
 HELD_OUT_NAMES = ("test", "val", "valid", "validation")
+# what split rules 1 and 2 read (a run made with them resumes on the same images and split)
+RULE2_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+RULE2_HELD_OUT_NAMES = ("test",)
+# raster formats Pillow may open that the note names when a folder holds them (not documents,
+# videos or science formats that share a folder with images: .h5, .mpg, .eps, .fits, ...)
+OTHER_IMAGE_SUFFIXES = frozenset({".avif", ".heic", ".heif", ".ico", ".icns", ".psd", ".tga", ".pcx", ".dds",
+                                  ".jp2", ".j2k", ".jpx", ".sgi", ".rgb", ".xbm", ".xpm", ".qoi", ".dib", ".jxl"})
+
+
+class FolderRule(NamedTuple):
+    """What an image folder holds under a split rule: the files read, the held-out folder names."""
+
+    suffixes: frozenset
+    held_out_names: tuple
+
+
+def folder_rule(rule: int = SPLIT_RULE) -> FolderRule:
+    return (FolderRule(IMAGE_SUFFIXES, HELD_OUT_NAMES) if rule >= 3
+            else FolderRule(RULE2_IMAGE_SUFFIXES, RULE2_HELD_OUT_NAMES))
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -62,7 +82,11 @@ class Splits:
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
     held_out: bool = False  # the test split was cut by --test-fraction / --split-seed (not the source's own)
-    content_id: str | None = None  # data read from a path: a digest of what was read (``content_id``)
+    from_path: bool = False  # read from a file or folder by ``load_dataset`` (not bundled, not a program's)
+    content_id: str | None = None  # ``content_id``, once a run has computed it (on its own copy)
+    # the pixels' grid k / L as the source stores them (255: 8-bit, 16: the digits; None: none;
+    # "unknown": made by a program, looked for in the values when needed, see ``data_grid``)
+    pixel_grid: int | None | str = "unknown"
 
     @property
     def data_shape(self) -> tuple[int, int, int]:
@@ -96,7 +120,7 @@ def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, s
                                "--out SHARDS --grayscale', or train without --grayscale")
         data = _luma(data)
     if isinstance(data, Splits) and not is_bundled(source):  # bundled data is the package's own
-        data.content_id = content_id(data)
+        data.from_path = True  # a run records its digest (shards.dataset_id)
     return data
 
 
@@ -108,10 +132,10 @@ def content_id(splits: Splits) -> str:
 
     digest = hashlib.blake2b(digest_size=16)
     for t in (splits.train, splits.test, splits.train_labels, splits.test_labels):
-        array = None if t is None else np.ascontiguousarray(t.numpy())
-        digest.update(repr(None if array is None else (array.dtype.str, array.shape)).encode())
-        if array is not None:
-            digest.update(memoryview(array).cast("B"))
+        t = None if t is None else torch.as_tensor(t).detach().cpu().contiguous()
+        digest.update(repr(None if t is None else (str(t.dtype), tuple(t.shape))).encode())
+        if t is not None and t.numel():  # its bytes, whatever the dtype (bf16 has no numpy type)
+            digest.update(memoryview(t.flatten().view(torch.uint8).numpy()))
     return "content:" + digest.hexdigest()
 
 
@@ -180,8 +204,9 @@ def _luma(splits: Splits) -> Splits:
     def gray(images):
         return (images * weights).sum(1, keepdim=True)
 
+    # the source's grid stays the bins' width (its luma values lie between its levels)
     return Splits(splits.name, gray(splits.train), gray(splits.test), splits.train_labels,
-                  splits.test_labels, splits.held_out)
+                  splits.test_labels, splits.held_out, pixel_grid=splits.pixel_grid)
 
 
 def _digits() -> Splits:
@@ -198,7 +223,7 @@ def _digits() -> Splits:
         pixels, target = digits.images, digits.target
     images = torch.from_numpy(pixels.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(target.astype(np.int64))
-    return Splits("digits", images[:1500], images[1500:], labels[:1500], labels[1500:])
+    return Splits("digits", images[:1500], images[1500:], labels[:1500], labels[1500:], pixel_grid=16)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -249,12 +274,14 @@ def _idx_folder(folder: Path) -> Splits:
             f"data folder {folder} has {parts['train'].name} but no t10k-images-idx3-ubyte[.gz]: "
             "add the test file, or give the single train file as --data to split it"
         )
-    train, test = (_as_images(read_idx(parts[k]), parts[k]) for k in ("train", "test"))
+    raw = {k: read_idx(parts[k]) for k in ("train", "test")}
+    train, test = (_as_images(raw[k], parts[k]) for k in ("train", "test"))
     labels = {}
     for key, images in (("train_labels", train), ("test_labels", test)):
         labels[key] = _labels(read_idx(parts[key]), len(images), parts[key]) if parts[key] else None
     _check_same_shape(train, test, folder)
-    return Splits(folder.name, train, test, labels["train_labels"], labels["test_labels"])
+    return Splits(folder.name, train, test, labels["train_labels"], labels["test_labels"],
+                  pixel_grid=source_grid(raw["train"], raw["test"]))
 
 
 def _npz(path: Path, split: tuple[float, int, int]) -> Splits:
@@ -273,7 +300,8 @@ def _npz(path: Path, split: tuple[float, int, int]) -> Splits:
             _check_same_shape(train, test, path)
             train_labels = _labels(arrays[ytr], len(train), path, ytr) if ytr in arrays else None
             test_labels = _labels(arrays[yte], len(test), path, yte) if yte in arrays else None
-            return Splits(path.name, train, test, train_labels, test_labels)
+            return Splits(path.name, train, test, train_labels, test_labels,
+                          pixel_grid=source_grid(arrays[train_key], arrays[test_key]))
     if len(arrays) == 1:
         (key, array), = arrays.items()
         return _split(path.name, array, None, path, split, key)
@@ -314,18 +342,19 @@ class FolderFiles(NamedTuple):
     label_names: list[str] | None
 
 
-def image_folder_files(folder: Path) -> FolderFiles:
+def image_folder_files(folder: Path, rule: int = SPLIT_RULE) -> FolderFiles:
     """``image_files`` with the label names, or for a folder whose subfolders are ``train`` and
     ``test`` (or ``val``/``valid``/``validation``: the published split of many datasets) the
     files of both, labelled by the subfolders inside them (one set of label names), and
-    ``is_test`` marking the held-out files."""
-    parts = _own_split_parts(folder)
+    ``is_test`` marking the held-out files. ``rule``: the split rule (``folder_rule``)."""
+    reading = folder_rule(rule)
+    parts = _own_split_parts(folder, reading.held_out_names)
     if parts is None:
-        files, tops = _files_and_tops(folder)
+        files, tops = _files_and_tops(folder, reading.suffixes)
         labels, names = _label_indices(tops)
         return FolderFiles(files, labels, None, names)
-    train, train_tops = _files_and_tops(parts["train"])
-    test, test_tops = _files_and_tops(parts["test"])
+    train, train_tops = _files_and_tops(parts["train"], reading.suffixes)
+    test, test_tops = _files_and_tops(parts["test"], reading.suffixes)
     flat = {name: set(tops) == {""} for name, tops in (("train", train_tops), ("test", test_tops))}
     if flat["train"] != flat["test"]:  # "" would become label 0 beside the other part's labels
         labelled = "train" if flat["test"] else "test"
@@ -341,13 +370,13 @@ def image_folder_files(folder: Path) -> FolderFiles:
     return FolderFiles(train + test, labels, is_test, names)
 
 
-def _own_split_parts(folder: Path) -> dict | None:
+def _own_split_parts(folder: Path, held_out_names: tuple = HELD_OUT_NAMES) -> dict | None:
     """{"train": train/, "test": the held-out folder} where the subfolders are train/ and one or
-    more of HELD_OUT_NAMES (test/ first: a val/ beside it is left out, with a note), else None
-    (the subfolders are labels)."""
+    more of ``held_out_names`` (test/ first: a val/ beside it is left out, with a note), else
+    None (the subfolders are labels)."""
     subfolders = {p.name.lower(): p for p in folder.iterdir()
                   if not p.name.startswith(".") and p.is_dir()}
-    held = [name for name in HELD_OUT_NAMES if name in subfolders]
+    held = [name for name in held_out_names if name in subfolders]
     if "train" not in subfolders or not held or set(subfolders) - {"train", *held}:
         return None
     for other in held[1:]:
@@ -356,12 +385,12 @@ def _own_split_parts(folder: Path) -> dict | None:
     return {"train": subfolders["train"], "test": subfolders[held[0]]}
 
 
-def _files_and_tops(folder: Path) -> tuple[list[Path], list[str]]:
+def _files_and_tops(folder: Path, suffixes=IMAGE_SUFFIXES) -> tuple[list[Path], list[str]]:
     """The image files below ``folder`` and each one's top-level subfolder ("" for none)."""
-    files = sorted(_walk_images(folder))
+    files = sorted(_walk_images(folder, suffixes))
     if not files:
         raise FastVAEError(
-            f"data folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no "
+            f"data folder {folder} holds no images ({', '.join(sorted(suffixes))}) and no "
             "MNIST IDX files"
         )
     tops = [f.relative_to(folder).parts[0] if f.parent != folder else "" for f in files]
@@ -384,7 +413,7 @@ def _label_indices(tops: list[str]) -> tuple[np.ndarray | None, list[str] | None
     return np.array([index[top] for top in tops], dtype=np.int64), classes
 
 
-def _walk_images(folder: Path) -> list[Path]:
+def _walk_images(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
     """Image files below ``folder``, linked folders followed (a link back to a folder on its own
     path is not: no endless loop); hidden files and folders left out. One note names what looks
     like an image but is not read: files of other formats Pillow knows, broken links."""
@@ -403,29 +432,20 @@ def _walk_images(folder: Path) -> list[Path]:
             suffix = path.suffix.lower()
             if name.startswith("."):
                 continue
-            if suffix in IMAGE_SUFFIXES:
+            if suffix in suffixes:
                 if path.is_file():
                     found.append(path)
                 elif path.is_symlink():
                     broken.append(path)
-            elif suffix in _other_image_suffixes():
+            elif suffix in OTHER_IMAGE_SUFFIXES:
                 other_formats.append(path)
     if other_formats or broken:
         parts = [f"{len(other_formats)} file(s) of image formats fastvae does not read (e.g. {other_formats[0].name}: "
-                 f"it reads {', '.join(sorted(IMAGE_SUFFIXES))}; convert them to PNG)"] if other_formats else []
+                 f"it reads {', '.join(sorted(suffixes))}; convert them to PNG)"] if other_formats else []
         parts += [f"{len(broken)} broken link(s) (e.g. {broken[0]})"] if broken else []
         print(f"note: {folder}: left out {' and '.join(parts)}", file=sys.stderr)
     return found
 
-
-@functools.lru_cache(maxsize=1)
-def _other_image_suffixes() -> frozenset:
-    """The file suffixes of image formats Pillow opens that are not IMAGE_SUFFIXES."""
-    from PIL import Image
-
-    Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                     if fmt in Image.OPEN and ext not in IMAGE_SUFFIXES)
 
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;L"}
@@ -477,7 +497,9 @@ def orientation(img) -> int | None:
     import re
 
     try:
-        if img.format == "PNG" and "exif" not in img.info:  # getexif would decode the whole image
+        # getexif would decode the whole image to look for an eXIf chunk after the pixels (rare;
+        # viewers differ on it): the header's EXIF and XMP are what probe and decode both read
+        if img.format == "PNG" and "exif" not in img.info:
             xmp = img.info.get("XML:com.adobe.xmp") or img.info.get("xmp") or ""
             xmp = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
             match = re.search(r'tiff:Orientation(="|>)([0-9])', xmp)
@@ -512,7 +534,7 @@ def decode_image(file: Path, channels: int, size: int | None = None) -> np.ndarr
     try:
         with _quiet_pillow(), Image.open(file) as img:
             turn = orientation(img)
-            if size is not None and img.format == "JPEG":
+            if size is not None and img.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with a depth map
                 _draft(img, size)
             img = _upright(img, turn)
             if img.mode in WIDE_GRAY_MODES:
@@ -533,8 +555,8 @@ JPEG_DRAFT_GAP = 3  # a JPEG is decoded at a DCT scale that keeps its shorter si
 def _draft(img, size: int) -> None:
     """Let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale, keeping its shorter side at
     least JPEG_DRAFT_GAP x ``size`` (Pillow's thumbnail does this with 2): the resize to ``size``
-    then differs from a full decode's by ~1 grey level (40-45 dB), and a 12 MP photo decodes in
-    ~9 ms instead of ~180 ms."""
+    then differs from a full decode's by ~1 grey level on average (40-45 dB), and a 12 MP photo
+    decodes in ~18 ms instead of ~175 ms (--size 64)."""
     w, h = img.size
     shorter, want = min(w, h), JPEG_DRAFT_GAP * size
     if shorter >= 2 * want:  # else no DCT scale fits
@@ -562,7 +584,7 @@ def different_sizes_error(file: Path, size: tuple, first: Path, first_size: tupl
 
 
 def _image_folder(folder: Path, split: tuple[float, int, int], grayscale: bool) -> Splits:
-    files, labels, is_test, _ = image_folder_files(folder)
+    files, labels, is_test, _ = image_folder_files(folder, rule=split[2])
     probes = [probe_image(f) for f in files]
     for file, probe in zip(files, probes):
         if isinstance(probe, str):
@@ -578,7 +600,7 @@ def _image_folder(folder: Path, split: tuple[float, int, int], grayscale: bool) 
     if is_test is None:
         return _split(folder.name, np.stack(arrays), labels, folder, split)
     test = torch.from_numpy(is_test)
-    return _take_rows(folder.name, _as_images(np.stack(arrays), folder), labels, ~test, test)
+    return replace(_take_rows(folder.name, _as_images(np.stack(arrays), folder), labels, ~test, test), pixel_grid=255)
 
 
 def split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed: int,
@@ -634,7 +656,7 @@ def _split(name: str, array: np.ndarray, labels, path: Path, split: tuple[float,
     if n < 2:
         raise FastVAEError(f"data {path} has {n} example(s): need at least 2 (train and test)")
     train, test = (torch.from_numpy(rows) for rows in split_indices(n, labels, *split))
-    return replace(_take_rows(name, images, labels, train, test), held_out=True)
+    return replace(_take_rows(name, images, labels, train, test), held_out=True, pixel_grid=source_grid(array))
 
 
 def _take_rows(name: str, images: torch.Tensor, labels, train, test) -> Splits:
@@ -644,6 +666,49 @@ def _take_rows(name: str, images: torch.Tensor, labels, train, test) -> Splits:
         name, images[train], images[test],
         None if label_t is None else label_t[train], None if label_t is None else label_t[test],
     )
+
+
+# the grids k / L looked for in float data: the powers of two and those minus one up to 256
+# (8-bit pixels / 255, the digits' / 16, binary images); finer grids cannot be told from float32
+PIXEL_GRIDS = sorted({2**b for b in range(9)} | {2**b - 1 for b in range(2, 9)})
+
+
+def source_grid(*arrays) -> int | None:
+    """The grid k / L the pixels of ``arrays`` (as a source stores them, before ``unit_pixels``)
+    lie on: 255 for uint8, 1 for bool, for floats in [0, 1] the smallest L in PIXEL_GRIDS that
+    every value is on; None where they lie on none (or the arrays disagree)."""
+    grids = {_grid_of(np.asarray(a) if not isinstance(a, torch.Tensor) else a) for a in arrays}
+    return grids.pop() if len(grids) == 1 else None
+
+
+def _grid_of(array) -> int | None:
+    dtype = str(array.dtype).removeprefix("torch.")
+    if dtype == "uint8":
+        return 255
+    if dtype == "bool":
+        return 1
+    values = torch.as_tensor(array).detach().flatten()
+    if not values.is_floating_point() or not len(values):
+        return None
+    for grid in PIXEL_GRIDS:
+        if all(_on_grid(values[start:start + (1 << 20)], grid) for start in range(0, len(values), 1 << 20)):
+            return grid
+    return None
+
+
+def _on_grid(values: torch.Tensor, grid: int) -> bool:
+    scaled = values.float() * grid  # float32 k / 255 * 255 is within ~2e-5 of k
+    return bool(((scaled - scaled.round()).abs() <= 1e-3).all())
+
+
+def data_grid(data) -> int | None:
+    """The pixel grid of ``data``: a ``Splits``' own (looked for in its test values if a program
+    made it), 255 for a prepared dataset or split (uint8 on disk), else ``source_grid``."""
+    if isinstance(data, Splits):
+        return source_grid(data.test) if data.pixel_grid == "unknown" else data.pixel_grid
+    if hasattr(data, "read_block") or hasattr(data, "meta"):
+        return 255
+    return source_grid(data)
 
 
 def unit_pixels(data: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:

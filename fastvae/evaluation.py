@@ -1,11 +1,12 @@
 """Test-set bounds in nats per example: single-sample -ELBO and the IWAE bound.
 
 Bits per dim (images): bound / (D ln 2), plus log2(L) for the continuous likelihoods (gaussian,
-laplace) on data whose pixels lie on the grid k / L (``pixel_grid``: L = 255 for 8-bit images,
-16 for the digits' 17 grey levels): a density on [0, 1] gives a pixel's bin of width 1 / L the
-probability density / L (the usual dequantization convention, the density read at the bin's
-centre). Data on no such grid (continuous floats) has no bits per dim for a density (None). The
-Bernoulli likelihood on [0, 1] intensities is reported as its bound per dim alone.
+laplace) on data whose source stores its pixels on the grid k / L (``fastvae.data.data_grid``:
+L = 255 for 8-bit images, 16 for the digits' 17 grey levels): a density on [0, 1] gives a
+pixel's bin of width 1 / L the probability density / L (the usual dequantization convention,
+the density read at the bin's centre). Data on no grid (continuous floats), or on one coarser
+than 1 / 16, has no bits per dim for a density (None). The Bernoulli likelihood on [0, 1]
+intensities is reported as its bound per dim alone.
 
 -ELBO = E_x[ -log p(x|z) + KL(q(z|x) || p(z)) ], z ~ q(z|x) (one sample);
 IWAE NLL = -E_x[ logsumexp_k log w_k - log K ], log w_k = log p(x, z_k) - log q(z_k|x).
@@ -116,18 +117,23 @@ def decode_rows(model) -> int:
 
 
 def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
-             progress: bool = False) -> dict:
+             progress: bool = False, pixel_grid: int | None | str = "auto") -> dict:
     """``{"neg_elbo", "recon", "kl", "iwae_nll", "bits_per_dim", "pixel_levels", "n", "iwae_k"}``
     on ``data`` (nats per example; bits per dim of the tightest bound computed, None for a density
     on data without a pixel grid; ``pixel_levels``: L + 1 for the grid k / L, else None; see the
     module doc).
 
     ``data``: rows (n, *model.data_shape) as a tensor or numpy array, floats in [0, 1] or uint8
-    pixels; ``Splits`` (their test split) or a prepared split. ``model``: a VAE or a run folder."""
+    pixels; ``Splits`` (their test split) or a prepared split. ``model``: a VAE or a run folder.
+    ``pixel_grid``: L of the data's grid k / L (``fastvae.data.data_grid``: "auto" takes it from
+    ``data``; a caller holding the source's ``Splits`` passes theirs)."""
     from fastvae.config import check_iwae_k
+    from fastvae.data import data_grid
 
     iwae_k = check_iwae_k(iwae_k)
-    model, data, seed = _checked(model, data, seed)
+    model, checked, seed = _checked(model, data, seed)
+    grid = data_grid(data) if pixel_grid == "auto" else pixel_grid  # as stored, before unit_pixels
+    data = checked
     sums = elbo_sums(model, data, seed=seed)
     n = float(sums[3])
     result = {"neg_elbo": float(sums[0]) / n, "recon": float(sums[1]) / n,
@@ -135,7 +141,6 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
     if iwae_k > 0:
         result["iwae_nll"] = iwae_nll_sum(model, data, iwae_k, seed=seed, progress=progress) / n
     bound = result.get("iwae_nll", result["neg_elbo"])
-    grid = pixel_grid(data)
     result["bits_per_dim"] = bits_per_dim(bound, model.data_shape, model.likelihood.kind, grid)
     result["pixel_levels"] = None if grid is None else grid + 1
     return result
@@ -172,37 +177,18 @@ def _checked(model, data, seed):
     return model, data, check_seed(seed, "evaluate: seed")
 
 
+# a density's bits per dim need bins this fine at least: reading the density at a bin's centre
+# as its average over the bin breaks down for coarser ones (binary pixels gave -3 bits per dim)
+MIN_DENSITY_GRID = 16
+
+
 def bits_per_dim(nats: float, data_shape, likelihood: str, grid: int | None = 255) -> float | None:
     """A bound in nats per example as bits per data dim; a density's pixels in bins of width
-    1 / ``grid`` (None: no grid, no bits per dim for a density)."""
+    1 / ``grid`` (None: no grid, or one coarser than 1 / MIN_DENSITY_GRID: no bits per dim for a
+    density)."""
     dims = math.prod(data_shape)
     per_dim = nats / (dims * math.log(2.0))
     if likelihood not in ("gaussian", "laplace"):
         return per_dim
-    return None if grid is None else per_dim + math.log2(grid)
+    return None if grid is None or grid < MIN_DENSITY_GRID else per_dim + math.log2(grid)
 
-
-# the grids k / L looked for: 8- and 16-bit pixels, the digits' 1/16 steps, binary images, and
-# the other powers of two (and those minus one) between them
-PIXEL_GRIDS = sorted({2**b for b in range(17)} | {2**b - 1 for b in range(2, 17)})
-
-
-def pixel_grid(data) -> int | None:
-    """The smallest L in ``PIXEL_GRIDS`` with every value of ``data`` (floats in [0, 1]) on the
-    grid k / L; 255 for a prepared split (uint8 on disk); None for data on none of them."""
-    if not isinstance(data, torch.Tensor):
-        return 255
-    values = data.detach().flatten()
-    head = values[:65536].double()  # a cheap first pass; the survivors are checked on everything
-    for grid in PIXEL_GRIDS:
-        if _on_grid(head, grid) and _on_grid(values, grid):
-            return grid
-    return None
-
-
-def _on_grid(values: torch.Tensor, grid: int, chunk: int = 1 << 20) -> bool:
-    for start in range(0, len(values), chunk):  # bounded memory for a large test split
-        scaled = values[start:start + chunk].double() * grid  # float32 k / 255 * 255 is within ~1e-5 of k
-        if not bool(((scaled - scaled.round()).abs() <= 1e-3).all()):
-            return False
-    return True

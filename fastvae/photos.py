@@ -53,7 +53,7 @@ def load_photos(source: str = "photos"):
     rng = np.random.default_rng(0)
     train = _crops([_read(*p) for p in TRAIN_PHOTOS], TRAIN_CROPS, size, rng)
     test = _crops([_read(*p) for p in TEST_PHOTOS], TEST_CROPS, size, rng)
-    return Splits(str(source), train, test)
+    return Splits(str(source), train, test, pixel_grid=255)  # crops of 8-bit photos
 
 
 def photo_path(package: str, name: str) -> Path:

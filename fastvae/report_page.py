@@ -599,6 +599,9 @@ def write_report(
         splits = _load_run_data(run_dir, source, config, given=data is not None)
     from fastvae.loaders import in_memory_sample
 
+    from fastvae.data import data_grid
+
+    grid = data_grid(splits)  # the source's pixel grid: the sample drawn below has none
     full, splits = splits.test, in_memory_sample(splits)  # streamed: evaluate all, draw the first
     test = torch.as_tensor(splits.test).float()
     if tuple(test.shape[1:]) != tuple(model.data_shape):
@@ -609,7 +612,7 @@ def write_report(
     # every test image; read again in batches only when the pictures' sample holds fewer
     evaluated = full if len(full) != len(test) else test
     if metrics is None:
-        metrics = _evaluate(model, evaluated, iwae_k, seed, progress)
+        metrics = _evaluate(model, evaluated, iwae_k, seed, progress, grid)
     stats = latent_stats(model, evaluated) if len(full) >= 2 else None
 
     metrics_csv = run_dir / run_folder.METRICS_CSV
@@ -666,7 +669,7 @@ def _load_run_data(run_dir: Path, source: str | None, config: dict, given: bool)
     return splits
 
 
-def _evaluate(model, test, iwae_k: int, seed: int, progress: bool = False) -> dict:
+def _evaluate(model, test, iwae_k: int, seed: int, progress: bool = False, grid="auto") -> dict:
     """``fastvae.evaluation.evaluate`` on the test images; for the deterministic autoencoder (no
     likelihood, no KL) its MSE cost."""
     from fastvae.evaluation import elbo_sums, evaluate
@@ -675,5 +678,5 @@ def _evaluate(model, test, iwae_k: int, seed: int, progress: bool = False) -> di
     if model.kind == "ae":
         sums = elbo_sums(model, test)  # the autoencoder's recon is its per-example squared error
         return {"mse": float(sums[1]) / float(sums[3]), **reconstruction_psnr(model, test)}
-    return {**evaluate(model, test, iwae_k=iwae_k, seed=seed, progress=progress),
+    return {**evaluate(model, test, iwae_k=iwae_k, seed=seed, progress=progress, pixel_grid=grid),
             **reconstruction_psnr(model, test)}

@@ -162,14 +162,23 @@ def dataset_id(data) -> "str | None":
     meta = getattr(data, "meta", None)
     if isinstance(meta, dict):
         return meta.get("dataset_id")
-    return getattr(data, "content_id", None)
+    if getattr(data, "content_id", None) is not None:
+        return data.content_id
+    if getattr(data, "from_path", False):
+        from fastvae.data import content_id
+
+        return content_id(data)
+    return None
 
 
-def changed_data(saved_id: str, source: str) -> str:
-    """What it means that ``source`` is not the data of a run's ``saved_id``."""
+def changed_data(saved_id: str, source: str, run: str = "the run", same_path: bool = True) -> str:
+    """What it means that ``source`` is not the data of ``run``'s ``saved_id`` (with a guess at
+    why where ``source`` is the path the run read)."""
     if saved_id.startswith("content:"):
-        return f"{source} is not the data the run trained on (images or rows added, removed or changed since?)"
-    return f"{source} is not the prepared dataset the run trained on (prepared again under the same path?)"
+        why = " (images or rows added, removed or changed since?)" if same_path else ""
+        return f"{source} is not the data {run} trained on{why}"
+    why = " (prepared again under the same path?)" if same_path else ""
+    return f"{source} is not the prepared dataset {run} trained on{why}"
 
 
 def check_run_dataset(run, saved_id: "str | None", data, source: str) -> None:
@@ -177,8 +186,8 @@ def check_run_dataset(run, saved_id: "str | None", data, source: str) -> None:
     other data (``saved_id``): a dataset prepared again under the same path, or a folder that
     changed, has another held-out split, which may hold the run's training images."""
     if saved_id is not None and saved_id != dataset_id(data):
-        raise FastVAEError(f"{changed_data(saved_id, source).replace('the run', str(run))}: its test split may "
-                           f"hold the run's training images; pass --data {source} to evaluate on it all the same")
+        raise FastVAEError(f"{changed_data(saved_id, source, str(run))}: its test split may hold the run's "
+                           f"training images; pass --data {source} to evaluate on it all the same")
 
 
 def _join(url: str, name: str) -> str:

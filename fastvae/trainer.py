@@ -27,6 +27,7 @@ written; ``on_train_end(trainer, interrupted)``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -149,12 +150,14 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
                            f"of an epoch of {steps} batches (an edited or foreign checkpoint); resume from an "
                            "intact checkpoint or train into a new --out")
     saved_id = saved.get("data_id")
-    if str(saved_id).startswith("content:") and isinstance(splits, Splits) and splits.content_id is None:
-        splits.content_id = content_id(splits)  # a program's own splits, checked against the file the run read
-    if saved_id is not None and saved_id != dataset_id(splits):
-        reason = changed_data(saved_id, config.data)
-        if config.data != saved["config"].get("data"):  # another path: the question does not apply
-            reason = reason.split(" (")[0]
+    data_id = dataset_id(splits)
+    if data_id is None and str(saved_id).startswith("content:") and isinstance(splits, Splits):
+        data_id = content_id(splits)  # a program's own splits, checked against what the run read
+    if isinstance(splits, Splits) and data_id is not None and splits.content_id != data_id:
+        # digested once (the ranks record it), on a copy: the caller's object stays as it was
+        splits = dataclasses.replace(splits, content_id=data_id)
+    if saved_id is not None and saved_id != data_id:
+        reason = changed_data(saved_id, config.data, same_path=config.data == saved["config"].get("data"))
         raise FastVAEError(f"cannot resume {run_dir}: {reason}; resume on that data or a copy of it, or train "
                            "into a new --out")
     if _first_process():  # notes once, not from every rank's process

@@ -120,6 +120,21 @@ def test_random_bytes_and_empty_file(tmp_path):
         assert "weights_only" not in str(info.value) and len(str(info.value)) < 250
 
 
+def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path, monkeypatch):
+    """A permission or disk error was reported as "not a torch checkpoint file" (zipfile's
+    check swallows it); it says what the system said (root cannot be denied: simulated)."""
+    import errno
+
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"PK")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(torch, "load", denied)
+    _expect(path, f"could not read {path} (Permission denied)")
+
+
 @pytest.mark.parametrize("obj", [{"a": 1}, [1, 2, 3], torch.zeros(3), {"format": "other-v9"}])
 def test_foreign_torch_files(tmp_path, obj):
     path = tmp_path / "foreign.pt"

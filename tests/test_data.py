@@ -712,3 +712,18 @@ def test_a_train_and_val_folder_keeps_its_split_and_its_labels(tmp_path, capsys,
     assert ("val is not used: fastvae holds out one split, test/" in err) == (len(held) > 1), err
     splits = load_dataset(tmp_path / "data")
     assert len(splits.test) == 2 and sorted(splits.test_labels.tolist()) == [0, 1]
+
+
+def test_runs_made_under_rule_2_read_a_folder_as_they_did(tmp_path):
+    """The folder reading of rule 3 (TIFF and other new suffixes, train/ + val/ as a split) would
+    give a run made before it other images and another split on --resume or evaluate: rules 1
+    and 2 keep reading PNG/JPEG/BMP/GIF/WebP only, and train/ + val/ as two labels."""
+    for split, n in (("train", 4), ("val", 2)):
+        for i in range(n):
+            save_png(tmp_path / "data" / split / "cat" / f"{i}.png", images_u8(1, 5, 5)[0])
+    Image.fromarray(images_u8(1, 5, 5)[0]).save(tmp_path / "data" / "train" / "cat" / "x.tif")
+    today = load_dataset(tmp_path / "data")
+    assert len(today.train) == 5 and len(today.test) == 2 and not today.held_out  # val/ is the test split
+    before = load_dataset(tmp_path / "data", split_rule=2, test_fraction=0.5)
+    assert before.held_out and len(before.train) + len(before.test) == 6  # no .tif, labels train/val
+    assert sorted(before.train_labels.tolist() + before.test_labels.tolist()) == [0, 0, 0, 0, 1, 1]

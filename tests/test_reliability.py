@@ -7,6 +7,7 @@ deterministic, so "the same" means equal to within 1e-6 (in practice bit for bit
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -451,22 +452,34 @@ def test_resume_with_another_shape_on_the_command_line(tmp_path, make_config):
 
 
 def test_host_memory_is_a_containers_cgroup_limit_where_lower(tmp_path):
-    """In a container (Kubernetes, docker --memory, SLURM cgroups) the machine's memory is not
-    what the process may use: beyond the cgroup's limit the OOM killer ends it with no message."""
+    """In a container (Kubernetes, docker --memory) or a SLURM job's or systemd scope's cgroup
+    the machine's memory is not what the process may use: beyond the lowest limit on its cgroup's
+    path the OOM killer ends it with no message."""
     from fastvae.config import host_memory
 
-    physical = host_memory(cgroup_root=str(tmp_path / "none"))
+    def memory(root, *lines):
+        (tmp_path / "cgroup").write_text("".join(f"{line}\n" for line in lines))
+        return host_memory(cgroup_root=str(tmp_path / root), cgroup_file=str(tmp_path / "cgroup"))
+
+    def limit(path, value):
+        path = tmp_path / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{value}\n")
+
+    physical = host_memory(cgroup_root=str(tmp_path / "none"), cgroup_file=str(tmp_path / "none"))
     assert physical > 0
-    (tmp_path / "v2").mkdir()
-    (tmp_path / "v2" / "memory.max").write_text("1073741824\n")
-    assert host_memory(cgroup_root=str(tmp_path / "v2")) == min(physical, 1 << 30)
-    (tmp_path / "v2" / "memory.max").write_text("max\n")  # no limit
-    assert host_memory(cgroup_root=str(tmp_path / "v2")) == physical
-    (tmp_path / "v1" / "memory").mkdir(parents=True)
-    (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text("536870912")
-    assert host_memory(cgroup_root=str(tmp_path / "v1")) == min(physical, 1 << 29)
-    (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "unlimited"
-    assert host_memory(cgroup_root=str(tmp_path / "v1")) == physical
+    limit("v2/memory.max", "max")  # v2: the job's limit below an unlimited root
+    limit("v2/slurm/job_7/memory.max", 1 << 30)
+    limit("v2/slurm/job_7/step_0/memory.max", "max")
+    assert memory("v2", "0::/slurm/job_7/step_0") == min(physical, 1 << 30)
+    assert memory("v2", "0::/") == physical  # a container: its root, unlimited
+    limit("v1/memory/memory.limit_in_bytes", 2**63 - 4096)  # v1's "unlimited"
+    limit("v1/memory/process_api/abc/memory.limit_in_bytes", 1 << 29)
+    assert memory("v1", "9:name=systemd:/", "4:memory:/process_api/abc", "0::/") == min(physical, 1 << 29)
+    assert memory("v1", "4:cpu,memory:/elsewhere") == physical  # a path that is not there: no limit read
+    (tmp_path / "cgroup").unlink()
+    limit("v2/memory.max", 1 << 28)  # no /proc/self/cgroup: the root's own file
+    assert host_memory(cgroup_root=str(tmp_path / "v2"), cgroup_file=str(tmp_path / "cgroup")) == min(physical, 1 << 28)
 
 
 def test_a_data_folder_changed_since_the_run_is_refused_on_resume_and_evaluate(tmp_path, make_config, capsys):
@@ -495,8 +508,13 @@ def test_a_data_folder_changed_since_the_run_is_refused_on_resume_and_evaluate(t
     from fastvae.data import load_dataset
 
     same = load_dataset(copy, test_fraction=0.2)
-    same.content_id = None  # a program's own splits: digested against the run's
+    same.from_path = False  # as a program's own splits: digested against the run's
     train(make_config(data=str(copy), epochs=3, test_fraction=0.2), resume=True, splits=same)
+    assert same.content_id is None  # the caller's object is left as it was
+    from fastvae.data import content_id
+
+    half = dataclasses.replace(same, train=same.train.bfloat16().requires_grad_())  # any tensor digests
+    assert content_id(half).startswith("content:") and content_id(half) != content_id(same)
     Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(copy / "a" / "new.png")
     with pytest.raises(FastVAEError, match=r"is not the data the run trained on \(images or rows added, removed "
                                            r"or changed since\?\); resume on that data or a copy of it"):

@@ -6,7 +6,8 @@ import argparse
 
 from fastvae.commands import arg_types
 
-HELP = "evaluate a run on its test split: -ELBO, IWAE NLL, recon, KL (nats per example)"
+HELP = ("evaluate a run on its test split: -ELBO, IWAE NLL, recon, KL (nats per example), bits per dim "
+        "(densities: on the data's pixel grid, pixel_levels)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fastvae.checkpoint import load, read_checkpoint
     from fastvae.config import saved_settings
-    from fastvae.data import load_dataset
+    from fastvae.data import data_grid, load_dataset
     from fastvae.config import check_iwae_k
     from fastvae.errors import FastVAEError
     from fastvae.evaluation import evaluate
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"data {data} has images of shape {splits.data_shape} but the model "
                            f"expects {tuple(model.data_shape)}: evaluate on data like the training data")
     result = {"run": str(args.run), "data": str(data),
-              **evaluate(model, splits.test, iwae_k=args.iwae_k, seed=seed, progress=args.progress and not args.json)}
+              **evaluate(model, splits.test, iwae_k=args.iwae_k, seed=seed, progress=args.progress and not args.json,
+                         pixel_grid=data_grid(splits))}
     if args.pictures:  # into the run folder (a checkpoint's: RUN/checkpoints/X.ckpt)
         from fastvae import viz
 
@@ -82,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            if value is None:  # bits_per_dim and pixel_levels of continuous data
-                value = "none (the data's values lie on no pixel grid: a density has no bins)"
+            if value is None and key == "pixel_levels":
+                value = "none (the data's values lie on no pixel grid)"
+            elif value is None:  # bits_per_dim of a density
+                value = "none (a density's bits need pixels on a grid of 1/16 or finer)"
             print(f"{key:>10}: {value:.4f}" if isinstance(value, float) else f"{key:>10}: {value}")
     return 0

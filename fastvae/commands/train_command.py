@@ -179,9 +179,12 @@ def run(args: argparse.Namespace) -> int:
         from fastvae.evaluation import evaluate
         from fastvae.trainer import load_config_data
 
+        from fastvae.data import data_grid
+
+        data = load_config_data(config)
         summary.update({f"test_{k}": v for k, v in evaluate(
-            load(result.run_dir), load_config_data(config).test, iwae_k=config.iwae_k,
-            seed=config.seed, progress=config.progress).items()})
+            load(result.run_dir), data.test, iwae_k=config.iwae_k, seed=config.seed, progress=config.progress,
+            pixel_grid=data_grid(data)).items()})
     print(json.dumps(summary))
     return 0
 
