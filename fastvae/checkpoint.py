@@ -61,9 +61,12 @@ def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu", *, mmap: bool =
     path = checkpoint_path(run_or_ckpt)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except OSError as exc:  # the file itself cannot be read: permissions, a failing disk
-        raise FastVAEError(f"could not read {path} ({exc.strerror or one_line(exc)})") from None
     except Exception as exc:  # truncated zip, pickle errors, foreign formats: one message
+        try:  # unless the file itself cannot be read (permissions, a failing disk): say so
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError as unreadable:
+            raise FastVAEError(f"could not read {path} ({unreadable.strerror or one_line(unreadable)})") from None
         if "on a CUDA device but torch.cuda.is_available() is False" in str(exc):  # not the file's fault
             raise FastVAEError(f"map_location {map_location!r}: this machine has no CUDA device; "
                                "load with map_location='cpu'") from None

@@ -687,8 +687,15 @@ def _grid_of(array) -> int | None:
         return 255
     if dtype == "bool":
         return 1
-    values = torch.as_tensor(array).detach().flatten()
-    if not values.is_floating_point() or not len(values):
+    if isinstance(array, torch.Tensor):
+        values = array.detach().flatten()
+        if not values.is_floating_point():
+            return None
+    else:  # any float numpy array (big-endian, long double): converted a chunk at a time
+        values = array.reshape(-1)
+        if not np.issubdtype(values.dtype, np.floating):
+            return None
+    if not len(values):
         return None
     for grid in PIXEL_GRIDS:
         if all(_on_grid(values[start:start + (1 << 20)], grid) for start in range(0, len(values), 1 << 20)):
@@ -696,7 +703,9 @@ def _grid_of(array) -> int | None:
     return None
 
 
-def _on_grid(values: torch.Tensor, grid: int) -> bool:
+def _on_grid(values, grid: int) -> bool:
+    if not isinstance(values, torch.Tensor):
+        values = torch.from_numpy(values.astype(np.float32))
     scaled = values.float() * grid  # float32 k / 255 * 255 is within ~2e-5 of k
     return bool(((scaled - scaled.round()).abs() <= 1e-3).all())
 

@@ -131,7 +131,10 @@ def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
+    import fastvae.checkpoint
+
     monkeypatch.setattr(torch, "load", denied)
+    monkeypatch.setattr(fastvae.checkpoint, "open", denied, raising=False)  # the module's own reads
     _expect(path, f"could not read {path} (Permission denied)")
 
 
