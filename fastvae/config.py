@@ -63,6 +63,7 @@ SAVED_BEFORE = {"split_rule": 1}
 # they were made with: 1 each label's share rounded alone; 2 (2026-11-30) the shares rounded
 # together (fastvae.data.split_indices); 3 (2026-12-01) image folders also read .tif/.tiff/.jfif/
 # .jpe/.apng/.ppm/.pgm/.pbm/.pnm and keep a train/ + val/ split (fastvae.data.folder_rule).
+MAX_FREE_BITS = 1e4  # nats per latent dim: far beyond any use; float32's range ends at 3.4e38
 SPLIT_RULES = (1, 2, 3)
 SPLIT_RULE = 3
 
@@ -169,7 +170,7 @@ class TrainConfig:
             "lr": self.lr > 0,
             "sigma": self.sigma > 0,
             "beta": self.beta >= 0,
-            "free_bits": self.free_bits >= 0,
+            "free_bits": 0 <= self.free_bits <= MAX_FREE_BITS,
             "kl_warmup_steps": self.kl_warmup_steps >= 0,
             "checkpoint_every": self.checkpoint_every >= 0,
             "checkpoint_minutes": self.checkpoint_minutes >= 0,
@@ -182,7 +183,8 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 sign = {"lr": "positive", "sigma": "positive", "checkpoint_every": "zero (off) or positive",
-                        "checkpoint_minutes": "zero (off) or positive"}.get(name, "zero or positive")
+                        "checkpoint_minutes": "zero (off) or positive",
+                        "free_bits": f"from 0 (off) to {MAX_FREE_BITS:g} nats per latent dim"}.get(name, "zero or positive")
                 raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
         problem = url_problem(self.out)  # a config file's out: what the --out flag's type refuses
         if problem:
@@ -371,7 +373,11 @@ def _coerce(name: str, value, kind: type, source: str):
             return int(value)
     elif kind is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # a 400-digit integer: beyond any float
+                raise FastVAEError(f"{source}: setting {name!r} must be a finite number, got an integer of "
+                                   f"{len(str(abs(int(value))))} digits") from None
     elif kind is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)

@@ -15,6 +15,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -574,3 +575,31 @@ def test_overwrite_removes_the_old_runs_outputs_and_resume_survives_a_deleted_co
     assert rc == 0, err
     assert json.loads(out.strip().splitlines()[-1])["epochs"] == 2
     assert json.loads((run / "config.json").read_text())["latent_dim"] == 3
+
+
+def test_settings_from_the_config_audit_are_one_line_or_obeyed(tmp_path, capsys, monkeypatch):
+    """A free-bits value beyond float32 crashed in the step (after --overwrite had cleared the old
+    run); a 400-digit integer in a config file was an OverflowError traceback; --resume with a
+    relative --data blamed the data for a bad --beta; --no-compile lost to a file's or the run's
+    compile mode (it compiled)."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(capsys, "train", *TINY, "--free-bits", "1e39", "--out", "fb")
+    assert_one_line_error(rc, err, "--free-bits must be from 0 (off) to 10000")
+    assert not (tmp_path / "fb").exists()
+    (tmp_path / "big.toml").write_text("lr = 1" + "0" * 400 + "\n")
+    rc, _, err = cli(capsys, "train", *TINY, "--config", "big.toml", "--out", "big")
+    assert_one_line_error(rc, err, "big.toml", "'lr' must be a finite number", "401 digits")
+    (tmp_path / "sub").mkdir()
+    np.save(tmp_path / "sub" / "x.npy", np.random.default_rng(0).random((40, 4, 4), dtype=np.float32))
+    assert cli(capsys, "train", *TINY, "--data", "sub/x.npy", "--out", "npy")[0] == 0
+    rc, _, err = cli(capsys, "train", "--out", "npy", "--data", "sub/x.npy", "--resume", "--epochs", "2",
+                     "--beta", "-1")
+    assert_one_line_error(rc, err, "--beta must be zero or positive")
+    (tmp_path / "cm.toml").write_text('compile_mode = "max-autotune"\n')
+    rc, _, err = cli(capsys, "train", *TINY, "--config", "cm.toml", "--no-compile", "--out", "nc")
+    assert rc == 0, err
+    saved = json.loads((tmp_path / "nc" / "config.json").read_text())
+    assert (saved["compile"], saved["compile_mode"]) == (False, "default")
+    (tmp_path / "both.toml").write_text('compile = false\ncompile_mode = "reduce-overhead"\n')
+    rc, _, err = cli(capsys, "train", *TINY, "--config", "both.toml", "--out", "both")
+    assert_one_line_error(rc, err, "both.toml", "compile = false contradicts compile_mode = 'reduce-overhead'")

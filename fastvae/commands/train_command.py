@@ -143,7 +143,14 @@ def run(args: argparse.Namespace) -> int:
     if args.compile is False and args.compile_mode not in (None, "default"):
         raise FastVAEError(f"--no-compile contradicts --compile-mode {args.compile_mode} (which compiles): "
                            "give one of them")
+    if args.config:
+        from_file = load_config_file(args.config)
+        if from_file.get("compile") is False and from_file.get("compile_mode", "default") != "default":
+            raise FastVAEError(f"{args.config}: compile = false contradicts compile_mode = "
+                               f"{from_file['compile_mode']!r} (which compiles): give one of them")
     values.update(given)
+    if args.compile is False and args.compile_mode is None:  # the flag wins over a file's or the run's mode
+        values["compile_mode"] = "default"
     if args.logger_list:  # --logger csv --logger wandb (or --logger csv,wandb)
         trackers = ",".join([values.get("loggers", ""), *args.logger_list]).split(",")  # a resume's own first
         values["loggers"] = ",".join(dict.fromkeys(t.strip() for t in trackers if t.strip()))
@@ -152,9 +159,12 @@ def run(args: argparse.Namespace) -> int:
         config.validate()
     except FastVAEError as exc:
         if args.resume:  # a changed model setting that no longer fits the run's others: name it
+            from fastvae.data import absolute_source
+
+            asked = config.to_dict()
+            asked["data"] = absolute_source(asked["data"])  # as the run saved it
             run_folder.check_resume(out, TrainConfig.from_dict(saved, source=str(out)).to_dict(),
-                                    config.to_dict(), RESUME_IDENTITY, mid_epoch=False,
-                                    saved_world_size=1, world_size=1)
+                                    asked, RESUME_IDENTITY, mid_epoch=False, saved_world_size=1, world_size=1)
         if args.config and any(k in load_config_file(args.config) and k not in given for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
         raise
