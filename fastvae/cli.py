@@ -32,7 +32,12 @@ COMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors name the command and say where to look for help."""
+    """argparse, but errors name the command and say where to look for help, and flags are
+    never abbreviated (``--over`` was taken as ``--overwrite`` and replaced a run)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -93,7 +98,7 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the command's parser: its help is the one that lists its flags
-        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(args._parser, extra)}")
     interrupts.name(f"fastvae {args.command}")
     try:
         return int(args._run(args) or 0)
@@ -114,6 +119,16 @@ def _main(argv: list[str] | None) -> int:
             raise
         print(f"fastvae {args.command}: error: {_memory_error(exc)}", file=sys.stderr)
         return 2
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """"; did you mean --latent-dim?" for a mistyped flag (its closest spellings), else ""."""
+    import difflib
+
+    flags = [option for action in parser._actions for option in action.option_strings]
+    guesses = [match for word in extra if word.startswith("--")
+               for match in difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.75)]
+    return f"; did you mean {' or '.join(dict.fromkeys(guesses))}?" if guesses else ""
 
 
 def _os_error(exc: OSError) -> str:

@@ -56,6 +56,15 @@ MODEL_SETTINGS = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "si
 # sigma's value may change: it is a starting value).
 RESUME_IDENTITY = ("model", "kind", "latent_dim", "hidden_dim", "likelihood", "learn_sigma", "data",
                    "test_fraction", "split_seed", "split_rule", "grayscale", *CONVKL_SETTINGS)
+def resume_identity(saved: dict) -> tuple[str, ...]:
+    """RESUME_IDENTITY less the settings the saved run's model does not read (an MLP's convkl
+    settings, an autoencoder's likelihood): changing those changes nothing, so resumes them."""
+    unused = set(unused_settings(saved.get("model", "mlp")))
+    if saved.get("kind") == "ae":
+        unused |= {"likelihood", "learn_sigma"}
+    return tuple(k for k in RESUME_IDENTITY if k not in unused)
+
+
 # What a saved config.json (or checkpoint) without a setting was made with, where that is not
 # today's default: split_rule 2 came on 2026-11-30.
 SAVED_BEFORE = {"split_rule": 1}
@@ -249,9 +258,12 @@ class TrainConfig:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
+            hints = [f"{name}: did you mean {_closest_setting(name, known)}?" for name in unknown
+                     if _closest_setting(name, known)]
             raise FastVAEError(
-                f"{source}: unknown setting(s) {', '.join(unknown)}; known settings are "
-                + ", ".join(known)
+                f"{source}: unknown setting(s) {', '.join(unknown)}"
+                + (f" ({'; '.join(hints)})" if hints else "")
+                + "; known settings are " + ", ".join(known)
             )
         typed = {}
         for name, value in values.items():
@@ -345,21 +357,57 @@ def parse_channel_mult(text: str, downsample: int) -> tuple[int, ...]:
 
 def load_config_file(path: str | Path) -> dict:
     """Read a JSON or TOML config file into a dict, with one clear error for each problem."""
-    path = Path(path)
+    if not str(path).strip():
+        raise FastVAEError("--config is empty: give a .json or .toml file")
+    path = Path(path).expanduser()
     if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
+        what = ("is a folder" if path.is_dir() else "is not a regular file" if path.exists()
+                else "does not exist")
         raise FastVAEError(f"config file {path} {what}: give a .json or .toml file")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        raise FastVAEError(f"config file {path}: YAML is not read; give the settings as .json or .toml")
+    # .toml is TOML and .json JSON; another name is read as either, whichever it is
+    readers = {".toml": [("TOML", tomllib.loads)], ".json": [("JSON", json.loads)]}.get(
+        suffix, [("JSON", json.loads), ("TOML", tomllib.loads)])
     try:
         text = path.read_text()
-        suffix = path.suffix.lower()
-        if suffix in (".yaml", ".yml"):
-            raise FastVAEError(f"config file {path}: YAML is not read; give the settings as .json or .toml")
-        values = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise FastVAEError(f"config file {path} could not be read: {exc}") from None
+    problems = []
+    for kind, parse in readers:
+        try:
+            values = parse(text)
+            break
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            problems.append(f"as {kind}: {exc}" if len(readers) > 1 else str(exc))
+    else:
+        raise FastVAEError(f"config file {path} could not be read ({'; '.join(problems)})") from None
     if not isinstance(values, dict):
         raise FastVAEError(f"config file {path} must hold one object of settings, not {type(values).__name__}")
+    for key in ("data", "out"):  # ~ as a shell expands it on the command line (else a folder named ~)
+        if isinstance(values.get(key), str) and values[key].startswith("~"):
+            values[key] = os.path.expanduser(values[key])
     return values
+
+
+# config keys people write for a flag whose setting has another name
+FLAG_SETTINGS = {"logger": "loggers", "quiet": "progress = false", "no_pictures": "pictures = false",
+                 "no_quiet": "progress = true"}
+
+
+def _closest_setting(name: str, known) -> str | None:
+    """The setting a mistyped or flag-spelled config key means (latent-dim, latnet_dim:
+    latent_dim; logger: loggers), or None."""
+    import difflib
+
+    key = str(name).strip().lstrip("-").replace("-", "_")
+    if key in known:
+        return key
+    if key in FLAG_SETTINGS:
+        return FLAG_SETTINGS[key]
+    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return match[0] if match else None
 
 
 def _coerce(name: str, value, kind: type, source: str):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastvae import run_folder
 from fastvae.checkpoint import check_resumable, checkpoint_path, read_checkpoint
-from fastvae.config import RESUME_IDENTITY, TrainConfig, saved_settings
+from fastvae.config import TrainConfig, resume_identity, saved_settings
 from fastvae.errors import FastVAEError
 from fastvae.run_folder import EPOCH_END
 
@@ -67,7 +67,7 @@ def _check_settings(run_dir: Path, state: dict, config: TrainConfig) -> None:
     saved = {**TrainConfig().to_dict(), **saved_settings(state["config"])}
     # a prepared dataset is known by its dataset_id (train() compares it), not by its path:
     # a copy elsewhere (another disk, a bucket) resumes the run
-    identity = [k for k in RESUME_IDENTITY if not (k == "data" and state.get("data_id"))]
+    identity = [k for k in resume_identity(saved) if not (k == "data" and state.get("data_id"))]
     run_folder.check_resume(
         run_dir, saved, config.to_dict(), identity,
         mid_epoch=bool(state.get("batch_in_epoch")),

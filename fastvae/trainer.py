@@ -41,7 +41,7 @@ import torch
 
 from fastvae import run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
-from fastvae.config import MAX_SEED, TrainConfig
+from fastvae.config import MAX_SEED, TrainConfig, saved_settings, unused_settings
 from fastvae.data import Splits, content_id, load_dataset
 from fastvae.errors import FastVAEError, one_line
 from fastvae.fabric_setup import make_fabric, make_optimizer
@@ -165,17 +165,42 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
             print(resume_note, file=sys.stderr)
         if loaded:
             _note_unused_split_settings(config, splits)
+        if saved:
+            _note_changed_settings(saved, config)
         if saved and int(saved.get("epoch", 0)) >= config.epochs and not saved.get("batch_in_epoch"):
             print(f"note: {run_dir} has trained its {config.epochs} epoch(s) already: nothing to train "
                   f"(give --epochs more than {config.epochs} to train on)", file=sys.stderr)
-    # after every refusal: it starts the trackers, which write into the run folder at once
-    # (wandb, mlflow), so a run replacing another checks the hardware first, clears, then starts them
-    fabric = make_fabric(config, callbacks, trackers=not replace)
+    with _quiet_lightning(not config.progress):
+        return _launch(config, callbacks, splits, resume_from, replace)
+
+
+@contextlib.contextmanager
+def _quiet_lightning(quiet: bool):
+    """--quiet: Lightning's info lines (its precision, the distributed banner) are not shown,
+    warnings still are; the logger's level is put back afterwards (a program's own)."""
+    import logging
+
+    log = logging.getLogger("lightning_fabric")
+    level = log.level
+    if quiet:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) -> TrainResult | None:
+    """Build the Fabric and start ``_fit`` in every process."""
+    run_dir = Path(config.out)
+    # after every refusal: the trackers write into the run folder as they start (wandb, mlflow),
+    # so the hardware is checked first (a Fabric without them), the folder cleared, then they start
+    fabric = make_fabric(config, callbacks, trackers=False)
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
         run_folder.clear_run(run_dir)
-        if config.logger_names():
-            fabric = make_fabric(config, callbacks)
+    if config.logger_names():  # a refused run leaves no tracker files (mlflow.db, wandb/) behind
+        fabric = make_fabric(config, callbacks)
     if config.strategy == "ddp_spawn":  # this process only waits for the spawned ranks
         from fastvae import rank_errors
 
@@ -224,6 +249,20 @@ def _note_unused_split_settings(config: TrainConfig, splits) -> None:
     if given and not getattr(splits, "held_out", False):
         print(f"note: {config.data} has a test split of its own: {' and '.join(given)} change nothing "
               "(a prepared dataset's split is made by 'fastvae prepare --test-fraction')", file=sys.stderr)
+
+
+# settings a resume changes without a note: how the run is watched, not what it trains
+UNNOTED_ON_RESUME = ("epochs", "out", "progress", "pictures", "threads", "loggers", "tensorboard", "workers")
+
+
+def _note_changed_settings(saved: dict, config: TrainConfig) -> None:
+    """One note naming the settings a resume changes (old -> new): config.json keeps the latest."""
+    before = {**TrainConfig().to_dict(), **saved_settings(saved["config"])}
+    quiet = {*UNNOTED_ON_RESUME, *unused_settings(config.model)}  # unused: they change nothing
+    changed = [f"{key} {before[key]} -> {value}" for key, value in config.to_dict().items()
+               if key not in quiet and key in before and before[key] != value]
+    if changed:
+        print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
 
 
 def _set_fixed_sigma(model, sigma: float) -> None:

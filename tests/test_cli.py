@@ -603,3 +603,22 @@ def test_settings_from_the_config_audit_are_one_line_or_obeyed(tmp_path, capsys,
     (tmp_path / "both.toml").write_text('compile = false\ncompile_mode = "reduce-overhead"\n')
     rc, _, err = cli(capsys, "train", *TINY, "--config", "both.toml", "--out", "both")
     assert_one_line_error(rc, err, "both.toml", "compile = false contradicts compile_mode = 'reduce-overhead'")
+
+
+def test_quiet_hides_lightnings_info_lines_and_flags_are_never_abbreviated(tmp_path, capsys):
+    """--quiet showed Lightning's precision line and its 6-line distributed banner; --over was
+    taken for --overwrite (and replaced a run); a mistyped flag or config key names the setting
+    meant."""
+    args = ("train", *TINY, "--strategy", "ddp", "--devices", "1", "--precision", "bf16-mixed")
+    rc, out, err = run_cli(*args, "--out", tmp_path / "quiet")
+    assert rc == 0, err
+    assert "Automatic Mixed Precision" not in out + err and "Initializing distributed" not in out + err, out + err
+    rc, out, err = run_cli(*args[:-1], "32-true", "--no-quiet", "--out", tmp_path / "loud")
+    assert rc == 0 and "Initializing distributed" in out + err, out + err  # not quiet: Lightning's own
+    rc, _, err = cli(capsys, "train", *TINY, "--out", str(tmp_path / "quiet"), "--over")
+    assert_one_line_error(rc, err, "unrecognized arguments: --over")
+    rc, _, err = cli(capsys, "train", *TINY, "--latnet-dim", "3")
+    assert_one_line_error(rc, err, "--latnet-dim 3; did you mean --latent-dim?")
+    (tmp_path / "typo.toml").write_text("latnet_dim = 4\nquiet = true\n")
+    rc, _, err = cli(capsys, "train", "--config", str(tmp_path / "typo.toml"))
+    assert_one_line_error(rc, err, "latnet_dim: did you mean latent_dim?", "quiet: did you mean progress = false?")

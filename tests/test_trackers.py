@@ -90,6 +90,19 @@ def test_overwrite_keeps_the_new_runs_tracker_logs(tmp_path, capsys, offline):
     assert rows[-1]["train_loss"].encode() in _written(files[0], [rows[-1]["train_loss"].encode()])
 
 
+@pytest.mark.skipif(not HAVE_MLFLOW, reason="mlflow is not installed")
+def test_a_refused_run_starts_no_tracker(tmp_path, capsys, offline):
+    """--reparam triton where it cannot run (a CPU), and an accelerator this machine lacks, were
+    refused after the trackers had started: the folder kept mlflow.db and trackers.json."""
+    for flags in (["--reparam", "triton"], ["--accelerator", "cuda"]):
+        run = tmp_path / flags[1]
+        rc = main(["train", "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2", "--quiet", "--no-pictures",
+                   "--logger", "mlflow", "--out", str(run), *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and "mlflow" not in err.lower(), err
+        assert not run.exists() or not any(run.iterdir()), list(run.iterdir())
+
+
 @pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
 @pytest.mark.parametrize("quiet", [True, False])
 def test_quiet_also_quiets_wandb(tmp_path, offline, quiet):

@@ -124,13 +124,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fastvae import run_folder
-    from fastvae.config import RESUME_IDENTITY, TrainConfig, load_config_file, saved_settings
+    from fastvae.config import TrainConfig, load_config_file, resume_identity, saved_settings
     from fastvae.errors import FastVAEError
 
     names = [f.name for f in fields(TrainConfig)]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     values: dict = {}
-    if args.config:
+    if args.config is not None:
         values.update(load_config_file(args.config))
     if args.resume:
         out = Path(given.get("out") or values.get("out") or TrainConfig().out)
@@ -138,12 +138,13 @@ def run(args: argparse.Namespace) -> int:
             raise FastVAEError(f"cannot resume: {out} holds neither {run_folder.CONFIG_JSON} nor "
                                f"{run_folder.LAST}; train into {out} first")
         saved = saved_settings(run_folder.read_run_config(out))
+        _check_saved(saved, out)
         _machine_threads(saved, given)
         values = {**saved, **values}  # a deleted config.json: the checkpoint's
     if args.compile is False and args.compile_mode not in (None, "default"):
         raise FastVAEError(f"--no-compile contradicts --compile-mode {args.compile_mode} (which compiles): "
                            "give one of them")
-    if args.config:
+    if args.config is not None:
         from_file = load_config_file(args.config)
         if from_file.get("compile") is False and from_file.get("compile_mode", "default") != "default":
             raise FastVAEError(f"{args.config}: compile = false contradicts compile_mode = "
@@ -163,8 +164,9 @@ def run(args: argparse.Namespace) -> int:
 
             asked = config.to_dict()
             asked["data"] = absolute_source(asked["data"])  # as the run saved it
-            run_folder.check_resume(out, TrainConfig.from_dict(saved, source=str(out)).to_dict(),
-                                    asked, RESUME_IDENTITY, mid_epoch=False, saved_world_size=1, world_size=1)
+            before = TrainConfig.from_dict(saved, source=str(out)).to_dict()
+            run_folder.check_resume(out, before, asked, resume_identity(before), mid_epoch=False,
+                                    saved_world_size=1, world_size=1)
         if args.config and any(k in load_config_file(args.config) and k not in given for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
         raise
@@ -197,6 +199,27 @@ def run(args: argparse.Namespace) -> int:
             pixel_grid=data_grid(data)).items()})
     print(json.dumps(summary))
     return 0
+
+
+def _check_saved(saved: dict, out) -> None:
+    """One line naming the run's config.json when the settings saved in it are wrong (edited by
+    hand): the message blamed the flags, or "settings"."""
+    from pathlib import Path
+
+    from fastvae import run_folder
+    from fastvae.config import TrainConfig
+    from fastvae.errors import FastVAEError
+
+    where = Path(out) / run_folder.CONFIG_JSON
+    try:
+        TrainConfig.from_dict(saved, source=str(where)).validate()
+    except FastVAEError as exc:
+        text = str(exc)
+        if not text.startswith(str(where)):
+            text = f"{where}: {text}"
+        remedy = ("repair it, or delete it to resume with the checkpoint's settings" if where.is_file()
+                  else "the checkpoint's settings are damaged: train into a new --out")
+        raise FastVAEError(f"{text} ({remedy})") from None
 
 
 def _named(message: str) -> list[str]:
