@@ -160,6 +160,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
         reason = changed_data(saved_id, config.data, same_path=config.data == saved["config"].get("data"))
         raise FastVAEError(f"cannot resume {run_dir}: {reason}; resume on that data or a copy of it, or train "
                            "into a new --out")
+    finished = bool(saved) and int(saved.get("epoch", 0)) >= config.epochs and not saved.get("batch_in_epoch")
     if _first_process():  # notes once, not from every rank's process
         if resume_note:
             print(resume_note, file=sys.stderr)
@@ -167,9 +168,12 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
             _note_unused_split_settings(config, splits)
         if saved:
             _note_changed_settings(saved, config)
-        if saved and int(saved.get("epoch", 0)) >= config.epochs and not saved.get("batch_in_epoch"):
+        if finished:
             print(f"note: {run_dir} has trained its {config.epochs} epoch(s) already: nothing to train "
                   f"(give --epochs more than {config.epochs} to train on)", file=sys.stderr)
+    if finished:  # no process started, config.json left as the run trained (not the new settings)
+        return TrainResult(run_dir, int(saved["epoch"]), int(saved.get("step", 0)),
+                           run_folder.read_metrics(run_dir / METRICS_CSV, int(saved["epoch"]))) if _first_process() else None
     with _quiet_lightning(not config.progress):
         return _launch(config, callbacks, splits, resume_from, replace)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from testkit import CheckpointSteps, Crash, max_weight_diff, metrics_without_time, state_dict_of
+from fastvae import run_folder
 from fastvae.errors import FastVAEError
 from fastvae.distributions import kl_standard_normal
 from fastvae.losses import (bernoulli_log_likelihood, elbo_terms, free_bits_kl, iwae_bound,
@@ -381,12 +383,17 @@ def test_resume_takes_a_new_lr_and_fixed_sigma_and_refuses_fewer_epochs(tmp_path
 
 
 def test_resume_of_a_finished_run_changes_nothing_and_says_so(make_config, capsys):
+    """Not even config.json: it took the resume's new settings (an lr that never trained a step)."""
     config = make_config(epochs=1)
     train(config)
     before = state_dict_of(config.out)
+    run = Path(config.out)
+    saved = (run / "config.json").read_bytes()
     capsys.readouterr()
-    result = train(config, resume=True)
+    result = train(make_config(epochs=1, lr=0.5), resume=True)
     assert result.epochs == 1 and max_weight_diff(before, state_dict_of(config.out)) == 0.0
+    assert result.steps > 0 and result.metrics == run_folder.read_metrics(run / "metrics.csv")
+    assert (run / "config.json").read_bytes() == saved
     assert len(metrics_without_time(config.out)) == 1
     assert "has trained its 1 epoch(s) already: nothing to train (give --epochs more than 1" in capsys.readouterr().err
 
