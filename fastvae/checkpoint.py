@@ -60,7 +60,13 @@ def read_checkpoint(run_or_ckpt: str | Path, map_location="cpu", *, mmap: bool =
     alone costs no read of the weights)."""
     path = checkpoint_path(run_or_ckpt)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except OSError:
+            if not mmap:
+                raise
+            # a file system without mmap (some FUSE or network mounts): read it whole
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, pickle errors, foreign formats: one message
         try:  # unless the file itself cannot be read (permissions, a failing disk): say so
             with open(path, "rb") as file:

@@ -697,8 +697,9 @@ def _grid_of(array) -> int | None:
             return None
     if not len(values):
         return None
-    for grid in PIXEL_GRIDS:
-        if all(_on_grid(values[start:start + (1 << 20)], grid) for start in range(0, len(values), 1 << 20)):
+    for grid in PIXEL_GRIDS:  # a cheap look at the first values rules most grids out
+        if _on_grid(values[:4096], grid) and all(
+                _on_grid(values[start:start + (1 << 20)], grid) for start in range(0, len(values), 1 << 20)):
             return grid
     return None
 

@@ -5,7 +5,7 @@ laplace) on data whose source stores its pixels on the grid k / L (``fastvae.dat
 L = 255 for 8-bit images, 16 for the digits' 17 grey levels): a density on [0, 1] gives a
 pixel's bin of width 1 / L the probability density / L (the usual dequantization convention,
 the density read at the bin's centre). Data on no grid (continuous floats), or on one coarser
-than 1 / 16, has no bits per dim for a density (None). The Bernoulli likelihood on [0, 1]
+than 1 / 15 (under 16 levels), has no bits per dim for a density (None). The Bernoulli likelihood on [0, 1]
 intensities is reported as its bound per dim alone.
 
 -ELBO = E_x[ -log p(x|z) + KL(q(z|x) || p(z)) ], z ~ q(z|x) (one sample);
@@ -177,9 +177,10 @@ def _checked(model, data, seed):
     return model, data, check_seed(seed, "evaluate: seed")
 
 
-# a density's bits per dim need bins this fine at least: reading the density at a bin's centre
-# as its average over the bin breaks down for coarser ones (binary pixels gave -3 bits per dim)
-MIN_DENSITY_GRID = 16
+# a density's bits per dim need bins this fine at least (4-bit pixels, 16 levels): reading the
+# density at a bin's centre as its average over the bin breaks down for coarser ones (binary
+# pixels gave -3 bits per dim)
+MIN_DENSITY_GRID = 15
 
 
 def bits_per_dim(nats: float, data_shape, likelihood: str, grid: int | None = 255) -> float | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastvae import run_folder
 from fastvae.checkpoint import check_resumable, checkpoint_path, read_checkpoint
-from fastvae.config import TrainConfig, resume_identity, saved_settings
+from fastvae.config import SPLIT_RULE, TrainConfig, resume_identity, saved_settings
 from fastvae.errors import FastVAEError
 from fastvae.run_folder import EPOCH_END
 
@@ -21,6 +21,9 @@ def check_resume(run_dir: Path, config: TrainConfig) -> tuple[dict, Path, str | 
     path = checkpoint_path(run_dir)
     state = read_checkpoint(path, mmap=True)
     check_resumable(state, path)
+    made_with = saved_settings(state["config"]).get("split_rule", SPLIT_RULE)
+    if config.split_rule == SPLIT_RULE != made_with:  # today's default: the run keeps its own rule
+        config.split_rule = made_with  # (the command line reads it from config.json; a program may not)
     note = None
     try:
         _check_settings(run_dir, state, config)

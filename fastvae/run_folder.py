@@ -327,7 +327,7 @@ def check_resume(run_dir, saved: dict, settings: dict, identity: tuple[str, ...]
     """Refuse to resume a run with settings that would make it another run: any of
     ``identity`` (model and data), and mid-epoch also the batch size, seed and world size
     (the rest of the epoch must be the same batches)."""
-    changed = [k for k in identity if saved.get(k) != settings.get(k)]
+    changed = [f"{k} ({saved.get(k)!r}, now {settings.get(k)!r})" for k in identity if saved.get(k) != settings.get(k)]
     batching = []
     if mid_epoch:
         batching = [k for k in ("batch_size", "seed") if saved.get(k) != settings.get(k)]

@@ -175,7 +175,7 @@ def changed_data(saved_id: str, source: str, run: str = "the run", same_path: bo
     """What it means that ``source`` is not the data of ``run``'s ``saved_id`` (with a guess at
     why where ``source`` is the path the run read)."""
     if saved_id.startswith("content:"):
-        why = " (images or rows added, removed or changed since?)" if same_path else ""
+        why = " (images or rows added, removed or changed since, or the run trained on a program's selection?)" if same_path else ""
         return f"{source} is not the data {run} trained on{why}"
     why = " (prepared again under the same path?)" if same_path else ""
     return f"{source} is not the prepared dataset {run} trained on{why}"

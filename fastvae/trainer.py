@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
             print(resume_note, file=sys.stderr)
         if loaded:
             _note_unused_split_settings(config, splits)
-        if saved:
+        if saved and not finished:  # a finished run's new settings would train nothing
             _note_changed_settings(saved, config)
         if finished:
             print(f"note: {run_dir} has trained its {config.epochs} epoch(s) already: nothing to train "
@@ -178,20 +179,43 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
         return _launch(config, callbacks, splits, resume_from, replace)
 
 
+# set while a --quiet run launches: ranks started by ddp_spawn (new interpreters, which import
+# this module before Lightning sets up their process group) are quiet too
+QUIET_ENV = "FASTVAE_QUIET_LIGHTNING"
+
+
+def _quiet_lightning_logger() -> None:
+    import logging
+
+    import lightning_fabric  # it sets its logger's level as it is imported: first
+
+    logging.getLogger(lightning_fabric.__name__).setLevel(logging.WARNING)
+
+
+if os.environ.get(QUIET_ENV) == "1":
+    _quiet_lightning_logger()
+
+
 @contextlib.contextmanager
 def _quiet_lightning(quiet: bool):
     """--quiet: Lightning's info lines (its precision, the distributed banner) are not shown,
-    warnings still are; the logger's level is put back afterwards (a program's own)."""
+    warnings still are; the logger's level (a program's own) and the environment are put back
+    afterwards."""
     import logging
 
     log = logging.getLogger("lightning_fabric")
-    level = log.level
+    level, before = log.level, os.environ.get(QUIET_ENV)
     if quiet:
-        log.setLevel(logging.WARNING)
+        _quiet_lightning_logger()
+        os.environ[QUIET_ENV] = "1"
     try:
         yield
     finally:
         log.setLevel(level)
+        if before is None:
+            os.environ.pop(QUIET_ENV, None)
+        else:
+            os.environ[QUIET_ENV] = before
 
 
 def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) -> TrainResult | None:
@@ -199,7 +223,9 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
     run_dir = Path(config.out)
     # after every refusal: the trackers write into the run folder as they start (wandb, mlflow),
     # so the hardware is checked first (a Fabric without them), the folder cleared, then they start
-    fabric = make_fabric(config, callbacks, trackers=False)
+    # the hardware check's Fabric says nothing where the trackers' one follows (its lines twice)
+    with _quiet_lightning(bool(config.logger_names())):
+        fabric = make_fabric(config, callbacks, trackers=False)
     resolve_backend(config.reparam, fabric.device)  # --reparam triton where it cannot run: say so now
     if replace:  # only now that data and hardware are known to be good
         run_folder.clear_run(run_dir)
@@ -753,7 +779,9 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: Path | None) -> Tr
     if config.threads:  # in each rank's process; the caller's setting comes back after
         torch.set_num_threads(config.threads)
     try:
-        return Trainer(fabric, config, splits, resume).fit()
+        with warnings.catch_warnings():  # Lightning's own call, deprecated by torch: nothing to do here
+            warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
+            return Trainer(fabric, config, splits, resume).fit()
     except _RankZeroFailed:
         # end quietly, exit status 0: rank 0 prints the error and exits 2. A failing rank would
         # also make Fabric's launcher SIGKILL rank 0 (its observer polls every 5 s), maybe

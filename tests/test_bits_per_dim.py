@@ -56,7 +56,8 @@ def test_the_grid_is_the_sources_not_the_values_of_its_test_split():
     assert source_grid((np.arange(256) / 255).astype(np.float16)) is None
     assert source_grid(np.random.default_rng(0).random(1000)) is None
     assert source_grid(np.zeros(4, bool)) == 1 and source_grid(np.array([0, 0.5, 1.0])) == 2
-    assert bits_per_dim(100.0, (1, 4, 4), "gaussian", 8) is None  # bins of 1/8: too coarse
+    assert bits_per_dim(100.0, (1, 4, 4), "gaussian", 7) is None  # 3-bit pixels: too coarse
+    assert bits_per_dim(100.0, (1, 4, 4), "gaussian", 15) == pytest.approx(100 / (16 * math.log(2)) + math.log2(15))
     assert bits_per_dim(100.0, (1, 4, 4), "bernoulli", None) == pytest.approx(100 / (16 * math.log(2)))
 
 

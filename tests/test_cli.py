@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import re
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -615,6 +618,11 @@ def test_quiet_hides_lightnings_info_lines_and_flags_are_never_abbreviated(tmp_p
     assert "Automatic Mixed Precision" not in out + err and "Initializing distributed" not in out + err, out + err
     rc, out, err = run_cli(*args[:-1], "32-true", "--no-quiet", "--out", tmp_path / "loud")
     assert rc == 0 and "Initializing distributed" in out + err, out + err  # not quiet: Lightning's own
+    # ranks that ddp_spawn starts import fastvae.trainer before Lightning sets up their group
+    quiet = subprocess.run([sys.executable, "-c", "import logging, fastvae.trainer; "
+                            "print(logging.getLogger('lightning_fabric').getEffectiveLevel())"],
+                           capture_output=True, text=True, env={**SUBPROCESS_ENV, "FASTVAE_QUIET_LIGHTNING": "1"})
+    assert quiet.stdout.strip() == str(logging.WARNING), quiet.stderr
     rc, _, err = cli(capsys, "train", *TINY, "--out", str(tmp_path / "quiet"), "--over")
     assert_one_line_error(rc, err, "unrecognized arguments: --over")
     rc, _, err = cli(capsys, "train", *TINY, "--latnet-dim", "3")

@@ -435,7 +435,7 @@ def test_commands_end_to_end(tmp_path, capsys):
     # another --downsample no longer fits the run's --channel-mult: the error says what changed
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--downsample", "8", "--epochs", "2"]) == 2
-    assert "setting(s) downsample differ from the run" in capsys.readouterr().err
+    assert "setting(s) downsample (4, now 8) differ from the run" in capsys.readouterr().err
     for picture in ("reconstructions_side_by_side.png", "latent_channels.png", "samples.png", "interpolation.png"):
         assert (run / picture).is_file(), picture
     capsys.readouterr()

@@ -476,7 +476,7 @@ def test_host_memory_is_a_containers_cgroup_limit_where_lower(tmp_path):
     limit("v1/memory/memory.limit_in_bytes", 2**63 - 4096)  # v1's "unlimited"
     limit("v1/memory/process_api/abc/memory.limit_in_bytes", 1 << 29)
     assert memory("v1", "9:name=systemd:/", "4:memory:/process_api/abc", "0::/") == min(physical, 1 << 29)
-    assert memory("v1", "4:cpu,memory:/elsewhere") == physical  # a path that is not there: no limit read
+    assert memory("v1", "4:cpu,memory:/elsewhere") == physical  # not there: the hierarchy's top, unlimited
     (tmp_path / "cgroup").unlink()
     limit("v2/memory.max", 1 << 28)  # no /proc/self/cgroup: the root's own file
     assert host_memory(cgroup_root=str(tmp_path / "v2"), cgroup_file=str(tmp_path / "cgroup")) == min(physical, 1 << 28)
@@ -517,7 +517,7 @@ def test_a_data_folder_changed_since_the_run_is_refused_on_resume_and_evaluate(t
     assert content_id(half).startswith("content:") and content_id(half) != content_id(same)
     Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(copy / "a" / "new.png")
     with pytest.raises(FastVAEError, match=r"is not the data the run trained on \(images or rows added, removed "
-                                           r"or changed since\?\); resume on that data or a copy of it"):
+                                           r"or changed since, .*\); resume on that data or a copy of it"):
         train(make_config(data=str(copy), epochs=4, test_fraction=0.2), resume=True)
     capsys.readouterr()
     assert main(["evaluate", str(config.out), "--iwae-k", "0"]) == 2
@@ -526,3 +526,33 @@ def test_a_data_folder_changed_since_the_run_is_refused_on_resume_and_evaluate(t
     assert main(["evaluate", str(config.out), "--iwae-k", "0", "--data", str(copy)]) == 0  # named: taken
     train(make_config(data="digits", epochs=1, out=tmp_path / "bundled"))  # bundled data: no digest
     assert "data_id" not in read_checkpoint(tmp_path / "bundled")
+
+
+def test_a_run_made_under_an_earlier_split_rule_keeps_it(tmp_path, make_config, capsys):
+    """A program resuming a split_rule 2 run with today's default rule (3) was refused, for any
+    data; it keeps the run's rule now. On an image folder (whose reading rule 3 changed:
+    train/ + val/ is a split, .tif is read) evaluate uses the run's rule too."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from fastvae.cli import main
+    from fastvae.data import load_dataset
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for label in ("a", "b"):
+            (folder / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(folder / split / label / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(folder / "train" / "a" / "x.tif")
+    train(make_config(data=str(folder), epochs=1, split_rule=2, test_fraction=0.25))
+    train(make_config(data=str(folder), epochs=2, test_fraction=0.25), resume=True)  # default rule: the run's
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["split_rule"] == 2
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--iwae-k", "0", "--json"]) == 0
+    n = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"]
+    assert n == len(load_dataset(folder, split_rule=2, test_fraction=0.25).test) == 6  # 24 images x 0.25
+    assert len(load_dataset(folder, test_fraction=0.25).test) == 8  # today's: val/ is the test split

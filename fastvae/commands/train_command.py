@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="same as --logger tensorboard (needs 'pip install tensorboard')")
     r.add_argument("--quiet", dest="progress", action="store_false", default=None,
-                   help="no progress bar or per-epoch lines")
+                   help="no progress bar or per-epoch lines (nor Lightning's info lines)")
     r.add_argument("--no-quiet", dest="progress", action="store_true", default=None,
                    help="progress bar and per-epoch lines (the default; undoes a run's --quiet on --resume)")
     r.add_argument("--callback", dest="callbacks", action="append", default=[], metavar="MODULE:NAME",
@@ -144,14 +144,16 @@ def run(args: argparse.Namespace) -> int:
     if args.compile is False and args.compile_mode not in (None, "default"):
         raise FastVAEError(f"--no-compile contradicts --compile-mode {args.compile_mode} (which compiles): "
                            "give one of them")
-    if args.config is not None:
+    file_says_no = False  # a config file's compile = false, not overruled by a flag
+    if args.config is not None and args.compile is None and args.compile_mode is None:
         from_file = load_config_file(args.config)
-        if from_file.get("compile") is False and from_file.get("compile_mode", "default") != "default":
+        file_says_no = from_file.get("compile") is False
+        if file_says_no and from_file.get("compile_mode", "default") != "default":
             raise FastVAEError(f"{args.config}: compile = false contradicts compile_mode = "
                                f"{from_file['compile_mode']!r} (which compiles): give one of them")
     values.update(given)
-    if args.compile is False and args.compile_mode is None:  # the flag wins over a file's or the run's mode
-        values["compile_mode"] = "default"
+    if (args.compile is False and args.compile_mode is None) or file_says_no:
+        values["compile_mode"] = "default"  # no compiling: it wins over the resumed run's mode
     if args.logger_list:  # --logger csv --logger wandb (or --logger csv,wandb)
         trackers = ",".join([values.get("loggers", ""), *args.logger_list]).split(",")  # a resume's own first
         values["loggers"] = ",".join(dict.fromkeys(t.strip() for t in trackers if t.strip()))
@@ -167,8 +169,14 @@ def run(args: argparse.Namespace) -> int:
             before = TrainConfig.from_dict(saved, source=str(out)).to_dict()
             run_folder.check_resume(out, before, asked, resume_identity(before), mid_epoch=False,
                                     saved_world_size=1, world_size=1)
-        if args.config and any(k in load_config_file(args.config) and k not in given for k in _named(str(exc))):
+        from_file = load_config_file(args.config) if args.config else {}
+        if args.config and any(k in from_file and k not in given for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
+        if args.resume and any(k in saved and k not in given and k not in from_file for k in _named(str(exc))):
+            where = out / run_folder.CONFIG_JSON  # a value the run saved (edited, or older than today's rules)
+            where = where if where.is_file() else out / run_folder.LAST
+            raise FastVAEError(f"{where}: {exc} (the run's saved value: give the flag with a valid one, "
+                               f"or repair {where.name})") from None
         raise
     from fastvae.data import absolute_source, note_shadowed_folder
 
@@ -202,8 +210,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_saved(saved: dict, out) -> None:
-    """One line naming the run's config.json when the settings saved in it are wrong (edited by
-    hand): the message blamed the flags, or "settings"."""
+    """One line naming the run's config.json (or checkpoint) when a setting saved in it is
+    unknown or of the wrong type (edited by hand): the message blamed "settings"."""
     from pathlib import Path
 
     from fastvae import run_folder
@@ -211,15 +219,14 @@ def _check_saved(saved: dict, out) -> None:
     from fastvae.errors import FastVAEError
 
     where = Path(out) / run_folder.CONFIG_JSON
-    try:
-        TrainConfig.from_dict(saved, source=str(where)).validate()
+    if not where.is_file():  # read from the checkpoint (config.json deleted)
+        where = Path(out) / run_folder.LAST
+    try:  # unknown keys and wrong types: the file's own fault (values are checked once merged)
+        TrainConfig.from_dict(saved, source=str(where))
     except FastVAEError as exc:
-        text = str(exc)
-        if not text.startswith(str(where)):
-            text = f"{where}: {text}"
-        remedy = ("repair it, or delete it to resume with the checkpoint's settings" if where.is_file()
-                  else "the checkpoint's settings are damaged: train into a new --out")
-        raise FastVAEError(f"{text} ({remedy})") from None
+        remedy = ("repair it, or delete it to resume with the checkpoint's settings"
+                  if where.name == run_folder.CONFIG_JSON else "train into a new --out")
+        raise FastVAEError(f"{exc} ({remedy})") from None
 
 
 def _named(message: str) -> list[str]:
