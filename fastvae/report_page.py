@@ -19,6 +19,7 @@ import html as _html
 import json
 import math
 import os
+import sys
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,8 +474,8 @@ def _latent_channels_table(page: Page, stats: dict) -> None:
     if kl:
         rows.append(["sum", sum(kl), "", f"{stats['active_units']} of {stats['latent_dim']}"])
     page.table(header, rows, align="l" + "r" * (len(header) - 1))
-    page.p(f"The latent is {c} channels of {h}x{w} positions; each row sums the KL of a channel's "
-           "positions (test-set means) and averages their activity.")
+    what = "sums the KL of a channel's positions (test-set means) and averages" if kl else "averages"
+    page.p(f"The latent is {c} channels of {h}x{w} positions; each row {what} their activity.")
 
 
 def _pictures(page: Page, d: ReportData) -> None:
@@ -620,11 +621,17 @@ def write_report(
     expected += ["interpolation.png"] if len(test) >= 2 else []
     expected += ["latent_scatter.png"] if model.latent_dim == 2 else []
     expected += ["reconstructions_side_by_side.png", "latent_channels.png"] if len(model.latent_shape) == 3 else []
-    expected += ["loss_curves.png"] if metrics_csv.is_file() else []
+    expected += ["loss_curves.png"] if run_folder.read_metrics(metrics_csv) else []  # a header only: none drawn
     # redrawn when missing, or drawn from another checkpoint, metrics.csv, seed or data set
     stamp = pictures_stamp(run_dir, run_dir / run_folder.LAST, seed, source)
     if redraw or read_pictures_stamp(run_dir) != stamp or not all((run_dir / name).is_file() for name in expected):
+        shown = read_pictures_stamp(run_dir)
         write_run_pictures(run_dir, model, splits, seed=seed, stamp=stamp)
+        if shown is not None and out.parent.resolve() != run_dir.resolve() and (
+                (shown.get("seed"), shown.get("data")) != (stamp["seed"], stamp["data"])):
+            # the run's own pages link these pictures too
+            print(f"note: {run_dir}'s pictures now show seed {seed} and data {source} (this page's); "
+                  f"'fastvae report {run_dir}' draws the run's own again", file=sys.stderr)
     pictures = [run_dir / name for name in PICTURES if (run_dir / name).is_file()]
     if model.latent_dim != 2:
         pictures = [p for p in pictures if p.name != "latent_scatter.png"]  # left from another run
@@ -643,9 +650,19 @@ def write_report(
 
 
 def _check_writable(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)  # OSError: one line from the command line
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FastVAEError(f"cannot write into {folder}: check the path and its permissions")
+    """A file can be created in ``folder`` (or the nearest folder above it that exists: it is
+    made when the page is written): tried, as permissions alone pass for root on /proc."""
+    import tempfile
+
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    try:
+        os.close((probe := tempfile.mkstemp(prefix=".fastvae-probe-", dir=existing))[0])
+        os.unlink(probe[1])
+    except OSError as exc:
+        from fastvae.errors import write_failure
+
+        raise FastVAEError(f"cannot write into {folder} ({write_failure(exc)}): check the path and its "
+                           "permissions") from None
 
 
 def _load_run_data(run_dir: Path, source: str | None, config: dict, given: bool):

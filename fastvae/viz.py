@@ -285,17 +285,25 @@ _CURVES = (
 )
 
 
-def save_loss_curves(metrics_csv: str | Path, path: str | Path, upto_epoch: float = math.inf) -> Path | None:
+# a deterministic autoencoder's: its loss is the squared error, it has no KL
+_AE_CURVES = (("loss (squared error)", ("train_loss", "train"), ("test_neg_elbo", "test")),)
+
+
+def save_loss_curves(metrics_csv: str | Path, path: str | Path, upto_epoch: float = math.inf,
+                     kind: str = "vae") -> Path | None:
     """Loss, reconstruction and KL per epoch (train, and test when present) up to
-    ``upto_epoch``; ``None`` when ``metrics.csv`` is missing or has no rows."""
+    ``upto_epoch`` (``kind`` "ae": the squared error alone); ``None`` when ``metrics.csv`` is
+    missing or has no rows."""
     columns = run_folder.metric_columns(run_folder.read_metrics(metrics_csv, upto_epoch))
     if not columns or "epoch" not in columns:
         return None
     plt = _pyplot()
     epochs = np.asarray(columns["epoch"])
-    fig, axes = plt.subplots(1, 3, figsize=LOSS_SIZE_IN, dpi=DPI)
+    curves = _AE_CURVES if kind == "ae" else _CURVES
+    fig, axes = plt.subplots(1, len(curves), figsize=LOSS_SIZE_IN, dpi=DPI, squeeze=False)
+    unit = "squared error per example" if kind == "ae" else "nats per example"
     try:
-        for ax, (title, *series) in zip(axes, _CURVES):
+        for ax, (title, *series) in zip(axes[0], curves):
             for column, label in series:
                 if column not in columns:
                     continue
@@ -305,7 +313,7 @@ def save_loss_curves(metrics_csv: str | Path, path: str | Path, upto_epoch: floa
                     ax.plot(epochs[keep], y[keep], marker="o" if keep.sum() < 30 else None, ms=3, label=label)
             ax.set_title(title)
             ax.set_xlabel("epoch")
-            ax.set_ylabel("nats per example")
+            ax.set_ylabel(unit)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
@@ -387,7 +395,8 @@ def write_run_pictures(run_dir: str | Path, model: Any, splits: Any, seed: int =
             written.append(save_latent_scatter(model, x, run_dir / LATENT_SCATTER_PNG, labels_np))
     from fastvae.checkpoint import trained_epochs
 
-    curves = save_loss_curves(run_dir / run_folder.METRICS_CSV, run_dir / LOSS_CURVES_PNG, trained_epochs(run_dir))
+    curves = save_loss_curves(run_dir / run_folder.METRICS_CSV, run_dir / LOSS_CURVES_PNG, trained_epochs(run_dir),
+                              kind=model.kind)
     if curves is not None:
         written.append(curves)
     if stamp is not None:

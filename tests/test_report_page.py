@@ -270,3 +270,44 @@ def test_autoencoder_report_speaks_of_codes_and_squared_error(tmp_path):
     assert "Nats per example" not in text and "Squared error per example" in text
     assert "z ~ N(0, I)" not in text and "Gaussian fitted to the test images' codes" in text
     assert "p(x|z" not in text.split("## Pictures")[1]
+
+
+def test_report_audit_pages_elsewhere_header_only_metrics_and_autoencoder_curves(tmp_path, capsys, monkeypatch):
+    """A page written elsewhere with another seed replaced the run's pictures without a word; an
+    --out root may not write (/proc) was found after the evaluation, and a refused report left
+    the folders made for its --out; a metrics.csv holding its header alone (Ctrl-C before the
+    first epoch) redrew every picture on every report; an autoencoder's curves were titled -ELBO
+    and KL in nats."""
+    import os
+
+    import fastvae.viz as viz
+
+    run = make_run(tmp_path / "run")
+    write_report(run, iwae_k=0)
+    capsys.readouterr()
+    write_report(run, iwae_k=0, seed=3, out=tmp_path / "elsewhere" / "s3.md")
+    assert f"note: {run}'s pictures now show seed 3" in capsys.readouterr().err
+    write_report(run, iwae_k=0, seed=3, out=tmp_path / "elsewhere" / "again.md")  # already shown: no note
+    assert "note:" not in capsys.readouterr().err
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(FastVAEError, match="cannot write into /proc"):
+            write_report(run, iwae_k=0, out="/proc/report.md")
+    with pytest.raises(FastVAEError):
+        write_report(run, iwae_k=0, data=str(tmp_path / "missing.npy"), out=tmp_path / "new1" / "new2" / "r.md")
+    assert not (tmp_path / "new1").exists()
+
+    early = make_run(tmp_path / "early", metrics=False)
+    (early / "metrics.csv").write_text(METRICS_CSV.splitlines()[0] + "\n")  # the header alone
+    write_report(early, iwae_k=0)
+    written = {p.name: p.stat().st_mtime_ns for p in early.glob("*.png")}
+    write_report(early, iwae_k=0)
+    assert {p.name: p.stat().st_mtime_ns for p in early.glob("*.png")} == written and "loss_curves.png" not in written
+
+    titles = []
+    real_save = viz._save_figure
+    monkeypatch.setattr(viz, "_save_figure", lambda fig, path: titles.append(
+        [(ax.get_title(), ax.get_ylabel()) for ax in fig.axes]) or real_save(fig, path))
+    viz.save_loss_curves(early.parent / "run" / "metrics.csv", tmp_path / "ae.png", kind="ae")
+    viz.save_loss_curves(early.parent / "run" / "metrics.csv", tmp_path / "vae.png")
+    assert titles[0] == [("loss (squared error)", "squared error per example")]
+    assert [t for t, _ in titles[1]] == ["loss (-ELBO)", "reconstruction", "KL"]
