@@ -46,6 +46,7 @@ KNOWN_METRICS = {
     "pixel_levels": ("pixel levels", "the values a pixel takes, k / (levels - 1): 256 for 8-bit images"),
     "psnr": ("reconstruction PSNR (dB)", "10 log10(1/m), m the mean squared error per pixel value of the "
              "reconstructions over all test images"),
+    "learned_sigma": ("learned sigma", "the likelihood's scale the run learned (--sigma was where it started)"),
     "bicubic_psnr": ("bicubic baseline PSNR (dB)", "the images bicubic-downsampled by f and upsampled back: "
                      "the trivial codec with as many values per pixel as the latent's f"),
 }
@@ -689,11 +690,15 @@ def _load_run_data(run_dir: Path, source: str | None, config: dict, given: bool)
 def _evaluate(model, test, iwae_k: int, seed: int, progress: bool = False, grid="auto") -> dict:
     """``fastvae.evaluation.evaluate`` on the test images; for the deterministic autoencoder (no
     likelihood, no KL) its MSE cost."""
+    import torch
+
     from fastvae.evaluation import elbo_sums, evaluate
     from fastvae.image_quality import reconstruction_psnr
 
     if model.kind == "ae":
         sums = elbo_sums(model, test)  # the autoencoder's recon is its per-example squared error
         return {"mse": float(sums[1]) / float(sums[3]), **reconstruction_psnr(model, test)}
+    scale = getattr(getattr(model, "likelihood", None), "log_scale", None)
+    learned = {"learned_sigma": float(scale.detach().float().exp().mean())} if isinstance(scale, torch.nn.Parameter) else {}
     return {**evaluate(model, test, iwae_k=iwae_k, seed=seed, progress=progress, pixel_grid=grid),
-            **reconstruction_psnr(model, test)}
+            **learned, **reconstruction_psnr(model, test)}

@@ -311,3 +311,20 @@ def test_report_audit_pages_elsewhere_header_only_metrics_and_autoencoder_curves
     viz.save_loss_curves(early.parent / "run" / "metrics.csv", tmp_path / "vae.png")
     assert titles[0] == [("loss (squared error)", "squared error per example")]
     assert [t for t, _ in titles[1]] == ["loss (-ELBO)", "reconstruction", "KL"]
+
+
+def test_a_learned_sigma_is_reported(tmp_path):
+    """A --learn-sigma run's report showed only the starting --sigma."""
+    run = make_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config.update(likelihood="gaussian", learn_sigma=True, sigma=0.1)
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(**{k: v for k, v in config.items()}).model_spec((1, 8, 8)))
+    with torch.no_grad():
+        model.likelihood.log_scale.fill_(np.log(0.25))  # as if learned
+    (run / "config.json").write_text(json.dumps(config))
+    save_checkpoint(run / LAST, {"config": config, "spec": model.spec, "model": model.state_dict(), "epoch": 2,
+                                 "step": 48})
+    text = write_report(run, iwae_k=0).read_text()
+    assert re.search(r"\| learned sigma \| 0\.2500 \|", text), text
+    assert "learned sigma" not in write_report(make_run(tmp_path / "fixed"), iwae_k=0).read_text()
