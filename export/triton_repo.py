@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +77,10 @@ def check_repository_target(repo: str | os.PathLike, name: str, max_batch: int) 
         raise FastVAEError(f"--triton-repo {repo} is a file: give a folder (it is created if missing)")
     # where the model folder would be created: tried now, so a repository that cannot be written
     # fails before the export replaces the decoder file
-    target = (Path(repo) / name).absolute()
-    existing = next(p for p in (target, *target.parents) if p.exists())
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".fastvae-probe-", dir=existing))
-    except OSError as exc:
-        raise FastVAEError(f"--triton-repo {repo} cannot be written ({write_failure(exc)}): "
-                           "give a folder you can write to") from None
+    failure = run_folder.write_failure_in(Path(repo) / name)
+    if failure is not None:
+        raise FastVAEError(f"--triton-repo {repo} cannot be written ({write_failure(failure)}): "
+                           "give a folder you can write to")
 
 
 def write_triton_repository(onnx_path, repo: str | os.PathLike, *, name: str = DEFAULT_NAME,

@@ -651,19 +651,14 @@ def write_report(
 
 
 def _check_writable(folder: Path) -> None:
-    """A file can be created in ``folder`` (or the nearest folder above it that exists: it is
-    made when the page is written): tried, as permissions alone pass for root on /proc."""
-    import tempfile
-
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    try:
-        os.close((probe := tempfile.mkstemp(prefix=".fastvae-probe-", dir=existing))[0])
-        os.unlink(probe[1])
-    except OSError as exc:
+    """A file can be created in ``folder`` (``run_folder.write_failure_in``; a missing folder is
+    made when the page is written)."""
+    failure = run_folder.write_failure_in(folder)
+    if failure is not None:
         from fastvae.errors import write_failure
 
-        raise FastVAEError(f"cannot write into {folder} ({write_failure(exc)}): check the path and its "
-                           "permissions") from None
+        raise FastVAEError(f"cannot write into {folder} ({write_failure(failure)}): check the path and its "
+                           "permissions")
 
 
 def _load_run_data(run_dir: Path, source: str | None, config: dict, given: bool):

@@ -176,6 +176,23 @@ def move_folder_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_failure_in(folder: str | os.PathLike) -> OSError | None:
+    """Why nothing can be created in ``folder`` (or the nearest folder above it that exists,
+    where it would be made), or None: tried with a file made and removed, as permission bits
+    alone pass for root on a file system that refuses writes (/proc, a read-only mount)."""
+    import tempfile
+
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        handle, name = tempfile.mkstemp(prefix=".fastvae-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        return exc
+    return None
+
+
 @contextmanager
 def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
     """A new hidden folder beside the file ``beside``, removed when the block ends (or on

@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
     names = [f.name for f in fields(TrainConfig)]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     values: dict = {}
-    if args.config is not None:
-        values.update(load_config_file(args.config))
+    from_file = load_config_file(args.config) if args.config is not None else {}  # read once
+    values.update(from_file)
     if args.resume:
         out = Path(given.get("out") or values.get("out") or TrainConfig().out)
         if not (out / run_folder.CONFIG_JSON).is_file() and not (out / run_folder.LAST).is_file():
@@ -146,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
                            "give one of them")
     file_says_no = False  # a config file's compile = false, not overruled by a flag
     if args.config is not None and args.compile is None and args.compile_mode is None:
-        from_file = load_config_file(args.config)
         file_says_no = from_file.get("compile") is False
         if file_says_no and from_file.get("compile_mode", "default") != "default":
             raise FastVAEError(f"{args.config}: compile = false contradicts compile_mode = "
@@ -169,7 +168,6 @@ def run(args: argparse.Namespace) -> int:
             before = TrainConfig.from_dict(saved, source=str(out)).to_dict()
             run_folder.check_resume(out, before, asked, resume_identity(before), mid_epoch=False,
                                     saved_world_size=1, world_size=1)
-        from_file = load_config_file(args.config) if args.config else {}
         if args.config and any(k in from_file and k not in given for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
         if args.resume and any(k in saved and k not in given and k not in from_file for k in _named(str(exc))):
