@@ -373,7 +373,7 @@ def _summary(page: Page, d: ReportData) -> None:
 
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     config, vae = d.config, d.model_kind == "vae"
-    summary = [f"Run folder {_code(d.run_dir)}"]
+    summary = [f"Run folder {_code(os.path.abspath(d.run_dir))}"]  # the page may live elsewhere: "." would mislead
     if config:
         shape = "x".join(map(str, d.data_shape or ()))
         trained_on = config.get("data", "?")
@@ -559,6 +559,8 @@ def write_report(
     data or evaluating (for callers that already have them). ``progress``: show a progress bar
     while the IWAE bound runs.
     """
+    if not str(run_dir).strip():  # "" would be the current folder
+        raise FastVAEError("the run folder is empty: give the --out folder of a 'fastvae train' run")
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise FastVAEError(f"run folder {run_dir} does not exist: give the --out folder of a 'fastvae train' run")
@@ -570,7 +572,8 @@ def write_report(
     if out is not None:
         suffix = Path(out).suffix.lower()
         if suffix not in PAGE_SUFFIXES:  # never a checkpoint, config.json or picture of the run
-            raise FastVAEError(f"--out must end in .md (Markdown) or .html (HTML), got {Path(out).name!r}")
+            raise FastVAEError(f"--out must end in .md or .markdown (Markdown), or .html or .htm (HTML), got "
+                               f"{Path(out).name!r}")
         if html is not None and html != PAGE_SUFFIXES[suffix]:
             raise FastVAEError(f"--out {Path(out).name} names a {'HTML' if PAGE_SUFFIXES[suffix] else 'Markdown'} file "
                                f"but {'HTML' if html else 'Markdown'} was asked for: end it in "

@@ -328,3 +328,15 @@ def test_a_learned_sigma_is_reported(tmp_path):
     text = write_report(run, iwae_k=0).read_text()
     assert re.search(r"\| learned sigma \| 0\.2500 \|", text), text
     assert "learned sigma" not in write_report(make_run(tmp_path / "fixed"), iwae_k=0).read_text()
+
+
+def test_report_names_its_run_folder_absolutely_and_refuses_an_empty_one(tmp_path, monkeypatch, capsys):
+    """Written from inside the run folder to a page elsewhere, the page said "Run folder `.`";
+    an empty RUN was read as the current folder."""
+    run = make_run(tmp_path / "run")
+    monkeypatch.chdir(run)
+    text = write_report(".", iwae_k=0, out=tmp_path / "page.md").read_text()
+    assert f"Run folder `{run}`" in text
+    assert cli.main(["report", "", "--iwae-k", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the run folder is empty" in err[0], err
