@@ -38,9 +38,10 @@ def kl_diag_normals(
 
     = 0.5 * sum(logvar_p - logvar_q + (s2_q + (mu_q - mu_p)^2) / s2_p - 1)
     """
-    ratio = (logvar_q - logvar_p).exp()
+    log_ratio = logvar_q - logvar_p
     mahalanobis = (mu_q - mu_p).pow(2) * (-logvar_p).exp()
-    return 0.5 * (ratio + mahalanobis - 1.0 - (logvar_q - logvar_p)).sum(dim=-1)
+    # ratio - 1 as expm1: see kl_standard_normal_per_dim
+    return 0.5 * (torch.expm1(log_ratio) - log_ratio + mahalanobis).sum(dim=-1)
 
 
 def kl_mvn(

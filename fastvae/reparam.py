@@ -38,9 +38,29 @@ def reparameterize_kl_reference(
     return z, kl
 
 
+def check_mu_logvar(mu: torch.Tensor, logvar: torch.Tensor) -> None:
+    """``ValueError`` unless mu and logvar are floating point of one shape (..., D), dtype and
+    device: no broadcasting or promotion, which the fused kernel cannot do (code that ran on a
+    CPU would fail on a GPU)."""
+    if mu.shape != logvar.shape or mu.dtype != logvar.dtype or mu.device != logvar.device:
+        raise ValueError("mu and logvar must have the same shape, dtype and device, got "
+                         f"{tuple(mu.shape)} {mu.dtype} on {mu.device} and "
+                         f"{tuple(logvar.shape)} {logvar.dtype} on {logvar.device}")
+    if mu.dim() == 0:
+        raise ValueError("mu must have at least one dimension (the latent dimension)")
+    if not mu.is_floating_point():
+        raise ValueError(f"mu and logvar must be floating point, got {mu.dtype}")
+
+
+def interpret_requested() -> bool:
+    """TRITON_INTERPRET set to a value triton takes as true (1, true, on, yes, y; any case),
+    read without importing triton."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+
+
 def triton_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
     """True where the fused kernel runs: CUDA with triton, or CPU under TRITON_INTERPRET=1."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not interpret_requested():
         return False  # the common CPU case: do not even import triton
     try:
         from fastvae.kernels import kernel_available
@@ -86,6 +106,7 @@ def reparameterize_kl(
     if backend == "auto":
         backend = resolve_backend(backend, mu.device, mu.dtype)
     if backend == "torch":
+        check_mu_logvar(mu, logvar)  # the kernel's entry checks its own: one contract for both
         return reparameterize_kl_reference(mu, logvar, generator)
     global _fused
     if _fused is None:  # imported by resolve_backend already; bound once, not per step

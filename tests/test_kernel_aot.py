@@ -16,9 +16,10 @@ REASON = aot.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no AOT compile here: {REASON}")
 
 MAX_REGS = 96
-# Static SASS instructions per element: ~35-48 with the fast path; the precise libdevice
-# log/sin/cos path (what the interpreter runs) compiles to ~180.
-MAX_INSTRUCTIONS_PER_ELEMENT = 55
+# Static SASS instructions per element: ~37-55 with the fast path (the forward's series for
+# the KL near the prior adds ~7); the precise libdevice log/sin/cos path (what the interpreter
+# runs) compiles to ~180.
+MAX_INSTRUCTIONS_PER_ELEMENT = 58
 
 
 def launcher_tile(D: int) -> tuple[int, int]:

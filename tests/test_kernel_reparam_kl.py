@@ -127,6 +127,22 @@ def test_kl_matches_closed_form_and_torch_distributions(device):
     assert reparameterize_kl(zero, zero, seed=1)[1].abs().max() < 1e-6
 
 
+def test_kl_keeps_its_precision_near_the_prior(device):
+    """mu = 0, |logvar| << 1: KL ~ logvar^2 / 2 per dim, which var - 1 - logvar in fp32 lost to
+    cancellation (20% off at 1e-3, negative below); both sides of the series' 1/4 switch."""
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-5, 1e-4, 1e-3, 1e-2, 0.2, 0.249, 0.251, 0.3, 1.0])
+    logvar = (scales[:, None] * torch.randn(len(scales), 64, generator=gen)).to(device)
+    mu = torch.zeros_like(logvar)
+    _, kl = reparameterize_kl(mu, logvar, seed=1)
+    lv = logvar.double()
+    q = torch.distributions.Normal(torch.zeros_like(lv), torch.exp(0.5 * lv))
+    p = torch.distributions.Normal(torch.zeros_like(lv), torch.ones_like(lv))
+    expected = torch.distributions.kl_divergence(q, p).sum(-1)
+    assert (kl >= 0).all(), kl
+    torch.testing.assert_close(kl.double(), expected, rtol=2e-5, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_reductions(device, reduction):
     mu, logvar = make_inputs((7, 10), device, requires_grad=True)
@@ -526,6 +542,58 @@ def test_opcheck_fallback(no_interpret):
     gz, gkl = torch.randn(4, 6), torch.randn(4)
     args = (mu.detach(), logvar.detach(), seed, gz, gkl)
     torch.library.opcheck(torch.ops.fastvae.reparameterize_kl_backward.default, args)
+
+
+def test_torch_path_refuses_what_the_kernel_refuses(no_interpret):
+    """fastvae.reparam's torch path takes the kernel's contract: no broadcast or promoted
+    inputs that would train on a CPU and fail on a GPU."""
+    from fastvae.reparam import reparameterize_kl as dispatched
+
+    mu = torch.randn(3, 5)
+    for logvar, match in ((torch.randn(1, 5), "same shape"), (torch.randn(3, 5).half(), "same shape"),
+                          (torch.randn(3, 5, dtype=torch.float64), "same shape")):
+        for backend in ("auto", "torch"):
+            with pytest.raises(ValueError, match=match):
+                dispatched(mu, logvar, backend=backend)
+    with pytest.raises(ValueError, match="floating point"):
+        dispatched(torch.ones(3, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        dispatched(torch.tensor(0.0), torch.tensor(0.0))
+    z, kl = dispatched(mu.double(), mu.double())  # fp64 goes through the torch path
+    assert z.dtype == kl.dtype == torch.float64
+
+
+@pytest.mark.parametrize("value", ["1", "true", "ON", "yes", "Y", "0", "", "off", "2", " 1", "t"])
+def test_interpreter_switch_reads_like_triton(monkeypatch, value):
+    """The dispatcher reads TRITON_INTERPRET as triton does (it said no to 'true', which
+    triton interprets: the kernel refused to run while triton would have run it)."""
+    from triton._C.libtriton import getenv_bool
+
+    from fastvae.reparam import interpret_requested
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpret_requested() is getenv_bool("TRITON_INTERPRET", False)
+
+
+def test_op_takes_two_dimensional_inputs_only(no_interpret):
+    """The registered op's fake kernel says kl is (B,): N-D inputs (kl (B, ...)) are refused
+    rather than traced with a wrong shape (the entry point flattens them)."""
+    mu = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match=r"\(B, D\)"):
+        torch.ops.fastvae.reparameterize_kl(mu, mu, torch.tensor(1))
+
+
+def test_compiled_code_checks_a_host_seed_like_eager_code(no_interpret):
+    torch._dynamo.reset()
+    mu = torch.zeros(1, 4)
+    compiled = torch.compile(lambda m, s: reparameterize_kl(m, m, seed=s)[0], backend="aot_eager",
+                             fullgraph=True)
+    for bad in (-1, 2**63 - 1 + 1):
+        seed = torch.tensor(bad if bad < 2**63 else -2**63, dtype=torch.int64)
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+            reparameterize_kl(mu, mu, seed=seed)
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+            compiled(mu, seed)
 
 
 def test_compile_fullgraph_aot_eager(no_interpret):
