@@ -323,6 +323,7 @@ def test_gpu_diffusers_autoencoderkl(benchmark, size, batch):
 
 
 @gpu_or_cpu_smoke
+@pytest.mark.timeout(300)  # a plain step at 256x256 and both ops, above run.sh's 90 s default
 @pytest.mark.benchmark(group="convkl-reparam-share-gpu")
 @pytest.mark.parametrize("size,batch", GPU_SIZES, ids=[str(s) for s, _ in GPU_SIZES])
 def test_gpu_reparam_kl_share(benchmark, size, batch):

@@ -7,7 +7,7 @@ Sources (``load_dataset(source)``):
   ``train-images-idx3-ubyte`` / ``t10k-images-idx3-ubyte`` (+ labels) names;
 - ``.npy`` (N, H, W), (N, C, H, W) or (N, D); ``.npz`` with ``train``/``test`` (or Keras-style
   ``x_train``/``x_test``, labels ``y_*``/``*_labels``) or a single array;
-- a folder of images (PNG/JPEG/BMP/GIF, one size; subfolders name the labels), in colour
+- a folder of images (PNG/JPEG/BMP/GIF/WebP/TIFF/Netpbm, one size; subfolders name the labels), in colour
   (3 channels) when any image has colour, unless ``grayscale``;
 - a dataset written by ``fastvae prepare`` (a folder or URL): returned as a
   ``fastvae.shards.ShardDataset`` whose splits are streamed, never loaded whole.

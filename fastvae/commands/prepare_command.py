@@ -9,7 +9,7 @@ from fastvae.commands import arg_types
 
 HELP = "convert images or arrays into a sharded uint8 dataset that 'fastvae train --data' streams"
 DESCRIPTION = (
-    "Convert SRC - a folder of PNG/JPEG/BMP/GIF/WebP/TIFF images (subfolders name the labels; alpha is "
+    "Convert SRC - a folder of PNG/JPEG/BMP/GIF/WebP/TIFF/Netpbm images (subfolders name the labels; alpha is "
     "dropped, not composited), an MNIST "
     "IDX file or folder, a .npy/.npz file, 'digits' or 'photos' / 'photos:64' - into litdata shards of uint8 images in --out: a "
     "train split and a held-out test split beside it. Train on it with 'fastvae train --data OUT' "
