@@ -226,12 +226,17 @@ def _digits() -> Splits:
     return Splits("digits", images[:1500], images[1500:], labels[:1500], labels[1500:], pixel_grid=16)
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (raw or gzip): magic 0x00 0x00 dtype ndim, big-endian sizes, data."""
+def read_idx(path: Path, mmap: bool = False) -> np.ndarray:
+    """Read an IDX file (raw or gzip): magic 0x00 0x00 dtype ndim, big-endian sizes, data.
+    ``mmap``: a raw file is memory-mapped (read when its rows are), not read whole."""
     try:
         opener = gzip.open if _is_gzip(path) else open
         with opener(path, "rb") as f:
-            raw = f.read()
+            if mmap and opener is open:
+                raw, total = f.read(4 + 4 * 255), os.fstat(f.fileno()).st_size  # the header at most
+            else:
+                raw = f.read()
+                total = len(raw)
     except (OSError, EOFError) as exc:
         raise FastVAEError(f"data file {path} could not be read: {exc}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
@@ -246,11 +251,15 @@ def read_idx(path: Path) -> np.ndarray:
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(IDX_DTYPES[raw[2]])
     expected = math.prod(shape) * dtype.itemsize
-    if len(raw) - header != expected:
+    if total - header != expected:
         raise FastVAEError(
             f"data file {path} is truncated or has the wrong sizes: header says {shape} "
-            f"({expected} bytes of data), file holds {len(raw) - header}"
+            f"({expected} bytes of data), file holds {total - header}"
         )
+    if mmap and opener is open:
+        if expected == 0:  # numpy cannot map no bytes
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=header, shape=shape)
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -713,11 +722,16 @@ def _on_grid(values, grid: int) -> bool:
 
 def data_grid(data) -> int | None:
     """The pixel grid of ``data``: a ``Splits``' own (looked for in its test values if a program
-    made it), 255 for a prepared dataset or split (uint8 on disk), else ``source_grid``."""
+    made it); a prepared dataset's or split's source's, as ``fastvae prepare`` recorded it (the
+    digits' 16 levels, stored as the nearest k / 255; 255 for datasets written before it did);
+    else ``source_grid``."""
     if isinstance(data, Splits):
         return source_grid(data.test) if data.pixel_grid == "unknown" else data.pixel_grid
-    if hasattr(data, "read_block") or hasattr(data, "meta"):
-        return 255
+    meta = getattr(data, "meta", None)
+    if isinstance(meta, dict):
+        return meta.get("pixel_grid", 255)
+    if hasattr(data, "read_block"):
+        return getattr(data, "pixel_grid", 255)
     return source_grid(data)
 
 

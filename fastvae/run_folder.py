@@ -163,6 +163,7 @@ def move_folder_into_place(tmp: Path, final: Path) -> None:
     """Rename the complete folder ``tmp`` (files fsynced by their writers) to ``final``,
     replacing a folder there: the old one is renamed aside first and removed after, so
     ``final`` is at every moment the old folder, absent for an instant, or the new one."""
+    final = Path(os.path.abspath(final))  # '.' has no name to set aside
     for path in tmp.rglob("*"):  # writers that do not go through atomic_write (litdata's)
         if path.is_file():
             fsync_file(path)
@@ -196,8 +197,11 @@ def write_failure_in(folder: str | os.PathLike) -> OSError | None:
 @contextmanager
 def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
     """A new hidden folder beside the file ``beside``, removed when the block ends (or on
-    Ctrl-C): for writers that stage several files, then ``move_into_place`` each one."""
-    beside = Path(beside)
+    Ctrl-C): for writers that stage several files, then ``move_into_place`` each one.
+    A mount point is refused before any work: the stage would lie on the disk above it, which
+    fills up, and it cannot be renamed over the mount point at the end."""
+    beside = Path(os.path.abspath(beside))  # '.' has no name to stage beside
+    refuse_mount_point(beside)
     created = [p for p in [beside.parent, *beside.parent.parents] if not p.exists()]  # deepest first
     beside.parent.mkdir(parents=True, exist_ok=True)
     folder = beside.with_name(f".{beside.name}{_TMP_MARK}{os.getpid()}")
@@ -213,6 +217,15 @@ def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
                     parent.rmdir()
                 except OSError:  # not empty: the block's files are there
                     break
+
+
+def refuse_mount_point(path: Path) -> None:
+    """A FastVAEError if ``path`` is a mount point, which ``temporary_folder`` cannot replace."""
+    path = Path(os.path.abspath(path))
+    if os.path.ismount(path):
+        raise FastVAEError(f"{path} is a mount point: outputs are staged beside it and renamed into "
+                           f"place, which a mount point cannot be; give a folder inside it "
+                           f"(e.g. {path / 'out'})")
 
 
 def fsync_folder(folder: Path) -> None:

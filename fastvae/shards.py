@@ -95,6 +95,7 @@ class ShardSplit:
     block: int
     shape: tuple
     chunk_blocks: tuple = ()  # blocks per litdata chunk, in order (for a chunk-aware shuffle)
+    pixel_grid: int = 255  # the grid k / L the source's pixels lie on (``fastvae.data.data_grid``)
 
     def __post_init__(self):
         self._reader = None
@@ -241,7 +242,7 @@ def open_dataset(source: str) -> ShardDataset:
                 f"blocks of {info.get('bytes', chunk_bytes):,} bytes: the files come from "
                 "different runs of 'fastvae prepare'; prepare it again")
         splits[split] = ShardSplit(source, split, int(info["examples"]), int(meta["block"]),
-                                   tuple(meta["shape"]), chunk_blocks)
+                                   tuple(meta["shape"]), chunk_blocks, meta.get("pixel_grid", 255))
     if not is_remote(source):  # an edited shape: one line now, not a failure in the first step
         splits["train"].read_block(0)
         splits["train"]._reader = None  # not inherited by forked workers (a shared file offset)
@@ -253,7 +254,9 @@ def _parse_meta(path: Path, source: str) -> dict:
         meta = json.loads(Path(path).read_text())
         ok = (isinstance(meta, dict) and meta.get("format") == FORMAT and len(meta["shape"]) == 3
               and all(isinstance(d, int) and d >= 1 for d in meta["shape"]) and int(meta["block"]) >= 1
-              and all(int(meta["splits"][s]["examples"]) >= 0 for s in SPLIT_NAMES))
+              and all(int(meta["splits"][s]["examples"]) >= 0 for s in SPLIT_NAMES)
+              # older datasets: 255 (written before the source's grid was recorded)
+              and type(meta.get("pixel_grid", 255)) is int and 1 <= meta.get("pixel_grid", 255) <= 256)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         ok = False
     if not ok:
@@ -397,6 +400,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     prepared dataset, or a prepared dataset without ``overwrite``."""
     if not out.exists():
         return
+    from fastvae.run_folder import refuse_mount_point
+
+    refuse_mount_point(out)  # before the work, not after it
     if not out.is_dir():
         raise FastVAEError(f"--out {out} is a file: give a folder for the prepared dataset")
     if (out / META).exists() and not overwrite:
@@ -444,7 +450,8 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
         raise FastVAEError(f"--out {out}: prepare writes a local folder; prepare into one, copy it "
                            f"there (e.g. 'aws s3 sync SHARDS {out}') and train with --data {out}")
     # a link to a folder (on a larger disk, say): write into its target, not over the link
-    out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
+    # ('.' is the folder it names: it has no name to stage beside)
+    out = Path(os.path.realpath(out) if Path(out).is_symlink() else os.path.abspath(out))
     if size is not None and (not isinstance(size, int) or not 1 <= size <= MAX_SIZE):
         raise FastVAEError(f"--size must be an integer from 1 to {MAX_SIZE} (pixels per side), got {size!r}")
     from fastvae.config import MAX_WORKERS
@@ -468,7 +475,9 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
         if names is not None:  # label k is names[k]: the sorted label subfolders
             info["label_names"] = names
     else:
-        pieces, info = _array_pieces(str(source), size, grayscale, test_fraction, split_seed)
+        from fastvae.array_prepare import array_pieces
+
+        pieces, info = array_pieces(str(source), size, grayscale, test_fraction, split_seed)
     meta.update(info)
     meta["block"] = block_size(meta["shape"])
     meta = write_dataset(out, pieces, meta, overwrite=overwrite)
@@ -479,57 +488,6 @@ def _has_idx(folder: Path) -> bool:
     from fastvae.data import _find_idx
 
     return _find_idx(folder, "train") is not None
-
-
-def _flat_rows(path: Path) -> bool:
-    """Whether ``path`` is an .npy/.npz of (N, D) rows (not images, whatever their shape says
-    once loaded: (N, D) and (N, 1, D) both load as 1 x D images)."""
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 2
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            return any(npz[key].ndim == 2 for key in npz.files)
-    return False
-
-
-def _split_npz(path: Path) -> bool:
-    """Whether ``path`` is an .npz with train and test arrays (one array gets the seeded split)."""
-    if path.suffix.lower() != ".npz":
-        return False
-    with np.load(path, allow_pickle=False) as npz:
-        return len(npz.files) > 1
-
-
-def _array_pieces(source: str, size, grayscale, test_fraction, split_seed):
-    """An in-memory source (digits, IDX, .npy/.npz) as uint8 pieces per split."""
-    from fastvae.data import fit_image, is_bundled, load_dataset
-
-    splits = load_dataset(source, test_fraction=test_fraction, split_seed=split_seed)
-    own = is_bundled(source) or Path(source).is_dir() or _split_npz(Path(source))
-    if size is not None and _flat_rows(Path(source)):  # (N, D) rows are 1 x D "images"
-        raise FastVAEError(f"--size {size}: {source} holds rows of {splits.data_shape[2]} values, not "
-                           "images: prepare it without --size (or save it as (N, H, W) images)")
-
-    def to_u8(x, labels):
-        x = (x.numpy() * 255.0).round().astype(np.uint8)
-        if grayscale and x.shape[1] == 3:  # ITU-R 601 luma, as Pillow's convert("L")
-            x = ((x[:, 0] * 299 + x[:, 1] * 587 + x[:, 2] * 114 + 500) // 1000).astype(np.uint8)[:, None]
-        if size is not None:
-            from PIL import Image
-
-            mode = "L" if x.shape[1] == 1 else "RGB"
-            fitted = [np.asarray(fit_image(Image.fromarray(i[0] if mode == "L" else i.transpose(1, 2, 0), mode), size))
-                      for i in x]
-            x = np.stack([f[None] if f.ndim == 2 else f.transpose(2, 0, 1) for f in fitted])
-        y = np.full(len(x), -1, np.int64) if labels is None else labels.numpy().astype(np.int64)
-        return x, y
-
-    train, test = to_u8(splits.train, splits.train_labels), to_u8(splits.test, splits.test_labels)
-    order = np.random.default_rng(split_seed).permutation(len(train[0]))
-    info = {"shape": list(train[0].shape[1:]), "labels": splits.train_labels is not None,
-            "split": "own" if own else "seeded", "skipped": 0}
-    return {"train": [(train[0][order], train[1][order])], "test": [test]}, info
 
 
 class _ImageFolder:
@@ -605,7 +563,7 @@ class _ImageFolder:
                                    "folder: every image there was skipped")
         train = train[np.random.default_rng(split_seed).permutation(len(train))]
         info = {"shape": [channels, *side], "labels": labels is not None,
-                "split": "seeded" if self.is_test is None else "own"}
+                "split": "seeded" if self.is_test is None else "own", "pixel_grid": 255}
         self.channels, self.side = channels, side
         pieces = {"train": self._decode(kept[train]), "test": self._decode(kept[test])}
         # the counts of skipped files are known once the pieces have been consumed

@@ -4,6 +4,7 @@ mid-epoch resume, trackers, and one clear error for every bad input."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -603,6 +604,27 @@ def test_out_url_link_and_grayscale_of_a_colour_dataset(tmp_path, capsys):
     line = one_line_error(capsys, "train", "--data", tmp_path / "link", "--grayscale", "--epochs", "1",
                           "--out", tmp_path / "run")
     assert "--grayscale" in line and "prepared in colour" in line and not (tmp_path / "run").exists()
+
+
+def test_out_is_the_current_folder_or_a_mount_point(tmp_path, capsys, monkeypatch):
+    """--out . crashed with a traceback (a path without a name to stage beside); a mount
+    point was staged on the disk above it and failed only at the end, after all the work."""
+    src = image_folder(tmp_path / "imgs", 3)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    rc, _, err = cli(capsys, "prepare", src, "--out", ".", "--workers", "0", "--quiet")
+    assert rc == 0 and "Traceback" not in err, err
+    assert open_dataset(str(tmp_path / "here")).data_shape == (3, 10, 12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "imgs"]
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(mount) or real_ismount(p))
+    decoded = []
+    monkeypatch.setattr("fastvae.shards._decode_files", lambda *a, **k: decoded.append(1))
+    line = one_line_error(capsys, "prepare", src, "--out", mount, "--workers", "0")
+    assert "mount point" in line and str(mount / "out") in line and not decoded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "here", "imgs"]
 
 
 def test_folders_left_by_a_killed_prepare_are_reported_not_removed(tmp_path, capsys):

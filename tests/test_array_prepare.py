@@ -1,0 +1,157 @@
+"""``fastvae prepare`` of array sources (.npy, .npz, IDX, the bundled data), a slice at a time:
+the same dataset whatever the slice size, the in-memory loader's split and pixels, memory that
+does not grow with the file, and the source's pixel grid recorded for bits per dim."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastvae.array_prepare
+import fastvae.shards
+from fastvae.data import data_grid, load_dataset
+from fastvae.loaders import StreamSource, eval_batches
+from fastvae.shards import open_dataset, prepare
+
+RNG = np.random.default_rng(0)
+
+
+def idx_file(path, array, gz=False):
+    dtype_code = {np.dtype(np.uint8): 0x08, np.dtype(">f4"): 0x0D}[array.dtype]
+    raw = bytes([0, 0, dtype_code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw += array.tobytes()
+    (gzip.open if gz else open)(path, "wb").write(raw)
+    return path
+
+
+def sources(root):
+    colour = RNG.integers(0, 256, (50, 3, 6, 5), dtype=np.uint8)
+    np.save(root / "colour.npy", colour)
+    np.save(root / "fortran.npy", np.asfortranarray(RNG.integers(0, 256, (40, 7, 6), dtype=np.uint8)))
+    np.save(root / "on_grid.npy", (RNG.integers(0, 256, (40, 1, 4, 4)) / 255).astype(np.float32))
+    np.save(root / "continuous.npy", RNG.random((40, 9), dtype=np.float32))  # (N, D) rows
+    np.save(root / "binary.npy", RNG.random((40, 4, 4)) < 0.3)
+    np.savez(root / "split.npz", x_train=RNG.integers(0, 256, (30, 4, 4), dtype=np.uint8),
+             x_test=RNG.integers(0, 256, (9, 4, 4), dtype=np.uint8),
+             y_train=RNG.integers(0, 3, 30), y_test=RNG.integers(0, 3, 9))
+    idx_file(root / "images-idx3-ubyte", RNG.integers(0, 256, (40, 5, 5), dtype=np.uint8))
+    idx_file(root / "floats-idx3.gz", (RNG.integers(0, 17, (40, 3, 3)) / 16).astype(">f4"), gz=True)
+    return ["colour.npy", "fortran.npy", "on_grid.npy", "continuous.npy", "binary.npy", "split.npz",
+            "images-idx3-ubyte", "floats-idx3.gz"]
+
+
+def blocks(out, split):
+    s = getattr(open_dataset(str(out)), split)
+    return [s.read_block(i) for i in range(s.blocks)]
+
+
+def all_rows(data):
+    test = torch.cat([x for _, x in eval_batches(data.test, 7, "cpu")])
+    train = torch.cat(list(StreamSource(data.train, "cpu", 0).epoch_batches(
+        epoch=0, seed=0, rank=0, world=1, batch_size=len(data.train))))
+    return train, test
+
+
+def u8_rows(x):
+    return sorted(map(bytes, (x * 255).round().byte().flatten(1).numpy()))
+
+
+def test_slices_give_the_whole_arrays_dataset_and_the_in_memory_split(tmp_path, monkeypatch):
+    """Every array source, sliced down to a few rows: byte-identical to one slice, and the
+    in-memory loader's held-out rows and pixels (8-bit sources exactly, others within half a
+    level of 8 bits)."""
+    names = sources(tmp_path)
+    for name in names + ["digits"]:
+        src = name if name == "digits" else str(tmp_path / name)
+        prepare(src, tmp_path / f"{name}.whole", workers=0, progress=False, test_fraction=0.2, split_seed=5)
+        monkeypatch.setattr(fastvae.array_prepare, "SLICE_BYTES", 3 * 4 * 75)  # a few rows a slice
+        prepare(src, tmp_path / f"{name}.sliced", workers=0, progress=False, test_fraction=0.2, split_seed=5)
+        monkeypatch.undo()
+        for split in ("train", "test"):
+            whole, sliced = blocks(tmp_path / f"{name}.whole", split), blocks(tmp_path / f"{name}.sliced", split)
+            assert len(whole) == len(sliced)
+            for (a, la), (b, lb) in zip(whole, sliced):
+                assert np.array_equal(a, b) and np.array_equal(la, lb), (name, split)
+        memory = load_dataset(src, test_fraction=0.2, split_seed=5)
+        train, test = all_rows(open_dataset(str(tmp_path / f"{name}.whole")))
+        assert test.shape == memory.test.shape and train.shape == memory.train.shape, name
+        assert (test - memory.test).abs().max() <= 0.5 / 255 + 1e-6, name
+        assert u8_rows(train) == u8_rows(memory.train), name
+        if name in ("colour.npy", "fortran.npy", "on_grid.npy", "images-idx3-ubyte", "split.npz"):
+            assert torch.equal(test, memory.test), name
+
+
+def test_grayscale_of_colour_arrays_is_pillows_luma(tmp_path, capsys):
+    """--grayscale on a colour array crashed (uint8 x 299 overflows in numpy 2)."""
+    colour = RNG.integers(0, 256, (30, 3, 6, 5), dtype=np.uint8)
+    colour[0] = 255  # the largest sums
+    np.savez(tmp_path / "c.npz", train=colour[:24], test=colour[24:])
+    prepare(str(tmp_path / "c.npz"), tmp_path / "s", grayscale=True, workers=0, progress=False)
+    expected = np.stack([np.asarray(Image.fromarray(i.transpose(1, 2, 0)).convert("L")) for i in colour[24:]])
+    (test, _), = blocks(tmp_path / "s", "test")
+    assert test.shape == (6, 1, 6, 5) and np.array_equal(test[:, 0], expected)
+    prepare("photos:32", tmp_path / "p", grayscale=True, workers=0, progress=False)
+    assert open_dataset(str(tmp_path / "p")).data_shape == (1, 32, 32)
+
+
+def test_the_sources_pixel_grid_is_recorded_and_float_rounding_is_named(tmp_path, capsys):
+    """Bits per dim use the source's grid on the prepared dataset too (it said 255 for all:
+    4 bits per dim apart from the in-memory digits, and 8 bits for binary images); float
+    pixels that 8 bits round get a note."""
+    sources(tmp_path)
+    expected = {"digits": 16, "colour.npy": 255, "on_grid.npy": 255, "binary.npy": 1,
+                "floats-idx3.gz": 16, "continuous.npy": 255}
+    for name, grid in expected.items():
+        src = name if name == "digits" else str(tmp_path / name)
+        capsys.readouterr()
+        meta, _ = prepare(src, tmp_path / f"{name}.s", workers=0, progress=False)
+        err = capsys.readouterr().err
+        assert meta["pixel_grid"] == grid, name
+        data = open_dataset(str(tmp_path / f"{name}.s"))
+        assert data_grid(data) == data_grid(data.test) == grid
+        if name != "continuous.npy":  # the in-memory loader finds none there: continuous
+            assert data_grid(load_dataset(src)) == grid, name
+        assert ("8 bits do not hold exactly" in err) == (name in ("continuous.npy", "floats-idx3.gz")), (name, err)
+    meta_file = tmp_path / "colour.npy.s" / "fastvae.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["pixel_grid"]  # a dataset prepared before the grid was recorded: 8 bits
+    meta_file.write_text(json.dumps(meta))
+    assert data_grid(open_dataset(str(tmp_path / "colour.npy.s"))) == 255
+
+
+def test_preparing_a_larger_array_file_takes_no_more_memory(tmp_path, monkeypatch):
+    """A .npy was loaded whole and converted to float32 several times over (~11x the file in
+    memory): now memory-mapped and converted a slice at a time."""
+    monkeypatch.setattr(fastvae.array_prepare, "SLICE_BYTES", 1 << 20)
+    monkeypatch.setattr(fastvae.shards, "CHUNK_BYTES", 1 << 20)  # litdata's chunk buffer
+    peaks = []
+    for n in (100, 4_000, 16_000):  # (imports, caches), then 4 and 16 MB of uint8
+        np.save(tmp_path / f"{n}.npy", np.zeros((n, 1, 32, 32), np.uint8) + np.arange(n, dtype=np.uint8)[:, None, None, None])
+        np.save(tmp_path / f"f{n}.npy", np.zeros((n // 4, 1, 32, 32), np.float32))  # floats too
+        tracemalloc.start()
+        try:
+            prepare(str(tmp_path / f"{n}.npy"), tmp_path / f"{n}", workers=0, progress=False)
+            prepare(str(tmp_path / f"f{n}.npy"), tmp_path / f"f{n}", workers=0, progress=False)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[2] - peaks[1] < 3 << 20, peaks  # 12 MB more data (and 12 MB more floats)
+
+
+def test_idx_files_are_mapped_and_still_checked(tmp_path):
+    from fastvae.data import read_idx
+    from fastvae.errors import FastVAEError
+
+    array = RNG.integers(0, 256, (7, 4, 3), dtype=np.uint8)
+    path = idx_file(tmp_path / "a-idx3-ubyte", array)
+    mapped = read_idx(path, mmap=True)
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, array)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(FastVAEError, match="truncated or has the wrong sizes"):
+        read_idx(path, mmap=True)
