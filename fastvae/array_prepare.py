@@ -238,6 +238,16 @@ def _fit(x: np.ndarray, size: int) -> np.ndarray:
     return np.stack([f[None] if f.ndim == 2 else f.transpose(2, 0, 1) for f in fitted])
 
 
+def _release_pages(array: np.ndarray) -> None:
+    """Drop a memory map's pages read so far from this process (the system's file cache keeps
+    them): they count as its resident memory, which then grew with the file read."""
+    import mmap
+
+    mapped = getattr(array, "_mmap", None)
+    if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
 class _ArrayPieces(dict):
     """Each split's slices, read, converted and yielded one at a time; ``info["pixel_grid"]``
     is final once both splits are consumed."""
@@ -257,6 +267,7 @@ class _ArrayPieces(dict):
             order = np.argsort(rows, kind="stable")
             raw = np.empty((len(rows), *split.array.shape[1:]), split.array.dtype)
             raw[order] = split.array[rows[order]]
+            _release_pages(split.array)
             labels = (np.full(len(rows), -1, np.int64) if split.labels is None
                       else split.labels[rows].astype(np.int64))
             yield self.convert(raw, split.path, split.key), labels
