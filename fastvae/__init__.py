@@ -9,6 +9,7 @@ Heavy modules (torch, Fabric) load lazily on first attribute access, so
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -20,6 +21,13 @@ __version__ = "0.1.0"
 _checkout = Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "kernels" / "__init__.py").is_file():
     __path__.append(str(_checkout))
+
+# a rank started by --strategy ddp_spawn (a new interpreter) holds Ctrl-C and its launcher's
+# forwarded stop from its first import on (fastvae.stop_signals.hold_rank_signals)
+if os.environ.get("FASTVAE_RANK_OF") not in (None, str(os.getpid())):
+    from fastvae.stop_signals import hold_rank_signals
+
+    hold_rank_signals()
 
 _LAZY = {
     "train": ("fastvae.trainer", "train"),

@@ -87,6 +87,18 @@ def exit_now(signum=None, frame=None) -> None:
     os._exit(EXIT_STATUS)
 
 
+def exit_quietly(signum=None, frame=None) -> None:
+    """``exit_now`` without the line: in a spawned rank, whose launcher says it (the ranks'
+    exit status 130 becomes ``fastvae train: interrupted`` there)."""
+    for path in list(_temporary):
+        _remove(path)
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - a signal inside a write: leave anyway
+        pass
+    os._exit(EXIT_STATUS)
+
+
 def in_worker_process() -> None:
     """Call first in a forked worker process (prepare's decoders, DataLoader workers): Ctrl-C
     is the parent's to handle (a terminal sends it to the whole group), SIGTERM ends the worker

@@ -80,9 +80,20 @@ def collected() -> Iterator[str]:
                 raise
             raise error from None
         except ProcessExitedException as exc:  # a rank killed (SIGKILL: the OOM killer?) or gone
+            if interrupted(exc.exit_code, exc.signal_name):
+                raise KeyboardInterrupt from None  # said as a Ctrl-C is: 'interrupted', status 130
             raise FastVAEError(ended_rank(exc.error_index, exc.signal_name, exc.exit_code)) from None
         finally:
             spawn_log.setLevel(level)
+
+
+def interrupted(exit_code: int | None, signal_name: str | None) -> bool:
+    """Whether a rank ended as a stop makes it: status 130 (``hold_rank_signals``), or killed
+    by Ctrl-C or the forwarded stop before it could hold them (its interpreter starting)."""
+    from fastvae.interrupts import EXIT_STATUS
+    from fastvae.stop_signals import FORWARDED_STOP
+
+    return exit_code == EXIT_STATUS or signal_name in ("SIGINT", FORWARDED_STOP.name)
 
 
 KILLERS = "the out-of-memory killer, a scheduler, kill -9, or a failed node"

@@ -12,6 +12,25 @@ import signal
 # What a launcher waiting for spawned ranks passes a Ctrl-C or SIGTERM on as: a stop request
 # that never escalates, as a rank may get the user's signal too (Ctrl-C reaches the whole group)
 FORWARDED_STOP = signal.SIGUSR1
+# set (to the launcher's pid) while ``--strategy ddp_spawn`` starts its ranks: each rank's first
+# import of fastvae then calls ``hold_rank_signals`` (see fastvae/__init__.py)
+RANK_OF_ENV = "FASTVAE_RANK_OF"
+
+
+def hold_rank_signals() -> None:
+    """In a spawned rank, from its first import of fastvae: outside training (set-up, imports,
+    pictures, teardown) Ctrl-C and the launcher's forwarded stop end the rank at once, quietly,
+    with status 130, which its launcher reports as ``interrupted`` (they were Python's traceback
+    and SIGUSR1's default: a rank "ended by SIGUSR1", advice to --resume a run that had none).
+    Inside training ``StopRequest`` holds them; SIGTERM keeps its default (torch's launcher
+    ends the other ranks with it when one fails). Main thread only."""
+    from fastvae.interrupts import exit_quietly
+
+    try:
+        for sig in (signal.SIGINT, FORWARDED_STOP):
+            signal.signal(sig, exit_quietly)
+    except ValueError:  # not the main thread
+        pass
 
 
 class _SignalHandlers:

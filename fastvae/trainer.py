@@ -58,7 +58,7 @@ from fastvae.run_folder import EPOCH_END, LAST, METRICS_CSV
 from fastvae.shards import changed_data, dataset_id
 from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
                               optimizer_state_by_index)
-from fastvae.stop_signals import SignalsToRanks, StopRequest
+from fastvae.stop_signals import RANK_OF_ENV, SignalsToRanks, StopRequest
 
 
 @dataclass
@@ -234,8 +234,22 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
     if config.strategy == "ddp_spawn":  # this process only waits for the spawned ranks
         from fastvae import rank_errors
 
-        with SignalsToRanks(), rank_errors.collected() as errors:
-            return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume_from)
+        saved = {name: os.environ.get(name) for name in (RANK_OF_ENV, "PYTHONWARNINGS")}
+        os.environ[RANK_OF_ENV] = str(os.getpid())  # the ranks' own signal handling
+        # a rank that a stop ends at once (os._exit) leaves its semaphores to multiprocessing's
+        # resource tracker, started with the ranks, which removes them and warns about each
+        # ("leaked semaphore objects"): below the launcher's 'interrupted', nothing to act on
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved["PYTHONWARNINGS"],
+                                                              "ignore:resource_tracker:UserWarning"]))
+        try:
+            with SignalsToRanks(), rank_errors.collected() as errors:
+                return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume_from)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return fabric.launch(_fit, config, splits, resume_from)
 
 
@@ -402,10 +416,16 @@ class Trainer:
                     row = self.run_epoch(stop)
                     if row is not None:
                         self._on_rank0(lambda: self._log(row))  # trackers write files too
-                    interrupted = row is None or (self.epoch < config.epochs and self._agreed_stop(stop))
+                    # asked after the last epoch too: a stop during its last step, evaluation or
+                    # checkpoint was ignored, and pictures were drawn with exit status 0
+                    interrupted = row is None or self._agreed_stop(stop)
             finally:
                 self.source.close()  # a streamed split's loader workers
-            if interrupted:
+            if interrupted and self.epoch >= config.epochs and row is not None:
+                fabric.print(f"interrupted after the last epoch: the run is complete (checkpoint at step "
+                             f"{self.step}) but its pictures were not drawn: 'fastvae evaluate "
+                             f"{self.run_dir} --pictures' draws them")
+            elif interrupted:
                 fabric.print(f"interrupted: checkpoint written at step {self.step} (epoch "
                              f"{self.epoch + (row is None)}); continue with --resume")
         fabric.call("on_train_end", self, interrupted)

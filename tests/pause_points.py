@@ -46,6 +46,19 @@ class PauseAtStep:
             pause(f"step {trainer.step} (epoch {trainer.epoch + 1}, batch {batch})")
 
 
+class PauseRankAtStart:
+    """Fabric callback: rank 0 of spawned ranks (``--strategy ddp_spawn``: their stdin is
+    closed) says PAUSED as training starts, before its first step, and waits for a signal."""
+
+    def on_train_start(self, trainer):
+        if trainer.rank == 0:
+            import time
+
+            print(f"{PAUSED} rank 0 before its first step", flush=True)
+            while True:  # until a signal's handler ends the rank: short waits, not signal.pause(),
+                time.sleep(0.05)  # which a signal delivered to another of the rank's threads never ends
+
+
 class SignalAtStep:
     """Fabric callback: send ``signum`` to this process on rank ``rank`` once step ``step`` is
     done (a launcher's SIGTERM that reaches one rank only). Made with no arguments (``fastvae

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit import PausedChild, tiny_config
+from testkit import REPO, SUBPROCESS_ENV, PausedChild, run_cli, tiny_config
 from fastvae.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -72,6 +72,37 @@ def test_training_before_the_first_checkpoint(tmp_path):
         "interrupted: checkpoint written at step 5 (epoch 1); continue with --resume"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "metrics.csv"]
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("to", ["launcher", "group"])
+def test_spawned_ranks_before_training(tmp_path, to):
+    """--strategy ddp_spawn, stopped while the ranks set up: the launcher's forwarded stop
+    (SIGUSR1) ended them by its default action: 'rank 1 was ended by SIGUSR1 ... continue the
+    run with --resume', of a run that had no checkpoint; a Ctrl-C to the whole group (the
+    terminal's) also printed the ranks' KeyboardInterrupt tracebacks."""
+    out = tmp_path / "run"
+    child = PausedChild(*TRAIN, "--strategy", "ddp_spawn", "--devices", "2", "--accelerator", "cpu",
+                        "--out", out, "--callback", "pause_points:PauseRankAtStart", session=True)
+    (child.send_signal if to == "launcher" else child.signal_group)(signal.SIGINT)
+    rc, stdout, stderr = child.finish()
+    assert rc == 130, (rc, stdout, stderr)
+    assert "Traceback" not in stderr and "SIGUSR1" not in stderr and "--resume" not in stdout + stderr, (stdout, stderr)
+    assert stderr.strip().splitlines()[-1] == "fastvae train: interrupted", stderr
+    assert not (out / "checkpoints").exists() and leftovers(out) == []
+
+
+def test_a_stop_during_the_last_epochs_end_is_not_ignored(tmp_path):
+    """A Ctrl-C during the last step, evaluation or checkpoint was ignored: pictures were drawn
+    and the run exited 0."""
+    out = tmp_path / "run"
+    rc, stdout, stderr = run_cli(*TRAIN, "--out", out, "--callback", "pause_points:SignalAtStep",
+                                 env={**SUBPROCESS_ENV, "PYTHONPATH": str(REPO / "tests"), "SIGNAL_RANK": "0",
+                                      "SIGNAL_AT_STEP": "24", "SIGNAL_NUM": str(int(signal.SIGINT))})
+    assert rc == 130 and "Traceback" not in stderr, (rc, stdout, stderr)
+    assert "interrupted after the last epoch: the run is complete" in stdout and "--pictures" in stdout
+    assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "samples.png").exists()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2  # header and the one epoch
 
 
 def test_picture_writing(tmp_path):

@@ -61,7 +61,8 @@ class PausedChild:
     child never blocks on a full pipe.
     """
 
-    def __init__(self, *args, where: str | None = None, env: dict | None = None, cwd=None):
+    def __init__(self, *args, where: str | None = None, env: dict | None = None, cwd=None,
+                 session: bool = False):
         import tempfile
 
         from pause_points import PAUSED
@@ -72,6 +73,7 @@ class PausedChild:
         self.proc = subprocess.Popen(
             [sys.executable, *entry, *map(str, args)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=cwd or REPO, env=environment,
+            start_new_session=session,  # a process group of its own: signal_group is a Ctrl-C
         )
         for line in self.proc.stdout:  # blocks until the child pauses (or ends)
             if line.startswith(PAUSED):
@@ -82,6 +84,13 @@ class PausedChild:
 
     def send_signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
+
+    def signal_group(self, signum: int) -> None:
+        """``signum`` to the child's whole process group, as a terminal sends Ctrl-C
+        (``session=True``)."""
+        import os
+
+        os.killpg(self.proc.pid, signum)
 
     def kill(self) -> None:
         self.proc.kill()
