@@ -667,21 +667,19 @@ def _check_writable(folder: Path) -> None:
 def _load_run_data(run_dir: Path, source: str | None, config: dict, given: bool):
     if not source:
         raise FastVAEError(f"{run_dir}/config.json names no data set: pass --data SOURCE")
+    from fastvae.checkpoint import read_checkpoint
     from fastvae.data import load_dataset
+    from fastvae.shards import check_run_dataset, run_split
 
-    try:  # split as the run was (config.json; older runs: the defaults)
-        splits = load_dataset(source, test_fraction=config.get("test_fraction", 0.1),
-                              split_seed=config.get("split_seed", 0), split_rule=config["split_rule"],
-                              grayscale=config.get("grayscale", False))
+    state = read_checkpoint(run_dir, mmap=True) if (run_dir / run_folder.LAST).is_file() else {}
+    try:  # split as the run was (config.json, or its prepared dataset's; older runs: the defaults)
+        splits = load_dataset(source, **run_split(config, state), grayscale=config.get("grayscale", False))
     except FastVAEError as exc:
         if given:
             raise
         raise FastVAEError(f"{exc} (the run's data; pass --data to use another copy)") from None
-    if not given and (run_dir / run_folder.LAST).is_file():
-        from fastvae.checkpoint import read_checkpoint
-        from fastvae.shards import check_run_dataset
-
-        check_run_dataset(run_dir, read_checkpoint(run_dir, mmap=True).get("data_id"), splits, source)
+    if not given and state:
+        check_run_dataset(run_dir, state.get("data_id"), splits, source)
     return splits
 
 

@@ -172,6 +172,28 @@ def dataset_id(data) -> "str | None":
     return None
 
 
+SPLIT_SETTINGS = ("test_fraction", "split_seed", "split_rule")
+
+
+def prepared_split(data) -> "dict | None":
+    """How ``fastvae prepare`` held out a prepared dataset's test split (its ``fastvae.json``'s
+    test_fraction, split_seed, split_rule), or None: other data, or a split of the source's own."""
+    meta = getattr(data, "meta", None)
+    if not isinstance(meta, dict) or meta.get("split") != "seeded" or any(k not in meta for k in SPLIT_SETTINGS):
+        return None
+    return {key: meta[key] for key in SPLIT_SETTINGS}
+
+
+def run_split(config: dict, state: dict) -> dict:
+    """The settings that split data as a run's was: those of the prepared dataset it trained on
+    (its checkpoint's ``data_split``), else its config's. So ``evaluate``/``report --data SRC``
+    on the source of that dataset hold out the same examples (with the config's, which a
+    prepared dataset ignores, they held out others, some of them trained on)."""
+    split = {"test_fraction": config.get("test_fraction", 0.1), "split_seed": config.get("split_seed", 0),
+             "split_rule": config["split_rule"]}
+    return {**split, **(state.get("data_split") or {})}
+
+
 def changed_data(saved_id: str, source: str, run: str = "the run", same_path: bool = True) -> str:
     """What it means that ``source`` is not the data of ``run``'s ``saved_id`` (with a guess at
     why where ``source`` is the path the run read)."""

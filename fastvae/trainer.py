@@ -55,7 +55,7 @@ from fastvae.process_layout import check_processes
 from fastvae.reparam import resolve_backend
 from fastvae.resume_checks import check_resume
 from fastvae.run_folder import EPOCH_END, LAST, METRICS_CSV
-from fastvae.shards import changed_data, dataset_id
+from fastvae.shards import changed_data, dataset_id, prepared_split
 from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
                               optimizer_state_by_index)
 from fastvae.stop_signals import RANK_OF_ENV, SignalsToRanks, StopRequest
@@ -291,7 +291,8 @@ def _note_unused_split_settings(config: TrainConfig, splits) -> None:
     given = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("test_fraction", "split_seed")
              if getattr(config, name) != getattr(default, name)]
     if given and not getattr(splits, "held_out", False):
-        print(f"note: {config.data} has a test split of its own: {' and '.join(given)} change nothing "
+        print(f"note: {config.data} has a test split of its own: {' and '.join(given)} "
+              f"change{'s' if len(given) == 1 else ''} nothing "
               "(a prepared dataset's split is made by 'fastvae prepare --test-fraction')", file=sys.stderr)
 
 
@@ -348,6 +349,7 @@ class Trainer:
                                    and not saved.get("batch_in_epoch"))
         self._fresh = saved is None
         self.data_id = dataset_id(splits)  # train() refused a resume on another dataset
+        self.data_split = prepared_split(splits)
         if saved is not None:  # full weights go into the plain model, before any sharding,
             # in the precision's dtype (float64 weights loaded into a float32 model lose bits)
             model = fabric.strategy.precision.convert_module(model)
@@ -645,6 +647,8 @@ class Trainer:
             state["rank_rng"] = self._rank_rng_states()
         if self.data_id is not None:
             state["data_id"] = self.data_id
+        if self.data_split is not None:  # how prepare split it: for evaluate/report --data SRC
+            state["data_split"] = self.data_split
         precision_state = self.fabric.strategy.precision.state_dict()
         if precision_state:  # fp16: GradScaler's scale and growth tracker
             state["precision"] = precision_state

@@ -434,6 +434,30 @@ def test_array_sources_keep_their_split_rules(tmp_path, digits_shards):
     assert labels is None
 
 
+def test_evaluate_and_report_on_the_source_of_a_prepared_dataset_hold_out_its_split(tmp_path, capsys):
+    """evaluate/report RUN --data SRC (the array the shards were prepared from) cut SRC with the
+    run's config.json split (the defaults: a prepared dataset ignores them), not prepare's: 948
+    of 1001 "test" images had been trained on. The checkpoint records prepare's split now."""
+    images = RNG.integers(0, 256, (300, 6, 6), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)
+    prepare(str(tmp_path / "a.npy"), tmp_path / "s", workers=0, progress=False, test_fraction=0.2, split_seed=3)
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--data", tmp_path / "s", "--epochs", "1", "--hidden-dim", "8",
+                     "--latent-dim", "2", "--reparam", "torch", "--quiet", "--no-pictures", "--workers", "0",
+                     "--test-fraction", "0.5", "--out", run)  # ignored (a note says so), and not used below
+    assert rc == 0 and "--test-fraction 0.5 changes nothing" in err, err
+    results = []
+    for data in (tmp_path / "s", tmp_path / "a.npy"):
+        rc, out, err = cli(capsys, "evaluate", run, "--json", "--iwae-k", "2", "--data", data)
+        assert rc == 0, err
+        results.append(json.loads(out.splitlines()[-1]))
+    assert results[0]["n"] == results[1]["n"] == 60
+    assert results[1]["neg_elbo"] == pytest.approx(results[0]["neg_elbo"], rel=1e-6)
+    rc, _, err = cli(capsys, "report", run, "--iwae-k", "0", "--data", tmp_path / "a.npy")
+    assert rc == 0, err
+    assert "60 test images" in (run / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -54,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
         note_shadowed_folder(args.data)
         data = absolute_source(args.data)  # named as the run's own data is (--json, picture stamps)
     seed = args.seed if args.seed is not None else int(state["config"].get("seed", 0))
+    from fastvae.shards import run_split
+
     saved = saved_settings(state["config"])  # split as the run was (older runs: what they were made with)
     try:
-        splits = load_dataset(data, test_fraction=saved.get("test_fraction", 0.1),
-                              split_seed=saved.get("split_seed", 0), split_rule=saved["split_rule"],
-                              grayscale=saved.get("grayscale", False))
+        splits = load_dataset(data, **run_split(saved, state), grayscale=saved.get("grayscale", False))
     except FastVAEError as exc:
         if args.data:
             raise
