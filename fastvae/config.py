@@ -71,10 +71,12 @@ SAVED_BEFORE = {"split_rule": 1}
 # The rules of what an in-memory source holds and which part is held out; runs record the one
 # they were made with: 1 each label's share rounded alone; 2 (2026-11-30) the shares rounded
 # together (fastvae.data.split_indices); 3 (2026-12-01) image folders also read .tif/.tiff/.jfif/
-# .jpe/.apng/.ppm/.pgm/.pbm/.pnm and keep a train/ + val/ split (fastvae.data.folder_rule).
+# .jpe/.apng/.ppm/.pgm/.pbm/.pnm and keep a train/ + val/ split (fastvae.data.folder_rule); 4
+# (2026-12-01) train/ + test/ stay the split beside other folders (STL-10's unlabeled/), which
+# rule 3 read as labels, training on the published test images.
 MAX_FREE_BITS = 1e4  # nats per latent dim: far beyond any use; float32's range ends at 3.4e38
-SPLIT_RULES = (1, 2, 3)
-SPLIT_RULE = 3
+SPLIT_RULES = (1, 2, 3, 4)
+SPLIT_RULE = 4
 
 
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned

@@ -58,11 +58,13 @@ class FolderRule(NamedTuple):
 
     suffixes: frozenset
     held_out_names: tuple
+    others_beside_split: bool = False  # train/ + test/ beside other folders: still the split
 
 
 def folder_rule(rule: int = SPLIT_RULE) -> FolderRule:
-    return (FolderRule(IMAGE_SUFFIXES, HELD_OUT_NAMES) if rule >= 3
-            else FolderRule(RULE2_IMAGE_SUFFIXES, RULE2_HELD_OUT_NAMES))
+    if rule >= 3:
+        return FolderRule(IMAGE_SUFFIXES, HELD_OUT_NAMES, others_beside_split=rule >= 4)
+    return FolderRule(RULE2_IMAGE_SUFFIXES, RULE2_HELD_OUT_NAMES)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -357,7 +359,7 @@ def image_folder_files(folder: Path, rule: int = SPLIT_RULE) -> FolderFiles:
     files of both, labelled by the subfolders inside them (one set of label names), and
     ``is_test`` marking the held-out files. ``rule``: the split rule (``folder_rule``)."""
     reading = folder_rule(rule)
-    parts = _own_split_parts(folder, reading.held_out_names)
+    parts = _own_split_parts(folder, reading.held_out_names, reading.others_beside_split)
     if parts is None:
         files, tops = _files_and_tops(folder, reading.suffixes)
         labels, names = _label_indices(tops)
@@ -379,18 +381,26 @@ def image_folder_files(folder: Path, rule: int = SPLIT_RULE) -> FolderFiles:
     return FolderFiles(train + test, labels, is_test, names)
 
 
-def _own_split_parts(folder: Path, held_out_names: tuple = HELD_OUT_NAMES) -> dict | None:
+def _own_split_parts(folder: Path, held_out_names: tuple = HELD_OUT_NAMES,
+                     others_beside_split: bool = True) -> dict | None:
     """{"train": train/, "test": the held-out folder} where the subfolders are train/ and one or
-    more of ``held_out_names`` (test/ first: a val/ beside it is left out, with a note), else
-    None (the subfolders are labels)."""
+    more of ``held_out_names`` (test/ first: a val/ beside it is left out, with a note), and
+    with ``others_beside_split`` any others too (left out, with a note: STL-10's unlabeled/),
+    else None (the subfolders are labels)."""
     subfolders = {p.name.lower(): p for p in folder.iterdir()
                   if not p.name.startswith(".") and p.is_dir()}
     held = [name for name in held_out_names if name in subfolders]
-    if "train" not in subfolders or not held or set(subfolders) - {"train", *held}:
+    others = sorted(set(subfolders) - {"train", *held})
+    if "train" not in subfolders or not held or (others and not others_beside_split):
         return None
     for other in held[1:]:
         print(f"note: {subfolders[other]} is not used: fastvae holds out one split, {subfolders[held[0]].name}/ "
               f"(move its images into {subfolders['train'].name}/ to train on them)", file=sys.stderr)
+    if others:
+        named = ", ".join(f"{subfolders[name].name}/" for name in others)
+        print(f"note: {named} in {folder} {'is' if len(others) == 1 else 'are'} not used: its "
+              f"{subfolders['train'].name}/ and {subfolders[held[0]].name}/ are the dataset's split "
+              f"(move images into {subfolders['train'].name}/ to train on them)", file=sys.stderr)
     return {"train": subfolders["train"], "test": subfolders[held[0]]}
 
 

@@ -714,6 +714,24 @@ def test_a_train_and_val_folder_keeps_its_split_and_its_labels(tmp_path, capsys,
     assert len(splits.test) == 2 and sorted(splits.test_labels.tolist()) == [0, 1]
 
 
+def test_train_and_test_folders_beside_others_are_still_the_split(tmp_path, capsys):
+    """STL-10's layout, train/ + test/ + unlabeled/: rule 3 read the three as labels (the
+    published test images trained on, no word said); rule 4 holds out test/ and names the
+    folder it leaves out. Runs made under rule 3 read it as they did."""
+    for split, n in (("train", 4), ("test", 2), ("unlabeled", 3)):
+        for label in ("cat", "dog"):
+            for i in range(n):
+                save_png(tmp_path / "data" / split / label / f"{i}.png", images_u8(1, 5, 5)[0])
+    capsys.readouterr()
+    today = load_dataset(tmp_path / "data")
+    assert (len(today.train), len(today.test)) == (8, 4) and not today.held_out
+    assert sorted(today.test_labels.tolist()) == [0, 0, 1, 1]
+    err = capsys.readouterr().err
+    assert "unlabeled/ in" in err and "is not used" in err and "train/ and test/ are the dataset's split" in err
+    before = load_dataset(tmp_path / "data", split_rule=3, test_fraction=0.5)
+    assert before.held_out and len(before.train) + len(before.test) == 18  # labels test/train/unlabeled
+
+
 def test_runs_made_under_rule_2_read_a_folder_as_they_did(tmp_path):
     """The folder reading of rule 3 (TIFF and other new suffixes, train/ + val/ as a split) would
     give a run made before it other images and another split on --resume or evaluate: rules 1
