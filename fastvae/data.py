@@ -179,8 +179,8 @@ def _load(source, split: tuple[float, int, int], grayscale: bool):
     path = Path(source)
     if not path.exists():
         raise FastVAEError(
-            f"data {path} does not exist: give 'digits' or a path to an MNIST IDX file or folder, "
-            ".npy/.npz, or a folder of images"
+            f"data {path} does not exist: give 'digits', 'photos' or a path to an MNIST IDX file or "
+            "folder, .npy/.npz, a folder of images or a prepared dataset"
         )
     if path.is_dir():
         if _find_idx(path, "train") is not None:

@@ -32,9 +32,9 @@ def elbo_sums(model, data, *, batch_size: int = 256, seed: int = 0,
     rows rank, rank + W, ...; a prepared split, streamed: its contiguous part; see
     ``fastvae.loaders.eval_batches``).
 
-    The noise of every row is drawn for the whole of ``data`` from ``seed`` and picked by the
-    row's index, so the sums of all shards equal the single-process sums exactly: evaluation
-    does not depend on the world size, nor on whether the data is streamed.
+    The noise of every row is drawn from ``seed`` by the row's index (``RowNoise``), so the sums
+    of all shards equal the single-process sums exactly: evaluation does not depend on the
+    world size, nor on whether the data is streamed.
     A deterministic autoencoder (no likelihood) reports its MSE as recon and -ELBO, KL 0.
     Every rank runs the same number of batches (the last may be empty): a sharded (FSDP)
     model gathers its weights in each call, collectively.
@@ -45,10 +45,7 @@ def elbo_sums(model, data, *, batch_size: int = 256, seed: int = 0,
     model.eval()
     device = data.device if isinstance(data, torch.Tensor) else torch.device(device or "cpu")
     sums = torch.zeros(4, dtype=torch.float64)
-    eps = None
-    if model.kind == "vae":
-        g = torch.Generator(device=device).manual_seed(seed)
-        eps = torch.randn(len(data), *model.latent_shape, generator=g, device=device)
+    eps = RowNoise(len(data), model.latent_shape, seed, device) if model.kind == "vae" else None
     dtype = param_dtype(model)
     for rows, x in eval_batches(data, batch_size, device, rank, world_size):
         x = x.to(dtype)
@@ -64,6 +61,43 @@ def elbo_sums(model, data, *, batch_size: int = 256, seed: int = 0,
                              torch.tensor(float(len(x)), device=x.device)]).double().cpu()
     model.train(was_training)
     return sums
+
+
+class RowNoise:
+    """N(0, I) noise of ``latent_shape`` for each of ``n`` rows, picked by row index: rows in
+    blocks of ``EPS_BLOCK_VALUES`` values, block k drawn from a generator seeded with
+    seed + k * 2**32, only when a batch needs it. A test split within one block draws what
+    one call for all its rows drew; memory no longer grows with the split (it held noise for
+    every test row at once: 1.6 GB on the device for 100,000 256x256 images of a spatial VAE)."""
+
+    def __init__(self, n: int, latent_shape, seed: int, device):
+        self.n, self.shape, self.seed, self.device = n, tuple(latent_shape), seed, device
+        self.per_block = max(1, EPS_BLOCK_VALUES // max(1, math.prod(self.shape)))
+        self.blocks: dict[int, torch.Tensor] = {}
+
+    def _block(self, k: int) -> torch.Tensor:
+        if k not in self.blocks:
+            for old in [b for b in self.blocks if b < k]:  # batches move forward through the rows
+                del self.blocks[old]
+            g = torch.Generator(device=self.device).manual_seed(self.seed + (k << 32))
+            rows = min(self.per_block, self.n - k * self.per_block)
+            self.blocks[k] = torch.randn(rows, *self.shape, generator=g, device=self.device)
+        return self.blocks[k]
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        block = rows // self.per_block
+        first, last = (int(b) for b in (block.min(), block.max())) if len(rows) else (0, -1)
+        if first == last:
+            return self._block(first)[rows - first * self.per_block]
+        out = torch.empty(len(rows), *self.shape, device=self.device)
+        for k in range(first, last + 1):
+            mask = block == k
+            out[mask] = self._block(k)[rows[mask] - k * self.per_block]
+        return out
+
+
+# noise values per RowNoise block: 64 MB of float32
+EPS_BLOCK_VALUES = 1 << 24
 
 
 @torch.no_grad()

@@ -411,14 +411,20 @@ def head(data, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 PICTURE_EXAMPLES = 1024
+# float32 bytes of the test images a streamed run's pictures are drawn from: 1024 3x1024x1024
+# images were 13 GB for the few a picture shows
+PICTURE_BYTES = 256 << 20
+MIN_PICTURE_EXAMPLES = 16
 
 
 def in_memory_sample(splits, n: int = PICTURE_EXAMPLES):
     """``splits`` itself when in memory; for a prepared dataset, ``Splits`` holding the first
-    ``n`` test examples (and train examples if the test split is smaller) for pictures."""
+    ``n`` test examples for pictures, fewer for large images (``PICTURE_BYTES`` as float32,
+    at least ``MIN_PICTURE_EXAMPLES``)."""
     if not is_streamed(splits.test):
         return splits
     from fastvae.data import Splits
 
-    test, labels = head(splits.test, n)
+    per_image = 4 * math.prod(splits.test.shape)
+    test, labels = head(splits.test, min(n, max(MIN_PICTURE_EXAMPLES, PICTURE_BYTES // per_image)))
     return Splits(splits.name, test[:0], test, None, labels)

@@ -357,6 +357,7 @@ class ReportData:
     n_test: int | None = None
     data_shape: tuple | None = None
     data_source: str | None = None  # the data evaluated (default: the run's own)
+    labelled: bool = True  # the test images have labels (the latent scatter is coloured by them)
     unfinished: str | None = None  # an unfinished run's checkpoint (fastvae.checkpoint.unfinished)
 
 
@@ -380,7 +381,8 @@ def _summary(page: Page, d: ReportData) -> None:
         source = d.data_source or trained_on
         summary.append(f"data {_code(source)}"
                        + (f" (the run was trained on {_code(trained_on)})" if source != trained_on else "")
-                       + (f" ({d.n_test} test images of shape {shape})" if d.n_test and shape else ""))
+                       + (f" ({d.n_test} test image{'s' if d.n_test != 1 else ''} of shape {shape})"
+                          if d.n_test and shape else ""))
         model = f"{config.get('model', '?')} {'VAE' if vae else 'autoencoder (MSE)'}"
         size = (f"latent {'x'.join(map(str, d.stats['latent_shape']))}" if d.stats and len(d.stats["latent_shape"]) > 1
                 else f"latent dim {config.get('latent_dim', '?')}, hidden dim {config.get('hidden_dim', '?')}")
@@ -418,7 +420,7 @@ def _test_metrics(page: Page, d: ReportData) -> None:
     page.p(
         ("Nats per example" if d.model_kind == "vae" else "Squared error per example and PSNR")
         + " on the test split"
-        + (f" ({d.n_test} images)" if d.n_test else "")
+        + (f" ({d.n_test} image{'s' if d.n_test != 1 else ''})" if d.n_test else "")
         + (f"; the IWAE bound uses K = {d.iwae_k} importance samples." if "iwae_nll" in metrics else ".")
     )
     rows = []
@@ -484,6 +486,8 @@ def _pictures(page: Page, d: ReportData) -> None:
     for picture in d.pictures:
         captions = AE_CAPTIONS if d.model_kind == "ae" else {}
         title, caption = captions.get(picture.name) or PICTURE_CAPTIONS.get(picture.name, (picture.stem.replace("_", " "), ""))
+        if not d.labelled:  # the scatter of unlabelled data has one colour
+            caption = caption.replace(", coloured by label.", ".")
         page.h(title, 3)
         page.img(title, Path(os.path.relpath(picture, d.out.parent)).as_posix())
         if caption:
@@ -648,6 +652,7 @@ def write_report(
     page = build_page(ReportData(
         run_dir, out, config, metrics, stats, timing, pictures, iwae_k=iwae_k,
         model_kind=model.kind, n_test=len(full), data_shape=tuple(test.shape[1:]), data_source=source,
+        labelled=splits.test_labels is not None,
         unfinished=unfinished(run_dir) if (run_dir / run_folder.LAST).is_file() else None,
     ))
     return run_folder.write_text(out, page.html() if html else page.markdown())

@@ -22,12 +22,15 @@ chunk listed in the index is there with its full size and that the counts agree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,8 +371,9 @@ class SplitWriter:
             images.append(piece_images)
             labels.append(piece_labels)
             need -= len(piece_images)
-        self.writer[self.blocks] = {"images": np.ascontiguousarray(np.concatenate(images)),
-                                    "labels": np.concatenate(labels).astype(np.int64)}
+        with _oversized_chunks_quiet():
+            self.writer[self.blocks] = {"images": np.ascontiguousarray(np.concatenate(images)),
+                                        "labels": np.concatenate(labels).astype(np.int64)}
         self.blocks += 1
         self.examples += n
         self.buffered -= n
@@ -380,11 +384,21 @@ class SplitWriter:
             self._flush(self.buffered)
         if not self.blocks:  # litdata writes no index for no chunks, and merge waits for one forever
             return {"examples": 0, "blocks": 0, "chunks": 0, "bytes": 0}
-        self.writer.done()
+        with _oversized_chunks_quiet():
+            self.writer.done()
         self.writer.merge(1)
         chunks = json.loads((self.folder / INDEX).read_text())["chunks"]
         return {"examples": self.examples, "blocks": self.blocks, "chunks": len(chunks),
                 "bytes": sum(int(c["chunk_bytes"]) for c in chunks)}
+
+
+@contextlib.contextmanager
+def _oversized_chunks_quiet():
+    """litdata's warning that a block outgrew its chunk size (a block of huge images is one
+    chunk of its own: nothing for a user to act on), off."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="An item was larger than the target chunk size")
+        yield
 
 
 def write_dataset(out: Path, sources: dict, meta: dict, *, overwrite: bool = False) -> dict:
@@ -502,6 +516,11 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
         pieces, info = array_pieces(str(source), size, grayscale, test_fraction, split_seed)
     meta.update(info)
     meta["block"] = block_size(meta["shape"])
+    given = [f"--{name.replace('_', '-')} {value}" for name, value, default in
+             (("test_fraction", test_fraction, 0.1), ("split_seed", split_seed, 0)) if value != default]
+    if info["split"] == "own" and given:
+        print(f"note: {source} has a test split of its own, which is kept: {' and '.join(given)} "
+              f"change{'s' if len(given) == 1 else ''} nothing", file=sys.stderr)
     meta = write_dataset(out, pieces, meta, overwrite=overwrite)
     return meta, time.perf_counter() - started
 

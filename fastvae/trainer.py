@@ -143,7 +143,13 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     saved, resume_from, resume_note = check_resume(run_dir, config) if resume else ({}, None, None)
     loaded = splits is None
     if loaded:
-        splits = load_config_data(config)
+        try:
+            splits = load_config_data(config)
+        except FastVAEError as exc:
+            if not resume or "does not exist" not in str(exc):
+                raise
+            raise FastVAEError(f"{exc} (the run's data: moved? resume with --data NEWPATH, the same data "
+                               "where it is now)") from None
     check_model(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
     steps = batches_per_epoch(len(splits.train), config.devices * config.num_nodes, config.batch_size)
     if saved.get("batch_in_epoch", 0) >= steps:  # the loop would run no step, then call it divergence

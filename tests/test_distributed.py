@@ -166,14 +166,29 @@ def test_a_launchers_layout_must_be_the_runs(monkeypatch, launcher, env, layout)
         check_processes(config("run", devices=per_node + 1, num_nodes=1, accelerator="cpu"))
 
 
-def test_sharded_evaluation_equals_single_process():
+@pytest.mark.parametrize("block_rows", [None, 4], ids=["one-noise-block", "noise-blocks-of-4-rows"])
+def test_sharded_evaluation_equals_single_process(monkeypatch, block_rows):
+    """Also with the test rows' noise drawn a block at a time (it was drawn for all rows at
+    once: memory that grew with the split), blocks crossing batches and ranks' rows."""
+    import fastvae.evaluation
+    from fastvae.evaluation import RowNoise
+
     torch.manual_seed(0)
     model = build_model({"data_shape": [1, 8, 8], "hidden_dim": 32})
+    latent = math.prod(model.latent_shape)
+    if block_rows:
+        monkeypatch.setattr(fastvae.evaluation, "EPS_BLOCK_VALUES", block_rows * latent)
     data = torch.rand(37, 1, 8, 8)
     whole = elbo_sums(model, data, seed=4, batch_size=8)
     shards = sum(elbo_sums(model, data, seed=4, batch_size=5, rank=r, world_size=3) for r in range(3))
     torch.testing.assert_close(shards, whole, rtol=1e-6, atol=0)  # fp32 sums in another order
     assert whole[3] == 37
+    noise = RowNoise(37, model.latent_shape, 4, "cpu")
+    rows = torch.cat([noise[torch.arange(i, min(i + 3, 37))] for i in range(0, 37, 3)])
+    assert torch.equal(rows, noise[torch.arange(37)])  # a row's noise, however it is asked for
+    one_draw = torch.randn(37, *model.latent_shape, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(rows, one_draw) == (block_rows is None)  # within a block: the old single draw
+    assert abs(float(rows.mean())) < 0.2 and abs(float(rows.var()) - 1) < 0.2
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed"])

@@ -97,6 +97,9 @@ def test_report_lists_metrics_and_links_pictures(tmp_path):
     assert links == ["samples.png", "reconstructions.png", "interpolation.png",
                      "latent_scatter.png", "loss_curves.png"]
     assert all((run / link).is_file() for link in links)
+    # images.npy has no labels: its scatter has one colour, and the caption says no more
+    assert "Latent means of the test images." in text and "coloured by label" not in text
+    assert "(6 images)" in text
     # numbers: the metric rows hold finite values and the KL dims add up to the KL row
     value = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| (-ELBO|KL|reconstruction) \| ([-\d.]+) \|", text, re.M)}
     assert value["-ELBO"] == pytest.approx(value["reconstruction"] + value["KL"], abs=2e-4)

@@ -458,6 +458,21 @@ def test_evaluate_and_report_on_the_source_of_a_prepared_dataset_hold_out_its_sp
     assert "60 test images" in (run / "report.md").read_text()
 
 
+def test_pictures_of_a_streamed_run_read_a_bounded_sample(digits_shards, monkeypatch):
+    """1024 test images as float32 whatever their size (13 GB at 3x1024x1024): the sample is
+    bounded in bytes, at least MIN_PICTURE_EXAMPLES images, the first ones of the test split."""
+    import fastvae.loaders
+    from fastvae.loaders import MIN_PICTURE_EXAMPLES, head, in_memory_sample
+
+    data = open_dataset(str(digits_shards))
+    assert len(in_memory_sample(data).test) == 297  # the whole (small) test split
+    monkeypatch.setattr(fastvae.loaders, "PICTURE_BYTES", 40 * 4 * 64)  # forty 8x8 images
+    sample = in_memory_sample(data)
+    assert len(sample.test) == 40 and torch.equal(sample.test, head(data.test, 40)[0])
+    monkeypatch.setattr(fastvae.loaders, "PICTURE_BYTES", 1)
+    assert len(in_memory_sample(data).test) == MIN_PICTURE_EXAMPLES
+
+
 # ----------------------------------------------------------------------------- resume
 
 
