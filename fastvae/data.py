@@ -559,6 +559,10 @@ def decode_image(file: Path, channels: int, size: int | None = None) -> np.ndarr
             if img.mode in WIDE_GRAY_MODES:
                 wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
                 img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+            elif img.mode == "F":  # 32-bit float (TIFF): convert("L") clipped [0, 1] data to black
+                img = _float_gray(np.asarray(img, dtype=np.float64))
+                if isinstance(img, str):
+                    return img
             img = img.convert("L" if channels == 1 else "RGB")
             if size is not None:
                 img = fit_image(img, size)
@@ -566,6 +570,21 @@ def decode_image(file: Path, channels: int, size: int | None = None) -> np.ndarr
     except _image_errors() as exc:
         return one_line(exc)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _float_gray(values: np.ndarray):
+    """A float grayscale image as 8 bits: values in [0, 1] scaled by 255, values in [0, 255]
+    rounded; other values (or NaN/Inf) give the reason it cannot be read."""
+    from PIL import Image
+
+    if not np.isfinite(values).all():
+        return "a float image holding NaN or Inf values"
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        return (f"a float image with values in [{lo:g}, {hi:g}]: fastvae reads float pixels in [0, 1] "
+                "or [0, 255]; save it as an 8- or 16-bit image")
+    scaled = values * 255.0 if hi <= 1 else values
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
 
 
 JPEG_DRAFT_GAP = 3  # a JPEG is decoded at a DCT scale that keeps its shorter side >= 3 x --size

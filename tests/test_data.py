@@ -477,6 +477,21 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert load_dataset(tmp_path).data_shape == (1, 6, 7)
 
 
+def test_float_tiffs_are_read_in_their_range_not_clipped_to_black(tmp_path):
+    """Pillow's mode F (32-bit float TIFF) in [0, 1] came out all black (convert("L") clips);
+    [0, 1] is scaled by 255, [0, 255] rounded, anything else is one reason, not wrong pixels."""
+    unit = RNG.random((6, 7), dtype=np.float32)
+    Image.fromarray(unit, "F").save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    np.testing.assert_array_equal(decode_image(tmp_path / "unit.tif", 1)[0], np.round(unit.astype(np.float64) * 255))
+    levels = (unit * 200 + 10).astype(np.float32)
+    Image.fromarray(levels, "F").save(tmp_path / "levels.tif")
+    np.testing.assert_array_equal(decode_image(tmp_path / "levels.tif", 3)[1], np.round(levels.astype(np.float64)))
+    Image.fromarray(levels * 10 - 100, "F").save(tmp_path / "wide.tif")
+    reason = decode_image(tmp_path / "wide.tif", 1)
+    assert isinstance(reason, str) and "values in [" in reason and "8- or 16-bit" in reason
+
+
 def test_exif_orientation_is_applied(tmp_path):
     """A phone photo stored 6x4 with "rotate 90" in its EXIF is a 4x6 image, as viewers show it."""
     stored = RNG.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)  # (H, W, C)
