@@ -39,9 +39,6 @@ def array_pieces(source: str, size, grayscale: bool, test_fraction: float, split
     train, test, own = _open(source, test_fraction, split_seed)
     train.rows = train.rows[np.random.default_rng(split_seed).permutation(len(train.rows))]
     shape = _image_shape(train)
-    if _image_shape(test) != shape:
-        raise FastVAEError(f"data {train.path}: train images are {shape} but test images are "
-                           f"{_image_shape(test)}: both splits need one shape")
     if size is not None and train.array.ndim == 2:  # (N, D) rows are 1 x D "images"
         raise FastVAEError(f"--size {size}: {source} holds rows of {shape[2]} values, not images: "
                            "prepare it without --size (or save it as (N, H, W) images)")
@@ -71,28 +68,29 @@ def _open(source: str, test_fraction: float, split_seed: int) -> tuple[ArrayRows
             train, test = whole(splits.train, splits.train_labels), whole(splits.test, splits.test_labels)
             train.grid = test.grid = splits.pixel_grid  # declared by the source (crops of 8-bit photos)
             return train, test, True
-        return (*_idx_folder(path), True)
+        return (*idx_folder_rows(path), True)
     if not path.exists():
         data.load_dataset(source)  # its error: what is missing, what to give
     if path.stat().st_size == 0:
         raise FastVAEError(f"data file {path} is empty")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return _npz(path, test_fraction, split_seed)
+        return npz_rows(path, test_fraction, split_seed)
     if suffix in data.IMAGE_SUFFIXES:
         raise FastVAEError(f"data {path} is a single image: give the folder that holds the images")
     array = _load_npy(path) if suffix == ".npy" else data.read_idx(path, mmap=True)
     return (*_held_out(array, None, path, None, test_fraction, split_seed), False)
 
 
-def _held_out(array, labels, path: Path, key, test_fraction: float, split_seed: int):
+def _held_out(array, labels, path: Path, key, test_fraction: float, split_seed: int,
+              split_rule: int | None = None):
     """(train, test) rows of one array: ``split_indices``' seeded, stratified split."""
-    from fastvae.data import split_indices
+    from fastvae.data import SPLIT_RULE, split_indices
 
     _check_rows(array, path, key)
     if len(array) < 2:
         raise FastVAEError(f"data {path} has {len(array)} example(s): need at least 2 (train and test)")
-    train, test = split_indices(len(array), labels, test_fraction, split_seed)
+    train, test = split_indices(len(array), labels, test_fraction, split_seed, split_rule or SPLIT_RULE)
     return ArrayRows(array, train, labels, path, key), ArrayRows(array, test, labels, path, key)
 
 
@@ -107,7 +105,15 @@ def _whole(array, path: Path, key=None, labels=None, labels_path: Path | None = 
     return ArrayRows(array, np.arange(len(array)), labels, path, key)
 
 
-def _idx_folder(folder: Path) -> tuple[ArrayRows, ArrayRows]:
+def _same_shape(train: ArrayRows, test: ArrayRows) -> tuple[ArrayRows, ArrayRows]:
+    if _image_shape(train) != _image_shape(test):
+        raise FastVAEError(f"data {train.path}: train images are {_image_shape(train)} but test images "
+                           f"are {_image_shape(test)}: both splits need one shape")
+    return train, test
+
+
+def idx_folder_rows(folder: Path) -> tuple[ArrayRows, ArrayRows]:
+    """The train and test files of an MNIST IDX folder (memory-mapped) and their labels."""
     from fastvae.data import IDX_NAMES, _find_idx, read_idx
 
     parts = {key: _find_idx(folder, key) for key in IDX_NAMES}
@@ -121,10 +127,13 @@ def _idx_folder(folder: Path) -> tuple[ArrayRows, ArrayRows]:
         labels = parts[f"{key}_labels"]
         splits.append(_whole(read_idx(parts[key], mmap=True), parts[key],
                              labels=None if labels is None else read_idx(labels), labels_path=labels))
-    return splits[0], splits[1]
+    return _same_shape(splits[0], splits[1])
 
 
-def _npz(path: Path, test_fraction: float, split_seed: int) -> tuple[ArrayRows, ArrayRows, bool]:
+def npz_rows(path: Path, test_fraction: float, split_seed: int,
+             split_rule: int | None = None) -> tuple[ArrayRows, ArrayRows, bool]:
+    """An .npz's train and test arrays (keys train/test or x_train/x_test, labels beside them),
+    or the seeded split of its one array; and whether the split is its own."""
     try:
         npz = np.load(path, allow_pickle=False)
         files = list(npz.files)
@@ -144,9 +153,10 @@ def _npz(path: Path, test_fraction: float, split_seed: int) -> tuple[ArrayRows, 
                                member(ytr) if ytr in files else None, labels_key=ytr)
                 test = _whole(member(test_key), path, test_key,
                               member(yte) if yte in files else None, labels_key=yte)
-                return train, test, True
+                return (*_same_shape(train, test), True)
         if len(files) == 1:
-            return (*_held_out(member(files[0]), None, path, files[0], test_fraction, split_seed), False)
+            return (*_held_out(member(files[0]), None, path, files[0], test_fraction, split_seed,
+                               split_rule), False)
     raise FastVAEError(f"data file {path} holds arrays {sorted(files)}: use keys 'train' and 'test' "
                        "(or 'x_train' and 'x_test'), or save a single array")
 
@@ -161,22 +171,25 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _check_rows(array, path: Path, key) -> None:
-    """The in-memory loader's checks that need no values: dtype, shape, not empty."""
-    from fastvae.data import _as_images
+    """The in-memory loader's checks that need no values: shape, not empty, dtype."""
+    from fastvae.data import data_where, image_shape, unit_pixels
 
-    _as_images(array[:1] if len(array) else array, path, key)
+    where = data_where(path, key)
+    image_shape(array.shape, where)
+    unit_pixels(np.asarray(array[:0]), where)  # the dtype: no rows read
 
 
 def _image_shape(split: ArrayRows) -> tuple[int, int, int]:
-    from fastvae.data import _as_images
+    from fastvae.data import data_where, image_shape
 
-    return tuple(_as_images(split.array[:1], split.path, split.key).shape[1:])
+    return image_shape(split.array.shape, data_where(split.path, split.key))
 
 
 class GridScan:
-    """The grid k / L that all pixels seen so far lie on, as ``fastvae.data.source_grid`` finds
-    it for a whole array: 255 for uint8, 1 for bool, for floats the smallest L of
-    ``PIXEL_GRIDS`` every value is on (None: none)."""
+    """The grid k / L that all pixels seen so far lie on: 255 for uint8, 1 for bool, for floats
+    the smallest L of ``PIXEL_GRIDS`` every value is on (None: none). Unlike
+    ``fastvae.data.source_grid``, splits stored on different grids (binary train, 8-bit test)
+    get the finest one they share rather than none: what the prepared uint8 pixels stand for."""
 
     def __init__(self):
         from fastvae.data import PIXEL_GRIDS

@@ -279,47 +279,29 @@ def _find_idx(folder: Path, key: str) -> Path | None:
 
 
 def _idx_folder(folder: Path) -> Splits:
-    parts = {key: _find_idx(folder, key) for key in IDX_NAMES}
-    if parts["test"] is None:
-        raise FastVAEError(
-            f"data folder {folder} has {parts['train'].name} but no t10k-images-idx3-ubyte[.gz]: "
-            "add the test file, or give the single train file as --data to split it"
-        )
-    raw = {k: read_idx(parts[k]) for k in ("train", "test")}
-    train, test = (_as_images(raw[k], parts[k]) for k in ("train", "test"))
-    labels = {}
-    for key, images in (("train_labels", train), ("test_labels", test)):
-        labels[key] = _labels(read_idx(parts[key]), len(images), parts[key]) if parts[key] else None
-    _check_same_shape(train, test, folder)
-    return Splits(folder.name, train, test, labels["train_labels"], labels["test_labels"],
-                  pixel_grid=source_grid(raw["train"], raw["test"]))
+    from fastvae.array_prepare import idx_folder_rows
+
+    return _rows_splits(folder.name, *idx_folder_rows(folder), own=True)
 
 
 def _npz(path: Path, split: tuple[float, int, int]) -> Splits:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except Exception as exc:  # zipfile/pickle/format errors all mean the same thing to a user
-        raise FastVAEError(f"data file {path} is not a readable .npz archive: {exc}") from None
-    for train_key, test_key, ytr, yte in (
-        ("train", "test", "train_labels", "test_labels"),
-        ("x_train", "x_test", "y_train", "y_test"),
-    ):
-        if train_key in arrays and test_key in arrays:
-            train = _as_images(arrays[train_key], path, train_key)
-            test = _as_images(arrays[test_key], path, test_key)
-            _check_same_shape(train, test, path)
-            train_labels = _labels(arrays[ytr], len(train), path, ytr) if ytr in arrays else None
-            test_labels = _labels(arrays[yte], len(test), path, yte) if yte in arrays else None
-            return Splits(path.name, train, test, train_labels, test_labels,
-                          pixel_grid=source_grid(arrays[train_key], arrays[test_key]))
-    if len(arrays) == 1:
-        (key, array), = arrays.items()
-        return _split(path.name, array, None, path, split, key)
-    raise FastVAEError(
-        f"data file {path} holds arrays {sorted(arrays)}: use keys 'train' and 'test' "
-        "(or 'x_train' and 'x_test'), or save a single array"
-    )
+    from fastvae.array_prepare import npz_rows
+
+    return _rows_splits(path.name, *npz_rows(path, *split))
+
+
+def _rows_splits(name: str, train, test, own: bool) -> Splits:
+    """In memory: the rows of ``fastvae.array_prepare.ArrayRows`` (what prepare reads a slice
+    at a time) read and converted; ``own``: the split is the source's (else held out)."""
+    def images(part):
+        return _as_images(part.array[part.rows], part.path, part.key)
+
+    def labels(part):
+        return None if part.labels is None else torch.from_numpy(part.labels[part.rows].astype(np.int64))
+
+    grid = source_grid(train.array, test.array) if own else source_grid(train.array)
+    return Splits(name, images(train), images(test), labels(train), labels(test), held_out=not own,
+                  pixel_grid=grid)
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -800,20 +782,32 @@ def _dtype_error(where: str, dtype) -> FastVAEError:
 
 def _as_images(array: np.ndarray, path: Path, key: str | None = None) -> torch.Tensor:
     """Validate and convert to float32 (N, C, H, W) in [0, 1]."""
-    where = f"data {path}" + (f" ['{key}']" if key else "")
+    where = data_where(path, key)
     images = unit_pixels(np.asarray(array), where)
-    if images.ndim == 2:
-        images = images[:, None, None, :]
-    elif images.ndim == 3:
-        images = images[:, None]
-    elif images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise FastVAEError(
-            f"{where} has shape {tuple(images.shape)}: use (N, H, W), (N, C, H, W) with C 1 or 3, "
-            "or (N, D)"
-        )
-    if images.shape[0] == 0 or math.prod(images.shape[1:]) == 0:
-        raise FastVAEError(f"{where} is empty (shape {tuple(images.shape)})")
-    return images.contiguous()
+    shape = image_shape(images.shape, where)  # before len(): a 0-d array has none
+    return images.reshape(images.shape[0], *shape).contiguous()
+
+
+def data_where(path: Path, key: str | None = None) -> str:
+    """How errors name an array: its file, and its key in an .npz."""
+    return f"data {path}" + (f" ['{key}']" if key else "")
+
+
+def image_shape(shape: tuple, where: str) -> tuple[int, int, int]:
+    """(C, H, W) of the images of an array of ``shape``: (N, D) rows are 1 x 1 x D, (N, H, W)
+    one channel, (N, C, H, W) with C 1 or 3; others and empty arrays are refused."""
+    shape = tuple(shape)
+    if len(shape) == 2:
+        image = (1, 1, shape[1])
+    elif len(shape) == 3:
+        image = (1, *shape[1:])
+    elif len(shape) == 4 and shape[1] in (1, 3):
+        image = shape[1:]
+    else:
+        raise FastVAEError(f"{where} has shape {shape}: use (N, H, W), (N, C, H, W) with C 1 or 3, or (N, D)")
+    if shape[0] == 0 or math.prod(image) == 0:
+        raise FastVAEError(f"{where} is empty (shape {shape})")
+    return image
 
 
 def _labels(array: np.ndarray, n: int, path: Path, key: str | None = None) -> torch.Tensor:
@@ -825,14 +819,6 @@ def _labels(array: np.ndarray, n: int, path: Path, key: str | None = None) -> to
             f"and dtype {array.dtype}"
         )
     return torch.from_numpy(array.astype(np.int64))
-
-
-def _check_same_shape(train: torch.Tensor, test: torch.Tensor, path: Path) -> None:
-    if train.shape[1:] != test.shape[1:]:
-        raise FastVAEError(
-            f"data {path}: train images are {tuple(train.shape[1:])} but test images are "
-            f"{tuple(test.shape[1:])}: both splits need one shape"
-        )
 
 
 class EpochBatches:

@@ -69,8 +69,9 @@ def name(prog: str) -> None:
     _prog = prog
 
 
-def exit_now(signum=None, frame=None) -> None:
-    """Remove the registered temporary files, print one line, exit with status 130.
+def exit_now(signum=None, frame=None, *, quiet: bool = False) -> None:
+    """Remove the registered temporary files, print one line (not if ``quiet``), exit with
+    status 130.
 
     In a forked child signalled before it called ``in_worker_process`` (a pool's
     ``terminate()`` can come that early), only end that child: the temporary files and the
@@ -83,20 +84,22 @@ def exit_now(signum=None, frame=None) -> None:
         sys.stdout.flush()
     except Exception:  # noqa: BLE001 - a signal inside a write: the line below still goes out
         pass
-    os.write(2, f"{_prog}: interrupted\n".encode())
+    if not quiet:
+        os.write(2, f"{_prog}: interrupted\n".encode())
     os._exit(EXIT_STATUS)
 
 
 def exit_quietly(signum=None, frame=None) -> None:
     """``exit_now`` without the line: in a spawned rank, whose launcher says it (the ranks'
-    exit status 130 becomes ``fastvae train: interrupted`` there)."""
-    for path in list(_temporary):
-        _remove(path)
-    try:
-        sys.stdout.flush()
-    except Exception:  # noqa: BLE001 - a signal inside a write: leave anyway
-        pass
-    os._exit(EXIT_STATUS)
+    exit status 130 becomes ``fastvae train: interrupted`` there). Call ``own`` first."""
+    exit_now(signum, frame, quiet=True)
+
+
+def own() -> None:
+    """This process's temporary files are its own to remove on a signal (a spawned rank's;
+    not the children it forks)."""
+    global _owner
+    _owner = os.getpid()
 
 
 def in_worker_process() -> None:

@@ -202,6 +202,7 @@ def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
     fills up, and it cannot be renamed over the mount point at the end."""
     beside = Path(os.path.abspath(beside))  # '.' has no name to stage beside
     refuse_mount_point(beside)
+    refuse_current_folder(beside)
     created = [p for p in [beside.parent, *beside.parent.parents] if not p.exists()]  # deepest first
     beside.parent.mkdir(parents=True, exist_ok=True)
     folder = beside.with_name(f".{beside.name}{_TMP_MARK}{os.getpid()}")
@@ -226,6 +227,21 @@ def refuse_mount_point(path: Path) -> None:
         raise FastVAEError(f"{path} is a mount point: outputs are staged beside it and renamed into "
                            f"place, which a mount point cannot be; give a folder inside it "
                            f"(e.g. {path / 'out'})")
+
+
+def refuse_current_folder(path: Path) -> None:
+    """A FastVAEError if ``path`` is the current folder or holds it: ``temporary_folder``'s
+    output replaces it when complete, which would leave this process (and the shell it was
+    started from) in a deleted folder."""
+    path = Path(os.path.abspath(path))
+    try:
+        here = Path.cwd()
+    except OSError:  # the current folder is gone already
+        return
+    if here == path or path in here.parents:
+        raise FastVAEError(f"{path} is the current folder{'' if here == path else ' or holds it'}: it is "
+                           f"replaced when complete, which would leave this shell in a deleted folder; "
+                           f"run from {path.parent} and give {path.name}")
 
 
 def fsync_folder(folder: Path) -> None:

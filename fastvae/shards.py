@@ -179,12 +179,13 @@ SPLIT_SETTINGS = ("test_fraction", "split_seed", "split_rule")
 
 
 def prepared_split(data) -> "dict | None":
-    """How ``fastvae prepare`` held out a prepared dataset's test split (its ``fastvae.json``'s
-    test_fraction, split_seed, split_rule), or None: other data, or a split of the source's own."""
+    """How ``fastvae prepare`` split a prepared dataset (its ``fastvae.json``'s test_fraction,
+    split_seed and split_rule; for a split of the source's own, the rule that read the source),
+    or None for other data."""
     meta = getattr(data, "meta", None)
-    if not isinstance(meta, dict) or meta.get("split") != "seeded" or any(k not in meta for k in SPLIT_SETTINGS):
+    if not isinstance(meta, dict) or any(k not in meta for k in SPLIT_SETTINGS):
         return None
-    return {key: meta[key] for key in SPLIT_SETTINGS}
+    return {key: meta[key] for key in (SPLIT_SETTINGS if meta.get("split") == "seeded" else ("split_rule",))}
 
 
 def run_split(config: dict, state: dict) -> dict:
@@ -436,9 +437,10 @@ def check_out(out: Path, overwrite: bool) -> None:
     prepared dataset, or a prepared dataset without ``overwrite``."""
     if not out.exists():
         return
-    from fastvae.run_folder import refuse_mount_point
+    from fastvae.run_folder import refuse_current_folder, refuse_mount_point
 
     refuse_mount_point(out)  # before the work, not after it
+    refuse_current_folder(out)
     if not out.is_dir():
         raise FastVAEError(f"--out {out} is a file: give a folder for the prepared dataset")
     if (out / META).exists() and not overwrite:

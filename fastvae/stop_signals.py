@@ -24,8 +24,9 @@ def hold_rank_signals() -> None:
     and SIGUSR1's default: a rank "ended by SIGUSR1", advice to --resume a run that had none).
     Inside training ``StopRequest`` holds them; SIGTERM keeps its default (torch's launcher
     ends the other ranks with it when one fails). Main thread only."""
-    from fastvae.interrupts import exit_quietly
+    from fastvae.interrupts import exit_quietly, own
 
+    own()
     try:
         for sig in (signal.SIGINT, FORWARDED_STOP):
             signal.signal(sig, exit_quietly)

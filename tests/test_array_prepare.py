@@ -155,3 +155,24 @@ def test_idx_files_are_mapped_and_still_checked(tmp_path):
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(FastVAEError, match="truncated or has the wrong sizes"):
         read_idx(path, mmap=True)
+
+
+@pytest.mark.parametrize("array, expected", [
+    (np.array(0.5), "has shape ()"), (np.arange(6, dtype=np.uint8), "has shape (6,)"),
+    (np.zeros((7, 2, 4, 4), np.uint8), "has shape (7, 2, 4, 4)"), (np.zeros((0, 4, 4), np.uint8), "is empty"),
+    (np.zeros((7, 4, 4), np.int16), "has dtype int16"), (np.full((3, 4), np.nan, np.float32), "NaN")])
+def test_bad_arrays_are_one_line_naming_the_whole_array(tmp_path, capsys, array, expected):
+    """A 0-d .npy crashed prepare with a traceback (len() of an unsized object), and shape
+    errors named the first row's shape, (1, 2, 4, 4) for a (7, 2, 4, 4) array."""
+    from testkit import assert_one_line_error
+
+    from fastvae.cli import main
+
+    np.save(tmp_path / "a.npy", array)
+    for command in (["prepare", str(tmp_path / "a.npy"), "--out", str(tmp_path / "s")],
+                    ["train", "--data", str(tmp_path / "a.npy"), "--epochs", "1", "--out", str(tmp_path / "r")]):
+        capsys.readouterr()
+        rc = main(command)
+        err = capsys.readouterr().err
+        assert_one_line_error(rc, err, expected)
+        assert not (tmp_path / "s").exists()

@@ -188,6 +188,8 @@ def test_sharded_evaluation_equals_single_process(monkeypatch, block_rows):
     assert torch.equal(rows, noise[torch.arange(37)])  # a row's noise, however it is asked for
     one_draw = torch.randn(37, *model.latent_shape, generator=torch.Generator().manual_seed(4))
     assert torch.equal(rows, one_draw) == (block_rows is None)  # within a block: the old single draw
+    if block_rows:  # blocks of their own noise (seeds k * 2**32 apart drew the same on a CPU)
+        assert not any(torch.equal(rows[:4], rows[k * 4:k * 4 + 4]) for k in range(1, 9))
     assert abs(float(rows.mean())) < 0.2 and abs(float(rows.var()) - 1) < 0.2
 
 

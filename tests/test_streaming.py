@@ -646,14 +646,20 @@ def test_out_url_link_and_grayscale_of_a_colour_dataset(tmp_path, capsys):
 
 
 def test_out_is_the_current_folder_or_a_mount_point(tmp_path, capsys, monkeypatch):
-    """--out . crashed with a traceback (a path without a name to stage beside); a mount
-    point was staged on the disk above it and failed only at the end, after all the work."""
+    """--out . crashed with a traceback (a path without a name to stage beside), and replacing
+    the current folder would leave the shell in a deleted one: refused in one line, as is an
+    --out that holds the current folder; a mount point was staged on the disk above it and
+    failed only at the end, after all the work."""
     src = image_folder(tmp_path / "imgs", 3)
-    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "deeper").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "here")
-    rc, _, err = cli(capsys, "prepare", src, "--out", ".", "--workers", "0", "--quiet")
-    assert rc == 0 and "Traceback" not in err, err
-    assert open_dataset(str(tmp_path / "here")).data_shape == (3, 10, 12)
+    line = one_line_error(capsys, "prepare", src, "--out", ".", "--workers", "0")
+    assert "is the current folder" in line and f"run from {tmp_path} and give here" in line
+    monkeypatch.chdir(tmp_path / "here" / "deeper")
+    assert "holds it" in one_line_error(capsys, "prepare", src, "--out", "..", "--workers", "0")
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(capsys, "prepare", src, "--out", "here/deeper", "--workers", "0", "--quiet")
+    assert rc == 0 and open_dataset(str(tmp_path / "here" / "deeper")).data_shape == (3, 10, 12), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "imgs"]
     mount = tmp_path / "disk"
     mount.mkdir()
