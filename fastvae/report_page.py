@@ -358,6 +358,7 @@ class ReportData:
     data_shape: tuple | None = None
     data_source: str | None = None  # the data evaluated (default: the run's own)
     labelled: bool = True  # the test images have labels (the latent scatter is coloured by them)
+    prepared_split: dict | None = None  # a prepared dataset's split (shards.prepared_split)
     unfinished: str | None = None  # an unfinished run's checkpoint (fastvae.checkpoint.unfinished)
 
 
@@ -409,6 +410,10 @@ def _configuration(page: Page, d: ReportData) -> None:
     left_out = [k for k in unused if k in d.config]
     if left_out:
         page.p(f"Left out: {', '.join(left_out)} (not read by a {d.config.get('model')} model).")
+    if d.prepared_split is not None:  # the run's test_fraction/split_seed cut nothing
+        made = ", ".join(f"{k} {v}" for k, v in d.prepared_split.items())
+        page.p(f"The data is a prepared dataset, split by `fastvae prepare` ({made}): the settings "
+               "test_fraction and split_seed above are not used.")
 
 
 def _test_metrics(page: Page, d: ReportData) -> None:
@@ -611,6 +616,9 @@ def write_report(
     from fastvae.data import data_grid
 
     grid = data_grid(splits)  # the source's pixel grid: the sample drawn below has none
+    from fastvae.shards import prepared_split
+
+    prepared = prepared_split(splits) if hasattr(splits, "meta") else None
     full, splits = splits.test, in_memory_sample(splits)  # streamed: evaluate all, draw the first
     test = torch.as_tensor(splits.test).float()
     if tuple(test.shape[1:]) != tuple(model.data_shape):
@@ -652,7 +660,7 @@ def write_report(
     page = build_page(ReportData(
         run_dir, out, config, metrics, stats, timing, pictures, iwae_k=iwae_k,
         model_kind=model.kind, n_test=len(full), data_shape=tuple(test.shape[1:]), data_source=source,
-        labelled=splits.test_labels is not None,
+        labelled=splits.test_labels is not None, prepared_split=prepared,
         unfinished=unfinished(run_dir) if (run_dir / run_folder.LAST).is_file() else None,
     ))
     return run_folder.write_text(out, page.html() if html else page.markdown())

@@ -456,6 +456,12 @@ def test_evaluate_and_report_on_the_source_of_a_prepared_dataset_hold_out_its_sp
     rc, _, err = cli(capsys, "report", run, "--iwae-k", "0", "--data", tmp_path / "a.npy")
     assert rc == 0, err
     assert "60 test images" in (run / "report.md").read_text()
+    rc, _, err = cli(capsys, "report", run, "--iwae-k", "0")  # on the prepared dataset itself
+    assert rc == 0, err
+    from fastvae.config import SPLIT_RULE
+
+    assert (f"split by `fastvae prepare` (test_fraction 0.2, split_seed 3, split_rule {SPLIT_RULE}): the settings "
+            "test_fraction and split_seed above are not used") in (run / "report.md").read_text()
 
 
 def test_pictures_of_a_streamed_run_read_a_bounded_sample(digits_shards, monkeypatch):
