@@ -55,8 +55,10 @@ class PauseRankAtStart:
             import time
 
             print(f"{PAUSED} rank 0 before its first step", flush=True)
-            while True:  # until a signal's handler ends the rank: short waits, not signal.pause(),
-                time.sleep(0.05)  # which a signal delivered to another of the rank's threads never ends
+            # until a signal's handler ends the rank: short waits, not signal.pause(), which a
+            # signal delivered to another of the rank's threads never ends
+            while True:
+                time.sleep(0.05)  # not synchronisation: a poll while waiting for the signal
 
 
 class SignalAtStep:
