@@ -44,6 +44,17 @@ CONVKL_SETTINGS = ("downsample", "latent_channels", "width", "channel_mult", "bl
 FLAT_ONLY_SETTINGS = ("latent_dim", "hidden_dim")  # the convkl model's latent is c x H/f x W/f
 
 
+def unused_split_flags(test_fraction: float, split_seed: int) -> str | None:
+    """"--test-fraction 0.3 changes nothing" for the split flags given other than their
+    defaults (None: none): what a note says where the data has a test split of its own."""
+    default = TrainConfig()
+    given = [f"--{name.replace('_', '-')} {value}" for name, value in
+             (("test_fraction", test_fraction), ("split_seed", split_seed)) if value != getattr(default, name)]
+    if not given:
+        return None
+    return f"{' and '.join(given)} change{'s' if len(given) == 1 else ''} nothing"
+
+
 def unused_settings(model: str) -> tuple[str, ...]:
     """The settings that do not apply to ``--model model``."""
     return FLAT_ONLY_SETTINGS if model == "convkl" else CONVKL_SETTINGS

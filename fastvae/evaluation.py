@@ -66,9 +66,10 @@ def elbo_sums(model, data, *, batch_size: int = 256, seed: int = 0,
 class RowNoise:
     """N(0, I) noise of ``latent_shape`` for each of ``n`` rows, picked by row index: rows in
     blocks of ``EPS_BLOCK_VALUES`` values, block k drawn from a generator seeded with ``seed``
-    (k = 0) or a 32-bit seed derived from (seed, k), only when a batch needs it. A test split within one block draws what
-    one call for all its rows drew; memory no longer grows with the split (it held noise for
-    every test row at once: 1.6 GB on the device for 100,000 256x256 images of a spatial VAE)."""
+    (k = 0) or a 32-bit seed derived from (seed, k), only when a batch needs it. A test split
+    within one block draws what one call for all its rows drew; memory no longer grows with the
+    split (it held noise for every test row at once: 1.6 GB on the device for 100,000 256x256
+    images of a spatial VAE)."""
 
     def __init__(self, n: int, latent_shape, seed: int, device):
         self.n, self.shape, self.seed, self.device = n, tuple(latent_shape), seed, device

@@ -197,12 +197,10 @@ def write_failure_in(folder: str | os.PathLike) -> OSError | None:
 @contextmanager
 def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
     """A new hidden folder beside the file ``beside``, removed when the block ends (or on
-    Ctrl-C): for writers that stage several files, then ``move_into_place`` each one.
-    A mount point is refused before any work: the stage would lie on the disk above it, which
-    fills up, and it cannot be renamed over the mount point at the end."""
+    Ctrl-C): for writers that stage several files, then ``move_into_place`` each one. What
+    cannot be replaced (``check_replaceable``) is refused before any work."""
     beside = Path(os.path.abspath(beside))  # '.' has no name to stage beside
-    refuse_mount_point(beside)
-    refuse_current_folder(beside)
+    check_replaceable(beside)
     created = [p for p in [beside.parent, *beside.parent.parents] if not p.exists()]  # deepest first
     beside.parent.mkdir(parents=True, exist_ok=True)
     folder = beside.with_name(f".{beside.name}{_TMP_MARK}{os.getpid()}")
@@ -220,20 +218,16 @@ def temporary_folder(beside: str | os.PathLike) -> Iterator[Path]:
                     break
 
 
-def refuse_mount_point(path: Path) -> None:
-    """A FastVAEError if ``path`` is a mount point, which ``temporary_folder`` cannot replace."""
+def check_replaceable(path: Path) -> None:
+    """A FastVAEError if ``temporary_folder``'s output cannot replace ``path``: a mount point
+    (the stage would lie on the disk above it, which fills up, and cannot be renamed over it),
+    or the current folder or one holding it (this process, and the shell it was started from,
+    would be left in a deleted folder)."""
     path = Path(os.path.abspath(path))
     if os.path.ismount(path):
         raise FastVAEError(f"{path} is a mount point: outputs are staged beside it and renamed into "
                            f"place, which a mount point cannot be; give a folder inside it "
                            f"(e.g. {path / 'out'})")
-
-
-def refuse_current_folder(path: Path) -> None:
-    """A FastVAEError if ``path`` is the current folder or holds it: ``temporary_folder``'s
-    output replaces it when complete, which would leave this process (and the shell it was
-    started from) in a deleted folder."""
-    path = Path(os.path.abspath(path))
     try:
         here = Path.cwd()
     except OSError:  # the current folder is gone already

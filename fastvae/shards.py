@@ -437,10 +437,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     prepared dataset, or a prepared dataset without ``overwrite``."""
     if not out.exists():
         return
-    from fastvae.run_folder import refuse_current_folder, refuse_mount_point
+    from fastvae.run_folder import check_replaceable
 
-    refuse_mount_point(out)  # before the work, not after it
-    refuse_current_folder(out)
+    check_replaceable(out)  # before the work, not after it
     if not out.is_dir():
         raise FastVAEError(f"--out {out} is a file: give a folder for the prepared dataset")
     if (out / META).exists() and not overwrite:
@@ -492,7 +491,7 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     out = Path(os.path.realpath(out) if Path(out).is_symlink() else os.path.abspath(out))
     if size is not None and (not isinstance(size, int) or not 1 <= size <= MAX_SIZE):
         raise FastVAEError(f"--size must be an integer from 1 to {MAX_SIZE} (pixels per side), got {size!r}")
-    from fastvae.config import MAX_WORKERS
+    from fastvae.config import MAX_WORKERS, unused_split_flags
 
     if not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
         raise FastVAEError(f"--workers must be an integer from 0 (decode in this process) to "
@@ -518,11 +517,9 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
         pieces, info = array_pieces(str(source), size, grayscale, test_fraction, split_seed)
     meta.update(info)
     meta["block"] = block_size(meta["shape"])
-    given = [f"--{name.replace('_', '-')} {value}" for name, value, default in
-             (("test_fraction", test_fraction, 0.1), ("split_seed", split_seed, 0)) if value != default]
-    if info["split"] == "own" and given:
-        print(f"note: {source} has a test split of its own, which is kept: {' and '.join(given)} "
-              f"change{'s' if len(given) == 1 else ''} nothing", file=sys.stderr)
+    ignored = unused_split_flags(test_fraction, split_seed)
+    if info["split"] == "own" and ignored:
+        print(f"note: {source} has a test split of its own, which is kept: {ignored}", file=sys.stderr)
     meta = write_dataset(out, pieces, meta, overwrite=overwrite)
     return meta, time.perf_counter() - started
 

@@ -42,7 +42,7 @@ import torch
 
 from fastvae import run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
-from fastvae.config import MAX_SEED, TrainConfig, saved_settings, unused_settings
+from fastvae.config import MAX_SEED, TrainConfig, saved_settings, unused_settings, unused_split_flags
 from fastvae.data import Splits, content_id, load_dataset
 from fastvae.errors import FastVAEError, one_line
 from fastvae.fabric_setup import make_fabric, make_optimizer
@@ -143,13 +143,10 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     saved, resume_from, resume_note = check_resume(run_dir, config) if resume else ({}, None, None)
     loaded = splits is None
     if loaded:
-        try:
-            splits = load_config_data(config)
-        except FastVAEError as exc:
-            if not resume or "does not exist" not in str(exc):
-                raise
-            raise FastVAEError(f"{exc} (the run's data: moved? resume with --data NEWPATH, the same data "
-                               "where it is now)") from None
+        if resume and _local_path_gone(config.data):
+            raise FastVAEError(f"data {config.data} does not exist (the run's data: moved? resume with "
+                               "--data NEWPATH, the same data where it is now)")
+        splits = load_config_data(config)
     check_model(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
     steps = batches_per_epoch(len(splits.train), config.devices * config.num_nodes, config.batch_size)
     if saved.get("batch_in_epoch", 0) >= steps:  # the loop would run no step, then call it divergence
@@ -277,6 +274,14 @@ def _end_process_group() -> None:
     gc.collect()  # FSDP's hooks hold the groups in reference cycles: free them while Python runs
 
 
+def _local_path_gone(source: str) -> bool:
+    """Whether ``source`` names a local path (not bundled data, not a URL) that is not there."""
+    from fastvae.data import is_bundled
+    from fastvae.shards import is_remote
+
+    return not is_bundled(source) and not is_remote(str(source)) and not Path(source).exists()
+
+
 def load_config_data(config: TrainConfig, source: str | None = None):
     """The data a run's settings name (or ``source`` split the same way): ``Splits`` in
     memory, or a prepared dataset to stream."""
@@ -293,12 +298,9 @@ def _first_process() -> bool:
 def _note_unused_split_settings(config: TrainConfig, splits) -> None:
     """One note when --test-fraction / --split-seed are set but the data has a test split of
     its own (digits, photos, a prepared dataset, train/ + test/, ...): they change nothing."""
-    default = TrainConfig()
-    given = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("test_fraction", "split_seed")
-             if getattr(config, name) != getattr(default, name)]
-    if given and not getattr(splits, "held_out", False):
-        print(f"note: {config.data} has a test split of its own: {' and '.join(given)} "
-              f"change{'s' if len(given) == 1 else ''} nothing "
+    ignored = unused_split_flags(config.test_fraction, config.split_seed)
+    if ignored and not getattr(splits, "held_out", False):
+        print(f"note: {config.data} has a test split of its own: {ignored} "
               "(a prepared dataset's split is made by 'fastvae prepare --test-fraction')", file=sys.stderr)
 
 

@@ -456,6 +456,10 @@ def test_evaluate_and_report_on_the_source_of_a_prepared_dataset_hold_out_its_sp
     rc, _, err = cli(capsys, "report", run, "--iwae-k", "0", "--data", tmp_path / "a.npy")
     assert rc == 0, err
     assert "60 test images" in (run / "report.md").read_text()
+    (tmp_path / "s").rename(tmp_path / "moved")  # a resume names the way on
+    line = one_line_error(capsys, "train", "--resume", "--out", run, "--epochs", "2")
+    assert "does not exist" in line and "--data NEWPATH" in line
+    (tmp_path / "moved").rename(tmp_path / "s")
     rc, _, err = cli(capsys, "report", run, "--iwae-k", "0")  # on the prepared dataset itself
     assert rc == 0, err
     from fastvae.config import SPLIT_RULE
