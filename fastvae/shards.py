@@ -514,7 +514,9 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     else:
         from fastvae.array_prepare import array_pieces
 
-        pieces, info = array_pieces(str(source), size, grayscale, test_fraction, split_seed)
+        # a large compressed .npz member is inflated beside the output (its disk, not memory)
+        pieces, info = array_pieces(str(source), size, grayscale, test_fraction, split_seed,
+                                    spill_dir=_existing_parent(out))
     meta.update(info)
     meta["block"] = block_size(meta["shape"])
     ignored = unused_split_flags(test_fraction, split_seed)
@@ -522,6 +524,12 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
         print(f"note: {source} has a test split of its own, which is kept: {ignored}", file=sys.stderr)
     meta = write_dataset(out, pieces, meta, overwrite=overwrite)
     return meta, time.perf_counter() - started
+
+
+def _existing_parent(out) -> Path:
+    """The nearest existing folder above ``out`` (none is made before the staging folder)."""
+    parent = Path(os.path.abspath(out)).parent
+    return next(p for p in [parent, *parent.parents] if p.is_dir())
 
 
 def _has_idx(folder: Path) -> bool:
