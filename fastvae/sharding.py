@@ -69,7 +69,7 @@ def release_process_groups() -> None:
     gloo's threads end only when the group object is freed, and left running into the
     interpreter's teardown about one FSDP run in a hundred aborted at exit ("terminate called
     without an active exception", SIGABRT) after finishing its work. Two holders outlive the
-    run: torch >= 2.13's DeviceMesh (``_pg_registry``; Fabric's strategy and DTensor's caches
+    run: DeviceMesh (``_pg_registry`` in torch 2.11 and 2.13; Fabric's strategy and DTensor's caches
     keep the mesh) and FSDP2's mesh infos (``shard_process_group``, ...), which live as long as
     the sharded model: in CI something kept a compiled FSDP model past the run. They are found
     among gc's objects, not through the model, so that every path is covered (a failed run's

@@ -275,6 +275,34 @@ def _kernels_interpreted() -> bool:
 FAST_MATH = not _kernels_interpreted() and torch.version.hip is None
 
 
+def _index_through_the_element() -> None:
+    """The interpreter of triton < 3.9 (3.6 checked) makes a loop bound of a runtime argument,
+    held as a 1-element array, with ``int(array)``, which numpy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted"): the forward's ``range(0, D, BLOCK_D)`` failed.
+    Index through the element, as triton 3.9 does (there this changes nothing)."""
+    try:
+        from triton.runtime import interpreter
+        patch_tensor = interpreter._patch_lang_tensor
+    except (ImportError, AttributeError):  # another interpreter: left as it is
+        return
+
+    def index(self):
+        data = self.handle.data
+        return int(data.reshape(-1)[0]) if getattr(data, "size", 0) == 1 else int(data)
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", index)
+
+    if not getattr(patch_tensor, "fastvae_index", False):
+        patched.fastvae_index = True
+        interpreter._patch_lang_tensor = patched
+
+
+if _kernels_interpreted():
+    _index_through_the_element()
+
+
 def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     """True where the Triton kernel runs: CUDA, or CPU with TRITON_INTERPRET=1 set both now
     and when triton was imported (elsewhere the op takes its torch fallback)."""

@@ -55,6 +55,27 @@ def test_cpu_kernels_in_subprocess():
     assert " passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's patch (run by test_cpu_kernels_in_subprocess)")
+def test_loop_bounds_index_one_element_arrays_cpu_interp():
+    """triton 3.6's interpreter indexed a runtime argument (a 1-element array) with int(array),
+    which numpy >= 2.4 refuses: every interpreted forward failed (its range(0, D, BLOCK_D))."""
+    import operator
+    from types import SimpleNamespace
+
+    from triton.runtime import interpreter
+
+    assert getattr(interpreter._patch_lang_tensor, "fastvae_index", False)
+    scope = interpreter._LangPatchScope()
+    interpreter._patch_lang_tensor(tl.tensor, scope)
+    try:
+        bound = tl.tensor.__new__(tl.tensor)
+        for data, expected in ((np.array([7], np.int32), 7), (np.array(5, np.int64), 5)):
+            bound.handle = SimpleNamespace(data=data)
+            assert operator.index(bound) == expected
+    finally:
+        scope.restore()
+
+
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
     """'cpu' runs the Triton kernel in the interpreter; 'cuda' compiles it."""
