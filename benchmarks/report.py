@@ -715,7 +715,10 @@ def store(src: Path | str, results: Path | str, threshold: float = 0.10, stat: s
                 names = archive.getnames()
                 if any(name.startswith(("/", "..")) or "/../" in name for name in names):
                     raise SystemExit(f"store: {packed} holds paths outside its folder")
-                archive.extractall(unpacked)
+                # the "data" filter (Python >= 3.11.4, 3.12's default to be) also refuses links
+                # out of the folder and device files
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                archive.extractall(unpacked, **kwargs)
             print(f"store: unpacked {packed}", file=out or sys.stdout)
             return store(unpacked, results, threshold, stat, out, force)
     return _store(src, results, threshold, stat, out or sys.stdout, force)
