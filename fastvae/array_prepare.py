@@ -32,11 +32,12 @@ class ArrayRows:
 
 
 def array_pieces(source: str, size, grayscale: bool, test_fraction: float, split_seed: int,
-                 spill_dir: Path | None = None):
+                 spill_dir: Path | None = None, progress: bool = True):
     """``(pieces, info)`` for ``fastvae.shards.write_dataset``: per split an iterable of
     ``(uint8 images, int64 labels)`` slices; ``info`` has the shape, whether there are labels,
     the split ("own" or "seeded") and the pixels' grid (``pixel_grid``, see ``GridScan``).
-    ``spill_dir``: where a large compressed .npz member is inflated (on disk, unlinked)."""
+    ``spill_dir``: where a large compressed .npz member is inflated (on disk, unlinked);
+    ``progress``: a bar of images converted (on a terminal)."""
     from fastvae.data import is_bundled
 
     train, test, own = _open(source, test_fraction, split_seed, spill_dir)
@@ -52,7 +53,7 @@ def array_pieces(source: str, size, grayscale: bool, test_fraction: float, split
     info = {"shape": [channels, *side], "labels": train.labels is not None,
             "split": "own" if own else "seeded", "skipped": 0}
     pieces = _ArrayPieces({"train": train, "test": test}, convert, info, quantized_note=(
-        None if is_bundled(source) else source))
+        None if is_bundled(source) else source), progress=progress)
     return pieces, info
 
 
@@ -293,10 +294,16 @@ class _ArrayPieces(dict):
     """Each split's slices, read, converted and yielded one at a time; ``info["pixel_grid"]``
     is final once both splits are consumed."""
 
-    def __init__(self, splits: dict, convert: _Converter, info: dict, quantized_note: str | None):
+    def __init__(self, splits: dict, convert: _Converter, info: dict, quantized_note: str | None,
+                 progress: bool = True):
+        from tqdm.auto import tqdm
+
         super().__init__(splits)
         self.convert, self.info, self.quantized_note = convert, info, quantized_note
         self.done = set()
+        self.bar = tqdm(total=sum(len(split.rows) for split in splits.values()), desc="converting",
+                        unit="img", leave=False, mininterval=0.5,
+                        disable=None if progress else True)  # None: only on a terminal
 
     def __getitem__(self, name):
         split: ArrayRows = dict.__getitem__(self, name)
@@ -308,6 +315,7 @@ class _ArrayPieces(dict):
             labels = (np.full(len(rows), -1, np.int64) if split.labels is None
                       else split.labels[rows].astype(np.int64))
             yield self.convert(raw, split.path, split.key), labels
+            self.bar.update(len(rows))
         self.done.add(name)
         if len(self.done) == len(self):
             self._finish()
@@ -315,6 +323,7 @@ class _ArrayPieces(dict):
     def _finish(self) -> None:
         import sys
 
+        self.bar.close()
         declared = dict.__getitem__(self, "train").grid
         grid = self.convert.scan.grid if declared == "scan" else declared
         # the grid the stored pixels stand for: the source's where it has one (the digits' 16

@@ -516,7 +516,7 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
 
         # a large compressed .npz member is inflated beside the output (its disk, not memory)
         pieces, info = array_pieces(str(source), size, grayscale, test_fraction, split_seed,
-                                    spill_dir=_existing_parent(out))
+                                    spill_dir=_existing_parent(out), progress=progress)
     meta.update(info)
     meta["block"] = block_size(meta["shape"])
     ignored = unused_split_flags(test_fraction, split_seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 import tracemalloc
 
 import numpy as np
@@ -280,3 +281,13 @@ def test_a_mapped_files_pages_do_not_accumulate(tmp_path, monkeypatch, how):
     prepare(str(tmp_path / f"big.{suffix}"), tmp_path / "s", workers=0, progress=False)
     # a slice's rows span the whole file: read at once, they mapped all of it
     assert len(grown) > 1000 and max(grown) < 16 << 20, (len(grown), max(grown))
+
+
+def test_converting_an_array_shows_a_progress_bar_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """An image folder had a bar; an array, however large, converted in silence."""
+    np.save(tmp_path / "a.npy", RNG.integers(0, 256, (50, 4, 4), dtype=np.uint8))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stream
+    for progress in (True, False):
+        prepare(str(tmp_path / "a.npy"), tmp_path / f"s{progress}", workers=0, progress=progress)
+        err = capsys.readouterr().err
+        assert ("converting" in err and "/50" in err) == progress, err
