@@ -11,8 +11,11 @@ call is expected to take less than ``inline_below`` seconds; and hands every req
 rows. ``max_wait`` counts from the arrival of the oldest queued request, so it bounds what
 batching adds to a request's latency beyond decoding. ``max_batch=1`` turns batching off: one
 decoder call per request, no waiting. A request larger than ``max_batch`` rows is decoded
-alone, in decoder calls of ``max_batch`` rows at most (``decode_fn`` never gets more rows;
-latents larger than ``latent_shape`` get proportionally fewer, so a call's work stays bounded).
+alone, a decoder call of ``max_batch`` rows at a time (``decode_fn`` never gets more rows;
+latents larger than ``latent_shape`` get proportionally fewer, so a call's work stays bounded),
+and goes back to the end of the queue after each call: requests that arrived meanwhile are not
+held behind the whole of it. A request whose caller stopped waiting (its future cancelled: a
+client that went away, a shutdown's timeout) is dropped before its next decoder call.
 Requests made after ``close()`` began raise ``ShuttingDown``.
 
 A failing decoder call fails only the requests that fail on their own: the batch's requests are
@@ -56,6 +59,17 @@ class BatcherFailed(RuntimeError):
     """The batching task died: no request can be decoded any more."""
 
 
+class _Request:
+    """A queued request: latents ``z`` (None: ``rows`` to draw), its future and arrival time;
+    a request larger than one decoder call also its output so far (``out``, ``done`` rows)."""
+
+    __slots__ = ("z", "rows", "future", "arrival", "done", "out")
+
+    def __init__(self, z, rows: int, future, arrival: float):
+        self.z, self.rows, self.future, self.arrival = z, rows, future, arrival
+        self.done, self.out = 0, None
+
+
 class DynamicBatcher:
     """Combines concurrent ``decode`` calls; see the module docstring.
 
@@ -79,7 +93,7 @@ class DynamicBatcher:
         self.inline_below = float(inline_below)
         self._seconds_per_value: float | None = None  # running estimate per latent value, from the calls made
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-decode")
-        self._items: deque = deque()  # (z or None: rows to draw, rows, future, arrival time) in order
+        self._items: deque = deque()  # _Request objects in order
         self._current: list = []  # the batch being decoded (items taken from _items)
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -89,7 +103,7 @@ class DynamicBatcher:
         self.failure: str | None = None  # why the batching task died (one line); None while alive
         self._closing = False
         self._waiting_for_first = False
-        self._queued_rows = 0  # rows in self._items
+        self._queued_rows = 0  # rows in self._items still to decode
         self.pending = 0  # requests queued or being decoded
         self.batches = 0  # decoder calls made
         self.rows = 0  # rows decoded
@@ -142,7 +156,7 @@ class DynamicBatcher:
         self.pending += 1
         self._idle.clear()
         try:
-            self._items.append((z, rows, future, self._loop.time()))
+            self._items.append(_Request(z, rows, future, self._loop.time()))
             self._queued_rows += rows
             # wake the batching task only when it has something to do: a first request, or a
             # full batch (a wake-up per request would cost a task switch each)
@@ -177,6 +191,8 @@ class DynamicBatcher:
     async def _batches(self) -> None:
         items, loop = self._items, self._loop
         while True:
+            while items and items[0].future.done():  # its caller stopped waiting: nothing to decode
+                self._queued_rows -= self._left(items.popleft())
             if not items:
                 self._wakeup.clear()
                 self._waiting_for_first = True
@@ -185,31 +201,71 @@ class DynamicBatcher:
                 continue
             # max_wait counts from the oldest request's arrival: time it spent queued behind
             # the previous batch's decode is not waited again
-            left = items[0][3] + self.max_wait - loop.time()
+            left = items[0].arrival + self.max_wait - loop.time()
             full = self._queued_rows >= self._cap(self._row_shape(items[0]))
             if not full and left > 0 and not self.draining and not self._head_closed():
                 self._wakeup.clear()  # set by a full batch, drain() or the timer
                 timer = loop.call_later(left, self._wakeup.set)
                 await self._wakeup.wait()
                 timer.cancel()
-            batch, rows, shape = [], 0, None
+            head = items.popleft()
+            self._queued_rows -= self._left(head)
+            if head.future.done():
+                continue
+            if head.rows > self._cap(self._row_shape(head)):  # one decoder call of it, then the others
+                self._current = [head]
+                await self._decode_part(head)
+                self._current = []
+                continue
+            batch, rows, shape = [head], head.rows, self._row_shape(head)
             while items:  # a request too large for the batch starts the next one
-                item_shape = self._row_shape(items[0])
-                if batch and ((item_shape is not None and shape is not None and item_shape != shape)
-                              or rows + items[0][1] > self._cap(shape or item_shape)):
+                item = items[0]
+                if item.future.done():
+                    self._queued_rows -= self._left(items.popleft())
+                    continue
+                item_shape = self._row_shape(item)
+                if ((item_shape is not None and shape is not None and item_shape != shape)
+                        or rows + item.rows > self._cap(shape or item_shape)):
                     break  # latents of another shape (a spatial decoder's other h x w): next batch
-                item = items.popleft()
-                batch.append(item)
-                rows += item[1]
+                batch.append(items.popleft())
+                self._queued_rows -= item.rows
+                rows += item.rows
                 shape = shape or item_shape
-            self._queued_rows -= rows
             self._current = batch  # for _fail_all, should the task die while decoding it
             await self._decode_batch(batch, rows)
             self._current = []
 
-    def _row_shape(self, item) -> tuple | None:
+    @staticmethod
+    def _left(item: _Request) -> int:
+        return item.rows - item.done
+
+    async def _decode_part(self, item: _Request) -> None:
+        """One decoder call's worth of a request larger than one call; the request goes back to
+        the end of the queue until all of it is decoded (its fresh latents drawn at once)."""
+        try:
+            if item.z is None:
+                item.z = self.draw_fn(item.rows)
+            stop = min(item.rows, item.done + self._cap(self._row_shape(item)))
+            x = await self._decoded(item.z[item.done:stop])
+        except Exception as exc:  # noqa: BLE001 - this request's own failure
+            _fail([item], exc)
+            return
+        if item.future.done():  # gone while its rows were decoded
+            return
+        if item.out is None:
+            item.out = np.empty((item.rows, *x.shape[1:]), x.dtype)
+        item.out[item.done:stop] = x
+        item.done = stop
+        if item.done == item.rows:
+            item.future.set_result(item.out)
+        else:
+            self._items.append(item)
+            self._queued_rows += self._left(item)
+            await asyncio.sleep(0)  # a decoder call inline, on this thread: let new requests in
+
+    def _row_shape(self, item: _Request) -> tuple | None:
         """A queued request's latent shape per row (rows to draw: ``latent_shape``, None if unknown)."""
-        return self.latent_shape if item[0] is None else tuple(item[0].shape[1:])
+        return self.latent_shape if item.z is None else tuple(item.z.shape[1:])
 
     def _cap(self, shape) -> int:
         """Rows per decoder call: ``max_batch`` rows, proportionally fewer of latents larger
@@ -224,45 +280,40 @@ class DynamicBatcher:
         head = self._row_shape(self._items[0])
         return head is not None and any(self._row_shape(item) not in (None, head) for item in self._items)
 
-    def _timed_decode(self, z: np.ndarray) -> tuple[np.ndarray, int]:
-        """(decoder output for ``z``, decoder calls made): ``max_batch`` rows per call at most,
-        so a request larger than a batch still respects the cap (e.g. device memory)."""
+    def _timed_decode(self, z: np.ndarray) -> np.ndarray:
+        """One decoder call (``z`` has at most ``_cap`` rows: the batches are made so)."""
         start = time.perf_counter()
-        cap = self._cap(z.shape[1:])
-        if len(z) <= cap:
-            x, calls = self._decode_fn(z), 1
-        else:
-            parts = [self._decode_fn(z[i:i + cap]) for i in range(0, len(z), cap)]
-            x, calls = np.concatenate(parts), len(parts)
+        x = self._decode_fn(z)
         per_value = (time.perf_counter() - start) / max(z.size, 1)
         self._seconds_per_value = (per_value if self._seconds_per_value is None
                                    else 0.8 * self._seconds_per_value + 0.2 * per_value)
-        return x, calls
+        return x
 
     async def _decoded(self, z: np.ndarray) -> np.ndarray:
         """The decoder's output for ``z``: inline or on the worker thread; checked and counted."""
         estimate = self._seconds_per_value
         if estimate is not None and estimate * z.size < self.inline_below:
-            x, calls = self._timed_decode(z)  # shorter than a hand-over to the worker thread and back
+            x = self._timed_decode(z)  # shorter than a hand-over to the worker thread and back
         else:
-            x, calls = await self._loop.run_in_executor(self._executor, self._timed_decode, z)
+            x = await self._loop.run_in_executor(self._executor, self._timed_decode, z)
         if len(x) != len(z):
             raise RuntimeError(f"the decoder returned {len(x)} rows for {len(z)} latent rows")
-        self.batches += calls
+        self.batches += 1
         self.rows += len(z)
         return x
 
     def _latents(self, batch, rows: int) -> np.ndarray:
         """The batch's latent rows in request order, fresh ones drawn in one call."""
-        fresh = sum(n for z, n, _, _ in batch if z is None)
+        fresh = sum(item.rows for item in batch if item.z is None)
         if fresh and fresh == rows:
             return self.draw_fn(rows)
         if len(batch) == 1:
-            return batch[0][0]
+            return batch[0].z
         drawn, used, parts = self.draw_fn(fresh) if fresh else None, 0, []
-        for z, n, _, _ in batch:
+        for item in batch:
+            z = item.z
             if z is None:
-                z, used = drawn[used:used + n], used + n
+                z, used = drawn[used:used + item.rows], used + item.rows
             parts.append(z)
         return np.concatenate(parts)
 
@@ -281,10 +332,10 @@ class DynamicBatcher:
                 await self._decode_one_by_one(batch, z)
             return
         start = 0
-        for _, n, future, _ in batch:
-            stop = start + n
-            if not future.done():  # a client that went away cancelled its future
-                future.set_result(x[start:stop])
+        for item in batch:
+            stop = start + item.rows
+            if not item.future.done():  # cancelled while decoded: a client that went away
+                item.future.set_result(x[start:stop])
             start = stop
 
     async def _decode_one_by_one(self, batch, z: np.ndarray) -> None:
@@ -292,8 +343,8 @@ class DynamicBatcher:
         the requests that fail on their own fail."""
         start = 0
         for item in batch:
-            stop = start + item[1]
-            future = item[2]
+            stop = start + item.rows
+            future = item.future
             if not future.done():
                 try:
                     x = await self._decoded(z[start:stop])
@@ -306,7 +357,7 @@ class DynamicBatcher:
 
 
 def _fail(batch, exc: BaseException) -> None:
-    for _, _, future, _ in batch:
-        if not future.done():
-            future.set_exception(exc)
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)
 

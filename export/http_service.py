@@ -13,10 +13,13 @@ Endpoints (bodies and formats: :mod:`fastvae.export.service_io`):
 * ``GET /metadata`` -> the decoder's metadata, provider, limits and batching settings.
 
 A bad request gets a 4xx status and ``{"error": "<one line>"}``: 408 for a body that stops
-arriving for ``Limits.body_timeout`` seconds, 413 for one too large or for a ``json``/``png``
-response of more than ``Limits.max_values`` numbers, 422 for decoder outputs JSON cannot hold
-(NaN). A decoder call that fails answers 500 with the same one-line body (and one log line),
-only for the requests that fail when decoded alone. Concurrent requests' latents are decoded
+arriving for ``Limits.body_timeout`` seconds, 413 for a body (or its latents) too large, 400
+for an ``n`` over ``Limits.max_n`` or a ``json``/``png`` response of more than
+``Limits.max_values`` numbers, 422 for decoder outputs JSON or PNG cannot hold (NaN). A
+decoder call that fails answers 500 with the same one-line body (and one log line), only for
+the requests that fail when decoded alone; more than ``Limits.max_pending`` requests waiting
+for the decoder get 503 with ``Retry-After``. A request whose client disconnects while it waits
+is dropped before its rows are decoded. Concurrent requests' latents are decoded
 together (:class:`~fastvae.export.dynamic_batching.DynamicBatcher`); a seeded request draws its
 latents (and observation noise) from its own generator, as ``OnnxSampler.sample`` does, so the
 same seed gives the same samples whether a request was batched or not. Responses beyond a few
@@ -68,6 +71,9 @@ SHUTDOWN_TIMEOUT_S = 10.0
 # thread. Measured per value: npy ~1-10 ns (a copy; plus ~5-10 ns to draw mode "sample"
 # noise), json ~1.2-2 us (tolist + dumps), png ~0.1-1.6 us (a grid, scaled, then zlib)
 INLINE_ENCODE_VALUES = {"npy": 1 << 14, "json": 128, "png": 0}
+# a request still waiting for the decoder after this long starts watching for its client's
+# disconnect (then it is dropped, its rows not decoded)
+WATCH_AFTER_S = 0.02
 _STOP_TICK_S = 0.05  # once stopping, the body watch answers newly stalled readers this often
 _CLOSE = {"connection": "close"}  # the client may still be sending: end the connection
 _log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: its format and --log-level
@@ -83,12 +89,14 @@ class Batching:
 
 
 class Refused(Exception):
-    """A request the service cannot answer for its own reasons (5xx): ``status``, one-line ``reason``."""
+    """A request the service cannot answer for its own reasons (5xx): ``status``, one-line
+    ``reason``, extra response ``headers``."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, headers: dict | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.headers = headers
 
 
 class BodyWatch:
@@ -280,10 +288,35 @@ def build_app(sampler, limits: Limits, batching: Batching):
             raise BadRequest(413, f"'z' holds {len(z) * values} latent values, more than the server's --max-n "
                                   f"{limits.max_n} latents of {list(sampler.latent_shape)}")
 
-    async def decoded(awaitable) -> np.ndarray:
-        """The batcher's answer; Refused (one line) when the decoder or the batcher failed."""
+    def check_room() -> None:
+        if batcher.pending >= limits.max_pending:
+            raise Refused(503, f"the server has {batcher.pending} requests waiting for the decoder (its "
+                               "--max-pending): retry in a moment, or on another replica", {"retry-after": "1"})
+
+    async def decoded(awaitable, request: Request) -> np.ndarray:
+        """The batcher's answer; Refused (one line) when the decoder or the batcher failed;
+        ClientDisconnect when the client went away meanwhile: the request's task is cancelled,
+        and with it its place in the batcher (uvicorn does not cancel a handler whose client
+        left, and the decoder would work for nobody, holding everyone queued behind)."""
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        left, watchers = [], []
+
+        async def watch():  # the body is read: the next message is the client's disconnect
+            with contextlib.suppress(Exception):
+                if (await request.receive())["type"] == "http.disconnect":
+                    left.append(True)
+                    task.cancel()
+
+        # a watching task for the requests still waiting after WATCH_AFTER_S only: one per
+        # request cost ~30 us each (13k -> 9-11k one-sample requests/s on one dev core)
+        timer = loop.call_later(WATCH_AFTER_S, lambda: watchers.append(loop.create_task(watch())))
         try:
             return await awaitable
+        except asyncio.CancelledError:
+            if not left:  # uvicorn's shutdown timeout: not ours
+                raise
+            task.uncancel()
+            raise ClientDisconnect() from None
         except ShuttingDown:
             raise Refused(503, "the server is shutting down: retry on another replica or after its restart") from None
         except BatcherFailed as exc:
@@ -292,6 +325,10 @@ def build_app(sampler, limits: Limits, batching: Batching):
             reason = f"the decoder failed: {type(exc).__name__}: {one_line(exc)}"
             _log.error("fastvae serve: %s", reason)
             raise Refused(500, reason) from None
+        finally:
+            timer.cancel()
+            for watcher in watchers:
+                watcher.cancel()
 
     def finish(x: np.ndarray, fmt: str, rng) -> tuple:
         """(body, content type) of the decoder's output ``x``, with observation noise from ``rng``
@@ -326,16 +363,17 @@ def build_app(sampler, limits: Limits, batching: Batching):
                                       "from; POST your own codes to /decode")
             # an unseeded request's latents are drawn by the batcher, for the whole batch in one
             # call, from the server's generator; a seeded one sets up its own (~30 us: numpy's SeedSequence)
+            check_room()
             if req.seed is None:
                 rng = unseeded
-                x = await decoded(batcher.sample(req.n))
+                x = await decoded(batcher.sample(req.n), request)
             else:
                 rng = np.random.default_rng(req.seed)
-                x = await decoded(batcher.decode(sampler.draw_latents(req.n, rng)))
+                x = await decoded(batcher.decode(sampler.draw_latents(req.n, rng)), request)
             return await respond(x, req.format, rng if req.mode == "sample" else None)
         except (BadRequest, Refused) as exc:
-            return error(exc.status, exc.reason)
-        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
+            return error(exc.status, exc.reason, getattr(exc, "headers", None))
+        except ClientDisconnect:  # gone before its answer: nobody to answer, nothing to log
             return gone()
 
     async def decode(request: Request) -> Response:
@@ -344,9 +382,10 @@ def build_app(sampler, limits: Limits, batching: Batching):
                                   request.query_params.get("format"), accepted, limits)
             check_latent_size(z)
             check_output(len(z), fmt, z.shape[1:])
-            return await respond(await decoded(batcher.decode(z)), fmt)
+            check_room()
+            return await respond(await decoded(batcher.decode(z), request), fmt)
         except (BadRequest, Refused) as exc:
-            return error(exc.status, exc.reason)
+            return error(exc.status, exc.reason, getattr(exc, "headers", None))
         except ClientDisconnect:
             return gone()
 
@@ -474,6 +513,9 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
     if limits.max_values < 1 or not 0 < limits.body_timeout <= 3600:  # nan and inf fail too
         raise FastVAEError(f"--max-values must be >= 1 and --body-timeout from 0 (excluded) to 3600 s, got "
                            f"{limits.max_values}, {limits.body_timeout}")
+    if limits.max_pending < 1 or limits.max_connections < 2:
+        raise FastVAEError(f"--max-pending must be >= 1 and --max-connections >= 2, got {limits.max_pending}, "
+                           f"{limits.max_connections}")
     if not 0 <= shutdown_timeout <= 3600:
         raise FastVAEError(f"--shutdown-timeout must be from 0 to 3600 s, got {shutdown_timeout}")
     if not 0 <= port <= 65535:
@@ -486,6 +528,9 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
         # formatting its arguments would cost every request a few microseconds for nothing
         access_log=log_level in ("info", "debug"), lifespan="on", loop="auto", http="auto",
         timeout_graceful_shutdown=shutdown_timeout,
+        # connections (a stalled client's too: uvicorn has no timeout for headers) and requests
+        # in progress at most; more get uvicorn's 503
+        limit_concurrency=limits.max_connections,
     )
     server = _server_class()(config)
     server.on_exit = app.state.stop

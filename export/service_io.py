@@ -51,13 +51,18 @@ class BadRequest(Exception):
 class Limits:
     """``max_n``: samples (or latent rows) per request; ``max_body``: request body bytes;
     ``max_values``: output numbers per ``json`` or ``png`` response (n x values per sample);
-    ``body_timeout``: seconds a request may go without sending body bytes (then 408)."""
+    ``body_timeout``: seconds a request may go without sending body bytes (then 408);
+    ``max_pending``: requests queued for the decoder or being decoded (more: 503, Retry-After);
+    ``max_connections``: open connections and requests in progress (uvicorn's
+    ``limit_concurrency``; more: 503), which bounds the memory of responses not yet read."""
 
     max_n: int = 4096
     max_body: int = 1 << 20
     # ~1-2 s of JSON encoding (~15 MB) on the dev CPU; every digits sample up to max_n fits
     max_values: int = 1 << 20
     body_timeout: float = 30.0
+    max_pending: int = 1024
+    max_connections: int = 2048
 
 
 class SampleRequest(NamedTuple):  # a tuple: built on every request, ~5x cheaper than a frozen dataclass
@@ -76,7 +81,9 @@ def parse_sample(body: bytes, limits: Limits) -> SampleRequest:
             raise BadRequest(400, "missing 'n': give the number of samples, e.g. {\"n\": 16}")
         n = _integer(n, "n")
     if not 1 <= n <= limits.max_n:
-        raise BadRequest(400 if n < 1 else 413, f"'n' must be from 1 to {limits.max_n} (the server's --max-n), got {_short(n)}")
+        # 400, not 413: the body is small; a parameter is out of the server's range (RFC 9110's
+        # 413 is for request content too large, and some clients retry it with less content)
+        raise BadRequest(400, f"'n' must be from 1 to {limits.max_n} (the server's --max-n), got {_short(n)}")
     seed = fields.get("seed")
     if seed is not None:
         seed = _integer(seed, "seed")
@@ -118,9 +125,14 @@ def parse_decode(body: bytes, content_type: str | None, query_format: str | None
         if z.__class__ is not list:  # an object, a string, a number: not latents
             raise BadRequest(400, f"'z' must be a list of {row}, got a JSON {_json_type(z)}")
         try:  # no dtype: strings and booleans stay what they are and are refused below
-            z = np.asarray(z)
+            listed, z = z, np.asarray(z)
         except (ValueError, TypeError, OverflowError):
             raise BadRequest(400, f"'z' must be a list of {row} (ragged or not numbers)") from None
+        # numbers mixed with booleans become numbers ([1, true]: integers): looked for only
+        # when the body spells one
+        if z.dtype.kind in "fiu" and (b"true" in body or b"false" in body) and any(
+                value.__class__ is bool for value in np.asarray(listed, dtype=object).flat):
+            raise BadRequest(400, "'z' must hold numbers (float or int), got booleans among them")
         fmt = check_format(fields.get("format", query_format or "npy"))
     if z.dtype.kind not in "fiu":  # strings, booleans, integers beyond 64 bits (object), ...
         raise BadRequest(400, f"'z' must hold numbers (float or int), got {_dtype_name(z)}")
@@ -142,7 +154,7 @@ def parse_decode(body: bytes, content_type: str | None, query_format: str | None
 
 
 def check_output_size(n: int, output_shape: tuple[int, ...], fmt: str, limits: Limits) -> None:
-    """BadRequest (413) for a ``json`` or ``png`` response of more than ``limits.max_values``
+    """BadRequest (400) for a ``json`` or ``png`` response of more than ``limits.max_values``
     numbers: checked before decoding (``npy`` is bounded by ``max_n`` alone)."""
     if fmt == "npy":
         return
@@ -150,7 +162,7 @@ def check_output_size(n: int, output_shape: tuple[int, ...], fmt: str, limits: L
     if n * per_sample > limits.max_values:
         most = limits.max_values // per_sample
         smaller = f"n <= {most}" if most else "format npy only (one sample is too large)"
-        raise BadRequest(413, f"format {fmt} of {n} outputs of shape {list(output_shape)} is {n * per_sample} numbers, "
+        raise BadRequest(400, f"format {fmt} of {n} outputs of shape {list(output_shape)} is {n * per_sample} numbers, "
                               f"more than the server's --max-values {limits.max_values}: ask for format npy, or {smaller}")
 
 
@@ -167,13 +179,17 @@ def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str]:
     an image grid of the samples (values clipped to [0, 1]; image outputs only).
     """
     if fmt == "npy":
-        return _npy_header(array.dtype.str, array.shape) + np.ascontiguousarray(array).tobytes(), CONTENT_TYPES["npy"]
+        # one copy of the values (header + tobytes() held two at once)
+        return b"".join((_npy_header(array.dtype.str, array.shape), np.ascontiguousarray(array))), CONTENT_TYPES["npy"]
     if fmt == "json":
         return _json_bytes(array), CONTENT_TYPES["json"]
     from PIL import Image
 
     from fastvae.viz import grid_scale, image_grid
 
+    if not np.isfinite(array).all():  # drawn black, as if it were a picture
+        raise BadRequest(422, "the decoder's output holds NaN or infinite values, which a PNG cannot show "
+                              "(latents too large for the model?): ask for format npy, or send smaller latents")
     grid = image_grid(array, scale=grid_scale(array))
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG", compress_level=1)

@@ -135,7 +135,8 @@ def test_batches_never_exceed_max_batch_and_a_larger_request_goes_alone():
     requests = [("n", 3), ("n", 3), ("z", z_rows(10, 0)), ("n", 2)]
     recorder = Recorder()
     results, batcher = run(recorder, requests, max_batch=4, max_wait=0.0)
-    assert recorder.decoded == [3, 3, 4, 4, 2, 2]  # 3 + 3 > 4; the 10-row request alone, in <= 4-row calls
+    # 3 + 3 > 4; the 10-row request alone, in <= 4-row calls, the 2-row request between them
+    assert recorder.decoded == [3, 3, 4, 2, 4, 2]
     assert [len(r) for r in results] == [3, 3, 10, 2]
     np.testing.assert_array_equal(results[2], 2 * z_rows(10, 0))
     assert (batcher.rows, batcher.batches) == (18, 6)  # batches: decoder calls
@@ -146,7 +147,7 @@ def test_max_batch_caps_every_decoder_call_and_the_pieces_come_back_in_order():
     recorder = Recorder(seed=3)
     given = z_rows(11, 0)
     results, batcher = run(recorder, [("z", given), ("n", 7)], max_batch=3, max_wait=0.0)
-    assert max(recorder.decoded) <= 3 and recorder.decoded == [3, 3, 3, 2, 3, 3, 1]
+    assert max(recorder.decoded) <= 3 and recorder.decoded == [3, 3, 3, 3, 3, 1, 2]  # taking turns
     np.testing.assert_array_equal(results[0], 2 * given)
     fresh = np.random.default_rng(3).standard_normal((7, 3)).astype(np.float32)
     np.testing.assert_array_equal(results[1], 2 * fresh)  # drawn once, decoded in three calls
@@ -260,7 +261,7 @@ def test_a_cancelled_request_does_not_disturb_the_others_or_the_count():
     results, batcher = asyncio.run(main())
     assert isinstance(results[1], asyncio.CancelledError)
     assert results[0].shape == results[2].shape == (2, 3) and batcher.pending == 0
-    assert recorder.decoded == [6]  # the cancelled request's rows were decoded but handed to nobody
+    assert recorder.decoded == [4]  # the cancelled request's rows were not decoded (they were, for nobody)
 
 
 def test_an_empty_request_is_decoded_as_given_with_or_without_a_draw_fn():
@@ -327,3 +328,55 @@ def test_requests_after_close_are_refused():
             await batcher.decode(z_rows(1, 0))
 
     asyncio.run(main())
+
+
+def test_a_large_request_takes_turns_with_requests_that_arrive_while_it_is_decoded():
+    """A request of many decoder calls held every request behind it for all of them (a 4096-row
+    request on a spatial decoder: ~5.5 s): it goes back to the end of the queue after each call."""
+    started = []
+
+    def decode(z):
+        started.append(len(z))
+        return z * 2.0
+
+    async def main():
+        batcher = DynamicBatcher(decode, 4, 0.0)
+        batcher.start()
+        large = asyncio.ensure_future(batcher.decode(z_rows(16, 0)))
+        while not started:  # its first call has begun
+            await asyncio.sleep(0)  # not synchronisation by time: one loop turn
+        small = await asyncio.wait_for(batcher.decode(z_rows(1, 100)), 20)
+        result = await asyncio.wait_for(large, 20)
+        await asyncio.wait_for(batcher.close(), 20)
+        return small, result
+
+    small, result = asyncio.run(main())
+    assert started == [4, 1, 4, 4, 4]  # the small request right after the call it arrived during
+    np.testing.assert_array_equal(small, 2 * z_rows(1, 100))
+    np.testing.assert_array_equal(result, 2 * z_rows(16, 0))
+
+
+def test_a_large_request_whose_caller_went_away_stops_after_the_current_call():
+    """A cancelled request of many calls (a client gone, a shutdown's timeout) was decoded to its
+    end, holding the queue and the process's exit: now one call at most."""
+    release, calls = threading.Event(), []
+
+    def decode(z):
+        calls.append(len(z))
+        release.wait(20)  # the first call is running when the request is cancelled
+        return z * 2.0
+
+    async def main():
+        batcher = DynamicBatcher(decode, 4, 0.0)
+        batcher.start()
+        large = asyncio.ensure_future(batcher.decode(z_rows(40, 0)))
+        while not calls:
+            await asyncio.sleep(0)  # not synchronisation by time: one loop turn
+        large.cancel()
+        release.set()
+        after = await asyncio.wait_for(batcher.decode(z_rows(2, 0)), 20)
+        await asyncio.wait_for(batcher.close(), 20)
+        return after, batcher
+
+    after, batcher = asyncio.run(main())
+    assert calls == [4, 2] and batcher.pending == 0 and after.shape == (2, 3)

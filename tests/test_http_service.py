@@ -116,7 +116,8 @@ def test_healthz_and_metadata(server, decoder):
     meta = json.loads(body)
     assert status == 200 and headers["content-type"] == "application/json"
     assert meta["latent_dim"] == LATENT and meta["output_shape"] == list(SHAPE) and meta["provider"] == "cpu"
-    assert meta["limits"] == {"max_n": MAX_N, "max_body": MAX_BODY, "max_values": MAX_VALUES, "body_timeout": 30.0}
+    assert meta["limits"] == {"max_n": MAX_N, "max_body": MAX_BODY, "max_values": MAX_VALUES, "body_timeout": 30.0,
+                              "max_pending": 1024, "max_connections": 2048}
     assert meta["batching"] == {"max_batch": 16, "max_wait_ms": 50.0}
     assert meta["decoder_metadata"] == OnnxSampler(decoder[0]).metadata
 
@@ -209,6 +210,72 @@ def test_a_client_gone_mid_body_gets_no_error_response(decoder):
         assert status == 499 and body == b""  # nothing to answer: no 500, no traceback
 
 
+def _held(sampler):
+    """``sampler`` whose decoder calls wait for ``sampler.release`` (a threading.Event);
+    ``sampler.calls`` logs the rows of each call as it begins."""
+    real, sampler.calls, sampler.release = sampler.decode, [], threading.Event()
+
+    def decode(z, batch_size=None):
+        sampler.calls.append(len(z))
+        assert sampler.release.wait(30)
+        return real(z, batch_size)
+
+    sampler.decode = decode
+    return sampler
+
+
+def test_a_client_gone_while_its_request_is_decoded_stops_its_decoding(decoder):
+    """uvicorn does not cancel a handler whose client disconnected: a 40-row request (three
+    decoder calls of 16 rows at most) was decoded to its end for nobody, holding every request
+    behind it. The disconnect now cancels it: the call already running is its last."""
+    import asyncio
+
+    from fastvae.export.http_service import Batching
+    from fastvae.export.service_io import Limits
+
+    sampler = _held(OnnxSampler(decoder[0], threads=1))
+
+    async def scenario(call, app):
+        loop = asyncio.get_running_loop()
+        leaves = loop.create_future()  # the client's disconnect, once its first call runs
+        request = loop.create_task(call("POST", "/sample", [_part(b'{"n": 40, "seed": 1}', more=False), leaves]))
+        while not sampler.calls:
+            await asyncio.sleep(0.001)  # not synchronisation: polling for the decoder's first call
+        leaves.set_result({"type": "http.disconnect"})
+        status, _, body = await request
+        sampler.release.set()
+        after = await call("POST", "/sample", [_part(b'{"n": 2, "seed": 1}', more=False)])
+        return status, body, after[0], app.state.batcher.pending
+
+    status, body, after, pending = _in_process(sampler, scenario, Limits(max_n=MAX_N, max_body=MAX_BODY),
+                                               Batching(16, 0.0))
+    assert status == 499 and body == b"" and after == 200 and pending == 0
+    assert sampler.calls == [16, 2]  # not 16, 16, 8 for nobody
+
+
+def test_requests_beyond_max_pending_get_503_with_retry_after(decoder):
+    """The queue had no bound: clients that time out and retry piled up requests for ever."""
+    import asyncio
+
+    from fastvae.export.http_service import Batching
+    from fastvae.export.service_io import Limits
+
+    sampler = _held(OnnxSampler(decoder[0], threads=1))
+
+    async def scenario(call, app):
+        first = asyncio.get_running_loop().create_task(call("POST", "/sample", [_part(b'{"n": 1}', more=False)]))
+        while not sampler.calls:
+            await asyncio.sleep(0.001)  # not synchronisation: polling for the decoder's first call
+        refused = await call("POST", "/decode", [_part(b'{"z": [[0, 0, 0, 0]]}', more=False)])
+        sampler.release.set()
+        return refused, (await first)[0]
+
+    (status, headers, body), first = _in_process(sampler, scenario, Limits(max_n=MAX_N, max_body=MAX_BODY,
+                                                                           max_pending=1), Batching(16, 0.0))
+    assert status == 503 and headers["retry-after"] == "1" and "--max-pending" in json.loads(body)["error"]
+    assert first == 200
+
+
 def test_a_body_that_stops_arriving_gets_408_after_body_timeout(decoder):
     """A client that sends part of its body and then nothing: 408 with the JSON error body and
     Connection: close once --body-timeout passes (not a handler held open for ever)."""
@@ -299,9 +366,10 @@ def test_a_dead_batcher_answers_503_and_healthz_says_failed(decoder):
     assert sampler.calls == [2]  # the later request never reached the decoder
 
 
-def test_json_never_carries_nan_a_422_says_to_ask_for_npy(decoder):
+def test_json_and_png_never_carry_nan_a_422_says_to_ask_for_npy(decoder):
     """A decoder output with NaN (huge latents can overflow inside the network) is no JSON
-    (RFC 8259): format json gets a 422 naming npy, format npy still gets the values."""
+    (RFC 8259): format json gets a 422 naming npy, format npy still gets the values; format png
+    drew NaN as black pixels (200): a 422 too."""
     sampler = OnnxSampler(decoder[0], threads=1)
     real = sampler.decode
     sampler.decode = lambda z, batch_size=None: np.where(z[:, :1, None, None] > 1e30, np.nan, real(z, batch_size))
@@ -310,11 +378,13 @@ def test_json_never_carries_nan_a_422_says_to_ask_for_npy(decoder):
         huge = {"z": [[3e38, 0.0, 0.0, 0.0]]}
         as_json = await call("POST", "/decode", [_part(json.dumps({**huge, "format": "json"}).encode(), more=False)])
         as_npy = await call("POST", "/decode", [_part(json.dumps(huge).encode(), more=False)])
-        return as_json, as_npy
+        as_png = await call("POST", "/decode", [_part(json.dumps({**huge, "format": "png"}).encode(), more=False)])
+        return as_json, as_npy, as_png
 
-    (status, headers, body), (npy_status, _, npy_body) = _in_process(sampler, scenario)
+    (status, headers, body), (npy_status, _, npy_body), (png_status, _, png_body) = _in_process(sampler, scenario)
     reason = json.loads(body)["error"]  # the body itself is strict JSON
     assert status == 422 and "NaN" in reason and "format npy" in reason
+    assert png_status == 422 and "format npy" in json.loads(png_body)["error"]
     assert npy_status == 200 and np.isnan(np.load(io.BytesIO(npy_body))).all()
 
 
@@ -374,7 +444,7 @@ BAD = {
     "missing_n": ("/sample", {"seed": 1}, None, 400, "missing 'n'"),
     "n_not_integer": ("/sample", {"n": "ten"}, None, 400, "'n' must be an integer"),
     "n_zero": ("/sample", {"n": 0}, None, 400, "'n' must be from 1"),
-    "n_too_large": ("/sample", {"n": MAX_N + 1}, None, 413, "--max-n"),
+    "n_too_large": ("/sample", {"n": MAX_N + 1}, None, 400, "--max-n"),  # not 413: the body is small
     "negative_seed": ("/sample", {"n": 1, "seed": -3}, None, 400, "'seed'"),
     "unknown_format": ("/sample", {"n": 1, "format": "jpeg"}, None, 400, "'format' must be one of npy, png, json"),
     "unknown_mode": ("/sample", {"n": 1, "mode": "median"}, None, 400, "'mode'"),
@@ -386,6 +456,9 @@ BAD = {
     "strings": ("/decode", {"z": [["a"] * LATENT]}, None, 400, "numbers"),
     "numeric_strings": ("/decode", {"z": [["1"] * LATENT]}, None, 400, "must hold numbers"),
     "booleans": ("/decode", {"z": [[True] * LATENT]}, None, 400, "must hold numbers"),
+    # numpy makes [0, true] integers and [0.5, false] floats: they were decoded as 1 and 0
+    "booleans_among_integers": ("/decode", {"z": [[0, 0, 0, True]]}, None, 400, "booleans among them"),
+    "booleans_among_floats": ("/decode", {"z": [[0.5, 0.0, 0.0, False]]}, None, 400, "booleans among them"),
     "integer_beyond_64_bits": ("/decode", b'{"z": [[' + b"9" * 400 + b', 0, 0, 0]]}', None, 400, "must hold numbers"),
     "npz_archive": ("/decode", _npz(np.zeros((2, LATENT), np.float32)), NPY, 400, ".npz archive"),
     "nan": ("/decode", b'{"z": [[NaN, 0, 0, 0]]}', None, 400, "NaN or infinite"),
@@ -399,10 +472,10 @@ BAD = {
     "z_object": ("/decode", {"z": {"a": 1}}, None, 400, "'z' must be a list of rows of 4 numbers, got a JSON object"),
     "z_in_objects": ("/decode", {"z": [{"a": 1}]}, None, 400, "objects"),
     "n_5000_digits": ("/sample", b'{"n": ' + b"9" * 5000 + b"}", None, 400, "an integer of more than 4300 digits"),
-    "n_400_digits": ("/sample", b'{"n": ' + b"9" * 400 + b"}", None, 413, "got 999999999999... (400 digits)"),
-    "json_over_max_values": ("/sample", {"n": MAX_VALUES // 64 + 1, "format": "json"}, None, 413,
+    "n_400_digits": ("/sample", b'{"n": ' + b"9" * 400 + b"}", None, 400, "got 999999999999... (400 digits)"),
+    "json_over_max_values": ("/sample", {"n": MAX_VALUES // 64 + 1, "format": "json"}, None, 400,
                              f"more than the server's --max-values {MAX_VALUES}: ask for format npy, or n <= 78"),
-    "png_over_max_values": ("/decode", {"z": [[0.0] * LATENT] * 79, "format": "png"}, None, 413, "format npy"),
+    "png_over_max_values": ("/decode", {"z": [[0.0] * LATENT] * 79, "format": "png"}, None, 400, "format npy"),
 }
 
 
@@ -654,6 +727,8 @@ def test_log_level_info_logs_one_line_per_request(decoder):
     (["--body-timeout", "0"], "--body-timeout"),
     (["--body-timeout", "nan"], "--body-timeout"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+    (["--max-pending", "0"], "--max-pending"),
+    (["--max-connections", "1"], "--max-connections"),
     (["--provider", "tensorrt-x"], "unknown execution provider"),
 ])
 def test_cli_bad_flags_are_one_line_exit_2(decoder, capsys, flags, message):

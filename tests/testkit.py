@@ -225,7 +225,9 @@ def in_process_service(sampler, scenario, limits=None, batching=None):
             script, sent = iter(messages), []
 
             async def receive():
-                item = next(script)
+                item = next(script, None)
+                if item is None:  # the whole request is sent: a client that stays until answered
+                    item = asyncio.get_running_loop().create_future()
                 return await item if inspect.isawaitable(item) else item
 
             async def send(message):

@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="numbers per json or png response at most (n x values per sample; npy: --max-n only)")
     parser.add_argument("--body-timeout", type=float, default=30.0,
                         help="seconds a request may send no body bytes before it gets 408")
+    parser.add_argument("--max-pending", type=int, default=1024,
+                        help="requests waiting for the decoder at most (more get 503 with Retry-After)")
+    parser.add_argument("--max-connections", type=int, default=2048,
+                        help="open connections and requests in progress at most (more get 503); on an open "
+                             "network put a reverse proxy in front (header timeouts, TLS)")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0,
                         help="seconds the responses in flight get after SIGTERM/Ctrl-C before they are cancelled")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
@@ -48,5 +53,6 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"fastvae serve needs {exc.name}, which is not installed: pip install 'fastvae[serve]'") from None
     return serve(args.model, host=args.host, port=args.port, threads=args.threads, provider=args.provider,
                  batching=Batching(args.max_batch, args.max_wait_ms),
-                 limits=Limits(args.max_n, args.max_body, args.max_values, args.body_timeout),
+                 limits=Limits(args.max_n, args.max_body, args.max_values, args.body_timeout,
+                               args.max_pending, args.max_connections),
                  log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
