@@ -278,12 +278,12 @@ def _write_variants(built: _Built, path: Path, staging: Path, *, fp16: bool, int
 
         from fastvae.export import quantize
 
-        products = {n.op_type for n in onnx.load(str(built.file), load_external_data=False).graph.node}
-        if not products & set(quantize.INT8_OPS):
+        if not quantize.weight_products(onnx.load(str(built.file), load_external_data=False).graph):
             raise FastVAEError(
-                f"--int8 quantizes matrix products ({'/'.join(quantize.INT8_OPS)}) and this decoder "
-                "has none (its convolutions stay fp32: quantized, they ran slower): the "
-                "file would be the fp32 decoder again; export without --int8 (--fp16 halves its size)")
+                f"--int8 quantizes matrix products with weights ({'/'.join(quantize.INT8_OPS)}) and this "
+                "decoder has none (its convolutions stay fp32: quantized, they ran slower; attention "
+                "multiplies activations): the file would be the fp32 decoder again; export without "
+                "--int8 (--fp16 halves its size)")
     n = VARIANT_EVAL_N if len(built.info["latent_shape"]) == 1 else VARIANT_EVAL_SPATIAL
     z_eval = np.random.default_rng(0).standard_normal((n, *built.info["latent_shape"]), dtype=np.float32)
     reference = _torch_outputs(built.reference, z_eval)

@@ -60,6 +60,16 @@ def to_fp16(model, fp32_ops=()):
 INT8_OPS = ("MatMul", "Gemm")  # what to_int8 quantizes
 
 
+def weight_products(graph) -> int:
+    """The MatMul/Gemm nodes of ``graph`` with a constant (weight) operand: what dynamic
+    quantization turns into int8. A product of two activations (attention's q k^T and its
+    weights times v) stays fp32."""
+    constants = {t.name for t in graph.initializer}
+    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    return sum(1 for node in graph.node
+               if node.op_type in INT8_OPS and any(name in constants for name in node.input[:2]))
+
+
 def to_int8(src: Path, dst: Path, *, large: bool = False) -> None:
     """Dynamic int8 quantization of ``src``: int8 weights per output channel, uint8 activations
     quantized per batch.
