@@ -363,3 +363,17 @@ def test_sampler_threads_stop_spinning_when_a_run_returns(tmp_path):
         pytest.skip(f"onnxruntime's default did not spin after a run here ({baseline:.3f} CPU s)")
     sampler = OnnxSampler(path, threads=2)
     assert idle_cpu_seconds(lambda: sampler.decode(z)) < 0.01 < baseline
+
+
+def test_cli_sample_takes_every_seed_the_service_takes(path, tmp_path, capsys):
+    """--seed stopped at 2**32 - 1 (the training seed's range) while /sample and
+    OnnxSampler.sample take up to 2**128 - 1: a served seeded sample could not be drawn again."""
+    from fastvae.cli import main
+
+    big = 2**128 - 1
+    assert main(["sample", str(path), "-n", "3", "--seed", str(big), "--out", str(tmp_path / "b.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), OnnxSampler(path).sample(3, seed=big))
+    for bad in (str(2**128), "-1", "x"):
+        with pytest.raises(SystemExit) as exited:
+            main(["sample", str(path), "--seed", bad, "--out", str(tmp_path / "c.npy")])
+        assert exited.value.code == 2 and "2**128 - 1" in capsys.readouterr().err

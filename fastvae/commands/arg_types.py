@@ -16,6 +16,20 @@ def seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, got {text!r}") from None
 
 
+def sampler_seed(text: str) -> int:
+    """A seed of ``OnnxSampler.sample`` (and of the service's /sample): 0 to 2**128 - 1, so that
+    every seeded request's samples can be drawn again on the command line."""
+    from fastvae.export.sampler import SEED_BOUND
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_BOUND:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**128 - 1, got {text!r}")
+    return value
+
+
 def at_least(minimum: int):
     """An argparse type: an integer >= ``minimum`` (the flag's name in the error, not the
     library parameter's that would refuse it later)."""

@@ -19,7 +19,8 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="decoder .onnx file written by 'fastvae export'")
     parser.add_argument("-n", "--num-samples", type=arg_types.at_least(0), default=64, help="number of samples")
-    parser.add_argument("--seed", type=arg_types.seed, default=0, help="seed of the latent draws")
+    parser.add_argument("--seed", type=arg_types.sampler_seed, default=0,
+                        help="seed of the latent draws (0 to 2**128 - 1, as the service's /sample takes)")
     parser.add_argument("--out", type=arg_types.path, default="samples.png", help="output file: .png (image grid) or .npy (raw array)")
     parser.add_argument("--batch-size", type=arg_types.at_least(1), default=1000, help="latent vectors per onnxruntime call")
     parser.add_argument("--threads", type=arg_types.onnx_threads, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
