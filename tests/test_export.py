@@ -277,6 +277,20 @@ def test_cli_export_from_run_folder(run_dir, capsys):
     np.testing.assert_allclose(sampler.decode(z), _torch_mean_params(model, z)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_cli_export_names_what_killed_exports_left(run_dir, capsys):
+    """A killed export leaves its hidden staging folder; each later export added another and
+    said nothing (decode names its own): named, never removed (another export may be writing)."""
+    from fastvae.cli import main
+
+    run, _ = run_dir
+    left = run / ".decoder.onnx.tmp-999999"
+    left.mkdir()
+    (left / "decoder.onnx").write_bytes(b"half")
+    assert main(["export", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {left} was left by a 'fastvae export' that did not finish" in err and left.is_dir()
+
+
 def test_cli_reexport_names_older_variants_and_records_absolute_source(run_dir, capsys, monkeypatch):
     """A variant left from an earlier model (train on, export without --int8) served that model
     beside the new decoder.onnx, silently; a variant's metadata carried the fp32 file's error;
