@@ -236,7 +236,10 @@ def build_app(sampler, limits: Limits, batching: Batching):
     }).encode()
 
     def error(status: int, reason: str, headers: dict | None = None) -> Response:
-        headers = {**(_CLOSE if status in (408, 503) else {}), **(headers or {})}
+        # a stalled body, a shutdown: end the connection; an overload's 503 (Retry-After, the
+        # body read whole) keeps it for the retry
+        close = status == 408 or (status == 503 and "retry-after" not in (headers or {}))
+        headers = {**(_CLOSE if close else {}), **(headers or {})}
         return Response(error_body(reason), status_code=status, media_type="application/json",
                         headers=headers or None)
 

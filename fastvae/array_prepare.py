@@ -40,7 +40,7 @@ def array_pieces(source: str, size, grayscale: bool, test_fraction: float, split
     ``progress``: a bar of images converted (on a terminal)."""
     from fastvae.data import is_bundled
 
-    train, test, own = _open(source, test_fraction, split_seed, spill_dir)
+    train, test, own = _open(source, test_fraction, split_seed, spill_dir, progress)
     train.rows = train.rows[np.random.default_rng(split_seed).permutation(len(train.rows))]
     shape = _image_shape(train)
     if size is not None and train.array.ndim == 2:  # (N, D) rows are 1 x D "images"
@@ -57,8 +57,8 @@ def array_pieces(source: str, size, grayscale: bool, test_fraction: float, split
     return pieces, info
 
 
-def _open(source: str, test_fraction: float, split_seed: int,
-          spill_dir: Path | None) -> tuple[ArrayRows, ArrayRows, bool]:
+def _open(source: str, test_fraction: float, split_seed: int, spill_dir: Path | None,
+          progress: bool) -> tuple[ArrayRows, ArrayRows, bool]:
     """(train, test, whether the split is the source's own) for a non-folder source."""
     from fastvae import data
 
@@ -80,7 +80,7 @@ def _open(source: str, test_fraction: float, split_seed: int,
         raise FastVAEError(f"data file {path} is empty")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return npz_rows(path, test_fraction, split_seed, spill_dir=spill_dir)
+        return npz_rows(path, test_fraction, split_seed, spill_dir=spill_dir, progress=progress)
     if suffix in data.IMAGE_SUFFIXES:
         raise FastVAEError(f"data {path} is a single image: give the folder that holds the images")
     array = _load_npy(path) if suffix == ".npy" else data.read_idx(path, mmap=True)
@@ -136,7 +136,7 @@ def idx_folder_rows(folder: Path) -> tuple[ArrayRows, ArrayRows]:
 
 
 def npz_rows(path: Path, test_fraction: float, split_seed: int, split_rule: int | None = None,
-             spill_dir: Path | None = None) -> tuple[ArrayRows, ArrayRows, bool]:
+             spill_dir: Path | None = None, progress: bool = True) -> tuple[ArrayRows, ArrayRows, bool]:
     """An .npz's train and test arrays (keys train/test or x_train/x_test, labels beside them),
     or the seeded split of its one array; and whether the split is its own. Image arrays are
     ``fastvae.npz_members.member_array``s (memory-mapped where stored; ``spill_dir``: see there)."""
@@ -150,7 +150,9 @@ def npz_rows(path: Path, test_fraction: float, split_seed: int, split_rule: int 
     with npz:
         def member(key, images=True):
             try:
-                return member_array(npz, key, path, spill_dir) if images else npz[key]
+                return member_array(npz, key, path, spill_dir, progress) if images else npz[key]
+            except FastVAEError:  # said in full already (no room to inflate it, a damaged member)
+                raise
             except Exception as exc:
                 raise FastVAEError(f"data file {path} is not a readable .npz archive: {exc}") from None
 
@@ -309,21 +311,29 @@ class _ArrayPieces(dict):
         split: ArrayRows = dict.__getitem__(self, name)
         row_bytes = 4 * int(np.prod(split.array.shape[1:]))
         per = max(1, SLICE_BYTES // max(row_bytes, 1))
-        for start in range(0, len(split.rows), per):
-            rows = split.rows[start:start + per]
-            raw = _gather(split.array, rows)
-            labels = (np.full(len(rows), -1, np.int64) if split.labels is None
-                      else split.labels[rows].astype(np.int64))
-            yield self.convert(raw, split.path, split.key), labels
-            self.bar.update(len(rows))
+        try:
+            for start in range(0, len(split.rows), per):
+                rows = split.rows[start:start + per]
+                raw = _gather(split.array, rows)
+                labels = (np.full(len(rows), -1, np.int64) if split.labels is None
+                          else split.labels[rows].astype(np.int64))
+                yield self.convert(raw, split.path, split.key), labels
+                self.bar.update(len(rows))
+        except BaseException:  # an error's line must not land on the bar's
+            self.close()
+            raise
         self.done.add(name)
         if len(self.done) == len(self):
             self._finish()
 
+    def close(self) -> None:
+        """End the progress bar (the writer calls this on its own errors too)."""
+        self.bar.close()
+
     def _finish(self) -> None:
         import sys
 
-        self.bar.close()
+        self.close()
         declared = dict.__getitem__(self, "train").grid
         grid = self.convert.scan.grid if declared == "scan" else declared
         # the grid the stored pixels stand for: the source's where it has one (the digits' 16

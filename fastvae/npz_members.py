@@ -26,21 +26,31 @@ SPILL_BYTES = 256 << 20
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
 
 
-def member_array(npz, key: str, path: Path, spill_dir: Path | None = None) -> np.ndarray:
+def member_array(npz, key: str, path: Path, spill_dir: Path | None = None,
+                 progress: bool = True) -> np.ndarray:
     """``npz[key]`` (``npz`` the open ``np.lib.npyio.NpzFile`` of ``path``) as an array that
-    holds no more than a memory map where it can (see the module docstring)."""
+    holds no more than a memory map where it can (see the module docstring); ``progress``: the
+    inflating bar (on a terminal)."""
     name = key if key in npz.zip.namelist() else f"{key}.npy"
     info = npz.zip.getinfo(name)
-    try:
-        with npz.zip.open(info) as member:
+    with npz.zip.open(info) as member:
+        try:
             header = _array_header(member)
-            if header is not None:
-                if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
-                    return _mapped(path, _data_offset(path, info) + member.tell(), *header)
-                if spill_dir is not None and info.file_size > SPILL_BYTES:
-                    return _spilled(member, header, spill_dir, f"{path.name}:{key}")
-    except (OSError, ValueError, zipfile.BadZipFile, AttributeError):
-        pass  # numpy's own reading below says what is wrong, in its words
+            data_start = member.tell()
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+            header = None  # numpy's own reading below says what is wrong, in its words
+        if header is not None:
+            size = int(np.prod(header[0])) * header[2].itemsize
+            if data_start + size > info.file_size:  # truncated: the map would read what follows
+                header = None
+        if header is not None:
+            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+                try:
+                    return _mapped(path, _data_offset(path, info) + data_start, *header)
+                except (OSError, ValueError, zipfile.BadZipFile):
+                    pass
+            elif spill_dir is not None and info.file_size > SPILL_BYTES:
+                return _spilled(member, header, spill_dir, path, key, progress)
     return npz[key]
 
 
@@ -72,29 +82,43 @@ def _mapped(file, offset: int, shape: tuple, fortran: bool, dtype: np.dtype) -> 
     return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-def _spilled(member, header: tuple, spill_dir: Path, what: str) -> np.ndarray:
+def _spilled(member, header: tuple, spill_dir: Path, path: Path, key: str, progress: bool) -> np.ndarray:
     """The rest of ``member`` (its data, after the header) inflated into an unlinked file in
-    ``spill_dir`` and memory-mapped; a progress bar on a terminal."""
+    ``spill_dir`` and memory-mapped; a progress bar on a terminal. A damaged member is a
+    FastVAEError here: numpy, reading it again, would hold all of it in memory to say so."""
     from tqdm.auto import tqdm
 
     shape, fortran, dtype = header
     size = int(np.prod(shape)) * dtype.itemsize
+    what = f"{path.name}:{key}"
     if shutil.disk_usage(spill_dir).free < size:
         raise FastVAEError(_no_room(what, size, spill_dir, "not enough free space"))
     with tempfile.TemporaryFile(dir=spill_dir, prefix=".fastvae-npz-") as spill:  # unlinked at once
         bar = tqdm(total=size, desc=f"inflating {what}", unit="B", unit_scale=True, leave=False,
-                   mininterval=0.5, disable=None)  # None: only on a terminal
+                   mininterval=0.5, disable=None if progress else True)  # None: only on a terminal
         try:
-            while chunk := member.read(1 << 20):  # memory: one chunk and zlib's window
-                spill.write(chunk)
+            while True:
+                try:
+                    chunk = member.read(1 << 20)  # memory: one chunk and zlib's window
+                except Exception as exc:  # noqa: BLE001 - zlib, CRC (BadZipFile), read errors alike
+                    raise FastVAEError(f"data file {path} is not a readable .npz archive: member {key!r}: "
+                                       f"{type(exc).__name__}: {exc}") from None
+                if not chunk:
+                    break
+                try:
+                    spill.write(chunk)
+                except OSError as exc:
+                    raise FastVAEError(_no_room(what, size, spill_dir, exc.strerror or str(exc))) from None
                 bar.update(len(chunk))
-            spill.flush()
-        except OSError as exc:
-            raise FastVAEError(_no_room(what, size, spill_dir, exc.strerror or str(exc))) from None
+            try:
+                spill.flush()
+            except OSError as exc:
+                raise FastVAEError(_no_room(what, size, spill_dir, exc.strerror or str(exc))) from None
         finally:
             bar.close()
         if spill.tell() < size:
-            raise zipfile.BadZipFile(f"{what} holds {spill.tell()} of its {size} bytes")
+            raise FastVAEError(f"data file {path} is not a readable .npz archive: member {key!r} holds "
+                               f"{spill.tell()} of its {size} bytes")
         # the map keeps its own handle on the file: closing (and the unlinked name) frees the
         # disk space when the map goes
         return _mapped(spill, 0, shape, fortran, dtype)

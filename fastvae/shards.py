@@ -418,8 +418,12 @@ def write_dataset(out: Path, sources: dict, meta: dict, *, overwrite: bool = Fal
         counts = {}
         for split in SPLIT_NAMES:
             writer = SplitWriter(staging / split, meta["block"])
-            for images, labels in sources[split]:
-                writer.add(images, labels)
+            try:
+                for images, labels in sources[split]:
+                    writer.add(images, labels)
+            except BaseException:  # a write error: the sources' progress bar ends before its line
+                getattr(sources, "close", lambda: None)()
+                raise
             counts[split] = writer.finish()
             if counts[split]["examples"] == 0:
                 skipped = getattr(sources, "info", {}).get("skipped", 0)

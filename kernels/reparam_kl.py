@@ -290,9 +290,13 @@ def _index_through_the_element() -> None:
         data = self.handle.data
         return int(data.reshape(-1)[0]) if getattr(data, "size", 0) == 1 else int(data)
 
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", index)
+    def patched(tensor, *rest):  # (tensor, scope) in 3.5+, (tensor) or (tensor, builder) before
+        patch_tensor(tensor, *rest)
+        scope = rest[0] if rest and hasattr(rest[0], "set_attr") else None
+        if scope is not None:
+            scope.set_attr(tensor, "__index__", index)  # restored after the launch
+        else:
+            tensor.__index__ = index  # as those versions set theirs
 
     if not getattr(patch_tensor, "fastvae_index", False):
         patched.fastvae_index = True

@@ -5,6 +5,7 @@ does not grow with the file, and the source's pixel grid recorded for bits per d
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import sys
 import tracemalloc
@@ -291,3 +292,59 @@ def test_converting_an_array_shows_a_progress_bar_on_a_terminal(tmp_path, monkey
         prepare(str(tmp_path / "a.npy"), tmp_path / f"s{progress}", workers=0, progress=progress)
         err = capsys.readouterr().err
         assert ("converting" in err and "/50" in err) == progress, err
+
+
+def test_damaged_npz_members_are_one_line_without_reading_them_whole(tmp_path, monkeypatch, capsys):
+    """A stored member shorter than its header says was mapped anyway (its last rows read from
+    the next member and the zip directory); a compressed one that fails to inflate was read
+    again, whole, by numpy to say so."""
+    import zipfile
+
+    from testkit import assert_one_line_error
+
+    from fastvae.cli import main
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (100, 8, 8)})
+    with zipfile.ZipFile(tmp_path / "short.npz", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("train.npy", header.getvalue() + bytes(50 * 64))  # 50 of its 100 rows
+        buffer = io.BytesIO()
+        np.save(buffer, np.ones((10, 8, 8), np.uint8))
+        archive.writestr("test.npy", buffer.getvalue())
+    rc = main(["prepare", str(tmp_path / "short.npz"), "--out", str(tmp_path / "s"), "--workers", "0"])
+    assert_one_line_error(rc, capsys.readouterr().err, "not a readable .npz archive")
+
+    monkeypatch.setattr(fastvae.npz_members, "SPILL_BYTES", 0)
+    np.savez_compressed(tmp_path / "c.npz", images=RNG.integers(0, 4, (4000, 64, 64), dtype=np.uint8))  # 16 MB
+    raw = bytearray((tmp_path / "c.npz").read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)  # the deflate stream broken half-way
+    (tmp_path / "c.npz").write_bytes(bytes(raw))
+    tracemalloc.start()
+    try:
+        rc = main(["prepare", str(tmp_path / "c.npz"), "--out", str(tmp_path / "s"), "--workers", "0"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_one_line_error(rc, capsys.readouterr().err, "member 'images'")
+    assert peak < 8 << 20, peak
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "short.npz"]
+
+
+def test_progress_bars_end_before_an_error_and_quiet_hides_the_inflating_one(tmp_path, monkeypatch, capsys):
+    from fastvae.cli import main
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stream
+    monkeypatch.setattr(fastvae.array_prepare, "SLICE_BYTES", 4 * 16 * 10)  # 10 rows a slice
+    bad = RNG.random((60, 4, 4)).astype(np.float32)
+    bad[-1, 0, 0] = np.nan  # in the last slice: the bar is showing
+    np.save(tmp_path / "nan.npy", bad)
+    assert main(["prepare", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "s"), "--workers", "0",
+                 "--test-fraction", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "converting" in err and err.split("\r")[-1].lstrip().startswith("fastvae prepare: error"), repr(err[-300:])
+    monkeypatch.setattr(fastvae.npz_members, "SPILL_BYTES", 0)
+    np.savez_compressed(tmp_path / "c.npz", images=RNG.integers(0, 256, (20, 4, 4), dtype=np.uint8))
+    for flags, shown in (([], True), (["--quiet"], False)):
+        assert main(["prepare", str(tmp_path / "c.npz"), "--out", str(tmp_path / f"c{shown}"), "--workers", "0",
+                     *flags]) == 0
+        assert ("inflating c.npz:images" in capsys.readouterr().err) == shown

@@ -333,10 +333,11 @@ def test_requests_after_close_are_refused():
 def test_a_large_request_takes_turns_with_requests_that_arrive_while_it_is_decoded():
     """A request of many decoder calls held every request behind it for all of them (a 4096-row
     request on a spatial decoder: ~5.5 s): it goes back to the end of the queue after each call."""
-    started = []
+    started, release = [], threading.Event()
 
     def decode(z):
         started.append(len(z))
+        release.wait(20)  # the first call runs until the small request is queued
         return z * 2.0
 
     async def main():
@@ -345,7 +346,10 @@ def test_a_large_request_takes_turns_with_requests_that_arrive_while_it_is_decod
         large = asyncio.ensure_future(batcher.decode(z_rows(16, 0)))
         while not started:  # its first call has begun
             await asyncio.sleep(0)  # not synchronisation by time: one loop turn
-        small = await asyncio.wait_for(batcher.decode(z_rows(1, 100)), 20)
+        small = asyncio.ensure_future(batcher.decode(z_rows(1, 100)))
+        await asyncio.sleep(0)  # one loop turn: it is queued
+        release.set()
+        small = await asyncio.wait_for(small, 20)
         result = await asyncio.wait_for(large, 20)
         await asyncio.wait_for(batcher.close(), 20)
         return small, result

@@ -273,6 +273,7 @@ def test_requests_beyond_max_pending_get_503_with_retry_after(decoder):
     (status, headers, body), first = _in_process(sampler, scenario, Limits(max_n=MAX_N, max_body=MAX_BODY,
                                                                            max_pending=1), Batching(16, 0.0))
     assert status == 503 and headers["retry-after"] == "1" and "--max-pending" in json.loads(body)["error"]
+    assert "connection" not in headers  # the body was read whole: the connection serves the retry
     assert first == 200
 
 
