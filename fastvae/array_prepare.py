@@ -138,8 +138,10 @@ def idx_folder_rows(folder: Path) -> tuple[ArrayRows, ArrayRows]:
 def npz_rows(path: Path, test_fraction: float, split_seed: int, split_rule: int | None = None,
              spill_dir: Path | None = None, progress: bool = True) -> tuple[ArrayRows, ArrayRows, bool]:
     """An .npz's train and test arrays (keys train/test or x_train/x_test, labels beside them),
-    or the seeded split of its one array; and whether the split is its own. Image arrays are
+    or the seeded split of its one array (with its labels: a second array of one integer per
+    image, under any key); and whether the split is its own. Image arrays are
     ``fastvae.npz_members.member_array``s (memory-mapped where stored; ``spill_dir``: see there)."""
+    from fastvae.data import _labels
     from fastvae.npz_members import member_array
 
     try:
@@ -167,8 +169,30 @@ def npz_rows(path: Path, test_fraction: float, split_seed: int, split_rule: int 
         if len(files) == 1:
             return (*_held_out(member(files[0]), None, path, files[0], test_fraction, split_seed,
                                split_rule), False)
+        labelled = _images_and_labels(npz, files)
+        if labelled is not None:  # np.savez(f, x=images, y=labels), or (f, images, labels): arr_0, arr_1
+            images, labels = member(labelled[0]), member(labelled[1], False)
+            labels = _labels(labels, len(images), path, labelled[1]).numpy()
+            return (*_held_out(images, labels, path, labelled[0], test_fraction, split_seed, split_rule), False)
     raise FastVAEError(f"data file {path} holds arrays {sorted(files)}: use keys 'train' and 'test' "
-                       "(or 'x_train' and 'x_test'), or save a single array")
+                       "(or 'x_train' and 'x_test'), or save a single array (with its labels: one "
+                       "integer per image, as a second array)")
+
+
+def _images_and_labels(npz, files: list[str]) -> tuple[str, str] | None:
+    """(images key, labels key) of a two-array .npz whose one array holds an integer per row of
+    the other (read from the headers alone), else None."""
+    from fastvae.npz_members import member_header
+
+    if len(files) != 2:
+        return None
+    headers = {key: member_header(npz, key) for key in files}
+    if None in headers.values():
+        return None
+    found = [(images, labels) for images, labels in (files, files[::-1])
+             if len(headers[labels][0]) == 1 and headers[labels][2].kind in "iu"
+             and len(headers[images][0]) >= 2 and headers[images][0][0] == headers[labels][0][0]]
+    return found[0] if len(found) == 1 else None
 
 
 def _load_npy(path: Path) -> np.ndarray:

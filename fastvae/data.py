@@ -6,7 +6,8 @@ Sources (``load_dataset(source)``):
 - an MNIST-format IDX file (raw or .gz), or a folder holding the usual
   ``train-images-idx3-ubyte`` / ``t10k-images-idx3-ubyte`` (+ labels) names;
 - ``.npy`` (N, H, W), (N, C, H, W) or (N, D); ``.npz`` with ``train``/``test`` (or Keras-style
-  ``x_train``/``x_test``, labels ``y_*``/``*_labels``) or a single array;
+  ``x_train``/``x_test``, labels ``y_*``/``*_labels``), a single array, or one array and its
+  labels (a second array of one integer per image, any key);
 - a folder of images (PNG/JPEG/BMP/GIF/WebP/TIFF/Netpbm, one size; subfolders name the labels), in colour
   (3 channels) when any image has colour, unless ``grayscale``;
 - a dataset written by ``fastvae prepare`` (a folder or URL): returned as a

@@ -54,6 +54,17 @@ def member_array(npz, key: str, path: Path, spill_dir: Path | None = None,
     return npz[key]
 
 
+def member_header(npz, key: str) -> tuple[tuple, bool, np.dtype] | None:
+    """(shape, fortran order, dtype) of ``npz[key]`` from its header alone (no values read), or
+    None where it cannot be read that way."""
+    name = key if key in npz.zip.namelist() else f"{key}.npy"
+    try:
+        with npz.zip.open(name) as member:
+            return _array_header(member)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return None
+
+
 def _array_header(member) -> tuple[tuple, bool, np.dtype] | None:
     """(shape, fortran order, dtype) from a .npy header, or None where numpy's public readers
     do not cover it (format 3.0) or the array holds objects (pickles: numpy refuses them)."""

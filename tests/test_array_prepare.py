@@ -44,10 +44,12 @@ def sources(root):
     np.savez(root / "split.npz", x_train=RNG.integers(0, 256, (30, 4, 4), dtype=np.uint8),
              x_test=RNG.integers(0, 256, (9, 4, 4), dtype=np.uint8),
              y_train=RNG.integers(0, 3, 30), y_test=RNG.integers(0, 3, 9))
+    np.savez(root / "labelled.npz", RNG.integers(0, 256, (40, 3, 4, 4), dtype=np.uint8),
+             np.repeat(np.arange(4), 10))  # images and labels as arr_0, arr_1
     idx_file(root / "images-idx3-ubyte", RNG.integers(0, 256, (40, 5, 5), dtype=np.uint8))
     idx_file(root / "floats-idx3.gz", (RNG.integers(0, 17, (40, 3, 3)) / 16).astype(">f4"), gz=True)
     return ["colour.npy", "fortran.npy", "on_grid.npy", "continuous.npy", "binary.npy", "split.npz",
-            "images-idx3-ubyte", "floats-idx3.gz"]
+            "labelled.npz", "images-idx3-ubyte", "floats-idx3.gz"]
 
 
 def blocks(out, split):
@@ -87,7 +89,7 @@ def test_slices_give_the_whole_arrays_dataset_and_the_in_memory_split(tmp_path, 
         assert test.shape == memory.test.shape and train.shape == memory.train.shape, name
         assert (test - memory.test).abs().max() <= 0.5 / 255 + 1e-6, name
         assert u8_rows(train) == u8_rows(memory.train), name
-        if name in ("colour.npy", "fortran.npy", "on_grid.npy", "images-idx3-ubyte", "split.npz"):
+        if name in ("colour.npy", "fortran.npy", "on_grid.npy", "images-idx3-ubyte", "split.npz", "labelled.npz"):
             assert torch.equal(test, memory.test), name
 
 
@@ -371,3 +373,29 @@ def test_progress_bars_end_before_an_error_and_quiet_hides_the_inflating_one(tmp
         assert main(["prepare", str(tmp_path / "c.npz"), "--out", str(tmp_path / f"c{shown}"), "--workers", "0",
                      *flags]) == 0
         assert ("inflating c.npz:images" in capsys.readouterr().err) == shown
+
+
+def test_an_npz_of_images_and_their_labels_is_split_by_label(tmp_path, capsys):
+    """np.savez(f, x=images, y=labels) (or positional: arr_0, arr_1) was refused ("use keys
+    'train' and 'test'"): the labels are found by shape (one integer per image), the held-out
+    split stratified by them, on both paths."""
+    from testkit import assert_one_line_error
+
+    from fastvae.cli import main
+
+    images, labels = RNG.integers(0, 256, (60, 6, 6), dtype=np.uint8), np.repeat([0, 1, 2], [30, 20, 10])
+    np.savez(tmp_path / "xy.npz", y=labels, x=images)  # the labels first
+    memory = load_dataset(str(tmp_path / "xy.npz"), test_fraction=0.5, split_seed=2)
+    assert np.bincount(memory.test_labels.numpy()).tolist() == [15, 10, 5]
+    meta, _ = prepare(str(tmp_path / "xy.npz"), tmp_path / "s", workers=0, progress=False,
+                      test_fraction=0.5, split_seed=2)
+    assert meta["labels"] and meta["split"] == "seeded"
+    (test, test_labels), = blocks(tmp_path / "s", "test")
+    assert np.array_equal(test_labels, memory.test_labels.numpy())
+    assert np.array_equal(test[:, 0], (memory.test[:, 0] * 255).round().byte().numpy())
+    for name, arrays in (("two_images.npz", {"a": images, "b": images}),
+                         ("short_labels.npz", {"x": images, "y": labels[:-1]}),
+                         ("float_labels.npz", {"x": images, "y": labels.astype(np.float32)})):
+        np.savez(tmp_path / name, **arrays)
+        rc = main(["prepare", str(tmp_path / name), "--out", str(tmp_path / "t"), "--workers", "0"])
+        assert_one_line_error(rc, capsys.readouterr().err, "one integer per image, as a second array")
