@@ -12,8 +12,8 @@ Sources (``load_dataset(source)``):
   (3 channels) when any image has colour, unless ``grayscale``;
 - a dataset written by ``fastvae prepare`` (a folder or URL): returned as a
   ``fastvae.shards.ShardDataset`` whose splits are streamed, never loaded whole.
-Where a source has no split of its own (all but digits, photos, an IDX folder, a two-array
-.npz and a prepared dataset), ``split_indices`` holds out a seeded random ``test_fraction`` of
+Where a source has no split of its own (all but digits, photos, an IDX folder, an .npz with
+train and test arrays and a prepared dataset), ``split_indices`` holds out a seeded random ``test_fraction`` of
 the rows, stratified by label where there are labels; ``fastvae prepare`` uses the same rule,
 so both paths hold out the same examples. Every problem raises ``FastVAEError`` naming the
 file and what is wrong.
