@@ -409,10 +409,12 @@ def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
 
 
 def git_commit() -> dict[str, Any]:
-    """``{"id": sha or "unknown", "dirty": bool | None}``; ``FASTVAE_GIT_COMMIT`` wins."""
+    """``{"id": sha or "unknown", "dirty": bool | None}``; ``FASTVAE_GIT_COMMIT`` wins (a copy
+    without .git: ``git describe --always --dirty --abbrev=40``'s output, its "-dirty" read)."""
     env = os.environ.get(COMMIT_ENV)
     if env:
-        return {"id": env, "dirty": None}
+        dirty = env.endswith("-dirty")
+        return {"id": env.removesuffix("-dirty"), "dirty": True if dirty else None}
     sha = _run(["git", "rev-parse", "HEAD"])
     if not sha:
         return {"id": "unknown", "dirty": None}

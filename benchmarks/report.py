@@ -615,6 +615,28 @@ def _pairs(old: Path, new: Path) -> list[tuple[Path, Path]]:
     return [(old, new)]
 
 
+def _changes(key: str, old: Row, new: Row, out) -> list[Change]:
+    """What to compare of one benchmark in two runs: its time, or, for an interleaved one (its
+    ``arm_medians_s``: several implementations timed round after round), each arm's own median,
+    ``KEY[arm]`` (a round's time sums the arms: an arm added, or one slower among five, would
+    read as a change of the whole)."""
+    arms_new, arms_old = new.extra.get("arm_medians_s"), old.extra.get("arm_medians_s")
+    if isinstance(arms_new, dict) or isinstance(arms_old, dict):
+        if not (isinstance(arms_new, dict) and isinstance(arms_old, dict)):
+            print(f"NOTE    {key}: interleaved, and one run does not record its arms' times: not compared",
+                  file=out)
+            return []
+        for arm in sorted(arms_new.keys() - arms_old.keys()):
+            print(f"NEW     {key}[{arm}]: {fmt_time(arms_new[arm])}", file=out)
+        for arm in sorted(arms_old.keys() - arms_new.keys()):
+            print(f"GONE    {key}[{arm}]", file=out)
+        return [Change(f"{key}[{arm}]", arms_old[arm], arms_new[arm]) for arm in sorted(arms_new)
+                if arm in arms_old and arms_old[arm] and arms_new[arm]]
+    if not (old.time_s and new.time_s):
+        return []
+    return [Change(key, old.time_s, new.time_s)]
+
+
 def compare(old: Path | str, new: Path | str, threshold: float = 0.10, stat: str = STAT,
             out=None) -> list[Change]:
     """Print what got slower (or faster) by more than ``threshold``; return the regressions."""
@@ -652,13 +674,11 @@ def compare(old: Path | str, new: Path | str, threshold: float = 0.10, stat: str
             if orow is None:
                 print(f"NEW     {key}: {fmt_time(nr.time_s)}", file=out)
                 continue
-            if not (orow.time_s and nr.time_s):
-                continue
-            change = Change(key, orow.time_s, nr.time_s)
-            if change.ratio > 1 + threshold:
-                regressions.append(change)
-            elif change.ratio < 1 / (1 + threshold):
-                faster.append(change)
+            for change in _changes(key, orow, nr, out):
+                if change.ratio > 1 + threshold:
+                    regressions.append(change)
+                elif change.ratio < 1 / (1 + threshold):
+                    faster.append(change)
         for key in old_rows.keys() - new_rows.keys():
             print(f"GONE    {key}", file=out)
         for c in faster:

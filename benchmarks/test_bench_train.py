@@ -203,7 +203,11 @@ def interleaved_medians(benchmark, runners: dict, rounds: int) -> dict[str, floa
             times[name].append(time.perf_counter() - start)
 
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-    return {name: statistics.median(t) for name, t in times.items()}
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    # report.py compare compares these, arm by arm: a round's time is the sum of its arms, and
+    # an arm added (or a 20 % slower one among five) would read as a change of the whole
+    benchmark.extra_info["arm_medians_s"] = medians
+    return medians
 
 
 # the GPU headline's cases; in CPU smoke mode the first case, tiny and uncompiled (the code path)
@@ -212,6 +216,7 @@ GPU_HEADLINE_CASES = ([c for c in CASES if c[3] == "reduce-overhead"] if on_gpu(
 
 
 @pytest.mark.skipif(not GPU_HEADLINE_CASES, reason="needs a CUDA device (runs tiny on a CPU in smoke mode)")
+@pytest.mark.timeout(240)  # five arms, two compiled, ~50-60 s a case: gpu/run.sh's --timeout=90 is tight
 @pytest.mark.benchmark(group="train-epoch-interleaved-gpu")
 @pytest.mark.parametrize("case", GPU_HEADLINE_CASES, ids=case_id)
 def test_gpu_trainer_vs_plain_amp_interleaved(benchmark, case):

@@ -176,6 +176,29 @@ def test_render_empty_folder(tmp_path):
     assert png.exists()
 
 
+def test_compare_takes_an_interleaved_benchmark_arm_by_arm(tmp_path, capsys):
+    """A round of an interleaved benchmark sums its arms: an arm added read as +60-100 %
+    SLOWER, and one arm 30 % slower among five as under the threshold."""
+    arms = {"plain": 1.0, "fastvae": 0.5, "compiled": 0.7, "deferred": 0.9, "each_step": 0.6}
+
+    def one(arm_times):
+        bench = _bench("test_interleaved", "x", sum(arm_times.values()), impl="fastvae+plain")
+        bench["extra_info"]["arm_medians_s"] = arm_times
+        return _run_json([bench])
+
+    old = _write(tmp_path / "old" / "train.json", one({k: arms[k] for k in ("plain", "fastvae", "compiled")}))
+    slower_arm = {**arms, "fastvae": 0.65}  # 30 % slower; two arms added
+    new = _write(tmp_path / "new" / "train.json", one(slower_arm))
+    assert report.main(["compare", str(old), str(new), "--fail"]) == 1
+    out = capsys.readouterr().out
+    slower = [line for line in out.splitlines() if line.startswith("SLOWER")]
+    assert len(slower) == 1 and "test_interleaved[fastvae]" in slower[0] and "+30.0%" in slower[0], out
+    assert "NEW     train::test_interleaved[deferred]" in out and "NEW     train::test_interleaved[each_step]" in out
+    legacy = _run_json([_bench("test_interleaved", "x", 2.2, impl="fastvae+plain")])  # stored before the arms
+    assert report.main(["compare", str(_write(tmp_path / "legacy.json", legacy)), str(new), "--fail"]) == 0
+    assert "not compared" in capsys.readouterr().out
+
+
 def test_compare_reports_the_slower_benchmark(tmp_path, capsys):
     old = _write(tmp_path / "old" / "reparam_kl.json", _run_json(SYNTH))
     new_benches = json.loads(json.dumps(SYNTH))

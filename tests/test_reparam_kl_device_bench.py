@@ -33,7 +33,8 @@ def test_cpu_smoke_run_writes_the_schema(tmp_path):
     assert bench.main([str(out), "--smoke", "--cpu"]) == 0
     data = json.loads(out.read_text())
     assert set(data) == {"cpu", "torch", "triton", "date", "commit", "smoke", "complete", "calls", "rounds",
-                         "replays", "records", "host_floor"}
+                         "replays", "records", "host_floor", "machine"}
+    assert data["machine"]["device_type"] == "cpu" and "git_dirty" in data["machine"] and "env" in data["machine"]
     assert data["smoke"] is True and data["complete"] is True and (data["calls"], data["rounds"]) == (20, 2)
     assert {(f["impl"], f["pass"]) for f in data["host_floor"]} == {
         (i, "fwd_bwd") for i in ("function-outputs-only", "fused-int-seed")}

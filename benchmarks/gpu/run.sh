@@ -26,7 +26,8 @@
 # (tiny sizes, one round) to check the pipeline; the script still exits 0.
 #
 # On the device machine (the tree there has no .git, so pass the commit):
-#   FASTVAE_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu/run.sh "$OUT"   (carry .whl)
+#   FASTVAE_GIT_COMMIT=$(git describe --always --dirty --abbrev=40) bash benchmarks/gpu/run.sh "$OUT"
+#   (carry .whl; "-dirty": the copy holds uncommitted edits, recorded as git_dirty)
 #
 # Environment: PYTHON (default python3, or .venv/bin/python where present), FASTVAE_GIT_COMMIT,
 # FASTVAE_GPU_BUDGET_S, FASTVAE_GPU_TESTS_CAP_S (default 180 s), FASTVAE_GPU_SUITE_CAP_S
@@ -67,6 +68,10 @@ BUDGET=${FASTVAE_GPU_BUDGET_S:-480}
 MAXT=${FASTVAE_GPU_MAX_TIME:-0.25}
 T0=$SECONDS
 FAILED=()
+if [ -z "${FASTVAE_GIT_COMMIT:-}" ] && ! git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
+  echo "run.sh: warning: no .git here and FASTVAE_GIT_COMMIT is not set: every result will say commit" \
+       "'unknown' (set FASTVAE_GIT_COMMIT=\$(git describe --always --dirty --abbrev=40) where the checkout is)" >&2
+fi
 SKIPPED=()
 
 # remaining CAP: seconds a step may take: min(CAP, what is left of the budget - 30 s reserve:
