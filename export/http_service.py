@@ -71,8 +71,8 @@ SHUTDOWN_TIMEOUT_S = 10.0
 # thread. Measured per value: npy ~1-10 ns (a copy; plus ~5-10 ns to draw mode "sample"
 # noise), json ~1.2-2 us (tolist + dumps), png ~0.1-1.6 us (a grid, scaled, then zlib)
 INLINE_ENCODE_VALUES = {"npy": 1 << 14, "json": 128, "png": 0}
-# a request still waiting for the decoder after this long starts watching for its client's
-# disconnect (then it is dropped, its rows not decoded)
+# a request still waiting for the decoder after this long (checked this often) gets a watcher
+# for its client's disconnect (then it is dropped, its rows not decoded): DisconnectWatch
 WATCH_AFTER_S = 0.02
 _STOP_TICK_S = 0.05  # once stopping, the body watch answers newly stalled readers this often
 _CLOSE = {"connection": "close"}  # the client may still be sending: end the connection
@@ -175,6 +175,61 @@ class BodyWatch:
             task.cancel()
 
 
+class DisconnectWatch:
+    """The requests waiting for the decoder; one task, every ``after`` seconds, starts a
+    watcher for each that has waited longer: it reads the client's next ASGI message (the body
+    is read, so it is the disconnect) and then cancels the request's task, whose place in the
+    batcher goes with it (uvicorn does not cancel a handler whose client left). A watcher (or a
+    timer) per request cost ~30 us each (13k -> 9-11k one-sample requests/s on a dev core);
+    a dict entry costs well under 1 us."""
+
+    def __init__(self, after: float):
+        self.after = float(after)
+        self.waiting: dict = {}  # task -> [receive, loop time it began waiting, watcher task or None]
+        self.left: set = set()  # tasks whose client disconnected (cancelled by their watcher)
+        self._loop = None
+        self._task = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._sweep(), name="fastvae-disconnect-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def enter(self, task, receive) -> None:
+        if self._loop is not None:  # not started (an app run without its lifespan): no watch
+            self.waiting[task] = [receive, self._loop.time(), None]
+
+    def leave(self, task) -> bool:
+        """End the watch of ``task``; whether its client disconnected meanwhile."""
+        entry = self.waiting.pop(task, None)
+        if entry is not None and entry[2] is not None:
+            entry[2].cancel()
+        if task in self.left:
+            self.left.discard(task)
+            return True
+        return False
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.after)
+            now = self._loop.time()
+            for task, entry in self.waiting.items():
+                if entry[2] is None and now - entry[1] >= self.after:
+                    entry[2] = self._loop.create_task(self._watch(task, entry[0]))
+
+    async def _watch(self, task, receive) -> None:
+        with contextlib.suppress(Exception):
+            if (await receive())["type"] == "http.disconnect" and task in self.waiting:
+                self.left.add(task)
+                task.cancel()
+
+
 def build_app(sampler, limits: Limits, batching: Batching):
     """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through a
     ``DynamicBatcher`` it makes with ``batching``, kept as ``app.state.batcher`` (started and
@@ -195,9 +250,11 @@ def build_app(sampler, limits: Limits, batching: Batching):
     async def lifespan(app):
         batcher.start()
         bodies.start()
+        clients.start()
         yield
         await batcher.close()
         await bodies.close()
+        await clients.close()
         encoder.shutdown(wait=True)
 
     unseeded = np.random.default_rng()
@@ -205,6 +262,7 @@ def build_app(sampler, limits: Limits, batching: Batching):
                              draw_fn=lambda rows: sampler.draw_latents(rows, unseeded),
                              latent_shape=sampler.latent_shape)
     bodies = BodyWatch(limits.body_timeout)
+    clients = DisconnectWatch(WATCH_AFTER_S)
     # one thread: large responses are encoded one after the other, beside the decoder's thread
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-encode")
     app = FastAPI(title="fastvae decoder", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
@@ -301,22 +359,12 @@ def build_app(sampler, limits: Limits, batching: Batching):
         ClientDisconnect when the client went away meanwhile: the request's task is cancelled,
         and with it its place in the batcher (uvicorn does not cancel a handler whose client
         left, and the decoder would work for nobody, holding everyone queued behind)."""
-        task, loop = asyncio.current_task(), asyncio.get_running_loop()
-        left, watchers = [], []
-
-        async def watch():  # the body is read: the next message is the client's disconnect
-            with contextlib.suppress(Exception):
-                if (await request.receive())["type"] == "http.disconnect":
-                    left.append(True)
-                    task.cancel()
-
-        # a watching task for the requests still waiting after WATCH_AFTER_S only: one per
-        # request cost ~30 us each (13k -> 9-11k one-sample requests/s on one dev core)
-        timer = loop.call_later(WATCH_AFTER_S, lambda: watchers.append(loop.create_task(watch())))
+        task = asyncio.current_task()
+        clients.enter(task, request.receive)
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if not left:  # uvicorn's shutdown timeout: not ours
+            if not clients.leave(task):  # uvicorn's shutdown timeout: not ours
                 raise
             task.uncancel()
             raise ClientDisconnect() from None
@@ -329,9 +377,7 @@ def build_app(sampler, limits: Limits, batching: Batching):
             _log.error("fastvae serve: %s", reason)
             raise Refused(500, reason) from None
         finally:
-            timer.cancel()
-            for watcher in watchers:
-                watcher.cancel()
+            clients.leave(task)
 
     def finish(x: np.ndarray, fmt: str, rng) -> tuple:
         """(body, content type) of the decoder's output ``x``, with observation noise from ``rng``
