@@ -99,6 +99,14 @@ class Refused(Exception):
         self.headers = headers
 
 
+async def _cancelled(task) -> None:
+    """Cancel a watchdog task (None: none) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class BodyWatch:
     """The requests waiting for body bytes, and since when. A watchdog task answers those that
     waited more than ``timeout`` seconds for their next bytes (408) and, once ``stop()`` is
@@ -129,11 +137,8 @@ class BodyWatch:
         self._sweep()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await _cancelled(self._task)
+        self._task = None
 
     async def receive(self, receive):
         """``await receive()``, raising BadRequest (408) or Refused (503) when the watch ends the wait."""
@@ -195,11 +200,8 @@ class DisconnectWatch:
         self._task = self._loop.create_task(self._sweep(), name="fastvae-disconnect-watch")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await _cancelled(self._task)
+        self._task = None
 
     def enter(self, task, receive) -> None:
         if self._loop is not None:  # not started (an app run without its lifespan): no watch

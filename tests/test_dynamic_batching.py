@@ -330,25 +330,38 @@ def test_requests_after_close_are_refused():
     asyncio.run(main())
 
 
+class Held:
+    """A decoder (doubling its rows) whose calls wait for ``release``; ``calls``: rows per call."""
+
+    def __init__(self):
+        self.calls, self.release = [], threading.Event()
+
+    def __call__(self, z):
+        self.calls.append(len(z))
+        self.release.wait(20)
+        return z * 2.0
+
+    async def large_request(self, rows: int):
+        """A batcher of 4-row calls, with a request of ``rows`` rows whose first call is running."""
+        batcher = DynamicBatcher(self, 4, 0.0)
+        batcher.start()
+        large = asyncio.ensure_future(batcher.decode(z_rows(rows, 0)))
+        while not self.calls:
+            await asyncio.sleep(0)  # not synchronisation by time: one loop turn
+        return batcher, large
+
+
 def test_a_large_request_takes_turns_with_requests_that_arrive_while_it_is_decoded():
     """A request of many decoder calls held every request behind it for all of them (a 4096-row
     request on a spatial decoder: ~5.5 s): it goes back to the end of the queue after each call."""
-    started, release = [], threading.Event()
-
-    def decode(z):
-        started.append(len(z))
-        release.wait(20)  # the first call runs until the small request is queued
-        return z * 2.0
+    decode = Held()
+    started = decode.calls
 
     async def main():
-        batcher = DynamicBatcher(decode, 4, 0.0)
-        batcher.start()
-        large = asyncio.ensure_future(batcher.decode(z_rows(16, 0)))
-        while not started:  # its first call has begun
-            await asyncio.sleep(0)  # not synchronisation by time: one loop turn
+        batcher, large = await decode.large_request(16)  # its first call runs until the small one is queued
         small = asyncio.ensure_future(batcher.decode(z_rows(1, 100)))
         await asyncio.sleep(0)  # one loop turn: it is queued
-        release.set()
+        decode.release.set()
         small = await asyncio.wait_for(small, 20)
         result = await asyncio.wait_for(large, 20)
         await asyncio.wait_for(batcher.close(), 20)
@@ -363,21 +376,13 @@ def test_a_large_request_takes_turns_with_requests_that_arrive_while_it_is_decod
 def test_a_large_request_whose_caller_went_away_stops_after_the_current_call():
     """A cancelled request of many calls (a client gone, a shutdown's timeout) was decoded to its
     end, holding the queue and the process's exit: now one call at most."""
-    release, calls = threading.Event(), []
-
-    def decode(z):
-        calls.append(len(z))
-        release.wait(20)  # the first call is running when the request is cancelled
-        return z * 2.0
+    decode = Held()
+    calls = decode.calls
 
     async def main():
-        batcher = DynamicBatcher(decode, 4, 0.0)
-        batcher.start()
-        large = asyncio.ensure_future(batcher.decode(z_rows(40, 0)))
-        while not calls:
-            await asyncio.sleep(0)  # not synchronisation by time: one loop turn
+        batcher, large = await decode.large_request(40)  # its first call runs when it is cancelled
         large.cancel()
-        release.set()
+        decode.release.set()
         after = await asyncio.wait_for(batcher.decode(z_rows(2, 0)), 20)
         await asyncio.wait_for(batcher.close(), 20)
         return after, batcher
