@@ -305,7 +305,7 @@ _ROW_WINDOW = 256 << 10
 def _gather(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``array[rows]``, read in file order (a memory map reads forward) a few rows at a time,
     each group's pages released (``_release_pages``) before the next: rows spread over a whole
-    file mapped most of it at once (a 921 MB .npy prepared in 1.2 GB, 0.47 GB now)."""
+    file mapped most of it at once (a 921 MB .npy prepared in 1.2 GB, 0.48 GB now)."""
     order = np.argsort(rows, kind="stable")
     raw = np.empty((len(rows), *array.shape[1:]), array.dtype)
     step = max(1, GATHER_BYTES // (array[:1].nbytes + _ROW_WINDOW))

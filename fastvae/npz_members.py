@@ -31,8 +31,7 @@ def member_array(npz, key: str, path: Path, spill_dir: Path | None = None,
     """``npz[key]`` (``npz`` the open ``np.lib.npyio.NpzFile`` of ``path``) as an array that
     holds no more than a memory map where it can (see the module docstring); ``progress``: the
     inflating bar (on a terminal)."""
-    name = key if key in npz.zip.namelist() else f"{key}.npy"
-    info = npz.zip.getinfo(name)
+    info = npz.zip.getinfo(_member_name(npz, key))
     with npz.zip.open(info) as member:
         try:
             header = _array_header(member)
@@ -57,12 +56,16 @@ def member_array(npz, key: str, path: Path, spill_dir: Path | None = None,
 def member_header(npz, key: str) -> tuple[tuple, bool, np.dtype] | None:
     """(shape, fortran order, dtype) of ``npz[key]`` from its header alone (no values read), or
     None where it cannot be read that way."""
-    name = key if key in npz.zip.namelist() else f"{key}.npy"
     try:
-        with npz.zip.open(name) as member:
+        with npz.zip.open(_member_name(npz, key)) as member:
             return _array_header(member)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
         return None
+
+
+def _member_name(npz, key: str) -> str:
+    """The archive's name for ``npz[key]`` (numpy adds ".npy" to the keys it writes)."""
+    return key if key in npz.zip.namelist() else f"{key}.npy"
 
 
 def _array_header(member) -> tuple[tuple, bool, np.dtype] | None:
@@ -107,24 +110,20 @@ def _spilled(member, header: tuple, spill_dir: Path, path: Path, key: str, progr
     with tempfile.TemporaryFile(dir=spill_dir, prefix=".fastvae-npz-") as spill:  # unlinked at once
         bar = tqdm(total=size, desc=f"inflating {what}", unit="B", unit_scale=True, leave=False,
                    mininterval=0.5, disable=None if progress else True)  # None: only on a terminal
-        try:
-            while True:
-                try:
-                    chunk = member.read(1 << 20)  # memory: one chunk and zlib's window
-                except Exception as exc:  # noqa: BLE001 - zlib, CRC (BadZipFile), read errors alike
-                    raise FastVAEError(f"data file {path} is not a readable .npz archive: member {key!r}: "
-                                       f"{type(exc).__name__}: {exc}") from None
-                if not chunk:
-                    break
-                try:
-                    spill.write(chunk)
-                except OSError as exc:
-                    raise FastVAEError(_no_room(what, size, spill_dir, exc.strerror or str(exc))) from None
-                bar.update(len(chunk))
+        def read() -> bytes:  # memory: one chunk and zlib's window
             try:
-                spill.flush()
-            except OSError as exc:
-                raise FastVAEError(_no_room(what, size, spill_dir, exc.strerror or str(exc))) from None
+                return member.read(1 << 20)
+            except Exception as exc:  # noqa: BLE001 - zlib, CRC (BadZipFile), read errors alike
+                raise FastVAEError(f"data file {path} is not a readable .npz archive: member {key!r}: "
+                                   f"{type(exc).__name__}: {exc}") from None
+
+        try:
+            for chunk in iter(read, b""):
+                spill.write(chunk)
+                bar.update(len(chunk))
+            spill.flush()
+        except OSError as exc:  # the writes' (a read error is a FastVAEError already)
+            raise FastVAEError(_no_room(what, size, spill_dir, exc.strerror or str(exc))) from None
         finally:
             bar.close()
         if spill.tell() < size:
