@@ -393,7 +393,9 @@ def render_markdown(runs: list[Run], png_name: str | None = "ratios.png", stat: 
     title = info.get("device") or "unknown device"
     out = [f"# Benchmark results: {title}", "",
            "Made by `benchmarks/report.py render` from the JSON files in this folder "
-           f"({stat} time per call; speedup = baseline time / time, same run).", ""]
+           f"({stat} time per benchmark call: one round of an interleaved benchmark, all its arms, "
+           "and where an op runs several times per call, all of them (throughput counts them); "
+           "speedup = baseline time / time, same run).", ""]
     out += header_lines(runs) + list(notes) + [""]
     if png_name:
         out += [f"![speedups]({png_name})", ""]
