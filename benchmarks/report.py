@@ -770,12 +770,22 @@ def _store(src: Path, results: Path | str, threshold: float, stat: str, out, for
     if len(slugs) != 1:
         raise SystemExit(f"store: expected one device slug in {src}, found {sorted(slugs)}")
     dest = Path(results) / slugs.pop()
-    shrinking = _shrinking_extras(src, dest, extras)
-    if shrinking and not force:
-        print(f"store: {'; '.join(shrinking)} would replace a stored file that holds more; nothing "
-              f"stored (--force replaces it anyway)", file=out)
-        return None
+    # a run cut short never replaces a stored file that holds more: it goes beside it, into
+    # partial/ (render reads the folder alone), so nothing measured is lost (--force replaces)
+    shrinking = {} if force else _shrinking_extras(src, dest, extras)
+    if not force:
+        shrinking.update(_shrinking_suites(runs, dest, stat))
     dest.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H%MZ", time.gmtime())
+    for name, why in shrinking.items():
+        kept = dest / "partial" / f"{stamp}-{name}"
+        kept.parent.mkdir(exist_ok=True)
+        shutil.copyfile(src / name if (src / name).is_file() else next(r.path for r in runs if r.path.name == name),
+                        kept)
+        print(f"store: kept the stored {name}: this run's {why}; this run's file is {kept} "
+              "(--force replaces the stored one)", file=out)
+    runs = [run for run in runs if run.path.name not in shrinking]
+    extras = [name for name in extras if name not in shrinking]
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
             target = dest / run.path.name
@@ -870,14 +880,31 @@ def _record_count(name: str, data: Any) -> int | None:
     return None
 
 
-def _shrinking_extras(src: Path, dest: Path, names: Iterable[str]) -> list[str]:
-    """The extras of ``src`` that would replace a file in ``dest`` holding more records."""
-    out = []
+def _shrinking_extras(src: Path, dest: Path, names: Iterable[str]) -> dict[str, str]:
+    """The extras of ``src`` that would replace a file in ``dest`` holding more records, with why."""
+    out = {}
     for name in names:
         new = _record_count(name, _read_json(src / name))
         old = _record_count(name, _read_json(dest / name)) if (dest / name).is_file() else None
         if new is not None and old is not None and new < old:
-            out.append(f"{name} ({new} records; the stored one has {old})")
+            out[name] = f"holds {new} records, the stored one {old}"
+    return out
+
+
+def _shrinking_suites(runs: list[Run], dest: Path, stat: str) -> dict[str, str]:
+    """The partial suite runs (cut short) that would replace a stored one with more benchmarks."""
+    out = {}
+    for run in runs:
+        target = dest / run.path.name
+        if not run.partial or not target.is_file():
+            continue
+        try:
+            stored = load_run(target, stat)
+        except (ValueError, json.JSONDecodeError):
+            continue
+        if len(stored.rows) > len(run.rows):
+            out[run.path.name] = (f"is partial ({run.partial}) with {len(run.rows)} benchmarks, the stored "
+                                  f"one has {len(stored.rows)}")
     return out
 
 

@@ -424,19 +424,44 @@ def test_store_refuses_smoke_extras(tmp_path, name, data):
     assert report.main(["store", str(src), "--results", str(results), "--force"]) == 0
 
 
-def test_store_accepts_real_extras_and_refuses_fewer_records(tmp_path, capsys):
+def test_store_keeps_the_fuller_stored_file_and_the_shorter_run_beside_it(tmp_path, capsys):
+    """A run cut short (8 device-time records, a partial suite) would have replaced a stored
+    file holding more: store refused the whole run then, its other files with it. Now the
+    stored file stays, this run's goes into partial/, everything else is stored."""
     src, results = tmp_path / "out", tmp_path / "results"
+    dest = results / "test-cpu"
     _write(src / "machine.json", {"slug": "test-cpu", "device": "Test CPU"})
     _write(src / "reparam_kl_device.json", {"cpu": "x", "smoke": False, "records": _cpu_records(16)})
     _write(src / "precision.json", {"epochs": 50, "machine": {"slug": "test-cpu"}, "runs": {"a": {}, "b": {}}})
     assert report.main(["store", str(src), "--results", str(results)]) == 0
     _write(src / "reparam_kl_device.json", {"cpu": "x", "smoke": False, "records": _cpu_records(8)})
+    _write(src / "precision.json", {"epochs": 60, "machine": {"slug": "test-cpu"}, "runs": {"a": {}, "b": {}}})
     capsys.readouterr()
-    assert report.main(["store", str(src), "--results", str(results)]) == 1  # 8 would replace 16
-    assert "16" in capsys.readouterr().out
-    assert len(json.loads((results / "test-cpu" / "reparam_kl_device.json").read_text())["records"]) == 16
+    assert report.main(["store", str(src), "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "kept the stored reparam_kl_device.json: this run's holds 8 records, the stored one 16" in out
+    assert len(json.loads((dest / "reparam_kl_device.json").read_text())["records"]) == 16
+    kept, = (dest / "partial").glob("*-reparam_kl_device.json")
+    assert len(json.loads(kept.read_text())["records"]) == 8
+    assert json.loads((dest / "precision.json").read_text())["epochs"] == 60  # the rest is stored
     assert report.main(["store", str(src), "--results", str(results), "--force"]) == 0
-    assert len(json.loads((results / "test-cpu" / "reparam_kl_device.json").read_text())["records"]) == 8
+    assert len(json.loads((dest / "reparam_kl_device.json").read_text())["records"]) == 8
+
+    # a partial suite run with fewer benchmarks than the stored one: kept beside it too
+    suite = tmp_path / "suite"
+    full = _run_json(SYNTH)
+    full["machine_info"]["fastvae"]["slug"] = "test-cpu"
+    _write(suite / "reparam_kl.json", full)
+    assert report.main(["store", str(suite), "--results", str(results)]) == 0
+    cut = json.loads(json.dumps(full))
+    cut["benchmarks"] = cut["benchmarks"][:2]
+    cut["fastvae"] = {"smoke": False, "partial": True, "partial_reason": "interrupted"}
+    _write(suite / "reparam_kl.json", cut)
+    capsys.readouterr()
+    assert report.main(["store", str(suite), "--results", str(results)]) == 0
+    assert "is partial (interrupted) with 2 benchmarks" in capsys.readouterr().out
+    assert len(json.loads((dest / "reparam_kl.json").read_text())["benchmarks"]) == len(SYNTH)
+    assert len(list((dest / "partial").glob("*-reparam_kl.json"))) == 1
 
 
 def test_smoke_and_partial_marks_in_render_summary_compare(tmp_path, capsys):
