@@ -239,6 +239,20 @@ def test_summary_and_readme_markers(tmp_path):
     assert "old" not in content and "fused vs eager" in content and content.endswith("tail\n")
 
 
+def test_summary_shows_ratios_measured_in_one_run_and_marks_cpu_benchmarks_on_a_gpu_host(tmp_path):
+    """The summary left out the interleaved benchmarks' own ratios (the headline figures) and
+    showed a CPU-side suite run on a GPU host under the GPU's name, unmarked."""
+    gpu = tmp_path / "gpu"
+    _write(gpu / "train.json", _run_json([_bench("test_interleaved", "train-interleaved", 0.3, impl="fastvae+plain",
+                                                 speedup=1.625)]))
+    _write(gpu / "latency.json", _run_json([_bench("test_ort", "latency", 1e-3, impl="ort", device="cpu"),
+                                            _bench("test_torch", "latency", 2e-3, impl="torch", baseline=True,
+                                                   device="cpu")]))
+    text = report.summary([gpu])
+    assert "| train | train-interleaved | — | fastvae+plain: speedup (measured in one run) | 1.62× |" in text, text
+    assert "| latency | latency | — | ort vs torch | 2.00× (cpu) |" in text, text
+
+
 def test_store_files_a_foreign_run(tmp_path, capsys):
     src = tmp_path / "out"
     data = _run_json(SYNTH)
