@@ -73,7 +73,10 @@ _compiled = {}
 
 def compiled(backend):
     if backend not in _compiled:
-        _compiled[backend] = torch.compile(torch_math, backend=backend)
+        # dynamic=False: a kernel specialised to each (B, D), as reparam_kl_device.py compiles
+        # it (the default recompiled the second shape with symbolic sizes: every case after the
+        # first timed a generic kernel, a weaker baseline)
+        _compiled[backend] = torch.compile(torch_math, backend=backend, dynamic=False)
     return _compiled[backend]
 
 
