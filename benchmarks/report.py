@@ -788,8 +788,7 @@ def _store(src: Path, results: Path | str, threshold: float, stat: str, out, for
     for name, why in shrinking.items():
         kept = dest / "partial" / f"{stamp}-{name}"
         kept.parent.mkdir(exist_ok=True)
-        shutil.copyfile(src / name if (src / name).is_file() else next(r.path for r in runs if r.path.name == name),
-                        kept)
+        shutil.copyfile(src / name, kept)  # suites and extras alike lie in src
         print(f"store: kept the stored {name}: this run's {why}; this run's file is {kept} "
               "(--force replaces the stored one)", file=out)
     runs = [run for run in runs if run.path.name not in shrinking]

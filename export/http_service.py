@@ -190,8 +190,8 @@ class DisconnectWatch:
 
     def __init__(self, after: float):
         self.after = float(after)
-        self.waiting: dict = {}  # task -> [receive, loop time it began waiting, watcher task or None]
-        self.left: set = set()  # tasks whose client disconnected (cancelled by their watcher)
+        # task -> [receive, loop time it began waiting, watcher task or None, client gone]
+        self.waiting: dict = {}
         self._loop = None
         self._task = None
 
@@ -205,17 +205,16 @@ class DisconnectWatch:
 
     def enter(self, task, receive) -> None:
         if self._loop is not None:  # not started (an app run without its lifespan): no watch
-            self.waiting[task] = [receive, self._loop.time(), None]
+            self.waiting[task] = [receive, self._loop.time(), None, False]
 
     def leave(self, task) -> bool:
         """End the watch of ``task``; whether its client disconnected meanwhile."""
         entry = self.waiting.pop(task, None)
-        if entry is not None and entry[2] is not None:
+        if entry is None:
+            return False
+        if entry[2] is not None:
             entry[2].cancel()
-        if task in self.left:
-            self.left.discard(task)
-            return True
-        return False
+        return entry[3]
 
     async def _sweep(self) -> None:
         while True:
@@ -228,7 +227,7 @@ class DisconnectWatch:
     async def _watch(self, task, receive) -> None:
         with contextlib.suppress(Exception):
             if (await receive())["type"] == "http.disconnect" and task in self.waiting:
-                self.left.add(task)
+                self.waiting[task][3] = True
                 task.cancel()
 
 
@@ -369,7 +368,7 @@ def build_app(sampler, limits: Limits, batching: Batching):
             if not clients.leave(task):  # uvicorn's shutdown timeout: not ours
                 raise
             task.uncancel()
-            raise ClientDisconnect() from None
+            raise ClientDisconnect() from None  # (the finally's leave() is then a no-op)
         except ShuttingDown:
             raise Refused(503, "the server is shutting down: retry on another replica or after its restart") from None
         except BatcherFailed as exc:

@@ -64,6 +64,16 @@ def staged_leftovers(beside: str | os.PathLike) -> list[Path]:
     return sorted(p for p in beside.parent.glob(f".{beside.name}{_TMP_MARK}*") if p.name != mine)
 
 
+def note_staged_leftovers(beside: str | os.PathLike, command: str) -> None:
+    """A note on stderr for each of ``staged_leftovers(beside)``: what a killed ``fastvae
+    COMMAND`` left (reported, never removed)."""
+    import sys
+
+    for left in staged_leftovers(beside):
+        print(f"note: {left} was left by a 'fastvae {command}' that did not finish (killed?): remove "
+              "it to free its space if none is running", file=sys.stderr)
+
+
 def replaced_leftovers(beside: str | os.PathLike) -> list[Path]:
     """Folders ``.NAME.old-PID`` beside ``beside``: the previous version, renamed aside by a
     ``move_folder_into_place`` that was killed before it removed it (or before the new one

@@ -134,11 +134,9 @@ def _report_leftovers(folder) -> None:
     running, and an old set may be all there is)."""
     import sys
 
-    from fastvae.run_folder import replaced_leftovers, staged_leftovers
+    from fastvae.run_folder import note_staged_leftovers, replaced_leftovers
 
-    for left in staged_leftovers(folder):
-        print(f"note: {left} was left by a 'fastvae decode' that did not finish (killed?): remove it "
-              "to free its space if none is running", file=sys.stderr)
+    note_staged_leftovers(folder, "decode")
     for left in replaced_leftovers(folder):
         print(f"note: {left} holds earlier images of {folder.name}, put aside by a decode that was "
               "killed: remove it to free its space (or move it back)", file=sys.stderr)

@@ -87,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {args.run} is an unfinished run (its checkpoint: {where}): the export is that state; "
               "'fastvae train --resume' finishes it, then export again", file=sys.stderr)
     _note_older_siblings(args, Path(out))
-    _note_leftovers([Path(out), *([encoder_out] if args.encoder else [])])
+    from fastvae.run_folder import note_staged_leftovers
+
+    for path in [Path(out), *([encoder_out] if args.encoder else [])]:
+        note_staged_leftovers(path, "export")
     if args.encoder:
         print(encoder_report.summary())
     if args.triton_repo is not None:
@@ -95,16 +98,6 @@ def run(args: argparse.Namespace) -> int:
 
         print(write_triton_repository(report.path, args.triton_repo, name=name, max_batch=max_batch).summary())
     return 0
-
-
-def _note_leftovers(outputs) -> None:
-    """Notes for the staging folders that killed exports left beside ``outputs`` (reported,
-    never removed: another export may be writing them)."""
-    from fastvae.run_folder import staged_leftovers
-
-    for left in (left for path in outputs for left in staged_leftovers(path)):
-        print(f"note: {left} was left by a 'fastvae export' that did not finish (killed?): remove it "
-              "to free its space if none is running", file=sys.stderr)
 
 
 def _check_encoder_out(path, decoder_out) -> None:

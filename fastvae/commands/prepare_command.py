@@ -52,11 +52,9 @@ def run(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction, split_seed=args.split_seed, workers=args.workers,
         skip_bad=args.skip_bad, overwrite=args.overwrite, progress=args.progress)
     print(summary_line(args.source, Path(args.out), meta, seconds))
-    from fastvae.run_folder import replaced_leftovers, staged_leftovers
+    from fastvae.run_folder import note_staged_leftovers, replaced_leftovers
 
-    for left in staged_leftovers(Path(args.out)):
-        print(f"note: {left} was left by a 'fastvae prepare' that did not finish (killed?): remove "
-              "it to free its space if none is running", file=sys.stderr)
+    note_staged_leftovers(Path(args.out), "prepare")
     for left in replaced_leftovers(Path(args.out)):
         print(f"note: {left} is an earlier version of {args.out}, put aside by a replace that was "
               "killed: remove it to free its space (or move it back)", file=sys.stderr)
