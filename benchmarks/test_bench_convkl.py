@@ -27,11 +27,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -349,33 +347,38 @@ def test_gpu_reparam_kl_share(benchmark, size, batch):
     timings = {}
 
     def measure():
-        timings["step_ms"] = _cuda_ms(step) / 4  # an epoch of 4 steps
-        timings["fused_ms"] = _cuda_ms(op("triton"))
-        timings["eager_ms"] = _cuda_ms(op("torch"))
+        # device time = the sum of the kernels' own durations (profiler), not events around the
+        # calls: the op is a few µs of GPU work, so events would time its launches
+        timings["step_ms"] = device_ms(step) / 4  # an epoch of 4 steps
+        timings["fused_ms"] = device_ms(op("triton"))
+        timings["eager_ms"] = device_ms(op("torch"))
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     annotate(benchmark, impl="fused+eager", case=f"{size}x{size},B={batch},D={d}", items=batch,
              **timings, fused_share=timings["fused_ms"] / timings["step_ms"],
-             eager_share=timings["eager_ms"] / timings["step_ms"])
+             eager_share=timings["eager_ms"] / timings["step_ms"],
+             time_kind="kernel time summed by torch.profiler" if on_gpu() else "CPU op time summed by torch.profiler")
 
 
-def _cuda_ms(fn, iters: int = pick(smoke=1, cpu=20, gpu=20)) -> float:
-    """Median milliseconds per call (the suites' convention): CUDA events around each call on
-    a GPU, perf_counter per call in CPU smoke mode."""
-    if not on_gpu():
-        times = []
+def device_ms(fn, iters: int = pick(smoke=1, cpu=10, gpu=10)) -> float:
+    """Milliseconds of device work per call of ``fn``: the summed durations of the GPU kernels
+    and copies it runs, by torch.profiler (its own events, not the time between launches), over
+    ``iters`` calls after 2 warm-up calls. On a CPU (smoke mode) the ops' own CPU times."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = on_gpu()
+    for _ in range(2):
+        fn()
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
-            start = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+        _sync()
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    # the sum torch's own table prints as "Self CUDA time total" (user annotations excluded)
+    events = [e for e in prof.events() if e.device_type == kind and not getattr(e, "is_user_annotation", False)]
+    if not events:
+        raise RuntimeError("the profiler recorded no device events: is CUPTI available?")
+    total_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
+    return total_us / iters / 1e3
