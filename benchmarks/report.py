@@ -245,6 +245,21 @@ SUMMARY_RATIOS = {"speedup": "speedup", "speedup_vs_plain_deferred_read": "speed
                   "time_ratio": "time ratio (lower: faster)"}
 
 
+def ratio_entries(run: Run) -> list[tuple[Row, str, float]]:
+    """Every ratio ``run`` holds, as (row, comparison, value): each non-baseline row's speedup
+    over its group's baseline, then the ratios a benchmark measured side by side in one run
+    (:data:`SUMMARY_RATIOS`)."""
+    baselines = {(r.group, r.case): r.impl for r in run.rows if r.baseline}
+    entries = []
+    for r in run.rows:
+        if not r.baseline and r.speedup is not None:
+            entries.append((r, f"{r.impl} vs {baselines[(r.group, r.case)]}", r.speedup))
+        entries += [(r, f"{r.impl}: {label} (measured in one run)", r.extra[name])
+                    for name, label in SUMMARY_RATIOS.items()
+                    if isinstance(r.extra.get(name), (int, float)) and math.isfinite(r.extra[name])]
+    return entries
+
+
 def fmt_measured_ratios(row: Row) -> str:
     cells = [f"{label} {_x(row.extra[key])}" for key, label in MEASURED_RATIOS.items()
              if isinstance(row.extra.get(key), (int, float)) and math.isfinite(row.extra[key])]
@@ -347,6 +362,20 @@ def _read_json(path: Path) -> Any:
 # --------------------------------------------------------------------------- render
 
 
+def chart_bars(run: Run) -> list[tuple[str, float]]:
+    """(label, speedup) bars of one suite: :func:`ratio_entries`, a time ratio (lower is
+    faster) drawn as its inverse so that every bar reads "higher is faster"."""
+    bars = []
+    for r, comparison, value in ratio_entries(run):
+        if value <= 0:  # nothing to draw on a ratio axis (and no inverse)
+            continue
+        if comparison.startswith(f"{r.impl}: {SUMMARY_RATIOS['time_ratio']}"):
+            comparison, value = comparison.replace(SUMMARY_RATIOS["time_ratio"], "1 / time ratio"), 1 / value
+        where = f"{r.group} [{r.case}]" if r.case else (r.group or run.suite)
+        bars.append((f"{where}: {comparison.replace('(measured in one run)', '(one run)')}", value))
+    return bars
+
+
 def write_chart(runs: list[Run], png: Path, stat: str = STAT) -> Path:
     """Bar chart of the speedups (one panel per suite with ratios); always writes ``png``."""
     import matplotlib
@@ -354,22 +383,21 @@ def write_chart(runs: list[Run], png: Path, stat: str = STAT) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(run.suite, [r for r in run.rows if r.speedup is not None and not r.baseline])
-              for run in runs]
-    panels = [(s, rows) for s, rows in panels if rows]
+    panels = [(run.suite, chart_bars(run)) for run in runs]
+    panels = [(s, bars) for s, bars in panels if bars]
     if not panels:
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.axis("off")
-        ax.text(0.5, 0.5, "no speedup ratios recorded (no baselines)", ha="center", va="center")
+        ax.text(0.5, 0.5, "no speedup ratios recorded", ha="center", va="center")
     else:
-        heights = [max(1.2, 0.45 * len(rows) + 0.8) for _, rows in panels]
-        fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights)),
+        heights = [max(1.2, 0.45 * len(bars) + 0.8) for _, bars in panels]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(9, sum(heights)),
                                  gridspec_kw={"height_ratios": heights}, squeeze=False)
-        for ax, (suite, rows) in zip(axes[:, 0], panels):
-            labels = [r.label for r in rows]
-            values = [r.speedup for r in rows]
+        for ax, (suite, bars) in zip(axes[:, 0], panels):
+            labels = [label for label, _ in bars]
+            values = [value for _, value in bars]
             colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
-            y = list(range(len(rows)))
+            y = list(range(len(bars)))
             ax.barh(y, values, color=colors)
             ax.set_yticks(y, labels, fontsize=8)
             ax.invert_yaxis()
@@ -382,8 +410,7 @@ def write_chart(runs: list[Run], png: Path, stat: str = STAT) -> Path:
                 ax.set_xlim(lo / 2, hi * 3)
             else:
                 ax.set_xlim(0, hi * 1.25)
-            ax.set_title(f"{suite}: speedup over baseline ({stat} time, higher is better)",
-                         fontsize=9)
+            ax.set_title(f"{suite}: speedups, {stat} times (> 1: faster)", fontsize=9, loc="right")
     info = runs[0].info if runs else {}
     fig.suptitle(str(info.get("device") or ""), fontsize=10)
     fig.tight_layout()
@@ -929,26 +956,18 @@ def summary(folders: Iterable[Path | str], stat: str = STAT) -> str:
         cells: dict[tuple[str, str, str, str], str] = {}
         marks = []
         for run in runs:
-            baselines = {(r.group, r.case): r.impl for r in run.rows if r.baseline}
             # smoke (tiny sizes) and partial (cut short) data carry their mark in every cell
             mark = " (smoke)" if run.smoke else " (partial)" if run.partial else ""
             if mark:
                 marks.append(f"{mark.strip(' ()')}: {run.suite}")
             on_gpu_host = run.info.get("device_type") == "cuda"
-            for r in run.rows:
+            for r, comparison, value in ratio_entries(run):
                 # a CPU-side benchmark run on a GPU host says so: its column names the GPU
                 where = " (cpu)" if on_gpu_host and r.extra.get("device") == "cpu" else ""
-                found = [] if r.baseline or r.speedup is None else [
-                    (f"{r.impl} vs {baselines[(r.group, r.case)]}", r.speedup)]
-                # ratios measured side by side inside one benchmark (interleaved arms)
-                found += [(f"{r.impl}: {label} (measured in one run)", r.extra[name])
-                          for name, label in SUMMARY_RATIOS.items()
-                          if isinstance(r.extra.get(name), (int, float)) and math.isfinite(r.extra[name])]
-                for comparison, value in found:
-                    key = (run.suite, r.group, r.case, comparison)
-                    cells[key] = _x(value) + where + mark
-                    if key not in order:
-                        order.append(key)
+                key = (run.suite, r.group, r.case, comparison)
+                cells[key] = _x(value) + where + mark
+                if key not in order:
+                    order.append(key)
         note = f"; {', '.join(marks)}" if marks else ""
         cols.append((f"{device} ([table]({folder.as_posix()}/README.md){note})", cells))
     if not order:

@@ -170,6 +170,24 @@ def test_render_writes_table_and_chart(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
+def test_chart_draws_every_ratio_the_summary_shows(tmp_path):
+    """The chart's bars: speedups over a baseline, speedups measured in one run, and a time
+    ratio (lower is faster) drawn as its inverse, so every bar reads "higher is faster"."""
+    _write(tmp_path / "train.json", _run_json([
+        _bench("test_torch", "g", 2e-3, impl="torch", baseline=True),
+        _bench("test_ort", "g", 1e-3, impl="onnxruntime"),
+        _bench("test_interleaved", "i", 0.3, impl="fastvae+plain", speedup=1.5, time_ratio=0.8,
+               per_step_read_cost=1.2),  # a cost: a table cell, not a bar
+    ]))
+    (run,) = report.load_dir(tmp_path)
+    bars = dict(report.chart_bars(run))
+    assert bars == pytest.approx({"g: onnxruntime vs torch": 2.0,
+                                  "i: fastvae+plain: speedup (one run)": 1.5,
+                                  "i: fastvae+plain: 1 / time ratio (one run)": 1.25})
+    summary_values = sorted(v for _, _, v in report.ratio_entries(run))
+    assert summary_values == pytest.approx([0.8, 1.5, 2.0])  # the summary keeps the time ratio as is
+
+
 def test_render_empty_folder(tmp_path):
     md, png = report.render(tmp_path)
     assert "no results" in md.read_text()
