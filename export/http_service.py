@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -231,6 +232,16 @@ class DisconnectWatch:
                 task.cancel()
 
 
+def client_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The decoder file's metadata as /metadata shows it: ``source`` cut to the run folder's
+    name (the file keeps the absolute path; a client has no use for the exporting machine's
+    folders, and they are not its business)."""
+    source = metadata.get("source")
+    if source and os.path.isabs(source):
+        return {**metadata, "source": os.path.basename(source.rstrip("/\\")) or source}
+    return metadata
+
+
 def build_app(sampler, limits: Limits, batching: Batching):
     """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through a
     ``DynamicBatcher`` it makes with ``batching``, kept as ``app.state.batcher`` (started and
@@ -291,7 +302,7 @@ def build_app(sampler, limits: Limits, batching: Batching):
         "formats": ["npy", "json", *(["png"] if can_png else [])],
         "limits": asdict(limits),
         "batching": asdict(batching),
-        "decoder_metadata": sampler.metadata,
+        "decoder_metadata": client_metadata(sampler.metadata),
     }).encode()
 
     def error(status: int, reason: str, headers: dict | None = None) -> Response:

@@ -30,7 +30,7 @@ Keys (values are strings; JSON where noted):
 ``model_spec``              JSON: the model spec the decoder was built from (the settings its
                             model family reads)
 ``source``                  the run folder / checkpoint it came from (an absolute path), or
-                            ``"<in-memory module>"``
+                            ``"<in-memory module>"``; the service's /metadata shows its last part
 ``exporter``                which torch.onnx exporter and torch version wrote the graph
 """
 

@@ -29,10 +29,12 @@ import numpy as np
 import pytest
 
 from fastvae.export import OnnxSampler
+from fastvae.export.onnx_export import _update_metadata
 from testkit import asgi_part as _part, exported_mlp_decoder, in_process_service
 
 LATENT = 4
 SHAPE = (1, 8, 8)
+EXPORTED_FROM = "/home/alice/experiments/mnist-run7"
 MAX_N, MAX_BODY, MAX_VALUES = 500, 20_000, 5_000  # 5,000 values: 78 samples of 1x8x8
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -46,6 +48,8 @@ def decoder(tmp_path_factory):
     import torch
 
     model, path = exported_mlp_decoder(tmp_path_factory.mktemp("serve"), hidden_dim=32, latent_dim=LATENT)
+    # as `fastvae export RUN` writes it: the run folder's absolute path on the exporting machine
+    _update_metadata(path, {"source": EXPORTED_FROM})
     layers = [m for m in model.decoder.net if isinstance(m, torch.nn.Linear)]
     weights = [t.detach().numpy().astype(np.float64) for layer in layers for t in (layer.weight, layer.bias)]
     return path, weights
@@ -119,7 +123,10 @@ def test_healthz_and_metadata(server, decoder):
     assert meta["limits"] == {"max_n": MAX_N, "max_body": MAX_BODY, "max_values": MAX_VALUES, "body_timeout": 30.0,
                               "max_pending": 1024, "max_connections": 2048}
     assert meta["batching"] == {"max_batch": 16, "max_wait_ms": 50.0}
-    assert meta["decoder_metadata"] == OnnxSampler(decoder[0]).metadata
+    in_file = OnnxSampler(decoder[0]).metadata
+    assert in_file["source"] == EXPORTED_FROM
+    # the exporting machine's folders are not the client's business: the run folder's name only
+    assert meta["decoder_metadata"] == {**in_file, "source": "mnist-run7"}
 
 
 def test_sample_npy_is_the_seeded_decoder_output(server, decoder):
