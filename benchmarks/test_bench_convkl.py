@@ -371,7 +371,8 @@ def device_ms(fn, iters: int = pick(smoke=1, cpu=10, gpu=10)) -> float:
     for _ in range(2):
         fn()
     _sync()
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    # CPU activity too on a GPU: torch's usual set (its kernels are matched to their launches)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         for _ in range(iters):
             fn()
         _sync()
