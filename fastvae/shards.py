@@ -432,6 +432,10 @@ def write_dataset(out: Path, sources: dict, meta: dict, *, overwrite: bool = Fal
                 raise FastVAEError(f"the {split} split of {meta['source']} came out empty: {cause}")
         meta = {**meta, **getattr(sources, "info", {}), "splits": counts}
         run_folder.write_text(staging / META, json.dumps(meta, indent=2) + "\n")
+        try:  # again: another prepare, or a user, may have written there while this one ran
+            check_out(out, overwrite)
+        except FastVAEError as exc:
+            raise FastVAEError(f"{exc} (it changed while this prepare ran: nothing was replaced)") from None
         run_folder.move_folder_into_place(staging, out)
     return meta
 

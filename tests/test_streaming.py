@@ -696,6 +696,37 @@ def test_folders_left_by_a_killed_prepare_are_reported_not_removed(tmp_path, cap
         "killed: remove it to free its space (or move it back)"]
 
 
+@pytest.mark.parametrize("appears", ["notes", "dataset"])
+def test_an_out_folder_that_appears_while_prepare_runs_is_kept(tmp_path, appears):
+    """--out was free at the start; a user's folder, or another prepare's dataset, arrives
+    while this prepare writes: it is refused as at the start, not set aside and removed."""
+    from fastvae.errors import FastVAEError
+    from fastvae.shards import FORMAT, block_size, write_dataset
+
+    out, other = tmp_path / "shards", tmp_path / "other"
+    images = np.zeros((64, 1, 4, 4), np.uint8)
+    if appears == "dataset":
+        prepare("digits", other, workers=0, progress=False)
+
+    def train_pieces():
+        yield images, np.zeros(64, np.int64)
+        if appears == "notes":
+            out.mkdir()
+            (out / "precious.txt").write_text("notes")
+        else:  # (another process's prepare: its own staging folder, moved into place)
+            shutil.copytree(other, out)
+
+    meta = {"format": FORMAT, "version": 1, "source": "test", "shape": [1, 4, 4], "block": block_size((1, 4, 4)),
+            "labels": False, "split": "own"}
+    with pytest.raises(FastVAEError, match="changed while this prepare ran: nothing was replaced"):
+        write_dataset(out, {"train": train_pieces(), "test": [(images, np.zeros(64, np.int64))]}, meta)
+    if appears == "notes":
+        assert (out / "precious.txt").read_text() == "notes"
+    else:
+        assert open_dataset(out).meta["dataset_id"] == open_dataset(other).meta["dataset_id"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
 def test_resume_on_a_dataset_prepared_again_under_the_same_path_is_refused(tmp_path, capsys):
     """Same path, shape and counts, other contents: the checkpoint's dataset_id tells them apart
     (the path alone did not, and a mid-epoch resume went on with other images); evaluate and
