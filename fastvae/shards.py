@@ -6,6 +6,7 @@ A prepared dataset is a folder (local, or a URL litdata reads: ``s3://``, ``gs:/
     SHARDS/train/   litdata chunks (chunk-*.bin) + index.json: the training split
     SHARDS/test/    the same for the held-out split
     SHARDS/fastvae.json   shape, counts, bytes, chunk counts, how the split was made
+    SHARDS/*/fastvae-split.json   the dataset_id of the prepare that wrote the split
 
 Each litdata item is a *block* of up to ``block`` consecutive examples: ``{"images": uint8
 (n, C, H, W), "labels": int64 (n,)}`` (labels -1 where the source has none). Reading a block
@@ -17,7 +18,8 @@ every block and chunk is a random sample of the data (the per-epoch shuffle in
 A prepared dataset is staged in a temporary folder beside SHARDS and renamed into place only
 when complete, ``fastvae.json`` last: a killed ``prepare`` leaves no SHARDS at all, and a
 folder without ``fastvae.json`` is refused by ``open_dataset``. Opening checks that every
-chunk listed in the index is there with its full size and that the counts agree.
+chunk listed in the index is there with its full size and item count, that the counts agree
+and that both splits come from the same prepare.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ VERSION = 1  # of the layout fastvae.json describes
 MAX_SIZE = 8192  # --size: 200 MB per colour image in memory, beyond any VAE this package trains
 SPLIT_NAMES = ("train", "test")
 INDEX = "index.json"  # litdata's index of a split's chunks
+# in each split folder: the dataset_id of the prepare that wrote it, so a split folder from
+# another prepare (a half-finished copy or sync of a dataset prepared again) is refused
+SPLIT_ID = "fastvae-split.json"
 CHUNK_BYTES = 64 * 2**20  # litdata chunk size: few files, yet small enough to stream
 BLOCK_BYTES = 256 * 2**10  # bytes of images per litdata item (a block)
 DECODE_TASK_BYTES = 32 * 2**20  # decoded images per prepare worker task, at most (one image at least)
@@ -232,6 +237,9 @@ def open_dataset(source: str) -> ShardDataset:
             meta = _parse_meta(_download(source, META, Path(tmp)), source)
             indexes = {s: _read_index(_download(_join(source, s), INDEX, Path(tmp) / s), source, s)
                        for s in SPLIT_NAMES}
+            if meta.get("split_ids"):
+                for split in SPLIT_NAMES:
+                    _check_split_id(_download(_join(source, split), SPLIT_ID, Path(tmp) / split), meta, source, split)
     else:
         root = Path(source)
         if not root.exists():
@@ -247,13 +255,10 @@ def open_dataset(source: str) -> ShardDataset:
             if not index_file.is_file():
                 raise FastVAEError(f"prepared dataset {root} has no {split}/{INDEX}: prepare it again")
             indexes[split] = _read_index(index_file, source, split)
+            if meta.get("split_ids"):
+                _check_split_id(root / split / SPLIT_ID, meta, source, split)
             for chunk in indexes[split]["chunks"]:
-                path = root / split / chunk["filename"]
-                size = path.stat().st_size if path.is_file() else None
-                if size != chunk["chunk_bytes"]:
-                    state = "is missing" if size is None else f"has {size} bytes, the index says {chunk['chunk_bytes']}"
-                    raise FastVAEError(f"prepared dataset {root} is damaged: {split}/{chunk['filename']} "
-                                       f"{state} (truncated copy?): copy or prepare it again")
+                _check_chunk(root / split / chunk["filename"], chunk, root, split)
     splits = {}
     for split in SPLIT_NAMES:
         info = meta["splits"][split]
@@ -273,6 +278,40 @@ def open_dataset(source: str) -> ShardDataset:
         splits["train"].read_block(0)
         splits["train"]._reader = None  # not inherited by forked workers (a shared file offset)
     return ShardDataset(source, meta, splits["train"], splits["test"])
+
+
+def _check_chunk(path: Path, chunk: dict, root: Path, split: str) -> None:
+    """A local chunk has the index's size and, in its header (litdata's first uint32), the
+    index's item count: damage anywhere in either split is one line at start-up, not a failure
+    in the first evaluation after an epoch of training."""
+    size = path.stat().st_size if path.is_file() else None
+    state = None
+    if size != chunk["chunk_bytes"]:
+        state = "is missing" if size is None else f"has {size} bytes, the index says {chunk['chunk_bytes']}"
+    else:
+        try:
+            with open(path, "rb") as f:
+                items = int(np.frombuffer(f.read(4), np.uint32)[0]) if size >= 4 else None
+        except OSError as exc:
+            raise FastVAEError(f"cannot read {path}: {one_line(exc)}") from None
+        if items != int(chunk["chunk_size"]):
+            state = f"says it holds {items} blocks, the index {chunk['chunk_size']}"
+    if state:
+        raise FastVAEError(f"prepared dataset {root} is damaged: {split}/{chunk['filename']} "
+                           f"{state} (truncated or damaged copy?): copy or prepare it again")
+
+
+def _check_split_id(path: Path, meta: dict, source: str, split: str) -> None:
+    """The split folder was written by the prepare that wrote ``fastvae.json``."""
+    try:
+        found = json.loads(Path(path).read_text()).get("dataset_id")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        found = None
+    if found != meta["dataset_id"]:
+        what = "has no" if found is None else "has another"
+        raise FastVAEError(f"prepared dataset {source}: {split}/ {what} {SPLIT_ID} of this dataset (its "
+                           f"folders come from different runs of 'fastvae prepare': a half-finished copy "
+                           "or sync?): copy it again, or prepare it again")
 
 
 def _parse_meta(path: Path, source: str) -> dict:
@@ -425,12 +464,14 @@ def write_dataset(out: Path, sources: dict, meta: dict, *, overwrite: bool = Fal
                 getattr(sources, "close", lambda: None)()
                 raise
             counts[split] = writer.finish()
+            if meta.get("dataset_id"):
+                run_folder.write_text(staging / split / SPLIT_ID, json.dumps({"dataset_id": meta["dataset_id"]}) + "\n")
             if counts[split]["examples"] == 0:
                 skipped = getattr(sources, "info", {}).get("skipped", 0)
                 cause = (f"all of its images were unreadable and skipped (--skip-bad; {skipped} skipped "
                          "so far)" if skipped else "give more images or another --test-fraction")
                 raise FastVAEError(f"the {split} split of {meta['source']} came out empty: {cause}")
-        meta = {**meta, **getattr(sources, "info", {}), "splits": counts}
+        meta = {**meta, **getattr(sources, "info", {}), "splits": counts, "split_ids": bool(meta.get("dataset_id"))}
         run_folder.write_text(staging / META, json.dumps(meta, indent=2) + "\n")
         try:  # again: another prepare, or a user, may have written there while this one ran
             check_out(out, overwrite)

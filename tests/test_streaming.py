@@ -819,6 +819,36 @@ def test_damaged_prepared_datasets_are_refused(tmp_path, capsys, digits_shards):
     assert "different runs" in train_on(copy)
 
 
+def test_damage_in_either_split_and_mixed_prepares_are_refused_at_start_up(tmp_path, capsys, digits_shards):
+    """A test chunk of the right size whose header is damaged failed only at the first
+    evaluation, after a whole epoch of training; a test/ folder from another prepare of the
+    same source (same counts and bytes, other rows: it held training images) was accepted."""
+    def refusal(data):
+        line = one_line_error(capsys, "train", "--data", data, "--epochs", "1", "--out", tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # refused before the run started
+        return line
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_shards, copy)
+    chunk = sorted((copy / "test").glob("chunk-*.bin"))[0]
+    raw = bytearray(chunk.read_bytes())
+    raw[:4] = b"\xff" * 4  # litdata's item count
+    chunk.write_bytes(bytes(raw))
+    line = refusal(copy)
+    assert f"test/{chunk.name} says it holds 4294967295 blocks" in line and "damaged" in line, line
+    shutil.rmtree(copy)
+
+    again = tmp_path / "again"  # the same source prepared again: another dataset_id
+    prepare("digits", again, workers=0, progress=False)
+    shutil.copytree(digits_shards, copy)
+    shutil.rmtree(copy / "test")
+    shutil.copytree(again / "test", copy / "test")
+    line = refusal(copy)
+    assert "test/ has another fastvae-split.json" in line and "different runs of 'fastvae prepare'" in line, line
+    (copy / "test" / "fastvae-split.json").unlink()
+    assert "test/ has no fastvae-split.json" in refusal(copy)
+
+
 def test_a_block_that_cannot_be_read_in_a_loader_worker_is_one_line(tmp_path, capsys, digits_shards):
     """A chunk of the right size whose contents are damaged fails in a DataLoader worker: the
     error reaches the user as one line (torch would add the worker's traceback)."""
