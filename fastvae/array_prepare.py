@@ -190,7 +190,7 @@ def _images_and_labels(npz, files: list[str]) -> tuple[str, str] | None:
     if None in headers.values():
         return None
     found = [(images, labels) for images, labels in (files, files[::-1])
-             if len(headers[labels][0]) == 1 and headers[labels][2].kind in "iu"
+             if len(headers[labels][0]) in (1, 2) and headers[labels][0][1:] in ((), (1,)) and headers[labels][2].kind in "iu"
              and len(headers[images][0]) >= 2 and headers[images][0][0] == headers[labels][0][0]]
     return found[0] if len(found) == 1 else None
 
@@ -256,9 +256,10 @@ class _Converter:
         self.off_8bit = False  # float pixels that 8 bits do not hold exactly
 
     def __call__(self, raw: np.ndarray, path: Path, key) -> np.ndarray:
-        from fastvae.data import _as_images
+        from fastvae.data import _as_images, channels_first
 
         self.scan.update(raw)
+        raw = channels_first(raw)
         if raw.dtype == np.uint8:
             x = np.ascontiguousarray(raw).reshape(len(raw), *self.shape)
         else:  # checked (NaN, range) and scaled as the in-memory loader does

@@ -784,9 +784,20 @@ def _dtype_error(where: str, dtype) -> FastVAEError:
 def _as_images(array: np.ndarray, path: Path, key: str | None = None) -> torch.Tensor:
     """Validate and convert to float32 (N, C, H, W) in [0, 1]."""
     where = data_where(path, key)
-    images = unit_pixels(np.asarray(array), where)
+    images = unit_pixels(channels_first(np.asarray(array)), where)
     shape = image_shape(images.shape, where)  # before len(): a 0-d array has none
     return images.reshape(images.shape[0], *shape).contiguous()
+
+
+def channels_last(shape: tuple) -> bool:
+    """Whether an array of ``shape`` holds (N, H, W, C) images, C 1 or 3 (Keras, TensorFlow and
+    PIL order): 4-D, C last, and dimension 1 not 1 or 3 (else it is read as (N, C, H, W))."""
+    return len(shape) == 4 and shape[1] not in (1, 3) and shape[3] in (1, 3)
+
+
+def channels_first(array: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) view of an array of images stored channels last, else ``array``."""
+    return array.transpose(0, 3, 1, 2) if channels_last(array.shape) else array
 
 
 def data_where(path: Path, key: str | None = None) -> str:
@@ -796,7 +807,8 @@ def data_where(path: Path, key: str | None = None) -> str:
 
 def image_shape(shape: tuple, where: str) -> tuple[int, int, int]:
     """(C, H, W) of the images of an array of ``shape``: (N, D) rows are 1 x 1 x D, (N, H, W)
-    one channel, (N, C, H, W) with C 1 or 3; others and empty arrays are refused."""
+    one channel, (N, C, H, W) with C 1 or 3, or (N, H, W, C) (``channels_last``); others and
+    empty arrays are refused."""
     shape = tuple(shape)
     if len(shape) == 2:
         image = (1, 1, shape[1])
@@ -804,8 +816,11 @@ def image_shape(shape: tuple, where: str) -> tuple[int, int, int]:
         image = (1, *shape[1:])
     elif len(shape) == 4 and shape[1] in (1, 3):
         image = shape[1:]
+    elif channels_last(shape):
+        image = (shape[3], shape[1], shape[2])
     else:
-        raise FastVAEError(f"{where} has shape {shape}: use (N, H, W), (N, C, H, W) with C 1 or 3, or (N, D)")
+        raise FastVAEError(f"{where} has shape {shape}: use (N, H, W), (N, C, H, W) or (N, H, W, C) with "
+                           "C 1 or 3, or (N, D)")
     if shape[0] == 0 or math.prod(image) == 0:
         raise FastVAEError(f"{where} is empty (shape {shape})")
     return image
@@ -814,6 +829,8 @@ def image_shape(shape: tuple, where: str) -> tuple[int, int, int]:
 def _labels(array: np.ndarray, n: int, path: Path, key: str | None = None) -> torch.Tensor:
     where = f"{path}" + (f" ['{key}']" if key else "")
     array = np.asarray(array)
+    if array.ndim == 2 and array.shape[1] == 1:  # a column (Keras' CIFAR y_train)
+        array = array[:, 0]
     if array.ndim != 1 or len(array) != n or not np.issubdtype(array.dtype, np.integer):
         raise FastVAEError(
             f"labels {where} must be {n} integers (one per image), got shape {array.shape} "

@@ -434,6 +434,36 @@ def test_array_sources_keep_their_split_rules(tmp_path, digits_shards):
     assert labels is None
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_keras_cifar_layout_channels_last_and_label_columns(tmp_path, dtype):
+    """Keras' CIFAR .npz: images (N, H, W, 3), labels (N, 1). Both were refused; now the images
+    are read as (N, 3, H, W) - pixel (c, y, x) is stored [y, x, c] - in memory and in prepare
+    alike, and the label columns are the labels (also when found by shape: two arrays)."""
+    from fastvae.loaders import head
+
+    x = RNG.integers(0, 256, (30, 5, 7, 3), dtype=np.uint8)
+    y = RNG.integers(0, 10, (30, 1)).astype(np.uint8)
+    if dtype == "float32":
+        x = (x / np.float32(255)).astype(np.float32)
+    expected = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float()
+    expected = expected if dtype == "float32" else expected / 255
+    keras = tmp_path / "cifar.npz"
+    np.savez_compressed(keras, x_train=x[:20], y_train=y[:20], x_test=x[20:], y_test=y[20:])
+    splits = load_dataset(keras)
+    assert splits.train.shape == (20, 3, 5, 7)
+    torch.testing.assert_close(splits.train, expected[:20], rtol=0, atol=1e-7)
+    assert splits.test_labels.tolist() == y[20:, 0].tolist()
+    prepare(str(keras), tmp_path / "s", workers=0, progress=False)
+    test, labels = head(open_dataset(str(tmp_path / "s")).test, 100)
+    torch.testing.assert_close(test, (expected[20:] * 255).round() / 255, rtol=0, atol=1e-6)
+    assert labels.tolist() == y[20:, 0].tolist()
+    pair = tmp_path / "pair.npz"  # images and labels under any keys: told apart by their shapes
+    np.savez(pair, pictures=x, classes=y)
+    held_out = load_dataset(pair, test_fraction=0.2, split_seed=1)
+    assert held_out.train.shape[1:] == (3, 5, 7) and len(held_out.test) == 6
+    assert sorted(held_out.train_labels.tolist() + held_out.test_labels.tolist()) == sorted(y[:, 0].tolist())
+
+
 def test_evaluate_and_report_on_the_source_of_a_prepared_dataset_hold_out_its_split(tmp_path, capsys):
     """evaluate/report RUN --data SRC (the array the shards were prepared from) cut SRC with the
     run's config.json split (the defaults: a prepared dataset ignores them), not prepare's: 948
