@@ -598,6 +598,19 @@ def fit_image(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
+DARK_PEAK = 16  # no pixel of a folder above 15 of 255: what 16-bit files of 8- or 12-bit values become
+
+
+def note_dark_images(folder: Path, peak: int) -> None:
+    """One note when the brightest pixel of a whole image folder is under ``DARK_PEAK``: 16-bit
+    images are read as value / 256 (their full range), so files holding 8- or 12-bit values in
+    16 bits came out black or nearly, with nothing else to say so."""
+    if peak < DARK_PEAK:
+        print(f"note: the brightest pixel of the images in {folder} is {peak} of 255: 16-bit images are "
+              "read as value / 256, so files holding 8- or 12-bit values come out black or nearly; "
+              "scale them to the 16-bit range or save them as 8-bit images", file=sys.stderr)
+
+
 def different_sizes_error(file: Path, size: tuple, first: Path, first_size: tuple) -> FastVAEError:
     return FastVAEError(
         f"image {file} is {size[0]}x{size[1]} but {first} is {first_size[0]}x{first_size[1]}: "
@@ -618,6 +631,7 @@ def _image_folder(folder: Path, split: tuple[float, int, int], grayscale: bool) 
         arrays.append(decode_image(file, channels))
         if isinstance(arrays[-1], str):
             raise FastVAEError(f"image {file} could not be read: {arrays[-1]}")
+    note_dark_images(folder, max(int(a.max(initial=0)) for a in arrays))
     if is_test is None:
         return _split(folder.name, np.stack(arrays), labels, folder, split)
     test = torch.from_numpy(is_test)

@@ -561,6 +561,7 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
         if names is not None:  # label k is names[k]: the sorted label subfolders
             info["label_names"] = names
     else:
+        folder = None
         from fastvae.array_prepare import array_pieces
 
         # a large compressed .npz member is inflated beside the output (its disk, not memory)
@@ -572,6 +573,10 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     if info["split"] == "own" and ignored:
         print(f"note: {source} has a test split of its own, which is kept: {ignored}", file=sys.stderr)
     meta = write_dataset(out, pieces, meta, overwrite=overwrite)
+    if folder is not None:
+        from fastvae.data import note_dark_images
+
+        note_dark_images(path, folder.peak)
     return meta, time.perf_counter() - started
 
 
@@ -595,6 +600,7 @@ class _ImageFolder:
         self.grayscale, self.workers, self.skip_bad, self.progress = grayscale, workers, skip_bad, progress
         self.skipped = 0
         self.skipped_files: list[str] = []
+        self.peak = 0  # the brightest pixel decoded (data.note_dark_images)
 
     def _map(self, fn, tasks, desc: str, total: int, weight=lambda result: 1):
         from tqdm.auto import tqdm
@@ -679,6 +685,7 @@ class _ImageFolder:
                                              weight=lambda r: len(r[0]) + len(r[2])):
             for file, reason in bad:
                 self._bad(file, reason)
+            self.peak = max(self.peak, int(images.max(initial=0)))
             yield images, labels
 
 

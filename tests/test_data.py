@@ -477,6 +477,29 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert load_dataset(tmp_path).data_shape == (1, 6, 7)
 
 
+def test_16_bit_files_of_8_bit_values_come_out_black_with_a_note(tmp_path, capsys):
+    """16-bit PNGs holding 0-255 (or 12-bit) values are, at value / 256, black: a whole folder of
+    them trained on zeros with nothing said; now one note, in memory and in prepare alike, and
+    none for full-range 16-bit files."""
+    from fastvae.shards import prepare
+
+    for name, top in (("eight", 256), ("full", 65536)):
+        for label in ("a", "b"):
+            for i in range(3):
+                path = tmp_path / name / label / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(RNG.integers(0, top, size=(6, 7)).astype(np.uint16)).save(path)
+    capsys.readouterr()
+    assert float(load_dataset(tmp_path / "eight").train.max()) == 0.0
+    err = capsys.readouterr().err
+    assert f"note: the brightest pixel of the images in {tmp_path / 'eight'} is 0 of 255" in err, err
+    prepare(str(tmp_path / "eight"), tmp_path / "shards", workers=0, progress=False)
+    assert "brightest pixel" in capsys.readouterr().err
+    load_dataset(tmp_path / "full")
+    prepare(str(tmp_path / "full"), tmp_path / "shards-full", workers=0, progress=False)
+    assert "brightest" not in capsys.readouterr().err
+
+
 def test_float_tiffs_are_read_in_their_range_not_clipped_to_black(tmp_path):
     """Pillow's mode F (32-bit float TIFF) in [0, 1] came out all black (convert("L") clips);
     [0, 1] is scaled by 255, [0, 255] rounded, anything else is one reason, not wrong pixels."""
