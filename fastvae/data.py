@@ -477,19 +477,35 @@ def probe_image(file: Path) -> tuple[bool, tuple[int, int]] | str:
         return one_line(exc)
 
 
+PILLOW_NOTES = 5  # per process: Pillow's warnings about a file it still reads, named, then no more
+_pillow_notes = [0]
+
+
 @contextlib.contextmanager
-def _quiet_pillow():
-    """Pillow's warnings for images fastvae reads as they are, unnamed and two lines each: a
-    large image (DecompressionBombWarning, up to Pillow's hard limit, which stays an error) and
-    a palette's transparency given in bytes (alpha is dropped either way)."""
+def _quiet_pillow(file: Path | None = None):
+    """Pillow's warnings, which are unnamed and two lines each: those for images fastvae reads
+    as they are - a large image (DecompressionBombWarning, up to Pillow's hard limit, which
+    stays an error) and a palette's transparency given in bytes (alpha is dropped either way) -
+    are dropped; its others (damaged tags, corrupt EXIF: the pixels are still read) become one
+    note naming ``file`` (the first ``PILLOW_NOTES`` of a process), or are dropped without it
+    (the probe: the decode of the same file says them)."""
     import warnings
 
     from PIL import Image
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
         yield
+    for w in caught:
+        if not issubclass(w.category, UserWarning):  # not Pillow's about the file: as Python shows it
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    said = dict.fromkeys(one_line(w.message) for w in caught if issubclass(w.category, UserWarning))
+    if said and file is not None and _pillow_notes[0] < PILLOW_NOTES:  # (Pillow repeats a tag's)
+        _pillow_notes[0] += 1
+        more = " (further such notes of this process are not shown)" if _pillow_notes[0] == PILLOW_NOTES else ""
+        print(f"note: {file}: {'; '.join(said)} (Pillow; the image is read as decoded){more}", file=sys.stderr)
 
 
 def orientation(img) -> int | None:
@@ -534,7 +550,7 @@ def decode_image(file: Path, channels: int, size: int | None = None) -> np.ndarr
     from PIL import Image
 
     try:
-        with _quiet_pillow(), Image.open(file) as img:
+        with _quiet_pillow(file), Image.open(file) as img:
             turn = orientation(img)
             if size is not None and img.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with a depth map
                 _draft(img, size)

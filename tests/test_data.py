@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
 from fastvae.data import (EpochBatches, decode_image, image_files, image_folder_files, load_dataset, probe_image, split_indices,
                           unit_pixels)
@@ -498,6 +498,37 @@ def test_16_bit_files_of_8_bit_values_come_out_black_with_a_note(tmp_path, capsy
     load_dataset(tmp_path / "full")
     prepare(str(tmp_path / "full"), tmp_path / "shards-full", workers=0, progress=False)
     assert "brightest" not in capsys.readouterr().err
+
+
+def test_pillow_warnings_about_a_readable_file_are_one_note_naming_it(tmp_path, capsys, monkeypatch):
+    """A TIFF whose description tag points past its end: Pillow reads the pixels and warned
+    "UserWarning: Tag data larger than file" three times, two lines each, naming no file."""
+    import struct
+
+    from fastvae import data
+
+    pixels = RNG.integers(0, 256, size=(6, 8), dtype=np.uint8)
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[270] = "a description stored after the header"
+    for i in range(7):
+        Image.fromarray(pixels).save(tmp_path / f"{i}.tif", tiffinfo=info)
+    raw = bytearray((tmp_path / "0.tif").read_bytes())
+    ifd = struct.unpack("<I", raw[4:8])[0]
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack("<H", raw[ifd:ifd + 2])[0], 12):
+        if struct.unpack("<H", raw[entry:entry + 2])[0] == 270:
+            raw[entry + 4:entry + 8] = struct.pack("<I", 10**6)  # its byte count
+    for i in range(7):
+        (tmp_path / f"{i}.tif").write_bytes(bytes(raw))
+    monkeypatch.setattr(data, "_pillow_notes", [0])
+    capsys.readouterr()
+    np.testing.assert_array_equal(decode_image(tmp_path / "0.tif", 1)[0], pixels)
+    err = capsys.readouterr().err
+    assert err == (f"note: {tmp_path / '0.tif'}: Tag data larger than file. Skipping tag 270 (Pillow; the image is "
+                   "read as decoded)\n"), err
+    for i in range(1, 7):
+        decode_image(tmp_path / f"{i}.tif", 1)
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == data.PILLOW_NOTES - 1 and "further such notes" in notes[-1]  # then no more
 
 
 def test_float_tiffs_are_read_in_their_range_not_clipped_to_black(tmp_path):
