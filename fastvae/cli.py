@@ -104,10 +104,17 @@ def _exit_without_teardown(status: int) -> None:
     import os
     import threading
 
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        # what the interpreter runs first: threading's own exit hooks, which wake the idle
+        # workers of thread pools (concurrent.futures' are not daemons: torch inductor's compile
+        # pool waited forever in a join here), then the join of every non-daemon thread
+        shutdown()
+    else:
+        current = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is not current and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -104,6 +104,17 @@ class LimitFileSizeAtStep:
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
+class ThreadPoolAtStart:
+    """Starts a thread pool and keeps it, as torch inductor's compile pool does (a cold
+    ``--compile``): its idle worker is not a daemon thread."""
+
+    def on_train_start(self, trainer):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1)
+        self.pool.submit(print, "pool started").result()
+
+
 class _PauseOnImport(importlib.abc.MetaPathFinder):
     def __init__(self, name: str):
         self.name = name

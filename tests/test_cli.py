@@ -630,3 +630,16 @@ def test_quiet_hides_lightnings_info_lines_and_flags_are_never_abbreviated(tmp_p
     (tmp_path / "typo.toml").write_text("latnet_dim = 4\nquiet = true\n")
     rc, _, err = cli(capsys, "train", "--config", str(tmp_path / "typo.toml"))
     assert_one_line_error(rc, err, "latnet_dim: did you mean latent_dim?", "quiet: did you mean progress = false?")
+
+
+def test_the_command_exits_with_a_thread_pool_left_open(tmp_path):
+    """A callback's (or torch inductor's, on a cold --compile) idle thread pool: the command
+    trained, printed its summary and then waited forever, joining the pool's worker before
+    anything told it to stop (the interpreter's threading hooks do, before its own join)."""
+    from testkit import REPO, SUBPROCESS_ENV, run_cli
+
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO / "tests")}
+    rc, out, err = run_cli("train", "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2", "--reparam", "torch",
+                           "--no-pictures", "--quiet", "--out", tmp_path / "run", "--callback",
+                           "pause_points:ThreadPoolAtStart", env=env, timeout=90)
+    assert rc == 0 and "pool started" in out, err[-2000:]
