@@ -301,6 +301,21 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------------------ metrics.csv
 
 
+def csv_rows(path: Path) -> tuple[list[str], list[dict]]:
+    """(column names, rows) of a CSV file the run wrote (``metrics.csv``, the csv tracker's);
+    one clear error when it is damaged (not text, a runaway quoted field)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            return list(reader.fieldnames or ()), rows
+    except (UnicodeDecodeError, csv.Error) as exc:
+        from fastvae.errors import one_line
+
+        raise FastVAEError(f"{path} is damaged ({one_line(exc)}): repair it, or delete it (its history of "
+                           "metrics is lost; checkpoints are kept)") from None
+
+
 def read_metrics(path: str | os.PathLike, upto_epoch: float = math.inf) -> list[dict]:
     """The rows of a ``metrics.csv`` up to ``upto_epoch``: numbers by column name (``epoch``
     and ``step`` as ints); empty or unreadable cells are left out. ``[]`` when the file is
@@ -308,21 +323,20 @@ def read_metrics(path: str | os.PathLike, upto_epoch: float = math.inf) -> list[
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        rows = []
-        for raw in csv.DictReader(f):
-            row = {}
-            for name, value in raw.items():
-                try:
-                    row[name] = float(value)
-                except (TypeError, ValueError):
-                    continue
-            if not math.isfinite(row.get("epoch", math.nan)) or row["epoch"] > upto_epoch:
+    rows = []
+    for raw in csv_rows(path)[1]:
+        row = {}
+        for name, value in raw.items():
+            try:
+                row[name] = float(value)
+            except (TypeError, ValueError):
                 continue
-            row["epoch"] = int(row["epoch"])
-            if "step" in row and math.isfinite(row["step"]):
-                row["step"] = int(row["step"])
-            rows.append(row)
+        if not math.isfinite(row.get("epoch", math.nan)) or row["epoch"] > upto_epoch:
+            continue
+        row["epoch"] = int(row["epoch"])
+        if "step" in row and math.isfinite(row["step"]):
+            row["step"] = int(row["step"])
+        rows.append(row)
     return rows
 
 

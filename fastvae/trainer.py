@@ -178,6 +178,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     if finished:  # no process started, config.json left as the run trained (not the new settings)
         return TrainResult(run_dir, int(saved["epoch"]), int(saved.get("step", 0)),
                            run_folder.read_metrics(run_dir / METRICS_CSV, int(saved["epoch"]))) if _first_process() else None
+    if resume_from is not None:  # a damaged metrics.csv: one line here, not in every rank after the launch
+        run_folder.read_metrics(run_dir / METRICS_CSV)
     with _quiet_lightning(not config.progress):
         return _launch(config, callbacks, splits, resume_from, replace)
 

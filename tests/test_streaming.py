@@ -594,6 +594,31 @@ def test_csv_and_tensorboard_trackers(tmp_path, capsys):
         assert "pip install tensorboard" in one_line_error(capsys, *tb)
 
 
+def test_a_damaged_metrics_csv_is_one_line_before_any_training(tmp_path, capsys):
+    """RUN/metrics.csv or the csv tracker's file that is not text, or holds a runaway quoted
+    field: resume and report ended in a traceback (the tracker's only after another epoch
+    was trained); now one line, before anything runs or is written."""
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2", "--quiet",
+                     "--no-pictures", "--reparam", "torch", "--out", run, "--logger", "csv")
+    assert rc == 0, err
+    resume = ("train", "--resume", "--out", run, "--epochs", "2", "--quiet")
+    for damaged in (run / "metrics.csv", run / "csv" / "metrics.csv"):
+        kept = damaged.read_bytes()
+        for content, why in ((b"\x00\xff\xfe", "codec can't decode"),
+                             (b'epoch,step\n"' + b"x" * 200_000 + b'"\n', "field larger than field limit")):
+            damaged.write_bytes(content)
+            for command in (resume, ("report", run, "--iwae-k", "0")):
+                if damaged.parent.name == "csv" and command[0] == "report":
+                    continue  # the report does not read the tracker's file
+                line = one_line_error(capsys, *command)
+                assert line.startswith(f"fastvae {command[0]}: error: {damaged} is damaged (") and why in line, line
+                assert line.endswith("repair it, or delete it (its history of metrics is lost; checkpoints are kept)")
+        damaged.write_bytes(kept)
+    assert cli(capsys, *resume)[0] == 0
+    assert [int(r["epoch"]) for r in metrics_without_time(run)] == [1, 2]  # the refused resumes trained nothing
+
+
 def test_a_tracker_package_that_fails_to_import_is_one_line(tmp_path, capsys, monkeypatch):
     """Installed but broken (a dependency missing or of the wrong version): one line."""
     broken = tmp_path / "site" / "mlflow"
