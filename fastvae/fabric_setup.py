@@ -46,22 +46,28 @@ def make_fabric(config: TrainConfig, callbacks: list | None = None, trackers: bo
 
 
 def precision_kwargs(config: TrainConfig) -> dict:
-    """Fabric's keyword for ``config.precision``: the name, except for FSDP in fp16.
+    """Fabric's keyword for ``config.precision``: the name, except for fp16 on a CPU and for
+    FSDP in fp16.
 
-    Fabric's FSDP2 strategy refuses the name ``16-mixed``, yet fp16 autocast with a GradScaler
-    works on its sharded gradients (DTensor reduces GradScaler's found-inf flag over the
-    ranks, so all skip an overflowing step together): it gets the plugin itself. On a CPU,
-    where Fabric runs ``16-mixed`` as ``bf16-mixed``, so does FSDP.
+    On a CPU ``16-mixed`` runs as ``bf16-mixed`` (fp16 autocast needs CUDA; ``train``'s note
+    says so: Fabric's own warning was several lines naming its source file). Fabric's FSDP2 strategy
+    refuses the name ``16-mixed``, yet fp16 autocast with a GradScaler works on its sharded
+    gradients (DTensor reduces GradScaler's found-inf flag over the ranks, so all skip an
+    overflowing step together): it gets the plugin itself.
     """
-    if config.strategy != "fsdp" or config.precision != "16-mixed":
+    if config.precision != "16-mixed":
         return {"precision": config.precision}
-    accelerator = config.accelerator
-    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
-        return {"plugins": [fp16_plugin("cuda")]}
-    from lightning_fabric.utilities import rank_zero_warn
+    if fp16_runs_as_bf16(config):
+        return {"precision": "bf16-mixed"}
+    return {"plugins": [fp16_plugin("cuda")]} if config.strategy == "fsdp" else {"precision": "16-mixed"}
 
-    rank_zero_warn("--precision 16-mixed on a CPU runs as bf16-mixed (fp16 autocast needs CUDA)")
-    return {"precision": "bf16-mixed"}
+
+def fp16_runs_as_bf16(config: TrainConfig) -> bool:
+    """Whether ``--precision 16-mixed`` runs as bf16-mixed: on a CPU, where fp16 autocast does
+    not run (``train`` notes it once)."""
+    accelerator = config.accelerator
+    on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    return config.precision == "16-mixed" and not on_cuda
 
 
 def fp16_plugin(device: str, init_scale: float = 2.0**16):

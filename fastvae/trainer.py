@@ -45,7 +45,7 @@ from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_st
 from fastvae.config import MAX_SEED, TrainConfig, saved_settings, unused_settings, unused_split_flags
 from fastvae.data import Splits, content_id, load_dataset
 from fastvae.errors import FastVAEError, one_line
-from fastvae.fabric_setup import make_fabric, make_optimizer
+from fastvae.fabric_setup import fp16_runs_as_bf16, make_fabric, make_optimizer
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
 from fastvae.interrupts import removed_on_exit
 from fastvae.loaders import batches_per_epoch, in_memory_sample, is_streamed, make_source
@@ -175,6 +175,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
         if finished:
             print(f"note: {run_dir} has trained its {config.epochs} epoch(s) already: nothing to train "
                   f"(give --epochs more than {config.epochs} to train on)", file=sys.stderr)
+        elif fp16_runs_as_bf16(config):
+            print("note: --precision 16-mixed runs as bf16-mixed on a CPU (fp16 autocast needs CUDA)",
+                  file=sys.stderr)
     if finished:  # no process started, config.json left as the run trained (not the new settings)
         return TrainResult(run_dir, int(saved["epoch"]), int(saved.get("step", 0)),
                            run_folder.read_metrics(run_dir / METRICS_CSV, int(saved["epoch"]))) if _first_process() else None
@@ -418,7 +421,7 @@ class Trainer:
         config, fabric = self.config, self.fabric
         self._on_rank0(self._write_start)
         fabric.call("on_train_start", self)
-        if self.world > 1:
+        if self.world > 1 and config.progress:  # --quiet: no such lines
             fabric.print(f"global batch {config.batch_size * self.world} = per-device batch "
                          f"{config.batch_size} x {self.world} processes")
         interrupted = False

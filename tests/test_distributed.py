@@ -267,6 +267,7 @@ def test_two_nodes_under_torchrun_match_one_process(tmp_path):
         for node in nodes:
             node.kill()
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    assert not any("global batch" in log for log in logs), logs[0][-2000:]  # --quiet: no such line
     rc, _, err = run_cli(*common, "--batch-size", "64", "--out", tmp_path / "one")
     assert rc == 0, err
     two = read_checkpoint(tmp_path / "two_nodes")

@@ -475,3 +475,21 @@ def test_evaluate_checks_its_arguments(make_config, digits):
                                 ((torch.nn.Linear(2, 2), digits.test[:4]), {}, "takes a fastvae VAE")):
         with pytest.raises(FastVAEError, match=words):
             evaluate(*args, iwae_k=0, **kwargs)
+
+
+def test_fp16_on_a_cpu_is_one_note_and_runs_as_bf16(tmp_path, capsys):
+    """--precision 16-mixed on a CPU: Fabric warned in several lines naming its source file
+    ("connector.py:483: ... Using precision='bf16-mixed' instead"), twice with a tracker; now
+    one note, and the run is bf16 (its loss as a bf16-mixed run's)."""
+    from fastvae.cli import main
+
+    common = ["train", "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2", "--quiet", "--no-pictures",
+              "--reparam", "torch", "--threads", "1"]
+    capsys.readouterr()
+    assert main([*common, "--precision", "16-mixed", "--logger", "csv", "--out", str(tmp_path / "fp16")]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "note: --precision 16-mixed runs as bf16-mixed on a CPU (fp16 autocast needs CUDA)"], err
+    assert main([*common, "--precision", "bf16-mixed", "--out", str(tmp_path / "bf16")]) == 0
+    losses = [run_folder.read_metrics(tmp_path / run / "metrics.csv")[-1]["train_loss"] for run in ("fp16", "bf16")]
+    assert losses[0] == losses[1]
