@@ -238,6 +238,10 @@ class TrainConfig:
             if name not in TRACKERS:
                 raise FastVAEError(f"--logger {name!r} is not supported: use one or more of "
                                    + ", ".join(TRACKERS))
+            if name in ("wandb", "mlflow") and self.strategy == "ddp_spawn":
+                # its run is open in the launching process, which spawned ranks cannot take over
+                raise FastVAEError(f"--logger {name} does not work with --strategy ddp_spawn: use --strategy "
+                                   f"ddp (or auto), whose ranks start as processes of their own")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise FastVAEError(

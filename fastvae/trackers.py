@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fastvae.config import TRACKERS
 from fastvae.errors import FastVAEError, one_line
-from fastvae.run_folder import TRACKERS_JSON, csv_rows, write_text
+from fastvae.run_folder import TRACKERS_JSON, write_text
 
 PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
@@ -59,32 +59,9 @@ def make_loggers(run_dir: str | Path, names: list[str], hyperparams: dict | None
 
 
 def _csv(run_dir: Path):
-    from lightning_fabric.loggers import CSVLogger
-    from lightning_fabric.loggers.csv_logs import _ExperimentWriter
-    from lightning_fabric.loggers.logger import rank_zero_experiment
+    from fastvae.csv_tracker import csv_logger
 
-    class AppendingWriter(_ExperimentWriter):
-        """Fabric's writer, except that an earlier ``metrics.csv`` (a resumed run's) is kept
-        and appended to; Fabric's deletes it."""
-
-        def _check_log_dir_exists(self) -> None:
-            if os.path.isfile(self.metrics_file_path):
-                self.metrics_keys = csv_rows(Path(self.metrics_file_path))[0]
-
-    class AppendingCSVLogger(CSVLogger):
-        @property
-        @rank_zero_experiment
-        def experiment(self):
-            if self._experiment is None:
-                os.makedirs(self._root_dir, exist_ok=True)
-                self._experiment = AppendingWriter(log_dir=self.log_dir)
-            return self._experiment
-
-    logger = AppendingCSVLogger(root_dir=str(run_dir), name="csv", version="")
-    earlier = Path(logger.log_dir) / _ExperimentWriter.NAME_METRICS_FILE
-    if earlier.is_file():  # a resumed run's: damage is one line now, not after an epoch of training
-        csv_rows(earlier)
-    return logger
+    return csv_logger(run_dir)
 
 
 def _tensorboard(run_dir: Path):

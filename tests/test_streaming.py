@@ -594,6 +594,29 @@ def test_csv_and_tensorboard_trackers(tmp_path, capsys):
         assert "pip install tensorboard" in one_line_error(capsys, *tb)
 
 
+@pytest.mark.timeout(300)
+def test_the_csv_tracker_under_spawned_ranks(tmp_path, capsys):
+    """--strategy ddp_spawn pickles the Fabric, trackers too, for its ranks: the csv tracker
+    (a class made inside a function) ended the run in a traceback; wandb and mlflow, whose
+    run is open in the launching process, are refused before anything starts."""
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2", "--quiet",
+                     "--no-pictures", "--reparam", "torch", "--devices", "2", "--accelerator", "cpu",
+                     "--strategy", "ddp_spawn", "--logger", "csv", "--out", run)
+    assert rc == 0, err
+    import csv
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("train_loss")]
+    assert [float(r["train_loss"]) for r in logged] == pytest.approx(
+        [float(r["train_loss"]) for r in metrics_without_time(run)])
+    for name in ("wandb", "mlflow"):
+        line = one_line_error(capsys, "train", "--devices", "2", "--strategy", "ddp_spawn", "--logger", name,
+                              "--out", tmp_path / name)
+        assert f"--logger {name} does not work with --strategy ddp_spawn" in line, line
+        assert not (tmp_path / name).exists()
+
+
 def test_a_damaged_metrics_csv_is_one_line_before_any_training(tmp_path, capsys):
     """RUN/metrics.csv or the csv tracker's file that is not text, or holds a runaway quoted
     field: resume and report ended in a traceback (the tracker's only after another epoch
