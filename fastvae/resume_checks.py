@@ -71,9 +71,21 @@ def _check_settings(run_dir: Path, state: dict, config: TrainConfig) -> None:
     # a prepared dataset is known by its dataset_id (train() compares it), not by its path:
     # a copy elsewhere (another disk, a bucket) resumes the run
     identity = [k for k in resume_identity(saved) if not (k == "data" and state.get("data_id"))]
+    if _has_own_split(saved, state, config):  # the split settings change nothing there (a note says so)
+        identity = [k for k in identity if k not in ("test_fraction", "split_seed")]
     run_folder.check_resume(
         run_dir, saved, config.to_dict(), identity,
         mid_epoch=bool(state.get("batch_in_epoch")),
         saved_world_size=int(state.get("world_size", 1)),
         world_size=config.devices * config.num_nodes,
     )
+
+
+def _has_own_split(saved: dict, state: dict, config: TrainConfig) -> bool:
+    """Whether the run's data holds out a split of its own, whatever --test-fraction and
+    --split-seed say: bundled data (the same name) or a prepared dataset (its id recorded)."""
+    from fastvae.data import is_bundled
+
+    data_id = state.get("data_id")
+    prepared = isinstance(data_id, str) and not data_id.startswith("content:")
+    return prepared or (is_bundled(saved.get("data")) and config.data == saved.get("data"))

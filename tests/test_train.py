@@ -493,3 +493,26 @@ def test_fp16_on_a_cpu_is_one_note_and_runs_as_bf16(tmp_path, capsys):
     assert main([*common, "--precision", "bf16-mixed", "--out", str(tmp_path / "bf16")]) == 0
     losses = [run_folder.read_metrics(tmp_path / run / "metrics.csv")[-1]["train_loss"] for run in ("fp16", "bf16")]
     assert losses[0] == losses[1]
+
+
+def test_resume_takes_split_settings_that_change_nothing(tmp_path, capsys):
+    """--test-fraction / --split-seed on a resume of data with a split of its own (digits, a
+    prepared dataset) change nothing: a note, as for a new run (it was refused as another run);
+    on data that the run split itself they stay refused (another held-out set)."""
+    import numpy as np
+
+    from fastvae.cli import main
+
+    common = ["--hidden-dim", "8", "--latent-dim", "2", "--quiet", "--no-pictures", "--reparam", "torch",
+              "--threads", "1"]
+    digits = tmp_path / "digits-run"
+    assert main(["train", "--epochs", "1", *common, "--out", str(digits)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(digits), "--epochs", "2", "--test-fraction", "0.2"]) == 0
+    assert "--test-fraction 0.2 changes nothing" in capsys.readouterr().err
+    np.save(tmp_path / "rows.npy", np.random.default_rng(0).integers(0, 256, (60, 4, 4), dtype=np.uint8))
+    own = tmp_path / "npy-run"
+    assert main(["train", "--epochs", "1", *common, "--data", str(tmp_path / "rows.npy"), "--out", str(own)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(own), "--epochs", "2", "--split-seed", "3"]) == 2
+    assert "setting(s) split_seed (0, now 3) differ" in capsys.readouterr().err
