@@ -394,7 +394,8 @@ def check_resume(run_dir, saved: dict, settings: dict, identity: tuple[str, ...]
     changed = [f"{k} ({saved.get(k)!r}, now {settings.get(k)!r})" for k in identity if saved.get(k) != settings.get(k)]
     batching = []
     if mid_epoch:
-        batching = [k for k in ("batch_size", "seed") if saved.get(k) != settings.get(k)]
+        batching = [f"{k} ({saved.get(k)!r}, now {settings.get(k)!r})" for k in ("batch_size", "seed")
+                    if saved.get(k) != settings.get(k)]
         if saved_world_size != world_size:
             batching.append(f"devices ({saved_world_size} process(es), now {world_size})")
     if changed or batching:

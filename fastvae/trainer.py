@@ -850,7 +850,7 @@ def _note_stale_outputs(run_dir: Path) -> None:
     commands = [f"'fastvae {command}'" for command, kind in (("export", ".onnx"), ("report", "report."))
                 if any(kind in name for name in stale)]
     if stale:
-        print(f"note: {', '.join(stale)} in {run_dir} show the model before this training: run "
+        print(f"note: {', '.join(stale)} in {run_dir} {'shows' if len(stale) == 1 else 'show'} the model before this training: run "
               f"{' and '.join(commands)} again", file=sys.stderr)
 
 

@@ -317,6 +317,9 @@ def test_callbacks_and_config_files_that_fail_are_one_line(tmp_path, capsys):
     rc, _, err = run_cli("train", "--config", tmp_path / "c.toml", "--epochs", "0", "--out", tmp_path / "r")
     assert_one_line_error(rc, err, "--epochs must be a positive integer")
     assert "c.toml" not in err  # the 0 came from the command line, not the file
+    (tmp_path / "lg.json").write_text('{"loggers": "csv, foo"}')  # --logger's key is loggers
+    rc, _, err = run_cli("train", "--config", tmp_path / "lg.json", "--out", tmp_path / "r")
+    assert_one_line_error(rc, err, f"{tmp_path / 'lg.json'}: --logger 'foo' is not supported")
 
 
 def test_a_compile_mode_implies_compile_and_is_validated_in_config_files():

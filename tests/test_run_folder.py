@@ -191,7 +191,7 @@ def test_resume_rules():
     # between epochs the batch size, seed and world size may change; mid-epoch they may not
     run_folder.check_resume("run", saved, {**saved, "batch_size": 32}, identity, mid_epoch=False,
                             saved_world_size=1, world_size=2)
-    with pytest.raises(FastVAEError, match=r"batch_size, devices \(1 process\(es\), now 2\) differ .* mid-epoch"):
+    with pytest.raises(FastVAEError, match=r"batch_size \(64, now 32\), devices \(1 process\(es\), now 2\) differ .* mid-epoch"):
         run_folder.check_resume("run", saved, {**saved, "batch_size": 32}, identity, mid_epoch=True,
                                 saved_world_size=1, world_size=2)
 

@@ -310,7 +310,7 @@ def test_a_mid_epoch_checkpoint_keeps_its_epochs_end_and_another_batch_size_stay
         train(make_config(out=run, checkpoint_every=5), callbacks=[CheckpointSteps(crash_at=33)])
     kept = run / "checkpoints" / "epoch_end.ckpt"
     assert read_checkpoint(run)["step"] == 30 and read_checkpoint(kept)["step"] == 24
-    with pytest.raises(FastVAEError, match=r"batch_size differ .* mid-epoch"):
+    with pytest.raises(FastVAEError, match=r"batch_size \(64, now 32\) differ .* mid-epoch"):
         train(make_config(out=run, batch_size=32, checkpoint_every=5), resume=True)
     assert read_checkpoint(run)["step"] == 30 and read_checkpoint(kept)["step"] == 24
     train(make_config(out=run, checkpoint_every=5), resume=True)

@@ -228,8 +228,9 @@ def _check_saved(saved: dict, out) -> None:
 
 
 def _named(message: str) -> list[str]:
-    """Settings named as --flags in an error message, as config keys."""
-    return [w[2:].replace("-", "_") for w in message.split() if w.startswith("--")]
+    """Settings named as --flags in an error message, as config keys (--logger: loggers)."""
+    keys = [w[2:].replace("-", "_") for w in message.split() if w.startswith("--")]
+    return ["loggers" if k == "logger" else k for k in keys]
 
 
 def load_callback(name: str):
