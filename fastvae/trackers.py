@@ -45,8 +45,9 @@ def make_loggers(run_dir: str | Path, names: list[str], hyperparams: dict | None
             raise FastVAEError(f"--logger {name} needs the {package} package, which is not installed: "
                                f"run 'pip install {package}', or train without --logger {name}")
         try:
-            # --quiet (settings with progress off): wandb's own ~25 lines of run summary too
-            quiet = {"quiet": not hyperparams.get("progress", True)} if name == "wandb" and hyperparams else {}
+            # --quiet (settings with progress off): wandb's own ~25 lines of run summary too, and
+            # MLflow's INFO lines
+            quiet = {"quiet": not hyperparams.get("progress", True)} if name in ("wandb", "mlflow") and hyperparams else {}
             logger = globals()[f"_{name}"](Path(run_dir), **quiet)
         except ImportError as exc:  # installed but broken (a missing or mismatched dependency)
             raise FastVAEError(f"--logger {name}: the installed {package or name} package cannot be "
@@ -138,8 +139,13 @@ def _wandb_reinit(version: str):
     return "finish_previous" if tuple(int(p or 0) for p in parts) >= (0, 19, 10) else True
 
 
-def _mlflow(run_dir: Path):
+def _mlflow(run_dir: Path, quiet: bool = False):
+    import logging
+
     import mlflow
+
+    if quiet:  # --quiet: not its INFO lines either ("Creating initial MLflow database tables...")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     class MlflowTracker(_base()):
         """An MLflow run as a Fabric logger (a store in the run folder by default)."""

@@ -127,6 +127,18 @@ def test_quiet_also_quiets_wandb(tmp_path, offline, quiet):
     assert ("Run summary" in out + err) is not quiet, out + err
 
 
+@pytest.mark.skipif(not (HAVE_MLFLOW and HAVE_SQLALCHEMY), reason="mlflow with SQLAlchemy is not installed")
+def test_quiet_also_quiets_mlflow(tmp_path, offline):
+    """--quiet: not MLflow's INFO lines either ("Creating initial MLflow database tables...")."""
+    from testkit import SUBPROCESS_ENV, run_cli
+
+    rc, out, err = run_cli("train", "--epochs", "1", "--hidden-dim", "16", "--latent-dim", "2", "--no-pictures",
+                           "--reparam", "torch", "--out", tmp_path / "run", "--logger", "mlflow", "--quiet",
+                           env={**SUBPROCESS_ENV, **{k: v for k, v in os.environ.items() if "PROXY" in k.upper()}})
+    assert rc == 0, err
+    assert [line for line in err.splitlines() if line.strip()] == [], err
+
+
 def _written(path, needles, deadline_s: float = 60.0) -> bytes:
     """``path``'s bytes once they hold every needle (or at the deadline): wandb's service
     process writes the offline run file behind ``run.finish()``, later on a loaded machine."""
