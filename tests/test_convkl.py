@@ -475,6 +475,10 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert main(["decode", str(run / "decoder.onnx"), str(tmp_path / "z.npy"), "--out", str(tmp_path / "one.npy"),
                  "--tile", "64"]) == 0  # 48 x 32 px: one tile
     assert "decoded whole (one --tile 64 covers it)" in capsys.readouterr().out
+    # a tile under 4f (f = 4 here) still blends: at least one latent position of overlap (it was 0)
+    assert main(["decode", str(run / "decoder.onnx"), str(tmp_path / "z.npy"), "--out", str(tmp_path / "t.npy"),
+                 "--tile", "12"]) == 0
+    assert "tiles of 12 px (overlap 4 px)" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):

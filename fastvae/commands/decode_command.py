@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=arg_types.path, required=True, help="a .npy file, or a folder for one PNG per image")
     parser.add_argument("--tile", type=int, help="tile size in output pixels (a multiple of f); None: decode whole")
     parser.add_argument("--overlap", type=int, default=None,
-                        help="overlap of neighbouring tiles in output pixels (a multiple of f; default tile/4 rounded to f)")
+                        help="overlap of neighbouring tiles in output pixels (a multiple of f; default tile/4 rounded "
+                             "down to f, at least f)")
     parser.add_argument("--batch-size", type=int, default=16, help="latents per onnxruntime call")
     parser.add_argument("--threads", type=arg_types.onnx_threads, help="onnxruntime intra-op threads; None: one per physical core")
     parser.add_argument("--check-untiled", action="store_true",
@@ -80,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"--tile: {args.model} decodes flat codes ({decoder.latent_dim} values), which "
                            "are not tiled; leave out --tile, --overlap and --check-untiled")
     if args.tile is not None:
-        default = args.tile // 4 // f * f
+        # a quarter of the tile in whole latent positions, and at least one where the tile has
+        # room (rounding down left tiles under 4f without any blending: 4x the seams)
+        default = max(f, args.tile // 4 // f * f) if args.tile >= 2 * f else 0
         tile, overlap = check_tiling(args.tile, default if args.overlap is None else args.overlap, f)
     elif args.overlap is not None or args.check_untiled:
         raise FastVAEError("--overlap and --check-untiled go with --tile N")
