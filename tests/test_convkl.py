@@ -595,3 +595,31 @@ def test_convkl_trains_on_cuda_in_bf16_with_cuda_graphs_and_the_fused_kernel(tmp
     z_ref, kl_ref = reparameterize_kl_reference(flat, flat * 0.1, eps=philox_eps(3, *flat.shape, device="cuda"))
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_a_colour_image_in_fewer_latent_channels_starts_from_luma_and_chroma(c):
+    """c < 3 latent channels for colour images: the image skip kept red alone (green and blue
+    started flat grey: ~12 dB on the photos where the bicubic codec gives ~26); now it keeps
+    luma (c = 1) or luma and the blue difference (c = 2), Pillow's YCbCr of the same pixels, and
+    the decoder maps them back to colour."""
+    from PIL import Image
+
+    from fastvae.models.convkl import SKIP_GAIN
+
+    model = tiny_model(shape=(3, 8, 8), latent_channels=c).eval()
+    rgb = np.random.default_rng(c).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        latent = model.encoder.skip(x)  # the 1x1 map alone: per pixel
+        back = model.decoder.skip(latent)
+    ycbcr = np.asarray(Image.fromarray(rgb).convert("YCbCr"), dtype=np.float64) / 255  # Cb, Cr offset 128/255
+    expect = [ycbcr[..., 0] - 0.5, ycbcr[..., 1] - 128 / 255][:c]
+    for k in range(c):
+        np.testing.assert_allclose(latent[0, k].numpy() / SKIP_GAIN, expect[k], atol=1 / 255)
+    luma = ycbcr[..., 0]
+    if c == 1:  # grey of the image's luma in every channel
+        for channel in range(3):
+            np.testing.assert_allclose(back[0, channel].numpy(), luma, atol=1 / 255)
+    else:  # blue is luma + 1.772 Cb exactly (no red difference kept)
+        np.testing.assert_allclose(back[0, 2].numpy(), luma + 1.772 * (ycbcr[..., 1] - 128 / 255), atol=4 / 255)

@@ -204,21 +204,39 @@ class ConvKLDecoder(nn.Module):
         return image
 
 
+# JPEG's YCbCr (BT.601, full range): luma, then the blue and red differences; where a colour
+# image has more channels than the latent (c < 3), the skip keeps the first c of these
+TO_LUMA_CHROMA = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+FROM_LUMA_CHROMA = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0))
+
+
 def _image_to_latent_init(conv: nn.Conv2d) -> None:
-    """latent channel k = (pixel channel k - 0.5) * SKIP_GAIN for k < min(c, C), others 0."""
+    """latent channel k = (pixel channel k - 0.5) * SKIP_GAIN for k < min(c, C), others 0; a
+    colour image in fewer latent channels (c < 3): luma (- 0.5) then chroma, times SKIP_GAIN
+    (channel k alone kept only red: green and blue started flat grey, ~12 dB at c = 1)."""
     with torch.no_grad():
         conv.weight.zero_()
         conv.bias.zero_()
+        if conv.in_channels == 3 and conv.out_channels < 3:
+            for k in range(conv.out_channels):
+                conv.weight[k, :, 0, 0] = SKIP_GAIN * torch.tensor(TO_LUMA_CHROMA[k])
+            conv.bias[0] = -0.5 * SKIP_GAIN
+            return
         for k in range(min(conv.in_channels, conv.out_channels)):
             conv.weight[k, k] = SKIP_GAIN
             conv.bias[k] = -0.5 * SKIP_GAIN
 
 
 def _latent_to_image_init(conv: nn.Conv2d) -> None:
-    """The inverse map: pixel channel k = latent channel k / SKIP_GAIN + 0.5 (grey elsewhere)."""
+    """The inverse map: pixel channel k = latent channel k / SKIP_GAIN + 0.5 (grey elsewhere);
+    from luma and chroma, the colour they give (the chroma left out taken as 0)."""
     with torch.no_grad():
         conv.weight.zero_()
         conv.bias.fill_(0.5)
+        if conv.out_channels == 3 and conv.in_channels < 3:
+            for k in range(conv.in_channels):
+                conv.weight[:, k, 0, 0] = torch.tensor([row[k] for row in FROM_LUMA_CHROMA]) / SKIP_GAIN
+            return
         for k in range(min(conv.in_channels, conv.out_channels)):
             conv.weight[k, k] = 1.0 / SKIP_GAIN
 
