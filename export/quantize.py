@@ -52,9 +52,67 @@ def to_fp16(model, fp32_ops=()):
 
             own = getattr(importlib.import_module(convert_float_to_float16.__module__), "DEFAULT_OP_BLOCK_LIST", [])
             block = sorted(set(own) | set(fp32_ops))
-        half = convert_float_to_float16(source, keep_io_types=True, op_block_list=block)
+        half = convert_float_to_float16(source, keep_io_types=True, op_block_list=block,
+                                        node_block_list=logit_path(source.graph) or None)
+    _skip_round_trips(half.graph)
     topological_sort(half.graph)  # the converter appends its input Casts at the end
     return half
+
+
+def _skip_round_trips(graph) -> None:
+    """fp32 nodes that read a float32 value through Cast(fp16) then Cast(fp32) - a graph input
+    (cast to fp16 once for the fp16 nodes) or another fp32 node's output - read the value
+    itself: the round trip kept 11 bits (of the latent, of the skip path's pixels). Values of
+    other types (an integer cast to float) and of unknown type are left as they are; the unused
+    back-casts are dropped."""
+    import onnx
+
+    def to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    fp32 = {v.name for v in (*graph.input, *graph.value_info, *graph.output)
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    producer = {out: node for node in graph.node for out in node.output}
+    direct = {}
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if (to(node) == onnx.TensorProto.FLOAT and first is not None and first.op_type == "Cast"
+                and to(first) == onnx.TensorProto.FLOAT16 and first.input[0] in fp32):
+            direct[node.output[0]] = first.input[0]
+    if not direct:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in direct:
+                node.input[i] = direct[name]
+    graph_outputs = {o.name for o in graph.output}
+    kept = [n for n in graph.node if not (n.op_type == "Cast" and n.output[0] in direct
+                                          and n.output[0] not in graph_outputs)]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def logit_path(graph) -> list[str]:
+    """Names of the nodes a ``Log`` depends on, the Log too (named here where unnamed): a
+    probability's logit, log(p / (1 - p)) of p clamped to [1e-3, 1 - 1e-3] (a spatial decoder's
+    Bernoulli skip path), stays fp32 - fp16 steps by 4.9e-4 near 1, so 1 - p and its logit were
+    off by up to ~0.7 - and the cheap per-pixel nodes before it (the 1x1 map, the upsampling)
+    with it. A decoder without a Log: none."""
+    producer = {out: node for node in graph.node for out in node.output}
+    todo = [node for node in graph.node if node.op_type == "Log"]
+    seen: dict[int, object] = {}
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen[id(node)] = node
+        todo += [producer[name] for name in node.input if name in producer]
+    names = []
+    for i, node in enumerate(seen.values()):
+        if not node.name:
+            node.name = f"fastvae_logit_path_{i}"
+        names.append(node.name)
+    return names
 
 
 INT8_OPS = ("MatMul", "Gemm")  # what to_int8 quantizes

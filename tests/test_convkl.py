@@ -229,6 +229,29 @@ def test_onnx_decoder_matches_torch_at_two_latent_sizes(exported):
     assert 0 < report.variants[0].max_abs_error_mean < 1e-2
 
 
+def test_fp16_bernoulli_logits_near_the_clamp_stay_fp32_precise(tmp_path):
+    """The Bernoulli skip path's logit(clamp(p, 1e-3, 1 - 1e-3)) ran in fp16, which steps by
+    4.9e-4 near 1 (and the latent went through fp16 first): logits near the clamp were off by
+    up to ~0.2 (measured on a trained decoder); now its nodes read the fp32 latent and stay
+    fp32. Latents that drive most pixels near the clamp: the fp16 logits within 5e-3."""
+    import onnxruntime as ort
+
+    from fastvae.export import export_decoder
+    from fastvae.models.convkl import SKIP_GAIN
+
+    model = tiny_model(likelihood="bernoulli")
+    report = export_decoder(model, tmp_path / "decoder.onnx", fp16=True)
+    rng = np.random.default_rng(0)
+    # skip latent k = (pixel - 0.5) * SKIP_GAIN: pixels within 2e-3 of 0 and 1, and others
+    pixels = rng.choice([0.0005, 0.002, 0.998, 0.9995, 0.3], size=(4, 4, 4, 4)).astype(np.float32)
+    z = (pixels - 0.5) * SKIP_GAIN + rng.normal(0, 1e-3, pixels.shape).astype(np.float32)
+    full, half = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                  for path in (report.path, report.variants[0].path))
+    params32, params16 = (session.run(["params"], {"z": z})[0] for session in (full, half))
+    assert np.abs(params32).max() > 6  # logits at the clamp (+-6.9) are among them
+    np.testing.assert_allclose(params16, params32, atol=5e-3, rtol=0)
+
+
 def test_exported_graphs_declare_the_shapes_they_make(exported):
     """Tools that trust declared shapes (TensorRT, generated clients) read them: a decoder's
     images are image_height x image_width (f times the latent's), an encoder's latents have c
