@@ -16,6 +16,8 @@ Both use the torch reference for z (a fixed generator makes them repeatable).
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -133,7 +135,10 @@ def iwae_nll_sum(model, data, k: int, *, batch_size: int = 64, seed: int = 0,
     batches = tqdm(eval_batches(data, batch_size, device), total=math.ceil(len(data) / batch_size),
                    desc=f"IWAE k={k}", disable=None if progress else True, leave=False)
     dtype = param_dtype(model)
-    for _, x in batches:
+    started, count = time.perf_counter(), math.ceil(len(data) / batch_size)
+    for i, (_, x) in enumerate(batches):
+        if i == 1 and progress:  # one batch timed: a bound of many minutes says so (a bar shows only on a terminal)
+            note_long_iwae(k, (time.perf_counter() - started) * count)
         x = x.to(dtype)
         mu, logvar = (at_least_fp32(t).flatten(1) for t in model.encode(x))  # (B, D), D = c*h*w
         log_w = []
@@ -147,6 +152,15 @@ def iwae_nll_sum(model, data, k: int, *, batch_size: int = 64, seed: int = 0,
             log_w.append(iwae_log_weights(recon_ll, z, mu, logvar, eps=eps))
         total -= iwae_bound(torch.cat(log_w)).double().sum().item()
     return total
+
+
+LONG_IWAE_S = 120  # an IWAE bound expected to take longer gets a note with its estimate
+
+
+def note_long_iwae(k: int, seconds: float) -> None:
+    if seconds > LONG_IWAE_S:
+        print(f"note: the IWAE bound with {k} samples per example will take about {seconds / 60:.0f} min "
+              "here (--iwae-k 10 gives a quicker, looser bound; 0 skips it)", file=sys.stderr)
 
 
 def param_dtype(model) -> torch.dtype:

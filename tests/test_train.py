@@ -516,3 +516,24 @@ def test_resume_takes_split_settings_that_change_nothing(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(own), "--epochs", "2", "--split-seed", "3"]) == 2
     assert "setting(s) split_seed (0, now 3) differ" in capsys.readouterr().err
+
+
+def test_a_long_iwae_bound_says_how_long_it_will_take(make_config, digits, capsys, monkeypatch):
+    """The default K = 1000 took ~29 min on the photos recipe with nothing said where no bar
+    shows (a batch job's log): the first batch is timed, and a bound estimated past
+    LONG_IWAE_S gets one note with the estimate; --quiet (progress off) stays silent."""
+    from fastvae import evaluation
+    from fastvae.evaluation import evaluate
+
+    config = make_config(epochs=1)
+    train(config)
+    model = load(config.out)
+    capsys.readouterr()
+    evaluate(model, digits.test[:200], iwae_k=20, progress=True)
+    assert "IWAE" not in capsys.readouterr().err  # well under the threshold
+    monkeypatch.setattr(evaluation, "LONG_IWAE_S", -1.0)  # every bound is "long"
+    evaluate(model, digits.test[:200], iwae_k=20, progress=True)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "IWAE bound with 20 samples per example will take about" in notes[0], notes
+    evaluate(model, digits.test[:200], iwae_k=20, progress=False)
+    assert "note:" not in capsys.readouterr().err
