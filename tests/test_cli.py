@@ -646,3 +646,22 @@ def test_the_command_exits_with_a_thread_pool_left_open(tmp_path):
                            "--no-pictures", "--quiet", "--out", tmp_path / "run", "--callback",
                            "pause_points:ThreadPoolAtStart", env=env, timeout=90)
     assert rc == 0 and "pool started" in out, err[-2000:]
+
+
+def test_flags_the_model_does_not_read_are_one_note(tmp_path, capsys):
+    """--latent-dim / --hidden-dim with --model convkl, --downsample / --attention with an MLP:
+    trained with nothing said (the report's "Left out" said it afterwards); now one note."""
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (40, 3, 8, 8), dtype=np.uint8))
+    rc = main(["train", "--model", "convkl", "--data", str(images), "--downsample", "2", "--width", "4",
+               "--channel-mult", "1,1", "--epochs", "1", "--quiet", "--no-pictures", "--latent-dim", "5",
+               "--hidden-dim", "7", "--out", str(tmp_path / "k")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "note: --latent-dim and --hidden-dim change nothing for --model convkl" in err, err
+    rc = main(["train", "--epochs", "1", "--quiet", "--no-pictures", "--hidden-dim", "8", "--downsample", "8",
+               "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "note: --downsample changes nothing for --model mlp" in err, err
+    assert main(["train", "--epochs", "1", "--quiet", "--no-pictures", "--hidden-dim", "8",
+                 "--out", str(tmp_path / "plain")]) == 0
+    assert "changes nothing" not in capsys.readouterr().err

@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.data import absolute_source, note_shadowed_folder
 
     note_shadowed_folder(config.data)
+    _note_unread_settings(config, given)
     config.data = absolute_source(config.data)  # config.json works from any folder
 
     from fastvae.trainer import train
@@ -225,6 +226,22 @@ def _check_saved(saved: dict, out) -> None:
         remedy = ("repair it, or delete it to resume with the checkpoint's settings"
                   if where.name == run_folder.CONFIG_JSON else "train into a new --out")
         raise FastVAEError(f"{exc} ({remedy})") from None
+
+
+def _note_unread_settings(config, given: dict) -> None:
+    """One note naming the flags given on the command line that the chosen model does not read
+    (an MLP's --downsample, convkl's --latent-dim): they change nothing, and said nothing."""
+    import sys
+
+    from fastvae.config import unused_settings
+    from fastvae.trainer import _first_process
+
+    unread = [f"--{k.replace('_', '-')}" for k in unused_settings(config.model) if k in given]
+    if unread and _first_process():
+        why = ("its latent is --latent-channels x H/f x W/f, its size --width" if config.model == "convkl"
+               else "they are --model convkl settings")
+        print(f"note: {' and '.join(unread)} change{'s' if len(unread) == 1 else ''} nothing for --model "
+              f"{config.model} ({why})", file=sys.stderr)
 
 
 def _named(message: str) -> list[str]:
