@@ -234,12 +234,15 @@ class DisconnectWatch:
 
 def client_metadata(metadata: dict[str, str]) -> dict[str, str]:
     """The decoder file's metadata as /metadata shows it: ``source`` cut to the run folder's
-    name (the file keeps the absolute path; a client has no use for the exporting machine's
-    folders, and they are not its business)."""
+    name, or a checkpoint's path from its run folder on (the file keeps the absolute path; a
+    client has no use for the exporting machine's folders, and they are not its business)."""
     source = metadata.get("source")
-    if source and os.path.isabs(source):
-        return {**metadata, "source": os.path.basename(source.rstrip("/\\")) or source}
-    return metadata
+    if not source or not os.path.isabs(source):
+        return metadata
+    parts = [p for p in source.replace("\\", "/").split("/") if p]
+    # a checkpoint: from its run folder on (RUN/checkpoints/last.ckpt, RUN/x.ckpt)
+    keep = 1 if not source.endswith(".ckpt") else 3 if len(parts) > 2 and parts[-2] == "checkpoints" else 2
+    return {**metadata, "source": "/".join(parts[-keep:]) or source}
 
 
 def build_app(sampler, limits: Limits, batching: Batching):

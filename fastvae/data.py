@@ -494,14 +494,19 @@ def _quiet_pillow(file: Path | None = None):
     from PIL import Image
 
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+        # Pillow's own UserWarnings recorded, every time; others keep the caller's filters
+        warnings.filterwarnings("always", category=UserWarning, module=r"PIL(\.|$)")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
         yield
-    for w in caught:
-        if not issubclass(w.category, UserWarning):  # not Pillow's about the file: as Python shows it
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    said = dict.fromkeys(one_line(w.message) for w in caught if issubclass(w.category, UserWarning))
+
+    def pillows(w) -> bool:
+        return issubclass(w.category, UserWarning) and f"{os.sep}PIL{os.sep}" in w.filename
+
+    for w in caught:  # others, recorded rather than shown inside the block: shown as they were
+        if not pillows(w):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    said = dict.fromkeys(one_line(w.message) for w in caught if pillows(w))
     if said and file is not None and _pillow_notes[0] < PILLOW_NOTES:  # (Pillow repeats a tag's)
         _pillow_notes[0] += 1
         more = " (further such notes of this process are not shown)" if _pillow_notes[0] == PILLOW_NOTES else ""
@@ -617,14 +622,26 @@ def fit_image(img, size: int):
 DARK_PEAK = 16  # no pixel of a folder above 15 of 255: what 16-bit files of 8- or 12-bit values become
 
 
-def note_dark_images(folder: Path, peak: int) -> None:
-    """One note when the brightest pixel of a whole image folder is under ``DARK_PEAK``: 16-bit
-    images are read as value / 256 (their full range), so files holding 8- or 12-bit values in
-    16 bits came out black or nearly, with nothing else to say so."""
-    if peak < DARK_PEAK:
+def note_dark_images(folder: Path, peak: int, files) -> None:
+    """One note when the brightest pixel of a whole image folder of ``files``, some of them
+    16-bit, is under ``DARK_PEAK``: 16-bit images are read as value / 256 (their full range), so
+    files holding 8- or 12-bit values in 16 bits came out black or nearly, with nothing else to
+    say so (a folder of dark 8-bit images, class masks say, gets no note)."""
+    if peak < DARK_PEAK and any(_is_wide(file) for file in files):
         print(f"note: the brightest pixel of the images in {folder} is {peak} of 255: 16-bit images are "
               "read as value / 256, so files holding 8- or 12-bit values come out black or nearly; "
               "scale them to the 16-bit range or save them as 8-bit images", file=sys.stderr)
+
+
+def _is_wide(file: Path) -> bool:
+    """Whether an image file is 16-bit (or 32-bit integer) grayscale, by its header."""
+    from PIL import Image
+
+    try:
+        with _quiet_pillow(), Image.open(file) as img:
+            return img.mode in WIDE_GRAY_MODES
+    except _image_errors():
+        return False
 
 
 def different_sizes_error(file: Path, size: tuple, first: Path, first_size: tuple) -> FastVAEError:
@@ -647,7 +664,7 @@ def _image_folder(folder: Path, split: tuple[float, int, int], grayscale: bool) 
         arrays.append(decode_image(file, channels))
         if isinstance(arrays[-1], str):
             raise FastVAEError(f"image {file} could not be read: {arrays[-1]}")
-    note_dark_images(folder, max(int(a.max(initial=0)) for a in arrays))
+    note_dark_images(folder, max(int(a.max(initial=0)) for a in arrays), files)
     if is_test is None:
         return _split(folder.name, np.stack(arrays), labels, folder, split)
     test = torch.from_numpy(is_test)

@@ -59,15 +59,19 @@ def precision_kwargs(config: TrainConfig) -> dict:
         return {"precision": config.precision}
     if fp16_runs_as_bf16(config):
         return {"precision": "bf16-mixed"}
-    return {"plugins": [fp16_plugin("cuda")]} if config.strategy == "fsdp" else {"precision": "16-mixed"}
+    if config.strategy == "fsdp" and (config.accelerator in ("cuda", "gpu") or torch.cuda.is_available()):
+        return {"plugins": [fp16_plugin("cuda")]}
+    return {"precision": "16-mixed"}
 
 
 def fp16_runs_as_bf16(config: TrainConfig) -> bool:
     """Whether ``--precision 16-mixed`` runs as bf16-mixed: on a CPU, where fp16 autocast does
-    not run (``train`` notes it once)."""
+    not run (``train`` notes it once); CUDA and Apple's MPS run fp16, as Fabric resolves them."""
     accelerator = config.accelerator
-    on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    return config.precision == "16-mixed" and not on_cuda
+    mps = getattr(torch.backends, "mps", None)
+    gpu = torch.cuda.is_available() or bool(mps and mps.is_available())
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not gpu)
+    return config.precision == "16-mixed" and on_cpu
 
 
 def fp16_plugin(device: str, init_scale: float = 2.0**16):

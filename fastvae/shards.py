@@ -239,7 +239,11 @@ def open_dataset(source: str) -> ShardDataset:
                        for s in SPLIT_NAMES}
             if meta.get("split_ids"):
                 for split in SPLIT_NAMES:
-                    _check_split_id(_download(_join(source, split), SPLIT_ID, Path(tmp) / split), meta, source, split)
+                    try:  # (fastvae.json and the indexes came: a missing file is a half-finished sync)
+                        found = _download(_join(source, split), SPLIT_ID, Path(tmp) / split)
+                    except FastVAEError:
+                        found = Path(tmp) / split / "missing"
+                    _check_split_id(found, meta, source, split)
     else:
         root = Path(source)
         if not root.exists():
@@ -576,7 +580,7 @@ def prepare(source: str, out: str | Path, *, size: int | None = None, grayscale:
     if folder is not None:
         from fastvae.data import note_dark_images
 
-        note_dark_images(path, folder.peak)
+        note_dark_images(path, folder.peak, folder.files)
     return meta, time.perf_counter() - started
 
 

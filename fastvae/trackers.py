@@ -144,8 +144,10 @@ def _mlflow(run_dir: Path, quiet: bool = False):
 
     import mlflow
 
+    mlflow_log = logging.getLogger("mlflow")
+    level = mlflow_log.level  # restored when the run ends (a program's later runs, its own MLflow use)
     if quiet:  # --quiet: not its INFO lines either ("Creating initial MLflow database tables...")
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        mlflow_log.setLevel(logging.WARNING)
 
     class MlflowTracker(_base()):
         """An MLflow run as a Fabric logger (a store in the run folder by default)."""
@@ -163,6 +165,7 @@ def _mlflow(run_dir: Path, quiet: bool = False):
                 self.run_id = self._earlier_run() or self.client.create_run(
                     experiment, run_name=run_dir.name).info.run_id
             except Exception as exc:  # noqa: BLE001
+                mlflow_log.setLevel(level)
                 if created:  # half-migrated (a full disk): every later start would fail on it
                     for leftover in (store, store.with_name(store.name + "-journal")):
                         leftover.unlink(missing_ok=True)
@@ -201,6 +204,7 @@ def _mlflow(run_dir: Path, quiet: bool = False):
 
         def finalize(self, status):
             self.client.set_terminated(self.run_id, "FINISHED" if status == "success" else "KILLED")
+            mlflow_log.setLevel(level)
 
     return MlflowTracker()
 

@@ -497,6 +497,10 @@ def test_16_bit_files_of_8_bit_values_come_out_black_with_a_note(tmp_path, capsy
     assert "brightest pixel" in capsys.readouterr().err
     load_dataset(tmp_path / "full")
     prepare(str(tmp_path / "full"), tmp_path / "shards-full", workers=0, progress=False)
+    for label in ("a", "b"):  # dark 8-bit images (class masks): no note
+        for i in range(3):
+            save_png(tmp_path / "masks" / label / f"{i}.png", RNG.integers(0, 4, (6, 7), dtype=np.uint8))
+    load_dataset(tmp_path / "masks")
     assert "brightest" not in capsys.readouterr().err
 
 

@@ -129,6 +129,15 @@ def test_healthz_and_metadata(server, decoder):
     assert meta["decoder_metadata"] == {**in_file, "source": "mnist-run7"}
 
 
+def test_metadata_shows_a_checkpoints_path_from_its_run_folder_on():
+    from fastvae.export.http_service import client_metadata
+
+    for source, shown in (("/home/alice/runs/r7/checkpoints/last.ckpt", "r7/checkpoints/last.ckpt"),
+                          ("/home/alice/runs/r7/epoch3.ckpt", "r7/epoch3.ckpt"), ("/srv/r7/", "r7"),
+                          ("<in-memory module>", "<in-memory module>")):
+        assert client_metadata({"source": source, "k": "v"}) == {"source": shown, "k": "v"}
+
+
 def test_sample_npy_is_the_seeded_decoder_output(server, decoder):
     path, weights = decoder
     x = server.sample(n=7, seed=11)

@@ -484,7 +484,7 @@ def test_fp16_on_a_cpu_is_one_note_and_runs_as_bf16(tmp_path, capsys):
     from fastvae.cli import main
 
     common = ["train", "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2", "--quiet", "--no-pictures",
-              "--reparam", "torch", "--threads", "1"]
+              "--reparam", "torch", "--threads", "1", "--accelerator", "cpu"]
     capsys.readouterr()
     assert main([*common, "--precision", "16-mixed", "--logger", "csv", "--out", str(tmp_path / "fp16")]) == 0
     err = capsys.readouterr().err

@@ -170,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
                                     saved_world_size=1, world_size=1)
         if args.config and any(k in from_file and k not in given for k in _named(str(exc))):
             raise FastVAEError(f"{args.config}: {exc}") from None
-        if args.resume and any(k in saved and k not in given and k not in from_file for k in _named(str(exc))):
+        named = _named(str(exc))
+        if (args.resume and not any(k in given for k in named)  # a flag given now is the one to change
+                and any(k in saved and k not in from_file for k in named)):
             where = out / run_folder.CONFIG_JSON  # a value the run saved (edited, or older than today's rules)
             where = where if where.is_file() else out / run_folder.LAST
             raise FastVAEError(f"{where}: {exc} (the run's saved value: give the flag with a valid one, "
