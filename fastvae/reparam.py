@@ -78,6 +78,7 @@ def resolve_backend(backend: Backend, device: torch.device,
     """
     if backend == "torch":
         return backend
+    _check_backend(backend)
     available = triton_available(device, dtype)
     if backend == "triton" and not available:
         raise FastVAEError(
@@ -85,6 +86,11 @@ def resolve_backend(backend: Backend, device: torch.device,
             "(it needs CUDA and triton, or TRITON_INTERPRET=1 on a CPU): use --reparam auto or torch"
         )
     return "triton" if available else "torch"
+
+
+def _check_backend(backend) -> None:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
 
 def reparameterize_kl(
@@ -102,12 +108,16 @@ def reparameterize_kl(
     ``generator``) it is a 0-d tensor: on a CUDA device drawn there, so the kernel reads it and
     CUDA graphs (``--compile-mode reduce-overhead``) draw a fresh one at every replay. Either way
     reproducible under ``torch.manual_seed``, with no recompilation or graph break.
+    ``backend="triton"`` is the fused op's entry, which takes its own torch fallback where the
+    kernel cannot run (``resolve_backend("triton", device)`` raises there: ask it once first).
     """
     if backend == "auto":
         backend = resolve_backend(backend, mu.device, mu.dtype)
     if backend == "torch":
         check_mu_logvar(mu, logvar)  # the kernel's entry checks its own: one contract for both
         return reparameterize_kl_reference(mu, logvar, generator)
+    if backend != "triton":
+        _check_backend(backend)
     global _fused
     if _fused is None:  # imported by resolve_backend already; bound once, not per step
         from fastvae.kernels import reparameterize_kl as _fused

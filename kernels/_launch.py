@@ -34,7 +34,11 @@ import inspect
 from typing import Callable, Hashable
 
 import torch
-import triton
+
+try:
+    import triton
+except ImportError:  # no kernel runs (fastvae.kernels._no_triton): nothing is launched here
+    from fastvae.kernels import _no_triton as triton
 
 # JITFunction.run's launch call, as written in triton 3.6 .. 3.9 (python/triton/runtime/jit.py).
 _TRITON_LAUNCH = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,"

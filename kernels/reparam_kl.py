@@ -53,8 +53,16 @@ from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # macOS, Windows: the kernels cannot run; every call takes the torch reference
+    from fastvae.kernels import _no_triton as triton
+
+    tl = triton.language
+    HAVE_TRITON = False
 
 from fastvae.distributions import kl_standard_normal
 from fastvae.kernels._launch import LaunchCache
@@ -310,7 +318,7 @@ if _kernels_interpreted():
 def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     """True where the Triton kernel runs: CUDA, or CPU with TRITON_INTERPRET=1 set both now
     and when triton was imported (elsewhere the op takes its torch fallback)."""
-    if dtype not in KERNEL_DTYPES:
+    if dtype not in KERNEL_DTYPES or not HAVE_TRITON:
         return False
     return device.type == "cuda" or (_interpret() and _kernels_interpreted())
 
@@ -318,7 +326,7 @@ def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
 def _use_kernel(t: torch.Tensor) -> bool:
     """kernel_available for a tensor, cheap on CUDA (checked on every call)."""
     if t.is_cuda:
-        return t.dtype in KERNEL_DTYPES
+        return t.dtype in KERNEL_DTYPES and HAVE_TRITON
     return t.dtype in KERNEL_DTYPES and _interpret() and _kernels_interpreted()
 
 

@@ -302,3 +302,44 @@ def test_a_first_unseeded_call_under_inference_mode_leaves_later_training_calls_
     thread.join()
     assert not errors, errors
     assert results and results[0][1] == (4, 8)
+
+
+def test_fastvae_kernels_imports_and_runs_without_triton(tmp_path, monkeypatch):
+    """triton installs on Linux only: ``import fastvae.kernels`` raised ImportError elsewhere
+    (the training path caught it; the public op did not). Without triton the op is the torch
+    reference with the same seed contract: the same z and gradients as here, where a CPU
+    without TRITON_INTERPRET also takes the reference."""
+    import subprocess
+    import sys
+
+    from testkit import SUBPROCESS_ENV
+
+    script = f"""
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'triton':
+            raise ImportError('no triton here')
+sys.meta_path.insert(0, NoTriton())
+import torch
+from fastvae.kernels import kernel_available, reparameterize_kl
+from fastvae.kernels.reparam_kl import HAVE_TRITON
+mu = torch.linspace(-1, 1, 24).view(4, 6).requires_grad_(True)
+logvar = torch.linspace(-2, 0.5, 24).view(4, 6).requires_grad_(True)
+z, kl = reparameterize_kl(mu, logvar, seed=7)
+(z.sum() + kl.sum()).backward()
+torch.save((HAVE_TRITON, kernel_available(torch.device('cpu'), torch.float32), z.detach(), kl.detach(),
+            mu.grad, logvar.grad), {str(tmp_path / "out.pt")!r})
+"""
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    have, available, z, kl, gmu, glv = torch.load(tmp_path / "out.pt")
+    assert have is False and available is False
+    mu = torch.linspace(-1, 1, 24).view(4, 6).requires_grad_(True)
+    logvar = torch.linspace(-2, 0.5, 24).view(4, 6).requires_grad_(True)
+    monkeypatch.setattr(rk, "_use_kernel", lambda t: False)  # the reference here too (were kernels interpreted)
+    z_ref, kl_ref = reparameterize_kl(mu, logvar, seed=7)
+    (z_ref.sum() + kl_ref.sum()).backward()
+    for got, want in ((z, z_ref), (kl, kl_ref), (gmu, mu.grad), (glv, logvar.grad)):
+        torch.testing.assert_close(got, want.detach())

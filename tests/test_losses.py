@@ -82,6 +82,13 @@ def test_reparam_backend_resolves_to_torch_on_a_plain_cpu(monkeypatch):
     assert resolve_backend("auto", cpu) == "torch" and resolve_backend("torch", cpu) == "torch"
     with pytest.raises(FastVAEError, match="--reparam triton"):
         resolve_backend("triton", cpu)
+    # an unknown backend was taken as torch, silently
+    from fastvae.reparam import reparameterize_kl as dispatch
+
+    for call in (lambda: resolve_backend("bogus", cpu), lambda: dispatch(torch.zeros(2, 3), torch.zeros(2, 3),
+                                                                         backend="bogus")):
+        with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton', got 'bogus'"):
+            call()
 
 
 @pytest.mark.parametrize("learn", [False, True])
