@@ -381,7 +381,7 @@ def check_out_folder(run_dir: str | os.PathLike, *, resume: bool, overwrite: boo
     if holds_run(run_dir) and not overwrite:
         raise FastVAEError(
             f"--out {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
-            "replace it, or choose another folder"
+            "replace it (resume=True / overwrite=True to fastvae.train), or choose another folder"
         )
     return holds_run(run_dir)
 
