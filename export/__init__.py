@@ -4,10 +4,12 @@ Installed as ``fastvae.export``.
 
 * ``export_decoder(run_or_model, path, *, opset=None, fp16=False, int8=False) -> ExportReport``
   writes one self-contained ONNX file (input ``z``: (batch, latent_dim), or (batch, c, h, w)
-  for a spatial decoder with h and w symbolic; outputs ``mean`` and ``params``), checks it with ``onnx.checker`` and compares onnxruntime with torch. Needs torch,
+  for a spatial decoder with h and w symbolic; outputs ``mean`` and ``params``), checks it with
+  ``onnx.checker`` and compares onnxruntime with torch. Needs torch,
   which it imports only when called.
 * ``OnnxSampler(path, providers=["cpu"]).sample(n, seed=None, batch_size=1000) -> numpy array``
-  (``seed=None``: fresh samples each call; an int: reproducible) needs only numpy and onnxruntime: importing this package or the sampler never imports torch.
+  (``seed=None``: fresh samples each call; an int: reproducible) needs only numpy and
+  onnxruntime: importing this package or the sampler never imports torch.
 * ``write_triton_repository(decoder.onnx, DIR)``: a Triton Inference Server model repository.
 * ``fastvae serve`` (``http_service``): the decoder over HTTP with dynamic batching, torch-free.
 

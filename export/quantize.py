@@ -96,7 +96,7 @@ def logit_path(graph) -> list[str]:
     """Names of the nodes a ``Log`` depends on, the Log too (named here where unnamed): a
     probability's logit, log(p / (1 - p)) of p clamped to [1e-3, 1 - 1e-3] (a spatial decoder's
     Bernoulli skip path), stays fp32 - fp16 steps by 4.9e-4 near 1, so 1 - p and its logit were
-    off by up to ~0.7 - and the cheap per-pixel nodes before it (the 1x1 map, the upsampling)
+    off by up to ~0.2 on a trained decoder - and the cheap per-pixel nodes before it (the 1x1 map, the upsampling)
     with it. A decoder without a Log: none."""
     producer = {out: node for node in graph.node for out in node.output}
     todo = [node for node in graph.node if node.op_type == "Log"]

@@ -132,10 +132,11 @@ def iwae_nll_sum(model, data, k: int, *, batch_size: int = 64, seed: int = 0,
     # k samples per example: keep k * batch rows per decoder call within ``rows``
     batch_size = max(1, min(batch_size, rows // max(k, 1)))
     chunk = min(k, rows)
-    batches = tqdm(eval_batches(data, batch_size, device), total=math.ceil(len(data) / batch_size),
-                   desc=f"IWAE k={k}", disable=None if progress else True, leave=False)
+    count = math.ceil(len(data) / batch_size)
+    batches = tqdm(eval_batches(data, batch_size, device), total=count, desc=f"IWAE k={k}",
+                   disable=None if progress else True, leave=False)
     dtype = param_dtype(model)
-    started, count = time.perf_counter(), math.ceil(len(data) / batch_size)
+    started = time.perf_counter()
     for i, (_, x) in enumerate(batches):
         if i == 1 and progress:  # one batch timed: a bound of many minutes says so (a bar shows only on a terminal)
             note_long_iwae(k, (time.perf_counter() - started) * count)

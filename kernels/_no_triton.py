@@ -5,9 +5,6 @@ contract. Only what the modules touch at import time and in their host-side help
 
 from __future__ import annotations
 
-AVAILABLE = False
-
-
 def jit(fn=None, **_options):
     """``@triton.jit`` and ``@triton.jit(...)``: the function as it is (never launched)."""
     return fn if fn is not None else (lambda f: f)

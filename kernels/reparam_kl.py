@@ -81,7 +81,8 @@ TILE_GPU = 1024
 TILE_GPU_WIDE = 2048  # BLOCK_D == MAX_BLOCK_D: two rows of 1024
 TILE_INTERPRET = 1 << 16
 NUM_WARPS = 4
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the dtypes the kernel takes; none without triton (every call then takes the torch reference)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if HAVE_TRITON else ()
 _HALF_LOG2E = tl.constexpr(0.5 * math.log2(math.e))  # std = exp2(_HALF_LOG2E * logvar)
 
 
@@ -318,7 +319,7 @@ if _kernels_interpreted():
 def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     """True where the Triton kernel runs: CUDA, or CPU with TRITON_INTERPRET=1 set both now
     and when triton was imported (elsewhere the op takes its torch fallback)."""
-    if dtype not in KERNEL_DTYPES or not HAVE_TRITON:
+    if dtype not in KERNEL_DTYPES:
         return False
     return device.type == "cuda" or (_interpret() and _kernels_interpreted())
 
@@ -326,7 +327,7 @@ def kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
 def _use_kernel(t: torch.Tensor) -> bool:
     """kernel_available for a tensor, cheap on CUDA (checked on every call)."""
     if t.is_cuda:
-        return t.dtype in KERNEL_DTYPES and HAVE_TRITON
+        return t.dtype in KERNEL_DTYPES
     return t.dtype in KERNEL_DTYPES and _interpret() and _kernels_interpreted()
 
 
