@@ -87,8 +87,10 @@ server_pid=""
 # outside the checkout, whose fastvae/ folder would shadow the installed package
 (cd "$work" && "$VPY" -c "import sys, fastvae.export.http_service, fastvae.cli; assert 'torch' not in sys.modules")
 
-json=$(printf '{"date": "%s", "cpu": "%s", "python": "%s", "onnxruntime": "%s", "torch_free_site_packages_MB": %s, "torch_triton_and_deps_MB": %s, "dev_venv_site_packages_MB": %s, "cold_start_sample_cli_s": %.2f, "cold_start_serve_first_sample_s": %.2f}' \
-  "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
+# the commit as the suites record it (benchmarks/common.py: FASTVAE_GIT_COMMIT, else git)
+commit=$("$DEV_PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import git_commit; c = git_commit(); print(c["id"] + ("-dirty" if c["dirty"] else ""))')
+json=$(printf '{"date": "%s", "git_commit": "%s", "cpu": "%s", "python": "%s", "onnxruntime": "%s", "torch_free_site_packages_MB": %s, "torch_triton_and_deps_MB": %s, "dev_venv_site_packages_MB": %s, "cold_start_sample_cli_s": %.2f, "cold_start_serve_first_sample_s": %.2f}' \
+  "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$commit" "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
   "$("$VPY" -c 'import platform; print(platform.python_version())')" \
   "$("$VPY" -c 'import onnxruntime; print(onnxruntime.__version__)')" \
   "$free_mb" "$torch_mb" "$dev_mb" "$sample_s" "$serve_s")
