@@ -136,7 +136,10 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     for name, value in (("resume", resume), ("overwrite", overwrite)):
         if not isinstance(value, bool):  # overwrite="no" would read as True and replace the run
             raise FastVAEError(f"train(): {name} must be True or False, got {value!r}")
-    config.validate()
+    try:  # the command line validated its settings already: what fails here is a program's
+        config.validate()
+    except FastVAEError as exc:
+        raise FastVAEError(keyword_spelling(str(exc))) from None
     check_processes(config)
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
@@ -292,6 +295,18 @@ def load_config_data(config: TrainConfig, source: str | None = None):
     memory, or a prepared dataset to stream."""
     return load_dataset(source or config.data, test_fraction=config.test_fraction,
                         split_seed=config.split_seed, split_rule=config.split_rule, grayscale=config.grayscale)
+
+
+def keyword_spelling(message: str) -> str:
+    """A settings error as a program wrote the settings: ``--latent-dim`` as ``latent_dim``,
+    ``--logger`` as ``loggers`` (TrainConfig's field names)."""
+    import re
+
+    def keyword(match):
+        name = match.group(1).replace("-", "_")
+        return "loggers" if name == "logger" else name
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", keyword, message)
 
 
 def _first_process() -> bool:

@@ -537,3 +537,18 @@ def test_a_long_iwae_bound_says_how_long_it_will_take(make_config, digits, capsy
     assert len(notes) == 1 and "IWAE bound with 20 samples per example will take about" in notes[0], notes
     evaluate(model, digits.test[:200], iwae_k=20, progress=False)
     assert "note:" not in capsys.readouterr().err
+
+
+def test_a_programs_bad_settings_are_named_as_it_wrote_them(tmp_path):
+    """fastvae.train(TrainConfig(latent_dim=0)) said "--latent-dim must be ...": a program
+    passed a keyword, not a flag (the command line validates first and keeps its flags)."""
+    from fastvae.config import TrainConfig
+
+    for settings, said in ((dict(latent_dim=0), "latent_dim must be a positive integer"),
+                           (dict(loggers="csv,nope"), "loggers 'nope' is not supported"),
+                           (dict(learn_sigma=True, likelihood="bernoulli"),
+                            "learn_sigma needs a gaussian or laplace likelihood")):
+        with pytest.raises(FastVAEError) as refused:
+            train(TrainConfig(out=str(tmp_path / "run"), **settings))
+        assert str(refused.value).startswith(said) and "--" not in str(refused.value), str(refused.value)
+    assert not (tmp_path / "run").exists()
