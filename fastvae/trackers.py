@@ -35,28 +35,47 @@ PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
 
 def make_loggers(run_dir: str | Path, names: list[str], hyperparams: dict | None = None) -> list:
-    """Fabric loggers for ``names`` (any of ``TRACKERS``), writing under ``run_dir``."""
+    """Fabric loggers for ``names`` (any of ``TRACKERS``), writing under ``run_dir``. Every
+    tracker's package is checked (and imported) before any starts: a missing one after another
+    left that one's run and files behind (mlflow.db, trackers.json)."""
+    for name in names:
+        _check_installed(name)
     loggers = []
     for name in names:
-        if name not in TRACKERS:
-            raise FastVAEError(f"--logger {name!r} is not supported: use one or more of {', '.join(TRACKERS)}")
-        package = PACKAGES.get(name)
-        if package and importlib.util.find_spec(package) is None:
-            raise FastVAEError(f"--logger {name} needs the {package} package, which is not installed: "
-                               f"run 'pip install {package}', or train without --logger {name}")
-        try:
-            # --quiet (settings with progress off): wandb's own ~25 lines of run summary too, and
-            # MLflow's INFO lines
-            quiet = {"quiet": not hyperparams.get("progress", True)} if name in ("wandb", "mlflow") and hyperparams else {}
-            logger = globals()[f"_{name}"](Path(run_dir), **quiet)
-        except ImportError as exc:  # installed but broken (a missing or mismatched dependency)
-            raise FastVAEError(f"--logger {name}: the installed {package or name} package cannot be "
-                               f"imported: {one_line(exc)}; reinstall it, or train without "
-                               f"--logger {name}") from None
+        # --quiet (settings with progress off): wandb's own ~25 lines of run summary too, and
+        # MLflow's INFO lines
+        quiet = {"quiet": not hyperparams.get("progress", True)} if name in ("wandb", "mlflow") and hyperparams else {}
+        logger = globals()[f"_{name}"](Path(run_dir), **quiet)
         if hyperparams and name in ("wandb", "mlflow"):
             logger.log_hyperparams(hyperparams)
         loggers.append(logger)
     return loggers
+
+
+def _check_installed(name: str) -> None:
+    """One line unless tracker ``name`` is known, installed and imports."""
+    if name not in TRACKERS:
+        raise FastVAEError(f"--logger {name!r} is not supported: use one or more of {', '.join(TRACKERS)}")
+    if name == "tensorboard":
+        from lightning_fabric.loggers import tensorboard as tb
+
+        if not tb._TENSORBOARD_AVAILABLE and not tb._TENSORBOARDX_AVAILABLE:
+            raise FastVAEError(
+                "TensorBoard logging needs the tensorboard package, which is not installed: run "
+                "'pip install tensorboard' (or 'pip install tensorboardX'), or train without "
+                "--tensorboard / --logger tensorboard"
+            )
+    package = PACKAGES.get(name)
+    if not package:
+        return
+    if importlib.util.find_spec(package) is None:
+        raise FastVAEError(f"--logger {name} needs the {package} package, which is not installed: "
+                           f"run 'pip install {package}', or train without --logger {name}")
+    try:
+        importlib.import_module(package)
+    except ImportError as exc:  # installed but broken (a missing or mismatched dependency)
+        raise FastVAEError(f"--logger {name}: the installed {package} package cannot be imported: "
+                           f"{one_line(exc)}; reinstall it, or train without --logger {name}") from None
 
 
 def _csv(run_dir: Path):
@@ -68,12 +87,6 @@ def _csv(run_dir: Path):
 def _tensorboard(run_dir: Path):
     from lightning_fabric.loggers import tensorboard as tb
 
-    if not tb._TENSORBOARD_AVAILABLE and not tb._TENSORBOARDX_AVAILABLE:
-        raise FastVAEError(
-            "TensorBoard logging needs the tensorboard package, which is not installed: run "
-            "'pip install tensorboard' (or 'pip install tensorboardX'), or train without "
-            "--tensorboard / --logger tensorboard"
-        )
     return tb.TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="")
 
 

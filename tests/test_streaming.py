@@ -653,6 +653,21 @@ def test_a_tracker_package_that_fails_to_import_is_one_line(tmp_path, capsys, mo
     assert "cannot be imported" in line and "a_dependency_that_is_not_installed_xyz" in line
 
 
+def test_a_missing_tracker_package_starts_no_other_tracker(tmp_path, capsys, monkeypatch):
+    """--logger mlflow --tensorboard without tensorboard: the one-line error came after MLflow
+    had started its run (RUN/mlflow.db, trackers.json, a run the next train took over); every
+    package is now checked before any tracker starts."""
+    pytest.importorskip("mlflow")
+    from lightning_fabric.loggers import tensorboard as tb
+
+    monkeypatch.setattr(tb, "_TENSORBOARD_AVAILABLE", False)
+    monkeypatch.setattr(tb, "_TENSORBOARDX_AVAILABLE", False)
+    run = tmp_path / "r"
+    line = one_line_error(capsys, "train", "--epochs", "1", "--out", run, "--logger", "mlflow", "--tensorboard")
+    assert "needs the tensorboard package" in line, line
+    assert not run.exists() or sorted(p.name for p in run.iterdir()) == [], sorted(run.iterdir())
+
+
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])
 def test_optional_trackers_missing_package_is_one_line(tmp_path, capsys, monkeypatch, name):
     import importlib.util
