@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 STAT = "median"
 BEGIN_MARK = "<!-- bench:begin -->"
@@ -245,16 +245,22 @@ SUMMARY_RATIOS = {"speedup": "speedup", "speedup_vs_plain_deferred_read": "speed
                   "time_ratio": "time ratio (lower: faster)"}
 
 
-def ratio_entries(run: Run) -> list[tuple[Row, str, float]]:
-    """Every ratio ``run`` holds, as (row, comparison, value): each non-baseline row's speedup
-    over its group's baseline, then the ratios a benchmark measured side by side in one run
-    (:data:`SUMMARY_RATIOS`)."""
+class Ratio(NamedTuple):
+    row: Row
+    comparison: str  # as the summary names it
+    value: float
+    key: str | None  # the extra_info key of a ratio measured in one run; None: over the baseline
+
+
+def ratio_entries(run: Run) -> list[Ratio]:
+    """Every ratio ``run`` holds: each non-baseline row's speedup over its group's baseline,
+    then the ratios a benchmark measured side by side in one run (:data:`SUMMARY_RATIOS`)."""
     baselines = {(r.group, r.case): r.impl for r in run.rows if r.baseline}
     entries = []
     for r in run.rows:
         if not r.baseline and r.speedup is not None:
-            entries.append((r, f"{r.impl} vs {baselines[(r.group, r.case)]}", r.speedup))
-        entries += [(r, f"{r.impl}: {label} (measured in one run)", r.extra[name])
+            entries.append(Ratio(r, f"{r.impl} vs {baselines[(r.group, r.case)]}", r.speedup, None))
+        entries += [Ratio(r, f"{r.impl}: {label} (measured in one run)", r.extra[name], name)
                     for name, label in SUMMARY_RATIOS.items()
                     if isinstance(r.extra.get(name), (int, float)) and math.isfinite(r.extra[name])]
     return entries
@@ -366,13 +372,15 @@ def chart_bars(run: Run) -> list[tuple[str, float]]:
     """(label, speedup) bars of one suite: :func:`ratio_entries`, a time ratio (lower is
     faster) drawn as its inverse so that every bar reads "higher is faster"."""
     bars = []
-    for r, comparison, value in ratio_entries(run):
+    for r, comparison, value, key in ratio_entries(run):
         if value <= 0:  # nothing to draw on a ratio axis (and no inverse)
             continue
-        if comparison.startswith(f"{r.impl}: {SUMMARY_RATIOS['time_ratio']}"):
-            comparison, value = comparison.replace(SUMMARY_RATIOS["time_ratio"], "1 / time ratio"), 1 / value
+        if key == "time_ratio":
+            comparison, value = f"{r.impl}: 1 / time ratio (one run)", 1 / value
+        elif key is not None:
+            comparison = f"{r.impl}: {SUMMARY_RATIOS[key]} (one run)"
         where = f"{r.group} [{r.case}]" if r.case else (r.group or run.suite)
-        bars.append((f"{where}: {comparison.replace('(measured in one run)', '(one run)')}", value))
+        bars.append((f"{where}: {comparison}", value))
     return bars
 
 
@@ -961,7 +969,7 @@ def summary(folders: Iterable[Path | str], stat: str = STAT) -> str:
             if mark:
                 marks.append(f"{mark.strip(' ()')}: {run.suite}")
             on_gpu_host = run.info.get("device_type") == "cuda"
-            for r, comparison, value in ratio_entries(run):
+            for r, comparison, value, _ in ratio_entries(run):
                 # a CPU-side benchmark run on a GPU host says so: its column names the GPU
                 where = " (cpu)" if on_gpu_host and r.extra.get("device") == "cpu" else ""
                 key = (run.suite, r.group, r.case, comparison)

@@ -413,6 +413,14 @@ FLAG_SETTINGS = {"logger": "loggers", "quiet": "progress = false", "no_pictures"
                  "no_quiet": "progress = true"}
 
 
+def setting_of_flag(flag: str) -> str:
+    """The TrainConfig field a flag named in a message sets: ``--latent-dim`` -> ``latent_dim``,
+    ``--logger`` -> ``loggers`` (FLAG_SETTINGS' renamed fields; its value settings stay as named)."""
+    name = flag.removeprefix("--").replace("-", "_")
+    setting = FLAG_SETTINGS.get(name, name)
+    return setting if setting.isidentifier() else name
+
+
 def _closest_setting(name: str, known) -> str | None:
     """The setting a mistyped or flag-spelled config key means (latent-dim, latnet_dim:
     latent_dim; logger: loggers), or None."""

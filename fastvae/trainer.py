@@ -302,11 +302,9 @@ def keyword_spelling(message: str) -> str:
     ``--logger`` as ``loggers`` (TrainConfig's field names)."""
     import re
 
-    def keyword(match):
-        name = match.group(1).replace("-", "_")
-        return "loggers" if name == "logger" else name
+    from fastvae.config import setting_of_flag
 
-    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", keyword, message)
+    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda match: setting_of_flag(match.group(0)), message)
 
 
 def _first_process() -> bool:

@@ -248,8 +248,9 @@ def _note_unread_settings(config, given: dict) -> None:
 
 def _named(message: str) -> list[str]:
     """Settings named as --flags in an error message, as config keys (--logger: loggers)."""
-    keys = [w[2:].replace("-", "_") for w in message.split() if w.startswith("--")]
-    return ["loggers" if k == "logger" else k for k in keys]
+    from fastvae.config import setting_of_flag
+
+    return [setting_of_flag(w) for w in message.split() if w.startswith("--")]
 
 
 def load_callback(name: str):
