@@ -345,11 +345,11 @@ def check_seed(seed, name: str = "--seed") -> int:
     return int(seed)
 
 
-def check_iwae_k(k) -> int:
+def check_iwae_k(k, name: str = "--iwae-k") -> int:
     """``k`` as an int if it is a valid number of importance samples (0: no IWAE bound), else
-    FastVAEError."""
+    FastVAEError naming ``name``."""
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 0 <= k <= MAX_IWAE_K:
-        raise FastVAEError(f"--iwae-k must be an integer from 0 (no IWAE bound) to {MAX_IWAE_K:,}, got {k!r}")
+        raise FastVAEError(f"{name} must be an integer from 0 (no IWAE bound) to {MAX_IWAE_K:,}, got {k!r}")
     return int(k)
 
 
@@ -419,6 +419,14 @@ def setting_of_flag(flag: str) -> str:
     name = flag.removeprefix("--").replace("-", "_")
     setting = FLAG_SETTINGS.get(name, name)
     return setting if setting.isidentifier() else name
+
+
+def keyword_spelling(message: str) -> str:
+    """A settings error as a program wrote the settings: ``--latent-dim`` as ``latent_dim``,
+    ``--logger`` as ``loggers`` (TrainConfig's field names)."""
+    import re
+
+    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda match: setting_of_flag(match.group(0)), message)
 
 
 def _closest_setting(name: str, known) -> str | None:

@@ -109,11 +109,15 @@ def load_dataset(source: str | Path = "digits", *, test_fraction: float = 0.1, s
     ``split_seed`` and ``split_rule`` (``split_indices``) make the held-out split of sources
     without one; ``grayscale`` converts colour images to one channel (a prepared dataset is
     read as it was written: refused)."""
-    from fastvae.config import TrainConfig
+    from fastvae.config import TrainConfig, keyword_spelling
 
-    # the rules and messages of the same settings of a run ("0.1" failed inside a comparison)
-    TrainConfig(data=source, test_fraction=test_fraction, split_seed=split_seed, grayscale=grayscale,
-                split_rule=split_rule).validate()
+    # the rules of the same settings of a run ("0.1" failed inside a comparison), named as the
+    # keywords a program gave (the command line checked its flags before)
+    try:
+        TrainConfig(data=source, test_fraction=test_fraction, split_seed=split_seed, grayscale=grayscale,
+                    split_rule=split_rule).validate()
+    except FastVAEError as exc:
+        raise FastVAEError(keyword_spelling(str(exc))) from None
     source = os.fspath(source)
     data = _load(source, (test_fraction, split_seed, split_rule), grayscale)
     if grayscale and data.data_shape[0] == 3:

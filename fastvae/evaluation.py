@@ -191,7 +191,7 @@ def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
     from fastvae.config import check_iwae_k
     from fastvae.data import data_grid
 
-    iwae_k = check_iwae_k(iwae_k)
+    iwae_k = check_iwae_k(iwae_k, "evaluate: iwae_k")
     model, checked, seed = _checked(model, data, seed)
     grid = data_grid(data) if pixel_grid == "auto" else pixel_grid  # as stored, before unit_pixels
     data = checked

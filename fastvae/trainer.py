@@ -42,7 +42,8 @@ import torch
 
 from fastvae import run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
-from fastvae.config import MAX_SEED, TrainConfig, saved_settings, unused_settings, unused_split_flags
+from fastvae.config import (MAX_SEED, TrainConfig, keyword_spelling, saved_settings, unused_settings,
+                            unused_split_flags)
 from fastvae.data import Splits, content_id, load_dataset
 from fastvae.errors import FastVAEError, one_line
 from fastvae.fabric_setup import fp16_runs_as_bf16, make_fabric, make_optimizer
@@ -295,16 +296,6 @@ def load_config_data(config: TrainConfig, source: str | None = None):
     memory, or a prepared dataset to stream."""
     return load_dataset(source or config.data, test_fraction=config.test_fraction,
                         split_seed=config.split_seed, split_rule=config.split_rule, grayscale=config.grayscale)
-
-
-def keyword_spelling(message: str) -> str:
-    """A settings error as a program wrote the settings: ``--latent-dim`` as ``latent_dim``,
-    ``--logger`` as ``loggers`` (TrainConfig's field names)."""
-    import re
-
-    from fastvae.config import setting_of_flag
-
-    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda match: setting_of_flag(match.group(0)), message)
 
 
 def _first_process() -> bool:

@@ -666,7 +666,8 @@ def test_split_arguments_are_checked_like_a_runs_settings():
     from fastvae.errors import FastVAEError
 
     for kwargs, words in (({"test_fraction": "0.1"}, "'test_fraction' must be a number"),
-                          ({"split_seed": -1}, "--split-seed must be an integer from 0"),
+                          ({"split_seed": -1}, "^split_seed must be an integer from 0"),  # a keyword
+                          ({"test_fraction": 1.0}, "^test_fraction must be above 0 and below 1"),
                           ({"split_seed": 1.5}, "'split_seed' must be an integer")):
         with pytest.raises(FastVAEError, match=words):
             load_dataset("digits", **kwargs)

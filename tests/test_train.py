@@ -474,7 +474,10 @@ def test_evaluate_checks_its_arguments(make_config, digits):
                                 ((model, digits.test[:4]), {"seed": 2**32}, "got 4294967296"),
                                 ((torch.nn.Linear(2, 2), digits.test[:4]), {}, "takes a fastvae VAE")):
         with pytest.raises(FastVAEError, match=words):
-            evaluate(*args, iwae_k=0, **kwargs)
+            evaluate(*args, **{"iwae_k": 0, **kwargs})
+    for k in (-1, 2.0, 10**9):  # named as the program wrote it, not as the command line's --iwae-k
+        with pytest.raises(FastVAEError, match=r"^evaluate: iwae_k must be an integer from 0"):
+            evaluate(model, digits.test[:4], iwae_k=k)
 
 
 def test_fp16_on_a_cpu_is_one_note_and_runs_as_bf16(tmp_path, capsys):
