@@ -280,8 +280,10 @@ def build_app(sampler, limits: Limits, batching: Batching):
     clients = DisconnectWatch(WATCH_AFTER_S)
     # one thread: large responses are encoded one after the other, beside the decoder's thread
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-encode")
+    # redirect_slashes off: "/sample/" was Starlette's 307 with an empty body (an http:// Location
+    # behind a TLS proxy), not the JSON 404 of every other wrong path
     app = FastAPI(title="fastvae decoder", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  **_no_telemetry(FastAPI))
+                  redirect_slashes=False, **_no_telemetry(FastAPI))
     app.state.batcher = batcher
     app.state.bodies = bodies
 
@@ -566,8 +568,9 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
     ``shutdown_timeout``: seconds the responses in flight get after the signal."""
     import uvicorn
 
-    from fastvae.export.sampler import OnnxSampler
+    from fastvae.export.http_head_limit import protocol_settings
     from fastvae.export.providers import short_name
+    from fastvae.export.sampler import OnnxSampler
 
     if batching.max_batch < 1 or not 0 <= batching.max_wait_ms <= MAX_WAIT_MS:  # inf: never answered
         raise FastVAEError(f"--max-batch must be >= 1 and --max-wait-ms from 0 to {MAX_WAIT_MS:g}, got "
@@ -590,7 +593,7 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
         _quiet_when_cancelled(app, app.state.bodies, shutdown_timeout), host=host, port=port, log_level=log_level,
         # uvicorn's access log: one line per request at info (and debug); none below, where
         # formatting its arguments would cost every request a few microseconds for nothing
-        access_log=log_level in ("info", "debug"), lifespan="on", loop="auto", http="auto",
+        access_log=log_level in ("info", "debug"), lifespan="on", loop="auto", **protocol_settings(),
         timeout_graceful_shutdown=shutdown_timeout,
         # connections (a stalled client's too: uvicorn has no timeout for headers) and requests
         # in progress at most; more get uvicorn's 503

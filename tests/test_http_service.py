@@ -533,6 +533,48 @@ def test_wrong_method_and_path_are_4xx(server):
     assert server.health()["status"] == "ok"  # still serving
 
 
+def test_a_path_with_a_trailing_slash_is_a_json_404_not_a_redirect(server):
+    """POST /sample/ was Starlette's 307 with an empty body (and an http:// Location behind a
+    TLS proxy)."""
+    status, _, text = server.request("POST", "/sample/", {"n": 1})
+    assert status == 404 and "POST /sample" in json.loads(text)["error"]
+
+
+def _raw_request(port, head: bytes) -> bytes:
+    """What the server answers to ``head`` sent on a fresh connection, read to its close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_request_head_over_the_bound_gets_a_json_431_and_the_service_goes_on(server):
+    """uvicorn's httptools parser held any header whole: one 200 MB header pinned ~285 MB of
+    the service and got a 200. A head over MAX_HEAD_BYTES is refused before it is complete;
+    one under it is served."""
+    from fastvae.export.http_head_limit import MAX_HEAD_BYTES
+
+    start = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    # never finished: refused on the bytes alone
+    answer = _raw_request(server.port, start + b"X-Big: " + b"a" * (4 * MAX_HEAD_BYTES))
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:300]
+    assert "headers over 64 KiB" in json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    answer = _raw_request(server.port, start + b"X-Big: " + b"a" * (MAX_HEAD_BYTES // 2) + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b'"status":"ok"' in answer, answer[:300]
+    assert server.health()["status"] == "ok"
+
+
+def test_without_httptools_h11_takes_the_same_head_bound(monkeypatch):
+    from fastvae.export import http_head_limit
+
+    monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)  # import fails
+    assert http_head_limit.protocol_settings() == {"http": "h11", "h11_max_incomplete_event_size":
+                                                   http_head_limit.MAX_HEAD_BYTES}
+
+
 def test_same_seed_same_samples_batched_or_not(server, decoder):
     """Concurrent requests are decoded together, and each still gets its own seeded samples;
     unseeded requests (latents drawn by the batcher) mixed in get their own fresh samples."""

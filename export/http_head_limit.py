@@ -1,0 +1,80 @@
+"""A bound on an HTTP request's head (request line + headers) for ``fastvae serve``.
+
+uvicorn's httptools parser (its fastest, picked by ``http="auto"``) keeps a header's bytes
+until the header ends, with no limit: one connection sending a 200 MB header held ~285 MB of
+the service's memory and still got its 200. ``protocol()`` is that parser with the head bounded
+by ``MAX_HEAD_BYTES``: a longer head gets one JSON 431 and the connection is closed. Without
+httptools, uvicorn's h11 parser takes the same bound (``h11_max_incomplete_event_size``).
+"""
+
+from __future__ import annotations
+
+import json
+
+# nginx's default room for a request's headers is 4 x 8 KiB; h11's own default is 16 KiB
+MAX_HEAD_BYTES = 64 * 1024
+LINGER_S = 1.0  # how long a refused connection's further bytes are read and dropped
+
+
+def protocol_settings() -> dict:
+    """uvicorn.Config keywords choosing the HTTP/1.1 protocol with the bounded head."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: h11, which bounds an incomplete head itself
+        return {"http": "h11", "h11_max_incomplete_event_size": MAX_HEAD_BYTES}
+
+    class BoundedHeadProtocol(HttpToolsProtocol):
+        """httptools, refusing a request head over MAX_HEAD_BYTES. The bytes of every read
+        that ends inside a head count towards it, so the head held is at most the bound plus
+        one read (asyncio reads 256 KiB at most)."""
+
+        _in_body = False  # the current request's headers are complete
+        _completed = False  # a request ended inside the read being parsed
+        _head_bytes = 0
+        _refused = False  # answered 431: further bytes are dropped until the close
+
+        def on_headers_complete(self) -> None:
+            self._in_body, self._head_bytes = True, 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_body, self._completed = False, True
+            super().on_message_complete()
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            self._completed = False
+            super().data_received(data)
+            if self._in_body or self.transport.is_closing():
+                return
+            # a request ended in this read: the next head began somewhere in it (undercounted
+            # by less than one read, never counting another request's bytes)
+            self._head_bytes = 0 if self._completed else self._head_bytes + len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse()
+
+        def eof_received(self) -> None:
+            if self._refused:  # the client has read the answer, or stopped sending
+                self.transport.close()
+                return
+            super().eof_received()
+
+        def _refuse(self) -> None:
+            """One JSON 431, then a lingering close: the rest of the head is read and dropped
+            for LINGER_S, so the client reads the answer (closing with its bytes unread would
+            reset the connection, and the reset can discard the answer in the client's kernel)."""
+            body = json.dumps({"error": f"request line and headers over {MAX_HEAD_BYTES // 1024} KiB: "
+                                        "send large values in the body"}).encode()
+            head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+            head += [b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)]
+            if self.cycle is not None and not self.cycle.response_complete:  # a pipelined request still
+                self.transport.close()  # answering writes on this connection: no room for ours
+                return
+            self._refused = True
+            self.transport.write(b"".join(head) + body)
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+    return {"http": BoundedHeadProtocol}
