@@ -246,7 +246,9 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
     if config.strategy == "ddp_spawn":  # this process only waits for the spawned ranks
         from fastvae import rank_errors
 
-        saved = {name: os.environ.get(name) for name in (RANK_OF_ENV, "PYTHONWARNINGS")}
+        # Lightning's launcher also sets MASTER_ADDR/MASTER_PORT here: left set, a program's next
+        # ddp_spawn run took the same port instead of a free one
+        saved = {name: os.environ.get(name) for name in (RANK_OF_ENV, "PYTHONWARNINGS", "MASTER_ADDR", "MASTER_PORT")}
         os.environ[RANK_OF_ENV] = str(os.getpid())  # the ranks' own signal handling
         # a rank that a stop ends at once (os._exit) leaves its semaphores to multiprocessing's
         # resource tracker, started with the ranks, which removes them and warns about each

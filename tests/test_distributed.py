@@ -5,6 +5,7 @@ streams differ by design. Evaluation sharding and precision are checked separate
 """
 
 import math
+import os
 
 import signal
 
@@ -54,7 +55,10 @@ def test_epoch_batches_shard_a_global_batch_exactly():
 @pytest.mark.timeout(400)
 def test_two_processes_match_one_and_resume_in_one(tmp_path, small_digits):
     one = train(config(tmp_path / "one", batch_size=32, epochs=2), splits=small_digits)
+    environment = dict(os.environ)
     two = train(config(tmp_path / "two", batch_size=16, devices=2, strategy="ddp_spawn"), splits=small_digits)
+    # the launcher's MASTER_PORT was left set: a program's next ddp_spawn run reused the port
+    assert dict(os.environ) == environment
     one_after_1 = read_checkpoint(tmp_path / "one")  # after 2 epochs; rebuild epoch 1 below
     first = train(config(tmp_path / "one_e1", batch_size=32), splits=small_digits)
     w1, w2 = read_checkpoint(tmp_path / "one_e1")["model"], read_checkpoint(tmp_path / "two")["model"]
@@ -199,8 +203,9 @@ def test_mixed_precision_on_cpu_trains_with_finite_loss(tmp_path, small_digits, 
     losses = [row["train_loss"] for row in result.metrics]
     assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
     fp32 = train(config(tmp_path / "fp32", kind="vae", epochs=2), splits=small_digits)
-    # bf16 autocast changes the numbers a little, not the course of training
-    assert losses[1] == pytest.approx(fp32.metrics[1]["train_loss"], rel=0.05)
+    # bf16 autocast changes the numbers a little, not the course of training (1e-5 apart on the
+    # dev CPU; a run that does not train ends ~8% higher)
+    assert losses[1] == pytest.approx(fp32.metrics[1]["train_loss"], rel=5e-3)
 
 
 def fp16_fabric_on_cpu(config, callbacks=None, trackers=True):
@@ -231,11 +236,24 @@ def test_fp16_loss_scale_is_logged_checkpointed_and_resumed(tmp_path, small_digi
 
 
 def _free_port() -> int:
+    """A free port below the kernel's ephemeral range: the launchers take seconds to bind it,
+    and meanwhile an ephemeral one may go to another test's socket or port-0 search."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            first_ephemeral = int(ranges.read().split()[0])
+    except OSError:
+        first_ephemeral = 32768  # Linux's default
+    for port in random.Random().sample(range(20000, max(first_ephemeral, 20100)), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port from 20000 up")
 
 
 @pytest.mark.slow
@@ -252,20 +270,24 @@ def test_two_nodes_under_torchrun_match_one_process(tmp_path):
     common = ["train", "--kind", "ae", "--hidden-dim", "32", "--epochs", "1", "--accelerator",
               "cpu", "--no-pictures", "--quiet"]
     port = _free_port()
+    logs = [open(tmp_path / f"node{rank}.log", "w") for rank in (0, 1)]
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
          "-m", "fastvae", *common, "--devices", "1", "--num-nodes", "2", "--strategy", "ddp",
          "--batch-size", "32", "--out", str(tmp_path / "two_nodes")],
-        # torchrun leaves its log folders (torchelastic_*) in the temporary folder: this test's
-        cwd=REPO, env={**SUBPROCESS_ENV, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
+        # torchrun leaves its log folders (torchelastic_*) in the temporary folder: this test's;
+        # output into files: a node blocked on a full pipe would hold the other in a collective
+        cwd=REPO, env={**SUBPROCESS_ENV, "TMPDIR": str(tmp_path)}, stdout=log, stderr=subprocess.STDOUT)
+        for rank, log in zip((0, 1), logs)]
     try:
-        logs = [node.communicate(timeout=240)[0] for node in nodes]
-    finally:
         for node in nodes:
+            node.wait(timeout=240)
+    finally:
+        for node, log in zip(nodes, logs):
             node.kill()
+            log.close()
+    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
     assert not any("global batch" in log for log in logs), logs[0][-2000:]  # --quiet: no such line
     rc, _, err = run_cli(*common, "--batch-size", "64", "--out", tmp_path / "one")

@@ -104,7 +104,7 @@ def test_metadata_round_trip(exported):
 
 
 def test_variants_are_small_and_close(exported):
-    _, path, report = exported
+    model, path, report = exported
     fp32_size = path.stat().st_size
     by_name = {v.precision: v for v in report.variants}
     assert set(by_name) == {"fp16", "int8"}
@@ -120,6 +120,11 @@ def test_variants_are_small_and_close(exported):
         assert sampler.precision == precision and sampler.sample(5, seed=1).dtype == np.float32
     assert 0 < by_name["fp16"].max_abs_error < 1e-2 and by_name["fp16"].max_abs_error_mean < 5e-3
     assert 0 < by_name["int8"].max_abs_error < 0.25 and by_name["int8"].max_abs_error_mean < 0.1
+    # the same bounds held against the torch decoder itself, on latents of our own
+    z = np.random.default_rng(7).standard_normal((256, LATENT)).astype(np.float32)
+    reference = _torch_mean_params(model, z)[0]
+    gaps = {precision: float(np.abs(OnnxSampler(v.path).decode(z) - reference).max()) for precision, v in by_name.items()}
+    assert gaps["fp16"] < 5e-3 and gaps["int8"] < 0.05, gaps
 
 
 def _transpose_gemm_weights_in_place(model) -> int:

@@ -188,8 +188,10 @@ started = context.Event()
 def long_task():  # a decode of a huge image, say
     started.set()
     time.sleep(3600)  # not synchronisation: the long task the worker is busy in when its parent ends
+def identity():  # pid and start time (/proc/PID/stat field 22): a reused pid is another process
+    return f"{os.getpid()} {Path(f'/proc/{os.getpid()}/stat').read_text().rsplit(')', 1)[1].split()[19]}"
 pool = context.Pool(1, initializer=in_worker_process)
-Path(sys.argv[1]).write_text(str(pool.apply(os.getpid)))
+Path(sys.argv[1]).write_text(pool.apply(identity))
 pool.apply_async(long_task)
 assert started.wait(60)
 os._exit(130)  # what exit_now does on Ctrl-C/SIGTERM: no pool shutdown
@@ -210,12 +212,19 @@ def test_a_pool_worker_ends_with_its_parent(tmp_path):
     done = subprocess.run([sys.executable, "-c", _PARENT_EXITS_AT_ONCE, tmp_path / "pid"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV, timeout=120)
     assert done.returncode == 130
-    worker = int((tmp_path / "pid").read_text())
+    worker, started = (tmp_path / "pid").read_text().split()
+    worker = int(worker)
     try:
         handle = os.pidfd_open(worker)
     except ProcessLookupError:  # gone already
         return
     try:
+        try:  # read after pidfd_open: the handle holds the process the stat describes
+            now = (Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        except FileNotFoundError:
+            return
+        if now != started:  # the worker is gone and its pid reused: nothing of ours to watch
+            return
         ended = select.select([handle], [], [], 60)[0]  # readable once the process has ended
         if not ended:
             os.kill(worker, signal.SIGKILL)

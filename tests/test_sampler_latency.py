@@ -46,6 +46,38 @@ def test_threads_follow_the_measured_rule(decoder):
     assert len(fixed._regimes.sessions) == 1 and fixed.threads_for(1) == fixed.threads_for(10_000) == 2
 
 
+class _TimedSession:
+    """A session whose call of n rows takes ``base + per_row * n`` us on a fake clock."""
+
+    def __init__(self, clock, threads, base, per_row):
+        self.clock, self.threads, self.base, self.per_row = clock, threads, base, per_row
+
+    def run(self, outputs, feeds):
+        self.clock[0] += (self.base + self.per_row * len(next(iter(feeds.values())))) * 1e-6
+
+    def get_session_options(self):
+        return ort.SessionOptions() if self.threads is None else type("Options", (), {"intra_op_num_threads": self.threads})
+
+
+@pytest.mark.parametrize("base,per_row,switch", [(10.0, 2.0, 50), (10.0, 0.5, 200), (40.0, 30.0, 3),
+                                                 (150.0, 1.0, 1)])
+def test_the_switch_is_where_one_thread_needs_100_us(monkeypatch, base, per_row, switch):
+    """Calibration on a decoder of known timings: the slope between 1 and 33 rows is the time per
+    row, and the switch sits at PARALLEL_ABOVE_US of it (a call of one row above that: at once)."""
+    from fastvae.export import thread_regimes
+
+    clock = [0.0]
+    monkeypatch.setattr(thread_regimes.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(thread_regimes.os, "cpu_count", lambda: 4)
+    regimes = thread_regimes.ThreadRegimes(lambda threads: _TimedSession(clock, threads, base, per_row),
+                                           (LATENT,), "z", "x")
+    assert regimes.parallel_from == switch and len(regimes.sessions) == 2
+    if switch > 1:
+        assert regimes.per_row_us == pytest.approx(per_row)
+        assert regimes.threads_for(switch - 1) == 1
+    assert regimes.threads_for(switch) is None and regimes.threads_for(10 ** 6) is None
+
+
 @pytest.mark.parametrize("n,batch_size", [(1, 1000), (40, 1000), (300, 1000), (2500, 1000), (301, 7)])
 def test_decode_matches_torch_in_every_regime_and_chunking(decoder, n, batch_size):
     model, path = decoder

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -33,8 +34,12 @@ def offline(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     # whatever the run sets for itself is undone after the test
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "unset")
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    for var in ("MLFLOW_ALLOW_FILE_STORE", "WANDB_SERVICE"):  # WANDB_SERVICE: its service's address
+        monkeypatch.setenv(var, "unset")
+        monkeypatch.delenv(var)
+    yield
+    if "wandb" in sys.modules:  # its service process and threads end here, not with the worker
+        sys.modules["wandb"].teardown()
 
 
 def _train(capsys, run, *loggers) -> list[dict]:
