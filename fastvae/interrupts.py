@@ -102,16 +102,44 @@ def own() -> None:
     _owner = os.getpid()
 
 
-def in_worker_process() -> None:
+def in_worker_process(*, parent_stops: bool = False) -> None:
     """Call first in a forked worker process (prepare's decoders, DataLoader workers): Ctrl-C
     is the parent's to handle (a terminal sends it to the whole group), SIGTERM ends the worker
     quietly, and the parent's temporary files are not the worker's to remove. The worker ends
     with its parent: ``exit_now`` leaves at once (``os._exit``, no pool shutdown) and a parent
-    may be SIGKILLed; a pool worker waiting for tasks would otherwise live on, orphaned."""
+    may be SIGKILLed; a pool worker waiting for tasks would otherwise live on, orphaned.
+
+    ``parent_stops`` (a training's DataLoader workers): a SIGTERM from anyone but the parent is
+    the parent's to handle too (``_term_from_parent_only``). Schedulers signal a job's every
+    process (torchrun's killpg, SLURM's time limit): a worker that died of it failed the
+    trainer's step (torch's worker watch raised) before the checkpoint the stop request writes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _temporary.clear()
+    if parent_stops:
+        _term_from_parent_only()
     _end_with_parent()
+
+
+def _term_from_parent_only() -> None:
+    """SIGTERM ends this worker only when its parent sends it (torch's and multiprocessing's
+    ``terminate()``) or has ended (the PR_SET_PDEATHSIG below): SIGTERM is blocked and one
+    thread takes each, reading its sender. Where there is no sigwaitinfo (macOS), SIGTERM ends
+    the worker whoever sends it, as before."""
+    import threading
+
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+    def watch() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == parent or os.getppid() != parent:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="fastvae-sigterm-watch", daemon=True).start()
 
 
 def _end_with_parent() -> None:

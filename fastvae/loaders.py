@@ -332,7 +332,7 @@ def _stop_at_exit(source: StreamSource) -> None:
 def _worker_init(worker_id: int) -> None:
     from fastvae.interrupts import in_worker_process
 
-    in_worker_process()
+    in_worker_process(parent_stops=True)
 
 
 def _worker_context():

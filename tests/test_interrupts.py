@@ -233,6 +233,39 @@ def test_a_pool_worker_ends_with_its_parent(tmp_path):
         os.close(handle)
 
 
+def _echo_worker(connection) -> None:
+    from fastvae.interrupts import in_worker_process
+
+    in_worker_process(parent_stops=True)
+    while True:
+        connection.send(connection.recv())
+
+
+def test_a_loader_worker_takes_sigterm_from_its_parent_only():
+    """A scheduler's SIGTERM to the whole job (torchrun's killpg, SLURM) killed the DataLoader
+    workers, which failed the trainer's step before its checkpoint: a worker now leaves that
+    SIGTERM to its parent, and still ends on the parent's own terminate()."""
+    import multiprocessing
+    import subprocess
+
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    worker = context.Process(target=_echo_worker, args=(theirs,), daemon=True)
+    worker.start()
+    try:
+        ours.send("ready")
+        assert ours.poll(60) and ours.recv() == "ready"
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True, timeout=60)  # another sender
+        ours.send("alive")  # a default SIGTERM kills at once: no answer would come
+        assert ours.poll(60) and ours.recv() == "alive"
+        worker.terminate()  # the parent's SIGTERM
+        worker.join(60)
+        assert worker.exitcode == 128 + signal.SIGTERM
+    finally:
+        if worker.is_alive():
+            worker.kill()
+
+
 _AS_PID_1 = """
 import multiprocessing, os
 from fastvae.interrupts import in_worker_process

@@ -537,19 +537,23 @@ def straight_stream(digits_shards):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, every, expected", [
-    (signal.SIGKILL, 0, (1, 0)),  # the checkpoint of epoch 1's end
-    (signal.SIGKILL, 3, (1, 3)),  # --checkpoint-every 3: step 15's
-    (signal.SIGINT, 0, (1, 5)),  # a stop request writes one at the step
-], ids=["SIGKILL", "SIGKILL-checkpoint-every", "SIGINT"])
+@pytest.mark.parametrize("signum, every, expected, group", [
+    (signal.SIGKILL, 0, (1, 0), False),  # the checkpoint of epoch 1's end
+    (signal.SIGKILL, 3, (1, 3), False),  # --checkpoint-every 3: step 15's
+    (signal.SIGINT, 0, (1, 5), False),  # a stop request writes one at the step
+    # a scheduler's SIGTERM to every process of the job (torchrun's killpg, SLURM): the loader's
+    # workers died of it and failed the step, before the stop's checkpoint
+    (signal.SIGTERM, 0, (1, 5), True),
+], ids=["SIGKILL", "SIGKILL-checkpoint-every", "SIGINT", "SIGTERM-to-the-group"])
 def test_streamed_run_stopped_mid_epoch_resumes_exactly(tmp_path, digits_shards, straight_stream, signum, every,
-                                                        expected):
+                                                        expected, group):
     out = tmp_path / "stopped"
     child = PausedChild(*STREAM_RUN, "--data", digits_shards, "--out", out, "--checkpoint-every", every,
-                        "--callback", "pause_points:PauseAtStep", env={"PAUSE_AT_STEP": str(STOP)})
-    child.send_signal(signum)
+                        "--callback", "pause_points:PauseAtStep", env={"PAUSE_AT_STEP": str(STOP)}, session=group)
+    (child.signal_group if group else child.send_signal)(signum)
     rc, _, err = child.finish()
     assert rc == (-signal.SIGKILL if signum == signal.SIGKILL else 130), err
+    assert "Traceback" not in err, err
     from fastvae.checkpoint import read_checkpoint
 
     state = read_checkpoint(out)
