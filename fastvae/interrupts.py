@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _prog = "fastvae"
 _temporary: list[Path] = []  # files and folders to remove if the process is stopped now
 _owner: int | None = None  # the process whose handlers these are (forked children inherit them)
+# the thread that exits: a signal may reach the main thread's handler and a watching thread
+# (fastvae.rendezvous_watch) at once; re-entrant, as a second signal may interrupt the first exit
+_exiting = threading.RLock()
 
 
 @contextmanager
@@ -78,6 +82,8 @@ def exit_now(signum=None, frame=None, *, quiet: bool = False) -> None:
     message are the parent's."""
     if _owner is not None and os.getpid() != _owner:
         os._exit(EXIT_STATUS)
+    if not _exiting.acquire(blocking=False):  # another thread is ending the process
+        threading.Event().wait()
     for path in list(_temporary):
         _remove(path)
     try:

@@ -53,6 +53,8 @@ from fastvae.loaders import batches_per_epoch, in_memory_sample, is_streamed, ma
 from fastvae.losses import kl_weight
 from fastvae.models import check_model
 from fastvae.process_layout import check_processes
+from fastvae.rank_agreement import check_ranks_agree, what_this_rank_trains
+from fastvae.rendezvous_watch import watched_join
 from fastvae.reparam import resolve_backend
 from fastvae.resume_checks import check_resume
 from fastvae.run_folder import EPOCH_END, LAST, METRICS_CSV
@@ -264,7 +266,8 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
-    return fabric.launch(_fit, config, splits, resume_from)
+    with watched_join(config.devices * config.num_nodes):  # joining the other ranks: a note, and stoppable
+        return fabric.launch(_fit, config, splits, resume_from)
 
 
 def _end_process_group() -> None:
@@ -369,6 +372,8 @@ class Trainer:
         self._fresh = saved is None
         self.data_id = dataset_id(splits)  # train() refused a resume on another dataset
         self.data_split = prepared_split(splits)
+        # before training's first collective: nodes started by commands of their own may differ
+        check_ranks_agree(fabric, what_this_rank_trains(config, splits))
         if saved is not None:  # full weights go into the plain model, before any sharding,
             # in the precision's dtype (float64 weights loaded into a float32 model lose bits)
             model = fabric.strategy.precision.convert_module(model)

@@ -256,26 +256,25 @@ def _free_port() -> int:
     raise RuntimeError("no free port from 20000 up")
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_two_nodes_under_torchrun_match_one_process(tmp_path):
-    """The README's multi-node recipe on one machine: ``torchrun --nnodes 2`` with one process
-    per "node". Node ranks become global ranks, only rank 0 writes, and the run equals one
-    process with the global batch."""
+TWO_NODE_RUN = ["train", "--kind", "ae", "--hidden-dim", "32", "--epochs", "1", "--accelerator", "cpu",
+                "--no-pictures", "--quiet"]
+
+
+def _two_nodes(tmp_path, *node_args) -> tuple[list[int], list[str]]:
+    """``torchrun --nnodes 2`` with one process per "node" on this machine, node r running
+    ``fastvae train`` with TWO_NODE_RUN and ``node_args[r]``: (exit statuses, logs)."""
     import subprocess
     import sys
 
-    from testkit import REPO, SUBPROCESS_ENV, run_cli, state_dict_of
+    from testkit import REPO, SUBPROCESS_ENV
 
-    common = ["train", "--kind", "ae", "--hidden-dim", "32", "--epochs", "1", "--accelerator",
-              "cpu", "--no-pictures", "--quiet"]
     port = _free_port()
     logs = [open(tmp_path / f"node{rank}.log", "w") for rank in (0, 1)]
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "-m", "fastvae", *common, "--devices", "1", "--num-nodes", "2", "--strategy", "ddp",
-         "--batch-size", "32", "--out", str(tmp_path / "two_nodes")],
+         "-m", "fastvae", *TWO_NODE_RUN, "--devices", "1", "--num-nodes", "2", "--strategy", "ddp",
+         *map(str, node_args[rank])],
         # torchrun leaves its log folders (torchelastic_*) in the temporary folder: this test's;
         # output into files: a node blocked on a full pipe would hold the other in a collective
         cwd=REPO, env={**SUBPROCESS_ENV, "TMPDIR": str(tmp_path)}, stdout=log, stderr=subprocess.STDOUT)
@@ -287,16 +286,88 @@ def test_two_nodes_under_torchrun_match_one_process(tmp_path):
         for node, log in zip(nodes, logs):
             node.kill()
             log.close()
-    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    return [node.returncode for node in nodes], [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_nodes_under_torchrun_match_one_process(tmp_path):
+    """The README's multi-node recipe on one machine: ``torchrun --nnodes 2`` with one process
+    per "node". Node ranks become global ranks, only rank 0 writes, and the run equals one
+    process with the global batch."""
+    from testkit import run_cli, state_dict_of
+
+    node = ["--batch-size", 32, "--out", tmp_path / "two_nodes"]
+    statuses, logs = _two_nodes(tmp_path, node, node)
+    assert statuses == [0, 0], "\n".join(log[-2000:] for log in logs)
     assert not any("global batch" in log for log in logs), logs[0][-2000:]  # --quiet: no such line
-    rc, _, err = run_cli(*common, "--batch-size", "64", "--out", tmp_path / "one")
+    rc, _, err = run_cli(*TWO_NODE_RUN, "--batch-size", "64", "--out", tmp_path / "one")
     assert rc == 0, err
     two = read_checkpoint(tmp_path / "two_nodes")
     assert two["world_size"] == 2
     assert max_diff(two["model"], state_dict_of(tmp_path / "one")) < 1e-6
     assert sorted(p.name for p in (tmp_path / "two_nodes").iterdir()) == [
         "checkpoints", "config.json", "metrics.csv"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_nodes_started_with_other_settings_or_data_stop_with_one_line(tmp_path):
+    """Another --seed on node 1 trained silently on overlapping shares of each epoch; another
+    --batch-size or data ended in gloo's collective mismatch, reported by the other node as a
+    killed rank. Every rank now says which setting differs, before training, and nothing is
+    written."""
+    import numpy as np
+
+    from fastvae.data import load_dataset
+
+    digits = load_dataset("digits")
+    np.save(tmp_path / "copy.npy", (digits.train[:1000].numpy() * 16).round().astype(np.uint8) * 15)
+    out = ["--out", tmp_path / "run"]
+    for node1, said in ((["--seed", 1], "--seed 0 on rank 0, 1 on rank 1"),
+                        (["--batch-size", 16, "--lr", 0.01], "--batch-size 32 on rank 0, 16 on rank 1, --lr 0.001 on "
+                                                            "rank 0, 0.01 on rank 1"),
+                        (["--data", tmp_path / "copy.npy"], "--data reads other data (digits: 1500 + 297 images of "
+                                                            "1x8x8 on rank 0, ")):
+        statuses, logs = _two_nodes(tmp_path, ["--batch-size", 32, *out], ["--batch-size", 32, *out, *node1])
+        for log in logs:  # each node: the one line from its rank, then torchrun's report of the exit
+            assert ("fastvae train: error: rank 1 was started with other settings than rank 0: " + said) in log, log
+            assert "exitcode  : 2" in log and "FastVAEError" not in log, log
+        assert statuses == [1, 1], (statuses, logs)  # torchrun's status for a failed rank
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_node_waiting_for_one_that_never_comes_says_so_and_stops_on_sigterm(tmp_path):
+    """Node 0 of two, node 1 never started: torch's join held the main thread (no Python signal
+    handler runs there) for 30 minutes, silent, and a SIGTERM did nothing."""
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from testkit import REPO, SUBPROCESS_ENV
+
+    env = {**SUBPROCESS_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NODE_RANK": "0",
+           "FASTVAE_JOIN_NOTE_S": "0.5", "TMPDIR": str(tmp_path)}
+    node = subprocess.Popen([sys.executable, "-m", "fastvae", *TWO_NODE_RUN, "--devices", "1", "--num-nodes", "2",
+                             "--strategy", "ddp", "--out", str(tmp_path / "run")],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said, deadline = "", time.monotonic() + 120
+        while "waiting for the other ranks" not in said and node.poll() is None and time.monotonic() < deadline:
+            if select.select([node.stderr], [], [], 1)[0]:  # the note is an event; this bounds the wait for it
+                said += node.stderr.readline()
+        assert "fastvae train: waiting for the other ranks to join (2 in all, rendezvous at 127.0.0.1:" in said, said
+        node.send_signal(signal.SIGTERM)
+        rc = node.wait(timeout=60)
+        said += node.stderr.read()
+    finally:
+        node.kill()
+        node.stderr.close()
+    assert rc == 130 and said.rstrip().endswith("fastvae train: interrupted"), (rc, said)
+    assert "Traceback" not in said, said
 
 
 @pytest.mark.slow
