@@ -448,9 +448,10 @@ class Trainer:
             finally:
                 self.source.close()  # a streamed split's loader workers
             if interrupted and self.epoch >= config.epochs and row is not None:
+                pictures = (f" but its pictures were not drawn: 'fastvae evaluate {self.run_dir} --pictures' "
+                            "draws them") if config.pictures else ""  # --no-pictures asked for none
                 fabric.print(f"interrupted after the last epoch: the run is complete (checkpoint at step "
-                             f"{self.step}) but its pictures were not drawn: 'fastvae evaluate "
-                             f"{self.run_dir} --pictures' draws them")
+                             f"{self.step}){pictures}")
             elif interrupted:
                 fabric.print(f"interrupted: checkpoint written at step {self.step} (epoch "
                              f"{self.epoch + (row is None)}); continue with --resume")

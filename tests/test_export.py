@@ -123,7 +123,8 @@ def test_variants_are_small_and_close(exported):
     # the same bounds held against the torch decoder itself, on latents of our own
     z = np.random.default_rng(7).standard_normal((256, LATENT)).astype(np.float32)
     reference = _torch_mean_params(model, z)[0]
-    gaps = {precision: float(np.abs(OnnxSampler(v.path).decode(z) - reference).max()) for precision, v in by_name.items()}
+    gaps = {precision: float(np.abs(OnnxSampler(v.path).decode(z) - reference).max())
+            for precision, v in by_name.items()}
     assert gaps["fp16"] < 5e-3 and gaps["int8"] < 0.05, gaps
 
 

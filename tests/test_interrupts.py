@@ -103,6 +103,13 @@ def test_a_stop_during_the_last_epochs_end_is_not_ignored(tmp_path):
     assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "samples.png").exists()
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2  # header and the one epoch
+    # --no-pictures asked for none: no advice to draw them
+    rc, stdout, _ = run_cli(*TRAIN, "--out", tmp_path / "bare", "--no-pictures",
+                            "--callback", "pause_points:SignalAtStep",
+                            env={**SUBPROCESS_ENV, "PYTHONPATH": str(REPO / "tests"), "SIGNAL_RANK": "0",
+                                 "SIGNAL_AT_STEP": "24", "SIGNAL_NUM": str(int(signal.SIGINT))})
+    complete = "interrupted after the last epoch: the run is complete (checkpoint at step 24)\n"
+    assert rc == 130 and complete in stdout, stdout
 
 
 def test_picture_writing(tmp_path):

@@ -56,7 +56,9 @@ class _TimedSession:
         self.clock[0] += (self.base + self.per_row * len(next(iter(feeds.values())))) * 1e-6
 
     def get_session_options(self):
-        return ort.SessionOptions() if self.threads is None else type("Options", (), {"intra_op_num_threads": self.threads})
+        if self.threads is None:
+            return ort.SessionOptions()  # intra_op_num_threads 0: onnxruntime's default
+        return type("Options", (), {"intra_op_num_threads": self.threads})
 
 
 @pytest.mark.parametrize("base,per_row,switch", [(10.0, 2.0, 50), (10.0, 0.5, 200), (40.0, 30.0, 3),
