@@ -134,15 +134,19 @@ def _term_from_parent_only() -> None:
     the worker whoever sends it, as before."""
     import threading
 
+    import multiprocessing
+
     if not hasattr(signal, "sigwaitinfo"):
         return
-    parent = os.getppid()
+    ppid = os.getppid()
+    # the process that started this one (a fork server is the parent of its workers otherwise)
+    parent = getattr(multiprocessing.parent_process(), "pid", None) or ppid
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
 
     def watch() -> None:
         while True:
             sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
-            if sender == parent or os.getppid() != parent:
+            if sender == parent or os.getppid() != ppid or not _alive(parent):
                 os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, name="fastvae-sigterm-watch", daemon=True).start()
