@@ -24,6 +24,7 @@ import numpy as np
 from fastvae import run_folder
 from fastvae.errors import FastVAEError, one_line, write_failure
 from fastvae.export import onnx_export as ox
+from fastvae.float32_default import float32_by_default
 
 FORMAT = "fastvae-encoder"
 INPUT_NAME, MU_OUTPUT, LOGVAR_OUTPUT = "image", "mu", "logvar"
@@ -65,6 +66,7 @@ def encoder_path(decoder_path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.encoder{path.suffix or '.onnx'}")
 
 
+@float32_by_default
 def export_encoder(run_or_model, path: str | os.PathLike, *, opset: int | None = None,
                    exporter: str = "auto", rtol: float = ox.RTOL, atol: float = ox.ATOL) -> EncoderExportReport:
     """Export the encoder of a spatial-latent run folder, checkpoint or model and validate it.

@@ -36,6 +36,7 @@ import numpy as np
 from fastvae import run_folder
 from fastvae.errors import FastVAEError, one_line, write_failure
 from fastvae.export import metadata as md
+from fastvae.float32_default import float32_by_default
 
 RTOL, ATOL = 1e-4, 1e-5
 CHECK_BATCHES = (1, 37, 256)  # validation batch sizes; export traces with EXPORT_BATCH
@@ -129,6 +130,7 @@ def variant_path(path: str | os.PathLike, precision: str) -> Path:
     return path.with_name(f"{path.stem if path.suffix else path.name}.{precision}{suffix}")
 
 
+@float32_by_default
 def export_decoder(
     run_or_model,
     path: str | os.PathLike,

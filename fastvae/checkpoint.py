@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fastvae.errors import FastVAEError, one_line
+from fastvae.float32_default import float32_by_default
 from fastvae.run_folder import LAST, atomic_write
 
 FORMAT = "fastvae-checkpoint-v1"
@@ -122,6 +123,7 @@ def trained_epochs(run_dir: str | Path) -> float:
         return math.inf
 
 
+@float32_by_default
 def load(run_or_ckpt: str | Path, map_location="cpu"):
     """Rebuild the trained model of a run folder or checkpoint file: fp32, eval mode.
 

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastvae.distributions import at_least_fp32
+from fastvae.float32_default import float32_by_default
 from fastvae.losses import iwae_bound, iwae_log_weights
 from fastvae.reparam import reparameterize_kl_reference
 
@@ -177,6 +178,7 @@ def decode_rows(model) -> int:
     return max(1, min(65536, (1 << 22) // max(1, math.prod(model.data_shape))))
 
 
+@float32_by_default
 def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
              progress: bool = False, pixel_grid: int | None | str = "auto") -> dict:
     """``{"neg_elbo", "recon", "kl", "iwae_nll", "bits_per_dim", "pixel_levels", "n", "iwae_k"}``

@@ -57,6 +57,36 @@ class _SignalHandlers:
             signal.signal(sig, handler)
 
 
+# a signal whose replaced handler was the default action (a program's SIGTERM: end the
+# process), delivered again once training has written its checkpoint and returned
+_deferred: int | None = None
+
+
+def _defer_if_default(signum: int, previous) -> None:
+    global _deferred
+    if previous == signal.SIG_DFL and signum != FORWARDED_STOP:
+        _deferred = signum
+
+
+def _escalate(signum: int, frame, previous) -> None:
+    """A second signal: the handler it replaced runs now (the default action too)."""
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    raise KeyboardInterrupt
+
+
+def deliver_deferred() -> None:
+    """Deliver the stop signal whose default action training held back (a program that never
+    handled SIGTERM ends by it, as it would have, after the checkpoint); nothing otherwise."""
+    global _deferred
+    signum, _deferred = _deferred, None
+    if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
+
+
 class StopRequest(_SignalHandlers):
     """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks after each step; a second
     signal goes to the handler this one replaced (on the command line: exit at once, see
@@ -71,11 +101,9 @@ class StopRequest(_SignalHandlers):
     def _handle(self, signum, frame):
         if not self.requested or signum == FORWARDED_STOP:
             self.requested = True
+            _defer_if_default(signum, self._previous.get(signum))
             return
-        previous = self._previous.get(signum)
-        if callable(previous):
-            previous(signum, frame)
-        raise KeyboardInterrupt
+        _escalate(signum, frame, self._previous.get(signum))
 
 
 class SignalsToRanks(_SignalHandlers):
@@ -84,6 +112,7 @@ class SignalsToRanks(_SignalHandlers):
     ``StopRequest``) and the launcher waits for them, instead of exiting while they write."""
 
     def _handle(self, signum, frame):
+        _defer_if_default(signum, self._previous.get(signum))
         for child in multiprocessing.active_children():
             try:
                 os.kill(child.pid, FORWARDED_STOP)

@@ -47,6 +47,7 @@ from fastvae.config import (MAX_SEED, TrainConfig, keyword_spelling, saved_setti
 from fastvae.data import Splits, content_id, load_dataset
 from fastvae.errors import FastVAEError, one_line
 from fastvae.fabric_setup import fp16_runs_as_bf16, make_fabric, make_optimizer
+from fastvae.float32_default import float32_by_default
 from fastvae.guard import check_interval, flag_nonfinite_grads, skip_mode
 from fastvae.interrupts import removed_on_exit
 from fastvae.loaders import batches_per_epoch, in_memory_sample, is_streamed, make_source
@@ -61,7 +62,7 @@ from fastvae.run_folder import EPOCH_END, LAST, METRICS_CSV
 from fastvae.shards import changed_data, dataset_id, prepared_split
 from fastvae.sharding import (keep_implementation, load_sharded_optimizer_state,
                               optimizer_state_by_index)
-from fastvae.stop_signals import RANK_OF_ENV, SignalsToRanks, StopRequest
+from fastvae.stop_signals import RANK_OF_ENV, SignalsToRanks, StopRequest, deliver_deferred
 
 
 @dataclass
@@ -91,6 +92,7 @@ class EpochSums:
         return [self.recon, self.kl, self.count, self.seconds]
 
 
+@float32_by_default
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
           splits: Splits | None = None, callbacks: list | None = None) -> TrainResult | None:
     """Train as ``config`` says, into ``config.out``; return the run's result (on rank 0).
@@ -99,9 +101,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     ``overwrite`` replaces a run already in ``out``. Without either, an ``out`` that already
     holds a run is refused, so no earlier work is lost by a typo. ``callbacks``: Fabric
     callbacks (see the module docstring). The caller's random streams (torch, numpy, random)
-    are as they were afterwards: training seeds them all from ``config.seed``.
+    are as they were afterwards: training seeds them all from ``config.seed``. It trains with
+    gradients and in float32 whatever the caller set (a notebook's ``torch.no_grad()`` or
+    ``inference_mode()``, ``torch.set_default_dtype(torch.float64)``). A SIGTERM (or Ctrl-C)
+    stops it after the current step with a checkpoint (``result.interrupted``); where the
+    program had left SIGTERM to Python's default, the signal then ends the program, as it would
+    have without fastvae.
     """
-    with _callers_random_state():
+    # gradients on: a notebook cell's leftover no_grad/inference_mode failed the first backward
+    with _callers_random_state(), torch.inference_mode(False), torch.enable_grad():
         return _train(config, resume=resume, overwrite=overwrite, splits=splits, callbacks=callbacks)
 
 
@@ -259,7 +267,9 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
                                                               "ignore:resource_tracker:UserWarning"]))
         try:
             with SignalsToRanks(), rank_errors.collected() as errors:
-                return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume_from)
+                result = fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume_from)
+            deliver_deferred()  # a program's unhandled SIGTERM ends it, once the ranks have stopped
+            return result
         finally:
             for name, value in saved.items():
                 if value is None:
@@ -267,7 +277,9 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
                 else:
                     os.environ[name] = value
     with watched_join(config.devices * config.num_nodes):  # joining the other ranks: a note, and stoppable
-        return fabric.launch(_fit, config, splits, resume_from)
+        result = fabric.launch(_fit, config, splits, resume_from)
+    deliver_deferred()  # a program's unhandled SIGTERM ends it, once the checkpoint is written
+    return result
 
 
 def _end_process_group() -> None:

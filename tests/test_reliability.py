@@ -361,20 +361,59 @@ def test_interrupt_mid_epoch_then_resume_is_exact(tmp_path, make_config, patch_f
     stop_step = STEPS_PER_EPOCH + 9  # the tenth step of epoch 2
     patch_forward(signal_at(stop_step, signum))
     config = make_config(out=tmp_path / "interrupted", epochs=3)
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    result = train(config)
+    # a program that handles SIGTERM itself gets train's result back (one that does not is
+    # ended by it after the checkpoint: test_an_unhandled_sigterm_ends_the_program_after_the_checkpoint)
+    own_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        result = train(config)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    finally:
+        signal.signal(signal.SIGTERM, own_sigterm)
     assert result.interrupted and result.steps == stop_step + 1
     assert "interrupted" in capsys.readouterr().out
     state = read_checkpoint(config.out)
     assert state["epoch"] == 1 and state["step"] == stop_step + 1
     assert state["batch_in_epoch"] == 10
     assert len(metrics_without_time(config.out)) == 1
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     patch_forward(lambda call, terms: terms)
     result = train(config, resume=True)
     assert not result.interrupted and result.epochs == 3
     assert max_weight_diff(state_dict_of(straight.out), state_dict_of(config.out)) <= 1e-6
     assert metrics_without_time(straight.out) == metrics_without_time(config.out)
+
+
+_UNHANDLED_SIGTERM = """
+import os, signal, sys
+import fastvae
+from fastvae.config import TrainConfig
+
+class Preempt:  # a scheduler's SIGTERM at step 5, once
+    def on_train_batch_end(self, trainer, batch):
+        if trainer.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+fastvae.train(TrainConfig(out=sys.argv[1], epochs=2, hidden_dim=16, latent_dim=4, reparam="torch", pictures=False,
+                          progress=False), callbacks=[Preempt()])
+print("the program went on")
+"""
+
+
+def test_an_unhandled_sigterm_ends_the_program_after_the_checkpoint(tmp_path):
+    """A program that never handles SIGTERM was ended by it before; train() turned it into a
+    stop request and returned, so a preempted sweep ran on until killed. Now the checkpoint is
+    written, then the signal ends the program as it would have."""
+    import subprocess
+    import sys
+
+    from testkit import SUBPROCESS_ENV
+
+    done = subprocess.run([sys.executable, "-c", _UNHANDLED_SIGTERM, tmp_path / "run"], capture_output=True,
+                          text=True, env=SUBPROCESS_ENV, timeout=240)
+    assert done.returncode == -signal.SIGTERM, (done.returncode, done.stdout, done.stderr)
+    assert "the program went on" not in done.stdout and "Traceback" not in done.stderr, done.stderr
+    state = read_checkpoint(tmp_path / "run")
+    assert state["step"] == 5 and state["batch_in_epoch"] == 5
 
 
 def test_interrupt_on_the_last_step_of_an_epoch_says_so(make_config, patch_forward, capsys):

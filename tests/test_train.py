@@ -555,3 +555,32 @@ def test_a_programs_bad_settings_are_named_as_it_wrote_them(tmp_path):
             train(TrainConfig(out=str(tmp_path / "run"), **settings))
         assert str(refused.value).startswith(said) and "--" not in str(refused.value), str(refused.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_program_under_float64_default_no_grad_or_inference_mode_trains_in_float32(tmp_path):
+    """torch.set_default_dtype(torch.float64) made train, sample and export fail in F.linear
+    ("mat1 and mat2 must have the same dtype"); a notebook's leftover no_grad/inference_mode
+    failed the first backward. fastvae works in float32 with gradients and gives the program
+    its settings back."""
+    from fastvae.config import TrainConfig
+    from fastvae.evaluation import evaluate
+    from fastvae.export import export_decoder
+
+    splits = load_dataset("digits")
+    settings = dict(epochs=1, hidden_dim=16, latent_dim=4, reparam="torch", pictures=False, progress=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            first = train(TrainConfig(out=str(tmp_path / "no_grad"), **settings), splits=splits)
+        with torch.inference_mode():
+            second = train(TrainConfig(out=str(tmp_path / "inference"), **settings), splits=splits)
+        assert torch.get_default_dtype() == torch.float64
+        assert first.metrics[0]["train_loss"] == second.metrics[0]["train_loss"]  # the same run twice
+        model = load(tmp_path / "no_grad")
+        assert model.sample(3).dtype == torch.float32
+        assert evaluate(model, splits.test[:20], iwae_k=0)["n"] == 20
+        export_decoder(model, tmp_path / "decoder.onnx", check_batches=(3,))
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(previous)

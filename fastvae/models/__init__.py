@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from fastvae.config import MODEL_SETTINGS, TrainConfig
+from fastvae.float32_default import float32_by_default
 from fastvae.models.conv import ConvDecoder, ConvEncoder
 from fastvae.models.convkl import ConvKLDecoder, ConvKLEncoder
 from fastvae.models.mlp import MLPDecoder, MLPEncoder
@@ -63,6 +64,7 @@ def check_model(spec: dict) -> None:
                            "--hidden-dim or --latent-dim (convkl: --width, --channel-mult, --blocks-per-level)")
 
 
+@float32_by_default
 def build_model(spec: dict) -> VAE | StackedAutoencoder:
     """Build a fresh model from a spec dict (missing keys take ``DEFAULT_SPEC`` values)."""
     from fastvae.losses import Likelihood

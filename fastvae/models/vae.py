@@ -87,8 +87,8 @@ class VAE(nn.Module):
         if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
             raise ValueError(f"sample(n): n must be a non-negative integer, got {n!r}")
         n = int(n)
-        device = next(self.parameters()).device
-        z = torch.randn(n, *self.latent_shape, generator=generator, device=device)
+        weight = next(self.parameters())
+        z = torch.randn(n, *self.latent_shape, generator=generator, device=weight.device, dtype=weight.dtype)
         return self.likelihood.mean(self.decode(z))
 
     @torch.no_grad()
