@@ -828,6 +828,34 @@ def unit_pixels(data: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
     return data.float()
 
 
+def program_splits(splits) -> "Splits":
+    """A program's own ``train(..., splits=...)`` checked, its images in the form the loaders
+    read (``unit_pixels``: uint8 / 255, bool, floats in [0, 1]; numpy arrays become tensors), or
+    one FastVAEError naming ``splits``: they failed deep inside training (uint8 and float64 in
+    F.linear, numpy in flatten, a test split of another size after a whole epoch, an empty one
+    as a ZeroDivisionError). What ``load_dataset`` returns passes as it is."""
+    if not isinstance(splits, Splits):
+        if hasattr(splits, "data_shape") and hasattr(splits, "train") and hasattr(splits, "test"):
+            return splits  # a prepared dataset, opened by load_dataset
+        raise FastVAEError(f"splits must be fastvae.data.Splits(name, train, test) with images (N, C, H, W) or "
+                           f"what fastvae.load_dataset returns, got {type(splits).__name__}")
+    parts = {}
+    for part in ("train", "test"):
+        images = getattr(splits, part)
+        where = f"splits.{part}"
+        if not isinstance(images, (np.ndarray, torch.Tensor)):
+            raise FastVAEError(f"{where} must be a tensor or numpy array of images (N, C, H, W), got "
+                               f"{type(images).__name__}")
+        if images.ndim != 4 or 0 in images.shape:
+            raise FastVAEError(f"{where} has shape {tuple(images.shape)}: give images (N, C, H, W), at least one")
+        parts[part] = unit_pixels(images, where).contiguous()
+    if parts["train"].shape[1:] != parts["test"].shape[1:]:
+        raise FastVAEError(f"splits.train holds images of {tuple(parts['train'].shape[1:])}, splits.test of "
+                           f"{tuple(parts['test'].shape[1:])}: give both splits the same image size")
+    unchanged = all(parts[part] is getattr(splits, part) for part in parts)
+    return splits if unchanged else replace(splits, **parts)
+
+
 def _dtype_error(where: str, dtype) -> FastVAEError:
     return FastVAEError(f"{where} has dtype {dtype}: use uint8 pixels (0-255) or floats in [0, 1]")
 

@@ -44,7 +44,7 @@ from fastvae import run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
 from fastvae.config import (MAX_SEED, TrainConfig, keyword_spelling, saved_settings, unused_settings,
                             unused_split_flags)
-from fastvae.data import Splits, content_id, load_dataset
+from fastvae.data import Splits, content_id, load_dataset, program_splits
 from fastvae.errors import FastVAEError, one_line
 from fastvae.fabric_setup import fp16_runs_as_bf16, make_fabric, make_optimizer
 from fastvae.float32_default import float32_by_default
@@ -161,6 +161,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
             raise FastVAEError(f"data {config.data} does not exist (the run's data: moved? resume with "
                                "--data NEWPATH, the same data where it is now)")
         splits = load_config_data(config)
+    else:
+        splits = program_splits(splits)
     check_model(config.model_spec(splits.data_shape))  # e.g. convkl: H, W divisible by f
     steps = batches_per_epoch(len(splits.train), config.devices * config.num_nodes, config.batch_size)
     if saved.get("batch_in_epoch", 0) >= steps:  # the loop would run no step, then call it divergence

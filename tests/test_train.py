@@ -584,3 +584,34 @@ def test_a_program_under_float64_default_no_grad_or_inference_mode_trains_in_flo
         assert torch.get_default_dtype() == torch.float64
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_a_programs_own_splits_are_checked_and_read_as_files_are(tmp_path):
+    """uint8 or float64 splits failed in F.linear, numpy ones in flatten, a test split of another
+    image size after a whole epoch, an empty one as a ZeroDivisionError, an array as an
+    AttributeError. Now uint8/numpy/float64 train like the same pixels as float32; the rest is
+    one FastVAEError naming splits, before anything is written."""
+    from fastvae.config import TrainConfig
+    from fastvae.data import Splits
+
+    digits = load_dataset("digits")
+    pixels = (digits.train[:256] * 255).round().to(torch.uint8), (digits.test[:64] * 255).round().to(torch.uint8)
+    settings = dict(epochs=1, hidden_dim=16, latent_dim=4, reparam="torch", pictures=False, progress=False)
+    runs = {}
+    for name, (train_part, test_part) in (("float32", [p.float() / 255 for p in pixels]), ("uint8", pixels),
+                                          ("numpy", [p.numpy() for p in pixels]),
+                                          ("float64", [p.double() / 255 for p in pixels])):
+        runs[name] = train(TrainConfig(out=str(tmp_path / name), **settings),
+                           splits=Splits("mine", train_part, test_part)).metrics[0]
+    for name in ("uint8", "numpy", "float64"):
+        assert runs[name]["train_loss"] == pytest.approx(runs["float32"]["train_loss"], rel=1e-6), name
+    train_part, test_part = pixels
+    for splits, said in ((train_part.numpy(), "splits must be fastvae.data.Splits"),
+                         (Splits("mine", train_part, test_part[:, :, :7, :7]), "give both splits the same image size"),
+                         (Splits("mine", train_part, test_part[:0]), r"splits.test has shape \(0, 1, 8, 8\)"),
+                         (Splits("mine", train_part.flatten(1), test_part), r"splits.train has shape \(256, 64\)"),
+                         (Splits("mine", train_part.long(), test_part), "splits.train has dtype int64"),
+                         (Splits("mine", [1, 2], test_part), "splits.train must be a tensor or numpy array")):
+        with pytest.raises(FastVAEError, match=said):
+            train(TrainConfig(out=str(tmp_path / "bad"), **settings), splits=splits)
+    assert not (tmp_path / "bad").exists()
