@@ -130,13 +130,13 @@ def load(run_or_ckpt: str | Path, map_location="cpu"):
     >>> model = fastvae.load("runs/digits")      # doctest: +SKIP
     >>> model.sample(16)                          # doctest: +SKIP
     """
-    from fastvae.models import build_model
+    from fastvae.models import build_from_spec
 
     state = read_checkpoint(run_or_ckpt, map_location)
     path = checkpoint_path(run_or_ckpt)
     try:
         with torch.random.fork_rng(devices=[]):  # the initial weights, replaced below, draw from
-            model = build_model(state["spec"])  # torch's generator: the caller's stream stays
+            model = build_from_spec(state["spec"])  # torch's generator: the caller's stream stays
     except (ValueError, KeyError, TypeError, OverflowError) as exc:  # an edited or foreign spec
         raise FastVAEError(f"{path} is a damaged fastvae checkpoint: its model spec builds no model "
                            f"({type(exc).__name__}: {one_line(exc)}); use an intact checkpoint or train again") from None

@@ -182,9 +182,9 @@ def decode_rows(model) -> int:
 def evaluate(model, data, *, iwae_k: int = 1000, seed: int = 0,
              progress: bool = False, pixel_grid: int | None | str = "auto") -> dict:
     """``{"neg_elbo", "recon", "kl", "iwae_nll", "bits_per_dim", "pixel_levels", "n", "iwae_k"}``
-    on ``data`` (nats per example; bits per dim of the tightest bound computed, None for a density
-    on data without a pixel grid; ``pixel_levels``: L + 1 for the grid k / L, else None; see the
-    module doc).
+    on ``data`` ("iwae_nll" only for ``iwae_k`` > 0; nats per example; bits per dim of the
+    tightest bound computed, None for a density on data without a pixel grid; ``pixel_levels``:
+    L + 1 for the grid k / L, else None; see the module doc).
 
     ``data``: rows (n, *model.data_shape) as a tensor or numpy array, floats in [0, 1] or uint8
     pixels; ``Splits`` (their test split) or a prepared split. ``model``: a VAE or a run folder.

@@ -615,3 +615,18 @@ def test_a_programs_own_splits_are_checked_and_read_as_files_are(tmp_path):
         with pytest.raises(FastVAEError, match=said):
             train(TrainConfig(out=str(tmp_path / "bad"), **settings), splits=splits)
     assert not (tmp_path / "bad").exists()
+
+
+def test_build_model_names_what_is_wrong_with_a_spec():
+    """build_model({"latent_dim": 3}) was a bare KeyError; a typo (latnet_dim) was ignored and
+    kind "bogus" built a VAE; a negative size was torch's RuntimeError."""
+    from fastvae.models import build_model
+
+    assert build_model({"data_shape": [1, 8, 8], "latent_dim": 3}).latent_shape == (3,)
+    for spec, said in (({"latent_dim": 3}, "build_model takes a dict with data_shape"),
+                       ({"data_shape": [1, 8, 8], "latnet_dim": 3}, r"unknown key\(s\) latnet_dim \(did you mean latent_dim\?\)"),
+                       ({"data_shape": [1, 8, 8], "kind": "bogus"}, "kind must be one of vae, ae, got 'bogus'"),
+                       ({"data_shape": [1, 8, 8], "latent_dim": -3}, "this spec builds no model"),
+                       ({"data_shape": [1, 8, 8], "model": "resnet"}, "unknown model 'resnet'")):
+        with pytest.raises(FastVAEError, match=said):
+            build_model(spec)

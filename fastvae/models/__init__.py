@@ -53,7 +53,7 @@ def check_model(spec: dict) -> None:
 
     try:
         with torch.device("meta"):
-            model = build_model(spec)
+            model = build_from_spec(spec)
     except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
         raise FastVAEError(f"these settings build no model: {one_line(exc)}") from None
     count = sum(p.numel() for p in model.parameters())
@@ -64,9 +64,34 @@ def check_model(spec: dict) -> None:
                            "--hidden-dim or --latent-dim (convkl: --width, --channel-mult, --blocks-per-level)")
 
 
-@float32_by_default
 def build_model(spec: dict) -> VAE | StackedAutoencoder:
-    """Build a fresh model from a spec dict (missing keys take ``DEFAULT_SPEC`` values)."""
+    """Build a fresh model from a spec dict: ``data_shape`` and any of ``DEFAULT_SPEC``'s keys
+    (missing ones take its values). A spec naming no data shape, an unknown key (a typo was
+    ignored: ``latnet_dim``), an unknown kind, or sizes that build no model: FastVAEError."""
+    from fastvae.config import KINDS, _closest_setting
+    from fastvae.errors import FastVAEError, one_line
+
+    if not isinstance(spec, dict) or "data_shape" not in spec:
+        raise FastVAEError("build_model takes a dict with data_shape (C, H, W) and any of " + ", ".join(DEFAULT_SPEC)
+                           + f", got {spec!r:.80}")
+    unknown = sorted(set(spec) - set(DEFAULT_SPEC) - {"data_shape"})
+    if unknown:
+        hints = [f" (did you mean {_closest_setting(k, DEFAULT_SPEC)}?)" if _closest_setting(k, DEFAULT_SPEC) else ""
+                 for k in unknown]
+        raise FastVAEError("build_model: unknown key(s) " + ", ".join(k + h for k, h in zip(unknown, hints))
+                           + "; known keys are data_shape, " + ", ".join(DEFAULT_SPEC))
+    if spec.get("kind", DEFAULT_SPEC["kind"]) not in KINDS:
+        raise FastVAEError(f"build_model: kind must be one of {', '.join(KINDS)}, got {spec['kind']!r}")
+    try:
+        return build_from_spec(spec)
+    except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+        raise FastVAEError(f"build_model: this spec builds no model: {one_line(exc)}") from None
+
+
+@float32_by_default
+def build_from_spec(spec: dict) -> VAE | StackedAutoencoder:
+    """``build_model`` without its checks: a checkpoint's spec (``fastvae.load`` says what is
+    wrong with a damaged one)."""
     from fastvae.losses import Likelihood
 
     spec = {**DEFAULT_SPEC, **spec}
@@ -87,6 +112,6 @@ def build_model(spec: dict) -> VAE | StackedAutoencoder:
 
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_SPEC", "build_model", "check_model", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
+    "ARCHITECTURES", "DEFAULT_SPEC", "build_from_spec", "build_model", "check_model", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
     "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "ConvKLEncoder", "ConvKLDecoder",
 ]
