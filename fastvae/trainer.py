@@ -21,7 +21,9 @@ Fabric callbacks: any object with some of these methods, called on every rank:
 ``on_train_start(trainer)``; ``on_train_batch_end(trainer, batch)`` after each optimizer step
 (``trainer.step`` counts steps, ``batch`` is the batch's index in its epoch);
 ``on_train_epoch_end(trainer, metrics)`` once the epoch's metrics row and checkpoint are
-written; ``on_train_end(trainer, interrupted)``.
+written; ``on_train_end(trainer, interrupted)``. A callback may call ``trainer.request_stop()``
+(early stopping, a sweep's budget, a program's own signal): the run stops as on Ctrl-C, after
+the step every rank agrees on, with a checkpoint, and ``train`` returns ``interrupted=True``.
 """
 
 from __future__ import annotations
@@ -376,6 +378,7 @@ class Trainer:
         if fabric.device.type == "cuda" and len(model.latent_shape) == 3:
             model.to(memory_format=torch.channels_last)  # spatial conv models: cuDNN's fast layout
         self.epoch = self.step = self.skip_batches = 0
+        self._stop: StopRequest | None = None  # while fit() trains: request_stop sets it
         self.partial: EpochSums | None = None  # sums of an interrupted epoch
         # resume: True for last.ckpt, or the checkpoint file check_resume chose
         source = resume if isinstance(resume, Path) else self.run_dir / LAST
@@ -451,6 +454,7 @@ class Trainer:
                          f"{config.batch_size} x {self.world} processes")
         interrupted = False
         with StopRequest() as stop:
+            self._stop = stop
             try:
                 while self.epoch < config.epochs and not interrupted:
                     row = self.run_epoch(stop)
@@ -478,6 +482,13 @@ class Trainer:
             _write_pictures(self.run_dir, self.splits, config)
         _note_stale_outputs(self.run_dir)
         return TrainResult(self.run_dir, self.epoch, self.step, self.rows, interrupted)
+
+    def request_stop(self) -> None:
+        """Stop the run as Ctrl-C does (a checkpoint at the step the ranks agree on), from a
+        callback; works outside the main thread, where no signal reaches training."""
+        if self._stop is None:
+            raise RuntimeError("request_stop() works while the run trains (from a callback)")
+        self._stop.requested = True
 
     def run_epoch(self, stop: StopRequest | None = None) -> dict | None:
         """Train one epoch (or its rest, after a mid-epoch resume), evaluate, checkpoint.

@@ -630,3 +630,28 @@ def test_build_model_names_what_is_wrong_with_a_spec():
                        ({"data_shape": [1, 8, 8], "model": "resnet"}, "unknown model 'resnet'")):
         with pytest.raises(FastVAEError, match=said):
             build_model(spec)
+
+
+def test_a_callback_can_stop_the_run_with_a_checkpoint_from_any_thread(tmp_path):
+    """A program had no way to stop a run cleanly (early stopping, a budget), and one training
+    outside the main thread could not be stopped at all (signals reach the main thread only)."""
+    import threading
+
+    from fastvae.checkpoint import read_checkpoint
+    from fastvae.config import TrainConfig
+
+    class StopAtFive:
+        def on_train_batch_end(self, trainer, batch):
+            if trainer.step == 5:
+                trainer.request_stop()
+
+    results = []
+    config = TrainConfig(out=str(tmp_path / "run"), epochs=3, hidden_dim=16, latent_dim=4, reparam="torch",
+                         pictures=False, progress=False)
+    worker = threading.Thread(target=lambda: results.append(train(config, callbacks=[StopAtFive()])))
+    worker.start()
+    worker.join(240)
+    assert results and results[0].interrupted and results[0].steps == 5
+    state = read_checkpoint(tmp_path / "run")
+    assert (state["step"], state["batch_in_epoch"]) == (5, 5)
+    assert not train(config, resume=True).interrupted  # and it resumes to the end
