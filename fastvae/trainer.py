@@ -143,6 +143,11 @@ def _callers_random_state():
 
 def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits | None,
            callbacks: list | None) -> TrainResult | None:
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # a spawned process (a ddp_spawn rank) imports the program's main module first: a
+        # program without a main guard trained again there, into the same folder
+        raise FastVAEError("train() was called while a spawned process (a ddp_spawn rank) imported the program: "
+                           "put the program's calls under `if __name__ == \"__main__\":`")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() takes a fastvae.config.TrainConfig (TrainConfig(**settings) or "
                         f"TrainConfig.from_dict(settings)), got {type(config).__name__}")

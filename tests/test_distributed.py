@@ -533,3 +533,24 @@ def test_rank_0_failures_stop_the_other_ranks_quietly():
     with pytest.raises(OSError):  # one process: no broadcast
         T.Trainer._on_rank0(rank(0, 1), fail)
     assert channel == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_program_without_a_main_guard_does_not_train_again_in_its_spawned_ranks(tmp_path):
+    """ddp_spawn starts each rank by importing the program: without `if __name__ ==
+    "__main__":` the ranks ran the program's train() calls again, into the same folder."""
+    import subprocess
+    import sys
+
+    from testkit import SUBPROCESS_ENV
+
+    program = tmp_path / "unguarded.py"
+    program.write_text(
+        "import fastvae\nfrom fastvae.config import TrainConfig\n"
+        f"fastvae.train(TrainConfig(out={str(tmp_path / 'run')!r}, epochs=1, hidden_dim=16, latent_dim=4, "
+        "reparam='torch', pictures=False, progress=False, devices=2, strategy='ddp_spawn', accelerator='cpu'))\n")
+    done = subprocess.run([sys.executable, program], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=240)
+    assert done.returncode != 0
+    assert "put the program's calls under `if __name__ == \"__main__\":`" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
