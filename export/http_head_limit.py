@@ -24,33 +24,38 @@ def protocol_settings() -> dict:
         return {"http": "h11", "h11_max_incomplete_event_size": MAX_HEAD_BYTES}
 
     class BoundedHeadProtocol(HttpToolsProtocol):
-        """httptools, refusing a request head over MAX_HEAD_BYTES. The bytes of every read
-        that ends inside a head count towards it, so the head held is at most the bound plus
-        one read (asyncio reads 256 KiB at most)."""
+        """httptools, refusing a request head over MAX_HEAD_BYTES. The bytes of every read in
+        which parsing made no progress (no headers completed, no body bytes, no request ended)
+        count towards it: a head, or a chunked body's trailer section, which httptools holds as
+        headers too. So what is held is at most the bound plus one read (asyncio reads 256 KiB
+        at most)."""
 
-        _in_body = False  # the current request's headers are complete
-        _completed = False  # a request ended inside the read being parsed
+        _progress = False  # the read being parsed completed headers, carried body bytes or ended a request
         _head_bytes = 0
         _refused = False  # answered 431: further bytes are dropped until the close
 
         def on_headers_complete(self) -> None:
-            self._in_body, self._head_bytes = True, 0
+            self._progress = True
             super().on_headers_complete()
 
+        def on_body(self, body: bytes) -> None:
+            self._progress = True
+            super().on_body(body)
+
         def on_message_complete(self) -> None:
-            self._in_body, self._completed = False, True
+            self._progress = True
             super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
-            self._completed = False
+            self._progress = False
             super().data_received(data)
-            if self._in_body or self.transport.is_closing():
+            if self.transport.is_closing():
                 return
-            # a request ended in this read: the next head began somewhere in it (undercounted
-            # by less than one read, never counting another request's bytes)
-            self._head_bytes = 0 if self._completed else self._head_bytes + len(data)
+            # a read with progress may end with the start of a head: undercounted by less than
+            # one read, never counting another request's bytes
+            self._head_bytes = 0 if self._progress else self._head_bytes + len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse()
 
@@ -69,8 +74,8 @@ def protocol_settings() -> dict:
             head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
             head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
             head += [b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)]
-            if self.cycle is not None and not self.cycle.response_complete:  # a pipelined request still
-                self.transport.close()  # answering writes on this connection: no room for ours
+            if self.cycle is not None and not self.cycle.response_complete:  # a request in progress on
+                self.transport.close()  # this connection (trailers, pipelining) writes there: no room for ours
                 return
             self._refused = True
             self.transport.write(b"".join(head) + body)

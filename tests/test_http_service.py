@@ -564,6 +564,20 @@ def test_a_request_head_over_the_bound_gets_a_json_431_and_the_service_goes_on(s
     assert "headers over 64 KiB" in json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     answer = _raw_request(server.port, start + b"X-Big: " + b"a" * (MAX_HEAD_BYTES // 2) + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 OK") and b'"status":"ok"' in answer, answer[:300]
+    # a chunked body's trailer section is held as headers too: the same bound (the connection
+    # is closed, a request being in progress on it)
+    chunked = (b"POST /decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\nX-Trailer: ")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(chunked)
+        try:
+            for _ in range(64):  # 4 MiB at most: far past the bound
+                sock.sendall(b"a" * MAX_HEAD_BYTES)
+        except OSError:  # closed: refused
+            pass
+        else:
+            sock.settimeout(60)
+            assert sock.recv(65536) == b"", "a trailer section over the bound was taken"
     assert server.health()["status"] == "ok"
 
 
