@@ -833,7 +833,7 @@ def program_splits(splits) -> "Splits":
     read (``unit_pixels``: uint8 / 255, bool, floats in [0, 1]; numpy arrays become tensors), or
     one FastVAEError naming ``splits``: they failed deep inside training (uint8 and float64 in
     F.linear, numpy in flatten, a test split of another size after a whole epoch, an empty one
-    as a ZeroDivisionError). What ``load_dataset`` returns passes as it is."""
+    as a ZeroDivisionError). A prepared dataset that ``load_dataset`` opened passes as it is."""
     if not isinstance(splits, Splits):
         if hasattr(splits, "data_shape") and hasattr(splits, "train") and hasattr(splits, "test"):
             return splits  # a prepared dataset, opened by load_dataset

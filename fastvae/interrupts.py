@@ -131,9 +131,8 @@ def _term_from_parent_only() -> None:
     """SIGTERM ends this worker only when its parent sends it (torch's and multiprocessing's
     ``terminate()``) or has ended (the PR_SET_PDEATHSIG below): SIGTERM is blocked and one
     thread takes each, reading its sender. Where there is no sigwaitinfo (macOS), SIGTERM ends
-    the worker whoever sends it, as before."""
-    import threading
-
+    the worker whoever sends it, as before. A program the worker starts inherits the blocked
+    SIGTERM (signal masks survive exec): unblock it there (fastvae's loaders start none)."""
     import multiprocessing
 
     if not hasattr(signal, "sigwaitinfo"):

@@ -41,6 +41,8 @@ class _SignalHandlers:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
+        global _deferred
+        _deferred = None  # a run that failed before delivering its own: not this run's signal
         self._previous = {}
         for sig in self.SIGNALS:
             try:

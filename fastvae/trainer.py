@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from fastvae import run_folder
+from fastvae import rendezvous_watch, run_folder
 from fastvae.checkpoint import FORMAT, load_model_state, read_checkpoint, rng_state, set_rng_state
 from fastvae.config import (MAX_SEED, TrainConfig, keyword_spelling, saved_settings, unused_settings,
                             unused_split_flags)
@@ -57,7 +57,6 @@ from fastvae.losses import kl_weight
 from fastvae.models import check_model
 from fastvae.process_layout import check_processes
 from fastvae.rank_agreement import check_ranks_agree, what_this_rank_trains
-from fastvae.rendezvous_watch import watched_join
 from fastvae.reparam import resolve_backend
 from fastvae.resume_checks import check_resume
 from fastvae.run_folder import EPOCH_END, LAST, METRICS_CSV
@@ -276,19 +275,20 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
                                                               "ignore:resource_tracker:UserWarning"]))
         try:
             with SignalsToRanks(), rank_errors.collected() as errors:
-                result = fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume_from)
-            deliver_deferred()  # a program's unhandled SIGTERM ends it, once the ranks have stopped
-            return result
+                return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume_from)
         finally:
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
-    with watched_join(config.devices * config.num_nodes):  # joining the other ranks: a note, and stoppable
-        result = fabric.launch(_fit, config, splits, resume_from)
-    deliver_deferred()  # a program's unhandled SIGTERM ends it, once the checkpoint is written
-    return result
+            deliver_deferred()  # a program's unhandled SIGTERM ends it, once the ranks have stopped
+    try:
+        # joining the other ranks: a note when long, and Ctrl-C/SIGTERM end it
+        with rendezvous_watch.watched_join(config.devices * config.num_nodes):
+            return fabric.launch(_fit, config, splits, resume_from)
+    finally:
+        deliver_deferred()  # a program's unhandled SIGTERM ends it, once the checkpoint is written
 
 
 def _end_process_group() -> None:
@@ -383,7 +383,7 @@ class Trainer:
         if fabric.device.type == "cuda" and len(model.latent_shape) == 3:
             model.to(memory_format=torch.channels_last)  # spatial conv models: cuDNN's fast layout
         self.epoch = self.step = self.skip_batches = 0
-        self._stop: StopRequest | None = None  # while fit() trains: request_stop sets it
+        self._asked_to_stop = False  # request_stop(): a callback's stop request
         self.partial: EpochSums | None = None  # sums of an interrupted epoch
         # resume: True for last.ckpt, or the checkpoint file check_resume chose
         source = resume if isinstance(resume, Path) else self.run_dir / LAST
@@ -459,7 +459,6 @@ class Trainer:
                          f"{config.batch_size} x {self.world} processes")
         interrupted = False
         with StopRequest() as stop:
-            self._stop = stop
             try:
                 while self.epoch < config.epochs and not interrupted:
                     row = self.run_epoch(stop)
@@ -490,10 +489,10 @@ class Trainer:
 
     def request_stop(self) -> None:
         """Stop the run as Ctrl-C does (a checkpoint at the step the ranks agree on), from a
-        callback; works outside the main thread, where no signal reaches training."""
-        if self._stop is None:
-            raise RuntimeError("request_stop() works while the run trains (from a callback)")
-        self._stop.requested = True
+        callback; works outside the main thread, where no signal reaches training. A flag of
+        its own: a Ctrl-C or SIGTERM after it is still a first stop request, not the second
+        that ends the process at once."""
+        self._asked_to_stop = True
 
     def run_epoch(self, stop: StopRequest | None = None) -> dict | None:
         """Train one epoch (or its rest, after a mid-epoch resume), evaluate, checkpoint.
@@ -542,7 +541,7 @@ class Trainer:
     def _agreed(self, stop: StopRequest | None, save_due: bool) -> tuple[bool, bool]:
         """(stop requested on any rank, ``save_due`` on any rank): one all-reduce, the same
         answers on every rank (a checkpoint's collectives need them all)."""
-        requested = stop is not None and stop.requested
+        requested = self._asked_to_stop or (stop is not None and stop.requested)
         if self.world == 1:
             return requested, save_due
         flags = torch.tensor([float(requested), float(save_due)], device=self.fabric.device)
@@ -852,6 +851,7 @@ class _RankZeroFailed(Exception):
 
 
 def _fit(fabric, config: TrainConfig, splits: Splits, resume: Path | None) -> TrainResult | None:
+    rendezvous_watch.joined()  # this process has joined the others
     if multiprocessing.parent_process() is not None and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a spawned rank's own, as fastvae.cli.run's
     threads = torch.get_num_threads()

@@ -655,3 +655,26 @@ def test_a_callback_can_stop_the_run_with_a_checkpoint_from_any_thread(tmp_path)
     state = read_checkpoint(tmp_path / "run")
     assert (state["step"], state["batch_in_epoch"]) == (5, 5)
     assert not train(config, resume=True).interrupted  # and it resumes to the end
+
+
+def test_a_signal_after_request_stop_is_still_a_first_stop_request(tmp_path):
+    """request_stop() set the signal handler's own flag, so a Ctrl-C/SIGTERM after it (a
+    scheduler's, during the stop's checkpoint) counted as a second signal: the process ended at
+    once (KeyboardInterrupt in a program, exit 130 on the command line) without the checkpoint."""
+    import os
+    import signal
+
+    from fastvae.checkpoint import read_checkpoint
+    from fastvae.config import TrainConfig
+
+    class StopThenSignal:
+        def on_train_batch_end(self, trainer, batch):
+            if trainer.step == 5:
+                trainer.request_stop()
+                os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: a KeyboardInterrupt if escalated
+
+    config = TrainConfig(out=str(tmp_path / "run"), epochs=3, hidden_dim=16, latent_dim=4, reparam="torch",
+                         pictures=False, progress=False)
+    result = train(config, callbacks=[StopThenSignal()])
+    assert result.interrupted and result.steps == 5
+    assert read_checkpoint(tmp_path / "run")["batch_in_epoch"] == 5

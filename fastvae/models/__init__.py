@@ -76,9 +76,9 @@ def build_model(spec: dict) -> VAE | StackedAutoencoder:
                            + f", got {spec!r:.80}")
     unknown = sorted(set(spec) - set(DEFAULT_SPEC) - {"data_shape"})
     if unknown:
-        hints = [f" (did you mean {_closest_setting(k, DEFAULT_SPEC)}?)" if _closest_setting(k, DEFAULT_SPEC) else ""
-                 for k in unknown]
-        raise FastVAEError("build_model: unknown key(s) " + ", ".join(k + h for k, h in zip(unknown, hints))
+        meant = [_closest_setting(k, DEFAULT_SPEC) for k in unknown]
+        raise FastVAEError("build_model: unknown key(s) "
+                           + ", ".join(k + (f" (did you mean {m}?)" if m else "") for k, m in zip(unknown, meant))
                            + "; known keys are data_shape, " + ", ".join(DEFAULT_SPEC))
     if spec.get("kind", DEFAULT_SPEC["kind"]) not in KINDS:
         raise FastVAEError(f"build_model: kind must be one of {', '.join(KINDS)}, got {spec['kind']!r}")
