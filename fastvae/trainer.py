@@ -266,7 +266,8 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
 
         # Lightning's launcher also sets MASTER_ADDR/MASTER_PORT here: left set, a program's next
         # ddp_spawn run took the same port instead of a free one
-        saved = {name: os.environ.get(name) for name in (RANK_OF_ENV, "PYTHONWARNINGS", "MASTER_ADDR", "MASTER_PORT")}
+        saved = {name: os.environ.get(name)
+                 for name in (RANK_OF_ENV, "PYTHONWARNINGS", "MASTER_ADDR", "MASTER_PORT")}
         os.environ[RANK_OF_ENV] = str(os.getpid())  # the ranks' own signal handling
         # a rank that a stop ends at once (os._exit) leaves its semaphores to multiprocessing's
         # resource tracker, started with the ranks, which removes them and warns about each

@@ -112,6 +112,7 @@ def build_from_spec(spec: dict) -> VAE | StackedAutoencoder:
 
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_SPEC", "build_from_spec", "build_model", "check_model", "unwrap", "VAE", "VAEOutput", "StackedAutoencoder",
+    "ARCHITECTURES", "DEFAULT_SPEC", "build_from_spec", "build_model", "check_model", "unwrap", "VAE", "VAEOutput",
+    "StackedAutoencoder",
     "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "ConvKLEncoder", "ConvKLDecoder",
 ]
