@@ -61,9 +61,10 @@ def first(folder: str) -> BaseException | None:
 
 
 @contextlib.contextmanager
-def collected() -> Iterator[str]:
+def collected(run_dir=None) -> Iterator[str]:
     """A folder for the ranks' errors; a ``ProcessRaisedException`` leaving the block becomes
-    the lowest rank's recorded error where one was recorded."""
+    the lowest rank's recorded error where one was recorded. ``run_dir``: the run's folder, for
+    the advice after a rank that ended (``resume_advice``)."""
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     # torch logs "Terminating process N via signal SIGTERM" for the other ranks when one fails:
@@ -82,7 +83,7 @@ def collected() -> Iterator[str]:
         except ProcessExitedException as exc:  # a rank killed (SIGKILL: the OOM killer?) or gone
             if interrupted(exc.exit_code, exc.signal_name):
                 raise KeyboardInterrupt from None  # said as a Ctrl-C is: 'interrupted', status 130
-            raise FastVAEError(ended_rank(exc.error_index, exc.signal_name, exc.exit_code)) from None
+            raise FastVAEError(ended_rank(exc.error_index, exc.signal_name, exc.exit_code, run_dir)) from None
         finally:
             spawn_log.setLevel(level)
 
@@ -100,7 +101,19 @@ KILLERS = "the out-of-memory killer, a scheduler, kill -9, or a failed node"
 RESUME = "continue the run with --resume from its last checkpoint"
 
 
-def ended_rank(rank: int, signal_name: str | None, exit_code: int | None) -> str:
+def resume_advice(run_dir=None) -> str:
+    """RESUME where the run folder holds a checkpoint (or is not known here), else what to do
+    instead: a run that failed before its first checkpoint has nothing to resume."""
+    from pathlib import Path
+
+    from fastvae.run_folder import LAST
+
+    if run_dir is None or (Path(run_dir) / LAST).is_file():
+        return RESUME
+    return "no checkpoint was written yet: run the same command again"
+
+
+def ended_rank(rank: int, signal_name: str | None, exit_code: int | None, run_dir=None) -> str:
     """A spawned rank that ended without raising, as the launcher says it."""
     if signal_name == "SIGKILL":
         how = f"was killed by SIGKILL ({KILLERS}?)"
@@ -108,14 +121,15 @@ def ended_rank(rank: int, signal_name: str | None, exit_code: int | None) -> str
         how = f"was ended by {signal_name}"
     else:
         how = f"ended with exit status {exit_code} (its own output above may say why)"
-    return f"rank {rank} {how} and the other ranks were stopped: {RESUME}"
+    return f"rank {rank} {how} and the other ranks were stopped: {resume_advice(run_dir)}"
 
 
-def lost_peer_error(rank: int, exc: BaseException) -> LostPeer:
-    """What a rank whose collective found another rank gone says."""
+def lost_peer_error(rank: int, exc: BaseException, run_dir=None) -> LostPeer:
+    """What a rank whose collective found another rank gone says (``run_dir``: rank 0's run
+    folder, which it writes; another rank's may be a node-local copy without checkpoints)."""
     found = next((p for p in LOST_PEER if p in str(exc)), type(exc).__name__)
     return LostPeer(f"rank {rank} lost contact with the other ranks ({found}): another rank ended; if it "
-                    f"printed no error of its own, it was killed ({KILLERS}?); {RESUME}")
+                    f"printed no error of its own, it was killed ({KILLERS}?); {resume_advice(run_dir)}")
 
 
 # what a gloo collective says when another rank's process is gone (NCCL's DistBackendError

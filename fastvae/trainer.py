@@ -275,7 +275,7 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
         os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved["PYTHONWARNINGS"],
                                                               "ignore:resource_tracker:UserWarning"]))
         try:
-            with SignalsToRanks(), rank_errors.collected() as errors:
+            with SignalsToRanks(), rank_errors.collected(config.out) as errors:
                 return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume_from)
         finally:
             for name, value in saved.items():
@@ -872,7 +872,8 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: Path | None) -> Tr
 
         if fabric.world_size == 1 or not rank_errors.lost_peer(exc):
             raise
-        raise rank_errors.lost_peer_error(fabric.global_rank, exc) from None
+        raise rank_errors.lost_peer_error(fabric.global_rank, exc,
+                                          config.out if fabric.global_rank == 0 else None) from None
     finally:
         torch.set_num_threads(threads)
         _end_process_group()  # in each rank's own process (spawned ranks end right after)

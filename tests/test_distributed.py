@@ -410,7 +410,11 @@ def test_a_rank_killed_mid_run_is_one_line_from_the_others(tmp_path, strategy, l
     assert "Traceback" not in err, err[-3000:]
     errors = [e for e in err.splitlines() if e.startswith("fastvae train: error:")]
     assert len(errors) == 1 and errors[0].startswith(line), err[-2000:]
-    assert errors[0].endswith("continue the run with --resume from its last checkpoint"), errors
+    # killed before the first checkpoint: the launcher, which sees rank 0's folder, does not
+    # advise a --resume; a rank that only lost contact cannot tell (its folder may be node-local)
+    advice = ("no checkpoint was written yet: run the same command again" if strategy == "ddp_spawn"
+              else "continue the run with --resume from its last checkpoint")
+    assert errors[0].endswith(advice), errors
 
 
 @pytest.mark.slow
@@ -552,4 +556,5 @@ def test_a_program_without_a_main_guard_does_not_train_again_in_its_spawned_rank
     done = subprocess.run([sys.executable, program], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=240)
     assert done.returncode != 0
     assert "put the program's calls under `if __name__ == \"__main__\":`" in done.stderr, done.stderr[-3000:]
+    assert "no checkpoint was written yet: run the same command again" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
