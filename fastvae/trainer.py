@@ -153,6 +153,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
     for name, value in (("resume", resume), ("overwrite", overwrite)):
         if not isinstance(value, bool):  # overwrite="no" would read as True and replace the run
             raise FastVAEError(f"train(): {name} must be True or False, got {value!r}")
+    _check_callbacks(callbacks, config.strategy)
     try:  # the command line validated its settings already: what fails here is a program's
         config.validate()
     except FastVAEError as exc:
@@ -323,6 +324,30 @@ def load_config_data(config: TrainConfig, source: str | None = None):
     memory, or a prepared dataset to stream."""
     return load_dataset(source or config.data, test_fraction=config.test_fraction,
                         split_seed=config.split_seed, split_rule=config.split_rule, grayscale=config.grayscale)
+
+
+CALLBACK_HOOKS = ("on_train_start", "on_train_batch_end", "on_train_epoch_end", "on_train_end")
+
+
+def _check_callbacks(callbacks, strategy: str) -> None:
+    """FastVAEError unless ``callbacks`` is a list of objects with at least one of the hooks
+    (``callbacks=object()`` or ``[1]`` were taken and never called), picklable under ddp_spawn
+    (a lambda failed in Lightning's launcher, after --overwrite had cleared the old run)."""
+    if callbacks is None:
+        return
+    if not isinstance(callbacks, (list, tuple)):
+        raise FastVAEError(f"callbacks must be a list of callback objects, got {type(callbacks).__name__}")
+    for callback in callbacks:
+        if not any(callable(getattr(callback, hook, None)) for hook in CALLBACK_HOOKS):
+            raise FastVAEError(f"the callback {callback!r:.60} has none of the hooks {', '.join(CALLBACK_HOOKS)}")
+    if strategy == "ddp_spawn":
+        import pickle
+
+        try:
+            pickle.dumps(list(callbacks))
+        except Exception as exc:  # noqa: BLE001 - pickle raises several types for the same cause
+            raise FastVAEError(f"with strategy ddp_spawn the callbacks go to new processes and must be "
+                               f"picklable (module-level classes, not lambdas or local classes): {one_line(exc)}") from None
 
 
 def _first_process() -> bool:

@@ -678,3 +678,24 @@ def test_a_signal_after_request_stop_is_still_a_first_stop_request(tmp_path):
     result = train(config, callbacks=[StopThenSignal()])
     assert result.interrupted and result.steps == 5
     assert read_checkpoint(tmp_path / "run")["batch_in_epoch"] == 5
+
+
+def test_callbacks_are_checked_before_anything_is_written(tmp_path):
+    """callbacks=object() or [1] were taken and never called; a lambda's method under ddp_spawn
+    failed in Lightning's launcher as a pickling AttributeError, after --overwrite had cleared
+    the old run."""
+    from fastvae.config import TrainConfig
+
+    class Local:  # a local class: not picklable
+        def on_train_start(self, trainer):
+            pass
+
+    settings = dict(out=str(tmp_path / "run"), epochs=1, hidden_dim=16, latent_dim=4, pictures=False, progress=False)
+    for callbacks, strategy, said in ((object(), "auto", "callbacks must be a list of callback objects, got object"),
+                                      ([1], "auto", "the callback 1 has none of the hooks on_train_start"),
+                                      ([Local()], "ddp_spawn", "must be picklable")):
+        config = TrainConfig(**settings, strategy=strategy, devices=2 if strategy == "ddp_spawn" else 1,
+                             accelerator="cpu")
+        with pytest.raises(FastVAEError, match=said):
+            train(config, callbacks=callbacks)
+    assert not (tmp_path / "run").exists()
