@@ -174,9 +174,9 @@ class TrainConfig:
         for name in positive:
             value = getattr(self, name)
             if value < 1:  # of its type: coerced above
-                raise FastVAEError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+                raise FastVAEError(f"--{flag_of(name)} must be a positive integer, got {value!r}")
             if value > SIZE_LIMITS.get(name, value):
-                raise FastVAEError(f"--{_flag(name)} {value} is beyond the largest this package takes "
+                raise FastVAEError(f"--{flag_of(name)} {value} is beyond the largest this package takes "
                                    f"({SIZE_LIMITS[name]:,}): give a smaller value")
         if not self.data.strip():  # "" is the current folder to pathlib: not what was meant
             raise FastVAEError("--data is empty: name a dataset (digits, photos, a file or folder, "
@@ -187,7 +187,7 @@ class TrainConfig:
         for name in ("lr", "sigma", "beta", "free_bits", "test_fraction", "checkpoint_minutes"):
             value = getattr(self, name)
             if not math.isfinite(value):
-                raise FastVAEError(f"--{_flag(name)} must be a finite number, got {value!r}")
+                raise FastVAEError(f"--{flag_of(name)} must be a finite number, got {value!r}")
         checks = {
             "lr": self.lr > 0,
             "sigma": self.sigma > 0,
@@ -207,7 +207,7 @@ class TrainConfig:
                 sign = {"lr": "positive", "sigma": "positive", "checkpoint_every": "zero (off) or positive",
                         "checkpoint_minutes": "zero (off) or positive",
                         "free_bits": f"from 0 (off) to {MAX_FREE_BITS:g} nats per latent dim"}.get(name, "zero or positive")
-                raise FastVAEError(f"--{_flag(name)} must be {sign}, got {getattr(self, name)!r}")
+                raise FastVAEError(f"--{flag_of(name)} must be {sign}, got {getattr(self, name)!r}")
         problem = url_problem(self.out)  # a config file's out: what the --out flag's type refuses
         if problem:
             raise FastVAEError(f"--out: {problem}")
@@ -215,7 +215,7 @@ class TrainConfig:
             raise FastVAEError(f"split_rule must be one of {SPLIT_RULES} ({SPLIT_RULE}: today's rule), "
                                f"got {self.split_rule!r}")
         for name in ("seed", "split_seed"):
-            check_seed(getattr(self, name), f"--{_flag(name)}")
+            check_seed(getattr(self, name), f"--{flag_of(name)}")
         if self.learn_sigma and self.likelihood == "bernoulli":
             raise FastVAEError("--learn-sigma needs a gaussian or laplace --likelihood (bernoulli has no sigma)")
         if self.kind == "ae":  # settings of the ELBO, which a deterministic autoencoder has not
@@ -224,7 +224,7 @@ class TrainConfig:
                         "iwae_k": self.iwae_k != 0}
             for name, given in vae_only.items():
                 if given:
-                    raise FastVAEError(f"--{_flag(name)} {getattr(self, name)} belongs to a VAE's ELBO, which "
+                    raise FastVAEError(f"--{flag_of(name)} {getattr(self, name)} belongs to a VAE's ELBO, which "
                                        f"--kind ae (an MSE autoencoder) does not have: drop it or train --kind vae")
         if self.compile_mode != "default":  # a mode compiles: config.json says so
             self.compile = True
@@ -245,7 +245,7 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise FastVAEError(
-                    f"--{_flag(name)} {getattr(self, name)!r} is not supported: use one of "
+                    f"--{flag_of(name)} {getattr(self, name)!r} is not supported: use one of "
                     + ", ".join(map(str, allowed))
                 )
         parse_channel_mult(self.channel_mult, self.downsample)
@@ -275,8 +275,8 @@ class TrainConfig:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            hints = [f"{name}: did you mean {_closest_setting(name, known)}?" for name in unknown
-                     if _closest_setting(name, known)]
+            hints = [f"{name}: did you mean {closest_setting(name, known)}?" for name in unknown
+                     if closest_setting(name, known)]
             raise FastVAEError(
                 f"{source}: unknown setting(s) {', '.join(unknown)}"
                 + (f" ({'; '.join(hints)})" if hints else "")
@@ -429,7 +429,7 @@ def keyword_spelling(message: str) -> str:
     return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda match: setting_of_flag(match.group(0)), message)
 
 
-def _closest_setting(name: str, known) -> str | None:
+def closest_setting(name: str, known) -> str | None:
     """The setting a mistyped or flag-spelled config key means (latent-dim, latnet_dim:
     latent_dim; logger: loggers), or None."""
     import difflib
@@ -474,5 +474,7 @@ def _coerce(name: str, value, kind: type, source: str):
 KIND_WORDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
 
 
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
+    """The command-line spelling of a setting's name, without the dashes: ``latent_dim`` ->
+    ``latent-dim``."""
     return name.replace("_", "-")

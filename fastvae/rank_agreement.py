@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fastvae.config import flag_of
 from fastvae.errors import FastVAEError
 
 # a rank's own: paths (mounts differ by node), its reading and reporting, rank 0's clock; the
@@ -24,13 +25,12 @@ RANK_OWN = ("data", "out", "workers", "threads", "progress", "pictures", "logger
             "checkpoint_minutes", "iwae_k", "test_fraction", "split_seed", "split_rule", "grayscale")
 
 
-def what_this_rank_trains(config, splits) -> dict:
-    """The settings and data every rank must share, as plain values (sent to the other ranks)."""
-    from fastvae.shards import dataset_id
-
+def what_this_rank_trains(config, splits, data_id: str | None) -> dict:
+    """The settings and data every rank must share, as plain values (sent to the other ranks);
+    ``data_id``: ``shards.dataset_id(splits)``, which the trainer holds already."""
     values = {k: v for k, v in dataclasses.asdict(config).items() if k not in RANK_OWN}
     sizes = tuple(len(part) if hasattr(part, "__len__") else None for part in (splits.train, splits.test))
-    values["data"] = (dataset_id(splits) or getattr(splits, "name", None), tuple(splits.data_shape), sizes)
+    values["data"] = (data_id or getattr(splits, "name", None), tuple(splits.data_shape), sizes)
     return values
 
 
@@ -55,7 +55,7 @@ def check_ranks_agree(fabric, mine: dict) -> None:
 def _difference(key: str, ours, theirs, rank: int) -> str:
     if key == "data":
         return f"--data reads other data ({_data(ours)} on rank 0, {_data(theirs)} on rank {rank})"
-    return f"--{key.replace('_', '-')} {ours!r} on rank 0, {theirs!r} on rank {rank}"
+    return f"--{flag_of(key)} {ours!r} on rank 0, {theirs!r} on rank {rank}"
 
 
 def _data(identity) -> str:

@@ -119,25 +119,34 @@ def _callers_random_state():
     """torch's (CPU, and CUDA where the caller had started it), numpy's and Python's random
     states and Lightning's seed variables, restored on the way out (Fabric's seed_everything
     sets them all)."""
-    import os
     import random
 
     import numpy as np
 
     python, numpy = random.getstate(), np.random.get_state()
-    env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+    with (_environment_kept("PL_GLOBAL_SEED", "PL_SEED_WORKERS"),
+          torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else [])):
         try:
             yield
         finally:
             random.setstate(python)
             np.random.set_state(numpy)
-            for key, value in env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _environment_kept(*names: str):
+    """The environment variables ``names`` as they were (set or not), on the way out; yields
+    their values at the start."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield saved
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits | None,
@@ -206,8 +215,13 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
                            run_folder.read_metrics(run_dir / METRICS_CSV, int(saved["epoch"]))) if _first_process() else None
     if resume_from is not None:  # a damaged metrics.csv: one line here, not in every rank after the launch
         run_folder.read_metrics(run_dir / METRICS_CSV)
-    with _quiet_lightning(not config.progress):
-        return _launch(config, callbacks, splits, resume_from, replace)
+    try:
+        with _quiet_lightning(not config.progress):
+            return _launch(config, callbacks, splits, resume_from, replace)
+    finally:
+        # a program's unhandled SIGTERM ends it, once the checkpoint is written (or the ranks
+        # have stopped): as its default would have, had training not held it
+        deliver_deferred()
 
 
 # set while a --quiet run launches: ranks started by ddp_spawn (new interpreters, which import
@@ -267,30 +281,18 @@ def _launch(config: TrainConfig, callbacks, splits, resume_from, replace: bool) 
 
         # Lightning's launcher also sets MASTER_ADDR/MASTER_PORT here: left set, a program's next
         # ddp_spawn run took the same port instead of a free one
-        saved = {name: os.environ.get(name)
-                 for name in (RANK_OF_ENV, "PYTHONWARNINGS", "MASTER_ADDR", "MASTER_PORT")}
-        os.environ[RANK_OF_ENV] = str(os.getpid())  # the ranks' own signal handling
-        # a rank that a stop ends at once (os._exit) leaves its semaphores to multiprocessing's
-        # resource tracker, started with the ranks, which removes them and warns about each
-        # ("leaked semaphore objects"): below the launcher's 'interrupted', nothing to act on
-        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved["PYTHONWARNINGS"],
-                                                              "ignore:resource_tracker:UserWarning"]))
-        try:
+        with _environment_kept(RANK_OF_ENV, "PYTHONWARNINGS", "MASTER_ADDR", "MASTER_PORT") as saved:
+            os.environ[RANK_OF_ENV] = str(os.getpid())  # the ranks' own signal handling
+            # a rank that a stop ends at once (os._exit) leaves its semaphores to multiprocessing's
+            # resource tracker, started with the ranks, which removes them and warns about each
+            # ("leaked semaphore objects"): below the launcher's 'interrupted', nothing to act on
+            os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved["PYTHONWARNINGS"],
+                                                                  "ignore:resource_tracker:UserWarning"]))
             with SignalsToRanks(), rank_errors.collected(config.out) as errors:
                 return fabric.launch(rank_errors.reporting, _fit, errors, config, splits, resume_from)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-            deliver_deferred()  # a program's unhandled SIGTERM ends it, once the ranks have stopped
-    try:
-        # joining the other ranks: a note when long, and Ctrl-C/SIGTERM end it
-        with rendezvous_watch.watched_join(config.devices * config.num_nodes):
-            return fabric.launch(_fit, config, splits, resume_from)
-    finally:
-        deliver_deferred()  # a program's unhandled SIGTERM ends it, once the checkpoint is written
+    # joining the other ranks: a note when long, and Ctrl-C/SIGTERM end it
+    with rendezvous_watch.watched_join(config.devices * config.num_nodes):
+        return fabric.launch(_fit, config, splits, resume_from)
 
 
 def _end_process_group() -> None:
@@ -421,7 +423,7 @@ class Trainer:
         self.data_id = dataset_id(splits)  # train() refused a resume on another dataset
         self.data_split = prepared_split(splits)
         # before training's first collective: nodes started by commands of their own may differ
-        check_ranks_agree(fabric, what_this_rank_trains(config, splits))
+        check_ranks_agree(fabric, what_this_rank_trains(config, splits, self.data_id))
         if saved is not None:  # full weights go into the plain model, before any sharding,
             # in the precision's dtype (float64 weights loaded into a float32 model lose bits)
             model = fabric.strategy.precision.convert_module(model)

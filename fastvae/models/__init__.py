@@ -68,7 +68,7 @@ def build_model(spec: dict) -> VAE | StackedAutoencoder:
     """Build a fresh model from a spec dict: ``data_shape`` and any of ``DEFAULT_SPEC``'s keys
     (missing ones take its values). A spec naming no data shape, an unknown key (a typo was
     ignored: ``latnet_dim``), an unknown kind, or sizes that build no model: FastVAEError."""
-    from fastvae.config import KINDS, _closest_setting
+    from fastvae.config import KINDS, closest_setting
     from fastvae.errors import FastVAEError, one_line
 
     if not isinstance(spec, dict) or "data_shape" not in spec:
@@ -76,7 +76,7 @@ def build_model(spec: dict) -> VAE | StackedAutoencoder:
                            + f", got {spec!r:.80}")
     unknown = sorted(set(spec) - set(DEFAULT_SPEC) - {"data_shape"})
     if unknown:
-        meant = [_closest_setting(k, DEFAULT_SPEC) for k in unknown]
+        meant = [closest_setting(k, DEFAULT_SPEC) for k in unknown]
         raise FastVAEError("build_model: unknown key(s) "
                            + ", ".join(k + (f" (did you mean {m}?)" if m else "") for k, m in zip(unknown, meant))
                            + "; known keys are data_shape, " + ", ".join(DEFAULT_SPEC))
