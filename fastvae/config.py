@@ -421,12 +421,27 @@ def setting_of_flag(flag: str) -> str:
     return setting if setting.isidentifier() else name
 
 
+# what a program passes for a flag that is no setting: train()'s own keywords, the switches' values
+_FLAG_KEYWORDS = {"resume": "resume=True", "overwrite": "overwrite=True", "quiet": "progress=False",
+                  "no_quiet": "progress=True", "no_pictures": "pictures=False"}
+
+
 def keyword_spelling(message: str) -> str:
-    """A settings error as a program wrote the settings: ``--latent-dim`` as ``latent_dim``,
-    ``--logger`` as ``loggers`` (TrainConfig's field names)."""
+    """A message as a program wrote the settings: ``--latent-dim`` as ``latent_dim``,
+    ``--logger`` as ``loggers`` (TrainConfig's field names), ``--resume`` as ``resume=True``.
+    Text in backticks (a command to run) stays as written."""
     import re
 
-    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda match: setting_of_flag(match.group(0)), message)
+    def keyword(match: re.Match) -> str:
+        flag, placeholder = match.groups()
+        name = flag.removeprefix("--").replace("-", "_")
+        spelled = _FLAG_KEYWORDS.get(name) or setting_of_flag(flag)
+        return f"{spelled}={placeholder}" if placeholder else spelled  # --data NEWPATH: data=NEWPATH
+
+    parts = message.split("`")
+    parts[::2] = [re.sub(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?: ([A-Z][A-Z_]+)\b)?", keyword, part)
+                  for part in parts[::2]]
+    return "`".join(parts)
 
 
 def closest_setting(name: str, known) -> str | None:

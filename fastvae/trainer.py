@@ -93,7 +93,6 @@ class EpochSums:
         return [self.recon, self.kl, self.count, self.seconds]
 
 
-@float32_by_default
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
           splits: Splits | None = None, callbacks: list | None = None) -> TrainResult | None:
     """Train as ``config`` says, into ``config.out``; return the run's result (on rank 0).
@@ -107,8 +106,20 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     ``inference_mode()``, ``torch.set_default_dtype(torch.float64)``). A SIGTERM (or Ctrl-C)
     stops it after the current step with a checkpoint (``result.interrupted``); where the
     program had left SIGTERM to Python's default, the signal then ends the program, as it would
-    have without fastvae.
+    have without fastvae. Error messages name these keywords and TrainConfig's fields
+    (``resume=True``, ``latent_dim``), not the command line's flags.
     """
+    try:
+        return command_line_train(config, resume=resume, overwrite=overwrite, splits=splits, callbacks=callbacks)
+    except FastVAEError as exc:  # "pass --resume to continue it" reads "pass resume=True" here
+        exc.args = (keyword_spelling(str(exc)), *exc.args[1:])
+        raise
+
+
+@float32_by_default
+def command_line_train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                       splits: Splits | None = None, callbacks: list | None = None) -> TrainResult | None:
+    """``train``, its messages naming the command line's flags (``fastvae train`` calls it)."""
     # gradients on: a notebook cell's leftover no_grad/inference_mode failed the first backward
     with _callers_random_state(), torch.inference_mode(False), torch.enable_grad():
         return _train(config, resume=resume, overwrite=overwrite, splits=splits, callbacks=callbacks)
@@ -163,10 +174,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, splits: Splits
         if not isinstance(value, bool):  # overwrite="no" would read as True and replace the run
             raise FastVAEError(f"train(): {name} must be True or False, got {value!r}")
     _check_callbacks(callbacks, config.strategy)
-    try:  # the command line validated its settings already: what fails here is a program's
-        config.validate()
-    except FastVAEError as exc:
-        raise FastVAEError(keyword_spelling(str(exc))) from None
+    config.validate()  # the command line's were validated already: what fails here is a program's
     check_processes(config)
     run_dir = Path(config.out)
     replace = run_folder.check_out_folder(run_dir, resume=resume, overwrite=overwrite)
@@ -596,7 +604,7 @@ class Trainer:
         Returns this rank's sums, plus the number of batches done when a stop request cut the
         epoch short (else ``None``).
         """
-        from tqdm.auto import tqdm
+        from fastvae.progress_bars import progress_bar
 
         config = self.config
         self.model.train()
@@ -605,9 +613,9 @@ class Trainer:
                                             start=self.skip_batches)
         sums = self.partial if self.partial is not None else EpochSums()
         started = time.perf_counter()
-        bar = tqdm(total=len(batches), initial=self.skip_batches, leave=False, mininterval=0.5,
-                   desc=f"epoch {self.epoch + 1}/{config.epochs}",
-                   disable=None if config.progress and self.rank == 0 else True)  # None: only on a terminal
+        bar = progress_bar(total=len(batches), initial=self.skip_batches, leave=False, mininterval=0.5,
+                           desc=f"epoch {self.epoch + 1}/{config.epochs}",
+                           disable=None if config.progress and self.rank == 0 else True)  # None: only on a terminal
         stopped_at = None
         every = config.checkpoint_every
         for index, x in enumerate(batches, start=self.skip_batches):

@@ -541,7 +541,7 @@ def test_unwritable_out_and_too_much_memory_are_one_line(tmp_path, capsys, monke
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 25600000000000 bytes. Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(fastvae.trainer, "train", allocation_fails)
+    monkeypatch.setattr(fastvae.trainer, "command_line_train", allocation_fails)
     rc, _, err = cli(capsys, "train", *TINY, "--out", tmp_path / "oom")
     assert_one_line_error(rc, err, "not enough memory", "--latent-dim")
 

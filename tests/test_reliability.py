@@ -141,7 +141,7 @@ def test_nan_loss_before_any_checkpoint_does_not_promise_one(make_config, patch_
         train(config)
     assert not (Path(config.out) / "checkpoints" / "last.ckpt").exists()
     assert "intact" not in str(info.value), str(info.value)
-    assert "lower --lr" in str(info.value)
+    assert "lower lr" in str(info.value)
 
 
 def test_a_nonfinite_first_step_blames_the_settings_not_the_learning_rate(make_config):
@@ -151,7 +151,7 @@ def test_a_nonfinite_first_step_blames_the_settings_not_the_learning_rate(make_c
         with pytest.raises(FastVAEError) as info:
             train(make_config(epochs=1, **settings))
         message = str(info.value)
-        assert "step 1;" in message and "check --beta, --sigma" in message and "--lr" not in message, message
+        assert "step 1;" in message and "check beta, sigma" in message and " lr" not in message, message
 
 
 def test_nonfinite_skip_skips_and_continues(make_config, patch_forward, capsys, any_check):
@@ -222,7 +222,24 @@ def test_lr_blowup_is_caught(make_config):
     config = make_config(epochs=3, lr=1e30)
     with pytest.raises(FastVAEError) as info:
         train(config)
-    assert "epoch" in str(info.value) and "step" in str(info.value) and "--lr" in str(info.value)
+    # a program's message names its settings (lr), not the command line's flags (--lr)
+    assert "epoch" in str(info.value) and "step" in str(info.value) and "lower lr" in str(info.value)
+    assert "--" not in str(info.value), info.value
+
+
+def test_a_programs_messages_name_its_keywords_and_the_command_lines_its_flags(make_config, capsys):
+    """train() said "pass --resume to continue it" to a program, which passes resume=True."""
+    from fastvae.cli import main
+
+    config = make_config(epochs=1)
+    train(config)
+    with pytest.raises(FastVAEError, match=r"already holds a run: pass resume=True to continue it, overwrite=True"):
+        train(config)
+    with pytest.raises(FastVAEError, match=r"^resume=True and overwrite=True contradict each other"):
+        train(config, resume=True, overwrite=True)
+    capsys.readouterr()
+    assert main(["train", "--out", str(config.out), "--epochs", "1", "--quiet"]) == 2
+    assert "already holds a run: pass --resume to continue it, --overwrite" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- crashes between writes

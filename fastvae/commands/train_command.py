@@ -184,10 +184,10 @@ def run(args: argparse.Namespace) -> int:
     _note_unread_settings(config, given)
     config.data = absolute_source(config.data)  # config.json works from any folder
 
-    from fastvae.trainer import train
+    from fastvae.trainer import command_line_train
 
     callbacks = [load_callback(name) for name in args.callbacks]
-    result = train(config, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks)
+    result = command_line_train(config, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks)
     if result is None:  # not global rank 0
         return 0
     if result.interrupted:
