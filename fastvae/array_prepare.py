@@ -323,14 +323,14 @@ class _ArrayPieces(dict):
 
     def __init__(self, splits: dict, convert: _Converter, info: dict, quantized_note: str | None,
                  progress: bool = True):
-        from tqdm.auto import tqdm
+        from fastvae.progress_bars import progress_bar
 
         super().__init__(splits)
         self.convert, self.info, self.quantized_note = convert, info, quantized_note
         self.done = set()
-        self.bar = tqdm(total=sum(len(split.rows) for split in splits.values()), desc="converting",
-                        unit="img", leave=False, mininterval=0.5,
-                        disable=None if progress else True)  # None: only on a terminal
+        self.bar = progress_bar(total=sum(len(split.rows) for split in splits.values()), desc="converting",
+                                unit="img", leave=False, mininterval=0.5,
+                                disable=None if progress else True)  # None: only on a terminal
 
     def __getitem__(self, name):
         split: ArrayRows = dict.__getitem__(self, name)

@@ -20,11 +20,11 @@ import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from fastvae.distributions import at_least_fp32
 from fastvae.float32_default import float32_by_default
 from fastvae.losses import iwae_bound, iwae_log_weights
+from fastvae.progress_bars import progress_bar
 from fastvae.reparam import reparameterize_kl_reference
 
 
@@ -134,8 +134,8 @@ def iwae_nll_sum(model, data, k: int, *, batch_size: int = 64, seed: int = 0,
     batch_size = max(1, min(batch_size, rows // max(k, 1)))
     chunk = min(k, rows)
     count = math.ceil(len(data) / batch_size)
-    batches = tqdm(eval_batches(data, batch_size, device), total=count, desc=f"IWAE k={k}",
-                   disable=None if progress else True, leave=False)
+    batches = progress_bar(eval_batches(data, batch_size, device), total=count, desc=f"IWAE k={k}",
+                           disable=None if progress else True, leave=False)
     dtype = param_dtype(model)
     started = time.perf_counter()
     for i, (_, x) in enumerate(batches):

@@ -100,7 +100,7 @@ def _spilled(member, header: tuple, spill_dir: Path, path: Path, key: str, progr
     """The rest of ``member`` (its data, after the header) inflated into an unlinked file in
     ``spill_dir`` and memory-mapped; a progress bar on a terminal. A damaged member is a
     FastVAEError here: numpy, reading it again, would hold all of it in memory to say so."""
-    from tqdm.auto import tqdm
+    from fastvae.progress_bars import progress_bar
 
     shape, fortran, dtype = header
     size = int(np.prod(shape)) * dtype.itemsize
@@ -108,8 +108,8 @@ def _spilled(member, header: tuple, spill_dir: Path, path: Path, key: str, progr
     if shutil.disk_usage(spill_dir).free < size:
         raise FastVAEError(_no_room(what, size, spill_dir, "not enough free space"))
     with tempfile.TemporaryFile(dir=spill_dir, prefix=".fastvae-npz-") as spill:  # unlinked at once
-        bar = tqdm(total=size, desc=f"inflating {what}", unit="B", unit_scale=True, leave=False,
-                   mininterval=0.5, disable=None if progress else True)  # None: only on a terminal
+        bar = progress_bar(total=size, desc=f"inflating {what}", unit="B", unit_scale=True, leave=False,
+                           mininterval=0.5, disable=None if progress else True)  # None: only on a terminal
         def read() -> bytes:  # memory: one chunk and zlib's window
             try:
                 return member.read(1 << 20)

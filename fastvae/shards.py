@@ -607,10 +607,10 @@ class _ImageFolder:
         self.peak = 0  # the brightest pixel decoded (data.note_dark_images)
 
     def _map(self, fn, tasks, desc: str, total: int, weight=lambda result: 1):
-        from tqdm.auto import tqdm
+        from fastvae.progress_bars import progress_bar
 
-        bar = tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=0.5,
-                   disable=None if self.progress else True)  # None: only on a terminal
+        bar = progress_bar(total=total, desc=desc, unit="img", leave=False, mininterval=0.5,
+                           disable=None if self.progress else True)  # None: only on a terminal
         if self.workers == 0:
             results = map(fn, tasks)
             pool = None

@@ -586,6 +586,31 @@ def test_a_program_under_float64_default_no_grad_or_inference_mode_trains_in_flo
         torch.set_default_dtype(previous)
 
 
+START_METHOD_AFTER_TRAINING = """
+import multiprocessing, sys
+sys.path.insert(0, sys.argv[2])
+from testkit import tiny_config
+from fastvae.trainer import train
+train(tiny_config(sys.argv[1], epochs=1, progress=True))  # bars drawn or not, tqdm's lock is made
+assert multiprocessing.get_start_method(allow_none=True) is None
+multiprocessing.set_start_method("spawn")
+print("start method set")
+"""
+
+
+def test_training_leaves_the_programs_multiprocessing_start_method_unset(tmp_path):
+    """tqdm's default lock is a multiprocessing RLock, which fixes the default context: a
+    program's set_start_method("spawn") after train() raised "context has already been set"."""
+    import subprocess
+    import sys
+
+    from testkit import REPO, SUBPROCESS_ENV
+
+    done = subprocess.run([sys.executable, "-c", START_METHOD_AFTER_TRAINING, str(tmp_path / "run"),
+                           str(REPO / "tests")], capture_output=True, text=True, timeout=240, env=SUBPROCESS_ENV)
+    assert done.returncode == 0 and "start method set" in done.stdout, done.stderr[-2000:]
+
+
 def test_a_programs_own_splits_are_checked_and_read_as_files_are(tmp_path):
     """uint8 or float64 splits failed in F.linear, numpy ones in flatten, a test split of another
     image size after a whole epoch, an empty one as a ZeroDivisionError, an array as an
