@@ -1,10 +1,13 @@
-"""A bound on an HTTP request's head (request line + headers) for ``fastvae serve``.
+"""uvicorn's HTTP/1.1 protocol for ``fastvae serve``: a bounded request head, JSON refusals.
 
 uvicorn's httptools parser (its fastest, picked by ``http="auto"``) keeps a header's bytes
 until the header ends, with no limit: one connection sending a 200 MB header held ~285 MB of
-the service's memory and still got its 200. ``protocol()`` is that parser with the head bounded
-by ``MAX_HEAD_BYTES``: a longer head gets one JSON 431 and the connection is closed. Without
-httptools, uvicorn's h11 parser takes the same bound (``h11_max_incomplete_event_size``).
+the service's memory and still got its 200. ``protocol_settings()`` picks that parser with the
+head bounded by ``MAX_HEAD_BYTES``: a longer head gets one JSON 431 and the connection is
+closed. At uvicorn's ``limit_concurrency`` (``--max-connections``) it answers a JSON 503 with
+``Retry-After``, as the service's other refusals, where uvicorn's own is plain text. Without
+httptools, uvicorn's h11 parser takes the same head bound (``h11_max_incomplete_event_size``)
+and answers both in plain text.
 """
 
 from __future__ import annotations
@@ -14,6 +17,16 @@ import json
 # nginx's default room for a request's headers is 4 x 8 KiB; h11's own default is 16 KiB
 MAX_HEAD_BYTES = 64 * 1024
 LINGER_S = 1.0  # how long a refused connection's further bytes are read and dropped
+
+
+async def _at_connection_limit(scope, receive, send) -> None:
+    """The ASGI answer to a request over ``--max-connections``: uvicorn's, in JSON."""
+    body = json.dumps({"error": "the service is at its limit of open connections and requests in progress "
+                                "(--max-connections): retry later"}).encode()
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                            (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def protocol_settings() -> dict:
@@ -34,9 +47,23 @@ def protocol_settings() -> dict:
         _head_bytes = 0
         _refused = False  # answered 431: further bytes are dropped until the close
 
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            # uvicorn's check, made here (on_headers_complete), with the JSON answer
+            self._limit, self.limit_concurrency = self.limit_concurrency, None
+
         def on_headers_complete(self) -> None:
             self._progress = True
-            super().on_headers_complete()
+            limit = self._limit
+            if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
+                super().on_headers_complete()
+                return
+            self.logger.warning("Exceeded concurrency limit.")
+            app, self.app = self.app, _at_connection_limit  # the app this request's cycle runs
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
 
         def on_body(self, body: bytes) -> None:
             self._progress = True

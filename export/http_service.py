@@ -568,7 +568,7 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8000, batching: Ba
     ``shutdown_timeout``: seconds the responses in flight get after the signal."""
     import uvicorn
 
-    from fastvae.export.http_head_limit import protocol_settings
+    from fastvae.export.http_protocol import protocol_settings
     from fastvae.export.providers import short_name
     from fastvae.export.sampler import OnnxSampler
 

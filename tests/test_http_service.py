@@ -554,7 +554,7 @@ def test_a_request_head_over_the_bound_gets_a_json_431_and_the_service_goes_on(s
     """uvicorn's httptools parser held any header whole: one 200 MB header pinned ~285 MB of
     the service and got a 200. A head over MAX_HEAD_BYTES is refused before it is complete;
     one under it is served."""
-    from fastvae.export.http_head_limit import MAX_HEAD_BYTES
+    from fastvae.export.http_protocol import MAX_HEAD_BYTES
 
     start = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
     # never finished: refused on the bytes alone
@@ -581,12 +581,40 @@ def test_a_request_head_over_the_bound_gets_a_json_431_and_the_service_goes_on(s
     assert server.health()["status"] == "ok"
 
 
+def test_requests_over_max_connections_get_a_json_503_with_retry_after(decoder):
+    """uvicorn's own answer at limit_concurrency was a plain-text "Service Unavailable"; now it
+    is JSON like the service's other refusals, with Retry-After, and the service goes on."""
+    srv = Server(decoder[0], "--max-connections", 2)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=60) for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while True:  # the event: the server has taken the idle connections (at once, in practice)
+            answer = _raw_request(srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            if not answer.startswith(b"HTTP/1.1 200") or time.monotonic() > deadline:
+                break
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        assert lines[0] == "HTTP/1.1 503 Service Unavailable", answer[:300]
+        assert headers["content-type"] == "application/json" and headers["retry-after"] == "1", headers
+        assert "--max-connections" in json.loads(body)["error"]
+        for sock in idle:
+            sock.close()
+        while (status := srv.request("GET", "/healthz")[0]) == 503:  # until the server sees the closes
+            assert time.monotonic() < deadline + 60, "the service stayed at its limit"
+        assert status == 200
+        rc, _, err = srv.stop()
+        assert rc == 0 and "Traceback" not in err, err[-2000:]
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
 def test_without_httptools_h11_takes_the_same_head_bound(monkeypatch):
-    from fastvae.export import http_head_limit
+    from fastvae.export import http_protocol
 
     monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)  # import fails
-    assert http_head_limit.protocol_settings() == {"http": "h11", "h11_max_incomplete_event_size":
-                                                   http_head_limit.MAX_HEAD_BYTES}
+    assert http_protocol.protocol_settings() == {"http": "h11", "h11_max_incomplete_event_size":
+                                                   http_protocol.MAX_HEAD_BYTES}
 
 
 def test_same_seed_same_samples_batched_or_not(server, decoder):
