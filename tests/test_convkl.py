@@ -88,6 +88,33 @@ def test_flatten_latent_is_a_view_in_memory_order():
         assert torch.equal(back, t) and back.stride() == layout.stride()
 
 
+@pytest.mark.parametrize("image_skip", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_noise_scales_each_latent_by_its_own_logvar_in_either_layout(image_skip, channels_last):
+    """A channels_last model without the image skip (the trainer's layout on CUDA) flattened mu
+    (a chunk of the last conv's output) and logvar (clamped: dense channels_last) each in its
+    own order: z at one position took the scale of logvar at another. z - mu, divided by each
+    position's own exp(logvar / 2), must give back the drawn noise, in one of the two orders."""
+    model = tiny_model(image_skip=image_skip)
+    model.reparam_backend = "torch"
+    c = model.latent_shape[0]
+    with torch.no_grad():  # scales that differ by channel, so a mispairing cannot hide
+        model.encoder.conv_out.bias[c:] = torch.linspace(-4.0, 4.0, c)
+    x = torch.rand(3, 3, 16, 16)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    out = model.posterior(x, torch.Generator().manual_seed(5))
+    drawn = torch.randn(3, model.latent_dim, generator=torch.Generator().manual_seed(5))
+    recovered = ((out.z - out.mu) / torch.exp(0.5 * out.logvar)).detach()
+    b, c, h, w = recovered.shape
+    orders = {"nchw": drawn.view(b, c, h, w), "nhwc": drawn.view(b, h, w, c).permute(0, 3, 1, 2)}
+    assert any(torch.allclose(recovered, eps, rtol=1e-4, atol=1e-4) for eps in orders.values()), (
+        [(recovered - eps).abs().max().item() for eps in orders.values()])
+    mu, sigma = out.mu.detach().flatten(1), torch.exp(0.5 * out.logvar.detach()).flatten(1)
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0.0, 1.0))
+    torch.testing.assert_close(out.kl.detach(), kl.sum(1), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("likelihood", ["gaussian", "laplace", "bernoulli"])
 def test_likelihoods_match_torch_distributions(likelihood):
     model = tiny_model(likelihood=likelihood, learn_sigma=likelihood != "bernoulli")

@@ -241,17 +241,32 @@ def _latent_to_image_init(conv: nn.Conv2d) -> None:
             conv.weight[k, k] = 1.0 / SKIP_GAIN
 
 
-def flatten_latent(t: torch.Tensor) -> torch.Tensor:
-    """(B, c, h, w) -> (B, c*h*w) in memory order: a view for contiguous and channels_last
-    tensors alike (the KL sums over all dims, so the order does not matter). (B, D) is kept."""
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+def _dense_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def latent_channels_last(*latents: torch.Tensor) -> bool:
+    """Whether to flatten ``latents`` (mu, logvar) in channels_last order: where any of them is
+    laid out so (a channels_last model's). One order for all, so that flat mu, logvar and z
+    pair up element by element: a channels_last model's mu without the image skip is a chunk of
+    the last conv's output (dense in neither layout), its clamped logvar a dense channels_last
+    tensor, and each flattened in its own order paired mu at one position with logvar at another."""
+    return any(_dense_channels_last(t) for t in latents)
+
+
+def flatten_latent(t: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
+    """(B, c, h, w) -> (B, c*h*w) in (B, c, h, w) or, with ``channels_last``, (B, h, w, c) order:
+    a view where ``t`` is laid out so (``None``: ``t``'s own layout). (B, D) is kept."""
+    if t.dim() != 4:
+        return t.reshape(len(t), -1)
+    if _dense_channels_last(t) if channels_last is None else channels_last:
         return t.permute(0, 2, 3, 1).reshape(len(t), -1)
     return t.reshape(len(t), -1)
 
 
-def unflatten_latent(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``flatten_latent(like)``: ``flat`` shaped and laid out like ``like``."""
-    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+def unflatten_latent(flat: torch.Tensor, like: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
+    """The inverse of ``flatten_latent(like, channels_last)``: ``flat`` shaped like ``like``."""
+    if like.dim() == 4 and (_dense_channels_last(like) if channels_last is None else channels_last):
         b, c, h, w = like.shape
         return flat.view(b, h, w, c).permute(0, 3, 1, 2)
     return flat.view(like.shape)

@@ -11,7 +11,7 @@ from torch import nn
 
 from fastvae.distributions import at_least_fp32, kl_standard_normal_per_dim
 from fastvae.losses import ElboTerms, Likelihood, elbo_terms
-from fastvae.models.convkl import flatten_latent, unflatten_latent
+from fastvae.models.convkl import flatten_latent, latent_channels_last, unflatten_latent
 from fastvae.reparam import Backend, reparameterize_kl
 
 
@@ -56,9 +56,10 @@ class VAE(nn.Module):
     def posterior(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
         """Encode, draw z ~ q(z|x) with its KL, decode: everything the bounds need."""
         mu, logvar = self.encode(x)
-        z, kl = reparameterize_kl(flatten_latent(mu), flatten_latent(logvar), generator,
+        order = latent_channels_last(mu, logvar)  # one order for both: the op pairs them by element
+        z, kl = reparameterize_kl(flatten_latent(mu, order), flatten_latent(logvar, order), generator,
                                   backend=self.reparam_backend)
-        z = unflatten_latent(z, mu)
+        z = unflatten_latent(z, mu, order)
         return VAEOutput(self.decode(z), mu, logvar, z, kl)
 
     def forward(
