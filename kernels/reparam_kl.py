@@ -255,6 +255,9 @@ def _reparam_kl_bwd_kernel(
                      other=0.0).to(tl.float32)
         half_gkl = 0.5 * tl.load(gkl_ptr + rows * stride_gkl, mask=rows < B, other=0.0).to(tl.float32)
         dmu += (2.0 * half_gkl)[:, None] * mu
+        # exp(lv) - 1 as std^2 - 1: absolute error ~2e-7 (relatively large only where the
+        # gradient itself is < 1e-5, near lv = 0); a series there, as the forward's, cost ~7
+        # more instructions per element (tests/test_kernel_aot.py) for a negligible difference
         dlv += half_gkl[:, None] * (std * std - 1.0)
     out = rows[:, None] * D + cols[None, :]
     tl.store(dmu_ptr + out, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
@@ -370,12 +373,20 @@ def _unit_column_stride(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, stride[0]
 
 
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
+
+
 def _plan(B, D, block_b, block_d, num_warps, meta, two_d: bool):
     """(grid, constexprs, num_warps) of a launch: block sizes by ``_block_sizes`` unless given."""
     bb, bd = _block_sizes(B, D)
     bb, bd = block_b or bb, block_d or bd
     assert bd % 4 == 0, "BLOCK_D must hold whole groups of 4 Philox outputs"
     grid = (triton.cdiv(B, bb), triton.cdiv(D, bd)) if two_d else (triton.cdiv(B, bb),)
+    if grid[0] * bb > 2**31:  # the kernels number rows in int32 (then widen them for pointers)
+        raise ValueError(f"{B} rows are more than the kernels number (2**31 at most): split the batch")
+    if two_d and grid[1] > _MAX_GRID_Y:  # CUDA's launch would fail with "invalid argument"
+        raise ValueError(f"rows of {D} elements are beyond the backward kernel's grid (at most {_MAX_GRID_Y * bd}): "
+                         "use the torch path (fastvae.reparam backend='torch')")
     return grid, dict(meta, FAST_MATH=FAST_MATH, BLOCK_B=bb, BLOCK_D=bd), num_warps
 
 
@@ -755,11 +766,12 @@ def _eager_seed(seed, mu: torch.Tensor):
     return seed if seed.device == mu.device else seed.to(mu.device)
 
 
-def _seed_tensor(seed) -> torch.Tensor:
+def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
     """The seed as the custom op takes it (under torch.compile): a 0-d int64 tensor."""
     if seed is None:
-        # Drawn from torch's CPU generator: reproducible under torch.manual_seed, no device sync.
-        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+        # drawn on mu's device (reproducible under torch.manual_seed): on CUDA the kernel reads
+        # it, so a CUDA graph's replays get fresh ones (a CPU draw was read by the host)
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
     if isinstance(seed, torch.Tensor):
         return _check_seed_tensor(seed).reshape(()).to(torch.int64)  # stays where it is
     return torch.tensor(_check_seed_int(seed), dtype=torch.int64)
@@ -786,7 +798,7 @@ def reparameterize_kl(
 
     ``mu``, ``logvar``: same shape (..., D), float32/bfloat16/float16 (float64 uses the torch
     path; other dtypes are refused). ``seed``: int, one-element integer tensor, or None to draw one from torch's CPU
-    generator (on the device instead while a CUDA graph is being captured). A tensor seed on the
+    generator (on mu's device instead under torch.compile and while a CUDA graph is captured). A tensor seed on the
     CPU is read by the host (no device sync); one on mu's device is read by the kernel, which
     CUDA graphs need (a host-read seed would be frozen into the graph). Same seed value, same
     shape -> same eps, on any block size.
@@ -802,7 +814,7 @@ def reparameterize_kl(
         shape = mu.shape
         rows = math.prod(shape[:-1])
         z, kl = _reparam_kl_op(mu.reshape(rows, shape[-1]), logvar.reshape(rows, shape[-1]),
-                               _seed_tensor(seed))
+                               _seed_tensor(seed, mu.device))
         z, kl = z.view(shape), kl.view(shape[:-1])
     elif (torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)) or _transformed():
         z, kl = _apply(mu, logvar, _eager_seed(seed, mu))

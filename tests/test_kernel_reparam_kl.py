@@ -152,16 +152,21 @@ def test_kl_keeps_its_precision_near_the_prior(device):
     """mu = 0, |logvar| << 1: KL ~ logvar^2 / 2 per dim, which var - 1 - logvar in fp32 lost to
     cancellation (20% off at 1e-3, negative below); both sides of the series' 1/4 switch."""
     gen = torch.Generator().manual_seed(0)
-    scales = torch.tensor([1e-5, 1e-4, 1e-3, 1e-2, 0.2, 0.249, 0.251, 0.3, 1.0])
-    logvar = (scales[:, None] * torch.randn(len(scales), 64, generator=gen)).to(device)
+    scales = torch.tensor([1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.2, 0.249, 0.251, 0.3, 1.0])
+    logvar = (scales[:, None] * torch.randn(len(scales), 64, generator=gen)).to(device).requires_grad_()
     mu = torch.zeros_like(logvar)
     _, kl = reparameterize_kl(mu, logvar, seed=1)
-    lv = logvar.double()
+    kl.sum().backward()
+    lv = logvar.detach().double().requires_grad_()
     q = torch.distributions.Normal(torch.zeros_like(lv), torch.exp(0.5 * lv))
     p = torch.distributions.Normal(torch.zeros_like(lv), torch.ones_like(lv))
     expected = torch.distributions.kl_divergence(q, p).sum(-1)
+    expected.sum().backward()
     assert (kl >= 0).all(), kl
-    torch.testing.assert_close(kl.double(), expected, rtol=2e-5, atol=0)
+    torch.testing.assert_close(kl.detach().double(), expected.detach(), rtol=2e-5, atol=0)
+    # the gradient 0.5 (std^2 - 1) keeps the exponential's absolute error (a series would cost
+    # instructions per element: kernels/reparam_kl.py): within 3e-7
+    torch.testing.assert_close(logvar.grad.double(), lv.grad, rtol=2e-6, atol=3e-7)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
@@ -674,14 +679,18 @@ def test_compile_fullgraph_inductor(no_interpret, device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_cuda_graph_replays_draw_fresh_noise(perf_hints):
+@pytest.mark.parametrize("entry", ["fastvae.reparam", "kernels"])
+def test_cuda_graph_replays_draw_fresh_noise(perf_hints, entry):
     """Under torch.compile(mode="reduce-overhead") the step runs as a CUDA graph: the seed is
     drawn on the device inside the graph and read by the kernel, so each replay draws new
-    noise (a seed read by the host at capture would freeze eps), and no part is skipped."""
+    noise (a seed read by the host at capture would freeze eps), and no part is skipped. Both
+    through fastvae's dispatcher and by the op's own call (which drew its seed on the CPU)."""
     from torch._dynamo.utils import counters
 
     from testkit import cuda_graphs_recorded
-    from fastvae.reparam import reparameterize_kl as dispatch
+    from fastvae import reparam
+
+    dispatch = reparam.reparameterize_kl if entry == "fastvae.reparam" else reparameterize_kl
 
     torch._dynamo.reset()
     counters.clear()
@@ -709,3 +718,16 @@ def test_cuda_graph_replays_draw_fresh_noise(perf_hints):
         for j in range(i):
             assert (draws[j] == eps).float().mean() < 1e-3, (i, j)
     assert torch.equal(kl, torch.zeros_like(kl))
+
+
+def test_rows_beyond_the_backward_grids_second_dimension_are_refused_in_words():
+    """CUDA caps a grid's second dimension at 65535 tiles of at most 1024 columns: a longer row
+    failed at launch with "invalid argument"; the forward (one program per row block) has no cap."""
+    rows_of = 2**26 + 2**16  # > 65535 * 1024
+    with pytest.raises(ValueError, match=r"beyond the backward kernel's grid .* backend='torch'"):
+        rk._plan(4, rows_of, None, None, 4, {}, two_d=True)
+    with pytest.raises(ValueError, match=r"rows are more than the kernels number .* split the batch"):
+        rk._plan(2**31 + 1, 4, None, None, 4, {}, two_d=False)  # rows numbered in int32
+    assert rk._plan(2**31 - 4, 4, None, None, 4, {}, two_d=False)[0][0] * rk._block_sizes(2**31 - 4, 4)[0] <= 2**31
+    assert len(rk._plan(4, rows_of, None, None, 4, {}, two_d=False)[0]) == 1
+    assert rk._plan(4, 2**20, None, None, 4, {}, two_d=True)[0][1] <= 65535
