@@ -101,15 +101,19 @@ KILLERS = "the out-of-memory killer, a scheduler, kill -9, or a failed node"
 RESUME = "continue the run with --resume from its last checkpoint"
 
 
-def resume_advice(run_dir=None) -> str:
+def resume_advice(run_dir=None, writes_checkpoints: bool = True) -> str:
     """RESUME where the run folder holds a checkpoint (or is not known here), else what to do
-    instead: a run that failed before its first checkpoint has nothing to resume."""
+    instead: a run that failed before its first checkpoint has nothing to resume. A rank that
+    does not write the checkpoints (``writes_checkpoints=False``: not rank 0) may see a
+    node-local folder without them: it says both."""
     from pathlib import Path
 
     from fastvae.run_folder import LAST
 
     if run_dir is None or (Path(run_dir) / LAST).is_file():
         return RESUME
+    if not writes_checkpoints:
+        return f"{RESUME} where rank 0 wrote one (else run the same command again)"
     return "no checkpoint was written yet: run the same command again"
 
 
@@ -125,11 +129,12 @@ def ended_rank(rank: int, signal_name: str | None, exit_code: int | None, run_di
 
 
 def lost_peer_error(rank: int, exc: BaseException, run_dir=None) -> LostPeer:
-    """What a rank whose collective found another rank gone says (``run_dir``: rank 0's run
-    folder, which it writes; another rank's may be a node-local copy without checkpoints)."""
+    """What a rank whose collective found another rank gone says (``run_dir``: the run folder
+    as this rank sees it; rank 0 writes the checkpoints there)."""
     found = next((p for p in LOST_PEER if p in str(exc)), type(exc).__name__)
     return LostPeer(f"rank {rank} lost contact with the other ranks ({found}): another rank ended; if it "
-                    f"printed no error of its own, it was killed ({KILLERS}?); {resume_advice(run_dir)}")
+                    f"printed no error of its own, it was killed ({KILLERS}?); "
+                    f"{resume_advice(run_dir, writes_checkpoints=rank == 0)}")
 
 
 # what a gloo collective says when another rank's process is gone (NCCL's DistBackendError

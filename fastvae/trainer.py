@@ -907,8 +907,7 @@ def _fit(fabric, config: TrainConfig, splits: Splits, resume: Path | None) -> Tr
 
         if fabric.world_size == 1 or not rank_errors.lost_peer(exc):
             raise
-        raise rank_errors.lost_peer_error(fabric.global_rank, exc,
-                                          config.out if fabric.global_rank == 0 else None) from None
+        raise rank_errors.lost_peer_error(fabric.global_rank, exc, config.out) from None
     finally:
         torch.set_num_threads(threads)
         _end_process_group()  # in each rank's own process (spawned ranks end right after)

@@ -411,10 +411,30 @@ def test_a_rank_killed_mid_run_is_one_line_from_the_others(tmp_path, strategy, l
     errors = [e for e in err.splitlines() if e.startswith("fastvae train: error:")]
     assert len(errors) == 1 and errors[0].startswith(line), err[-2000:]
     # killed before the first checkpoint: the launcher, which sees rank 0's folder, does not
-    # advise a --resume; a rank that only lost contact cannot tell (its folder may be node-local)
+    # advise a --resume; a rank that only lost contact and sees none says both (its folder may
+    # be a node-local copy)
     advice = ("no checkpoint was written yet: run the same command again" if strategy == "ddp_spawn"
-              else "continue the run with --resume from its last checkpoint")
+              else "continue the run with --resume from its last checkpoint where rank 0 wrote one "
+                   "(else run the same command again)")
     assert errors[0].endswith(advice), errors
+
+
+def test_the_advice_after_a_lost_rank_follows_the_checkpoints_the_rank_can_see(tmp_path):
+    """Rank 0 writes the checkpoints: where none is in its folder there is nothing to resume;
+    another rank's folder may be a node-local copy without them, so it says both."""
+    from fastvae.rank_errors import RESUME, lost_peer_error
+    from fastvae.run_folder import LAST
+
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    run = tmp_path / "run"
+    assert str(lost_peer_error(0, lost, run)).endswith("no checkpoint was written yet: run the same command again")
+    assert str(lost_peer_error(1, lost, run)).endswith(f"{RESUME} where rank 0 wrote one (else run the same command again)")
+    (run / LAST).parent.mkdir(parents=True)
+    (run / LAST).write_bytes(b"a checkpoint")
+    for rank in (0, 1):
+        message = str(lost_peer_error(rank, lost, run))
+        assert message.startswith(f"rank {rank} lost contact with the other ranks (Connection closed by peer)")
+        assert message.endswith(RESUME), message
 
 
 @pytest.mark.slow
