@@ -145,11 +145,41 @@ def _main(argv: list[str] | None) -> int:
     except MemoryError as exc:
         print(f"fastvae {args.command}: error: {_memory_error(exc)}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # a torch-free install (sampling, serving) asked to train
+        missing = _missing_package(exc)
+        if missing is None:
+            raise
+        print(f"fastvae {args.command}: error: {missing}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         if not _is_allocation_failure(exc):
             raise
         print(f"fastvae {args.command}: error: {_memory_error(exc)}", file=sys.stderr)
         return 2
+
+
+# pip's name for each package fastvae's commands import (where the import name differs)
+_PIP_NAMES = {"sklearn": "scikit-learn", "skimage": "scikit-image", "PIL": "pillow",
+              "lightning_fabric": "lightning-fabric", "uvicorn": "'uvicorn[standard]>=0.29'", "fastapi": "'fastapi>=0.110'"}
+_SERVING = ("fastapi", "uvicorn", "starlette")
+
+
+def _missing_package(exc: ModuleNotFoundError) -> str | None:
+    """What to install for a command whose package is absent (a torch-free install has only
+    what sampling and serving need), or None where the missing module is no package fastvae
+    imports (fastvae's own: a bug)."""
+    import importlib.util
+
+    top = (exc.name or "").split(".")[0]
+    if not top or top == "fastvae" or importlib.util.find_spec(top) is not None:
+        return None
+    pip_name = _PIP_NAMES.get(top, top)
+    if top in _SERVING:
+        return (f"the HTTP service needs fastapi and uvicorn, and '{top}' is not installed here: "
+                "pip install 'fastapi>=0.110' 'uvicorn[standard]>=0.29' (or fastvae's serve extra)")
+    return (f"this command needs the package '{top}', which is not installed here (a torch-free install "
+            f"runs sample, decode, bench-sampler and serve only): pip install {pip_name}, or install fastvae "
+            "with its dependencies")
 
 
 def _did_you_mean(parser: argparse.ArgumentParser, extra: list[str]) -> str:

@@ -206,6 +206,38 @@ def test_run_folder_and_sampler_cli_are_torch_free():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+WITHOUT_PACKAGES = """
+import sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None  # import fails as where the package is not installed
+from fastvae.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("blocked,command,needles", [
+    ("torch", ["train", "--epochs", "1", "--quiet"], ["needs the package 'torch'", "pip install torch"]),
+    ("torch", ["export", "RUN"], ["needs the package 'torch'", "sample, decode, bench-sampler and serve only"]),
+    ("torch", ["evaluate", "RUN"], ["needs the package 'torch'"]),
+    ("torch", ["report", "RUN"], ["needs the package 'torch'"]),
+    ("fastapi,uvicorn", ["serve", "DECODER"], ["needs fastapi and uvicorn", "pip install 'fastapi>=0.110'"]),
+])
+def test_a_command_whose_package_is_missing_says_what_to_install(tmp_path, blocked, command, needles):
+    """A torch-free install (sampling and serving) asked to train, export or report, or one
+    without fastapi asked to serve, printed a 25-line ModuleNotFoundError traceback."""
+    import subprocess
+    import sys
+
+    from testkit import SUBPROCESS_ENV, assert_one_line_error
+
+    (tmp_path / "RUN").mkdir()
+    (tmp_path / "DECODER").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGES, blocked, *command, *(
+        ["--out", str(tmp_path / "out")] if command[0] == "train" else [])], cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
+    assert_one_line_error(done.returncode, done.stderr, *needles)
+
+
 def test_settings_are_defined_once():
     """The CLI's choices, validation and the model registry all come from fastvae.config."""
     from fastvae.cli import build_parser
