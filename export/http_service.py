@@ -42,7 +42,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -50,6 +49,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fastvae.errors import FastVAEError, one_line
+from fastvae.export import metadata as md
 from fastvae.export.dynamic_batching import BatcherFailed, DynamicBatcher, ShuttingDown
 from fastvae.export.service_io import (
     BadRequest,
@@ -232,19 +232,6 @@ class DisconnectWatch:
                 task.cancel()
 
 
-def client_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    """The decoder file's metadata as /metadata shows it: ``source`` cut to the run folder's
-    name, or a checkpoint's path from its run folder on (the file keeps the absolute path; a
-    client has no use for the exporting machine's folders, and they are not its business)."""
-    source = metadata.get("source")
-    if not source or not os.path.isabs(source):
-        return metadata
-    parts = [p for p in source.replace("\\", "/").split("/") if p]
-    # a checkpoint: from its run folder on (RUN/checkpoints/last.ckpt, RUN/x.ckpt)
-    keep = 1 if not source.endswith(".ckpt") else 3 if len(parts) > 2 and parts[-2] == "checkpoints" else 2
-    return {**metadata, "source": "/".join(parts[-keep:]) or source}
-
-
 def build_app(sampler, limits: Limits, batching: Batching):
     """The FastAPI application serving ``sampler`` (an ``OnnxSampler``) through a
     ``DynamicBatcher`` it makes with ``batching``, kept as ``app.state.batcher`` (started and
@@ -307,7 +294,7 @@ def build_app(sampler, limits: Limits, batching: Batching):
         "formats": ["npy", "json", *(["png"] if can_png else [])],
         "limits": asdict(limits),
         "batching": asdict(batching),
-        "decoder_metadata": client_metadata(sampler.metadata),
+        "decoder_metadata": md.client_metadata(sampler.metadata),
     }).encode()
 
     def error(status: int, reason: str, headers: dict | None = None) -> Response:

@@ -36,6 +36,8 @@ Keys (values are strings; JSON where noted):
 
 from __future__ import annotations
 
+import os
+
 FORMAT = "fastvae-decoder"
 FORMAT_VERSION = 1
 INPUT_NAME = "z"
@@ -53,3 +55,17 @@ LIKELIHOOD_RULES = {
     "laplace": ("identity", "laplace"),
     "none": ("sigmoid", "none"),  # stacked autoencoder: decode() = sigmoid(decoder(z))
 }
+
+
+def client_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The decoder file's metadata as clients see it (the service's /metadata, a Triton
+    config's parameters): ``source`` cut to the run folder's name, or a checkpoint's path from
+    its run folder on (the file keeps the absolute path; a client has no use for the exporting
+    machine's folders, and they are not its business)."""
+    source = metadata.get("source")
+    if not source or not os.path.isabs(source):
+        return metadata
+    parts = [p for p in source.replace("\\", "/").split("/") if p]
+    # a checkpoint: from its run folder on (RUN/checkpoints/last.ckpt, RUN/x.ckpt)
+    keep = 1 if not source.endswith(".ckpt") else 3 if len(parts) > 2 and parts[-2] == "checkpoints" else 2
+    return {**metadata, "source": "/".join(parts[-keep:]) or source}

@@ -65,21 +65,27 @@ class TritonRepository:
         return text
 
 
-def check_repository_target(repo: str | os.PathLike, name: str, max_batch: int) -> None:
+def check_repository_target(repo: str | os.PathLike, name: str, max_batch: int, *, as_flags: bool = False) -> None:
     """FastVAEError (one line) for a model name, batch size or repository path that cannot
-    work: checked before anything is written (``fastvae export`` calls it before exporting)."""
+    work: checked before anything is written (``fastvae export`` calls it before exporting,
+    ``as_flags``: its messages name the command's flags, else the function's keywords)."""
+    said = {"name": "--name", "max_batch": "--max-batch", "repo": "--triton-repo"} if as_flags else \
+        {"name": "name", "max_batch": "max_batch", "repo": "repo"}
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
-        raise FastVAEError(f"--name must be letters, digits, '_', '-' or '.' (not '.' or '..'), got {name!r}")
+        raise FastVAEError(f"{said['name']} must be letters, digits, '_', '-' or '.' (not '.' or '..'), got {name!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
-        raise FastVAEError(f"--max-batch must be an integer from 1 to {MAX_BATCH_LIMIT} (Triton's int32 "
+        raise FastVAEError(f"{said['max_batch']} must be an integer from 1 to {MAX_BATCH_LIMIT} (Triton's int32 "
                            f"max_batch_size), got {max_batch!r}")
-    if Path(repo).exists() and not Path(repo).is_dir():
-        raise FastVAEError(f"--triton-repo {repo} is a file: give a folder (it is created if missing)")
+    for path, what in ((Path(repo), "the repository"), (Path(repo) / name, "the model's folder"),
+                       (Path(repo) / name / VERSION, "the version folder")):
+        if path.exists() and not path.is_dir():  # found after the export had replaced the decoder
+            raise FastVAEError(f"{said['repo']} {repo}: {path} is a file where {what} goes: move it away, "
+                               "or give another folder (it is created if missing)")
     # where the model folder would be created: tried now, so a repository that cannot be written
     # fails before the export replaces the decoder file
     failure = run_folder.write_failure_in(Path(repo) / name)
     if failure is not None:
-        raise FastVAEError(f"--triton-repo {repo} cannot be written ({write_failure(failure)}): "
+        raise FastVAEError(f"{said['repo']} {repo} cannot be written ({write_failure(failure)}): "
                            "give a folder you can write to")
 
 
@@ -142,8 +148,12 @@ def config_text(onnx_path: Path, name: str, max_batch: int, max_queue_delay_us: 
     except Exception as exc:  # noqa: BLE001 - missing, truncated, not ONNX: one line
         raise FastVAEError(f"{onnx_path} could not be read as ONNX ({one_line(exc)}); export it again") from None
     metadata = {p.key: p.value for p in proto.metadata_props}
+    if metadata.get("fastvae_format") == "fastvae-encoder":
+        raise FastVAEError(f"{onnx_path} is a fastvae encoder: a Triton repository here serves a decoder "
+                           "(decoder.onnx from 'fastvae export RUN')")
     if metadata.get("fastvae_format") != md.FORMAT:
         raise FastVAEError(f"{onnx_path} is not a fastvae decoder: write one with 'fastvae export RUN'")
+    metadata = md.client_metadata(metadata)  # the source's run folder name, not the exporting machine's path
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [v for v in proto.graph.input if v.name not in initializers]
     lines = [f"name: {_quote(name)}", f"platform: {_quote(PLATFORM)}", f"max_batch_size: {max_batch}"]

@@ -130,7 +130,7 @@ def test_healthz_and_metadata(server, decoder):
 
 
 def test_metadata_shows_a_checkpoints_path_from_its_run_folder_on():
-    from fastvae.export.http_service import client_metadata
+    from fastvae.export.metadata import client_metadata
 
     for source, shown in (("/home/alice/runs/r7/checkpoints/last.ckpt", "r7/checkpoints/last.ckpt"),
                           ("/home/alice/runs/r7/epoch3.ckpt", "r7/epoch3.ckpt"), ("/srv/r7/", "r7"),

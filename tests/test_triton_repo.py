@@ -135,13 +135,53 @@ def test_quoting_survives_protobuf_parsing(decoder, tmp_path):
     assert config.parameters["source"].string_value == value
 
 
-@pytest.mark.parametrize("kwargs,message", [({"name": "a/b"}, "--name"), ({"name": ""}, "--name"),
-                                            ({"max_batch": 0}, "--max-batch"), ({"max_batch": 2.5}, "--max-batch"),
+@pytest.mark.parametrize("kwargs,message", [({"name": "a/b"}, "^name must"), ({"name": ""}, "^name must"),
+                                            ({"max_batch": 0}, "^max_batch must"), ({"max_batch": 2.5}, "^max_batch must"),
                                             ({"max_batch": 2**31}, "from 1 to 2147483647")])
 def test_bad_arguments(decoder, tmp_path, kwargs, message):
-    with pytest.raises(FastVAEError, match=message):
+    """Named as the function's keywords (the command line's flags are fastvae export's)."""
+    with pytest.raises(FastVAEError, match=message) as refused:
         write_triton_repository(decoder, tmp_path / "m", **kwargs)
+    assert "--" not in str(refused.value)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("file_at", ["repo", "repo/m", "repo/m/1"])
+def test_a_file_where_a_folder_goes_is_refused_before_anything_is_written(decoder, tmp_path, file_at):
+    """A file at DIR/NAME/1 passed the checks and failed ("File exists") after fastvae export
+    had replaced the decoder."""
+    target = tmp_path / file_at
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("mine")
+    with pytest.raises(FastVAEError, match=rf"{target} is a file where .* goes: move it away"):
+        write_triton_repository(decoder, tmp_path / "repo", name="m")
+    assert target.read_text() == "mine"
+
+
+def test_the_config_shows_the_run_folders_name_not_the_exporting_machines_path(decoder, tmp_path):
+    """Triton's model-config endpoint shows the parameters: the service's /metadata already cut
+    source to the run folder's name."""
+    from fastvae.export.onnx_export import _update_metadata
+
+    copy = tmp_path / "decoder.onnx"
+    copy.write_bytes(decoder.read_bytes())
+    _update_metadata(copy, {"source": "/home/someone/secret/runs/mnist-run7"})
+    config = parse(write_triton_repository(copy, tmp_path / "m").config)
+    assert config.parameters["source"].string_value == "mnist-run7"
+
+
+def test_an_encoder_is_refused_as_an_encoder(tmp_path):
+    import torch
+
+    from fastvae.export.encoder_export import export_encoder
+    from fastvae.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"model": "convkl", "data_shape": [3, 16, 16], "width": 4, "channel_mult": "",
+                         "blocks_per_level": 1, "downsample": 2})
+    encoder = export_encoder(model, tmp_path / "encoder.onnx").path
+    with pytest.raises(FastVAEError, match=r"is a fastvae encoder: a Triton repository here serves a decoder"):
+        write_triton_repository(encoder, tmp_path / "m")
 
 
 def test_foreign_or_missing_files_are_refused(tmp_path):
@@ -180,6 +220,14 @@ def test_cli_export_with_triton_repo(tmp_path, capsys):
     config = parse(repo / "digits" / "config.pbtxt")
     assert config.max_batch_size == 128 and config.input[0].dims == [LATENT]
     assert (repo / "digits" / "1" / "model.onnx").read_bytes() == (run / "decoder.onnx").read_bytes()
+    # --fp16 / --int8: each variant a model of its own, beside the fp32 one
+    assert main(["export", str(run), "--triton-repo", str(repo), "--name", "v", "--fp16", "--int8",
+                 "--exporter", "torchscript"]) == 0
+    assert [line.split("'")[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("wrote Triton model")] == ["v", "v_fp16", "v_int8"]
+    for model_name, file in (("v", "decoder.onnx"), ("v_fp16", "decoder.fp16.onnx"), ("v_int8", "decoder.int8.onnx")):
+        assert parse(repo / model_name / "config.pbtxt").name == model_name
+        assert (repo / model_name / "1" / "model.onnx").read_bytes() == (run / file).read_bytes()
     for bad in ("0", "3000000000"):  # 3e9: beyond Triton's int32, refused before any work
         assert main(["export", str(run), "--triton-repo", str(repo), "--max-batch", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.triton_repo is not None:  # checked before the export's work
         from fastvae.export.triton_repo import check_repository_target
 
-        check_repository_target(args.triton_repo, name, max_batch)
+        for model_name, _ in _triton_models(name, args):
+            check_repository_target(args.triton_repo, model_name, max_batch, as_flags=True)
     with contextlib.ExitStack() as stack:
         if args.encoder:  # before the decoder (a run without a spatial encoder fails before any
             # work), staged: moved into place only once the decoder is written too
@@ -96,8 +97,19 @@ def run(args: argparse.Namespace) -> int:
     if args.triton_repo is not None:
         from fastvae.export.triton_repo import write_triton_repository
 
-        print(write_triton_repository(report.path, args.triton_repo, name=name, max_batch=max_batch).summary())
+        from fastvae.export import variant_path
+
+        for model_name, precision in _triton_models(name, args):
+            path = report.path if precision == "fp32" else variant_path(report.path, precision)
+            print(write_triton_repository(path, args.triton_repo, name=model_name, max_batch=max_batch).summary())
     return 0
+
+
+def _triton_models(name: str, args) -> list[tuple[str, str]]:
+    """(model name, precision) of the Triton models an export writes: NAME (the fp32 decoder),
+    then NAME_fp16 and NAME_int8 with ``--fp16`` / ``--int8`` (each variant a model of its own;
+    their inputs and outputs are float32 too)."""
+    return [(name, "fp32")] + [(f"{name}_{p}", p) for p, on in (("fp16", args.fp16), ("int8", args.int8)) if on]
 
 
 def _check_encoder_out(path, decoder_out) -> None:
