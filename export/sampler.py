@@ -21,6 +21,7 @@ An autoencoder's decoder (``--kind ae``) has no prior to draw z from: ``sample``
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -32,6 +33,13 @@ from fastvae.export import metadata as md
 SEED_BOUND = 2**128  # seeds are integers in [0, SEED_BOUND): the sampler's and the service's
 
 DEFAULT_BATCH_SIZE = 1000
+# onnxruntime's peak working memory while a spatial (convkl) decoder runs, per output pixel and
+# channel of its full-resolution level: 32 bytes (8 float32 activations), measured 2026-12-02
+# on the CPU provider (widths 32 and 64, outputs 512x512 to 1024x1024; 8-9 MB per 64x64 image
+# at width 64). A batch of 1000 such images held ~9 GB; the default batch keeps it under:
+WORK_BYTES_PER_PIXEL_CHANNEL = 32
+WORK_BUDGET = 512 * 2**20
+CHECK_MEMORY_FROM = 256 * 2**20  # smaller calls skip reading the free memory (a file read)
 MODES = ("mean", "sample")
 
 
@@ -60,10 +68,12 @@ def session_options(threads: int | None = None, spin: bool = True):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only; problems become FastVAEError messages
     if threads is not None:
-        cpus = os.cpu_count() or 1
+        from fastvae.config import usable_cpus
+
+        cpus = usable_cpus()
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
             # more threads than CPUs only slows a call down (and 10^5 of them stall the machine)
-            raise FastVAEError(f"threads must be an integer from 1 to {cpus} (the CPUs of this machine), "
+            raise FastVAEError(f"threads must be an integer from 1 to {cpus} (the CPUs this process may use), "
                                f"got {threads!r}")
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
@@ -107,6 +117,7 @@ class OnnxSampler:
         )
         self._device = eps.device_type(self.provider)
         self._outputs = [self.mean_output]
+        self._row_bytes: dict[tuple, tuple[int, int, int]] = {}  # by latent shape: see _bytes_per_row
 
     @staticmethod
     def _load(path: Path, providers: list[str], threads: int | None, spin: bool):
@@ -182,6 +193,7 @@ class OnnxSampler:
         # (c, h, w) and makes (C, h * f, w * f); the metadata's are the training size
         dims = inputs[0].shape
         self.any_latent_size = len(self.latent_shape) == 3 and not any(isinstance(d, int) for d in dims[2:])
+        self._full_resolution_channels = _full_resolution_channels(meta.get("model_spec"))
 
     # -- sampling ----------------------------------------------------------------------------
     def decode(self, z, batch_size: int | None = None) -> np.ndarray:
@@ -189,13 +201,18 @@ class OnnxSampler:
         spatial decoder takes any latent height and width (``any_latent_size``,
         ``output_shape_for``).
 
-        Per call: a shape check, one onnxruntime run per ``batch_size`` rows (default 1000) on
-        the session of its thread regime, and nothing else. One batch returns onnxruntime's own
+        Per call: a shape check, one onnxruntime run per ``batch_size`` rows (default
+        ``batch_size_for``: 1000, fewer for a spatial decoder) on the session of its thread
+        regime, and nothing else (a call needing 256 MiB or more is checked against the free
+        memory first). One batch returns onnxruntime's own
         output array; several write, through IO binding, straight into slices of one output.
         """
         z = self._latents(z)
-        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int(batch_size, "batch_size")
         n = len(z)
+        io_row, work_row, default_batch = self._row_bytes.get(z.shape[1:]) or self._bytes_per_row(z.shape[1:])
+        batch_size = default_batch if batch_size is None else _positive_int(batch_size, "batch_size")
+        if n * io_row + min(n, batch_size) * work_row >= CHECK_MEMORY_FROM:  # inline: the per-call cost
+            self.check_memory(n, batch_size, z.shape[1:], "z")
         if 0 < n <= batch_size:
             return self._regimes.session_for(self._work_rows(z.shape)).run(self._outputs, {self.input_name: z})[0]
         out = np.empty((n, *self.output_shape_for(z.shape[1:])), dtype=np.float32)
@@ -239,8 +256,14 @@ class OnnxSampler:
 
     def _latents(self, z) -> np.ndarray:
         """``z`` as the C-contiguous float32 array (n, *latent_shape) the graph takes (real
-        numbers of any dtype are converted; other shapes and dtypes get one clear error)."""
-        z = np.asarray(z)
+        numbers of any dtype are converted; other shapes and dtypes, and values that float32
+        cannot hold, get one clear error). float32 latents pass unchecked (the per-call cost):
+        NaN or Inf there decode to NaN or Inf, as in the torch decoder."""
+        try:
+            z = np.asarray(z)
+        except ValueError as exc:  # a ragged list: numpy's "inhomogeneous shape" error
+            raise FastVAEError(f"z must be an array of numbers (n, {', '.join(map(str, self.latent_shape))}): "
+                               f"{one_line(exc)}") from None
         if not self._fits(z.shape):
             raise self._shape_error(z.shape)
         if z.dtype != np.float32 or not z.flags.c_contiguous:
@@ -248,7 +271,13 @@ class OnnxSampler:
                 raise FastVAEError(f"z must hold numbers, got dtype {z.dtype}")
             if np.issubdtype(z.dtype, np.complexfloating):  # numpy would drop the imaginary parts
                 raise FastVAEError(f"z must hold real numbers, got dtype {z.dtype}")
-            z = np.ascontiguousarray(z, dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32: said below
+                z32 = np.ascontiguousarray(z, dtype=np.float32)
+            if z.dtype.itemsize > 4 and np.issubdtype(z.dtype, np.floating) and \
+                    np.isinf(z32).any() and not np.isinf(z).any():
+                raise FastVAEError("z holds values beyond float32's range (|z| > 3.4e38), which the decoder "
+                                   "cannot take")
+            z = z32
         return z
 
     def _fits(self, shape: tuple) -> bool:
@@ -288,7 +317,7 @@ class OnnxSampler:
         self,
         n: int,
         seed: int | np.random.Generator | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         *,
         mode: str = "mean",
     ) -> np.ndarray:
@@ -299,11 +328,11 @@ class OnnxSampler:
         The same ``seed`` gives the same samples whatever ``batch_size`` is.
         """
         n = _positive_int(n, "n", allow_zero=True)
-        batch_size = _positive_int(batch_size, "batch_size")
+        batch_size = self.batch_size_for(self.latent_shape) if batch_size is None else _positive_int(batch_size, "batch_size")
         if mode not in MODES:
             raise FastVAEError(f"mode must be one of {MODES}, got {mode!r}")
         self.check_can_sample()
-        self.check_rows(n, "n")
+        self.check_memory(n, batch_size, self.latent_shape, "n")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(_seed(seed))
         x = self.decode(self.draw_latents(n, rng), batch_size)
         return self.observe(x, rng) if mode == "sample" else x
@@ -313,9 +342,47 @@ class OnnxSampler:
         """A VAE's decoder (z ~ N(0, I) makes samples); False for an autoencoder's."""
         return self.likelihood != "none"
 
-    def check_rows(self, rows: int, name: str) -> None:
-        """One clear error for ``rows`` latents and outputs that no machine can hold."""
-        check_size(rows, max(int(np.prod(self.latent_shape)), int(np.prod(self.output_shape))), name)
+    def _bytes_per_row(self, latent_shape: tuple) -> tuple[int, int, int]:
+        """(bytes of a latent and its output, the decoder's working bytes for one row, the
+        default batch size) for latents of ``latent_shape``, kept for the next call."""
+        latent_shape = tuple(latent_shape)
+        cached = self._row_bytes.get(latent_shape)
+        if cached is None:
+            output = self.output_shape_for(latent_shape)
+            pixels = math.prod(output[1:]) if len(output) == 3 else 0
+            work = WORK_BYTES_PER_PIXEL_CHANNEL * self._full_resolution_channels * pixels
+            batch = max(1, min(DEFAULT_BATCH_SIZE, WORK_BUDGET // work)) if work else DEFAULT_BATCH_SIZE
+            cached = self._row_bytes[latent_shape] = (4 * (math.prod(latent_shape) + math.prod(output)), work, batch)
+        return cached
+
+    def batch_size_for(self, latent_shape: tuple) -> int:
+        """The default rows per onnxruntime call for latents of ``latent_shape``: 1000, fewer for
+        a spatial decoder, whose working memory for one call stays under ``WORK_BUDGET``."""
+        return self._bytes_per_row(latent_shape)[2]
+
+    def check_memory(self, rows: int, batch_size: int, latent_shape: tuple, name: str) -> None:
+        """One clear error where ``rows`` latents of ``latent_shape``, their outputs and the
+        decoder's working memory for ``batch_size`` of them at once need more than is free here
+        (numpy's MemoryError naming an array shape, or the OOM killer, with no message)."""
+        io_row, work_row, _ = self._bytes_per_row(latent_shape)
+        need = rows * io_row + min(rows, batch_size) * work_row
+        if need < CHECK_MEMORY_FROM:
+            return
+        from fastvae.config import available_memory
+
+        memory = available_memory() or 2**62
+        if need <= memory:
+            return
+        advice = []
+        if rows > 1:
+            advice.append("fewer latents per call" if name == "z" else f"a smaller {name}, in several calls")
+        if min(rows, batch_size) > 1 and work_row:
+            advice.append(f"a smaller batch_size ({self.batch_size_for(latent_shape)} by default)")
+        if self.any_latent_size and tuple(latent_shape) != self.latent_shape:
+            advice.append("tiles for large images ('fastvae decode --tile')")
+        raise FastVAEError(f"{name}={rows} latents of shape {tuple(latent_shape)} need about {need / 2**30:.3g} GiB "
+                           f"(latents, outputs and the decoder's working memory), more than the memory free here "
+                           f"({memory / 2**30:.3g} GiB): use " + ", or ".join(advice))
 
     def check_can_sample(self) -> None:
         if not self.has_prior:
@@ -387,15 +454,15 @@ def _positive_int(value, name: str, allow_zero: bool = False) -> int:
     return int(value)
 
 
-def check_size(rows: int, values_per_row: int, name: str) -> None:
-    """One clear error for ``rows`` arrays of ``values_per_row`` float32 values that this
-    machine cannot hold (numpy raised MemoryError naming an array shape, or 'Maximum allowed
-    dimension exceeded' past 2^63 elements)."""
-    from fastvae.config import host_memory
+def _full_resolution_channels(model_spec: str | None) -> int:
+    """The channels of a convkl decoder's full-resolution level (its working memory scales
+    with them), from the metadata's ``model_spec``; 0 for other decoders or an unreadable spec."""
+    try:
+        spec = json.loads(model_spec or "{}")
+        if spec.get("model") != "convkl":
+            return 0
+        from fastvae.config import parse_channel_mult
 
-    need = 4 * rows * values_per_row
-    memory = host_memory() or 2**62
-    if need > memory:
-        raise FastVAEError(f"{name}={rows} rows of {values_per_row} values need {need / 2**30:.3g} GiB, more than "
-                           f"the memory here ({memory / 2**30:.3g} GiB: the machine's, or its container's limit): use a "
-                           f"smaller {name}, in several calls")
+        return int(spec["width"]) * parse_channel_mult(spec.get("channel_mult", ""), int(spec["downsample"]))[0]
+    except (ValueError, TypeError, KeyError, AttributeError, FastVAEError):
+        return 0

@@ -42,8 +42,12 @@ class ThreadRegimes:
         self.parallel_from = math.inf  # rows; inf: never switch
         self.per_row_us: float | None = None
         if threads is None and tuned:
-            if (os.cpu_count() or 1) > 1:
-                self.large = make_session(None)
+            from fastvae.config import usable_cpus
+
+            usable = usable_cpus()  # under taskset, a cpuset or a CPU quota: fewer than the machine's
+            if usable > 1:
+                # onnxruntime's own choice (None) counts the machine's cores
+                self.large = make_session(None if usable >= (os.cpu_count() or 1) else usable)
                 self._calibrate(latent_shape, input_name, output_name)
 
     def _calibrate(self, latent_shape: tuple[int, ...], input_name: str, output_name: str) -> None:

@@ -307,10 +307,31 @@ def host_memory(cgroup_root: str = "/sys/fs/cgroup", cgroup_file: str = "/proc/s
     return min(physical, limit) if physical and limit else physical or limit
 
 
+def available_memory(meminfo: str = "/proc/meminfo") -> int:
+    """The memory that can be allocated now, in bytes: the system's MemAvailable (free memory
+    and what the kernel can reclaim), at most ``host_memory()``; ``host_memory()`` where the
+    system does not say, 0 where neither does (no check)."""
+    limit = host_memory()
+    try:
+        with open(meminfo) as file:
+            kib = next(int(line.split()[1]) for line in file if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return limit
+    return min(limit, kib * 1024) if limit else kib * 1024
+
+
 def _cgroup_memory_limit(root: str, cgroup_file: str) -> int:
-    """The lowest memory limit of this process's cgroup and its ancestors (``cgroup_file`` names
-    them: cgroup v2's memory.max, v1's memory.limit_in_bytes; a container sees its own as the
-    root, a SLURM job or systemd scope a path below it), else 0 ("max", or v1's ~2**63)."""
+    """The lowest memory limit of this process's cgroup and its ancestors (cgroup v2's
+    memory.max, v1's memory.limit_in_bytes; a container sees its own as the root, a SLURM job or
+    systemd scope a path below it), else 0 ("max", or v1's ~2**63)."""
+    limits = [int(text) for text in _cgroup_files(root, cgroup_file, "memory", "memory.max", "memory.limit_in_bytes")
+              if text.isdigit() and 0 < int(text) < 2**60]
+    return min(limits, default=0)
+
+
+def _cgroup_files(root: str, cgroup_file: str, controller: str, v2_name: str, v1_name: str | None) -> list[str]:
+    """The texts of ``controller``'s limit file in this process's cgroup and each ancestor
+    (``cgroup_file`` names the cgroups: /proc/self/cgroup), cgroup v2's and (``v1_name``) v1's."""
     try:
         lines = open(cgroup_file).read().splitlines()
     except OSError:
@@ -319,22 +340,32 @@ def _cgroup_memory_limit(root: str, cgroup_file: str) -> int:
     for line in lines:
         hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if hierarchy == "0" and not controllers:
-            places.append((root, path, "memory.max"))
-        elif "memory" in controllers.split(","):
-            places.append((os.path.join(root, "memory"), path, "memory.limit_in_bytes"))
+            places.append((root, path, v2_name))
+        elif v1_name and controller in controllers.split(","):
+            places.append((os.path.join(root, controllers), path, v1_name))
     if not places:  # no /proc: the root's own files, as a container sees them
-        places = [(root, "/", "memory.max"), (os.path.join(root, "memory"), "/", "memory.limit_in_bytes")]
-    limits = []
+        places = [(root, "/", v2_name)] + ([(os.path.join(root, controller), "/", v1_name)] if v1_name else [])
+    texts = []
     for base, path, name in places:
         parts = [part for part in path.split("/") if part and part != ".."]
         for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor up to the root
             try:
-                text = open(os.path.join(base, *parts[:depth], name)).read().strip()
+                texts.append(open(os.path.join(base, *parts[:depth], name)).read().strip())
             except OSError:
                 continue
-            if text.isdigit() and 0 < int(text) < 2**60:
-                limits.append(int(text))
-    return min(limits, default=0)
+    return texts
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup", cgroup_file: str = "/proc/self/cgroup") -> int:
+    """The CPUs this process may use: those of its affinity mask (taskset, a SLURM job's or a
+    Kubernetes pod's cpuset), fewer where a cgroup v2 CPU quota (cpu.max: Docker --cpus,
+    Kubernetes limits) allows less time (rounded up); os.cpu_count() counts the machine's."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for text in _cgroup_files(cgroup_root, cgroup_file, "cpu", "cpu.max", None):
+        quota, _, period = text.partition(" ")
+        if quota.isdigit() and period.isdigit() and int(period) > 0:
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    return max(1, cpus)
 
 
 def check_seed(seed, name: str = "--seed") -> int:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from fastvae.config import TrainConfig
+from fastvae.config import TrainConfig, usable_cpus
 from fastvae.errors import FastVAEError
 
 
@@ -34,10 +34,10 @@ def check_processes(config: TrainConfig) -> None:
                 f"node{'s' if nodes > 1 else ''}, and each is one rank: give --devices {per_node} --num-nodes "
                 f"{nodes} (not --devices {config.devices} --num-nodes {config.num_nodes})")
     on_cpu = config.accelerator == "cpu" or (config.accelerator == "auto" and not torch.cuda.is_available())
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     if on_cpu and config.devices > cores:
         raise FastVAEError(f"--devices {config.devices} on a CPU starts {config.devices} training processes, "
-                           f"but this machine has {cores} cores: use --devices {cores} or fewer")
+                           f"but this process may use {cores} cores: use --devices {cores} or fewer")
 
 
 def _launched_on_nodes() -> bool:

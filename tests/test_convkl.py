@@ -230,6 +230,32 @@ def exported(tmp_path_factory):
     return model, report, encoder_report
 
 
+def test_a_spatial_decoders_calls_are_sized_by_its_working_memory(exported, monkeypatch):
+    """A batch of 1000 64x64 images held ~9 GB in onnxruntime (8 activations per full-resolution
+    channel and pixel); a 3000x3000 latent was OOM-killed. The default batch keeps a call's
+    working memory under WORK_BUDGET, with the same samples as one call, and what cannot fit
+    in the free memory is refused in one line."""
+    from fastvae.export import OnnxSampler
+    from fastvae.export import sampler as sampler_module
+
+    model, report, _ = exported
+    sampler = OnnxSampler(report.path, threads=1)
+    pixels = math.prod(sampler.output_shape[1:])
+    width = json.loads(sampler.metadata["model_spec"])["width"]
+    per_row = sampler_module.WORK_BYTES_PER_PIXEL_CHANNEL * width * pixels
+    assert sampler.batch_size_for(sampler.latent_shape) == min(1000, sampler_module.WORK_BUDGET // per_row)
+    monkeypatch.setattr(sampler_module, "WORK_BUDGET", 2 * per_row)  # two images per call
+    small = OnnxSampler(report.path, threads=1)
+    calls = []
+    monkeypatch.setattr(small, "_run_into", lambda z, out: (calls.append(len(z)), sampler._run_into(z, out)))
+    np.testing.assert_array_equal(small.sample(5, seed=3), sampler.sample(5, seed=3, batch_size=5))
+    assert calls == [2, 2, 1]
+    monkeypatch.setattr("fastvae.config.available_memory", lambda: 64 * 2**20)
+    with pytest.raises(FastVAEError, match=r"z=1 latents of shape \(4, 3000, 3000\) need about .* GiB .* more "
+                                           r"than the memory free here \(0.0625 GiB\): use tiles .*fastvae decode --tile"):
+        sampler.decode(np.zeros((1, 4, 3000, 3000), np.float32))  # refused before anything is allocated
+
+
 def test_a_conv_decoders_rows_depend_on_their_batch_by_float_rounding_at_most(tmp_path):
     """README: the same latents give the same images whatever shares their call - bit for bit on
     one thread; on several, onnxruntime's convolutions may round a row by its call's row count

@@ -538,6 +538,33 @@ def test_host_memory_is_a_containers_cgroup_limit_where_lower(tmp_path):
     assert host_memory(cgroup_root=str(tmp_path / "v2"), cgroup_file=str(tmp_path / "cgroup")) == min(physical, 1 << 28)
 
 
+def test_usable_cpus_follow_the_affinity_mask_and_a_cgroup_cpu_quota(tmp_path):
+    """Under taskset, a SLURM or Kubernetes cpuset or docker --cpus the sampler took the
+    machine's CPU count (os.cpu_count) for its threads."""
+    import os
+    import subprocess
+    import sys
+
+    from fastvae.config import usable_cpus
+
+    def cpus(*lines):
+        (tmp_path / "cgroup").write_text("".join(f"{line}\n" for line in lines))
+        return usable_cpus(cgroup_root=str(tmp_path / "v2"), cgroup_file=str(tmp_path / "cgroup"))
+
+    mask = len(os.sched_getaffinity(0))
+    (tmp_path / "v2" / "pod").mkdir(parents=True)
+    (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
+    assert cpus("0::/pod") == mask  # no quota
+    (tmp_path / "v2" / "pod" / "cpu.max").write_text("50000 100000\n")  # half a CPU: one
+    assert cpus("0::/pod") == 1
+    (tmp_path / "v2" / "pod" / "cpu.max").write_text(f"{150000 * mask} 100000\n")  # 1.5 per CPU: the mask
+    assert cpus("0::/pod") == mask
+    pinned = subprocess.run([sys.executable, "-c", "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+                             "from fastvae.config import usable_cpus; print(usable_cpus())"],
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert pinned.stdout.strip() == "1"
+
+
 def test_a_data_folder_changed_since_the_run_is_refused_on_resume_and_evaluate(tmp_path, make_config, capsys):
     """A run on an image folder resumed after images were added (a new seeded split: some of the
     test images trained on) went on silently; prepared datasets had their dataset_id, data read

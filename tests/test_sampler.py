@@ -95,8 +95,14 @@ def test_bad_arguments(path):
         sampler.sample(-1)
     with pytest.raises(FastVAEError, match="batch_size"):
         sampler.sample(3, batch_size=0)
-    with pytest.raises(FastVAEError, match=r"n=1000000000000 rows of .* GiB, more than the memory here"):
+    with pytest.raises(FastVAEError, match=r"n=1000000000000 latents of shape \(4,\) need about .* GiB .*, more than the memory free here"):
         sampler.sample(10**12)  # was numpy's MemoryError naming an array shape
+    with pytest.raises(FastVAEError, match=r"z must be an array of numbers \(n, 4\): .*inhomogeneous"):
+        sampler.decode([[0.0] * LATENT, [0.0]])  # numpy's own ValueError
+    with pytest.raises(FastVAEError, match="beyond float32's range"):
+        sampler.decode(np.full((2, LATENT), 1e300))  # was inf with a numpy RuntimeWarning
+    # float32 latents pass unchecked (the per-call cost): NaN decodes to NaN, as in torch
+    assert np.isnan(sampler.decode(np.full((1, LATENT), np.nan, np.float32))).all()
     with pytest.raises(FastVAEError, match="threads"):
         OnnxSampler(path, threads=0)
     cpus = os.cpu_count() or 1

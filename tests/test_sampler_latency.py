@@ -71,6 +71,7 @@ def test_the_switch_is_where_one_thread_needs_100_us(monkeypatch, base, per_row,
     clock = [0.0]
     monkeypatch.setattr(thread_regimes.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(thread_regimes.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr("fastvae.config.usable_cpus", lambda: 4)
     regimes = thread_regimes.ThreadRegimes(lambda threads: _TimedSession(clock, threads, base, per_row),
                                            (LATENT,), "z", "x")
     assert regimes.parallel_from == switch and len(regimes.sessions) == 2
@@ -78,6 +79,21 @@ def test_the_switch_is_where_one_thread_needs_100_us(monkeypatch, base, per_row,
         assert regimes.per_row_us == pytest.approx(per_row)
         assert regimes.threads_for(switch - 1) == 1
     assert regimes.threads_for(switch) is None and regimes.threads_for(10 ** 6) is None
+
+
+def test_the_parallel_session_takes_the_cpus_this_process_may_use(monkeypatch):
+    """Under taskset or a CPU quota (fewer CPUs than the machine's) the all-cores session got
+    onnxruntime's default, which counts the machine's cores; with one CPU there is no second."""
+    from fastvae.export import thread_regimes
+
+    clock = [0.0]
+    monkeypatch.setattr(thread_regimes.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(thread_regimes.os, "cpu_count", lambda: 8)
+    for usable, threads in ((8, [1, None]), (3, [1, 3]), (1, [1])):
+        monkeypatch.setattr("fastvae.config.usable_cpus", lambda: usable)
+        made = []
+        thread_regimes.ThreadRegimes(lambda t: made.append(t) or _TimedSession(clock, t, 10.0, 2.0), (LATENT,), "z", "x")
+        assert made == threads, (usable, made)
 
 
 @pytest.mark.parametrize("n,batch_size", [(1, 1000), (40, 1000), (300, 1000), (2500, 1000), (301, 7)])

@@ -48,15 +48,15 @@ def at_least(minimum: int):
 
 def onnx_threads(text: str) -> int:
     """onnxruntime intra-op threads: an integer from 1 to this machine's CPUs (the sampler's rule)."""
-    import os
+    from fastvae.config import usable_cpus
 
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     try:
         value = int(text)
     except ValueError:
         value = 0
     if not 1 <= value <= cpus:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {cpus} (the CPUs of this machine), "
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {cpus} (the CPUs this process may use), "
                                          f"got {text!r}")
     return value
 

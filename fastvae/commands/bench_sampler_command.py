@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise FastVAEError(f"--seconds must be more than 0 and at most 600, got {args.seconds}")
     sampler = OnnxSampler(args.model, threads=args.threads, providers=[args.provider])
     for batch in sizes:
-        sampler.check_rows(batch, "batch size")
+        sampler.check_memory(batch, batch, sampler.latent_shape, "batch size")
     print(f"{sampler!r}\nonnxruntime {ort.__version__}, provider {short_name(sampler.provider)}")
     print(f"{'batch':>7} {'threads':>7} {'p50 us':>10} {'p99 us':>10} {'p99/p50':>7} {'samples/s':>12}")
     rows = []

@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=arg_types.sampler_seed, default=0,
                         help="seed of the latent draws (0 to 2**128 - 1, as the service's /sample takes)")
     parser.add_argument("--out", type=arg_types.path, default="samples.png", help="output file: .png (image grid) or .npy (raw array)")
-    parser.add_argument("--batch-size", type=arg_types.at_least(1), default=1000, help="latent vectors per onnxruntime call")
+    parser.add_argument("--batch-size", type=arg_types.at_least(1),
+                        help="latent vectors per onnxruntime call (default 1000; fewer for a spatial decoder, "
+                             "whose working memory per call stays under 512 MiB)")
     parser.add_argument("--threads", type=arg_types.onnx_threads, help="onnxruntime intra-op threads; None: by batch size (measured rule)")
     parser.add_argument("--provider", default="cpu", help=PROVIDER_HELP)
     parser.add_argument(

@@ -279,11 +279,12 @@ def load_callback(name: str):
 def _machine_threads(saved: dict, given: dict) -> None:
     """A resume keeps the run's --threads (the same kernels: the uninterrupted run's exact
     numbers) where this machine has that many cores; elsewhere torch chooses again."""
-    import os
     import sys
 
+    from fastvae.config import usable_cpus
+
     threads = saved.get("threads", 0)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus()
     if "threads" not in given and isinstance(threads, int) and threads > cores:
         print(f"note: the run used --threads {threads}; this machine has {cores} core{'s' * (cores != 1)}: torch's default "
               "is used (give --threads to choose)", file=sys.stderr)
