@@ -360,11 +360,15 @@ class OnnxSampler:
         a spatial decoder, whose working memory for one call stays under ``WORK_BUDGET``."""
         return self._bytes_per_row(latent_shape)[2]
 
-    def check_memory(self, rows: int, batch_size: int, latent_shape: tuple, name: str) -> None:
+    def check_memory(self, rows: int, batch_size: int, latent_shape: tuple, name: str,
+                     call_shape: tuple | None = None) -> None:
         """One clear error where ``rows`` latents of ``latent_shape``, their outputs and the
-        decoder's working memory for ``batch_size`` of them at once need more than is free here
-        (numpy's MemoryError naming an array shape, or the OOM killer, with no message)."""
-        io_row, work_row, _ = self._bytes_per_row(latent_shape)
+        decoder's working memory for ``batch_size`` of them at once (of ``call_shape``: a tile's
+        latents; default ``latent_shape``) need more than is free here (numpy's MemoryError
+        naming an array shape, or the OOM killer, with no message). ``name``: what the caller
+        gave (``n`` of ``sample``: the advice names it)."""
+        io_row = self._bytes_per_row(latent_shape)[0]
+        work_row = self._bytes_per_row(latent_shape if call_shape is None else call_shape)[1]
         need = rows * io_row + min(rows, batch_size) * work_row
         if need < CHECK_MEMORY_FROM:
             return
@@ -375,12 +379,13 @@ class OnnxSampler:
             return
         advice = []
         if rows > 1:
-            advice.append("fewer latents per call" if name == "z" else f"a smaller {name}, in several calls")
+            advice.append(f"a smaller {name}, in several calls" if name == "n" else "fewer latents per call")
         if min(rows, batch_size) > 1 and work_row:
-            advice.append(f"a smaller batch_size ({self.batch_size_for(latent_shape)} by default)")
-        if self.any_latent_size and tuple(latent_shape) != self.latent_shape:
-            advice.append("tiles for large images ('fastvae decode --tile')")
-        raise FastVAEError(f"{name}={rows} latents of shape {tuple(latent_shape)} need about {need / 2**30:.3g} GiB "
+            advice.append(f"a smaller batch size ({self.batch_size_for(call_shape or latent_shape)} by default)")
+        if self.any_latent_size and tuple(call_shape or latent_shape) != self.latent_shape:
+            advice.append("smaller tiles ('fastvae decode --tile')" if call_shape else
+                          "tiles for large images ('fastvae decode --tile')")
+        raise FastVAEError(f"{rows} latent{'s' * (rows != 1)} of shape {tuple(latent_shape)} {'needs' if rows == 1 else 'need'} about {need / 2**30:.3g} GiB "
                            f"(latents, outputs and the decoder's working memory), more than the memory free here "
                            f"({memory / 2**30:.3g} GiB): use " + ", or ".join(advice))
 

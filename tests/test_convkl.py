@@ -251,7 +251,7 @@ def test_a_spatial_decoders_calls_are_sized_by_its_working_memory(exported, monk
     np.testing.assert_array_equal(small.sample(5, seed=3), sampler.sample(5, seed=3, batch_size=5))
     assert calls == [2, 2, 1]
     monkeypatch.setattr("fastvae.config.available_memory", lambda: 64 * 2**20)
-    with pytest.raises(FastVAEError, match=r"z=1 latents of shape \(4, 3000, 3000\) need about .* GiB .* more "
+    with pytest.raises(FastVAEError, match=r"1 latent of shape \(4, 3000, 3000\) needs about .* GiB .* more "
                                            r"than the memory free here \(0.0625 GiB\): use tiles .*fastvae decode --tile"):
         sampler.decode(np.zeros((1, 4, 3000, 3000), np.float32))  # refused before anything is allocated
 
@@ -584,6 +584,33 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     rc, _, err = run_cli("train", "--data", odd, "--model", "convkl", "--out", tmp_path / "run", "--quiet")
     assert_one_line_error(rc, err, "18x18", "--downsample 4")
     assert not (tmp_path / "run").exists()
+
+
+def test_decode_refuses_what_the_free_memory_cannot_hold_and_tiles_fit(exported, tmp_path, capsys, monkeypatch):
+    """fastvae decode ran a spatial decoder's session directly: a latent too large to decode
+    whole was OOM-killed. Now its memory is checked first (latents, outputs and the working
+    memory of one call), and tiles need only a tile's working memory."""
+    from fastvae.cli import main
+    from fastvae.export import sampler as sampler_module
+
+    _, report, _ = exported
+    z = tmp_path / "z.npy"
+    np.save(z, np.zeros((2, 4, 64, 64), np.float32))  # 256x256 outputs: 16x the tile's working memory
+    probe = sampler_module.OnnxSampler(report.path, threads=1)
+    io_row, whole_work, _ = probe._bytes_per_row((4, 64, 64))
+    tile_work = probe._bytes_per_row((4, 16, 16))[1]
+    assert whole_work == 16 * tile_work
+    monkeypatch.setattr(sampler_module, "CHECK_MEMORY_FROM", 0)
+    # room for the outputs and one tile at a time, not for one whole latent's working memory
+    monkeypatch.setattr("fastvae.config.available_memory", lambda: 2 * io_row + tile_work)
+    capsys.readouterr()
+    assert main(["decode", str(report.path), str(z), "--out", str(tmp_path / "o.npy"), "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "2 latents of shape (4, 64, 64) need about" in err and "tiles for large images ('fastvae decode --tile')" in err
+    assert not (tmp_path / "o.npy").exists()
+    assert main(["decode", str(report.path), str(z), "--out", str(tmp_path / "o.npy"), "--tile", "32",
+                 "--overlap", "0", "--batch-size", "1"]) == 0  # 32 px (f = 4): 8x8 latents per call
+    assert np.load(tmp_path / "o.npy").shape == (2, 3, 256, 256)
 
 
 def test_decode_refuses_latents_and_tiles_that_do_not_fit(exported, tmp_path):

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=int, default=None,
                         help="overlap of neighbouring tiles in output pixels (a multiple of f; default tile/4 rounded "
                              "down to f, at least f)")
-    parser.add_argument("--batch-size", type=int, default=16, help="latents per onnxruntime call")
+    parser.add_argument("--batch-size", type=int, help="latents (or tiles of them) per onnxruntime call (default: as "
+                                                      "many as keep the decoder's working memory under 512 MiB, "
+                                                      "at most 1000)")
     parser.add_argument("--threads", type=arg_types.onnx_threads, help="onnxruntime intra-op threads; None: one per physical core")
     parser.add_argument("--check-untiled", action="store_true",
                         help="with --tile: also decode whole and print max |tiled - untiled|")
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if earlier and not args.overwrite:  # fewer new images would leave old ones among them
         raise FastVAEError(f"--out {out} already holds {len(earlier)} decoded image(s) ({earlier[0].name}, ...): "
                            "pass --overwrite to replace them, or choose another folder")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise FastVAEError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if not to_folder and out.exists() and Path(args.latents).exists() and out.samefile(args.latents):
         raise FastVAEError(f"--out {out} is the latents file itself: writing the images would replace "
@@ -88,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.overlap is not None or args.check_untiled:
         raise FastVAEError("--overlap and --check-untiled go with --tile N")
     names, feed = [decoder.mean_output], decoder.input_name
+    # the latents of one call: whole ones, or a tile's (a spatial decoder's working memory grows with them)
+    call = (z.shape[1], min(tile, z.shape[2]), min(tile, z.shape[3])) if tile else z.shape[1:]
+    batch_size = decoder.batch_size_for(call) if args.batch_size is None else args.batch_size
+    decoder.check_memory(len(z), batch_size, z.shape[1:], "latents", call_shape=call if tile else None)
 
     def decode(chunk):
         return decoder.session.run(names, {feed: chunk})[0]
@@ -95,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if spatial:
         images = decode_latents(decode, z, f, decoder.output_shape[0], tile=tile, overlap=overlap or 0,
-                                batch_size=args.batch_size)
+                                batch_size=batch_size)
     else:
-        images = decoder.decode(z, batch_size=args.batch_size)
+        images = decoder.decode(z, batch_size=batch_size)
     seconds = time.perf_counter() - start
     written = _write(images, out, to_folder)
     for png in set(earlier) - set(written):  # --overwrite: none of the earlier images stays
@@ -114,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(images)} {'image' if images.ndim == 4 else 'output'}(s) of "
           f"{'x'.join(map(str, images.shape[1:]))} from latents {'x'.join(map(str, z.shape[1:]))}, decoded {how} in {seconds:.3f} s")
     if args.check_untiled:
-        whole = decode_latents(decode, z, f, decoder.output_shape[0], batch_size=args.batch_size)
+        whole_batch = decoder.batch_size_for(z.shape[1:]) if args.batch_size is None else args.batch_size
+        decoder.check_memory(len(z), whole_batch, z.shape[1:], "latents")  # --check-untiled: whole
+        whole = decode_latents(decode, z, f, decoder.output_shape[0], batch_size=whole_batch)
         print(f"max |tiled - untiled| = {float(np.max(np.abs(images - whole))):.3e} "
               f"(mean {float(np.mean(np.abs(images - whole))):.3e})")
     return 0
