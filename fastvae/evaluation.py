@@ -53,7 +53,8 @@ def elbo_sums(model, data, *, batch_size: int = 256, seed: int = 0,
     for rows, x in eval_batches(data, batch_size, device, rank, world_size):
         x = x.to(dtype)
         if eps is None:
-            recon = (model.reconstruct(x) - x).pow(2).flatten(1).sum(-1)
+            # in fp32 at least, as the VAE's terms: bf16 sums were rounded to 3 significant digits
+            recon = (at_least_fp32(model.reconstruct(x)) - at_least_fp32(x)).pow(2).flatten(1).sum(-1)
             kl = torch.zeros_like(recon)
         else:
             mu, logvar = (at_least_fp32(t).flatten(1) for t in model.encode(x))  # spatial: all c*h*w dims

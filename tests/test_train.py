@@ -205,6 +205,31 @@ def test_threads_hold_while_training_and_the_callers_come_back(make_config):
         make_config(threads=-1).validate()
 
 
+@pytest.mark.parametrize("settings,said", [
+    ({"precision": "16-true"}, "--precision 16-true is not supported: it keeps Adam's moments in float16"),
+    ({"strategy": "dp"}, "--strategy dp (DataParallel: one process drives every device) is not supported: use ddp"),
+    ({"strategy": "fsdp", "precision": "64-true"}, "--strategy fsdp does not take --precision 64-true"),
+])
+def test_precisions_and_strategies_that_train_badly_or_not_at_all_are_refused(settings, said, capsys):
+    """16-true trained to test -ELBO 262 (32-true: 37) with exit 0: Adam's second moment
+    underflows in float16; dp became ddp on a CPU with Lightning's raw warning; fsdp with
+    64-true failed with Lightning's words. --help offers none of them."""
+    from fastvae.cli import build_parser, main
+    from fastvae.config import TrainConfig
+
+    with pytest.raises(FastVAEError) as refused:
+        TrainConfig(**settings).validate()
+    assert str(refused.value).startswith(said)
+    flags = [part for name, value in settings.items() for part in (f"--{name}", value)]
+    try:  # argparse's own refusal of a choice it does not offer: SystemExit(2)
+        status = main(["train", *flags, "--epochs", "1", "--out", "never"])
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 2 and not Path("never").exists()
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert ",16-true" not in help_text and ",dp}" not in help_text
+
+
 def test_settings_of_the_wrong_type_are_refused_not_read_by_truthiness(tmp_path, make_config):
     """overwrite="no" replaced a run (a non-empty string is true), pictures="no" drew them,
     kl_warmup_steps="5" was a TypeError in a comparison; numpy numbers and paths are fine."""
@@ -478,6 +503,23 @@ def test_evaluate_checks_its_arguments(make_config, digits):
     for k in (-1, 2.0, 10**9):  # named as the program wrote it, not as the command line's --iwae-k
         with pytest.raises(FastVAEError, match=r"^evaluate: iwae_k must be an integer from 0"):
             evaluate(model, digits.test[:4], iwae_k=k)
+
+
+def test_an_autoencoders_bf16_true_metrics_are_summed_in_float32(tmp_path):
+    """test_recon of a bf16-true autoencoder was a bf16-rounded batch sum (3040/297 exactly),
+    0.1% off; the VAE's terms were summed in fp32 already. Reference: the same bf16 forward,
+    its squared errors summed in float64."""
+    from fastvae.config import TrainConfig
+
+    splits = load_dataset("digits")
+    config = TrainConfig(kind="ae", hidden_dim=16, latent_dim=4, epochs=1, precision="bf16-true", reparam="torch",
+                         pictures=False, progress=False, out=str(tmp_path / "ae"))
+    result = train(config, splits=splits)
+    model = load(tmp_path / "ae").to(torch.bfloat16)
+    x = splits.test.to(torch.bfloat16)
+    with torch.no_grad():
+        errors = (model.reconstruct(x).double() - x.double()).pow(2).flatten(1).sum(-1)
+    assert result.metrics[-1]["test_recon"] == pytest.approx(float(errors.mean()), rel=1e-6)
 
 
 def test_fp16_on_a_cpu_is_one_note_and_runs_as_bf16(tmp_path, capsys):

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iwae-k", type=int, default=1000, help="importance samples for the IWAE bound (0 = skip)")
     parser.add_argument("--data", help="evaluate on this data's test split instead of the run's own")
     parser.add_argument("--seed", type=arg_types.seed, help="seed of the evaluation noise (default: the run's seed, "
-                        "so -ELBO matches the last test_neg_elbo in metrics.csv; not for runs in bf16-true / 16-true, "
+                        "so -ELBO matches the last test_neg_elbo in metrics.csv; not for runs in bf16-true, "
                         "which evaluated in that precision: this evaluates their weights in fp32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--pictures", action="store_true", help="also (re)write the run's PNG pictures")

@@ -133,6 +133,7 @@ class StackedAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor, generator=None, **_) -> ElboTerms:
         """MSE objective: mean over the batch of the per-example sum of squared errors."""
-        mse = (self.reconstruct(x) - x).pow(2).flatten(1).sum(-1).mean()
+        # in fp32 at least (as the VAE's likelihoods): a bf16-true run's loss was a bf16-rounded sum
+        mse = (at_least_fp32(self.reconstruct(x)) - at_least_fp32(x)).pow(2).flatten(1).sum(-1).mean()
         zero = torch.zeros((), device=x.device)
         return ElboTerms(loss=mse, recon=mse.detach(), kl=zero)
