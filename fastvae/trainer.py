@@ -694,8 +694,7 @@ class Trainer:
                 # the first step runs the initial weights: no learning rate has acted yet
                 remedy = ("at the first step no update has been made yet: check --beta, --sigma, "
                           "--free-bits and the data for extreme or non-finite values"
-                          if step == 1 and not math.isfinite(loss) else
-                          "Try a lower --lr, --precision 32-true, or --on-nonfinite skip")
+                          if step == 1 and not math.isfinite(loss) else self._nonfinite_remedy())
                 raise FastVAEError(
                     f"{became} at epoch {self.epoch + 1}, step {step}; training stopped. "
                     f"{self._checkpoint_note()}{remedy[0].upper()}{remedy[1:]}"
@@ -703,11 +702,26 @@ class Trainer:
             self.fabric.print(f"skipping step {step} (epoch {self.epoch + 1}): {now}")
         return finite
 
+    def _nonfinite_remedy(self) -> str:
+        """What to try after non-finite steps: the settings not tried yet (a 32-true run was
+        told to try --precision 32-true)."""
+        tries = ["a lower --lr"]
+        if self.config.precision not in ("32-true", "32", "64-true"):
+            tries.append("--precision 32-true")
+        if self.config.on_nonfinite != "skip":
+            tries.append("--on-nonfinite skip")
+        return "Try " + (", ".join(tries[:-1]) + ", or " + tries[-1] if len(tries) > 1 else tries[0])
+
     def _checkpoint_note(self) -> str:
         last = self.run_dir / LAST
-        if last.exists():
-            return f"The last good checkpoint {last} is intact (--resume continues from it). "
-        return "No checkpoint was written yet. "
+        if not last.exists():
+            return "No checkpoint was written yet. "
+        row = self.rows[-1] if self.rows else {}
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:  # --on-nonfinite skip went on past a diverged epoch: its checkpoint is no good start
+            return (f"The last checkpoint {last} holds epoch {row['epoch']}, whose {bad[0]} was {row[bad[0]]}: "
+                    "a --resume would start from diverged weights, so start again. ")
+        return f"The last good checkpoint {last} is intact (--resume continues from it). "
 
     def test_metrics(self) -> dict:
         """Single-sample -ELBO (MSE for the autoencoder) on the test split, each example once."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import signal
@@ -142,6 +143,29 @@ def test_nan_loss_before_any_checkpoint_does_not_promise_one(make_config, patch_
     assert not (Path(config.out) / "checkpoints" / "last.ckpt").exists()
     assert "intact" not in str(info.value), str(info.value)
     assert "lower lr" in str(info.value)
+
+
+def test_after_a_diverged_epoch_the_advice_fits_the_run(make_config, capsys):
+    """The stop's advice named --precision 32-true to a 32-true run; under --on-nonfinite skip
+    an epoch whose test metrics were NaN was checkpointed, and the stop after it called that
+    checkpoint 'the last good checkpoint' to --resume from, which diverged again."""
+    settings = dict(likelihood="gaussian", sigma=0.01, lr=1e3, epochs=2, hidden_dim=64, batch_size=128)
+    with pytest.raises(FastVAEError) as stopped:
+        train(make_config(out=Path(make_config().out) / "stop", **settings))
+    assert str(stopped.value).endswith("Try a lower lr, or on_nonfinite skip"), stopped.value
+    with pytest.raises(FastVAEError) as skipped:
+        train(make_config(out=Path(make_config().out) / "skip", on_nonfinite="skip", **settings))
+    message = str(skipped.value)
+    assert "holds epoch 1, whose test_neg_elbo was nan: a resume=True would start from diverged weights" in message
+    assert "good checkpoint" not in message, message
+    # that run's evaluation, as strict JSON: NaN and Infinity are no JSON (jq, JSON.parse refuse them)
+    from fastvae.cli import main
+
+    run = Path(make_config().out) / "skip"
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--iwae-k", "0", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1], parse_constant=lambda name: pytest.fail(name))
+    assert result["neg_elbo"] is None and result["n"] > 0
 
 
 def test_a_nonfinite_first_step_blames_the_settings_not_the_learning_rate(make_config):

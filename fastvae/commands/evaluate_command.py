@@ -25,7 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from fastvae.checkpoint import load, read_checkpoint
@@ -82,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         stamp = viz.pictures_stamp(pictures_folder, checkpoint_path(args.run), seed, data)
         viz.write_run_pictures(pictures_folder, model, in_memory_sample(splits), seed=seed, stamp=stamp)
     if args.json:
-        print(json.dumps(result))
+        from fastvae.commands.json_output import json_line
+
+        print(json_line(result))
     else:
         for key, value in result.items():
             if value is None and key == "pixel_levels":

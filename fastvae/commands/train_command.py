@@ -119,7 +119,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from dataclasses import fields
     from pathlib import Path
 
@@ -206,7 +205,9 @@ def run(args: argparse.Namespace) -> int:
         summary.update({f"test_{k}": v for k, v in evaluate(
             load(result.run_dir), data.test, iwae_k=config.iwae_k, seed=config.seed, progress=config.progress,
             pixel_grid=data_grid(data)).items()})
-    print(json.dumps(summary))
+    from fastvae.commands.json_output import json_line
+
+    print(json_line(summary))
     return 0
 
 
