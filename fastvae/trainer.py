@@ -543,11 +543,10 @@ class Trainer:
             return None
         self.skip_batches, self.partial = 0, None
         recon, kl, count = totals.recon, totals.kl, totals.count
-        if count == 0:
-            raise FastVAEError(
-                f"every step of epoch {self.epoch + 1} had a non-finite loss: the model has "
-                f"diverged. {self._checkpoint_note()}Train again with a lower --lr"
-            )
+        if count == 0:  # the totals of every rank: all ranks stop here, rank 0 says why
+            message = (f"every step of epoch {self.epoch + 1} had a non-finite loss: the model has "
+                       f"diverged. {self._checkpoint_note()}Train again with a lower --lr")
+            raise FastVAEError(message) if self.rank == 0 else _RankZeroFailed(message)
         self.epoch += 1
         row = {"epoch": self.epoch, "step": self.step, "train_loss": (recon + kl) / count,
                "train_recon": recon / count, "train_kl": kl / count, "epoch_time_s": sums.seconds}
@@ -695,10 +694,11 @@ class Trainer:
                 remedy = ("at the first step no update has been made yet: check --beta, --sigma, "
                           "--free-bits and the data for extreme or non-finite values"
                           if step == 1 and not math.isfinite(loss) else self._nonfinite_remedy())
-                raise FastVAEError(
-                    f"{became} at epoch {self.epoch + 1}, step {step}; training stopped. "
-                    f"{self._checkpoint_note()}{remedy[0].upper()}{remedy[1:]}"
-                )
+                message = (f"{became} at epoch {self.epoch + 1}, step {step}; training stopped. "
+                           f"{self._checkpoint_note()}{remedy[0].upper()}{remedy[1:]}")
+                if self.rank != 0:  # every rank stops at this step (their flags are shared): rank 0 says
+                    raise _RankZeroFailed(message)  # it, once, not every rank the same line
+                raise FastVAEError(message)
             self.fabric.print(f"skipping step {step} (epoch {self.epoch + 1}): {now}")
         return finite
 
