@@ -73,6 +73,10 @@ def collected(run_dir=None) -> Iterator[str]:
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="fastvae-rank-errors-") as folder:
+        # torch's spawn has a failed rank write its traceback to a pytorch-errorfile-*.pickle in
+        # the temp folder and never removes it: made in this folder (this process only waits
+        # for the ranks meanwhile), it goes with the folder
+        temp, tempfile.tempdir = tempfile.tempdir, folder
         try:
             yield folder
         except ProcessRaisedException:
@@ -85,6 +89,7 @@ def collected(run_dir=None) -> Iterator[str]:
                 raise KeyboardInterrupt from None  # said as a Ctrl-C is: 'interrupted', status 130
             raise FastVAEError(ended_rank(exc.error_index, exc.signal_name, exc.exit_code, run_dir)) from None
         finally:
+            tempfile.tempdir = temp
             spawn_log.setLevel(level)
 
 

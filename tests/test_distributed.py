@@ -421,17 +421,23 @@ def test_a_rank_killed_mid_run_is_one_line_from_the_others(tmp_path, strategy, l
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_non_finite_stop_on_two_ranks_is_said_once(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_a_non_finite_stop_on_two_ranks_is_said_once_and_leaves_no_files(tmp_path, strategy):
     """Every rank stops at the same step (their flags are shared) and each printed the same
-    error line: under ddp two lines, one per rank."""
-    from testkit import run_cli
+    error line: under ddp two lines, one per rank. Under ddp_spawn torch left the failed rank's
+    traceback in the temp folder (pytorch-errorfile-*.pickle)."""
+    from testkit import SUBPROCESS_ENV, run_cli
 
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     rc, _, err = run_cli("train", "--data", "digits", "--hidden-dim", "64", "--batch-size", "128", "--epochs", "1",
                          "--likelihood", "gaussian", "--sigma", "0.01", "--lr", "1e3", "--devices", "2",
-                         "--strategy", "ddp", "--accelerator", "cpu", "--no-pictures", "--quiet", "--out", tmp_path / "run")
+                         "--strategy", strategy, "--accelerator", "cpu", "--no-pictures", "--quiet",
+                         "--out", tmp_path / "run", env={**SUBPROCESS_ENV, "TMPDIR": str(temp)})
     errors = [line for line in err.splitlines() if line.startswith("fastvae train: error:")]
     assert rc == 2 and "Traceback" not in err, err[-3000:]
     assert len(errors) == 1 and "training stopped" in errors[0], err[-3000:]
+    assert not list(temp.glob("pytorch-errorfile-*")), sorted(p.name for p in temp.iterdir())
 
 
 def test_the_advice_after_a_lost_rank_follows_the_checkpoints_the_rank_can_see(tmp_path):
