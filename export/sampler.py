@@ -379,7 +379,8 @@ class OnnxSampler:
             return
         advice = []
         if rows > 1:
-            advice.append(f"a smaller {name}, in several calls" if name == "n" else "fewer latents per call")
+            advice.append({"n": "a smaller n, in several calls", "batch size": "a smaller batch size"}.get(
+                name, "fewer latents per call"))
         if min(rows, batch_size) > 1 and work_row:
             advice.append(f"a smaller batch size ({self.batch_size_for(call_shape or latent_shape)} by default)")
         if self.any_latent_size and tuple(call_shape or latent_shape) != self.latent_shape:

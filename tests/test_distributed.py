@@ -108,8 +108,6 @@ def test_a_stop_seen_by_one_rank_stops_every_rank_and_resumes_exactly(tmp_path, 
 def test_process_layouts_that_cannot_start_are_refused(monkeypatch):
     """Several nodes without a launcher would wait 30 minutes for nodes that never come; more
     CPU processes than cores would crawl."""
-    import os
-
     from fastvae.errors import FastVAEError
     from fastvae.process_layout import check_processes
 
@@ -121,9 +119,11 @@ def test_process_layouts_that_cannot_start_are_refused(monkeypatch):
     for name, value in (("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500"), ("NODE_RANK", "1")):
         monkeypatch.setenv(name, value)
     check_processes(config("run", num_nodes=2))
-    cores = os.cpu_count() or 1
+    from fastvae.config import usable_cpus
+
+    cores = usable_cpus()  # the affinity mask's, not the machine's (taskset, a cpuset)
     check_processes(config("run", devices=cores))
-    with pytest.raises(FastVAEError, match=f"has {cores} cores"):
+    with pytest.raises(FastVAEError, match=f"may use {cores} cores"):
         check_processes(config("run", devices=cores + 1))
 
 
@@ -149,7 +149,7 @@ def test_a_launchers_layout_must_be_the_runs(monkeypatch, launcher, env, layout)
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("fastvae.process_layout.usable_cpus", lambda: 64)
     per_node, nodes = layout
     check_processes(config("run", devices=per_node, num_nodes=nodes, accelerator="cpu"))
     for devices, num_nodes in ((per_node + 1, nodes), (1, nodes + 1), (max(1, per_node * nodes // 2), 1)):

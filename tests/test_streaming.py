@@ -176,7 +176,7 @@ def test_bundled_names_mean_the_bundled_data_beside_a_folder_of_that_name(tmp_pa
     import fastvae.trainer
 
     seen = []
-    monkeypatch.setattr(fastvae.trainer, "train", lambda config, **kw: seen.append(config.data))
+    monkeypatch.setattr(fastvae.trainer, "command_line_train", lambda config, **kw: seen.append(config.data))
     rc, _, err = cli(capsys, "train", "--data", "photos", "--model", "convkl", "--quiet", "--out", tmp_path / "r")
     assert rc == 0 and seen == ["photos"] and "means the bundled data" in err, err
     rc, _, err = cli(capsys, "train", "--data", "./photos", "--quiet", "--out", tmp_path / "r2")
