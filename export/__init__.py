@@ -10,6 +10,8 @@ Installed as ``fastvae.export``.
 * ``OnnxSampler(path, providers=["cpu"]).sample(n, seed=None, batch_size=1000) -> numpy array``
   (``seed=None``: fresh samples each call; an int: reproducible) needs only numpy and
   onnxruntime: importing this package or the sampler never imports torch.
+* ``OnnxEncoder(path).encode(images) -> (mu, logvar)``: a spatial run's exported encoder, as
+  torch-free as the sampler.
 * ``write_triton_repository(decoder.onnx, DIR)``: a Triton Inference Server model repository.
 * ``fastvae serve`` (``http_service``): the decoder over HTTP with dynamic batching, torch-free.
 
@@ -22,6 +24,7 @@ import importlib
 
 _LAZY = {
     "OnnxSampler": "fastvae.export.sampler",
+    "OnnxEncoder": "fastvae.export.onnx_encoder",
     "export_decoder": "fastvae.export.onnx_export",
     "ExportReport": "fastvae.export.onnx_export",
     "VariantReport": "fastvae.export.onnx_export",

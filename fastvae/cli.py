@@ -28,6 +28,7 @@ COMMANDS = {
     "bench-sampler": "fastvae.commands.bench_sampler_command",
     "serve": "fastvae.commands.serve_command",
     "decode": "fastvae.commands.decode_command",
+    "encode": "fastvae.commands.encode_command",
 }
 
 
@@ -178,7 +179,7 @@ def _missing_package(exc: ModuleNotFoundError) -> str | None:
         return (f"the HTTP service needs fastapi and uvicorn, and '{top}' is not installed here: "
                 "pip install 'fastapi>=0.110' 'uvicorn[standard]>=0.29' (or fastvae's serve extra)")
     return (f"this command needs the package '{top}', which is not installed here (a torch-free install "
-            f"runs sample, decode, bench-sampler and serve only): pip install {pip_name}, or install fastvae "
+            f"runs sample, decode, encode, bench-sampler and serve only): pip install {pip_name}, or install fastvae "
             "with its dependencies")
 
 

@@ -457,6 +457,76 @@ def test_onnx_encoder_matches_torch(exported):
     np.testing.assert_allclose(logvar, logvar_t.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_onnx_encoder_and_fastvae_encode_match_torch_and_round_trip_through_decode(exported, tmp_path, capsys):
+    """The exported encoder had no torch-free entry but a raw onnxruntime session (an image of
+    the wrong size: a broadcast error). OnnxEncoder and 'fastvae encode' (images, a folder, an
+    array) give the torch encoder's mu and logvar; 'fastvae decode' takes the latents back."""
+    from PIL import Image
+
+    from fastvae.cli import main
+    from fastvae.export import OnnxEncoder
+
+    model, report, encoder_report = exported
+    encoder = OnnxEncoder(encoder_report.path)
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 3, 24, 40), dtype=np.uint8)
+    x = pixels.astype(np.float32) / 255
+    with torch.inference_mode():
+        mu_t, logvar_t = (t.numpy() for t in model.encode(torch.from_numpy(x)))
+    mu, logvar = encoder.encode(pixels, batch_size=1)  # uint8 read as value / 255, in two calls
+    np.testing.assert_allclose(mu, mu_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logvar, logvar_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(encoder.encode(x[0])[0], encoder.encode(x[:1])[0])  # one (C, H, W) image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i}.png")
+    capsys.readouterr()
+    assert main(["encode", str(encoder_report.path), str(folder), "--out", str(tmp_path / "z.npy"),
+                 "--logvar-out", str(tmp_path / "lv.npy")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(tmp_path / "z.npy"), mu_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "lv.npy"), logvar_t, rtol=1e-4, atol=1e-5)
+    np.save(tmp_path / "pixels.npy", pixels)
+    assert main(["encode", str(encoder_report.path), str(tmp_path / "pixels.npy"), "--out", str(tmp_path / "z2.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "z2.npy"), np.load(tmp_path / "z.npy"))
+    assert main(["decode", str(report.path), str(tmp_path / "z.npy"), "--out", str(tmp_path / "back.npy")]) == 0
+    torch_free = subprocess.run(  # as in a torch-free install: torch cannot be imported
+        [sys.executable, "-c", "import sys; sys.modules['torch'] = None; from fastvae.cli import main; "
+         "sys.exit(main(sys.argv[1:]))", "encode", str(encoder_report.path), str(folder), "--out", str(tmp_path / "z3.npy")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert torch_free.returncode == 0, torch_free.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "z3.npy"), np.load(tmp_path / "z.npy"))
+    with torch.inference_mode():
+        expected = model.likelihood.mean(model.decode(torch.from_numpy(mu_t))).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "back.npy"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_encode_refuses_what_the_encoder_cannot_take_in_one_line(exported, tmp_path):
+    from PIL import Image
+
+    from fastvae.export import OnnxEncoder
+
+    _, report, encoder_report = exported
+    with pytest.raises(FastVAEError, match=r"images of 18x40 pixels: .* multiples of 4 .* e.g. to 16x40"):
+        OnnxEncoder(encoder_report.path).encode(np.zeros((1, 3, 18, 40), np.float32))
+    with pytest.raises(FastVAEError, match=r"takes \(3, H, W\) images \(RGB\)"):
+        OnnxEncoder(encoder_report.path).encode(np.zeros((1, 1, 16, 16), np.float32))
+    with pytest.raises(FastVAEError, match=r"is a fastvae decoder: give its encoder"):
+        OnnxEncoder(report.path)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name, size in (("a.png", (16, 16)), ("b.png", (24, 16))):
+        Image.new("RGB", size).save(folder / name)
+    (tmp_path / "notes.png").write_text("not an image")
+    for args, needle in (([str(report.path), str(folder)], "is a fastvae decoder"),
+                         ([str(encoder_report.path), str(folder)], "images of several sizes (a.png: 16x16, b.png: 16x24)"),
+                         ([str(encoder_report.path), str(tmp_path / "notes.png")], "could not be read as an image"),
+                         ([str(encoder_report.path), str(tmp_path / "none")], "does not exist")):
+        rc, _, err = run_cli("encode", *args, "--out", tmp_path / "z.npy")
+        assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "z.npy").exists()
+
+
 TILED_TOLERANCE = 2e-3  # max |tiled - untiled| with the blending alone at work (see the test)
 
 

@@ -217,7 +217,7 @@ sys.exit(main(sys.argv[2:]))
 
 @pytest.mark.parametrize("blocked,command,needles", [
     ("torch", ["train", "--epochs", "1", "--quiet"], ["needs the package 'torch'", "pip install torch"]),
-    ("torch", ["export", "RUN"], ["needs the package 'torch'", "sample, decode, bench-sampler and serve only"]),
+    ("torch", ["export", "RUN"], ["needs the package 'torch'", "sample, decode, encode, bench-sampler and serve only"]),
     ("torch", ["evaluate", "RUN"], ["needs the package 'torch'"]),
     ("torch", ["report", "RUN"], ["needs the package 'torch'"]),
     ("fastapi,uvicorn", ["serve", "DECODER"], ["needs fastapi and uvicorn", "pip install 'fastapi>=0.110'"]),

@@ -1,0 +1,108 @@
+"""``fastvae encode``: images -> latents (.npy) with an exported encoder.onnx (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastvae.commands import arg_types
+
+HELP = "encode images into latents (.npy) with an exported encoder.onnx (no torch)"
+DESCRIPTION = (
+    "Encode images with the encoder of a spatial-latent run ('fastvae export RUN --encoder') into "
+    "the means mu of q(z|x), written as a .npy array (n, c, H/f, W/f) that 'fastvae decode' takes "
+    "back. IMAGES: an image file, a folder of images (read in name order, all of one size), or a "
+    ".npy array (n, C, H, W) or (C, H, W) of uint8 pixels or floats in [0, 1]. Heights and widths "
+    "must be multiples of the encoder's f; colour or grayscale is converted to what it takes."
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="encoder .onnx written by 'fastvae export RUN --encoder'")
+    parser.add_argument("images", help="an image file, a folder of images, or a .npy array (n, C, H, W)")
+    parser.add_argument("--out", type=arg_types.path, required=True, help="the .npy file of latents mu to write")
+    parser.add_argument("--logvar-out", type=arg_types.path,
+                        help="also write logvar (q(z|x)'s log-variances, same shape) to this .npy file")
+    parser.add_argument("--batch-size", type=arg_types.at_least(1), default=16, help="images per onnxruntime call")
+    parser.add_argument("--threads", type=arg_types.onnx_threads, help="onnxruntime intra-op threads; None: one per physical core")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from fastvae.errors import FastVAEError
+    from fastvae.export.onnx_encoder import OnnxEncoder
+    from fastvae.run_folder import write_npy
+
+    out = Path(args.out)
+    outs = [out] + ([Path(args.logvar_out)] if args.logvar_out is not None else [])
+    for path in outs:
+        if path.suffix.lower() != ".npy":
+            raise FastVAEError(f"{path}: the latents are written as a .npy file: end the name in .npy")
+    if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
+        raise FastVAEError("--out and --logvar-out name the same file: give two")
+    encoder = OnnxEncoder(args.model, threads=args.threads)
+    images, source = _read(Path(args.images), encoder.channels, outs)
+    start = time.perf_counter()
+    mu, logvar = encoder.encode(images, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    write_npy(out, mu)
+    if args.logvar_out is not None:
+        write_npy(Path(args.logvar_out), logvar)
+    print(f"wrote {out}: {len(mu)} latent(s) of {'x'.join(map(str, mu.shape[1:]))} from {source} of "
+          f"{'x'.join(map(str, images.shape[1:]))} in {seconds:.3f} s")
+    return 0
+
+
+def _read(path, channels: int, outs: list):
+    """(images (n, C, H, W), what they are, for the summary) from an image file, a folder of
+    them or a .npy array; FastVAEError for anything else."""
+    import numpy as np
+
+    from fastvae.errors import FastVAEError
+
+    if not path.exists():
+        raise FastVAEError(f"{path} does not exist: give an image file, a folder of images or a .npy array")
+    if any(path.resolve() == out.resolve() for out in outs if out.exists()):
+        raise FastVAEError(f"{path} is also an output (--out / --logvar-out): writing would replace it; give another")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise FastVAEError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        images = [_image(file, channels) for file in files]
+        sizes = {image.shape[1:] for image in images}
+        if len(sizes) > 1:
+            first, other = files[0], next(f for f, i in zip(files, images) if i.shape[1:] != images[0].shape[1:])
+            raise FastVAEError(f"{path} holds images of several sizes ({first.name}: {_size(images[0])}, {other.name}: "
+                               f"{_size(images[files.index(other)])}): encode each size apart, or resize them")
+        return np.stack(images), f"{len(files)} image(s)"
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as exc:  # numpy's format errors: one message
+            raise FastVAEError(f"{path} is not a readable .npy array ({type(exc).__name__}): save images with "
+                               "numpy.save") from None
+        return array, "an array of images"
+    return _image(path, channels)[None], "1 image"
+
+
+def _image(file, channels: int):
+    """One image file as uint8 (channels, H, W), upright (EXIF orientation), in the colour mode
+    the encoder takes."""
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from fastvae.errors import FastVAEError, one_line
+
+    try:
+        with Image.open(file) as img:
+            img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise FastVAEError(f"{file} could not be read as an image ({one_line(exc)})") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _size(image) -> str:
+    return f"{image.shape[1]}x{image.shape[2]}"
