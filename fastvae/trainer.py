@@ -696,8 +696,11 @@ class Trainer:
                           if step == 1 and not math.isfinite(loss) else self._nonfinite_remedy())
                 message = (f"{became} at epoch {self.epoch + 1}, step {step}; training stopped. "
                            f"{self._checkpoint_note()}{remedy[0].upper()}{remedy[1:]}")
-                if self.rank != 0:  # every rank stops at this step (their flags are shared): rank 0 says
-                    raise _RankZeroFailed(message)  # it, once, not every rank the same line
+                # a flag set is every rank's (host: the losses' all-reduced; device: the gradients',
+                # averaged across ranks): all stop at this step and rank 0 says why, once. Without
+                # one (a GradScaler's run, a loss alone non-finite) the decision is this rank's own
+                if self.rank != 0 and flag and flag[0] > 0:
+                    raise _RankZeroFailed(message)
                 raise FastVAEError(message)
             self.fabric.print(f"skipping step {step} (epoch {self.epoch + 1}): {now}")
         return finite

@@ -81,6 +81,19 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(tmp_path):
         assert steps == {rows[-1]["step"] - 1}, (steps, rows[-1]["step"])
 
 
+def test_a_nan_on_one_rank_stops_every_rank_and_rank_0_alone_says_so(tmp_path):
+    """Rank 1's loss is NaN at step 4 under --on-nonfinite stop: the averaged gradients' flag is
+    every rank's, so both stop at that step; rank 0 says why and rank 1 ends quietly (each rank
+    printed the same error)."""
+    values = dict(kind="ae", hidden_dim=64, epochs=1, accelerator="cpu", progress=False, pictures=False,
+                  out=str(tmp_path / "run"), batch_size=16, devices=2, strategy="ddp", nan_loss_at=[1, 3], **ROWS)
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "train_worker.py"), json.dumps(values)], cwd=REPO,
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if "training stopped" in line]
+    assert len(said) == 1 and "epoch 1, step 4" in said[0], done.stderr[-3000:]
+
+
 def test_fsdp_compiled_vae_with_learned_sigma_in_bf16(tmp_path):
     """The models stay alive after train(), as something kept this run's in CI: the ranks must
     free their process groups all the same (the worker checks that gloo's threads are gone; on

@@ -636,13 +636,16 @@ from fastvae.trainer import train
 train(tiny_config(sys.argv[1], epochs=1, progress=True))  # bars drawn or not, tqdm's lock is made
 assert multiprocessing.get_start_method(allow_none=True) is None
 multiprocessing.set_start_method("spawn")
+from tqdm.contrib.concurrent import process_map  # tqdm's own bars across processes still work
+assert process_map(abs, [-1, -2], max_workers=1, disable=True) == [1, 2]
 print("start method set")
 """
 
 
 def test_training_leaves_the_programs_multiprocessing_start_method_unset(tmp_path):
     """tqdm's default lock is a multiprocessing RLock, which fixes the default context: a
-    program's set_start_method("spawn") after train() raised "context has already been set"."""
+    program's set_start_method("spawn") after train() raised "context has already been set".
+    A thread lock in its place broke tqdm's process_map under spawn (it pickles the lock)."""
     import subprocess
     import sys
 
