@@ -352,6 +352,8 @@ class OnnxSampler:
             pixels = math.prod(output[1:]) if len(output) == 3 else 0
             work = WORK_BYTES_PER_PIXEL_CHANNEL * self._full_resolution_channels * pixels
             batch = max(1, min(DEFAULT_BATCH_SIZE, WORK_BUDGET // work)) if work else DEFAULT_BATCH_SIZE
+            if len(self._row_bytes) >= 256:  # a service's clients may send latents of many sizes
+                self._row_bytes.clear()
             cached = self._row_bytes[latent_shape] = (4 * (math.prod(latent_shape) + math.prod(output)), work, batch)
         return cached
 
@@ -361,15 +363,16 @@ class OnnxSampler:
         return self._bytes_per_row(latent_shape)[2]
 
     def check_memory(self, rows: int, batch_size: int, latent_shape: tuple, name: str,
-                     call_shape: tuple | None = None) -> None:
+                     call_shape: tuple | None = None, held: int = 0) -> None:
         """One clear error where ``rows`` latents of ``latent_shape``, their outputs and the
         decoder's working memory for ``batch_size`` of them at once (of ``call_shape``: a tile's
-        latents; default ``latent_shape``) need more than is free here (numpy's MemoryError
-        naming an array shape, or the OOM killer, with no message). ``name``: what the caller
-        gave (``n`` of ``sample``: the advice names it)."""
+        latents; default ``latent_shape``), plus ``held`` bytes of the caller's own buffers,
+        need more than is free here (numpy's MemoryError naming an array
+        shape, or the OOM killer, with no message). ``name``: what the caller gave (``n`` of
+        ``sample``, ``batch size`` of bench-sampler: the advice names it)."""
         io_row = self._bytes_per_row(latent_shape)[0]
         work_row = self._bytes_per_row(latent_shape if call_shape is None else call_shape)[1]
-        need = rows * io_row + min(rows, batch_size) * work_row
+        need = rows * io_row + min(rows, batch_size) * work_row + held
         if need < CHECK_MEMORY_FROM:
             return
         from fastvae.config import available_memory
@@ -381,11 +384,12 @@ class OnnxSampler:
         if rows > 1:
             advice.append({"n": "a smaller n, in several calls", "batch size": "a smaller batch size"}.get(
                 name, "fewer latents per call"))
-        if min(rows, batch_size) > 1 and work_row:
+        if min(rows, batch_size) > 1 and work_row and name != "batch size":
             advice.append(f"a smaller batch size ({self.batch_size_for(call_shape or latent_shape)} by default)")
-        if self.any_latent_size and tuple(call_shape or latent_shape) != self.latent_shape:
+        if self.any_latent_size:  # tiles bound the working memory at any latent size
             advice.append("smaller tiles ('fastvae decode --tile')" if call_shape else
                           "tiles for large images ('fastvae decode --tile')")
+        advice = advice or ["a machine (or container) with more memory"]
         raise FastVAEError(f"{rows} latent{'s' * (rows != 1)} of shape {tuple(latent_shape)} {'needs' if rows == 1 else 'need'} about {need / 2**30:.3g} GiB "
                            f"(latents, outputs and the decoder's working memory), more than the memory free here "
                            f"({memory / 2**30:.3g} GiB): use " + ", or ".join(advice))

@@ -17,6 +17,8 @@ from fastvae.errors import FastVAEError
 
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true")  # not 16-true: see validate
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp")  # not dp: see validate
+# Fabric's names that fastvae refuses, with the reason (validate): taken by the command line, not offered
+REFUSED = {"precision": ("16-true",), "strategy": ("dp",)}
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 # torch.compile modes; "reduce-overhead" and "max-autotune" replay the step as CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -471,7 +473,7 @@ _FLAG_KEYWORDS = {"resume": "resume=True", "overwrite": "overwrite=True", "quiet
 def keyword_spelling(message: str) -> str:
     """A message as a program wrote the settings: ``--latent-dim`` as ``latent_dim``,
     ``--logger`` as ``loggers`` (TrainConfig's field names), ``--resume`` as ``resume=True``.
-    Text in backticks (a command to run) stays as written."""
+    A command to run (in backticks, or quoted: 'fastvae ...') stays as written."""
     import re
 
     def keyword(match: re.Match) -> str:
@@ -480,10 +482,11 @@ def keyword_spelling(message: str) -> str:
         spelled = _FLAG_KEYWORDS.get(name) or setting_of_flag(flag)
         return f"{spelled}={placeholder}" if placeholder else spelled  # --data NEWPATH: data=NEWPATH
 
-    parts = message.split("`")
+    # commands to run, in backticks or quoted ('fastvae prepare SRC --out SHARDS'), keep their flags
+    parts = re.split(r"(`[^`]*`|'fastvae [^']*')", message)
     parts[::2] = [re.sub(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?: ([A-Z][A-Z_]+)\b)?", keyword, part)
                   for part in parts[::2]]
-    return "`".join(parts)
+    return "".join(parts)
 
 
 def closest_setting(name: str, known) -> str | None:

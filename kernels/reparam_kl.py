@@ -383,7 +383,8 @@ def _plan(B, D, block_b, block_d, num_warps, meta, two_d: bool):
     assert bd % 4 == 0, "BLOCK_D must hold whole groups of 4 Philox outputs"
     grid = (triton.cdiv(B, bb), triton.cdiv(D, bd)) if two_d else (triton.cdiv(B, bb),)
     if grid[0] * bb > 2**31:  # the kernels number rows in int32 (then widen them for pointers)
-        raise ValueError(f"{B} rows are more than the kernels number (2**31 at most): split the batch")
+        raise ValueError(f"{B} rows: the kernels number rows in int32, {2**31 // bb * bb} at most with blocks of "
+                         f"{bb} rows: split the batch")
     if two_d and grid[1] > _MAX_GRID_Y:  # CUDA's launch would fail with "invalid argument"
         raise ValueError(f"rows of {D} elements are beyond the backward kernel's grid (at most {_MAX_GRID_Y * bd}): "
                          "use the torch path (fastvae.reparam backend='torch')")

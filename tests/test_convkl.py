@@ -671,8 +671,10 @@ def test_decode_refuses_what_the_free_memory_cannot_hold_and_tiles_fit(exported,
     tile_work = probe._bytes_per_row((4, 16, 16))[1]
     assert whole_work == 16 * tile_work
     monkeypatch.setattr(sampler_module, "CHECK_MEMORY_FROM", 0)
-    # room for the outputs and one tile at a time, not for one whole latent's working memory
-    monkeypatch.setattr("fastvae.config.available_memory", lambda: 2 * io_row + tile_work)
+    # room for the outputs, one tile's working memory and one image's tile accumulators (2 copies),
+    # not for one whole latent's working memory
+    image = 4 * 3 * 256 * 256
+    monkeypatch.setattr("fastvae.config.available_memory", lambda: 2 * io_row + tile_work + 2 * image)
     capsys.readouterr()
     assert main(["decode", str(report.path), str(z), "--out", str(tmp_path / "o.npy"), "--batch-size", "1"]) == 2
     err = capsys.readouterr().err

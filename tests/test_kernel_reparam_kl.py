@@ -726,7 +726,7 @@ def test_rows_beyond_the_backward_grids_second_dimension_are_refused_in_words():
     rows_of = 2**26 + 2**16  # > 65535 * 1024
     with pytest.raises(ValueError, match=r"beyond the backward kernel's grid .* backend='torch'"):
         rk._plan(4, rows_of, None, None, 4, {}, two_d=True)
-    with pytest.raises(ValueError, match=r"rows are more than the kernels number .* split the batch"):
+    with pytest.raises(ValueError, match=r"rows: the kernels number rows in int32, .* at most .* split the batch"):
         rk._plan(2**31 + 1, 4, None, None, 4, {}, two_d=False)  # rows numbered in int32
     assert rk._plan(2**31 - 4, 4, None, None, 4, {}, two_d=False)[0][0] * rk._block_sizes(2**31 - 4, 4)[0] <= 2**31
     assert len(rk._plan(4, rows_of, None, None, 4, {}, two_d=False)[0]) == 1

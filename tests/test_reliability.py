@@ -264,6 +264,10 @@ def test_a_programs_messages_name_its_keywords_and_the_command_lines_its_flags(m
     capsys.readouterr()
     assert main(["train", "--out", str(config.out), "--epochs", "1", "--quiet"]) == 2
     assert "already holds a run: pass --resume to continue it, --overwrite" in capsys.readouterr().err
+    from fastvae.config import keyword_spelling  # a command to run keeps its flags, quoted or in backticks
+
+    assert keyword_spelling("--data x: run 'fastvae prepare SRC --out SHARDS' or `fastvae train --resume`") == (
+        "data x: run 'fastvae prepare SRC --out SHARDS' or `fastvae train --resume`")
 
 
 # ----------------------------------------------------------------------------- crashes between writes

@@ -247,8 +247,10 @@ def test_settings_are_defined_once():
     assert tuple(ARCHITECTURES) == CHOICES["model"]
     assert DEFAULT_SPEC == {k: getattr(TrainConfig(), k) for k in MODEL_SETTINGS}
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    from fastvae.config import REFUSED
+
     for action in train_parser._actions:
-        if action.dest in CHOICES:
-            assert tuple(action.choices) == tuple(CHOICES[action.dest]), action.dest
+        if action.dest in CHOICES:  # plus Fabric's names refused with a reason (validate)
+            assert tuple(action.choices) == tuple(CHOICES[action.dest]) + REFUSED.get(action.dest, ()), action.dest
     for kind in CHOICES["kind"]:
         assert build_model({"data_shape": [1, 8, 8], "kind": kind, "hidden_dim": 8}).kind == kind

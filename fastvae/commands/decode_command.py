@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
     import os
     import time
     from pathlib import Path
@@ -93,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     # the latents of one call: whole ones, or a tile's (a spatial decoder's working memory grows with them)
     call = (z.shape[1], min(tile, z.shape[2]), min(tile, z.shape[3])) if tile else z.shape[1:]
     batch_size = decoder.batch_size_for(call) if args.batch_size is None else args.batch_size
-    decoder.check_memory(len(z), batch_size, z.shape[1:], "latents", call_shape=call if tile else None)
+    # tiles: each call's rows also hold their accumulated image and its normalized copy
+    out_row = 4 * math.prod(decoder.output_shape_for(z.shape[1:]))
+    decoder.check_memory(len(z), batch_size, z.shape[1:], "latents", call_shape=call if tile else None,
+                         held=2 * out_row * min(len(z), batch_size) if tile else 0)
 
     def decode(chunk):
         return decoder.session.run(names, {feed: chunk})[0]
@@ -121,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
           f"{'x'.join(map(str, images.shape[1:]))} from latents {'x'.join(map(str, z.shape[1:]))}, decoded {how} in {seconds:.3f} s")
     if args.check_untiled:
         whole_batch = decoder.batch_size_for(z.shape[1:]) if args.batch_size is None else args.batch_size
-        decoder.check_memory(len(z), whole_batch, z.shape[1:], "latents")  # --check-untiled: whole
+        # --check-untiled: whole, beside the tiled images already held
+        decoder.check_memory(len(z), whole_batch, z.shape[1:], "latents", held=len(z) * out_row)
         whole = decode_latents(decode, z, f, decoder.output_shape[0], batch_size=whole_batch)
         print(f"max |tiled - untiled| = {float(np.max(np.abs(images - whole))):.3e} "
               f"(mean {float(np.mean(np.abs(images - whole))):.3e})")

@@ -15,7 +15,7 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvae.config import CHOICES, TrainConfig
+    from fastvae.config import CHOICES, REFUSED, TrainConfig
 
     d = TrainConfig()
     a = parser.add_argument_group("data and model")
@@ -69,9 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--accelerator", choices=CHOICES["accelerator"], help=f"(default {d.accelerator})")
     h.add_argument("--devices", type=int, help=f"devices (processes) per node (default {d.devices})")
     h.add_argument("--num-nodes", type=int, help=f"number of machines (default {d.num_nodes})")
-    h.add_argument("--strategy", choices=CHOICES["strategy"],
+    # Fabric's names fastvae refuses (config.REFUSED) pass argparse: validate says why in one line
+    h.add_argument("--strategy", choices=CHOICES["strategy"] + REFUSED["strategy"], metavar=_braced("strategy"),
                    help=f"ddp replicates the model, fsdp shards it (FSDP2) (default {d.strategy})")
-    h.add_argument("--precision", choices=CHOICES["precision"],
+    h.add_argument("--precision", choices=CHOICES["precision"] + REFUSED["precision"], metavar=_braced("precision"),
                    help=f"bf16-mixed is the fast choice on GPUs; 16-mixed scales the loss (default {d.precision})")
     h.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default off)")
@@ -290,3 +291,10 @@ def _machine_threads(saved: dict, given: dict) -> None:
         print(f"note: the run used --threads {threads}; this machine has {cores} core{'s' * (cores != 1)}: torch's default "
               "is used (give --threads to choose)", file=sys.stderr)
         saved.pop("threads")
+
+
+def _braced(name: str) -> str:
+    """argparse's {a,b,c} for a setting's supported choices (its refused ones left out)."""
+    from fastvae.config import CHOICES
+
+    return "{" + ",".join(map(str, CHOICES[name])) + "}"
