@@ -320,53 +320,68 @@ def host_memory(cgroup_root: str = "/sys/fs/cgroup", cgroup_file: str = "/proc/s
     return min(physical, limit) if physical and limit else physical or limit
 
 
-def available_memory(meminfo: str = "/proc/meminfo") -> int:
+def available_memory(meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
+                     cgroup_file: str = "/proc/self/cgroup") -> int:
     """The memory that can be allocated now, in bytes: the system's MemAvailable (free memory
-    and what the kernel can reclaim), at most ``host_memory()``; ``host_memory()`` where the
-    system does not say, 0 where neither does (no check)."""
-    limit = host_memory()
+    and what the kernel can reclaim), and in a container or job cgroup at most its limit less
+    what it uses already (the host may have memory free that the cgroup may not take); 0 where
+    the system says neither (no check)."""
+    rooms = [limit - used for limit, used in _cgroup_memory(cgroup_root, cgroup_file) if used is not None]
     try:
         with open(meminfo) as file:
-            kib = next(int(line.split()[1]) for line in file if line.startswith("MemAvailable:"))
+            free = next(int(line.split()[1]) for line in file if line.startswith("MemAvailable:")) * 1024
     except (OSError, StopIteration, ValueError, IndexError):
-        return limit
-    return min(limit, kib * 1024) if limit else kib * 1024
+        free = host_memory(cgroup_root, cgroup_file)
+    rooms += [free] if free else []
+    return max(1, min(rooms)) if rooms else 0  # 1: a cgroup at its limit has no room (0 would mean unknown)
 
 
 def _cgroup_memory_limit(root: str, cgroup_file: str) -> int:
     """The lowest memory limit of this process's cgroup and its ancestors (cgroup v2's
     memory.max, v1's memory.limit_in_bytes; a container sees its own as the root, a SLURM job or
     systemd scope a path below it), else 0 ("max", or v1's ~2**63)."""
-    limits = [int(text) for text in _cgroup_files(root, cgroup_file, "memory", "memory.max", "memory.limit_in_bytes")
-              if text.isdigit() and 0 < int(text) < 2**60]
-    return min(limits, default=0)
+    return min((limit for limit, _ in _cgroup_memory(root, cgroup_file)), default=0)
 
 
-def _cgroup_files(root: str, cgroup_file: str, controller: str, v2_name: str, v1_name: str | None) -> list[str]:
-    """The texts of ``controller``'s limit file in this process's cgroup and each ancestor
-    (``cgroup_file`` names the cgroups: /proc/self/cgroup), cgroup v2's and (``v1_name``) v1's."""
+def _cgroup_memory(root: str, cgroup_file: str) -> list[tuple[int, int | None]]:
+    """(limit, usage or None) of each level of this process's cgroup that has a memory limit."""
+    found = []
+    for folder, v2 in _cgroup_folders(root, cgroup_file, "memory"):
+        limit = _read_int(os.path.join(folder, "memory.max" if v2 else "memory.limit_in_bytes"))
+        if limit is not None and 0 < limit < 2**60:
+            found.append((limit, _read_int(os.path.join(folder, "memory.current" if v2 else "memory.usage_in_bytes"))))
+    return found
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = open(path).read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_folders(root: str, cgroup_file: str, controller: str) -> list[tuple[str, bool]]:
+    """(folder, is cgroup v2) of this process's cgroup and each ancestor up to the root, for
+    ``controller`` (``cgroup_file`` names the cgroups: /proc/self/cgroup)."""
     try:
         lines = open(cgroup_file).read().splitlines()
     except OSError:
         lines = []
-    places = []  # (folder of the hierarchy's root, the cgroup's path in it, the limit's file)
+    places = []  # (folder of the hierarchy's root, the cgroup's path in it, v2)
     for line in lines:
         hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if hierarchy == "0" and not controllers:
-            places.append((root, path, v2_name))
-        elif v1_name and controller in controllers.split(","):
-            places.append((os.path.join(root, controllers), path, v1_name))
+            places.append((root, path, True))
+        elif controller in controllers.split(","):
+            places.append((os.path.join(root, controllers), path, False))
     if not places:  # no /proc: the root's own files, as a container sees them
-        places = [(root, "/", v2_name)] + ([(os.path.join(root, controller), "/", v1_name)] if v1_name else [])
-    texts = []
-    for base, path, name in places:
+        places = [(root, "/", True), (os.path.join(root, controller), "/", False)]
+    folders = []
+    for base, path, v2 in places:
         parts = [part for part in path.split("/") if part and part != ".."]
-        for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor up to the root
-            try:
-                texts.append(open(os.path.join(base, *parts[:depth], name)).read().strip())
-            except OSError:
-                continue
-    return texts
+        folders += [(os.path.join(base, *parts[:depth]), v2) for depth in range(len(parts), -1, -1)]
+    return folders
 
 
 def usable_cpus(cgroup_root: str = "/sys/fs/cgroup", cgroup_file: str = "/proc/self/cgroup") -> int:
@@ -374,8 +389,11 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup", cgroup_file: str = "/proc/s
     Kubernetes pod's cpuset), fewer where a cgroup v2 CPU quota (cpu.max: Docker --cpus,
     Kubernetes limits) allows less time (rounded up); os.cpu_count() counts the machine's."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for text in _cgroup_files(cgroup_root, cgroup_file, "cpu", "cpu.max", None):
-        quota, _, period = text.partition(" ")
+    for folder, v2 in _cgroup_folders(cgroup_root, cgroup_file, "cpu"):
+        try:
+            quota, _, period = open(os.path.join(folder, "cpu.max")).read().strip().partition(" ") if v2 else ("", "", "")
+        except OSError:
+            continue
         if quota.isdigit() and period.isdigit() and int(period) > 0:
             cpus = min(cpus, max(1, -(-int(quota) // int(period))))
     return max(1, cpus)

@@ -564,6 +564,16 @@ def test_host_memory_is_a_containers_cgroup_limit_where_lower(tmp_path):
     (tmp_path / "cgroup").unlink()
     limit("v2/memory.max", 1 << 28)  # no /proc/self/cgroup: the root's own file
     assert host_memory(cgroup_root=str(tmp_path / "v2"), cgroup_file=str(tmp_path / "cgroup")) == min(physical, 1 << 28)
+    # what can be allocated now: the cgroup's limit less its usage, where the host has more free
+    from fastvae.config import available_memory
+
+    limit("v2/memory.current", 3 << 26)  # 192 of its 256 MiB used
+    (tmp_path / "meminfo").write_text(f"MemTotal: {physical // 1024} kB\nMemAvailable: {1 << 30} kB\n")
+    assert available_memory(str(tmp_path / "meminfo"), str(tmp_path / "v2"), str(tmp_path / "cgroup")) == 1 << 26
+    limit("v2/memory.current", 1 << 28)  # at its limit: no room (0 would read as "unknown")
+    assert available_memory(str(tmp_path / "meminfo"), str(tmp_path / "v2"), str(tmp_path / "cgroup")) == 1
+    (tmp_path / "v2" / "memory.max").write_text("max\n")  # no limit: the host's MemAvailable
+    assert available_memory(str(tmp_path / "meminfo"), str(tmp_path / "v2"), str(tmp_path / "cgroup")) == 1 << 40
 
 
 def test_usable_cpus_follow_the_affinity_mask_and_a_cgroup_cpu_quota(tmp_path):
