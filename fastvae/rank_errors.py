@@ -74,9 +74,14 @@ def collected(run_dir=None) -> Iterator[str]:
     spawn_log.setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="fastvae-rank-errors-") as folder:
         # torch's spawn has a failed rank write its traceback to a pytorch-errorfile-*.pickle in
-        # the temp folder and never removes it: made in this folder (this process only waits
-        # for the ranks meanwhile), it goes with the folder
-        temp, tempfile.tempdir = tempfile.tempdir, folder
+        # the temp folder and never removes it: made in this folder (torch's module alone is
+        # pointed there; other code's temporary files stay where they go), it goes with the folder
+        import importlib
+
+        torch_spawn = importlib.import_module("torch.multiprocessing.spawn")  # the module (the package's
+        real = getattr(torch_spawn, "tempfile", None)  # attribute of that name is its function)
+        if real is tempfile:
+            torch_spawn.tempfile = _TempfileIn(folder)
         try:
             yield folder
         except ProcessRaisedException:
@@ -89,8 +94,23 @@ def collected(run_dir=None) -> Iterator[str]:
                 raise KeyboardInterrupt from None  # said as a Ctrl-C is: 'interrupted', status 130
             raise FastVAEError(ended_rank(exc.error_index, exc.signal_name, exc.exit_code, run_dir)) from None
         finally:
-            tempfile.tempdir = temp
+            if real is tempfile:
+                torch_spawn.tempfile = real
             spawn_log.setLevel(level)
+
+
+class _TempfileIn:
+    """The ``tempfile`` module for torch's spawn: its NamedTemporaryFile made in ``folder``."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def NamedTemporaryFile(self, *args, **kwargs):  # noqa: N802 - tempfile's name
+        kwargs.setdefault("dir", self.folder)
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(tempfile, name)
 
 
 def interrupted(exit_code: int | None, signal_name: str | None) -> bool:
