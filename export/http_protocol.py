@@ -30,7 +30,8 @@ async def _at_connection_limit(scope, receive, send) -> None:
 
 
 def protocol_settings() -> dict:
-    """uvicorn.Config keywords choosing the HTTP/1.1 protocol with the bounded head."""
+    """uvicorn.Config keywords choosing the HTTP/1.1 protocol with the bounded head (and, with
+    httptools, the JSON 503 at the connection limit)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # no httptools: h11, which bounds an incomplete head itself

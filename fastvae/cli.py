@@ -160,8 +160,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 # pip's name for each package fastvae's commands import (where the import name differs)
-_PIP_NAMES = {"sklearn": "scikit-learn", "skimage": "scikit-image", "PIL": "pillow",
-              "lightning_fabric": "lightning-fabric", "uvicorn": "'uvicorn[standard]>=0.29'", "fastapi": "'fastapi>=0.110'"}
+_PIP_NAMES = {"sklearn": "scikit-learn", "skimage": "scikit-image", "PIL": "pillow", "lightning_fabric": "lightning-fabric"}
 _SERVING = ("fastapi", "uvicorn", "starlette")
 
 

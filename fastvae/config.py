@@ -353,12 +353,18 @@ def _cgroup_memory(root: str, cgroup_file: str) -> list[tuple[int, int | None]]:
     return found
 
 
-def _read_int(path: str) -> int | None:
+def _read_text(path: str) -> str | None:
+    """A small system file's text, stripped; None where it cannot be read."""
     try:
-        text = open(path).read().strip()
+        with open(path) as file:
+            return file.read().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+
+
+def _read_int(path: str) -> int | None:
+    text = _read_text(path)
+    return int(text) if text is not None and text.isdigit() else None
 
 
 def _cgroup_folders(root: str, cgroup_file: str, controller: str) -> list[tuple[str, bool]]:
@@ -390,10 +396,8 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup", cgroup_file: str = "/proc/s
     Kubernetes limits) allows less time (rounded up); os.cpu_count() counts the machine's."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     for folder, v2 in _cgroup_folders(cgroup_root, cgroup_file, "cpu"):
-        try:
-            quota, _, period = open(os.path.join(folder, "cpu.max")).read().strip().partition(" ") if v2 else ("", "", "")
-        except OSError:
-            continue
+        text = _read_text(os.path.join(folder, "cpu.max")) if v2 else None  # v1's quota: not read
+        quota, _, period = (text or "").partition(" ")
         if quota.isdigit() and period.isdigit() and int(period) > 0:
             cpus = min(cpus, max(1, -(-int(quota) // int(period))))
     return max(1, cpus)

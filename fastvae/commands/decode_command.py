@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     out_row = 4 * math.prod(decoder.output_shape_for(z.shape[1:]))
     decoder.check_memory(len(z), batch_size, z.shape[1:], "latents", call_shape=call if tile else None,
                          held=2 * out_row * min(len(z), batch_size) if tile else 0)
+    whole_batch = decoder.batch_size_for(z.shape[1:]) if args.batch_size is None else args.batch_size
+    if args.check_untiled:  # checked now, before the tiled decode: a whole one beside its images
+        decoder.check_memory(len(z), whole_batch, z.shape[1:], "latents", held=len(z) * out_row)
 
     def decode(chunk):
         return decoder.session.run(names, {feed: chunk})[0]
@@ -124,9 +127,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(images)} {'image' if images.ndim == 4 else 'output'}(s) of "
           f"{'x'.join(map(str, images.shape[1:]))} from latents {'x'.join(map(str, z.shape[1:]))}, decoded {how} in {seconds:.3f} s")
     if args.check_untiled:
-        whole_batch = decoder.batch_size_for(z.shape[1:]) if args.batch_size is None else args.batch_size
-        # --check-untiled: whole, beside the tiled images already held
-        decoder.check_memory(len(z), whole_batch, z.shape[1:], "latents", held=len(z) * out_row)
         whole = decode_latents(decode, z, f, decoder.output_shape[0], batch_size=whole_batch)
         print(f"max |tiled - untiled| = {float(np.max(np.abs(images - whole))):.3e} "
               f"(mean {float(np.mean(np.abs(images - whole))):.3e})")
