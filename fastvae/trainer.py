@@ -674,10 +674,20 @@ class Trainer:
         if not self._pending:
             return True
         pending, self._pending = self._pending, []
-        values = torch.stack([record for _, _, record in pending]).tolist()
+        records = torch.stack([record for _, _, record in pending])
+        agreed = self.skip_mode == "host" or (self.world > 1 and self.config.on_nonfinite == "stop")
+        if agreed and self.skip_mode != "host":
+            # a loss non-finite on one rank alone (its gradients may be finite, a GradScaler's
+            # records have no flag) stopped that rank alone, and the others waited in their next
+            # collective (NCCL: until its timeout): the ranks' counts of non-finite losses, per
+            # step, in one all-reduce per read (host mode reduces them at every step already)
+            others = self.fabric.all_reduce(torch.isfinite(records[:, 0]).logical_not().float(), reduce_op="sum")
+            records = torch.cat([records, others[:, None].to(records.dtype)], dim=1)
         finite = True
-        for (step, n, _), (loss, recon, kl, *flag) in zip(pending, values):
-            finite = math.isfinite(loss) and not (flag and flag[0] > 0)
+        for (step, n, _), (loss, recon, kl, *flags) in zip(pending, records.tolist()):
+            # host: [losses' all-reduced flag]; device: [gradients' flag (averaged: every rank's)]
+            # and, agreed, [ranks with a non-finite loss]; scaler: [] or that count
+            finite = math.isfinite(loss) and not any(f > 0 for f in flags)
             if finite:
                 sums.recon += recon * n
                 sums.kl += kl * n
@@ -685,7 +695,7 @@ class Trainer:
                 continue
             if not math.isfinite(loss):
                 became, now = f"loss became {loss}", f"loss is {loss}"
-            elif self.skip_mode == "host":  # the flag is the sum over ranks
+            elif agreed and flags[-1] > 0:  # the count of ranks whose loss is not finite
                 became, now = "the loss of another rank became non-finite", "another rank's loss is not finite"
             else:
                 became, now = "gradients became inf/NaN", "gradients are inf/NaN"
@@ -696,10 +706,9 @@ class Trainer:
                           if step == 1 and not math.isfinite(loss) else self._nonfinite_remedy())
                 message = (f"{became} at epoch {self.epoch + 1}, step {step}; training stopped. "
                            f"{self._checkpoint_note()}{remedy[0].upper()}{remedy[1:]}")
-                # a flag set is every rank's (host: the losses' all-reduced; device: the gradients',
-                # averaged across ranks): all stop at this step and rank 0 says why, once. Without
-                # one (a GradScaler's run, a loss alone non-finite) the decision is this rank's own
-                if self.rank != 0 and flag and flag[0] > 0:
+                # the decision is every rank's (host: the losses' all-reduced flag; otherwise, with
+                # several ranks, the reduced count above): all stop at this step, rank 0 says why
+                if self.rank != 0:
                     raise _RankZeroFailed(message)
                 raise FastVAEError(message)
             self.fabric.print(f"skipping step {step} (epoch {self.epoch + 1}): {now}")
