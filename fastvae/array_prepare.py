@@ -278,7 +278,7 @@ class _Converter:
 def _fit(x: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
-    from fastvae.data import fit_image
+    from fastvae.image_decoding import fit_image
 
     mode = "L" if x.shape[1] == 1 else "RGB"
     fitted = [np.asarray(fit_image(Image.fromarray(i[0] if mode == "L" else i.transpose(1, 2, 0), mode), size))

@@ -18,6 +18,7 @@ Torch-free and numpy-free: the torch-free sampler CLI writes through it too.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -129,11 +130,19 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_npy(path: str | os.PathLike, array) -> Path:
     """Atomically replace ``path`` with ``numpy.save(array)``, whatever its suffix's case
     (given a name, numpy appends ``.npy`` unless it ends in exactly that: given a file, never)."""
+    return write_npys({path: array})[0]
+
+
+def write_npys(arrays: dict) -> list[Path]:
+    """``write_npy`` for arrays that belong together ({path: array}): every file is written
+    before any is renamed into place, so a failed write (a full disk, Ctrl-C) replaces none."""
     import numpy as np
 
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.save(_PythonWrites(f), array)
-    return Path(path)
+    with contextlib.ExitStack() as stack:
+        for path, array in arrays.items():
+            with open(stack.enter_context(atomic_write(path)), "wb") as f:
+                np.save(_PythonWrites(f), array)
+    return [Path(path) for path in arrays]
 
 
 class _PythonWrites:

@@ -518,6 +518,28 @@ def test_encode_refuses_what_the_encoder_cannot_take_in_one_line(exported, tmp_p
     for name, size in (("a.png", (16, 16)), ("b.png", (24, 16))):
         Image.new("RGB", size).save(folder / name)
     (tmp_path / "notes.png").write_text("not an image")
+    encoder = OnnxEncoder(encoder_report.path)
+    with pytest.raises(FastVAEError, match=r"floats in \[0, 255\]: the encoder takes floats in \[0, 1\]"):
+        encoder.encode(np.linspace(0, 255, 768, dtype=np.float32).reshape(1, 3, 16, 16))  # 0-255 floats: latents far off
+    pixels = np.random.default_rng(3).integers(0, 256, (1, 3, 16, 16), dtype=np.uint8)
+    np.testing.assert_array_equal(encoder.encode(pixels.tolist())[0], encoder.encode(pixels)[0])  # 0-255 ints
+    from fastvae import config as config_module
+
+    with pytest.MonkeyPatch.context() as patch:  # what the free memory cannot hold: one line, before the work
+        patch.setattr(config_module, "available_memory", lambda: 2**20)
+        with pytest.raises(FastVAEError, match=r"encoding 4 image\(s\) of 64x64 pixels, 4 per call, needs about"):
+            encoder.encode(np.zeros((4, 3, 64, 64), np.uint8), batch_size=4)
+    wide = tmp_path / "wide.png"  # 16-bit grayscale: Pillow's convert clipped it to near white
+    gray = np.random.default_rng(4).integers(0, 256, (16, 16), dtype=np.uint16)
+    Image.fromarray((gray * 257).astype(np.uint16)).save(wide)
+    assert Image.open(wide).mode.startswith("I")
+    (tmp_path / "lv_folder.npy").mkdir()
+    rc, _, err = run_cli("encode", encoder_report.path, wide, "--out", tmp_path / "z.npy",
+                         "--logvar-out", tmp_path / "lv_folder.npy")
+    assert_one_line_error(rc, err, "lv_folder.npy is a folder")  # refused before mu is written
+    assert not (tmp_path / "z.npy").exists()
+    assert run_cli("encode", encoder_report.path, wide, "--out", tmp_path / "w.npy")[0] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "w.npy"), encoder.encode(np.repeat(gray.astype(np.uint8)[None, None], 3, 1))[0])
     for args, needle in (([str(report.path), str(folder)], "is a fastvae decoder"),
                          ([str(encoder_report.path), str(folder)], "images of several sizes (a.png: 16x16, b.png: 16x24)"),
                          ([str(encoder_report.path), str(tmp_path / "notes.png")], "could not be read as an image"),
@@ -683,6 +705,11 @@ def test_decode_refuses_what_the_free_memory_cannot_hold_and_tiles_fit(exported,
     assert main(["decode", str(report.path), str(z), "--out", str(tmp_path / "o.npy"), "--tile", "32",
                  "--overlap", "0", "--batch-size", "1"]) == 0  # 32 px (f = 4): 8x8 latents per call
     assert np.load(tmp_path / "o.npy").shape == (2, 3, 256, 256)
+    capsys.readouterr()  # --check-untiled's whole decode does not fit: said before the tiled one
+    assert main(["decode", str(report.path), str(z), "--out", str(tmp_path / "o2.npy"), "--tile", "32",
+                 "--overlap", "0", "--batch-size", "1", "--check-untiled"]) == 2
+    assert "--check-untiled decodes the latents whole too" in capsys.readouterr().err
+    assert not (tmp_path / "o2.npy").exists()
 
 
 def test_decode_refuses_latents_and_tiles_that_do_not_fit(exported, tmp_path):

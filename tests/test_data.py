@@ -706,7 +706,7 @@ def test_every_exif_orientation_for_jpeg_png_and_webp_and_a_large_jpeg_drafted(t
     """All 8 orientations as Pillow's exif_transpose shows them (the independent reference), in
     every format that carries EXIF; a JPEG large enough to be decoded at a reduced DCT scale
     (with --size) is turned the same way and stays within ~1 grey level of a full decode."""
-    from fastvae.data import fit_image
+    from fastvae.image_decoding import fit_image
 
     stored = np.asarray(Image.fromarray(RNG.integers(0, 256, size=(6, 10, 3), dtype=np.uint8)).resize((60, 40)))
     for suffix in (".jpg", ".png", ".webp"):

@@ -100,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
                          held=2 * out_row * min(len(z), batch_size) if tile else 0)
     whole_batch = decoder.batch_size_for(z.shape[1:]) if args.batch_size is None else args.batch_size
     if args.check_untiled:  # checked now, before the tiled decode: a whole one beside its images
-        decoder.check_memory(len(z), whole_batch, z.shape[1:], "latents", held=len(z) * out_row)
+        try:
+            decoder.check_memory(len(z), whole_batch, z.shape[1:], "latents", held=len(z) * out_row)
+        except FastVAEError as exc:  # its advice is for a whole decode, which only the check makes
+            why = str(exc).split(": use ")[0]
+            raise FastVAEError(f"--check-untiled decodes the latents whole too, and {why}: leave out "
+                               "--check-untiled") from None
 
     def decode(chunk):
         return decoder.session.run(names, {feed: chunk})[0]

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=arg_types.path, required=True, help="the .npy file of latents mu to write")
     parser.add_argument("--logvar-out", type=arg_types.path,
                         help="also write logvar (q(z|x)'s log-variances, same shape) to this .npy file")
-    parser.add_argument("--batch-size", type=arg_types.at_least(1), default=16, help="images per onnxruntime call")
+    parser.add_argument("--batch-size", type=arg_types.at_least(1),
+                        help="images per onnxruntime call (default 16, fewer for large images: about 512 MiB of "
+                             "working memory per call)")
     parser.add_argument("--threads", type=arg_types.onnx_threads, help="onnxruntime intra-op threads; None: one per physical core")
 
 
@@ -31,15 +33,20 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from fastvae.errors import FastVAEError
+    from fastvae.errors import FastVAEError, write_failure
     from fastvae.export.onnx_encoder import OnnxEncoder
-    from fastvae.run_folder import write_npy
+    from fastvae.run_folder import write_failure_in, write_npys
 
     out = Path(args.out)
     outs = [out] + ([Path(args.logvar_out)] if args.logvar_out is not None else [])
-    for path in outs:
+    for path in outs:  # before the work: mu and logvar are written as a pair, or neither
         if path.suffix.lower() != ".npy":
             raise FastVAEError(f"{path}: the latents are written as a .npy file: end the name in .npy")
+        if path.is_dir():
+            raise FastVAEError(f"{path} is a folder: give a .npy file to write")
+        failure = write_failure_in(path.parent)
+        if failure is not None:
+            raise FastVAEError(f"{path} cannot be written ({write_failure(failure)}): choose another folder")
     if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
         raise FastVAEError("--out and --logvar-out name the same file: give two")
     encoder = OnnxEncoder(args.model, threads=args.threads)
@@ -47,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     mu, logvar = encoder.encode(images, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
-    write_npy(out, mu)
-    if args.logvar_out is not None:
-        write_npy(Path(args.logvar_out), logvar)
+    write_npys(dict(zip(outs, (mu, logvar))))
     print(f"wrote {out}: {len(mu)} latent(s) of {'x'.join(map(str, mu.shape[1:]))} from {source} of "
           f"{'x'.join(map(str, images.shape[1:]))} in {seconds:.3f} s")
     return 0
@@ -67,7 +72,9 @@ def _read(path, channels: int, outs: list):
     if any(path.resolve() == out.resolve() for out in outs if out.exists()):
         raise FastVAEError(f"{path} is also an output (--out / --logvar-out): writing would replace it; give another")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        # hidden files left out, as training's image folders do (macOS's ._a.png beside a.png)
+        files = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
         if not files:
             raise FastVAEError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         images = [_image(file, channels) for file in files]
@@ -88,20 +95,15 @@ def _read(path, channels: int, outs: list):
 
 
 def _image(file, channels: int):
-    """One image file as uint8 (channels, H, W), upright (EXIF orientation), in the colour mode
-    the encoder takes."""
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """One image file as uint8 (channels, H, W), read as training reads it (EXIF orientation
+    applied, 16-bit grayscale scaled to 8 bits: ``fastvae.image_decoding``)."""
+    from fastvae.errors import FastVAEError
+    from fastvae.image_decoding import decode_image
 
-    from fastvae.errors import FastVAEError, one_line
-
-    try:
-        with Image.open(file) as img:
-            img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise FastVAEError(f"{file} could not be read as an image ({one_line(exc)})") from None
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    array = decode_image(file, channels)
+    if isinstance(array, str):  # the reason it cannot be read
+        raise FastVAEError(f"{file} could not be read as an image ({array})")
+    return array
 
 
 def _size(image) -> str:
