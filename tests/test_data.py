@@ -509,7 +509,7 @@ def test_pillow_warnings_about_a_readable_file_are_one_note_naming_it(tmp_path, 
     "UserWarning: Tag data larger than file" three times, two lines each, naming no file."""
     import struct
 
-    from fastvae import data
+    from fastvae import image_decoding
 
     pixels = RNG.integers(0, 256, size=(6, 8), dtype=np.uint8)
     info = TiffImagePlugin.ImageFileDirectory_v2()
@@ -523,7 +523,7 @@ def test_pillow_warnings_about_a_readable_file_are_one_note_naming_it(tmp_path, 
             raw[entry + 4:entry + 8] = struct.pack("<I", 10**6)  # its byte count
     for i in range(7):
         (tmp_path / f"{i}.tif").write_bytes(bytes(raw))
-    monkeypatch.setattr(data, "_pillow_notes", [0])
+    monkeypatch.setattr(image_decoding, "_pillow_notes", [0])
     capsys.readouterr()
     np.testing.assert_array_equal(decode_image(tmp_path / "0.tif", 1)[0], pixels)
     err = capsys.readouterr().err
@@ -532,7 +532,7 @@ def test_pillow_warnings_about_a_readable_file_are_one_note_naming_it(tmp_path, 
     for i in range(1, 7):
         decode_image(tmp_path / f"{i}.tif", 1)
     notes = capsys.readouterr().err.splitlines()
-    assert len(notes) == data.PILLOW_NOTES - 1 and "further such notes" in notes[-1]  # then no more
+    assert len(notes) == image_decoding.PILLOW_NOTES - 1 and "further such notes" in notes[-1]  # then no more
 
 
 def test_float_tiffs_are_read_in_their_range_not_clipped_to_black(tmp_path):
