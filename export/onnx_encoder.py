@@ -15,7 +15,6 @@ W multiples of the encoder's f (any size, not only the training one). Returns ``
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -85,7 +84,7 @@ class OnnxEncoder:
         x = self._images(images)
         n, _, h, w = x.shape
         batch_size = self.batch_size_for(h, w) if batch_size is None else _positive_int(batch_size, "batch_size")
-        latents = 2 * 4 * math.prod(self.latent_shape[:1]) * (h // self.f) * (w // self.f)  # mu and logvar
+        latents = 2 * 4 * self.latent_shape[0] * (h // self.f) * (w // self.f)  # mu and logvar, float32
         need = n * latents + min(n, batch_size) * WORK_BYTES_PER_PIXEL * h * w
         memory = available_memory() or 2**62
         if need > memory:
@@ -115,9 +114,8 @@ class OnnxEncoder:
             raise FastVAEError(f"images of {h}x{w} pixels: {self.path.name} takes heights and widths that are "
                                f"multiples of {f} (its latent has one position per {f}x{f} pixels): crop or "
                                f"resize them, e.g. to {max(f, h // f * f)}x{max(f, w // f * f)}")
-        if x.dtype == np.uint8:
-            return (x.astype(np.float32) / np.float32(255.0)).copy(order="C")
-        if np.issubdtype(x.dtype, np.integer) and x.min() >= 0 and x.max() <= 255:  # a list of 0-255 ints
+        # uint8 pixels, or 0-255 ints (a list of them reads as int64)
+        if x.dtype == np.uint8 or (np.issubdtype(x.dtype, np.integer) and x.min() >= 0 and x.max() <= 255):
             return (x.astype(np.float32) / np.float32(255.0)).copy(order="C")
         if not np.issubdtype(x.dtype, np.floating):
             raise FastVAEError(f"images must be uint8 (0-255) or floats in [0, 1], got dtype {x.dtype}")

@@ -35,14 +35,9 @@ import torch
 from fastvae.bundled import bundled_file
 from fastvae.config import SPLIT_RULE, SPLIT_RULES
 from fastvae.errors import FastVAEError, one_line
-from fastvae.image_decoding import WIDE_GRAY_MODES, _image_errors, _quiet_pillow, decode_image, probe_image
+from fastvae.image_decoding import IMAGE_SUFFIXES, WIDE_GRAY_MODES, _image_errors, _quiet_pillow, decode_image, probe_image
 from fastvae.photos import is_photos, load_photos
 
-# the image files an image folder is read from (TIFF, JFIF: a browser's "Save image as"; the
-# Netpbm formats of classic face datasets); other raster formats Pillow opens (.ico, .psd, ...)
-# are left out with a note. GIF/TIFF/APNG: the first frame
-IMAGE_SUFFIXES = frozenset({".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif",
-                            ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
 # subfolder names that hold a dataset's own held-out split beside train/ (the first present is used)
 HELD_OUT_NAMES = ("test", "val", "valid", "validation")
 # what split rules 1 and 2 read (a run made with them resumes on the same images and split)

@@ -19,6 +19,12 @@ import numpy as np
 from fastvae.errors import one_line
 
 
+# the image files an image folder is read from (TIFF, JFIF: a browser's "Save image as"; the
+# Netpbm formats of classic face datasets); other raster formats Pillow opens (.ico, .psd, ...)
+# are left out with a note. GIF/TIFF/APNG: the first frame
+IMAGE_SUFFIXES = frozenset({".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif",
+                            ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
+
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;L"}
 # 16-bit grayscale PNGs (Pillow's convert("L") would clip them to 255, not scale them)
 WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L"}

@@ -133,6 +133,30 @@ def write_npy(path: str | os.PathLike, array) -> Path:
     return write_npys({path: array})[0]
 
 
+def read_npy(path: str | os.PathLike, what: str):
+    """The array in the .npy file ``path`` (or the one array of an .npz), or one FastVAEError
+    naming ``what`` it should hold ("latents (n, c, h, w)")."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        why = "is a folder" if path.is_dir() else "does not exist"
+        raise FastVAEError(f"{path} {why}: give a .npy file of {what}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy's format errors: one message
+        raise FastVAEError(f"{path} is not a readable .npy array ({type(exc).__name__}): save {what.split(' (')[0]} "
+                           "with numpy.save") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive: its one array, if it has one
+        with array:
+            if len(array.files) != 1:
+                raise FastVAEError(f"{path} is an .npz archive of {len(array.files)} arrays "
+                                   f"({', '.join(array.files[:5]) or 'none'}): save the {what.split(' (')[0]} alone "
+                                   "with numpy.save")
+            return array[array.files[0]]
+    return array
+
+
 def write_npys(arrays: dict) -> list[Path]:
     """``write_npy`` for arrays that belong together ({path: array}): every file is written
     before any is renamed into place, so a failed write (a full disk, Ctrl-C) replaces none."""

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.errors import FastVAEError
     from fastvae.export import OnnxSampler
     from fastvae.export.tiled_decode import check_latents, check_tiling, decode_latents
+    from fastvae.run_folder import read_npy
 
     out = Path(args.out)
     # PNGs into a folder: an existing one (its name may have a dot: imgs.v2), one named with a
@@ -72,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     spatial = len(decoder.latent_shape) == 3 and "downsample" in decoder.metadata
     if spatial:
         f, c = _downsample(decoder.metadata["downsample"], args.model), decoder.latent_shape[0]
-        z = check_latents(_load(Path(args.latents)), (c, None, None), args.latents)
+        z = check_latents(read_npy(Path(args.latents), "latents (n, c, h, w)"), (c, None, None), args.latents)
     else:  # codes (n, latent_dim) of an MLP/conv decoder
-        z = check_latents(_load(Path(args.latents)), decoder.latent_shape, args.latents)
+        z = check_latents(read_npy(Path(args.latents), "latents (n, c, h, w)"), decoder.latent_shape, args.latents)
     shape = decoder.output_shape
     if to_folder and (len(shape) != 3 or shape[0] not in (1, 3)):  # before decoding
         raise FastVAEError(f"--out {out}: {args.model} makes outputs of shape {tuple(shape)}, not images: "
@@ -187,28 +188,6 @@ def _swappable(folder) -> bool:
 def _numbered_pngs(folder) -> list:
     """The PNGs named like decode's outputs (0000.png, 0001.png, ...) in ``folder``."""
     return sorted(p for p in folder.iterdir() if p.suffix == ".png" and p.stem.isdigit())
-
-
-def _load(path):
-    import numpy as np
-
-    from fastvae.errors import FastVAEError
-
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise FastVAEError(f"{path} {what}: give a .npy file of latents (n, c, h, w)")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as exc:  # numpy's format errors: one message
-        raise FastVAEError(f"{path} is not a readable .npy array ({type(exc).__name__}): save latents with numpy.save") from None
-    if not isinstance(z, np.ndarray):  # an .npz archive: its one array, if it has one
-        with z:
-            if len(z.files) != 1:
-                raise FastVAEError(f"{path} is an .npz archive of {len(z.files)} arrays "
-                                   f"({', '.join(z.files[:5]) or 'none'}): save the latents alone "
-                                   "with numpy.save")
-            return z[z.files[0]]
-    return z
 
 
 def _write(images, out, to_folder: bool | None = None) -> list:

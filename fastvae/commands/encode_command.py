@@ -11,10 +11,10 @@ DESCRIPTION = (
     "Encode images with the encoder of a spatial-latent run ('fastvae export RUN --encoder') into "
     "the means mu of q(z|x), written as a .npy array (n, c, H/f, W/f) that 'fastvae decode' takes "
     "back. IMAGES: an image file, a folder of images (read in name order, all of one size), or a "
-    ".npy array (n, C, H, W) or (C, H, W) of uint8 pixels or floats in [0, 1]. Heights and widths "
-    "must be multiples of the encoder's f; colour or grayscale is converted to what it takes."
+    ".npy array (n, C, H, W) or (C, H, W) (or an .npz of that one array) of uint8 pixels or floats "
+    "in [0, 1]. Heights and widths must be multiples of the encoder's f; colour or grayscale is "
+    "converted to what it takes."
 )
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +66,8 @@ def _read(path, channels: int, outs: list):
     import numpy as np
 
     from fastvae.errors import FastVAEError
+    from fastvae.image_decoding import IMAGE_SUFFIXES
+    from fastvae.run_folder import read_npy
 
     if not path.exists():
         raise FastVAEError(f"{path} does not exist: give an image file, a folder of images or a .npy array")
@@ -78,19 +80,13 @@ def _read(path, channels: int, outs: list):
         if not files:
             raise FastVAEError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         images = [_image(file, channels) for file in files]
-        sizes = {image.shape[1:] for image in images}
-        if len(sizes) > 1:
-            first, other = files[0], next(f for f, i in zip(files, images) if i.shape[1:] != images[0].shape[1:])
-            raise FastVAEError(f"{path} holds images of several sizes ({first.name}: {_size(images[0])}, {other.name}: "
-                               f"{_size(images[files.index(other)])}): encode each size apart, or resize them")
+        other = next(((f, i) for f, i in zip(files, images) if i.shape != images[0].shape), None)
+        if other is not None:
+            raise FastVAEError(f"{path} holds images of several sizes ({files[0].name}: {_size(images[0])}, "
+                               f"{other[0].name}: {_size(other[1])}): encode each size apart, or resize them")
         return np.stack(images), f"{len(files)} image(s)"
-    if path.suffix.lower() == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except Exception as exc:  # numpy's format errors: one message
-            raise FastVAEError(f"{path} is not a readable .npy array ({type(exc).__name__}): save images with "
-                               "numpy.save") from None
-        return array, "an array of images"
+    if path.suffix.lower() in (".npy", ".npz"):
+        return read_npy(path, "images (n, C, H, W)"), "an array of images"
     return _image(path, channels)[None], "1 image"
 
 
